@@ -1,0 +1,205 @@
+"""The activation table: every activation gpu_mlp knows, defined once.
+
+Each row gives the value, the derivative from the input and -- where it exists -- the
+derivative from the output (MATH.md, Remark 8 (i)) as NumPy functions that write into
+``out``. The CUDA twins are ``gm_<name>``, ``gm_<name>_grad`` and
+``gm_<name>_grad_from_output`` in ``kernels/activations.cuh``, formula for formula.
+The reference, the engine's NumPy backend and its CUDA kernels all read this table.
+
+Softmax is the one row-wise entry: its Jacobian is not diagonal, so it has no
+elementwise derivative; its vector-Jacobian product from the output,
+``(g - <g, F>_row) (.) F``, is :func:`softmax_backward`.
+
+>>> relu(0.5).name, str(relu(0.5))
+('relu', 'relu(alpha=0.5)')
+>>> get("tanh").has_grad_from_output
+True
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+from scipy.special import erfc
+
+Fn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
+
+
+# --- NumPy formulas, each writing into `out` (which may be the input itself) ---------
+
+def _identity(z, alpha, out):
+    np.copyto(out, z)
+    return out
+
+
+def _ones(z, alpha, out):
+    out.fill(1)
+    return out
+
+
+def _relu(z, alpha, out):
+    np.maximum(z, 0, out=out)  # propagates NaN, as gm_relu does
+    out *= alpha
+    return out
+
+
+def _relu_grad(z, alpha, out):
+    # NOTE: the derivative at 0 is 0 in every mode: the output F = 0 cannot tell z = 0
+    # from z < 0, and all memory modes must agree bit for bit (MATH.md).
+    np.greater(z, 0, out=out)
+    out *= alpha
+    return out
+
+
+def _sigmoid(z, alpha, out):
+    # exp(-|z|) <= 1 never overflows; 1/(1+e) for z >= 0 and e/(1+e) below.
+    e = np.exp(-np.abs(z))
+    numerator = np.where(z >= 0, 1, e).astype(out.dtype, copy=False)
+    np.divide(numerator, 1 + e, out=out)
+    return out
+
+
+def _sigmoid_grad_from_output(f, alpha, out):
+    np.multiply(f, 1 - f, out=out)
+    return out
+
+
+def _sigmoid_grad(z, alpha, out):
+    return _sigmoid_grad_from_output(_sigmoid(z, alpha, out), alpha, out)
+
+
+def _tanh(z, alpha, out):
+    np.tanh(z, out=out)
+    return out
+
+
+def _tanh_grad_from_output(f, alpha, out):
+    np.multiply(f, f, out=out)
+    np.subtract(1, out, out=out)
+    return out
+
+
+def _tanh_grad(z, alpha, out):
+    return _tanh_grad_from_output(np.tanh(z, out=out), alpha, out)
+
+
+_SQRT_HALF = 0.70710678118654752440
+_INV_SQRT_2PI = 0.39894228040143267794
+
+
+def _normal_cdf(z):
+    return 0.5 * erfc(-z * _SQRT_HALF)
+
+
+def _gelu(z, alpha, out):
+    np.multiply(z, _normal_cdf(z), out=out)
+    return out
+
+
+def _gelu_grad(z, alpha, out):
+    np.add(_normal_cdf(z), z * _INV_SQRT_2PI * np.exp(-0.5 * z * z), out=out)
+    return out
+
+
+def _softmax(z, alpha, out):
+    # max-subtracted, so no finite row overflows
+    shifted = z - z.max(axis=-1, keepdims=True)
+    np.exp(shifted, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+def softmax_backward(f: np.ndarray, g: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = (g - <g, f>_row) (.) f``: softmax's vector-Jacobian product from its output."""
+    dot = np.einsum("ij,ij->i", g, f)[:, None]
+    np.subtract(g, dot, out=out)
+    out *= f
+    return out
+
+
+# --- the table ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """One row of the activation table."""
+
+    name: str
+    value: Fn
+    grad: Optional[Fn]              # sigma'(z), elementwise; None for row-wise softmax
+    grad_from_output: Optional[Fn]  # sigma' as a function of F = sigma(z), if there is one
+    rowwise: bool = False
+    has_alpha: bool = False
+
+
+TABLE: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("identity", _identity, _ones, _ones),
+        Kind("relu", _relu, _relu_grad, _relu_grad, has_alpha=True),
+        Kind("sigmoid", _sigmoid, _sigmoid_grad, _sigmoid_grad_from_output),
+        Kind("tanh", _tanh, _tanh_grad, _tanh_grad_from_output),
+        Kind("gelu", _gelu, _gelu_grad, None),
+        Kind("softmax", _softmax, None, None, rowwise=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation from the table with its parameter (ReLU's scale ``alpha``)."""
+
+    kind: Kind
+    alpha: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def has_grad_from_output(self) -> bool:
+        """True when backward can work from the stored output alone (Remark 8 (i))."""
+        return self.kind.grad_from_output is not None or self.kind.rowwise
+
+    def __call__(self, z: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """sigma(z) with NumPy (rows for softmax)."""
+        return self.kind.value(z, self.alpha, np.empty_like(z) if out is None else out)
+
+    def __str__(self) -> str:
+        return f"{self.name}(alpha={self.alpha!r})" if self.alpha != 1.0 else self.name
+
+
+def relu(alpha: float = 1.0) -> Activation:
+    """ReLU with scale ``alpha > 0`` (seed 004): ``alpha * max(0, z)``."""
+    return get("relu", alpha=alpha)
+
+
+_SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\(\s*(?:alpha\s*=\s*)?([^)]*?)\s*\))?\s*$")
+
+
+def get(spec, alpha: Optional[float] = None) -> Activation:
+    """Resolve an activation: an :class:`Activation`, a name, or ``"relu(alpha=0.5)"``."""
+    if isinstance(spec, Activation):
+        return spec if alpha is None else Activation(spec.kind, float(alpha))
+    if not isinstance(spec, str):
+        raise TypeError(f"an activation is a name or an Activation, not {type(spec).__name__}")
+    match = _SPEC.match(spec)
+    name = match.group(1) if match else spec
+    if name not in TABLE:
+        raise ValueError(f"unknown activation {spec!r}; valid: {', '.join(TABLE)}")
+    kind = TABLE[name]
+    if match.group(2) is not None:
+        if not kind.has_alpha:
+            raise ValueError(f"activation {name!r} takes no parameter (got {spec!r})")
+        try:
+            alpha = float(match.group(2))
+        except ValueError:
+            raise ValueError(f"activation {spec!r}: alpha must be a number") from None
+    alpha = 1.0 if alpha is None else float(alpha)
+    if alpha != 1.0 and not kind.has_alpha:
+        raise ValueError(f"activation {name!r} takes no alpha")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"relu's alpha must be a finite number > 0, got {alpha}")
+    return Activation(kind, alpha)

@@ -1,0 +1,1 @@
+"""Built-in data sets (see gpu_mlp/datasets.py)."""

@@ -1,0 +1,150 @@
+"""The loss table: every loss gpu_mlp knows, defined once.
+
+A loss compares the network output ``F`` (B, d) with targets ``Y`` and gives the
+per-sample losses ``l(y_i, F[i])`` together with ``scale * dl/dF`` written into
+``grad`` in the same pass -- exactly what the fused CUDA kernels in
+``kernels/losses.cuh`` and ``kernels/rowwise.cuh`` compute. The batch loss is the mean
+of the per-sample losses, so the engine passes ``scale = 1/B``.
+
+=========================  =========================  ===========================
+name                       l(y, f)                    dl/df
+=========================  =========================  ===========================
+``squared``                ``||f - y||^2``            ``2 (f - y)``
+``logistic`` (y = +-1)     ``log(1 + e^{-y f})``      ``-y sigmoid(-y f)``
+``softmax_cross_entropy``  ``-log softmax(f)_y``      ``softmax(f) - onehot(y)``
+=========================  =========================  ===========================
+
+``softmax_cross_entropy`` takes logits (use it with an ``identity`` output layer, like
+PyTorch's ``CrossEntropyLoss``) and targets either as integer class indices of shape
+(B,) or as rows of class probabilities (one-hot or soft) of shape (B, d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import _checks
+from .activations import TABLE as _ACTIVATIONS
+
+
+def _squared(F, Y, scale, grad):
+    np.subtract(F, Y, out=grad)
+    per_sample = np.einsum("ij,ij->i", grad, grad)
+    grad *= 2 * scale
+    return per_sample
+
+
+def _softplus(t):
+    return np.maximum(t, 0) + np.log1p(np.exp(-np.abs(t)))
+
+
+def _logistic(F, Y, scale, grad):
+    t = -Y * F
+    sigmoid = _ACTIVATIONS["sigmoid"].value(t, 1.0, np.empty_like(t))
+    np.multiply(-Y * scale, sigmoid, out=grad)
+    return _softplus(t).sum(axis=1)
+
+
+def _softmax_cross_entropy(F, Y, scale, grad):
+    shifted = F - F.max(axis=1, keepdims=True)
+    np.exp(shifted, out=grad)
+    total = grad.sum(axis=1, keepdims=True)
+    grad /= total
+    log_total = np.log(total[:, 0])
+    rows = np.arange(F.shape[0])
+    if Y.ndim == 1:  # class indices
+        grad[rows, Y] -= 1
+        per_sample = log_total - shifted[rows, Y]
+    else:            # probability rows
+        grad -= Y
+        per_sample = np.einsum("ij,ij->i", Y, log_total[:, None] - shifted)
+    grad *= scale
+    return per_sample
+
+
+# --- target checks --------------------------------------------------------------------
+
+def _float_targets(name, Y, B, d, xp, dtype, values):
+    Y = _checks.floating("Y", Y)
+    if Y.ndim == 1 and d == 1:
+        Y = Y.reshape(-1, 1)
+    if Y.shape != (B, d):
+        raise ValueError(f"{name} loss: Y must have shape ({B}, {d}) to match the output, "
+                         f"got {tuple(Y.shape)}")
+    if values:
+        _checks.finite("Y", Y, xp)
+    return Y.astype(dtype, copy=False)
+
+
+def _check_squared(Y, B, d, xp, dtype, values=True):
+    return _float_targets("squared", Y, B, d, xp, dtype, values)
+
+
+def _check_logistic(Y, B, d, xp, dtype, values=True):
+    Y = _float_targets("logistic", Y, B, d, xp, dtype, values)
+    if values and not bool(xp.all(xp.abs(Y) == 1)):
+        raise ValueError("logistic loss: labels in Y must be -1 or +1")
+    return Y
+
+
+def _check_softmax_cross_entropy(Y, B, d, xp, dtype, values=True):
+    kind = getattr(getattr(Y, "dtype", None), "kind", None)
+    if kind in ("i", "u"):
+        if Y.shape != (B,):
+            raise ValueError(f"softmax_cross_entropy: integer labels must have shape ({B},), "
+                             f"got {tuple(Y.shape)}")
+        if values and B and not (int(Y.min()) >= 0 and int(Y.max()) < d):
+            raise ValueError(f"softmax_cross_entropy: labels must lie in [0, {d}), "
+                             f"got values in [{int(Y.min())}, {int(Y.max())}]")
+        return Y.astype(np.int64, copy=False)
+    if kind == "b":
+        raise TypeError("softmax_cross_entropy: Y must hold integer labels or float "
+                        "probability rows, not booleans")
+    Y = _float_targets("softmax_cross_entropy", Y, B, d, xp, dtype, values)
+    if values and B and not (bool(xp.all(Y >= 0))
+                             and bool(xp.allclose(Y.sum(axis=1), 1, atol=1e-3))):
+        raise ValueError("softmax_cross_entropy: target rows must be probabilities "
+                         "(non-negative, summing to 1), e.g. one-hot rows")
+    return Y
+
+
+# --- the table ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Loss:
+    """One row of the loss table."""
+
+    name: str
+    evaluate: Callable  # (F, Y, scale, grad) -> per-sample losses (B,); writes grad
+    # (Y, B, d, xp, dtype, values=True) -> Y in canonical form, or raises; values=False
+    # skips the checks that read the data (a device sync on a GPU), keeping shape checks
+    check_targets: Callable
+    rowwise: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+TABLE: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (
+        Loss("squared", _squared, _check_squared),
+        Loss("logistic", _logistic, _check_logistic),
+        Loss("softmax_cross_entropy", _softmax_cross_entropy, _check_softmax_cross_entropy,
+             rowwise=True),
+    )
+}
+
+
+def get(spec) -> Loss:
+    """Resolve a loss from its name (or return a :class:`Loss` as it is)."""
+    if isinstance(spec, Loss):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a loss is a name, not {type(spec).__name__}")
+    if spec not in TABLE:
+        raise ValueError(f"unknown loss {spec!r}; valid: {', '.join(TABLE)}")
+    return TABLE[spec]

@@ -1,0 +1,33 @@
+// common.cuh -- what every gpu_mlp kernel source shares.
+//
+// The device math of gpu_mlp is written as `__host__ __device__` templates so that the
+// same text compiles three ways: by NVRTC when CuPy builds the kernels at run time, by
+// nvcc in the test suite, and by the host C++ compiler, whose build the tests call
+// through ctypes to check every formula against gpu_mlp's NumPy tables on a machine
+// without a GPU. Outside CUDA the qualifiers expand to nothing and the math comes from
+// <cmath>; inside CUDA (NVRTC included) the overloaded device math functions are used.
+#ifndef GPU_MLP_COMMON_CUH
+#define GPU_MLP_COMMON_CUH
+
+#ifndef __CUDACC__
+#include <cmath>
+#define __host__
+#define __device__
+#define __global__
+using std::erfc;
+using std::exp;
+using std::fabs;
+using std::log;
+using std::log1p;
+using std::sqrt;
+using std::tanh;
+#endif
+
+// NaN-propagating maximum: fmax() would drop a NaN, and a NaN must never be hidden.
+template <typename T>
+__host__ __device__ inline T gm_max_nan(T a, T b)
+{
+    return (a != a || a > b) ? a : b;
+}
+
+#endif  // GPU_MLP_COMMON_CUH
