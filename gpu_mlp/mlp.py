@@ -226,6 +226,27 @@ class MLP:
         self._backprop(X, Y, accumulate, scale=1.0, want_dx=False)
         return xp.sqrt(squares)
 
+    # --- training and checkpoints (see gpu_mlp/training.py and gpu_mlp/checkpoint.py) ---
+
+    def fit(self, X, Y, **kwargs):
+        """Train on (X, Y) by minibatch SGD; see :func:`gpu_mlp.training.fit`."""
+        from .training import fit
+
+        return fit(self, X, Y, **kwargs)
+
+    def save(self, path, **kwargs) -> None:
+        """Write parameters and architecture to ``path``; see :func:`gpu_mlp.checkpoint.save`."""
+        from .checkpoint import save
+
+        save(self, path, **kwargs)
+
+    @classmethod
+    def load(cls, path, **kwargs) -> "MLP":
+        """A network from a checkpoint; see :func:`gpu_mlp.checkpoint.load`."""
+        from .checkpoint import load
+
+        return load(path, **kwargs)
+
     # --- input handling -----------------------------------------------------------------
 
     def _inputs(self, X, check: bool = True):
