@@ -61,12 +61,23 @@ def params(params) -> list[tuple]:
         if k > 1 and W.shape[1] != pairs[k - 2][0].shape[0]:
             raise ValueError(f"W_{k} takes {W.shape[1]} inputs but layer {k - 1} has "
                              f"{pairs[k - 2][0].shape[0]} outputs")
+        finite(f"W_{k}", W, _namespace(W))
+        finite(f"b_{k}", b, _namespace(b))
         if dtype is None:
             dtype = W.dtype
         if W.dtype != dtype or b.dtype != dtype:
             raise TypeError(f"layer {k}: all parameters must share one dtype ({dtype}), "
                             f"got W {W.dtype} and b {b.dtype}")
     return pairs
+
+
+def _namespace(a):
+    """NumPy, or CuPy for a CuPy array (without importing CuPy otherwise)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
 
 
 def inputs(X, d_in: int, xp=np, values: bool = True):

@@ -182,7 +182,9 @@ _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\(\s*(?:alpha\s*=\s*)?([^)]*?)\s*\))?\s*
 def get(spec, alpha: Optional[float] = None) -> Activation:
     """Resolve an activation: an :class:`Activation`, a name, or ``"relu(alpha=0.5)"``."""
     if isinstance(spec, Activation):
-        return spec if alpha is None else Activation(spec.kind, float(alpha))
+        if alpha is None:
+            return spec
+        spec = spec.name  # a new alpha: validate it as for a name
     if not isinstance(spec, str):
         raise TypeError(f"an activation is a name or an Activation, not {type(spec).__name__}")
     match = _SPEC.match(spec)

@@ -113,9 +113,6 @@ class MLP:
                  for W, b in _iter_pairs(params)]
         pairs = _checks.params(pairs)
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
-        for k, (W, b) in enumerate(pairs, start=1):
-            _checks.finite(f"W_{k}", W, xp)
-            _checks.finite(f"b_{k}", b, xp)
         acts = resolve_activations(activations, len(pairs))
         net = cls.__new__(cls)
         net._setup(pairs, acts, loss, memory, name, dt)

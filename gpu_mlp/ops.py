@@ -11,6 +11,8 @@ be one GEMM straight into ``W`` with no gradient buffer on either backend.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.linalg import blas as _blas
 
@@ -43,12 +45,16 @@ def is_numpy(a) -> bool:
     return isinstance(a, np.ndarray)
 
 
-def _launch(op, act, *args):
+@functools.cache
+def _kernel(op: str, act_name: str):
     in_params, out_params, body = ELEMENTWISE[op]
-    name = f"gm_{op}_{act.name}" if act is not None else f"gm_{op}"
-    act_name = act.name if act is not None else ""
-    kernel = cuda.elementwise(in_params, out_params, body.format(act=act_name), name)
-    kernel(*args)
+    # kernel names must not clash with the gm_* device functions they call
+    name = f"gpu_mlp_{op}_{act_name}" if act_name else f"gpu_mlp_{op}"
+    return cuda.elementwise(in_params, out_params, body.format(act=act_name), name)
+
+
+def _launch(op, act, *args):
+    _kernel(op, act.name if act is not None else "")(*args)
 
 
 def _alpha(act, a):
