@@ -60,7 +60,9 @@ def _softmax_cross_entropy(F, Y, scale, grad):
         per_sample = log_total - shifted[rows, Y]
     else:            # probability rows
         grad -= Y
-        per_sample = np.einsum("ij,ij->i", Y, log_total[:, None] - shifted)
+        # a zero target contributes nothing, even against a logit of -inf (as in CUDA)
+        terms = np.where(Y != 0, Y * (log_total[:, None] - shifted), 0)
+        per_sample = terms.sum(axis=1)
     grad *= scale
     return per_sample
 

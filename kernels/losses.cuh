@@ -23,7 +23,7 @@ template <typename T>
 __host__ __device__ inline T gm_squared(T f, T y, T scale, T& grad)
 {
     T r = f - y;
-    grad = T(2) * r * scale;
+    grad = r * (T(2) * scale);
     return r * r;
 }
 

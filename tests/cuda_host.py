@@ -1,0 +1,236 @@
+"""Build gpu_mlp's CUDA C for the host (g++, called through ctypes) and for the GPU (nvcc).
+
+The device math in ``kernels/*.cuh`` is ``__host__ __device__``, so the tests compile it
+with the system C++ compiler and check it against the NumPy tables on a machine without
+a GPU, and compile the same text with nvcc for the GPU the engine targets. Everything
+called is generated here from gpu_mlp's own tables by the naming convention of
+``kernels/activations.cuh``, so a new table row or ``ops.ELEMENTWISE`` entry is compiled
+and tested with no change to the tests. The generated C functions (CTYPE is ``float`` or
+``double``; arrays are C-contiguous; counts are ``long long``):
+
+* ``host_<fn>_CTYPE(x, alpha, out, n)``: an activation function ``gm_<name>``,
+  ``gm_<name>_grad`` or ``gm_<name>_grad_from_output`` over n elements;
+* ``host_gm_<loss>_CTYPE(f, y, scale, grad, loss, n)``: an elementwise loss;
+* ``ew_<op>[_<activation>]_CTYPE(n, cols, params...)``: an ``ops.ELEMENTWISE`` body over
+  n elements, its parameters in the kernel's order -- scalars (``alpha``, ``scale``) by
+  value, arrays as pointers, ``bias`` indexed by column as the engine's (d,) bias is
+  broadcast over (B, d) rows. Inside, inputs are values and outputs ``T&``, as in CuPy;
+* ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from gpu_mlp import activations, cuda, losses, ops
+
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# How gpu_mlp.ops passes each ELEMENTWISE parameter that is not a full (B, d) array.
+SCALAR_PARAMS = ("alpha", "scale")
+COLUMN_PARAMS = ("bias",)
+
+HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror")  # no -ffast-math
+NVCC_FLAGS = ("-c", "-arch=sm_90", "-std=c++14", "-Werror", "all-warnings", "-Xptxas", "-v")
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+# --- what the tables promise ------------------------------------------------------------
+
+def activation_functions() -> dict[str, tuple[activations.Kind, str]]:
+    """``{C name: (table row, role)}`` for every elementwise activation function, where
+    ``role`` names the NumPy twin: ``getattr(kind, role)``."""
+    functions = {}
+    for kind in activations.TABLE.values():
+        if kind.rowwise:
+            continue
+        functions[f"gm_{kind.name}"] = (kind, "value")
+        if kind.grad is not None:
+            functions[f"gm_{kind.name}_grad"] = (kind, "grad")
+        if kind.grad_from_output is not None:
+            functions[f"gm_{kind.name}_grad_from_output"] = (kind, "grad_from_output")
+    return functions
+
+
+def loss_functions() -> dict[str, losses.Loss]:
+    """``{C name: loss}`` for every elementwise loss."""
+    return {f"gm_{loss.name}": loss for loss in losses.TABLE.values() if not loss.rowwise}
+
+
+def elementwise_pairs() -> list[tuple[str, str | None]]:
+    """Every (op, activation name) the engine launches; None for ops without ``{act}``."""
+    pairs = []
+    for op, (_, _, body) in ops.ELEMENTWISE.items():
+        if "{act}" not in body:
+            pairs.append((op, None))
+            continue
+        for kind in activations.TABLE.values():
+            # softmax goes to the row kernels; an activation without a derivative from
+            # its output never reaches the "output"-mode backward
+            if kind.rowwise or ("_grad_from_output" in body and kind.grad_from_output is None):
+                continue
+            pairs.append((op, kind.name))
+    return pairs
+
+
+def elementwise_name(op: str, act: str | None, dtype) -> str:
+    return "_".join(["ew", op] + ([act] if act else []) + [CTYPES[np.dtype(dtype)]])
+
+
+def elementwise_params(op: str) -> tuple[list[str], list[str]]:
+    """The names of an op's input and output parameters, in order."""
+    def names(params):
+        parsed = [p.split() for p in params.split(",")]
+        if any(t != "T" for t, _ in parsed):
+            raise ValueError(f"{op}: only parameters of type T can be generated: {params!r}")
+        return [name for _, name in parsed]
+
+    in_params, out_params, _ = ops.ELEMENTWISE[op]
+    return names(in_params), names(out_params)
+
+
+# --- generated C++ ----------------------------------------------------------------------
+
+def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
+    """An ``ops.ELEMENTWISE`` body as a host loop, or as a ``__global__`` kernel."""
+    ctype = CTYPES[np.dtype(dtype)]
+    ins, outs = elementwise_params(op)
+    args, element = ["long long n", "long long cols"], []
+    for name in ins + outs:
+        if name in SCALAR_PARAMS:
+            args.append(f"{ctype} {name}")
+            continue
+        args.append(f"{'const ' if name in ins else ''}{ctype}* {name}_")
+        index = "i % cols" if name in COLUMN_PARAMS else "i"
+        element.append(f"const T {name} = {name}_[{index}];" if name in ins else
+                       f"T& {name} = {name}_[{index}];")
+    element.append(ops.ELEMENTWISE[op][2].format(act=act or "") + ";")
+    signature = f"{elementwise_name(op, act, dtype)}({', '.join(args)})"
+    if device:
+        return (f'extern "C" __global__ void {signature}\n{{\n'
+                f"    typedef {ctype} T;\n"
+                "    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+                "    if (i >= n) return;\n"
+                + "".join(f"    {line}\n" for line in element) + "}\n")
+    return (f'extern "C" void {signature}\n{{\n'
+            f"    typedef {ctype} T;\n"
+            "    for (long long i = 0; i < n; ++i) {\n"
+            + "".join(f"        {line}\n" for line in element) + "    }\n}\n")
+
+
+_ACTIVATION_WRAPPER = """
+extern "C" void host_{fn}_{T}(const {T}* x, {T} alpha, {T}* out, long long n)
+{{
+    for (long long i = 0; i < n; ++i) out[i] = {fn}(x[i], alpha);
+}}
+"""
+
+_LOSS_WRAPPER = """
+extern "C" void host_{fn}_{T}(const {T}* f, const {T}* y, {T} scale, {T}* grad, {T}* loss,
+                              long long n)
+{{
+    for (long long i = 0; i < n; ++i) loss[i] = {fn}(f[i], y[i], scale, grad[i]);
+}}
+"""
+
+_ROW_WRAPPERS = """
+extern "C" void host_softmax_rows_{T}(const {T}* z, const {T}* bias, {T}* out,
+                                      long long rows, long long C)
+{{
+    for (long long r = 0; r < rows; ++r) gm_softmax_row(z + r * C, bias, out + r * C, (int)C);
+}}
+extern "C" void host_softmax_backward_rows_{T}(const {T}* f, {T}* g, long long rows, long long C)
+{{
+    for (long long r = 0; r < rows; ++r) gm_softmax_backward_row(f + r * C, g + r * C, (int)C);
+}}
+// targets (B, C) or labels (B,): the other one is null, as in the two __global__ kernels
+extern "C" void host_softmax_xent_rows_{T}(const {T}* f, const {T}* targets,
+                                           const long long* labels, {T}* grad, {T}* loss,
+                                           long long rows, long long C, {T} scale)
+{{
+    for (long long r = 0; r < rows; ++r)
+        loss[r] = gm_softmax_xent_row(f + r * C, targets ? targets + r * C : ({T}*)0,
+                                      labels ? labels[r] : -1LL, grad + r * C, (int)C, scale);
+}}
+"""
+
+
+def host_source() -> str:
+    """Every kernel header, then ``extern "C"`` wrappers of everything the tests call."""
+    parts = [f'#include "{header}"\n' for header in cuda.HEADERS]
+    for ctype in CTYPES.values():
+        parts += [_ACTIVATION_WRAPPER.format(fn=fn, T=ctype) for fn in activation_functions()]
+        parts += [_LOSS_WRAPPER.format(fn=fn, T=ctype) for fn in loss_functions()]
+        parts.append(_ROW_WRAPPERS.format(T=ctype))
+    for dtype in CTYPES:
+        parts += [elementwise_function(op, act, dtype, device=False)
+                  for op, act in elementwise_pairs()]
+    return "\n".join(parts)
+
+
+def device_source() -> str:
+    """What CuPy compiles, as one translation unit: ``cuda.source()``, every row kernel
+    for float and double (taking a template's address instantiates it, as CuPy's
+    ``name_expressions`` do) and every ELEMENTWISE body as a ``__global__`` kernel."""
+    addresses = ", ".join(f"(void*)&{kernel}<{ctype}>"
+                          for kernel in cuda.ROW_KERNELS for ctype in CTYPES.values())
+    parts = [cuda.source(),
+             f"void* gm_row_kernel(int i)\n{{\n    void* const kernels[] = {{{addresses}}};\n"
+             f"    return kernels[i];\n}}\n"]
+    for dtype in CTYPES:
+        parts += [elementwise_function(op, act, dtype, device=True)
+                  for op, act in elementwise_pairs()]
+    return "\n".join(parts)
+
+
+# --- compiling and calling ----------------------------------------------------------------
+
+def _run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CompileError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def build_host(folder: Path) -> ctypes.CDLL:
+    """Compile :func:`host_source` with g++ into ``folder`` and load it."""
+    cpp, lib = folder / "gpu_mlp_host.cpp", folder / "gpu_mlp_host.so"
+    cpp.write_text(host_source())
+    _run(["g++", *HOST_FLAGS, "-I", str(cuda.kernel_dir()), str(cpp), "-o", str(lib)])
+    return ctypes.CDLL(str(lib))
+
+
+def build_device(folder: Path) -> str:
+    """Compile :func:`device_source` with nvcc for sm_90; returns the compiler's report."""
+    cu = folder / "gpu_mlp_device.cu"
+    cu.write_text(device_source())
+    return _run(["nvcc", *NVCC_FLAGS, str(cu), "-o", str(folder / "gpu_mlp_device.o")])
+
+
+def _c_arg(a):
+    if a is None:
+        return None  # a null pointer
+    if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:
+            raise ValueError("arrays passed to C must be C-contiguous")
+        return a.ctypes.data_as(ctypes.c_void_p)
+    if isinstance(a, np.float32):
+        return ctypes.c_float(a)
+    if isinstance(a, np.float64):
+        return ctypes.c_double(a)
+    if isinstance(a, int):
+        return ctypes.c_longlong(a)
+    raise TypeError(f"cannot pass {type(a).__name__} to C: use an array, a NumPy float or an int")
+
+
+def call(lib: ctypes.CDLL, name: str, *args) -> None:
+    """Call ``name`` in ``lib``: arrays as pointers, NumPy floats as their C type, ints as
+    ``long long``, None as a null pointer."""
+    getattr(lib, name)(*(_c_arg(a) for a in args))

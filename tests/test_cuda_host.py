@@ -1,0 +1,325 @@
+"""The CUDA side of the engine, checked on a CPU.
+
+The ``__host__ __device__`` math of ``kernels/*.cuh`` is compiled with g++ and called
+through ctypes against gpu_mlp's NumPy tables; the very ``ops.ELEMENTWISE`` bodies CuPy
+compiles are run on arrays against their NumPy twins in ``gpu_mlp.ops``; nvcc compiles
+everything CuPy would, for Hopper. What is generated, and how, is in ``cuda_host.py``.
+"""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import cuda_host
+from cuda_host import call
+from gpu_mlp import activations, cuda, losses, ops
+
+DTYPES = [np.float32, np.float64]
+ULPS = 4  # glibc and NumPy/SciPy differ by an ulp or two in exp, tanh, log1p and erfc
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """Everything the tests call, built once per session (see ``cuda_host.host_source``).
+    A function the tables promise but the headers lack fails this build, and with it
+    every test that uses it, with the compiler's message naming the function."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    return cuda_host.build_host(tmp_path_factory.mktemp("cuda_host"))
+
+
+@pytest.fixture(params=DTYPES, ids=lambda t: np.dtype(t).name)
+def dtype(request):
+    return np.dtype(request.param)
+
+
+def exact_points(dtype):
+    """Inputs where every formula is exact: exp, tanh and erfc round to 0, 1, +-inf or
+    their tiny argument there (no library rounds those differently), or the input is
+    inf or NaN."""
+    fi = np.finfo(dtype)
+    points = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e4, -1e4, 1e-30, -1e-30,
+              fi.smallest_subnormal, -fi.smallest_subnormal, fi.max, -fi.max]
+    return np.array(points, dtype=dtype)
+
+
+def grid(dtype, seed=0):
+    """+-1 and random inputs: around 0, far out in the tails, and tiny to huge magnitudes."""
+    rng = np.random.default_rng(seed)
+    magnitudes = 10.0 ** rng.uniform(-30, 4, 500)
+    points = [[1.0, -1.0], rng.normal(0, 4, 2000), rng.uniform(-40, 40, 1000),
+              magnitudes, -magnitudes]
+    return np.concatenate(points).astype(dtype)
+
+
+def assert_ulps(actual, expected, inputs, ulps, floor):
+    """NaN exactly where ``expected`` is NaN; elsewhere equal (so infinities must agree) or
+    within ``ulps * (spacing(|expected|) + floor)``. ``floor`` is an absolute unit for
+    results whose ulp says little: subnormals, or O(1) differences such as ``1 - f * f``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        close = np.abs(actual - expected) <= ulps * (np.spacing(np.abs(expected)) + floor)
+    ok = (np.isnan(actual) == np.isnan(expected)) & (
+        (actual == expected) | close | np.isnan(expected))
+    bad = np.flatnonzero(~ok)
+    assert bad.size == 0, (
+        f"{bad.size} of {ok.size} differ; (input, C, NumPy): "
+        + ", ".join(f"({inputs[i]!r}, {actual[i]!r}, {expected[i]!r})" for i in bad[:5]))
+
+
+def numpy_twin(fn, x, *args):
+    with np.errstate(all="ignore"):  # inf and NaN inputs are the point
+        return fn(x, *args)
+
+
+# --- 1. the device functions against the NumPy tables ------------------------------------
+
+ACTIVATION_FUNCTIONS = cuda_host.activation_functions()
+LOSS_FUNCTIONS = cuda_host.loss_functions()
+
+
+def activation_ulps(kind, dtype, z):
+    # SciPy's erfc (Cephes) is off by up to ~15 ulps in double near z = -1.4 and by about
+    # z^2 / 2 ulps in the tail, where glibc's and CUDA's stay within a few (checked
+    # against mpmath): NumPy's GELU in double can only be held to that.
+    if kind.name == "gelu" and dtype == np.float64:
+        return ULPS + 12 + z * z / 2
+    return ULPS
+
+
+@pytest.mark.parametrize("fn", sorted(ACTIVATION_FUNCTIONS))
+def test_activation_function_matches_table(host, fn, dtype):
+    kind, role = ACTIVATION_FUNCTIONS[fn]
+    numpy_fn = getattr(kind, role)
+    fi = np.finfo(dtype)
+    # a value keeps its relative accuracy down to the subnormals; a derivative is an O(1)
+    # difference (1 - f * f, f (1 - f)), so an ulp of f moves it by an ulp of 1
+    floor = fi.tiny if role == "value" else fi.eps
+    for alpha in ((1.0, 0.3) if kind.has_alpha else (1.0,)):
+        a = dtype.type(alpha)
+        for x, exact in ((exact_points(dtype), True), (grid(dtype), False)):
+            got = np.empty_like(x)
+            call(host, f"host_{fn}_{cuda_host.CTYPES[dtype]}", x, a, got, x.size)
+            want = numpy_twin(numpy_fn, x, alpha, np.empty_like(x))
+            ulps = 0 if exact else activation_ulps(kind, dtype, x.astype(np.float64))
+            assert_ulps(got, want, x, ulps, floor)
+
+
+def loss_targets(loss, n, dtype, rng):
+    """n targets the loss accepts: random values, or random signs if only +-1 are valid."""
+    Y = rng.normal(0, 3, (n, 1)).astype(dtype)
+    try:
+        loss.check_targets(Y, n, 1, np, dtype)
+    except ValueError:
+        Y = np.where(Y < 0, -1, 1).astype(dtype)
+    return Y
+
+
+@pytest.mark.parametrize("fn", sorted(LOSS_FUNCTIONS))
+def test_elementwise_loss_matches_table(host, fn, dtype):
+    loss = LOSS_FUNCTIONS[fn]
+    F = np.concatenate([exact_points(dtype), grid(dtype)])[:, None]
+    Y = loss_targets(loss, F.shape[0], dtype, np.random.default_rng(1))
+    scale = dtype.type(1 / 7)
+    grad, per_element = np.empty_like(F), np.empty_like(F)
+    call(host, f"host_{fn}_{cuda_host.CTYPES[dtype]}", F, Y, scale, grad, per_element, F.size)
+    want_grad = np.empty_like(F)
+    # one column: the per-sample loss is the per-element one
+    want = numpy_twin(loss.evaluate, F, Y, scale, want_grad)
+    tiny = np.finfo(dtype).tiny
+    assert_ulps(per_element[:, 0], want, F[:, 0], ULPS, tiny)
+    assert_ulps(grad[:, 0], want_grad[:, 0], F[:, 0], ULPS, tiny * scale)
+
+
+def test_a_table_row_without_cuda_functions_fails_the_build(tmp_path, monkeypatch):
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    tanh = activations.TABLE["tanh"]
+    monkeypatch.setitem(activations.TABLE, "softsign",
+                        activations.Kind("softsign", tanh.value, tanh.grad, None))
+    assert {"gm_softsign", "gm_softsign_grad"} <= set(cuda_host.activation_functions())
+    with pytest.raises(cuda_host.CompileError, match="gm_softsign"):
+        cuda_host.build_host(tmp_path)
+
+
+# --- 2. the kernel bodies of gpu_mlp.ops against their NumPy twins -------------------------
+
+# Each ELEMENTWISE op's NumPy twin, on arrays named as the kernel's parameters, in place.
+NUMPY_TWINS = {
+    "bias_act": lambda act, v: ops.bias_act(act, v["a"], v["bias"]),
+    "bias_act_keep": lambda act, v: ops.bias_act_keep(act, v["a"], v["bias"], v["f"]),
+    "bias_act_grad": lambda act, v: ops.bias_act_grad(act, v["a"], v["bias"], v["f"]),
+    "grad_from_output": lambda act, v: ops.grad_from_output(act, v["f"], v["delta"]),
+    "recompute_grad": lambda act, v: ops.recompute_grad(act, v["a"], v["delta"]),
+    "mul": lambda act, v: ops.mul(v["delta"], v["d"]),
+}
+ACTIVATION_OPS = [(op, act) for op, act in cuda_host.elementwise_pairs()
+                  if op not in losses.TABLE]
+LOSS_OPS = [op for op, _ in cuda_host.elementwise_pairs() if op in losses.TABLE]
+B, C = 37, 11
+
+
+def op_arrays(op, dtype, special=True, seed=0):
+    """Random O(1) arrays for an op's array parameters: (C,) for a bias, else (B, C), each
+    beginning with the exact points if ``special``."""
+    rng = np.random.default_rng(seed)
+    ins, outs = cuda_host.elementwise_params(op)
+    arrays = {}
+    for name in ins + outs:
+        if name in cuda_host.SCALAR_PARAMS:
+            continue
+        shape = (C,) if name in cuda_host.COLUMN_PARAMS else (B, C)
+        arrays[name] = rng.normal(0, 3, shape).astype(dtype)
+        if special and len(shape) == 2:
+            arrays[name].flat[:len(exact_points(dtype))] = exact_points(dtype)
+    return arrays
+
+
+def run_op(host, op, act, dtype, arrays, scalars):
+    """Run the generated C version of an op in place on ``arrays``."""
+    ins, outs = cuda_host.elementwise_params(op)
+    args = [scalars[name] if name in cuda_host.SCALAR_PARAMS else arrays[name]
+            for name in ins + outs]
+    call(host, cuda_host.elementwise_name(op, act, dtype), B * C, C, *args)
+
+
+def assert_close(actual, expected, dtype):
+    """Few ulps, with an absolute floor at the scale of the random data (products of two
+    O(1) numbers): the kernels are what is checked here, the formulas' last ulps above."""
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(actual, expected, rtol=ULPS * eps, atol=ULPS * eps * 10)
+
+
+@pytest.mark.parametrize("op, act", ACTIVATION_OPS,
+                         ids=[f"{op}-{act}" if act else op for op, act in ACTIVATION_OPS])
+def test_activation_op_matches_numpy_twin(host, op, act, dtype):
+    activation = activations.get(act or "identity", alpha=0.3 if act == "relu" else None)
+    arrays = op_arrays(op, dtype)
+    twin = {name: a.copy() for name, a in arrays.items()}
+    run_op(host, op, act, dtype, arrays, {"alpha": dtype.type(activation.alpha)})
+    numpy_twin(NUMPY_TWINS[op], activation, twin)
+    _, outs = cuda_host.elementwise_params(op)
+    for name in outs:
+        assert_close(arrays[name], twin[name], dtype)
+
+
+@pytest.mark.parametrize("op", LOSS_OPS)
+def test_loss_op_matches_loss_and_grad(host, op, dtype):
+    loss = losses.get(op)
+    arrays = op_arrays(op, dtype, special=False)  # a finite loss to compare
+    arrays["y"] = loss_targets(loss, B * C, dtype, np.random.default_rng(3)).reshape(B, C)
+    scale = dtype.type(1 / B)
+    run_op(host, op, None, dtype, arrays, {"scale": scale})
+    grad = np.empty_like(arrays["f"])
+    J = ops.loss_and_grad(loss, arrays["f"], arrays["y"], grad, scale, None)
+    assert_close(arrays["grad"], grad, dtype)
+    np.testing.assert_allclose(arrays["loss"].sum() / B, J, rtol=B * C * np.finfo(dtype).eps)
+
+
+# --- the row functions of rowwise.cuh --------------------------------------------------------
+
+def logit_rows(dtype, seed=0):
+    """Random rows, then rows that overflow unless the maximum is subtracted, a row of
+    ties, and rows with -inf, +inf and NaN."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(0, 3, (20, C))
+    special = np.zeros((5, C))
+    special[0, ::2], special[0, 1::2] = 1e4, -1e4
+    special[1] = 5.0
+    special[2, 3] = -np.inf
+    special[3, 4] = np.inf
+    special[4, 5] = np.nan
+    return np.concatenate([rows, special]).astype(dtype)
+
+
+def row_tolerance(dtype):
+    # C and NumPy sum a row's C terms in different orders
+    return {"rtol": 2 * C * np.finfo(dtype).eps, "atol": 2 * C * np.finfo(dtype).eps}
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
+def test_softmax_rows_match_table(host, dtype, with_bias, in_place):
+    z = logit_rows(dtype)
+    bias = np.random.default_rng(1).normal(0, 1, C).astype(dtype) if with_bias else None
+    want = numpy_twin(activations.TABLE["softmax"].value,
+                      z + bias if with_bias else z, 1.0, np.empty_like(z))
+    out = z if in_place else np.empty_like(z)
+    call(host, f"host_softmax_rows_{cuda_host.CTYPES[dtype]}", z, bias, out, z.shape[0], C)
+    np.testing.assert_allclose(out, want, **row_tolerance(dtype))
+
+
+def test_softmax_backward_rows_match_table(host, dtype):
+    rng = np.random.default_rng(2)
+    f = activations.get("softmax")(rng.normal(0, 3, (30, C)).astype(dtype))
+    g = rng.normal(0, 1, f.shape).astype(dtype)
+    want = activations.softmax_backward(f, g, np.empty_like(g))
+    call(host, f"host_softmax_backward_rows_{cuda_host.CTYPES[dtype]}", f, g, f.shape[0], C)
+    np.testing.assert_allclose(g, want, **row_tolerance(dtype))
+
+
+def probability_rows(n, dtype, rng):
+    """One-hot rows and soft rows, some with exact zeros."""
+    soft = rng.dirichlet(np.ones(C), n)
+    soft[::3, :C // 2] = 0
+    soft /= soft.sum(axis=1, keepdims=True)
+    return np.concatenate([np.eye(C)[rng.integers(0, C, n)], soft]).astype(dtype)
+
+
+@pytest.mark.parametrize("targets", ["labels", "probabilities"])
+def test_softmax_cross_entropy_rows_match_table(host, dtype, targets):
+    rng = np.random.default_rng(3)
+    F = logit_rows(dtype)[:21]  # finite rows: the random ones and the +-1e4 one
+    if targets == "labels":
+        Y = rng.integers(0, C, F.shape[0])
+        rows_and_labels = (None, Y)
+    else:
+        Y = probability_rows(F.shape[0], dtype, rng)  # twice as many rows
+        F = np.concatenate([F, F])
+        rows_and_labels = (Y, None)
+    scale = dtype.type(1 / F.shape[0])
+    grad, per_row = np.empty_like(F), np.empty(F.shape[0], dtype)
+    call(host, f"host_softmax_xent_rows_{cuda_host.CTYPES[dtype]}", F, *rows_and_labels,
+         grad, per_row, F.shape[0], C, scale)
+    want_grad = np.empty_like(F)
+    want = losses.get("softmax_cross_entropy").evaluate(F, Y, scale, want_grad)
+    np.testing.assert_allclose(grad, want_grad, **row_tolerance(dtype))
+    np.testing.assert_allclose(per_row, want, **row_tolerance(dtype))
+
+
+# --- 3. everything CuPy compiles, through nvcc for the H100 ----------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_everything_cupy_compiles_builds_with_nvcc_for_hopper(tmp_path):
+    # one nvcc call for all of it: -Werror all-warnings fails on any warning, and
+    # ptxas -v names every kernel it compiles
+    report = cuda_host.build_device(tmp_path)
+    compiled = set(re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", report))
+    expected = {cuda_host.elementwise_name(op, act, dtype)
+                for op, act in cuda_host.elementwise_pairs() for dtype in DTYPES}
+    assert expected <= compiled
+    for kernel in cuda.ROW_KERNELS:
+        for code in "fd":  # the Itanium mangling of kernel<float> and kernel<double>
+            assert any(name.startswith(f"_Z{len(kernel)}{kernel}I{code}E") for name in compiled)
+
+
+# --- 4. the kernel sources ship --------------------------------------------------------------
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def test_kernel_dir_holds_exactly_the_headers():
+    folder = cuda.kernel_dir()
+    assert sorted(p.name for p in folder.glob("*.cuh")) == sorted(cuda.HEADERS)
+
+
+def test_headers_include_only_earlier_headers():
+    # source() concatenates HEADERS in order, so each may only rely on those before it
+    for i, header in enumerate(cuda.HEADERS):
+        included = _LOCAL_INCLUDE.findall((cuda.kernel_dir() / header).read_text())
+        assert set(included) <= set(cuda.HEADERS[:i]), header
+
+
+def test_source_has_no_local_include():
+    assert not _LOCAL_INCLUDE.findall(cuda.source())

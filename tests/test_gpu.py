@@ -1,0 +1,291 @@
+"""The CuPy engine on a CUDA GPU: against the reference and the NumPy engine, its memory,
+its steady state and its inputs.
+
+Every test here needs CuPy and a CUDA GPU and is skipped without them (the CUDA math is
+also checked on any CPU by test_cuda_host.py). Gradients are compared per array by the
+norm-wise relative error: float64 to 1e-10 against the float64 reference, float32 to
+1e-5 against the float64 reference run from the same float32 parameters and data.
+"""
+
+import contextlib
+import gc
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import MEMORY_MODES, MLP, activations, reference
+from gpu_mlp.device import to_device, to_numpy
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+
+DEVICE = "cuda"
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+def assert_rel(got, want, rtol, what):
+    """``||got - want|| <= rtol ||want||``, with ``got`` on any device."""
+    got = to_numpy(got).astype(np.float64)
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), np.finfo(np.float64).tiny)
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+# --- the engine against the reference -------------------------------------------------------
+
+HIDDEN = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
+# case: (output activation, loss); the targets come from targets(case, ...)
+OUTPUTS = {
+    "squared": ("identity", "squared"),
+    "softmax-squared": ("softmax", "squared"),
+    "logistic": ("identity", "logistic"),
+    "xent-labels": ("identity", "softmax_cross_entropy"),
+    "xent-probabilities": ("identity", "softmax_cross_entropy"),
+}
+MODES_AND_HIDDEN = [(memory, hidden) for memory in MEMORY_MODES for hidden in HIDDEN
+                    if memory != "output" or activations.get(hidden).has_grad_from_output]
+
+
+def targets(case, B, d, rng):
+    if case == "logistic":
+        return np.where(rng.random((B, d)) < 0.5, -1.0, 1.0)
+    if case == "xent-labels":
+        return rng.integers(0, d, B)
+    if case == "xent-probabilities":
+        return activations.get("softmax")(rng.normal(0, 2, (B, d)))
+    return rng.normal(0, 1, (B, d))
+
+
+def batch(case, sizes, B, dtype, seed=0):
+    """A batch (X, Y) in ``dtype`` (integer labels stay int64)."""
+    rng = np.random.default_rng(seed)
+    Y = targets(case, B, sizes[-1], rng)
+    return (rng.normal(0, 1, (B, sizes[0])).astype(dtype),
+            Y if Y.dtype.kind == "i" else Y.astype(dtype))
+
+
+def compare_with_reference(cp, net, X, Y):
+    """net.loss_and_gradients and net.predict against the float64 reference, run from the
+    net's own parameters and the same (already rounded) data."""
+    params = [(to_numpy(W).astype(np.float64), to_numpy(b).astype(np.float64))
+              for W, b in net.params]
+    X64 = X.astype(np.float64)
+    Y64 = Y if Y.dtype.kind == "i" else Y.astype(np.float64)
+    J_ref, grads_ref, dX_ref = reference.loss_and_gradients(params, net.activations, net.loss,
+                                                            X64, Y64)
+    J, grads, dX = net.loss_and_gradients(cp.asarray(X), cp.asarray(Y))
+    rtol = RTOL[net.dtype]
+    assert_rel(J, J_ref, rtol, "loss")
+    for k, ((dW, db), (dW_ref, db_ref)) in enumerate(zip(grads, grads_ref), start=1):
+        assert_rel(dW, dW_ref, rtol, f"dW_{k}")
+        assert_rel(db, db_ref, rtol, f"db_{k}")
+    assert_rel(dX, dX_ref, rtol, "dX")
+    assert_rel(net.predict(cp.asarray(X)), reference.forward(params, net.activations, X64),
+               rtol, "predict")
+
+
+@pytest.mark.parametrize("case", OUTPUTS)
+@pytest.mark.parametrize("memory, hidden", MODES_AND_HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_activation_loss_and_mode_matches_reference(cp, dtype, memory, hidden, case):
+    output, loss = OUTPUTS[case]
+    sizes = [6, 16, 12, 4]
+    net = MLP(sizes, activations=hidden, output=output, loss=loss, memory=memory,
+              device=DEVICE, dtype=dtype, seed=1)
+    compare_with_reference(cp, net, *batch(case, sizes, 33, dtype))
+
+
+@pytest.mark.parametrize("B", [1, 7, 1000])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_depths_and_batch_sizes_match_reference(cp, dtype, memory, depth, B):
+    sizes = [5] + [9] * (depth - 1) + [3]
+    net = MLP(sizes, activations="tanh", loss="softmax_cross_entropy", memory=memory,
+              device=DEVICE, dtype=dtype, seed=2)
+    compare_with_reference(cp, net, *batch("xent-labels", sizes, B, dtype))
+
+
+@pytest.mark.parametrize("hidden, case", [("relu", "xent-labels"), ("sigmoid", "squared")])
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+def test_train_step_matches_numpy_engine(cp, memory, hidden, case):
+    output, loss = OUTPUTS[case]
+    sizes = [8, 32, 16, 4]
+    nets = [MLP(sizes, activations=hidden, output=output, loss=loss, memory=memory,
+                device=device, dtype="float64", seed=3) for device in (DEVICE, "cpu")]
+    for step in range(3):
+        X, Y = batch(case, sizes, 50, np.float64, seed=step)
+        J_gpu = nets[0].train_step(cp.asarray(X), cp.asarray(Y), lr=0.1)
+        J_cpu = nets[1].train_step(X, Y, lr=0.1)
+        assert_rel(J_gpu, J_cpu, 1e-10, f"loss of step {step}")
+    for k, ((W, b), (W_cpu, b_cpu)) in enumerate(zip(nets[0].params, nets[1].params), start=1):
+        assert_rel(W, W_cpu, 1e-10, f"W_{k}")
+        assert_rel(b, b_cpu, 1e-10, f"b_{k}")
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+WIDE, WIDE_BATCH = [1024, 4096, 4096, 4096, 10], 512
+# what a step may take from CuPy's pool besides the workspace: the 0-d loss and the
+# scratch of its reduction, each rounded up to the pool's 512-byte blocks
+POOL_SLACK = 1 << 20
+
+
+def classifier(memory, sizes=WIDE):
+    return MLP(sizes, activations="relu", loss="softmax_cross_entropy", memory=memory,
+               device=DEVICE, dtype="float32", seed=0)
+
+
+def classifier_batch(cp, sizes, B):
+    X, y = batch("xent-labels", sizes, B, np.float32)
+    return cp.asarray(X), cp.asarray(y)
+
+
+def test_memory_modes_peak_and_pool_usage(cp):
+    pool = cp.get_default_memory_pool()
+    X, y = classifier_batch(cp, WIDE, WIDE_BATCH)
+    for memory in MEMORY_MODES:  # build the kernels and cuBLAS's state outside the count
+        small = [WIDE[0], 16, 16, 16, WIDE[-1]]
+        classifier(memory, small).train_step(X, y, lr=1e-3, check=False)
+    peak, grown = {}, {}
+    for memory in MEMORY_MODES:
+        net = classifier(memory)
+        gc.collect()
+        pool.free_all_blocks()  # the pool now holds only what is in use: X, y, the params
+        before = pool.total_bytes()
+        net.train_step(X, y, lr=1e-3, check=False)
+        grown[memory] = pool.total_bytes() - before
+        ws = net.workspace(WIDE_BATCH)
+        peak[memory] = ws.peak_in_use_bytes
+        # the workspace keeps every buffer it handed out, so the pool grew by its size
+        assert ws.peak_in_use_bytes <= ws.bytes <= grown[memory] <= ws.bytes + POOL_SLACK
+        del net, ws
+    # store_both keeps D_k = sigma'(A_k) next to every hidden F_k; output mode keeps F_k only
+    hidden_bytes = WIDE_BATCH * sum(WIDE[1:-1]) * 4
+    assert peak["store_both"] - peak["output"] >= hidden_bytes
+    assert grown["output"] < grown["store_both"]
+    assert grown["recompute"] < grown["store_both"]
+
+
+SIZES, BATCH = [64, 256, 256, 10], 128
+
+
+@pytest.fixture(params=MEMORY_MODES)
+def warm(cp, request):
+    """A net and a batch after two warm-up steps: kernels built, workspace filled, and
+    the pool holding the blocks a step frees while the previous step's loss is kept."""
+    net = classifier(request.param, SIZES)
+    X, y = classifier_batch(cp, SIZES, BATCH)
+    for _ in range(2):
+        loss = net.train_step(X, y, lr=1e-3, check=False)
+    del loss
+    cp.cuda.get_current_stream().synchronize()
+    return net, X, y
+
+
+@contextlib.contextmanager
+def cupy_sync_detection():
+    """``cupyx.allow_synchronize(False)`` where this CuPy still has it: deprecated since
+    CuPy 10 and blind to the syncs CuPy does not declare, it is only a second check."""
+    import cupyx
+
+    if not hasattr(cupyx, "allow_synchronize"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="cupyx.allow_synchronize")  # deprecated
+        with cupyx.allow_synchronize(False):
+            yield
+
+
+def test_steady_state_allocates_nothing(cp, warm):
+    net, X, y = warm
+    pool = cp.get_default_memory_pool()
+    total, allocations = pool.total_bytes(), net.workspace(BATCH).allocations
+    with cupy_sync_detection():
+        for _ in range(10):
+            loss = net.train_step(X, y, lr=1e-3, check=False)
+    assert pool.total_bytes() == total
+    assert net.workspace(BATCH).allocations == allocations
+    assert np.isfinite(float(loss))
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(unsigned long long ns)
+{
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+
+def test_train_steps_never_wait_for_the_gpu(cp, warm):
+    """Queue 1 s of GPU work ahead of 5 train_steps: had any step synchronised with the
+    device, the host would have waited for it, and the stream would be idle by the end."""
+    net, X, y = warm
+    spin = cp.RawKernel(_SPIN, "spin")
+    spin((1,), (1,), (np.uint64(0),))  # compile it now
+    stream = cp.cuda.get_current_stream()
+    stream.synchronize()
+    with cupy_sync_detection():
+        start = time.perf_counter()
+        spin((1,), (1,), (np.uint64(1_000_000_000),))
+        for _ in range(5):
+            loss = net.train_step(X, y, lr=1e-3, check=False)
+        host_seconds = time.perf_counter() - start
+        still_busy = not stream.done
+    stream.synchronize()
+    assert still_busy and host_seconds < 0.5
+    assert np.isfinite(float(loss))
+
+
+# --- inputs and parameters ---------------------------------------------------------------------
+
+def test_torch_cupy_and_numpy_inputs_agree_and_torch_is_not_copied(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs PyTorch with CUDA")
+    X, y = batch("xent-labels", SIZES, BATCH, np.float32)
+    X_torch, y_torch = torch.from_numpy(X).cuda(), torch.from_numpy(y).cuda()
+    torch.cuda.synchronize()
+    assert to_device(X_torch, cp).data.ptr == X_torch.data_ptr()  # DLPack: shared memory
+    step_losses = [classifier("output", SIZES).train_step(X_in, y_in, lr=1e-3)
+                   for X_in, y_in in ((X_torch, y_torch), (cp.asarray(X), cp.asarray(y)), (X, y))]
+    for loss in step_losses[1:]:
+        assert_rel(loss, to_numpy(step_losses[0]), 1e-6, "loss")
+
+
+def test_a_failed_step_leaves_the_parameters_alone(cp):
+    net = classifier("output", SIZES)
+    X, y = classifier_batch(cp, SIZES, BATCH)
+    before = [(W.copy(), b.copy()) for W, b in net.params]
+    with pytest.raises(ValueError, match="labels"):
+        net.train_step(X, cp.full(BATCH, SIZES[-1]), lr=1e-3)  # one past the last class
+    X[0, 0] = cp.nan
+    with pytest.raises(ValueError, match="NaN"):
+        net.train_step(X, y, lr=1e-3)
+    for (W, b), (W0, b0) in zip(net.params, before):
+        assert bool(cp.array_equal(W, W0)) and bool(cp.array_equal(b, b0))
+
+
+def test_train_step_updates_the_parameters_in_place(cp):
+    net = classifier("output", SIZES)
+    X, y = classifier_batch(cp, SIZES, BATCH)
+    pointers = [(W.data.ptr, b.data.ptr) for W, b in net.params]
+    before = [W.copy() for W, _ in net.params]
+    net.train_step(X, y, lr=1e-1)
+    assert [(W.data.ptr, b.data.ptr) for W, b in net.params] == pointers
+    assert not any(bool(cp.array_equal(W, W0)) for (W, _), W0 in zip(net.params, before))
