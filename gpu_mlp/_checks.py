@@ -16,7 +16,7 @@ def dtype_of(name: str, dtype) -> np.dtype:
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name}: {dtype!r} is not a dtype") from None
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dt}")
     return dt
@@ -85,6 +85,8 @@ def inputs(X, d_in: int, xp=np, values: bool = True):
     X = floating("X", X)
     if X.ndim not in (1, 2) or X.shape[-1] != d_in:
         raise ValueError(f"X must have shape (batch, {d_in}) or ({d_in},), got {tuple(X.shape)}")
+    if X.ndim == 2 and X.shape[0] == 0:
+        raise ValueError("X is an empty batch: it must hold at least one sample")
     if values:
         finite("X", X, xp)
     return X

@@ -52,6 +52,8 @@ def _is_cupy(a) -> bool:
 
 def to_device(a, xp, name: str = "array"):
     """``a`` as an array of ``xp`` (NumPy or CuPy), zero-copy where the device matches."""
+    if hasattr(a, "detach") and hasattr(a, "requires_grad"):
+        a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
     if xp is np:
         if isinstance(a, np.ndarray):
             return a

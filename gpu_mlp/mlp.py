@@ -23,6 +23,8 @@ as the backward pass is done with it, and the update of ``W_k`` waits until
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -122,7 +124,7 @@ class MLP:
         if memory not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}")
         if memory == "output":
-            refused = [str(a) for a in acts if not a.has_grad_from_output]
+            refused = list(dict.fromkeys(str(a) for a in acts if not a.has_grad_from_output))
             if refused:
                 raise ValueError(f"memory='output' needs sigma' as a function of the output, "
                                  f"which {', '.join(refused)} lacks; use memory='recompute' "
@@ -165,7 +167,8 @@ class MLP:
     def predict(self, X):
         """The network output for a (B, d_0) batch or one (d_0,) sample."""
         X = self._inputs(X)
-        out = self._forward(X, self.workspace(X.shape[0]), keep=False)
+        batch = X if X.ndim == 2 else X[None, :]
+        out = self._forward(batch, self.workspace(batch.shape[0]), keep=False)
         return out if X.ndim == 2 else out[0]
 
     def loss_and_gradients(self, X, Y):
@@ -352,19 +355,18 @@ class MLP:
 
 def _check_sizes(sizes) -> list[int]:
     try:
-        sizes = [int(s) for s in sizes]
-    except (TypeError, ValueError):
-        raise TypeError(f"sizes must be a list of layer widths, got {sizes!r}") from None
+        sizes = [operator.index(s) for s in sizes]  # ints only: 2.5 or "3" is a mistake
+    except TypeError:
+        raise TypeError(f"sizes must be a list of integer layer widths, got {sizes!r}") from None
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"sizes must list at least two widths >= 1 (input, output), got {sizes}")
     return sizes
 
 
 def _check_lr(lr) -> float:
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"lr must be a number, got {lr!r}") from None
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number, got {lr!r}")
+    lr = float(lr)
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     return lr
@@ -372,9 +374,13 @@ def _check_lr(lr) -> float:
 
 def _iter_pairs(params):
     try:
-        return [tuple(p) for p in params]
+        pairs = [tuple(p) for p in params]
     except TypeError:
         raise TypeError("params must be a list of (W, b) pairs") from None
+    for k, pair in enumerate(pairs, start=1):
+        if len(pair) != 2:
+            raise ValueError(f"layer {k}: expected a (W, b) pair, got {len(pair)} items")
+    return pairs
 
 
 def _ndim(a) -> int:

@@ -19,6 +19,8 @@ array([[1., 0.]])
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from . import _checks
@@ -30,6 +32,9 @@ def resolve_activations(activations, n_layers: int) -> list:
     """One activation per layer: a single spec for every layer, or a list of ``n_layers``."""
     if isinstance(activations, (str, _activations.Activation)):
         activations = [activations] * n_layers
+    if not isinstance(activations, Iterable):
+        raise TypeError("activations must be an activation name, an Activation, or a "
+                        f"list of them, got {activations!r}")
     activations = [_activations.get(a) for a in activations]
     if len(activations) != n_layers:
         raise ValueError(f"expected {n_layers} activations (one per layer), "

@@ -1,11 +1,31 @@
-"""Shared test helpers: random parameters and targets for any network and loss.
+"""Shared test helpers: the ``gpu`` marker, the ``device`` fixture, and random
+parameters and targets for any network and loss.
 
-The builders are handed out by session-scoped fixtures (rather than imported), so
-plain tests and hypothesis tests can both use them.
+Every test marked ``gpu`` is skipped, with a reason, where CuPy sees no CUDA device, so
+the suite runs everywhere and the same bodies run on CuPy where a GPU is present. The
+builders are handed out by session-scoped fixtures (rather than imported), so plain
+tests and hypothesis tests can both use them.
 """
 
 import numpy as np
 import pytest
+
+import gpu_mlp
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_mlp.gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Each backend in turn: ``"cpu"`` (NumPy) always, ``"cuda"`` (CuPy) on a GPU."""
+    return request.param
 
 
 def random_params(rng, sizes, dtype=np.float64):

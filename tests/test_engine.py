@@ -1,0 +1,635 @@
+"""The engine, :class:`gpu_mlp.MLP`, against the plain NumPy reference.
+
+Every test takes a ``device``: ``"cpu"`` (the NumPy backend) always, ``"cuda"`` (CuPy)
+where CuPy sees a GPU. Results come back to the host with ``to_numpy`` and are compared
+with :mod:`gpu_mlp.reference` run in float64 on the same parameters. Tolerances are
+relative to the scale of the array compared (its largest entry), so entries that are
+0 or tiny -- dead ReLU units -- do not each need a relative match of their own.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import activations as activation_table
+from gpu_mlp import losses as loss_table
+from gpu_mlp import reference
+from gpu_mlp.device import DEVICES as DEVICE_NAMES
+from gpu_mlp.device import resolve, to_numpy
+
+
+RTOL64 = {"cpu": 1e-12, "cuda": 1e-10}  # float64: rounding only (cuBLAS sums in another order)
+RTOL32 = 1e-4                            # float32 against the float64 reference
+# memory modes against each other: the NumPy twins run the same ufuncs in every mode, so
+# bit for bit; CUDA kernels of different modes may contract to FMAs differently
+MODES_RTOL = {"cpu": 0.0, "cuda": 1e-14}
+
+ACTIVATIONS = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
+# the kinds of targets as (loss, soft), the arguments of conftest's make_targets:
+# softmax_cross_entropy takes class indices or rows of class probabilities
+TARGETS = {"squared": ("squared", False), "logistic": ("logistic", False),
+           "labels": ("softmax_cross_entropy", False),
+           "probabilities": ("softmax_cross_entropy", True)}
+# (activation, memory mode) pairs the engine accepts: "output" needs sigma' from F
+SUPPORTED = [(act, mode) for act in ACTIVATIONS for mode in gpu_mlp.MEMORY_MODES
+             if not (act == "gelu" and mode == "output")]
+
+WIDTHS = [5, 7, 6, 8, 4]  # d_0 .. d_4; depth n uses the first n, then D_OUT
+D_OUT = 3
+BATCH = 4
+LR = 0.1
+
+
+@pytest.fixture
+def xp(device):
+    return resolve(device)[1]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240601)
+
+
+@pytest.fixture
+def make_batch(rng, make_targets):
+    """``make_batch(net, target, batch=BATCH)``: random X and valid Y of kind ``target``."""
+    def make_batch(net, target, batch=BATCH):
+        loss, soft = TARGETS[target]
+        Y = make_targets(rng, loss, batch, net.sizes[-1], soft=soft)
+        return rng.standard_normal((batch, net.sizes[0])), Y
+    return make_batch
+
+
+def make_net(device, act="tanh", target="squared", memory="output", depth=3,
+             dtype="float64", seed=0):
+    """Every layer, the output layer included, uses ``act``."""
+    return gpu_mlp.MLP(WIDTHS[:depth] + [D_OUT], activations=act, output=act,
+                       loss=TARGETS[target][0], memory=memory, device=device, dtype=dtype,
+                       seed=seed)
+
+
+def host_params(net, dtype=None):
+    """Copies of the net's parameters as NumPy arrays (optionally cast)."""
+    return [(to_numpy(W).astype(dtype or W.dtype), to_numpy(b).astype(dtype or b.dtype))
+            for W, b in net.params]
+
+
+def reference_gradients(net, X, Y, dtype=None):
+    return reference.loss_and_gradients(host_params(net, dtype), net.activations, net.loss,
+                                        X, Y)
+
+
+def assert_close(actual, expected, rtol):
+    actual, expected = to_numpy(actual), to_numpy(expected)
+    assert actual.shape == expected.shape
+    scale = np.abs(expected).max() if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+def assert_same_results(actual, expected, rtol):
+    """``(loss, [(dW, db)], dX)`` triples match, array by array."""
+    J, grads, dX = actual
+    J_ref, grads_ref, dX_ref = expected
+    assert_close(J, J_ref, rtol)
+    assert len(grads) == len(grads_ref)
+    for (dW, db), (dW_ref, db_ref) in zip(grads, grads_ref):
+        assert_close(dW, dW_ref, rtol)
+        assert_close(db, db_ref, rtol)
+    assert_close(dX, dX_ref, rtol)
+
+
+def sgd(params, grads, lr):
+    return [(W - lr * dW, b - lr * db) for (W, b), (dW, db) in zip(params, grads)]
+
+
+def assert_params(net, expected, rtol):
+    for (W, b), (W_ref, b_ref) in zip(net.params, expected):
+        assert_close(W, W_ref, rtol)
+        assert_close(b, b_ref, rtol)
+
+
+def assert_unchanged(net, before):
+    for (W, b), (W0, b0) in zip(net.params, before):
+        assert np.array_equal(to_numpy(W), W0) and np.array_equal(to_numpy(b), b0)
+
+
+# --- the engine computes what the reference computes ------------------------------------
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_loss_and_gradients_match_reference(device, make_batch, act, memory, target, depth):
+    net = make_net(device, act, target, memory, depth)
+    X, Y = make_batch(net, target)
+    result = net.loss_and_gradients(X, Y)
+    assert_same_results(result, reference_gradients(net, X, Y), RTOL64[device])
+
+
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_mixed_activations_match_reference(device, make_batch, memory):
+    acts = ["sigmoid", "relu(alpha=0.5)", "softmax", "tanh", "identity"]
+    if memory != "output":
+        acts[3] = "gelu"
+    net = gpu_mlp.MLP(WIDTHS + [D_OUT], activations=acts, loss="softmax_cross_entropy",
+                      memory=memory, device=device, dtype="float64")
+    X, Y = make_batch(net, "labels")
+    assert [str(a) for a in net.activations] == acts
+    assert_same_results(net.loss_and_gradients(X, Y), reference_gradients(net, X, Y),
+                        RTOL64[device])
+
+
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_float32_matches_float64_reference(device, make_batch, act, memory):
+    net = make_net(device, act, "labels", memory, dtype="float32")
+    X, Y = make_batch(net, "labels")
+    J, grads, dX = net.loss_and_gradients(X.astype(np.float32), Y)
+    assert J.dtype == dX.dtype == grads[0][0].dtype == np.float32
+    assert_same_results((J, grads, dX), reference_gradients(net, X, Y, np.float64), RTOL32)
+
+
+@pytest.mark.parametrize("spec", [dict(activations="gelu"), dict(output="gelu"),
+                                  dict(activations=["relu", "gelu", "identity"])])
+def test_output_mode_refuses_gelu_clearly(device, spec):
+    message = r"memory='output' needs sigma' as a function of the output, which gelu.* lacks"
+    with pytest.raises(ValueError, match=message) as info:
+        gpu_mlp.MLP([4, 5, 6, 3], memory="output", device=device, **spec)
+    assert "recompute" in str(info.value) and "store_both" in str(info.value)
+
+
+def test_from_params_output_mode_refuses_gelu(device, rng):
+    params = [(rng.standard_normal((5, 4)), np.zeros(5))]
+    with pytest.raises(ValueError, match="gelu lacks; use memory='recompute'"):
+        gpu_mlp.MLP.from_params(params, "gelu", memory="output", device=device)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_train_step_is_sgd_with_the_reference_gradients(device, make_batch, act, memory, target):
+    net = make_net(device, act, target, memory)
+    X, Y = make_batch(net, target)
+    J_ref, grads, _ = reference_gradients(net, X, Y)
+    expected = sgd(host_params(net), grads, LR)
+
+    J = net.train_step(X, Y, LR)
+
+    assert type(J) is type(net.params[0][0]) and J.shape == ()
+    assert_close(J, J_ref, RTOL64[device])  # the loss at the parameters before the step
+    assert_params(net, expected, RTOL64[device])
+
+
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_repeated_train_steps_follow_the_reference(device, make_batch, memory):
+    net = make_net(device, "relu(alpha=0.5)", "labels", memory, depth=4)
+    X, Y = make_batch(net, "labels", batch=6)
+    params = host_params(net)
+    for _ in range(5):
+        J_ref, grads, _ = reference.loss_and_gradients(params, net.activations, net.loss, X, Y)
+        params = sgd(params, grads, LR)
+        assert_close(net.train_step(X, Y, LR), J_ref, RTOL64[device])
+    assert_params(net, params, RTOL64[device])
+
+
+def test_train_step_float32_returns_a_float32_loss(device, make_batch):
+    net = make_net(device, "tanh", "labels", dtype="float32")
+    X, Y = make_batch(net, "labels")
+    params = host_params(net, np.float64)
+    J_ref, grads, _ = reference.loss_and_gradients(params, net.activations, net.loss, X, Y)
+    J = net.train_step(X.astype(np.float32), Y, LR)
+    assert J.dtype == np.float32 and J.shape == ()
+    assert_close(J, J_ref, RTOL32)
+    assert_params(net, sgd(params, grads, LR), RTOL32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_memory_modes_give_the_same_numbers(device, make_batch, act, target):
+    modes = [m for m in gpu_mlp.MEMORY_MODES if (act, m) in SUPPORTED]
+    nets = [make_net(device, act, target, memory) for memory in modes]
+    X, Y = make_batch(nets[0], target)
+
+    def results(net):
+        J, grads, dX = net.loss_and_gradients(X, Y)
+        norms = net.per_sample_grad_norms(X, Y)
+        net.train_step(X, Y, LR)
+        return [J, dX, norms] + [a for pair in grads + net.params for a in pair]
+
+    first, *others = [results(net) for net in nets]
+    for other in others:
+        for a, b in zip(first, other):
+            assert_close(b, a, MODES_RTOL[device])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_per_sample_grad_norms_match_single_sample_gradients(device, make_batch, act, memory,
+                                                              target):
+    net = make_net(device, act, target, memory)
+    X, Y = make_batch(net, target)
+    expected = []
+    for i in range(BATCH):
+        _, grads, _ = reference_gradients(net, X[i:i + 1], Y[i:i + 1])
+        expected.append(np.sqrt(sum(np.sum(dW ** 2) + np.sum(db ** 2) for dW, db in grads)))
+    assert_close(net.per_sample_grad_norms(X, Y), expected, RTOL64[device])
+
+
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_predict_matches_reference_forward(device, rng, act, memory):
+    net = make_net(device, act, memory=memory, depth=4)
+    X1, X2 = rng.standard_normal((2, BATCH, net.sizes[0]))
+    out1 = net.predict(X1)
+    out2 = net.predict(X2)  # must not reuse out1's memory: the caller keeps it
+    assert_close(out1, reference.forward(host_params(net), net.activations, X1),
+                 RTOL64[device])
+    assert_close(out2, reference.forward(host_params(net), net.activations, X2),
+                 RTOL64[device])
+
+
+def test_results_belong_to_the_caller(device, make_batch):
+    """A second call must not overwrite what the first returned (no workspace aliasing)."""
+    net = make_net(device, "relu", "squared")
+    X, Y = make_batch(net, "squared")
+    first = net.loss_and_gradients(X, Y)
+    net.loss_and_gradients(*make_batch(net, "squared"))
+    assert_same_results(first, reference_gradients(net, X, Y), RTOL64[device])
+
+
+# --- one sample of shape (d_0,) -----------------------------------------------------------
+
+def test_predict_one_sample(device, rng):
+    net = make_net(device)
+    x = rng.standard_normal(net.sizes[0])
+    out = net.predict(x)
+    assert out.shape == (D_OUT,)
+    assert_close(out, reference.forward(host_params(net), net.activations, x), RTOL64[device])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_loss_and_gradients_one_sample(device, make_batch, target):
+    net = make_net(device, "tanh", target)
+    X, Y = make_batch(net, target, batch=1)
+    x, y = X[0], Y[0]
+    J, grads, dx = net.loss_and_gradients(x, y)
+    assert dx.shape == x.shape
+    assert_same_results((J, grads, dx), reference_gradients(net, x, y), RTOL64[device])
+    # the same numbers as the batch of one
+    assert_same_results(net.loss_and_gradients(X, Y), reference_gradients(net, X, Y),
+                        RTOL64[device])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_train_step_one_sample(device, make_batch, target):
+    net = make_net(device, "sigmoid", target, "recompute")
+    X, Y = make_batch(net, target, batch=1)
+    J_ref, grads, _ = reference_gradients(net, X[0], Y[0])
+    expected = sgd(host_params(net), grads, LR)
+    assert_close(net.train_step(X[0], Y[0], LR), J_ref, RTOL64[device])
+    assert_params(net, expected, RTOL64[device])
+
+
+# --- bad input: a clear error, and the model untouched ------------------------------------
+
+ENTRY_POINTS = {
+    "predict": lambda net, X, Y: net.predict(X),
+    "loss_and_gradients": lambda net, X, Y: net.loss_and_gradients(X, Y),
+    "train_step": lambda net, X, Y: net.train_step(X, Y, LR),
+    "per_sample_grad_norms": lambda net, X, Y: net.per_sample_grad_norms(X, Y),
+}
+D_IN = WIDTHS[0]
+GOOD_X = np.ones((BATCH, D_IN))
+GOOD_Y = {"squared": np.zeros((BATCH, D_OUT)), "logistic": np.ones((BATCH, D_OUT)),
+          "labels": np.arange(BATCH) % D_OUT}
+
+
+def with_value(shape, index, value):
+    a = np.ones(shape)
+    a[index] = value
+    return a
+
+
+BAD_X = [  # (X, error, message)
+    pytest.param(np.ones((BATCH, D_IN + 1)), ValueError,
+                 re.escape(f"X must have shape (batch, {D_IN}) or ({D_IN},), got (4, 6)"),
+                 id="wrong width"),
+    pytest.param(np.ones(D_IN + 1), ValueError, "X must have shape", id="wrong width 1-D"),
+    pytest.param(np.ones((BATCH, D_IN, 1)), ValueError, "X must have shape", id="3-D"),
+    pytest.param(np.float64(1.0), ValueError, "X must have shape", id="0-D"),
+    pytest.param(np.ones((BATCH, D_IN), dtype=int), TypeError,
+                 "X must hold floating-point numbers", id="int"),
+    pytest.param("abc", TypeError, "X must hold floating-point numbers", id="string"),
+    pytest.param(with_value((BATCH, D_IN), (1, 2), np.nan), ValueError,
+                 "X contains NaN or Inf", id="NaN"),
+    pytest.param(with_value((BATCH, D_IN), (3, 0), -np.inf), ValueError,
+                 "X contains NaN or Inf", id="Inf"),
+    pytest.param(np.ones((0, D_IN)), ValueError, "X", id="no rows"),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("X, error, message", BAD_X)
+def test_bad_X_is_refused_and_changes_nothing(device, entry, X, error, message):
+    net = make_net(device, "relu", "squared", "store_both")
+    before = host_params(net)
+    with pytest.raises(error, match=message):
+        ENTRY_POINTS[entry](net, X, GOOD_Y["squared"])
+    assert_unchanged(net, before)
+
+
+BAD_Y = [  # (target kind, Y, error, message)
+    pytest.param("squared", np.zeros((BATCH, D_OUT + 1)), ValueError,
+                 re.escape("squared loss: Y must have shape (4, 3) to match the output, "
+                           "got (4, 4)"), id="squared wrong width"),
+    pytest.param("squared", np.zeros((BATCH + 1, D_OUT)), ValueError,
+                 re.escape("Y must have shape (4, 3)"), id="squared wrong batch"),
+    pytest.param("squared", np.zeros(BATCH), ValueError, re.escape("Y must have shape (4, 3)"),
+                 id="squared 1-D"),
+    pytest.param("squared", np.zeros((BATCH, D_OUT), dtype=int), TypeError,
+                 "Y must hold floating-point numbers", id="squared int"),
+    pytest.param("squared", with_value((BATCH, D_OUT), (0, 1), np.nan), ValueError,
+                 "Y contains NaN or Inf", id="squared NaN"),
+    pytest.param("squared", with_value((BATCH, D_OUT), (2, 2), np.inf), ValueError,
+                 "Y contains NaN or Inf", id="squared Inf"),
+    pytest.param("logistic", with_value((BATCH, D_OUT), (1, 1), 0.0), ValueError,
+                 "logistic loss: labels in Y must be -1 or \\+1", id="logistic 0"),
+    pytest.param("logistic", np.full((BATCH, D_OUT), 0.5), ValueError,
+                 "labels in Y must be -1 or \\+1", id="logistic 0.5"),
+    pytest.param("labels", np.array([0, 1, 2, 3]), ValueError,
+                 re.escape("labels must lie in [0, 3), got values in [0, 3]"),
+                 id="label too large"),
+    pytest.param("labels", np.array([0, -1, 2, 1]), ValueError,
+                 re.escape("labels must lie in [0, 3)"), id="label negative"),
+    pytest.param("labels", np.zeros((BATCH, 1), dtype=int), ValueError,
+                 re.escape("integer labels must have shape (4,), got (4, 1)"),
+                 id="labels 2-D"),
+    pytest.param("labels", np.zeros(BATCH + 1, dtype=int), ValueError,
+                 re.escape("integer labels must have shape (4,)"), id="labels wrong batch"),
+    pytest.param("labels", np.zeros(BATCH, dtype=bool), TypeError, "not booleans",
+                 id="labels bool"),
+    pytest.param("probabilities", np.full((BATCH, D_OUT), 0.5), ValueError,
+                 "target rows must be probabilities", id="rows not summing to 1"),
+    pytest.param("probabilities", np.array([[1.5, -0.5, 0.0]] * BATCH), ValueError,
+                 "target rows must be probabilities", id="negative probability"),
+    pytest.param("probabilities", with_value((BATCH, D_OUT), (0, 0), np.nan), ValueError,
+                 "Y contains NaN or Inf", id="probabilities NaN"),
+]
+
+
+@pytest.mark.parametrize("entry", ["loss_and_gradients", "train_step", "per_sample_grad_norms"])
+@pytest.mark.parametrize("target, Y, error, message", BAD_Y)
+def test_bad_Y_is_refused_and_changes_nothing(device, entry, target, Y, error, message):
+    net = make_net(device, "tanh", target, "recompute")
+    before = host_params(net)
+    with pytest.raises(error, match=message):
+        ENTRY_POINTS[entry](net, GOOD_X, Y)
+    assert_unchanged(net, before)
+
+
+@pytest.mark.parametrize("lr, error", [
+    (0.0, ValueError), (-0.1, ValueError), (np.nan, ValueError), (np.inf, ValueError),
+    ("fast", TypeError), (None, TypeError), ([0.1], TypeError), (np.array([0.1, 0.2]), TypeError),
+    pytest.param("0.1", TypeError),
+])
+def test_bad_learning_rate_is_refused_and_changes_nothing(device, lr, error):
+    net = make_net(device)
+    before = host_params(net)
+    with pytest.raises(error, match="lr must be a"):
+        net.train_step(GOOD_X, GOOD_Y["squared"], lr)
+    assert_unchanged(net, before)
+
+
+def valid_names(names):
+    return re.escape("valid: " + ", ".join(names))
+
+
+BAD_MLP_ARGS = [  # (keyword arguments, error, message)
+    pytest.param(dict(sizes=[4]), ValueError, "at least two widths", id="one width"),
+    pytest.param(dict(sizes=[4, 0, 3]), ValueError, re.escape("widths >= 1"), id="zero width"),
+    pytest.param(dict(sizes=5), TypeError, "sizes must be a list", id="sizes not a list"),
+    pytest.param(dict(sizes=["four", 3]), TypeError, "sizes must be a list",
+                 id="sizes not numbers"),
+    pytest.param(dict(sizes=[4, 2.5, 3]), TypeError, "sizes", id="fractional width"),
+    pytest.param(dict(activations="relu6"), ValueError,
+                 "unknown activation 'relu6'; " + valid_names(activation_table.TABLE),
+                 id="unknown activation"),
+    pytest.param(dict(output="swish"), ValueError, "unknown activation 'swish'",
+                 id="unknown output"),
+    pytest.param(dict(activations="relu(alpha=-1)"), ValueError, "alpha must be",
+                 id="negative alpha"),
+    pytest.param(dict(activations="tanh(alpha=2)"), ValueError, "takes no parameter",
+                 id="alpha on tanh"),
+    pytest.param(dict(activations=["relu", "relu"]), ValueError,
+                 re.escape("expected 3 activations (one per layer), got 2"),
+                 id="too few activations"),
+    pytest.param(dict(activations=3), TypeError, "activation", id="activations a number"),
+    pytest.param(dict(loss="hinge"), ValueError,
+                 "unknown loss 'hinge'; " + valid_names(loss_table.TABLE), id="unknown loss"),
+    pytest.param(dict(memory="lazy"), ValueError,
+                 "unknown memory mode 'lazy'; " + valid_names(gpu_mlp.MEMORY_MODES),
+                 id="unknown memory"),
+    pytest.param(dict(device="tpu"), ValueError,
+                 "unknown device 'tpu'; " + valid_names(DEVICE_NAMES), id="unknown device"),
+    pytest.param(dict(dtype="float16"), TypeError, "must be float32 or float64, got float16",
+                 id="float16"),
+    pytest.param(dict(dtype="floaty"), TypeError, "float32 or float64", id="unknown dtype"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_MLP_ARGS)
+def test_bad_constructor_arguments_are_refused(kwargs, error, message):
+    kwargs = dict(dict(sizes=[4, 5, 6, 3], device="cpu"), **kwargs)
+    with pytest.raises(error, match=message):
+        gpu_mlp.MLP(**kwargs)
+
+
+@pytest.mark.skipif(gpu_mlp.gpu_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_says_what_to_install():
+    with pytest.raises(RuntimeError, match=r"needs CuPy and a CUDA GPU; install gpu_mlp\[cuda"):
+        gpu_mlp.MLP([4, 3], device="cuda")
+
+
+def good_params():
+    return [(np.ones((5, 4)), np.zeros(5)), (np.ones((3, 5)), np.zeros(3))]
+
+
+def with_layer(k, W=None, b=None, pair=None):
+    params = good_params()
+    params[k] = pair if pair is not None else (params[k][0] if W is None else W,
+                                               params[k][1] if b is None else b)
+    return params
+
+
+BAD_PARAMS = [  # (params, error, message)
+    pytest.param(with_layer(1, W=np.ones((3, 6))), ValueError,
+                 "W_2 takes 6 inputs but layer 1 has 5 outputs", id="shapes do not chain"),
+    pytest.param(with_layer(0, b=np.zeros(4)), ValueError,
+                 re.escape("b_1 must have shape (5,) to match W_1 (5, 4), got (4,)"),
+                 id="bias wrong shape"),
+    pytest.param(with_layer(0, W=np.ones(4)), ValueError, "W_1 must be 2-D", id="W 1-D"),
+    pytest.param(with_layer(1, W=with_value((3, 5), (2, 4), np.nan)), ValueError,
+                 "W_2 contains NaN or Inf", id="W NaN"),
+    pytest.param(with_layer(0, b=with_value(5, 3, np.inf)), ValueError,
+                 "b_1 contains NaN or Inf", id="b Inf"),
+    pytest.param(with_layer(1, b=np.zeros(3, np.float32)), TypeError,
+                 "all parameters must share one dtype", id="mixed dtypes"),
+    pytest.param(with_layer(0, W=np.ones((5, 4), int)), TypeError,
+                 "W_1 must hold floating-point numbers", id="int W"),
+    pytest.param([], ValueError, "at least one layer", id="no layers"),
+    pytest.param(None, TypeError, r"params must be a list of \(W, b\) pairs", id="None"),
+    pytest.param(with_layer(0, pair=(np.ones((5, 4)), np.zeros(5), np.zeros(5))), ValueError,
+                 r"expected a \(W, b\) pair", id="triple"),
+]
+
+
+@pytest.mark.parametrize("params, error, message", BAD_PARAMS)
+def test_bad_params_are_refused(device, params, error, message):
+    with pytest.raises(error, match=message):
+        gpu_mlp.MLP.from_params(params, "relu", device=device)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(activations=["relu"] * 3), ValueError, "expected 2 activations"),
+    (dict(activations="relu6"), ValueError, "unknown activation"),
+    (dict(loss="hinge"), ValueError, "unknown loss"),
+    (dict(memory="lazy"), ValueError, "unknown memory mode"),
+    (dict(device="tpu"), ValueError, "unknown device"),
+    (dict(dtype="int32"), TypeError, "dtype must be float32 or float64"),
+])
+def test_bad_from_params_arguments_are_refused(kwargs, error, message):
+    kwargs = dict(dict(activations="relu", device="cpu"), **kwargs)
+    with pytest.raises(error, match=message):
+        gpu_mlp.MLP.from_params(good_params(), **kwargs)
+
+
+def test_check_false_skips_value_checks_only(device):
+    net = make_net(device, "tanh", "logistic")
+    before = host_params(net)
+    X_nan = with_value((BATCH, D_IN), (0, 0), np.nan)
+    for X, Y in [(GOOD_X[:, :-1], GOOD_Y["logistic"]), (GOOD_X, GOOD_Y["logistic"][:, :-1]),
+                 (X_nan[:, :, None], GOOD_Y["logistic"])]:
+        with pytest.raises(ValueError, match="must have shape"):
+            net.train_step(X, Y, LR, check=False)
+    assert_unchanged(net, before)
+
+    with pytest.raises(ValueError, match="X contains NaN"):
+        net.train_step(X_nan, GOOD_Y["logistic"], LR)
+    assert np.isnan(to_numpy(net.train_step(X_nan, GOOD_Y["logistic"], LR, check=False)))
+
+    labels = np.full((BATCH, D_OUT), 0.5)  # not +-1: only a value check can tell
+    fresh = make_net(device, "tanh", "logistic")
+    assert np.isfinite(to_numpy(fresh.train_step(GOOD_X, labels, LR, check=False)))
+
+
+# --- batches of changing size and odd layouts ---------------------------------------------
+
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_batch_size_may_change_between_steps(device, make_batch, memory):
+    net = make_net(device, "relu", "labels", memory, depth=4)
+    params = host_params(net)
+    for batch in [6, 3, 6, 1, 5, 6]:  # more sizes than the engine keeps workspaces for
+        X, Y = make_batch(net, "labels", batch)
+        J_ref, grads, _ = reference.loss_and_gradients(params, net.activations, net.loss, X, Y)
+        params = sgd(params, grads, LR)
+        assert_close(net.train_step(X, Y, LR), J_ref, RTOL64[device])
+        assert_params(net, params, RTOL64[device])
+
+
+LAYOUTS = {  # each gives an array equal to its input but not C-contiguous
+    "every other column": lambda xp, a: xp.repeat(a, 2, axis=1)[:, ::2],
+    "every other row": lambda xp, a: xp.repeat(a, 2, axis=0)[::2],
+    "Fortran order": lambda xp, a: xp.asfortranarray(a),
+    "transposed view": lambda xp, a: xp.ascontiguousarray(a.T).T,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_inputs_give_the_same_numbers(device, xp, make_batch, layout):
+    net = make_net(device, "sigmoid", "squared", "store_both")
+    twin = make_net(device, "sigmoid", "squared", "store_both")
+    X, Y = make_batch(net, "squared")
+    X_odd, Y_odd = (LAYOUTS[layout](xp, xp.asarray(a)) for a in (X, Y))
+    assert not X_odd.flags.c_contiguous and not Y_odd.flags.c_contiguous
+    X_kept, Y_kept = X_odd.copy(), Y_odd.copy()
+    rtol = RTOL64[device]
+
+    assert_close(net.predict(X_odd), twin.predict(X), rtol)
+    assert_same_results(net.loss_and_gradients(X_odd, Y_odd), twin.loss_and_gradients(X, Y),
+                        rtol)
+    assert_close(net.per_sample_grad_norms(X_odd, Y_odd), twin.per_sample_grad_norms(X, Y), rtol)
+    assert_close(net.train_step(X_odd, Y_odd, LR), twin.train_step(X, Y, LR), rtol)
+    assert_params(net, host_params(twin), rtol)
+    # the caller's arrays are read, never written
+    assert xp.array_equal(X_odd, X_kept) and xp.array_equal(Y_odd, Y_kept)
+
+
+def test_float64_inputs_into_a_float32_net(device, make_batch):
+    net = make_net(device, "tanh", "squared", dtype="float32")
+    X, Y = make_batch(net, "squared")  # float64
+    params = host_params(net, np.float64)
+    out = net.predict(X)
+    assert out.dtype == np.float32
+    assert_close(out, reference.forward(params, net.activations, X), RTOL32)
+    J, grads, dX = net.loss_and_gradients(X, Y)
+    assert J.dtype == dX.dtype == np.float32
+    expected = reference.loss_and_gradients(params, net.activations, net.loss, X, Y)
+    assert_same_results((J, grads, dX), expected, RTOL32)
+    assert_close(net.train_step(X, Y, LR), expected[0], RTOL32)
+    assert_params(net, sgd(params, expected[1], LR), RTOL32)
+
+
+def test_torch_cpu_tensors_go_in_through_dlpack(device, make_batch):
+    torch = pytest.importorskip("torch")
+    net = make_net(device, "relu", "labels", "recompute")
+    twin = make_net(device, "relu", "labels", "recompute")
+    X, Y = make_batch(net, "labels")
+    X_t, Y_t = torch.from_numpy(X), torch.from_numpy(Y)
+    rtol = RTOL64[device]
+
+    assert_close(net.predict(X_t), twin.predict(X), rtol)
+    # float32 and non-contiguous tensors are cast / copied as needed
+    assert_close(net.predict(X_t.float()), twin.predict(X.astype(np.float32)), rtol)
+    wide = torch.from_numpy(np.repeat(X, 2, axis=1))[:, ::2]
+    assert_close(net.predict(wide), twin.predict(X), rtol)
+    assert_same_results(net.loss_and_gradients(X_t, Y_t), reference_gradients(twin, X, Y), rtol)
+    assert_close(net.train_step(X_t, Y_t, LR), twin.train_step(X, Y, LR), rtol)
+    assert_params(net, host_params(twin), rtol)
+
+
+# --- initialisation and from_params --------------------------------------------------------
+
+def test_seed_makes_the_initial_weights_deterministic(device):
+    def weights(seed, device=device):
+        return host_params(gpu_mlp.MLP([6, 8, 3], device=device, seed=seed))
+
+    same, again, other = weights(7), weights(7), weights(8)
+    for (W, b), (W2, b2), (W3, _) in zip(same, again, other):
+        assert np.array_equal(W, W2) and np.array_equal(b, b2)
+        assert not np.array_equal(W, W3)
+    # drawn on the host: every device starts from the same numbers
+    for (W, _), (W_cpu, _) in zip(same, weights(7, "cpu")):
+        assert np.array_equal(W, W_cpu)
+
+
+def test_from_params_copies_its_inputs(device, xp, rng, make_params):
+    source = [(xp.asarray(W), xp.asarray(b)) for W, b in make_params(rng, [4, 5, 3])]
+    kept = [(to_numpy(W).copy(), to_numpy(b).copy()) for W, b in source]
+    net = gpu_mlp.MLP.from_params(source, ["tanh", "identity"], device=device)
+    assert net.dtype == np.float64 and net.sizes == [4, 5, 3]
+    assert_unchanged(net, kept)
+
+    for W, b in source:
+        W[...] = 0.0
+        b[...] = 0.0
+    assert_unchanged(net, kept)  # mutating the sources later does not reach the net
+    net.train_step(rng.standard_normal((2, 4)), rng.standard_normal((2, 3)), LR)
+    assert all(not xp.any(W) and not xp.any(b) for W, b in source)  # nor the reverse
+
+
+def test_from_params_casts_to_the_requested_dtype(device, rng, make_params):
+    params = make_params(rng, [4, 5, 3])
+    net = gpu_mlp.MLP.from_params(params, "relu", device=device, dtype="float32")
+    assert net.dtype == np.float32
+    for (W, b), (W0, b0) in zip(net.params, params):
+        assert W.dtype == b.dtype == np.float32
+        assert np.array_equal(to_numpy(W), W0.astype(np.float32))
+        assert np.array_equal(to_numpy(b), b0.astype(np.float32))

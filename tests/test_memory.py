@@ -1,0 +1,224 @@
+"""The engine's memory claims (MATH.md, Remark 8), measured rather than assumed.
+
+NumPy reports its allocations to tracemalloc, so on the NumPy backend tracemalloc sees
+what a training step really holds. Those measurements are compared with MATH.md's table
+of activation memory per memory mode, computed from the sizes below, and with the
+workspace's own counters (``bytes``, ``peak_in_use_bytes``, ``allocations``). The
+counter checks need no tracemalloc, so they run on CuPy too.
+"""
+
+import contextlib
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp.device import to_numpy
+from gpu_mlp.workspace import Workspace
+
+
+
+MODES = gpu_mlp.MEMORY_MODES
+LR = 1e-3
+
+# A network whose hidden activations dominate its working memory.
+BATCH, WIDTH, HIDDEN, D_IN, D_OUT = 32, 256, 6, 8, 2
+SIZES = [D_IN] + [WIDTH] * HIDDEN + [D_OUT]
+ITEM = 8                         # float64
+UNIT = BATCH * WIDTH * ITEM      # one (B, d_k) buffer of a hidden layer
+# MATH.md, "Memory modes": activation memory of the hidden layers, B d_k per layer for
+# "output", the same plus one transient buffer for "recompute", 2 B d_k for "store_both"
+ACTIVATION_MEMORY = {"output": HIDDEN * UNIT,
+                     "recompute": HIDDEN * UNIT + UNIT,
+                     "store_both": 2 * HIDDEN * UNIT}
+# Besides the kept activations every mode needs one more (B, d_k) buffer -- going back
+# through layer k, Delta_k and dJ/dF_{k-1} are both alive and only F_k has been given
+# back -- and the output layer's few (B, d_out) buffers and (B,) vectors (ones, losses).
+WORKING_SET = UNIT + 4 * BATCH * D_OUT * ITEM + BATCH * ITEM
+# Not the engine's buffers: the NumPy twins' temporaries (ReLU: sigma' before it
+# multiplies Delta, plus a ufunc's casting buffer) and Python objects (the pool's lists).
+NUMPY_TEMPORARIES = UNIT + UNIT // 2
+BOOKKEEPING = 16 * 1024
+
+SMALL, REMAINDER = [D_IN, 64, 64, D_OUT], 7  # for the tests that take many steps
+
+
+def make_net(memory, device="cpu", sizes=SIZES, act="relu"):
+    return gpu_mlp.MLP(sizes, activations=act, loss="squared", memory=memory, device=device,
+                       dtype="float64", seed=0)
+
+
+def make_batch(sizes=SIZES, batch=BATCH):
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((batch, sizes[0])), rng.standard_normal((batch, sizes[-1]))
+
+
+@contextlib.contextmanager
+def tracing():
+    """tracemalloc on for the block (and left on if something else had started it)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        yield
+    finally:
+        if started:
+            tracemalloc.stop()
+
+
+def traced_now():
+    return tracemalloc.get_traced_memory()[0]
+
+
+def numpy_data_now():
+    """Bytes of array data NumPy holds (its own tracemalloc domain): unlike the total,
+    free of Python objects' noise (ctypes keeps a few KiB of small objects around)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+    return sum(trace.size for trace in snapshot.traces)
+
+
+def traced_peak():
+    return tracemalloc.get_traced_memory()[1]
+
+
+@dataclass
+class Measured:
+    peak: int      # traced peak of a warm training step, its workspace included
+    retained: int  # array data the net keeps after its first step
+    workspace: Workspace
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Per memory mode, a fresh net's first step (which fills the workspace), then a
+    warm step, both traced from a baseline taken before the first."""
+    X, Y = make_batch()
+    result = {}
+    for memory in MODES:
+        net = make_net(memory)
+        with tracing():
+            base, data_base = traced_now(), numpy_data_now()
+            net.train_step(X, Y, LR)
+            retained = numpy_data_now() - data_base
+            tracemalloc.reset_peak()
+            net.train_step(X, Y, LR)
+            result[memory] = Measured(traced_peak() - base, retained, net.workspace(BATCH))
+    return result
+
+
+# --- the memory of a training step, per mode ------------------------------------------
+
+@pytest.mark.parametrize("memory", MODES)
+def test_traced_peak_matches_the_math_table(measured, memory):
+    expected = ACTIVATION_MEMORY[memory]
+    slack = WORKING_SET + NUMPY_TEMPORARIES + BOOKKEEPING
+    assert expected <= measured[memory].peak <= expected + slack
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_workspace_counts_what_numpy_holds(measured, memory):
+    m = measured[memory]
+    assert m.retained == m.workspace.bytes
+    assert m.workspace.peak_in_use_bytes <= m.workspace.bytes
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_workspace_peak_matches_the_math_table(device, memory):
+    net = make_net(memory, device)
+    net.train_step(*make_batch(), LR)
+    expected = ACTIVATION_MEMORY[memory]
+    assert expected <= net.workspace(BATCH).peak_in_use_bytes <= expected + WORKING_SET
+
+
+def test_modes_rank_as_the_table_says(measured):
+    for size in (lambda m: m.peak, lambda m: m.workspace.peak_in_use_bytes,
+                 lambda m: m.workspace.bytes):
+        output, recompute, store_both = (size(measured[mode]) for mode in
+                                         ("output", "recompute", "store_both"))
+        assert output < recompute <= store_both
+
+
+# --- no gradient buffers, no allocations in the steady state, W updated in place ----------
+
+@pytest.mark.parametrize("memory", MODES)
+def test_train_step_holds_no_gradient_buffers(memory):
+    sizes, batch = [256, 512, 512, 4], 2  # weights of 1-2 MiB, activations of 8 KiB
+    net = make_net(memory, sizes=sizes)
+    X, Y = make_batch(sizes, batch)
+    net.train_step(X, Y, LR)  # warm both: workspaces exist before tracing
+    net.loss_and_gradients(X, Y)
+
+    def step_peak(step):
+        base = traced_now()
+        tracemalloc.reset_peak()
+        step(X, Y)
+        return traced_peak() - base
+
+    with tracing():
+        train = step_peak(lambda X, Y: net.train_step(X, Y, LR))
+        gradients = step_peak(net.loss_and_gradients)
+    assert gradients - train >= sum(W.nbytes for W, _ in net.params)
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_steady_state_creates_no_buffers(device, memory):
+    net = make_net(memory, device, SMALL)
+    X, Y = make_batch(SMALL)
+    net.train_step(X, Y, LR)
+    ws = net.workspace(BATCH)
+    allocations, held = ws.allocations, ws.bytes
+    for _ in range(20):
+        net.train_step(X, Y, LR)
+    assert (ws.allocations, ws.bytes) == (allocations, held)
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_full_and_remainder_batches_alternate_without_allocating(device, memory):
+    net = make_net(memory, device, SMALL)
+    full, remainder = make_batch(SMALL), make_batch(SMALL, REMAINDER)
+    for X, Y in (full, remainder):
+        net.train_step(X, Y, LR)
+    workspaces = [net.workspace(BATCH), net.workspace(REMAINDER)]
+    counts = [ws.allocations for ws in workspaces]
+    for _ in range(10):
+        for X, Y in (full, remainder):
+            net.train_step(X, Y, LR)
+    assert [ws.allocations for ws in workspaces] == counts
+    assert net.workspace(BATCH) is workspaces[0] and net.workspace(REMAINDER) is workspaces[1]
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_steady_state_retains_no_memory(memory):
+    net = make_net(memory, sizes=SMALL)
+    X, Y = make_batch(SMALL)
+    net.train_step(X, Y, LR)
+    with tracing():
+        J = net.train_step(X, Y, LR)  # traced, so the baseline counts the loss it frees
+        base = numpy_data_now()
+        for _ in range(20):
+            J = net.train_step(X, Y, LR)
+        growth = numpy_data_now() - base
+    # at most the loss we hold; a leak of even the smallest per-step array, (B,) float64
+    # = 256 B, would add 5 KiB
+    assert J.shape == () and growth <= J.nbytes
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_weights_are_updated_in_place(device, memory):
+    def data_pointer(a):
+        interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+        return interface["data"][0]
+
+    net = make_net(memory, device, SMALL)
+    arrays = [a for pair in net.params for a in pair]
+    pointers = [data_pointer(a) for a in arrays]
+    weights = [to_numpy(W).copy() for W, _ in net.params]
+    net.train_step(*make_batch(SMALL), LR)
+    after = [a for pair in net.params for a in pair]
+    assert all(a is b for a, b in zip(after, arrays))
+    assert [data_pointer(a) for a in after] == pointers
+    assert all(not np.array_equal(to_numpy(W), W0)  # and the step did move them
+               for (W, _), W0 in zip(net.params, weights))
