@@ -195,10 +195,11 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     if is_numpy(out):
         # In Fortran order the C-ordered out is out^T = alpha op(b)^T op(a)^T + beta out^T,
         # and x.T of a C-ordered x is the Fortran array BLAS wants: no copy anywhere.
-        result = _NUMPY_GEMM[out.dtype](alpha, b.T, a.T, beta, out.T,
+        out_f = out.T
+        result = _NUMPY_GEMM[out.dtype](alpha, b.T, a.T, beta, out_f,
                                         trans_a=transb == "T", trans_b=transa == "T",
                                         overwrite_c=1)
-        if result.ctypes.data != out.ctypes.data:  # SciPy copied: never expected here
+        if result is not out_f:  # f2py copied (a wrong dtype or layout): never expected
             raise RuntimeError("BLAS gemm did not write in place; pass C-contiguous arrays")
     else:
         import cupy.cublas
@@ -210,8 +211,10 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
 def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
     """``out <- alpha op(a) x + beta out`` in place; ``a`` C-contiguous."""
     if is_numpy(out):
-        _NUMPY_GEMV[out.dtype](alpha, a.T, x, beta, out, trans=int(transa == "N"),
-                               overwrite_y=1)
+        result = _NUMPY_GEMV[out.dtype](alpha, a.T, x, beta, out, trans=int(transa == "N"),
+                                        overwrite_y=1)
+        if result is not out:
+            raise RuntimeError("BLAS gemv did not write in place; pass C-contiguous arrays")
     else:
         import cupy.cublas
 
