@@ -27,7 +27,7 @@ import numbers
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

@@ -1,0 +1,272 @@
+"""Minibatch SGD over a data set: :func:`fit`, :func:`evaluate` and the :class:`History`.
+
+:func:`fit` checks all the data once, up front, and puts it on the net's device once.
+Each epoch then gathers the rows in that epoch's order (one gather on the device) and
+calls :meth:`MLP.train_step` on contiguous slices with ``check=False``, so no step scans
+the data or waits for the device: the step losses stay on the device as 0-d arrays and
+come back in bulk only when the progress bar is redrawn and at the end of the epoch.
+
+The order of epoch ``e`` depends on ``(seed, e)`` alone, so a run resumed from a
+checkpoint (``resume=history``) sees exactly the batches an uninterrupted run sees and
+ends with the same parameters, bit for bit.
+
+>>> import gpu_mlp
+>>> from gpu_mlp import datasets
+>>> X, y = datasets.digits()
+>>> net = gpu_mlp.MLP([64, 32, 10], loss="softmax_cross_entropy", device="cpu")
+>>> history = net.fit(X, y, epochs=2, batch_size=64, lr=0.1, verbose=False)
+>>> history.epochs, history.train_loss[1] < history.train_loss[0]
+(2, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from . import ops
+from .device import to_numpy
+from .mlp import _check_lr
+
+_REFRESH_S = 0.2  # the progress bar fetches the losses from the device at most this often
+_EVAL_ROWS = 4096  # rows per forward pass in evaluate(): bounds its memory
+_PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds")
+
+
+@dataclass
+class History:
+    """What :func:`fit` did, one entry per epoch, and the settings that fix its batches.
+
+    ``val_loss`` and ``val_accuracy`` hold ``None`` for epochs without validation data
+    and ``val_accuracy`` also where the loss is not a classification loss.
+    """
+
+    seed: int
+    batch_size: int
+    shuffle: bool
+    samples: int  # training rows: a resumed run must have as many
+    lr: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # mean over the epoch's samples
+    val_loss: list[Optional[float]] = field(default_factory=list)
+    val_accuracy: list[Optional[float]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # training time, validation excluded
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs done."""
+        return len(self.train_loss)
+
+    def as_dict(self) -> dict:
+        """Plain lists and numbers (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "History":
+        """The inverse of :meth:`as_dict`; a ValueError says what does not fit."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or sorted(d) != sorted(names):
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"history must have the entries {names}, got {got}")
+        for name in ("seed", "batch_size", "samples"):
+            if type(d[name]) is not int or d[name] < 0:
+                raise ValueError(f"history: {name} must be an integer >= 0, got {d[name]!r}")
+        if type(d["shuffle"]) is not bool:
+            raise ValueError(f"history: shuffle must be true or false, got {d['shuffle']!r}")
+        if not isinstance(d["train_loss"], list):
+            raise ValueError("history: train_loss must be a list")
+        for name in _PER_EPOCH:
+            entries = d[name]
+            if not isinstance(entries, list) or len(entries) != len(d["train_loss"]):
+                raise ValueError(f"history: {name} must be a list with one entry per epoch")
+            optional = name.startswith("val_")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       or (optional and v is None) for v in entries):
+                raise ValueError(f"history: {name} must hold numbers")
+        return cls(**d)
+
+
+def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
+        shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
+        on_epoch: Optional[Callable] = None, resume: Optional[History] = None) -> History:
+    """Train ``net`` on (X, Y) by minibatch SGD and return the :class:`History`.
+
+    Args:
+        X, Y: the training set, NumPy/CuPy arrays or DLPack tensors (PyTorch, ...), with
+            targets as the net's loss takes them; moved to the net's device once.
+        epochs: the epoch count to reach; with ``resume``, counting the epochs done.
+        batch_size: rows per step; the last step of an epoch takes the remainder.
+        lr: the SGD learning rate.
+        shuffle: visit the rows in a new random order every epoch (else in order).
+        seed: fixes the order of every epoch.
+        validation: ``(X_val, Y_val)`` to evaluate after every epoch, or None.
+        verbose: show a progress bar per epoch (on stderr, only when it is a terminal)
+            with the running loss and samples/s.
+        on_epoch: called as ``on_epoch(net, history)`` after every epoch, e.g. to save
+            a checkpoint.
+        resume: the :class:`History` of an earlier run on the same data with the same
+            seed, batch size and shuffling, to be continued (it is not modified).
+
+    Bad arguments raise a TypeError or ValueError before the net is touched. Training
+    that diverges (a non-finite epoch loss) stops with a RuntimeError.
+    """
+    epochs = _count("epochs", epochs)
+    batch_size = _count("batch_size", batch_size)
+    lr = _check_lr(lr)
+    seed = _seed(seed)
+    for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
+    X, Y = _data(net, "X", X, Y)
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("validation must be a pair (X_val, Y_val)")
+        validation = _data(net, "X_val", *validation)
+    history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
+
+    xp, n = net._xp, X.shape[0]
+    for epoch in range(history.epochs, epochs):
+        start = time.perf_counter()
+        if shuffle:
+            rows = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n))
+            X_epoch, Y_epoch = X[rows], Y[rows]
+        else:
+            X_epoch, Y_epoch = X, Y
+        losses = _DeviceSum(xp)
+        with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
+                  unit_scale=True, file=sys.stderr,
+                  disable=not (verbose and sys.stderr.isatty())) as bar:
+            shown, shown_at = 0, start
+            for first in range(0, n, batch_size):
+                last = min(first + batch_size, n)
+                J = net.train_step(X_epoch[first:last], Y_epoch[first:last], lr, check=False)
+                losses.add(J, last - first)
+                if not bar.disable and time.perf_counter() - shown_at > _REFRESH_S:
+                    bar.set_postfix(loss=f"{losses.mean():.4f}", refresh=False)
+                    bar.update(last - shown)
+                    shown, shown_at = last, time.perf_counter()
+            train_loss = losses.mean()  # waits for the epoch's last step
+            seconds = time.perf_counter() - start
+            val_loss, val_accuracy = (_evaluate(net, *validation) if validation is not None
+                                      else (None, None))
+            bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
+            bar.update(n - shown)
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training diverged in epoch {epoch + 1} (loss {train_loss}); "
+                               f"try a smaller learning rate than {lr}")
+        for name, value in zip(_PER_EPOCH, (lr, train_loss, val_loss, val_accuracy, seconds)):
+            getattr(history, name).append(value)
+        if on_epoch is not None:
+            on_epoch(net, history)
+    return history
+
+
+def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
+    """``(mean loss, accuracy)`` of ``net`` on (X, Y); the accuracy is None for the
+    squared loss.
+
+    softmax_cross_entropy: the share of rows whose largest output is the label (or the
+    target row's largest entry). logistic: the share of outputs whose sign matches the
+    +-1 label.
+    """
+    return _evaluate(net, *_data(net, "X", X, Y))
+
+
+class _DeviceSum:
+    """A sample-weighted mean of 0-d device arrays, fetched to the host in bulk."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.pending, self.weights = [], []
+        self.total, self.count = 0.0, 0
+
+    def add(self, value, weight: int) -> None:
+        self.pending.append(value)
+        self.weights.append(weight)
+
+    def mean(self) -> float:
+        if self.pending:  # one device-to-host transfer for everything added since
+            values = to_numpy(self.xp.stack(self.pending)).astype(np.float64)
+            self.total += float(values @ np.asarray(self.weights, dtype=np.float64))
+            self.count += sum(self.weights)
+            self.pending, self.weights = [], []
+        return self.total / self.count
+
+
+def _evaluate(net, X, Y):
+    xp, loss = net._xp, net.loss
+    classifier = loss.name in ("softmax_cross_entropy", "logistic")
+    losses, hits = _DeviceSum(xp), _DeviceSum(xp)
+    for first in range(0, X.shape[0], _EVAL_ROWS):
+        Xb, Yb = X[first:first + _EVAL_ROWS], Y[first:first + _EVAL_ROWS]
+        F = net.predict(Xb)
+        grad = xp.empty_like(F)  # the loss kernels write the gradient too; unused here
+        scratch = xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
+        losses.add(ops.loss_and_grad(loss, F, Yb, grad, 1.0, scratch), Xb.shape[0])
+        if loss.name == "softmax_cross_entropy":
+            labels = Yb if Yb.ndim == 1 else Yb.argmax(axis=1)
+            hits.add((F.argmax(axis=1) == labels).mean(), Xb.shape[0])
+        elif loss.name == "logistic":
+            hits.add(((F > 0) == (Yb > 0)).mean(), Xb.shape[0])
+    return losses.mean(), (hits.mean() if classifier else None)
+
+
+def _data(net, name, X, Y):
+    """(X, Y) checked once, in full, and on the net's device in its dtype."""
+    shape = getattr(X, "shape", np.shape(X))
+    if len(shape) != 2 or shape[0] == 0:
+        raise ValueError(f"{name} must be a (samples, features) array with at least one "
+                         f"row, got shape {tuple(shape)}")
+    return net._batch(X, Y, check=True)
+
+
+def _start(resume, epochs, seed, batch_size, shuffle, samples) -> History:
+    if resume is None:
+        return History(seed=seed, batch_size=batch_size, shuffle=shuffle, samples=samples)
+    if not isinstance(resume, History):
+        raise TypeError(f"resume must be a History, got {type(resume).__name__}")
+    ours = dict(seed=seed, batch_size=batch_size, shuffle=shuffle, samples=samples)
+    theirs = {key: getattr(resume, key) for key in ours}
+    if ours != theirs:
+        diff = ", ".join(f"{key}={theirs[key]} (now {ours[key]})"
+                         for key in ours if ours[key] != theirs[key])
+        raise ValueError(f"resume: the run to continue had {diff}; a resumed run needs "
+                         f"the same data, seed, batch size and shuffling")
+    if resume.epochs > epochs:
+        raise ValueError(f"resume: {resume.epochs} epochs are done already, more than "
+                         f"epochs={epochs}")
+    return copy.deepcopy(resume)
+
+
+def _postfix(train_loss, val_loss, val_accuracy) -> dict:
+    postfix = {"loss": f"{train_loss:.4f}"}
+    if val_loss is not None:
+        postfix["val_loss"] = f"{val_loss:.4f}"
+    if val_accuracy is not None:
+        postfix["val_acc"] = f"{val_accuracy:.4f}"
+    return postfix
+
+
+def _count(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(seed)

@@ -1,0 +1,272 @@
+"""gpu_mlp.checkpoint: round trips, resuming bit for bit, atomic saves, and bad files."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import checkpoint
+from gpu_mlp.checkpoint import CheckpointError
+
+needs_gpu = pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")
+
+
+def data(n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 6))
+    return X, np.argmax(X[:, :4], axis=1)
+
+
+def small_net(**kwargs):
+    settings = dict(activations="relu", loss="softmax_cross_entropy", device="cpu", seed=2)
+    return gpu_mlp.MLP([6, 12, 4], **{**settings, **kwargs})
+
+
+def same_params(a, b):
+    return all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def files_in(directory):
+    return sorted(os.listdir(directory))
+
+
+# --- round trips ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, hidden, loss, memory, dtype", [
+    ([3, 5, 4, 2], "relu(alpha=0.5)", "squared", "output", "float32"),
+    ([3, 5, 2], "gelu", "softmax_cross_entropy", "recompute", "float64"),
+    ([3, 4, 1], "sigmoid", "logistic", "store_both", "float32"),
+    ([3, 1], "tanh", "squared", "output", "float64"),
+])
+def test_round_trip_keeps_parameters_and_architecture(tmp_path, sizes, hidden, loss, memory,
+                                                      dtype):
+    net = gpu_mlp.MLP(sizes, activations=hidden, loss=loss, memory=memory, device="cpu",
+                      dtype=dtype, seed=3)
+    path = tmp_path / "net.npz"
+    net.save(path)
+    copy = gpu_mlp.MLP.load(path, device="cpu")
+    assert copy.sizes == net.sizes
+    assert [str(a) for a in copy.activations] == [str(a) for a in net.activations]
+    assert (copy.loss.name, copy.memory, copy.dtype) == (loss, memory, np.dtype(dtype))
+    assert same_params(copy.params, net.params)
+    X = np.random.default_rng(0).standard_normal((5, sizes[0]))
+    assert np.array_equal(copy.predict(X), net.predict(X))
+    assert checkpoint.read(path, device="cpu").history is None
+
+
+def test_history_round_trip(tmp_path):
+    X, y = data()
+    net = small_net()
+    history = net.fit(X, y, epochs=2, verbose=False, validation=(X[:10], y[:10]))
+    net.save(tmp_path / "run.npz", history=history)
+    stored = checkpoint.read(tmp_path / "run.npz", device="cpu")
+    assert stored.history == history
+    assert same_params(stored.net.params, net.params)
+
+
+def test_save_writes_exactly_the_path_and_nothing_else(tmp_path):
+    net = small_net()
+    net.save(tmp_path / "model.ckpt")
+    small_net(seed=5).save(tmp_path / "model.ckpt")  # overwrites
+    assert files_in(tmp_path) == ["model.ckpt"]
+    assert same_params(gpu_mlp.MLP.load(tmp_path / "model.ckpt").params, small_net(seed=5).params)
+    with np.load(tmp_path / "model.ckpt", allow_pickle=False) as npz:  # plain NumPy can read it
+        assert sorted(npz.files) == ["W_1", "W_2", "b_1", "b_2", "meta"]
+
+
+def test_save_rejects_a_history_of_another_type(tmp_path):
+    with pytest.raises(TypeError, match="History"):
+        small_net().save(tmp_path / "x.npz", history={"epochs": 2})
+    assert files_in(tmp_path) == []
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path, stop_after):
+    X, y = data()
+    settings = dict(batch_size=16, lr=0.1, seed=7, verbose=False, validation=(X[:20], y[:20]))
+    straight = small_net()
+    full = straight.fit(X, y, epochs=4, **settings)
+
+    first = small_net()
+    first.fit(X, y, epochs=stop_after, on_epoch=lambda net, h: net.save(tmp_path / "run.npz",
+                                                                        history=h), **settings)
+    stored = checkpoint.read(tmp_path / "run.npz", device="cpu")
+    assert stored.history.epochs == stop_after
+    rest = stored.net.fit(X, y, epochs=4, resume=stored.history, **settings)
+
+    assert same_params(stored.net.params, straight.params)
+    assert rest.train_loss == full.train_loss and rest.val_accuracy == full.val_accuracy
+
+
+# --- atomic saves -----------------------------------------------------------------------
+
+def half_write_then_interrupt(f, arrays):
+    f.write(b"PK\x03\x04 the first bytes of a zip ...")
+    raise KeyboardInterrupt
+
+
+def failing(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("target, replacement, error", [
+    ("_write", half_write_then_interrupt, KeyboardInterrupt),
+    ("os.fsync", failing(OSError("disk full")), OSError),
+    ("os.replace", failing(OSError("rename failed")), OSError),
+])
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target,
+                                                        replacement, error):
+    old = small_net(seed=1)
+    old.save(tmp_path / "run.npz")
+    if target == "_write":
+        monkeypatch.setattr(checkpoint, "_write", replacement)
+    else:
+        monkeypatch.setattr(target, replacement)
+    with pytest.raises(error):
+        small_net(seed=2).save(tmp_path / "run.npz")
+    monkeypatch.undo()
+    assert files_in(tmp_path) == ["run.npz"]  # no temporary file left behind
+    assert same_params(gpu_mlp.MLP.load(tmp_path / "run.npz").params, old.params)
+
+
+def test_killed_save_keeps_the_previous_checkpoint(tmp_path):
+    # the process dies mid-write (no cleanup runs): the target must still be the old file
+    old = small_net(seed=1)
+    old.save(tmp_path / "run.npz")
+    script = textwrap.dedent(f"""
+        import os
+        import gpu_mlp
+        from gpu_mlp import checkpoint
+
+        def die_midway(f, arrays):
+            f.write(b"PK\\x03\\x04 partial")
+            f.flush()
+            os._exit(9)
+
+        checkpoint._write = die_midway
+        gpu_mlp.MLP([6, 12, 4], device="cpu", seed=2).save({str(tmp_path / "run.npz")!r})
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True)
+    assert result.returncode == 9, result.stderr.decode()
+    leftovers = [name for name in files_in(tmp_path) if name != "run.npz"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".run.npz.")  # hidden, harmless
+    assert same_params(gpu_mlp.MLP.load(tmp_path / "run.npz").params, old.params)
+
+
+# --- bad files --------------------------------------------------------------------------
+
+@pytest.fixture
+def entries(tmp_path):
+    """The entries of a valid checkpoint with history: meta (a dict) and the arrays."""
+    X, y = data()
+    net = small_net()
+    net.save(tmp_path / "good.npz", history=net.fit(X, y, epochs=1, verbose=False))
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as npz:
+        found = {key: npz[key] for key in npz.files}
+    found["meta"] = json.loads(str(found["meta"]))
+    return found
+
+
+def write_entries(path, entries):
+    meta = entries.get("meta")
+    if isinstance(meta, dict):
+        entries = {**entries, "meta": np.array(json.dumps(meta))}
+    np.savez(path, **entries)
+
+
+def set_meta(key, value):
+    return lambda e: e["meta"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda e: e.pop("meta"), "no 'meta' entry"),
+    (lambda e: e.__setitem__("meta", np.array("{not json")), "no gpu_mlp.checkpoint metadata"),
+    (lambda e: e.__setitem__("meta", np.zeros(3)), "no gpu_mlp.checkpoint metadata"),
+    (set_meta("format", "keras"), "no gpu_mlp.checkpoint metadata"),
+    (set_meta("version", 2), "format version 2, but this gpu_mlp reads version 1"),
+    (lambda e: e["meta"].pop("loss"), "metadata lacks loss"),
+    (set_meta("sizes", [6]), "sizes must list at least two widths"),
+    (set_meta("dtype", "float16"), "dtype must be float32 or float64"),
+    (set_meta("activations", "relu"), "activations must be a list of names"),
+    (lambda e: e.pop("W_2"), "missing \\['W_2'\\], unexpected none"),
+    (lambda e: e.__setitem__("W_3", np.zeros((4, 4))), "missing none, unexpected \\['W_3'\\]"),
+    (lambda e: e.__setitem__("W_2", np.zeros((4, 11), np.float32)),
+     "W_2 has shape \\(4, 11\\), but sizes \\[6, 12, 4\\] need \\(4, 12\\)"),
+    (lambda e: e.__setitem__("b_1", e["b_1"].astype(np.float64)),
+     "b_1 has dtype float64, but the metadata says float32"),
+    (lambda e: e.__setitem__("W_1", np.full((12, 6), np.nan, np.float32)), "W_1 contains NaN"),
+    (set_meta("activations", ["swish", "identity"]), "unknown activation 'swish'"),
+    (set_meta("activations", ["relu"]), "expected 2 activations"),
+    (set_meta("loss", "hinge"), "unknown loss 'hinge'"),
+    (set_meta("memory", "none"), "unknown memory mode 'none'"),
+    (lambda e: e["meta"]["history"].pop("seed"), "history must have the entries"),
+    (lambda e: e["meta"]["history"].__setitem__("train_loss", [1.0, 2.0]), "one entry per epoch"),
+    (lambda e: e.__setitem__("W_1", np.array([print], dtype=object)), "unreadable entry"),
+])
+def test_bad_checkpoints_say_what_is_wrong(tmp_path, entries, change, match):
+    write_entries(tmp_path / "good.npz", entries)
+    gpu_mlp.MLP.load(tmp_path / "good.npz")  # the unchanged entries load
+    change(entries)
+    path = tmp_path / "bad.npz"
+    write_entries(path, entries)
+    with pytest.raises(CheckpointError, match=match) as error:
+        gpu_mlp.MLP.load(path)
+    assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.1, 0.5, 0.999])
+def test_truncated_files_are_refused(tmp_path, keep):
+    small_net().save(tmp_path / "full.npz")
+    content = (tmp_path / "full.npz").read_bytes()
+    path = tmp_path / "cut.npz"
+    path.write_bytes(content[:int(keep * len(content))])
+    with pytest.raises(CheckpointError, match="not a checkpoint|damaged or truncated"):
+        gpu_mlp.MLP.load(path)
+
+
+def test_flipped_byte_is_caught_by_the_zip_checksum(tmp_path):
+    small_net().save(tmp_path / "good.npz")
+    content = bytearray((tmp_path / "good.npz").read_bytes())
+    content[len(content) // 3] ^= 0xFF  # inside the parameter data
+    (tmp_path / "bad.npz").write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match="Bad CRC-32"):
+        gpu_mlp.MLP.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("write, match", [
+    (lambda p: p.write_text("W_1 = [[1, 2]]\n"), "not an .npz file"),
+    (lambda p: np.save(p.open("wb"), np.ones(3)), "a single .npy array"),
+])
+def test_other_files_are_refused(tmp_path, write, match):
+    path = tmp_path / "other.npz"
+    write(path)
+    with pytest.raises(CheckpointError, match=match):
+        gpu_mlp.MLP.load(path)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        gpu_mlp.MLP.load(tmp_path / "nowhere.npz")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cpu_checkpoint_loads_onto_the_gpu(tmp_path):
+    net = small_net(dtype="float64")
+    net.save(tmp_path / "net.npz")
+    gpu = gpu_mlp.MLP.load(tmp_path / "net.npz", device="cuda")
+    assert gpu.device == "cuda"
+    X = data(10)[0]
+    np.testing.assert_allclose(gpu.predict(X).get(), net.predict(X), rtol=1e-12)
+    gpu.save(tmp_path / "back.npz")
+    assert same_params(gpu_mlp.MLP.load(tmp_path / "back.npz", device="cpu").params, net.params)

@@ -1,0 +1,372 @@
+"""gpu_mlp.training: fit, evaluate and History.
+
+fit is specified against a plain loop of ``train_step`` calls over the batches that the
+documented order gives (``default_rng([seed, epoch]).permutation``); its metrics against
+values computed here from the reference forward pass.
+"""
+
+import doctest
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+import gpu_mlp
+from gpu_mlp import checkpoint, datasets, reference, training
+from gpu_mlp.training import History
+
+needs_gpu = pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = datasets.digits()
+    return datasets.train_test_split(X[:400], y[:400], test_fraction=0.25, seed=0)
+
+
+def problem(loss, n=120, seed=0):
+    """(sizes, X, Y) for a small task under ``loss``."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 5))
+    if loss == "softmax_cross_entropy":
+        return [5, 8, 3], X, np.argmax(X[:, :3], axis=1)
+    if loss == "logistic":
+        return [5, 8, 1], X, np.where(X[:, :1] > 0, 1.0, -1.0)
+    return [5, 8, 2], X, np.column_stack([np.sin(X[:, 0]), X[:, 1] * X[:, 2]])
+
+
+def new_net(sizes, loss="softmax_cross_entropy", dtype="float64", **kwargs):
+    return gpu_mlp.MLP(sizes, activations="tanh", loss=loss, device="cpu", dtype=dtype,
+                       seed=1, **kwargs)
+
+
+def params_of(net):
+    return [(W.copy(), b.copy()) for W, b in net.params]
+
+
+def same_params(a, b):
+    return all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def fit_quietly(net, X, Y, **kwargs):
+    return net.fit(X, Y, verbose=False, **kwargs)
+
+
+# --- what fit computes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "logistic", "squared"])
+@pytest.mark.parametrize("batch_size, shuffle", [(32, True), (7, True), (50, False)])
+def test_fit_is_the_documented_sgd_loop(loss, batch_size, shuffle):
+    sizes, X, Y = problem(loss)
+    net, manual = new_net(sizes, loss), new_net(sizes, loss)
+    history = fit_quietly(net, X, Y, epochs=3, batch_size=batch_size, lr=0.05,
+                          shuffle=shuffle, seed=5)
+
+    for epoch in range(3):
+        order = (np.random.default_rng([5, epoch]).permutation(len(X)) if shuffle
+                 else np.arange(len(X)))
+        total = 0.0
+        for first in range(0, len(X), batch_size):
+            rows = order[first:first + batch_size]
+            total += float(manual.train_step(X[rows], Y[rows], lr=0.05)) * len(rows)
+        assert history.train_loss[epoch] == pytest.approx(total / len(X), rel=1e-12)
+    assert same_params(net.params, manual.params)
+
+
+def test_fit_learns_the_digits(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = gpu_mlp.MLP([64, 32, 10], loss="softmax_cross_entropy", device="cpu", seed=0)
+    history = fit_quietly(net, X_train, y_train, epochs=10, batch_size=16, lr=0.1,
+                          validation=(X_test, y_test))
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]
+    assert history.val_accuracy[-1] >= 0.9
+
+
+def test_history_records_every_epoch():
+    sizes, X, Y = problem("squared")
+    history = fit_quietly(new_net(sizes, "squared"), X, Y, epochs=3, batch_size=16, lr=0.02,
+                          seed=4, validation=(X[:30], Y[:30]))
+    assert (history.epochs, history.seed, history.batch_size, history.shuffle,
+            history.samples) == (3, 4, 16, True, len(X))
+    assert history.lr == [0.02] * 3
+    assert all(s > 0 for s in history.seconds)
+    assert all(v is not None for v in history.val_loss)
+    assert history.val_accuracy == [None] * 3  # no accuracy for the squared loss
+    as_json = json.loads(json.dumps(history.as_dict()))
+    assert History.from_dict(as_json) == history
+
+
+def test_history_without_validation_holds_none():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    history = fit_quietly(new_net(sizes), X, Y, epochs=2)
+    assert history.val_loss == history.val_accuracy == [None, None]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.pop("seed"), "entries"),
+    (lambda d: d.update(extra=1), "entries"),
+    (lambda d: d.update(batch_size=-1), "batch_size"),
+    (lambda d: d.update(seed=1.5), "seed"),
+    (lambda d: d.update(shuffle="yes"), "shuffle"),
+    (lambda d: d.update(lr=[0.1]), "lr"),
+    (lambda d: d.update(train_loss="x"), "train_loss"),
+    (lambda d: d.update(seconds=[1.0, "x"]), "seconds"),
+    (lambda d: d.update(val_loss=[None, "x"]), "val_loss"),
+])
+def test_history_from_dict_says_what_is_wrong(change, match):
+    d = History(seed=0, batch_size=8, shuffle=True, samples=10, lr=[0.1, 0.1],
+                train_loss=[1.0, 0.5], val_loss=[None, None], val_accuracy=[None, None],
+                seconds=[0.1, 0.1]).as_dict()
+    History.from_dict(d)
+    change(d)
+    with pytest.raises(ValueError, match=match):
+        History.from_dict(d)
+
+
+def oracle_metrics(net, loss, X, Y):
+    """(mean loss, accuracy) from the reference forward pass and textbook formulas."""
+    params = [(np.asarray(W), np.asarray(b)) for W, b in net.params]
+    F = reference.forward(params, [str(a) for a in net.activations], X)
+    if loss == "softmax_cross_entropy":
+        return (np.mean(logsumexp(F, axis=1) - F[np.arange(len(Y)), Y]),
+                np.mean(F.argmax(axis=1) == Y))
+    if loss == "logistic":
+        return np.mean(np.logaddexp(0, -Y * F).sum(axis=1)), np.mean(np.sign(F) == Y)
+    return np.mean(((F - Y) ** 2).sum(axis=1)), None
+
+
+@pytest.mark.parametrize("eval_rows", [4096, 7])  # one forward pass, or many chunks
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "logistic", "squared"])
+def test_validation_metrics_match_the_oracle(loss, eval_rows, monkeypatch):
+    monkeypatch.setattr(training, "_EVAL_ROWS", eval_rows)
+    sizes, X, Y = problem(loss)
+    X_val, Y_val = X[:40], Y[:40]
+    net = new_net(sizes, loss)
+    history = fit_quietly(net, X[40:], Y[40:], epochs=2, lr=0.05, validation=(X_val, Y_val))
+    val_loss, val_accuracy = oracle_metrics(net, loss, X_val, Y_val)
+    assert history.val_loss[-1] == pytest.approx(val_loss, rel=1e-12)
+    assert training.evaluate(net, X_val, Y_val)[0] == pytest.approx(val_loss, rel=1e-12)
+    if val_accuracy is None:
+        assert history.val_accuracy[-1] is None
+    else:
+        assert history.val_accuracy[-1] == pytest.approx(val_accuracy, rel=1e-12)
+
+
+def test_accuracy_from_probability_rows():
+    sizes, X, y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    _, labels_accuracy = training.evaluate(net, X, y)
+    _, rows_accuracy = training.evaluate(net, X, np.eye(3)[y])
+    assert rows_accuracy == labels_accuracy == pytest.approx(
+        oracle_metrics(net, "softmax_cross_entropy", X, y)[1])
+
+
+def test_on_epoch_sees_each_finished_epoch():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    seen = []
+    net = new_net(sizes)
+    fit_quietly(net, X, Y, epochs=3,
+                on_epoch=lambda n, h: seen.append((n is net, h.epochs, h.train_loss[-1])))
+    assert [(same, epochs) for same, epochs, _ in seen] == [(True, 1), (True, 2), (True, 3)]
+
+
+def test_divergence_stops_with_a_clear_error():
+    sizes, X, Y = problem("squared")
+    net = gpu_mlp.MLP(sizes, activations="relu", loss="squared", device="cpu")
+    with np.errstate(all="ignore"), pytest.raises(RuntimeError, match="diverged in epoch"):
+        fit_quietly(net, X, Y, epochs=3, lr=10.0)
+
+
+# --- resuming ----------------------------------------------------------------------------
+
+def test_resume_continues_bit_for_bit():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    settings = dict(batch_size=16, lr=0.05, seed=3, validation=(X[:20], Y[:20]))
+    straight = new_net(sizes, dtype="float32")
+    full = fit_quietly(straight, X, Y, epochs=5, **settings)
+
+    resumed = new_net(sizes, dtype="float32")
+    first = fit_quietly(resumed, X, Y, epochs=2, **settings)
+    first_dict = first.as_dict()
+    rest = fit_quietly(resumed, X, Y, epochs=5, resume=first, **settings)
+
+    assert same_params(straight.params, resumed.params)
+    assert first.as_dict() == first_dict  # the history resumed from is left alone
+    for name in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert getattr(rest, name) == getattr(full, name)
+
+
+def test_resume_when_done_changes_nothing():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    history = fit_quietly(net, X, Y, epochs=2)
+    before = params_of(net)
+    assert fit_quietly(net, X, Y, epochs=2, resume=history) == history
+    assert same_params(before, net.params)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"seed": 1}, "seed=0 \\(now 1\\)"),
+    ({"batch_size": 16}, "batch_size=32 \\(now 16\\)"),
+    ({"shuffle": False}, "shuffle=True \\(now False\\)"),
+    ({"rows": 100}, "samples=120 \\(now 100\\)"),
+    ({"epochs": 1}, "2 epochs are done"),
+    ({"resume": {"epochs": 2}}, "must be a History"),
+])
+def test_resume_refuses_another_run(change, match):
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    history = fit_quietly(net, X, Y, epochs=2)
+    before = params_of(net)
+    kwargs = {"epochs": 4, "resume": history, **change}
+    rows = kwargs.pop("rows", len(X))
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit_quietly(net, X[:rows], Y[:rows], **kwargs)
+    assert same_params(before, net.params)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+X_WITH_NAN = problem("softmax_cross_entropy")[1].copy()
+X_WITH_NAN[3, 1] = np.nan
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"epochs": 2.5}, TypeError, "epochs must be an integer"),
+    ({"epochs": True}, TypeError, "epochs must be an integer"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"batch_size": "8"}, TypeError, "batch_size must be an integer"),
+    ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": -0.1}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": float("nan")}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": "fast"}, TypeError, "lr must be a number"),
+    ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"seed": 1.5}, TypeError, "seed must be an integer"),
+    ({"shuffle": "yes"}, TypeError, "shuffle must be True or False"),
+    ({"verbose": None}, TypeError, "verbose must be True or False"),
+    ({"on_epoch": "save"}, TypeError, "on_epoch must be callable"),
+    ({"validation": ([1.0],)}, TypeError, "validation must be a pair"),
+    ({"validation": (np.zeros((4, 3)), np.zeros(4, dtype=int))}, ValueError, "X must have shape"),
+    ({"validation": (np.zeros((4, 5)), np.full(4, 3))}, ValueError, "labels must lie in"),
+    ({"X": np.zeros(5)}, ValueError, "X must be a \\(samples, features\\) array"),
+    ({"X": np.zeros((0, 5))}, ValueError, "at least one row"),
+    ({"X": np.zeros((120, 4))}, ValueError, "X must have shape"),
+    ({"X": X_WITH_NAN}, ValueError, "X contains NaN"),
+    ({"Y": np.zeros(119, dtype=int)}, ValueError, "labels must have shape \\(120,\\)"),
+    ({"Y": np.full(120, 3)}, ValueError, "labels must lie in \\[0, 3\\)"),
+    ({"Y": np.zeros(120, dtype=bool)}, TypeError, "not booleans"),
+])
+def test_bad_arguments_raise_before_anything_changes(kwargs, error, match):
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    before = params_of(net)
+    kwargs = {"X": X, "Y": Y, "epochs": 1, "verbose": False, **kwargs}
+    with pytest.raises(error, match=match):
+        net.fit(**kwargs)
+    assert same_params(before, net.params)
+
+
+# --- how fit runs -----------------------------------------------------------------------
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("verbose, terminal, shown", [
+    (True, True, True), (False, True, False), (True, False, False)])
+def test_progress_bar_only_on_a_terminal_when_verbose(verbose, terminal, shown, monkeypatch):
+    stderr = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    sizes, X, Y = problem("softmax_cross_entropy")
+    new_net(sizes).fit(X, Y, epochs=2, verbose=verbose, validation=(X[:10], Y[:10]))
+    text = stderr.getvalue()
+    if shown:
+        for part in ("epoch 1/2", "epoch 2/2", "samples/s", "loss=", "val_loss=", "val_acc="):
+            assert part in text
+    else:
+        assert text == ""
+
+
+def test_step_losses_are_fetched_once_per_epoch(monkeypatch):
+    fetches = []
+
+    def counting_to_numpy(a):
+        fetches.append(a.shape)
+        return np.asarray(a)
+
+    monkeypatch.setattr(training, "to_numpy", counting_to_numpy)
+    sizes, X, Y = problem("softmax_cross_entropy")
+    fit_quietly(new_net(sizes), X, Y, epochs=3, batch_size=8)  # 15 steps an epoch
+    assert fetches == [(15,)] * 3
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_batches_are_views_of_the_data_when_not_shuffled(monkeypatch, library):
+    # float32, C-ordered input on the CPU: no copy of X anywhere, each batch a slice
+    sizes, X, Y = problem("softmax_cross_entropy")
+    X = X.astype(np.float32)
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        data = torch.from_numpy(X), torch.from_numpy(Y)  # the tensors share X's memory
+    else:
+        data = X, Y
+    net = new_net(sizes, dtype="float32")
+    batches = []
+    step = net.train_step
+
+    def recording_step(xb, yb, lr, check):
+        batches.append(xb)
+        return step(xb, yb, lr, check=check)
+
+    monkeypatch.setattr(net, "train_step", recording_step)
+    fit_quietly(net, *data, epochs=1, batch_size=50, shuffle=False)
+    assert len(batches) == 3 and all(np.shares_memory(b, X) for b in batches)
+
+
+# --- other array libraries --------------------------------------------------------------
+
+def test_torch_tensors_train_like_numpy_arrays():
+    torch = pytest.importorskip("torch")
+    sizes, X, Y = problem("softmax_cross_entropy")
+    X = X.astype(np.float32)
+    from_numpy, from_torch = new_net(sizes, dtype="float32"), new_net(sizes, dtype="float32")
+    validation = (X[:20], Y[:20])
+    h_numpy = fit_quietly(from_numpy, X, Y, epochs=2, validation=validation)
+    h_torch = fit_quietly(from_torch, torch.from_numpy(X), torch.from_numpy(Y), epochs=2,
+                          validation=tuple(torch.from_numpy(a) for a in validation))
+    assert same_params(from_numpy.params, from_torch.params)
+    assert h_numpy.train_loss == h_torch.train_loss and h_numpy.val_loss == h_torch.val_loss
+    assert np.array_equal(from_torch.predict(torch.from_numpy(X)), from_numpy.predict(X))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+@pytest.mark.parametrize("inputs", ["numpy", "cupy"])
+def test_gpu_fit_matches_the_cpu(memory, inputs):
+    import cupy
+
+    sizes, X, Y = problem("softmax_cross_entropy")
+    cpu = new_net(sizes, memory=memory)
+    gpu = gpu_mlp.MLP(sizes, activations="tanh", loss="softmax_cross_entropy", memory=memory,
+                      device="cuda", dtype="float64", seed=1)
+    h_cpu = fit_quietly(cpu, X, Y, epochs=3, batch_size=16, lr=0.05)
+    data = (cupy.asarray(X), cupy.asarray(Y)) if inputs == "cupy" else (X, Y)
+    h_gpu = fit_quietly(gpu, *data, epochs=3, batch_size=16, lr=0.05)
+    np.testing.assert_allclose(h_gpu.train_loss, h_cpu.train_loss, rtol=1e-10)
+    for (W, b), (W_gpu, b_gpu) in zip(cpu.params, gpu.params):
+        np.testing.assert_allclose(W_gpu.get(), W, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(b_gpu.get(), b, rtol=1e-9, atol=1e-12)
+
+
+# --- the docstring examples -------------------------------------------------------------
+
+@pytest.mark.parametrize("module", [training, checkpoint, datasets])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
