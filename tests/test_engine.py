@@ -64,10 +64,15 @@ def make_batch(rng, make_targets):
 
 def make_net(device, act="tanh", target="squared", memory="output", depth=3,
              dtype="float64", seed=0):
-    """Every layer, the output layer included, uses ``act``."""
-    return gpu_mlp.MLP(WIDTHS[:depth] + [D_OUT], activations=act, output=act,
-                       loss=TARGETS[target][0], memory=memory, device=device, dtype=dtype,
-                       seed=seed)
+    """Every layer, the output layer included, uses ``act``. The biases are random, not
+    the initial zeros, so that a lost bias shows."""
+    net = gpu_mlp.MLP(WIDTHS[:depth] + [D_OUT], activations=act, output=act,
+                      loss=TARGETS[target][0], memory=memory, device=device, dtype=dtype,
+                      seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for _, b in net.params:
+        b[...] = net._xp.asarray(0.5 * rng.standard_normal(b.shape), dtype=b.dtype)
+    return net
 
 
 def host_params(net, dtype=None):

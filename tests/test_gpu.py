@@ -15,12 +15,10 @@ import warnings
 import numpy as np
 import pytest
 
-import gpu_mlp
 from gpu_mlp import MEMORY_MODES, MLP, activations, reference
 from gpu_mlp.device import to_device, to_numpy
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # skipped, with the reason, by conftest without a GPU
 
 DEVICE = "cuda"
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}

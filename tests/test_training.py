@@ -18,7 +18,7 @@ import gpu_mlp
 from gpu_mlp import checkpoint, datasets, reference, training
 from gpu_mlp.training import History
 
-needs_gpu = pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")
+needs_gpu = pytest.mark.gpu  # skipped without a GPU by conftest
 
 
 @pytest.fixture(scope="module")

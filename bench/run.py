@@ -1,0 +1,196 @@
+"""Time one gpu_mlp training step against PyTorch over a grid of network sizes.
+
+    python bench/run.py --quick                      # CPU subset, under a minute idle
+    PYTHONPATH=. python3 bench/run.py                # full grid on the GPU
+
+For each grid point and implementation it reports the median step time and its IQR,
+the achieved TFLOP/s, the ratios to PyTorch eager and to the GEMM-only bound, and the
+peak memory against PyTorch's. It prints a table and writes ``results.json``,
+``report.md`` (environment, command, table) and ``results.png`` to ``--out``; the JSON
+after every measurement, so that a run cut short keeps what it measured and ``--resume``
+carries on from there. See bench/harness.py for what is timed and how.
+
+NumPy and SciPy read their BLAS thread count when they load and CuPy reads ``CUPY_TF32``
+once, so this script sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
+``MKL_NUM_THREADS`` (``--threads``) and ``CUPY_TF32`` (``--tf32``) before importing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FULL = {"widths": [64, 256, 1024, 4096], "depths": [2, 4, 8], "batches": [64, 1024, 8192]}
+QUICK = {"widths": [64, 256, 1024], "depths": [2, 4], "batches": [64, 1024]}
+# --quick also times fewer steps: (warmup, repeats, max_time)
+TIMING = {"full": (3, 100, 1.0), "quick": (1, 20, 0.5)}
+# harness.IMPLS and gpu_mlp.MEMORY_MODES, repeated so that parsing the arguments imports
+# nothing (see main)
+IMPLS = ("gpu_mlp", "torch", "torch.compile", "gemm")
+MODES = ("output", "recompute", "store_both")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _choices(valid):
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        bad = [v for v in values if v not in valid]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(valid)}")
+        return values
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"the CPU subset: widths {QUICK['widths']}, depths {QUICK['depths']}, "
+                        f"batches {QUICK['batches']}, fewer timed steps")
+    p.add_argument("--devices", type=_choices(("cuda", "cpu")),
+                   help="comma-separated, from cuda,cpu (default: cuda when gpu_mlp sees a "
+                        "GPU, else cpu)")
+    p.add_argument("--impls", type=_choices(IMPLS),
+                   help=f"comma-separated, from {','.join(IMPLS)} (default: all on cuda; "
+                        "gpu_mlp,torch,gemm on cpu)")
+    p.add_argument("--modes", type=_choices(MODES), default=list(MODES),
+                   help="gpu_mlp memory modes (default: all)")
+    p.add_argument("--widths", type=_ints, help=f"default {FULL['widths']}")
+    p.add_argument("--depths", type=_ints, help=f"default {FULL['depths']}")
+    p.add_argument("--batches", type=_ints, help=f"default {FULL['batches']}")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 tensor-core GEMMs for float32 in both libraries (default: off)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="CPU threads for BLAS and PyTorch (default: all, %(default)s)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--repeats", type=int,
+                   help="timed steps, at most (default 100; --quick 20)")
+    p.add_argument("--max-time", type=float,
+                   help="stop timing a case after this many seconds, once it has 5 steps "
+                        "(default 1.0; --quick 0.5)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: bench/results/DEVICES-DTYPE[-tf32][-quick], "
+                        "e.g. bench/results/cuda-float32)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the successful measurements in OUT/results.json, measure the rest")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    args = p.parse_args(argv)
+    grid = QUICK if args.quick else FULL
+    for name in ("widths", "depths", "batches"):
+        if getattr(args, name) is None:
+            setattr(args, name, grid[name])
+    timing = TIMING["quick" if args.quick else "full"]
+    for name, default in zip(("warmup", "repeats", "max_time"), timing):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.threads < 1 or args.warmup < 0 or args.repeats < 1 or args.max_time < 0:
+        p.error("--threads and --repeats must be >= 1, --warmup and --max-time >= 0")
+    return args
+
+
+def previous_run(path: Path, args) -> tuple[list[dict], list[str]]:
+    """The successful records of an earlier run with the same dtype and TF32 setting, and
+    the commands that measured them."""
+    old = json.loads(path.read_text())
+    if (old["config"]["dtype"], old["config"]["tf32"]) != (args.dtype, args.tf32):
+        raise SystemExit(f"error: {path} was measured with dtype {old['config']['dtype']}, "
+                         f"tf32 {old['config']['tf32']}; not resuming with different settings")
+    env = old["environment"]
+    commands = env.get("previous_commands", []) + [env["command"]]
+    return [r for r in old["records"] if r["status"] == "ok"], commands
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    os.environ["CUPY_TF32"] = "1" if args.tf32 else "0"
+    sys.path.insert(0, str(ROOT))  # run from a checkout: gpu_mlp and bench need no install
+
+    # only now, with the environment set: these import NumPy, SciPy, CuPy and PyTorch
+    from tqdm import tqdm
+
+    import gpu_mlp
+    from bench import harness, report
+
+    devices = args.devices or (["cuda"] if gpu_mlp.gpu_available() else ["cpu"])
+    if "cuda" in devices and not gpu_mlp.gpu_available():
+        raise SystemExit("error: --devices cuda needs CuPy and a CUDA GPU, and gpu_mlp sees none")
+    name = ["+".join(devices), args.dtype] + (["tf32"] if args.tf32 else []) \
+        + (["quick"] if args.quick else [])
+    out = args.out or ROOT / "bench" / "results" / "-".join(name)
+    json_path = out / "results.json"
+    records, previous_commands = (previous_run(json_path, args)
+                                  if args.resume and json_path.exists() else ([], []))
+    harness.configure(args.threads, args.tf32)
+    points = [harness.Point(w, d, b) for w in args.widths for d in args.depths
+              for b in args.batches]
+    done = {harness.key(r) for r in records}
+    todo = [t for t in harness.tasks(devices, args.impls, args.modes, points)
+            if t.key not in done]
+    settings = harness.Settings(args.dtype, args.warmup, args.repeats, args.max_time)
+    config = {
+        "devices": devices, "impls": args.impls, "modes": args.modes,
+        "widths": args.widths, "depths": args.depths, "batches": args.batches,
+        "dtype": args.dtype, "tf32": args.tf32, "threads": args.threads,
+        "warmup": args.warmup, "repeats": args.repeats, "max_time_s": args.max_time,
+        "min_repeats": harness.MIN_REPEATS, "lr": harness.LR, "quick": args.quick,
+        "network": harness.NETWORK, "flops": harness.FLOPS,
+        "timing": "time.perf_counter around each step, device synchronised inside the "
+                  "timed region; median and quartiles of the repeats after the warm-up",
+        "memory": "peak bytes held during one steady-state step, weights and data included: "
+                  "CuPy pool total_bytes after free_all_blocks; "
+                  "torch.cuda.max_memory_allocated; tracemalloc peak for NumPy; "
+                  "torch on the CPU not measured",
+    }
+    env = harness.environment(devices, args.threads, args.tf32)
+    if previous_commands:
+        env["previous_commands"] = previous_commands  # what measured the resumed records
+
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(todo, unit="case", dynamic_ncols=True)
+    for task in bar:
+        bar.set_postfix_str(f"{task.label} {task.point}")
+        records.append(harness.measure(task, settings))
+        harness.add_ratios(records)
+        report.write_json(json_path, report.document(config, env, records))
+    bar.close()
+    harness.add_ratios(records)
+    doc = report.document(config, env, records)
+    report.write_json(json_path, doc)
+
+    print(f"network: {harness.NETWORK}\nFLOPs: {harness.FLOPS}\n"
+          f"dtype {args.dtype}, TF32 {'on' if args.tf32 else 'off'}, {args.threads} CPU "
+          "threads; ratios are time / time (below 1: faster), memory is peak / torch's\n")
+    print(report.format_table(records) + "\n")
+    print("\n".join(report.summary(records)))
+    written = [json_path]
+    plot_name = None
+    if not args.no_plot and any(r["status"] == "ok" for r in records):
+        plot_name = "results.png"
+        report.plot(records, out / plot_name)
+        written.append(out / plot_name)
+    (out / "report.md").write_text(report.markdown(doc, plot_name))
+    written.append(out / "report.md")
+    print("\nwrote " + ", ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""pytest-benchmark suite: one training step of each implementation at a few grid points.
+
+    python -m pytest bench/ --benchmark-enable                # time them
+    python -m pytest bench/ --benchmark-enable --benchmark-json=steps.json
+    python -m pytest bench/                                   # each body once, no timing
+
+pyproject's addopts carry ``--benchmark-disable``, so without ``--benchmark-enable``
+every body runs once, as a smoke test. The steps are bench/harness.py's (same networks,
+data, synchronisation); bench/run.py is the full grid with ratios and memory. TF32 is
+left at both libraries' default (off).
+"""
+
+import pytest
+
+import gpu_mlp
+from bench import harness
+
+POINTS = {"cpu": [harness.Point(256, 2, 1024), harness.Point(1024, 4, 1024)],
+          "cuda": [harness.Point(1024, 4, 1024), harness.Point(4096, 4, 8192)]}
+GPU = [pytest.mark.gpu,
+       pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+TASKS = [pytest.param(task, id=f"{task.label}-{task.point}",
+                      marks=GPU if device == "cuda" else ())
+         for device, points in POINTS.items()
+         for task in harness.tasks([device], None, gpu_mlp.MEMORY_MODES, points)]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_step(benchmark, task):
+    if task.impl.startswith("torch"):
+        torch = pytest.importorskip("torch")
+        if task.device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("this PyTorch build has no CUDA")
+    case = harness.build(task, "float32")
+
+    def step():
+        case.step()
+        case.sync()  # the GPU's work is inside the timed call
+
+    benchmark.extra_info.update(label=task.label, flops=task.point.flops)
+    # warm-up rounds compile CuPy kernels and torch.compile graphs before any timing
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+    if not benchmark.disabled:
+        benchmark.extra_info["tflops_at_median"] = (
+            task.point.flops / benchmark.stats.stats.median / 1e12)

@@ -1,0 +1,252 @@
+"""The benchmark harness (bench/) on tiny sizes: what it builds, counts, writes and
+compares. No timing is asserted; only that the numbers are there and consistent.
+
+The end-to-end test runs ``bench/run.py`` in a subprocess, as a user would, because the
+script sets thread and TF32 environment variables before it imports NumPy and CuPy.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import ops
+from bench import harness, report, run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = harness.Point(width=8, depth=2, batch=4)
+SETTINGS = harness.Settings(dtype="float64", warmup=1, repeats=5, max_time=0.0)
+
+
+def test_flops_count_three_gemms_per_layer():
+    point = harness.Point(width=3, depth=2, batch=5)
+    assert point.sizes == [3, 3, 3]
+    # forward A = F W^T, input gradient Delta W, weight gradient Delta^T F: 2 B d_in d_out each
+    assert point.flops == 2 * 3 * (2 * 5 * 3 * 3)
+
+
+def test_cli_lists_match_the_library():
+    assert run.IMPLS == harness.IMPLS
+    assert run.MODES == gpu_mlp.MEMORY_MODES
+
+
+def test_tasks_cover_every_mode_with_torch_eager_first():
+    points = [harness.Point(64, 2, 64), harness.Point(8, 2, 4)]
+    tasks = harness.tasks(["cpu"], None, gpu_mlp.MEMORY_MODES, points)
+    assert [t.point for t in tasks[:5]] == [points[1]] * 5  # the cheap point first
+    assert [t.label for t in tasks[:5]] == [
+        "torch-cpu", "gpu_mlp-numpy[output]", "gpu_mlp-numpy[recompute]",
+        "gpu_mlp-numpy[store_both]", "gemm-bound-numpy"]
+    cuda = harness.tasks(["cuda"], None, ("output",), [points[1]])
+    assert [t.impl for t in cuda] == ["torch", "gpu_mlp", "torch.compile", "gemm"]
+
+
+@pytest.mark.parametrize("repeats, max_time, expected", [
+    (3, 10.0, harness.MIN_REPEATS),     # never fewer than MIN_REPEATS
+    (50, 0.0, harness.MIN_REPEATS),     # max_time reached at once
+    (7, 1e9, 7),                        # repeats reached first
+])
+def test_time_steps_counts(repeats, max_time, expected):
+    calls = {"step": 0, "sync": 0}
+
+    def step():
+        calls["step"] += 1
+
+    def sync():
+        calls["sync"] += 1
+
+    times, warmup_seconds = harness.time_steps(step, sync, warmup=2, repeats=repeats,
+                                               max_time=max_time)
+    assert len(times) == expected
+    assert calls == {"step": 2 + expected, "sync": 1 + expected}  # a sync inside every timing
+    assert all(t >= 0 for t in times) and warmup_seconds >= 0
+
+
+def test_torch_and_gpu_mlp_take_the_same_step(device):
+    """The comparison is fair only if both compute the same step from the same start."""
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("this PyTorch build has no CUDA")
+    point = harness.Point(width=6, depth=3, batch=5)
+    ours = harness.build(harness.Task(device, "gpu_mlp", "output", point), "float64")
+    theirs = harness.build(harness.Task(device, "torch", None, point), "float64")
+    for _ in range(2):
+        loss_ours, loss_theirs = float(ours.step()), theirs.step().item()
+        np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-12)
+    start, _, _ = harness.problem(point, "float64")
+    for (W0, b0), (W, b), (Wt, bt) in zip(start, ours.weights(), theirs.weights()):
+        for now, now_theirs, before in ((W, Wt, W0), (b, bt, b0)):
+            update = now - before
+            assert np.abs(update).max() > 0  # the weights moved, by the same SGD updates
+            np.testing.assert_allclose(update, now_theirs - before, rtol=1e-7,
+                                       atol=1e-9 * np.abs(update).max())
+
+
+def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch):
+    point = harness.Point(width=6, depth=3, batch=5)
+    calls = []
+    real_gemm = ops.gemm
+
+    def recording_gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
+        calls.append((transa, transb, a.shape, b.shape, out.shape, beta))
+        return real_gemm(transa, transb, a, b, out, alpha=alpha, beta=beta)
+
+    monkeypatch.setattr(ops, "gemm", recording_gemm)
+    seen = {}
+    for impl, mode in (("gemm", None), ("gpu_mlp", "output")):
+        calls.clear()
+        harness.build(harness.Task("cpu", impl, mode, point), "float64").step()
+        seen[impl] = sorted(calls)
+    assert seen["gemm"] == seen["gpu_mlp"]
+    assert len(seen["gemm"]) == 3 * point.depth - 1  # no input gradient for layer 1
+    flops = sum(2 * out[0] * out[1] * (a[0] if ta == "T" else a[1])
+                for ta, _, a, _, out, _ in seen["gemm"])
+    assert flops == point.flops - 2 * point.batch * point.width ** 2
+
+
+@pytest.mark.parametrize("impl, mode", [("gpu_mlp", m) for m in gpu_mlp.MEMORY_MODES]
+                         + [("torch", None), ("gemm", None)])
+def test_measure_fills_a_record(device, impl, mode):
+    if impl == "torch":
+        torch = pytest.importorskip("torch")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("this PyTorch build has no CUDA")
+    r = harness.measure(harness.Task(device, impl, mode, TINY), SETTINGS)
+    assert r["status"] == "ok", r["error"]
+    assert r["flops"] == TINY.flops
+    t = r["time_s"]
+    assert t["repeats"] == harness.MIN_REPEATS and t["q1"] <= t["median"] <= t["q3"]
+    assert r["tflops"] == pytest.approx(TINY.flops / t["median"] / 1e12)
+    if impl == "gpu_mlp":
+        params_and_data = (TINY.depth * (TINY.width + 1) * TINY.width
+                           + 2 * TINY.batch * TINY.width) * 8
+        assert r["peak_bytes"] > params_and_data
+        assert 0 < r["workspace_peak_bytes"] < r["peak_bytes"]
+    elif impl == "torch" and device == "cuda":
+        assert r["peak_bytes"] > 0
+    else:
+        assert r["peak_bytes"] is None  # torch-cpu: not measurable; gemm: not meaningful
+
+
+def test_a_failing_implementation_becomes_an_error_record(monkeypatch):
+    def broken(task, dtype):
+        raise RuntimeError("no compiler\nsecond line")
+
+    monkeypatch.setattr(harness, "build", broken)
+    r = harness.measure(harness.Task("cpu", "torch.compile", None, TINY), SETTINGS)
+    assert r["status"] == "error"
+    assert r["error"] == "RuntimeError: no compiler"
+    assert r["time_s"] is None
+
+
+def _record(impl, median, peak=None, mode=None, status="ok", width=8):
+    return {"device": "cpu", "impl": impl, "mode": mode, "label": harness.label("cpu", impl, mode),
+            "width": width, "depth": 2, "batch": 4, "flops": 10**9, "status": status,
+            "error": None if status == "ok" else "RuntimeError: boom",
+            "time_s": {"median": median, "iqr": 0.0} if status == "ok" else None,
+            "tflops": 1e-3 / median if status == "ok" else None, "peak_bytes": peak,
+            "ratio_to_torch": None, "ratio_to_gemm_bound": None,
+            "memory_ratio_to_torch": None}
+
+
+def test_ratios_are_against_torch_eager_and_the_gemm_bound_at_the_same_point():
+    records = [_record("torch", 4.0, peak=1000), _record("gemm", 1.0),
+               _record("gpu_mlp", 2.0, peak=500, mode="output"),
+               _record("torch.compile", 3.0, status="error"),
+               _record("gpu_mlp", 5.0, peak=800, mode="output", width=16)]  # no torch there
+    harness.add_ratios(records)
+    torch_r, gemm_r, ours, failed, alone = records
+    assert (torch_r["ratio_to_torch"], torch_r["ratio_to_gemm_bound"]) == (1.0, 4.0)
+    assert (ours["ratio_to_torch"], ours["ratio_to_gemm_bound"]) == (0.5, 2.0)
+    assert ours["memory_ratio_to_torch"] == 0.5
+    assert gemm_r["memory_ratio_to_torch"] is None
+    assert failed["ratio_to_torch"] is None
+    assert (alone["ratio_to_torch"], alone["ratio_to_gemm_bound"]) == (None, None)
+
+
+def test_table_aligns_rows_and_shows_errors():
+    records = [_record("torch", 4e-3, peak=2**20), _record("gemm", 1e-3),
+               _record("torch.compile", 0, status="error")]
+    harness.add_ratios(records)
+    lines = report.format_table(records).splitlines()
+    header, rule, torch_row, compiled_row, gemm_row = lines
+    assert header.split()[:5] == ["device", "width", "depth", "batch", "implementation"]
+    assert len(torch_row) == len(rule)  # every column filled and right-aligned
+    assert torch_row.split()[4:] == ["torch-cpu", "4", "0", "0.25", "1.00", "4.00", "1",
+                                     "1.00"]
+    assert compiled_row.endswith("error: RuntimeError: boom")
+    assert gemm_row.split()[4:6] == ["gemm-bound-numpy", "1"]
+
+
+def test_summary_reports_the_targets_as_measured():
+    records = [_record("torch", 4.0, peak=1000), _record("gemm", 1.0),
+               _record("gpu_mlp", 2.0, peak=500, mode="output")]
+    harness.add_ratios(records)
+    assert report.summary(records) == [
+        "gpu_mlp-numpy[output]: faster than torch eager at 1/1 points; worst ratio 0.50 at "
+        "w8-d2-B4",
+        "gpu_mlp-numpy[output]: peak memory below torch's at 1/1 points (largest ratio 0.50)"]
+
+
+def _run_cli(out, *extra):
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
+           "--depths", "2", "--batches", "4", "--warmup", "1", "--repeats", "5",
+           "--max-time", "0", "--threads", "1", "--dtype", "float64", "--out", str(out),
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_cli_writes_table_json_and_plot_and_resumes(tmp_path):
+    stdout, doc = _run_cli(tmp_path, "--widths", "8")
+    assert doc["schema"] == harness.SCHEMA
+    assert set(doc) == {"schema", "config", "environment", "records"}
+    env, config = doc["environment"], doc["config"]
+    assert env["threads"]["OPENBLAS_NUM_THREADS"] == "1" and env["threads"]["torch"] == 1
+    assert "bench/run.py" in env["command"] and "--widths 8" in env["command"]
+    assert {"numpy", "scipy", "torch", "cupy", "gpu_mlp"} <= set(env["versions"])
+    assert (config["dtype"], config["tf32"], config["widths"]) == ("float64", False, [8])
+    assert config["network"] == harness.NETWORK and config["flops"] == harness.FLOPS
+
+    labels = ["torch-cpu", "gemm-bound-numpy"] + [f"gpu_mlp-numpy[{m}]"
+                                                  for m in gpu_mlp.MEMORY_MODES]
+    records = {r["label"]: r for r in doc["records"]}
+    assert sorted(records) == sorted(labels)
+    assert all(r["status"] == "ok" for r in records.values())
+    assert records["torch-cpu"]["ratio_to_torch"] == 1.0
+    assert records["gemm-bound-numpy"]["ratio_to_gemm_bound"] == 1.0
+    for mode in gpu_mlp.MEMORY_MODES:
+        r = records[f"gpu_mlp-numpy[{mode}]"]
+        assert r["ratio_to_torch"] == pytest.approx(
+            r["time_s"]["median"] / records["torch-cpu"]["time_s"]["median"])
+        assert r["ratio_to_gemm_bound"] > 0 and r["peak_bytes"] > 0
+
+    table = report.format_table(doc["records"])
+    assert table in stdout and all(label in table for label in labels)
+    markdown = (tmp_path / "report.md").read_text()
+    assert table in markdown and env["command"] in markdown and "results.png" in markdown
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --resume keeps what was measured and measures only what is missing
+    _, resumed = _run_cli(tmp_path, "--widths", "8,16", "--impls", "gemm", "--resume",
+                          "--no-plot")
+    assert resumed["records"][:len(doc["records"])] == doc["records"]
+    [new] = resumed["records"][len(doc["records"]):]
+    assert (new["label"], new["width"], new["status"]) == ("gemm-bound-numpy", 16, "ok")
+    assert new["ratio_to_torch"] is None  # no torch measurement at width 16
+    assert resumed["environment"]["previous_commands"] == [env["command"]]
+
+
+def test_cli_refuses_to_resume_with_other_settings(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"config": {"dtype": "float32", "tf32": False}, "records": []}))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
+                           "--dtype", "float64", "--out", str(tmp_path), "--resume"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1
+    assert "not resuming" in done.stderr

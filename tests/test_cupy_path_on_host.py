@@ -1,0 +1,490 @@
+"""The engine's CuPy code path, run end to end on the CPU through the CUDA kernel bodies.
+
+Inside ``host_cupy.cupy_path(lib)`` every op of ``gpu_mlp.ops`` takes its CuPy branch on
+NumPy arrays, and ``import cupy`` gives an emulation that checks each launch as the GPU
+needs it -- kernel and body, argument count, order, types and shapes, null pointers,
+grid, BLAS transpositions -- and then runs the CUDA bodies compiled for the host by g++
+(``host_cupy.py`` says what this proves and what it cannot). Here the real engine runs
+on that path in every memory mode, activation, loss and depth 1-4 and is compared with
+the float64 reference and with the NumPy engine; each op is compared with its NumPy
+branch; the launches are counted to show that every kernel ran; and bugs planted in the
+CuPy branches are shown to be caught.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import cuda_host
+import gpu_mlp
+import host_cupy
+from gpu_mlp import activations, cuda, losses, ops, reference
+from host_cupy import NULL, cupy_path
+
+ACTIVATIONS = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
+# the kinds of targets as (loss, soft), the arguments of conftest's make_targets
+TARGETS = {"squared": ("squared", False), "logistic": ("logistic", False),
+           "labels": ("softmax_cross_entropy", False),
+           "probabilities": ("softmax_cross_entropy", True)}
+SUPPORTED = [(act, mode) for act in ACTIVATIONS for mode in gpu_mlp.MEMORY_MODES
+             if not (act == "gelu" and mode == "output")]
+
+# d_0 .. d_4; depth n uses the first n, then D_OUT. No width equals another's neighbour
+# or BATCH, so an operand transposed by mistake is a shape error, not a silent one.
+WIDTHS = [5, 7, 6, 8, 9]
+D_OUT, BATCH, LR = 3, 4, 0.1
+RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-4}  # against the reference
+# Against the NumPy engine, in ulps of the array's scale: the host's libm and NumPy
+# round exp, tanh and erfc apart, sums run in other orders, and a float32 GEMM here
+# accumulates in float64: a few ulps, under 10 in every case seen. The op tests below
+# say which results must agree to the bit.
+NUMPY_ULPS = 32
+
+
+@pytest.fixture(scope="session")
+def lib(tmp_path_factory):
+    """cuda_host's functions and the row kernels' launchers, built once per session."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    return host_cupy.build(tmp_path_factory.mktemp("host_cupy"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240602)
+
+
+@pytest.fixture
+def make_batch(rng, make_targets):
+    """``make_batch(net, target, batch=BATCH)``: random X and valid Y of kind ``target``."""
+    def make_batch(net, target, batch=BATCH):
+        loss, soft = TARGETS[target]
+        Y = make_targets(rng, loss, batch, net.sizes[-1], soft=soft)
+        return rng.standard_normal((batch, net.sizes[0])).astype(net.dtype), Y
+    return make_batch
+
+
+@pytest.fixture
+def make_net(rng, make_params):
+    """``make_net(act, target, memory, depth, dtype)``: a NumPy-backed net (``device="cpu"``)
+    with random weights and biases (a bias of 0 would hide a lost bias); ``act`` is used
+    by every layer, or is a list with one per layer."""
+    def make_net(act, target="squared", memory="output", depth=3, dtype="float64"):
+        acts = act if isinstance(act, list) else [act] * depth
+        params = make_params(rng, WIDTHS[:len(acts)] + [D_OUT], dtype)
+        return gpu_mlp.MLP.from_params(params, acts, TARGETS[target][0], memory, device="cpu")
+    return make_net
+
+
+def host_params(net):
+    """Float64 copies of the net's parameters, for the reference."""
+    return [(W.astype(np.float64), b.astype(np.float64)) for W, b in net.params]
+
+
+def reference_gradients(net, X, Y):
+    return reference.loss_and_gradients(host_params(net), net.activations, net.loss,
+                                        X.astype(np.float64), Y)
+
+
+def sgd(params, grads):
+    return [(W - LR * dW, b - LR * db) for (W, b), (dW, db) in zip(params, grads)]
+
+
+def assert_close(actual, expected, rtol):
+    """Within ``rtol`` of the largest entry of ``expected`` (dead ReLU units are 0)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
+def numpy_rtol(dtype):
+    return NUMPY_ULPS * np.finfo(dtype).eps
+
+
+def flatten(results):
+    """``(J, [(dW, db)], dX)`` as a flat list of arrays."""
+    J, grads, dX = results
+    return [J, dX] + [a for pair in grads for a in pair]
+
+
+def assert_all_close(actual, expected, rtol):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, rtol)
+
+
+# --- the engine on the CuPy path --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, depth, dtype):
+    net = make_net(act, target, memory, depth, dtype)
+    X, Y = make_batch(net, target)
+    with cupy_path(lib):
+        result = flatten(net.loss_and_gradients(X, Y))
+    assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
+    assert_all_close(result, flatten(net.loss_and_gradients(X, Y)), numpy_rtol(net.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("act, memory", SUPPORTED)
+def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, target, dtype):
+    net = make_net(act, target, memory, dtype=dtype)
+    twin = gpu_mlp.MLP.from_params(net.params, net.activations, net.loss, memory, device="cpu")
+    X, Y = make_batch(net, target)
+    params = host_params(net)
+    J_ref, grads, _ = reference_gradients(net, X, Y)
+    norms_ref = [np.sqrt(sum(np.sum(dW ** 2) + np.sum(db ** 2)
+                             for dW, db in reference_gradients(net, X[i:i + 1], Y[i:i + 1])[1]))
+                 for i in range(BATCH)]
+
+    def run(net):
+        return [net.predict(X), net.per_sample_grad_norms(X, Y), net.train_step(X, Y, LR)]
+
+    W = net.params[0][0]
+    with cupy_path(lib):
+        out, norms, J = run(net)
+    assert out.dtype == norms.dtype == J.dtype == net.dtype
+    assert net.params[0][0] is W  # SGD went into W in place
+    expected = [reference.forward(params, net.activations, X.astype(np.float64)), norms_ref,
+                J_ref]
+    expected += [a for pair in sgd(params, grads) for a in pair]
+    assert_all_close([out, norms, J] + [a for pair in net.params for a in pair], expected,
+                     RTOL[net.dtype])
+    assert_all_close([out, norms, J] + [a for pair in net.params for a in pair],
+                     run(twin) + [a for pair in twin.params for a in pair], numpy_rtol(dtype))
+
+
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_mixed_activations(lib, make_net, make_batch, memory):
+    # two ReLU scales in one net (alpha is an argument, never part of a cached kernel)
+    # and softmax between hidden layers
+    acts = ["relu(alpha=0.5)", "softmax", "relu", "sigmoid" if memory == "output" else "gelu",
+            "identity"]
+    net = make_net(acts, "labels", memory)
+    X, Y = make_batch(net, "labels")
+    with cupy_path(lib):
+        result = flatten(net.loss_and_gradients(X, Y))
+    assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
+
+
+@pytest.mark.parametrize("target", ["labels", "probabilities"])
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, target):
+    # 300 rows: three blocks of ops._ROW_THREADS, the last one partly idle
+    net = make_net(["softmax", "tanh", "identity"], target, memory)
+    X, Y = make_batch(net, target, batch=300)
+    with cupy_path(lib):
+        result = flatten(net.loss_and_gradients(X, Y))
+    assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype):
+    with cupy_path(lib) as device:
+        for i, (act, memory) in enumerate(SUPPORTED):
+            target = list(TARGETS)[i % len(TARGETS)]  # every loss, with several activations
+            net = make_net(act, target, memory, depth=2, dtype=dtype)
+            X, Y = make_batch(net, target)
+            net.predict(X)
+            net.loss_and_gradients(X, Y)
+            net.per_sample_grad_norms(X, Y)
+            net.train_step(X, Y, LR)
+    elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
+                   for op, act in cuda_host.elementwise_pairs()}
+    elementwise.remove(("gpu_mlp_grad_from_output_identity", dtype))  # ops skips a no-op
+    ctype = cuda_host.CTYPES[np.dtype(dtype)]
+    rows = {f"{kernel}<{ctype}>" for kernel in cuda.ROW_KERNELS}
+    # MATH.md: A = F W^T, Delta W, dW = Delta^T F, db = Delta^T 1
+    blas = {("gemm", "N", "T", dtype), ("gemm", "N", "N", dtype), ("gemm", "T", "N", dtype),
+            ("gemv", "T", dtype)}
+    assert set(device.launches) == elementwise | rows | blas
+    assert set(host_cupy.row_kernels()) == set(cuda.ROW_KERNELS)
+
+
+# --- each op: its CuPy branch against its NumPy branch ----------------------------------------
+
+# The ops that launch an activation kernel, on arrays named as the kernels' parameters.
+ACTIVATION_OPS = {
+    "bias_act": lambda act, v: ops.bias_act(act, v["a"], v["bias"]),
+    "bias_act_keep": lambda act, v: ops.bias_act_keep(act, v["a"], v["bias"], v["f"]),
+    "bias_act_grad": lambda act, v: ops.bias_act_grad(act, v["a"], v["bias"], v["f"]),
+    "grad_from_output": lambda act, v: ops.grad_from_output(act, v["f"], v["delta"]),
+    "recompute_grad": lambda act, v: ops.recompute_grad(act, v["a"], v["delta"]),
+    "mul": lambda act, v: ops.mul(v["delta"], v["d"]),
+}
+OP_CASES = [(op, act) for op in ACTIVATION_OPS for act in (ACTIVATIONS if op != "mul" else [None])
+            if not (op == "bias_act_grad" and act == "softmax")  # refused on both paths
+            and not (op == "grad_from_output" and act == "gelu")]
+# No library function (exp, tanh, erfc) and no sum, so the same IEEE operations in C and
+# NumPy: these must agree to the bit on any machine.
+EXACT = {"identity", "relu"}
+
+
+def exact(op, activation):
+    # sigma' from the output is arithmetic on F alone: f (1 - f), 1 - f^2
+    return (op == "mul" or activation.name in EXACT
+            or (op == "grad_from_output" and not activation.kind.rowwise))
+B, C = 300, 11  # more rows than one block of ops._ROW_THREADS
+
+
+def op_arrays(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {name: rng.normal(0, 2, (B, C)).astype(dtype) for name in ("a", "f", "delta", "d")}
+    arrays["bias"] = rng.normal(0, 1, C).astype(dtype)
+    return arrays
+
+
+def assert_branches_agree(cupy, numpy, exact, dtype):
+    for name in numpy:
+        if exact:
+            assert np.array_equal(cupy[name], numpy[name]), name
+        else:
+            assert_close(cupy[name], numpy[name], numpy_rtol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("op, act", OP_CASES, ids=[f"{op}-{act}" for op, act in OP_CASES])
+def test_activation_op_branches_agree(lib, op, act, dtype):
+    activation = activations.get(act or "identity")
+    cupy, numpy = op_arrays(dtype), op_arrays(dtype)
+    with cupy_path(lib) as device:
+        ACTIVATION_OPS[op](activation, cupy)
+    ACTIVATION_OPS[op](activation, numpy)
+    no_op = op == "grad_from_output" and act == "identity"  # sigma' = 1: ops launches nothing
+    assert bool(device.launches) != no_op  # the CuPy branch ran
+    assert_branches_agree(cupy, numpy, exact(op, activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_loss_op_branches_agree(lib, make_targets, target, dtype):
+    loss, soft = TARGETS[target]
+    rng = np.random.default_rng(1)
+    F = rng.normal(0, 2, (B, C)).astype(dtype)
+    Y = make_targets(rng, loss, B, C, dtype, soft=soft)
+    loss = losses.get(loss)
+    grads = {"cupy": np.empty_like(F), "numpy": np.empty_like(F)}
+    with cupy_path(lib):
+        J = ops.loss_and_grad(loss, F, Y, grads["cupy"], 1 / B,
+                              np.empty(ops.loss_scratch_shape(loss, F.shape), dtype))
+    J_numpy = ops.loss_and_grad(loss, F, Y, grads["numpy"], 1 / B, None)
+    assert J.dtype == dtype
+    assert_close(J, J_numpy, numpy_rtol(dtype))  # the terms are summed in other orders
+    assert_branches_agree({"grad": grads["cupy"]}, {"grad": grads["numpy"]},
+                          loss.name == "squared", dtype)
+
+
+GEMMS = [("N", "T"), ("N", "N"), ("T", "N"), ("T", "T")]
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0)], ids=["write", "update"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("transa, transb", GEMMS, ids=["".join(t) for t in GEMMS])
+def test_gemm_branches_agree(lib, transa, transb, dtype, alpha, beta):
+    rng = np.random.default_rng(2)
+    m, k, n = 4, 5, 6
+    a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype)
+    b = rng.standard_normal((k, n) if transb == "N" else (n, k)).astype(dtype)
+    # with beta = 0 BLAS must not read out: NaN there must not show
+    start = np.full((m, n), np.nan) if beta == 0 else rng.standard_normal((m, n))
+    out = {path: start.astype(dtype) for path in ("cupy", "numpy")}
+    with cupy_path(lib):
+        assert ops.gemm(transa, transb, a, b, out["cupy"], alpha=alpha, beta=beta) is out["cupy"]
+    ops.gemm(transa, transb, a, b, out["numpy"], alpha=alpha, beta=beta)
+    assert_close(out["cupy"], out["numpy"], numpy_rtol(dtype))
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0)], ids=["write", "update"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("transa", ["N", "T"])
+def test_gemv_branches_agree(lib, transa, dtype, alpha, beta):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 5)).astype(dtype)
+    x = rng.standard_normal(5 if transa == "N" else 4).astype(dtype)
+    start = np.full(4 if transa == "N" else 5, np.nan if beta == 0 else 0.5, dtype)
+    y = {path: start.copy() for path in ("cupy", "numpy")}
+    with cupy_path(lib):
+        ops.gemv(transa, a, x, y["cupy"], alpha=alpha, beta=beta)
+    ops.gemv(transa, a, x, y["numpy"], alpha=alpha, beta=beta)
+    assert_close(y["cupy"], y["numpy"], numpy_rtol(dtype))
+
+
+# --- the emulation refuses what would go wrong on a GPU ---------------------------------------
+
+def python_float_alpha(mp):
+    mp.setattr(ops, "_alpha", lambda act, a: act.alpha)
+
+
+def double_alpha(mp):
+    mp.setattr(ops, "_alpha", lambda act, a: np.float64(act.alpha))
+
+
+def forward_gemm_not_transposed(mp):
+    gemm = ops.gemm
+    mp.setattr(ops, "gemm", lambda transa, transb, *args, **kw:
+               gemm(transa, "N" if (transa, transb) == ("N", "T") else transb, *args, **kw))
+
+
+def too_many_threads(mp):
+    mp.setattr(ops, "_ROW_THREADS", 2048)
+
+
+def f_and_delta_swapped(mp):
+    launch = ops._launch
+    mp.setattr(ops, "_launch", lambda op, act, *args:
+               launch(op, act, *(args[::-1] if op == "grad_from_output" else args)))
+
+
+PLANTED = [  # (bug, activation, memory, dtype, what gives it away)
+    pytest.param(python_float_alpha, "relu", "output", "float64",
+                 "alpha: expected a numpy.float64, got float", id="alpha a Python float"),
+    pytest.param(double_alpha, "tanh", "recompute", "float32",
+                 "alpha: expected a numpy.float32, got float64", id="alpha float64 in float32"),
+    pytest.param(forward_gemm_not_transposed, "tanh", "output", "float64",
+                 r"gemm NN: op\(a\) \(4, 5\), op\(b\) \(7, 5\)", id="forward GEMM untransposed"),
+    pytest.param(too_many_threads, "softmax", "output", "float64", "2048 threads per block",
+                 id="block too large"),
+    pytest.param(f_and_delta_swapped, "tanh", "output", "float64", "Not equal to tolerance",
+                 id="f and delta swapped"),
+]
+
+
+@pytest.mark.parametrize("plant, act, memory, dtype, message", PLANTED)
+def test_planted_bugs_are_caught(lib, make_net, make_batch, monkeypatch, plant, act, memory, dtype,
+                                 message):
+    net = make_net(act, "squared", memory, dtype=dtype)
+    X, Y = make_batch(net, "squared")
+    expected = flatten(reference_gradients(net, X, Y))
+    plant(monkeypatch)
+    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+        assert_all_close(flatten(net.loss_and_gradients(X, Y)), expected,
+                         RTOL[net.dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_row_kernels_run_the_global_bodies(lib, dtype):
+    """Each kernel launched as ops launches it, over three blocks, against the NumPy tables."""
+    rng = np.random.default_rng(4)
+    z, g = rng.normal(0, 2, (B, C)).astype(dtype), rng.normal(0, 1, (B, C)).astype(dtype)
+    bias = rng.normal(0, 1, C).astype(dtype)
+    targets = {"labels": rng.integers(0, C, B),
+               "targets": rng.dirichlet(np.ones(C), B).astype(dtype)}
+    f = activations.get("softmax")(z + bias)
+    xent = losses.get("softmax_cross_entropy").evaluate
+    expected = {"forward": f, "backward": activations.softmax_backward(f, g, np.empty_like(g))}
+    got = {"forward": np.empty_like(z), "backward": g.copy()}
+    for kind, Y in targets.items():
+        expected[kind + " grad"], got[kind + " grad"] = np.empty_like(z), np.empty_like(z)
+        expected[kind + " loss"] = xent(z, Y, dtype(0.5), expected[kind + " grad"])
+        got[kind + " loss"] = np.empty(B, dtype)
+
+    dims = (np.int32(B), np.int32(C))
+    with cupy_path(lib) as device:
+        ops._launch_rows("gm_softmax_forward", B, z, bias, got["forward"], *dims)
+        ops._launch_rows("gm_softmax_backward", B, f, got["backward"], *dims)
+        for kind, Y in targets.items():
+            ops._launch_rows(f"gm_softmax_xent_{kind}", B, z, Y, got[kind + " grad"],
+                             got[kind + " loss"], *dims, dtype(0.5))
+    assert len(device.launches) == len(cuda.ROW_KERNELS)
+    rtol = 2 * C * np.finfo(dtype).eps  # a row's terms summed in another order
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=rtol, atol=rtol, err_msg=name)
+
+
+def softmax_backward(f, g, B=np.int32(B), C=np.int32(C)):
+    return "gm_softmax_backward", (f, g, B, C)
+
+
+def xent_labels(labels, scale):
+    f = np.zeros((B, C))
+    return "gm_softmax_xent_labels", (f, labels, np.empty_like(f), np.empty(B), np.int32(B),
+                                      np.int32(C), scale)
+
+
+F, G = np.full((B, C), 1 / C), np.ones((B, C))
+BAD_ROW_LAUNCHES = [  # ((kernel, args), grid, block, what the emulation says)
+    pytest.param(softmax_backward(F, G, B=B), (3,), (128,), "B: expected a numpy.int32, got int",
+                 id="B a Python int"),
+    pytest.param(xent_labels(np.zeros(B, np.int32), np.float64(1)), (3,), (128,),
+                 "labels: expected int64, got int32", id="int32 labels"),
+    pytest.param(xent_labels(np.zeros(B, np.int64), np.float32(1)), (3,), (128,),
+                 "scale: expected a numpy.float64, got float32", id="float32 scale"),
+    pytest.param(softmax_backward(NULL, G), (3,), (128,), "f: no null pointer",
+                 id="null f"),
+    pytest.param(softmax_backward(G, G), (3,), (128,), "__restrict__ f: overlaps",
+                 id="f is g"),
+    pytest.param(softmax_backward(F, G.T), (3,), (128,), r"g: expected shape \(300, 11\)",
+                 id="g transposed"),
+    pytest.param(softmax_backward(F, G), (2,), (128,), "2 x 128 threads for 300 rows",
+                 id="grid too small"),
+    pytest.param(softmax_backward(F, G), (3, 1), (128, 1), "indexes rows by x only",
+                 id="two-dimensional grid"),
+    pytest.param(("gm_softmax_backward", (F, G, np.int32(B))), (3,), (128,), "got 3 arguments",
+                 id="an argument missing"),
+]
+
+
+@pytest.mark.parametrize("launch, grid, block, message", BAD_ROW_LAUNCHES)
+def test_bad_row_launches_are_refused(lib, launch, grid, block, message):
+    kernel, args = launch
+    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+        cuda.row_kernel(kernel, np.dtype(np.float64))(grid, block, args)
+
+
+def bias_act_relu(*args):
+    ops._kernel("bias_act", "relu")(*args)
+
+
+A = np.ones((B, C))
+BAD_ELEMENTWISE_LAUNCHES = [  # (launch, what the emulation says)
+    pytest.param(lambda: bias_act_relu(A.copy(), np.float64(1), A[0].copy()),
+                 r"bias: expected shape \(11,\)", id="bias and a swapped"),
+    pytest.param(lambda: bias_act_relu(A[0], np.float64(1)), "got 2 arguments",
+                 id="output missing"),
+    pytest.param(lambda: bias_act_relu(A[0], np.float64(1), np.ones((C, B)).T),
+                 "a: not C-contiguous", id="strided output"),
+    pytest.param(lambda: bias_act_relu(A[0].astype(np.float32), np.float64(1), A.copy()),
+                 "bias: expected float64, got float32", id="mixed dtypes"),
+    pytest.param(lambda: cuda.elementwise(*ops.ELEMENTWISE["mul"], "gpu_mlp_mul_relu"),
+                 "no ops.ELEMENTWISE kernel is named 'gpu_mlp_mul_relu'", id="unknown name"),
+    pytest.param(lambda: cuda.elementwise("T bias, T alpha", "T a", "a = gm_tanh(a, alpha)",
+                                          "gpu_mlp_bias_act_relu"),
+                 "is not ops.ELEMENTWISE", id="another body"),
+]
+
+
+@pytest.mark.parametrize("launch, message", BAD_ELEMENTWISE_LAUNCHES)
+def test_bad_elementwise_launches_are_refused(lib, launch, message):
+    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+        launch()
+
+
+M, S = np.ones((4, 5)), np.ones((4, 4))
+BAD_BLAS_CALLS = [  # (call, what the emulation says)
+    pytest.param(lambda: ops.gemm("N", "N", M, M, np.empty((4, 4))),
+                 r"gemm NN: op\(a\) \(4, 5\), op\(b\) \(4, 5\)", id="gemm untransposed"),
+    pytest.param(lambda: ops.gemm("N", "T", M, M[:, :4].copy(), np.empty((4, 5))),
+                 r"gemm NT: op\(a\) \(4, 5\), op\(b\) \(4, 4\)", id="gemm inner sizes"),
+    pytest.param(lambda: ops.gemm("N", "T", M[:, :4], M[:, :4], np.empty((4, 4))),
+                 "a: not C-contiguous", id="gemm strided operand"),
+    pytest.param(lambda: ops.gemm("T", "N", S, S.copy(), S), "out: overlaps", id="gemm out is a"),
+    pytest.param(lambda: ops.gemm("C", "N", M, M, np.empty((5, 5))),
+                 "transposition 'C'", id="gemm conjugate"),
+    pytest.param(lambda: ops.gemv("T", M, np.ones(8)[::2], np.empty(5)),
+                 "x: not C-contiguous", id="gemv strided x"),
+    pytest.param(lambda: ops.gemv("N", M, np.ones(4), np.empty(5)),
+                 r"x: expected shape \(5,\)", id="gemv untransposed"),
+    pytest.param(lambda: ops.gemv("T", M, np.ones(4, np.float32), np.empty(5)),
+                 "x: expected float64, got float32", id="gemv mixed dtypes"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_BLAS_CALLS)
+def test_bad_blas_calls_are_refused(lib, call, message):
+    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+        call()
