@@ -96,6 +96,17 @@ def elementwise_params(op: str) -> tuple[list[str], list[str]]:
     return names(in_params), names(out_params)
 
 
+# How gpu_mlp.ops calls each activation op, on arrays named as the kernel's parameters.
+OP_CALLS = {
+    "bias_act": lambda act, v: ops.bias_act(act, v["a"], v["bias"]),
+    "bias_act_keep": lambda act, v: ops.bias_act_keep(act, v["a"], v["bias"], v["f"]),
+    "bias_act_grad": lambda act, v: ops.bias_act_grad(act, v["a"], v["bias"], v["f"]),
+    "grad_from_output": lambda act, v: ops.grad_from_output(act, v["f"], v["delta"]),
+    "recompute_grad": lambda act, v: ops.recompute_grad(act, v["a"], v["delta"]),
+    "mul": lambda act, v: ops.mul(v["delta"], v["d"]),
+}
+
+
 # --- generated C++ ----------------------------------------------------------------------
 
 def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:

@@ -146,14 +146,7 @@ def test_a_table_row_without_cuda_functions_fails_the_build(tmp_path, monkeypatc
 # --- 2. the kernel bodies of gpu_mlp.ops against their NumPy twins -------------------------
 
 # Each ELEMENTWISE op's NumPy twin, on arrays named as the kernel's parameters, in place.
-NUMPY_TWINS = {
-    "bias_act": lambda act, v: ops.bias_act(act, v["a"], v["bias"]),
-    "bias_act_keep": lambda act, v: ops.bias_act_keep(act, v["a"], v["bias"], v["f"]),
-    "bias_act_grad": lambda act, v: ops.bias_act_grad(act, v["a"], v["bias"], v["f"]),
-    "grad_from_output": lambda act, v: ops.grad_from_output(act, v["f"], v["delta"]),
-    "recompute_grad": lambda act, v: ops.recompute_grad(act, v["a"], v["delta"]),
-    "mul": lambda act, v: ops.mul(v["delta"], v["d"]),
-}
+NUMPY_TWINS = cuda_host.OP_CALLS
 ACTIVATION_OPS = [(op, act) for op, act in cuda_host.elementwise_pairs()
                   if op not in losses.TABLE]
 LOSS_OPS = [op for op, _ in cuda_host.elementwise_pairs() if op in losses.TABLE]

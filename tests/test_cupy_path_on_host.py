@@ -209,14 +209,7 @@ def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype):
 # --- each op: its CuPy branch against its NumPy branch ----------------------------------------
 
 # The ops that launch an activation kernel, on arrays named as the kernels' parameters.
-ACTIVATION_OPS = {
-    "bias_act": lambda act, v: ops.bias_act(act, v["a"], v["bias"]),
-    "bias_act_keep": lambda act, v: ops.bias_act_keep(act, v["a"], v["bias"], v["f"]),
-    "bias_act_grad": lambda act, v: ops.bias_act_grad(act, v["a"], v["bias"], v["f"]),
-    "grad_from_output": lambda act, v: ops.grad_from_output(act, v["f"], v["delta"]),
-    "recompute_grad": lambda act, v: ops.recompute_grad(act, v["a"], v["delta"]),
-    "mul": lambda act, v: ops.mul(v["delta"], v["d"]),
-}
+ACTIVATION_OPS = cuda_host.OP_CALLS
 OP_CASES = [(op, act) for op in ACTIVATION_OPS for act in (ACTIVATIONS if op != "mul" else [None])
             if not (op == "bias_act_grad" and act == "softmax")  # refused on both paths
             and not (op == "grad_from_output" and act == "gelu")]
