@@ -42,7 +42,8 @@ def _ones(z, alpha, out):
 
 def _relu(z, alpha, out):
     np.maximum(z, 0, out=out)  # propagates NaN, as gm_relu does
-    out *= alpha
+    if alpha != 1:  # skip a pass over memory in the common case
+        out *= alpha
     return out
 
 
@@ -50,7 +51,8 @@ def _relu_grad(z, alpha, out):
     # NOTE: the derivative at 0 is 0 in every mode: the output F = 0 cannot tell z = 0
     # from z < 0, and all memory modes must agree bit for bit (MATH.md).
     np.greater(z, 0, out=out)
-    out *= alpha
+    if alpha != 1:
+        out *= alpha
     return out
 
 
