@@ -50,7 +50,7 @@ def _is_cupy(a) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 
 
-def to_device(a, xp, name: str = "array"):
+def to_device(a, xp):
     """``a`` as an array of ``xp`` (NumPy or CuPy), zero-copy where the device matches."""
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad

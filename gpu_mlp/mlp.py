@@ -111,7 +111,7 @@ class MLP:
         ``dtype`` defaults to the parameters' own.
         """
         name, xp = _device.resolve(device)
-        pairs = [(_device.to_device(W, xp, "W"), _device.to_device(b, xp, "b"))
+        pairs = [(_device.to_device(W, xp), _device.to_device(b, xp))
                  for W, b in _iter_pairs(params)]
         pairs = _checks.params(pairs)
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
@@ -250,18 +250,16 @@ class MLP:
     # --- input handling -----------------------------------------------------------------
 
     def _inputs(self, X, check: bool = True):
-        X = _device.to_device(X, self._xp, "X")
+        X = _device.to_device(X, self._xp)
         X = _checks.inputs(X, self.sizes[0], self._xp, values=check)
         return self._xp.ascontiguousarray(X, dtype=self.dtype)
 
     def _batch(self, X, Y, check: bool):
         X = self._inputs(X, check)
-        if X.ndim == 1:
+        Y = _device.to_device(Y, self._xp)
+        if X.ndim == 1:  # one sample: a batch of one
             X = X[None, :]
-            Y = _device.to_device(Y, self._xp, "Y")
             Y = Y[None] if Y.ndim < 2 else Y
-        else:
-            Y = _device.to_device(Y, self._xp, "Y")
         Y = self.loss.check_targets(Y, X.shape[0], self.sizes[-1], self._xp, self.dtype,
                                     values=check)
         return X, self._xp.ascontiguousarray(Y)
