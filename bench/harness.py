@@ -117,7 +117,7 @@ class Case:
     step: Callable[[], object]
     sync: Callable[[], None]
     memory: Optional[str]   # how its peak memory is measured: "cupy", "torch-cuda", "tracemalloc"
-    workspace: object = None  # gpu_mlp's Workspace for the batch, when there is one
+    workspace: object = None  # gpu_mlp's training Workspace, when there is one
     weights: Optional[Callable[[], list]] = None  # the current [(W, b)] as NumPy, for checks
 
 
@@ -302,7 +302,7 @@ def _gpu_mlp_case(task, params, X, Y) -> Case:
 
     return Case(step, _sync_for(task.device),
                 memory="cupy" if task.device == "cuda" else "tracemalloc",
-                workspace=net.workspace(task.point.batch), weights=weights)
+                workspace=net.training_workspace, weights=weights)
 
 
 def _torch_case(task, params, X, Y, compiled: bool) -> Case:

@@ -6,9 +6,10 @@
 For each grid point and implementation it reports the median step time and its IQR,
 the achieved TFLOP/s, the ratios to PyTorch eager and to the GEMM-only bound, and the
 peak memory against PyTorch's. It prints a table and writes ``results.json``,
-``report.md`` (environment, command, table) and ``results.png`` to ``--out``; the JSON
-after every measurement, so that a run cut short keeps what it measured and ``--resume``
-carries on from there. See bench/harness.py for what is timed and how.
+``report.md`` (environment, command, table) and, with matplotlib, ``results.png`` to
+``--out``; the JSON after every measurement, so that a run cut short keeps what it
+measured and ``--resume`` carries on from there. See bench/harness.py for what is timed
+and how.
 
 NumPy and SciPy read their BLAS thread count when they load and CuPy reads ``CUPY_TF32``
 once, so this script sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
@@ -89,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. bench/results/cuda-float32)")
     p.add_argument("--resume", action="store_true",
                    help="keep the successful measurements in OUT/results.json, measure the rest")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-plot", action="store_true",
+                   help="skip the PNG plot (skipped anyway, with a note, without matplotlib)")
     args = p.parse_args(argv)
     grid = QUICK if args.quick else FULL
     for name in ("widths", "depths", "batches"):
@@ -128,6 +130,15 @@ def main(argv=None) -> int:
 
     import gpu_mlp
     from bench import harness, report
+    from gpu_mlp.plotting import require_matplotlib
+
+    plot = not args.no_plot
+    if plot:
+        try:
+            require_matplotlib()
+        except ImportError as e:  # say so now, not after the measurements
+            print(f"skipping the plot (results.png): {e}", file=sys.stderr)
+            plot = False
 
     devices = args.devices or (["cuda"] if gpu_mlp.gpu_available() else ["cpu"])
     if "cuda" in devices and not gpu_mlp.gpu_available():
@@ -182,7 +193,7 @@ def main(argv=None) -> int:
     print("\n".join(report.summary(records)))
     written = [json_path]
     plot_name = None
-    if not args.no_plot and any(r["status"] == "ok" for r in records):
+    if plot and any(r["status"] == "ok" for r in records):
         plot_name = "results.png"
         report.plot(records, out / plot_name)
         written.append(out / plot_name)

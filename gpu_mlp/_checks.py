@@ -2,13 +2,59 @@
 
 Every public entry point validates before it touches anything, so a bad call raises a
 ``TypeError`` / ``ValueError`` that names the problem and leaves a model unchanged.
+Values are checked as they will be computed with: after the cast to the net's dtype (a
+float64 1e39 is inf in float32). On a GPU the value checks of one call are gathered as
+device flags by :class:`Verdicts` and read with a single device-to-host transfer.
 """
 
 from __future__ import annotations
 
+import numbers
+from typing import Callable, Union
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NUMERIC_KINDS = ("b", "i", "u", "f")  # what the engine casts to its float dtype
+
+
+class Verdicts:
+    """Value checks gathered as 0-d device booleans and read with one transfer.
+
+    >>> v = Verdicts(np)
+    >>> v.require(np.all(np.array([1.0]) > 0), "X must be positive")
+    >>> v.settle()  # raises the first failed check's message, if any
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._pending: list[tuple] = []
+
+    def require(self, ok, message: Union[str, Callable[[], str]]) -> None:
+        """Record that ``ok`` (a 0-d boolean array or a bool) must hold; ``message`` (or
+        a function making it, called only on failure) says what is wrong otherwise."""
+        self._pending.append((ok, message))
+
+    def settle(self) -> None:
+        """Raise a ValueError with the first failed check's message; forget them all."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if self.xp is np:
+            results = [bool(ok) for ok, _ in pending]
+        else:  # one device-to-host synchronisation for all of them
+            flags = self.xp.stack([self.xp.asarray(ok, dtype=bool) for ok, _ in pending])
+            results = flags.get().tolist()
+        for good, (_, message) in zip(results, pending):
+            if not good:
+                raise ValueError(message() if callable(message) else message)
+
+
+def settle_now(xp, check: Callable[[Verdicts], None]) -> None:
+    """Run ``check(verdicts)`` and settle at once: for callers with nothing to gather."""
+    verdicts = Verdicts(xp)
+    check(verdicts)
+    verdicts.settle()
 
 
 def dtype_of(name: str, dtype) -> np.dtype:
@@ -32,10 +78,49 @@ def floating(name: str, a):
     return a
 
 
-def finite(name: str, a, xp=np) -> None:
-    """Raise a ValueError if ``a`` holds NaN or Inf (one device sync on a GPU array)."""
-    if a.size and not bool(xp.isfinite(a).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+def cast(a, dtype, xp=np):
+    """``a`` as a C-contiguous array of ``dtype``. What overflows becomes inf, silently:
+    the values are checked after the cast, as they will be computed with."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return xp.ascontiguousarray(a, dtype=dtype)
+
+
+def numeric(name: str, a):
+    """``a`` itself if it holds numbers the engine can cast to its float dtype (floats,
+    integers, booleans), else a TypeError naming it."""
+    dt = getattr(a, "dtype", None)
+    if dt is None:
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    if np.dtype(dt).kind not in _NUMERIC_KINDS:
+        raise TypeError(f"{name} must hold real numbers, got dtype {dt}")
+    return a
+
+
+def finite(name: str, a, xp=np, verdicts: Verdicts = None) -> None:
+    """``a`` must hold no NaN or Inf: raise now, or leave the check to ``verdicts``."""
+    if not a.size:
+        return
+    message = f"{name} contains NaN or Inf"
+    if verdicts is None:
+        if not bool(xp.isfinite(a).all()):
+            raise ValueError(message)
+    else:
+        verdicts.require(xp.isfinite(a).all(), message)
+
+
+def integer(name: str, value, minimum: int = 1, where: str = "") -> int:
+    """``value`` as an int >= ``minimum``, or a TypeError/ValueError naming it (and
+    ``where`` it was given). 2.5, "3" and True are mistakes, not integers."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where}{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def seed(value) -> int:
+    """A seed: an integer >= 0 (what NumPy's generators take)."""
+    return integer("seed", value, minimum=0)
 
 
 def params(params) -> list[tuple]:
@@ -90,3 +175,14 @@ def inputs(X, d_in: int, xp=np, values: bool = True):
     if values:
         finite("X", X, xp)
     return X
+
+
+def unmasked(name: str, a):
+    """The data of a NumPy masked array without masked entries; a ValueError if some are
+    masked (their values are undefined: NaN hides there as easily as anything else)."""
+    if isinstance(a, np.ma.MaskedArray):
+        if np.ma.getmaskarray(a).any():
+            raise ValueError(f"{name} is a masked array with masked entries; fill them "
+                             f"first, e.g. {name}.filled(0)")
+        return np.ma.getdata(a)
+    return a

@@ -10,10 +10,11 @@ The format (version 1) is a plain, uncompressed ``.npz`` that NumPy alone can re
 
 :func:`save` writes to a temporary file in the target's directory and renames it over
 the target (``os.replace``, atomic), so the path holds the old checkpoint or the new
-one, never part of one, whenever the writer is interrupted. :func:`read` loads with
-``allow_pickle=False`` (a checkpoint cannot run code) and checks the format, the
-entries, shapes, dtypes and names before it builds a network; what is wrong comes as a
-:class:`CheckpointError` naming the file.
+one, never part of one, whenever the writer is interrupted. A symlink is written
+through (the file it points to is replaced, the link kept) and a replaced file keeps
+its permission bits. :func:`read` loads with ``allow_pickle=False`` (a checkpoint
+cannot run code) and checks the format, the entries, shapes, dtypes and names before
+it builds a network; what is wrong comes as a :class:`CheckpointError` naming the file.
 
 >>> import os, tempfile, gpu_mlp
 >>> net = gpu_mlp.MLP([4, 8, 3], activations="relu(alpha=0.5)", device="cpu")
@@ -30,7 +31,9 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +49,11 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A file that is not a valid gpu_mlp checkpoint."""
+
+
+# what reading a damaged member of the zip can raise: a bad CRC or header, a broken
+# deflate stream, data cut short, a compression method zipfile lacks
+_DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 @dataclass
@@ -81,18 +89,46 @@ def save(net: MLP, path, history: Optional[History] = None) -> None:
     for k, (W, b) in enumerate(net.params, start=1):
         arrays[f"W_{k}"], arrays[f"b_{k}"] = to_numpy(W), to_numpy(b)
 
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
+    target = writable_target(path)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)  # what the new file keeps
+    except FileNotFoundError:
+        mode = None
+    directory, name = os.path.split(target)
     temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
     f = open(temp, "xb")
     try:
         with f:
             _write(f, arrays)
-        os.replace(temp, path)
+        if mode is not None:
+            os.chmod(temp, mode)
+        os.replace(temp, target)
     except BaseException:  # KeyboardInterrupt too: leave no temporary file behind
         with contextlib.suppress(OSError):
             os.remove(temp)
         raise
+
+
+def writable_target(path) -> str:
+    """The file that writing ``path`` creates or replaces (for a symlink, the file it
+    points to), as an absolute path.
+
+    Raises an OSError (ValueError for ``""``) naming ``path`` when it cannot be written:
+    it is a directory, or its directory is missing or not writable. Checking first
+    gives a clear error before any work is done, never one about a temporary file.
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("cannot write to an empty path")
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: directory {directory} is not writable")
+    return target
 
 
 def _write(f, arrays) -> None:
@@ -132,14 +168,14 @@ def _read_npz(path):
         raise
     except zipfile.BadZipFile as e:  # a zip, but its directory at the end is missing
         raise CheckpointError(f"{path}: damaged or truncated file ({e})") from None
-    except (OSError, ValueError, EOFError):
+    except _DAMAGED:
         raise CheckpointError(f"{path}: not a checkpoint (not an .npz file)") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz)")
     try:
         with data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except _DAMAGED as e:
         raise CheckpointError(f"{path}: damaged or unreadable entry ({e})") from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: not a gpu_mlp checkpoint (no 'meta' entry)")

@@ -12,10 +12,11 @@ import importlib
 import os
 import platform
 import sys
+import warnings
 
 import numpy as np
 
-from . import __version__, activations, checkpoint, datasets, plotting
+from . import __version__, activations, checkpoint, datasets, plotting, training
 from .device import DEVICES, gpu_available, to_numpy
 from .mlp import MEMORY_MODES, MLP
 
@@ -29,6 +30,7 @@ DATA = {  # per data set: the losses it takes (the first is the default) and def
     "regression": {"losses": ("squared",), "activation": "tanh", "lr": 0.05},
 }
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `head`
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,14 +63,24 @@ def _integer(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+def _path(text: str) -> str:
+    """An argparse type: a non-empty path ('' would read as "not given" later)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
+def _number(accept, expected: str):
+    """An argparse type: a finite number for which ``accept(value)`` holds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="digits: the 8x8 handwritten digits shipped with gpu_mlp (1797 "
                            "images, 10 classes); regression: a synthetic set (2000 samples, "
                            "8 features, 1 target) for the squared loss (default: digits)")
-    data.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+    fraction = _number(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+    data.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
                       help="share of the samples held out for testing (default: 0.2)")
 
     model = train.add_argument_group("model (with --resume: taken from the checkpoint)")
@@ -120,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"epochs included (default: {D['epochs']})")
     run.add_argument("--batch-size", type=_integer(1), metavar="B",
                      help=f"samples per SGD step (default: {D['batch_size']})")
-    run.add_argument("--lr", type=_positive_float, metavar="LR",
+    run.add_argument("--lr", type=_number(lambda v: v > 0, "a number > 0"), metavar="LR",
                      help="learning rate (default: 0.1 for the digits, 0.05 for the "
                           "regression set)")
     run.add_argument("--seed", type=_integer(0), metavar="S",
@@ -131,12 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: auto)")
 
     output = train.add_argument_group("output")
-    output.add_argument("--save", metavar="PATH",
-                        help="write a checkpoint (.npz) after every epoch, atomically")
-    output.add_argument("--resume", metavar="PATH",
+    output.add_argument("--save", type=_path, metavar="PATH",
+                        help="write a checkpoint (.npz) after every epoch, atomically; "
+                             "refused if PATH exists, unless --resume names it or "
+                             "--overwrite is given")
+    output.add_argument("--overwrite", action="store_true",
+                        help="let --save replace an existing file (a checkpoint of "
+                             "another run is lost)")
+    output.add_argument("--resume", type=_path, metavar="PATH",
                         help="continue the run saved in this checkpoint, batch for batch "
                              "as if it had not stopped")
-    output.add_argument("--plot", metavar="PATH",
+    output.add_argument("--plot", type=_path, metavar="PATH",
                         help="write loss and accuracy curves to this image (e.g. "
                              "curves.png); needs matplotlib: pip install 'gpu_mlp[plot]'")
     output.add_argument("--quiet", action="store_true",
@@ -152,7 +170,14 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, --version and bad command lines
         return e.code
     try:
-        return info() if args.command == "info" else train(args)
+        status = info() if args.command == "info" else train(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`gpu-mlp train | head`): stop quietly. Python's docs
+        # advise pointing stdout at devnull, so that its flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         saved = getattr(args, "save", None)
         hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
@@ -187,13 +212,12 @@ def info() -> int:
 def train(args) -> int:
     def say(line):
         if not args.quiet:
-            print(line)
+            print(line, flush=True)  # seen now, not when the training is over
 
     def save(net, history):
         net.save(args.save, history=history)
 
-    if args.plot:
-        plotting.require_matplotlib()  # fail now, not after the training
+    _check_outputs(args)
     resumed = checkpoint.read(args.resume, device=args.device) if args.resume else None
     if resumed is not None and resumed.history is None:
         raise ValueError(f"{args.resume} holds no training history to resume from")
@@ -207,12 +231,16 @@ def train(args) -> int:
     outputs = classes or Y.shape[1]
     losses = DATA[args.data]["losses"]
     loss = _setting(args.loss, stored.get("loss"), losses[0])
-    net = resumed.net if resumed else _new_net(args, X.shape[1], outputs, loss, seed)
-    _check_fits_data(net, args.data, X.shape[1], outputs)
+    # check the model against the data before building it: the engine's errors would
+    # speak of its arguments, not of the data
+    hidden = DEFAULTS["hidden"] if args.hidden is None else args.hidden
+    sizes = resumed.net.sizes if resumed else args.sizes or [X.shape[1], *hidden, outputs]
+    _check_fits_data(sizes, args.data, X.shape[1], outputs)
     if loss not in losses:
         source = "--loss" if args.loss else "the checkpoint's loss"
         raise ValueError(f"{source} {loss} does not fit the {args.data} data, which take "
                          f"{' or '.join(losses)}")
+    net = resumed.net if resumed else _new_net(args, sizes, loss, seed)
     if resumed:
         _check_same_model(args, net, loss)
     if classes and loss == "squared":
@@ -229,10 +257,14 @@ def train(args) -> int:
     say(f"training: {args.epochs} epochs, batch size {batch_size}, lr {lr}, seed {seed}")
 
     done = history.epochs if history else 0
-    with np.errstate(over="ignore", invalid="ignore"):  # fit reports a divergence itself
+    with np.errstate(over="ignore", invalid="ignore"), \
+            warnings.catch_warnings(record=True) as caught:  # fit reports a divergence
+        warnings.simplefilter("always", training.TrainingWarning)
         history = net.fit(X_train, Y_train, epochs=args.epochs, batch_size=batch_size, lr=lr,
                           seed=seed, validation=(X_test, Y_test), verbose=not args.quiet,
                           on_epoch=save if args.save else None, resume=history)
+    for warning in caught:  # one line each, as the errors
+        print(f"gpu-mlp: warning: {warning.message}", file=sys.stderr)
 
     seconds = sum(history.seconds[done:])
     if seconds > 0:
@@ -253,6 +285,22 @@ def train(args) -> int:
         labels = Y_test if Y_test.ndim == 1 else Y_test.argmax(axis=1)
         print(f"test accuracy: {np.mean(predicted == labels):.3f}")
     return 0
+
+
+def _check_outputs(args) -> None:
+    """Refuse, before any training, output paths that cannot be written, and a --save
+    that would replace a checkpoint of another run."""
+    for path in (args.save, args.plot):
+        if path:
+            checkpoint.writable_target(path)
+    if args.plot:
+        plotting.check_format(args.plot)
+    if args.save and os.path.exists(args.save) and not args.overwrite:
+        resuming_it = (args.resume and os.path.exists(args.resume)
+                       and os.path.samefile(args.save, args.resume))
+        if not resuming_it:
+            raise ValueError(f"--save {args.save}: the file exists; give --overwrite to "
+                             f"replace it, or --resume {args.save} to continue its run")
 
 
 def _stored_settings(resumed) -> dict:
@@ -281,17 +329,20 @@ def _load_data(name):
     return X, Y, 0
 
 
-def _new_net(args, features, outputs, loss, seed) -> MLP:
-    hidden = DEFAULTS["hidden"] if args.hidden is None else args.hidden
-    sizes = args.sizes or [features, *hidden, outputs]
+def _new_net(args, sizes, loss, seed) -> MLP:
     activation = args.activation or DATA[args.data]["activation"]
-    return MLP(sizes, activations=activation, loss=loss,
-               memory=args.memory or DEFAULTS["memory"], device=args.device,
+    memory = args.memory or DEFAULTS["memory"]
+    hidden_act = activations.get(activation)
+    if memory == "output" and len(sizes) > 2 and not hidden_act.has_grad_from_output:
+        # the engine would refuse too, but in Python's terms (memory='recompute')
+        raise ValueError(f"--memory output needs sigma' as a function of the output, "
+                         f"which {activation} lacks; use --memory recompute or --memory "
+                         f"store_both")
+    return MLP(sizes, activations=activation, loss=loss, memory=memory, device=args.device,
                dtype=args.dtype or DEFAULTS["dtype"], seed=seed)
 
 
-def _check_fits_data(net, data, features, outputs) -> None:
-    sizes = net.sizes
+def _check_fits_data(sizes, data, features, outputs) -> None:
     if sizes[0] != features or sizes[-1] != outputs:
         raise ValueError(f"layer sizes {','.join(map(str, sizes))} do not fit the {data} "
                          f"data: the first must be {features} (features) and the last "

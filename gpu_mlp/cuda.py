@@ -62,5 +62,10 @@ def _row_module():
 
 def row_kernel(name: str, dtype):
     """The row-wise ``__global__`` template ``name`` instantiated for ``dtype``."""
-    ctype = {"float32": "float", "float64": "double"}[str(dtype)]
+    return _row_function(name, str(dtype))
+
+
+@functools.cache  # get_function looks the kernel up in the module: once is enough
+def _row_function(name: str, dtype: str):
+    ctype = {"float32": "float", "float64": "double"}[dtype]
     return _row_module().get_function(f"{name}<{ctype}>")

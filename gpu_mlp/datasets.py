@@ -15,9 +15,12 @@ and no heavy dependency such as scikit-learn.
 
 from __future__ import annotations
 
+import numbers
 from importlib import resources
 
 import numpy as np
+
+from . import _checks
 
 DIGITS_CLASSES = 10
 _PIXEL_MAX = 16  # each pixel counts the set pixels of a 4x4 block of a 32x32 bitmap
@@ -40,8 +43,11 @@ def regression(n: int = 2000, d_in: int = 8, d_out: int = 1, noise: float = 0.1,
     deviation ``noise``: a linear model explains only about 60% of their variance, a
     small MLP most of it.
     """
-    if int(n) < 1 or int(d_in) < 1 or int(d_out) < 1:
-        raise ValueError(f"regression: n, d_in and d_out must be >= 1, got {n}, {d_in}, {d_out}")
+    n = _checks.integer("n", n, 1, "regression: ")
+    d_in = _checks.integer("d_in", d_in, 1, "regression: ")
+    d_out = _checks.integer("d_out", d_out, 1, "regression: ")
+    seed = _checks.integer("seed", seed, 0, "regression: ")
+    noise = _number("regression", "noise", noise)
     if not (np.isfinite(noise) and noise >= 0):
         raise ValueError(f"regression: noise must be a finite number >= 0, got {noise}")
     rng = np.random.default_rng(seed)
@@ -62,12 +68,26 @@ def train_test_split(X, y, test_fraction: float = 0.2, seed: int = 0):
     X, y = np.asarray(X), np.asarray(y)
     n = len(X)
     if len(y) != n:
-        raise ValueError(f"X and y must have the same number of rows, got {n} and {len(y)}")
+        raise ValueError(f"train_test_split: X and y must have the same number of rows, "
+                         f"got {n} and {len(y)}")
+    seed = _checks.integer("seed", seed, 0, "train_test_split: ")
+    test_fraction = _number("train_test_split", "test_fraction", test_fraction)
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+        raise ValueError(f"train_test_split: test_fraction must lie strictly between 0 and 1, "
+                         f"got {test_fraction}")
     n_test = max(1, round(n * test_fraction))
     if n_test >= n:
-        raise ValueError(f"test_fraction={test_fraction} leaves no training rows out of {n}")
+        raise ValueError(f"train_test_split: test_fraction={test_fraction} leaves no training "
+                         f"rows out of {n}")
     order = np.random.default_rng(seed).permutation(n)
     test, train = order[:n_test], order[n_test:]
     return X[train], X[test], y[train], y[test]
+
+
+# Argument checks that name the function and the argument: int(2.5) would truncate, a
+# bool is an int to Python, and NumPy's own errors name neither.
+
+def _number(function: str, name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{function}: {name} must be a number, got {value!r}")
+    return float(value)

@@ -1,6 +1,11 @@
 """Where arrays live: choosing NumPy or CuPy, and moving inputs there without copies.
 
-``device="auto"`` takes the GPU when CuPy is installed and sees one, else the CPU.
+``device="auto"`` takes the GPU when CuPy is installed and can run the engine there --
+a CUDA device, NVRTC to compile the kernels and cuBLAS for the matrix products -- else
+the CPU. No CuPy, no driver or no device is the normal CPU machine and falls back
+silently; a GPU that CuPy sees but cannot use (the CUDA libraries of CuPy 14's wheels
+missing, a driver too old for the wheel) falls back with one warning saying why and how
+to fix it, and ``device="cuda"`` raises a RuntimeError with the same reason.
 Inputs may be NumPy or CuPy arrays or anything with ``__dlpack__`` (a PyTorch tensor,
 say); an input already on the right device is used as it is, through DLPack, with no
 copy unless its dtype or memory order must change.
@@ -9,21 +14,120 @@ copy unless its dtype or memory order must change.
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import sys
+import typing
+import warnings
 
 import numpy as np
 
 DEVICES = ("auto", "cpu", "cuda")
 
+_CUDA_HINT = "install gpu_mlp[cuda12] or gpu_mlp[cuda13], or use device='cpu'"
+_CUDA_NO_DEVICE = 100  # cudaErrorNoDevice: a driver, but no GPU
+
+
+class _Probe(typing.NamedTuple):
+    ok: bool
+    reason: str  # why not, when not ok
+    loud: bool   # a GPU is there but unusable: worth a warning under device="auto"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _toolkit_fix(major: int | None) -> str:
+    if major is None:
+        return ('pip install "gpu_mlp[cuda13]" (or [cuda12], matching the driver) for CuPy '
+                "with the CUDA toolkit libraries, or install the CUDA toolkit")
+    return (f'pip install "gpu_mlp[cuda{major}]" for CuPy with the CUDA {major} toolkit '
+            f"libraries, or install the CUDA {major} toolkit")
+
 
 @functools.cache
-def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
+def _probe() -> _Probe:
     try:
         import cupy
+    except ModuleNotFoundError as e:
+        if e.name == "cupy":  # the plain CPU install: nothing to say
+            return _Probe(False, "CuPy is not installed", False)
+        return _Probe(False, f"CuPy failed to import ({_first_line(e)})", True)
+    except Exception as e:
+        return _Probe(False, f"CuPy failed to import ({_first_line(e)})", True)
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device: all mean "no GPU"
-        return False
+    runtime = cupy.cuda.runtime
+    try:
+        major = runtime.runtimeGetVersion() // 1000  # the CUDA version CuPy was built for
+    except Exception:
+        major = None
+    try:
+        count = runtime.getDeviceCount()
+    except Exception as e:
+        try:
+            driver = runtime.driverGetVersion()  # 0 when there is no driver at all
+        except Exception:
+            driver = 0
+        if not driver or getattr(e, "status", None) == _CUDA_NO_DEVICE:
+            return _Probe(False, f"CuPy finds no CUDA driver or device ({_first_line(e)})", False)
+        wheel = f'pip install "gpu_mlp[cuda{driver // 1000}]"' if driver // 1000 in (12, 13) \
+            else "install the CuPy"
+        return _Probe(False, f"the CUDA driver (for CUDA {driver // 1000}.{driver % 1000 // 10}) "
+                             f"cannot run CuPy's CUDA {major or '?'} runtime ({_first_line(e)}); "
+                             f"update the driver, or {wheel} for the CuPy that matches it", True)
+    if count <= 0:
+        return _Probe(False, "CuPy finds no CUDA device", False)
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as e:
+        return _Probe(False, f"a CUDA GPU is present but CuPy cannot load NVRTC, which compiles "
+                             f"gpu_mlp's kernels ({_first_line(e)}); {_toolkit_fix(major)}", True)
+    try:
+        importlib.import_module("cupy.cublas")
+        cupy.cuda.device.get_cublas_handle()
+    except Exception as e:
+        return _Probe(False, f"a CUDA GPU is present but CuPy cannot load cuBLAS, which "
+                             f"does gpu_mlp's matrix products ({_first_line(e)}); "
+                             f"{_toolkit_fix(major)}", True)
+    return _Probe(True, "", False)
+
+
+def gpu_status() -> tuple[bool, str]:
+    """``(True, "")`` when the engine can run on the GPU, else ``(False, why)``: CuPy sees a
+    CUDA device and loads NVRTC and cuBLAS. Probed once per process."""
+    probe = _probe()
+    return probe.ok, probe.reason
+
+
+def gpu_available() -> bool:
+    """True when the engine can run on the GPU (see :func:`gpu_status`)."""
+    return _probe().ok
+
+
+_warned = False
+
+
+def _clear_cache() -> None:
+    """Forget the probe and the warning (for tests)."""
+    global _warned
+    _probe.cache_clear()
+    _warned = False
+
+
+def _warn_cpu_fallback(reason: str) -> None:
+    """Warn once per process, pointing at the first caller outside gpu_mlp."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"gpu_mlp: device='auto' falls back to the CPU: {reason}",
+                  RuntimeWarning, stacklevel=level)
 
 
 def resolve(device: str) -> tuple[str, object]:
@@ -34,12 +138,15 @@ def resolve(device: str) -> tuple[str, object]:
         device = "cpu"
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    probe = _probe()
     if device == "auto":
-        device = "cuda" if gpu_available() else "cpu"
+        if not probe.ok and probe.loud:
+            _warn_cpu_fallback(probe.reason)
+        device = "cuda" if probe.ok else "cpu"
     if device == "cuda":
-        if not gpu_available():
-            raise RuntimeError("device='cuda' needs CuPy and a CUDA GPU; install "
-                               "gpu_mlp[cuda12] or gpu_mlp[cuda13], or use device='cpu'")
+        if not probe.ok:
+            raise RuntimeError(f"device='cuda' needs CuPy and a CUDA GPU; {_CUDA_HINT}: "
+                               f"{probe.reason}")
         import cupy
 
         return "cuda", cupy
@@ -54,6 +161,8 @@ def to_device(a, xp):
     """``a`` as an array of ``xp`` (NumPy or CuPy), zero-copy where the device matches."""
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()  # neither NumPy nor CuPy has bfloat16; float32 holds it exactly
     if xp is np:
         if isinstance(a, np.ndarray):
             return a

@@ -56,8 +56,14 @@ def _softmax_cross_entropy(F, Y, scale, grad):
     log_total = np.log(total[:, 0])
     rows = np.arange(F.shape[0])
     if Y.ndim == 1:  # class indices
+        valid = (Y >= 0) & (Y < F.shape[1])
+        if not valid.all():  # only when checks were skipped: as the CUDA kernels do,
+            rows, Y = rows[valid], Y[valid]  # NaN loss and no gradient for those rows
+            grad[~valid] = 0
+            log_total[~valid] = np.nan
         grad[rows, Y] -= 1
-        per_sample = log_total - shifted[rows, Y]
+        per_sample = log_total.copy()
+        per_sample[rows] -= shifted[rows, Y]
     else:            # probability rows
         grad -= Y
         # a zero target contributes nothing, even against a logit of -inf (as in CUDA)
@@ -68,48 +74,73 @@ def _softmax_cross_entropy(F, Y, scale, grad):
 
 
 # --- target checks --------------------------------------------------------------------
+# Each takes (Y, B, d, xp, dtype, values) and returns Y in canonical form or raises.
+# ``values`` is True (check the data now), False (shapes only: reading the data costs a
+# device sync on a GPU) or a _checks.Verdicts that gathers the checks for one read.
 
-def _float_targets(name, Y, B, d, xp, dtype, values):
-    Y = _checks.floating("Y", Y)
+def _value_checks(values, xp):
+    """``(verdicts, settle)``: where to record value checks, and whether to settle now."""
+    if isinstance(values, _checks.Verdicts):
+        return values, False
+    return (_checks.Verdicts(xp), True) if values else (None, False)
+
+
+def _float_targets(name, Y, B, d, xp, dtype, verdicts):
+    Y = _checks.numeric("Y", _checks.unmasked("Y", Y))
     if Y.ndim == 1 and d == 1:
         Y = Y.reshape(-1, 1)
     if Y.shape != (B, d):
         raise ValueError(f"{name} loss: Y must have shape ({B}, {d}) to match the output, "
                          f"got {tuple(Y.shape)}")
-    if values:
-        _checks.finite("Y", Y, xp)
-    return Y.astype(dtype, copy=False)
+    Y = _checks.cast(Y, dtype, xp)  # checked as computed with: 1e39 is inf in float32
+    if verdicts is not None:
+        _checks.finite("Y", Y, xp, verdicts)
+    return Y
 
 
 def _check_squared(Y, B, d, xp, dtype, values=True):
-    return _float_targets("squared", Y, B, d, xp, dtype, values)
+    verdicts, settle = _value_checks(values, xp)
+    Y = _float_targets("squared", Y, B, d, xp, dtype, verdicts)
+    if settle:
+        verdicts.settle()
+    return Y
 
 
 def _check_logistic(Y, B, d, xp, dtype, values=True):
-    Y = _float_targets("logistic", Y, B, d, xp, dtype, values)
-    if values and not bool(xp.all(xp.abs(Y) == 1)):
-        raise ValueError("logistic loss: labels in Y must be -1 or +1")
+    verdicts, settle = _value_checks(values, xp)
+    Y = _float_targets("logistic", Y, B, d, xp, dtype, verdicts)
+    if verdicts is not None:
+        verdicts.require(xp.all(xp.abs(Y) == 1), "logistic loss: labels in Y must be -1 or +1")
+        if settle:
+            verdicts.settle()
     return Y
 
 
 def _check_softmax_cross_entropy(Y, B, d, xp, dtype, values=True):
+    verdicts, settle = _value_checks(values, xp)
+    Y = _checks.unmasked("Y", Y)
     kind = getattr(getattr(Y, "dtype", None), "kind", None)
     if kind in ("i", "u"):
         if Y.shape != (B,):
             raise ValueError(f"softmax_cross_entropy: integer labels must have shape ({B},), "
                              f"got {tuple(Y.shape)}")
-        if values and B and not (int(Y.min()) >= 0 and int(Y.max()) < d):
-            raise ValueError(f"softmax_cross_entropy: labels must lie in [0, {d}), "
-                             f"got values in [{int(Y.min())}, {int(Y.max())}]")
-        return Y.astype(np.int64, copy=False)
-    if kind == "b":
+        Y = Y.astype(np.int64, copy=False)
+        if verdicts is not None and B:
+            verdicts.require((Y.min() >= 0) & (Y.max() < d), lambda: (
+                f"softmax_cross_entropy: labels must lie in [0, {d}), got values in "
+                f"[{int(Y.min())}, {int(Y.max())}]"))
+    elif kind == "b":
         raise TypeError("softmax_cross_entropy: Y must hold integer labels or float "
                         "probability rows, not booleans")
-    Y = _float_targets("softmax_cross_entropy", Y, B, d, xp, dtype, values)
-    if values and B and not (bool(xp.all(Y >= 0))
-                             and bool(xp.allclose(Y.sum(axis=1), 1, atol=1e-3))):
-        raise ValueError("softmax_cross_entropy: target rows must be probabilities "
-                         "(non-negative, summing to 1), e.g. one-hot rows")
+    else:
+        Y = _float_targets("softmax_cross_entropy", Y, B, d, xp, dtype, verdicts)
+        if verdicts is not None and B:
+            row_sums_ok = xp.abs(Y.sum(axis=1) - 1) <= 1e-3 + 1e-5  # np.allclose's test
+            verdicts.require(xp.all(Y >= 0) & xp.all(row_sums_ok),
+                             "softmax_cross_entropy: target rows must be probabilities "
+                             "(non-negative, summing to 1), e.g. one-hot rows")
+    if settle:
+        verdicts.settle()
     return Y
 
 
@@ -121,8 +152,7 @@ class Loss:
 
     name: str
     evaluate: Callable  # (F, Y, scale, grad) -> per-sample losses (B,); writes grad
-    # (Y, B, d, xp, dtype, values=True) -> Y in canonical form, or raises; values=False
-    # skips the checks that read the data (a device sync on a GPU), keeping shape checks
+    # (Y, B, d, xp, dtype, values=True) -> Y in canonical form, or raises; see above
     check_targets: Callable
     rowwise: bool = False
 

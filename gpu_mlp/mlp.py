@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import numbers
 import operator
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -41,7 +40,9 @@ from .workspace import Workspace
 
 MEMORY_MODES = ("output", "recompute", "store_both")
 
-_WORKSPACES_KEPT = 2  # batch shapes whose buffers stay cached (full batch + remainder)
+# What predict's buffers may hold at most, by default: it runs big inputs in chunks of
+# as many rows as fit, so its memory does not grow with the input.
+PREDICT_BUFFER_BYTES = 64 << 20
 
 
 @dataclass
@@ -95,7 +96,7 @@ class MLP:
             activations = [activations] * (n - 1) + [output]
         acts = resolve_activations(activations, n)
         dt = _checks.dtype_of("dtype", dtype)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(_checks.seed(seed))
         params = []
         for d_in, d_out, act in zip(sizes[:-1], sizes[1:], acts):
             W = rng.standard_normal((d_out, d_in)) * (_init_gain(act) / np.sqrt(d_in))
@@ -129,47 +130,79 @@ class MLP:
                 raise ValueError(f"memory='output' needs sigma' as a function of the output, "
                                  f"which {', '.join(refused)} lacks; use memory='recompute' "
                                  f"or 'store_both'")
+        loss = _losses.get(loss)
+        if loss.name == "softmax_cross_entropy":
+            if acts[-1].kind.rowwise:
+                raise ValueError("softmax_cross_entropy takes logits and applies softmax "
+                                 "itself; use an identity output layer (softmax would be "
+                                 "applied twice)")
+            if params[-1][0].shape[0] < 2:
+                raise ValueError("softmax_cross_entropy needs at least 2 outputs (classes); "
+                                 "with one, every loss is 0: use the logistic loss")
         self.device, self._xp = _device.resolve(device)
         self.dtype = np.dtype(dtype)
-        self.loss = _losses.get(loss)
+        self.loss = loss
         self.memory = memory
         self.activations = list(acts)
-        # softmax has no elementwise sigma' to store: its stored output is its derivative
-        self._modes = ["output" if memory == "store_both" and a.kind.rowwise else memory
-                       for a in acts]
+        self._modes = [_layer_mode(memory, a) for a in acts]
         xp = self._xp
         self.params = [(xp.array(W, dtype=self.dtype, order="C", copy=True),
                         xp.array(b, dtype=self.dtype, order="C", copy=True))
                        for W, b in params]
-        self._workspaces: "OrderedDict[int, Workspace]" = OrderedDict()
+        self._shapes = [(W.shape, b.shape) for W, b in self.params]
+        self._checked_params = []
+        # training and inference keep apart, so evaluating between epochs does not
+        # rebuild the training buffers (and free_buffers() can drop either)
+        self.training_workspace = Workspace(xp, self.dtype)
+        self.inference_workspace = Workspace(xp, self.dtype)
 
     # --- description ------------------------------------------------------------------
 
     @property
     def sizes(self) -> list[int]:
-        return [int(self.params[0][0].shape[1])] + [int(W.shape[0]) for W, _ in self.params]
+        return [int(self._shapes[0][0][1])] + [int(W[0]) for W, _ in self._shapes]
 
     def __repr__(self) -> str:
         acts = ", ".join(str(a) for a in self.activations)
         return (f"MLP(sizes={self.sizes}, activations=[{acts}], loss={self.loss.name!r}, "
                 f"memory={self.memory!r}, device={self.device!r}, dtype={self.dtype.name!r})")
 
-    def workspace(self, batch: int) -> Workspace:
-        """The buffer pool for batches of ``batch`` rows (the last two sizes are kept)."""
-        ws = self._workspaces.pop(batch, None) or Workspace(self._xp, self.dtype)
-        self._workspaces[batch] = ws
-        while len(self._workspaces) > _WORKSPACES_KEPT:
-            self._workspaces.popitem(last=False)
-        return ws
+    def free_buffers(self) -> None:
+        """Release the buffers kept between calls (training's and predict's); the next
+        call allocates them again. On a GPU the memory goes back to CuPy's pool, which
+        keeps it for reuse (``cupy.get_default_memory_pool().free_all_blocks()`` hands
+        it back to the driver)."""
+        self.training_workspace.clear()
+        self.inference_workspace.clear()
 
     # --- public steps -------------------------------------------------------------------
 
-    def predict(self, X):
-        """The network output for a (B, d_0) batch or one (d_0,) sample."""
-        X = self._inputs(X)
-        batch = X if X.ndim == 2 else X[None, :]
-        out = self._forward(batch, self.workspace(batch.shape[0]), keep=False)
-        return out if X.ndim == 2 else out[0]
+    def predict(self, X, batch_size: Optional[int] = None):
+        """The network output for a (B, d_0) batch or one (d_0,) sample.
+
+        Large inputs run in chunks of ``batch_size`` rows; by default as many as fit in
+        ``PREDICT_BUFFER_BYTES`` (64 MiB) of buffers, so memory does not grow with B.
+        """
+        self._check_params()
+        X = self._raw_inputs(X)
+        single = X.ndim == 1
+        batch = X[None, :] if single else X
+        rows = (self._predict_rows() if batch_size is None
+                else _checks.integer("batch_size", batch_size))
+        out = self._xp.empty((batch.shape[0], self.sizes[-1]), dtype=self.dtype)
+        verdicts = _checks.Verdicts(self._xp)
+        for first in range(0, batch.shape[0], rows):
+            chunk = _checks.cast(batch[first:first + rows], self.dtype, self._xp)
+            _checks.finite("X", chunk, self._xp, verdicts)
+            verdicts.settle()
+            self._forward(chunk, self.inference_workspace, keep=False,
+                          out=out[first:first + rows])
+        return out[0] if single else out
+
+    def _predict_rows(self) -> int:
+        # predict holds two buffers at a time: a layer's input and its output
+        per_row = max(a + b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+        return max(1, PREDICT_BUFFER_BYTES // (per_row * self.dtype.itemsize))
 
     def loss_and_gradients(self, X, Y):
         """``(loss, [(dW_k, db_k)], dX)`` as :func:`gpu_mlp.reference.loss_and_gradients`.
@@ -228,71 +261,109 @@ class MLP:
 
     # --- training and checkpoints (see gpu_mlp/training.py and gpu_mlp/checkpoint.py) ---
 
-    def fit(self, X, Y, **kwargs):
-        """Train on (X, Y) by minibatch SGD; see :func:`gpu_mlp.training.fit`."""
+    def fit(self, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
+            shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
+            on_epoch: Optional[Callable] = None, resume=None):
+        """Train on (X, Y) by minibatch SGD and return the History; see
+        :func:`gpu_mlp.training.fit` for the arguments."""
         from .training import fit
 
-        return fit(self, X, Y, **kwargs)
+        return fit(self, X, Y, epochs=epochs, batch_size=batch_size, lr=lr, shuffle=shuffle,
+                   seed=seed, validation=validation, verbose=verbose, on_epoch=on_epoch,
+                   resume=resume)
 
-    def save(self, path, **kwargs) -> None:
-        """Write parameters and architecture to ``path``; see :func:`gpu_mlp.checkpoint.save`."""
+    def save(self, path, history=None) -> None:
+        """Write parameters and architecture (and the History to resume training from) to
+        ``path``, atomically; see :func:`gpu_mlp.checkpoint.save`."""
         from .checkpoint import save
 
-        save(self, path, **kwargs)
+        save(self, path, history=history)
 
     @classmethod
-    def load(cls, path, **kwargs) -> "MLP":
-        """A network from a checkpoint; see :func:`gpu_mlp.checkpoint.load`."""
+    def load(cls, path, device: str = "auto") -> "MLP":
+        """The network stored at ``path``, on ``device``; see :func:`gpu_mlp.checkpoint.load`."""
         from .checkpoint import load
 
-        return load(path, **kwargs)
+        return load(path, device=device)
 
     # --- input handling -----------------------------------------------------------------
 
-    def _inputs(self, X, check: bool = True):
-        X = _device.to_device(X, self._xp)
-        X = _checks.inputs(X, self.sizes[0], self._xp, values=check)
-        return self._xp.ascontiguousarray(X, dtype=self.dtype)
+    def _raw_inputs(self, X):
+        """X on the net's device, shape and kind checked; not yet cast or scanned."""
+        X = _checks.unmasked("X", X)
+        X = _checks.numeric("X", _device.to_device(X, self._xp))
+        d_in = self.sizes[0]
+        if X.ndim not in (1, 2) or X.shape[-1] != d_in:
+            raise ValueError(f"X must have shape (batch, {d_in}) or ({d_in},), got "
+                             f"{tuple(X.shape)}")
+        if X.ndim == 2 and X.shape[0] == 0:
+            raise ValueError("X is an empty batch: it must hold at least one sample")
+        return X
 
     def _batch(self, X, Y, check: bool):
-        X = self._inputs(X, check)
-        Y = _device.to_device(Y, self._xp)
+        """(X, Y) as a C-contiguous batch in the net's dtype, checked as computed with:
+        the value checks come after the cast and are read from the device at once."""
+        self._check_params()
+        X = self._raw_inputs(X)
+        Y = _device.to_device(_checks.unmasked("Y", Y), self._xp)
         if X.ndim == 1:  # one sample: a batch of one
             X = X[None, :]
             Y = Y[None] if Y.ndim < 2 else Y
+        X = _checks.cast(X, self.dtype, self._xp)
+        verdicts = _checks.Verdicts(self._xp) if check else None
+        if check:
+            _checks.finite("X", X, self._xp, verdicts)
         Y = self.loss.check_targets(Y, X.shape[0], self.sizes[-1], self._xp, self.dtype,
-                                    values=check)
+                                    values=verdicts if check else False)
+        if check:
+            verdicts.settle()
         return X, self._xp.ascontiguousarray(Y)
+
+    def _check_params(self) -> None:
+        """``self.params`` is public: entries replaced since must still be what the
+        engine computes with, or a step would fail half-way with some layers updated."""
+        arrays = [a for pair in self.params for a in pair]
+        if len(arrays) == len(self._checked_params) and all(
+                a is b for a, b in zip(arrays, self._checked_params)):
+            return  # the same objects as last checked (kept alive here): still good
+        if len(self.params) != len(self._shapes):
+            raise ValueError(f"net.params must hold {len(self._shapes)} (W, b) pairs, "
+                             f"got {len(self.params)}")
+        for k, (pair, shapes) in enumerate(zip(self.params, self._shapes), start=1):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"net.params[{k - 1}] must be a (W_{k}, b_{k}) pair")
+            for name, a, shape in zip((f"W_{k}", f"b_{k}"), pair, shapes):
+                if not isinstance(a, self._xp.ndarray):
+                    raise TypeError(f"{name} must be a {self._xp.__name__} array on the "
+                                    f"net's device, got {type(a).__name__}")
+                if a.dtype != self.dtype or a.shape != shape or not a.flags.c_contiguous:
+                    raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of "
+                                     f"shape {shape}, got {a.dtype} {tuple(a.shape)}"
+                                     f"{'' if a.flags.c_contiguous else ', not C-contiguous'}")
+        self._checked_params = arrays
 
     # --- the layer loop -----------------------------------------------------------------
 
-    def _forward(self, X, ws: Workspace, keep: bool):
-        """Forward pass. ``keep=False``: the output, as a new array (used by predict).
+    def _forward(self, X, ws: Workspace, keep: bool, out=None):
+        """Forward pass. ``keep=False``: the output, written into ``out`` (predict).
         ``keep=True``: ``(F_n, saved)`` with what each layer keeps for the backward pass."""
         B, n = X.shape[0], len(self.params)
         saved, F = [], X
         for k, ((W, b), act, mode) in enumerate(zip(self.params, self.activations, self._modes)):
             last = k == n - 1
-            if not keep and last:
-                A = self._xp.empty((B, W.shape[0]), dtype=self.dtype)  # the caller's to keep
-            else:
-                A = ws.take((B, W.shape[0]))
+            A = out if not keep and last else ws.take((B, W.shape[0]))
             ops.gemm("N", "T", F, W, A)
-            if not keep:
-                if k > 0:
-                    ws.give(F)  # consumed by this layer's GEMM
+            if k > 0 and (not keep or self._modes[k - 1] == "recompute"):
+                ws.give(F)  # F_{k-1}, consumed by this GEMM and not kept for backward
+            if not keep or mode == "output":
                 ops.bias_act(act, A, b)
-                F = A
-            elif mode == "output":
-                ops.bias_act(act, A, b)
-                saved.append(_Saved(F=A))
+                if keep:
+                    saved.append(_Saved(F=A))
                 F = A
             elif mode == "recompute":
                 F_next = ws.take(A.shape)
                 ops.bias_act_keep(act, A, b, F_next)
-                if k > 0:
-                    ws.give(F)  # the transient F_{k-1}: backward makes it again from A
-                saved.append(_Saved(A=A))
+                saved.append(_Saved(A=A))  # F_next is transient: backward makes it again
                 F = F_next
             else:  # store_both
                 F_next = ws.take(A.shape)
@@ -317,7 +388,7 @@ class MLP:
     def _backprop(self, X, Y, sink, scale: float, want_dx: bool):
         """Forward, output delta, then the backward loop handing each layer's factors
         ``(Delta_k, F_{k-1})`` to ``sink``. Returns ``(loss, dJ/dX or None)``."""
-        ws = self.workspace(X.shape[0])
+        ws = self.training_workspace
         n = len(self.params)
         F_out, saved = self._forward(X, ws, keep=True)
 
@@ -350,6 +421,15 @@ class MLP:
 
 
 # --- argument checks --------------------------------------------------------------------
+
+def _layer_mode(memory: str, act) -> str:
+    """The memory mode a layer runs in: "output" where it keeps the same and costs less
+    -- identity (F = A, sigma' = 1) in every mode, and softmax for "store_both" (it has
+    no elementwise sigma' to store: its output is what backward needs)."""
+    if act.name == "identity" or (memory == "store_both" and act.kind.rowwise):
+        return "output"
+    return memory
+
 
 def _check_sizes(sizes) -> list[int]:
     try:

@@ -38,7 +38,44 @@ ELEMENTWISE = {
     # losses: per-element loss and scale * dl/df in one pass
     "squared": ("T f, T y, T scale", "T grad, T loss", "loss = gm_squared(f, y, scale, grad)"),
     "logistic": ("T f, T y, T scale", "T grad, T loss", "loss = gm_logistic(f, y, scale, grad)"),
+    # Rows too wide for one thread (see ROW_KERNEL_MAX): CuPy's reductions find each row's
+    # max and sum, and these kernels do the elementwise parts between them. row_* and
+    # label are (B, 1) columns broadcast along the row.
+    "softmax_exp": ("T z, T row_max", "T f", "f = exp(z - row_max)"),
+    "softmax_backward_wide": ("T f, T row_dot", "T g", "g = (g - row_dot) * f"),
+    "xent_grad_labels": ("T row_sum, int64 label, T scale, int32 classes", "T grad",
+                         "grad = gm_softmax_xent_grad(grad, row_sum, label, i % classes, "
+                         "classes, scale)"),
+    "xent_loss_labels": ("raw T f, T row_max, T row_sum, int64 label, int32 classes", "T loss",
+                         "loss = gm_softmax_xent_label_loss(&f[i * classes], row_max, row_sum, "
+                         "label, classes)"),
+    "xent_grad_targets": ("T f, T row_max, T row_sum, T t, T scale", "T grad",
+                          "grad = (exp(f - row_max) / row_sum - t) * scale"),
+    "xent_terms": ("T f, T row_max, T row_sum, T t", "T term",
+                   "term = gm_softmax_xent_term(f, row_max, row_sum, t)"),
 }
+
+
+# How ops passes each ELEMENTWISE parameter, by name: ``alpha`` and ``scale``, and every
+# parameter of a fixed integer type but ``label``, are scalars; ``bias`` is a (d,) vector
+# broadcast over the rows; ``row_*`` and ``label`` are (B, 1) columns broadcast along
+# each row; a ``raw`` array is indexed by the body itself; anything else is shaped as the
+# output. The host tests and the NVRTC check read this, not their own guesses.
+SCALAR_PARAMS = ("alpha", "scale")
+COLUMN_PARAMS = ("bias",)
+ROW_PARAMS = ("row_max", "row_sum", "row_dot", "label")
+
+
+def param_layout(name: str, integer: bool, raw: bool) -> str:
+    """``"scalar"``, ``"raw"``, ``"column"``, ``"row"`` or ``"full"`` (see above);
+    ``integer``: declared int32/int64 rather than T."""
+    if raw:
+        return "raw"
+    if name in SCALAR_PARAMS or (integer and name not in ROW_PARAMS):
+        return "scalar"
+    if name in COLUMN_PARAMS:
+        return "column"
+    return "row" if name in ROW_PARAMS else "full"
 
 
 def is_numpy(a) -> bool:
@@ -63,6 +100,10 @@ def _alpha(act, a):
 
 _ROW_THREADS = 128
 _NULL = np.uint64(0)  # a null pointer argument for a RawKernel (no bias)
+# The widest row given to one thread: up to here the fused row kernels win (the batch
+# gives the parallelism, each thread's row is a few cache lines); beyond, a thread per
+# row reads uncoalesced and leaves the GPU idle, so CuPy's reductions take the rows.
+ROW_KERNEL_MAX = 32
 
 
 def _launch_rows(name, rows, *args):
@@ -73,16 +114,36 @@ def _launch_rows(name, rows, *args):
         cuda.row_kernel(name, dtype)((blocks,), (_ROW_THREADS,), args)
 
 
+# NumPy cannot fuse, so a formula of several ufuncs makes temporaries as large as its
+# input. The twins run on blocks of rows instead: their temporaries then have a block's
+# size whatever the batch (a steady-state step allocates no array of batch size), and
+# stay in cache between the ufuncs.
+BLOCK_ELEMENTS = 1 << 14
+
+
+_WHOLE = (slice(None),)
+
+
+def _row_blocks(a):
+    """Slices of at most about BLOCK_ELEMENTS elements over the rows of ``a``."""
+    if a.size <= BLOCK_ELEMENTS:
+        return _WHOLE
+    rows = a.shape[0]
+    step = max(1, BLOCK_ELEMENTS // (a.size // rows))
+    return [slice(first, first + step) for first in range(0, rows, step)]
+
+
 # --- activations ----------------------------------------------------------------------
 
 def bias_act(act, a, bias):
     """``a <- sigma(a + bias)`` (forward, "output" mode)."""
     if is_numpy(a):
-        np.add(a, bias, out=a)
-        act.kind.value(a, act.alpha, a)
+        for rows in _row_blocks(a):
+            block = a[rows]
+            np.add(block, bias, out=block)
+            act.kind.value(block, act.alpha, block)
     elif act.kind.rowwise:
-        B, C = a.shape
-        _launch_rows("gm_softmax_forward", B, a, bias, a, np.int32(B), np.int32(C))
+        _softmax(a, bias, a)
     else:
         _launch("bias_act", act, bias, _alpha(act, a), a)
 
@@ -90,12 +151,12 @@ def bias_act(act, a, bias):
 def bias_act_keep(act, a, bias, f):
     """``a <- a + bias``; ``f <- sigma(a)`` (forward, "recompute" mode)."""
     if is_numpy(a):
-        np.add(a, bias, out=a)
-        act.kind.value(a, act.alpha, f)
+        for rows in _row_blocks(a):
+            np.add(a[rows], bias, out=a[rows])
+            act.kind.value(a[rows], act.alpha, f[rows])
     elif act.kind.rowwise:
-        B, C = a.shape
         a += bias
-        _launch_rows("gm_softmax_forward", B, a, _NULL, f, np.int32(B), np.int32(C))
+        _softmax(a, None, f)
     else:
         _launch("bias_act_keep", act, bias, _alpha(act, a), a, f)
 
@@ -105,9 +166,11 @@ def bias_act_grad(act, a, bias, f):
     if act.kind.rowwise:
         raise ValueError("softmax has no elementwise derivative to store")
     if is_numpy(a):
-        np.add(a, bias, out=a)
-        act.kind.value(a, act.alpha, f)
-        act.kind.grad(a, act.alpha, a)
+        for rows in _row_blocks(a):
+            block = a[rows]
+            np.add(block, bias, out=block)
+            act.kind.value(block, act.alpha, f[rows])
+            act.kind.grad(block, act.alpha, block)
     else:
         _launch("bias_act_grad", act, bias, _alpha(act, a), a, f)
 
@@ -115,33 +178,37 @@ def bias_act_grad(act, a, bias, f):
 def grad_from_output(act, f, delta):
     """``delta <- delta (.) sigma'`` computed from the output ``f`` ("output" mode)."""
     if act.name == "identity":
-        return
+        return  # sigma' = 1
     if is_numpy(f):
-        if act.kind.rowwise:
-            _softmax_backward_numpy(f, delta)
-        else:
-            delta *= act.kind.grad_from_output(f, act.alpha, np.empty_like(f))
+        for rows in _row_blocks(f):
+            if act.kind.rowwise:
+                _softmax_backward_numpy(f[rows], delta[rows])
+            else:
+                block = f[rows]
+                delta[rows] *= act.kind.grad_from_output(block, act.alpha, np.empty_like(block))
     elif act.kind.rowwise:
-        B, C = f.shape
-        _launch_rows("gm_softmax_backward", B, f, delta, np.int32(B), np.int32(C))
+        _softmax_backward(f, delta)
     else:
         _launch("grad_from_output", act, f, _alpha(act, f), delta)
 
 
 def recompute_grad(act, a, delta):
     """``a <- sigma(a)`` and ``delta <- delta (.) sigma'(a)`` ("recompute" mode)."""
+    if act.name == "identity":
+        return  # sigma(a) = a and sigma' = 1
     if is_numpy(a):
-        if act.kind.rowwise:
-            act.kind.value(a, act.alpha, a)
-            _softmax_backward_numpy(a, delta)
-        else:
-            d = act.kind.grad(a, act.alpha, np.empty_like(a))
-            act.kind.value(a, act.alpha, a)
-            delta *= d
+        for rows in _row_blocks(a):
+            block = a[rows]
+            if act.kind.rowwise:
+                act.kind.value(block, act.alpha, block)
+                _softmax_backward_numpy(block, delta[rows])
+            else:
+                d = act.kind.grad(block, act.alpha, np.empty_like(block))
+                act.kind.value(block, act.alpha, block)
+                delta[rows] *= d
     elif act.kind.rowwise:
-        B, C = a.shape
-        _launch_rows("gm_softmax_forward", B, a, _NULL, a, np.int32(B), np.int32(C))
-        _launch_rows("gm_softmax_backward", B, a, delta, np.int32(B), np.int32(C))
+        _softmax(a, None, a)
+        _softmax_backward(a, delta)
     else:
         _launch("recompute_grad", act, _alpha(act, a), a, delta)
 
@@ -160,24 +227,69 @@ def _softmax_backward_numpy(f, delta):
     softmax_backward(f, delta, out=delta)
 
 
+def _softmax(z, bias, out):
+    """``out <- softmax(z + bias)`` over rows on the GPU (``bias`` may be None, ``out`` z)."""
+    B, C = z.shape
+    if C <= ROW_KERNEL_MAX:
+        _launch_rows("gm_softmax_forward", B, z, _NULL if bias is None else bias, out,
+                     np.int32(B), np.int32(C))
+        return
+    if bias is not None:
+        z += bias  # only ever called with out = z when there is a bias
+    _launch("softmax_exp", None, z, z.max(axis=1, keepdims=True), out)
+    out /= out.sum(axis=1, keepdims=True)
+
+
+def _softmax_backward(f, g):
+    """``g <- (g - <g, f>_row) (.) f`` on the GPU."""
+    B, C = f.shape
+    if C <= ROW_KERNEL_MAX:
+        _launch_rows("gm_softmax_backward", B, f, g, np.int32(B), np.int32(C))
+    else:
+        _launch("softmax_backward_wide", None, f, (g * f).sum(axis=1, keepdims=True), g)
+
+
 # --- losses ---------------------------------------------------------------------------
 
 def loss_and_grad(loss, F, Y, grad, scale, scratch):
     """Write ``grad = scale * dl/dF`` and return the mean per-sample loss as a 0-d array.
 
     ``scratch`` is a workspace buffer shaped like F (elementwise losses) or (B,)
-    (row-wise ones) that receives the loss terms before the sum.
+    (row-wise ones) that receives the loss terms before the sum. With class labels, a
+    label out of range (possible only when the checks were skipped) gives its row a NaN
+    loss and no gradient, on both backends.
     """
     B = F.shape[0]
     if is_numpy(F):
-        return np.asarray(loss.evaluate(F, Y, scale, grad).sum() / B)
+        total = F.dtype.type(0)
+        for rows in _row_blocks(F):
+            total += loss.evaluate(F[rows], Y[rows], scale, grad[rows]).sum()
+        return np.asarray(total / B)
     s = F.dtype.type(scale)
-    if loss.rowwise:
+    if loss.rowwise and F.shape[1] <= ROW_KERNEL_MAX:
         kernel = "gm_softmax_xent_labels" if Y.ndim == 1 else "gm_softmax_xent_targets"
         _launch_rows(kernel, B, F, Y, grad, scratch, np.int32(B), np.int32(F.shape[1]), s)
+    elif loss.rowwise:
+        _softmax_xent_wide(F, Y, grad, scratch, s)
     else:
         _launch(loss.name, None, F, Y, s, grad, scratch)
     return scratch.sum() / B
+
+
+def _softmax_xent_wide(F, Y, grad, row_loss, scale):
+    """The softmax cross-entropy of rows wider than ROW_KERNEL_MAX, on the GPU."""
+    classes = np.int32(F.shape[1])
+    row_max = F.max(axis=1, keepdims=True)
+    _launch("softmax_exp", None, F, row_max, grad)
+    row_sum = grad.sum(axis=1, keepdims=True)
+    if Y.ndim == 1:
+        labels = Y[:, None]
+        _launch("xent_loss_labels", None, F, row_max, row_sum, labels, classes, row_loss[:, None])
+        _launch("xent_grad_labels", None, row_sum, labels, scale, classes, grad)
+    else:
+        _launch("xent_terms", None, F, row_max, row_sum, Y, grad)
+        grad.sum(axis=1, out=row_loss)
+        _launch("xent_grad_targets", None, F, row_max, row_sum, Y, scale, grad)
 
 
 def loss_scratch_shape(loss, F_shape):

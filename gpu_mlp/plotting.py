@@ -7,6 +7,8 @@ caller's matplotlib backend alone.
 
 from __future__ import annotations
 
+import os
+
 
 def require_matplotlib() -> None:
     """Raise an ImportError that says how to install matplotlib, if it is missing."""
@@ -16,11 +18,26 @@ def require_matplotlib() -> None:
         raise ImportError("plotting needs matplotlib: pip install 'gpu_mlp[plot]'") from None
 
 
+def check_format(path) -> None:
+    """Raise a ValueError naming ``path`` unless matplotlib writes its suffix's format
+    (an ImportError if matplotlib is missing), so that a bad name fails before the
+    work whose curves it is to hold."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
+    if suffix not in formats:
+        problem = f"unknown image format .{suffix}" if suffix else "no suffix to name the format"
+        raise ValueError(f"cannot plot to {path}: {problem}; matplotlib writes "
+                         f"{', '.join(sorted(formats))}")
+
+
 def plot_history(history, path, title: str = "") -> None:
     """Write the loss curves (training and validation) of a
     :class:`~gpu_mlp.training.History` to ``path`` (format from its suffix, e.g. .png),
     with a second panel for the validation accuracy when there is one."""
-    require_matplotlib()
+    check_format(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

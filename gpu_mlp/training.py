@@ -3,8 +3,16 @@
 :func:`fit` checks all the data once, up front, and puts it on the net's device once.
 Each epoch then gathers the rows in that epoch's order (one gather on the device) and
 calls :meth:`MLP.train_step` on contiguous slices with ``check=False``, so no step scans
-the data or waits for the device: the step losses stay on the device as 0-d arrays and
-come back in bulk only when the progress bar is redrawn and at the end of the epoch.
+the data or waits for the device: each step's loss is copied into a per-epoch vector on
+the device, read in bulk only every ``_REFRESH_S`` seconds (for the progress bar and to
+notice divergence) and at the end of the epoch.
+
+Divergence: the first non-finite loss seen stops training (on the CPU at once, on a GPU
+within ``_REFRESH_S``). The parameters go back to
+what they were at the end of the last good epoch (a host copy is kept for that), and
+:class:`TrainingDiverged` carries the History of the good epochs. A run that stays
+finite but ends with a higher training loss than it started with gets a
+:class:`TrainingWarning`.
 
 The order of epoch ``e`` depends on ``(seed, e)`` alone, so a run resumed from a
 checkpoint (``resume=history``) sees exactly the batches an uninterrupted run sees and
@@ -26,19 +34,34 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from . import ops
+from . import _checks, ops
 from .device import to_numpy
 from .mlp import _check_lr
 
-_REFRESH_S = 0.2  # the progress bar fetches the losses from the device at most this often
-_EVAL_ROWS = 4096  # rows per forward pass in evaluate(): bounds its memory
+_REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
+_ROSE = 1.1  # a final training loss this many times the first step's is worth a warning
 _PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds")
+
+
+class TrainingDiverged(RuntimeError):
+    """Training reached a non-finite loss. The net holds the parameters it had at the end
+    of the last good epoch (the initial ones if the first diverged); ``history`` is the
+    :class:`History` of the good epochs, e.g. to save or plot."""
+
+    def __init__(self, message: str, history: "History"):
+        super().__init__(message)
+        self.history = history
+
+
+class TrainingWarning(UserWarning):
+    """Training ran, but something about it is likely not what was wanted."""
 
 
 @dataclass
@@ -117,10 +140,10 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
     that diverges (a non-finite epoch loss) stops with a RuntimeError.
     """
-    epochs = _count("epochs", epochs)
-    batch_size = _count("batch_size", batch_size)
+    epochs = _checks.integer("epochs", epochs)
+    batch_size = _checks.integer("batch_size", batch_size)
     lr = _check_lr(lr)
-    seed = _seed(seed)
+    seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -134,6 +157,9 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
     history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
 
     xp, n = net._xp, X.shape[0]
+    on_host = xp is np  # a GPU's losses are read every _REFRESH_S: no sync per step
+    first_step_loss = None  # the loss of the initial parameters, on the first batch
+    good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         if shuffle:
@@ -141,7 +167,7 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
             X_epoch, Y_epoch = X[rows], Y[rows]
         else:
             X_epoch, Y_epoch = X, Y
-        losses = _DeviceSum(xp)
+        losses = _StepLosses(xp, -(-n // batch_size))
         with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
@@ -150,24 +176,47 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
                 last = min(first + batch_size, n)
                 J = net.train_step(X_epoch[first:last], Y_epoch[first:last], lr, check=False)
                 losses.add(J, last - first)
-                if not bar.disable and time.perf_counter() - shown_at > _REFRESH_S:
-                    bar.set_postfix(loss=f"{losses.mean():.4f}", refresh=False)
+                if on_host and not math.isfinite(J):  # free to read on the NumPy backend
+                    break
+                if time.perf_counter() - shown_at > _REFRESH_S:
+                    running = losses.mean()
+                    if not math.isfinite(running):
+                        break
+                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                     bar.update(last - shown)
                     shown, shown_at = last, time.perf_counter()
             train_loss = losses.mean()  # waits for the epoch's last step
+            if epoch == 0:
+                first_step_loss = losses.first()
             seconds = time.perf_counter() - start
+            if not math.isfinite(train_loss):
+                _restore(net.params, good)
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
+                    f"parameters are those after epoch {epoch} again; try a smaller "
+                    f"learning rate than {lr}", copy.deepcopy(history))
             val_loss, val_accuracy = (_evaluate(net, *validation) if validation is not None
                                       else (None, None))
             bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
             bar.update(n - shown)
-        if not math.isfinite(train_loss):
-            raise RuntimeError(f"training diverged in epoch {epoch + 1} (loss {train_loss}); "
-                               f"try a smaller learning rate than {lr}")
         for name, value in zip(_PER_EPOCH, (lr, train_loss, val_loss, val_accuracy, seconds)):
             getattr(history, name).append(value)
+        good = _host_copy(net.params, into=good)
         if on_epoch is not None:
             on_epoch(net, history)
+    _warn_if_loss_rose(history, first_step_loss, lr)
     return history
+
+
+def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
+    if history.epochs == 0:
+        return
+    start, when = ((first_step_loss, "the first step") if first_step_loss is not None
+                   else (history.train_loss[0], "epoch 1"))
+    if history.train_loss[-1] > _ROSE * start:
+        warnings.warn(f"the training loss rose from {start:.4g} ({when}) to "
+                      f"{history.train_loss[-1]:.4g} (epoch {history.epochs}): the "
+                      f"learning rate {lr} may be too large", TrainingWarning, stacklevel=3)
 
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
@@ -181,43 +230,61 @@ def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
     return _evaluate(net, *_data(net, "X", X, Y))
 
 
-class _DeviceSum:
-    """A sample-weighted mean of 0-d device arrays, fetched to the host in bulk."""
+class _StepLosses:
+    """An epoch's step losses, copied into a vector on the device as they come (no host
+    sync, no array kept per step) and averaged, weighted by rows, on request."""
 
-    def __init__(self, xp):
-        self.xp = xp
-        self.pending, self.weights = [], []
-        self.total, self.count = 0.0, 0
+    def __init__(self, xp, steps: int):
+        self.values = xp.empty(steps, dtype=np.float64)
+        self.weights = np.empty(steps, dtype=np.float64)
+        self.count = 0
 
     def add(self, value, weight: int) -> None:
-        self.pending.append(value)
-        self.weights.append(weight)
+        self.values[self.count] = value
+        self.weights[self.count] = weight
+        self.count += 1
+
+    def first(self) -> float:
+        return float(self.values[0])
 
     def mean(self) -> float:
-        if self.pending:  # one device-to-host transfer for everything added since
-            values = to_numpy(self.xp.stack(self.pending)).astype(np.float64)
-            self.total += float(values @ np.asarray(self.weights, dtype=np.float64))
-            self.count += sum(self.weights)
-            self.pending, self.weights = [], []
-        return self.total / self.count
+        """The weighted mean so far: one device-to-host transfer."""
+        k = self.count
+        return float(to_numpy(self.values[:k]) @ self.weights[:k] / self.weights[:k].sum())
 
 
 def _evaluate(net, X, Y):
-    xp, loss = net._xp, net.loss
-    classifier = loss.name in ("softmax_cross_entropy", "logistic")
-    losses, hits = _DeviceSum(xp), _DeviceSum(xp)
-    for first in range(0, X.shape[0], _EVAL_ROWS):
-        Xb, Yb = X[first:first + _EVAL_ROWS], Y[first:first + _EVAL_ROWS]
-        F = net.predict(Xb)
-        grad = xp.empty_like(F)  # the loss kernels write the gradient too; unused here
-        scratch = xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
-        losses.add(ops.loss_and_grad(loss, F, Yb, grad, 1.0, scratch), Xb.shape[0])
-        if loss.name == "softmax_cross_entropy":
-            labels = Yb if Yb.ndim == 1 else Yb.argmax(axis=1)
-            hits.add((F.argmax(axis=1) == labels).mean(), Xb.shape[0])
-        elif loss.name == "logistic":
-            hits.add(((F > 0) == (Yb > 0)).mean(), Xb.shape[0])
-    return losses.mean(), (hits.mean() if classifier else None)
+    loss = net.loss
+    F = net.predict(X)  # in chunks: its memory does not grow with X
+    grad = net._xp.empty_like(F)  # the loss kernels write the gradient too; unused here
+    scratch = net._xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
+    mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch))
+    if loss.name == "softmax_cross_entropy":
+        labels = Y if Y.ndim == 1 else Y.argmax(axis=1)
+        return mean_loss, float((F.argmax(axis=1) == labels).mean())
+    if loss.name == "logistic":
+        return mean_loss, float(((F > 0) == (Y > 0)).mean())
+    return mean_loss, None
+
+
+def _host_copy(params, into=None):
+    """A host copy of the parameters (into ``into``'s arrays when given)."""
+    if into is None:
+        return [tuple(np.array(to_numpy(a)) for a in pair) for pair in params]
+    for pair, saved in zip(params, into):
+        for a, copy_ in zip(pair, saved):
+            copy_[...] = to_numpy(a)
+    return into
+
+
+def _restore(params, saved) -> None:
+    """Write ``saved`` back into the live parameter arrays (they stay the same objects)."""
+    for pair, copies in zip(params, saved):
+        for a, copy_ in zip(pair, copies):
+            if isinstance(a, np.ndarray):
+                a[...] = copy_
+            else:
+                a.set(copy_)  # CuPy: host to device, in place
 
 
 def _data(net, name, X, Y):
@@ -254,19 +321,3 @@ def _postfix(train_loss, val_loss, val_accuracy) -> dict:
     if val_accuracy is not None:
         postfix["val_acc"] = f"{val_accuracy:.4f}"
     return postfix
-
-
-def _count(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return int(seed)

@@ -1,10 +1,13 @@
-"""The engine's buffer pool: allocated once per batch shape, reused every step.
+"""The engine's buffer pool: allocated once, reused every step, whatever the batch size.
 
 A training step takes its activation and delta buffers from here and gives each back
 as soon as the backward pass is done with it (MATH.md, Remark 8 (iii)), so a buffer
-freed by one layer serves the next layer of the same shape. After the first step with
-a batch shape the free lists hold every buffer the step needs: the steady state
-allocates nothing, which ``allocations`` lets tests and benchmarks see.
+freed by one layer serves the next layer of the same width. Buffers are kept per *row
+shape* (the shape without the batch dimension) and sized for the most rows asked for so
+far; a smaller batch gets a view of their first rows. So a full batch, the remainder,
+or any number of sizes in turn all run on the same buffers: after the first step with
+the largest batch the steady state allocates nothing, which ``allocations`` lets tests
+and benchmarks see. The memory held is bounded by the largest batch.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import numpy as np
 class Workspace:
     def __init__(self, xp, dtype):
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self._ones = {}
-        self._free = defaultdict(list)
+        self._free = defaultdict(list)  # (row shape, dtype) -> free base buffers
+        self._rows = {}                 # (row shape, dtype) -> rows of its base buffers
+        self._ones = None
         self.allocations = 0     # buffers ever created
         self.bytes = 0           # bytes held, in use or free
         self.in_use_bytes = 0
@@ -26,34 +30,53 @@ class Workspace:
 
     def take(self, shape, dtype=None):
         """A C-contiguous buffer of ``shape`` (contents undefined)."""
-        key = (tuple(shape), np.dtype(dtype or self.dtype))
+        rows, key = shape[0], (tuple(shape[1:]), np.dtype(dtype or self.dtype))
+        if rows > self._rows.get(key, 0):
+            # grow: the smaller free buffers go now, those in use when they come back
+            self._release(self._free.pop(key, []))
+            self._rows[key] = rows
         free = self._free[key]
         if free:
-            buf = free.pop()
+            base = free.pop()
         else:
-            buf = self.xp.empty(key[0], dtype=key[1])
+            base = self.xp.empty((self._rows[key],) + key[0], dtype=key[1])
             self.allocations += 1
-            self.bytes += buf.nbytes
-        self.in_use_bytes += buf.nbytes
+            self.bytes += base.nbytes
+        self.in_use_bytes += base.nbytes
         self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
-        return buf
+        return base[:rows]
 
     def ones(self, n: int):
         """A vector of n ones (kept for good: the bias gradient is a GEMV against it)."""
-        if n not in self._ones:
-            self._ones[n] = self.xp.ones(n, dtype=self.dtype)
+        if self._ones is None or self._ones.shape[0] < n:
+            self._release([self._ones] if self._ones is not None else [])
+            self._ones = self.xp.ones(n, dtype=self.dtype)
             self.allocations += 1
-            self.bytes += self._ones[n].nbytes
-        return self._ones[n]
+            self.bytes += self._ones.nbytes
+        return self._ones[:n]
 
     def give(self, *buffers) -> None:
-        """Return buffers to the pool; the caller must not touch them afterwards."""
+        """Return buffers that :meth:`take` handed out; the caller must not touch them
+        afterwards."""
         for buf in buffers:
-            self.in_use_bytes -= buf.nbytes
-            self._free[(buf.shape, buf.dtype)].append(buf)
+            base = buf.base if buf.base is not None else buf
+            key = (tuple(base.shape[1:]), base.dtype)
+            self.in_use_bytes -= base.nbytes
+            if base.shape[0] < self._rows[key]:
+                self._release([base])  # outgrown while in use
+            else:
+                self._free[key].append(base)
 
     def clear(self) -> None:
         """Drop every free buffer (their memory returns to NumPy's or CuPy's allocator)."""
+        for free in self._free.values():
+            self._release(free)
         self._free.clear()
-        self._ones.clear()
-        self.bytes = self.in_use_bytes
+        if not self.in_use_bytes:  # else the buffers still out must be recognised
+            self._rows.clear()
+        if self._ones is not None:
+            self._release([self._ones])
+            self._ones = None
+
+    def _release(self, buffers) -> None:
+        self.bytes -= sum(b.nbytes for b in buffers)

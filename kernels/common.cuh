@@ -19,6 +19,7 @@ using std::exp;
 using std::fabs;
 using std::log;
 using std::log1p;
+using std::nan;
 using std::sqrt;
 using std::tanh;
 #endif
@@ -28,6 +29,13 @@ template <typename T>
 __host__ __device__ inline T gm_max_nan(T a, T b)
 {
     return (a != a || a > b) ? a : b;
+}
+
+// A quiet NaN: what a result is when its input makes no sense (a label out of range).
+template <typename T>
+__host__ __device__ inline T gm_nan()
+{
+    return T(nan(""));
 }
 
 #endif  // GPU_MLP_COMMON_CUH

@@ -4,9 +4,11 @@
 // A row is one sample. Each __host__ __device__ function below does one row in three
 // short passes (maximum, sum of exponentials, write) with the maximum subtracted, so no
 // finite input overflows; the __global__ wrappers give one row to each thread. A thread
-// per row suits gpu_mlp's use, where rows are the few classes of an output layer and
-// the batch supplies the parallelism; the row functions are what the host tests run.
-// Arrays are C-contiguous (B, C); labels are int64.
+// per row suits rows of a few classes, where the batch supplies the parallelism; for wide
+// rows (gpu_mlp/ops.py: ROW_KERNEL_MAX) CuPy's reductions find each row's maximum and sum
+// and the element functions at the end of this file do the rest, one thread an element.
+// Arrays are C-contiguous (B, C); labels are int64. A label outside [0, C) (possible
+// only when the engine's checks were skipped) gives its row a NaN loss and no gradient.
 #ifndef GPU_MLP_ROWWISE_CUH
 #define GPU_MLP_ROWWISE_CUH
 
@@ -42,6 +44,10 @@ template <typename T>
 __host__ __device__ inline T gm_softmax_xent_row(const T* f, const T* t, long long label,
                                                  T* grad, int C, T scale)
 {
+    if (!t && (label < 0 || label >= C)) {
+        for (int c = 0; c < C; ++c) grad[c] = T(0);
+        return gm_nan<T>();
+    }
     T m = f[0];
     for (int c = 1; c < C; ++c) m = gm_max_nan(m, f[c]);
     T s = T(0);
@@ -54,6 +60,31 @@ __host__ __device__ inline T gm_softmax_xent_row(const T* f, const T* t, long lo
         if (target != T(0)) loss += target * (log_s - (f[c] - m));
     }
     return loss;
+}
+
+// The same cross-entropy for wide rows, one element at a time, given the row's maximum m
+// and s = sum exp(f - m). The gradient from e = exp(f_c - m) of column c:
+template <typename T>
+__host__ __device__ inline T gm_softmax_xent_grad(T e, T s, long long label, long long c, int C,
+                                                  T scale)
+{
+    if (label < 0 || label >= C) return T(0);
+    return (e / s - (c == label ? T(1) : T(0))) * scale;
+}
+
+// the row's loss against a class label, from the row f
+template <typename T>
+__host__ __device__ inline T gm_softmax_xent_label_loss(const T* f, T m, T s, long long label, int C)
+{
+    if (label < 0 || label >= C) return gm_nan<T>();
+    return log(s) - (f[label] - m);
+}
+
+// one column's share of the loss against a target distribution (row sums give the loss)
+template <typename T>
+__host__ __device__ inline T gm_softmax_xent_term(T f, T m, T s, T target)
+{
+    return target != T(0) ? target * (log(s) - (f - m)) : T(0);
 }
 
 #ifdef __CUDACC__

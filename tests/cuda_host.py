@@ -12,9 +12,12 @@ and tested with no change to the tests. The generated C functions (CTYPE is ``fl
   ``gm_<name>_grad`` or ``gm_<name>_grad_from_output`` over n elements;
 * ``host_gm_<loss>_CTYPE(f, y, scale, grad, loss, n)``: an elementwise loss;
 * ``ew_<op>[_<activation>]_CTYPE(n, cols, params...)``: an ``ops.ELEMENTWISE`` body over
-  n elements, its parameters in the kernel's order -- scalars (``alpha``, ``scale``) by
-  value, arrays as pointers, ``bias`` indexed by column as the engine's (d,) bias is
-  broadcast over (B, d) rows. Inside, inputs are values and outputs ``T&``, as in CuPy;
+  n elements ``i`` of a (n / cols, cols) output, its parameters in the kernel's order
+  (:func:`elementwise_signature` says how each is passed): scalars by value, arrays as
+  pointers -- ``bias`` indexed by column as the engine's (d,) bias is broadcast over
+  (B, d) rows, the per-row columns ``row_*`` and ``label`` by row as CuPy broadcasts a
+  (B, 1) array, ``raw`` arrays left to the body. Inside, inputs are values and outputs
+  ``T&``, as in CuPy;
 * ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +34,10 @@ from gpu_mlp import activations, cuda, losses, ops
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
-# How gpu_mlp.ops passes each ELEMENTWISE parameter that is not a full (B, d) array.
-SCALAR_PARAMS = ("alpha", "scale")
-COLUMN_PARAMS = ("bias",)
+# How gpu_mlp.ops passes each ELEMENTWISE parameter: ops.param_layout.
+SCALAR_PARAMS, COLUMN_PARAMS = ops.SCALAR_PARAMS, ops.COLUMN_PARAMS
+PARAM_TYPES = {"T": None, "int32": np.dtype(np.int32), "int64": np.dtype(np.int64)}
+_C_TYPES = {"int32": "int", "int64": "long long"}
 
 HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror")  # no -ffast-math
 NVCC_FLAGS = ("-c", "-arch=sm_90", "-std=c++14", "-Werror", "all-warnings", "-Xptxas", "-v")
@@ -84,16 +89,45 @@ def elementwise_name(op: str, act: str | None, dtype) -> str:
     return "_".join(["ew", op] + ([act] if act else []) + [CTYPES[np.dtype(dtype)]])
 
 
+@dataclass(frozen=True)
+class EwParam:
+    """One parameter of an ``ops.ELEMENTWISE`` kernel."""
+
+    name: str
+    type: str     # "T", "int32" or "int64", as CuPy spells them
+    raw: bool     # CuPy's "raw": the body indexes it itself
+    output: bool
+
+    @property
+    def kind(self) -> str:
+        """"scalar", "raw", "column", "row" or "full" (an array shaped as the output)."""
+        return ops.param_layout(self.name, self.type != "T", self.raw)
+
+    def dtype(self, float_dtype) -> np.dtype:
+        return PARAM_TYPES[self.type] or np.dtype(float_dtype)
+
+    def ctype(self, float_ctype: str) -> str:
+        return _C_TYPES.get(self.type, float_ctype)
+
+
+def elementwise_signature(op: str) -> list[EwParam]:
+    """An op's parameters, inputs then outputs, as ``ops.ELEMENTWISE`` declares them."""
+    in_params, out_params, _ = ops.ELEMENTWISE[op]
+    params = []
+    for declared, output in ((in_params, False), (out_params, True)):
+        for words in (p.split() for p in declared.split(",")):
+            raw = words[0] == "raw"
+            type_, name = words[1:] if raw else words
+            if type_ not in PARAM_TYPES:
+                raise ValueError(f"{op}: cannot generate a parameter of type {type_!r}")
+            params.append(EwParam(name, type_, raw, output))
+    return params
+
+
 def elementwise_params(op: str) -> tuple[list[str], list[str]]:
     """The names of an op's input and output parameters, in order."""
-    def names(params):
-        parsed = [p.split() for p in params.split(",")]
-        if any(t != "T" for t, _ in parsed):
-            raise ValueError(f"{op}: only parameters of type T can be generated: {params!r}")
-        return [name for _, name in parsed]
-
-    in_params, out_params, _ = ops.ELEMENTWISE[op]
-    return names(in_params), names(out_params)
+    signature = elementwise_signature(op)
+    return ([p.name for p in signature if not p.output], [p.name for p in signature if p.output])
 
 
 # How gpu_mlp.ops calls each activation op, on arrays named as the kernel's parameters.
@@ -112,16 +146,19 @@ OP_CALLS = {
 def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
     """An ``ops.ELEMENTWISE`` body as a host loop, or as a ``__global__`` kernel."""
     ctype = CTYPES[np.dtype(dtype)]
-    ins, outs = elementwise_params(op)
     args, element = ["long long n", "long long cols"], []
-    for name in ins + outs:
-        if name in SCALAR_PARAMS:
-            args.append(f"{ctype} {name}")
-            continue
-        args.append(f"{'const ' if name in ins else ''}{ctype}* {name}_")
-        index = "i % cols" if name in COLUMN_PARAMS else "i"
-        element.append(f"const T {name} = {name}_[{index}];" if name in ins else
-                       f"T& {name} = {name}_[{index}];")
+    index = {"full": "i", "column": "i % cols", "row": "i / cols"}
+    for p in elementwise_signature(op):
+        const = "" if p.output else "const "
+        if p.kind == "scalar":
+            args.append(f"{p.ctype(ctype)} {p.name}")
+        elif p.kind == "raw":
+            args.append(f"{const}{p.ctype(ctype)}* {p.name}")
+        else:
+            args.append(f"{const}{p.ctype(ctype)}* {p.name}_")
+            element.append(f"{p.ctype('T')}& {p.name} = {p.name}_[{index[p.kind]}];"
+                           if p.output else
+                           f"const {p.ctype('T')} {p.name} = {p.name}_[{index[p.kind]}];")
     element.append(ops.ELEMENTWISE[op][2].format(act=act or "") + ";")
     signature = f"{elementwise_name(op, act, dtype)}({', '.join(args)})"
     if device:
@@ -236,7 +273,9 @@ def _c_arg(a):
         return ctypes.c_float(a)
     if isinstance(a, np.float64):
         return ctypes.c_double(a)
-    if isinstance(a, int):
+    if isinstance(a, np.int32):
+        return ctypes.c_int(a)
+    if isinstance(a, (int, np.int64)):
         return ctypes.c_longlong(a)
     raise TypeError(f"cannot pass {type(a).__name__} to C: use an array, a NumPy float or an int")
 

@@ -8,11 +8,12 @@ it, and each call is checked as strictly as the GPU needs it, then run:
 
 * ``cupy.ElementwiseKernel``: it must be an ``ops.ELEMENTWISE`` entry formatted for one
   activation, named as ``ops`` names it, with ``cuda.source()`` as its preamble. A call
-  passes inputs, then outputs, in parameter order, as CuPy takes them: ``alpha`` and
-  ``scale`` as NumPy scalars of the arrays' dtype (anything else CuPy would type
-  otherwise), arrays C-contiguous, of one float dtype, ``bias`` (d,) against (B, d)
-  outputs and every other array the outputs' shape. The body then runs as the host loop
-  ``cuda_host`` generates from the same text.
+  passes inputs, then outputs, in parameter order, as CuPy takes them: scalars as NumPy
+  scalars of their declared type (``T``: the arrays' dtype; anything else CuPy would
+  type otherwise), arrays C-contiguous, of their declared dtype, ``bias`` (d,) against
+  (B, d) outputs, the per-row columns (B, 1), and every other array the outputs'
+  shape (a ``raw`` one any shape). The body then runs as the host loop ``cuda_host``
+  generates from the same text.
 * ``cupy.RawModule(code=cuda.source(), ...)``: ``get_function("gm_softmax_forward<float>")``
   gives a kernel called as CuPy's ``kernel(grid, block, args)``, with the arguments
   checked against the ``__global__`` signature parsed from ``kernels/rowwise.cuh``: an
@@ -178,23 +179,25 @@ class ElementwiseKernel:
             f"{name} is not ops.ELEMENTWISE[{self.op!r}] for {self.act}"
         assert preamble == cuda.source(), f"{name}: the preamble is not cuda.source()"
         self.device, self.name = device, name
-        self.inputs, self.outputs = cuda_host.elementwise_params(self.op)
+        self.params = cuda_host.elementwise_signature(self.op)
 
     def __call__(self, *args):
-        names = self.inputs + self.outputs
+        names = [p.name for p in self.params]
         assert len(args) == len(names), f"{self.name}{tuple(names)}: got {len(args)} arguments"
-        named = dict(zip(names, args))
-        out = named[self.outputs[0]]
+        out = args[[p.output for p in self.params].index(True)]
         assert isinstance(out, np.ndarray) and out.dtype in cuda_host.CTYPES, \
-            f"{self.name}: the output {self.outputs[0]} must be a float32 or float64 array"
-        for name, value in named.items():
-            where = f"{self.name}, {name}"
-            if name in cuda_host.SCALAR_PARAMS:
-                assert type(value) is out.dtype.type, \
-                    f"{where}: expected a numpy.{out.dtype.name}, got {type(value).__name__}"
+            f"{self.name}: the output {names[-1]} must be a float32 or float64 array"
+        rows = out.shape[:-1] + (1,)  # CuPy broadcasts a (B, 1) column along the rows
+        shapes = {"full": out.shape, "column": out.shape[-1:], "row": rows}
+        for p, value in zip(self.params, args):
+            where, dtype = f"{self.name}, {p.name}", p.dtype(out.dtype)
+            if p.kind == "scalar":
+                assert type(value) is dtype.type, \
+                    f"{where}: expected a numpy.{dtype.name}, got {type(value).__name__}"
+            elif p.kind == "raw":  # any shape: the body indexes it (C order)
+                _check_array(where, value, dtype, value.shape)
             else:
-                column = name in cuda_host.COLUMN_PARAMS
-                _check_array(where, value, out.dtype, out.shape[-1:] if column else out.shape)
+                _check_array(where, value, dtype, shapes[p.kind])
         self.device.launches[self.name, out.dtype.name] += 1
         cuda_host.call(self.device.lib, cuda_host.elementwise_name(self.op, self.act, out.dtype),
                        out.size, out.shape[-1], *args)
@@ -334,7 +337,7 @@ def cupy_path(lib: ctypes.CDLL):
     emulation over ``lib`` (see :func:`build`). Yields the :class:`Device`. Kernels that
     ``gpu_mlp`` cached are dropped on entry and on exit, so none crosses the boundary."""
     device = Device(lib)
-    caches = (ops._kernel, cuda.elementwise, cuda._row_module)
+    caches = (ops._kernel, cuda.elementwise, cuda._row_module, cuda._row_function)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "is_numpy", lambda a: False)
         mp.setitem(sys.modules, "cupy", device.cupy)

@@ -192,18 +192,25 @@ def test_summary_reports_the_targets_as_measured():
         "gpu_mlp-numpy[output]: peak memory below torch's at 1/1 points (largest ratio 0.50)"]
 
 
-def _run_cli(out, *extra):
-    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
+# runs a script as `python script args` does, with `import matplotlib` failing
+WITHOUT_MATPLOTLIB = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+                      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _run_cli(out, *extra, matplotlib=True):
+    """``(stdout, stderr, results.json)`` of a bench/run.py run on tiny sizes."""
+    python = [sys.executable] + ([] if matplotlib else ["-c", WITHOUT_MATPLOTLIB])
+    cmd = [*python, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
            "--depths", "2", "--batches", "4", "--warmup", "1", "--repeats", "5",
            "--max-time", "0", "--threads", "1", "--dtype", "float64", "--out", str(out),
            *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    return done.stdout, json.loads((out / "results.json").read_text())
+    return done.stdout, done.stderr, json.loads((out / "results.json").read_text())
 
 
-def test_cli_writes_table_json_and_plot_and_resumes(tmp_path):
-    stdout, doc = _run_cli(tmp_path, "--widths", "8")
+def test_cli_writes_table_json_and_report_and_resumes(tmp_path):
+    stdout, _, doc = _run_cli(tmp_path, "--widths", "8", "--no-plot")
     assert doc["schema"] == harness.SCHEMA
     assert set(doc) == {"schema", "config", "environment", "records"}
     env, config = doc["environment"], doc["config"]
@@ -229,17 +236,35 @@ def test_cli_writes_table_json_and_plot_and_resumes(tmp_path):
     table = report.format_table(doc["records"])
     assert table in stdout and all(label in table for label in labels)
     markdown = (tmp_path / "report.md").read_text()
-    assert table in markdown and env["command"] in markdown and "results.png" in markdown
-    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table in markdown and env["command"] in markdown
+    assert "results.png" not in markdown and not (tmp_path / "results.png").exists()
 
     # --resume keeps what was measured and measures only what is missing
-    _, resumed = _run_cli(tmp_path, "--widths", "8,16", "--impls", "gemm", "--resume",
-                          "--no-plot")
+    _, _, resumed = _run_cli(tmp_path, "--widths", "8,16", "--impls", "gemm", "--resume",
+                             "--no-plot")
     assert resumed["records"][:len(doc["records"])] == doc["records"]
     [new] = resumed["records"][len(doc["records"]):]
     assert (new["label"], new["width"], new["status"]) == ("gemm-bound-numpy", 16, "ok")
     assert new["ratio_to_torch"] is None  # no torch measurement at width 16
     assert resumed["environment"]["previous_commands"] == [env["command"]]
+
+
+def test_cli_writes_the_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
+    _run_cli(tmp_path, "--widths", "8", "--impls", "gemm")
+    assert "results.png" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_without_matplotlib_writes_all_but_the_plot(tmp_path):
+    stdout, stderr, doc = _run_cli(tmp_path, "--widths", "8", "--impls", "gemm",
+                                   matplotlib=False)
+    # said once, before the progress bar of the measurements
+    note = "skipping the plot (results.png): plotting needs matplotlib"
+    assert stderr.startswith(note) and stderr.count(note) == 1
+    assert report.format_table(doc["records"]) in stdout
+    assert "results.png" not in (tmp_path / "report.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]
 
 
 def test_cli_refuses_to_resume_with_other_settings(tmp_path):

@@ -2,9 +2,12 @@
 
 import json
 import os
+import stat
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -77,6 +80,47 @@ def test_save_writes_exactly_the_path_and_nothing_else(tmp_path):
     assert same_params(gpu_mlp.MLP.load(tmp_path / "model.ckpt").params, small_net(seed=5).params)
     with np.load(tmp_path / "model.ckpt", allow_pickle=False) as npz:  # plain NumPy can read it
         assert sorted(npz.files) == ["W_1", "W_2", "b_1", "b_2", "meta"]
+
+
+def test_save_writes_through_a_symlink_and_keeps_it(tmp_path):
+    runs, links = tmp_path / "runs", tmp_path / "links"
+    runs.mkdir()
+    links.mkdir()
+    small_net(seed=1).save(runs / "run.npz")
+    (links / "latest.npz").symlink_to(runs / "run.npz")
+    (links / "next.npz").symlink_to(runs / "next.npz")  # dangling until the save
+    small_net(seed=2).save(links / "latest.npz")
+    small_net(seed=3).save(links / "next.npz")
+    assert os.readlink(links / "latest.npz") == str(runs / "run.npz")
+    assert os.readlink(links / "next.npz") == str(runs / "next.npz")
+    assert files_in(runs) == ["next.npz", "run.npz"]  # the temporary files were here
+    assert same_params(gpu_mlp.MLP.load(runs / "run.npz").params, small_net(seed=2).params)
+    assert same_params(gpu_mlp.MLP.load(runs / "next.npz").params, small_net(seed=3).params)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
+def test_save_keeps_the_permission_bits_of_the_file_it_replaces(tmp_path, mode):
+    path = tmp_path / "run.npz"
+    small_net(seed=1).save(path)
+    os.chmod(path, mode)
+    small_net(seed=2).save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert same_params(gpu_mlp.MLP.load(path).params, small_net(seed=2).params)
+
+
+@pytest.mark.parametrize("name, error", [
+    ("missing/run.npz", FileNotFoundError),
+    ("folder", IsADirectoryError),
+    ("folder/", IsADirectoryError),
+])
+def test_save_where_no_file_can_go_names_the_path(tmp_path, name, error):
+    (tmp_path / "folder").mkdir()
+    path = os.path.join(tmp_path, name)
+    with pytest.raises(error) as raised:
+        small_net().save(path)
+    message = str(raised.value)
+    assert message.startswith(f"cannot write {path}: ") and ".tmp" not in message
+    assert files_in(tmp_path) == ["folder"] and files_in(tmp_path / "folder") == []
 
 
 def test_save_rejects_a_history_of_another_type(tmp_path):
@@ -241,6 +285,24 @@ def test_flipped_byte_is_caught_by_the_zip_checksum(tmp_path):
     (tmp_path / "bad.npz").write_bytes(bytes(content))
     with pytest.raises(CheckpointError, match="Bad CRC-32"):
         gpu_mlp.MLP.load(tmp_path / "bad.npz")
+
+
+def test_broken_deflate_stream_in_a_compressed_checkpoint_is_refused(tmp_path, entries):
+    path = tmp_path / "packed.npz"
+    np.savez_compressed(path, **{**entries, "meta": np.array(json.dumps(entries["meta"]))})
+    gpu_mlp.MLP.load(path)  # intact, a compressed checkpoint loads
+    content = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as packed:
+        member = packed.getinfo("W_1.npy")
+    assert member.compress_type == zipfile.ZIP_DEFLATED
+    # the local header: 30 bytes, the name and an extra field whose lengths end it
+    name_length, extra_length = struct.unpack_from("<HH", content, member.header_offset + 26)
+    stream = member.header_offset + 30 + name_length + extra_length
+    content[stream] |= 0b111  # the first block becomes final with the reserved type 3
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match="damaged or unreadable entry") as error:
+        gpu_mlp.MLP.load(path)
+    assert str(error.value).startswith(str(path))
 
 
 @pytest.mark.parametrize("write, match", [

@@ -194,15 +194,23 @@ BAD_INPUT = [
     (["--loss", "logistic"], "--loss logistic does not fit the digits data, which take "
                              "softmax_cross_entropy or squared"),
     (["--data", "regression", "--loss", "softmax_cross_entropy"], "which take squared"),
-    (["--activation", "gelu"], "memory='output' needs sigma' as a function of the output"),
+    (["--activation", "gelu"], "--memory output needs sigma' as a function of the output, "
+                               "which gelu lacks; use --memory recompute or --memory store_both"),
+    (["--activation", "gelu", "--memory", "output"], "use --memory recompute or --memory "
+                                                     "store_both$"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (["--memory", "all"], "argument --memory: invalid choice"),
-    (["--test-fraction", "1"], "test_fraction must lie strictly between 0 and 1"),
+    (["--test-fraction", "1"], "argument --test-fraction: expected a number strictly "
+                               "between 0 and 1, got '1'"),
+    (["--test-fraction", "x"], "argument --test-fraction: expected a number"),
     (["--data", "regression", "--lr", "5"], "training diverged in epoch 1"),
     (["--resume", "{tmp}/missing.npz"], "No such file or directory"),
     (["--resume", text_file], "notes.txt: not a checkpoint \\(not an .npz file\\)"),
     (["--resume", checkpoint_without_history], "holds no training history"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--save", ""], "argument --save: expected a path, got ''"),
+    (["--plot", ""], "argument --plot: expected a path, got ''"),
+    (["--resume", ""], "argument --resume: expected a path, got ''"),
 ]
 
 
@@ -214,6 +222,69 @@ def test_bad_input_ends_with_one_line_and_status_2(capsys, tmp_path, argv, match
     assert err.count("\n") == 1 and err.startswith("gpu-mlp: error: ")
     assert "Traceback" not in err
     assert re.search(match, err), err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Makes any training fail the test: what is checked must be checked before it."""
+    def fit(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(gpu_mlp.MLP, "fit", fit)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plot", "{tmp}/missing/c.png"], "cannot write {tmp}/missing/c.png: no directory "
+                                        "{tmp}/missing"),
+    (["--plot", "{tmp}/c.xyz"], "cannot plot to {tmp}/c.xyz: unknown image format .xyz; "
+                                "matplotlib writes .*png"),
+    (["--plot", "{tmp}/c"], "cannot plot to {tmp}/c: no suffix to name the format"),
+    (["--plot", "{tmp}"], "cannot write {tmp}: it is a directory"),
+    (["--save", "{tmp}/missing/run.npz"], "cannot write {tmp}/missing/run.npz: no directory "
+                                          "{tmp}/missing"),
+    (["--save", "{tmp}"], "cannot write {tmp}: it is a directory"),
+])
+def test_bad_output_path_fails_before_training(capsys, tmp_path, no_training, argv, message):
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib", reason="without matplotlib --plot fails earlier")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    status, lines, err = run(capsys, "train", *argv)
+    assert status == 2 and lines == [] and err.count("\n") == 1
+    assert re.match("gpu-mlp: error: " + message.format(tmp=re.escape(str(tmp_path))), err), err
+    assert ".tmp" not in err
+
+
+def test_save_refuses_to_replace_the_checkpoint_of_another_run(capsys, tmp_path):
+    path = str(tmp_path / "keep.npz")
+    assert run(capsys, "train", "--epochs", "2", "--save", path)[0] == 0
+    kept = (tmp_path / "keep.npz").read_bytes()
+
+    status, lines, err = run(capsys, "train", "--epochs", "1", "--hidden", "16", "--save", path)
+    assert status == 2 and lines == []  # not even the header: refused before anything
+    assert err == (f"gpu-mlp: error: --save {path}: the file exists; give --overwrite to "
+                   f"replace it, or --resume {path} to continue its run\n")
+    assert (tmp_path / "keep.npz").read_bytes() == kept
+
+    # continuing the run it holds is fine, even under another name for the file
+    same_file = os.path.join(tmp_path, ".", "keep.npz")
+    assert run(capsys, "train", "--epochs", "3", "--resume", same_file, "--save", path)[0] == 0
+    assert checkpoint.read(path).history.epochs == 3
+    # and --overwrite says the old run may go
+    status, _, _ = run(capsys, "train", "--epochs", "1", "--hidden", "16", "--save", path,
+                       "--overwrite")
+    assert status == 0 and checkpoint.read(path).net.sizes == [64, 16, 10]
+
+
+def test_closed_stdout_pipe_ends_quietly_with_status_141():
+    # as in `gpu-mlp train | head -n 1`: the reader leaves while the training runs
+    process = subprocess.Popen([sys.executable, "-m", "gpu_mlp", "train", "--epochs", "10"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell reports it
+    assert first.startswith(b"data: digits") and err == b""
 
 
 def test_missing_command_is_an_error(capsys):
@@ -294,3 +365,20 @@ def test_plot_of_an_empty_history_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no epochs"):
         plotting.plot_history(History(seed=0, batch_size=1, shuffle=True, samples=1),
                               tmp_path / "y.png")
+
+
+def test_a_rising_loss_is_one_warning_line(capsys):
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "3", "--lr", "1e5")
+    assert status == 0 and lines[-1].startswith("test accuracy:")
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 1
+    assert warnings[0].startswith("gpu-mlp: warning: the training loss rose from ")
+    assert "learning rate 100000.0 may be too large" in warnings[0]
+
+
+def test_divergence_is_one_error_line(capsys):
+    status, _, err = run(capsys, "train", "--quiet", "--data", "regression", "--lr", "1e4",
+                         "--activation", "relu")
+    assert status == 2
+    assert err.startswith("gpu-mlp: error: training diverged in epoch 1")
+    assert len(err.strip().splitlines()) == 1

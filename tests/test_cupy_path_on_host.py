@@ -72,6 +72,8 @@ def make_net(rng, make_params):
     by every layer, or is a list with one per layer."""
     def make_net(act, target="squared", memory="output", depth=3, dtype="float64"):
         acts = act if isinstance(act, list) else [act] * depth
+        if acts[-1] == "softmax" and TARGETS[target][0] == "softmax_cross_entropy":
+            acts = acts[:-1] + ["identity"]  # the cross-entropy takes logits
         params = make_params(rng, WIDTHS[:len(acts)] + [D_OUT], dtype)
         return gpu_mlp.MLP.from_params(params, acts, TARGETS[target][0], memory, device="cpu")
     return make_net
@@ -116,11 +118,28 @@ def assert_all_close(actual, expected, rtol):
 
 # --- the engine on the CuPy path --------------------------------------------------------------
 
+@pytest.fixture(params=["narrow", "wide"])
+def rows(request, monkeypatch):
+    """Row-wise kernels (softmax, cross-entropy) for rows of a thread each, or -- all rows
+    taken as wide -- CuPy's reductions with the element kernels between them."""
+    if request.param == "wide":
+        monkeypatch.setattr(ops, "ROW_KERNEL_MAX", 0)
+    return request.param
+
+
+# every net, and the nets with a row-wise kernel once more with all rows taken as wide
+ENGINE_CASES = [(act, memory, target, rows) for act, memory in SUPPORTED for target in TARGETS
+                for rows in ("narrow", "wide")
+                if rows == "narrow" or act == "softmax" or target in ("labels", "probabilities")]
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("act, memory", SUPPORTED)
-def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, depth, dtype):
+@pytest.mark.parametrize("act, memory, target, row_path", ENGINE_CASES)
+def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, depth, dtype,
+                            row_path, monkeypatch):
+    if row_path == "wide":
+        monkeypatch.setattr(ops, "ROW_KERNEL_MAX", 0)
     net = make_net(act, target, memory, depth, dtype)
     X, Y = make_batch(net, target)
     with cupy_path(lib):
@@ -132,7 +151,8 @@ def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, dept
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("act, memory", SUPPORTED)
-def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, target, dtype):
+def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, target, dtype,
+                                      rows):
     net = make_net(act, target, memory, dtype=dtype)
     twin = gpu_mlp.MLP.from_params(net.params, net.activations, net.loss, memory, device="cpu")
     X, Y = make_batch(net, target)
@@ -174,7 +194,7 @@ def test_mixed_activations(lib, make_net, make_batch, memory):
 
 @pytest.mark.parametrize("target", ["labels", "probabilities"])
 @pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
-def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, target):
+def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, target, rows):
     # 300 rows: three blocks of ops._ROW_THREADS, the last one partly idle
     net = make_net(["softmax", "tanh", "identity"], target, memory)
     X, Y = make_batch(net, target, batch=300)
@@ -184,19 +204,23 @@ def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, tar
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype):
+def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype, monkeypatch):
     with cupy_path(lib) as device:
-        for i, (act, memory) in enumerate(SUPPORTED):
-            target = list(TARGETS)[i % len(TARGETS)]  # every loss, with several activations
-            net = make_net(act, target, memory, depth=2, dtype=dtype)
-            X, Y = make_batch(net, target)
-            net.predict(X)
-            net.loss_and_gradients(X, Y)
-            net.per_sample_grad_norms(X, Y)
-            net.train_step(X, Y, LR)
+        for row_kernel_max in (ops.ROW_KERNEL_MAX, 0):  # rows for a thread each, then wide
+            monkeypatch.setattr(ops, "ROW_KERNEL_MAX", row_kernel_max)
+            for i, (act, memory) in enumerate(SUPPORTED):
+                target = list(TARGETS)[i % len(TARGETS)]  # every loss, several activations
+                net = make_net(act, target, memory, depth=2, dtype=dtype)
+                X, Y = make_batch(net, target)
+                net.predict(X)
+                net.loss_and_gradients(X, Y)
+                net.per_sample_grad_norms(X, Y)
+                net.train_step(X, Y, LR)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
-    elementwise.remove(("gpu_mlp_grad_from_output_identity", dtype))  # ops skips a no-op
+    # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)
+    for op in ("grad_from_output", "recompute_grad", "bias_act_keep", "bias_act_grad"):
+        elementwise.remove((f"gpu_mlp_{op}_identity", dtype))
     ctype = cuda_host.CTYPES[np.dtype(dtype)]
     rows = {f"{kernel}<{ctype}>" for kernel in cuda.ROW_KERNELS}
     # MATH.md: A = F W^T, Delta W, dW = Delta^T F, db = Delta^T 1
@@ -248,7 +272,8 @@ def test_activation_op_branches_agree(lib, op, act, dtype):
     with cupy_path(lib) as device:
         ACTIVATION_OPS[op](activation, cupy)
     ACTIVATION_OPS[op](activation, numpy)
-    no_op = op == "grad_from_output" and act == "identity"  # sigma' = 1: ops launches nothing
+    # sigma' = 1 and sigma(a) = a: ops launches nothing
+    no_op = op in ("grad_from_output", "recompute_grad") and act == "identity"
     assert bool(device.launches) != no_op  # the CuPy branch ran
     assert_branches_agree(cupy, numpy, exact(op, activation), dtype)
 

@@ -63,6 +63,20 @@ def test_split_rejects_fractions_leaving_a_part_empty(fraction):
         datasets.train_test_split(np.zeros((10, 2)), np.zeros(10), fraction)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seed": -1}, ValueError, "train_test_split: seed must be an integer >= 0, got -1"),
+    ({"seed": 1.5}, TypeError, "train_test_split: seed must be an integer >= 0, got 1.5"),
+    ({"seed": "a"}, TypeError, "train_test_split: seed must be an integer >= 0, got 'a'"),
+    ({"seed": None}, TypeError, "seed must be an integer"),
+    ({"test_fraction": "0.2"}, TypeError, "train_test_split: test_fraction must be a number, "
+                                          "got '0.2'"),
+    ({"test_fraction": None}, TypeError, "test_fraction must be a number"),
+])
+def test_split_names_a_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        datasets.train_test_split(np.zeros((10, 2)), np.zeros(10), **kwargs)
+
+
 def test_split_rejects_unpaired_rows():
     with pytest.raises(ValueError, match="same number of rows"):
         datasets.train_test_split(np.zeros((10, 2)), np.zeros(9))
@@ -92,10 +106,27 @@ def test_regression_is_not_linear():
     assert residual.var() > 0.25 * Y.var()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n": 0}, ">= 1"), ({"d_in": 0}, ">= 1"), ({"d_out": -1}, ">= 1"),
-    ({"noise": -0.1}, "noise"), ({"noise": float("nan")}, "noise"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"n": 0}, ValueError, "regression: n must be an integer >= 1, got 0"),
+    ({"n": 2.5}, TypeError, "regression: n must be an integer >= 1, got 2.5"),
+    ({"n": True}, TypeError, "regression: n must be an integer >= 1, got True"),
+    ({"d_in": 0}, ValueError, "regression: d_in must be an integer >= 1"),
+    ({"d_in": 3.0}, TypeError, "regression: d_in must be an integer >= 1, got 3.0"),
+    ({"d_out": -1}, ValueError, "regression: d_out must be an integer >= 1, got -1"),
+    ({"d_out": "2"}, TypeError, "regression: d_out must be an integer >= 1, got '2'"),
+    ({"seed": -1}, ValueError, "regression: seed must be an integer >= 0, got -1"),
+    ({"seed": "a"}, TypeError, "regression: seed must be an integer >= 0, got 'a'"),
+    ({"noise": -0.1}, ValueError, "regression: noise"),
+    ({"noise": float("nan")}, ValueError, "regression: noise"),
+    ({"noise": "a"}, TypeError, "regression: noise must be a number, got 'a'"),
 ])
-def test_regression_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_regression_names_a_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
         datasets.regression(**kwargs)
+
+
+def test_numpy_integers_are_integers():
+    X, Y = datasets.regression(n=np.int64(20), d_in=np.int32(3), seed=np.uint8(1))
+    assert X.shape == (20, 3) and np.array_equal(Y, datasets.regression(20, 3, seed=1)[1])
+    parts = datasets.train_test_split(X, Y, np.float32(0.25), seed=np.int64(2))
+    assert [len(p) for p in parts] == [15, 5, 15, 5]

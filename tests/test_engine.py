@@ -64,15 +64,22 @@ def make_batch(rng, make_targets):
 
 def make_net(device, act="tanh", target="squared", memory="output", depth=3,
              dtype="float64", seed=0):
-    """Every layer, the output layer included, uses ``act``. The biases are random, not
-    the initial zeros, so that a lost bias shows."""
-    net = gpu_mlp.MLP(WIDTHS[:depth] + [D_OUT], activations=act, output=act,
+    """Every layer, the output layer included, uses ``act`` (but for softmax before the
+    cross-entropy, which takes logits). The biases are random, not the initial zeros, so
+    that a lost bias shows."""
+    output = identity_before_xent(act, TARGETS[target][0])
+    net = gpu_mlp.MLP(WIDTHS[:depth] + [D_OUT], activations=act, output=output,
                       loss=TARGETS[target][0], memory=memory, device=device, dtype=dtype,
                       seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _, b in net.params:
         b[...] = net._xp.asarray(0.5 * rng.standard_normal(b.shape), dtype=b.dtype)
     return net
+
+
+def identity_before_xent(act, loss):
+    """``act``, or identity where the loss is the softmax cross-entropy and ``act`` softmax."""
+    return "identity" if act == "softmax" and loss == "softmax_cross_entropy" else act
 
 
 def host_params(net, dtype=None):
@@ -320,9 +327,15 @@ BAD_X = [  # (X, error, message)
     pytest.param(np.ones(D_IN + 1), ValueError, "X must have shape", id="wrong width 1-D"),
     pytest.param(np.ones((BATCH, D_IN, 1)), ValueError, "X must have shape", id="3-D"),
     pytest.param(np.float64(1.0), ValueError, "X must have shape", id="0-D"),
-    pytest.param(np.ones((BATCH, D_IN), dtype=int), TypeError,
-                 "X must hold floating-point numbers", id="int"),
-    pytest.param("abc", TypeError, "X must hold floating-point numbers", id="string"),
+    pytest.param("abc", TypeError, "X must hold real numbers", id="string"),
+    pytest.param(np.ones((BATCH, D_IN), dtype=complex), TypeError, "X must hold real numbers",
+                 id="complex"),
+    # checked as computed with: finite in float64, inf once cast to the net's float32
+    pytest.param(with_value((BATCH, D_IN), (0, 0), 1e39), ValueError,
+                 "X contains NaN or Inf", id="overflows in the cast"),
+    pytest.param(np.ma.masked_array(with_value((BATCH, D_IN), (1, 1), np.nan),
+                                    mask=with_value((BATCH, D_IN), (1, 1), 2) == 2),
+                 ValueError, "X is a masked array with masked entries", id="masked NaN"),
     pytest.param(with_value((BATCH, D_IN), (1, 2), np.nan), ValueError,
                  "X contains NaN or Inf", id="NaN"),
     pytest.param(with_value((BATCH, D_IN), (3, 0), -np.inf), ValueError,
@@ -334,7 +347,7 @@ BAD_X = [  # (X, error, message)
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("X, error, message", BAD_X)
 def test_bad_X_is_refused_and_changes_nothing(device, entry, X, error, message):
-    net = make_net(device, "relu", "squared", "store_both")
+    net = make_net(device, "relu", "squared", "store_both", dtype="float32")
     before = host_params(net)
     with pytest.raises(error, match=message):
         ENTRY_POINTS[entry](net, X, GOOD_Y["squared"])
@@ -349,8 +362,10 @@ BAD_Y = [  # (target kind, Y, error, message)
                  re.escape("Y must have shape (4, 3)"), id="squared wrong batch"),
     pytest.param("squared", np.zeros(BATCH), ValueError, re.escape("Y must have shape (4, 3)"),
                  id="squared 1-D"),
-    pytest.param("squared", np.zeros((BATCH, D_OUT), dtype=int), TypeError,
-                 "Y must hold floating-point numbers", id="squared int"),
+    pytest.param("squared", np.zeros((BATCH, D_OUT), dtype=complex), TypeError,
+                 "Y must hold real numbers", id="squared complex"),
+    pytest.param("squared", with_value((BATCH, D_OUT), (1, 0), -1e39), ValueError,
+                 "Y contains NaN or Inf", id="squared overflows in the cast"),
     pytest.param("squared", with_value((BATCH, D_OUT), (0, 1), np.nan), ValueError,
                  "Y contains NaN or Inf", id="squared NaN"),
     pytest.param("squared", with_value((BATCH, D_OUT), (2, 2), np.inf), ValueError,
@@ -383,7 +398,7 @@ BAD_Y = [  # (target kind, Y, error, message)
 @pytest.mark.parametrize("entry", ["loss_and_gradients", "train_step", "per_sample_grad_norms"])
 @pytest.mark.parametrize("target, Y, error, message", BAD_Y)
 def test_bad_Y_is_refused_and_changes_nothing(device, entry, target, Y, error, message):
-    net = make_net(device, "tanh", target, "recompute")
+    net = make_net(device, "tanh", target, "recompute", dtype="float32")
     before = host_params(net)
     with pytest.raises(error, match=message):
         ENTRY_POINTS[entry](net, GOOD_X, Y)
@@ -437,6 +452,15 @@ BAD_MLP_ARGS = [  # (keyword arguments, error, message)
     pytest.param(dict(dtype="float16"), TypeError, "must be float32 or float64, got float16",
                  id="float16"),
     pytest.param(dict(dtype="floaty"), TypeError, "float32 or float64", id="unknown dtype"),
+    pytest.param(dict(seed=-1), ValueError, "seed must be an integer >= 0, got -1",
+                 id="negative seed"),
+    pytest.param(dict(seed="a"), TypeError, "seed must be an integer", id="seed a string"),
+    pytest.param(dict(seed=1.5), TypeError, "seed must be an integer", id="fractional seed"),
+    pytest.param(dict(output="softmax", loss="softmax_cross_entropy"), ValueError,
+                 "softmax_cross_entropy takes logits.*softmax would be applied twice",
+                 id="softmax twice"),
+    pytest.param(dict(sizes=[4, 8, 1], loss="softmax_cross_entropy"), ValueError,
+                 "softmax_cross_entropy needs at least 2 outputs", id="one class"),
 ]
 
 
@@ -523,6 +547,103 @@ def test_check_false_skips_value_checks_only(device):
     labels = np.full((BATCH, D_OUT), 0.5)  # not +-1: only a value check can tell
     fresh = make_net(device, "tanh", "logistic")
     assert np.isfinite(to_numpy(fresh.train_step(GOOD_X, labels, LR, check=False)))
+
+
+@pytest.mark.parametrize("bad_label", [-1, D_OUT])
+def test_unchecked_label_out_of_range_gives_nan_and_no_gradient(device, bad_label):
+    # with check=False nothing reads the labels; a bad one must not train as another
+    # class (-1 would index the last one): its row's loss is NaN, its gradient 0
+    net = make_net(device, "tanh", "labels")
+    labels = np.array([0, bad_label, 2, 1])
+    J, grads, _ = net.loss_and_gradients(GOOD_X[[0, 2, 3]], labels[[0, 2, 3]])
+    before = host_params(net)
+    J_bad = net.train_step(GOOD_X, labels, LR, check=False)
+    assert np.isnan(to_numpy(J_bad))
+    # the three good rows alone, their mean over 4 rows: the SGD step the net took
+    expected = [(W - LR * 3 / 4 * to_numpy(dW), b - LR * 3 / 4 * to_numpy(db))
+                for (W, b), (dW, db) in zip(before, grads)]
+    assert_params(net, expected, RTOL64[device])
+
+
+def test_replaced_params_are_checked_before_a_step(device, xp):
+    net = make_net(device, "relu", "squared", dtype="float32")
+    W, b = net.params[1]
+    before = host_params(net)
+    for replacement, message in [
+            ((W.astype(np.float64), b), "W_2 must be a C-contiguous float32 array"),
+            ((xp.asfortranarray(W), b), "not C-contiguous"),
+            ((W[:, :-1], b), re.escape(f"of shape {W.shape}")),
+            ((to_numpy(W) if device == "cuda" else list(W), b), "W_2 must be a"),
+            ((W,), r"must be a \(W_2, b_2\) pair")]:
+        net.params[1] = replacement
+        for entry in ENTRY_POINTS.values():
+            with pytest.raises((TypeError, ValueError), match=message):
+                entry(net, GOOD_X, GOOD_Y["squared"])
+        assert_unchanged(net, before[:1])  # no half-applied step: layer 1 untouched
+    net.params[1] = (W, b)
+    net.params.append(net.params[0])
+    with pytest.raises(ValueError, match=r"must hold 3 \(W, b\) pairs"):
+        net.train_step(GOOD_X, GOOD_Y["squared"], LR)
+    net.params.pop()
+    net.params[1] = (W.copy(), b.copy())  # a good replacement is used
+    net.train_step(GOOD_X, GOOD_Y["squared"], LR)
+    assert not np.array_equal(to_numpy(net.params[1][0]), before[1][0])
+
+
+def test_torch_bfloat16_and_float16_inputs_are_cast(device):
+    torch = pytest.importorskip("torch")
+    net = make_net(device, "tanh", "squared")
+    X = torch.arange(BATCH * D_IN, dtype=torch.float32).reshape(BATCH, D_IN) / 8
+    expected = to_numpy(net.predict(X.numpy().astype(np.float64)))
+    for dtype in (torch.bfloat16, torch.float16):  # both hold these values exactly
+        assert_close(net.predict(X.to(dtype)), expected, 0.0)
+
+
+def test_integer_and_boolean_inputs_are_cast(device):
+    net = make_net(device, "tanh", "squared")
+    X_int = np.arange(BATCH * D_IN).reshape(BATCH, D_IN) % 3
+    Y_int = np.ones((BATCH, D_OUT), dtype=np.int32)
+    expected = net.loss_and_gradients(X_int.astype(np.float64), Y_int.astype(np.float64))
+    assert_same_results(net.loss_and_gradients(X_int, Y_int), expected, 0.0)
+    assert_same_results(net.loss_and_gradients(X_int.tolist(), Y_int.tolist()), expected, 0.0)
+    assert_close(net.predict(X_int > 0), net.predict((X_int > 0).astype(np.float64)), 0.0)
+
+
+def test_value_checks_are_read_from_the_device_once_a_call(monkeypatch):
+    # every check of X and Y is gathered and settled in one transfer
+    settles = []
+    settle = gpu_mlp._checks.Verdicts.settle
+
+    def counting(self):
+        settles.append(len(self._pending))
+        return settle(self)
+
+    monkeypatch.setattr(gpu_mlp._checks.Verdicts, "settle", counting)
+    net = make_net("cpu", "tanh", "probabilities")
+    Y = np.full((BATCH, D_OUT), 1 / D_OUT)
+    net.train_step(GOOD_X, Y, LR)
+    assert settles == [3]  # X finite, Y finite, Y rows are probabilities
+    settles.clear()
+    net.train_step(GOOD_X, Y, LR, check=False)
+    assert settles == []
+
+
+def test_public_methods_show_their_arguments():
+    import inspect
+
+    assert list(inspect.signature(gpu_mlp.MLP.fit).parameters)[:6] == [
+        "self", "X", "Y", "epochs", "batch_size", "lr"]
+    assert "history" in inspect.signature(gpu_mlp.MLP.save).parameters
+    assert "device" in inspect.signature(gpu_mlp.MLP.load).parameters
+
+
+def test_submodules_are_reachable_from_the_package():
+    import subprocess
+    import sys
+
+    code = ("import gpu_mlp; gpu_mlp.datasets.digits; gpu_mlp.checkpoint.read; "
+            "gpu_mlp.training.fit; gpu_mlp.reference.forward")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- batches of changing size and odd layouts ---------------------------------------------

@@ -9,6 +9,7 @@ import doctest
 import io
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -138,10 +139,10 @@ def oracle_metrics(net, loss, X, Y):
     return np.mean(((F - Y) ** 2).sum(axis=1)), None
 
 
-@pytest.mark.parametrize("eval_rows", [4096, 7])  # one forward pass, or many chunks
+@pytest.mark.parametrize("predict_bytes", [64 << 20, 1])  # one forward pass, or a row each
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", "logistic", "squared"])
-def test_validation_metrics_match_the_oracle(loss, eval_rows, monkeypatch):
-    monkeypatch.setattr(training, "_EVAL_ROWS", eval_rows)
+def test_validation_metrics_match_the_oracle(loss, predict_bytes, monkeypatch):
+    monkeypatch.setattr(gpu_mlp.mlp, "PREDICT_BUFFER_BYTES", predict_bytes)
     sizes, X, Y = problem(loss)
     X_val, Y_val = X[:40], Y[:40]
     net = new_net(sizes, loss)
@@ -178,6 +179,53 @@ def test_divergence_stops_with_a_clear_error():
     net = gpu_mlp.MLP(sizes, activations="relu", loss="squared", device="cpu")
     with np.errstate(all="ignore"), pytest.raises(RuntimeError, match="diverged in epoch"):
         fit_quietly(net, X, Y, epochs=3, lr=10.0)
+    assert all(np.isfinite(a).all() for pair in net.params for a in pair)
+
+
+def test_divergence_stops_at_once_and_restores_the_last_good_epoch(monkeypatch):
+    # steps 1-25 are fine (epochs 1-2 of 10 steps each); step 26 turns everything to NaN
+    sizes, X, Y = problem("softmax_cross_entropy", n=100)
+    net = new_net(sizes)
+    steps, after_epoch = [], {}
+    train_step = net.train_step
+
+    def step(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 26:
+            for W, b in net.params:
+                W[...] = np.nan
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(net, "train_step", step)
+    with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged) as error:
+        fit_quietly(net, X, Y, epochs=5, batch_size=10, lr=0.1,
+                    on_epoch=lambda n, h: after_epoch.update({h.epochs: params_of(n)}))
+    assert "diverged in epoch 3" in str(error.value)
+    assert "parameters are those after epoch 2" in str(error.value)
+    assert len(steps) == 26  # not one step more
+    assert error.value.history.epochs == 2 and len(error.value.history.val_loss) == 2
+    for (W, b), (W2, b2) in zip(net.params, after_epoch[2]):
+        assert np.array_equal(W, W2) and np.array_equal(b, b2)
+
+
+def test_divergence_in_the_first_epoch_restores_the_initial_parameters():
+    sizes, X, Y = problem("squared")
+    net = gpu_mlp.MLP(sizes, activations="relu", loss="squared", device="cpu")
+    initial = params_of(net)
+    with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged) as error:
+        fit_quietly(net, X, Y, epochs=3, lr=1e6)
+    assert error.value.history.epochs == 0
+    for (W, b), (W0, b0) in zip(net.params, initial):
+        assert np.array_equal(W, W0) and np.array_equal(b, b0)
+
+
+def test_a_rising_loss_is_reported():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    with pytest.warns(training.TrainingWarning, match="training loss rose from .* first step"):
+        fit_quietly(new_net(sizes), X, Y, epochs=3, lr=1e4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run that learns says nothing
+        fit_quietly(new_net(sizes), X, Y, epochs=3, lr=0.1)
 
 
 # --- resuming ----------------------------------------------------------------------------
@@ -235,16 +283,16 @@ X_WITH_NAN[3, 1] = np.nan
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"epochs": 0}, ValueError, "epochs must be an integer >= 1"),
     ({"epochs": 2.5}, TypeError, "epochs must be an integer"),
     ({"epochs": True}, TypeError, "epochs must be an integer"),
-    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
     ({"batch_size": "8"}, TypeError, "batch_size must be an integer"),
     ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
     ({"lr": -0.1}, ValueError, "lr must be a finite number > 0"),
     ({"lr": float("nan")}, ValueError, "lr must be a finite number > 0"),
     ({"lr": "fast"}, TypeError, "lr must be a number"),
-    ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
     ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ({"shuffle": "yes"}, TypeError, "shuffle must be True or False"),
     ({"verbose": None}, TypeError, "verbose must be True or False"),
@@ -302,7 +350,8 @@ def test_step_losses_are_fetched_once_per_epoch(monkeypatch):
     monkeypatch.setattr(training, "to_numpy", counting_to_numpy)
     sizes, X, Y = problem("softmax_cross_entropy")
     fit_quietly(new_net(sizes), X, Y, epochs=3, batch_size=8)  # 15 steps an epoch
-    assert fetches == [(15,)] * 3
+    # (the parameters are copied to the host once an epoch too, to undo a divergence)
+    assert [shape for shape in fetches if shape == (15,)] == [(15,)] * 3
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
