@@ -6,11 +6,11 @@ fused CUDA kernels from ``kernels/`` -- or, with the same code, on NumPy. The mo
 piece is checked against.
 """
 
-from . import activations, checkpoint, datasets, losses, reference, training
+from . import activations, checkpoint, datasets, layers, losses, reference, training
 from .device import gpu_available
 from .mlp import MEMORY_MODES, MLP
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "MEMORY_MODES", "activations", "checkpoint", "datasets", "losses",
+__all__ = ["MLP", "MEMORY_MODES", "activations", "checkpoint", "datasets", "layers", "losses",
            "reference", "training", "gpu_available", "__version__"]

@@ -1,0 +1,118 @@
+"""im2col and col2im: the rows of a convolution's input, and their adjoint.
+
+A :class:`~gpu_mlp.layers.Conv2d` works on ``rows(x) = im2col(x)``, so that the layer is
+one GEMM, ``C(x, W) = rows(x) W_mat^T`` (see :mod:`gpu_mlp.layers`). For an NCHW batch
+``x`` (B, C, H, W) and output size (OH, OW), ``im2col(x)`` is the C-contiguous
+(B*OH*OW, K) matrix, K = C*kh*kw, whose row ``(b*OH + oh)*OW + ow`` and column
+``(c*kh + i)*kw + j`` hold ``x[b, c, oh*sh - ph + i, ow*sw - pw + j]`` (0 outside the
+image). ``col2im`` is its exact adjoint: each pixel gets the sum of the entries that
+read it, which takes ``C^dagger(T, W) = col2im(T_rows W_mat)`` back to the input.
+
+Both are written here twice, formula for formula: as NumPy functions that fill a
+caller's buffer (a loop over the kh*kw kernel offsets with strided slices, as Chainer's
+``chainer/utils/conv.py``: no loop over samples or pixels, no batch-size temporary),
+and as CUDA ``ElementwiseKernel`` bodies over ``kernels/conv.cuh`` (``ELEMENTWISE``),
+whose col2im is a gather adding in the NumPy order, so both give the same bits.
+
+>>> import numpy as np
+>>> from gpu_mlp.layers import Conv2d
+>>> layer = Conv2d(1, 1, 2)
+>>> x = np.arange(9.0).reshape(1, 1, 3, 3)
+>>> im2col(x, layer, np.empty((4, 4)))[0]
+array([0., 1., 3., 4.])
+>>> col2im(np.ones((4, 4)), layer, np.empty((1, 1, 3, 3)))[0, 0]
+array([[1., 2., 1.],
+       [2., 4., 2.],
+       [1., 2., 1.]])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import Conv2d
+
+_GEOMETRY = ("int32 C, int32 H, int32 W, int32 kh, int32 kw, int32 sh, int32 sw, "
+             "int32 ph, int32 pw, int32 OH, int32 OW")
+_ARGS = "C, H, W, kh, kw, sh, sw, ph, pw, OH, OW"
+
+# name: (in_params, out_params, operation), as gpu_mlp.ops.ELEMENTWISE; the launch is
+# over the output (its index i), the input C-contiguous, the geometry from geometry().
+ELEMENTWISE = {
+    # cols (B*OH*OW, C*kh*kw) <- im2col(x), x (B, C, H, W)
+    "im2col": (f"raw T x, {_GEOMETRY}", "T cols",
+               f"cols = gm_im2col_at(&x[0], i, {_ARGS})"),
+    # img (B, C, H, W) <- col2im(cols), a gather: no atomics, deterministic
+    "col2im": (f"raw T cols, {_GEOMETRY}", "T img",
+               f"img = gm_col2im_at(&cols[0], i, {_ARGS})"),
+}
+
+
+def geometry(layer: Conv2d, input_shape: tuple) -> tuple[int, ...]:
+    """``(C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)``, the ELEMENTWISE kernels' int32
+    arguments in order, for a per-sample ``input_shape`` (C, H, W); a ValueError naming
+    the layer if the input does not fit it."""
+    _, OH, OW = layer.output_shape(input_shape)
+    return (*input_shape, *layer.kernel_size, *layer.stride, *layer.padding, OH, OW)
+
+
+def _window(n_out: int, size: int, stride: int, pad: int, offset: int):
+    """For kernel offset ``offset`` along one axis: the output range [lo, hi) whose input
+    index ``o*stride - pad + offset`` lies inside [0, size), and that input slice."""
+    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    hi = min(n_out, (size - 1 + pad - offset) // stride + 1)
+    if hi <= lo:  # the offset reads only padding
+        return lo, lo, slice(0, 0)
+    start = lo * stride - pad + offset
+    return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
+
+
+def _views(images, matrix, layer: Conv2d, what: str):
+    """``matrix`` viewed as (B, OH, OW, C, kh, kw), and (OH, OW), after checking shapes."""
+    if images.ndim != 4:
+        raise ValueError(f"{layer}: {what} must be a (batch, {layer.c_in}, height, width) "
+                         f"array, got shape {tuple(images.shape)}")
+    B, (_, OH, OW) = images.shape[0], layer.output_shape(images.shape[1:])
+    shape = (B * OH * OW, layer.c_in * layer.kernel_size[0] * layer.kernel_size[1])
+    if tuple(matrix.shape) != shape:
+        raise ValueError(f"{layer}: the column matrix must have shape {shape} for images "
+                         f"of shape {tuple(images.shape)}, got {tuple(matrix.shape)}")
+    if images.dtype != matrix.dtype:
+        raise TypeError(f"{layer}: images and columns must share one dtype, got "
+                        f"{images.dtype} and {matrix.dtype}")
+    return matrix.reshape(B, OH, OW, layer.c_in, *layer.kernel_size), OH, OW
+
+
+def im2col(x: np.ndarray, layer: Conv2d, out: np.ndarray) -> np.ndarray:
+    """``out <- im2col(x)`` for x (B, C, H, W); ``out`` is C-contiguous (B*OH*OW, K)."""
+    if not out.flags.c_contiguous:  # its reshape would be a copy, and the result lost
+        raise ValueError("im2col's out must be C-contiguous")
+    view, OH, OW = _views(x, out, layer, "x")
+    H, W = x.shape[2:]
+    for i in range(layer.kernel_size[0]):
+        h_lo, h_hi, ys = _window(OH, H, layer.stride[0], layer.padding[0], i)
+        for j in range(layer.kernel_size[1]):
+            w_lo, w_hi, xs = _window(OW, W, layer.stride[1], layer.padding[1], j)
+            o = view[:, :, :, :, i, j]  # (B, OH, OW, C)
+            # the padding: output positions whose pixel lies outside the image
+            o[:, :h_lo] = 0
+            o[:, h_hi:] = 0
+            o[:, h_lo:h_hi, :w_lo] = 0
+            o[:, h_lo:h_hi, w_hi:] = 0
+            np.copyto(o[:, h_lo:h_hi, w_lo:w_hi], x[:, :, ys, xs].transpose(0, 2, 3, 1))
+    return out
+
+
+def col2im(cols: np.ndarray, layer: Conv2d, out: np.ndarray) -> np.ndarray:
+    """``out <- col2im(cols)``, the adjoint of :func:`im2col`: ``out`` (B, C, H, W) gets,
+    per pixel, the sum of the entries of ``cols`` (B*OH*OW, K) that read that pixel."""
+    view, OH, OW = _views(out, cols, layer, "out")
+    H, W = out.shape[2:]
+    out.fill(0)
+    for i in range(layer.kernel_size[0]):
+        h_lo, h_hi, ys = _window(OH, H, layer.stride[0], layer.padding[0], i)
+        for j in range(layer.kernel_size[1]):
+            w_lo, w_hi, xs = _window(OW, W, layer.stride[1], layer.padding[1], j)
+            part = view[:, h_lo:h_hi, w_lo:w_hi, :, i, j].transpose(0, 3, 1, 2)
+            out[:, :, ys, xs] += part
+    return out

@@ -1,0 +1,317 @@
+"""gpu_mlp.conv and kernels/conv.cuh: im2col and col2im, checked independently.
+
+1. The NumPy twins against PyTorch's ``unfold`` (im2col) and ``fold`` (col2im), over
+   kernel sizes 1-4, strides 1-3, paddings 0-2, non-square images and kernels.
+2. The adjoint identity ``<im2col(x), Y> = <x, col2im(Y)>``, which is what makes col2im
+   the right backward; planted wrong col2ims show that it catches the classic bugs.
+3. The CUDA bodies of ``conv.ELEMENTWISE`` compiled by g++ and run over every index, as
+   CuPy's ElementwiseKernel would on a GPU: the same bits as the NumPy twins.
+4. The same bodies as ``__global__`` kernels through nvcc for Hopper, with -Werror.
+"""
+
+import ctypes
+import doctest
+import itertools
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import cuda_host
+from gpu_mlp import conv, cuda
+from gpu_mlp.layers import Conv2d
+
+torch = pytest.importorskip("torch")
+
+KERNELS = [1, 2, 3, 4, (1, 3), (4, 2)]
+STRIDES = [1, 2, 3, (1, 3), (2, 1)]
+PADDINGS = [0, 1, 2, (0, 2), (2, 1)]
+CHANNELS = [1, 3]
+IMAGES = [(5, 8), (7, 4)]  # (H, W), both non-square
+BATCH = 2
+
+
+def layers_for(kernel):
+    """Every (layer, x shape) of the grid with this kernel that fits its input."""
+    for stride, padding, c, (h, w) in itertools.product(STRIDES, PADDINGS, CHANNELS, IMAGES):
+        layer = Conv2d(c, 2, kernel, stride, padding)
+        try:
+            layer.output_shape((c, h, w))
+        except ValueError:  # kernel larger than the padded image
+            continue
+        yield layer, (BATCH, c, h, w)
+
+
+ALL_LAYERS = [case for kernel in KERNELS for case in layers_for(kernel)]
+
+
+def cols_shape(layer, x_shape):
+    _, OH, OW = layer.output_shape(x_shape[1:])
+    return (x_shape[0] * OH * OW, layer.c_in * layer.kernel_size[0] * layer.kernel_size[1])
+
+
+def im2col(x, layer):
+    """conv.im2col into a buffer full of NaN: every entry must be written."""
+    return conv.im2col(x, layer, np.full(cols_shape(layer, x.shape), np.nan, x.dtype))
+
+
+def col2im(cols, layer, x_shape):
+    return conv.col2im(cols, layer, np.full(x_shape, np.nan, cols.dtype))
+
+
+def torch_args(layer):
+    return dict(kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride)
+
+
+# --- 1. against PyTorch -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_im2col_matches_torch_unfold(kernel):
+    rng = np.random.default_rng(0)
+    for layer, x_shape in layers_for(kernel):
+        x = rng.standard_normal(x_shape)
+        # unfold gives (B, K, P) with the same (c, i, j) column order: rows are (b, p)
+        want = torch.nn.functional.unfold(torch.tensor(x), **torch_args(layer))
+        want = want.transpose(1, 2).reshape(cols_shape(layer, x_shape)).numpy()
+        np.testing.assert_array_equal(im2col(x, layer), want, err_msg=f"{layer} on {x_shape}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_col2im_matches_torch_fold(kernel):
+    rng = np.random.default_rng(1)
+    for layer, x_shape in layers_for(kernel):
+        cols = rng.standard_normal(cols_shape(layer, x_shape))
+        as_unfolded = torch.tensor(cols).reshape(BATCH, -1, cols.shape[1]).transpose(1, 2)
+        want = torch.nn.functional.fold(as_unfolded, x_shape[2:], **torch_args(layer))
+        np.testing.assert_allclose(col2im(cols, layer, x_shape), want.numpy(), rtol=1e-14,
+                                   atol=1e-14, err_msg=f"{layer} on {x_shape}")
+
+
+def test_im2col_reads_a_strided_input():
+    layer, x_shape = Conv2d(3, 1, (2, 3), stride=(2, 1), padding=1), (2, 3, 5, 8)
+    x = np.random.default_rng(2).standard_normal((8, 5, 3, 2)).transpose(3, 2, 1, 0)
+    assert x.shape == x_shape and not x.flags.c_contiguous
+    np.testing.assert_array_equal(im2col(x, layer), im2col(np.ascontiguousarray(x), layer))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_stays_float32(dtype):
+    layer, x_shape = Conv2d(3, 1, 3, stride=2, padding=1), (2, 3, 5, 8)
+    x = np.random.default_rng(3).standard_normal(x_shape).astype(dtype)
+    cols = im2col(x, layer)
+    assert cols.dtype == col2im(cols, layer, x_shape).dtype == dtype
+    np.testing.assert_array_equal(cols, im2col(x.astype(np.float64), layer).astype(dtype))
+
+
+# --- 2. the adjoint identity, and that it has teeth -------------------------------------------
+
+def adjoint_gap(layer, x_shape, im2col_fn, col2im_fn, seed=0):
+    """``|<im2col(x), Y> - <x, col2im(Y)>|`` relative to the size of the terms."""
+    rng = np.random.default_rng(seed)
+    x, Y = rng.standard_normal(x_shape), rng.standard_normal(cols_shape(layer, x_shape))
+    cols, back = im2col_fn(x, layer), col2im_fn(Y, layer, x_shape)
+    return abs(np.vdot(cols, Y) - np.vdot(x, back)) / max(1.0, np.abs(cols * Y).sum())
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_col2im_is_the_adjoint_of_im2col(kernel):
+    for layer, x_shape in layers_for(kernel):
+        assert adjoint_gap(layer, x_shape, im2col, col2im) < 1e-12, f"{layer} on {x_shape}"
+
+
+def gather_col2im(cols, layer, x_shape, stride_check=True):
+    """col2im as the GPU computes it, a gather: pixel y is read by output row oh through
+    kernel row i when y + ph - i = oh * sh -- which needs sh to divide y + ph - i."""
+    B, C, H, W = x_shape
+    _, OH, OW = layer.output_shape(x_shape[1:])
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    view = cols.reshape(B, OH, OW, C, kh, kw)
+    out = np.zeros(x_shape)
+
+    def reached(size, pad, offset, stride, n_out):
+        d = np.arange(size) + pad - offset
+        ok = (d >= 0) & (d // stride < n_out)
+        if stride_check:
+            ok &= d % stride == 0
+        return np.flatnonzero(ok), d[ok] // stride  # pixels, and the output reading each
+
+    for i, j in itertools.product(range(kh), range(kw)):
+        ys, oh = reached(H, ph, i, sh, OH)
+        xs, ow = reached(W, pw, j, sw, OW)
+        part = view[:, :, :, :, i, j][:, oh[:, None], ow[None, :]]  # (B, ny, nx, C)
+        out[:, :, ys[:, None], xs[None, :]] += part.transpose(0, 3, 1, 2)
+    return out
+
+
+def col2im_off_by_one(cols, layer, x_shape):
+    """Kernel column j summed as if it were j + 1."""
+    kh, kw = layer.kernel_size
+    shifted = np.roll(cols.reshape(-1, layer.c_in, kh, kw), 1, axis=-1)
+    return col2im(shifted.reshape(cols.shape), layer, x_shape)
+
+
+WRONG_COL2IM = {
+    "off-by-one kernel offset": (col2im_off_by_one, Conv2d(3, 1, (2, 3), padding=1)),
+    "no stride check": (lambda c, layer, s: gather_col2im(c, layer, s, stride_check=False),
+                        Conv2d(3, 1, 3, stride=(2, 3), padding=(1, 2))),
+}
+
+
+@pytest.mark.parametrize("wrong, layer", WRONG_COL2IM.values(), ids=WRONG_COL2IM.keys())
+def test_the_adjoint_identity_catches_a_wrong_col2im(wrong, layer):
+    x_shape = (2, 3, 7, 8)
+    assert adjoint_gap(layer, x_shape, im2col, gather_col2im) < 1e-12  # the right gather
+    assert adjoint_gap(layer, x_shape, im2col, wrong) > 1e-3
+
+
+# --- 3. the CUDA bodies on the host ---------------------------------------------------------
+
+CTYPES = cuda_host.CTYPES
+
+
+def parse_params(params):
+    """``[(raw, type, name)]`` from a CuPy parameter list such as "raw T x, int32 C"."""
+    parsed = []
+    for declaration in params.split(","):
+        words = declaration.split()
+        parsed.append((words[0] == "raw", words[-2], words[-1]))
+    return parsed
+
+
+def wrapper(op, ctype, device):
+    """An ``conv.ELEMENTWISE`` body over all n output elements, as CuPy runs it: ``raw``
+    inputs as pointers (``&x[0]`` is then the data), int32 scalars as ``int``, the output
+    element a ``T&``, ``i`` its index. A host loop, or a ``__global__`` kernel."""
+    in_params, out_params, body = conv.ELEMENTWISE[op]
+    args, outputs = ["long long n"], []
+    for raw, type_, name in parse_params(in_params):
+        assert type_ in ("T", "int32") and raw == (type_ == "T"), f"{op}: {type_} {name}"
+        args.append(f"const {ctype}* {name}" if raw else f"int {name}")
+    for raw, type_, name in parse_params(out_params):
+        assert type_ == "T" and not raw
+        args.append(f"{ctype}* {name}_")
+        outputs.append(f"T& {name} = {name}_[i];")
+    element = " ".join(outputs + [body + ";"])
+    signature = f"ew_{op}_{ctype}({', '.join(args)})"
+    if device:
+        return (f'extern "C" __global__ void {signature}\n{{\n    typedef {ctype} T;\n'
+                "    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+                f"    if (i >= n) return;\n    {element}\n}}\n")
+    return (f'extern "C" void {signature}\n{{\n    typedef {ctype} T;\n'
+            f"    for (long long i = 0; i < n; ++i) {{ {element} }}\n}}\n")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    folder = tmp_path_factory.mktemp("conv_host")
+    cpp, lib = folder / "conv_host.cpp", folder / "conv_host.so"
+    cpp.write_text('#include "conv.cuh"\n' + "".join(
+        wrapper(op, ctype, device=False) for op in conv.ELEMENTWISE for ctype in CTYPES.values()))
+    cuda_host._run(["g++", *cuda_host.HOST_FLAGS, "-I", str(cuda.kernel_dir()), str(cpp),
+                    "-o", str(lib)])
+    return ctypes.CDLL(str(lib))
+
+
+def run_host(host, op, source, out, layer):
+    """Run the C body of ``op`` over every element of ``out``, reading ``source``."""
+    images = out if op == "col2im" else source
+    geometry = conv.geometry(layer, images.shape[1:])
+    fn = getattr(host, f"ew_{op}_{CTYPES[source.dtype]}")
+    # in the kernel's parameter order: the input, its geometry, the output
+    fn(ctypes.c_longlong(out.size), source.ctypes.data_as(ctypes.c_void_p),
+       *(ctypes.c_int(g) for g in geometry), out.ctypes.data_as(ctypes.c_void_p))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_bodies_give_the_numpy_bits(host, dtype):
+    rng = np.random.default_rng(4)
+    for layer, x_shape in ALL_LAYERS:
+        where = f"{layer} on {x_shape}"
+        x = rng.standard_normal(x_shape).astype(dtype)
+        cols = run_host(host, "im2col", x, np.full(cols_shape(layer, x_shape), np.nan, dtype),
+                        layer)
+        np.testing.assert_array_equal(cols, im2col(x, layer), err_msg=where)
+        Y = rng.standard_normal(cols.shape).astype(dtype)
+        # the gather adds in the NumPy twin's order: the same sums, bit for bit
+        back = run_host(host, "col2im", Y, np.full(x_shape, np.nan, dtype), layer)
+        np.testing.assert_array_equal(back, col2im(Y, layer, x_shape), err_msg=where)
+
+
+def test_cuda_bodies_are_adjoint(host):
+    def host_im2col(x, layer):
+        return run_host(host, "im2col", x, np.empty(cols_shape(layer, x.shape)), layer)
+
+    def host_col2im(Y, layer, x_shape):
+        return run_host(host, "col2im", Y, np.empty(x_shape), layer)
+
+    for layer, x_shape in ALL_LAYERS:
+        assert adjoint_gap(layer, x_shape, host_im2col, host_col2im) < 1e-12, layer
+
+
+# --- 4. nvcc, for the H100 -----------------------------------------------------------------
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"[^"]+"\s*$', re.MULTILINE)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_bodies_build_with_nvcc_for_hopper(tmp_path):
+    # conv.cuh appended to the engine's headers, as cuda.source() will have it
+    headers = cuda.source()
+    if "conv.cuh" not in cuda.HEADERS:
+        headers += "\n" + _LOCAL_INCLUDE.sub("", (cuda.kernel_dir() / "conv.cuh").read_text())
+    cu = tmp_path / "conv_device.cu"
+    cu.write_text(headers + "\n" + "".join(
+        wrapper(op, ctype, device=True) for op in conv.ELEMENTWISE for ctype in CTYPES.values()))
+    report = cuda_host._run(["nvcc", *cuda_host.NVCC_FLAGS, str(cu), "-o",
+                             str(tmp_path / "conv_device.o")])
+    compiled = set(re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", report))
+    assert compiled >= {f"ew_{op}_{c}" for op in conv.ELEMENTWISE for c in CTYPES.values()}
+
+
+# --- bad calls and the docstring ---------------------------------------------------------
+
+LAYER = Conv2d(3, 2, 3, padding=1)
+GOOD = {"x": np.zeros((2, 3, 4, 5)), "cols": np.zeros((40, 27))}
+
+BAD_CALLS = {
+    "3-D images": (lambda: conv.im2col(np.zeros((3, 4, 5)), LAYER, GOOD["cols"]),
+                   ValueError, r"x must be a \(batch, 3, height, width\) array"),
+    "wrong channel count": (lambda: conv.im2col(np.zeros((2, 1, 4, 5)), LAYER, GOOD["cols"]),
+                            ValueError, r"takes \(batch, 3, height, width\) images"),
+    "kernel larger than the padded image": (
+        lambda: conv.im2col(np.zeros((2, 3, 1, 5)), Conv2d(3, 2, 4), GOOD["cols"]),
+        ValueError, r"larger than the padded input"),
+    "cols of the wrong shape": (lambda: conv.im2col(GOOD["x"], LAYER, np.zeros((40, 9))),
+                                ValueError, r"must have shape \(40, 27\)"),
+    "col2im into the wrong shape": (
+        lambda: conv.col2im(GOOD["cols"], LAYER, np.zeros((2, 3, 4, 6))),
+        ValueError, r"must have shape \(48, 27\)"),
+    "non-contiguous out": (lambda: conv.im2col(GOOD["x"], LAYER, np.zeros((27, 40)).T),
+                           ValueError, r"im2col's out must be C-contiguous"),
+    "mixed dtypes": (lambda: conv.im2col(GOOD["x"], LAYER, GOOD["cols"].astype(np.float32)),
+                     TypeError, r"must share one dtype"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_calls_raise_naming_the_problem(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_geometry_is_the_kernel_argument_order():
+    names = [p.split()[-1] for p in conv.ELEMENTWISE["im2col"][0].split(",")[1:]]
+    values = conv.geometry(Conv2d(3, 2, (2, 3), stride=(1, 2), padding=(0, 1)), (3, 5, 8))
+    assert dict(zip(names, values)) == dict(C=3, H=5, W=8, kh=2, kw=3, sh=1, sw=2, ph=0,
+                                            pw=1, OH=4, OW=4)
+    assert conv.ELEMENTWISE["col2im"][0].split(",")[1:] == \
+        conv.ELEMENTWISE["im2col"][0].split(",")[1:]
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(conv)
+    assert result.attempted > 0 and result.failed == 0
