@@ -1,24 +1,37 @@
 """Timing, memory and FLOP accounting for one training step, gpu_mlp against PyTorch.
 
-The network of a grid point (width w, depth n, batch B) has sizes ``[w] * (n + 1)``:
-n layers of width w on inputs of width w, ReLU hidden layers, an identity output and
-the squared loss (summed over outputs, averaged over the batch), so the output loss is
-one cheap elementwise kernel and the step is dominated by the layers. One step is
-forward + backward + plain SGD. Every implementation starts from the same weights and
-data, drawn on the host.
+Two grids (``model``), one harness: every point describes its network as a list of
+:mod:`gpu_mlp.layers`, and everything below -- the implementations, the timing, the
+memory, the FLOP count, the records -- works from that list alone.
+
+* ``"mlp"`` (:class:`Point`, width w, depth n, batch B): sizes ``[w] * (n + 1)``, n
+  layers of width w on inputs of width w, ReLU hidden layers, an identity output and
+  the squared loss (summed over outputs, averaged over the batch), so the output loss
+  is one cheap elementwise kernel and the step is dominated by the layers.
+* ``"conv"`` (:class:`ConvPoint`, input (c, h, w), channels ch, depth n, batch B): n
+  3x3 convolutions (padding 1; stride 1, 2, 1, 2, ...) of ch channels with ReLU on NCHW
+  images, then a Dense layer from the flattened maps to 10 classes (identity output)
+  and the softmax cross-entropy against integer labels, averaged over the batch.
+
+One step is forward + backward + plain SGD. Every implementation starts from the same
+weights and data, drawn on the host.
 
 Implementations (``impl``):
 
 * ``gpu_mlp``: ``net.train_step(X, Y, lr, check=False)`` on CuPy (``device="cuda"``)
   or NumPy (``"cpu"``), once per memory mode.
-* ``torch``: PyTorch eager, ``nn.Sequential`` of ``nn.Linear`` + ``nn.ReLU`` with
-  ``torch.optim.SGD``, same device, dtype and TF32 setting.
+* ``torch``: PyTorch eager, ``nn.Sequential`` of ``nn.Linear`` (``nn.Conv2d``,
+  ``nn.Flatten``) + ``nn.ReLU`` with ``torch.optim.SGD``, same device, dtype and TF32
+  setting (``allow_tf32`` of both cuBLAS and cuDNN); the loss is the same expression
+  (``F.cross_entropy`` for the softmax cross-entropy).
 * ``torch.compile``: ``torch.compile`` (default mode) of that same step function.
 * ``gemm``: the GEMM-only bound, the step's GEMMs alone through ``gpu_mlp.ops.gemm``
-  into preallocated buffers (the same cuBLAS or SciPy BLAS calls): forward
-  ``F_{k-1} W_k^T`` per layer, ``Delta_k W_k`` for layers 2..n and the update
-  ``W_k -= lr Delta_k^T F_{k-1}`` per layer. No implementation of this design can
-  beat it.
+  into preallocated buffers (the same cuBLAS or SciPy BLAS calls, on the same shapes):
+  forward ``rows(F_{k-1}) W_k^T`` per layer, ``Delta_k W_k`` for layers 2..n and the
+  update ``W_k -= lr Delta_k^T rows(F_{k-1})`` per layer, where ``rows`` is the identity
+  for a Dense layer and im2col for a convolution (one row per sample and output
+  position). No implementation of this design can beat it; for a convolution it leaves
+  out im2col, col2im and the NCHW <-> rows transposes.
 
 Timing: warm-up steps first (they compile CUDA kernels and torch.compile graphs), then
 ``time.perf_counter`` around each step with a device synchronisation inside the timed
@@ -53,8 +66,9 @@ import gpu_mlp
 from gpu_mlp import device as _device
 from gpu_mlp import ops
 
-SCHEMA = "gpu_mlp-bench/1"
+SCHEMA = "gpu_mlp-bench/1"  # records without "model" and "input" are "mlp" ones
 IMPLS = ("gpu_mlp", "torch", "torch.compile", "gemm")
+MODELS = ("mlp", "conv")
 LR = 1e-5  # small enough that the weights barely move over hundreds of timed steps
 MIN_REPEATS = 5
 NETWORK = ("sizes [w] * (depth + 1): depth layers of width w on inputs of width w; "
@@ -63,26 +77,137 @@ NETWORK = ("sizes [w] * (depth + 1): depth layers of width w on inputs of width 
 FLOPS = ("6 * B * sum_k d_{k-1} d_k per step (2 for the forward GEMM, 2 for the input "
          "gradient, 2 for the weight gradient of each layer); it counts layer 1's input "
          "gradient, which no implementation computes")
+CLASSES = 10
+CONV_NETWORK = ("depth 3x3 convolutions of `width` channels (padding 1, stride 1, 2, 1, "
+                f"2, ...) with ReLU, then Dense to {CLASSES} classes; NCHW images of shape "
+                "`input`; the Dense layer takes the flattened maps, identity output; softmax "
+                "cross-entropy against integer labels, averaged over the batch "
+                f"(F.cross_entropy); one step = forward + backward + SGD (lr={LR})")
+CONV_FLOPS = ("6 * sum_k B P_k K_k c_k per step, P_k output positions and c_k output "
+              "channels of layer k, K_k = c_{k-1} * 3 * 3 (the Dense head: P = 1, K = its "
+              "inputs): the GEMMs on im2col rows, as for the MLP; im2col, col2im, "
+              "transposes and elementwise work are not counted; it counts layer 1's input "
+              "gradient, which no implementation computes")
+DESCRIPTION = {"mlp": (NETWORK, FLOPS), "conv": (CONV_NETWORK, CONV_FLOPS)}
 _CUBLAS_DEFAULT_MATH, _CUBLAS_TF32_TENSOR_OP_MATH = 0, 3  # cublas_api.h's cublasMath_t
 
 
+class _Grid:
+    """What every grid point has, from its ``layers()`` alone: the per-layer GEMM
+    shapes, the FLOP count, the record fields and the key."""
+
+    # subclasses have: model, loss, width, depth, batch (no defaults here: a dataclass
+    # would take a base class's attribute for its field's default)
+
+    def layers(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple:
+        raise NotImplementedError
+
+    def gemm_shapes(self) -> list[tuple[int, int, int]]:
+        """``[(M_k, K_k, d_k)]``: layer k's GEMMs work on rows (M_k, K_k) of its input,
+        one per sample and output position, and weights (d_k, K_k)."""
+        shapes, shape = [], self.input_shape
+        for layer in self.layers():
+            shapes.append((self.batch * layer.positions(shape), layer.fan_in,
+                           layer.weight_shape[0]))
+            shape = layer.output_shape(shape)
+        return shapes
+
+    @property
+    def flops(self) -> int:
+        return 6 * sum(m * k * d for m, k, d in self.gemm_shapes())
+
+    def fields(self) -> dict:
+        """The point's fields of a record."""
+        return {"model": self.model, "input": list(self.input_shape), "width": self.width,
+                "depth": self.depth, "batch": self.batch}
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, tuple(self.input_shape), self.width, self.depth, self.batch)
+
+    def targets(self, rng, dtype: str):
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Point:
+class Point(_Grid):
+    """A point of the MLP grid: ``depth`` Dense layers of width ``width``."""
+
     width: int
     depth: int
     batch: int
+    model = "mlp"
+    loss = "squared"
 
     @property
     def sizes(self) -> list[int]:
         return [self.width] * (self.depth + 1)
 
     @property
-    def flops(self) -> int:
+    def input_shape(self) -> tuple:
+        return (self.width,)
+
+    def layers(self) -> list:
         s = self.sizes
-        return 6 * self.batch * sum(a * b for a, b in zip(s[:-1], s[1:]))
+        return [gpu_mlp.layers.Dense(a, b, "relu" if k < self.depth - 1 else "identity")
+                for k, (a, b) in enumerate(zip(s[:-1], s[1:]))]
+
+    def targets(self, rng, dtype: str):
+        return rng.standard_normal((self.batch, self.width)).astype(dtype)
 
     def __str__(self) -> str:
         return f"w{self.width}-d{self.depth}-B{self.batch}"
+
+
+@dataclass(frozen=True)
+class ConvPoint(_Grid):
+    """A point of the convolution grid: ``depth`` 3x3 convolutions (padding 1, stride
+    1 then 2, alternating) of ``channels`` channels with ReLU on NCHW images of shape
+    ``input`` (c, h, w), then a Dense layer to 10 classes and the softmax cross-entropy.
+    Its record's ``width`` is ``channels``."""
+
+    input: tuple[int, int, int]
+    channels: int
+    depth: int
+    batch: int
+    model = "conv"
+    loss = "softmax_cross_entropy"
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.input)
+
+    @property
+    def width(self) -> int:
+        return self.channels
+
+    def layers(self) -> list:
+        """The layers; a ValueError if the images shrink to nothing."""
+        from gpu_mlp.layers import Conv2d, Dense
+
+        layers, shape = [], self.input_shape
+        for k in range(self.depth):
+            layers.append(Conv2d(shape[0], self.channels, 3, stride=1 + k % 2, padding=1))
+            shape = layers[-1].output_shape(shape)
+        return layers + [Dense(int(np.prod(shape)), CLASSES, "identity")]
+
+    def targets(self, rng, dtype: str):
+        return rng.integers(0, CLASSES, size=self.batch)  # int64 labels
+
+    def __str__(self) -> str:
+        return f"{'x'.join(map(str, self.input))}-c{self.channels}-d{self.depth}-B{self.batch}"
+
+
+def point_of(record: dict) -> _Grid:
+    """The grid point of a record (one without ``model`` is an MLP record)."""
+    if record.get("model", "mlp") == "conv":
+        return ConvPoint(tuple(record["input"]), record["width"], record["depth"],
+                         record["batch"])
+    return Point(record["width"], record["depth"], record["batch"])
 
 
 @dataclass(frozen=True)
@@ -90,7 +215,7 @@ class Task:
     device: str             # "cuda" or "cpu"
     impl: str               # one of IMPLS
     mode: Optional[str]     # gpu_mlp's memory mode, None for the others
-    point: Point
+    point: _Grid
 
     @property
     def label(self) -> str:
@@ -98,8 +223,7 @@ class Task:
 
     @property
     def key(self) -> tuple:
-        return (self.device, self.impl, self.mode, self.point.width, self.point.depth,
-                self.point.batch)
+        return (self.device, self.impl, self.mode) + self.point.key
 
 
 @dataclass(frozen=True)
@@ -203,6 +327,10 @@ def environment(devices, threads: int, tf32: bool) -> dict:
         env["versions"]["torch"] = torch.__version__
         env["threads"]["torch"] = torch.get_num_threads()
         env["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        # what PyTorch's convolutions run on: cuDNN on the GPU, oneDNN (mkldnn) on the CPU
+        env["torch_conv"] = {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                             "mkldnn": torch.backends.mkldnn.is_available()}
         env["torch_cuda"] = torch.version.cuda
     except ImportError:
         pass
@@ -256,15 +384,13 @@ def _gpu_environment() -> dict:
 # --- building each implementation -------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def problem(point: Point, dtype: str):
+def problem(point: _Grid, dtype: str):
     """Host weights ``[(W, b)]`` and data ``(X, Y)`` of a grid point, shared by every
     implementation (gpu_mlp's own initialisation, seed 0)."""
-    net = gpu_mlp.MLP(point.sizes, activations="relu", output="identity", loss="squared",
-                      device="cpu", dtype=dtype, seed=0)
+    net = gpu_mlp.Network(point.layers(), loss=point.loss, device="cpu", dtype=dtype, seed=0)
     rng = np.random.default_rng(1)
-    X = rng.standard_normal((point.batch, point.width)).astype(dtype)
-    Y = rng.standard_normal((point.batch, point.width)).astype(dtype)
-    return net.params, X, Y
+    X = rng.standard_normal((point.batch, *point.input_shape)).astype(dtype)
+    return net.params, X, point.targets(rng, dtype)
 
 
 def build(task: Task, dtype: str) -> Case:
@@ -288,9 +414,8 @@ def _sync_for(device: str) -> Callable[[], None]:
 
 
 def _gpu_mlp_case(task, params, X, Y) -> Case:
-    depth = task.point.depth
-    net = gpu_mlp.MLP.from_params(params, ["relu"] * (depth - 1) + ["identity"],
-                                  loss="squared", memory=task.mode, device=task.device)
+    net = gpu_mlp.Network.from_params(task.point.layers(), params, loss=task.point.loss,
+                                      memory=task.mode, device=task.device)
     _, xp = _device.resolve(task.device)
     X, Y = xp.array(X), xp.array(Y)  # copies: the data count in this case's memory
 
@@ -305,27 +430,61 @@ def _gpu_mlp_case(task, params, X, Y) -> Case:
                 workspace=net.training_workspace, weights=weights)
 
 
+_TORCH_ACTIVATIONS = {"relu": "ReLU", "identity": None}
+
+
+def torch_module(layers, params, device: str):
+    """``nn.Sequential`` of ``layers`` holding ``params`` (copied): ``nn.Conv2d`` and
+    ``nn.Linear`` (torch's weight layouts are gpu_mlp's), an ``nn.Flatten`` where a
+    Dense layer follows a convolution, and the activations."""
+    import torch
+    from gpu_mlp.layers import Conv2d
+
+    dev, modules = torch.device(device), []
+    for k, (layer, (W, b)) in enumerate(zip(layers, params)):
+        dtype = getattr(torch, W.dtype.name)
+        if isinstance(layer, Conv2d):
+            module = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.kernel_size,
+                                     stride=layer.stride, padding=layer.padding,
+                                     device=dev, dtype=dtype)
+        else:
+            if k > 0 and isinstance(layers[k - 1], Conv2d):
+                modules.append(torch.nn.Flatten())  # C order, as gpu_mlp's Dense
+            module = torch.nn.Linear(layer.d_in, layer.d_out, device=dev, dtype=dtype)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(W))
+            module.bias.copy_(torch.from_numpy(b))
+        modules.append(module)
+        act = layer.activation.name
+        if act not in _TORCH_ACTIVATIONS or (act == "relu" and layer.activation.alpha != 1):
+            raise ValueError(f"no PyTorch twin for activation {layer.activation}")
+        if _TORCH_ACTIVATIONS[act]:
+            modules.append(getattr(torch.nn, _TORCH_ACTIVATIONS[act])())
+    return torch.nn.Sequential(*modules)
+
+
+def torch_loss(name: str, out, Y):
+    """gpu_mlp's loss ``name``, averaged over the batch, as PyTorch computes it."""
+    import torch
+
+    if name == "squared":
+        return ((out - Y) ** 2).sum(1).mean()
+    if name == "softmax_cross_entropy":
+        return torch.nn.functional.cross_entropy(out, Y)
+    raise ValueError(f"no PyTorch twin for the loss {name!r}")
+
+
 def _torch_case(task, params, X, Y, compiled: bool) -> Case:
     import torch
 
-    dev = torch.device(task.device)
-    layers = []
-    for k, (W, b) in enumerate(params):
-        linear = torch.nn.Linear(W.shape[1], W.shape[0], device=dev,
-                                 dtype=getattr(torch, W.dtype.name))
-        with torch.no_grad():  # torch's weight layout (out, in) is gpu_mlp's
-            linear.weight.copy_(torch.from_numpy(W))
-            linear.bias.copy_(torch.from_numpy(b))
-        layers.append(linear)
-        if k < len(params) - 1:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    model = torch_module(task.point.layers(), params, task.device)
+    dev, loss_name = torch.device(task.device), task.point.loss
     Xt, Yt = torch.tensor(X, device=dev), torch.tensor(Y, device=dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = ((model(Xt) - Yt) ** 2).sum(1).mean()
+        loss = torch_loss(loss_name, model(Xt), Yt)
         loss.backward()
         optimizer.step()
         return loss
@@ -338,7 +497,7 @@ def _torch_case(task, params, X, Y, compiled: bool) -> Case:
 
     def weights():
         return [(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy())
-                for m in model if isinstance(m, torch.nn.Linear)]
+                for m in model if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
     if task.device == "cuda":
         return Case(step, torch.cuda.synchronize, memory="torch-cuda", weights=weights)
@@ -346,23 +505,33 @@ def _torch_case(task, params, X, Y, compiled: bool) -> Case:
 
 
 def _gemm_case(task, params, X) -> Case:
+    """Layer k's three GEMMs on its rows (M_k, K_k) and weights (d_k, K_k), as the
+    engine calls them; a layer's rows are the previous layer's output where that is a
+    reshape (Dense after Dense), else finite stand-ins (im2col's rows)."""
     _, xp = _device.resolve(task.device)
     rng = np.random.default_rng(2)
-    B = task.point.batch
-    W = [xp.array(Wk) for Wk, _ in params]
-    updated = [xp.array(Wk) for Wk, _ in params]  # the update target: W stays as drawn
-    F = [xp.array(X)] + [xp.empty((B, Wk.shape[0]), dtype=Wk.dtype) for Wk in W]
-    # finite stand-ins for the deltas: what the GEMMs read matters, not what it means
-    deltas = [xp.array(rng.standard_normal(Fk.shape).astype(X.dtype)) for Fk in F[1:]]
-    grads = {k: xp.empty_like(F[k]) for k in range(1, len(W))}  # layer 1 needs none
+    shapes = task.point.gemm_shapes()
+
+    def stand_in(shape):  # what the GEMMs read matters, not what it means
+        return xp.array(rng.standard_normal(shape).astype(X.dtype))
+
+    W = [xp.array(Wk.reshape(Wk.shape[0], -1)) for Wk, _ in params]
+    updated = [xp.array(Wk) for Wk in W]  # the update target: W stays as drawn
+    outs = [xp.empty((m, d), dtype=X.dtype) for m, _, d in shapes]
+    rows, previous = [], xp.array(X)
+    for m, k, _ in shapes:
+        rows.append(previous.reshape(m, k) if previous.size == m * k else stand_in((m, k)))
+        previous = outs[len(rows) - 1]
+    deltas = [stand_in(out.shape) for out in outs]
+    grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none
 
     def step():
         for k, Wk in enumerate(W):
-            ops.gemm("N", "T", F[k], Wk, F[k + 1])
+            ops.gemm("N", "T", rows[k], Wk, outs[k])
         for k in reversed(range(len(W))):
             if k > 0:
                 ops.gemm("N", "N", deltas[k], W[k], grads[k])
-            ops.gemm("T", "N", deltas[k], F[k], updated[k], alpha=-LR, beta=1.0)
+            ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
 
     return Case(step, _sync_for(task.device), memory=None)
 
@@ -449,8 +618,7 @@ def measure(task: Task, settings: Settings) -> dict:
     point = task.point
     record = {
         "device": task.device, "impl": task.impl, "mode": task.mode, "label": task.label,
-        "width": point.width, "depth": point.depth, "batch": point.batch,
-        "flops": point.flops, "status": "ok", "error": None,
+        **point.fields(), "flops": point.flops, "status": "ok", "error": None,
         "time_s": None, "tflops": None, "peak_bytes": None, "peak_method": None,
         "workspace_peak_bytes": None,
         "ratio_to_torch": None, "ratio_to_gemm_bound": None, "memory_ratio_to_torch": None,
@@ -481,8 +649,8 @@ def measure(task: Task, settings: Settings) -> dict:
 
 
 def key(record: dict) -> tuple:
-    return (record["device"], record["impl"], record["mode"], record["width"],
-            record["depth"], record["batch"])
+    """A record's key, :attr:`Task.key`."""
+    return (record["device"], record["impl"], record["mode"]) + point_of(record).key
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -491,9 +659,9 @@ def add_ratios(records: list[dict]) -> None:
     base = {}
     for r in records:
         if r["status"] == "ok" and r["impl"] in ("torch", "gemm"):
-            base[(r["impl"], r["device"], r["width"], r["depth"], r["batch"])] = r
+            base[(r["impl"], r["device"]) + point_of(r).key] = r
     for r in records:
-        point = (r["device"], r["width"], r["depth"], r["batch"])
+        point = (r["device"],) + point_of(r).key
         torch_r, gemm_r = base.get(("torch",) + point), base.get(("gemm",) + point)
         ok = r["status"] == "ok"
         r["ratio_to_torch"] = (r["time_s"]["median"] / torch_r["time_s"]["median"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 from bench import harness
 
@@ -25,12 +26,28 @@ def write_json(path, doc: dict) -> None:
 
 
 def _point(r) -> str:
-    return str(harness.Point(r["width"], r["depth"], r["batch"]))
+    return str(harness.point_of(r))
+
+
+def _model(r) -> str:
+    return r.get("model", "mlp")  # records written before the conv grid are MLP ones
+
+
+def _input(r) -> tuple:
+    """The input shape as a grouping key: () for an MLP, whose input is its width."""
+    return () if _model(r) == "mlp" else tuple(r["input"])
 
 
 def _sort_key(r):
     order = {impl: i for i, impl in enumerate(harness.IMPLS)}
-    return (r["device"], r["batch"], r["depth"], r["width"], order[r["impl"]], r["mode"] or "")
+    return (r["device"], _model(r), _input(r), r["batch"], r["depth"], r["width"],
+            order[r["impl"]], r["mode"] or "")
+
+
+def _width_name(records) -> str:
+    """What the ``width`` field means in these records: an MLP's width, a CNN's channels."""
+    models = {_model(r) for r in records}
+    return "width" if models <= {"mlp"} else "channels" if models == {"conv"} else "width/ch"
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -38,13 +55,19 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """An aligned plain-text table, one row per record; a failed one shows its error."""
-    header = ("device", "width", "depth", "batch", "implementation", "median ms", "IQR ms",
-              "TFLOP/s", "vs torch", "vs GEMM", "peak MiB", "mem vs torch")
+    """An aligned plain-text table, one row per record; a failed one shows its error.
+    Convolution records get a model and an input column, and ``width`` is called what it
+    is there (channels)."""
+    conv = any(_model(r) != "mlp" for r in records)
+    header = (("device",) + (("model", "input") if conv else ())
+              + (_width_name(records), "depth", "batch", "implementation", "median ms",
+                 "IQR ms", "TFLOP/s", "vs torch", "vs GEMM", "peak MiB", "mem vs torch"))
     rows, errors = [], {}
     for r in sorted(records, key=_sort_key):
-        rows.append((r["device"], str(r["width"]), str(r["depth"]), str(r["batch"]),
-                     r["label"]))
+        rows.append((r["device"],)
+                    + ((_model(r), "x".join(map(str, r.get("input") or [r["width"]])))
+                       if conv else ())
+                    + (str(r["width"]), str(r["depth"]), str(r["batch"]), r["label"]))
         if r["status"] != "ok":
             errors[len(rows) - 1] = f"error: {r['error']}"[:100]
             continue
@@ -55,7 +78,7 @@ def format_table(records: list[dict]) -> str:
             _fmt(r["peak_bytes"], ".4g", 2.0 ** -20), _fmt(r["memory_ratio_to_torch"], ".2f"))
     widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) > i])
               for i in range(len(header))]
-    text_columns = (0, 4)
+    text_columns = (0, 1, 2, 6) if conv else (0, 4)
 
     def line(cells):
         return "  ".join(c.ljust(w) if i in text_columns else c.rjust(w)
@@ -70,25 +93,33 @@ def format_table(records: list[dict]) -> str:
 def summary(records: list[dict]) -> list[str]:
     """The issue's targets as measured, one line per gpu_mlp row and target (nothing is
     asserted): faster than torch eager, within 1.10x of the GEMM-only bound at width and
-    batch >= 1024, peak memory below torch's."""
+    batch >= 1024 (MLP), the range of the ratio to the GEMM-only bound (convolutions:
+    what im2col, col2im and the transposes add), peak memory below torch's."""
     lines = []
-    for device, name in sorted({(r["device"], r["label"]) for r in records
-                                if r["impl"] == "gpu_mlp"}):
-        rows = [r for r in records
-                if (r["device"], r["label"]) == (device, name) and r["status"] == "ok"]
+    for device, model, label in sorted({(r["device"], _model(r), r["label"]) for r in records
+                                        if r["impl"] == "gpu_mlp"}):
+        rows = [r for r in records if r["status"] == "ok"
+                and (r["device"], _model(r), r["label"]) == (device, model, label)]
+        name = label if model == "mlp" else f"{label} ({model})"
         vs_torch = [r for r in rows if r["ratio_to_torch"] is not None]
         if vs_torch:
             worst = max(vs_torch, key=lambda r: r["ratio_to_torch"])
             faster = sum(r["ratio_to_torch"] < 1 for r in vs_torch)
             lines.append(f"{name}: faster than torch eager at {faster}/{len(vs_torch)} points; "
                          f"worst ratio {worst['ratio_to_torch']:.2f} at {_point(worst)}")
-        big = [r for r in rows if r["width"] >= 1024 and r["batch"] >= 1024
-               and r["ratio_to_gemm_bound"] is not None]
-        if big:
+        bound = [r for r in rows if r["ratio_to_gemm_bound"] is not None]
+        big = [r for r in bound if r["width"] >= 1024 and r["batch"] >= 1024]
+        if model == "mlp" and big:
             worst = max(big, key=lambda r: r["ratio_to_gemm_bound"])
             lines.append(f"{name}: at width >= 1024 and batch >= 1024, worst ratio to the "
                          f"GEMM-only bound {worst['ratio_to_gemm_bound']:.2f} at "
                          f"{_point(worst)}")
+        elif model != "mlp" and bound:
+            lo = min(bound, key=lambda r: r["ratio_to_gemm_bound"])
+            hi = max(bound, key=lambda r: r["ratio_to_gemm_bound"])
+            lines.append(f"{name}: ratio to the GEMM-only bound from "
+                         f"{lo['ratio_to_gemm_bound']:.2f} at {_point(lo)} to "
+                         f"{hi['ratio_to_gemm_bound']:.2f} at {_point(hi)}")
         mem = [r for r in rows if r["memory_ratio_to_torch"] is not None]
         if mem:
             below = sum(r["memory_ratio_to_torch"] < 1 for r in mem)
@@ -121,8 +152,15 @@ def markdown(doc: dict, plot_name=None) -> str:
              ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)
               + (f" (torch CUDA {env['torch_cuda']})" if env.get("torch_cuda") else "")),
              ("dtype, TF32", f"{config['dtype']}, {'on' if config['tf32'] else 'off'}")]
+    if env.get("torch_conv") and config.get("grid") == "conv":
+        conv = env["torch_conv"]
+        rows.append(("PyTorch convolutions", f"cuDNN allow_tf32 {conv['cudnn_allow_tf32']}, "
+                                             f"benchmark {conv['cudnn_benchmark']}; oneDNN "
+                                             f"(mkldnn) available {conv['mkldnn']}"))
     title = gpu["name"] if gpu else env["cpu"]
-    lines = [f"# gpu_mlp vs PyTorch: one training step on {title}", "",
+    what = "one training step" if config.get("grid", "mlp") == "mlp" else \
+        f"one {config['grid']} training step"
+    lines = [f"# gpu_mlp vs PyTorch: {what} on {title}", "",
              "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", f"- network: {config['network']}", f"- FLOPs: {config['flops']}",
               f"- timing: {config['timing']}; at most {config['repeats']} steps or "
@@ -139,8 +177,9 @@ def markdown(doc: dict, plot_name=None) -> str:
 
 
 def plot(records: list[dict], path) -> None:
-    """Time vs width, one panel per (depth, batch) and one line per implementation; below,
-    peak memory vs width at the largest depth, one panel per batch."""
+    """Time vs width (channels), one panel per (input, depth) and batch, one line per
+    implementation; below, peak memory vs width for the last (input, depth), one panel
+    per batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,17 +189,18 @@ def plot(records: list[dict], path) -> None:
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
         raise ValueError("no successful measurement to plot")
-    depths = sorted({r["depth"] for r in ok})
+    groups = sorted({(_model(r), _input(r), r["depth"]) for r in ok})
     batches = sorted({r["batch"] for r in ok})
     widths = sorted({r["width"] for r in ok})
+    width_name = _width_name(ok)
     order = {impl: i for i, impl in enumerate(harness.IMPLS)}
     labels = [dl for _, dl in sorted({((r["device"], order[r["impl"]], r["label"]),
                                         (r["device"], r["label"])) for r in ok})]
     colours = plt.get_cmap("tab10")
     style = {dl: dict(color=colours(i % 10), linestyle="-" if dl[0] == "cuda" else "--",
                       marker="o", markersize=3) for i, dl in enumerate(labels)}
-    fig, axes = plt.subplots(len(depths) + 1, len(batches), squeeze=False,
-                             figsize=(4.2 * len(batches), 3.2 * (len(depths) + 1)))
+    fig, axes = plt.subplots(len(groups) + 1, len(batches), squeeze=False,
+                             figsize=(4.2 * len(batches), 3.2 * (len(groups) + 1)))
 
     def lines(ax, rows, value):
         for dl in labels:
@@ -174,30 +214,40 @@ def plot(records: list[dict], path) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
 
-    for i, depth in enumerate(depths):
+    def title(group) -> str:
+        model, shape, depth = group
+        return ("" if model == "mlp" else f"{model}, input {'x'.join(map(str, shape))}, ") \
+            + f"depth {depth}"
+
+    def rows_of(group, batch):
+        return [r for r in ok if (_model(r), _input(r), r["depth"], r["batch"])
+                == (*group, batch)]
+
+    for i, group in enumerate(groups):
         for j, batch in enumerate(batches):
             ax = axes[i][j]
-            lines(ax, [r for r in ok if (r["depth"], r["batch"]) == (depth, batch)],
-                  lambda r: r["time_s"]["median"] * 1e3)
-            ax.set_title(f"depth {depth}, batch {batch}", fontsize=9)
+            lines(ax, rows_of(group, batch), lambda r: r["time_s"]["median"] * 1e3)
+            ax.set_title(f"{title(group)}, batch {batch}", fontsize=9)
             ax.set_ylabel("median step time (ms)")
     for j, batch in enumerate(batches):
         ax = axes[-1][j]
-        lines(ax, [r for r in ok if (r["depth"], r["batch"]) == (depths[-1], batch)],
+        lines(ax, rows_of(groups[-1], batch),
               lambda r: r["peak_bytes"] / 2 ** 20 if r["peak_bytes"] else None)
-        ax.set_title(f"peak memory, depth {depths[-1]}, batch {batch}", fontsize=9)
+        ax.set_title(f"peak memory, {title(groups[-1])}, batch {batch}", fontsize=9)
         ax.set_ylabel("peak MiB")
-        ax.set_xlabel("width")
+        ax.set_xlabel(width_name)
     handles, names = [], []
     for ax in axes.flat:
         for h, n in zip(*ax.get_legend_handles_labels()):
             if n not in names:
                 handles.append(h)
                 names.append(n)
-    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8)
-    fig.suptitle("one training step (forward + backward + SGD): "
-                 + harness.NETWORK.split(";")[0],
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(names) + 3) // 4), 1, 0.97))
+    ncol = max(1, min(4, len(names), 2 * len(batches)))  # as many as the figure is wide
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8)
+    network = " / ".join(harness.DESCRIPTION[m][0].split(";")[0]
+                         for m in sorted({g[0] for g in groups}))
+    fig.suptitle(textwrap.fill(f"one training step (forward + backward + SGD): {network}",
+                               int(16 * 4.2 * len(batches))), fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * -(-len(names) // ncol), 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)

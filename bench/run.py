@@ -2,6 +2,8 @@
 
     python bench/run.py --quick                      # CPU subset, under a minute idle
     PYTHONPATH=. python3 bench/run.py                # full grid on the GPU
+    python bench/run.py --grid conv --quick          # convolutions: CPU subset
+    PYTHONPATH=. python3 bench/run.py --grid conv    # convolutions: full grid on the GPU
 
 For each grid point and implementation it reports the median step time and its IQR,
 the achieved TFLOP/s, the ratios to PyTorch eager and to the GEMM-only bound, and the
@@ -28,6 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FULL = {"widths": [64, 256, 1024, 4096], "depths": [2, 4, 8], "batches": [64, 1024, 8192]}
 QUICK = {"widths": [64, 256, 1024], "depths": [2, 4], "batches": [64, 1024]}
+# --grid conv: input images (c, h, w), channels of every convolution, convolutions, batches
+CONV_FULL = {"inputs": [(1, 28, 28), (3, 32, 32)], "channels": [16, 32, 64],
+             "depths": [2, 4], "batches": [64, 256, 1024]}
+CONV_QUICK = {"inputs": [(1, 28, 28), (3, 32, 32)], "channels": [16, 32],
+              "depths": [2, 4], "batches": [64]}
+GRIDS = {"mlp": (FULL, QUICK), "conv": (CONV_FULL, CONV_QUICK)}
 # --quick also times fewer steps: (warmup, repeats, max_time)
 TIMING = {"full": (3, 100, 1.0), "quick": (1, 20, 0.5)}
 # harness.IMPLS and gpu_mlp.MEMORY_MODES, repeated so that parsing the arguments imports
@@ -47,6 +55,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    try:
+        values = [tuple(int(n) for n in v.lower().split("x")) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(len(v) != 3 or min(v) < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated image shapes CxHxW such as 3x32x32, got {text!r}")
+    return values
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def _choices(valid):
     def parse(text: str) -> list[str]:
         values = [v for v in text.split(",") if v]
@@ -60,9 +83,17 @@ def _choices(valid):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=tuple(GRIDS), default="mlp",
+                   help="mlp: Dense layers of one width (--widths); conv: 3x3 convolutions "
+                        "(padding 1, stride 1, 2, 1, ...) of --channels channels on --inputs "
+                        "images, then Dense to 10 classes, softmax cross-entropy "
+                        "(default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help=f"the CPU subset: widths {QUICK['widths']}, depths {QUICK['depths']}, "
-                        f"batches {QUICK['batches']}, fewer timed steps")
+                        f"batches {QUICK['batches']} (--grid conv: inputs "
+                        f"{','.join(map(_shape_text, CONV_QUICK['inputs']))}, channels "
+                        f"{CONV_QUICK['channels']}, depths {CONV_QUICK['depths']}, batches "
+                        f"{CONV_QUICK['batches']}), fewer timed steps")
     p.add_argument("--devices", type=_choices(("cuda", "cpu")),
                    help="comma-separated, from cuda,cpu (default: cuda when gpu_mlp sees a "
                         "GPU, else cpu)")
@@ -71,9 +102,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "gpu_mlp,torch,gemm on cpu)")
     p.add_argument("--modes", type=_choices(MODES), default=list(MODES),
                    help="gpu_mlp memory modes (default: all)")
-    p.add_argument("--widths", type=_ints, help=f"default {FULL['widths']}")
-    p.add_argument("--depths", type=_ints, help=f"default {FULL['depths']}")
-    p.add_argument("--batches", type=_ints, help=f"default {FULL['batches']}")
+    p.add_argument("--widths", type=_ints, help=f"--grid mlp: default {FULL['widths']}")
+    p.add_argument("--inputs", type=_shapes,
+                   help="--grid conv: image shapes CxHxW, default "
+                        f"{','.join(map(_shape_text, CONV_FULL['inputs']))}")
+    p.add_argument("--channels", type=_ints,
+                   help=f"--grid conv: default {CONV_FULL['channels']}")
+    p.add_argument("--depths", type=_ints,
+                   help=f"layers (--grid conv: convolutions), default {FULL['depths']} "
+                        f"(--grid conv: {CONV_FULL['depths']})")
+    p.add_argument("--batches", type=_ints,
+                   help=f"default {FULL['batches']} (--grid conv: {CONV_FULL['batches']})")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                    help="TF32 tensor-core GEMMs for float32 in both libraries (default: off)")
@@ -86,15 +125,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop timing a case after this many seconds, once it has 5 steps "
                         "(default 1.0; --quick 0.5)")
     p.add_argument("--out", type=Path,
-                   help="output folder (default: bench/results/DEVICES-DTYPE[-tf32][-quick], "
-                        "e.g. bench/results/cuda-float32)")
+                   help="output folder (default: "
+                        "bench/results/DEVICES-DTYPE[-tf32][-conv][-quick], e.g. "
+                        "bench/results/cuda-float32)")
     p.add_argument("--resume", action="store_true",
                    help="keep the successful measurements in OUT/results.json, measure the rest")
     p.add_argument("--no-plot", action="store_true",
                    help="skip the PNG plot (skipped anyway, with a note, without matplotlib)")
     args = p.parse_args(argv)
-    grid = QUICK if args.quick else FULL
-    for name in ("widths", "depths", "batches"):
+    grid = GRIDS[args.grid][1 if args.quick else 0]
+    for other in sorted({"widths", "inputs", "channels"} - set(grid)):
+        if getattr(args, other) is not None:
+            p.error(f"--{other} is not an option of --grid {args.grid}")
+    for name in grid:
         if getattr(args, name) is None:
             setattr(args, name, grid[name])
     timing = TIMING["quick" if args.quick else "full"]
@@ -106,13 +149,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def default_out(args, devices) -> Path:
+    """bench/results/DEVICES-DTYPE[-tf32][-conv][-quick]"""
+    name = ["+".join(devices), args.dtype] + (["tf32"] if args.tf32 else []) \
+        + (["conv"] if args.grid == "conv" else []) + (["quick"] if args.quick else [])
+    return ROOT / "bench" / "results" / "-".join(name)
+
+
 def previous_run(path: Path, args) -> tuple[list[dict], list[str]]:
-    """The successful records of an earlier run with the same dtype and TF32 setting, and
-    the commands that measured them."""
+    """The successful records of an earlier run with the same dtype, TF32 setting and
+    grid, and the commands that measured them."""
     old = json.loads(path.read_text())
-    if (old["config"]["dtype"], old["config"]["tf32"]) != (args.dtype, args.tf32):
-        raise SystemExit(f"error: {path} was measured with dtype {old['config']['dtype']}, "
-                         f"tf32 {old['config']['tf32']}; not resuming with different settings")
+    then = (old["config"]["dtype"], old["config"]["tf32"], old["config"].get("grid", "mlp"))
+    if then != (args.dtype, args.tf32, args.grid):
+        raise SystemExit(f"error: {path} was measured with dtype {then[0]}, tf32 {then[1]}, "
+                         f"grid {then[2]}; not resuming with different settings")
     env = old["environment"]
     commands = env.get("previous_commands", []) + [env["command"]]
     return [r for r in old["records"] if r["status"] == "ok"], commands
@@ -143,26 +194,35 @@ def main(argv=None) -> int:
     devices = args.devices or (["cuda"] if gpu_mlp.gpu_available() else ["cpu"])
     if "cuda" in devices and not gpu_mlp.gpu_available():
         raise SystemExit("error: --devices cuda needs CuPy and a CUDA GPU, and gpu_mlp sees none")
-    name = ["+".join(devices), args.dtype] + (["tf32"] if args.tf32 else []) \
-        + (["quick"] if args.quick else [])
-    out = args.out or ROOT / "bench" / "results" / "-".join(name)
+    out = args.out or default_out(args, devices)
     json_path = out / "results.json"
     records, previous_commands = (previous_run(json_path, args)
                                   if args.resume and json_path.exists() else ([], []))
+    if args.grid == "conv":
+        points = [harness.ConvPoint(i, c, d, b) for i in args.inputs for c in args.channels
+                  for d in args.depths for b in args.batches]
+    else:
+        points = [harness.Point(w, d, b) for w in args.widths for d in args.depths
+                  for b in args.batches]
+    for point in points:
+        try:
+            point.layers()
+        except ValueError as e:  # say so now, not in every record
+            raise SystemExit(f"error: grid point {point}: {e}") from None
     harness.configure(args.threads, args.tf32)
-    points = [harness.Point(w, d, b) for w in args.widths for d in args.depths
-              for b in args.batches]
     done = {harness.key(r) for r in records}
     todo = [t for t in harness.tasks(devices, args.impls, args.modes, points)
             if t.key not in done]
     settings = harness.Settings(args.dtype, args.warmup, args.repeats, args.max_time)
+    network, flops = harness.DESCRIPTION[args.grid]
     config = {
-        "devices": devices, "impls": args.impls, "modes": args.modes,
-        "widths": args.widths, "depths": args.depths, "batches": args.batches,
+        "grid": args.grid, "devices": devices, "impls": args.impls, "modes": args.modes,
+        "widths": args.widths, "inputs": args.inputs, "channels": args.channels,
+        "depths": args.depths, "batches": args.batches,
         "dtype": args.dtype, "tf32": args.tf32, "threads": args.threads,
         "warmup": args.warmup, "repeats": args.repeats, "max_time_s": args.max_time,
         "min_repeats": harness.MIN_REPEATS, "lr": harness.LR, "quick": args.quick,
-        "network": harness.NETWORK, "flops": harness.FLOPS,
+        "network": network, "flops": flops,
         "timing": "time.perf_counter around each step, device synchronised inside the "
                   "timed region; median and quartiles of the repeats after the warm-up",
         "memory": "peak bytes held during one steady-state step, weights and data included: "
@@ -186,7 +246,7 @@ def main(argv=None) -> int:
     doc = report.document(config, env, records)
     report.write_json(json_path, doc)
 
-    print(f"network: {harness.NETWORK}\nFLOPs: {harness.FLOPS}\n"
+    print(f"network: {network}\nFLOPs: {flops}\n"
           f"dtype {args.dtype}, TF32 {'on' if args.tf32 else 'off'}, {args.threads} CPU "
           "threads; ratios are time / time (below 1: faster), memory is peak / torch's\n")
     print(report.format_table(records) + "\n")

@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: one training step of each implementation at a few grid points.
+"""pytest-benchmark suite: one training step of each implementation at a few grid points
+of both grids (MLP and convolutions).
 
     python -m pytest bench/ --benchmark-enable                # time them
     python -m pytest bench/ --benchmark-enable --benchmark-json=steps.json
@@ -15,8 +16,11 @@ import pytest
 import gpu_mlp
 from bench import harness
 
-POINTS = {"cpu": [harness.Point(256, 2, 1024), harness.Point(1024, 4, 1024)],
-          "cuda": [harness.Point(1024, 4, 1024), harness.Point(4096, 4, 8192)]}
+POINTS = {"cpu": [harness.Point(256, 2, 1024), harness.Point(1024, 4, 1024),
+                  harness.ConvPoint((1, 28, 28), 16, 2, 64),
+                  harness.ConvPoint((3, 32, 32), 32, 4, 256)],
+          "cuda": [harness.Point(1024, 4, 1024), harness.Point(4096, 4, 8192),
+                   harness.ConvPoint((3, 32, 32), 64, 4, 1024)]}
 GPU = [pytest.mark.gpu,
        pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")]
 TASKS = [pytest.param(task, id=f"{task.label}-{task.point}",

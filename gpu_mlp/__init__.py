@@ -6,11 +6,12 @@ fused CUDA kernels from ``kernels/`` -- or, with the same code, on NumPy. The mo
 piece is checked against.
 """
 
-from . import activations, checkpoint, datasets, layers, losses, reference, training
+from . import activations, checkpoint, datasets, layers, losses, optim, reference, training
 from .device import gpu_available
-from .mlp import MEMORY_MODES, MLP
+from .mlp import MLP
+from .network import MEMORY_MODES, Network
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "MEMORY_MODES", "activations", "checkpoint", "datasets", "layers", "losses",
-           "reference", "training", "gpu_available", "__version__"]
+__all__ = ["MLP", "Network", "MEMORY_MODES", "activations", "checkpoint", "datasets", "layers", "losses",
+           "optim", "reference", "training", "gpu_available", "__version__"]

@@ -156,6 +156,26 @@ def params(params) -> list[tuple]:
     return pairs
 
 
+def layer_params(layers, params) -> list[tuple]:
+    """Check ``(W_k, b_k)`` against the layers' shapes: one float dtype, all finite."""
+    if len(params) != len(layers):
+        raise ValueError(f"params must hold one (W, b) pair per layer: {len(layers)} layers, "
+                         f"{len(params)} pairs")
+    dtype = None
+    for k, (layer, (W, b)) in enumerate(zip(layers, params), start=1):
+        for name, a, shape in ((f"W_{k}", W, layer.weight_shape), (f"b_{k}", b, layer.bias_shape)):
+            floating(name, a)
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name} must have shape {tuple(shape)} for layer {k}, "
+                                 f"{layer}, got {tuple(a.shape)}")
+            finite(name, a, _namespace(a))
+            dtype = a.dtype if dtype is None else dtype
+            if a.dtype != dtype:
+                raise TypeError(f"all parameters must share one dtype ({dtype}), got {a.dtype} "
+                                f"for {name}")
+    return list(params)
+
+
 def _namespace(a):
     """NumPy, or CuPy for a CuPy array (without importing CuPy otherwise)."""
     if isinstance(a, np.ndarray):

@@ -1,12 +1,22 @@
-"""Checkpoints: a network's parameters, architecture and training history in one ``.npz``.
+"""Checkpoints: a network's parameters, architecture, history and optimizer in one ``.npz``.
 
-The format (version 1) is a plain, uncompressed ``.npz`` that NumPy alone can read:
+The format (version 2) is a plain, uncompressed ``.npz`` that NumPy alone can read:
 
-* ``meta``: a 0-d string array holding JSON: ``format``, ``version``, ``sizes``,
-  ``activations`` (one per layer, as ``str(activation)``, so ReLU's alpha survives),
-  ``loss``, ``memory``, ``dtype``, ``written_by`` and ``history`` (the
-  :class:`~gpu_mlp.training.History` to resume from, or null);
-* ``W_1, b_1, ..., W_n, b_n``: the parameters, ``W_k`` of shape ``(d_k, d_{k-1})``.
+* ``meta``: a 0-d string array holding JSON: ``format``, ``version``, ``model``
+  (``"MLP"`` or ``"Network"``: the class to rebuild), ``layers`` (one dict per layer, as
+  :meth:`gpu_mlp.layers.Layer.spec` writes it, the activation as ``str(activation)``, so
+  ReLU's alpha survives), ``loss``, ``memory``, ``dtype``, ``written_by`` and
+  ``history`` (the :class:`~gpu_mlp.training.History` to resume from, or null);
+* ``W_1, b_1, ..., W_n, b_n``: the parameters in torch's layouts, ``W_k`` of shape
+  ``(d_k, d_{k-1})`` for a dense layer, ``(c_out, c_in, kh, kw)`` for a convolution;
+* optionally, a :mod:`gpu_mlp.optim` optimizer to resume with: ``meta["optimizer"]``
+  (absent or null: none, i.e. plain SGD) holds its ``type``, ``hyperparameters``,
+  ``schedule``, ``steps`` (the schedule's position) and ``last_lr``, and the arrays
+  ``opt_<state>_W_k``, ``opt_<state>_b_k`` its per-parameter state (``<state>``:
+  ``momentum_buffer``, or ``exp_avg`` and ``exp_avg_sq``), shaped as the parameters.
+
+Version 1 files (an MLP, described by ``sizes`` and ``activations`` instead of
+``layers`` and ``model``) are still read, as are version 2 files without an optimizer.
 
 :func:`save` writes to a temporary file in the target's directory and renames it over
 the target (``os.replace``, atomic), so the path holds the old checkpoint or the new
@@ -40,11 +50,16 @@ from typing import Optional
 import numpy as np
 
 from .device import to_numpy
+from . import layers as _layers
+from . import optim as _optim
+from .layers import Dense
 from .mlp import MLP
+from .network import Network
 from .training import History
 
 FORMAT = "gpu_mlp.checkpoint"
-VERSION = 1
+VERSION = 2  # written; version 1 (MLPs before convolutions) is read too
+_OPT = "opt_"  # the prefix of the optimizer's state entries
 
 
 class CheckpointError(ValueError):
@@ -58,36 +73,53 @@ _DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotIm
 
 @dataclass
 class Checkpoint:
-    """What :func:`read` returns: the network and the training history (or None)."""
+    """What :func:`read` returns: the network, the training history (or None) and the
+    optimizer (or None: plain SGD), bound to ``net`` with its state on net's device."""
 
-    net: MLP
+    net: Network
     history: Optional[History]
+    optimizer: Optional[_optim.Optimizer] = None
 
 
-def save(net: MLP, path, history: Optional[History] = None) -> None:
-    """Write ``net`` (and ``history``, to resume training from) to ``path``, atomically.
+def save(net: Network, path, history: Optional[History] = None,
+         optimizer: Optional[_optim.Optimizer] = None) -> None:
+    """Write ``net`` (and ``history`` and ``optimizer``, to resume training with) to
+    ``path``, atomically.
 
     The file is written exactly at ``path`` (no suffix is added); ``.npz`` is customary.
+    The optimizer must be ``net``'s (bound to it by a step) or not yet bound.
     """
     if history is not None and not isinstance(history, History):
         raise TypeError(f"history must be a gpu_mlp.training.History, got "
                         f"{type(history).__name__}")
+    if optimizer is not None:
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer, got "
+                            f"{type(optimizer).__name__}")
+        optimizer._check_net(net)
     from . import __version__
 
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "sizes": net.sizes,
-        "activations": [str(a) for a in net.activations],
+        "model": "MLP" if isinstance(net, MLP) else "Network",
+        "layers": [layer.spec() for layer in net.layers],
         "loss": net.loss.name,
         "memory": net.memory,
         "dtype": net.dtype.name,
         "written_by": f"gpu_mlp {__version__}",
         "history": None if history is None else history.as_dict(),
     }
-    arrays = {"meta": np.array(json.dumps(meta))}
+    arrays = {}
     for k, (W, b) in enumerate(net.params, start=1):
         arrays[f"W_{k}"], arrays[f"b_{k}"] = to_numpy(W), to_numpy(b)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for name, pairs in state.pop("state").items():
+            for k, (W_state, b_state) in enumerate(pairs, start=1):
+                arrays[f"{_OPT}{name}_W_{k}"], arrays[f"{_OPT}{name}_b_{k}"] = W_state, b_state
+        meta["optimizer"] = state
+    arrays = {"meta": np.array(json.dumps(meta)), **arrays}
 
     target = writable_target(path)
     try:
@@ -137,13 +169,13 @@ def _write(f, arrays) -> None:
     os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
 
 
-def load(path, device: str = "auto") -> MLP:
+def load(path, device: str = "auto") -> Network:
     """The network stored at ``path``, on ``device``; see :func:`read`."""
     return read(path, device=device).net
 
 
 def read(path, device: str = "auto") -> Checkpoint:
-    """The network and training history stored at ``path``.
+    """The network, training history and optimizer stored at ``path``.
 
     Raises :class:`CheckpointError` (a ValueError) saying what is wrong with a file that
     is not a complete, consistent checkpoint; OSError if it cannot be opened at all.
@@ -151,14 +183,23 @@ def read(path, device: str = "auto") -> Checkpoint:
     path = os.fspath(path)
     meta, arrays = _read_npz(path)
     try:
-        sizes, dtype = _check_meta(meta)
-        params = _check_params(arrays, sizes, dtype)
+        model, layers, dtype = _check_meta(meta)
+        state = {key: arrays.pop(key) for key in list(arrays) if key.startswith(_OPT)}
+        params = _check_params(arrays, layers, dtype)
         history = None if meta["history"] is None else History.from_dict(meta["history"])
-        net = MLP.from_params(params, meta["activations"], meta["loss"],
-                              memory=meta["memory"], device=device, dtype=dtype)
+        optimizer = _check_optimizer(meta.get("optimizer"), state, len(layers), dtype)
+        if model == "MLP":
+            net = MLP.from_params(params, [layer.activation for layer in layers],
+                                  meta["loss"], memory=meta["memory"], device=device,
+                                  dtype=dtype)
+        else:
+            net = Network.from_params(layers, params, meta["loss"], memory=meta["memory"],
+                                      device=device, dtype=dtype)
+        if optimizer is not None:
+            optimizer._bind(net)  # checks its state against the net, puts it on the device
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return Checkpoint(net, history)
+    return Checkpoint(net, history, optimizer)
 
 
 def _read_npz(path):
@@ -189,45 +230,107 @@ def _read_npz(path):
     return meta, arrays
 
 
-_META_KEYS = ("format", "version", "sizes", "activations", "loss", "memory", "dtype",
-              "written_by", "history")
+_META_KEYS = {
+    1: ("format", "version", "sizes", "activations", "loss", "memory", "dtype",
+        "written_by", "history"),
+    2: ("format", "version", "model", "layers", "loss", "memory", "dtype", "written_by",
+        "history"),
+}
 
 
 def _check_meta(meta):
-    if meta.get("version") != VERSION:
-        raise ValueError(f"format version {meta.get('version')!r}, but this gpu_mlp "
-                         f"reads version {VERSION}")
-    missing = [key for key in _META_KEYS if key not in meta]
+    """``(model, layers, dtype)`` from checked metadata of either version."""
+    version = meta.get("version")
+    if version not in _META_KEYS:
+        raise ValueError(f"format version {version!r}, but this gpu_mlp reads versions "
+                         f"{', '.join(map(str, _META_KEYS))}")
+    missing = [key for key in _META_KEYS[version] if key not in meta]
     if missing:
         raise ValueError(f"metadata lacks {', '.join(missing)}")
-    sizes = meta["sizes"]
+    if meta["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {meta['dtype']!r}")
+    dtype = np.dtype(meta["dtype"])
+    if version == 1:
+        return "MLP", _version_1_layers(meta["sizes"], meta["activations"]), dtype
+    if meta["model"] not in ("MLP", "Network"):
+        raise ValueError(f"model must be MLP or Network, got {meta['model']!r}")
+    specs = meta["layers"]
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"layers must be a non-empty list, got {specs!r}")
+    layers = []
+    for k, spec in enumerate(specs, start=1):
+        try:
+            layers.append(_layers.from_spec(spec))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {k}: {e}") from None
+    if meta["model"] == "MLP" and not all(isinstance(layer, Dense) for layer in layers):
+        raise ValueError("model MLP must have Dense layers only")
+    return meta["model"], layers, dtype
+
+
+def _version_1_layers(sizes, activations) -> list:
     if (not isinstance(sizes, list) or len(sizes) < 2
             or not all(type(s) is int and s >= 1 for s in sizes)):
         raise ValueError(f"sizes must list at least two widths >= 1, got {sizes!r}")
-    activations = meta["activations"]
     if not isinstance(activations, list) or not all(isinstance(a, str) for a in activations):
         raise ValueError(f"activations must be a list of names, got {activations!r}")
-    if meta["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {meta['dtype']!r}")
-    return sizes, np.dtype(meta["dtype"])
+    if len(activations) != len(sizes) - 1:
+        raise ValueError(f"expected {len(sizes) - 1} activations (one per layer), got "
+                         f"{len(activations)}")
+    return [Dense(d_in, d_out, act) for d_in, d_out, act in zip(sizes, sizes[1:], activations)]
 
 
-def _check_params(arrays, sizes, dtype):
-    n = len(sizes) - 1
+def _check_params(arrays, layers, dtype):
+    n = len(layers)
     expected = [f"{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")]
     missing = [key for key in expected if key not in arrays]
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
-        raise ValueError(f"the parameter entries do not match sizes {sizes}: "
+        raise ValueError(f"the parameter entries do not match the {n} layers: "
                          f"missing {missing or 'none'}, unexpected {extra or 'none'}")
     params = []
-    for k in range(1, n + 1):
+    for k, layer in enumerate(layers, start=1):
         W, b = arrays[f"W_{k}"], arrays[f"b_{k}"]
-        for name, a, shape in ((f"W_{k}", W, (sizes[k], sizes[k - 1])),
-                               (f"b_{k}", b, (sizes[k],))):
-            if a.shape != shape:
-                raise ValueError(f"{name} has shape {a.shape}, but sizes {sizes} need {shape}")
+        for name, a, shape in ((f"W_{k}", W, layer.weight_shape), (f"b_{k}", b, layer.bias_shape)):
+            if a.shape != tuple(shape):
+                raise ValueError(f"{name} has shape {a.shape}, but layer {k}, {layer}, needs "
+                                 f"{tuple(shape)}")
             if a.dtype != dtype:
                 raise ValueError(f"{name} has dtype {a.dtype}, but the metadata says {dtype}")
         params.append((W, b))
     return params
+
+
+def _check_optimizer(spec, entries, n: int, dtype):
+    """The optimizer of ``meta["optimizer"]`` and its ``opt_*`` entries, not yet bound;
+    None for a checkpoint without one."""
+    if spec is None:
+        if entries:
+            raise ValueError(f"optimizer state entries {sorted(entries)} but no optimizer "
+                             f"in the metadata")
+        return None
+    if not isinstance(spec, dict) or spec.get("type") not in _optim.OPTIMIZERS:
+        raise ValueError(f"optimizer must be a dict with a type in "
+                         f"{list(_optim.OPTIMIZERS)}, got {spec!r}")
+    names = sorted({key[len(_OPT):].rsplit("_", 2)[0] for key in entries})
+    state = {}
+    for name in names:
+        expected = [f"{_OPT}{name}_{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")]
+        missing = [key for key in expected if key not in entries]
+        if missing:
+            raise ValueError(f"the optimizer state {name!r} lacks {missing}")
+        pairs = [(entries[f"{_OPT}{name}_W_{k}"], entries[f"{_OPT}{name}_b_{k}"])
+                 for k in range(1, n + 1)]
+        for key in expected:
+            if entries[key].dtype != dtype:
+                raise ValueError(f"{key} has dtype {entries[key].dtype}, but the metadata "
+                                 f"says {dtype}")
+        state[name] = pairs
+    extra = sorted(set(entries) - {f"{_OPT}{name}_{p}_{k}" for name in names
+                                   for k in range(1, n + 1) for p in ("W", "b")})
+    if extra:
+        raise ValueError(f"unexpected optimizer entries {extra}")
+    try:
+        return _optim.from_state_dict({**spec, "state": state})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"optimizer: {e}") from None

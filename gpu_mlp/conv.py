@@ -28,9 +28,12 @@ array([[1., 2., 1.],
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .layers import Conv2d
+if TYPE_CHECKING:  # layers imports the engine's ops, which import this module
+    from .layers import Conv2d
 
 _GEOMETRY = ("int32 C, int32 H, int32 W, int32 kh, int32 kw, int32 sh, int32 sw, "
              "int32 ph, int32 pw, int32 OH, int32 OW")

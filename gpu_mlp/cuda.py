@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 # The order in which the headers depend on each other.
-HEADERS = ("common.cuh", "activations.cuh", "losses.cuh", "rowwise.cuh", "conv.cuh")
+HEADERS = ("common.cuh", "activations.cuh", "losses.cuh", "rowwise.cuh", "conv.cuh",
+           "optim.cuh")
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"[^"]+"\s*$', re.MULTILINE)
 

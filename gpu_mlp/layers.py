@@ -1,11 +1,11 @@
 """Layer types: each a bilinear map C(x, W) plus a linear bias map iota(b) (seed 003, Section 4).
 
-A layer ``F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k))`` is described here by its
-configuration alone: the shapes it takes and gives, its parameters' shapes, its
-activation. What Algorithm 2 needs of it -- ``C``, ``C^dagger`` (to the input),
-``C^{dagger dagger}`` (to the weights) and ``iota^*`` (to the bias) -- comes in the engine
-and the reference as the same three products for every type: a layer works on the *rows*
-of its input, one row per (sample, output position) with ``K`` columns, so that
+A layer ``F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k))`` is its configuration (the
+shapes it takes and gives, its parameters' shapes, its activation) and what Algorithm 2
+needs of it -- ``C``, ``C^dagger`` (to the input), ``C^{dagger dagger}`` (to the weights)
+and ``iota^*`` (to the bias) -- on the engine's arrays. They are the same three products
+for every type: a layer works on the *rows* of its input, one row per (sample, output
+position) with ``K`` columns, so that
 
     C(x, W)              = rows(x) W_mat^T         one GEMM,  W_mat: (d_out, K)
     C^{dagger dagger}(x, T) = T_rows^T rows(x)     one GEMM   (beta = 1 for SGD)
@@ -13,7 +13,12 @@ of its input, one row per (sample, output position) with ``K`` columns, so that
     iota^*(T)            = T_rows^T 1              one GEMV
 
 ``rows`` is a reshape for :class:`Dense` (one position per sample) and im2col for
-:class:`Conv2d`; ``rows^*`` is the reshape back and col2im.
+:class:`Conv2d`; ``rows^*`` is the reshape back and col2im. Activations are kept in the
+layer's own layout, ``(B, d)`` or NCHW ``(B, c, H, W)``; a Conv2d's GEMM works in rows
+``(B*H*W, c)`` and its :meth:`~Layer.linear` and :meth:`~Layer.to_rows` move between the
+two. The engine (:mod:`gpu_mlp.network`) runs one loop over these methods for every type;
+the weight gradient ``T_rows^T rows(x)`` and ``iota^*`` are left to its *sink* (SGD into
+``W``, gradients written out, per-sample norms), which receives ``(T_rows, rows(x))``.
 
 >>> conv = Conv2d(1, 4, 3, padding=1)
 >>> conv.output_shape((1, 8, 8)), conv.weight_shape
@@ -24,10 +29,11 @@ of its input, one row per (sample, output position) with ``K`` columns, so that
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
-from . import _checks
+from . import _checks, ops
 from . import activations as _activations
 
 
@@ -42,6 +48,29 @@ def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
     return (v, v)
 
 
+def _activation(layer: str, spec) -> _activations.Activation:
+    """The activation ``spec`` names; an error naming ``layer`` if there is none."""
+    try:
+        return _activations.get(spec)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{layer}: {e}") from None
+
+
+def from_spec(spec) -> "Layer":
+    """The layer that :meth:`Layer.spec` describes; a TypeError/ValueError says what does
+    not fit."""
+    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+        raise ValueError(f"a layer must be a dict with a type in {list(LAYER_TYPES)}, "
+                         f"got {spec!r}")
+    kind = LAYER_TYPES[spec["type"]]
+    arguments = {key: value for key, value in spec.items() if key != "type"}
+    try:  # the names first: the constructor checks the values, naming them
+        inspect.signature(kind).bind(**arguments)
+    except TypeError as e:
+        raise ValueError(f"{spec['type']} layer {arguments}: {e}") from None
+    return kind(**arguments)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """``floor((size + 2 padding - kernel) / stride) + 1``: the one place it is computed."""
     return (size + 2 * padding - kernel) // stride + 1
@@ -51,6 +80,14 @@ class Layer:
     """What every layer type has: an activation and the shapes of its map."""
 
     activation: _activations.Activation
+
+    def spec(self) -> dict:
+        """The layer as plain JSON-ready values (checkpoints): :func:`from_spec` inverts it."""
+        spec = {"type": type(self).__name__}
+        for name, value in vars(self).items():
+            spec[name] = (str(value) if isinstance(value, _activations.Activation)
+                          else list(value) if isinstance(value, tuple) else value)
+        return spec
 
     @property
     def weight_shape(self) -> tuple:
@@ -74,6 +111,43 @@ class Layer:
         """Output positions per sample: the rows each sample contributes to ``rows(x)``."""
         raise NotImplementedError
 
+    def working_size(self, input_shape: tuple) -> int:
+        """Values per sample that the forward pass holds at once: input and output."""
+        return math.prod(input_shape) + math.prod(self.output_shape(input_shape))
+
+    # --- Algorithm 2 on the engine's arrays (NumPy or CuPy), buffers from a Workspace ----
+
+    def rows(self, x, ws):
+        """``rows(x)``, (B*P, K): a view of ``x`` where it can be, else a workspace
+        buffer that :meth:`give_rows` returns."""
+        raise NotImplementedError
+
+    def give_rows(self, rows, ws) -> None:
+        """Return what :meth:`rows` took from the workspace."""
+
+    def linear(self, x, W, ws, out=None):
+        """``C(x, W)`` in this layer's layout (B, *output_shape): into ``out``, or a
+        workspace buffer."""
+        raise NotImplementedError
+
+    def to_rows(self, T, ws):
+        """``T`` (B, *output_shape) as rows (B*P, d_out); when that is a copy, ``T`` goes
+        back to the workspace and the copy is a workspace buffer."""
+        return T
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        """``out <- C^dagger(T, W)``, out of shape (B, *input_shape), from T as rows."""
+        raise NotImplementedError
+
+    def bias_view(self, b):
+        """``b`` shaped to broadcast over this layer's layout: ``iota(b)``."""
+        return b
+
+    @staticmethod
+    def weight_matrix(W):
+        """``W`` as the (d_out, K) matrix of the GEMMs: a view."""
+        return W.reshape(W.shape[0], -1)
+
 
 @dataclass(frozen=True, init=False)
 class Dense(Layer):
@@ -87,7 +161,7 @@ class Dense(Layer):
     def __init__(self, d_in: int, d_out: int, activation="relu"):
         object.__setattr__(self, "d_in", _checks.integer("d_in", d_in, 1, "Dense: "))
         object.__setattr__(self, "d_out", _checks.integer("d_out", d_out, 1, "Dense: "))
-        object.__setattr__(self, "activation", _activations.get(activation))
+        object.__setattr__(self, "activation", _activation("Dense", activation))
 
     @property
     def weight_shape(self) -> tuple:
@@ -102,6 +176,17 @@ class Dense(Layer):
 
     def positions(self, input_shape: tuple) -> int:
         return 1
+
+    def rows(self, x, ws):
+        return x if x.ndim == 2 else x.reshape(x.shape[0], self.d_in)  # flatten, C order
+
+    def linear(self, x, W, ws, out=None):
+        A = ws.take((x.shape[0], self.d_out)) if out is None else out
+        ops.gemm("N", "T", self.rows(x, ws), W, A)
+        return A
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        ops.gemm("N", "N", T_rows, W, self.rows(out, ws))
 
     def __str__(self) -> str:
         return f"Dense({self.d_in}, {self.d_out}, activation={str(self.activation)!r})"
@@ -128,7 +213,7 @@ class Conv2d(Layer):
         set_(self, "kernel_size", _pair(name, "kernel_size", kernel_size, 1))
         set_(self, "stride", _pair(name, "stride", stride, 1))
         set_(self, "padding", _pair(name, "padding", padding, 0))
-        act = _activations.get(activation)
+        act = _activation(name, activation)
         if act.kind.rowwise:
             raise ValueError(f"{name}: activation {act.name!r} works on rows of a Dense "
                              f"layer's output, not on feature maps")
@@ -155,7 +240,55 @@ class Conv2d(Layer):
         _, h, w = self.output_shape(input_shape)
         return h * w
 
+    def working_size(self, input_shape: tuple) -> int:
+        # and, while the GEMM runs, the rows of the input and of the output
+        rows = self.positions(input_shape) * (self.fan_in + self.c_out)
+        return super().working_size(input_shape) + rows
+
+    def rows(self, x, ws):
+        cols = ws.take((x.shape[0] * self.positions(x.shape[1:]), self.fan_in))
+        return ops.im2col(self, x, cols)
+
+    def give_rows(self, rows, ws) -> None:
+        ws.give(rows)
+
+    def linear(self, x, W, ws, out=None):
+        B, out_shape = x.shape[0], self.output_shape(x.shape[1:])
+        cols = self.rows(x, ws)
+        A_rows = ws.take((cols.shape[0], self.c_out))  # NHWC: one row per position
+        ops.gemm("N", "T", cols, self.weight_matrix(W), A_rows)
+        ws.give(cols)
+        A = ws.take((B, *out_shape)) if out is None else out
+        _transpose(A_rows.reshape(B, -1, self.c_out), A.reshape(B, self.c_out, -1))
+        ws.give(A_rows)
+        return A
+
+    def to_rows(self, T, ws):
+        B = T.shape[0]
+        T_rows = ws.take((T.size // self.c_out, self.c_out))
+        _transpose(T.reshape(B, self.c_out, -1), T_rows.reshape(B, -1, self.c_out))
+        ws.give(T)
+        return T_rows
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        dcols = ws.take((T_rows.shape[0], self.fan_in))
+        ops.gemm("N", "N", T_rows, self.weight_matrix(W), dcols)
+        ops.col2im(self, dcols, out)
+        ws.give(dcols)
+
+    def bias_view(self, b):
+        return b.reshape(self.c_out, 1, 1)  # one bias per channel, over (B, c, H, W)
+
     def __str__(self) -> str:
         return (f"Conv2d({self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 f"activation={str(self.activation)!r})")
+
+
+LAYER_TYPES = {"Dense": Dense, "Conv2d": Conv2d}
+
+
+def _transpose(src, dst) -> None:
+    """``dst <- src`` with its last two axes swapped: (B, m, n) into (B, n, m), as one
+    strided copy (NumPy's or CuPy's), no temporary."""
+    dst[...] = src.transpose(0, 2, 1)

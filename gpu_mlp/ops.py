@@ -16,7 +16,7 @@ import functools
 import numpy as np
 from scipy.linalg import blas as _blas
 
-from . import cuda
+from . import conv, cuda
 
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
@@ -53,6 +53,16 @@ ELEMENTWISE = {
                           "grad = (exp(f - row_max) / row_sum - t) * scale"),
     "xent_terms": ("T f, T row_max, T row_sum, T t", "T term",
                    "term = gm_softmax_xent_term(f, row_max, row_sum, t)"),
+    # convolutions: im2col and its adjoint col2im (gpu_mlp/conv.py)
+    **conv.ELEMENTWISE,
+    # optimizers (gpu_mlp/optim.py): one fused update of a flat parameter tensor w from
+    # its gradient g (the one scratch buffer) and its state, in place
+    "sgd_momentum": ("T g, T lr, T momentum, T weight_decay, int32 nesterov", "T w, T buf",
+                     "gm_sgd_momentum(w, buf, g, lr, momentum, weight_decay, nesterov)"),
+    "adam": ("T g, T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T weight_decay, "
+             "T decay, T step_size, T bias_correction2_sqrt", "T w, T m, T v",
+             "gm_adam(w, m, v, g, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, "
+             "decay, step_size, bias_correction2_sqrt)"),
 }
 
 
@@ -61,7 +71,10 @@ ELEMENTWISE = {
 # broadcast over the rows; ``row_*`` and ``label`` are (B, 1) columns broadcast along
 # each row; a ``raw`` array is indexed by the body itself; anything else is shaped as the
 # output. The host tests and the NVRTC check read this, not their own guesses.
-SCALAR_PARAMS = ("alpha", "scale")
+SCALAR_PARAMS = ("alpha", "scale",
+                 # the optimizers' hyperparameters and step scalars
+                 "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
+                 "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
 COLUMN_PARAMS = ("bias",)
 ROW_PARAMS = ("row_max", "row_sum", "row_dot", "label")
 
@@ -294,6 +307,117 @@ def _softmax_xent_wide(F, Y, grad, row_loss, scale):
 
 def loss_scratch_shape(loss, F_shape):
     return (F_shape[0],) if loss.rowwise else tuple(F_shape)
+
+
+# --- convolutions ----------------------------------------------------------------------
+
+def im2col(layer, x, out):
+    """``out <- rows(x)`` of a Conv2d: (B*OH*OW, c_in*kh*kw) from x (B, c_in, H, W)."""
+    if is_numpy(x):
+        conv.im2col(x, layer, out)
+    else:
+        _launch("im2col", None, x, *_geometry(layer, x.shape[1:]), out)
+    return out
+
+
+def col2im(layer, cols, out):
+    """``out <- rows^*(cols)``, the adjoint of :func:`im2col`, into out (B, c_in, H, W)."""
+    if is_numpy(out):
+        conv.col2im(cols, layer, out)
+    else:
+        _launch("col2im", None, cols, *_geometry(layer, out.shape[1:]), out)
+    return out
+
+
+def _geometry(layer, input_shape):
+    return [np.int32(v) for v in conv.geometry(layer, tuple(input_shape))]
+
+
+# --- optimizers (gpu_mlp/optim.py) --------------------------------------------------------
+#
+# Each update is one kernel over a parameter tensor, flattened: ``w`` the parameter,
+# ``g`` its gradient (a view of the optimizer's one scratch buffer), the state beside
+# them, all 1-D and C-contiguous; the scalars are host numbers, cast to the arrays'
+# dtype. The NumPy twins run the same IEEE operations in the same order as
+# kernels/optim.cuh (so they agree with its host build to the bit), on blocks of
+# BLOCK_ELEMENTS: their temporaries are a block's size, whatever the layer's.
+
+def _flat_blocks(n: int):
+    return [slice(first, first + BLOCK_ELEMENTS) for first in range(0, n, BLOCK_ELEMENTS)]
+
+
+def _block_buffers(w, count: int):
+    """``count`` scratch blocks for a twin's loop over ``w``: at most a block each."""
+    return [np.empty(min(w.size, BLOCK_ELEMENTS), dtype=w.dtype) for _ in range(count)]
+
+
+def sgd_momentum(w, g, buf, lr, momentum, weight_decay, nesterov: bool):
+    """One step of torch.optim.SGD with ``momentum > 0`` (dampening 0) on ``w``, in place:
+    ``g + wd w`` into ``buf <- momentum buf + g``, then ``w -= lr (nesterov ? g + momentum
+    buf : buf)``."""
+    t = w.dtype.type
+    lr, momentum, weight_decay = t(lr), t(momentum), t(weight_decay)
+    if not is_numpy(w):
+        _launch("sgd_momentum", None, g, lr, momentum, weight_decay, np.int32(bool(nesterov)),
+                w, buf)
+        return
+    decayed, step = _block_buffers(w, 2)
+    for s in _flat_blocks(w.size):
+        wb, gb, bb = w[s], g[s], buf[s]
+        d, u = decayed[:wb.size], step[:wb.size]
+        if weight_decay != 0:
+            np.multiply(wb, weight_decay, out=d)  # g + wd w
+            gb = np.add(gb, d, out=d)
+        bb *= momentum
+        bb += gb
+        if nesterov:
+            np.multiply(bb, momentum, out=u)  # g + momentum buf
+            u += gb
+            u *= lr
+        else:
+            np.multiply(bb, lr, out=u)
+        wb -= u
+
+
+def adam(w, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+         step_size, bias_correction2_sqrt):
+    """One step of torch.optim.Adam / AdamW on ``w``, in place (kernels/optim.cuh,
+    ``gm_adam``): the L2 term ``weight_decay`` (Adam), the decoupled ``decay`` factor
+    (AdamW), the moments ``m`` and ``v``, and the bias-corrected step."""
+    t = w.dtype.type
+    scalars = [t(x) for x in (one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                              decay, step_size, bias_correction2_sqrt)]
+    if not is_numpy(w):
+        _launch("adam", None, g, *scalars, w, m, v)
+        return
+    c1, beta2, c2, eps, weight_decay, decay, step_size, bc2_sqrt = scalars
+    one = t(1)
+    decayed, first, second = _block_buffers(w, 3)
+    for s in _flat_blocks(w.size):
+        wb, gb, mb, vb = w[s], g[s], m[s], v[s]
+        d, a, b = decayed[:wb.size], first[:wb.size], second[:wb.size]
+        if weight_decay != 0:
+            np.multiply(wb, weight_decay, out=d)  # g + wd w
+            gb = np.add(gb, d, out=d)
+        if decay != one:
+            wb *= decay
+        np.subtract(gb, mb, out=a)  # ATen's lerp (kernels/optim.cuh: gm_lerp)
+        if abs(c1) < t(0.5):
+            a *= c1
+            mb += a
+        else:
+            a *= one - c1
+            np.subtract(gb, a, out=mb)
+        np.multiply(gb, c2, out=a)  # v beta2 + (c2 g) g
+        a *= gb
+        vb *= beta2
+        vb += a
+        np.sqrt(vb, out=a)  # the denominator
+        a /= bc2_sqrt
+        a += eps
+        np.multiply(mb, step_size, out=b)  # (step_size m) / denominator
+        b /= a
+        wb -= b
 
 
 # --- BLAS -----------------------------------------------------------------------------

@@ -1,22 +1,24 @@
-"""Minibatch SGD over a data set: :func:`fit`, :func:`evaluate` and the :class:`History`.
+"""Minibatch training over a data set: :func:`fit`, :func:`evaluate` and the :class:`History`.
 
 :func:`fit` checks all the data once, up front, and puts it on the net's device once.
 Each epoch then gathers the rows in that epoch's order (one gather on the device) and
-calls :meth:`MLP.train_step` on contiguous slices with ``check=False``, so no step scans
+calls :meth:`Network.train_step` on contiguous slices with ``check=False`` -- plain SGD
+at ``lr``, or a :mod:`gpu_mlp.optim` optimizer with its schedule -- so no step scans
 the data or waits for the device: each step's loss is copied into a per-epoch vector on
 the device, read in bulk only every ``_REFRESH_S`` seconds (for the progress bar and to
 notice divergence) and at the end of the epoch.
 
 Divergence: the first non-finite loss seen stops training (on the CPU at once, on a GPU
-within ``_REFRESH_S``). The parameters go back to
-what they were at the end of the last good epoch (a host copy is kept for that), and
+within ``_REFRESH_S``). The parameters -- and an optimizer's state and step count -- go
+back to what they were at the end of the last good epoch (a host copy is kept for that), and
 :class:`TrainingDiverged` carries the History of the good epochs. A run that stays
 finite but ends with a higher training loss than it started with gets a
 :class:`TrainingWarning`.
 
 The order of epoch ``e`` depends on ``(seed, e)`` alone, so a run resumed from a
-checkpoint (``resume=history``) sees exactly the batches an uninterrupted run sees and
-ends with the same parameters, bit for bit.
+checkpoint (``resume=history``, and ``optimizer=`` the optimizer saved with it) sees
+exactly the batches an uninterrupted run sees and ends with the same parameters, bit for
+bit.
 
 >>> import gpu_mlp
 >>> from gpu_mlp import datasets
@@ -42,12 +44,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _checks, ops
+from . import optim as _optim
 from .device import to_numpy
-from .mlp import _check_lr
+from .network import _check_lr
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
 _ROSE = 1.1  # a final training loss this many times the first step's is worth a warning
 _PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds")
+DEFAULT_LR = 0.05  # plain SGD's learning rate when neither lr nor optimizer is given
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,7 +80,7 @@ class History:
     batch_size: int
     shuffle: bool
     samples: int  # training rows: a resumed run must have as many
-    lr: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)  # with an optimizer: the epoch's last step's
     train_loss: list[float] = field(default_factory=list)  # mean over the epoch's samples
     val_loss: list[Optional[float]] = field(default_factory=list)
     val_accuracy: list[Optional[float]] = field(default_factory=list)
@@ -116,17 +120,20 @@ class History:
         return cls(**d)
 
 
-def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
+def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] = None,
         shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
-        on_epoch: Optional[Callable] = None, resume: Optional[History] = None) -> History:
-    """Train ``net`` on (X, Y) by minibatch SGD and return the :class:`History`.
+        on_epoch: Optional[Callable] = None, resume: Optional[History] = None,
+        optimizer: Optional[_optim.Optimizer] = None) -> History:
+    """Train ``net`` on (X, Y) by minibatch SGD or an optimizer; return the :class:`History`.
 
     Args:
         X, Y: the training set, NumPy/CuPy arrays or DLPack tensors (PyTorch, ...), with
             targets as the net's loss takes them; moved to the net's device once.
         epochs: the epoch count to reach; with ``resume``, counting the epochs done.
         batch_size: rows per step; the last step of an epoch takes the remainder.
-        lr: the SGD learning rate.
+        lr: the learning rate of plain SGD (default 0.05), fused into the gradient GEMM.
+            Leave it out when giving ``optimizer``: the optimizer's ``lr`` and schedule
+            rule (giving both is an error).
         shuffle: visit the rows in a new random order every epoch (else in order).
         seed: fixes the order of every epoch.
         validation: ``(X_val, Y_val)`` to evaluate after every epoch, or None.
@@ -135,14 +142,28 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
         on_epoch: called as ``on_epoch(net, history)`` after every epoch, e.g. to save
             a checkpoint.
         resume: the :class:`History` of an earlier run on the same data with the same
-            seed, batch size and shuffling, to be continued (it is not modified).
+            seed, batch size and shuffling, to be continued (it is not modified). With an
+            optimizer, pass the one saved with it (``checkpoint.read(path).optimizer``):
+            its step count must be the run's.
+        optimizer: a :mod:`gpu_mlp.optim` optimizer (SGD with momentum, Adam, AdamW, with
+            a schedule), stepped once per batch; bound to ``net`` by its first step. The
+            History's ``lr`` then records each epoch's last learning rate.
 
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
     that diverges (a non-finite epoch loss) stops with a RuntimeError.
     """
     epochs = _checks.integer("epochs", epochs)
     batch_size = _checks.integer("batch_size", batch_size)
-    lr = _check_lr(lr)
+    if optimizer is None:
+        lr = _check_lr(DEFAULT_LR if lr is None else lr)
+    else:
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer (SGD, Adam, AdamW), "
+                            f"got {optimizer!r}")
+        if lr is not None:
+            raise ValueError("give lr (plain SGD) or optimizer (which has its own lr and "
+                             "schedule), not both")
+        optimizer._check_net(net)
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -155,11 +176,15 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
             raise TypeError("validation must be a pair (X_val, Y_val)")
         validation = _data(net, "X_val", *validation)
     history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
+    if resume is not None and optimizer is not None:
+        _check_resumed_steps(optimizer, history, -(-X.shape[0] // batch_size))
 
     xp, n = net._xp, X.shape[0]
     on_host = xp is np  # a GPU's losses are read every _REFRESH_S: no sync per step
     first_step_loss = None  # the loss of the initial parameters, on the first batch
+    step_with = lr if optimizer is None else optimizer  # what train_step takes
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
+    good_state = None if optimizer is None else optimizer._snapshot()
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         if shuffle:
@@ -174,7 +199,8 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
             shown, shown_at = 0, start
             for first in range(0, n, batch_size):
                 last = min(first + batch_size, n)
-                J = net.train_step(X_epoch[first:last], Y_epoch[first:last], lr, check=False)
+                J = net.train_step(X_epoch[first:last], Y_epoch[first:last], step_with,
+                                   check=False)
                 losses.add(J, last - first)
                 if on_host and not math.isfinite(J):  # free to read on the NumPy backend
                     break
@@ -191,21 +217,42 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: float = 0.05,
             seconds = time.perf_counter() - start
             if not math.isfinite(train_loss):
                 _restore(net.params, good)
+                if optimizer is not None:
+                    optimizer._restore(good_state)
                 raise TrainingDiverged(
                     f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
                     f"parameters are those after epoch {epoch} again; try a smaller "
-                    f"learning rate than {lr}", copy.deepcopy(history))
+                    f"learning rate than {_base_lr(lr, optimizer)}", copy.deepcopy(history))
             val_loss, val_accuracy = (_evaluate(net, *validation) if validation is not None
                                       else (None, None))
             bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
             bar.update(n - shown)
-        for name, value in zip(_PER_EPOCH, (lr, train_loss, val_loss, val_accuracy, seconds)):
+        epoch_lr = lr if optimizer is None else optimizer.last_lr
+        for name, value in zip(_PER_EPOCH, (epoch_lr, train_loss, val_loss, val_accuracy,
+                                            seconds)):
             getattr(history, name).append(value)
         good = _host_copy(net.params, into=good)
+        if optimizer is not None:
+            good_state = optimizer._snapshot()
         if on_epoch is not None:
             on_epoch(net, history)
-    _warn_if_loss_rose(history, first_step_loss, lr)
+    _warn_if_loss_rose(history, first_step_loss, _base_lr(lr, optimizer))
     return history
+
+
+def _base_lr(lr, optimizer) -> float:
+    return lr if optimizer is None else optimizer.lr
+
+
+def _check_resumed_steps(optimizer, history, steps_per_epoch) -> None:
+    """A resumed run's optimizer must be the one saved with it: as many steps taken as
+    the run's epochs took (a fresh one would restart its moments and schedule)."""
+    expected = history.epochs * steps_per_epoch
+    if optimizer.steps != expected:
+        raise ValueError(f"resume: the optimizer has taken {optimizer.steps} steps, but the "
+                         f"run to continue took {expected} ({history.epochs} epochs of "
+                         f"{steps_per_epoch}); pass the optimizer saved with it "
+                         f"(gpu_mlp.checkpoint.read(path).optimizer)")
 
 
 def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
@@ -290,10 +337,11 @@ def _restore(params, saved) -> None:
 def _data(net, name, X, Y):
     """(X, Y) checked once, in full, and on the net's device in its dtype."""
     shape = getattr(X, "shape", np.shape(X))
-    if len(shape) != 2 or shape[0] == 0:
-        raise ValueError(f"{name} must be a (samples, features) array with at least one "
-                         f"row, got shape {tuple(shape)}")
-    return net._batch(X, Y, check=True)
+    if len(shape) < 2 or shape[0] == 0:
+        raise ValueError(f"{name} must be a (samples, ...) array with at least one sample, "
+                         f"got shape {tuple(shape)}")
+    X, Y, _ = net._batch(X, Y, check=True)
+    return X, Y
 
 
 def _start(resume, epochs, seed, batch_size, shuffle, samples) -> History:

@@ -11,13 +11,14 @@ and tested with no change to the tests. The generated C functions (CTYPE is ``fl
 * ``host_<fn>_CTYPE(x, alpha, out, n)``: an activation function ``gm_<name>``,
   ``gm_<name>_grad`` or ``gm_<name>_grad_from_output`` over n elements;
 * ``host_gm_<loss>_CTYPE(f, y, scale, grad, loss, n)``: an elementwise loss;
-* ``ew_<op>[_<activation>]_CTYPE(n, cols, params...)``: an ``ops.ELEMENTWISE`` body over
-  n elements ``i`` of a (n / cols, cols) output, its parameters in the kernel's order
+* ``ew_<op>[_<activation>]_CTYPE(n, channels, inner, params...)``: an ``ops.ELEMENTWISE``
+  body over the n elements ``i`` of a (B, channels, *inner) output -- (B, d) for a
+  dense layer, NCHW for a convolution -- its parameters in the kernel's order
   (:func:`elementwise_signature` says how each is passed): scalars by value, arrays as
-  pointers -- ``bias`` indexed by column as the engine's (d,) bias is broadcast over
-  (B, d) rows, the per-row columns ``row_*`` and ``label`` by row as CuPy broadcasts a
-  (B, 1) array, ``raw`` arrays left to the body. Inside, inputs are values and outputs
-  ``T&``, as in CuPy;
+  pointers -- ``bias`` indexed by channel as CuPy broadcasts the engine's bias, (d,)
+  over (B, d) or (c, 1, 1) over (B, c, H, W); the per-row columns ``row_*`` and ``label``
+  by row as CuPy broadcasts a (B, 1) array; ``raw`` arrays left to the body. Inside,
+  inputs are values and outputs ``T&``, as in CuPy;
 * ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row.
 """
 
@@ -146,8 +147,9 @@ OP_CALLS = {
 def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
     """An ``ops.ELEMENTWISE`` body as a host loop, or as a ``__global__`` kernel."""
     ctype = CTYPES[np.dtype(dtype)]
-    args, element = ["long long n", "long long cols"], []
-    index = {"full": "i", "column": "i % cols", "row": "i / cols"}
+    args, element = ["long long gm_n", "long long gm_channels", "long long gm_inner"], []
+    index = {"full": "i", "column": "i / gm_inner % gm_channels",
+             "row": "i / (gm_channels * gm_inner)"}
     for p in elementwise_signature(op):
         const = "" if p.output else "const "
         if p.kind == "scalar":
@@ -165,11 +167,11 @@ def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
         return (f'extern "C" __global__ void {signature}\n{{\n'
                 f"    typedef {ctype} T;\n"
                 "    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
-                "    if (i >= n) return;\n"
+                "    if (i >= gm_n) return;\n"
                 + "".join(f"    {line}\n" for line in element) + "}\n")
     return (f'extern "C" void {signature}\n{{\n'
             f"    typedef {ctype} T;\n"
-            "    for (long long i = 0; i < n; ++i) {\n"
+            "    for (long long i = 0; i < gm_n; ++i) {\n"
             + "".join(f"        {line}\n" for line in element) + "    }\n}\n")
 
 

@@ -187,8 +187,12 @@ class ElementwiseKernel:
         out = args[[p.output for p in self.params].index(True)]
         assert isinstance(out, np.ndarray) and out.dtype in cuda_host.CTYPES, \
             f"{self.name}: the output {names[-1]} must be a float32 or float64 array"
-        rows = out.shape[:-1] + (1,)  # CuPy broadcasts a (B, 1) column along the rows
-        shapes = {"full": out.shape, "column": out.shape[-1:], "row": rows}
+        # how CuPy broadcasts the engine's per-channel bias ((d,) over (B, d), (c, 1, 1)
+        # over NCHW) and its per-row (B, 1) columns
+        channels, inner = (out.shape[1], int(np.prod(out.shape[2:]))) if out.ndim > 1 else \
+            (out.shape[0], 1)
+        shapes = {"full": out.shape, "column": (channels,) + (1,) * (out.ndim - 2),
+                  "row": out.shape[:1] + (1,) * (out.ndim - 1)}
         for p, value in zip(self.params, args):
             where, dtype = f"{self.name}, {p.name}", p.dtype(out.dtype)
             if p.kind == "scalar":
@@ -200,7 +204,7 @@ class ElementwiseKernel:
                 _check_array(where, value, dtype, shapes[p.kind])
         self.device.launches[self.name, out.dtype.name] += 1
         cuda_host.call(self.device.lib, cuda_host.elementwise_name(self.op, self.act, out.dtype),
-                       out.size, out.shape[-1], *args)
+                       out.size, channels, inner, *args)
 
 
 class RawModule:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import checkpoint
+from gpu_mlp import checkpoint, optim
 from gpu_mlp.checkpoint import CheckpointError
 
 needs_gpu = pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")
@@ -237,20 +237,27 @@ def set_meta(key, value):
     (lambda e: e.__setitem__("meta", np.array("{not json")), "no gpu_mlp.checkpoint metadata"),
     (lambda e: e.__setitem__("meta", np.zeros(3)), "no gpu_mlp.checkpoint metadata"),
     (set_meta("format", "keras"), "no gpu_mlp.checkpoint metadata"),
-    (set_meta("version", 2), "format version 2, but this gpu_mlp reads version 1"),
+    (set_meta("version", 3), "format version 3, but this gpu_mlp reads versions 1, 2"),
     (lambda e: e["meta"].pop("loss"), "metadata lacks loss"),
-    (set_meta("sizes", [6]), "sizes must list at least two widths"),
+    (set_meta("layers", []), "layers must be a non-empty list"),
+    (set_meta("model", "Transformer"), "model must be MLP or Network"),
     (set_meta("dtype", "float16"), "dtype must be float32 or float64"),
-    (set_meta("activations", "relu"), "activations must be a list of names"),
+    (set_meta("layers", "relu"), "layers must be a non-empty list"),
+    (set_meta("layers", [{"type": "LSTM"}, {"type": "Dense"}]), "layer 1: a layer must be"),
+    (lambda e: e["meta"]["layers"][1].pop("d_out"), "layer 2: Dense layer .*d_out"),
+    (lambda e: e["meta"]["layers"][0].__setitem__("d_in", 2.5), "layer 1: Dense: d_in must be"),
+    (lambda e: e["meta"]["layers"].__setitem__(0, {
+        "type": "Conv2d", "c_in": 1, "c_out": 12, "kernel_size": [1, 1], "stride": [1, 1],
+        "padding": [0, 0], "activation": "relu"}), "model MLP must have Dense layers only"),
     (lambda e: e.pop("W_2"), "missing \\['W_2'\\], unexpected none"),
     (lambda e: e.__setitem__("W_3", np.zeros((4, 4))), "missing none, unexpected \\['W_3'\\]"),
     (lambda e: e.__setitem__("W_2", np.zeros((4, 11), np.float32)),
-     "W_2 has shape \\(4, 11\\), but sizes \\[6, 12, 4\\] need \\(4, 12\\)"),
+     "W_2 has shape \\(4, 11\\), but layer 2, Dense\\(12, 4.*needs \\(4, 12\\)"),
     (lambda e: e.__setitem__("b_1", e["b_1"].astype(np.float64)),
      "b_1 has dtype float64, but the metadata says float32"),
     (lambda e: e.__setitem__("W_1", np.full((12, 6), np.nan, np.float32)), "W_1 contains NaN"),
-    (set_meta("activations", ["swish", "identity"]), "unknown activation 'swish'"),
-    (set_meta("activations", ["relu"]), "expected 2 activations"),
+    (lambda e: e["meta"]["layers"][0].__setitem__("activation", "swish"),
+     "unknown activation 'swish'"),
     (set_meta("loss", "hinge"), "unknown loss 'hinge'"),
     (set_meta("memory", "none"), "unknown memory mode 'none'"),
     (lambda e: e["meta"]["history"].pop("seed"), "history must have the entries"),
@@ -332,3 +339,213 @@ def test_cpu_checkpoint_loads_onto_the_gpu(tmp_path):
     np.testing.assert_allclose(gpu.predict(X).get(), net.predict(X), rtol=1e-12)
     gpu.save(tmp_path / "back.npz")
     assert same_params(gpu_mlp.MLP.load(tmp_path / "back.npz", device="cpu").params, net.params)
+
+
+# --- version 1 files and networks of any layers ------------------------------------------
+
+def as_version_1(entries):
+    """The entries rewritten as gpu_mlp 0.1 wrote an MLP (format version 1)."""
+    meta = dict(entries["meta"])
+    layers = meta.pop("layers")
+    del meta["model"]
+    meta.update(version=1, sizes=[layers[0]["d_in"]] + [layer["d_out"] for layer in layers],
+                activations=[layer["activation"] for layer in layers])
+    return {**entries, "meta": meta}
+
+
+def test_version_1_checkpoints_still_load(tmp_path, entries):
+    write_entries(tmp_path / "v2.npz", entries)
+    write_entries(tmp_path / "v1.npz", as_version_1(entries))
+    new, old = checkpoint.read(tmp_path / "v2.npz"), checkpoint.read(tmp_path / "v1.npz")
+    assert type(old.net) is gpu_mlp.MLP and repr(old.net) == repr(new.net)
+    assert same_params(old.net.params, new.net.params)
+    assert old.history == new.history
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda meta: meta.__setitem__("sizes", [6]), "sizes must list at least two widths"),
+    (lambda meta: meta.__setitem__("activations", "relu"), "activations must be a list"),
+    (lambda meta: meta.__setitem__("activations", ["relu"]), "expected 2 activations"),
+    (lambda meta: meta.pop("sizes"), "metadata lacks sizes"),
+])
+def test_bad_version_1_checkpoints_say_what_is_wrong(tmp_path, entries, change, match):
+    old = as_version_1(entries)
+    change(old["meta"])
+    write_entries(tmp_path / "bad.npz", old)
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.read(tmp_path / "bad.npz")
+
+
+def test_a_convolutional_network_round_trips(tmp_path):
+    from gpu_mlp.layers import Conv2d, Dense
+
+    layers = [Conv2d(1, 3, (3, 2), stride=(1, 2), padding=1, activation="relu(alpha=0.5)"),
+              Conv2d(3, 2, 2, activation="tanh"), Dense(2 * 7 * 3, 4, "identity")]
+    net = gpu_mlp.Network(layers, loss="softmax_cross_entropy", memory="recompute",
+                          device="cpu", dtype="float64", seed=3)
+    X = np.random.default_rng(0).standard_normal((5, 1, 8, 6))
+    net.train_step(X, np.arange(5) % 4, 0.1)
+    net.save(tmp_path / "cnn.npz")
+    copy = gpu_mlp.Network.load(tmp_path / "cnn.npz", device="cpu")
+    assert type(copy) is gpu_mlp.Network and copy.layers == net.layers
+    assert repr(copy) == repr(net) and same_params(copy.params, net.params)
+    assert np.array_equal(copy.predict(X), net.predict(X))
+
+
+# --- optimizers --------------------------------------------------------------------------
+
+CHECKPOINT_OPTIMIZERS = {
+    "sgd-step": lambda: optim.SGD(0.1, weight_decay=1e-3, schedule=optim.Step(3, 0.5)),
+    "nesterov": lambda: optim.SGD(0.05, momentum=0.9, nesterov=True),
+    "adam-cosine": lambda: optim.Adam(1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.01,
+                                      schedule=optim.Cosine(30, warmup=4, min_lr=1e-5)),
+    "adamw": lambda: optim.AdamW(3e-3, weight_decay=0.1),
+}
+
+
+def same_state(a, b):
+    """Two state dicts hold the same everything, bit for bit."""
+    if {k: v for k, v in a.items() if k != "state"} != {k: v for k, v in b.items()
+                                                         if k != "state"}:
+        return False
+    return a["state"].keys() == b["state"].keys() and all(
+        np.array_equal(x, y) and x.dtype == y.dtype for name in a["state"]
+        for pa, pb in zip(a["state"][name], b["state"][name]) for x, y in zip(pa, pb))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", CHECKPOINT_OPTIMIZERS)
+def test_optimizer_round_trips(tmp_path, name, dtype):
+    X, y = data()
+    net, opt = small_net(dtype=dtype), CHECKPOINT_OPTIMIZERS[name]()
+    history = net.fit(X, y, epochs=2, batch_size=16, optimizer=opt, verbose=False)
+    checkpoint.save(net, tmp_path / "run.npz", history=history, optimizer=opt)
+    stored = checkpoint.read(tmp_path / "run.npz", device="cpu")
+    assert type(stored.optimizer) is type(opt) and repr(stored.optimizer) == repr(opt)
+    assert same_state(stored.optimizer.state_dict(), opt.state_dict())
+    assert stored.optimizer.steps == 2 * 6 and stored.history == history
+    # bound to the net read with it: it steps that net, and no other
+    stored.net.train_step(X[:4], y[:4], stored.optimizer)
+    with pytest.raises(ValueError, match="bound to another network"):
+        net.train_step(X[:4], y[:4], stored.optimizer)
+
+
+def test_the_optimizer_entries_of_a_checkpoint(tmp_path):
+    net, opt = small_net(), CHECKPOINT_OPTIMIZERS["adam-cosine"]()
+    X, y = data()
+    net.train_step(X, y, opt)
+    checkpoint.save(net, tmp_path / "run.npz", optimizer=opt)
+    with np.load(tmp_path / "run.npz", allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        names = sorted(npz.files)
+        m = npz["opt_exp_avg_W_2"]
+    assert meta["version"] == 2 and meta["optimizer"] == {
+        "type": "Adam", "hyperparameters": {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-7,
+                                            "weight_decay": 0.01},
+        "schedule": {"type": "cosine", "total_steps": 30, "warmup": 4, "min_lr": 1e-5},
+        "steps": 1, "last_lr": 0.0025}
+    assert names == sorted(["meta", "W_1", "b_1", "W_2", "b_2"] + [
+        f"opt_{s}_{p}_{k}" for s in ("exp_avg", "exp_avg_sq") for p in "Wb" for k in (1, 2)])
+    assert m.shape == (4, 12) and m.dtype == np.float32
+
+
+def test_a_checkpoint_without_an_optimizer_reads_as_plain_sgd(tmp_path, entries):
+    write_entries(tmp_path / "plain.npz", entries)
+    assert checkpoint.read(tmp_path / "plain.npz").optimizer is None
+    write_entries(tmp_path / "v1.npz", as_version_1(entries))
+    assert checkpoint.read(tmp_path / "v1.npz").optimizer is None
+
+
+def test_an_unbound_optimizer_is_saved_as_not_started(tmp_path):
+    net, opt = small_net(), optim.Adam(schedule=optim.Step(4))
+    checkpoint.save(net, tmp_path / "run.npz", optimizer=opt)
+    stored = checkpoint.read(tmp_path / "run.npz").optimizer
+    assert repr(stored) == repr(opt) and stored.steps == 0 and stored.state_bytes == 2 * sum(
+        a.nbytes for pair in net.params for a in pair)  # bound: zeros on the device
+
+
+def test_save_refuses_an_optimizer_of_another_net(tmp_path):
+    X, y = data()
+    net, other, opt = small_net(), small_net(seed=3), optim.Adam()
+    other.train_step(X, y, opt)
+    with pytest.raises(ValueError, match="bound to another network"):
+        checkpoint.save(net, tmp_path / "run.npz", optimizer=opt)
+    with pytest.raises(TypeError, match="optimizer must be a gpu_mlp.optim optimizer"):
+        checkpoint.save(net, tmp_path / "run.npz", optimizer="adam")
+    assert files_in(tmp_path) == []
+
+
+@pytest.fixture
+def optimizer_entries(tmp_path):
+    """The entries of a valid checkpoint with an Adam optimizer, meta as a dict."""
+    X, y = data()
+    net, opt = small_net(), optim.Adam(schedule=optim.Cosine(20))
+    history = net.fit(X, y, epochs=1, optimizer=opt, verbose=False)
+    checkpoint.save(net, tmp_path / "good.npz", history=history, optimizer=opt)
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as npz:
+        found = {key: npz[key] for key in npz.files}
+    found["meta"] = json.loads(str(found["meta"]))
+    return found
+
+
+def set_optimizer(key, value):
+    return lambda e: e["meta"]["optimizer"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda e: e["meta"].pop("optimizer"), "optimizer state entries .* but no optimizer"),
+    (set_optimizer("type", "Lion"), "optimizer must be a dict with a type in"),
+    (lambda e: e["meta"].__setitem__("optimizer", "adam"), "optimizer must be a dict"),
+    (set_optimizer("steps", -3), "optimizer: optimizer: steps must be an integer >= 0"),
+    (set_optimizer("steps", 2.5), "steps must be an integer"),
+    (lambda e: e["meta"]["optimizer"].pop("schedule"), "must have the entries"),
+    (set_optimizer("schedule", {"type": "cosine", "total_steps": 0}),
+     "total_steps must be an integer >= 1"),
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("eps", 0),
+     "eps must be a finite number > 0"),
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("betas", [0.9, 1.0]),
+     "beta2 must be"),
+    (lambda e: e.pop("opt_exp_avg_b_2"),
+     "the optimizer state 'exp_avg' lacks \\['opt_exp_avg_b_2'\\]"),
+    (lambda e: e.__setitem__("opt_velocity_W_1", np.zeros((12, 6), np.float32)),
+     "the optimizer state 'velocity' lacks"),
+    (lambda e: e.__setitem__("opt_exp_avg_W_1", np.zeros((12, 5), np.float32)),
+     "the state 'exp_avg' of W_1 has shape \\(12, 5\\), but W_1 has \\(12, 6\\)"),
+    (lambda e: e.__setitem__("opt_exp_avg_sq_b_1", np.zeros(12)),
+     "opt_exp_avg_sq_b_1 has dtype float64, but the metadata says float32"),
+    (lambda e: e.__setitem__("opt_exp_avg_W_2", np.full((4, 12), np.inf, np.float32)),
+     "contains NaN or Inf"),
+    (lambda e: [e.pop(k) for k in list(e) if k.startswith("opt_")], "no state"),
+])
+def test_bad_optimizer_entries_say_what_is_wrong(tmp_path, optimizer_entries, change, match):
+    write_entries(tmp_path / "good.npz", optimizer_entries)
+    assert checkpoint.read(tmp_path / "good.npz").optimizer.steps == 3  # 90 rows, 32 a step
+    change(optimizer_entries)
+    path = tmp_path / "bad.npz"
+    write_entries(path, optimizer_entries)
+    with pytest.raises(CheckpointError, match=match) as error:
+        checkpoint.read(path)
+    assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resumed_adam_cosine_run_ends_bit_for_bit(tmp_path, stop_after):
+    X, y = data()
+    settings = dict(batch_size=16, seed=7, verbose=False, validation=(X[:20], y[:20]))
+
+    def adam():
+        return optim.Adam(1e-2, schedule=optim.Cosine(24, warmup=5, min_lr=1e-4))
+
+    straight, opt = small_net(), adam()
+    full = straight.fit(X, y, epochs=4, optimizer=opt, **settings)
+
+    first, first_opt = small_net(), adam()
+    first.fit(X, y, epochs=stop_after, optimizer=first_opt, **settings,
+              on_epoch=lambda net, h: checkpoint.save(net, tmp_path / "run.npz", history=h,
+                                                      optimizer=first_opt))
+    stored = checkpoint.read(tmp_path / "run.npz", device="cpu")
+    rest = stored.net.fit(X, y, epochs=4, optimizer=stored.optimizer, resume=stored.history,
+                          **settings)
+    assert same_params(stored.net.params, straight.params)
+    assert rest.train_loss == full.train_loss and rest.lr == full.lr
+    assert same_state(stored.optimizer.state_dict(), opt.state_dict())

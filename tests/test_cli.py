@@ -57,6 +57,29 @@ def test_default_run_reaches_95_percent_on_the_digits():
     assert seconds < 60
 
 
+def test_cnn_reaches_98_percent_on_the_digits_within_a_minute():
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "gpu_mlp", "train", "--model", "cnn"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "1x8x8 features" in lines[0] and "Conv2d(1, 32" in lines[1]
+    assert value(lines, "test accuracy") >= 0.98
+    assert seconds < 60
+
+
+def test_cnn_run_resumes_bit_for_bit(capsys, tmp_path):
+    command = ["train", "--model", "cnn", "--channels", "4,8", "--epochs", "3", "--quiet"]
+    straight = run(capsys, *command)[1]
+    stopped = str(tmp_path / "cnn.npz")
+    assert run(capsys, *command[:-2], "1", "--save", stopped, "--quiet")[0] == 0
+    status, lines, _ = run(capsys, *command, "--save", stopped, "--resume", stopped)
+    assert status == 0 and lines == straight
+    assert run(capsys, *command, "--resume", stopped, "--channels", "4,16")[2].startswith(
+        "gpu-mlp: error: --channels differs from the checkpoint")
+
+
 def test_short_run_prints_a_summary(capsys):
     status, lines, err = run(capsys, "train", *FAST)
     assert status == 0 and err == ""
@@ -115,8 +138,8 @@ def test_interrupted_run_resumes_bit_for_bit(capsys, tmp_path, monkeypatch):
 
     save = checkpoint.save
 
-    def save_then_stop_after_epoch_2(net, path, history):
-        save(net, path, history=history)
+    def save_then_stop_after_epoch_2(net, path, history, optimizer=None):
+        save(net, path, history=history, optimizer=optimizer)
         if history.epochs == 2:
             raise KeyboardInterrupt
 
@@ -187,6 +210,12 @@ BAD_INPUT = [
     (["--batch-size", "2.5"], "argument --batch-size: expected an integer >= 1"),
     (["--seed", "-3"], "argument --seed: expected an integer >= 0"),
     (["--hidden", "16,a"], "argument --hidden: expected comma-separated widths"),
+    (["--model", "rnn"], "argument --model: invalid choice: 'rnn'"),
+    (["--model", "cnn", "--data", "regression"], "--model cnn needs images"),
+    (["--model", "cnn", "--hidden", "16"], "--hidden and --sizes shape an MLP"),
+    (["--channels", "8"], "--channels shapes a CNN: give --model cnn"),
+    (["--model", "cnn", "--channels", ""], "--channels must give at least one convolution"),
+    (["--model", "cnn", "--activation", "softmax"], "Conv2d: activation 'softmax'"),
     (["--hidden", "16", "--sizes", "64,16,10"], "not allowed with argument"),
     (["--sizes", "32,128,10"], "layer sizes 32,128,10 do not fit the digits data: the first "
                                "must be 64 \\(features\\) and the last 10 \\(outputs\\)"),
@@ -382,3 +411,161 @@ def test_divergence_is_one_error_line(capsys):
     assert status == 2
     assert err.startswith("gpu-mlp: error: training diverged in epoch 1")
     assert len(err.strip().splitlines()) == 1
+
+
+# --- optimizers and schedules --------------------------------------------------------------
+
+def test_adam_reaches_the_sgd_default_accuracy_on_the_digits(capsys):
+    # the default run (SGD, lr 0.1) gets 0.969: Adam at its default lr must do as well
+    status, lines, err = run(capsys, "train", "--optimizer", "adam", "--lr", "1e-3")
+    assert status == 0 and err == ""
+    assert ("training: 30 epochs, batch size 32, Adam(lr=0.001, betas=(0.9, 0.999), "
+            "eps=1e-08, weight_decay=0.0), seed 0") in lines
+    assert value(lines, "test accuracy") >= 0.969
+
+
+def test_adam_default_lr_is_1e_3(capsys, tmp_path):
+    path = tmp_path / "run.npz"
+    assert run(capsys, "train", *FAST, "--optimizer", "adam", "--save", str(path))[0] == 0
+    assert checkpoint.read(path).optimizer.lr == 1e-3
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--optimizer", "momentum"], "SGD(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0)"),
+    (["--optimizer", "momentum", "--momentum", "0.5", "--nesterov", "--lr", "0.02",
+      "--weight-decay", "1e-4"],
+     "SGD(lr=0.02, momentum=0.5, nesterov=True, weight_decay=0.0001)"),
+    (["--weight-decay", "0.001"], "SGD(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.001)"),
+    (["--schedule", "step"], "SGD(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, "
+                             "schedule=Step(step_size=30, gamma=0.1))"),
+    (["--optimizer", "adamw", "--betas", "0.8,0.99", "--eps", "1e-6", "--schedule", "cosine",
+      "--warmup", "10", "--min-lr", "1e-5"],
+     "AdamW(lr=0.001, betas=(0.8, 0.99), eps=1e-06, weight_decay=0.01, "
+     "schedule=Cosine(total_steps=90, warmup=10, min_lr=1e-05))"),
+    (["--optimizer", "adam", "--schedule", "step", "--step-size", "7", "--gamma", "0.5"],
+     "Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, "
+     "schedule=Step(step_size=7, gamma=0.5))"),
+])
+def test_optimizer_options_reach_the_optimizer(capsys, tmp_path, argv, expected):
+    # 2 epochs of 45 steps: cosine over 90, step every 30 by default
+    path = tmp_path / "run.npz"
+    status, lines, _ = run(capsys, "train", *FAST, *argv, "--save", str(path))
+    assert status == 0
+    assert lines[2] == f"training: 2 epochs, batch size 32, {expected}, seed 0"
+    stored = checkpoint.read(path)
+    assert repr(stored.optimizer) == expected and stored.optimizer.steps == 90
+
+
+def test_plain_sgd_saves_no_optimizer(capsys, tmp_path):
+    path = tmp_path / "run.npz"
+    assert run(capsys, "train", *FAST, "--optimizer", "sgd", "--save", str(path))[0] == 0
+    assert checkpoint.read(path).optimizer is None
+    assert not any(key.startswith("opt_") for key in arrays(path))
+
+
+@pytest.mark.parametrize("extra", [
+    ["--optimizer", "adam", "--schedule", "cosine", "--warmup", "20"],
+    ["--optimizer", "momentum", "--nesterov", "--schedule", "step", "--step-size", "20"],
+])
+def test_interrupted_optimizer_run_resumes_bit_for_bit(capsys, tmp_path, monkeypatch, extra):
+    command = ["train", "--epochs", "4", "--hidden", "16", "--batch-size", "64", "--seed", "5",
+               *extra]
+    assert run(capsys, *command, "--save", str(tmp_path / "straight.npz"))[0] == 0
+
+    save = checkpoint.save
+
+    def save_then_stop_after_epoch_2(net, path, history, optimizer=None):
+        save(net, path, history=history, optimizer=optimizer)
+        if history.epochs == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop_after_epoch_2)
+    stopped = str(tmp_path / "stopped.npz")
+    assert run(capsys, *command, "--save", stopped)[0] == 130
+    monkeypatch.undo()
+
+    # the optimizer and its schedule come from the checkpoint; repeating them is fine
+    status, lines, err = run(capsys, *command, "--save", stopped, "--resume", stopped)
+    assert status == 0 and err == ""
+    assert lines[-3:] == run(capsys, *command, "--quiet")[1]
+    a, b = arrays(tmp_path / "straight.npz"), arrays(stopped)
+    assert any(key.startswith("opt_") for key in a)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    status, lines, _ = run(capsys, "train", "--quiet", "--epochs", "5", "--resume", stopped,
+                           "--save", stopped)
+    assert status == 0 and checkpoint.read(stopped).optimizer.steps == 5 * 23
+
+
+def test_extending_a_cosine_run_warns_that_its_schedule_is_over(capsys, tmp_path):
+    path = str(tmp_path / "run.npz")
+    run(capsys, "train", *FAST, "--optimizer", "adam", "--schedule", "cosine", "--save", path)
+    status, _, err = run(capsys, "train", "--quiet", "--epochs", "3", "--resume", path,
+                         "--save", path)
+    assert status == 0
+    assert err == ("gpu-mlp: warning: the cosine schedule ends at step 90 of 135: the steps "
+                   "after it run at its min_lr 0.0\n")
+
+
+@pytest.mark.parametrize("option, match", [
+    (["--optimizer", "adamw"], "--optimizer differs from the checkpoint .* which has adam"),
+    (["--lr", "0.01"], "--lr differs from the checkpoint .* which has 0.001"),
+    (["--betas", "0.9,0.99"], "--betas differs from the checkpoint"),
+    (["--schedule", "constant"], "--schedule differs .* which has cosine"),
+    (["--warmup", "5"], "--warmup differs .* which has 0"),
+    (["--momentum", "0.9"], "--momentum does not apply to the checkpoint .* which trains "
+                            "with Adam"),
+])
+def test_resume_refuses_other_optimizer_settings(capsys, tmp_path, option, match):
+    path = str(tmp_path / "run.npz")
+    run(capsys, "train", *FAST, "--optimizer", "adam", "--schedule", "cosine", "--save", path)
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "3", "--resume", path,
+                             *option)
+    assert status == 2 and lines == []
+    assert err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_resume_of_a_plain_sgd_run_refuses_an_optimizer(capsys, tmp_path):
+    path = str(tmp_path / "run.npz")
+    run(capsys, "train", *FAST, "--save", path)
+    status, _, err = run(capsys, "train", "--quiet", "--epochs", "3", "--resume", path,
+                         "--optimizer", "adam")
+    assert status == 2
+    assert "--optimizer differs from the checkpoint" in err and "which has sgd" in err
+
+
+OPTIMIZER_BAD_INPUT = [
+    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    (["--momentum", "0.9"], "--momentum applies to --optimizer momentum"),
+    (["--optimizer", "momentum", "--momentum", "1"],
+     "argument --momentum: expected a number in \\[0, 1\\), got '1'"),
+    (["--optimizer", "momentum", "--momentum", "-0.1"], "argument --momentum: expected"),
+    (["--optimizer", "adam", "--nesterov"], "--nesterov applies to --optimizer momentum"),
+    (["--betas", "0.9,0.999"], "--betas applies to --optimizer adam or --optimizer adamw"),
+    (["--optimizer", "adam", "--betas", "0.9"], "argument --betas: expected two numbers"),
+    (["--optimizer", "adam", "--betas", "0.9,1.0"], "argument --betas: expected two numbers "
+                                                    "in \\[0, 1\\)"),
+    (["--optimizer", "adam", "--eps", "0"], "argument --eps: expected a number > 0"),
+    (["--weight-decay", "-1"], "argument --weight-decay: expected a number >= 0"),
+    (["--weight-decay", "nan"], "argument --weight-decay: expected a number >= 0"),
+    (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+    (["--warmup", "10"], "--warmup applies to --schedule cosine"),
+    (["--schedule", "step", "--warmup", "10"], "--warmup applies to --schedule cosine"),
+    (["--min-lr", "0.01"], "--min-lr applies to --schedule cosine"),
+    (["--step-size", "10"], "--step-size applies to --schedule step"),
+    (["--schedule", "cosine", "--gamma", "0.5"], "--gamma applies to --schedule step"),
+    (["--schedule", "step", "--gamma", "0"], "argument --gamma: expected a number in \\(0, 1\\]"),
+    (["--schedule", "step", "--step-size", "0"], "argument --step-size: expected an integer >= 1"),
+    (["--schedule", "cosine", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["--schedule", "cosine", "--warmup", "1000"], "warmup \\(1000 steps\\) must not exceed "
+                                                   "total_steps \\(90\\)"),
+    (["--schedule", "cosine", "--min-lr", "0.5"], "min_lr \\(0.5\\) must not exceed the "
+                                                  "optimizer's lr \\(0.1\\)"),
+]
+
+
+@pytest.mark.parametrize("argv, match", OPTIMIZER_BAD_INPUT)
+def test_bad_optimizer_input_ends_with_one_line_and_status_2(capsys, argv, match):
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "2", *argv)
+    assert status == 2 and lines == []
+    assert err.count("\n") == 1 and err.startswith("gpu-mlp: error: ")
+    assert re.search(match, err), err

@@ -174,7 +174,7 @@ def run_op(host, op, act, dtype, arrays, scalars):
     ins, outs = cuda_host.elementwise_params(op)
     args = [scalars[name] if name in cuda_host.SCALAR_PARAMS else arrays[name]
             for name in ins + outs]
-    call(host, cuda_host.elementwise_name(op, act, dtype), B * C, C, *args)
+    call(host, cuda_host.elementwise_name(op, act, dtype), B * C, C, 1, *args)
 
 
 def assert_close(actual, expected, dtype):
@@ -316,3 +316,72 @@ def test_headers_include_only_earlier_headers():
 
 def test_source_has_no_local_include():
     assert not _LOCAL_INCLUDE.findall(cuda.source())
+
+
+# --- 5. the optimizers' update kernels against their NumPy twins ------------------------------
+
+# (kernel, scalars by name, the ops call on arrays named as the kernel's): every branch --
+# weight decay on and off, Nesterov on and off, AdamW's decay, both sides of lerp's switch
+OPTIMIZER_CASES = {
+    "momentum": ("sgd_momentum", {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                                  "nesterov": 0}),
+    "nesterov-wd": ("sgd_momentum", {"lr": 0.1, "momentum": 0.7, "weight_decay": 0.01,
+                                     "nesterov": 1}),
+    "adam-wd": ("adam", {"one_minus_beta1": 0.1, "beta2": 0.999, "one_minus_beta2": 0.001,
+                         "eps": 1e-8, "weight_decay": 0.05, "decay": 1.0, "step_size": 0.02,
+                         "bias_correction2_sqrt": 0.05}),
+    "adamw-lerp-upper": ("adam", {"one_minus_beta1": 0.7, "beta2": 0.9, "one_minus_beta2": 0.1,
+                                  "eps": 1e-6, "weight_decay": 0.0, "decay": 0.999,
+                                  "step_size": 0.01, "bias_correction2_sqrt": 0.3}),
+}
+OPTIMIZER_CALLS = {
+    "sgd_momentum": lambda v, s: ops.sgd_momentum(v["w"], v["g"], v["buf"], s["lr"],
+                                                  s["momentum"], s["weight_decay"],
+                                                  bool(s["nesterov"])),
+    "adam": lambda v, s: ops.adam(v["w"], v["g"], v["m"], v["v"], *(s[name] for name in (
+        "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay",
+        "step_size", "bias_correction2_sqrt"))),
+}
+
+
+def optimizer_arrays(op, dtype, n, special):
+    """Random state for the op's arrays (v >= 0, as a second moment is), over ``n``
+    elements, the first ones the exact points if ``special``."""
+    rng = np.random.default_rng(7)
+    arrays = {}
+    for p in cuda_host.elementwise_signature(op):
+        if p.kind != "full":
+            continue
+        a = rng.normal(0, 1, n).astype(dtype)
+        if p.name == "v":
+            a = np.abs(a)
+        elif special:
+            a[:len(exact_points(dtype))] = exact_points(dtype)
+        arrays[p.name] = a
+    return arrays
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+@pytest.mark.parametrize("special", [False, True], ids=["random", "special"])
+def test_optimizer_op_matches_numpy_twin(host, case, dtype, special):
+    # more elements than one of the twin's blocks; the same IEEE operations in the same
+    # order (sqrt is correctly rounded on both sides), so the same bits, NaN and inf too
+    op, scalars = OPTIMIZER_CASES[case]
+    arrays = optimizer_arrays(op, dtype, ops.BLOCK_ELEMENTS + 123, special)
+    twin = {name: a.copy() for name, a in arrays.items()}
+    params = cuda_host.elementwise_signature(op)
+    args = [(np.int32(scalars[p.name]) if p.type == "int32" else dtype.type(scalars[p.name]))
+            if p.kind == "scalar" else arrays[p.name] for p in params]
+    n = arrays["w"].size
+    call(host, cuda_host.elementwise_name(op, None, dtype), n, n, 1, *args)
+    with np.errstate(all="ignore"):
+        OPTIMIZER_CALLS[op](twin, scalars)
+    for p in params:
+        if p.output:
+            np.testing.assert_array_equal(arrays[p.name], twin[p.name], err_msg=p.name)
+    assert np.isfinite(arrays["w"]).any() and not np.array_equal(arrays["w"], arrays["g"])
+
+
+def test_every_optimizer_kernel_is_tested():
+    assert {op for op, _ in OPTIMIZER_CASES.values()} == set(OPTIMIZER_CALLS) == {
+        op for op, (_, _, body) in ops.ELEMENTWISE.items() if "gm_sgd" in body or "gm_adam" in body}

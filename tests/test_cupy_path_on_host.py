@@ -11,6 +11,7 @@ branch; the launches are counted to show that every kernel ran; and bugs planted
 CuPy branches are shown to be caught.
 """
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -19,7 +20,8 @@ import pytest
 import cuda_host
 import gpu_mlp
 import host_cupy
-from gpu_mlp import activations, cuda, losses, ops, reference
+from gpu_mlp import activations, cuda, losses, ops, optim, reference
+from gpu_mlp.layers import Conv2d, Dense
 from host_cupy import NULL, cupy_path
 
 ACTIVATIONS = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
@@ -204,7 +206,8 @@ def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, tar
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype, monkeypatch):
+def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, make_targets, dtype,
+                                         monkeypatch):
     with cupy_path(lib) as device:
         for row_kernel_max in (ops.ROW_KERNEL_MAX, 0):  # rows for a thread each, then wide
             monkeypatch.setattr(ops, "ROW_KERNEL_MAX", row_kernel_max)
@@ -216,6 +219,14 @@ def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype, monke
                 net.loss_and_gradients(X, Y)
                 net.per_sample_grad_norms(X, Y)
                 net.train_step(X, Y, LR)
+        for memory in gpu_mlp.MEMORY_MODES:  # convolutions: im2col, col2im
+            net, X, Y = conv_problem(memory, "tanh", dtype, make_targets)
+            net.predict(X)
+            net.loss_and_gradients(X, Y)
+            net.train_step(X, Y, LR)
+        for make in OPTIMIZERS.values():  # the optimizers' update kernels
+            net, X, Y = conv_problem("output", "relu", dtype, make_targets)
+            net.train_step(X, Y, make())
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)
@@ -228,6 +239,127 @@ def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, dtype, monke
             ("gemv", "T", dtype)}
     assert set(device.launches) == elementwise | rows | blas
     assert set(host_cupy.row_kernels()) == set(cuda.ROW_KERNELS)
+
+
+# --- convolutional networks on the CuPy path ---------------------------------------------------
+
+CONV_LAYERS = [  # non-square images and kernels, strides 1-2, paddings 0-1, then Dense
+    lambda act: Conv2d(2, 3, (3, 2), stride=1, padding=1, activation=act),
+    lambda act: Conv2d(3, 4, 2, stride=(2, 1), padding=0, activation=act),
+    lambda act: Dense(4 * 3 * 5, D_OUT, activation="identity"),
+]
+CONV_INPUT = (2, 6, 5)
+
+
+def conv_problem(memory, act, dtype, make_targets, target="labels", batch=BATCH):
+    """A small conv net (float64 numbers in ``dtype``), with random biases, and a batch."""
+    rng = np.random.default_rng(5)
+    layers = [make(act) for make in CONV_LAYERS]
+    params = [(rng.standard_normal(layer.weight_shape) / np.sqrt(layer.fan_in),
+               0.5 * rng.standard_normal(layer.bias_shape)) for layer in layers]
+    loss, soft = TARGETS[target]
+    net = gpu_mlp.Network.from_params(layers, [(W.astype(dtype), b.astype(dtype))
+                                               for W, b in params], loss, memory, device="cpu")
+    X = rng.standard_normal((batch, *CONV_INPUT)).astype(dtype)
+    return net, X, make_targets(rng, loss, batch, D_OUT, soft=soft)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("act, memory", [(act, mode) for act, mode in SUPPORTED
+                                         if act != "softmax"])
+def test_conv_network(lib, make_targets, act, memory, dtype):
+    net, X, Y = conv_problem(memory, act, dtype, make_targets)
+    params = host_params(net)
+    J_ref, grads, dX_ref = reference.network_loss_and_gradients(
+        net.layers, params, net.loss, X.astype(np.float64), Y)
+    with cupy_path(lib):
+        results = flatten(net.loss_and_gradients(X, Y))
+        out = net.predict(X)
+        J = net.train_step(X, Y, LR)
+    expected = flatten((J_ref, grads, dX_ref))
+    assert_all_close(results, expected, RTOL[net.dtype])
+    assert_close(out, reference.network_forward(net.layers, params, X.astype(np.float64)),
+                 RTOL[net.dtype])
+    assert_close(J, J_ref, RTOL[net.dtype])
+    assert_all_close([a for pair in net.params for a in pair],
+                     [a for pair in sgd(params, grads) for a in pair], RTOL[net.dtype])
+
+
+# --- optimizers on the CuPy path ---------------------------------------------------------------
+
+OPTIMIZERS = {  # every rule, option and branch of kernels/optim.cuh
+    "sgd-wd": lambda: optim.SGD(LR, weight_decay=0.1),
+    "momentum": lambda: optim.SGD(LR, momentum=0.9),
+    "nesterov-wd": lambda: optim.SGD(LR, momentum=0.8, nesterov=True, weight_decay=0.05),
+    "adam-wd": lambda: optim.Adam(0.01, weight_decay=0.05, schedule=optim.Cosine(3, 1)),
+    "adamw-lerp-upper": lambda: optim.AdamW(0.01, betas=(0.3, 0.9), schedule=optim.Step(2)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_steps(lib, make_net, make_batch, make_targets, name, kind, dtype):
+    """Three steps through the stand-in against the NumPy engine with the same optimizer:
+    one update kernel per W and b, each launch checked, the same parameters and state."""
+    if kind == "dense":
+        net = make_net("tanh", "labels", "recompute", depth=3, dtype=dtype)
+        batches = [make_batch(net, "labels") for _ in range(3)]
+    else:
+        net, X, Y = conv_problem("store_both", "tanh", dtype, make_targets)
+        batches = [(X, Y), (X[::-1].copy(), Y[::-1].copy()), (X, Y)]
+    twin = gpu_mlp.Network.from_params(net.layers, net.params, net.loss.name, net.memory,
+                                       device="cpu")
+    ours, theirs = OPTIMIZERS[name](), OPTIMIZERS[name]()
+    with cupy_path(lib) as device:
+        for X, Y in batches:
+            net.train_step(X, Y, ours)
+    for X, Y in batches:
+        twin.train_step(X, Y, theirs)
+    kernels = {key: count for key, count in device.launches.items()
+               if key[0] in ("gpu_mlp_sgd_momentum", "gpu_mlp_adam")}
+    fused = 0 if name == "sgd-wd" else 2 * len(net.layers) * len(batches)  # W_k, b_k
+    assert sum(kernels.values()) == fused
+    got, want = ours.state_dict(), theirs.state_dict()
+    assert got["steps"] == want["steps"] == 3 and got["last_lr"] == want["last_lr"]
+    arrays = [a for pair in net.params for a in pair] + [
+        a for pairs in got["state"].values() for pair in pairs for a in pair]
+    expected = [a for pair in twin.params for a in pair] + [
+        a for pairs in want["state"].values() for pair in pairs for a in pair]
+    # the GEMMs round apart (the stand-in sums in float64); the kernels agree to the bit
+    # with their twins (test_optimizer_op_branches_agree)
+    assert_all_close(arrays, expected, numpy_rtol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("nesterov, weight_decay", [(False, 0.0), (True, 0.01)])
+def test_sgd_momentum_op_branches_agree(lib, dtype, nesterov, weight_decay):
+    rng = np.random.default_rng(8)
+    n = ops.BLOCK_ELEMENTS + 5  # the twin's blocks, and one more
+    start = {name: rng.normal(0, 1, n).astype(dtype) for name in ("w", "g", "buf")}
+    arrays = {path: {k: a.copy() for k, a in start.items()} for path in ("cupy", "numpy")}
+    for path in arrays:
+        v = arrays[path]
+        with cupy_path(lib) if path == "cupy" else contextlib.nullcontext():
+            ops.sgd_momentum(v["w"], v["g"], v["buf"], 0.05, 0.9, weight_decay, nesterov)
+    assert_branches_agree(arrays["cupy"], arrays["numpy"], True, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("one_minus_beta1, weight_decay, decay",
+                         [(0.1, 0.0, 1.0), (0.1, 0.05, 1.0), (0.7, 0.0, 0.999)])
+def test_adam_op_branches_agree(lib, dtype, one_minus_beta1, weight_decay, decay):
+    rng = np.random.default_rng(9)
+    n = ops.BLOCK_ELEMENTS + 5
+    start = {name: rng.normal(0, 1, n).astype(dtype) for name in ("w", "g", "m", "v")}
+    start["v"] = np.abs(start["v"])
+    arrays = {path: {k: a.copy() for k, a in start.items()} for path in ("cupy", "numpy")}
+    for path in arrays:
+        v = arrays[path]
+        with cupy_path(lib) if path == "cupy" else contextlib.nullcontext():
+            ops.adam(v["w"], v["g"], v["m"], v["v"], one_minus_beta1, 0.999, 0.001, 1e-8,
+                     weight_decay, decay, 0.01, 0.2)
+    assert_branches_agree(arrays["cupy"], arrays["numpy"], True, dtype)
 
 
 # --- each op: its CuPy branch against its NumPy branch ----------------------------------------

@@ -325,7 +325,9 @@ BAD_X = [  # (X, error, message)
                  re.escape(f"X must have shape (batch, {D_IN}) or ({D_IN},), got (4, 6)"),
                  id="wrong width"),
     pytest.param(np.ones(D_IN + 1), ValueError, "X must have shape", id="wrong width 1-D"),
-    pytest.param(np.ones((BATCH, D_IN, 1)), ValueError, "X must have shape", id="3-D"),
+    pytest.param(np.ones((BATCH, D_IN, 2)), ValueError,
+                 re.escape(f"layer 1, Dense({D_IN}, 7, activation='relu'): takes {D_IN} inputs "
+                           f"per sample, but its input has shape ({D_IN}, 2)"), id="3-D"),
     pytest.param(np.float64(1.0), ValueError, "X must have shape", id="0-D"),
     pytest.param("abc", TypeError, "X must hold real numbers", id="string"),
     pytest.param(np.ones((BATCH, D_IN), dtype=complex), TypeError, "X must hold real numbers",
@@ -535,8 +537,8 @@ def test_check_false_skips_value_checks_only(device):
     before = host_params(net)
     X_nan = with_value((BATCH, D_IN), (0, 0), np.nan)
     for X, Y in [(GOOD_X[:, :-1], GOOD_Y["logistic"]), (GOOD_X, GOOD_Y["logistic"][:, :-1]),
-                 (X_nan[:, :, None], GOOD_Y["logistic"])]:
-        with pytest.raises(ValueError, match="must have shape"):
+                 (np.stack([X_nan, X_nan], axis=2), GOOD_Y["logistic"])]:
+        with pytest.raises(ValueError, match="must have shape|inputs per sample"):
             net.train_step(X, Y, LR, check=False)
     assert_unchanged(net, before)
 

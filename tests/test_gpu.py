@@ -2,9 +2,11 @@
 its steady state and its inputs.
 
 Every test here needs CuPy and a CUDA GPU and is skipped without them (the CUDA math is
-also checked on any CPU by test_cuda_host.py). Gradients are compared per array by the
-norm-wise relative error: float64 to 1e-10 against the float64 reference, float32 to
-1e-5 against the float64 reference run from the same float32 parameters and data.
+also checked on any CPU by test_cuda_host.py, and every launch compiled by NVRTC by
+test_nvrtc.py). Gradients are compared per array by the norm-wise relative error:
+float64 to 1e-10 against the float64 reference, float32 to 1e-5 (1e-4 for convolutions,
+whose GEMMs and bias sums run over many more terms) against the float64 reference run
+from the same float32 parameters and data.
 """
 
 import contextlib
@@ -15,13 +17,15 @@ import warnings
 import numpy as np
 import pytest
 
-from gpu_mlp import MEMORY_MODES, MLP, activations, reference
+from gpu_mlp import MEMORY_MODES, MLP, Network, activations, ops, reference
 from gpu_mlp.device import to_device, to_numpy
+from gpu_mlp.layers import Conv2d, Dense
 
 pytestmark = pytest.mark.gpu  # skipped, with the reason, by conftest without a GPU
 
 DEVICE = "cuda"
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+CONV_RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
 
 
@@ -131,6 +135,159 @@ def test_train_step_matches_numpy_engine(cp, memory, hidden, case):
         assert_rel(b, b_cpu, 1e-10, f"b_{k}")
 
 
+# --- convolutional networks ----------------------------------------------------------------
+
+# name: (the layers, given the hidden activation; one sample's shape; the targets' case)
+CONV_NETS = {
+    # padded, then strided convolutions into a Dense classifier
+    "conv-conv-dense": (lambda act: [Conv2d(2, 4, 3, padding=1, activation=act),
+                                     Conv2d(4, 3, 3, stride=2, activation=act),
+                                     Dense(3 * 4 * 3, 5, activation="identity")],
+                        (2, 9, 8), "xent-labels"),
+    # a rectangular kernel, stride and padding unequal per axis, one output channel (CuPy
+    # reduces its bias launches to 1-D), and a Conv2d last, its output flattened
+    "one-channel-conv-last": (lambda act: [Conv2d(3, 1, (3, 2), stride=(2, 1), padding=(1, 0),
+                                                  activation=act),
+                                           Conv2d(1, 2, 2, activation="identity")],
+                              (3, 7, 6), "squared"),
+    # a kernel as large as the image: 1 x 1 outputs (the bias launches 2-D, as a Dense)
+    "1x1-output": (lambda act: [Conv2d(2, 6, (5, 4), activation=act),
+                                Dense(6, 4, activation=act),
+                                Dense(4, 3, activation="identity")],
+                   (2, 5, 4), "logistic"),
+}
+CONV_LOSSES = {"xent-labels": "softmax_cross_entropy", "squared": "squared",
+               "logistic": "logistic"}
+CONV_MODES_AND_HIDDEN = [(memory, hidden) for memory in MEMORY_MODES
+                         for hidden in ["relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu"]
+                         if memory != "output" or activations.get(hidden).has_grad_from_output]
+
+
+def conv_net(name, hidden, memory, dtype, device=DEVICE, seed=0):
+    """``CONV_NETS[name]`` with random weights and biases (a bias of 0 would hide a lost
+    bias), on ``device``."""
+    make_layers, _, case = CONV_NETS[name]
+    layers = make_layers(hidden)
+    rng = np.random.default_rng(seed)
+    params = [((rng.normal(0, 1, layer.weight_shape) / np.sqrt(layer.fan_in)).astype(dtype),
+               rng.normal(0, 0.5, layer.bias_shape).astype(dtype)) for layer in layers]
+    return Network.from_params(layers, params, loss=CONV_LOSSES[case], memory=memory,
+                               device=device, dtype=dtype)
+
+
+def conv_batch(name, B, dtype, seed=0):
+    """A batch (X, Y) for ``CONV_NETS[name]`` in ``dtype`` (integer labels stay int64)."""
+    make_layers, shape, case = CONV_NETS[name]
+    X_shape = shape
+    for layer in make_layers("relu"):
+        shape = layer.output_shape(shape)
+    rng = np.random.default_rng(seed)
+    Y = targets(case, B, int(np.prod(shape)), rng)
+    return (rng.normal(0, 1, (B, *X_shape)).astype(dtype),
+            Y if Y.dtype.kind == "i" else Y.astype(dtype))
+
+
+def compare_network_with_reference(cp, net, X, Y, rtol):
+    """net.loss_and_gradients and net.predict (on the batch and on its first sample)
+    against the float64 reference of Algorithm 2, run from the net's own parameters and
+    the same (already rounded) data."""
+    params = [(to_numpy(W).astype(np.float64), to_numpy(b).astype(np.float64))
+              for W, b in net.params]
+    X64 = X.astype(np.float64)
+    Y64 = Y if Y.dtype.kind == "i" else Y.astype(np.float64)
+    J_ref, grads_ref, dX_ref = reference.network_loss_and_gradients(net.layers, params,
+                                                                    net.loss.name, X64, Y64)
+    J, grads, dX = net.loss_and_gradients(cp.asarray(X), cp.asarray(Y))
+    assert_rel(J, J_ref, rtol, "loss")
+    for k, ((dW, db), (dW_ref, db_ref)) in enumerate(zip(grads, grads_ref), start=1):
+        assert dW.shape == dW_ref.shape and db.shape == db_ref.shape
+        assert_rel(dW, dW_ref, rtol, f"dW_{k}")
+        assert_rel(db, db_ref, rtol, f"db_{k}")
+    assert dX.shape == X.shape
+    assert_rel(dX, dX_ref, rtol, "dX")
+    F_ref = reference.network_forward(net.layers, params, X64)
+    assert_rel(net.predict(cp.asarray(X)), F_ref, rtol, "predict")
+    assert_rel(net.predict(cp.asarray(X[0])), F_ref[0], rtol, "predict, one sample")
+
+
+@pytest.mark.parametrize("name", CONV_NETS)
+@pytest.mark.parametrize("memory, hidden", CONV_MODES_AND_HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_networks_match_reference(cp, dtype, memory, hidden, name):
+    net = conv_net(name, hidden, memory, dtype)
+    compare_network_with_reference(cp, net, *conv_batch(name, 7, dtype), CONV_RTOL[net.dtype])
+
+
+@pytest.mark.parametrize("B", [1, 2, 300])
+@pytest.mark.parametrize("name", CONV_NETS)
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_batch_sizes_match_reference(cp, dtype, memory, name, B):
+    net = conv_net(name, "tanh", memory, dtype, seed=1)
+    compare_network_with_reference(cp, net, *conv_batch(name, B, dtype, seed=1),
+                                   CONV_RTOL[net.dtype])
+
+
+@pytest.mark.parametrize("hidden", ["relu", "sigmoid"])
+@pytest.mark.parametrize("name", CONV_NETS)
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+def test_conv_train_step_matches_numpy_engine(cp, memory, name, hidden):
+    nets = [conv_net(name, hidden, memory, "float64", device=device, seed=3)
+            for device in (DEVICE, "cpu")]
+    for step in range(3):
+        X, Y = conv_batch(name, 20, np.float64, seed=step)
+        J_gpu = nets[0].train_step(cp.asarray(X), cp.asarray(Y), lr=0.1)
+        J_cpu = nets[1].train_step(X, Y, lr=0.1)
+        assert_rel(J_gpu, J_cpu, 1e-10, f"loss of step {step}")
+    for k, ((W, b), (W_cpu, b_cpu)) in enumerate(zip(nets[0].params, nets[1].params), start=1):
+        assert_rel(W, W_cpu, 1e-10, f"W_{k}")
+        assert_rel(b, b_cpu, 1e-10, f"b_{k}")
+    X, Y = conv_batch(name, 20, np.float64, seed=9)
+    assert_rel(nets[0].per_sample_grad_norms(cp.asarray(X), cp.asarray(Y)),
+               nets[1].per_sample_grad_norms(X, Y), 1e-10, "per-sample gradient norms")
+
+
+# --- rows wider than one thread's: CuPy's reductions and the wide kernels ------------------
+
+WIDE_ROWS = 100  # classes, and a hidden softmax's width: over ops.ROW_KERNEL_MAX
+
+
+@pytest.fixture
+def wide_launches(monkeypatch):
+    """The names of the elementwise kernels the engine launches while the test runs."""
+    launched = set()
+    launch = ops._launch
+
+    def recording(op, act, *args):
+        launched.add(op)
+        launch(op, act, *args)
+
+    monkeypatch.setattr(ops, "_launch", recording)
+    return launched
+
+
+@pytest.mark.parametrize("case", ["xent-labels", "xent-probabilities", "softmax-squared"])
+@pytest.mark.parametrize("memory", MEMORY_MODES)
+@pytest.mark.parametrize("B", [1, 33])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_softmax_and_cross_entropy_match_reference(cp, wide_launches, dtype, B, memory,
+                                                        case):
+    assert WIDE_ROWS > ops.ROW_KERNEL_MAX
+    output, loss = OUTPUTS[case]
+    sizes = [12, WIDE_ROWS, 24, WIDE_ROWS]
+    rng = np.random.default_rng(4)  # biases too: the wide softmax adds its own
+    params = [((rng.normal(0, 1, (d_out, d_in)) / np.sqrt(d_in)).astype(dtype),
+               rng.normal(0, 0.5, d_out).astype(dtype)) for d_in, d_out in zip(sizes, sizes[1:])]
+    net = MLP.from_params(params, ["softmax", "tanh", output], loss=loss, memory=memory,
+                          device=DEVICE)
+    compare_with_reference(cp, net, *batch(case, sizes, B, dtype, seed=4))
+    # the rows went to CuPy's reductions and the wide kernels, not the row kernels
+    wide = {"softmax_exp", "softmax_backward_wide"}
+    wide |= ({"xent_loss_labels", "xent_grad_labels"} if case == "xent-labels" else
+             {"xent_terms", "xent_grad_targets"} if case == "xent-probabilities" else set())
+    assert wide <= wide_launches, f"not launched: {sorted(wide - wide_launches)}"
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 WIDE, WIDE_BATCH = [1024, 4096, 4096, 4096, 10], 512
@@ -163,7 +320,7 @@ def test_memory_modes_peak_and_pool_usage(cp):
         before = pool.total_bytes()
         net.train_step(X, y, lr=1e-3, check=False)
         grown[memory] = pool.total_bytes() - before
-        ws = net.workspace(WIDE_BATCH)
+        ws = net.training_workspace
         peak[memory] = ws.peak_in_use_bytes
         # the workspace keeps every buffer it handed out, so the pool grew by its size
         assert ws.peak_in_use_bytes <= ws.bytes <= grown[memory] <= ws.bytes + POOL_SLACK
@@ -176,14 +333,37 @@ def test_memory_modes_peak_and_pool_usage(cp):
 
 
 SIZES, BATCH = [64, 256, 256, 10], 128
+# a convolutional classifier of the same batch: padded, then strided convolutions (im2col
+# and col2im, the NCHW <-> rows transposes, (c, 1, 1) biases) into a Dense layer
+CONV_INPUT = (3, 16, 16)
 
 
-@pytest.fixture(params=MEMORY_MODES)
+def conv_classifier(memory):
+    layers = [Conv2d(3, 16, 3, padding=1, activation="relu"),
+              Conv2d(16, 16, 3, stride=2, padding=1, activation="relu"),
+              Dense(16 * 8 * 8, 10, activation="identity")]
+    return Network(layers, loss="softmax_cross_entropy", memory=memory, device=DEVICE,
+                   dtype="float32", seed=0, input_shape=CONV_INPUT)
+
+
+def conv_classifier_batch(cp, B):
+    rng = np.random.default_rng(0)
+    return (cp.asarray(rng.normal(0, 1, (B, *CONV_INPUT)).astype(np.float32)),
+            cp.asarray(rng.integers(0, 10, B)))
+
+
+@pytest.fixture(params=[(kind, memory) for kind in ("dense", "conv") for memory in MEMORY_MODES],
+                ids="-".join)
 def warm(cp, request):
     """A net and a batch after two warm-up steps: kernels built, workspace filled, and
     the pool holding the blocks a step frees while the previous step's loss is kept."""
-    net = classifier(request.param, SIZES)
-    X, y = classifier_batch(cp, SIZES, BATCH)
+    kind, memory = request.param
+    if kind == "dense":
+        net = classifier(memory, SIZES)
+        X, y = classifier_batch(cp, SIZES, BATCH)
+    else:
+        net = conv_classifier(memory)
+        X, y = conv_classifier_batch(cp, BATCH)
     for _ in range(2):
         loss = net.train_step(X, y, lr=1e-3, check=False)
     del loss
@@ -209,12 +389,12 @@ def cupy_sync_detection():
 def test_steady_state_allocates_nothing(cp, warm):
     net, X, y = warm
     pool = cp.get_default_memory_pool()
-    total, allocations = pool.total_bytes(), net.workspace(BATCH).allocations
+    total, allocations = pool.total_bytes(), net.training_workspace.allocations
     with cupy_sync_detection():
         for _ in range(10):
             loss = net.train_step(X, y, lr=1e-3, check=False)
     assert pool.total_bytes() == total
-    assert net.workspace(BATCH).allocations == allocations
+    assert net.training_workspace.allocations == allocations
     assert np.isfinite(float(loss))
 
 

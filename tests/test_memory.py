@@ -286,8 +286,8 @@ def test_predict_memory_is_bounded_and_released_on_request():
     assert out.shape == (rows, 10)
     np.testing.assert_allclose(out[-5:], net.predict(X[-5:]), rtol=1e-5, atol=1e-6)
     assert peak < 300 * 2**20
-    assert peak < gpu_mlp.mlp.PREDICT_BUFFER_BYTES + out.nbytes + 8 * 2**20
-    assert held - out.nbytes >= gpu_mlp.mlp.PREDICT_BUFFER_BYTES // 2  # kept for next time
+    assert peak < gpu_mlp.network.PREDICT_BUFFER_BYTES + out.nbytes + 8 * 2**20
+    assert held - out.nbytes >= gpu_mlp.network.PREDICT_BUFFER_BYTES // 2  # kept for next time
     assert released - out.nbytes < 2**20 and buffers_left == 0
 
 

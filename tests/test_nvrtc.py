@@ -7,8 +7,13 @@ runs the way to NVRTC, with nothing of a device in it:
 * ``ElementwiseKernel``: gpu_mlp's own kernel objects (``ops._kernel``, one per
   ``ops.ELEMENTWISE`` entry and activation). The argument records CuPy makes at launch
   (``cupy._core._kernel._ArgInfo``: array or scalar, dtype, ndim, contiguity, 32-bit
-  indexing) are built here as CuPy's broadcast and dimension reduction make them for
-  the arrays gpu_mlp passes (see :func:`launch_records`); from them CuPy's code
+  indexing) are built here by a line-for-line port of what CuPy 14.2 does at launch
+  -- broadcast, typing, dimension reduction (:func:`cupy_launch`) -- for the arrays
+  the engine passes: Dense (B, d) and Conv2d NCHW (B, c, H, W) outputs with their
+  biases ((d,), and (c, 1, 1) from ``bias_view``), the per-row columns of the losses,
+  and the image and column matrices of im2col/col2im (:func:`launches`, checked
+  against the launches the engine itself makes by
+  ``test_the_model_holds_every_launch_the_engine_makes``); from them CuPy's code
   generator ``_get_elementwise_kernel_code`` writes the source and
   ``cupy._core.core.compile_with_cache`` compiles it, as ``_get_elementwise_kernel``
   does: CuPy's headers prepended, CuPy's include paths and ``--std=c++17``, then
@@ -32,8 +37,11 @@ toolkit); skipped otherwise.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import io
+import math
 import os
 import re
 import threading
@@ -45,98 +53,443 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="needs CuPy")
 
 import cuda_host  # noqa: E402
-from gpu_mlp import cuda, ops  # noqa: E402
+from gpu_mlp import MEMORY_MODES, conv, cuda, ops  # noqa: E402
+from gpu_mlp.layers import Conv2d, Dense, Layer  # noqa: E402
 
 ARCHS = ("80", "90")  # A100, H100
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
-# The batch shapes (B, d) whose launches CuPy compiles differently: the usual one; a
-# single sample, where a broadcast bias is contiguous and the arrays collapse to 1-D;
-# and arrays over 2 GiB, which CuPy indexes with 64 bits. The last two change CuPy's
-# indexing, not the element type: they are compiled for one architecture and dtype.
-LAYOUTS = {"typical": (64, 64), "one-row": (1, 64), "huge": (1 << 22, 1 << 10)}
-
-
-def layouts_for(arch: str, dtype) -> tuple[str, ...]:
-    return tuple(LAYOUTS) if (arch, dtype) == ("90", np.float32) else ("typical",)
-
-
 # a double-precision instruction, operand type or register in PTX
 _DOUBLE = re.compile(r"\.f64\b|%fd\d")
 
 
-# --- CuPy's launch records, as CuPy would make them ---------------------------------------
+# --- the launches the engine makes, and what CuPy makes of them ---------------------------
 
-def launch_records(kernel, dtype, layout: str) -> list[tuple]:
-    """``[(arginfos, type_map)]``: what ``ElementwiseKernel.__call__`` computes for
-    gpu_mlp's arguments with the batch shape of ``layout`` (cupy/_core/_kernel.pyx 14.2:
-    ``_preprocess_args``, ``_broadcast``, ``_decide_params_type``, ``_reduce_dims`` and
-    ``_ArgInfo.from_*``). Outputs are (B, d) arrays, or also (B, 1) columns when every
-    input is a column or a scalar, as nothing in the signature then tells which."""
-    B, d = LAYOUTS[layout]
-    params = kernel.params[:kernel.nargs]  # the last one is CuPy's CIndexer _ind
-    kinds, dtypes = [], []
-    for p in params:
-        kinds.append(ops.param_layout(p.name, p.dtype is not None, p.raw))
-        dtypes.append(np.dtype(p.dtype) if p.dtype is not None else dtype)
-    # CScalar.apply_dtype gives a scalar its parameter's type
-    array_types = [None if k == "scalar" else t for k, t in zip(kinds, dtypes)]
-    in_types, out_types, type_map = kernel._decide_params_type(
-        tuple(array_types[:kernel.nin]), tuple(array_types[kernel.nin:]))
-    shape_of = {"full": (B, d), "raw": (B, d), "column": (d,), "row": (B, 1)}
-    broadcast_inputs = [k for k in kinds[:kernel.nin] if k not in ("scalar", "raw")]
-    out_shapes = [(B, d)]
-    if broadcast_inputs and set(broadcast_inputs) == {"row"}:
-        out_shapes.append((B, 1))
-    return [(_arginfos(kinds, in_types + out_types, kernel.nin, shape_of, out_shape),
-             type_map) for out_shape in out_shapes]
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A layer of the engine and the batch it runs: what shapes the arrays of its
+    launches -- its output (B, *output_shape), its bias as ``layer.bias_view`` gives it,
+    its input (B, *input_shape) and the rows of that input."""
+
+    layer: Layer
+    input_shape: tuple  # of one sample
+    batch: int
+
+    @property
+    def output_shape(self) -> tuple:
+        return (self.batch, *self.layer.output_shape(self.input_shape))
 
 
-def _arginfos(kinds, dtypes, nin, shape_of, out_shape) -> tuple:
+# The launches CuPy compiles differently. Dense outputs (B, d) with the bias (d,): the
+# usual one; a single sample, where the broadcast bias is contiguous and the arrays
+# collapse to 1-D; arrays over 2 GiB but of fewer than 2^31 elements, whose pointers
+# CuPy offsets with 64 bits but indexes with 32; arrays over 2^31 elements, all 64-bit.
+# Conv2d outputs (B, c, H, W) with the bias (c, 1, 1): the usual one, which CuPy reduces
+# to 3-D (B, c, H*W); one sample, reduced to 2-D (c, H*W) as a Dense batch; one channel,
+# reduced to 1-D with the bias still strided; a 1 x 1 output, 2-D (B, c); im2col
+# columns over 2^31 elements from an image under 2 GiB; images over 2 GiB; everything
+# over 2^31 elements.
+# An op's first layout here is compiled for every architecture and dtype; the others
+# change CuPy's indexing, not the element type, and are compiled for one (compile_plan).
+LAYOUTS = {
+    "typical": Geometry(Dense(64, 64), (64,), 64),
+    "one-row": Geometry(Dense(64, 64), (64,), 1),
+    "large": Geometry(Dense(1 << 10, 1 << 10), (1 << 10,), 1 << 20),
+    "huge": Geometry(Dense(1 << 10, 1 << 10), (1 << 10,), 1 << 22),
+    "conv": Geometry(Conv2d(3, 8, 3, padding=1), (3, 12, 10), 4),
+    "conv-one-sample": Geometry(Conv2d(3, 8, 3, padding=1), (3, 12, 10), 1),
+    "conv-one-channel": Geometry(Conv2d(3, 1, 3, stride=2), (3, 12, 10), 4),
+    "conv-1x1": Geometry(Conv2d(3, 8, (12, 10)), (3, 12, 10), 4),
+    "conv-huge-columns": Geometry(Conv2d(64, 64, 3, padding=1), (64, 64, 64), 1 << 10),
+    "conv-large": Geometry(Conv2d(64, 64, 3, padding=1), (64, 64, 64), 1 << 12),
+    "conv-huge": Geometry(Conv2d(64, 64, 3, padding=1), (64, 128, 128), 1 << 12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    """What CuPy's launch reads of a ``cupy.ndarray`` (cupy/_core/core.pyx 14.2): shape,
+    strides in bytes, dtype, and the flags ``_c_contiguous`` and ``_index_32_bits``."""
+
+    shape: tuple
+    strides: tuple
+    dtype: np.dtype
+    c_contiguous: bool
+    index_32_bits: bool
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @classmethod
+    def empty(cls, shape, dtype) -> "Array":
+        """A new C-ordered array (``ndarray.__init__``/``_init_fast``: contiguous,
+        ``_index_32_bits`` = its bytes <= 2^31)."""
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        return cls(shape, _c_strides(shape, dtype.itemsize), dtype, True,
+                   math.prod(shape) * dtype.itemsize <= 1 << 31)
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> "Array":
+        """The CuPy array that the engine would hold where it holds the NumPy array ``a``:
+        a view keeps the ``_index_32_bits`` of the array it views (``_view``)."""
+        owner = a
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        return cls(a.shape, a.strides, a.dtype,
+                   a.size == 0 or get_c_contiguity(a.shape, a.strides, a.itemsize),
+                   owner.nbytes <= 1 << 31)
+
+    def reshape(self, *shape) -> "Array":
+        """``_reshape`` of a C-contiguous array: a ``_view`` with its flags kept."""
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if -1 in shape:
+            known = math.prod(n for n in shape if n != -1)
+            shape = tuple(self.size // known if n == -1 else n for n in shape)
+        assert self.c_contiguous and math.prod(shape) == self.size, (self, shape)
+        return dataclasses.replace(self, shape=tuple(shape),
+                                   strides=_c_strides(shape, self.itemsize))
+
+    def view(self, shape, strides, update_c_contiguity: bool) -> "Array":
+        """``ndarray._view``: the flags kept, C-contiguity recomputed if asked."""
+        shape, strides = tuple(shape), tuple(strides)
+        c_contiguous = self.c_contiguous
+        if update_c_contiguity:  # _update_c_contiguity
+            c_contiguous = math.prod(shape) == 0 or get_c_contiguity(shape, strides,
+                                                                   self.itemsize)
+        return dataclasses.replace(self, shape=shape, strides=strides,
+                                   c_contiguous=c_contiguous)
+
+
+@dataclasses.dataclass
+class Scalar:
+    """A ``_scalar.CScalar``: a Python or NumPy scalar argument, typed at the launch."""
+
+    dtype: np.dtype
+
+
+def _c_strides(shape, itemsize) -> tuple:
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def get_c_contiguity(shape, strides, itemsize) -> bool:
+    """cupy/_core/internal.pyx 14.2, ``get_c_contiguity`` (lines 159-177)."""
+    ndim = len(strides)
+    if ndim == 0 or (ndim == 1 and strides[0] == itemsize):
+        return True
+    prev, index, st = -1, 0, 0
+    for i in range(ndim):
+        sh = shape[i]
+        if sh == 0:
+            return True
+        if sh == 1:
+            continue
+        st = strides[i]
+        if prev == -1 or strides[prev] != sh * st:
+            index += 1
+        prev = i
+    return index == 0 or (index == 1 and st == itemsize)
+
+
+def _broadcast_core(arrays: list) -> tuple:
+    """cupy/_core/internal.pyx 14.2, ``_broadcast_core`` (lines 320-376): the broadcast
+    shape; the arrays in ``arrays`` (None elsewhere) replaced by broadcast views."""
+    index = [i for i, a in enumerate(arrays) if isinstance(a, Array)]
+    if not index:
+        return ()
+    nd = max(arrays[i].ndim for i in index)
+    shape = []
+    for i in range(nd):
+        s = 1
+        for j in index:
+            a = arrays[j]
+            if i < nd - a.ndim:
+                continue
+            a_sh = a.shape[i - (nd - a.ndim)]
+            if a_sh == s or a_sh == 1:
+                continue
+            if s == 1:
+                s = a_sh
+                continue
+            raise ValueError(f"operands could not be broadcast together: "
+                             f"{[a.shape for a in arrays if a is not None]}")
+        shape.append(s)
+    shape = tuple(shape)
+    for i in index:
+        a = arrays[i]
+        if a.shape == shape:
+            continue
+        strides = [0] * nd
+        for j in range(a.ndim):
+            if a.shape[j] == shape[j + nd - a.ndim]:
+                strides[j + nd - a.ndim] = a.strides[j]
+        a = a.view(shape, strides, update_c_contiguity=True)
+        if a.size * a.itemsize > 1 << 31:
+            a = dataclasses.replace(a, index_32_bits=False)
+        arrays[i] = a
+    return shape
+
+
+def _reduce_dims(args: list, params, shape: tuple) -> tuple:
+    """cupy/_core/_kernel.pyx 14.2, ``_reduce_dims`` and ``_reduced_view_core`` (lines
+    360-461): merge the axes every array can merge; the arrays in ``args`` replaced by
+    the reduced views (``_view`` with C-contiguity kept, not recomputed)."""
+    if len(shape) <= 1 or not args:
+        return shape
+    assert len(args) > 1, "the one-argument fast path is not modelled"  # never: >= 2 params
+    ndim = len(shape)
+    array_indexes, strides_indexes = [], []
+    for i, a in enumerate(args):
+        if params[i].raw or not isinstance(a, Array):
+            continue
+        array_indexes.append(i)
+        if not a.c_contiguous:
+            if ndim == 2:  # short cut
+                return shape
+            strides_indexes.append(i)
+    if not array_indexes:
+        return shape
+    if not strides_indexes:  # all C-contiguous: one flat axis
+        total = args[array_indexes[0]].size
+        for i in array_indexes:
+            args[i] = args[i].view((total,), (args[i].itemsize,), update_c_contiguity=False)
+        return (total,)
+    vecshape, axes, last_ax = list(shape), [], -1
+    for ax in range(ndim):
+        if vecshape[ax] == 1:
+            continue
+        if last_ax < 0:
+            last_ax = ax
+            continue
+        if any(args[i].strides[ax] * vecshape[ax] != args[i].strides[last_ax]
+               for i in strides_indexes):
+            axes.append(last_ax)
+        else:
+            vecshape[ax] *= vecshape[last_ax]
+        last_ax = ax
+    if last_ax >= 0:
+        axes.append(last_ax)
+    if len(axes) == ndim:
+        return shape
+    newshape = tuple(vecshape[ax] for ax in axes)
+    for i in array_indexes:
+        args[i] = args[i].view(newshape, [args[i].strides[ax] for ax in axes],
+                               update_c_contiguity=False)
+    return newshape
+
+
+def cupy_launch(kernel, args) -> tuple:
+    """``(arginfos, type_map)``: what ``ElementwiseKernel.__call__`` (cupy/_core/
+    _kernel.pyx 14.2, lines 832-933) computes for a launch with ``args``, inputs then
+    outputs, each an :class:`Array` or a :class:`Scalar`: ``_broadcast`` over the
+    non-raw arrays, outputs included, keeping the broadcast inputs; the types by
+    ``_decide_params_type``; each scalar typed as its parameter (``CScalar.apply_dtype``);
+    ``_reduce_dims``; the ``Indexer`` of the reduced shape; ``_ArgInfo.from_*``."""
     from cupy._core import _carray, _kernel, _scalar
 
-    shapes = [None if k == "scalar" else shape_of[k] if i < nin or k == "raw" else out_shape
-              for i, k in enumerate(kinds)]
-    broadcast = [i for i, k in enumerate(kinds) if k not in ("scalar", "raw")]
-    shape = np.broadcast_shapes(*[shapes[i] for i in broadcast])
-
-    def small(s):  # lengths 1 and 2 stand for 1 and more: the same contiguity flags
-        return tuple(min(n, 2) for n in s)
-
-    # contiguity after broadcasting: NumPy's flag, like CuPy's, ignores axes of length 1
-    contiguous = {i: np.broadcast_to(np.empty(small(shapes[i])), small(shape)).flags.c_contiguous
-                  for i in broadcast}
-    # _reduced_view_core: all contiguous -> one flat axis; a 2-D broadcast stays as it is
-    ndim = 1 if all(contiguous.values()) else len(shape)
-
-    def fits_32_bits(s, t):  # ndarray._index_32_bits, kept by broadcast and reduced views
-        return int(np.prod(s)) * t.itemsize <= 1 << 31
-
+    params = kernel.params[:kernel.nargs]  # the last one is CuPy's CIndexer _ind
+    assert len(args) == kernel.nargs, (kernel.name, args)
+    value = [a if isinstance(a, Array) and not p.raw else None for a, p in zip(args, params)]
+    shape = _broadcast_core(value)
+    args = [v if v is not None else a for v, a in zip(value, args)]
+    in_args, out_args = args[:kernel.nin], list(args[kernel.nin:])  # outputs not broadcast
+    in_types, _, type_map = kernel._decide_params_type(
+        tuple(a.dtype if isinstance(a, Array) else None for a in in_args),
+        tuple(a.dtype for a in out_args))
+    for p, a in zip(params[kernel.nin:], out_args):  # _get_out_args_with_params
+        assert p.raw or a.shape == shape, f"{kernel.name}: out shape {a.shape} != {shape}"
+    assert 0 not in shape, "a launch over nothing is not made"
+    in_args = [Scalar(np.dtype(t)) if isinstance(a, Scalar) else a
+               for a, t in zip(in_args, in_types)]
+    inout = in_args + out_args
+    shape = _reduce_dims(inout, params, shape)
+    size = math.prod(shape)
     records = []
-    for i, k in enumerate(kinds):
-        if k == "scalar":
-            records.append(_kernel._ArgInfo(3, _scalar.CScalar, dtypes[i], 0, True, True))
-        elif k == "raw":  # neither broadcast nor reshaped
-            records.append(_kernel._ArgInfo(1, cupy.ndarray, dtypes[i], len(shapes[i]), True,
-                                            fits_32_bits(shapes[i], dtypes[i])))
+    for a in inout:
+        if isinstance(a, Scalar):
+            records.append(_kernel._ArgInfo(3, _scalar.CScalar, a.dtype, 0, True, True))
         else:
-            records.append(_kernel._ArgInfo(1, cupy.ndarray, dtypes[i], ndim,
-                                            ndim == 1 or contiguous[i],
-                                            fits_32_bits(shapes[i], dtypes[i])))
-    size = int(np.prod(shape))
-    records.append(_kernel._ArgInfo(2, _carray.Indexer, None, ndim, True, size <= 1 << 31))
-    return tuple(records)
+            records.append(_kernel._ArgInfo(1, cupy.ndarray, a.dtype, a.ndim,
+                                            a.c_contiguous, a.index_32_bits))
+    records.append(_kernel._ArgInfo(2, _carray.Indexer, None, len(shape), True,
+                                    size <= 1 << 31))
+    return tuple(records), type_map
 
 
-def elementwise_sources(kernel, dtype, layout: str) -> list[str]:
-    """The CUDA sources CuPy generates for ``kernel``'s launches (before CuPy's headers
-    are prepended), as ``ElementwiseKernel._get_elementwise_kernel`` does."""
+class _Buffers:
+    """A workspace handing out new arrays (``Workspace.take``'s contract)."""
+
+    def __init__(self, dtype, empty):
+        self.dtype, self.empty = dtype, empty
+
+    def take(self, shape, dtype=None):
+        return self.empty(shape, dtype or self.dtype)
+
+    def give(self, *buffers):
+        pass
+
+
+@contextlib.contextmanager
+def _recorded_launches():
+    """Within: ``gpu_mlp.ops`` records each elementwise launch as ``(op, act, args)``
+    instead of making it, and its BLAS calls do nothing."""
+    launched = []
+    saved = ops._launch, ops.gemm, ops.gemv
+    ops._launch = lambda op, act, *args: launched.append((op, act, list(args)))
+    ops.gemm = ops.gemv = lambda *args, **kwargs: None
+    try:
+        yield launched
+    finally:
+        ops._launch, ops.gemm, ops.gemv = saved
+
+
+def _engine_arg(a):
+    """A launch argument the engine passed, as CuPy's launch sees it."""
+    if isinstance(a, Array):
+        return a
+    if isinstance(a, np.ndarray):
+        return Array.of(a)
+    if isinstance(a, cupy.ndarray):  # CuPy's own flags
+        return Array(a.shape, a.strides, a.dtype, a._c_contiguous, a._index_32_bits)
+    return Scalar(np.asarray(a).dtype)  # CScalar: a NumPy scalar keeps its type
+
+
+@functools.cache
+def _no_memory():
+    """Device memory that is never touched: CuPy arrays over it need no device."""
+    from cupy.cuda import memory
+
+    return memory.MemoryPointer(memory.UnownedMemory(1 << 20, 1 << 50, None, device_id=0), 0)
+
+
+def cupy_empty(shape, dtype):
+    """A real ``cupy.ndarray`` made as ``cupy.empty`` makes one, over :func:`_no_memory`."""
+    return cupy.ndarray(tuple(shape), dtype=dtype, memptr=_no_memory())
+
+
+def launches(op: str, dtype, layout: str, empty=Array.empty) -> list[list]:
+    """The arguments (:class:`Array`, :class:`Scalar`) of each launch of the
+    ``ops.ELEMENTWISE`` kernel ``op`` that ``layout``'s layer makes; [] if none.
+    ``empty(shape, dtype)`` makes the new arrays (:func:`cupy_empty`: real CuPy ones).
+
+    Which kernels a layer launches, and with what, comes from gpu_mlp's tables: the
+    convolution kernels (``conv.ELEMENTWISE``) are what a Conv2d's own ``rows`` and
+    ``input_grad`` launch, called here on its arrays; the activation kernels (the rows of
+    ``cuda_host.OP_CALLS``) run on every layer's output, each parameter shaped by
+    ``ops.param_layout`` -- ``bias`` as the layer's ``bias_view`` gives it; the rest
+    (losses, wide softmax) on the (B, d) output of a Dense layer, the per-row columns
+    (B, 1), and their outputs also (B, 1) when every input is a column or a scalar, as
+    nothing in the signature then tells which.
+    """
+    geometry, dtype = LAYOUTS[layout], np.dtype(dtype)
+    layer, B = geometry.layer, geometry.batch
+    is_conv = isinstance(layer, Conv2d)
+    if op in conv.ELEMENTWISE:
+        if not is_conv:
+            return []
+        x = empty((B, *geometry.input_shape), dtype)
+        T_rows = empty((B * layer.positions(geometry.input_shape), layer.c_out), dtype)
+        ws = _Buffers(dtype, empty)
+        with _recorded_launches() as launched:
+            layer.give_rows(layer.rows(x, ws), ws)                           # im2col
+            layer.input_grad(T_rows, empty(layer.weight_shape, dtype), ws, x)  # col2im
+        return [[_engine_arg(a) for a in args] for name, _, args in launched if name == op]
+    if is_conv and op not in cuda_host.OP_CALLS:
+        return []
+    signature = cuda_host.elementwise_signature(op)
+    out_shape = geometry.output_shape
+    bias = _engine_arg(layer.bias_view(empty(layer.bias_shape, dtype)))
+    broadcast = {p.kind for p in signature if not p.output and p.kind not in ("scalar", "raw")}
+    out_shapes = [out_shape] + ([(B, 1)] if broadcast == {"row"} else [])
+    result = []
+    for shape in out_shapes:
+        args = []
+        for p in signature:
+            assert not (is_conv and p.kind in ("row", "raw")), f"{op}: {p.name} on NCHW"
+            t = p.dtype(dtype)
+            args.append(Scalar(t) if p.kind == "scalar" else
+                        empty(shape, t) if p.output else
+                        bias if p.kind == "column" else
+                        empty((B, 1), t) if p.kind == "row" else
+                        empty(out_shape, t))  # "full", and "raw": the output's like
+        args = [_engine_arg(a) for a in args]
+        result.append(args)
+    return result
+
+
+def launch_records(kernel, op: str, dtype, layout: str) -> list[tuple]:
+    """``[(arginfos, type_map)]`` of ``op``'s launches on ``layout`` (see :func:`launches`
+    and :func:`cupy_launch`)."""
+    return [cupy_launch(kernel, args) for args in launches(op, dtype, layout)]
+
+
+@functools.cache
+def layouts_of(op: str) -> tuple[str, ...]:
+    """The layouts on which the engine launches ``op``, in LAYOUTS' order."""
+    return tuple(layout for layout in LAYOUTS if launches(op, DTYPES[0], layout))
+
+
+def compile_plan(arch: str, dtype) -> list[tuple]:
+    """``[(op, activation or None, layout, n, (arginfos, type_map))]``: the launches to
+    compile for ``arch`` and ``dtype``, the n-th of ``launches(op, dtype, layout)``.
+
+    Every kernel (each op with each activation) in its op's first layout, everywhere.
+    For sm_90 float32 also each other launch record of each op -- the other layouts
+    change CuPy's indexing (the ``CArray``/``CIndexer`` types), not the body, which
+    differs between an op's kernels only by the activation it calls -- given to the
+    op's activations in turn, so each indexing is compiled once per op and each
+    activation's body with several of them.
+    """
+    plan = []
+    for op in dict.fromkeys(op for op, _ in ELEMENTWISE_PAIRS):
+        acts = [act for o, act in ELEMENTWISE_PAIRS if o == op]
+        kernel = ops._kernel(op, acts[0] or "")  # the records do not depend on the act
+        layouts = layouts_of(op)
+        assert layouts, f"{op}: no layout of LAYOUTS launches it"
+        first = launch_records(kernel, op, dtype, layouts[0])
+        plan += [(op, act, layouts[0], n, record) for act in acts
+                 for n, record in enumerate(first)]
+        if (arch, np.dtype(dtype)) != ("90", np.float32):
+            continue
+        seen, turn = set(first), 0
+        for layout in layouts[1:]:
+            for n, record in enumerate(launch_records(kernel, op, dtype, layout)):
+                if record not in seen:
+                    seen.add(record)
+                    act = acts[-1 - turn % len(acts)]  # the last activations first
+                    plan.append((op, act, layout, n, record))
+                    turn += 1
+    return plan
+
+
+def elementwise_code(kernel, arginfos, type_map) -> str:
+    """The CUDA source CuPy generates for a launch (before CuPy's headers are prepended),
+    as ``ElementwiseKernel._get_elementwise_kernel`` does."""
     from cupy._core import _kernel
 
-    return [_kernel._get_elementwise_kernel_code(
+    return _kernel._get_elementwise_kernel_code(
         arginfos, type_map, kernel.params, kernel.operation, kernel.name, kernel.preamble,
-        **kernel.kwargs) for arginfos, type_map in launch_records(kernel, dtype, layout)]
+        **kernel.kwargs)
+
+
+def elementwise_sources(kernel, op: str, dtype, layout: str) -> list[str]:
+    """The CUDA sources of ``op``'s launches on ``layout``."""
+    return [elementwise_code(kernel, arginfos, type_map)
+            for arginfos, type_map in launch_records(kernel, op, dtype, layout)]
+
 
 
 # --- NVRTC through CuPy, without a device ------------------------------------------------
@@ -199,9 +552,10 @@ class NVRTC:
         options = kernel.kwargs.get("options", ())
         return self._run(arch, lambda: core.compile_with_cache(code, options))
 
-    def elementwise(self, kernel, dtype, arch: str, layout: str = "typical") -> Compiled:
-        """Compile ``kernel``'s first launch in ``layout``."""
-        return self.elementwise_code(elementwise_sources(kernel, dtype, layout)[0], kernel, arch)
+    def elementwise(self, kernel, op: str, dtype, arch: str, layout: str = "typical") -> Compiled:
+        """Compile the first launch of ``kernel``, made for ``op``, in ``layout``."""
+        return self.elementwise_code(elementwise_sources(kernel, op, dtype, layout)[0], kernel,
+                                     arch)
 
     def module(self, raw_module, arch: str) -> Compiled:
         """Compile a ``cupy.RawModule`` through ``RawModule.compile``."""
@@ -296,16 +650,12 @@ ELEMENTWISE_PAIRS = cuda_host.elementwise_pairs()
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 def test_every_elementwise_kernel_compiles(nvrtc, arch, dtype):
-    jobs, seen = [], set()
-    for op, act in ELEMENTWISE_PAIRS:
+    jobs = []
+    for op, act, layout, n, (arginfos, type_map) in compile_plan(arch, dtype):
         kernel = ops._kernel(op, act or "")
-        for layout in layouts_for(arch, dtype):
-            for n, code in enumerate(elementwise_sources(kernel, dtype, layout)):
-                if code in seen:  # the same launch records as another layout
-                    continue
-                seen.add(code)
-                jobs.append(((kernel.name, f"{layout}{'-column-out' if n else ''}"),
-                             lambda c=code, k=kernel: nvrtc.elementwise_code(c, k, arch)))
+        code = elementwise_code(kernel, arginfos, type_map)
+        jobs.append(((kernel.name, f"{layout}{f', launch {n + 1}' if n else ''}"),
+                     lambda c=code, k=kernel: nvrtc.elementwise_code(c, k, arch)))
     assert {name for (name, _), _ in jobs} == {ops._kernel(op, act or "").name
                                                for op, act in ELEMENTWISE_PAIRS}
     failures = []
@@ -314,6 +664,145 @@ def test_every_elementwise_kernel_compiles(nvrtc, arch, dtype):
                  problems(result, name, dtype))
         failures += [f"{name} ({layout}, sm_{arch}, {dtype.name}): {f}" for f in found]
     assert not failures, "\n".join(failures)
+
+
+# --- the model against the launches the engine makes ----------------------------------------
+
+# Small networks whose launches take every path of the model but its big arrays: Conv2d
+# layers of many channels, of one channel and of a 1 x 1 output, a Conv2d last, Dense
+# layers after them, and outputs wider than ops.ROW_KERNEL_MAX; per net: (layers, input
+# shape of one sample, loss, soft targets).
+ENGINE_NETS = {
+    "conv-one-channel-xent": ([Conv2d(2, 4, 3, padding=1, activation="relu"),
+                               Conv2d(4, 1, 3, stride=2, activation="tanh"),
+                               Dense(9, 40, activation="identity")],
+                              (2, 8, 8), "softmax_cross_entropy", False),
+    "conv-1x1-softmax": ([Conv2d(3, 5, (6, 5), activation="sigmoid"),
+                          Dense(5, 36, activation="softmax")], (3, 6, 5), "squared", False),
+    "conv-last-gelu": ([Conv2d(2, 3, 2, activation="gelu"),
+                        Conv2d(3, 2, 2, activation="identity")], (2, 5, 4), "logistic", False),
+    "dense-xent-targets": ([Dense(6, 7, activation="tanh"), Dense(7, 40, activation="identity")],
+                           (6,), "softmax_cross_entropy", True),
+}
+
+
+def engine_launches(monkeypatch, name, memory, dtype) -> list[tuple]:
+    """``[(op, activation name or "", args)]``: every elementwise launch the engine's CuPy
+    path makes for ``ENGINE_NETS[name]`` in a train step on a batch and on one sample,
+    ``loss_and_gradients``, ``predict`` on a batch and on one sample and
+    ``per_sample_grad_norms``. It runs on the CPU: ``ops`` takes its CuPy branches on the
+    net's NumPy arrays and records its launches instead of making them (the numbers are
+    garbage, the shapes and the buffers the engine's own)."""
+    from gpu_mlp import Network
+
+    layers, input_shape, loss, soft = ENGINE_NETS[name]
+    if memory == "output" and any(not layer.activation.has_grad_from_output
+                                  for layer in layers):
+        return []
+    rng = np.random.default_rng(0)
+    net = Network(layers, loss=loss, memory=memory, device="cpu", dtype=dtype, seed=0)
+    B, d = 5, math.prod(net._shapes(input_shape)[-1][1])
+    X = rng.standard_normal((B, *input_shape)).astype(dtype)
+    Y = (rng.dirichlet(np.ones(d), B).astype(dtype) if soft else rng.integers(0, d, B)
+         if loss == "softmax_cross_entropy" else
+         np.where(rng.random((B, d)) < 0.5, -1.0, 1.0).astype(dtype) if loss == "logistic"
+         else rng.standard_normal((B, d)).astype(dtype))
+    with monkeypatch.context() as mp, np.errstate(all="ignore"), \
+            _recorded_launches() as launched:
+        mp.setattr(ops, "is_numpy", lambda a: False)
+        mp.setattr(ops, "_launch_rows", lambda *args: None)
+        net.train_step(X, Y, lr=0.1)
+        net.train_step(X[:1], Y[:1], lr=0.1)
+        net.loss_and_gradients(X, Y)
+        net.predict(X)
+        net.predict(X[0])
+        net.per_sample_grad_norms(X, Y)
+    return [(op, act.name if act is not None else "", args) for op, act, args in launched]
+
+
+def test_the_model_holds_every_launch_the_engine_makes(monkeypatch):
+    """Each launch the engine makes, run through :func:`cupy_launch`, is one that
+    :func:`launches` models (and so one the compile test compiles: sm_90 float32 takes
+    every layout); and each modelled launch of the activation and convolution kernels
+    on arrays under 2 GiB is one the engine makes, so the model holds no launch of its
+    own invention there."""
+    layer_ops = set(cuda_host.OP_CALLS) | set(conv.ELEMENTWISE)
+    missing, made = [], set()
+    for dtype in DTYPES:
+        modelled = {}
+        for name in ENGINE_NETS:
+            for memory in MEMORY_MODES:
+                for op, act, args in engine_launches(monkeypatch, name, memory, dtype):
+                    kernel = ops._kernel(op, act)
+                    record = cupy_launch(kernel, [_engine_arg(a) for a in args])
+                    made.add((op, dtype, record))
+                    if (op, act) not in modelled:
+                        modelled[op, act] = {r for layout in layouts_of(op)
+                                             for r in launch_records(kernel, op, dtype, layout)}
+                    if record not in modelled[op, act]:
+                        missing.append(f"{kernel.name} ({name}, {memory}, {dtype.name}): "
+                                       f"{describe(record[0])}")
+    assert not missing, "launches the model does not hold:\n" + "\n".join(missing)
+    invented = [f"{op} ({layout}, {dtype.name}): {describe(record[0])}"
+                for op in sorted(layer_ops) for layout in layouts_of(op) for dtype in DTYPES
+                for record in launch_records(ops._kernel(op, _some_activation(op)), op, dtype,
+                                             layout)
+                if all(a.index_32_bits for a in record[0])  # no array over 2 GiB
+                and not any(m[0] == op and m[1] == dtype and m[2][0] == record[0]
+                            for m in made)]
+    assert not invented, "modelled launches the engine never makes:\n" + "\n".join(invented)
+
+
+def test_the_model_makes_and_broadcasts_arrays_as_cupy_does():
+    """The arrays of every modelled launch, made again as real CuPy arrays (over memory
+    never touched: no device needed) by the engine's own code (``bias_view``, a Conv2d's
+    ``rows`` and ``input_grad``), carry the shapes, strides and flags the model gives
+    them, and CuPy's own ``_broadcast_core`` (through ``cupy.broadcast``) broadcasts them
+    as :func:`_broadcast_core` does; its C-contiguity is ``get_c_contiguity``'s."""
+    from cupy._core import internal
+
+    checked = 0
+    for op in dict.fromkeys(op for op, _ in ELEMENTWISE_PAIRS):
+        params = ops._kernel(op, _some_activation(op)).params
+        for layout in layouts_of(op):
+            for model, real in zip(launches(op, DTYPES[0], layout),
+                                   launches(op, DTYPES[0], layout, empty=cupy_empty),
+                                   strict=True):
+                assert model == real, f"{op} ({layout}): the arrays differ from CuPy's"
+                value = [a if isinstance(a, Array) and not p.raw else None
+                         for a, p in zip(model, params)]
+                broadcast = cupy.broadcast(*[cupy_like(v) for v in value if v is not None])
+                shape = _broadcast_core(value)
+                assert broadcast.shape == shape, f"{op} ({layout})"
+                for v in broadcast.values:
+                    assert internal.get_c_contiguity(v.shape, v.strides, v.itemsize) == \
+                        get_c_contiguity(v.shape, v.strides, v.itemsize)
+                ported = [v for v in value if v is not None]
+                assert [_engine_arg(v) for v in broadcast.values] == ported, \
+                    f"{op} ({layout}): broadcast unlike CuPy's"
+                checked += 1
+    assert checked > len(LAYOUTS)
+
+
+def cupy_like(a: Array):
+    """A real CuPy array with the shape, strides and flags of ``a`` (a new array, or
+    ``bias_view``'s reshaped one)."""
+    real = cupy.ndarray(a.shape, dtype=a.dtype, memptr=_no_memory(), strides=a.strides)
+    assert _engine_arg(real) == a, (a, _engine_arg(real))
+    return real
+
+
+def describe(arginfos) -> str:
+    """Launch records in brief: per argument its dtype, ndim, and the C-contiguity and
+    32-bit indexing flags where they are not true."""
+    return ", ".join(
+        f"{'indexer' if a.dtype is None else np.dtype(a.dtype).name}/{a.ndim}"
+        f"{'' if a.c_contiguous else ' strided'}{'' if a.index_32_bits else ' 64-bit'}"
+        for a in arginfos)
+
+
+def _some_activation(op: str) -> str:
+    return next(act or "" for o, act in ELEMENTWISE_PAIRS if o == op)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
@@ -332,8 +821,9 @@ def test_row_module_compiles(nvrtc, arch):
 
 
 def test_nvrtc_gets_cupys_headers_and_options(nvrtc):
-    kernel = ops._kernel(*next((op, act or "") for op, act in ELEMENTWISE_PAIRS))
-    compiled = nvrtc.elementwise(kernel, DTYPES[0], "90")
+    op, act = ELEMENTWISE_PAIRS[0]
+    kernel = ops._kernel(op, act or "")
+    compiled = nvrtc.elementwise(kernel, op, DTYPES[0], "90")
     assert compiled.source.startswith("#include <cupy/complex.cuh>\n#include <cupy/carray.cuh>")
     assert cuda.source() in compiled.source
     assert f'extern "C" __global__ void {kernel.name}(' in compiled.source
@@ -350,9 +840,10 @@ def test_an_elementwise_kernel_that_does_not_compile_fails(nvrtc, monkeypatch):
 
     monkeypatch.setitem(ops.ELEMENTWISE, "broken", ("T x", "T y", "y = gm_no_such_function(x)"))
     assert ("broken", None) in cuda_host.elementwise_pairs()  # the tests above would see it
-    kernel = ops._kernel.__wrapped__("broken", "")
+    op = "broken"
+    kernel = ops._kernel.__wrapped__(op, "")
     with pytest.raises(CompileException, match="gm_no_such_function"):
-        nvrtc.elementwise(kernel, DTYPES[0], "90")
+        nvrtc.elementwise(kernel, op, DTYPES[0], "90")
 
 
 def test_a_row_module_that_does_not_compile_fails(nvrtc, monkeypatch):
@@ -367,17 +858,19 @@ def test_a_row_module_that_does_not_compile_fails(nvrtc, monkeypatch):
 def test_double_precision_in_a_float32_kernel_is_found(nvrtc, monkeypatch):
     # 1.1 is a double: the product is computed in double and rounded back
     monkeypatch.setitem(ops.ELEMENTWISE, "doubled", ("T x", "T y", "y = x * 1.1"))
-    kernel = ops._kernel.__wrapped__("doubled", "")
-    compiled = nvrtc.elementwise(kernel, DTYPES[0], "90")
+    op = "doubled"
+    kernel = ops._kernel.__wrapped__(op, "")
+    compiled = nvrtc.elementwise(kernel, op, DTYPES[0], "90")
     [problem] = problems(compiled, kernel.name, DTYPES[0])
     assert "double precision" in problem and "mul" in problem
-    assert problems(nvrtc.elementwise(kernel, DTYPES[1], "90"), kernel.name, DTYPES[1]) == []
+    assert problems(nvrtc.elementwise(kernel, op, DTYPES[1], "90"), kernel.name, DTYPES[1]) == []
 
 
 def test_a_warning_fails_the_check(nvrtc, monkeypatch):
     monkeypatch.setitem(ops.ELEMENTWISE, "warned", ("T x", "T y", "int unused; y = x"))
-    kernel = ops._kernel.__wrapped__("warned", "")
-    compiled = nvrtc.elementwise(kernel, DTYPES[0], "90")
+    op = "warned"
+    kernel = ops._kernel.__wrapped__(op, "")
+    compiled = nvrtc.elementwise(kernel, op, DTYPES[0], "90")
     assert compiled.log and "unused" in compiled.log
     assert any("NVRTC says" in p for p in problems(compiled, kernel.name, DTYPES[0]))
 

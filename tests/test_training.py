@@ -16,7 +16,7 @@ import pytest
 from scipy.special import logsumexp
 
 import gpu_mlp
-from gpu_mlp import checkpoint, datasets, reference, training
+from gpu_mlp import checkpoint, datasets, optim, reference, training
 from gpu_mlp.training import History
 
 needs_gpu = pytest.mark.gpu  # skipped without a GPU by conftest
@@ -142,7 +142,7 @@ def oracle_metrics(net, loss, X, Y):
 @pytest.mark.parametrize("predict_bytes", [64 << 20, 1])  # one forward pass, or a row each
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", "logistic", "squared"])
 def test_validation_metrics_match_the_oracle(loss, predict_bytes, monkeypatch):
-    monkeypatch.setattr(gpu_mlp.mlp, "PREDICT_BUFFER_BYTES", predict_bytes)
+    monkeypatch.setattr(gpu_mlp.network, "PREDICT_BUFFER_BYTES", predict_bytes)
     sizes, X, Y = problem(loss)
     X_val, Y_val = X[:40], Y[:40]
     net = new_net(sizes, loss)
@@ -300,8 +300,8 @@ X_WITH_NAN[3, 1] = np.nan
     ({"validation": ([1.0],)}, TypeError, "validation must be a pair"),
     ({"validation": (np.zeros((4, 3)), np.zeros(4, dtype=int))}, ValueError, "X must have shape"),
     ({"validation": (np.zeros((4, 5)), np.full(4, 3))}, ValueError, "labels must lie in"),
-    ({"X": np.zeros(5)}, ValueError, "X must be a \\(samples, features\\) array"),
-    ({"X": np.zeros((0, 5))}, ValueError, "at least one row"),
+    ({"X": np.zeros(5)}, ValueError, "X must be a \\(samples, ...\\) array"),
+    ({"X": np.zeros((0, 5))}, ValueError, "at least one sample"),
     ({"X": np.zeros((120, 4))}, ValueError, "X must have shape"),
     ({"X": X_WITH_NAN}, ValueError, "X contains NaN"),
     ({"Y": np.zeros(119, dtype=int)}, ValueError, "labels must have shape \\(120,\\)"),
@@ -419,3 +419,118 @@ def test_gpu_fit_matches_the_cpu(memory, inputs):
 def test_docstring_examples_run(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- fit with an optimizer -----------------------------------------------------------------
+
+FIT_OPTIMIZERS = {
+    "momentum-step": lambda: optim.SGD(0.05, momentum=0.9, schedule=optim.Step(7, 0.5)),
+    "adam-cosine": lambda: optim.Adam(1e-2, weight_decay=1e-3,
+                                      schedule=optim.Cosine(20, warmup=5, min_lr=1e-4)),
+    "adamw": lambda: optim.AdamW(1e-2),
+}
+
+
+@pytest.mark.parametrize("name", FIT_OPTIMIZERS)
+def test_fit_with_an_optimizer_is_the_documented_loop(name):
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net, manual = new_net(sizes), new_net(sizes)
+    opt, manual_opt = FIT_OPTIMIZERS[name](), FIT_OPTIMIZERS[name]()
+    history = fit_quietly(net, X, Y, epochs=3, batch_size=16, seed=5, optimizer=opt)
+    rates = []
+    for epoch in range(3):
+        order = np.random.default_rng([5, epoch]).permutation(len(X))
+        total = 0.0
+        for first in range(0, len(X), 16):
+            rows = order[first:first + 16]
+            total += float(manual.train_step(X[rows], Y[rows], manual_opt)) * len(rows)
+        assert history.train_loss[epoch] == pytest.approx(total / len(X), rel=1e-12)
+        rates.append(manual_opt.last_lr)
+    assert same_params(net.params, manual.params)
+    assert history.lr == rates and opt.steps == manual_opt.steps == 3 * 8
+
+
+def test_an_optimizer_learns_the_digits(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = gpu_mlp.MLP([64, 32, 10], loss="softmax_cross_entropy", device="cpu", seed=0)
+    history = fit_quietly(net, X_train, y_train, epochs=10, batch_size=16,
+                          optimizer=optim.Adam(3e-3), validation=(X_test, y_test))
+    assert history.val_accuracy[-1] >= 0.9
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"lr": 0.1}, ValueError, "give lr \\(plain SGD\\) or optimizer .*, not both"),
+    ({"optimizer": "adam"}, TypeError, "optimizer must be a gpu_mlp.optim optimizer"),
+    ({"optimizer": 0.1}, TypeError, "optimizer must be a gpu_mlp.optim optimizer"),
+])
+def test_bad_optimizer_arguments_raise_before_anything_changes(kwargs, error, match):
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    before = params_of(net)
+    kwargs = {"optimizer": optim.Adam(), **kwargs}
+    with pytest.raises(error, match=match):
+        fit_quietly(net, X, Y, epochs=1, **kwargs)
+    assert same_params(before, net.params)
+
+
+def test_resume_with_an_optimizer_continues_bit_for_bit(tmp_path):
+    sizes, X, Y = problem("softmax_cross_entropy")
+    settings = dict(batch_size=16, seed=3, validation=(X[:20], Y[:20]))
+
+    def adam():
+        return optim.Adam(1e-2, schedule=optim.Cosine(40, warmup=6, min_lr=1e-4))
+
+    straight, opt = new_net(sizes, dtype="float32"), adam()
+    full = fit_quietly(straight, X, Y, epochs=5, optimizer=opt, **settings)
+
+    first, first_opt = new_net(sizes, dtype="float32"), adam()
+    fit_quietly(first, X, Y, epochs=2, optimizer=first_opt, **settings,
+                on_epoch=lambda n, h: checkpoint.save(n, tmp_path / "run.npz", history=h,
+                                                      optimizer=first_opt))
+    run = checkpoint.read(tmp_path / "run.npz", device="cpu")
+    assert run.optimizer.steps == 2 * 8
+    rest = fit_quietly(run.net, X, Y, epochs=5, optimizer=run.optimizer, resume=run.history,
+                       **settings)
+
+    assert same_params(straight.params, run.net.params)
+    for name in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert getattr(rest, name) == getattr(full, name)
+    a, b = opt.state_dict(), run.optimizer.state_dict()
+    assert a["steps"] == b["steps"] == 5 * 8 and a["last_lr"] == b["last_lr"]
+    assert all(np.array_equal(x, y) for name in a["state"]
+               for pa, pb in zip(a["state"][name], b["state"][name]) for x, y in zip(pa, pb))
+
+
+def test_resume_with_a_fresh_optimizer_is_refused():
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    history = fit_quietly(net, X, Y, epochs=2, batch_size=16, optimizer=optim.Adam())
+    before = params_of(net)
+    with pytest.raises(ValueError, match="resume: the optimizer has taken 0 steps, but the "
+                                         "run to continue took 16 \\(2 epochs of 8\\)"):
+        fit_quietly(net, X, Y, epochs=3, batch_size=16, optimizer=optim.Adam(),
+                    resume=history)
+    assert same_params(before, net.params)
+
+
+def test_divergence_restores_the_optimizer_of_the_last_good_epoch(monkeypatch):
+    sizes, X, Y = problem("softmax_cross_entropy", n=100)
+    net, opt = new_net(sizes), optim.Adam(1e-2)
+    saved = {}
+    train_step = net.train_step
+
+    def step(X, Y, lr, check=True):
+        if opt.steps == 25:  # in epoch 3
+            for W, b in net.params:
+                W[...] = np.nan
+        return train_step(X, Y, lr, check=check)
+
+    monkeypatch.setattr(net, "train_step", step)
+    with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged):
+        fit_quietly(net, X, Y, epochs=5, batch_size=10, optimizer=opt,
+                    on_epoch=lambda n, h: saved.update({h.epochs: opt.state_dict()}))
+    state = opt.state_dict()
+    assert state["steps"] == 20 and state["last_lr"] == saved[2]["last_lr"]
+    assert all(np.array_equal(x, y) for name in state["state"]
+               for pa, pb in zip(state["state"][name], saved[2]["state"][name])
+               for x, y in zip(pa, pb))

@@ -1,0 +1,385 @@
+"""PyTorch modules on gpu_mlp's engine: :class:`MLPModule` and :class:`NetworkModule`.
+
+An ``nn.Module`` whose forward pass is gpu_mlp's (:meth:`Network.forward`, keeping what
+the memory mode keeps) and whose backward pass is Algorithm 2's from the upstream
+gradient (:meth:`Network.backward`), inside a ``torch.autograd.Function``: the rest of a
+model, its loss and ``torch.optim`` work unchanged.
+
+>>> import torch
+>>> from gpu_mlp.torch import MLPModule
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = torch.nn.Sequential(torch.nn.Linear(10, 64),
+...                             MLPModule([64, 128, 128, 3], activations="tanh"))
+>>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+>>> loss = model(torch.randn(32, 10)).square().mean()
+>>> loss.backward(); opt.step()
+>>> [name for name, _ in model[1].named_parameters()]
+['W_1', 'b_1', 'W_2', 'b_2', 'W_3', 'b_3']
+
+* **Parameters** are ``W_1, b_1, ..., W_n, b_n`` in ``nn.Linear``'s layout ``(d_out,
+  d_in)`` (``nn.Conv2d``'s ``(c_out, c_in, kh, kw)`` for a convolution): ``nn.Parameter``s
+  that *are* the engine's arrays, shared through DLPack, no copy. ``torch.optim`` updates
+  them in place, so the engine always computes with the current values; ``state_dict``,
+  ``load_state_dict`` and in-place edits under ``torch.no_grad()`` all reach it.
+* **Devices**: CPU tensors run on the NumPy backend, CUDA tensors on CuPy (on the tensor's
+  GPU and PyTorch's current stream). ``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``
+  move the module as they move any other and the engine follows (its arrays are rebuilt
+  from the moved parameters and shared again); a dtype other than float32/float64
+  (``.half()``) or a device other than CPU/CUDA raises a TypeError/RuntimeError saying so.
+  An input of another dtype is cast (through autograd) to the module's; one on another
+  device is an error, as for ``nn.Linear``.
+* **Grad mode**: when no gradient is needed (``torch.no_grad()``, ``inference_mode``, or
+  nothing requiring grad) forward is :meth:`Network.predict`, which keeps nothing. With
+  gradients (also in ``eval()`` mode, e.g. for input gradients) it keeps a tape in the
+  engine's training workspace; the tape's buffers go back to the workspace when
+  backward has used them, or when the graph is freed without a backward. So the
+  workspace holds what the most forwards alive at once need, bounded and reused.
+* ``backward`` returns ``dJ/dX`` only when the input needs it (a GEMM saved otherwise);
+  a second backward through a retained graph (``retain_graph=True``) runs the forward
+  again for its tape. Double backward (``create_graph=True``) is not supported.
+* A module deep-copied or unpickled gets its own parameters and builds its engine from
+  them at its first forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+try:
+    import torch  # Python 3 imports are absolute: this is PyTorch, not gpu_mlp.torch
+except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
+    if e.name != "torch":
+        raise
+    raise ModuleNotFoundError("gpu_mlp.torch needs PyTorch: pip install 'gpu_mlp[torch]'",
+                              name="torch") from None
+
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import device as _device
+from . import layers as _layers
+from .mlp import MLP
+from .network import Network
+
+__all__ = ["NetworkModule", "MLPModule"]
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES:
+            return dtype
+    else:
+        try:
+            import numpy as np
+
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+        if name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+    raise TypeError(f"gpu_mlp computes in float32 or float64, got dtype {dtype!r}")
+
+
+def _engine_device(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "cuda"
+    raise RuntimeError(f"gpu_mlp runs on CPU tensors (NumPy) and CUDA tensors (CuPy), not on "
+                       f"{device.type!r} ones")
+
+
+@contextlib.contextmanager
+def _on(device: torch.device):
+    """Run the engine where ``device``'s tensors live: for CUDA on that GPU and on
+    PyTorch's current stream there, so CuPy's kernels and cuBLAS calls are ordered with
+    PyTorch's."""
+    if device.type != "cuda":
+        yield
+        return
+    _device.resolve("cuda")  # a clear RuntimeError when CuPy cannot use the GPU
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        pointer = torch.cuda.current_stream(index).cuda_stream
+        stream = cupy.cuda.Stream.null if pointer == 0 else cupy.cuda.ExternalStream(pointer)
+        with stream:
+            yield
+
+
+def _pointer(a) -> int:
+    return a.ctypes.data if hasattr(a, "ctypes") else a.data.ptr
+
+
+def _shares(t: torch.Tensor, a) -> bool:
+    """True when tensor ``t`` is the engine array ``a``: same memory, shape and dtype."""
+    return (t.data_ptr() == _pointer(a) and tuple(t.shape) == tuple(a.shape)
+            and _DTYPES.get(t.dtype) == a.dtype.name and t.is_contiguous()
+            and _engine_device(t.device) == ("cpu" if hasattr(a, "ctypes") else "cuda"))
+
+
+def _to_engine(t: torch.Tensor, net):
+    return _device.to_device(t.detach(), _device.resolve(net.device)[1])
+
+
+class _Tape:
+    """Holds a forward pass's tape for the autograd graph: the buffers go back to the
+    workspace when backward takes it, or when the graph is freed without a backward."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+    def take(self):
+        tape, self.tape = self.tape, None
+        return tape
+
+    def __del__(self):
+        tape, self.tape = getattr(self, "tape", None), None
+        if tape is not None:
+            try:
+                tape.release()
+            except Exception:  # never raise from a finaliser
+                pass
+
+
+class _EngineFunction(torch.autograd.Function):
+    """``F_n = net(x)`` with the parameters as inputs, so autograd routes their gradients."""
+
+    @staticmethod
+    def forward(ctx, net, x, *params):
+        with _on(x.device):
+            out, tape = net.forward(_to_engine(x, net), check=False)
+            out = torch.from_dlpack(out)
+        ctx.net, ctx.tape = net, _Tape(tape)
+        ctx.save_for_backward(x, *params)  # for autograd's in-place-modification check
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, *params = ctx.saved_tensors  # raises if x or a W_k changed since the forward
+        net = ctx.net
+        want_dx = ctx.needs_input_grad[1]
+        with _on(x.device):
+            tape = ctx.tape.take()
+            if tape is None:  # a retained graph's second backward: its own forward
+                _, tape = net.forward(_to_engine(x, net), check=False)
+            grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net),
+                                     want_dx=want_dx)
+            dX = torch.from_dlpack(dX) if want_dx else None
+            flat = [torch.from_dlpack(g) for pair in grads for g in pair]
+        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[2:])]
+        return (None, dX, *flat)
+
+
+class NetworkModule(nn.Module):
+    """A :class:`gpu_mlp.Network` of :mod:`gpu_mlp.layers` as an ``nn.Module``.
+
+    Args:
+        layers: the layers, first to last (``Dense``, ``Conv2d``).
+        memory: the engine's memory mode, ``"output"``, ``"recompute"`` or ``"store_both"``.
+        dtype: ``"float32"`` / ``torch.float32`` or ``"float64"`` / ``torch.float64``.
+        device: where the parameters start (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
+            ``torch.device``); ``.to()`` moves them later.
+        seed: ``None`` initialises every layer as ``nn.Linear`` / ``nn.Conv2d`` do, from
+            PyTorch's generator (so ``torch.manual_seed`` decides, and a model of
+            ``nn.Linear`` layers built in the same order gets the same numbers); an
+            integer uses gpu_mlp's own initialisation with that seed.
+
+    Inputs are ``(B, *input_shape)`` batches (NCHW images for a convolution), or one
+    sample without the batch axis.
+    """
+
+    def __init__(self, layers, memory: str = "output", dtype="float32", device="cpu",
+                 seed=None):
+        super().__init__()
+        device = torch.device(device)
+        dtype = _torch_dtype(dtype)
+        with _on(device):
+            net = self._new_engine(layers, memory, device, dtype, seed)
+        self._layers, self._memory, self._net = list(net.layers), memory, net
+        for k, (W, b) in enumerate(net.params, start=1):
+            self.register_parameter(f"W_{k}", nn.Parameter(torch.from_dlpack(W)))
+            self.register_parameter(f"b_{k}", nn.Parameter(torch.from_dlpack(b)))
+        if seed is None:
+            self.reset_parameters()
+
+    def _new_engine(self, layers, memory, device, dtype, seed):
+        return Network(layers, memory=memory, device=_engine_device(device),
+                       dtype=_DTYPES[dtype], seed=0 if seed is None else seed)
+
+    def _engine_from(self, params, device, dtype):
+        return Network.from_params(self._layers, params, memory=self._memory,
+                                   device=_engine_device(device), dtype=_DTYPES[dtype])
+
+    def reset_parameters(self) -> None:
+        """Initialise as ``nn.Linear`` / ``nn.Conv2d``: ``W`` Kaiming-uniform with
+        ``a = sqrt(5)``, ``b`` uniform in ``+-1/sqrt(fan_in)``, layer by layer, in place."""
+        with torch.no_grad():
+            for W, b in self._pairs():
+                nn.init.kaiming_uniform_(W, a=math.sqrt(5))
+                fan_in = W[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(b, -bound, bound)
+
+    # --- the engine, sharing memory with the parameters ---------------------------------
+
+    def _pairs(self) -> list:
+        return [(getattr(self, f"W_{k}"), getattr(self, f"b_{k}"))
+                for k in range(1, len(self._layers) + 1)]
+
+    @property
+    def layers(self) -> list:
+        return list(self._layers)
+
+    @property
+    def memory(self) -> str:
+        return self._memory
+
+    @property
+    def net(self) -> Network:
+        """The engine, its ``params`` the very memory of this module's parameters (made
+        again from them if something -- ``.to()``, ``param.data = ...`` -- replaced it)."""
+        net, pairs = self._net, self._pairs()
+        if net is not None and all(_shares(t, a) for pair, arrays in zip(pairs, net.params)
+                                   for t, a in zip(pair, arrays)):
+            return net
+        return self._rebuild()
+
+    def _rebuild(self) -> Network:
+        pairs = self._pairs()
+        tensors = [t for pair in pairs for t in pair]
+        device, dtype = tensors[0].device, tensors[0].dtype
+        for t in tensors:
+            if t.device != device or t.dtype != dtype:
+                raise RuntimeError(f"all parameters of a {type(self).__name__} must share "
+                                   f"one device and dtype; got {device} {dtype} and "
+                                   f"{t.device} {t.dtype}")
+        if dtype not in _DTYPES:
+            raise TypeError(f"{type(self).__name__}: gpu_mlp computes in float32 or float64, "
+                            f"but the parameters are {dtype} (e.g. after .half()); use "
+                            f".float() or .double()")
+        _engine_device(device)
+        # never inference tensors, even when the first forward after a copy runs under
+        # torch.inference_mode(): the parameters must stay usable by autograd
+        with _on(device), torch.inference_mode(False), torch.no_grad():
+            net = self._engine_from([(W.detach(), b.detach()) for W, b in pairs], device,
+                                    dtype)
+            for (W_t, b_t), (W, b) in zip(pairs, net.params):
+                W_t.data = torch.from_dlpack(W)
+                b_t.data = torch.from_dlpack(b)
+        self._net = net
+        return net
+
+    def _apply(self, fn, recurse=True):
+        W = self.W_1
+        try:  # where would fn take the parameters? refuse before changing anything
+            probe = fn(torch.empty(0, dtype=W.dtype, device=W.device))
+        except Exception:
+            probe = None
+        if isinstance(probe, torch.Tensor):
+            if probe.dtype not in _DTYPES:
+                raise TypeError(f"{type(self).__name__}: gpu_mlp computes in float32 or "
+                                f"float64, not {probe.dtype}")
+            if _engine_device(probe.device) == "cuda":
+                _device.resolve("cuda")  # CuPy must be able to run there
+        module = super()._apply(fn, recurse)
+        self.net  # follow .to() / .cuda() / .double() / share_memory() at once
+        return module
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_net"] = None  # a copy builds its own engine from its own parameters
+        return state
+
+    # --- forward ------------------------------------------------------------------------
+
+    def _sample_ndim(self) -> int:
+        return 3 if isinstance(self._layers[0], _layers.Conv2d) else 1
+
+    def _output_shape(self, input_shape) -> tuple:
+        shape = tuple(input_shape)
+        for layer in self._layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        W = self.W_1
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} takes a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        if x.device != W.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device: the input is "
+                               f"on {x.device}, {type(self).__name__}'s parameters on "
+                               f"{W.device} (move one with .to())")
+        if x.dtype != W.dtype:
+            x = x.to(W.dtype)  # through autograd: dX comes back in the input's dtype
+        single = x.dim() == self._sample_ndim()
+        if single:
+            x = x.unsqueeze(0)
+        out = self._run(net, x)
+        return out.squeeze(0) if single else out
+
+    def _run(self, net, x):
+        params = [t for pair in self._pairs() for t in pair]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params))
+        if x.shape[0] == 0:  # an empty batch: nothing for the engine to do
+            out = x.new_zeros((0, *self._output_shape(x.shape[1:])))
+            if needs_grad:  # zero gradients, as nn.Linear gives
+                out = out + sum(t.sum() for t in (x, *params)) * 0
+            return out
+        if needs_grad:
+            return _EngineFunction.apply(net, x, *params)
+        with _on(x.device):
+            return torch.from_dlpack(net.predict(_to_engine(x, net)))
+
+    def extra_repr(self) -> str:
+        layers = ", ".join(str(layer) for layer in self._layers)
+        W = self.W_1
+        return f"layers=[{layers}], memory={self._memory!r}, dtype={W.dtype}, device={W.device}"
+
+
+class MLPModule(NetworkModule):
+    """A :class:`gpu_mlp.MLP` as an ``nn.Module``: ``MLP``'s arguments (``sizes``,
+    ``activations``, ``output``, ``memory``, ``dtype``; ``seed`` as in
+    :class:`NetworkModule`) and ``device``. Inputs are ``(*, d_in)`` as for ``nn.Linear``:
+    any leading axes, or none."""
+
+    def __init__(self, sizes, activations="relu", output="identity", memory: str = "output",
+                 dtype="float32", device="cpu", seed=None):
+        self._spec = (sizes, activations, output)
+        super().__init__(None, memory=memory, dtype=dtype, device=device, seed=seed)
+
+    def _new_engine(self, layers, memory, device, dtype, seed):
+        sizes, activations, output = self._spec
+        return MLP(sizes, activations=activations, output=output, memory=memory,
+                   device=_engine_device(device), dtype=_DTYPES[dtype],
+                   seed=0 if seed is None else seed)
+
+    def _engine_from(self, params, device, dtype):
+        return MLP.from_params(params, [layer.activation for layer in self._layers],
+                               memory=self._memory, device=_engine_device(device),
+                               dtype=_DTYPES[dtype])
+
+    @property
+    def sizes(self) -> list:
+        return [self._layers[0].d_in] + [layer.d_out for layer in self._layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d_in = self._layers[0].d_in
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MLPModule takes a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != d_in:
+            raise ValueError(f"MLPModule{self.sizes} takes inputs of shape (*, {d_in}), got "
+                             f"{tuple(x.shape)}")
+        lead = x.shape[:-1]
+        out = super().forward(x.reshape(-1, d_in))
+        return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,338 @@
+"""gpu_mlp.sklearn: MLPClassifier and MLPRegressor as scikit-learn estimators.
+
+1. scikit-learn's own estimator checks (``parametrize_with_checks``), every one;
+2. the same meaning as scikit-learn's MLPs: in float64, from the same ``random_state``,
+   every solver, schedule and target kind gives scikit-learn's iterates (coefficients,
+   ``loss_curve_``, ``n_iter_``, stopping) to rounding;
+3. the same scores as scikit-learn on the digits and a regression set with the same
+   hyperparameters (the default float32), both timed;
+4. pickling (parameters and optimizer state as NumPy: nothing in the stream needs CuPy or
+   a GPU), Pipelines and GridSearchCV, partial_fit, warm_start, sparse input, moving a
+   fitted model with set_params, the coefs_ layout, and clear errors.
+"""
+
+import io
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+
+from scipy import sparse  # noqa: E402
+from sklearn import neural_network  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.model_selection import GridSearchCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import gpu_mlp  # noqa: E402
+from gpu_mlp import datasets  # noqa: E402
+from gpu_mlp.sklearn import InvalidParameterError, MLPClassifier, MLPRegressor  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = datasets.digits()
+    return datasets.train_test_split(X, y, test_fraction=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def regression():
+    X, Y = datasets.regression(n=2000, d_in=8, d_out=1, noise=0.1, seed=0)
+    return datasets.train_test_split(X, Y[:, 0], test_fraction=0.25, seed=0)
+
+
+# --- 1. scikit-learn's estimator checks -------------------------------------------------
+
+@parametrize_with_checks([MLPClassifier(max_iter=100, device="cpu"),
+                          MLPRegressor(max_iter=100, device="cpu")])
+def test_sklearn_estimator_checks(estimator, check, monkeypatch):
+    # check_array_api_input (NumPy with array-API dispatch on) runs only with this set
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
+    check(estimator)
+
+
+# --- 2. scikit-learn's iterates ----------------------------------------------------------
+
+SOLVERS = {
+    "adam": dict(solver="adam", learning_rate_init=0.01),
+    "adam-early-stopping": dict(solver="adam", early_stopping=True, max_iter=12,
+                                n_iter_no_change=3),
+    "sgd-nesterov": dict(solver="sgd", learning_rate_init=0.05),
+    "sgd-plain": dict(solver="sgd", momentum=0.0, learning_rate_init=0.05),
+    "sgd-invscaling": dict(solver="sgd", learning_rate="invscaling", learning_rate_init=0.5,
+                           nesterovs_momentum=False),
+    "sgd-adaptive": dict(solver="sgd", learning_rate="adaptive", learning_rate_init=0.05,
+                         tol=0.05, n_iter_no_change=2, max_iter=12),
+}
+
+
+def targets(kind, X, y):
+    return {"multiclass": y, "binary": np.array(["even", "odd"])[y % 2],
+            "multilabel": np.stack([y > 4, y % 3 == 0], axis=1).astype(int)}[kind]
+
+
+def assert_same_fit(ours, theirs, rtol=1e-9):
+    assert ours.n_iter_ == theirs.n_iter_ and ours.t_ == theirs.t_
+    np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=rtol)
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+    if theirs.validation_scores_ is not None:
+        np.testing.assert_allclose(ours.validation_scores_, theirs.validation_scores_)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel"])
+def test_classifier_follows_sklearn_iterates(digits, solver, kind):
+    X, _, y, _ = digits
+    X, y = X[:600], targets(kind, X[:600], y[:600])
+    params = {**dict(hidden_layer_sizes=(24, 12), alpha=0.01, batch_size=64, max_iter=6,
+                     random_state=0), **SOLVERS[solver]}
+    ours = MLPClassifier(dtype="float64", device="cpu", **params).fit(X, y)
+    theirs = neural_network.MLPClassifier(**params).fit(X, y)
+    assert_same_fit(ours, theirs)
+    np.testing.assert_array_equal(ours.classes_, theirs.classes_)
+    np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-9)
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+    assert ours.out_activation_ == theirs.out_activation_
+    assert ours.n_outputs_ == theirs.n_outputs_ and ours.n_layers_ == theirs.n_layers_
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("d_out", [1, 3])
+def test_regressor_follows_sklearn_iterates(solver, d_out):
+    X, Y = datasets.regression(n=400, d_in=6, d_out=d_out, seed=1)
+    y = Y[:, 0] if d_out == 1 else Y
+    params = {**dict(hidden_layer_sizes=(16,), activation="tanh", alpha=0.01, batch_size=50,
+                     max_iter=6, random_state=0), **SOLVERS[solver]}
+    ours = MLPRegressor(dtype="float64", device="cpu", **params).fit(X, y)
+    theirs = neural_network.MLPRegressor(**params).fit(X, y)
+    assert_same_fit(ours, theirs)
+    np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-9, atol=1e-9)
+
+
+def test_partial_fit_follows_sklearn_and_keeps_the_optimizer(digits):
+    X, _, y, _ = digits
+    classes = np.unique(y)
+    ours = MLPClassifier((16,), random_state=0, dtype="float64", device="cpu")
+    theirs = neural_network.MLPClassifier((16,), random_state=0)
+    with pytest.raises(ValueError, match="classes must be passed"):
+        clone(ours).partial_fit(X[:100], y[:100])
+    for first in range(0, 600, 150):
+        for model in (ours, theirs):
+            model.partial_fit(X[first:first + 150], y[first:first + 150], classes=classes)
+    assert_same_fit(ours, theirs)
+    # the Adam moments travel through a pickle
+    loaded = pickle.loads(pickle.dumps(ours))
+    for model in (loaded, theirs):
+        model.partial_fit(X[600:750], y[600:750])
+    assert_same_fit(loaded, theirs)
+
+
+def test_warm_start_follows_sklearn(digits):
+    X, _, y, _ = digits
+    params = dict(hidden_layer_sizes=(16,), max_iter=3, random_state=0, warm_start=True)
+    ours = MLPClassifier(dtype="float64", device="cpu", **params)
+    theirs = neural_network.MLPClassifier(**params)
+    for _ in range(2):
+        ours.fit(X[:400], y[:400])
+        theirs.fit(X[:400], y[:400])
+    assert_same_fit(ours, theirs)
+    assert len(ours.loss_curve_) == 6
+    ours.set_params(hidden_layer_sizes=(8,))
+    with pytest.raises(ValueError, match="warm_start=False to start over"):
+        ours.fit(X[:400], y[:400])
+
+
+# --- 3. scores and times against scikit-learn -------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["digits", "regression"])
+def test_same_score_as_sklearn_with_the_same_hyperparameters(problem, request, record_property):
+    X_train, X_test, y_train, y_test = request.getfixturevalue(problem)
+    ours_class, theirs_class = ((MLPClassifier, neural_network.MLPClassifier)
+                                if problem == "digits" else
+                                (MLPRegressor, neural_network.MLPRegressor))
+    params = dict(hidden_layer_sizes=(100,), max_iter=100, random_state=0)
+    scores, seconds = [], []
+    for model in (ours_class(device="cpu", **params), theirs_class(**params)):
+        start = time.perf_counter()
+        model.fit(X_train, y_train)
+        seconds.append(time.perf_counter() - start)
+        scores.append(model.score(X_test, y_test))
+    record_property("scores (gpu_mlp float32, scikit-learn)", scores)
+    record_property("fit seconds (gpu_mlp float32, scikit-learn)", seconds)
+    assert scores[0] > (0.95 if problem == "digits" else 0.75)
+    assert abs(scores[0] - scores[1]) < 0.01
+
+
+# --- 4. the rest of the contract ---------------------------------------------------------
+
+def test_pickle_holds_numpy_only_and_predicts_the_same(digits):
+    X_train, X_test, y_train, _ = digits
+    model = MLPClassifier((32,), max_iter=20, random_state=0, device="cpu").fit(X_train,
+                                                                                 y_train)
+    data = pickle.dumps(model)
+    text = data.decode("latin-1")
+    assert "cupy" not in text and "gpu_mlp.network" not in text and "gpu_mlp.mlp" not in text
+    loaded = pickle.loads(data)
+    assert loaded._net is None  # built at first use, on the loading machine's device
+    np.testing.assert_array_equal(loaded.predict_proba(X_test), model.predict_proba(X_test))
+    for a, b in zip(loaded.coefs_, model.coefs_):
+        np.testing.assert_array_equal(a, b)
+    buffer = io.BytesIO()
+    pickle.dump(clone(model), buffer)  # an unfitted one too
+    assert not pickle.loads(buffer.getvalue()).__sklearn_is_fitted__()
+
+
+def test_pipeline_and_grid_search(digits):
+    X_train, X_test, y_train, y_test = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(max_iter=30, random_state=0,
+                                                         device="cpu"))
+    search = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(16,), (48,)],
+                                 "mlpclassifier__alpha": [1e-4, 1e-1]}, cv=3)
+    search.fit(X_train[:600], y_train[:600])
+    assert len(search.cv_results_["params"]) == 4
+    assert search.best_score_ > 0.7 and search.score(X_test, y_test) > 0.7
+    assert search.best_estimator_[-1].n_features_in_ == 64
+
+
+def test_coefs_layout_views_and_setters(digits):
+    X_train, _, y_train, _ = digits
+    model = MLPClassifier((20,), max_iter=3, random_state=0, device="cpu").fit(X_train,
+                                                                               y_train)
+    assert [c.shape for c in model.coefs_] == [(64, 20), (20, 10)]
+    assert [b.shape for b in model.intercepts_] == [(20,), (10,)]
+    net = model.net_
+    assert isinstance(net, gpu_mlp.MLP) and net.sizes == [64, 20, 10]
+    assert np.shares_memory(model.coefs_[0], net.params[0][0])  # CPU: views, no copies
+    model.intercepts_ = [np.zeros(20), np.arange(10.0)]
+    np.testing.assert_array_equal(net.params[1][1], np.arange(10.0))
+    with pytest.raises(ValueError, match=r"coefs_\[0\]"):
+        model.coefs_ = [np.zeros((20, 64)), np.zeros((20, 10))]
+    unfitted = MLPClassifier()
+    assert not hasattr(unfitted, "coefs_")
+    with pytest.raises(NotFittedError):
+        unfitted.predict(X_train)
+
+
+def test_set_params_moves_a_fitted_model(regression):
+    X_train, X_test, y_train, _ = regression
+    model = MLPRegressor(hidden_layer_sizes=(16,), max_iter=5, random_state=0, device="cpu")
+    model.fit(X_train, y_train)
+    before = model.predict(X_test)
+    model.set_params(dtype="float64", memory="store_both")
+    assert model.net_.dtype == np.float64 and model.net_.memory == "store_both"
+    np.testing.assert_allclose(model.predict(X_test), before, rtol=1e-5, atol=1e-5)
+    model.partial_fit(X_train, y_train)  # the optimizer's state moved along
+    assert model.n_iter_ == 1 and len(model.loss_curve_) == 6
+
+
+def test_sparse_input_is_densified_per_batch(digits):
+    X_train, X_test, y_train, _ = digits
+    params = dict(hidden_layer_sizes=(16,), max_iter=5, random_state=0, device="cpu",
+                  dtype="float64")
+    dense = MLPClassifier(**params).fit(X_train, y_train)
+    for convert in (sparse.csr_matrix, sparse.csc_array):
+        model = MLPClassifier(**params).fit(convert(X_train), y_train)
+        np.testing.assert_allclose(model.loss_curve_, dense.loss_curve_, rtol=1e-12)
+        np.testing.assert_allclose(model.predict_proba(convert(X_test)),
+                                   dense.predict_proba(X_test), rtol=1e-12, atol=1e-15)
+
+
+def test_outputs_follow_the_input_dtype_and_memory_auto(regression):
+    X_train, X_test, y_train, _ = regression
+    model = MLPRegressor(hidden_layer_sizes=(8,), activation="gelu", max_iter=3, random_state=0,
+                         device="cpu").fit(X_train, y_train)
+    assert model.net_.memory == "recompute"  # gelu has no derivative from its output
+    assert model.predict(X_test).dtype == np.float64
+    assert model.predict(X_test.astype(np.float32)).dtype == np.float32
+    clf = MLPClassifier((8,), max_iter=3, random_state=0, device="cpu").fit(
+        X_train, y_train > 0)
+    assert clf.net_.memory == "output" and clf.predict_proba(X_test).shape == (len(X_test), 2)
+    assert np.all(clf.predict_log_proba(X_test) <= 0)
+
+
+def test_verbose_and_convergence_warning(digits, capsys):
+    X_train, _, y_train, _ = digits
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations"):
+        MLPClassifier((8,), max_iter=2, verbose=True, device="cpu").fit(X_train, y_train)
+    assert "Iteration 2, loss = " in capsys.readouterr().out
+
+
+def test_bad_parameters_and_data_raise_clear_errors(digits):
+    X_train, _, y_train, _ = digits
+    for params, match in [(dict(solver="lbfgs"), "stochastic ones"),
+                          (dict(activation="softmax"), "activation"),
+                          (dict(alpha=-1.0), "alpha"), (dict(batch_size=0), "batch_size"),
+                          (dict(dtype="float16"), "dtype"), (dict(memory="all"), "memory"),
+                          (dict(device="tpu"), "device"), (dict(beta_1=1.0), "beta_1"),
+                          (dict(hidden_layer_sizes=(4, 0)), "hidden_layer_sizes")]:
+        with pytest.raises((InvalidParameterError, ValueError), match=match):
+            MLPClassifier(**params).fit(X_train[:50], y_train[:50])
+    with pytest.raises(InvalidParameterError, match="poisson"):
+        MLPRegressor(loss="poisson").fit(X_train[:50], y_train[:50])
+    with pytest.raises(InvalidParameterError, match="first positional argument"):
+        MLPRegressor((16,)).fit(X_train[:50], y_train[:50])  # as in scikit-learn: loss
+    with pytest.raises(ValueError, match="too large for float32"):
+        MLPRegressor(device="cpu").fit(X_train[:50] * 1e300, y_train[:50])
+    with pytest.raises(ValueError, match="early_stopping"):
+        MLPClassifier(early_stopping=True).partial_fit(X_train[:50], y_train[:50],
+                                                       classes=np.arange(10))
+    assert issubclass(InvalidParameterError, ValueError)
+    assert issubclass(InvalidParameterError, TypeError)
+
+
+def test_extras_are_imported_only_by_their_modules():
+    code = """if True:
+        import sys
+        import gpu_mlp, gpu_mlp.training, gpu_mlp.checkpoint, gpu_mlp.cli, gpu_mlp.optim
+        assert "sklearn" not in sys.modules and "torch" not in sys.modules
+        for extra, module in (("sklearn", "sklearn"), ("torch", "torch")):
+            sys.modules[module] = None  # as if not installed
+            try:
+                __import__("gpu_mlp." + extra)
+            except ModuleNotFoundError as e:
+                assert e.name == module and f"gpu_mlp[{extra}]" in str(e), e
+            else:
+                raise AssertionError(extra)
+        """
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_module_imports_scikit_learn_itself():
+    import gpu_mlp.sklearn as ours
+
+    assert ours.sklearn is sklearn  # `import sklearn` in gpu_mlp/sklearn.py is absolute
+    assert ours.MLPClassifier.__module__ == "gpu_mlp.sklearn"
+
+
+@pytest.mark.gpu
+def test_cuda_fit_matches_cpu_and_pickles_to_numpy(digits):
+    X_train, X_test, y_train, _ = digits
+    params = dict(hidden_layer_sizes=(32,), max_iter=5, random_state=0, dtype="float64")
+    gpu = MLPClassifier(device="cuda", **params).fit(X_train, y_train)
+    cpu = MLPClassifier(device="cpu", **params).fit(X_train, y_train)
+    assert_same_fit(gpu, cpu, rtol=1e-9)
+    loaded = pickle.loads(pickle.dumps(gpu))
+    assert all(isinstance(W, np.ndarray) for W, _ in loaded._host_params)
+    loaded.set_params(device="cpu")
+    np.testing.assert_allclose(loaded.predict_proba(X_test), gpu.predict_proba(X_test),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_module_docstring_example_runs():
+    import doctest
+
+    import gpu_mlp.sklearn as ours
+
+    result = doctest.testmod(ours)
+    assert result.attempted > 0 and result.failed == 0

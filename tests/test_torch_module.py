@@ -1,0 +1,378 @@
+"""gpu_mlp.torch: the engine as an nn.Module inside PyTorch's autograd.
+
+1. ``torch.autograd.gradcheck`` (float64) on :class:`MLPModule` for every activation and
+   memory mode, and on a convolutional :class:`NetworkModule`: gradients of the input and
+   of every parameter against finite differences;
+2. a model embedding the module (``nn.Linear``, MLPModule, ``nn.ReLU``, ``nn.Linear``)
+   trained by ``torch.optim.Adam`` lands on the same parameters, to 1e-10 in float64, as
+   the same model of ``nn.Linear`` layers from the same initialisation (and a convolutional
+   one against ``nn.Conv2d``, by SGD);
+3. the parameters ARE the engine's arrays (same memory), through optimizer steps,
+   ``load_state_dict``, ``.to()``/``.double()``/``.float()`` and ``param.data = ...``;
+4. tape and buffer hygiene: no_grad forwards keep no tape, a forward whose graph is freed
+   without a backward gives its buffers back, and after many steps the workspace holds a
+   constant amount of memory with nothing in use;
+5. the rest of nn.Module's contract: deepcopy, torch.save/load, input shapes and dtypes,
+   retained graphs, clear errors.
+"""
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import gpu_mlp  # noqa: E402
+from gpu_mlp.layers import Conv2d, Dense  # noqa: E402
+
+gm_torch = pytest.importorskip("gpu_mlp.torch")
+MLPModule, NetworkModule = gm_torch.MLPModule, gm_torch.NetworkModule
+
+ACTIVATIONS = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
+MODES = list(gpu_mlp.MEMORY_MODES)
+CASES = [(act, mode) for act in ACTIVATIONS for mode in MODES
+         if not (act == "gelu" and mode == "output")]
+
+
+def torch_activation(name):
+    return {"identity": nn.Identity(), "relu": nn.ReLU(), "sigmoid": nn.Sigmoid(),
+            "tanh": nn.Tanh(), "gelu": nn.GELU(), "softmax": nn.Softmax(dim=1),
+            "relu(alpha=0.5)": _Scaled(nn.ReLU(), 0.5)}[name]
+
+
+class _Scaled(nn.Module):
+    def __init__(self, inner, alpha):
+        super().__init__()
+        self.inner, self.alpha = inner, alpha
+
+    def forward(self, x):
+        return self.alpha * self.inner(x)
+
+
+def shares(t, a):
+    return t.data_ptr() == a.ctypes.data and np.shares_memory(t.detach().numpy(), a)
+
+
+def engine_shares_parameters(module):
+    arrays = [a for pair in module.net.params for a in pair]
+    return all(shares(t, a) for t, a in zip(module.parameters(), arrays))
+
+
+# --- 1. gradcheck ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("act,memory", CASES)
+def test_gradcheck_mlp_module(act, memory):
+    torch.manual_seed(0)
+    module = MLPModule([4, 5, 3], activations=act, output=act, memory=memory,
+                       dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *params: module(x),
+                                    (x, *module.parameters()))
+
+
+def test_gelu_output_mode_is_refused():
+    with pytest.raises(ValueError, match="memory='output'"):
+        MLPModule([4, 5, 3], activations="gelu", memory="output")
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_gradcheck_conv_network_module(memory):
+    torch.manual_seed(0)
+    module = NetworkModule([Conv2d(2, 3, 3, padding=1, activation="tanh"),
+                            Conv2d(3, 2, 3, stride=2, activation="relu"),
+                            Dense(2 * 2 * 2, 3, activation="identity")],
+                           memory=memory, dtype="float64")
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *params: module(x),
+                                    (x, *module.parameters()))
+
+
+# --- 2. training inside a model, against nn.Linear / nn.Conv2d -------------------------------
+
+def linear_stack(sizes, act):
+    layers = []
+    for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(d_in, d_out, dtype=torch.float64))
+        if k < len(sizes) - 2:
+            layers.append(torch_activation(act))
+    return layers
+
+
+@pytest.mark.parametrize("act,memory", [("tanh", "output"), ("relu", "recompute"),
+                                        ("sigmoid", "store_both"), ("gelu", "recompute")])
+def test_embedded_module_trains_as_linear_layers(act, memory):
+    """Same torch seed, same construction order: the same initial numbers (MLPModule
+    initialises as nn.Linear does); then 25 Adam steps on cross-entropy."""
+    sizes = [8, 16, 16, 4]
+    torch.manual_seed(1)
+    ours = nn.Sequential(nn.Linear(5, 8, dtype=torch.float64),
+                         MLPModule(sizes, activations=act, memory=memory, dtype=torch.float64),
+                         nn.ReLU(), nn.Linear(4, 3, dtype=torch.float64))
+    torch.manual_seed(1)
+    theirs = nn.Sequential(nn.Linear(5, 8, dtype=torch.float64), *linear_stack(sizes, act),
+                           nn.ReLU(), nn.Linear(4, 3, dtype=torch.float64))
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    generator = torch.Generator().manual_seed(2)
+    X = torch.randn(40, 5, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (40,), generator=generator)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, theirs)]
+    for step in range(25):
+        batch = slice(8 * (step % 5), 8 * (step % 5) + 8)
+        for model, opt in zip((ours, theirs), optimizers):
+            opt.zero_grad()
+            F.cross_entropy(model(X[batch]), y[batch]).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert engine_shares_parameters(ours[1])
+
+
+def test_conv_module_trains_as_conv2d_layers():
+    torch.manual_seed(3)
+    ours = NetworkModule([Conv2d(1, 4, 3, padding=1), Conv2d(4, 6, 3, stride=2, padding=1),
+                          Dense(6 * 4 * 4, 10, activation="identity")],
+                         memory="recompute", dtype="float64")
+    torch.manual_seed(3)
+    theirs = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, dtype=torch.float64), nn.ReLU(),
+                           nn.Conv2d(4, 6, 3, stride=2, padding=1, dtype=torch.float64),
+                           nn.ReLU(), nn.Flatten(), nn.Linear(96, 10, dtype=torch.float64))
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    X, y = gpu_mlp.datasets.digits()
+    X = torch.from_numpy(X[:64].reshape(-1, 1, 8, 8))
+    y = torch.from_numpy(y[:64])
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, theirs)]
+    for step in range(8):
+        batch = slice(16 * (step % 4), 16 * (step % 4) + 16)
+        for model, opt in zip((ours, theirs), optimizers):
+            opt.zero_grad()
+            F.cross_entropy(model(X[batch]), y[batch]).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# --- 3. the parameters are the engine's arrays ---------------------------------------------
+
+def test_parameters_are_the_engine_arrays_in_linear_layout():
+    module = MLPModule([6, 9, 4], dtype="float64")
+    assert [name for name, _ in module.named_parameters()] == ["W_1", "b_1", "W_2", "b_2"]
+    assert [tuple(p.shape) for p in module.parameters()] == [(9, 6), (9,), (4, 9), (4,)]
+    assert engine_shares_parameters(module)
+    conv = NetworkModule([Conv2d(2, 5, 3), Dense(5 * 4 * 4, 3, "identity")])
+    assert tuple(conv.W_1.shape) == (5, 2, 3, 3)  # nn.Conv2d's layout
+    assert engine_shares_parameters(conv)
+
+
+def test_optimizer_steps_and_state_dicts_reach_the_engine():
+    module = MLPModule([6, 9, 4], dtype="float64")
+    net = module.net
+    W_before = net.params[0][0].copy()
+    opt = torch.optim.Adam(module.parameters(), lr=0.1)
+    module(torch.randn(5, 6, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert module.net is net and not np.array_equal(net.params[0][0], W_before)
+    np.testing.assert_array_equal(net.params[0][0], module.W_1.detach().numpy())
+    other = MLPModule([6, 9, 4], dtype="float64", seed=5)
+    module.load_state_dict(other.state_dict())
+    assert module.net is net and engine_shares_parameters(module)
+    np.testing.assert_array_equal(net.params[1][0], other.net.params[1][0])
+    with torch.no_grad():
+        module.b_2.fill_(0.25)
+    assert (net.params[1][1] == 0.25).all()
+
+
+def test_moves_and_replaced_data_rebuild_a_shared_engine():
+    torch.manual_seed(0)
+    module = MLPModule([6, 9, 4])
+    x = torch.randn(5, 6)
+    expected = module(x).detach().double()
+    module.double()
+    assert module.net.dtype == np.float64 and engine_shares_parameters(module)
+    torch.testing.assert_close(module(x.double()), expected, rtol=1e-6, atol=1e-6)
+    module.to(torch.float32)
+    assert module.net.dtype == np.float32 and engine_shares_parameters(module)
+    module.W_2.data = torch.zeros(4, 9)
+    module.b_2.data = torch.full((4,), 3.0)
+    torch.testing.assert_close(module(x), torch.full((5, 4), 3.0))
+    assert engine_shares_parameters(module)
+
+
+def test_half_and_other_devices_are_refused_before_anything_changes():
+    module = MLPModule([6, 9, 4])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        module.half()
+    with pytest.raises(RuntimeError, match="CPU tensors .* CUDA tensors"):
+        module.to("meta")
+    assert module.W_1.dtype == torch.float32 and module.W_1.device.type == "cpu"
+    assert engine_shares_parameters(module)
+
+
+# --- 4. tapes and buffers ---------------------------------------------------------------
+
+def test_no_grad_and_inference_use_predict_and_keep_nothing(monkeypatch):
+    module = MLPModule([6, 9, 4], memory="store_both", dtype="float64")
+    net, calls = module.net, []
+    for name in ("forward", "predict"):
+        original = getattr(net, name)
+        monkeypatch.setattr(net, name, lambda *a, _f=original, _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        out = module(x)
+    module.eval()
+    with torch.inference_mode():
+        module(x)
+    module.requires_grad_(False)
+    module(x)  # nothing needs a gradient
+    assert calls == ["predict"] * 3 and not out.requires_grad
+    assert net.training_workspace.allocations == 0
+    module.requires_grad_(True)
+    module(x).sum().backward()  # eval() with gradients: a tape, as it must
+    assert calls[-1] == "forward" and module.W_1.grad is not None
+
+
+def test_workspace_is_bounded_and_freed_graphs_return_their_buffers():
+    torch.manual_seed(0)
+    module = MLPModule([8, 32, 32, 3], memory="store_both", dtype="float64")
+    ws = module.net.training_workspace
+    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
+    held = []
+    for step in range(60):
+        batch = slice(0, 64 if step % 3 else 40)  # varying batch sizes
+        opt.zero_grad()
+        F.cross_entropy(module(x[batch]), y[batch]).backward()
+        opt.step()
+        assert ws.in_use_bytes == 0
+        held.append((ws.bytes, ws.allocations))
+    assert held[-1] == held[1]  # the steady state allocates nothing
+    for _ in range(20):  # forwards whose graphs die without a backward
+        out = module(x)
+        assert ws.in_use_bytes > 0
+        del out
+        assert ws.in_use_bytes == 0
+    outs = [module(x) for _ in range(3)]  # three alive at once: three tapes' buffers
+    sum(o.sum() for o in outs).backward()
+    assert ws.in_use_bytes == 0
+    peak = ws.bytes
+    for _ in range(10):
+        outs = [module(x) for _ in range(3)]
+        sum(o.sum() for o in outs).backward()
+    assert ws.bytes == peak and ws.in_use_bytes == 0
+
+
+def test_retained_graph_backward_twice_and_double_backward():
+    torch.manual_seed(0)
+    module = MLPModule([4, 6, 2], activations="tanh", dtype="float64")
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = module(x).square().sum()
+    first = torch.autograd.grad(out, [x, module.W_1], retain_graph=True)
+    second = torch.autograd.grad(out, [x, module.W_1])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert module.net.training_workspace.in_use_bytes == 0
+    out = module(x).square().sum()
+    (g,) = torch.autograd.grad(out, [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        g.sum().backward()
+
+
+def test_in_place_changes_between_forward_and_backward_are_caught():
+    module = MLPModule([4, 6, 2], dtype="float64")
+    out = module(torch.randn(3, 4, dtype=torch.float64)).sum()
+    with torch.no_grad():
+        module.W_1.add_(1.0)  # as an optimizer step before backward would
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+# --- 5. nn.Module's contract --------------------------------------------------------------
+
+def test_deepcopy_and_torch_save_give_independent_modules():
+    torch.manual_seed(0)
+    module = MLPModule([4, 6, 2], activations="tanh")
+    x = torch.randn(3, 4)
+    twin = copy.deepcopy(module)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        assert other.W_1.data_ptr() != module.W_1.data_ptr()
+        torch.testing.assert_close(other(x), module(x))
+        assert engine_shares_parameters(other)
+    with torch.no_grad():
+        twin.b_2.add_(1.0)
+    assert not torch.allclose(twin(x), module(x))
+    fresh = copy.deepcopy(module)
+    with torch.inference_mode():  # the engine is rebuilt here, the parameters stay normal
+        fresh(x)
+    fresh(x).sum().backward()
+    assert fresh.W_1.grad is not None and engine_shares_parameters(fresh)
+
+
+def test_input_shapes_dtypes_and_empty_batches():
+    torch.manual_seed(0)
+    module = MLPModule([4, 6, 2], dtype="float64")
+    assert module(torch.randn(2, 5, 4, dtype=torch.float64)).shape == (2, 5, 2)
+    assert module(torch.randn(4, dtype=torch.float64)).shape == (2,)
+    x = torch.randn(3, 4, requires_grad=True)  # float32 into a float64 module
+    out = module(x)
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    assert x.grad.dtype == torch.float32
+    module.zero_grad()
+    empty = module(torch.zeros(0, 4, dtype=torch.float64))
+    assert empty.shape == (0, 2)
+    empty.sum().backward()
+    assert torch.equal(module.W_1.grad, torch.zeros_like(module.W_1))
+    with pytest.raises(ValueError, match=r"\(\*, 4\)"):
+        module(torch.zeros(3, 5, dtype=torch.float64))
+    conv = NetworkModule([Conv2d(1, 2, 3, padding=1), Dense(2 * 4 * 4, 3, "identity")])
+    assert conv(torch.randn(1, 4, 4)).shape == (3,)  # one image without a batch axis
+
+
+def test_integer_seed_uses_gpu_mlp_initialisation():
+    module = MLPModule([4, 6, 2], activations="tanh", seed=7, dtype="float64")
+    net = gpu_mlp.MLP([4, 6, 2], activations="tanh", seed=7, dtype="float64", device="cpu")
+    for t, a in zip(module.parameters(), [a for pair in net.params for a in pair]):
+        np.testing.assert_array_equal(t.detach().numpy(), a)
+
+
+def test_the_module_imports_pytorch_itself():
+    assert gm_torch.torch is torch  # `import torch` in gpu_mlp/torch.py is absolute
+    with torch.no_grad():
+        assert math.isfinite(float(MLPModule([2, 2])(torch.ones(1, 2)).sum()))
+
+
+@pytest.mark.gpu
+def test_cuda_module_matches_cpu_and_shares_memory():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of PyTorch")
+    torch.manual_seed(0)
+    cpu = MLPModule([6, 16, 3], activations="tanh", dtype="float64")
+    gpu = copy.deepcopy(cpu).cuda()
+    arrays = [a for pair in gpu.net.params for a in pair]
+    assert all(t.data_ptr() == a.data.ptr for t, a in zip(gpu.parameters(), arrays))
+    x = torch.randn(10, 6, dtype=torch.float64)
+    for model, data in ((cpu, x), (gpu, x.cuda())):
+        model(data).square().sum().backward()
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
+    for a, b in zip(gpu.parameters(), cpu.parameters()):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="same device"):
+        gpu(x)
+
+
+def test_module_docstring_example_runs():
+    import doctest
+
+    result = doctest.testmod(gm_torch)
+    assert result.attempted > 0 and result.failed == 0
