@@ -7,7 +7,6 @@ workspace's own counters (``bytes``, ``peak_in_use_bytes``, ``allocations``). Th
 counter checks need no tracemalloc, so they run on CuPy too.
 """
 
-import contextlib
 import tracemalloc
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import gpu_mlp
 from gpu_mlp import ops
 from gpu_mlp.device import to_numpy
 from gpu_mlp.workspace import Workspace
+from tracing import numpy_data_now, traced_now, traced_peak, tracing
 
 
 
@@ -56,35 +56,6 @@ def make_net(memory, device="cpu", sizes=SIZES, act="relu"):
 def make_batch(sizes=SIZES, batch=BATCH):
     rng = np.random.default_rng(1)
     return rng.standard_normal((batch, sizes[0])), rng.standard_normal((batch, sizes[-1]))
-
-
-@contextlib.contextmanager
-def tracing():
-    """tracemalloc on for the block (and left on if something else had started it)."""
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        yield
-    finally:
-        if started:
-            tracemalloc.stop()
-
-
-def traced_now():
-    return tracemalloc.get_traced_memory()[0]
-
-
-def numpy_data_now():
-    """Bytes of array data NumPy holds (its own tracemalloc domain): unlike the total,
-    free of Python objects' noise (ctypes keeps a few KiB of small objects around)."""
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
-    return sum(trace.size for trace in snapshot.traces)
-
-
-def traced_peak():
-    return tracemalloc.get_traced_memory()[1]
 
 
 @dataclass

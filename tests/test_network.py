@@ -20,7 +20,6 @@ and Conv2d layers alike. Every test takes a ``device``: ``"cpu"`` (NumPy) always
 Tolerances are relative to the scale (largest entry) of the array compared.
 """
 
-import contextlib
 import math
 import re
 import tracemalloc
@@ -33,7 +32,9 @@ from gpu_mlp import network, ops, reference
 from gpu_mlp.device import resolve, to_numpy
 from gpu_mlp.layers import Conv2d, Dense, Layer
 from gpu_mlp.workspace import Workspace
-from test_reference_layers import torch_network  # conv2d/linear + TORCH_ACTIVATIONS/LOSSES
+from tracing import step_peak, traced_now, traced_peak, tracing
+from test_reference_layers import output_shape as per_sample_shape
+from test_reference_layers import random_params, torch_network  # torch: TORCH_ACTIVATIONS
 
 MODES = gpu_mlp.MEMORY_MODES
 RTOL64 = 1e-10   # float64, engine against the reference and against PyTorch
@@ -54,18 +55,6 @@ def assert_close(actual, expected, rtol, what=""):
 def host_params(net, dtype=None):
     return [(to_numpy(W).astype(dtype or W.dtype), to_numpy(b).astype(dtype or b.dtype))
             for W, b in net.params]
-
-
-def random_params(rng, layers):
-    """Weights scaled by 1/sqrt(fan_in); random biases, so that a lost bias shows."""
-    return [(rng.standard_normal(layer.weight_shape) / np.sqrt(layer.fan_in),
-             0.5 * rng.standard_normal(layer.bias_shape)) for layer in layers]
-
-
-def per_sample_shape(layers, input_shape):
-    for layer in layers:
-        input_shape = layer.output_shape(input_shape)
-    return input_shape
 
 
 # --- 1. adjoint identities of the engine's layer maps ------------------------------------
@@ -674,16 +663,7 @@ def memory_batch(batch=MEM_B):
             rng.standard_normal((batch, MEM_D_OUT)))
 
 
-@contextlib.contextmanager
-def tracing():
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        yield
-    finally:
-        if started:
-            tracemalloc.stop()
+
 
 
 @pytest.fixture(scope="module")
@@ -695,12 +675,11 @@ def measured():
     for memory in MODES:
         net = memory_net(memory)
         with tracing():
-            base = tracemalloc.get_traced_memory()[0]
+            base = traced_now()  # before the first step: the peak includes the workspace
             net.train_step(X, Y, 1e-3)
             tracemalloc.reset_peak()
             net.train_step(X, Y, 1e-3)
-            result[memory] = (tracemalloc.get_traced_memory()[1] - base,
-                              net.training_workspace)
+            result[memory] = (traced_peak() - base, net.training_workspace)
     return result
 
 
@@ -753,12 +732,6 @@ def test_conv_train_step_holds_no_gradient_buffers(memory):
     X, Y = rng.standard_normal((2, 1, 16, 16)), rng.standard_normal((2, 2))
     net.train_step(X, Y, 1e-3)  # warm both: workspaces exist before tracing
     net.loss_and_gradients(X, Y)
-
-    def step_peak(step):
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        step()
-        return tracemalloc.get_traced_memory()[1] - base
 
     with tracing():
         train = step_peak(lambda: net.train_step(X, Y, 1e-3))

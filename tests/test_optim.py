@@ -12,7 +12,6 @@
 5. bad input: clear errors, nothing changed.
 """
 
-import contextlib
 import doctest
 import math
 import tracemalloc
@@ -23,6 +22,7 @@ import pytest
 import gpu_mlp
 from gpu_mlp import ops, optim
 from gpu_mlp.layers import Conv2d, Dense
+from tracing import numpy_data_now, step_peak, tracing
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -259,32 +259,6 @@ def test_schedule_position_is_the_step_count():
 
 
 # --- 3. memory -------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def tracing():
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        yield
-    finally:
-        if started:
-            tracemalloc.stop()
-
-
-def numpy_data_now():
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
-    return sum(trace.size for trace in snapshot.traces)
-
-
-def step_peak(step):
-    """Bytes a call allocates at its peak beyond what was held before it."""
-    base = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    step()
-    return tracemalloc.get_traced_memory()[1] - base
-
 
 # Weights of 1-2 MiB, activations of a few KiB: a gradient buffer per layer would show.
 MEM_SIZES, MEM_BATCH = [256, 512, 512, 512, 8], 4
