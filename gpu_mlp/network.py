@@ -285,10 +285,12 @@ class Network:
         F_out, saved = self._forward(X, self.training_workspace, keep=True)
         return self._xp.array(F_out, copy=True), Tape(self, X, F_out, saved)
 
-    def backward(self, tape: "Tape", grad_output, want_dx: bool = True):
+    def backward(self, tape: "Tape", grad_output, want_dx: bool = True, check: bool = True):
         """``([(dW_k, db_k)], dJ/dX)`` for ``J = <F_n, grad_output>``: the backward pass of
         Algorithm 2 started from a given ``dJ/dF_n`` (``grad_output``, shaped as F_n)
-        instead of a loss; the same loop as every other step. Updates nothing."""
+        instead of a loss; the same loop as every other step. Updates nothing.
+        ``check=False`` skips the scan of ``grad_output`` for NaN/Inf (a device sync on a
+        GPU), as autograd does."""
         if not isinstance(tape, Tape) or tape.net is not self:
             raise ValueError("backward needs the tape of a forward pass of this network")
         X, F_out, saved = tape.take()
@@ -298,6 +300,10 @@ class Network:
             if tuple(grad_output.shape) != tuple(F_out.shape):
                 raise ValueError(f"grad_output must have the output's shape "
                                  f"{tuple(F_out.shape)}, got {tuple(grad_output.shape)}")
+            grad_output = _checks.cast(_checks.numeric("grad_output", grad_output),
+                                       self.dtype, xp)
+            if check:
+                _checks.finite("grad_output", grad_output, xp)
             delta = ws.take(F_out.shape)
             delta[...] = grad_output
         except BaseException:

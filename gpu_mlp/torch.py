@@ -171,7 +171,7 @@ class _EngineFunction(torch.autograd.Function):
             if tape is None:  # a retained graph's second backward: its own forward
                 _, tape = net.forward(_to_engine(x, net), check=False)
             grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net),
-                                     want_dx=want_dx)
+                                     want_dx=want_dx, check=False)
             dX = torch.from_dlpack(dX) if want_dx else None
             flat = [torch.from_dlpack(g) for pair in grads for g in pair]
         flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[2:])]

@@ -30,6 +30,19 @@ def run(capsys, *argv):
     return status, out.splitlines(), err
 
 
+def stop_after_epoch_2(monkeypatch):
+    """Make every checkpoint save raise KeyboardInterrupt once epoch 2 is saved, as a
+    user's Ctrl-C would arrive then."""
+    save = checkpoint.save
+
+    def save_then_stop(net, path, history, optimizer=None):
+        save(net, path, history=history, optimizer=optimizer)
+        if history.epochs == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+
+
 def value(lines, label):
     """The number on the line ``label: number``."""
     [line] = [line for line in lines if line.startswith(label + ":")]
@@ -136,14 +149,7 @@ def test_interrupted_run_resumes_bit_for_bit(capsys, tmp_path, monkeypatch):
     command = ["train", "--epochs", "4", "--hidden", "16", "--batch-size", "64", "--seed", "5"]
     assert run(capsys, *command, "--save", str(tmp_path / "straight.npz"))[0] == 0
 
-    save = checkpoint.save
-
-    def save_then_stop_after_epoch_2(net, path, history, optimizer=None):
-        save(net, path, history=history, optimizer=optimizer)
-        if history.epochs == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop_after_epoch_2)
+    stop_after_epoch_2(monkeypatch)
     stopped = str(tmp_path / "stopped.npz")
     status, _, err = run(capsys, *command, "--save", stopped)
     assert status == 130 and err == f"gpu-mlp: interrupted; continue with --resume {stopped}\n"
@@ -472,14 +478,7 @@ def test_interrupted_optimizer_run_resumes_bit_for_bit(capsys, tmp_path, monkeyp
                *extra]
     assert run(capsys, *command, "--save", str(tmp_path / "straight.npz"))[0] == 0
 
-    save = checkpoint.save
-
-    def save_then_stop_after_epoch_2(net, path, history, optimizer=None):
-        save(net, path, history=history, optimizer=optimizer)
-        if history.epochs == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop_after_epoch_2)
+    stop_after_epoch_2(monkeypatch)
     stopped = str(tmp_path / "stopped.npz")
     assert run(capsys, *command, "--save", stopped)[0] == 130
     monkeypatch.undo()

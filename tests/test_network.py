@@ -34,6 +34,7 @@ from gpu_mlp.layers import Conv2d, Dense, Layer
 from gpu_mlp.workspace import Workspace
 from tracing import step_peak, traced_now, traced_peak, tracing
 from test_reference_layers import output_shape as per_sample_shape
+from test_reference import central_differences
 from test_reference_layers import random_params, torch_network  # torch: TORCH_ACTIVATIONS
 
 MODES = gpu_mlp.MEMORY_MODES
@@ -419,20 +420,6 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
 
 
 # --- 3. central finite differences -----------------------------------------------------------
-
-def central_differences(J, a, h=1e-6):
-    """dJ/da by central differences, perturbing ``a`` (NumPy or CuPy) in place."""
-    grad = np.empty(a.shape)
-    for i in np.ndindex(a.shape):
-        original = float(a[i])
-        a[i] = original + h
-        plus = J()
-        a[i] = original - h
-        minus = J()
-        a[i] = original
-        grad[i] = (plus - minus) / (2 * h)
-    return grad
-
 
 @pytest.mark.parametrize("memory", MODES)
 def test_gradients_match_finite_differences(device, memory):
@@ -864,6 +851,13 @@ def test_a_tape_serves_one_backward_and_can_be_released(device):
     assert net.training_workspace.in_use_bytes == 0  # a failed backward gives them back
     with pytest.raises(ValueError, match="used already"):
         net.backward(tape, np.ones((5, 2)))
+    _, tape = net.forward(X)
+    with pytest.raises(ValueError, match="grad_output contains NaN or Inf"):
+        net.backward(tape, np.full((5, 2), np.nan))
+    assert net.training_workspace.in_use_bytes == 0
+    _, tape = net.forward(X)
+    with pytest.raises(TypeError, match="grad_output must hold real numbers"):
+        net.backward(tape, np.full((5, 2), "a"))
     _, tape = net.forward(X)
     assert net.training_workspace.in_use_bytes > 0
     tape.release()

@@ -112,7 +112,7 @@ def central_differences(J, a, h=1e-6):
     """dJ/da for the scalar function J() by central differences, perturbing ``a`` in place."""
     grad = np.empty_like(a)
     for i in np.ndindex(a.shape):
-        original = a[i]
+        original = float(a[i])  # a Python float: a[i] of a CuPy array is a 0-d view
         a[i] = original + h
         plus = J()
         a[i] = original - h
