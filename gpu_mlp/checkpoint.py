@@ -13,7 +13,10 @@ The format (version 2) is a plain, uncompressed ``.npz`` that NumPy alone can re
   (absent or null: none, i.e. plain SGD) holds its ``type``, ``hyperparameters``,
   ``schedule``, ``steps`` (the schedule's position) and ``last_lr``, and the arrays
   ``opt_<state>_W_k``, ``opt_<state>_b_k`` its per-parameter state (``<state>``:
-  ``momentum_buffer``, or ``exp_avg`` and ``exp_avg_sq``), shaped as the parameters.
+  ``momentum_buffer``, or ``exp_avg`` and ``exp_avg_sq``), shaped as the parameters;
+* optionally, the :class:`gpu_mlp.privacy.DP` of a private run: ``meta["dp"]`` holds its
+  settings and ``steps``, the position of its noise stream, so that a resumed run adds
+  the very noise the uninterrupted one would.
 
 Version 1 files (an MLP, described by ``sizes`` and ``activations`` instead of
 ``layers`` and ``model``) are still read, as are version 2 files without an optimizer.
@@ -52,6 +55,7 @@ import numpy as np
 from .device import to_numpy
 from . import layers as _layers
 from . import optim as _optim
+from . import privacy as _privacy
 from .layers import Dense
 from .mlp import MLP
 from .network import Network
@@ -79,12 +83,13 @@ class Checkpoint:
     net: Network
     history: Optional[History]
     optimizer: Optional[_optim.Optimizer] = None
+    dp: Optional[_privacy.DP] = None
 
 
 def save(net: Network, path, history: Optional[History] = None,
-         optimizer: Optional[_optim.Optimizer] = None) -> None:
-    """Write ``net`` (and ``history`` and ``optimizer``, to resume training with) to
-    ``path``, atomically.
+         optimizer: Optional[_optim.Optimizer] = None, dp: Optional[_privacy.DP] = None) -> None:
+    """Write ``net`` (and ``history``, ``optimizer`` and ``dp``, to resume training with)
+    to ``path``, atomically.
 
     The file is written exactly at ``path`` (no suffix is added); ``.npz`` is customary.
     The optimizer must be ``net``'s (bound to it by a step) or not yet bound.
@@ -97,6 +102,8 @@ def save(net: Network, path, history: Optional[History] = None,
             raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer, got "
                             f"{type(optimizer).__name__}")
         optimizer._check_net(net)
+    if dp is not None and not isinstance(dp, _privacy.DP):
+        raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {type(dp).__name__}")
     from . import __version__
 
     meta = {
@@ -119,6 +126,8 @@ def save(net: Network, path, history: Optional[History] = None,
             for k, (W_state, b_state) in enumerate(pairs, start=1):
                 arrays[f"{_OPT}{name}_W_{k}"], arrays[f"{_OPT}{name}_b_{k}"] = W_state, b_state
         meta["optimizer"] = state
+    if dp is not None:
+        meta["dp"] = dp.state_dict()
     arrays = {"meta": np.array(json.dumps(meta)), **arrays}
 
     target = writable_target(path)
@@ -188,6 +197,7 @@ def read(path, device: str = "auto") -> Checkpoint:
         params = _check_params(arrays, layers, dtype)
         history = None if meta["history"] is None else History.from_dict(meta["history"])
         optimizer = _check_optimizer(meta.get("optimizer"), state, len(layers), dtype)
+        dp = None if meta.get("dp") is None else _check_dp(meta["dp"])
         if model == "MLP":
             net = MLP.from_params(params, [layer.activation for layer in layers],
                                   meta["loss"], memory=meta["memory"], device=device,
@@ -199,7 +209,7 @@ def read(path, device: str = "auto") -> Checkpoint:
             optimizer._bind(net)  # checks its state against the net, puts it on the device
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return Checkpoint(net, history, optimizer)
+    return Checkpoint(net, history, optimizer, dp)
 
 
 def _read_npz(path):
@@ -334,3 +344,10 @@ def _check_optimizer(spec, entries, n: int, dtype):
         return _optim.from_state_dict({**spec, "state": state})
     except (TypeError, ValueError) as e:
         raise ValueError(f"optimizer: {e}") from None
+
+
+def _check_dp(spec):
+    try:
+        return _privacy.DP.from_state_dict(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"dp: {e}") from None

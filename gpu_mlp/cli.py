@@ -8,6 +8,7 @@ ends with one line, ``gpu-mlp: error: ...``, on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -16,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from . import __version__, activations, checkpoint, datasets, optim, plotting, training
+from . import __version__, activations, checkpoint, datasets, optim, plotting, privacy, training
 from .device import DEVICES, gpu_available, to_numpy
 from .layers import Conv2d, Dense
 from .mlp import MLP
@@ -46,6 +47,7 @@ OPTIMIZER_OPTIONS = {"sgd": ("weight_decay",), "momentum": ("momentum", "nestero
                      "adam": ("betas", "eps", "weight_decay"),
                      "adamw": ("betas", "eps", "weight_decay")}
 SCHEDULE_OPTIONS = {"constant": (), "step": ("step_size", "gamma"), "cosine": ("warmup", "min_lr")}
+DP_DEFAULTS = {"delta": 1e-5, "accountant": "rdp"}
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `head`
 
@@ -218,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cuda (CuPy), cpu (NumPy), or auto: cuda if CuPy sees a GPU "
                           "(default: auto)")
 
+    private = train.add_argument_group(
+        "differential privacy (DP-SGD; with --resume: taken from the checkpoint)")
+    private.add_argument("--dp-clip", type=_number(lambda v: v > 0, "a number > 0"),
+                         metavar="C", help="train privately: clip each sample's gradient "
+                                           "to norm C; needs --dp-noise or --dp-epsilon")
+    noise = private.add_mutually_exclusive_group()
+    noise.add_argument("--dp-noise", type=_number(lambda v: v >= 0, "a number >= 0"),
+                       metavar="SIGMA", help="the noise multiplier: Gaussian noise of "
+                                             "standard deviation SIGMA * C on the summed "
+                                             "gradient")
+    noise.add_argument("--dp-epsilon", type=_number(lambda v: v > 0, "a number > 0"),
+                       metavar="EPS", help="the epsilon to reach after all epochs: the "
+                                           "noise multiplier is solved for it")
+    private.add_argument("--dp-delta", type=_number(lambda v: 0 < v < 1, "a number in (0, 1)"),
+                         metavar="DELTA", help=f"the delta of the (epsilon, delta) guarantee "
+                                               f"(default: {DP_DEFAULTS['delta']})")
+    private.add_argument("--dp-accountant", choices=("rdp", "pld"),
+                         help=f"the dp-accounting accountant (default: "
+                              f"{DP_DEFAULTS['accountant']})")
+
+    parallel = train.add_argument_group(
+        "data parallel (under mpirun or srun: one process per rank, found by itself)")
+    parallel.add_argument("--comm-path", choices=("auto", "allreduce", "gather"),
+                          default="auto",
+                          help="how ranks sum a layer's gradient: allreduce it, all-gather "
+                               "its factors, or auto: per layer, whichever sends fewer "
+                               "bytes (default: auto)")
+
     output = train.add_argument_group("output")
     output.add_argument("--save", type=_path, metavar="PATH",
                         help="write a checkpoint (.npz) after every epoch, atomically; "
@@ -285,14 +315,29 @@ def info() -> int:
 
 
 def train(args) -> int:
+    comm = _communicator(args)  # first: a GPU rank picks its device before any array
+    root = comm is None or comm.is_root
+    with comm.guard() if comm is not None else contextlib.nullcontext():
+        return _train(args, comm, print if root else _silent)
+
+
+def _silent(*args, **kwargs) -> None:
+    """Where a data-parallel rank other than 0 prints: only rank 0 speaks."""
+
+
+def _train(args, comm, out) -> int:
+    quiet = args.quiet or out is _silent
+
     def say(line):
-        if not args.quiet:
-            print(line, flush=True)  # seen now, not when the training is over
+        if not quiet:
+            out(line, flush=True)  # seen now, not when the training is over
 
     def save(net, history):
-        checkpoint.save(net, args.save, history=history, optimizer=optimizer)
+        checkpoint.save(net, args.save, history=history, optimizer=optimizer, dp=dp)
 
-    _check_outputs(args)
+    root = out is not _silent
+    if root:
+        _check_outputs(args)
     resumed = checkpoint.read(args.resume, device=args.device) if args.resume else None
     if resumed is not None and resumed.history is None:
         raise ValueError(f"{args.resume} holds no training history to resume from")
@@ -335,6 +380,7 @@ def train(args) -> int:
         X, Y, args.test_fraction, seed)
     steps = args.epochs * -(-len(X_train) // batch_size)  # of the whole run
     optimizer = resumed.optimizer if resumed else _new_optimizer(args, kind, lr, steps)
+    dp = _private(args, resumed, min(1.0, batch_size / len(X_train)), steps, seed)
 
     kind = f"{classes} classes" if classes else f"{outputs} target(s)"
     features = "x".join(map(str, X.shape[1:]))
@@ -345,8 +391,14 @@ def train(args) -> int:
         say(f"resuming {args.resume} after epoch {history.epochs}")
     how = f"lr {lr}" if optimizer is None else repr(optimizer)
     say(f"training: {args.epochs} epochs, batch size {batch_size}, {how}, seed {seed}")
+    if dp is not None:
+        say(f"privacy: DP-SGD, Poisson sampling, clip {dp.max_grad_norm:g}, noise multiplier "
+            f"{dp.noise_multiplier:.4g}, delta {dp.delta:g} ({dp.accountant} accountant)")
+    if comm is not None:
+        say(f"data parallel: {comm.size} ranks, gradients summed by {args.comm_path} "
+            f"(each global batch of {batch_size} split across them)")
     if optimizer is not None and isinstance(optimizer.schedule, optim.Cosine) \
-            and optimizer.schedule.total_steps < steps:
+            and optimizer.schedule.total_steps < steps and root:
         print(f"gpu-mlp: warning: the cosine schedule ends at step "
               f"{optimizer.schedule.total_steps} of {steps}: the steps after it run at its "
               f"min_lr {optimizer.schedule.min_lr}", file=sys.stderr)
@@ -357,10 +409,12 @@ def train(args) -> int:
         warnings.simplefilter("always", training.TrainingWarning)
         history = net.fit(X_train, Y_train, epochs=args.epochs, batch_size=batch_size,
                           lr=lr if optimizer is None else None, optimizer=optimizer,
-                          seed=seed, validation=(X_test, Y_test), verbose=not args.quiet,
-                          on_epoch=save if args.save else None, resume=history)
+                          seed=seed, validation=(X_test, Y_test), verbose=not quiet,
+                          on_epoch=save if args.save and root else None, resume=history,
+                          dp=dp, comm=comm)
     for warning in caught:  # one line each, as the errors
-        print(f"gpu-mlp: warning: {warning.message}", file=sys.stderr)
+        if root:
+            print(f"gpu-mlp: warning: {warning.message}", file=sys.stderr)
 
     seconds = sum(history.seconds[done:])
     if seconds > 0:
@@ -369,17 +423,78 @@ def train(args) -> int:
             f"({rate:,.0f} samples/s)")
     if args.save:
         say(f"checkpoint: {args.save}")
-    if args.plot:
+    if args.plot and root:
         title = f"{args.data}: {_architecture(net)}, {net.activations[0]}, {net.loss.name}"
         plotting.plot_history(history, args.plot, title=title)
         say(f"plot: {args.plot}")
-    print(f"training loss: {history.train_loss[-1]:.4f}")
-    print(f"test loss: {history.val_loss[-1]:.4f}")
+    out(f"training loss: {history.train_loss[-1]:.4f}")
+    out(f"test loss: {history.val_loss[-1]:.4f}")
+    if dp is not None:
+        out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {dp.delta:g}")
     if classes:
         predicted = to_numpy(net.predict(X_test)).argmax(axis=1)
         labels = Y_test if Y_test.ndim == 1 else Y_test.argmax(axis=1)
-        print(f"test accuracy: {np.mean(predicted == labels):.3f}")
+        out(f"test accuracy: {np.mean(predicted == labels):.3f}")
     return 0
+
+
+# Set by the launchers for every process of a parallel job: Open MPI's mpirun, MPICH's
+# and Intel MPI's hydra (PMI), Slurm's srun (per job step)
+_LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def _communicator(args):
+    """The data-parallel communicator when this process is one of several that a
+    launcher started, else None."""
+    sizes = [int(os.environ[name]) for name in _LAUNCHER_SIZES
+             if os.environ.get(name, "").isdigit()]
+    if not sizes or max(sizes) <= 1:
+        if args.comm_path != "auto":
+            raise ValueError("--comm-path applies to data-parallel runs: launch gpu-mlp "
+                             "under mpirun or srun")
+        return None
+    from .distributed import Communicator
+
+    return Communicator(path=args.comm_path)
+
+
+DP_OPTIONS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_accountant")
+
+
+def _private(args, resumed, sample_rate: float, steps: int, seed: int):
+    """The DP of the run (None: not private): from the options, or the checkpoint's."""
+    given = {name: getattr(args, name) for name in DP_OPTIONS if getattr(args, name) is not None}
+    if resumed is not None:
+        dp = resumed.dp
+        if dp is None:
+            if given:
+                raise ValueError(f"{_option(next(iter(given)))}: the checkpoint "
+                                 f"{args.resume} trained without differential privacy; "
+                                 f"leave the --dp options out to resume it")
+            return None
+        stored = {"dp_clip": dp.max_grad_norm, "dp_noise": dp.noise_multiplier,
+                  "dp_delta": dp.delta, "dp_accountant": dp.accountant}
+        for name, value in given.items():
+            if name not in stored or value != stored[name]:
+                has = f"noise multiplier {dp.noise_multiplier}" if name not in stored \
+                    else stored[name]
+                raise ValueError(f"{_option(name)} differs from the checkpoint {args.resume}, "
+                                 f"which has {has}; leave it out to resume")
+        return dp
+    if not given:
+        return None
+    if "dp_clip" not in given:
+        raise ValueError(f"{', '.join(_option(n) for n in given)} need --dp-clip, the "
+                         f"clipping norm that turns DP-SGD on")
+    if "dp_noise" not in given and "dp_epsilon" not in given:
+        raise ValueError("--dp-clip needs --dp-noise SIGMA or --dp-epsilon EPS")
+    delta = given.get("dp_delta", DP_DEFAULTS["delta"])
+    accountant = given.get("dp_accountant", DP_DEFAULTS["accountant"])
+    if "dp_epsilon" in given:
+        return privacy.DP.for_epsilon(given["dp_epsilon"], delta, sample_rate, steps,
+                                      given["dp_clip"], seed=seed, accountant=accountant)
+    return privacy.DP(given["dp_clip"], given["dp_noise"], delta=delta, seed=seed,
+                      accountant=accountant)
 
 
 def _check_outputs(args) -> None:

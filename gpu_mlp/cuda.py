@@ -15,9 +15,10 @@ import importlib.util
 import re
 from pathlib import Path
 
-# The order in which the headers depend on each other.
+# The order in which the headers depend on each other. noise.cuh (DP-SGD's Gaussian
+# noise) comes last: it needs only common.cuh, and what it adds is used by ops alone.
 HEADERS = ("common.cuh", "activations.cuh", "losses.cuh", "rowwise.cuh", "conv.cuh",
-           "optim.cuh")
+           "optim.cuh", "noise.cuh")
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"[^"]+"\s*$', re.MULTILINE)
 

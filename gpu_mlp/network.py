@@ -37,6 +37,7 @@ from . import device as _device
 from . import layers as _layers
 from . import losses as _losses
 from . import ops
+from .updates import Apply, WriteGradients
 from .workspace import Workspace
 
 MEMORY_MODES = ("output", "recompute", "store_both")
@@ -209,43 +210,80 @@ class Network:
         X, Y, single = self._batch(X, Y, check=True)
         xp = self._xp
         grads = [(xp.empty_like(W), xp.empty_like(b)) for W, b in self.params]
-
-        def write_gradient(k, T_rows, X_rows, ones):
-            dW, db = grads[k]
-            ops.gemm("T", "N", T_rows, X_rows, _layers.Layer.weight_matrix(dW))
-            ops.gemv("T", T_rows, ones, db)
-
-        J, dX = self._backprop(X, Y, write_gradient, scale=1.0 / X.shape[0], want_dx=True)
+        J, dX = self._backprop(X, Y, WriteGradients(grads), scale=1.0 / X.shape[0],
+                               want_dx=True)
         return J, grads, (dX[0] if single else dX)
 
-    def train_step(self, X, Y, lr, check: bool = True):
+    def train_step(self, X, Y, lr, check: bool = True, dp=None, comm=None):
         """One update on the batch (X, Y), fused into the backward pass; returns the loss.
 
         ``lr`` a number: plain SGD, ``W_k <- W_k - lr dJ/dW_k`` as one GEMM straight into
         ``W_k``, done as soon as ``T_k`` is known and ``dJ/dF_{k-1}`` has used the old
         ``W_k``; no gradient buffer exists. ``lr`` an optimizer of :mod:`gpu_mlp.optim`:
         each layer's gradient lives in the optimizer's one scratch buffer from its GEMM to
-        the optimizer's fused update. The loss comes back as a 0-d array on the device.
-        With ``check=False`` the data are not scanned for NaN/Inf and bad labels, which
-        on a GPU costs one device-to-host synchronisation; shapes are always checked.
+        the optimizer's fused update. The loss (the batch mean) comes back as a 0-d array
+        on the device. With ``check=False`` the data are not scanned for NaN/Inf and bad
+        labels, which on a GPU costs one device-to-host synchronisation; shapes are
+        always checked.
+
+        ``dp``: a :class:`gpu_mlp.privacy.DP`: a differentially private step -- each
+        sample's gradient clipped to ``dp.max_grad_norm``, summed, Gaussian noise added,
+        divided by the batch size -- in the same one backward pass
+        (:mod:`gpu_mlp.privacy`). ``comm``: a :class:`gpu_mlp.distributed.Communicator`:
+        (X, Y) is this rank's share of a global batch, and every rank applies the
+        gradient of the global batch mean (:mod:`gpu_mlp.distributed`). With either, X
+        may hold no rows (a Poisson sample can be empty, a rank's share too).
         """
+        return self._step(X, Y, lr, check, dp, comm)
+
+    def _step(self, X, Y, lr, check, dp, comm, expected_batch=None, counts=None):
+        """:meth:`train_step`; ``expected_batch``: what DP divides by (fit's Poisson
+        sampling: the expected batch size); ``counts``: every rank's rows, when known."""
         if isinstance(lr, numbers.Real):
             lr = _check_lr(lr)
         elif not hasattr(lr, "begin_step"):
             raise TypeError(f"lr must be a number or a gpu_mlp.optim optimizer, got {lr!r}")
-        X, Y, _ = self._batch(X, Y, check=check)
-        sink = self._sgd(lr) if isinstance(lr, float) else lr.begin_step(self)
-        J, _ = self._backprop(X, Y, sink, scale=1.0 / X.shape[0], want_dx=False)
+        if dp is not None and not hasattr(dp, "_stage"):
+            raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
+        if comm is not None and not hasattr(comm, "_stage"):
+            raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator, got {comm!r}")
+        empty = (dp is not None or comm is not None) and _rows(X) == 0
+        if empty and comm is None and expected_batch is None:
+            raise ValueError("X is an empty batch: a private step divides by the batch "
+                             "size, so it needs at least one sample (fit's Poisson "
+                             "samples divide by the expected size instead)")
+        if empty:  # nothing to forward: only the noise and the collectives remain
+            self._check_params()
+            self._shapes(tuple(X.shape[1:]))
+            B = 0
+        else:
+            X, Y, _ = self._batch(X, Y, check=check)
+            B = X.shape[0]
+        if comm is not None:
+            counts = comm._counts(B) if counts is None else counts
+            total = sum(counts)
+        else:
+            total = B
+        rule = (Apply(self.params, lr=lr) if isinstance(lr, float) else lr.begin_step(self))
+        sink = rule if comm is None else comm._stage(self, rule, counts)
+        if dp is not None:
+            sink = dp._stage(self, sink, B, total if expected_batch is None else expected_batch)
+        if empty:
+            self._empty_backward(sink)
+            return self._xp.zeros((), dtype=self.dtype)
+        # DP needs each sample's own gradient (scale 1) and divides by the batch itself
+        scale = 1.0 if dp is not None else 1.0 / total
+        J, _ = self._backprop(X, Y, sink, scale=scale, want_dx=False)
         return J
 
-    def _sgd(self, lr: float):
-        """Plain SGD as a sink: the gradient GEMM and GEMV write into W_k and b_k."""
-        def sgd(k, T_rows, X_rows, ones):
-            W, b = self.params[k]
-            ops.gemm("T", "N", T_rows, X_rows, _layers.Layer.weight_matrix(W),
-                     alpha=-lr, beta=1.0)
-            ops.gemv("T", T_rows, ones, b, alpha=-lr, beta=1.0)
-        return sgd
+    def _empty_backward(self, sink):
+        """What a backward pass over no rows hands the sink: empty factors per layer."""
+        xp = self._xp
+        for k in reversed(range(len(self.layers))):
+            W = _layers.Layer.weight_matrix(self.params[k][0])
+            sink(k, xp.empty((0, W.shape[0]), self.dtype), xp.empty((0, W.shape[1]), self.dtype),
+                 xp.empty(0, self.dtype))
+        _finish(sink)
 
     def per_sample_grad_norms(self, X, Y):
         """(B,) norms of each sample's own loss gradient over all W_k and b_k.
@@ -260,7 +298,7 @@ class Network:
         xp, B = self._xp, X.shape[0]
         squares = xp.zeros(B, dtype=self.dtype)
 
-        def accumulate(k, T_rows, X_rows, ones):
+        def accumulate(k, T_rows, X_rows, ones, noise=None):
             squares[...] += _per_sample_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
                                                 X_rows.reshape(B, -1, X_rows.shape[1]))
 
@@ -323,22 +361,24 @@ class Network:
 
     def fit(self, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] = None,
             shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
-            on_epoch: Optional[Callable] = None, resume=None, optimizer=None):
+            on_epoch: Optional[Callable] = None, resume=None, optimizer=None, dp=None,
+            comm=None):
         """Train on (X, Y) by minibatch SGD (``lr``, default 0.05) or a
-        :mod:`gpu_mlp.optim` ``optimizer`` and return the History; see
-        :func:`gpu_mlp.training.fit` for the arguments."""
+        :mod:`gpu_mlp.optim` ``optimizer``, privately with ``dp``, data-parallel with
+        ``comm``, and return the History; see :func:`gpu_mlp.training.fit`."""
         from .training import fit
 
         return fit(self, X, Y, epochs=epochs, batch_size=batch_size, lr=lr, shuffle=shuffle,
                    seed=seed, validation=validation, verbose=verbose, on_epoch=on_epoch,
-                   resume=resume, optimizer=optimizer)
+                   resume=resume, optimizer=optimizer, dp=dp, comm=comm)
 
-    def save(self, path, history=None, optimizer=None) -> None:
-        """Write parameters and architecture (and the History and optimizer state to
-        resume training with) to ``path``, atomically; see :func:`gpu_mlp.checkpoint.save`."""
+    def save(self, path, history=None, optimizer=None, dp=None) -> None:
+        """Write parameters and architecture (and the History, optimizer state and DP
+        position to resume training with) to ``path``, atomically; see
+        :func:`gpu_mlp.checkpoint.save`."""
         from .checkpoint import save
 
-        save(self, path, history=history, optimizer=optimizer)
+        save(self, path, history=history, optimizer=optimizer, dp=dp)
 
     @classmethod
     def load(cls, path, device: str = "auto") -> "Network":
@@ -505,6 +545,8 @@ class Network:
         ws.give(saved[n - 1].F)  # F_n: nothing below needs it
 
         grad_input = None
+        deferred = []  # what a sink that keeps the factors reads until it finishes
+        keeps = getattr(sink, "keeps_factors", False)
         for k in reversed(range(n)):
             layer, W = self.layers[k], self.params[k][0]
             T_rows = layer.to_rows(delta, ws)
@@ -518,12 +560,23 @@ class Network:
             F_prev = saved[k - 1].F if k > 0 else X
             X_rows = layer.rows(F_prev, ws)
             sink(k, T_rows, X_rows, ws.ones(T_rows.shape[0]))
-            layer.give_rows(X_rows, ws)
-            ws.give(T_rows)
-            if k > 0:
-                ws.give(F_prev)
+            factors = (layer, T_rows, X_rows, F_prev if k > 0 else None)
+            if keeps:
+                deferred.append(factors)
+            else:
+                self._give_factors(*factors)
             delta = grad_input
+        _finish(sink)
+        for factors in deferred:
+            self._give_factors(*factors)
         return grad_input if want_dx else None
+
+    def _give_factors(self, layer, T_rows, X_rows, F_prev):
+        ws = self.training_workspace
+        layer.give_rows(X_rows, ws)
+        ws.give(T_rows)
+        if F_prev is not None:
+            ws.give(F_prev)
 
 
 class Tape:
@@ -551,6 +604,19 @@ class Tape:
                 if buf is not None:
                     given[id(buf)] = buf
         ws.give(*given.values())
+
+
+def _finish(sink) -> None:
+    finish = getattr(sink, "finish", None)
+    if finish is not None:
+        finish()
+
+
+def _rows(X) -> int:
+    """The number of rows of a batch, before any other check (an empty one is allowed
+    in a DP or data-parallel step)."""
+    shape = getattr(X, "shape", None)
+    return shape[0] if shape is not None and len(shape) > 1 else -1
 
 
 def _per_sample_squares(xp, T, X):

@@ -12,6 +12,7 @@ be one GEMM straight into ``W`` with no gradient buffer on either backend.
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy as np
 from scipy.linalg import blas as _blas
@@ -63,14 +64,22 @@ ELEMENTWISE = {
              "T decay, T step_size, T bias_correction2_sqrt", "T w, T m, T v",
              "gm_adam(w, m, v, g, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, "
              "decay, step_size, bias_correction2_sqrt)"),
+    # plain SGD with decoupled decay on a flat w, when the gradient g is already a buffer
+    "sgd": ("T g, T lr, T decay", "T w", "w = decay * w - lr * g"),
+    # DP-SGD's noise (kernels/noise.cuh): w += scale N(0, 1), element i's normal from a
+    # counter-based generator keyed by the seed, at (stream, step); in place, no buffer
+    "gaussian_noise": ("T scale, uint32 key0, uint32 key1, uint32 stream, uint32 step_lo, "
+                       "uint32 step_hi", "T w",
+                       "gm_gaussian_noise(w, scale, i, key0, key1, stream, step_lo, step_hi)"),
 }
 
 
 # How ops passes each ELEMENTWISE parameter, by name: ``alpha`` and ``scale``, and every
-# parameter of a fixed integer type but ``label``, are scalars; ``bias`` is a (d,) vector
-# broadcast over the rows; ``row_*`` and ``label`` are (B, 1) columns broadcast along
-# each row; a ``raw`` array is indexed by the body itself; anything else is shaped as the
-# output. The host tests and the NVRTC check read this, not their own guesses.
+# parameter of a fixed integer type (int32, int64, uint32) but ``label``, are scalars;
+# ``bias`` is a (d,) vector broadcast over the rows; ``row_*`` and ``label`` are (B, 1)
+# columns broadcast along each row; a ``raw`` array is indexed by the body itself;
+# anything else is shaped as the output. The host tests and the NVRTC check read this,
+# not their own guesses.
 SCALAR_PARAMS = ("alpha", "scale",
                  # the optimizers' hyperparameters and step scalars
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
@@ -81,7 +90,7 @@ ROW_PARAMS = ("row_max", "row_sum", "row_dot", "label")
 
 def param_layout(name: str, integer: bool, raw: bool) -> str:
     """``"scalar"``, ``"raw"``, ``"column"``, ``"row"`` or ``"full"`` (see above);
-    ``integer``: declared int32/int64 rather than T."""
+    ``integer``: declared an integer type (int32, int64, uint32) rather than T."""
     if raw:
         return "raw"
     if name in SCALAR_PARAMS or (integer and name not in ROW_PARAMS):
@@ -420,14 +429,110 @@ def adam(w, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
         wb -= b
 
 
+def sgd(w, g, lr, decay=1.0):
+    """``w <- decay w - lr g`` on ``w``, in place: a plain SGD step from a gradient
+    already in a buffer, its weight decay as the factor ``decay``."""
+    t = w.dtype.type
+    lr, decay = t(lr), t(decay)
+    if not is_numpy(w):
+        _launch("sgd", None, g, lr, decay, w)
+        return
+    [step] = _block_buffers(w, 1)
+    for s in _flat_blocks(w.size):
+        wb = w[s]
+        u = np.multiply(g[s], lr, out=step[:wb.size])
+        if decay != 1:  # 1 w is w, bit for bit
+            wb *= decay
+        wb -= u
+
+
+# --- DP-SGD noise (kernels/noise.cuh) ----------------------------------------------------
+
+_U32, _U64 = 1 << 32, 1 << 64
+# Element i of a stream is in the Philox block i / 4, a 32-bit counter word.
+MAX_NOISE_ELEMENTS = 1 << 34
+
+
+def _in_range(name: str, value, bound: int) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"add_gaussian: {name} must be an int, got {value!r}")
+    value = operator.index(value)  # ints and NumPy integers, nothing that rounds
+    if not 0 <= value < bound:
+        raise ValueError(f"add_gaussian: {name} must be in [0, 2^{bound.bit_length() - 1}), "
+                         f"got {value}")
+    return value
+
+
+def add_gaussian(w, scale, seed, stream, step, scratch=None):
+    """``w <- w + scale z`` in place, ``z`` i.i.d. standard normal, one per element.
+
+    ``w`` is a C-contiguous float32 or float64 array of any shape. The noise is a pure
+    function of ``seed`` (an int in [0, 2^64)), ``stream`` (in [0, 2^32); e.g. one per
+    tensor) and ``step`` (in [0, 2^64)): the same arguments give the same noise, and
+    another seed, stream or step an independent one -- nothing to save in a checkpoint.
+
+    On CuPy: one launch of the ``gaussian_noise`` kernel over ``w`` (kernels/noise.cuh:
+    Philox4x32-10 keyed by the seed, counter (element / 4, stream, step), curand's
+    Box-Muller), no buffer; ``scratch`` is not used. On NumPy: NumPy's own Philox (4x64)
+    keyed by the seed, its counter starting at (0, 0, stream, step), through
+    ``Generator.standard_normal`` in ``w``'s dtype, one block of ``scratch`` (a 1-D
+    array of ``w``'s dtype that the caller reuses; None takes one of at most
+    BLOCK_ELEMENTS) at a time, so no array of ``w``'s size is made; the values do not
+    depend on the block size. The two backends draw from different generators: each is
+    reproducible, but they do not give the same numbers.
+    """
+    seed = _in_range("seed", seed, _U64)
+    stream = _in_range("stream", stream, _U32)
+    step = _in_range("step", step, _U64)
+    if w.dtype not in _NUMPY_GEMM or not w.flags.c_contiguous:
+        raise ValueError(f"add_gaussian: w must be a C-contiguous float32 or float64 array, "
+                         f"got {w.dtype}{'' if w.flags.c_contiguous else ', not contiguous'}")
+    t = w.dtype.type
+    flat = w.reshape(-1)  # a view: w is C-contiguous
+    if not is_numpy(w):
+        if flat.size > MAX_NOISE_ELEMENTS:
+            raise ValueError(f"add_gaussian: at most 2^34 elements per stream, got {flat.size}")
+        _launch("gaussian_noise", None, t(scale), np.uint32(seed % _U32),
+                np.uint32(seed // _U32), np.uint32(stream), np.uint32(step % _U32),
+                np.uint32(step // _U32), flat)
+        return
+    if scratch is None:
+        [scratch] = _block_buffers(w, 1)
+    if (not is_numpy(scratch) or scratch.ndim != 1 or scratch.dtype != w.dtype
+            or scratch.size == 0 or not scratch.flags.c_contiguous
+            or np.may_share_memory(scratch, w)):
+        raise ValueError("add_gaussian: scratch must be a non-empty contiguous 1-D array of "
+                         "w's dtype, apart from w")
+    counter = np.array([0, 0, stream, step], dtype=np.uint64)  # word 0 counts the blocks
+    rng = np.random.Generator(np.random.Philox(key=seed, counter=counter))
+    scale = t(scale)
+    for first in range(0, flat.size, scratch.size):
+        block = flat[first:first + scratch.size]
+        z = rng.standard_normal(dtype=w.dtype, out=scratch[:block.size])
+        np.multiply(z, scale, out=z)
+        np.add(block, z, out=block)
+
+
 # --- BLAS -----------------------------------------------------------------------------
 
 _NUMPY_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
 _NUMPY_GEMV = {np.dtype(np.float32): _blas.sgemv, np.dtype(np.float64): _blas.dgemv}
 
 
+def _empty_product(out, beta):
+    """``out <- beta out``: a product over an empty dimension is 0. BLAS is not asked
+    (SciPy's gemv wrapper rejects k = 0); with beta = 0 out is not read, as in BLAS."""
+    if beta == 0:
+        out.fill(0)
+    elif beta != 1:
+        out *= out.dtype.type(beta)
+    return out
+
+
 def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     """``out <- alpha op(a) op(b) + beta out`` in place; all arrays C-contiguous."""
+    if a.shape[1 if transa == "N" else 0] == 0:  # op(a) (m, 0): e.g. an empty batch
+        return _empty_product(out, beta)
     if is_numpy(out):
         # In Fortran order the C-ordered out is out^T = alpha op(b)^T op(a)^T + beta out^T,
         # and x.T of a C-ordered x is the Fortran array BLAS wants: no copy anywhere.
@@ -446,6 +551,8 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
 
 def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
     """``out <- alpha op(a) x + beta out`` in place; ``a`` C-contiguous."""
+    if a.shape[1 if transa == "N" else 0] == 0:
+        return _empty_product(out, beta)
     if is_numpy(out):
         result = _NUMPY_GEMV[out.dtype](alpha, a.T, x, beta, out, trans=int(transa == "N"),
                                         overwrite_y=1)

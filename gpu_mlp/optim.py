@@ -62,7 +62,7 @@ import numpy as np
 
 from . import _checks, ops
 from .device import to_numpy
-from .layers import Layer
+from .updates import Apply
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "Step", "Cosine",
            "from_state_dict", "schedule_from_spec"]
@@ -318,40 +318,26 @@ class Optimizer:
     # --- a step -------------------------------------------------------------------------
 
     def begin_step(self, net):
-        """Bind to ``net`` (first call) and return the sink of one step: called by the
-        engine once per layer, last layer first, with the factors of its gradient, after
-        ``dJ/dF_{k-1}`` has used the old ``W_k``. The step counts once layer 0 is done."""
+        """Bind to ``net`` (first call) and return the :class:`~gpu_mlp.updates.Apply` of
+        one step: the engine hands it each layer's gradient, last layer first, after
+        ``dJ/dF_{k-1}`` has used the old ``W_k``; the step counts when it finishes."""
         self._bind(net)
         lr = self.lr_at(self._steps)
-        update = self._rule(lr, self._steps + 1)
 
-        def sink(k, T_rows, X_rows, ones):
-            W, b = net.params[k]
-            state = [self._state[name][k] for name in self.STATE]
-            update(W, b, [s[0] for s in state], [s[1] for s in state], T_rows, X_rows, ones)
-            if k == 0:
-                self._steps += 1
-                self._last_lr = lr
-        return sink
+        def state(k):
+            pairs = [self._state[name][k] for name in self.STATE]
+            return [p[0].reshape(-1) for p in pairs], [p[1] for p in pairs]
 
-    def _rule(self, lr: float, t: int):
-        """``update(W, b, W_state, b_state, T_rows, X_rows, ones)`` for step ``t`` (1-based)
-        at learning rate ``lr``."""
+        def count():
+            self._steps += 1
+            self._last_lr = lr
+        return Apply(net.params, **self._rule(lr, self._steps + 1), scratch=self._scratch,
+                     state=state, on_finish=count)
+
+    def _rule(self, lr: float, t: int) -> dict:
+        """Step ``t`` (1-based) at learning rate ``lr`` as :class:`~gpu_mlp.updates.Apply`'s
+        arguments: ``lr`` and ``keep`` for plain SGD, else ``kernels`` (of W, of b)."""
         raise NotImplementedError
-
-    def _fused(self, kernel):
-        """An update that writes the weight gradient into the scratch, runs ``kernel(w,
-        g, state)`` on W, then the same for the bias gradient and b."""
-        scratch = self._scratch
-
-        def update(W, b, W_state, b_state, T_rows, X_rows, ones):
-            G = scratch[:W.size]
-            ops.gemm("T", "N", T_rows, X_rows, G.reshape(W.shape[0], -1))
-            kernel(W.reshape(-1), G, [s.reshape(-1) for s in W_state])
-            g = scratch[:b.size]  # W is done with the scratch: the bias takes it
-            ops.gemv("T", T_rows, ones, g)
-            kernel(b, g, b_state)
-        return update
 
     # --- state ------------------------------------------------------------------------
 
@@ -473,15 +459,12 @@ class SGD(Optimizer):
     def _rule(self, lr, t):
         if not self.momentum:
             keep = 1.0 - lr * self.weight_decay
-
-            def update(W, b, W_state, b_state, T_rows, X_rows, ones):
-                ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(W), alpha=-lr,
-                         beta=keep)
-                ops.gemv("T", T_rows, ones, b, alpha=-lr, beta=keep)
-            return update
+            return {"lr": lr, "keep": (keep, keep)}
         momentum, weight_decay, nesterov = self.momentum, self.weight_decay, self.nesterov
-        return self._fused(lambda w, g, state: ops.sgd_momentum(
-            w, g, state[0], lr, momentum, weight_decay, nesterov))
+
+        def kernel(w, g, state):
+            ops.sgd_momentum(w, g, state[0], lr, momentum, weight_decay, nesterov)
+        return {"kernels": (kernel, kernel)}
 
 
 class Adam(Optimizer):
@@ -524,7 +507,10 @@ class Adam(Optimizer):
             l2, decay = self.weight_decay, 1.0
         scalars = (1 - beta1, beta2, 1 - beta2, self.eps, l2, decay, lr / bias_correction1,
                    bias_correction2 ** 0.5)
-        return self._fused(lambda w, g, state: ops.adam(w, g, state[0], state[1], *scalars))
+
+        def kernel(w, g, state):
+            ops.adam(w, g, state[0], state[1], *scalars)
+        return {"kernels": (kernel, kernel)}
 
 
 class AdamW(Adam):

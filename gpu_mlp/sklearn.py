@@ -72,7 +72,6 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from . import activations as _activations
 from . import device as _device
 from . import ops, optim
-from .layers import Layer
 from .mlp import MLP
 from .network import MEMORY_MODES
 
@@ -96,21 +95,6 @@ class InvalidParameterError(ValueError, TypeError):
 # two subclasses keep optim's update rules (its fused kernels, state and scratch) and
 # apply their own ``l2``, set by the estimator before each batch, to W only.
 
-def _fused_pair(opt, w_kernel, b_kernel):
-    """optim's fused update with one kernel for W and another for b (optim._fused with the
-    bias kernel apart)."""
-    scratch = opt._scratch
-
-    def update(W, b, W_state, b_state, T_rows, X_rows, ones):
-        G = scratch[:W.size]
-        ops.gemm("T", "N", T_rows, X_rows, G.reshape(W.shape[0], -1))
-        w_kernel(W.reshape(-1), G, [s.reshape(-1) for s in W_state])
-        g = scratch[:b.size]
-        ops.gemv("T", T_rows, ones, g)
-        b_kernel(b, g, b_state)
-    return update
-
-
 class _WeightsOnlyDecay:
     BASE = None
     l2 = 0.0  # the L2 coefficient of the next step's weight gradient
@@ -133,19 +117,13 @@ class _SGD(_WeightsOnlyDecay, optim.SGD):
     def _rule(self, lr, t):
         wd = self.l2
         if not self.momentum:
-            keep = 1.0 - lr * wd
-
-            def update(W, b, W_state, b_state, T_rows, X_rows, ones):
-                ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(W), alpha=-lr,
-                         beta=keep)
-                ops.gemv("T", T_rows, ones, b, alpha=-lr, beta=1.0)
-            return update
+            return {"lr": lr, "keep": (1.0 - lr * wd, 1.0)}
         momentum, nesterov = self.momentum, self.nesterov
 
         def kernel(decay):
             return lambda w, g, state: ops.sgd_momentum(w, g, state[0], lr, momentum, decay,
                                                         nesterov)
-        return _fused_pair(self, kernel(wd), kernel(0.0))
+        return {"kernels": (kernel(wd), kernel(0.0))}
 
 
 class _Adam(_WeightsOnlyDecay, optim.Adam):
@@ -163,7 +141,7 @@ class _Adam(_WeightsOnlyDecay, optim.Adam):
 
         def kernel(decay):
             return lambda w, g, state: ops.adam(w, g, state[0], state[1], *head, decay, *tail)
-        return _fused_pair(self, kernel(self.l2), kernel(0.0))
+        return {"kernels": (kernel(self.l2), kernel(0.0))}
 
 
 _OPTIMIZERS = {"SGD": _SGD, "Adam": _Adam}

@@ -45,12 +45,13 @@ from tqdm import tqdm
 
 from . import _checks, ops
 from . import optim as _optim
+from . import privacy as _privacy
 from .device import to_numpy
 from .network import _check_lr
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
 _ROSE = 1.1  # a final training loss this many times the first step's is worth a warning
-_PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds")
+_PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds", "epsilon")
 DEFAULT_LR = 0.05  # plain SGD's learning rate when neither lr nor optimizer is given
 
 
@@ -85,6 +86,12 @@ class History:
     val_loss: list[Optional[float]] = field(default_factory=list)
     val_accuracy: list[Optional[float]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # training time, validation excluded
+    # DP runs: the epsilon spent after each epoch, at the DP's delta (None when not private)
+    epsilon: list[Optional[float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.epsilon and self.train_loss:  # epochs recorded without DP in mind
+            self.epsilon = [None] * len(self.train_loss)
 
     @property
     def epochs(self) -> int:
@@ -99,6 +106,10 @@ class History:
     def from_dict(cls, d) -> "History":
         """The inverse of :meth:`as_dict`; a ValueError says what does not fit."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(d, dict) and "epsilon" not in d and isinstance(d.get("train_loss"), list):
+            d = {**d, "epsilon": [None] * len(d["train_loss"])}  # written before DP existed
+        if isinstance(d, dict) and d.get("epsilon") == [] and d.get("train_loss"):
+            d = {**d, "epsilon": [None] * len(d["train_loss"])}
         if not isinstance(d, dict) or sorted(d) != sorted(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"history must have the entries {names}, got {got}")
@@ -113,7 +124,7 @@ class History:
             entries = d[name]
             if not isinstance(entries, list) or len(entries) != len(d["train_loss"]):
                 raise ValueError(f"history: {name} must be a list with one entry per epoch")
-            optional = name.startswith("val_")
+            optional = name.startswith("val_") or name == "epsilon"
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                        or (optional and v is None) for v in entries):
                 raise ValueError(f"history: {name} must hold numbers")
@@ -123,7 +134,7 @@ class History:
 def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] = None,
         shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
         on_epoch: Optional[Callable] = None, resume: Optional[History] = None,
-        optimizer: Optional[_optim.Optimizer] = None) -> History:
+        optimizer: Optional[_optim.Optimizer] = None, dp=None, comm=None) -> History:
     """Train ``net`` on (X, Y) by minibatch SGD or an optimizer; return the :class:`History`.
 
     Args:
@@ -143,14 +154,27 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             a checkpoint.
         resume: the :class:`History` of an earlier run on the same data with the same
             seed, batch size and shuffling, to be continued (it is not modified). With an
-            optimizer, pass the one saved with it (``checkpoint.read(path).optimizer``):
-            its step count must be the run's.
+            optimizer or DP, pass the ones saved with it
+            (``checkpoint.read(path).optimizer`` / ``.dp``): their step counts must be
+            the run's.
         optimizer: a :mod:`gpu_mlp.optim` optimizer (SGD with momentum, Adam, AdamW, with
             a schedule), stepped once per batch; bound to ``net`` by its first step. The
             History's ``lr`` then records each epoch's last learning rate.
+        dp: a :class:`gpu_mlp.privacy.DP`: train privately. Each epoch then takes
+            ``ceil(n / batch_size)`` steps on Poisson samples (every row independently
+            with probability ``batch_size / n``, from ``(seed, epoch)``; ``shuffle`` has
+            no say), each divided by the expected batch size ``batch_size``, and the
+            History's ``epsilon`` records the privacy spent after each epoch (needs the
+            ``[dp]`` extra).
+        comm: a :class:`gpu_mlp.distributed.Communicator`: train data-parallel. Every
+            rank passes the same data and settings (checked before the first step); each
+            global batch is split into contiguous shares, one per rank, and every rank
+            applies the gradient of the global batch mean, so the run is the
+            single-process run on the global batches. The History is the same on every
+            rank.
 
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
-    that diverges (a non-finite epoch loss) stops with a RuntimeError.
+    that diverges (a non-finite epoch loss) stops with a :class:`TrainingDiverged`.
     """
     epochs = _checks.integer("epochs", epochs)
     batch_size = _checks.integer("batch_size", batch_size)
@@ -164,6 +188,10 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             raise ValueError("give lr (plain SGD) or optimizer (which has its own lr and "
                              "schedule), not both")
         optimizer._check_net(net)
+    if dp is not None and not isinstance(dp, _privacy.DP):
+        raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
+    if comm is not None and not hasattr(comm, "_stage"):
+        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator, got {comm!r}")
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -176,49 +204,56 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             raise TypeError("validation must be a pair (X_val, Y_val)")
         validation = _data(net, "X_val", *validation)
     history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
-    if resume is not None and optimizer is not None:
-        _check_resumed_steps(optimizer, history, -(-X.shape[0] // batch_size))
+    n = X.shape[0]
+    steps_per_epoch = -(-n // batch_size)
+    sample_rate = min(1.0, batch_size / n)
+    if dp is not None:
+        dp.epsilon(sample_rate, steps=1)  # the accountant is there, before any step
+    if resume is not None:
+        for name, stepper in (("optimizer", optimizer), ("dp", dp)):
+            if stepper is not None:
+                _check_resumed_steps(name, stepper.steps, history, steps_per_epoch)
+    if comm is not None:
+        comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp,
+                                           shuffle, seed, history))
 
-    xp, n = net._xp, X.shape[0]
-    on_host = xp is np  # a GPU's losses are read every _REFRESH_S: no sync per step
+    xp = net._xp
+    # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
+    # must all stop together, so they look at the loss only at the end of an epoch
+    look = xp is np and comm is None
     first_step_loss = None  # the loss of the initial parameters, on the first batch
     step_with = lr if optimizer is None else optimizer  # what train_step takes
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
-    good_state = None if optimizer is None else optimizer._snapshot()
+    good_state = _snapshots(optimizer, dp)
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
-        if shuffle:
-            rows = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n))
-            X_epoch, Y_epoch = X[rows], Y[rows]
-        else:
-            X_epoch, Y_epoch = X, Y
-        losses = _StepLosses(xp, -(-n // batch_size))
+        losses = _StepLosses(xp, steps_per_epoch)
         with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
             shown, shown_at = 0, start
-            for first in range(0, n, batch_size):
-                last = min(first + batch_size, n)
-                J = net.train_step(X_epoch[first:last], Y_epoch[first:last], step_with,
-                                   check=False)
-                losses.add(J, last - first)
-                if on_host and not math.isfinite(J):  # free to read on the NumPy backend
+            for done, X_batch, Y_batch, counts in _batches(X, Y, xp, n, batch_size, seed,
+                                                           epoch, shuffle, dp, comm):
+                J = net._step(X_batch, Y_batch, step_with, False, dp, comm,
+                              expected_batch=batch_size if dp is not None else None,
+                              counts=counts)
+                losses.add(J, X_batch.shape[0])
+                if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break
-                if time.perf_counter() - shown_at > _REFRESH_S:
+                if comm is None and time.perf_counter() - shown_at > _REFRESH_S:
                     running = losses.mean()
                     if not math.isfinite(running):
                         break
                     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-                    bar.update(last - shown)
-                    shown, shown_at = last, time.perf_counter()
-            train_loss = losses.mean()  # waits for the epoch's last step
+                    bar.update(done - shown)
+                    shown, shown_at = done, time.perf_counter()
+            train_loss = losses.mean(comm)  # waits for the epoch's last step
             if epoch == 0:
                 first_step_loss = losses.first()
             seconds = time.perf_counter() - start
             if not math.isfinite(train_loss):
                 _restore(net.params, good)
-                if optimizer is not None:
-                    optimizer._restore(good_state)
+                _restore_snapshots(optimizer, dp, good_state)
                 raise TrainingDiverged(
                     f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
                     f"parameters are those after epoch {epoch} again; try a smaller "
@@ -228,31 +263,95 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
             bar.update(n - shown)
         epoch_lr = lr if optimizer is None else optimizer.last_lr
+        epsilon = None if dp is None else dp.epsilon(sample_rate)
         for name, value in zip(_PER_EPOCH, (epoch_lr, train_loss, val_loss, val_accuracy,
-                                            seconds)):
+                                            seconds, epsilon)):
             getattr(history, name).append(value)
         good = _host_copy(net.params, into=good)
-        if optimizer is not None:
-            good_state = optimizer._snapshot()
+        good_state = _snapshots(optimizer, dp)
         if on_epoch is not None:
             on_epoch(net, history)
     _warn_if_loss_rose(history, first_step_loss, _base_lr(lr, optimizer))
     return history
 
 
+def _batches(X, Y, xp, n, batch_size, seed, epoch, shuffle, dp, comm):
+    """One epoch's steps as ``(rows done, X_batch, Y_batch, counts)``: contiguous slices
+    of the epoch's order, or Poisson samples under DP; under data parallelism this
+    rank's contiguous share of each global batch, and ``counts`` every rank's share."""
+    if dp is not None:
+        batches = _privacy.poisson_batches(n, batch_size, seed, epoch)
+        done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
+        for rows, upto in zip(batches, done):
+            rows, counts = _share(rows, comm)
+            rows = xp.asarray(rows)
+            yield upto, X[rows], Y[rows], counts
+        return
+    if shuffle:
+        order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n))
+        X, Y = X[order], Y[order]
+    for first in range(0, n, batch_size):
+        last = min(first + batch_size, n)
+        (lo, hi), counts = _share((first, last), comm)
+        yield last, X[lo:hi], Y[lo:hi], counts
+
+
+def _share(batch, comm):
+    """This rank's contiguous share of a global batch -- row indices, or a ``(first,
+    last)`` range -- and every rank's row count (None without ``comm``)."""
+    if comm is None:
+        return batch, None
+    ranged = isinstance(batch, tuple)
+    total = batch[1] - batch[0] if ranged else len(batch)
+    counts = [total // comm.size + (r < total % comm.size) for r in range(comm.size)]
+    lo = sum(counts[:comm.rank])
+    hi = lo + counts[comm.rank]
+    if ranged:
+        return (batch[0] + lo, batch[0] + hi), counts
+    return batch[lo:hi], counts
+
+
+def _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp, shuffle, seed, history):
+    """What every rank of a data-parallel run must agree on, JSON-ready."""
+    return {"layers": [layer.spec() for layer in net.layers], "loss": net.loss.name,
+            "memory": net.memory, "dtype": net.dtype.name, "device": net.device,
+            "samples": list(X.shape), "targets": list(Y.shape),
+            "data": float(to_numpy(X.sum(dtype=np.float64))),
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "shuffle": bool(shuffle), "epochs_done": history.epochs,
+            "optimizer": None if optimizer is None else repr(optimizer),
+            "optimizer_steps": None if optimizer is None else optimizer.steps,
+            "dp": None if dp is None else dp.state_dict(),
+            "params": float(sum(float(to_numpy(W.sum(dtype=np.float64)))
+                                for W, _ in net.params))}
+
+
+def _snapshots(optimizer, dp):
+    return (None if optimizer is None else optimizer._snapshot(),
+            None if dp is None else dp.steps)
+
+
+def _restore_snapshots(optimizer, dp, snapshots) -> None:
+    if optimizer is not None:
+        optimizer._restore(snapshots[0])
+    if dp is not None:
+        dp.steps = snapshots[1]
+
+
 def _base_lr(lr, optimizer) -> float:
     return lr if optimizer is None else optimizer.lr
 
 
-def _check_resumed_steps(optimizer, history, steps_per_epoch) -> None:
-    """A resumed run's optimizer must be the one saved with it: as many steps taken as
-    the run's epochs took (a fresh one would restart its moments and schedule)."""
+def _check_resumed_steps(name, steps, history, steps_per_epoch) -> None:
+    """A resumed run's optimizer (or DP) must be the one saved with it: as many steps
+    taken as the run's epochs took (a fresh one would restart its moments, its schedule
+    or its noise)."""
     expected = history.epochs * steps_per_epoch
-    if optimizer.steps != expected:
-        raise ValueError(f"resume: the optimizer has taken {optimizer.steps} steps, but the "
-                         f"run to continue took {expected} ({history.epochs} epochs of "
-                         f"{steps_per_epoch}); pass the optimizer saved with it "
-                         f"(gpu_mlp.checkpoint.read(path).optimizer)")
+    if steps != expected:
+        raise ValueError(f"resume: the {name} has taken {steps} steps, but the run to "
+                         f"continue took {expected} ({history.epochs} epochs of "
+                         f"{steps_per_epoch}); pass the {name} saved with it "
+                         f"(gpu_mlp.checkpoint.read(path).{name})")
 
 
 def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
@@ -292,12 +391,20 @@ class _StepLosses:
         self.count += 1
 
     def first(self) -> float:
-        return float(self.values[0])
+        """The loss of the first step that had rows (a Poisson sample can be empty)."""
+        nonempty = np.flatnonzero(self.weights[:self.count])
+        return float(self.values[nonempty[0]]) if nonempty.size else math.nan
 
-    def mean(self) -> float:
-        """The weighted mean so far: one device-to-host transfer."""
+    def mean(self, comm=None) -> float:
+        """The weighted mean so far: one device-to-host transfer; with ``comm`` over the
+        steps of every rank (the global batch mean)."""
         k = self.count
-        return float(to_numpy(self.values[:k]) @ self.weights[:k] / self.weights[:k].sum())
+        totals = np.array([to_numpy(self.values[:k]) @ self.weights[:k],
+                           self.weights[:k].sum()])
+        if comm is not None:
+            totals = comm.sum(totals)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(totals[0] / totals[1])
 
 
 def _evaluate(net, X, Y):

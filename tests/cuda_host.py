@@ -19,7 +19,9 @@ and tested with no change to the tests. The generated C functions (CTYPE is ``fl
   over (B, d) or (c, 1, 1) over (B, c, H, W); the per-row columns ``row_*`` and ``label``
   by row as CuPy broadcasts a (B, 1) array; ``raw`` arrays left to the body. Inside,
   inputs are values and outputs ``T&``, as in CuPy;
-* ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row.
+* ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row;
+* ``host_philox4x32_10(ctr, key, out, n)``: ``noise.cuh``'s generator on n counters
+  (``uint32`` arrays (n, 4)) and keys ((n, 2)) into out (n, 4).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 # How gpu_mlp.ops passes each ELEMENTWISE parameter: ops.param_layout.
 SCALAR_PARAMS, COLUMN_PARAMS = ops.SCALAR_PARAMS, ops.COLUMN_PARAMS
-PARAM_TYPES = {"T": None, "int32": np.dtype(np.int32), "int64": np.dtype(np.int64)}
-_C_TYPES = {"int32": "int", "int64": "long long"}
+PARAM_TYPES = {"T": None, "int32": np.dtype(np.int32), "int64": np.dtype(np.int64),
+               "uint32": np.dtype(np.uint32)}
+_C_TYPES = {"int32": "int", "int64": "long long", "uint32": "unsigned int"}
 
 HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror")  # no -ffast-math
 NVCC_FLAGS = ("-c", "-arch=sm_90", "-std=c++14", "-Werror", "all-warnings", "-Xptxas", "-v")
@@ -95,7 +98,7 @@ class EwParam:
     """One parameter of an ``ops.ELEMENTWISE`` kernel."""
 
     name: str
-    type: str     # "T", "int32" or "int64", as CuPy spells them
+    type: str     # "T", "int32", "int64" or "uint32", as CuPy spells them
     raw: bool     # CuPy's "raw": the body indexes it itself
     output: bool
 
@@ -212,6 +215,19 @@ extern "C" void host_softmax_xent_rows_{T}(const {T}* f, const {T}* targets,
 """
 
 
+_NOISE_WRAPPER = """
+extern "C" void host_philox4x32_10(const unsigned int* ctr, const unsigned int* key,
+                                   unsigned int* out, long long n)
+{
+    for (long long b = 0; b < n; ++b) {
+        unsigned int r[4] = {ctr[4 * b], ctr[4 * b + 1], ctr[4 * b + 2], ctr[4 * b + 3]};
+        gm_philox4x32_10(r, key[2 * b], key[2 * b + 1]);
+        for (int j = 0; j < 4; ++j) out[4 * b + j] = r[j];
+    }
+}
+"""
+
+
 def host_source() -> str:
     """Every kernel header, then ``extern "C"`` wrappers of everything the tests call."""
     parts = [f'#include "{header}"\n' for header in cuda.HEADERS]
@@ -219,6 +235,7 @@ def host_source() -> str:
         parts += [_ACTIVATION_WRAPPER.format(fn=fn, T=ctype) for fn in activation_functions()]
         parts += [_LOSS_WRAPPER.format(fn=fn, T=ctype) for fn in loss_functions()]
         parts.append(_ROW_WRAPPERS.format(T=ctype))
+    parts.append(_NOISE_WRAPPER)
     for dtype in CTYPES:
         parts += [elementwise_function(op, act, dtype, device=False)
                   for op, act in elementwise_pairs()]
@@ -277,12 +294,15 @@ def _c_arg(a):
         return ctypes.c_double(a)
     if isinstance(a, np.int32):
         return ctypes.c_int(a)
+    if isinstance(a, np.uint32):
+        return ctypes.c_uint(a)
     if isinstance(a, (int, np.int64)):
         return ctypes.c_longlong(a)
-    raise TypeError(f"cannot pass {type(a).__name__} to C: use an array, a NumPy float or an int")
+    raise TypeError(f"cannot pass {type(a).__name__} to C: use an array, a NumPy float, "
+                    f"a numpy.int32 or numpy.uint32, or an int")
 
 
 def call(lib: ctypes.CDLL, name: str, *args) -> None:
-    """Call ``name`` in ``lib``: arrays as pointers, NumPy floats as their C type, ints as
-    ``long long``, None as a null pointer."""
+    """Call ``name`` in ``lib``: arrays as pointers, NumPy floats, ``numpy.int32`` and
+    ``numpy.uint32`` as their C type, other ints as ``long long``, None as a null pointer."""
     getattr(lib, name)(*(_c_arg(a) for a in args))

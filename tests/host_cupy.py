@@ -9,8 +9,10 @@ it, and each call is checked as strictly as the GPU needs it, then run:
 * ``cupy.ElementwiseKernel``: it must be an ``ops.ELEMENTWISE`` entry formatted for one
   activation, named as ``ops`` names it, with ``cuda.source()`` as its preamble. A call
   passes inputs, then outputs, in parameter order, as CuPy takes them: scalars as NumPy
-  scalars of their declared type (``T``: the arrays' dtype; anything else CuPy would
-  type otherwise), arrays C-contiguous, of their declared dtype, ``bias`` (d,) against
+  scalars of their declared type (``T``: the arrays' dtype; ``int32``, ``int64`` and
+  ``uint32``: ``numpy.int32``, ``numpy.int64`` and ``numpy.uint32``, which the body gets
+  as ``int``, ``long long`` and ``unsigned int``; anything else CuPy would type
+  otherwise), arrays C-contiguous, of their declared dtype, ``bias`` (d,) against
   (B, d) outputs, the per-row columns (B, 1), and every other array the outputs'
   shape (a ``raw`` one any shape). The body then runs as the host loop ``cuda_host``
   generates from the same text.

@@ -35,8 +35,8 @@ def stop_after_epoch_2(monkeypatch):
     user's Ctrl-C would arrive then."""
     save = checkpoint.save
 
-    def save_then_stop(net, path, history, optimizer=None):
-        save(net, path, history=history, optimizer=optimizer)
+    def save_then_stop(net, path, history, optimizer=None, dp=None):
+        save(net, path, history=history, optimizer=optimizer, dp=dp)
         if history.epochs == 2:
             raise KeyboardInterrupt
 

@@ -22,6 +22,8 @@ import gpu_mlp
 import host_cupy
 from gpu_mlp import activations, cuda, losses, ops, optim, reference
 from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.privacy import DP
+from gpu_mlp.updates import Apply
 from host_cupy import NULL, cupy_path
 
 ACTIVATIONS = ["identity", "relu", "relu(alpha=0.5)", "sigmoid", "tanh", "gelu", "softmax"]
@@ -227,6 +229,10 @@ def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, make_targets
         for make in OPTIMIZERS.values():  # the optimizers' update kernels
             net, X, Y = conv_problem("output", "relu", dtype, make_targets)
             net.train_step(X, Y, make())
+        # DP's noise kernel, and plain SGD from a formed gradient (the allreduce path)
+        net.train_step(X, Y, LR, dp=DP(max_grad_norm=1.0, noise_multiplier=1.0))
+        W, b = net.params[0]
+        Apply(net.params, lr=LR).gradient(0, np.zeros(W.size + b.size, dtype=dtype))
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)

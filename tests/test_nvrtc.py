@@ -833,6 +833,18 @@ def test_nvrtc_gets_cupys_headers_and_options(nvrtc):
     assert any(o.startswith("-I") and o.endswith("_core/include") for o in compiled.options)
 
 
+def test_integer_scalars_reach_the_body_as_their_c_type():
+    # the noise kernel's key and counter words, declared uint32 in ops.ELEMENTWISE, are
+    # the unsigned int words gm_gaussian_noise takes
+    op = "gaussian_noise"
+    kernel = ops._kernel(op, "")
+    for dtype in DTYPES:
+        [code] = elementwise_sources(kernel, op, dtype, "typical")
+        for name in ("key0", "key1", "stream", "step_lo", "step_hi"):
+            assert f"const unsigned int {name}," in code, name
+        assert f"const {CTYPES[dtype]} scale," in code
+
+
 # --- the check fails where it must ----------------------------------------------------------
 
 def test_an_elementwise_kernel_that_does_not_compile_fails(nvrtc, monkeypatch):

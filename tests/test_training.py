@@ -187,7 +187,7 @@ def test_divergence_stops_at_once_and_restores_the_last_good_epoch(monkeypatch):
     sizes, X, Y = problem("softmax_cross_entropy", n=100)
     net = new_net(sizes)
     steps, after_epoch = [], {}
-    train_step = net.train_step
+    train_step = net._step  # what fit steps with
 
     def step(*args, **kwargs):
         steps.append(len(steps) + 1)
@@ -196,7 +196,7 @@ def test_divergence_stops_at_once_and_restores_the_last_good_epoch(monkeypatch):
                 W[...] = np.nan
         return train_step(*args, **kwargs)
 
-    monkeypatch.setattr(net, "train_step", step)
+    monkeypatch.setattr(net, "_step", step)
     with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged) as error:
         fit_quietly(net, X, Y, epochs=5, batch_size=10, lr=0.1,
                     on_epoch=lambda n, h: after_epoch.update({h.epochs: params_of(n)}))
@@ -366,13 +366,13 @@ def test_batches_are_views_of_the_data_when_not_shuffled(monkeypatch, library):
         data = X, Y
     net = new_net(sizes, dtype="float32")
     batches = []
-    step = net.train_step
+    step = net._step  # what fit steps with
 
-    def recording_step(xb, yb, lr, check):
+    def recording_step(xb, yb, *args, **kwargs):
         batches.append(xb)
-        return step(xb, yb, lr, check=check)
+        return step(xb, yb, *args, **kwargs)
 
-    monkeypatch.setattr(net, "train_step", recording_step)
+    monkeypatch.setattr(net, "_step", recording_step)
     fit_quietly(net, *data, epochs=1, batch_size=50, shuffle=False)
     assert len(batches) == 3 and all(np.shares_memory(b, X) for b in batches)
 
@@ -517,15 +517,15 @@ def test_divergence_restores_the_optimizer_of_the_last_good_epoch(monkeypatch):
     sizes, X, Y = problem("softmax_cross_entropy", n=100)
     net, opt = new_net(sizes), optim.Adam(1e-2)
     saved = {}
-    train_step = net.train_step
+    train_step = net._step  # what fit steps with
 
-    def step(X, Y, lr, check=True):
+    def step(X, Y, *args, **kwargs):
         if opt.steps == 25:  # in epoch 3
             for W, b in net.params:
                 W[...] = np.nan
-        return train_step(X, Y, lr, check=check)
+        return train_step(X, Y, *args, **kwargs)
 
-    monkeypatch.setattr(net, "train_step", step)
+    monkeypatch.setattr(net, "_step", step)
     with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged):
         fit_quietly(net, X, Y, epochs=5, batch_size=10, optimizer=opt,
                     on_epoch=lambda n, h: saved.update({h.epochs: opt.state_dict()}))

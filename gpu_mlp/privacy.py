@@ -1,0 +1,197 @@
+"""Differentially private SGD in one backward pass, from the factored gradients.
+
+DP-SGD (Abadi et al. 2016) clips every sample's gradient ``g_i`` (over all layers) to
+norm ``C``, sums, adds Gaussian noise ``N(0, sigma^2 C^2 I)`` and divides by the batch
+size: ``(sum_i min(1, C / ||g_i||) g_i + N) / B``. The usual tools pay for the
+per-sample norms: Opacus materialises per-sample gradients, or with ghost clipping runs
+a second backward pass. Here they come from the factors the ordinary backward pass
+already has (Remark 8 (ii)): sample i's gradient of a dense layer is the outer product
+``T_i x_i^T``, of norm ``||T_i|| ||x_i||``; a convolution's is ``T_i^T X_i`` over its
+output positions, whose norm the Gram form gives without forming it
+(:func:`gpu_mlp.network._per_sample_squares`).
+
+So a private step is one forward and one backward pass, then, per layer:
+
+1. the backward loop hands each layer's factors to this module's stage, which adds the
+   layer's per-sample squared norms and *keeps* the factors (they are buffers the
+   forward pass had anyway, same order as the activations);
+2. once every layer is done, the clipping factors ``c_i = C / max(||g_i||, C) / B`` are
+   known; each layer's ``T`` is scaled row by row (sample by sample) in place, and the
+   update rule gets the factors as usual: for plain SGD ONE GEMM of the scaled ``T``
+   straight into ``W_k`` (``beta = 1``) -- no per-sample gradient and no gradient
+   buffer is ever formed;
+3. the noise is added where the summed gradient is formed: straight into ``W_k`` for
+   plain SGD, into the optimizer's scratch before its fused update otherwise. On a GPU
+   by one kernel with a counter-based generator (Philox4x32-10, curand's, in
+   ``kernels/noise.cuh``), keyed by ``(seed, step, layer, tensor)``: no noise buffer, and
+   a step is reproducible from the seed and the step count alone. On the CPU through
+   NumPy's Philox generator (the same key) in a small reused scratch.
+
+The privacy spent is counted by Google's ``dp-accounting`` (:mod:`gpu_mlp.accounting`,
+the ``[dp]`` extra): :meth:`Network.fit` samples its batches by Poisson sampling, as the
+accountant assumes, and reports epsilon at ``delta`` after every epoch.
+
+>>> import numpy as np, gpu_mlp
+>>> from gpu_mlp.privacy import DP
+>>> net = gpu_mlp.MLP([4, 8, 3], loss="softmax_cross_entropy", device="cpu", seed=0)
+>>> dp = DP(max_grad_norm=1.0, noise_multiplier=1.1, seed=0)
+>>> loss = net.train_step(np.ones((5, 4)), np.array([0, 1, 2, 1, 0]), 0.1, dp=dp)
+>>> dp.steps
+1
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _checks, accounting, ops
+from .optim import _in_range
+
+__all__ = ["DP"]
+
+# The CPU's noise is drawn block by block into a scratch of this many elements, so its
+# memory does not grow with the layer.
+NOISE_BLOCK = 1 << 16
+
+
+class DP:
+    """The settings and the position of a differentially private training run.
+
+    Pass it as ``dp=`` to :meth:`Network.train_step` (one private step on that batch,
+    divided by its size) or :meth:`Network.fit` (Poisson-sampled batches, epsilon
+    reported per epoch).
+
+    Args:
+        max_grad_norm: C, the norm each sample's gradient is clipped to (> 0).
+        noise_multiplier: sigma; the noise of the summed gradient is N(0, sigma^2 C^2)
+            per entry (>= 0; 0 clips without noise: no privacy).
+        delta: the delta of the (epsilon, delta) guarantee reported, in (0, 1).
+        seed: the seed of the noise; with the step count it fixes every step's noise.
+        accountant: ``"rdp"`` or ``"pld"`` (:mod:`gpu_mlp.accounting`).
+    """
+
+    def __init__(self, max_grad_norm, noise_multiplier, delta=1e-5, seed=0,
+                 accountant="rdp"):
+        where = "DP: "
+        self.max_grad_norm = _in_range("max_grad_norm", max_grad_norm, where, low_open=True)
+        self.noise_multiplier = _in_range("noise_multiplier", noise_multiplier, where)
+        self.delta = _in_range("delta", delta, where, 0.0, 1.0, low_open=True)
+        self.seed = _checks.seed(seed)
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(f"{where}unknown accountant {accountant!r}; valid: "
+                             f"{', '.join(accounting.ACCOUNTANTS)}")
+        self.accountant = accountant
+        self.steps = 0  # private steps taken: the position of the noise stream
+
+    @classmethod
+    def for_epsilon(cls, target_epsilon, delta, sample_rate, steps, max_grad_norm, seed=0,
+                    accountant="rdp") -> "DP":
+        """The DP whose noise multiplier just reaches ``target_epsilon`` at ``delta``
+        after ``steps`` steps of Poisson sampling at rate ``sample_rate``; a ValueError
+        if no noise within :mod:`gpu_mlp.accounting`'s bound does."""
+        sigma = accounting.noise_multiplier(target_epsilon, delta, sample_rate, steps,
+                                            accountant=accountant)
+        return cls(max_grad_norm, sigma, delta=delta, seed=seed, accountant=accountant)
+
+    def epsilon(self, sample_rate, steps=None) -> float:
+        """The epsilon at ``self.delta`` after ``steps`` (default: the steps taken)
+        Poisson-sampled steps at rate ``sample_rate``."""
+        return accounting.epsilon(self.noise_multiplier, sample_rate,
+                                  self.steps if steps is None else steps, self.delta,
+                                  accountant=self.accountant)
+
+    def __repr__(self) -> str:
+        return (f"DP(max_grad_norm={self.max_grad_norm}, noise_multiplier="
+                f"{self.noise_multiplier}, delta={self.delta}, seed={self.seed}, "
+                f"accountant={self.accountant!r})")
+
+    # --- state: a checkpoint continues the noise stream where it stopped -------------
+
+    def state_dict(self) -> dict:
+        return {"max_grad_norm": self.max_grad_norm, "noise_multiplier": self.noise_multiplier,
+                "delta": self.delta, "seed": self.seed, "accountant": self.accountant,
+                "steps": self.steps}
+
+    @classmethod
+    def from_state_dict(cls, state) -> "DP":
+        keys = ("max_grad_norm", "noise_multiplier", "delta", "seed", "accountant", "steps")
+        if not isinstance(state, dict) or sorted(state) != sorted(keys):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"a DP state must have the entries {list(keys)}, got {got}")
+        dp = cls(*(state[key] for key in keys[:5]))
+        dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ")
+        return dp
+
+    # --- the stage of the backward pass ----------------------------------------------
+
+    def _stage(self, net, downstream, rows: int, batch: float) -> "_Private":
+        """The sink of one private step over ``rows`` local samples, dividing by
+        ``batch`` (the batch size, or the expected one under Poisson sampling)."""
+        return _Private(self, net, downstream, rows, batch)
+
+
+class _Private:
+    """One private step: keeps every layer's factors and sums the per-sample squared
+    norms; at the end scales each sample's rows of T by its clipping factor over the
+    batch size and hands the factors on, with the noise, to the next stage."""
+
+    keeps_factors = True
+
+    def __init__(self, dp: DP, net, downstream, rows: int, batch: float):
+        self.dp, self.net, self.downstream, self.rows = dp, net, downstream, rows
+        self.batch = float(batch)
+        self.squares = net._xp.zeros(rows, dtype=net.dtype)
+        self.kept = []
+        sigma, C = dp.noise_multiplier, dp.max_grad_norm
+        self.noise_std = sigma * C / self.batch  # of the gradient, per entry
+        self.scratch = (np.empty(NOISE_BLOCK, dtype=net.dtype)
+                        if net._xp is np and sigma > 0 else None)
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        B = self.rows
+        if B:
+            from .network import _per_sample_squares
+
+            self.squares += _per_sample_squares(self.net._xp,
+                                                T_rows.reshape(B, -1, T_rows.shape[1]),
+                                                X_rows.reshape(B, -1, X_rows.shape[1]))
+        self.kept.append((k, T_rows, X_rows, ones))
+
+    def finish(self):
+        xp, B, C = self.net._xp, self.rows, self.dp.max_grad_norm
+        if B:
+            # c_i / batch with c_i = min(1, C / ||g_i||), which is C / max(||g_i||, C)
+            # (and 1 for a zero gradient), computed in place in the squares' buffer
+            factors = self.squares
+            xp.sqrt(factors, out=factors)
+            xp.maximum(factors, C, out=factors)
+            xp.divide(C / self.batch, factors, out=factors)
+        for k, T_rows, X_rows, ones in self.kept:
+            if B:
+                T = T_rows.reshape(B, -1, T_rows.shape[1])
+                T *= factors[:, None, None]
+            self.downstream(k, T_rows, X_rows, ones, noise=self._noise)
+        self.kept = []
+        finish = getattr(self.downstream, "finish", None)
+        if finish is not None:
+            finish()
+        self.dp.steps += 1
+
+    def _noise(self, k, which, array, alpha):
+        """Add ``alpha`` times the noise of layer k's W (which 0) or b (1) gradient."""
+        if self.noise_std == 0:
+            return
+        ops.add_gaussian(array, alpha * self.noise_std, self.dp.seed, 2 * k + which,
+                         self.dp.steps, self.scratch)
+
+
+def poisson_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """The batches of one epoch of Poisson sampling: ``ceil(n / batch_size)`` steps, each
+    taking every row independently with probability ``q = batch_size / n``; the rows
+    depend on ``(seed, epoch)`` alone. Yields arrays of row indices (possibly empty)."""
+    q = min(1.0, batch_size / n)
+    rng = np.random.default_rng([seed, epoch, 1])  # apart from the shuffle's stream
+    for _ in range(math.ceil(n / batch_size)):
+        yield np.flatnonzero(rng.random(n) < q)

@@ -1,0 +1,435 @@
+"""DP-SGD's Gaussian noise (kernels/noise.cuh, ``ops.add_gaussian``) and the small ops
+beside it (``ops.sgd``; GEMM and GEMV over an empty dimension), checked on a CPU.
+
+The generator is checked against Random123's known-answer vectors, the very
+``gaussian_noise`` body of ``ops.ELEMENTWISE`` (built for the host by ``cuda_host``)
+against the documented map from (seed, stream, step, i) to Philox words to Box-Muller,
+and both backends' noise by its statistics: mean, standard deviation, a
+Kolmogorov-Smirnov test against N(0, 1) (which a noise of the wrong scale fails),
+independent streams, exact reproduction. ``ops.add_gaussian``'s CuPy branch runs through
+the ``host_cupy`` stand-in and must give the host build's numbers.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import cuda_host
+import host_cupy
+from cuda_host import call
+from gpu_mlp import ops
+from tracing import step_peak, tracing
+
+DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
+N = 1 << 20  # samples for the statistical checks
+# Every statistic below is computed from fixed seeds, so each check passes or fails for
+# good; the bounds are 5 standard errors (a false alarm ~ 1e-6) and a KS p-value of 1e-4.
+KS_LEVEL = 1e-4
+SIGMAS = 5
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """cuda_host's functions and host_cupy's launchers, built once for the module."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    return host_cupy.build(tmp_path_factory.mktemp("noise"))
+
+
+@pytest.fixture(params=DTYPES, ids=lambda t: t.name)
+def dtype(request):
+    return request.param
+
+
+# --- Philox4x32-10 ----------------------------------------------------------------------------
+
+# Random123's known answers, tests/kat_vectors lines 27-29 (github.com/DEShawResearch/
+# random123, commit 9545ff6): "philox4x32 10", counter (4 words), key (2), result (4).
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+    ((0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
+     (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
+]
+
+
+def philox(host, counters, keys):
+    """noise.cuh's gm_philox4x32_10 on (n, 4) counters and (n, 2) keys: (n, 4) words."""
+    counters = np.ascontiguousarray(counters, dtype=np.uint32)
+    keys = np.ascontiguousarray(keys, dtype=np.uint32)
+    out = np.empty_like(counters)
+    call(host, "host_philox4x32_10", counters, keys, out, len(counters))
+    return out
+
+
+def test_philox_known_answers(host):
+    counters, keys, expected = (np.array(column, dtype=np.uint32)
+                                for column in zip(*PHILOX_KAT))
+    np.testing.assert_array_equal(philox(host, counters, keys), expected)
+
+
+# --- the gaussian_noise kernel body -----------------------------------------------------------
+
+def split(value):
+    """A 64-bit int as (low, high) ``numpy.uint32`` words."""
+    return np.uint32(value & 0xFFFFFFFF), np.uint32(value >> 32)
+
+
+def kernel_noise(host, w, scale, seed, stream, step):
+    """``ops.ELEMENTWISE["gaussian_noise"]``, host-built, on the C-contiguous ``w`` in
+    place, its arguments as the kernel declares them."""
+    assert w.flags.c_contiguous
+    key0, key1 = split(seed)
+    step_lo, step_hi = split(step)
+    call(host, cuda_host.elementwise_name("gaussian_noise", None, w.dtype), w.size, w.size, 1,
+         w.dtype.type(scale), key0, key1, np.uint32(stream), step_lo, step_hi, w)
+    return w
+
+
+def kernel_normals(host, n, dtype, seed=0, stream=0, step=0):
+    return kernel_noise(host, np.zeros(n, dtype), 1.0, seed, stream, step)
+
+
+def box_muller_reference(host, n, dtype, seed, stream, step):
+    """The first n normals of a stream by noise.cuh's documented map, in float64 NumPy:
+    element i from the Philox block (i / 4, stream, step_lo, step_hi) keyed by the seed;
+    its pair (i % 4) / 2 of words (x, y); u = x 2^-32 + 2^-33, v = 2 pi (y 2^-32 +
+    2^-33); sqrt(-2 log u) times sin v for even i, cos v for odd i. In float32 the words
+    and u and v / 2 pi are rounded to float first, as the kernel rounds them."""
+    blocks = (n + 3) // 4
+    counters = np.zeros((blocks, 4), np.uint32)
+    counters[:, 0] = np.arange(blocks)
+    counters[:, 1] = stream
+    counters[:, 2:] = split(step)
+    words = philox(host, counters, np.tile(split(seed), (blocks, 1))).reshape(-1, 2)
+    def rounded(a):  # to the kernel's T, then float64 for the rest
+        return a.astype(dtype).astype(np.float64)
+
+    x, y = rounded(words[:, 0]), rounded(words[:, 1])
+    s = np.sqrt(-2 * np.log(rounded(x * 2.0**-32 + 2.0**-33)))
+    v = 2 * np.pi * rounded(y * 2.0**-32 + 2.0**-33)
+    return np.column_stack([s * np.sin(v), s * np.cos(v)]).reshape(-1)[:n]
+
+
+@pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (12345, 7, 3),
+                                                ((1 << 64) - 1, (1 << 32) - 1, (1 << 64) - 1),
+                                                (0xDEADBEEF << 32, 1, 1 << 40)])
+def test_kernel_follows_the_documented_map(host, dtype, seed, stream, step):
+    n = 1001  # not a multiple of 4
+    got = kernel_normals(host, n, dtype, seed, stream, step)
+    want = box_muller_reference(host, n, dtype, seed, stream, step)
+    # the kernel's log, sqrt, sin and cos in T, its angle pi t rounded to T: in float32
+    # an angle off by up to 2^-22, times |s| <= 6.8
+    assert_within(got, want, 1e-12 if dtype == np.float64 else 4e-6)
+
+
+def assert_within(got, want, tolerance):
+    """|got - want| <= tolerance max(1, |want|) everywhere."""
+    error = np.abs(got - want) / np.maximum(1, np.abs(want))
+    worst = int(np.argmax(error))
+    assert error[worst] <= tolerance, \
+        f"element {worst}: {got[worst]!r} vs {want[worst]!r} (of {got.size})"
+
+
+def assert_standard_normal(z, label=""):
+    """Mean, standard deviation and the KS test of N(0, 1) at KS_LEVEL."""
+    z = z.astype(np.float64)
+    n = z.size
+    assert abs(z.mean()) < SIGMAS / np.sqrt(n), f"{label}: mean {z.mean()}"
+    assert abs(z.std() - 1) < SIGMAS / np.sqrt(2 * n), f"{label}: std {z.std()}"
+    p = stats.kstest(z, "norm").pvalue
+    assert p > KS_LEVEL, f"{label}: KS p-value {p}"
+
+
+def assert_not_standard_normal(z):
+    assert stats.kstest(z.astype(np.float64), "norm").pvalue < KS_LEVEL
+
+
+def assert_uncorrelated(a, b, label=""):
+    r = np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1]
+    assert abs(r) < SIGMAS / np.sqrt(a.size), f"{label}: correlation {r}"
+
+
+def test_kernel_noise_is_standard_normal(host, dtype):
+    z = kernel_normals(host, N, dtype, seed=2024, stream=3, step=11)
+    assert_standard_normal(z, "kernel")
+    assert_not_standard_normal(2 * z)  # the check can fail: a wrong scale does
+    assert_not_standard_normal(z + 0.01)  # and so does a small bias
+    # neighbours: the sin and cos of a pair, the two pairs of a Philox block
+    assert_uncorrelated(z[0::2], z[1::2], "sin/cos of a pair")
+    assert_uncorrelated(z[0::4], z[2::4], "the pairs of a block")
+    assert_uncorrelated(z[:-4], z[4:], "adjacent blocks")
+    # the even elements (sin) and the odd ones (cos) are each N(0, 1)
+    assert_standard_normal(z[0::2], "sin")
+    assert_standard_normal(z[1::2], "cos")
+
+
+# Each argument changed alone, its high word included: each gives another stream.
+OTHER_STREAMS = {"seed": dict(seed=2), "seed-high-word": dict(seed=1 | 1 << 32),
+                 "stream": dict(stream=1), "step": dict(step=1),
+                 "step-high-word": dict(step=1 << 32)}
+BASE = dict(seed=1, stream=0, step=0)
+
+
+def test_kernel_streams_differ_and_reproduce(host, dtype):
+    n = N // 4
+    base = kernel_normals(host, n, dtype, **BASE)
+    np.testing.assert_array_equal(kernel_normals(host, n, dtype, **BASE), base)
+    others = {}
+    for name, change in OTHER_STREAMS.items():
+        other = kernel_normals(host, n, dtype, **{**BASE, **change})
+        assert_standard_normal(other, name)
+        assert_uncorrelated(base, other, name)
+        assert np.mean(base == other) < 1e-3, name
+        others[name] = other
+    names = list(others)
+    for i, a in enumerate(names):  # and from each other
+        for b in names[i + 1:]:
+            assert_uncorrelated(others[a], others[b], f"{a} vs {b}")
+
+
+def test_kernel_adds_scaled_noise_to_w(host, dtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(4099).astype(dtype)
+    z = kernel_normals(host, w.size, dtype, seed=5)
+    scale = dtype.type(-0.37)
+    want = w + scale * z  # the kernel's w + scale z, rounded alike
+    np.testing.assert_array_equal(kernel_noise(host, w, scale, 5, 0, 0), want)
+
+
+# --- ops.add_gaussian on NumPy ----------------------------------------------------------------
+
+def numpy_normals(n, dtype, seed=0, stream=0, step=0, block=ops.BLOCK_ELEMENTS, shape=None):
+    w = np.zeros(shape or n, dtype)
+    ops.add_gaussian(w, 1.0, seed, stream, step, np.empty(block, dtype))
+    return w.reshape(-1)
+
+
+def test_numpy_noise_is_standard_normal(dtype):
+    z = numpy_normals(N, dtype, seed=2024, stream=3, step=11)
+    assert_standard_normal(z, "numpy")
+    assert_not_standard_normal(2 * z)
+    assert_uncorrelated(z[:-1], z[1:], "neighbours")
+
+
+def test_numpy_streams_differ_and_reproduce(dtype):
+    n = N // 4
+    base = numpy_normals(n, dtype, **BASE)
+    np.testing.assert_array_equal(numpy_normals(n, dtype, **BASE), base)
+    for name, change in OTHER_STREAMS.items():
+        other = numpy_normals(n, dtype, **{**BASE, **change})
+        assert_standard_normal(other, name)
+        assert_uncorrelated(base, other, name)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64, 4096, 10007, 50000])
+def test_numpy_noise_does_not_depend_on_the_block(dtype, block):
+    n = 10007  # float32 draws take half a 64-bit word each: odd blocks split words
+    np.testing.assert_array_equal(numpy_normals(n, dtype, seed=9, block=block),
+                                  numpy_normals(n, dtype, seed=9))
+
+
+def test_numpy_noise_is_in_place_and_adds(dtype):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 5, 7, 11)).astype(dtype)  # any shape
+    before, address = w.copy(), w.__array_interface__["data"][0]
+    scratch = np.empty(100, dtype)
+    scale = dtype.type(0.25)
+    z = numpy_normals(w.size, dtype, seed=4, stream=2, step=6, block=100)
+    assert ops.add_gaussian(w, scale, 4, 2, 6, scratch) is None
+    assert w.__array_interface__["data"][0] == address and w.shape == (3, 5, 7, 11)
+    np.testing.assert_array_equal(w.reshape(-1), before.reshape(-1) + scale * z)
+    # the last block's normals (scaled) are what scratch holds
+    last = w.size % 100 or 100
+    np.testing.assert_array_equal(scratch[:last], scale * z[-last:])
+
+
+def test_numpy_noise_allocates_no_array_of_ws_size():
+    w, scratch = np.zeros(1 << 20), np.empty(ops.BLOCK_ELEMENTS)
+    ops.add_gaussian(w, 1.0, 0, 0, 0, scratch)  # warm up
+    with tracing():
+        peak = step_peak(lambda: ops.add_gaussian(w, 1.0, 1, 2, 3, scratch))
+    assert peak < 64 * 1024, f"{peak} bytes for {w.nbytes} bytes of w"
+
+
+def test_backends_differ_but_each_is_reproducible(host):
+    # documented: NumPy's Philox4x64 and the kernel's Philox4x32 give other numbers
+    a = numpy_normals(1000, np.float64, seed=3)
+    b = kernel_normals(host, 1000, np.float64, seed=3)
+    assert not np.allclose(a, b)
+
+
+BAD_ARGUMENTS = [  # (changes to good arguments, error, message)
+    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=1 << 64), ValueError, "seed must be in"),
+    (dict(stream=1 << 32), ValueError, "stream must be in"),
+    (dict(step=1 << 64), ValueError, "step must be in"),
+    (dict(step=-1), ValueError, "step must be in"),
+    (dict(seed=1.0), TypeError, "integer"),
+    (dict(stream=True), TypeError, "stream must be an int"),
+    (dict(w=np.zeros((4, 6))[:, ::2]), ValueError, "C-contiguous"),
+    (dict(w=np.zeros(8, np.int64)), ValueError, "float32 or float64"),
+    (dict(scratch=np.empty(4, np.float32)), ValueError, "scratch"),
+    (dict(scratch=np.empty((2, 2))), ValueError, "scratch"),
+    (dict(scratch=np.empty(0)), ValueError, "scratch"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused(change, error, message):
+    args = dict(w=np.zeros(8), scale=1.0, seed=0, stream=0, step=0, scratch=np.empty(4))
+    args.update(change)
+    with pytest.raises(error, match=message):
+        ops.add_gaussian(**args)
+
+
+def test_scratch_must_not_be_part_of_w():
+    w = np.zeros(16)
+    with pytest.raises(ValueError, match="scratch"):
+        ops.add_gaussian(w, 1.0, 0, 0, 0, w[8:])
+
+
+def test_numpy_integers_are_accepted():
+    a = numpy_normals(10, np.float64, seed=np.uint64((1 << 64) - 1), stream=np.uint32(7),
+                      step=np.int64(3))
+    np.testing.assert_array_equal(a, numpy_normals(10, np.float64, seed=(1 << 64) - 1,
+                                                   stream=7, step=3))
+
+
+# --- ops.add_gaussian on the CuPy path (host_cupy's stand-in) ---------------------------------
+
+@pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (0x0123456789ABCDEF, 12, 1 << 33)])
+def test_cupy_path_runs_the_kernel(host, dtype, seed, stream, step):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((37, 11)).astype(dtype)
+    want = kernel_noise(host, w.copy().reshape(-1), -0.5, seed, stream, step).reshape(w.shape)
+    with host_cupy.cupy_path(host) as device:
+        ops.add_gaussian(w, -0.5, seed, stream, step, None)  # no scratch on a GPU
+    np.testing.assert_array_equal(w, want)
+    assert device.launches == {("gpu_mlp_gaussian_noise", dtype.name): 1}
+
+
+def test_cupy_path_refuses_more_than_a_stream_holds(host, monkeypatch):
+    monkeypatch.setattr(ops, "MAX_NOISE_ELEMENTS", 8)
+    with host_cupy.cupy_path(host) as device, pytest.raises(ValueError, match="2\\^34"):
+        ops.add_gaussian(np.zeros(9), 1.0, 0, 0, 0, None)
+    assert not device.launches
+
+
+# --- ops.sgd ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decay", [1.0, 0.999])
+def test_sgd_is_the_formula(dtype, decay):
+    rng = np.random.default_rng(3)
+    n = 2 * ops.BLOCK_ELEMENTS + 5
+    w, g = (rng.standard_normal(n).astype(dtype) for _ in range(2))
+    t = dtype.type
+    want = t(decay) * w - t(0.1) * g  # the same roundings, in the same order
+    ops.sgd(w, g, 0.1, decay)
+    np.testing.assert_array_equal(w, want)
+
+
+def test_sgd_branches_agree(host, dtype):
+    rng = np.random.default_rng(4)
+    w, g = (rng.standard_normal(1000).astype(dtype) for _ in range(2))
+    w_cupy = w.copy()
+    with host_cupy.cupy_path(host) as device:
+        ops.sgd(w_cupy, g, 0.05, 0.99)
+    ops.sgd(w, g, 0.05, 0.99)
+    np.testing.assert_array_equal(w_cupy, w)  # g++ contracts nothing: the same bits
+    assert device.launches == {("gpu_mlp_sgd", dtype.name): 1}
+
+
+def test_sgd_allocates_no_array_of_ws_size():
+    w, g = np.zeros(1 << 20), np.ones(1 << 20)
+    with tracing():
+        peak = step_peak(lambda: ops.sgd(w, g, 0.1, 0.9))
+    assert peak < 2 * ops.BLOCK_ELEMENTS * w.itemsize, peak
+
+
+# --- GEMM and GEMV over an empty dimension ----------------------------------------------------
+
+def refuse_blas(monkeypatch):
+    """BLAS is not to be called with k = 0 (SciPy's gemv wrapper rejects it)."""
+    def refused(*args, **kwargs):
+        raise AssertionError("BLAS called with k = 0")
+    for table in (ops._NUMPY_GEMM, ops._NUMPY_GEMV):
+        for dtype in list(table):
+            monkeypatch.setitem(table, dtype, refused)
+
+
+GEMMS = [("N", "T"), ("N", "N"), ("T", "N"), ("T", "T")]
+BETAS = [0.0, 1.0, -0.5]
+
+
+def empty_product_cases(dtype):
+    """(start, beta, want): out before, beta, and out <- beta out after (NaN at the start
+    where beta = 0: BLAS does not read out then)."""
+    start = np.random.default_rng(5).standard_normal((3, 4)).astype(dtype)
+    for beta in BETAS:
+        before = np.full_like(start, np.nan) if beta == 0 else start
+        yield before, beta, np.zeros_like(start) if beta == 0 else dtype.type(beta) * start
+
+
+@pytest.mark.parametrize("path", ["numpy", "cupy"])
+@pytest.mark.parametrize("transa, transb", GEMMS, ids=["".join(t) for t in GEMMS])
+def test_gemm_over_an_empty_dimension(host, monkeypatch, dtype, transa, transb, path):
+    refuse_blas(monkeypatch)
+    m, n = 3, 4
+    a = np.empty((m, 0) if transa == "N" else (0, m), dtype)
+    b = np.empty((0, n) if transb == "N" else (n, 0), dtype)
+    for before, beta, want in empty_product_cases(dtype):
+        out = before.copy()
+        if path == "cupy":
+            with host_cupy.cupy_path(host) as device:
+                assert ops.gemm(transa, transb, a, b, out, alpha=2.0, beta=beta) is out
+            assert not device.launches  # no cuBLAS call either
+        else:
+            assert ops.gemm(transa, transb, a, b, out, alpha=2.0, beta=beta) is out
+        np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("path", ["numpy", "cupy"])
+@pytest.mark.parametrize("transa", ["N", "T"])
+def test_gemv_over_an_empty_dimension(host, monkeypatch, dtype, transa, path):
+    refuse_blas(monkeypatch)
+    m = 3
+    a = np.empty((m, 0) if transa == "N" else (0, m), dtype)  # e.g. T_rows^T 1, no rows
+    x = np.empty(0, dtype)
+    for before, beta, want in empty_product_cases(dtype):
+        out, want = before[:, 0].copy(), want[:, 0]
+        if path == "cupy":
+            with host_cupy.cupy_path(host) as device:
+                ops.gemv(transa, a, x, out, alpha=2.0, beta=beta)
+            assert not device.launches
+        else:
+            ops.gemv(transa, a, x, out, alpha=2.0, beta=beta)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_empty_batch_gradient_is_zero_on_numpy(dtype):
+    # the case that needs it: dW = T_rows^T X_rows and db = T_rows^T 1 over no rows
+    T_rows, X_rows = np.empty((0, 5), dtype), np.empty((0, 7), dtype)
+    dW, db = np.full((5, 7), np.nan, dtype), np.full(5, np.nan, dtype)
+    ops.gemm("T", "N", T_rows, X_rows, dW)
+    ops.gemv("T", T_rows, np.empty(0, dtype), db)
+    assert not dW.any() and not db.any()
+
+
+# --- on a GPU ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_noise_is_the_host_builds(host, dtype):
+    import cupy
+
+    w = cupy.zeros(N, dtype)
+    ops.add_gaussian(w, 1.0, 77, 5, 9, None)
+    got = cupy.asnumpy(w)
+    assert_standard_normal(got, "gpu")
+    # CUDA's log, sqrt, sinpi and cospi against glibc's: a few ulps apart
+    want = kernel_normals(host, N, dtype, 77, 5, 9)
+    assert_within(got, want, 64 * np.finfo(dtype).eps)
