@@ -8,7 +8,6 @@ ends with one line, ``gpu-mlp: error: ...``, on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import platform
@@ -288,9 +287,18 @@ def main(argv=None) -> int:
         hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
         print(f"gpu-mlp: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        print(f"gpu-mlp: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"gpu-mlp: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# what ends a run with one line of error rather than a traceback: bad input and what
+# the system refused
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 def info() -> int:
@@ -316,9 +324,18 @@ def info() -> int:
 
 def train(args) -> int:
     comm = _communicator(args)  # first: a GPU rank picks its device before any array
-    root = comm is None or comm.is_root
-    with comm.guard() if comm is not None else contextlib.nullcontext():
-        return _train(args, comm, print if root else _silent)
+    if comm is None:
+        return _train(args, None, print)
+    # An error on one rank must end them all, or the others wait for it forever in the
+    # next collective: bad input in one line, then MPI_Abort; anything else with its
+    # traceback (comm.guard)
+    with comm.guard():
+        try:
+            return _train(args, comm, print if comm.is_root else _silent)
+        except USER_ERRORS as e:
+            print(f"gpu-mlp: error: rank {comm.rank}: {_one_line(e)}", file=sys.stderr,
+                  flush=True)
+            comm.abort(EXIT_ERROR)
 
 
 def _silent(*args, **kwargs) -> None:

@@ -1,0 +1,480 @@
+"""Data-parallel training over MPI (and NCCL on GPUs): every rank the same update.
+
+Each rank holds a share of the global batch and runs the ordinary backward pass on it,
+its loss scaled by ``1 / (global batch size)``, so that its factors ``(T_rows, X_rows)``
+of each layer are its share of the global-mean gradient (Remark 8 (iii)):
+
+    G_k = sum over ranks r of T_r^T X_r,        g_k = sum over ranks of T_r^T 1.
+
+A :class:`Communicator` is the stage of the backward pass (:mod:`gpu_mlp.updates`) that
+turns the shares into that sum, one layer at a time, by one of two exact paths:
+
+* ``"allreduce"``: each rank forms its share ``[T_r^T X_r | T_r^T 1]`` by GEMM and GEMV
+  into a flat buffer, the buffers are summed in place by an allreduce, and the update
+  rule applies the sum (``Apply.gradient``).
+* ``"gather"``: every rank all-gathers the factors ``T_r`` and ``X_r`` of all ranks and
+  applies the update as one GEMM over the global batch straight into ``W_k`` (no gradient
+  buffer), exactly what one process does on the global batch.
+
+Cost model, values sent per rank and step for one layer with ``W`` (d_out, K), ``P``
+ranks holding ``b_r`` rows each, ``N = sum b_r``:
+
+* allreduce of the ``n = d_out (K + 1)`` gradient values: a ring allreduce sends
+  ``2 (P - 1) / P n`` values from every rank (reduce-scatter, then all-gather);
+* all-gather of the factors: every row of rank r, ``d_out + K`` values, must reach the
+  P - 1 others: ``(P - 1) b_r (d_out + K)`` values counted on rank r (a ring spreads the
+  same total, ``(P - 1) N (d_out + K)``, over the ranks).
+
+``bytes_sent`` adds these up (times the item size) for every layer of every step.
+Averaged over the ranks (the choice must be the same on every rank, and ``b_r`` differs
+with an uneven split), the factors send fewer bytes iff
+
+    (P - 1) N (d_out + K) / P  <  2 (P - 1) d_out (K + 1) / P
+    <=>            N (d_out + K)  <  2 d_out (K + 1)
+
+i.e. with even shares ``P b (d_in + d_out) < 2 d_out (d_in + 1)`` for a Dense layer
+(MATH.md, "Data parallel"): small global batches and wide layers gather, e.g. width
+4096 and ``P b < 4097``. ``path="auto"`` takes the cheaper path per layer and step
+(:func:`choose_path`). On a GPU NCCL's all-gather takes equal blocks, so every rank sends
+``max(b_r)`` rows (padded with zeros) and ``N`` is ``P max(b_r)`` in the rule. The rule
+counts bytes only: the gather path also runs the weight-gradient GEMM over all ``N`` rows
+on every rank, not its own ``b_r``, which on fast links (one machine) can cost more than
+the bytes it saves (bench/scaling.py measures both).
+
+Only Dense layers gather: a convolution's rows are im2col rows, one per output position
+with ``K = c_in kh kw`` columns, so they hold each input value up to ``kh kw`` times and
+there are ``P_pos`` of them per sample; sending them would cost far more than the
+activation, let alone the gradient. Convolutions always allreduce.
+
+Overlap: each layer's communication starts (nonblocking: ``Iallreduce``,
+``Iallgatherv``) as soon as the backward pass hands over its factors, and goes on while
+the layers below run their backward pass; :meth:`_Stage.finish` waits for each layer in
+order and applies it. Only then does the engine give the factors' buffers back
+(``keeps_factors``). The gathered factors and the gradient buffers are kept per net and
+layer shape, sized for the largest batch seen: the steady state allocates nothing.
+
+GPUs: one rank per GPU; the device is picked from the node-local rank when the
+Communicator is made (make it before any net), and a CuPy net's collectives run on NCCL
+on the current stream (so they are ordered after the GEMMs that feed them and before
+the updates that read them). The NCCL communicator is made at the first CuPy step, its
+unique id broadcast from rank 0 over MPI (as ChainerMN does).
+
+Faults: :meth:`Communicator.check_same` compares a configuration across ranks before
+the first step and raises the same ValueError on every rank; :meth:`Communicator.guard`
+turns an exception on one rank into ``MPI_Abort``, so the others do not wait forever in
+a collective. A rank that dies is seen by the launcher (mpirun, srun), which ends the
+job.
+
+DP (:mod:`gpu_mlp.privacy`) runs upstream of this stage, clipping each rank's own
+samples; its noise is handed on and added once, by the update rule, to the *summed*
+gradient -- the same noise on every rank, so it counts once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+import weakref
+
+import numpy as np
+
+from . import layers as _layers
+from . import ops
+from .workspace import Workspace
+
+PATHS = ("auto", "allreduce", "gather")
+_MPI_HINT = 'data-parallel training needs mpi4py and an MPI: pip install "gpu_mlp[mpi]"'
+
+
+# Open MPI's nonblocking allreduce (coll/libnbc) picks its algorithm by size; on 2 ranks
+# here its default took 18-48 ms for a 4 MB in-place Iallreduce, the ring 0.6-0.9 ms (the
+# bandwidth-optimal algorithm NCCL uses too). It is read when MPI starts, so it is set
+# before mpi4py first loads MPI, and only where the user has not set it.
+_OPEN_MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "ring"}
+
+
+def _mpi():
+    if "mpi4py.MPI" not in sys.modules:
+        for name, value in _OPEN_MPI_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(f"{_MPI_HINT} ({e})") from None
+    return MPI
+
+
+# --- the cost model ----------------------------------------------------------------------
+
+def path_values(d_out: int, K: int, counts, padded: bool = False) -> dict:
+    """Values sent per rank, averaged over the ranks, for one layer (d_out, K) and the
+    row counts of all ranks: ``{"allreduce": 2 (P-1)/P d_out (K+1), "gather": (P-1)/P
+    N (d_out+K)}``; ``padded``: every rank sends ``max(counts)`` rows (NCCL)."""
+    P = len(counts)
+    N = P * max(counts, default=0) if padded else sum(counts)
+    return {"allreduce": 2 * (P - 1) * d_out * (K + 1) / P,
+            "gather": (P - 1) * N * (d_out + K) / P}
+
+
+def choose_path(layer, counts, path: str = "auto", padded: bool = False) -> str:
+    """``"allreduce"`` or ``"gather"`` for ``layer`` and the row counts of all ranks.
+
+    Convolutions always allreduce (their im2col rows are larger than the gradient).
+    ``path`` forces one for Dense layers; ``"auto"`` gathers iff
+    ``N (d_out + K) < 2 d_out (K + 1)`` (``N`` the global batch, ``P max(counts)`` when
+    ``padded``). With one rank nothing is sent either way and auto gathers (the stage
+    then hands the factors straight to the update: the plain single-process step).
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
+    if not isinstance(layer, _layers.Dense):
+        return "allreduce"
+    if path != "auto":
+        return path
+    if len(counts) == 1:
+        return "gather"
+    d_out, K = layer.d_out, layer.d_in
+    N = len(counts) * max(counts) if padded else sum(counts)
+    # path_values' two sides times P / (P - 1), in integers: every rank decides alike
+    return "gather" if N * (d_out + K) < 2 * d_out * (K + 1) else "allreduce"
+
+
+def bytes_sent(how: str, d_out: int, K: int, counts, rank: int, itemsize: int,
+               padded: bool = False) -> int:
+    """Bytes that ``rank`` sends for one layer by path ``how`` (the model above):
+    allreduce ``2 (P-1) n / P`` values (rounded down), gather ``(P-1) b_rank (d_out+K)``."""
+    P = len(counts)
+    if how == "allreduce":
+        return 2 * (P - 1) * d_out * (K + 1) * itemsize // P
+    rows = max(counts, default=0) if padded else counts[rank]
+    return (P - 1) * rows * (d_out + K) * itemsize
+
+
+# --- the communicator ----------------------------------------------------------------------
+
+class Communicator:
+    """The ranks of a data-parallel run, over an mpi4py communicator.
+
+    >>> comm = Communicator()                                    # doctest: +SKIP
+    >>> net.train_step(X_mine, Y_mine, 0.1, comm=comm)           # doctest: +SKIP
+
+    Args:
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        path: ``"auto"`` (per layer, the path that sends fewer bytes: see the module),
+            ``"allreduce"`` or ``"gather"`` (forced, for Dense layers; convolutions
+            always allreduce).
+
+    Make it before any net: where CuPy sees GPUs it makes GPU ``local_rank % count``
+    the current device (one rank per GPU).
+
+    Attributes: ``rank``, ``size``, ``local_rank`` and ``local_size`` (within the node),
+    ``is_root``, ``device_id`` (the GPU picked, or None), ``path`` (may be changed
+    between steps), ``bytes_sent`` (bytes this rank sent in gradient collectives, by the
+    cost model of the module; the tests and benchmarks read it).
+    """
+
+    def __init__(self, comm=None, path: str = "auto"):
+        MPI = _mpi()
+        if path not in PATHS:
+            raise ValueError(f"unknown communication path {path!r}; valid: {', '.join(PATHS)}")
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        self.path = path
+        self.bytes_sent = 0
+        self._count_buffers = (np.zeros(1, np.int64), np.zeros(self.size, np.int64))
+        self._pools = weakref.WeakKeyDictionary()  # net -> Workspace of gathered factors
+        self._nccl = None
+        self.device_id = _pick_gpu(self.local_rank)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return (f"Communicator(rank={self.rank}, size={self.size}, "
+                f"local_rank={self.local_rank}, path={self.path!r})")
+
+    # --- small collectives, for the training loop -------------------------------------
+
+    def sum(self, values) -> np.ndarray:
+        """The elementwise sum over ranks of a small host array (as float64)."""
+        send = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(send)
+        self.comm.Allreduce(send, out, op=self.MPI.SUM)
+        return out
+
+    def bcast(self, value, root: int = 0):
+        """``value`` of rank ``root`` on every rank (any picklable object)."""
+        return self.comm.bcast(value, root=root)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def check_same(self, name: str, config: dict) -> None:
+        """Raise the same ValueError on every rank unless every rank passed the same
+        JSON-able ``config``; the message names each differing key and the ranks' values."""
+        mine = json.dumps(config, sort_keys=True, default=str)
+        everyone = [json.loads(c) for c in self.comm.allgather(mine)]
+        keys = sorted(set().union(*everyone), key=str)
+        missing = object()
+        problems = []
+        for key in keys:
+            values = [c.get(key, missing) for c in everyone]
+            if any(v != values[0] for v in values[1:]):
+                groups = {}
+                for r, v in enumerate(values):
+                    text = "(missing)" if v is missing else json.dumps(v)
+                    groups.setdefault(text, []).append(r)
+                problems.append(f"{key}: " + ", ".join(
+                    f"{_ranks(rs)} {text}" for text, rs in groups.items()))
+        if problems:
+            raise ValueError(f"{name}: the {self.size} ranks must be configured alike, but "
+                             f"they differ in {'; '.join(problems)}")
+
+    @contextlib.contextmanager
+    def guard(self):
+        """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr
+        and aborts the communicator, so that no other rank waits forever in a collective
+        for this one. With one rank the exception is simply raised."""
+        try:
+            yield self
+        except BaseException as e:
+            if self.size == 1 or (isinstance(e, SystemExit) and e.code in (None, 0)):
+                raise
+            traceback.print_exc(file=sys.stderr)
+            print(f"rank {self.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self.abort(1)
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (``MPI_Abort``)."""
+        if self._nccl is not None:
+            with contextlib.suppress(Exception):
+                self._nccl.abort()  # so no GPU kernel waits on a dead peer
+        self.comm.Abort(code)
+
+    def close(self) -> None:
+        """Release the NCCL communicator, if one was made (the MPI one is the caller's)."""
+        if self._nccl is not None:
+            self._nccl.destroy()
+            self._nccl = None
+
+    # --- the engine's side: the contract with Network._step ---------------------------
+
+    def _counts(self, rows: int) -> list[int]:
+        """Every rank's row count of this step, in rank order (the same list everywhere)."""
+        send, counts = self._count_buffers
+        send[0] = rows
+        self.comm.Allgather(send, counts)
+        return counts.tolist()
+
+    def _stage(self, net, downstream, counts) -> "_Stage":
+        """The sink of one data-parallel step: sums each layer's gradient over the ranks
+        and hands it to ``downstream`` (the update rule)."""
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size:
+            raise ValueError(f"counts must hold one row count per rank ({self.size}), "
+                             f"got {len(counts)}")
+        return _Stage(self, net, downstream, counts)
+
+    def _pool(self, net) -> Workspace:
+        """The buffers of ``net``'s gathered factors and gradients, kept between steps."""
+        pool = self._pools.get(net)
+        if pool is None or pool.xp is not net._xp or pool.dtype != net.dtype:
+            pool = self._pools[net] = Workspace(net._xp, net.dtype)
+        return pool
+
+    def _nccl_comm(self):
+        """The NCCL communicator of these ranks (made by the first CuPy step: every rank
+        gets there together)."""
+        if self._nccl is None:
+            from cupy.cuda import nccl
+
+            if not getattr(nccl, "available", True):
+                raise RuntimeError("data-parallel training of a CuPy net needs NCCL, which "
+                                   "this CuPy cannot load: pip install nvidia-nccl-cu12 (or "
+                                   "-cu13, matching CuPy's CUDA)")
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            uid = self.comm.bcast(uid, root=0)
+            self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        return self._nccl
+
+
+def _ranks(ranks) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks))
+
+
+def _pick_gpu(local_rank: int):
+    """Make GPU ``local_rank % count`` the current one, before anything touches a GPU
+    (one rank per GPU of the node); None where there is no usable GPU."""
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()  # creates no context
+    except Exception:
+        return None  # no CuPy, no driver or no device: a CPU rank
+    if count <= 0:
+        return None
+    device = local_rank % count
+    cupy.cuda.Device(device).use()
+    return device
+
+
+# --- the stage of the backward pass -----------------------------------------------------
+
+class _Stage:
+    """One data-parallel step: starts each layer's collective as its factors arrive,
+    and in :meth:`finish` waits for them in order and applies each to ``downstream``."""
+
+    keeps_factors = True  # the collectives read the factors until finish()
+
+    def __init__(self, comm: Communicator, net, downstream, counts):
+        self.comm, self.net, self.down, self.counts = comm, net, downstream, counts
+        self.gpu = not ops.is_numpy(net.params[0][0])
+        self.pool = comm._pool(net)
+        self.pending = []  # (k, how, noise, requests, operands, held), in the order started
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        comm, layer = self.comm, self.net.layers[k]
+        if comm.size == 1 and comm.path == "auto":
+            self.down(k, T_rows, X_rows, ones, noise)  # nothing to send: the plain step
+            return
+        how = choose_path(layer, self.counts, comm.path, padded=self.gpu)
+        W, b = self.net.params[k]
+        d_out, K = _layers.Layer.weight_matrix(W).shape
+        comm.bytes_sent += bytes_sent(how, d_out, K, self.counts, comm.rank,
+                                      W.dtype.itemsize, padded=self.gpu)
+        start = self._gather if how == "gather" else self._allreduce
+        if self.gpu:
+            start = self._gather_nccl if how == "gather" else self._allreduce_nccl
+        requests, operands, held = start(k, T_rows, X_rows, ones)
+        self.pending.append((k, how, noise, requests, operands, held))
+        if requests:
+            # MPI progresses a nonblocking collective inside MPI calls: a test per layer
+            # moves the earlier layers' messages along while this backward pass goes on
+            comm.MPI.Request.Testall([r for item in self.pending for r in item[3]])
+
+    # --- starting a layer's collective -------------------------------------------------
+
+    # Each returns (requests, operands, held): the MPI requests to wait for, what to
+    # apply once they are done -- (G,) or (T_all, X_all) -- and the buffers to give back.
+
+    def _share(self, k, T_rows, X_rows, ones):
+        """This rank's share of layer k's gradient, ``[T^T X | T^T 1]``, in a flat buffer."""
+        W, b = self.net.params[k]
+        held = self.pool.take((1, W.size + b.size))
+        G = held.reshape(-1)
+        ops.gemm("T", "N", T_rows, X_rows, G[:W.size].reshape(W.shape[0], -1))
+        ops.gemv("T", T_rows, ones, G[W.size:])
+        return held, G
+
+    def _allreduce(self, k, T_rows, X_rows, ones):
+        held, G = self._share(k, T_rows, X_rows, ones)
+        MPI = self.comm.MPI
+        request = self.comm.comm.Iallreduce(MPI.IN_PLACE, G, op=MPI.SUM)
+        return [request], (G,), (held,)
+
+    def _gather(self, k, T_rows, X_rows, ones):
+        counts, MPI = self.counts, self.comm.MPI
+        N = sum(counts)
+        if N == 0:  # no rank has rows: the update rule still runs (weight decay)
+            return [], (T_rows, X_rows), ()
+        displs = [0]
+        for c in counts[:-1]:
+            displs.append(displs[-1] + c)
+        requests, everyones = [], []
+        for mine in (T_rows, X_rows):
+            if not mine.flags.c_contiguous:
+                raise ValueError("the factors of a data-parallel step must be C-contiguous")
+            width = mine.shape[1]
+            everyone = self.pool.take((N, width))
+            spec = [everyone, [c * width for c in counts], [d * width for d in displs],
+                    _mpi_type(everyone.dtype)]
+            # MPI reads ``mine`` until finish(): keeps_factors keeps it ours until then
+            requests.append(self.comm.comm.Iallgatherv(mine, spec))
+            everyones.append(everyone)
+        return requests, tuple(everyones), tuple(everyones)
+
+    def _allreduce_nccl(self, k, T_rows, X_rows, ones):
+        held, G = self._share(k, T_rows, X_rows, ones)
+        nccl = _nccl_module()
+        self.comm._nccl_comm().allReduce(G.data.ptr, G.data.ptr, G.size, _nccl_type(G.dtype),
+                                         nccl.NCCL_SUM, _stream())
+        return [], (G,), (held,)
+
+    def _gather_nccl(self, k, T_rows, X_rows, ones):
+        """NCCL's all-gather takes blocks of one size: every rank sends ``max(counts)``
+        rows, its own rows then zero rows (a zero row of T adds exactly nothing to
+        ``T^T X`` or ``T^T 1``, and a zero row of X holds no NaN to multiply)."""
+        P, r, m = self.comm.size, self.comm.rank, max(self.counts)
+        if m == 0:
+            return [], (T_rows, X_rows), ()
+        b = self.counts[r]
+        everyones = []
+        for mine in (T_rows, X_rows):
+            width = mine.shape[1]
+            everyone = self.pool.take((P * m, width))
+            block = everyone[r * m:(r + 1) * m]
+            block[:b] = mine
+            block[b:] = 0
+            # in place: this rank's block already sits where the result wants it
+            self.comm._nccl_comm().allGather(block.data.ptr, everyone.data.ptr, m * width,
+                                             _nccl_type(everyone.dtype), _stream())
+            everyones.append(everyone)
+        return [], tuple(everyones), tuple(everyones)
+
+    # --- applying the sums -------------------------------------------------------------
+
+    def finish(self):
+        """Wait for each layer's collective, in the order started, and apply it; then
+        give the buffers back and finish the update rule."""
+        pending, self.pending = self.pending, []
+        try:
+            for k, how, noise, requests, operands, _ in pending:
+                if requests:
+                    self.comm.MPI.Request.Waitall(requests)
+                if how == "gather":
+                    T_all, X_all = operands
+                    self.down(k, T_all, X_all, self.pool.ones(T_all.shape[0]), noise)
+                elif hasattr(self.down, "gradient"):
+                    self.down.gradient(k, operands[0], noise)
+                else:
+                    raise TypeError(f"the allreduce path hands the update rule a summed "
+                                    f"gradient, which needs its gradient() method; "
+                                    f"{self.down!r} has none")
+        finally:
+            for *_, held in pending:
+                self.pool.give(*held)
+        finish = getattr(self.down, "finish", None)
+        if finish is not None:
+            finish()
+
+
+def _mpi_type(dtype):
+    from mpi4py.util import dtlib
+
+    return dtlib.from_numpy_dtype(dtype)
+
+
+def _nccl_module():
+    from cupy.cuda import nccl
+
+    return nccl
+
+
+def _nccl_type(dtype):
+    nccl = _nccl_module()
+    types = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
+    return types[np.dtype(dtype)]
+
+
+def _stream() -> int:
+    import cupy
+
+    return cupy.cuda.get_current_stream().ptr

@@ -1,0 +1,204 @@
+"""What tests/test_distributed.py runs under ``mpirun -n P``: one scenario per launch.
+
+    mpirun -n 3 python tests/mpi_worker.py train      # data-parallel == one process
+    mpirun -n 2 python tests/mpi_worker.py raise      # rank 1 raises inside guard()
+    mpirun -n 2 python tests/mpi_worker.py die        # rank 1 dies in the middle of a step
+    mpirun -n 3 python tests/mpi_worker.py mismatch   # configurations differ across ranks
+
+Every rank checks its own results and the job exits non-zero (``guard()`` aborts it)
+on the first failure; rank 0 prints one ``OK ...`` line per passed case.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+import gpu_mlp
+from gpu_mlp import optim
+from gpu_mlp.distributed import Communicator
+from gpu_mlp.layers import Conv2d, Dense
+
+N, BATCH, EPOCHS = 18, 8, 3  # batches of 8, 8, 2: the last gives 3 ranks a share of 0 rows
+
+
+def dense_net():
+    return gpu_mlp.Network([Dense(5, 7, "tanh"), Dense(7, 6, "relu"), Dense(6, 3, "identity")],
+                           loss="softmax_cross_entropy", device="cpu", dtype="float64", seed=4)
+
+
+def conv_net():
+    return gpu_mlp.Network([Conv2d(2, 3, 3, padding=1, activation="tanh"),
+                            Dense(3 * 5 * 5, 4, "identity")],
+                           loss="softmax_cross_entropy", device="cpu", dtype="float64", seed=4)
+
+
+NETS = {"dense": (dense_net, (5,), 3), "conv": (conv_net, (2, 5, 5), 4)}
+RULES = {
+    "sgd": lambda: 0.2,
+    "sgd-decay": lambda: optim.SGD(0.2, weight_decay=0.05),  # Apply's keep factor
+    "adam": lambda: optim.Adam(0.02),                         # an optimizer's kernels
+    "dp": lambda: 0.2,                                        # with DP upstream, below
+}
+
+
+def data(input_shape, classes):
+    rng = np.random.default_rng(11)
+    return rng.standard_normal((N, *input_shape)), rng.integers(0, classes, N)
+
+
+def batches(epoch):
+    """The global batches of an epoch: a shuffle from (seed, epoch), then runs of BATCH."""
+    order = np.random.default_rng([5, epoch]).permutation(N)
+    return [order[i:i + BATCH] for i in range(0, N, BATCH)]
+
+
+def shares(total, size):
+    """Contiguous shares of a global batch, as fit splits it: the first ranks one more."""
+    counts = [total // size + (r < total % size) for r in range(size)]
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    return counts, starts
+
+
+def make_dp():
+    from gpu_mlp.privacy import DP
+
+    return DP(max_grad_norm=0.5, noise_multiplier=0.7, seed=9)
+
+
+def train(net_name, rule_name, comm=None):
+    """``EPOCHS`` epochs of train_step on the global batches; with ``comm``, each rank on
+    its share. Returns the net and the model's bytes for this rank."""
+    make, input_shape, classes = NETS[net_name]
+    X, y = data(input_shape, classes)
+    net, rule = make(), RULES[rule_name]()
+    dp = make_dp() if rule_name == "dp" else None
+    expected_bytes = 0
+    for epoch in range(EPOCHS):
+        for rows in batches(epoch):
+            if comm is None:
+                net.train_step(X[rows], y[rows], rule, dp=dp)
+                continue
+            counts, starts = shares(len(rows), comm.size)
+            mine = rows[starts[comm.rank]:starts[comm.rank + 1]]
+            net.train_step(X[mine], y[mine], rule, dp=dp, comm=comm)
+            expected_bytes += model_bytes(net, counts, comm.rank, comm.size, comm.path)
+    return net, expected_bytes
+
+
+def model_bytes(net, counts, rank, size, path):
+    """The bytes this rank should have sent for one step, written out independently of
+    gpu_mlp.distributed: ring allreduce 2 (P-1)/P of the gradient, all-gather (P-1)
+    times this rank's rows of T and X; auto gathers iff N (d_out + K) < 2 d_out (K + 1)."""
+    total = 0
+    for layer, (W, _) in zip(net.layers, net.params):
+        d_out, K = W.shape[0], W.size // W.shape[0]
+        fewer = sum(counts) * (d_out + K) < 2 * d_out * (K + 1)
+        gather = isinstance(layer, Dense) and (path == "gather" or (path == "auto" and fewer))
+        if gather:
+            total += (size - 1) * counts[rank] * (d_out + K) * 8
+        else:
+            total += 2 * (size - 1) * d_out * (K + 1) * 8 // size
+    return total
+
+
+def flat(net):
+    return np.concatenate([a.reshape(-1) for pair in net.params for a in pair])
+
+
+def scenario_train(comm):
+    for net_name in NETS:
+        for rule_name in RULES:
+            if net_name == "conv" and rule_name in ("sgd-decay", "dp"):
+                continue  # the dense net covers them; the conv net its own path
+            reference, _ = train(net_name, rule_name)
+            for path in ("allreduce", "gather", "auto"):
+                comm.path, comm.bytes_sent = path, 0
+                net, expected_bytes = train(net_name, rule_name, comm)
+                case = f"{net_name} {rule_name} {path}"
+                ours = flat(net)
+                error = np.abs(ours - flat(reference)).max()
+                if not error <= 1e-12:
+                    raise AssertionError(f"{case}: rank {comm.rank} differs from the "
+                                         f"single-process run by {error:.3g}")
+                everyone = comm.comm.allgather(ours.tobytes())
+                if any(other != everyone[0] for other in everyone):
+                    raise AssertionError(f"{case}: the ranks' parameters are not identical")
+                if comm.bytes_sent != expected_bytes:
+                    raise AssertionError(f"{case}: rank {comm.rank} sent {comm.bytes_sent} "
+                                         f"bytes, the model says {expected_bytes}")
+                pool = comm._pool(net)
+                allocations = pool.allocations
+                train_more(net, comm)
+                if pool.allocations != allocations:
+                    raise AssertionError(f"{case}: the steady state allocated "
+                                         f"{pool.allocations - allocations} buffers")
+                if comm.is_root:
+                    print(f"OK {case}: max error {error:.2g}, {comm.bytes_sent} bytes sent "
+                          f"by rank 0", flush=True)
+    comm.path = "auto"
+
+
+def train_more(net, comm):
+    """One more epoch of the same batch sizes (the buffers are all there by now)."""
+    make, input_shape, classes = NETS["conv" if isinstance(net.layers[0], Conv2d) else "dense"]
+    X, y = data(input_shape, classes)
+    for rows in batches(EPOCHS):
+        counts, starts = shares(len(rows), comm.size)
+        mine = rows[starts[comm.rank]:starts[comm.rank + 1]]
+        net.train_step(X[mine], y[mine], 0.01, comm=comm)
+
+
+def scenario_raise(comm):
+    net = dense_net()
+    X, y = data((5,), 3)
+    if comm.rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    net.train_step(X[:4], y[:4], 0.1, comm=comm)  # waits for rank 1, which never comes
+    comm.barrier()
+
+
+def scenario_die(comm):
+    net = dense_net()
+    X, y = data((5,), 3)
+    net.train_step(X[:4], y[:4], 0.1, comm=comm)
+    if comm.rank == 1:
+        sys.stderr.write("rank 1 dies now\n")
+        sys.stderr.flush()
+        os._exit(3)  # no exception, no MPI_Finalize: as a crash or a kill -9
+    net.train_step(X[:4], y[:4], 0.1, comm=comm)  # the others wait in a collective
+    comm.barrier()
+
+
+def scenario_mismatch(comm):
+    config = {"sizes": [5, 7, 3], "dtype": "float64", "seed": 0, "batch_size": 8}
+    if comm.rank == 1:
+        config["seed"] = 1
+    if comm.rank == comm.size - 1:
+        config["dtype"] = "float32"
+    try:
+        comm.check_same("fit", config)
+    except ValueError as e:
+        print(f"rank {comm.rank} caught: {e}", flush=True)
+    else:
+        raise AssertionError(f"rank {comm.rank}: check_same let differing configs pass")
+    comm.check_same("fit", {"sizes": [5, 7, 3]})  # alike: passes everywhere
+    comm.barrier()
+
+
+def main():
+    scenario = sys.argv[1]
+    comm = Communicator()
+    with comm.guard():
+        start = time.perf_counter()
+        globals()[f"scenario_{scenario}"](comm)
+        if comm.is_root:
+            print(f"DONE {scenario} on {comm.size} ranks in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Data-parallel training (gpu_mlp.distributed): the same training as one process.
+
+The cost model and the path choice are plain functions, tested here without MPI. A
+Communicator over one process (``MPI.COMM_SELF``) must give exactly the plain step.
+The real thing runs ``tests/mpi_worker.py`` under ``mpirun -n 2`` and ``-n 3`` (an
+uneven split, with a rank holding no rows of the last batch): a few epochs through the
+allreduce, factor all-gather and auto paths, plain SGD, SGD with weight decay, Adam
+and DP, give the single-process parameters to 1e-12, bit-identical on every rank, and
+the bytes of the cost model; faults end the job instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import distributed, optim
+from gpu_mlp.layers import Conv2d, Dense
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "mpi_worker.py")
+TIMEOUT = 120  # seconds for one mpirun; a hang fails the test instead of the suite
+
+
+# --- the cost model, no MPI ---------------------------------------------------------
+
+def test_auto_gathers_below_the_formula_and_allreduces_above():
+    # N (d_out + K) < 2 d_out (K + 1): for 1024 x 1024, gather iff N < 1025
+    layer = Dense(1024, 1024)
+    assert distributed.choose_path(layer, [512, 512]) == "gather"
+    assert distributed.choose_path(layer, [1024, 0]) == "gather"  # only N counts
+    assert distributed.choose_path(layer, [513, 512]) == "allreduce"  # N = 1025: a tie
+    assert distributed.choose_path(layer, [513, 513]) == "allreduce"
+    # wide and short: 2 * 10 * 4097 / 4106 = 19.96, so N = 19 gathers and 20 does not
+    assert distributed.choose_path(Dense(4096, 10), [10, 9]) == "gather"
+    assert distributed.choose_path(Dense(4096, 10), [10, 10]) == "allreduce"
+    # NCCL pads every rank's block to the largest: N is P max(counts)
+    assert distributed.choose_path(layer, [600, 424]) == "gather"
+    assert distributed.choose_path(layer, [600, 424], padded=True) == "allreduce"
+
+
+def test_the_choice_agrees_with_the_values_sent_on_a_grid():
+    for d_in in (1, 7, 64, 300):
+        for d_out in (1, 5, 64, 1000):
+            for counts in ([1, 1], [3, 0, 2], [64] * 4, [500, 499], [1] * 16):
+                values = distributed.path_values(d_out, d_in, counts)
+                N = sum(counts)
+                assert values["gather"] == pytest.approx(
+                    (len(counts) - 1) * N * (d_in + d_out) / len(counts))
+                assert values["allreduce"] == pytest.approx(
+                    2 * (len(counts) - 1) * d_out * (d_in + 1) / len(counts))
+                want = "gather" if N * (d_in + d_out) < 2 * d_out * (d_in + 1) else "allreduce"
+                assert distributed.choose_path(Dense(d_in, d_out), counts) == want
+
+
+def test_forced_paths_one_rank_and_convolutions():
+    layer, conv = Dense(8, 8), Conv2d(3, 4, 3)
+    assert distributed.choose_path(layer, [1000, 1000], "gather") == "gather"
+    assert distributed.choose_path(layer, [1, 1], "allreduce") == "allreduce"
+    assert distributed.choose_path(layer, [1000]) == "gather"  # one rank: nothing to send
+    for path in distributed.PATHS:  # im2col rows are larger than the gradient: never sent
+        assert distributed.choose_path(conv, [1, 1], path) == "allreduce"
+        assert distributed.choose_path(conv, [1], path) == "allreduce"
+    with pytest.raises(ValueError, match="unknown path 'ring'"):
+        distributed.choose_path(layer, [1, 1], "ring")
+
+
+def test_bytes_per_rank():
+    # a layer (d_out, K) = (3, 5) in float64, ranks holding 4, 3 and 0 rows
+    counts = [4, 3, 0]
+    assert distributed.bytes_sent("allreduce", 3, 5, counts, 0, 8) == 2 * 2 * 18 * 8 // 3
+    assert distributed.bytes_sent("gather", 3, 5, counts, 0, 8) == 2 * 4 * 8 * 8
+    assert distributed.bytes_sent("gather", 3, 5, counts, 1, 8) == 2 * 3 * 8 * 8
+    assert distributed.bytes_sent("gather", 3, 5, counts, 2, 8) == 0
+    assert distributed.bytes_sent("gather", 3, 5, counts, 2, 4, padded=True) == 2 * 4 * 8 * 4
+    assert distributed.bytes_sent("allreduce", 3, 5, [7], 0, 8) == 0
+
+
+# --- one process: the plain step ----------------------------------------------------
+
+def _mpi():
+    pytest.importorskip("mpi4py", reason='needs mpi4py: pip install "gpu_mlp[mpi]"')
+    from mpi4py import MPI
+
+    return MPI
+
+
+def _nets(device="cpu", dtype="float64"):
+    return {
+        "dense": (lambda: gpu_mlp.Network(
+            [Dense(6, 9, "tanh"), Dense(9, 4, "identity")], loss="softmax_cross_entropy",
+            device=device, dtype=dtype, seed=2), (6,), 4),
+        "conv": (lambda: gpu_mlp.Network(
+            [Conv2d(2, 3, 3, padding=1), Dense(3 * 4 * 4, 4, "identity")],
+            loss="softmax_cross_entropy", device=device, dtype=dtype, seed=2), (2, 4, 4), 4),
+    }
+
+
+@pytest.mark.parametrize("path", distributed.PATHS)
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_one_rank_is_the_plain_step(kind, rule, path):
+    MPI = _mpi()
+    make, shape, classes = _nets()[kind]
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((7, *shape)), rng.integers(0, classes, 7)
+    plain, ranked = make(), make()
+    rules = [optim.Adam(0.01) if rule == "adam" else 0.1 for _ in range(2)]
+    comm = distributed.Communicator(MPI.COMM_SELF, path=path)
+    for _ in range(3):
+        J = plain.train_step(X, y, rules[0])
+        J_ranked = ranked.train_step(X, y, rules[1], comm=comm)
+        assert float(J_ranked) == pytest.approx(float(J), rel=1e-14)
+    for (W, b), (W_r, b_r) in zip(plain.params, ranked.params):
+        np.testing.assert_allclose(W_r, W, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(b_r, b, rtol=0, atol=1e-15)
+    if path == "auto" or (path == "gather" and kind == "dense"):  # the same GEMMs
+        assert all(np.array_equal(a, c) for p, q in zip(plain.params, ranked.params)
+                   for a, c in zip(p, q))
+    assert comm.bytes_sent == 0  # nobody to send to
+
+
+def test_one_rank_steady_state_and_small_collectives():
+    MPI = _mpi()
+    comm = distributed.Communicator(MPI.COMM_SELF, path="allreduce")
+    assert (comm.rank, comm.size, comm.local_rank, comm.is_root) == (0, 1, 0, True)
+    assert comm._counts(5) == [5]
+    np.testing.assert_array_equal(comm.sum([1.5, 2.0]), [1.5, 2.0])
+    assert comm.bcast({"a": 1}) == {"a": 1}
+    comm.barrier()
+    comm.check_same("fit", {"seed": 0, "sizes": [1, 2]})
+    make, shape, classes = _nets()["dense"]
+    net = make()
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((8, *shape)), rng.integers(0, classes, 8)
+    for rows in (8, 3, 8):  # the largest batch first: then nothing more is allocated
+        net.train_step(X[:rows], y[:rows], 0.1, comm=comm)
+    pool = comm._pool(net)
+    allocations = pool.allocations
+    for rows in (8, 5, 1, 8):
+        net.train_step(X[:rows], y[:rows], 0.1, comm=comm)
+    assert pool.allocations == allocations
+    assert pool.in_use_bytes == 0  # every buffer given back by finish()
+
+
+def test_one_rank_guard_raises_and_bad_path():
+    MPI = _mpi()
+    comm = distributed.Communicator(MPI.COMM_SELF)
+    with pytest.raises(KeyError):  # nobody else to hang: the exception itself
+        with comm.guard():
+            raise KeyError("x")
+    with pytest.raises(ValueError, match="unknown communication path 'ring'"):
+        distributed.Communicator(MPI.COMM_SELF, path="ring")
+
+
+def test_no_mpi4py_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now fails
+    with pytest.raises(ImportError, match=r'pip install "gpu_mlp\[mpi\]"'):
+        distributed.Communicator()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", distributed.PATHS)
+def test_one_rank_nccl_is_the_plain_step(path):
+    """The NCCL path (made with one rank) against the plain step, on the GPU."""
+    MPI = _mpi()
+    comm = distributed.Communicator(MPI.COMM_SELF, path=path)
+    make, shape, classes = _nets("cuda", "float64")["dense"]
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((7, *shape)), rng.integers(0, classes, 7)
+    plain, ranked = make(), make()
+    for _ in range(3):
+        plain.train_step(X, y, 0.1)
+        ranked.train_step(X, y, 0.1, comm=comm)
+    for p, q in zip(plain.params, ranked.params):
+        for a, c in zip(p, q):
+            np.testing.assert_allclose(c.get(), a.get(), rtol=0, atol=1e-14)
+    if path != "auto":  # forced paths run NCCL with one rank; auto needs none
+        assert comm._nccl is not None and comm._nccl.size() == 1
+    comm.close()
+
+
+# --- mpirun -n P ----------------------------------------------------------------------
+
+def _mpirun():
+    """The mpirun command prefix, or a skip saying what is missing."""
+    _mpi()
+    launcher = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if not os.path.exists(launcher):
+        launcher = shutil.which("mpirun")
+    if launcher is None:
+        pytest.skip('needs mpirun: pip install "gpu_mlp[mpi]" (Open MPI\'s wheel) or a '
+                    'system MPI')
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:  # 2 cores, as root in a container
+        return [launcher, "--allow-run-as-root", "--oversubscribe"]
+    return [launcher]
+
+
+def _launch(P, scenario):
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    root = os.path.dirname(HERE)  # gpu_mlp importable without an install too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), root) if p)
+    command = _mpirun() + ["-n", str(P), sys.executable, WORKER, scenario]
+    start = time.perf_counter()
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+                             env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(command)} hung for {TIMEOUT} s:\n{e.stdout}\n{e.stderr}")
+    return run, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_mpirun_trains_as_one_process(P):
+    run, _ = _launch(P, "train")
+    assert run.returncode == 0, run.stdout + run.stderr
+    passed = [line for line in run.stdout.splitlines() if line.startswith("OK ")]
+    # dense: SGD, SGD with decay, Adam, DP; conv: SGD, Adam -- each by 3 paths
+    assert len(passed) == 18, run.stdout
+    assert f"DONE train on {P} ranks" in run.stdout
+
+
+def test_mpirun_a_rank_that_raises_ends_the_job():
+    run, seconds = _launch(2, "raise")
+    assert run.returncode != 0
+    assert "rank 1: ValueError: rank 1 fails on purpose" in run.stderr
+    assert "DONE" not in run.stdout
+    assert seconds < 60
+
+
+def test_mpirun_a_rank_that_dies_ends_the_job():
+    run, seconds = _launch(2, "die")
+    assert run.returncode != 0
+    assert "rank 1 dies now" in run.stderr
+    assert "DONE" not in run.stdout
+    assert seconds < 60
+
+
+def test_mpirun_mismatched_configurations_fail_on_every_rank():
+    run, _ = _launch(3, "mismatch")
+    assert run.returncode == 0, run.stdout + run.stderr
+    caught = sorted(line for line in run.stdout.splitlines() if " caught: " in line)
+    assert [line.split()[1] for line in caught] == ["0", "1", "2"]
+    for line in caught:
+        assert 'dtype: ranks 0,1 "float64", rank 2 "float32"' in line
+        assert "seed: ranks 0,2 0, rank 1 1" in line
+
+
+# --- the command line under mpirun: fit(comm=...) ---------------------------------------
+
+def _cli(command, launcher=(), cwd=None):
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), os.path.dirname(HERE))
+                                        if p)
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        env.pop(name, None)  # the single-process run must not think it is a rank
+    full = list(launcher) + [sys.executable, "-m", "gpu_mlp", "train", *command]
+    try:
+        return subprocess.run(full, capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                              cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(full)} hung for {TIMEOUT} s:\n{e.stdout}\n{e.stderr}")
+
+
+def _params(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files if key != "meta"}
+
+
+@pytest.mark.parametrize("P, extra", [(2, []), (3, ["--dp-clip", "1", "--dp-noise", "1"])])
+def test_mpirun_cli_trains_as_one_process(tmp_path, P, extra):
+    """`mpirun -n P gpu-mlp train` is `gpu-mlp train`: same output, same parameters
+    (float64, to 1e-12), and only rank 0 prints and writes the checkpoint."""
+    command = ["--dtype", "float64", "--epochs", "4", "--quiet", *extra]
+    one = _cli([*command, "--save", str(tmp_path / "one.npz")])
+    assert one.returncode == 0, one.stderr
+    many = _cli([*command, "--save", str(tmp_path / "many.npz")],
+                launcher=_mpirun() + ["-n", str(P)])
+    assert many.returncode == 0, many.stdout + many.stderr
+    assert many.stdout == one.stdout  # rank 0 alone prints: each line once
+    assert "test accuracy" in many.stdout and many.stderr == ""
+    a, b = _params(tmp_path / "one.npz"), _params(tmp_path / "many.npz")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_mpirun_cli_resumes_a_data_parallel_run(tmp_path):
+    command = ["--dtype", "float64", "--quiet", "--optimizer", "adam"]
+    straight = _cli([*command, "--epochs", "4", "--save", str(tmp_path / "straight.npz")])
+    assert straight.returncode == 0, straight.stderr
+    mpirun = _mpirun() + ["-n", "2"]
+    path = str(tmp_path / "run.npz")
+    first = _cli([*command, "--epochs", "2", "--save", path], launcher=mpirun)
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = _cli([*command, "--epochs", "4", "--save", path, "--resume", path],
+                   launcher=mpirun)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.splitlines()[-1] == straight.stdout.splitlines()[-1]
+    a, b = _params(tmp_path / "straight.npz"), _params(path)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_mpirun_cli_bad_input_ends_the_job_with_one_line():
+    # the first rank to fail aborts the job: status 2, one line each, no traceback
+    run = _cli(["--epochs", "2", "--activation", "swish"], launcher=_mpirun() + ["-n", "2"])
+    assert run.returncode == 2
+    assert "gpu-mlp: error: rank " in run.stderr
+    assert "unknown activation 'swish'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_comm_path_needs_a_launcher():
+    run = _cli(["--epochs", "1", "--comm-path", "gather"])
+    assert run.returncode == 2 and "--comm-path applies to data-parallel runs" in run.stderr
