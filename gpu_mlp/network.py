@@ -7,10 +7,14 @@ bias + activation kernel; the backward pass is one fused loss-gradient kernel at
 output, then per layer ``C_k^dagger`` (one GEMM, for a convolution then col2im), one
 fused kernel for the product with sigma', and the layer's *sink* with the factors
 ``(T_rows, rows(F_{k-1}))`` of its weight gradient ``G_k = T_rows^T rows(F_{k-1})``.
-What happens to the gradient is the sink's: :meth:`Network.train_step` applies SGD
-straight into ``W_k`` and ``b_k`` (BLAS with ``alpha = -lr, beta = 1``: no gradient
-buffer exists), :meth:`Network.loss_and_gradients` writes fresh gradient arrays,
-:meth:`Network.per_sample_grad_norms` keeps only per-sample norms (Remark 8 (ii)).
+What happens to the gradient is the sink's (:mod:`gpu_mlp.updates`): :meth:`Network.train_step`
+applies SGD straight into ``W_k`` and ``b_k`` (BLAS with ``alpha = -lr, beta = 1``: no
+gradient buffer exists) or an optimizer's fused update, after DP's clipping and noise
+(:mod:`gpu_mlp.privacy`) and the sum over data-parallel ranks
+(:mod:`gpu_mlp.distributed`) where asked; :meth:`Network.loss_and_gradients` writes
+fresh gradient arrays, :meth:`Network.per_sample_grad_norms` keeps only per-sample norms
+(Remark 8 (ii)). A sink that reads the factors after its call (DP, communication) keeps
+them until the loop calls its ``finish()``.
 
 Memory modes (MATH.md, Remark 8 (i)), what the forward pass keeps per layer:
 

@@ -24,8 +24,8 @@ So a private step is one forward and one backward pass, then, per layer:
    plain SGD, into the optimizer's scratch before its fused update otherwise. On a GPU
    by one kernel with a counter-based generator (Philox4x32-10, curand's, in
    ``kernels/noise.cuh``), keyed by ``(seed, step, layer, tensor)``: no noise buffer, and
-   a step is reproducible from the seed and the step count alone. On the CPU through
-   NumPy's Philox generator (the same key) in a small reused scratch.
+   a step is reproducible from the seed and the step count alone. On the CPU the same
+   Box-Muller on NumPy's Philox, vectorised in blocks, in small buffers kept per thread.
 
 The privacy spent is counted by Google's ``dp-accounting`` (:mod:`gpu_mlp.accounting`,
 the ``[dp]`` extra): :meth:`Network.fit` samples its batches by Poisson sampling, as the
@@ -50,10 +50,6 @@ from . import _checks, accounting, ops
 from .optim import _in_range
 
 __all__ = ["DP"]
-
-# The CPU's noise is drawn block by block into a scratch of this many elements, so its
-# memory does not grow with the layer.
-NOISE_BLOCK = 1 << 16
 
 
 class DP:
@@ -146,8 +142,6 @@ class _Private:
         self.kept = []
         sigma, C = dp.noise_multiplier, dp.max_grad_norm
         self.noise_std = sigma * C / self.batch  # of the gradient, per entry
-        self.scratch = (np.empty(NOISE_BLOCK, dtype=net.dtype)
-                        if net._xp is np and sigma > 0 else None)
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B = self.rows
@@ -184,7 +178,7 @@ class _Private:
         if self.noise_std == 0:
             return
         ops.add_gaussian(array, alpha * self.noise_std, self.dp.seed, 2 * k + which,
-                         self.dp.steps, self.scratch)
+                         self.dp.steps)
 
 
 def poisson_batches(n: int, batch_size: int, seed: int, epoch: int):

@@ -7,6 +7,8 @@ builders are handed out by session-scoped fixtures (rather than imported), so pl
 tests and hypothesis tests can both use them.
 """
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,14 @@ def make_params():
 def make_targets():
     """:func:`random_targets`: ``make_targets(rng, loss, batch, d, dtype, soft=False)``."""
     return random_targets
+
+
+@pytest.fixture(scope="session")
+def host_cupy_lib(tmp_path_factory):
+    """The CUDA math built for the host and host_cupy's launchers (the CuPy stand-in),
+    built once per session for every module that runs the engine's CuPy path here."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    import host_cupy
+
+    return host_cupy.build(tmp_path_factory.mktemp("host_cupy"))

@@ -1,6 +1,6 @@
 """The engine's CuPy code path, run end to end on the CPU through the CUDA kernel bodies.
 
-Inside ``host_cupy.cupy_path(lib)`` every op of ``gpu_mlp.ops`` takes its CuPy branch on
+Inside ``host_cupy.cupy_path(host_cupy_lib)`` every op of ``gpu_mlp.ops`` takes its CuPy branch on
 NumPy arrays, and ``import cupy`` gives an emulation that checks each launch as the GPU
 needs it -- kernel and body, argument count, order, types and shapes, null pointers,
 grid, BLAS transpositions -- and then runs the CUDA bodies compiled for the host by g++
@@ -44,14 +44,6 @@ RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-4}  # against the 
 # accumulates in float64: a few ulps, under 10 in every case seen. The op tests below
 # say which results must agree to the bit.
 NUMPY_ULPS = 32
-
-
-@pytest.fixture(scope="session")
-def lib(tmp_path_factory):
-    """cuda_host's functions and the row kernels' launchers, built once per session."""
-    if shutil.which("g++") is None:
-        pytest.skip("needs a C++ compiler (g++)")
-    return host_cupy.build(tmp_path_factory.mktemp("host_cupy"))
 
 
 @pytest.fixture
@@ -140,13 +132,13 @@ ENGINE_CASES = [(act, memory, target, rows) for act, memory in SUPPORTED for tar
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("act, memory, target, row_path", ENGINE_CASES)
-def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, depth, dtype,
+def test_loss_and_gradients(host_cupy_lib, make_net, make_batch, act, memory, target, depth, dtype,
                             row_path, monkeypatch):
     if row_path == "wide":
         monkeypatch.setattr(ops, "ROW_KERNEL_MAX", 0)
     net = make_net(act, target, memory, depth, dtype)
     X, Y = make_batch(net, target)
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         result = flatten(net.loss_and_gradients(X, Y))
     assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
     assert_all_close(result, flatten(net.loss_and_gradients(X, Y)), numpy_rtol(net.dtype))
@@ -155,7 +147,8 @@ def test_loss_and_gradients(lib, make_net, make_batch, act, memory, target, dept
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("act, memory", SUPPORTED)
-def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, target, dtype,
+def test_predict_norms_and_train_step(host_cupy_lib,
+                                      make_net, make_batch, act, memory, target, dtype,
                                       rows):
     net = make_net(act, target, memory, dtype=dtype)
     twin = gpu_mlp.MLP.from_params(net.params, net.activations, net.loss, memory, device="cpu")
@@ -170,7 +163,7 @@ def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, ta
         return [net.predict(X), net.per_sample_grad_norms(X, Y), net.train_step(X, Y, LR)]
 
     W = net.params[0][0]
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         out, norms, J = run(net)
     assert out.dtype == norms.dtype == J.dtype == net.dtype
     assert net.params[0][0] is W  # SGD went into W in place
@@ -184,33 +177,34 @@ def test_predict_norms_and_train_step(lib, make_net, make_batch, act, memory, ta
 
 
 @pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
-def test_mixed_activations(lib, make_net, make_batch, memory):
+def test_mixed_activations(host_cupy_lib, make_net, make_batch, memory):
     # two ReLU scales in one net (alpha is an argument, never part of a cached kernel)
     # and softmax between hidden layers
     acts = ["relu(alpha=0.5)", "softmax", "relu", "sigmoid" if memory == "output" else "gelu",
             "identity"]
     net = make_net(acts, "labels", memory)
     X, Y = make_batch(net, "labels")
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         result = flatten(net.loss_and_gradients(X, Y))
     assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
 
 
 @pytest.mark.parametrize("target", ["labels", "probabilities"])
 @pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
-def test_batch_over_several_thread_blocks(lib, make_net, make_batch, memory, target, rows):
+def test_batch_over_several_thread_blocks(host_cupy_lib,
+                                          make_net, make_batch, memory, target, rows):
     # 300 rows: three blocks of ops._ROW_THREADS, the last one partly idle
     net = make_net(["softmax", "tanh", "identity"], target, memory)
     X, Y = make_batch(net, target, batch=300)
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         result = flatten(net.loss_and_gradients(X, Y))
     assert_all_close(result, flatten(reference_gradients(net, X, Y)), RTOL[net.dtype])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_kernel_and_blas_call_runs(lib, make_net, make_batch, make_targets, dtype,
+def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, make_targets, dtype,
                                          monkeypatch):
-    with cupy_path(lib) as device:
+    with cupy_path(host_cupy_lib) as device:
         for row_kernel_max in (ops.ROW_KERNEL_MAX, 0):  # rows for a thread each, then wide
             monkeypatch.setattr(ops, "ROW_KERNEL_MAX", row_kernel_max)
             for i, (act, memory) in enumerate(SUPPORTED):
@@ -273,12 +267,12 @@ def conv_problem(memory, act, dtype, make_targets, target="labels", batch=BATCH)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("act, memory", [(act, mode) for act, mode in SUPPORTED
                                          if act != "softmax"])
-def test_conv_network(lib, make_targets, act, memory, dtype):
+def test_conv_network(host_cupy_lib, make_targets, act, memory, dtype):
     net, X, Y = conv_problem(memory, act, dtype, make_targets)
     params = host_params(net)
     J_ref, grads, dX_ref = reference.network_loss_and_gradients(
         net.layers, params, net.loss, X.astype(np.float64), Y)
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         results = flatten(net.loss_and_gradients(X, Y))
         out = net.predict(X)
         J = net.train_step(X, Y, LR)
@@ -305,7 +299,7 @@ OPTIMIZERS = {  # every rule, option and branch of kernels/optim.cuh
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_optimizer_steps(lib, make_net, make_batch, make_targets, name, kind, dtype):
+def test_optimizer_steps(host_cupy_lib, make_net, make_batch, make_targets, name, kind, dtype):
     """Three steps through the stand-in against the NumPy engine with the same optimizer:
     one update kernel per W and b, each launch checked, the same parameters and state."""
     if kind == "dense":
@@ -317,7 +311,7 @@ def test_optimizer_steps(lib, make_net, make_batch, make_targets, name, kind, dt
     twin = gpu_mlp.Network.from_params(net.layers, net.params, net.loss.name, net.memory,
                                        device="cpu")
     ours, theirs = OPTIMIZERS[name](), OPTIMIZERS[name]()
-    with cupy_path(lib) as device:
+    with cupy_path(host_cupy_lib) as device:
         for X, Y in batches:
             net.train_step(X, Y, ours)
     for X, Y in batches:
@@ -339,14 +333,14 @@ def test_optimizer_steps(lib, make_net, make_batch, make_targets, name, kind, dt
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("nesterov, weight_decay", [(False, 0.0), (True, 0.01)])
-def test_sgd_momentum_op_branches_agree(lib, dtype, nesterov, weight_decay):
+def test_sgd_momentum_op_branches_agree(host_cupy_lib, dtype, nesterov, weight_decay):
     rng = np.random.default_rng(8)
     n = ops.BLOCK_ELEMENTS + 5  # the twin's blocks, and one more
     start = {name: rng.normal(0, 1, n).astype(dtype) for name in ("w", "g", "buf")}
     arrays = {path: {k: a.copy() for k, a in start.items()} for path in ("cupy", "numpy")}
     for path in arrays:
         v = arrays[path]
-        with cupy_path(lib) if path == "cupy" else contextlib.nullcontext():
+        with cupy_path(host_cupy_lib) if path == "cupy" else contextlib.nullcontext():
             ops.sgd_momentum(v["w"], v["g"], v["buf"], 0.05, 0.9, weight_decay, nesterov)
     assert_branches_agree(arrays["cupy"], arrays["numpy"], True, dtype)
 
@@ -354,7 +348,7 @@ def test_sgd_momentum_op_branches_agree(lib, dtype, nesterov, weight_decay):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("one_minus_beta1, weight_decay, decay",
                          [(0.1, 0.0, 1.0), (0.1, 0.05, 1.0), (0.7, 0.0, 0.999)])
-def test_adam_op_branches_agree(lib, dtype, one_minus_beta1, weight_decay, decay):
+def test_adam_op_branches_agree(host_cupy_lib, dtype, one_minus_beta1, weight_decay, decay):
     rng = np.random.default_rng(9)
     n = ops.BLOCK_ELEMENTS + 5
     start = {name: rng.normal(0, 1, n).astype(dtype) for name in ("w", "g", "m", "v")}
@@ -362,7 +356,7 @@ def test_adam_op_branches_agree(lib, dtype, one_minus_beta1, weight_decay, decay
     arrays = {path: {k: a.copy() for k, a in start.items()} for path in ("cupy", "numpy")}
     for path in arrays:
         v = arrays[path]
-        with cupy_path(lib) if path == "cupy" else contextlib.nullcontext():
+        with cupy_path(host_cupy_lib) if path == "cupy" else contextlib.nullcontext():
             ops.adam(v["w"], v["g"], v["m"], v["v"], one_minus_beta1, 0.999, 0.001, 1e-8,
                      weight_decay, decay, 0.01, 0.2)
     assert_branches_agree(arrays["cupy"], arrays["numpy"], True, dtype)
@@ -404,10 +398,10 @@ def assert_branches_agree(cupy, numpy, exact, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op, act", OP_CASES, ids=[f"{op}-{act}" for op, act in OP_CASES])
-def test_activation_op_branches_agree(lib, op, act, dtype):
+def test_activation_op_branches_agree(host_cupy_lib, op, act, dtype):
     activation = activations.get(act or "identity")
     cupy, numpy = op_arrays(dtype), op_arrays(dtype)
-    with cupy_path(lib) as device:
+    with cupy_path(host_cupy_lib) as device:
         ACTIVATION_OPS[op](activation, cupy)
     ACTIVATION_OPS[op](activation, numpy)
     # sigma' = 1 and sigma(a) = a: ops launches nothing
@@ -418,14 +412,14 @@ def test_activation_op_branches_agree(lib, op, act, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_loss_op_branches_agree(lib, make_targets, target, dtype):
+def test_loss_op_branches_agree(host_cupy_lib, make_targets, target, dtype):
     loss, soft = TARGETS[target]
     rng = np.random.default_rng(1)
     F = rng.normal(0, 2, (B, C)).astype(dtype)
     Y = make_targets(rng, loss, B, C, dtype, soft=soft)
     loss = losses.get(loss)
     grads = {"cupy": np.empty_like(F), "numpy": np.empty_like(F)}
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         J = ops.loss_and_grad(loss, F, Y, grads["cupy"], 1 / B,
                               np.empty(ops.loss_scratch_shape(loss, F.shape), dtype))
     J_numpy = ops.loss_and_grad(loss, F, Y, grads["numpy"], 1 / B, None)
@@ -441,7 +435,7 @@ GEMMS = [("N", "T"), ("N", "N"), ("T", "N"), ("T", "T")]
 @pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0)], ids=["write", "update"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("transa, transb", GEMMS, ids=["".join(t) for t in GEMMS])
-def test_gemm_branches_agree(lib, transa, transb, dtype, alpha, beta):
+def test_gemm_branches_agree(host_cupy_lib, transa, transb, dtype, alpha, beta):
     rng = np.random.default_rng(2)
     m, k, n = 4, 5, 6
     a = rng.standard_normal((m, k) if transa == "N" else (k, m)).astype(dtype)
@@ -449,7 +443,7 @@ def test_gemm_branches_agree(lib, transa, transb, dtype, alpha, beta):
     # with beta = 0 BLAS must not read out: NaN there must not show
     start = np.full((m, n), np.nan) if beta == 0 else rng.standard_normal((m, n))
     out = {path: start.astype(dtype) for path in ("cupy", "numpy")}
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         assert ops.gemm(transa, transb, a, b, out["cupy"], alpha=alpha, beta=beta) is out["cupy"]
     ops.gemm(transa, transb, a, b, out["numpy"], alpha=alpha, beta=beta)
     assert_close(out["cupy"], out["numpy"], numpy_rtol(dtype))
@@ -458,13 +452,13 @@ def test_gemm_branches_agree(lib, transa, transb, dtype, alpha, beta):
 @pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0)], ids=["write", "update"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("transa", ["N", "T"])
-def test_gemv_branches_agree(lib, transa, dtype, alpha, beta):
+def test_gemv_branches_agree(host_cupy_lib, transa, dtype, alpha, beta):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((4, 5)).astype(dtype)
     x = rng.standard_normal(5 if transa == "N" else 4).astype(dtype)
     start = np.full(4 if transa == "N" else 5, np.nan if beta == 0 else 0.5, dtype)
     y = {path: start.copy() for path in ("cupy", "numpy")}
-    with cupy_path(lib):
+    with cupy_path(host_cupy_lib):
         ops.gemv(transa, a, x, y["cupy"], alpha=alpha, beta=beta)
     ops.gemv(transa, a, x, y["numpy"], alpha=alpha, beta=beta)
     assert_close(y["cupy"], y["numpy"], numpy_rtol(dtype))
@@ -511,19 +505,20 @@ PLANTED = [  # (bug, activation, memory, dtype, what gives it away)
 
 
 @pytest.mark.parametrize("plant, act, memory, dtype, message", PLANTED)
-def test_planted_bugs_are_caught(lib, make_net, make_batch, monkeypatch, plant, act, memory, dtype,
+def test_planted_bugs_are_caught(host_cupy_lib,
+                                 make_net, make_batch, monkeypatch, plant, act, memory, dtype,
                                  message):
     net = make_net(act, "squared", memory, dtype=dtype)
     X, Y = make_batch(net, "squared")
     expected = flatten(reference_gradients(net, X, Y))
     plant(monkeypatch)
-    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+    with cupy_path(host_cupy_lib), pytest.raises(AssertionError, match=message):
         assert_all_close(flatten(net.loss_and_gradients(X, Y)), expected,
                          RTOL[net.dtype])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_row_kernels_run_the_global_bodies(lib, dtype):
+def test_row_kernels_run_the_global_bodies(host_cupy_lib, dtype):
     """Each kernel launched as ops launches it, over three blocks, against the NumPy tables."""
     rng = np.random.default_rng(4)
     z, g = rng.normal(0, 2, (B, C)).astype(dtype), rng.normal(0, 1, (B, C)).astype(dtype)
@@ -540,7 +535,7 @@ def test_row_kernels_run_the_global_bodies(lib, dtype):
         got[kind + " loss"] = np.empty(B, dtype)
 
     dims = (np.int32(B), np.int32(C))
-    with cupy_path(lib) as device:
+    with cupy_path(host_cupy_lib) as device:
         ops._launch_rows("gm_softmax_forward", B, z, bias, got["forward"], *dims)
         ops._launch_rows("gm_softmax_backward", B, f, got["backward"], *dims)
         for kind, Y in targets.items():
@@ -586,9 +581,9 @@ BAD_ROW_LAUNCHES = [  # ((kernel, args), grid, block, what the emulation says)
 
 
 @pytest.mark.parametrize("launch, grid, block, message", BAD_ROW_LAUNCHES)
-def test_bad_row_launches_are_refused(lib, launch, grid, block, message):
+def test_bad_row_launches_are_refused(host_cupy_lib, launch, grid, block, message):
     kernel, args = launch
-    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+    with cupy_path(host_cupy_lib), pytest.raises(AssertionError, match=message):
         cuda.row_kernel(kernel, np.dtype(np.float64))(grid, block, args)
 
 
@@ -615,8 +610,8 @@ BAD_ELEMENTWISE_LAUNCHES = [  # (launch, what the emulation says)
 
 
 @pytest.mark.parametrize("launch, message", BAD_ELEMENTWISE_LAUNCHES)
-def test_bad_elementwise_launches_are_refused(lib, launch, message):
-    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+def test_bad_elementwise_launches_are_refused(host_cupy_lib, launch, message):
+    with cupy_path(host_cupy_lib), pytest.raises(AssertionError, match=message):
         launch()
 
 
@@ -641,6 +636,6 @@ BAD_BLAS_CALLS = [  # (call, what the emulation says)
 
 
 @pytest.mark.parametrize("call, message", BAD_BLAS_CALLS)
-def test_bad_blas_calls_are_refused(lib, call, message):
-    with cupy_path(lib), pytest.raises(AssertionError, match=message):
+def test_bad_blas_calls_are_refused(host_cupy_lib, call, message):
+    with cupy_path(host_cupy_lib), pytest.raises(AssertionError, match=message):
         call()

@@ -229,18 +229,14 @@ def test_mpirun_trains_as_one_process(P):
     assert f"DONE train on {P} ranks" in run.stdout
 
 
-def test_mpirun_a_rank_that_raises_ends_the_job():
-    run, seconds = _launch(2, "raise")
+@pytest.mark.parametrize("scenario, message", [
+    ("raise", "rank 1: ValueError: rank 1 fails on purpose"),  # guard() aborts the job
+    ("die", "rank 1 dies now"),  # the launcher sees the process end and ends the job
+])
+def test_mpirun_a_rank_that_fails_ends_the_job(scenario, message):
+    run, seconds = _launch(2, scenario)
     assert run.returncode != 0
-    assert "rank 1: ValueError: rank 1 fails on purpose" in run.stderr
-    assert "DONE" not in run.stdout
-    assert seconds < 60
-
-
-def test_mpirun_a_rank_that_dies_ends_the_job():
-    run, seconds = _launch(2, "die")
-    assert run.returncode != 0
-    assert "rank 1 dies now" in run.stderr
+    assert message in run.stderr
     assert "DONE" not in run.stdout
     assert seconds < 60
 

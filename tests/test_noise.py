@@ -30,14 +30,6 @@ KS_LEVEL = 1e-4
 SIGMAS = 5
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    """cuda_host's functions and host_cupy's launchers, built once for the module."""
-    if shutil.which("g++") is None:
-        pytest.skip("needs a C++ compiler (g++)")
-    return host_cupy.build(tmp_path_factory.mktemp("noise"))
-
-
 @pytest.fixture(params=DTYPES, ids=lambda t: t.name)
 def dtype(request):
     return request.param
@@ -57,19 +49,19 @@ PHILOX_KAT = [
 ]
 
 
-def philox(host, counters, keys):
+def philox(host_cupy_lib, counters, keys):
     """noise.cuh's gm_philox4x32_10 on (n, 4) counters and (n, 2) keys: (n, 4) words."""
     counters = np.ascontiguousarray(counters, dtype=np.uint32)
     keys = np.ascontiguousarray(keys, dtype=np.uint32)
     out = np.empty_like(counters)
-    call(host, "host_philox4x32_10", counters, keys, out, len(counters))
+    call(host_cupy_lib, "host_philox4x32_10", counters, keys, out, len(counters))
     return out
 
 
-def test_philox_known_answers(host):
+def test_philox_known_answers(host_cupy_lib):
     counters, keys, expected = (np.array(column, dtype=np.uint32)
                                 for column in zip(*PHILOX_KAT))
-    np.testing.assert_array_equal(philox(host, counters, keys), expected)
+    np.testing.assert_array_equal(philox(host_cupy_lib, counters, keys), expected)
 
 
 # --- the gaussian_noise kernel body -----------------------------------------------------------
@@ -79,22 +71,23 @@ def split(value):
     return np.uint32(value & 0xFFFFFFFF), np.uint32(value >> 32)
 
 
-def kernel_noise(host, w, scale, seed, stream, step):
+def kernel_noise(host_cupy_lib, w, scale, seed, stream, step):
     """``ops.ELEMENTWISE["gaussian_noise"]``, host-built, on the C-contiguous ``w`` in
     place, its arguments as the kernel declares them."""
     assert w.flags.c_contiguous
     key0, key1 = split(seed)
     step_lo, step_hi = split(step)
-    call(host, cuda_host.elementwise_name("gaussian_noise", None, w.dtype), w.size, w.size, 1,
+    call(host_cupy_lib, cuda_host.elementwise_name("gaussian_noise", None, w.dtype), w.size,
+         w.size, 1,
          w.dtype.type(scale), key0, key1, np.uint32(stream), step_lo, step_hi, w)
     return w
 
 
-def kernel_normals(host, n, dtype, seed=0, stream=0, step=0):
-    return kernel_noise(host, np.zeros(n, dtype), 1.0, seed, stream, step)
+def kernel_normals(host_cupy_lib, n, dtype, seed=0, stream=0, step=0):
+    return kernel_noise(host_cupy_lib, np.zeros(n, dtype), 1.0, seed, stream, step)
 
 
-def box_muller_reference(host, n, dtype, seed, stream, step):
+def box_muller_reference(host_cupy_lib, n, dtype, seed, stream, step):
     """The first n normals of a stream by noise.cuh's documented map, in float64 NumPy:
     element i from the Philox block (i / 4, stream, step_lo, step_hi) keyed by the seed;
     its pair (i % 4) / 2 of words (x, y); u = x 2^-32 + 2^-33, v = 2 pi (y 2^-32 +
@@ -105,7 +98,7 @@ def box_muller_reference(host, n, dtype, seed, stream, step):
     counters[:, 0] = np.arange(blocks)
     counters[:, 1] = stream
     counters[:, 2:] = split(step)
-    words = philox(host, counters, np.tile(split(seed), (blocks, 1))).reshape(-1, 2)
+    words = philox(host_cupy_lib, counters, np.tile(split(seed), (blocks, 1))).reshape(-1, 2)
     def rounded(a):  # to the kernel's T, then float64 for the rest
         return a.astype(dtype).astype(np.float64)
 
@@ -118,10 +111,10 @@ def box_muller_reference(host, n, dtype, seed, stream, step):
 @pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (12345, 7, 3),
                                                 ((1 << 64) - 1, (1 << 32) - 1, (1 << 64) - 1),
                                                 (0xDEADBEEF << 32, 1, 1 << 40)])
-def test_kernel_follows_the_documented_map(host, dtype, seed, stream, step):
+def test_kernel_follows_the_documented_map(host_cupy_lib, dtype, seed, stream, step):
     n = 1001  # not a multiple of 4
-    got = kernel_normals(host, n, dtype, seed, stream, step)
-    want = box_muller_reference(host, n, dtype, seed, stream, step)
+    got = kernel_normals(host_cupy_lib, n, dtype, seed, stream, step)
+    want = box_muller_reference(host_cupy_lib, n, dtype, seed, stream, step)
     # the kernel's log, sqrt, sin and cos in T, its angle pi t rounded to T: in float32
     # an angle off by up to 2^-22, times |s| <= 6.8
     assert_within(got, want, 1e-12 if dtype == np.float64 else 4e-6)
@@ -154,8 +147,8 @@ def assert_uncorrelated(a, b, label=""):
     assert abs(r) < SIGMAS / np.sqrt(a.size), f"{label}: correlation {r}"
 
 
-def test_kernel_noise_is_standard_normal(host, dtype):
-    z = kernel_normals(host, N, dtype, seed=2024, stream=3, step=11)
+def test_kernel_noise_is_standard_normal(host_cupy_lib, dtype):
+    z = kernel_normals(host_cupy_lib, N, dtype, seed=2024, stream=3, step=11)
     assert_standard_normal(z, "kernel")
     assert_not_standard_normal(2 * z)  # the check can fail: a wrong scale does
     assert_not_standard_normal(z + 0.01)  # and so does a small bias
@@ -175,13 +168,13 @@ OTHER_STREAMS = {"seed": dict(seed=2), "seed-high-word": dict(seed=1 | 1 << 32),
 BASE = dict(seed=1, stream=0, step=0)
 
 
-def test_kernel_streams_differ_and_reproduce(host, dtype):
+def test_kernel_streams_differ_and_reproduce(host_cupy_lib, dtype):
     n = N // 4
-    base = kernel_normals(host, n, dtype, **BASE)
-    np.testing.assert_array_equal(kernel_normals(host, n, dtype, **BASE), base)
+    base = kernel_normals(host_cupy_lib, n, dtype, **BASE)
+    np.testing.assert_array_equal(kernel_normals(host_cupy_lib, n, dtype, **BASE), base)
     others = {}
     for name, change in OTHER_STREAMS.items():
-        other = kernel_normals(host, n, dtype, **{**BASE, **change})
+        other = kernel_normals(host_cupy_lib, n, dtype, **{**BASE, **change})
         assert_standard_normal(other, name)
         assert_uncorrelated(base, other, name)
         assert np.mean(base == other) < 1e-3, name
@@ -192,20 +185,20 @@ def test_kernel_streams_differ_and_reproduce(host, dtype):
             assert_uncorrelated(others[a], others[b], f"{a} vs {b}")
 
 
-def test_kernel_adds_scaled_noise_to_w(host, dtype):
+def test_kernel_adds_scaled_noise_to_w(host_cupy_lib, dtype):
     rng = np.random.default_rng(0)
     w = rng.standard_normal(4099).astype(dtype)
-    z = kernel_normals(host, w.size, dtype, seed=5)
+    z = kernel_normals(host_cupy_lib, w.size, dtype, seed=5)
     scale = dtype.type(-0.37)
     want = w + scale * z  # the kernel's w + scale z, rounded alike
-    np.testing.assert_array_equal(kernel_noise(host, w, scale, 5, 0, 0), want)
+    np.testing.assert_array_equal(kernel_noise(host_cupy_lib, w, scale, 5, 0, 0), want)
 
 
 # --- ops.add_gaussian on NumPy ----------------------------------------------------------------
 
-def numpy_normals(n, dtype, seed=0, stream=0, step=0, block=ops.BLOCK_ELEMENTS, shape=None):
+def numpy_normals(n, dtype, seed=0, stream=0, step=0, shape=None):
     w = np.zeros(shape or n, dtype)
-    ops.add_gaussian(w, 1.0, seed, stream, step, np.empty(block, dtype))
+    ops.add_gaussian(w, 1.0, seed, stream, step)
     return w.reshape(-1)
 
 
@@ -214,6 +207,10 @@ def test_numpy_noise_is_standard_normal(dtype):
     assert_standard_normal(z, "numpy")
     assert_not_standard_normal(2 * z)
     assert_uncorrelated(z[:-1], z[1:], "neighbours")
+    half = ops.NOISE_BLOCK // 2  # a block's cos half against its sin half
+    blocks = z[:N // ops.NOISE_BLOCK * ops.NOISE_BLOCK].reshape(-1, ops.NOISE_BLOCK)
+    assert_uncorrelated(blocks[:, :half].ravel(), blocks[:, half:].ravel(), "cos and sin")
+    assert_uncorrelated(blocks[:-1].ravel(), blocks[1:].ravel(), "neighbouring blocks")
 
 
 def test_numpy_streams_differ_and_reproduce(dtype):
@@ -226,40 +223,42 @@ def test_numpy_streams_differ_and_reproduce(dtype):
         assert_uncorrelated(base, other, name)
 
 
-@pytest.mark.parametrize("block", [1, 3, 64, 4096, 10007, 50000])
-def test_numpy_noise_does_not_depend_on_the_block(dtype, block):
-    n = 10007  # float32 draws take half a 64-bit word each: odd blocks split words
-    np.testing.assert_array_equal(numpy_normals(n, dtype, seed=9, block=block),
-                                  numpy_normals(n, dtype, seed=9))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_numpy_noise_does_not_depend_on_the_threads(dtype, threads, monkeypatch):
+    n = 5 * ops.NOISE_BLOCK + 7  # an odd tail block too
+    want = numpy_normals(n, dtype, seed=9)
+    monkeypatch.setattr(ops, "NOISE_THREADS", threads)
+    ops._noise_threads.cache_clear()
+    try:
+        np.testing.assert_array_equal(numpy_normals(n, dtype, seed=9), want)
+    finally:
+        ops._noise_threads.cache_clear()
 
 
 def test_numpy_noise_is_in_place_and_adds(dtype):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((3, 5, 7, 11)).astype(dtype)  # any shape
     before, address = w.copy(), w.__array_interface__["data"][0]
-    scratch = np.empty(100, dtype)
     scale = dtype.type(0.25)
-    z = numpy_normals(w.size, dtype, seed=4, stream=2, step=6, block=100)
-    assert ops.add_gaussian(w, scale, 4, 2, 6, scratch) is None
+    z = numpy_normals(w.size, dtype, seed=4, stream=2, step=6)
+    assert ops.add_gaussian(w, scale, 4, 2, 6) is None
     assert w.__array_interface__["data"][0] == address and w.shape == (3, 5, 7, 11)
-    np.testing.assert_array_equal(w.reshape(-1), before.reshape(-1) + scale * z)
-    # the last block's normals (scaled) are what scratch holds
-    last = w.size % 100 or 100
-    np.testing.assert_array_equal(scratch[:last], scale * z[-last:])
+    np.testing.assert_allclose(w.reshape(-1), before.reshape(-1) + scale * z,
+                               rtol=4 * np.finfo(dtype).eps, atol=0)
 
 
 def test_numpy_noise_allocates_no_array_of_ws_size():
-    w, scratch = np.zeros(1 << 20), np.empty(ops.BLOCK_ELEMENTS)
-    ops.add_gaussian(w, 1.0, 0, 0, 0, scratch)  # warm up
+    w = np.zeros(1 << 20)
+    ops.add_gaussian(w, 1.0, 0, 0, 0)  # warm up: the threads' buffers
     with tracing():
-        peak = step_peak(lambda: ops.add_gaussian(w, 1.0, 1, 2, 3, scratch))
+        peak = step_peak(lambda: ops.add_gaussian(w, 1.0, 1, 2, 3))
     assert peak < 64 * 1024, f"{peak} bytes for {w.nbytes} bytes of w"
 
 
-def test_backends_differ_but_each_is_reproducible(host):
+def test_backends_differ_but_each_is_reproducible(host_cupy_lib):
     # documented: NumPy's Philox4x64 and the kernel's Philox4x32 give other numbers
     a = numpy_normals(1000, np.float64, seed=3)
-    b = kernel_normals(host, 1000, np.float64, seed=3)
+    b = kernel_normals(host_cupy_lib, 1000, np.float64, seed=3)
     assert not np.allclose(a, b)
 
 
@@ -273,24 +272,15 @@ BAD_ARGUMENTS = [  # (changes to good arguments, error, message)
     (dict(stream=True), TypeError, "stream must be an int"),
     (dict(w=np.zeros((4, 6))[:, ::2]), ValueError, "C-contiguous"),
     (dict(w=np.zeros(8, np.int64)), ValueError, "float32 or float64"),
-    (dict(scratch=np.empty(4, np.float32)), ValueError, "scratch"),
-    (dict(scratch=np.empty((2, 2))), ValueError, "scratch"),
-    (dict(scratch=np.empty(0)), ValueError, "scratch"),
 ]
 
 
 @pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS)
 def test_bad_arguments_are_refused(change, error, message):
-    args = dict(w=np.zeros(8), scale=1.0, seed=0, stream=0, step=0, scratch=np.empty(4))
+    args = dict(w=np.zeros(8), scale=1.0, seed=0, stream=0, step=0)
     args.update(change)
     with pytest.raises(error, match=message):
         ops.add_gaussian(**args)
-
-
-def test_scratch_must_not_be_part_of_w():
-    w = np.zeros(16)
-    with pytest.raises(ValueError, match="scratch"):
-        ops.add_gaussian(w, 1.0, 0, 0, 0, w[8:])
 
 
 def test_numpy_integers_are_accepted():
@@ -303,20 +293,21 @@ def test_numpy_integers_are_accepted():
 # --- ops.add_gaussian on the CuPy path (host_cupy's stand-in) ---------------------------------
 
 @pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (0x0123456789ABCDEF, 12, 1 << 33)])
-def test_cupy_path_runs_the_kernel(host, dtype, seed, stream, step):
+def test_cupy_path_runs_the_kernel(host_cupy_lib, dtype, seed, stream, step):
     rng = np.random.default_rng(2)
     w = rng.standard_normal((37, 11)).astype(dtype)
-    want = kernel_noise(host, w.copy().reshape(-1), -0.5, seed, stream, step).reshape(w.shape)
-    with host_cupy.cupy_path(host) as device:
-        ops.add_gaussian(w, -0.5, seed, stream, step, None)  # no scratch on a GPU
+    want = kernel_noise(host_cupy_lib, w.copy().reshape(-1), -0.5, seed, stream,
+                        step).reshape(w.shape)
+    with host_cupy.cupy_path(host_cupy_lib) as device:
+        ops.add_gaussian(w, -0.5, seed, stream, step)
     np.testing.assert_array_equal(w, want)
     assert device.launches == {("gpu_mlp_gaussian_noise", dtype.name): 1}
 
 
-def test_cupy_path_refuses_more_than_a_stream_holds(host, monkeypatch):
+def test_cupy_path_refuses_more_than_a_stream_holds(host_cupy_lib, monkeypatch):
     monkeypatch.setattr(ops, "MAX_NOISE_ELEMENTS", 8)
-    with host_cupy.cupy_path(host) as device, pytest.raises(ValueError, match="2\\^34"):
-        ops.add_gaussian(np.zeros(9), 1.0, 0, 0, 0, None)
+    with host_cupy.cupy_path(host_cupy_lib) as device, pytest.raises(ValueError, match="2\\^34"):
+        ops.add_gaussian(np.zeros(9), 1.0, 0, 0, 0)
     assert not device.launches
 
 
@@ -333,11 +324,11 @@ def test_sgd_is_the_formula(dtype, decay):
     np.testing.assert_array_equal(w, want)
 
 
-def test_sgd_branches_agree(host, dtype):
+def test_sgd_branches_agree(host_cupy_lib, dtype):
     rng = np.random.default_rng(4)
     w, g = (rng.standard_normal(1000).astype(dtype) for _ in range(2))
     w_cupy = w.copy()
-    with host_cupy.cupy_path(host) as device:
+    with host_cupy.cupy_path(host_cupy_lib) as device:
         ops.sgd(w_cupy, g, 0.05, 0.99)
     ops.sgd(w, g, 0.05, 0.99)
     np.testing.assert_array_equal(w_cupy, w)  # g++ contracts nothing: the same bits
@@ -377,7 +368,7 @@ def empty_product_cases(dtype):
 
 @pytest.mark.parametrize("path", ["numpy", "cupy"])
 @pytest.mark.parametrize("transa, transb", GEMMS, ids=["".join(t) for t in GEMMS])
-def test_gemm_over_an_empty_dimension(host, monkeypatch, dtype, transa, transb, path):
+def test_gemm_over_an_empty_dimension(host_cupy_lib, monkeypatch, dtype, transa, transb, path):
     refuse_blas(monkeypatch)
     m, n = 3, 4
     a = np.empty((m, 0) if transa == "N" else (0, m), dtype)
@@ -385,7 +376,7 @@ def test_gemm_over_an_empty_dimension(host, monkeypatch, dtype, transa, transb, 
     for before, beta, want in empty_product_cases(dtype):
         out = before.copy()
         if path == "cupy":
-            with host_cupy.cupy_path(host) as device:
+            with host_cupy.cupy_path(host_cupy_lib) as device:
                 assert ops.gemm(transa, transb, a, b, out, alpha=2.0, beta=beta) is out
             assert not device.launches  # no cuBLAS call either
         else:
@@ -395,7 +386,7 @@ def test_gemm_over_an_empty_dimension(host, monkeypatch, dtype, transa, transb, 
 
 @pytest.mark.parametrize("path", ["numpy", "cupy"])
 @pytest.mark.parametrize("transa", ["N", "T"])
-def test_gemv_over_an_empty_dimension(host, monkeypatch, dtype, transa, path):
+def test_gemv_over_an_empty_dimension(host_cupy_lib, monkeypatch, dtype, transa, path):
     refuse_blas(monkeypatch)
     m = 3
     a = np.empty((m, 0) if transa == "N" else (0, m), dtype)  # e.g. T_rows^T 1, no rows
@@ -403,7 +394,7 @@ def test_gemv_over_an_empty_dimension(host, monkeypatch, dtype, transa, path):
     for before, beta, want in empty_product_cases(dtype):
         out, want = before[:, 0].copy(), want[:, 0]
         if path == "cupy":
-            with host_cupy.cupy_path(host) as device:
+            with host_cupy.cupy_path(host_cupy_lib) as device:
                 ops.gemv(transa, a, x, out, alpha=2.0, beta=beta)
             assert not device.launches
         else:
@@ -423,13 +414,13 @@ def test_empty_batch_gradient_is_zero_on_numpy(dtype):
 # --- on a GPU ---------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_gpu_noise_is_the_host_builds(host, dtype):
+def test_gpu_noise_is_the_host_builds(host_cupy_lib, dtype):
     import cupy
 
     w = cupy.zeros(N, dtype)
-    ops.add_gaussian(w, 1.0, 77, 5, 9, None)
+    ops.add_gaussian(w, 1.0, 77, 5, 9)
     got = cupy.asnumpy(w)
     assert_standard_normal(got, "gpu")
     # CUDA's log, sqrt, sinpi and cospi against glibc's: a few ulps apart
-    want = kernel_normals(host, N, dtype, 77, 5, 9)
+    want = kernel_normals(host_cupy_lib, N, dtype, 77, 5, 9)
     assert_within(got, want, 64 * np.finfo(dtype).eps)

@@ -42,6 +42,7 @@ import gpu_mlp
 from gpu_mlp import checkpoint, cli, optim, privacy
 from gpu_mlp.layers import Conv2d, Dense
 from gpu_mlp.privacy import DP
+import test_optim
 from tracing import numpy_data_now, step_peak, tracing
 
 torch = pytest.importorskip("torch")
@@ -274,15 +275,8 @@ def test_clipped_update_matches_opacus(kind):
 
 # --- 2. optimizers see the clipped mean gradient ---------------------------------------------
 
-OPTIMIZERS = {
-    "momentum": (lambda: optim.SGD(0.05, momentum=0.9),
-                 lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
-    "nesterov-wd": (lambda: optim.SGD(0.05, momentum=0.8, nesterov=True, weight_decay=0.02),
-                    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True,
-                                              weight_decay=0.02)),
-    "adam": (lambda: optim.Adam(1e-2), lambda p: torch.optim.Adam(p, lr=1e-2)),
-    "adamw": (lambda: optim.AdamW(1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2)),
-}
+OPTIMIZERS = {name: test_optim.OPTIMIZERS[name]  # (ours, torch's), as the optimizer tests
+              for name in ("momentum", "nesterov-wd", "adam", "adamw")}
 
 
 @pytest.mark.parametrize("kind", ["dense-xent", "conv"])
@@ -888,18 +882,9 @@ def test_dp_step_allocates_no_per_sample_gradient():
 
 # --- 10. the CuPy path through the host stand-in ---------------------------------------------
 
-@pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    import host_cupy
-
-    if shutil.which("g++") is None:
-        pytest.skip("needs a C++ compiler (g++)")
-    return host_cupy.build(tmp_path_factory.mktemp("privacy_host_cupy"))
-
-
 @pytest.mark.parametrize("kind, rule", [("dense-xent", "sgd"), ("conv", "sgd"),
                                         ("dense-squared", "adam")])
-def test_cupy_path_clipped_step_equals_numpy(host_lib, kind, rule):
+def test_cupy_path_clipped_step_equals_numpy(host_cupy_lib, kind, rule):
     import host_cupy
 
     X, Y = make_batch(kind)
@@ -910,7 +895,7 @@ def test_cupy_path_clipped_step_equals_numpy(host_lib, kind, rule):
         make_rule = (lambda: LR) if rule == "sgd" else (lambda: optim.Adam(1e-2))
         opt = make_rule()
         if path == "cupy":
-            with host_cupy.cupy_path(host_lib) as device:
+            with host_cupy.cupy_path(host_cupy_lib) as device:
                 for step in range(2):
                     net.train_step(X, Y, opt, dp=dp)
             assert device.launches  # the CUDA bodies ran
@@ -922,12 +907,12 @@ def test_cupy_path_clipped_step_equals_numpy(host_lib, kind, rule):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
 
 
-def test_cupy_path_noise_has_the_right_std(host_lib):
+def test_cupy_path_noise_has_the_right_std(host_cupy_lib):
     import host_cupy
 
     X, Y = noisy_batch()
     updated = []
-    with host_cupy.cupy_path(host_lib) as device:
+    with host_cupy.cupy_path(host_cupy_lib) as device:
         for sigma in (0.0, SIGMA):
             net = noisy_net()
             net.train_step(X, Y, LR, dp=DP(CLIP, sigma, seed=SEED))
