@@ -47,3 +47,34 @@ def test_step(benchmark, task):
     if not benchmark.disabled:
         benchmark.extra_info["tflops_at_median"] = (
             task.point.flops / benchmark.stats.stats.median / 1e12)
+
+
+def test_dp_step_quick(tmp_path):
+    """bench/dp_step.py --quick end to end, in its own process (it sets the BLAS threads
+    before NumPy loads): every implementation timed or its failure recorded, the ratios,
+    the breakdown of the private step and the report; where Opacus ran, its noise-free
+    private step agrees with gpu_mlp's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "bench", "dp_step.py"), "--quick",
+                    "--threads", "1", "--breakdown", "--out", str(tmp_path)],
+                   check=True, cwd=root, timeout=600)
+    from bench import dp_step
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    [record] = result["records"]
+    assert set(record["time_s"]) | set(record["errors"]) == set(dp_step.IMPLS)
+    for impl in ("gpu_mlp", "gpu_mlp DP", "gpu_mlp DP noise 0"):
+        assert record["time_s"][impl]["median"] > 0
+    assert record["ratios"]["dp_over_plain"] > 0
+    for parts in record["breakdown_ms"].values():
+        assert set(parts) == set(dp_step.PARTS) | {"total"}
+    assert set(record["breakdown_ms"]) == set(dp_step.IMPLS[:3])
+    if "opacus hooks" in record["time_s"]:
+        check = record["agreement"]
+        assert check["max_abs_weight_diff"] <= 1e-3 * check["max_abs_weight_change"]
+    assert "| 64-256-256-10 | 32 |" in (tmp_path / "report.md").read_text()

@@ -400,6 +400,20 @@ class _RecordingXp:
         self.products.append(result.shape)
         return result
 
+    def einsum(self, *args):
+        return np.einsum(*args)
+
+
+@pytest.mark.parametrize("geometry", ["gram-path", "two-convs", "kernel-fills-padded-input"])
+def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry):
+    # the NumPy backend runs one sample at a time through SciPy's BLAS, the GPU batched
+    layer, input_shape = next(_conv_shapes(geometry))
+    rng = np.random.default_rng(6)
+    P, K = layer.positions(input_shape), layer.fan_in
+    T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
+    assert_close(network._per_sample_squares(np, T, X),
+                 network._per_sample_squares(_RecordingXp(), T, X), 1e-12)
+
 
 @pytest.mark.parametrize("geometry, path", [("gram-path", "gram"), ("two-convs", "direct"),
                                             ("kernel-fills-padded-input", "outer")])
