@@ -235,8 +235,9 @@ class Network:
         divided by the batch size -- in the same one backward pass
         (:mod:`gpu_mlp.privacy`). ``comm``: a :class:`gpu_mlp.distributed.Communicator`:
         (X, Y) is this rank's share of a global batch, and every rank applies the
-        gradient of the global batch mean (:mod:`gpu_mlp.distributed`). With either, X
-        may hold no rows (a Poisson sample can be empty, a rank's share too).
+        gradient of the global batch mean (:mod:`gpu_mlp.distributed`); a rank's share
+        may hold no rows. (fit's Poisson samples, which may be empty too, divide by the
+        expected batch size.)
         """
         return self._step(X, Y, lr, check, dp, comm)
 
