@@ -166,7 +166,8 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             no say), each divided by the expected batch size ``batch_size``, and the
             History's ``epsilon`` records the privacy spent after each epoch (needs the
             ``[dp]`` extra).
-        comm: a :class:`gpu_mlp.distributed.Communicator`: train data-parallel. Every
+        comm: a :class:`gpu_mlp.distributed.Communicator` (or, on the CPU, an mpi4py
+            communicator, wrapped in one for the run): train data-parallel. Every
             rank passes the same data and settings (checked before the first step); each
             global batch is split into contiguous shares, one per rank, and every rank
             applies the gradient of the global batch mean, so the run is the
@@ -190,8 +191,7 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
         optimizer._check_net(net)
     if dp is not None and not isinstance(dp, _privacy.DP):
         raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
-    if comm is not None and not hasattr(comm, "_stage"):
-        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator, got {comm!r}")
+    comm = _communicator(net, comm)
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -273,6 +273,23 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             on_epoch(net, history)
     _warn_if_loss_rose(history, first_step_loss, _base_lr(lr, optimizer))
     return history
+
+
+def _communicator(net, comm):
+    """``comm`` as a :class:`gpu_mlp.distributed.Communicator`: an mpi4py communicator is
+    wrapped for this run (on the CPU; a GPU rank must pick its device before the net
+    exists, which only a Communicator made first can do)."""
+    if comm is None or hasattr(comm, "_stage"):
+        return comm
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
+        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
+                        f"communicator, got {comm!r}")
+    if net._xp is not np:
+        raise TypeError("on a GPU pass a gpu_mlp.distributed.Communicator(comm) made before "
+                        "the network: it picks each rank's GPU, which must happen first")
+    from .distributed import Communicator
+
+    return Communicator(comm)
 
 
 def _batches(X, Y, xp, n, batch_size, seed, epoch, shuffle, dp, comm):

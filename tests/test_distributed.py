@@ -187,6 +187,36 @@ def test_one_rank_nccl_is_the_plain_step(path):
     comm.close()
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_fit_on_one_rank_is_the_plain_fit(dp):
+    """fit(comm=) on one rank, given a Communicator or mpi4py's own communicator, is the
+    plain fit: same History, same parameters."""
+    MPI = _mpi()
+    make, shape, classes = _nets()["dense"]
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((37, *shape)), rng.integers(0, classes, 37)
+    privacy = pytest.importorskip("gpu_mlp.privacy") if dp else None
+    runs = []
+    for comm in (None, MPI.COMM_SELF, distributed.Communicator(MPI.COMM_SELF, "gather")):
+        net = make()
+        history = net.fit(X, y, epochs=3, batch_size=8, lr=0.1, verbose=False, comm=comm,
+                          dp=privacy.DP(1.0, 0.5, seed=4) if dp else None)
+        runs.append((history, net.params))
+    (plain, want), others = runs[0], runs[1:]
+    for history, params in others:
+        assert history.train_loss == pytest.approx(plain.train_loss, rel=1e-12)
+        assert history.epsilon == plain.epsilon
+        for (W, b), (W0, b0) in zip(params, want):
+            np.testing.assert_allclose(W, W0, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(b, b0, rtol=0, atol=1e-12)
+
+
+def test_fit_refuses_what_is_not_a_communicator():
+    make, shape, classes = _nets()["dense"]
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        make().fit(np.zeros((4, *shape)), np.zeros(4, int), comm="world", verbose=False)
+
+
 # --- mpirun -n P ----------------------------------------------------------------------
 
 def _mpirun():
