@@ -1,17 +1,22 @@
 """gpu_mlp: multilayer perceptrons trained by hand-written backprop on NVIDIA GPUs.
 
-The engine (:class:`MLP`) runs Algorithm 1 of MATH.md with CuPy -- cuBLAS GEMMs and
-fused CUDA kernels from ``kernels/`` -- or, with the same code, on NumPy. The module
-:mod:`gpu_mlp.reference` is the plain NumPy definition of correct that every other
-piece is checked against.
+The engine (:class:`Network`, :class:`MLP`) runs Algorithms 1 and 2 of MATH.md with CuPy
+-- cuBLAS GEMMs and fused CUDA kernels from ``kernels/`` -- or, with the same code, on
+NumPy; what happens to each layer's gradient is a chain of sinks (:mod:`gpu_mlp.updates`):
+optimizers (:mod:`gpu_mlp.optim`), DP-SGD (:mod:`gpu_mlp.privacy`, accounted by
+:mod:`gpu_mlp.accounting`) and data parallelism over MPI (:mod:`gpu_mlp.distributed`). The
+module :mod:`gpu_mlp.reference` is the plain NumPy definition of correct that every
+other piece is checked against.
 """
 
-from . import activations, checkpoint, datasets, layers, losses, optim, reference, training
+from . import (accounting, activations, checkpoint, datasets, distributed, layers, losses, optim,
+               privacy, reference, training, updates)
 from .device import gpu_available
 from .mlp import MLP
 from .network import MEMORY_MODES, Network
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Network", "MEMORY_MODES", "activations", "checkpoint", "datasets", "layers", "losses",
-           "optim", "reference", "training", "gpu_available", "__version__"]
+__all__ = ["MLP", "Network", "MEMORY_MODES", "accounting", "activations", "checkpoint",
+           "datasets", "distributed", "layers", "losses", "optim", "privacy", "reference",
+           "training", "updates", "gpu_available", "__version__"]

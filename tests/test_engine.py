@@ -643,8 +643,12 @@ def test_submodules_are_reachable_from_the_package():
     import subprocess
     import sys
 
-    code = ("import gpu_mlp; gpu_mlp.datasets.digits; gpu_mlp.checkpoint.read; "
-            "gpu_mlp.training.fit; gpu_mlp.reference.forward")
+    code = ("import sys, gpu_mlp; gpu_mlp.datasets.digits; gpu_mlp.checkpoint.read; "
+            "gpu_mlp.training.fit; gpu_mlp.reference.forward; gpu_mlp.privacy.DP; "
+            "gpu_mlp.accounting.epsilon; gpu_mlp.distributed.Communicator; "
+            "gpu_mlp.updates.Apply; "
+            # the optional libraries load when used, not with the package
+            "assert not {'mpi4py', 'dp_accounting', 'cupy', 'torch'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
