@@ -9,6 +9,7 @@ device flags by :class:`Verdicts` and read with a single device-to-host transfer
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Union
 
@@ -206,3 +207,22 @@ def unmasked(name: str, a):
                              f"first, e.g. {name}.filled(0)")
         return np.ma.getdata(a)
     return a
+
+
+def real(name: str, value, where: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def in_range(name: str, value, where: str = "", low: float = 0.0, high: float = math.inf,
+              low_open: bool = False, high_open: bool = True) -> float:
+    """``value`` as a finite float in the interval, or a TypeError/ValueError naming it."""
+    x = real(name, value, where)
+    ok = math.isfinite(x) and (x > low if low_open else x >= low) and (
+        x < high if high_open else x <= high)
+    if not ok:
+        interval = ("> " if low_open else ">= ") + f"{low:g}" if high == math.inf else (
+            f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{where}{name} must be a finite number {interval}, got {value!r}")
+    return x

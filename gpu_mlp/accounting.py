@@ -48,7 +48,6 @@ import logging
 import math
 
 from . import _checks
-from .optim import _in_range
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE_MULTIPLIER", "MIN_NOISE_MULTIPLIER", "NOISE_RTOL",
            "PLD_VALUE_DISCRETIZATION", "epsilon", "noise_multiplier"]
@@ -95,12 +94,12 @@ def _accountant(accountant) -> str:
 
 
 def _common(sample_rate, steps, delta, accountant) -> tuple:
-    q = _in_range("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True,
+    q = _checks.in_range("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True,
                   high_open=False)
     steps = _checks.integer("steps", steps, minimum=0)
     # delta = 0 is pure DP, which no Gaussian mechanism gives (epsilon = inf); delta = 1
     # promises nothing
-    delta = _in_range("delta", delta, low=0.0, high=1.0, low_open=True, high_open=True)
+    delta = _checks.in_range("delta", delta, low=0.0, high=1.0, low_open=True, high_open=True)
     return q, steps, delta, _accountant(accountant)
 
 
@@ -172,7 +171,7 @@ def epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp") -> fl
     Returns:
         epsilon as a float: 0.0 for no steps, ``math.inf`` for steps without noise.
     """
-    sigma = _in_range("noise_multiplier", noise_multiplier)
+    sigma = _checks.in_range("noise_multiplier", noise_multiplier)
     q, steps, delta, accountant = _common(sample_rate, steps, delta, accountant)
     if steps == 0:  # nothing released (and the library refuses a count of 0)
         return 0.0
@@ -198,7 +197,7 @@ def noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant="rdp"
             target, or if ``target_epsilon`` is so large that ``MIN_NOISE_MULTIPLIER``
             (1e-3) already meets it; and for bad arguments (as :func:`epsilon`).
     """
-    target = _in_range("target_epsilon", target_epsilon, low_open=True)
+    target = _checks.in_range("target_epsilon", target_epsilon, low_open=True)
     q, steps, delta, accountant = _common(sample_rate, steps, delta, accountant)
     if steps == 0:
         return 0.0

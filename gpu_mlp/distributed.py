@@ -381,7 +381,7 @@ class _Stage:
         return [request], (G,), (held,)
 
     def _gather(self, k, T_rows, X_rows, ones):
-        counts, MPI = self.counts, self.comm.MPI
+        counts = self.counts
         N = sum(counts)
         if N == 0:  # no rank has rows: the update rule still runs (weight decay)
             return [], (T_rows, X_rows), ()

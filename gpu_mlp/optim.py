@@ -54,7 +54,6 @@ holds everything -- hyperparameters, schedule, step count, state -- and
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from typing import Optional
 
@@ -70,27 +69,8 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "Step", 
 
 # --- argument checks --------------------------------------------------------------------
 
-def _real(name: str, value, where: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _in_range(name: str, value, where: str = "", low: float = 0.0, high: float = math.inf,
-              low_open: bool = False, high_open: bool = True) -> float:
-    """``value`` as a finite float in the interval, or a TypeError/ValueError naming it."""
-    x = _real(name, value, where)
-    ok = math.isfinite(x) and (x > low if low_open else x >= low) and (
-        x < high if high_open else x <= high)
-    if not ok:
-        interval = ("> " if low_open else ">= ") + f"{low:g}" if high == math.inf else (
-            f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
-        raise ValueError(f"{where}{name} must be a finite number {interval}, got {value!r}")
-    return x
-
-
 def _lr(value, where: str) -> float:
-    return _in_range("lr", value, where, low_open=True)
+    return _checks.in_range("lr", value, where, low_open=True)
 
 
 # --- learning-rate schedules --------------------------------------------------------------
@@ -130,7 +110,7 @@ class Step(Schedule):
 
     def __init__(self, step_size: int, gamma: float = 0.1):
         self.step_size = _checks.integer("step_size", step_size, 1, "Step: ")
-        self.gamma = _in_range("gamma", gamma, "Step: ", 0.0, 1.0, low_open=True,
+        self.gamma = _checks.in_range("gamma", gamma, "Step: ", 0.0, 1.0, low_open=True,
                                high_open=False)
 
     def lr(self, base_lr: float, step: int) -> float:
@@ -152,7 +132,7 @@ class Cosine(Schedule):
         if self.warmup > self.total_steps:
             raise ValueError(f"Cosine: warmup ({self.warmup} steps) must not exceed "
                              f"total_steps ({self.total_steps})")
-        self.min_lr = _in_range("min_lr", min_lr, "Cosine: ")
+        self.min_lr = _checks.in_range("min_lr", min_lr, "Cosine: ")
 
     def check(self, base_lr: float) -> None:
         if self.min_lr > base_lr:
@@ -204,7 +184,7 @@ class Optimizer:
     def __init__(self, lr, weight_decay, schedule):
         where = f"{type(self).__name__}: "
         self._lr = _lr(lr, where)
-        self._weight_decay = _in_range("weight_decay", weight_decay, where)
+        self._weight_decay = _checks.in_range("weight_decay", weight_decay, where)
         schedule = Constant() if schedule is None else schedule
         if not isinstance(schedule, Schedule):
             raise TypeError(f"{where}schedule must be a gpu_mlp.optim schedule (Constant, "
@@ -432,7 +412,7 @@ class SGD(Optimizer):
 
     def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
         where = "SGD: "
-        self._momentum = _in_range("momentum", momentum, where, 0.0, 1.0)
+        self._momentum = _checks.in_range("momentum", momentum, where, 0.0, 1.0)
         if not isinstance(nesterov, (bool, np.bool_)):
             raise TypeError(f"{where}nesterov must be True or False, got {nesterov!r}")
         if nesterov and self._momentum == 0:
@@ -480,9 +460,9 @@ class Adam(Optimizer):
         where = f"{type(self).__name__}: "
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-        self._betas = tuple(_in_range(f"beta{i}", beta, where, 0.0, 1.0)
+        self._betas = tuple(_checks.in_range(f"beta{i}", beta, where, 0.0, 1.0)
                             for i, beta in enumerate(betas, start=1))
-        self._eps = _in_range("eps", eps, where, low_open=True)
+        self._eps = _checks.in_range("eps", eps, where, low_open=True)
         super().__init__(lr, weight_decay, schedule)
 
     @property
@@ -552,7 +532,7 @@ def from_state_dict(state_dict) -> Optimizer:
     optimizer._steps = _checks.integer("steps", state_dict["steps"], 0, "optimizer: ")
     last_lr = state_dict["last_lr"]
     if last_lr is not None:
-        last_lr = _in_range("last_lr", last_lr, "optimizer: ")
+        last_lr = _checks.in_range("last_lr", last_lr, "optimizer: ")
     optimizer._last_lr = last_lr
     optimizer._pending = _check_state(state_dict["state"], optimizer)
     return optimizer

@@ -47,7 +47,6 @@ import math
 import numpy as np
 
 from . import _checks, accounting, ops
-from .optim import _in_range
 
 __all__ = ["DP"]
 
@@ -71,9 +70,10 @@ class DP:
     def __init__(self, max_grad_norm, noise_multiplier, delta=1e-5, seed=0,
                  accountant="rdp"):
         where = "DP: "
-        self.max_grad_norm = _in_range("max_grad_norm", max_grad_norm, where, low_open=True)
-        self.noise_multiplier = _in_range("noise_multiplier", noise_multiplier, where)
-        self.delta = _in_range("delta", delta, where, 0.0, 1.0, low_open=True)
+        self.max_grad_norm = _checks.in_range("max_grad_norm", max_grad_norm, where,
+                                              low_open=True)
+        self.noise_multiplier = _checks.in_range("noise_multiplier", noise_multiplier, where)
+        self.delta = _checks.in_range("delta", delta, where, 0.0, 1.0, low_open=True)
         self.seed = _checks.seed(seed)
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"{where}unknown accountant {accountant!r}; valid: "
