@@ -12,7 +12,6 @@ CuPy branches are shown to be caught.
 """
 
 import contextlib
-import shutil
 
 import numpy as np
 import pytest

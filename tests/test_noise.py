@@ -10,7 +10,6 @@ independent streams, exact reproduction. ``ops.add_gaussian``'s CuPy branch runs
 the ``host_cupy`` stand-in and must give the host build's numbers.
 """
 
-import shutil
 
 import numpy as np
 import pytest

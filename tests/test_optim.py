@@ -14,7 +14,6 @@
 
 import doctest
 import math
-import tracemalloc
 
 import numpy as np
 import pytest

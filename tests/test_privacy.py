@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
