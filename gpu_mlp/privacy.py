@@ -47,6 +47,7 @@ import math
 import numpy as np
 
 from . import _checks, accounting, ops
+from .network import _per_sample_squares
 
 __all__ = ["DP"]
 
@@ -146,8 +147,6 @@ class _Private:
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B = self.rows
         if B:
-            from .network import _per_sample_squares
-
             self.squares += _per_sample_squares(self.net._xp,
                                                 T_rows.reshape(B, -1, T_rows.shape[1]),
                                                 X_rows.reshape(B, -1, X_rows.shape[1]))

@@ -103,6 +103,21 @@ def linear_stack(sizes, act):
     return layers
 
 
+def train_alike(ours, theirs, make_optimizer, X, y, steps, rows):
+    """Train both models side by side with torch.optim on the same cycle of batches
+    (softmax cross-entropy); their parameters must stay equal to 1e-10."""
+    batches = len(X) // rows
+    optimizers = [make_optimizer(m.parameters()) for m in (ours, theirs)]
+    for step in range(steps):
+        batch = slice(rows * (step % batches), rows * (step % batches) + rows)
+        for model, opt in zip((ours, theirs), optimizers):
+            opt.zero_grad()
+            F.cross_entropy(model(X[batch]), y[batch]).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("act,memory", [("tanh", "output"), ("relu", "recompute"),
                                         ("sigmoid", "store_both"), ("gelu", "recompute")])
 def test_embedded_module_trains_as_linear_layers(act, memory):
@@ -121,15 +136,7 @@ def test_embedded_module_trains_as_linear_layers(act, memory):
     generator = torch.Generator().manual_seed(2)
     X = torch.randn(40, 5, dtype=torch.float64, generator=generator)
     y = torch.randint(0, 3, (40,), generator=generator)
-    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, theirs)]
-    for step in range(25):
-        batch = slice(8 * (step % 5), 8 * (step % 5) + 8)
-        for model, opt in zip((ours, theirs), optimizers):
-            opt.zero_grad()
-            F.cross_entropy(model(X[batch]), y[batch]).backward()
-            opt.step()
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    train_alike(ours, theirs, lambda p: torch.optim.Adam(p, lr=1e-2), X, y, steps=25, rows=8)
     assert engine_shares_parameters(ours[1])
 
 
@@ -147,15 +154,8 @@ def test_conv_module_trains_as_conv2d_layers():
     X, y = gpu_mlp.datasets.digits()
     X = torch.from_numpy(X[:64].reshape(-1, 1, 8, 8))
     y = torch.from_numpy(y[:64])
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, theirs)]
-    for step in range(8):
-        batch = slice(16 * (step % 4), 16 * (step % 4) + 16)
-        for model, opt in zip((ours, theirs), optimizers):
-            opt.zero_grad()
-            F.cross_entropy(model(X[batch]), y[batch]).backward()
-            opt.step()
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    train_alike(ours, theirs, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), X, y,
+                steps=8, rows=16)
 
 
 # --- 3. the parameters are the engine's arrays ---------------------------------------------
