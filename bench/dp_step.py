@@ -526,7 +526,7 @@ def main(argv=None) -> int:
     harness.configure(args.threads, tf32=False)
     # Opacus's hooks on a first layer whose input needs no gradient: PyTorch says so once
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    env = harness.environment([args.device], args.threads, False)
+    env = harness.environment([args.device], args.threads, False, out=args.out)
     try:
         import threadpoolctl
 

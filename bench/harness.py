@@ -302,8 +302,41 @@ def configure(threads: int, tf32: bool) -> None:
             warnings.warn(f"could not set the cuBLAS math mode of CuPy's handle: {exc!r}")
 
 
-def environment(devices, threads: int, tf32: bool) -> dict:
-    """Where and with what the numbers were taken."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def repo_path(path) -> str:
+    """``path`` as results record it: relative to the repository root when inside it
+    (``"."`` for the root), else its last component -- never a machine's own path."""
+    full = os.path.abspath(path)
+    if _in_repo(full):
+        return os.path.relpath(full, ROOT).replace(os.sep, "/")
+    return os.path.basename(full)
+
+
+def _in_repo(path) -> bool:
+    return os.path.commonpath([os.path.abspath(path), ROOT]) == ROOT
+
+
+def portable_command(argv) -> str:
+    """``argv`` as a shell line that names no path of the machine: the program (the
+    interpreter, ``mpirun``) by its basename, an absolute path (also an ``--opt=PATH``
+    value) through :func:`repo_path`; relative arguments stay relative to the ``cwd``
+    recorded beside them."""
+    words = []
+    for i, word in enumerate(map(str, argv)):
+        option, eq, value = word.partition("=") if word.startswith("-") else ("", "", word)
+        if i == 0 or word == sys.executable:
+            word = os.path.basename(word)
+        elif os.path.isabs(value):
+            word = option + eq + repo_path(value)
+        words.append(word)
+    return shlex.join(words)
+
+
+def environment(devices, threads: int, tf32: bool, out=None) -> dict:
+    """Where and with what the numbers were taken; ``out``: the folder the results go to.
+    Paths are recorded relative to the repository (see :func:`portable_command`)."""
     import scipy
 
     env = {
@@ -316,8 +349,9 @@ def environment(devices, threads: int, tf32: bool) -> dict:
                                                       "MKL_NUM_THREADS")}},
         "tf32": tf32,
         "CUPY_TF32": os.environ.get("CUPY_TF32"),
-        "command": shlex.join(sys.orig_argv),
-        "cwd": os.getcwd(),
+        "command": portable_command(sys.orig_argv),
+        "cwd": repo_path(os.getcwd()) if _in_repo(os.getcwd()) else "outside the repository",
+        "out": None if out is None else repo_path(out),
         "versions": {"gpu_mlp": gpu_mlp.__version__, "numpy": np.__version__,
                      "scipy": scipy.__version__, "torch": None, "cupy": None},
     }

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                 f"{impl} {t * 1e3:.2f} ms" for impl, t in times.items())
                 + f"; ours / best torch {records[-1]['ratio_to_best_torch']:.2f}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    environment = harness.environment([args.device], args.threads, False)
+    environment = harness.environment([args.device], args.threads, False, out=args.out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": environment, "batch": BATCH, "dtype": args.dtype,
                    "records": records}, f, indent=1)

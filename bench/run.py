@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                   "torch.cuda.max_memory_allocated; tracemalloc peak for NumPy; "
                   "torch on the CPU not measured",
     }
-    env = harness.environment(devices, args.threads, args.tf32)
+    env = harness.environment(devices, args.threads, args.tf32, out=out)
     if previous_commands:
         env["previous_commands"] = previous_commands  # what measured the resumed records
 

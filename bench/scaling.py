@@ -192,8 +192,8 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, f"P{P}.json")
             command = prefix + ["-n", str(P), sys.executable, os.path.abspath(__file__),
                                 "--worker", out] + _grid_arguments(args)
-            commands.append(shlex.join(command))
-            print(f"$ {commands[-1]}", flush=True)
+            commands.append(command)
+            print(f"$ {shlex.join(command)}", flush=True)
             subprocess.run(command, env=env, check=True)
             with open(out) as f:
                 result = json.load(f)
@@ -216,12 +216,12 @@ def write(args, records, commands, mpi, seconds, load) -> None:
     from bench import harness
 
     os.makedirs(args.out, exist_ok=True)
-    environment = harness.environment(["cpu"], args.threads, False)
+    environment = harness.environment(["cpu"], args.threads, False, out=args.out)
     environment["threads"].update(OMP_NUM_THREADS=str(args.threads),
                                   OPENBLAS_NUM_THREADS=str(args.threads),
                                   MKL_NUM_THREADS=str(args.threads))
     environment["mpi"] = mpi
-    environment["mpirun"] = commands
+    environment["mpirun"] = [harness.portable_command(c) for c in commands]
     environment["load_average_1min"] = [round(x, 2) for x in load]  # before, after each P
     environment[_ALGORITHM] = os.environ.get(_ALGORITHM, "ring (gpu_mlp.distributed's default)")
     with open(os.path.join(args.out, "results.json"), "w") as f:

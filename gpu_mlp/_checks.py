@@ -3,8 +3,9 @@
 Every public entry point validates before it touches anything, so a bad call raises a
 ``TypeError`` / ``ValueError`` that names the problem and leaves a model unchanged.
 Values are checked as they will be computed with: after the cast to the net's dtype (a
-float64 1e39 is inf in float32). On a GPU the value checks of one call are gathered as
-device flags by :class:`Verdicts` and read with a single device-to-host transfer.
+float64 1e39 is inf in float32), the scalars of a step too (:func:`scalar`). On a GPU
+the value checks of one call are gathered as device flags by :class:`Verdicts` and read
+with a single device-to-host transfer.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def finite(name: str, a, xp=np, verdicts: Verdicts = None) -> None:
             raise ValueError(message)
     else:
         verdicts.require(xp.isfinite(a).all(), message)
+
+
+def scalar(name: str, value: float, dtype, where: str = "", positive: bool = False) -> float:
+    """``value``, a scalar a kernel computes with, checked as it computes with it: cast to
+    ``dtype`` it must stay finite (1e39 is inf in float32) and, if ``positive``, > 0
+    (1e-50 is 0); else a ValueError naming it (and ``where`` it was given)."""
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        cast = dt.type(value)
+    if not np.isfinite(cast) or (positive and not cast > 0):
+        raise ValueError(f"{where}{name} must be a finite number{' > 0' if positive else ''} "
+                         f"in {dt.name}, the net's dtype, got {value!r}")
+    return value
 
 
 def integer(name: str, value, minimum: int = 1, where: str = "") -> int:

@@ -17,17 +17,26 @@ The format (version 2) is a plain, uncompressed ``.npz`` that NumPy alone can re
 * optionally, the :class:`gpu_mlp.privacy.DP` of a private run: ``meta["dp"]`` holds its
   settings and ``steps``, the position of its noise stream, so that a resumed run adds
   the very noise the uninterrupted one would.
+* optionally, ``meta["data"]``: the name of the data set trained on (the command line's
+  ``--data``), so that resuming needs no repeat of it.
 
 Version 1 files (an MLP, described by ``sizes`` and ``activations`` instead of
 ``layers`` and ``model``) are still read, as are version 2 files without an optimizer.
 
 :func:`save` writes to a temporary file in the target's directory and renames it over
 the target (``os.replace``, atomic), so the path holds the old checkpoint or the new
-one, never part of one, whenever the writer is interrupted. A symlink is written
-through (the file it points to is replaced, the link kept) and a replaced file keeps
-its permission bits. :func:`read` loads with ``allow_pickle=False`` (a checkpoint
-cannot run code) and checks the format, the entries, shapes, dtypes and names before
-it builds a network; what is wrong comes as a :class:`CheckpointError` naming the file.
+one, never part of one, whenever the writer is interrupted; the temporary's name
+(``.NAME.PID.RANDOM.tmp``) carries the writer's pid, so that the next save removes those
+of writers killed mid-save. :func:`hold` keeps other processes from writing the same
+checkpoint for as long as a run lasts. A symlink is written through (the file it
+points to is replaced, the link kept) and a replaced file keeps its permission bits.
+:func:`read` trusts nothing in the file: it reads the metadata first (32 MiB at most),
+then checks every entry's name and, from its ``.npy`` header, its shape, dtype and size
+against the model the metadata describes, and only then reads the data, no more bytes
+than that model has, so a file cannot make it allocate more (a deflate bomb or a header
+that lies is refused unread). Arrays of Python objects are never unpickled (a checkpoint
+cannot run code); big-endian and Fortran-ordered arrays are read as NumPy writes them.
+What is wrong comes as a :class:`CheckpointError` naming the file.
 
 >>> import os, tempfile, gpu_mlp
 >>> net = gpu_mlp.MLP([4, 8, 3], activations="relu(alpha=0.5)", device="cpu")
@@ -41,7 +50,10 @@ it builds a network; what is wrong comes as a :class:`CheckpointError` naming th
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
+import math
 import os
 import secrets
 import stat
@@ -84,15 +96,18 @@ class Checkpoint:
     history: Optional[History]
     optimizer: Optional[_optim.Optimizer] = None
     dp: Optional[_privacy.DP] = None
+    data: Optional[str] = None  # the name of the data set trained on, if the writer gave it
 
 
 def save(net: Network, path, history: Optional[History] = None,
-         optimizer: Optional[_optim.Optimizer] = None, dp: Optional[_privacy.DP] = None) -> None:
-    """Write ``net`` (and ``history``, ``optimizer`` and ``dp``, to resume training with)
-    to ``path``, atomically.
+         optimizer: Optional[_optim.Optimizer] = None, dp: Optional[_privacy.DP] = None,
+         data: Optional[str] = None) -> None:
+    """Write ``net`` (and ``history``, ``optimizer``, ``dp`` and the name of the ``data``
+    set, to resume training with) to ``path``, atomically.
 
     The file is written exactly at ``path`` (no suffix is added); ``.npz`` is customary.
-    The optimizer must be ``net``'s (bound to it by a step) or not yet bound.
+    The optimizer must be ``net``'s (bound to it by a step) or not yet bound. Temporary
+    files of ``path`` left by writers that were killed mid-save are removed.
     """
     if history is not None and not isinstance(history, History):
         raise TypeError(f"history must be a gpu_mlp.training.History, got "
@@ -128,6 +143,10 @@ def save(net: Network, path, history: Optional[History] = None,
         meta["optimizer"] = state
     if dp is not None:
         meta["dp"] = dp.state_dict()
+    if data is not None:
+        if not isinstance(data, str):
+            raise TypeError(f"data must be the name of a data set, got {type(data).__name__}")
+        meta["data"] = data
     arrays = {"meta": np.array(json.dumps(meta)), **arrays}
 
     target = writable_target(path)
@@ -136,7 +155,9 @@ def save(net: Network, path, history: Optional[History] = None,
     except FileNotFoundError:
         mode = None
     directory, name = os.path.split(target)
-    temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    _remove_stale_temporaries(directory, name)
+    # the writer's pid in the name tells a later save whether the file is still in use
+    temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     f = open(temp, "xb")
     try:
         with f:
@@ -157,8 +178,9 @@ def writable_target(path) -> str:
     Raises an OSError (ValueError for ``""``) naming ``path`` when it cannot be written:
     it is a directory, or its directory is missing or not writable. Checking first
     gives a clear error before any work is done, never one about a temporary file.
+    A path may be ``str``, ``bytes`` or path-like, as for ``open``.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     if not path:
         raise ValueError("cannot write to an empty path")
     target = os.path.realpath(path)
@@ -170,6 +192,80 @@ def writable_target(path) -> str:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: directory {directory} is not writable")
     return target
+
+
+def _remove_stale_temporaries(directory, name) -> None:
+    """Remove the temporaries of ``name`` that writers killed mid-save left behind (no
+    cleanup runs after a SIGKILL): those whose writer's pid is no process any more."""
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        parts = entry[len(prefix):].split(".")  # PID, RANDOM, "tmp"
+        if not (entry.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp"
+                and parts[0].isdigit()):
+            continue
+        if not _alive(int(parts[0])):
+            with contextlib.suppress(OSError):  # another save may have removed it first
+                os.remove(os.path.join(directory, entry))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (where that cannot be asked, it is assumed to)."""
+    if os.name != "posix":  # os.kill would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class CheckpointInUse(OSError):
+    """Another process holds the checkpoint for writing (see :func:`hold`)."""
+
+
+@contextlib.contextmanager
+def hold(path):
+    """Hold ``path`` for this process's writes for the duration of the block: a second
+    ``hold`` of it, in any process, raises :class:`CheckpointInUse` naming the holder's
+    pid, so two runs cannot save over each other's checkpoints.
+
+    The lock is ``flock`` on a hidden ``.NAME.lock`` file beside the target, removed on
+    exit; the kernel releases it when its holder dies, so a file left by a killed run
+    blocks nothing. Where ``flock`` is missing (Windows) nothing is held.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory, name = os.path.split(writable_target(path))
+    lock = os.path.join(directory, f".{name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with os.fdopen(fd) as f:
+                holder = f.read().strip()
+            raise CheckpointInUse(f"{os.fsdecode(path)}: another run (pid {holder or '?'}) "
+                                  f"writes it") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # a holder removed it as we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # while still held: whoever opens it next sees it gone
+        os.close(fd)
 
 
 def _write(f, arrays) -> None:
@@ -189,55 +285,175 @@ def read(path, device: str = "auto") -> Checkpoint:
     Raises :class:`CheckpointError` (a ValueError) saying what is wrong with a file that
     is not a complete, consistent checkpoint; OSError if it cannot be opened at all.
     """
-    path = os.fspath(path)
-    meta, arrays = _read_npz(path)
-    try:
+    path = os.fsdecode(path)
+    with open(path, "rb") as f:
+        try:
+            return _read(f, device)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read(f, device: str) -> Checkpoint:
+    # the metadata first, then every name, shape and dtype against the model it
+    # describes, and only then the data: a hostile file cannot make the reader hold
+    # more than that model
+    with _open_zip(f) as archive:
+        members = _members(archive, os.fstat(f.fileno()).st_size)
+        meta = _read_meta(members.pop("meta", None))
         model, layers, dtype = _check_meta(meta)
-        state = {key: arrays.pop(key) for key in list(arrays) if key.startswith(_OPT)}
-        params = _check_params(arrays, layers, dtype)
+        entries = {key: members.pop(key) for key in list(members) if key.startswith(_OPT)}
+        params = _check_params(members, layers, dtype)
         history = None if meta["history"] is None else History.from_dict(meta["history"])
-        optimizer = _check_optimizer(meta.get("optimizer"), state, len(layers), dtype)
+        spec, state = _check_optimizer(meta.get("optimizer"), entries, layers, dtype)
         dp = None if meta.get("dp") is None else _check_dp(meta["dp"])
-        if model == "MLP":
-            net = MLP.from_params(params, [layer.activation for layer in layers],
-                                  meta["loss"], memory=meta["memory"], device=device,
-                                  dtype=dtype)
-        else:
-            net = Network.from_params(layers, params, meta["loss"], memory=meta["memory"],
-                                      device=device, dtype=dtype)
-        if optimizer is not None:
-            optimizer._bind(net)  # checks its state against the net, puts it on the device
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return Checkpoint(net, history, optimizer, dp)
+        data = _check_data(meta.get("data"))
+        params = [(W.read(), b.read()) for W, b in params]
+        state = {name: [(W.read(), b.read()) for W, b in pairs] for name, pairs in state.items()}
+    optimizer = None if spec is None else _optimizer(spec, state)
+    if model == "MLP":
+        net = MLP.from_params(params, [layer.activation for layer in layers], meta["loss"],
+                              memory=meta["memory"], device=device, dtype=dtype)
+    else:
+        net = Network.from_params(layers, params, meta["loss"], memory=meta["memory"],
+                                  device=device, dtype=dtype)
+    if optimizer is not None:
+        optimizer._bind(net)  # checks its state against the net, puts it on the device
+    return Checkpoint(net, history, optimizer, dp, data)
 
 
-def _read_npz(path):
+# The metadata is read whole, so it has a bound: 32 MiB of JSON in UTF-32, some 70,000
+# epochs of history. Every other member is read only as large as the model needs it.
+_META_BYTES = 1 << 25
+_HEADER_BYTES = 10_000 + 16  # NumPy's own bound on a header, and the bytes before it
+_DEFLATE_RATIO = 1032  # no deflate stream inflates more: a zip directory saying so lies
+_CHUNK = 1 << 20  # bytes inflated at a time into an array
+
+
+def _open_zip(f) -> zipfile.ZipFile:
+    start = f.read(6)
+    f.seek(0)
+    if start.startswith(b"\x93NUMPY"):
+        raise ValueError("not a checkpoint (a single .npy array, not an .npz)")
+    if not start.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise ValueError("not a checkpoint (not an .npz file)")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
+        return zipfile.ZipFile(f)
     except zipfile.BadZipFile as e:  # a zip, but its directory at the end is missing
-        raise CheckpointError(f"{path}: damaged or truncated file ({e})") from None
-    except _DAMAGED:
-        raise CheckpointError(f"{path}: not a checkpoint (not an .npz file)") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an .npz)")
-    try:
-        with data:
-            arrays = {key: data[key] for key in data.files}
+        raise ValueError(f"damaged or truncated file ({e})") from None
     except _DAMAGED as e:
-        raise CheckpointError(f"{path}: damaged or unreadable entry ({e})") from None
-    if "meta" not in arrays:
-        raise CheckpointError(f"{path}: not a gpu_mlp checkpoint (no 'meta' entry)")
-    meta = arrays.pop("meta")
-    try:
-        meta = json.loads(str(meta)) if meta.dtype.kind == "U" and meta.ndim == 0 else None
-    except json.JSONDecodeError:
-        meta = None
+        raise ValueError(f"damaged or truncated file ({type(e).__name__}: {e})") from None
+
+
+def _members(archive: zipfile.ZipFile, file_size: int) -> dict:
+    """The ``.npy`` members by name (``W_1`` for ``W_1.npy``), none read yet."""
+    members = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            raise ValueError(f"unexpected entry {info.filename!r} (not an .npy array)")
+        member = _Member(archive, info, file_size)
+        if member.name in members:
+            raise ValueError(f"the entry {member.name!r} appears twice")
+        members[member.name] = member
+    return members
+
+
+class _Member:
+    """One ``.npy`` member of a checkpoint, read header first: its ``shape`` and ``dtype``
+    are known (and its sizes checked) before any data is read, and :meth:`read` reads
+    no more bytes than they describe."""
+
+    def __init__(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int):
+        self.archive, self.info, self.name = archive, info, info.filename[:-len(".npy")]
+        self._archive_size = archive_size
+
+    def _damaged(self, what: str) -> ValueError:
+        return ValueError(f"damaged or unreadable entry {self.name!r} ({what})")
+
+    @functools.cached_property
+    def _header(self) -> tuple:
+        """``(shape, dtype, fortran, native, offset)``, the header's, read when first
+        asked for: after the member's name was found to be one the model has."""
+        info = self.info
+        if info.flag_bits & 0x1:
+            raise self._damaged("it is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise self._damaged(f"compression method {info.compress_type}; a checkpoint is "
+                                f"stored or deflated")
+        stored = info.compress_type == zipfile.ZIP_STORED
+        most = info.compress_size if stored else _DEFLATE_RATIO * info.compress_size
+        if info.header_offset + info.compress_size > self._archive_size or info.file_size > most:
+            raise self._damaged(f"the zip directory's sizes, {info.compress_size} bytes "
+                                f"holding {info.file_size}, cannot be right")
+        try:
+            with self.archive.open(info) as f:
+                start = io.BytesIO(f.read(_HEADER_BYTES))
+            version = np.lib.format.read_magic(start)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(start)
+        except _DAMAGED + (TypeError, SyntaxError) as e:
+            raise self._damaged(str(e)) from None
+        if dtype.hasobject:
+            raise self._damaged("it holds Python objects, and a checkpoint is never unpickled")
+        offset = start.tell()
+        if info.file_size != offset + math.prod(shape) * dtype.itemsize:
+            raise self._damaged(f"its header describes {shape} {dtype}, but it holds "
+                                f"{info.file_size - offset} bytes of data")
+        return shape, dtype.newbyteorder("="), fortran, dtype.isnative, offset
+
+    @property
+    def shape(self) -> tuple:
+        return self._header[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """In native byte order: :meth:`read` swaps the bytes of another."""
+        return self._header[1]
+
+    def read(self) -> np.ndarray:
+        shape, dtype, fortran, native, offset = self._header
+        try:
+            a = np.empty(shape[::-1] if fortran else shape, dtype)
+        except MemoryError:
+            raise ValueError(f"the entry {self.name!r}, {shape} {dtype}, does not fit in "
+                             f"memory") from None
+        data = memoryview(a.reshape(-1).view(np.uint8))
+        try:
+            with self.archive.open(self.info) as f:
+                f.read(offset)
+                done = 0
+                while done < len(data):  # the last read checks the CRC
+                    got = f.readinto(data[done:done + _CHUNK])
+                    if not got:
+                        raise EOFError("the data ends early")
+                    done += got
+        except _DAMAGED as e:
+            raise self._damaged(str(e)) from None
+        if not native:
+            a.byteswap(inplace=True)
+        return a.T if fortran else a
+
+
+def _read_meta(member) -> dict:
+    if member is None:
+        raise ValueError("not a gpu_mlp checkpoint (no 'meta' entry)")
+    if member.info.file_size > _META_BYTES:
+        raise ValueError(f"the metadata takes {member.info.file_size} bytes, more than the "
+                         f"{_META_BYTES} a checkpoint's may")
+    meta = None
+    if member.dtype.kind == "U" and member.shape == ():
+        text = str(member.read())
+        try:
+            meta = json.loads(text)
+        except RecursionError:
+            raise ValueError("the metadata is nested too deeply") from None
+        except ValueError:  # not JSON, or an integer longer than Python reads
+            pass
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a gpu_mlp checkpoint (no {FORMAT} metadata)")
-    return meta, arrays
+        raise ValueError(f"not a gpu_mlp checkpoint (no {FORMAT} metadata)")
+    return meta
 
 
 _META_KEYS = {
@@ -311,39 +527,56 @@ def _check_params(arrays, layers, dtype):
     return params
 
 
-def _check_optimizer(spec, entries, n: int, dtype):
-    """The optimizer of ``meta["optimizer"]`` and its ``opt_*`` entries, not yet bound;
-    None for a checkpoint without one."""
+def _check_optimizer(spec, entries, layers, dtype):
+    """``(spec, state)``: the optimizer of ``meta["optimizer"]`` (None for a checkpoint
+    without one) and its ``opt_*`` entries as ``{name: [(W_k's, b_k's)]}``, unread."""
     if spec is None:
         if entries:
             raise ValueError(f"optimizer state entries {sorted(entries)} but no optimizer "
                              f"in the metadata")
-        return None
-    if not isinstance(spec, dict) or spec.get("type") not in _optim.OPTIMIZERS:
+        return None, {}
+    if (not isinstance(spec, dict) or spec.get("type") not in _optim.OPTIMIZERS
+            or "state" in spec):
         raise ValueError(f"optimizer must be a dict with a type in "
                          f"{list(_optim.OPTIMIZERS)}, got {spec!r}")
+    n = len(layers)
     names = sorted({key[len(_OPT):].rsplit("_", 2)[0] for key in entries})
-    state = {}
-    for name in names:
-        expected = [f"{_OPT}{name}_{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")]
-        missing = [key for key in expected if key not in entries]
-        if missing:
-            raise ValueError(f"the optimizer state {name!r} lacks {missing}")
-        pairs = [(entries[f"{_OPT}{name}_W_{k}"], entries[f"{_OPT}{name}_b_{k}"])
-                 for k in range(1, n + 1)]
-        for key in expected:
-            if entries[key].dtype != dtype:
-                raise ValueError(f"{key} has dtype {entries[key].dtype}, but the metadata "
-                                 f"says {dtype}")
-        state[name] = pairs
-    extra = sorted(set(entries) - {f"{_OPT}{name}_{p}_{k}" for name in names
-                                   for k in range(1, n + 1) for p in ("W", "b")})
+    expected = {f"{_OPT}{name}_{p}_{k}" for name in names for k in range(1, n + 1)
+                for p in ("W", "b")}
+    extra = sorted(set(entries) - expected)
     if extra:
         raise ValueError(f"unexpected optimizer entries {extra}")
+    state = {}
+    for name in names:
+        missing = [f"{_OPT}{name}_{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")
+                   if f"{_OPT}{name}_{p}_{k}" not in entries]
+        if missing:
+            raise ValueError(f"the optimizer state {name!r} lacks {missing}")
+        for k, layer in enumerate(layers, start=1):
+            for p, shape in (("W", layer.weight_shape), ("b", layer.bias_shape)):
+                a = entries[f"{_OPT}{name}_{p}_{k}"]
+                if a.shape != tuple(shape):
+                    raise ValueError(f"optimizer: the state {name!r} of {p}_{k} has shape "
+                                     f"{a.shape}, but {p}_{k} has {tuple(shape)}")
+                if a.dtype != dtype:
+                    raise ValueError(f"{_OPT}{name}_{p}_{k} has dtype {a.dtype}, but the "
+                                     f"metadata says {dtype}")
+        state[name] = [(entries[f"{_OPT}{name}_W_{k}"], entries[f"{_OPT}{name}_b_{k}"])
+                       for k in range(1, n + 1)]
+    return spec, state
+
+
+def _optimizer(spec, state):
     try:
         return _optim.from_state_dict({**spec, "state": state})
     except (TypeError, ValueError) as e:
         raise ValueError(f"optimizer: {e}") from None
+
+
+def _check_data(name):
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"data must be the name of a data set, got {name!r}")
+    return name
 
 
 def _check_dp(spec):

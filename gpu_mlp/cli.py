@@ -2,16 +2,20 @@
 
 ``gpu-mlp train`` with no options trains a 64-128-10 ReLU network on the built-in
 digits and prints the test accuracy (about 0.97, in about a second on a CPU). Bad input
-ends with one line, ``gpu-mlp: error: ...``, on stderr and exit status 2.
+ends with one line, ``gpu-mlp: error: ...``, on stderr and exit status 2; Ctrl-C and
+SIGTERM end a run with one line that says how to resume it, and status 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
+import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -47,7 +51,9 @@ OPTIMIZER_OPTIONS = {"sgd": ("weight_decay",), "momentum": ("momentum", "nestero
                      "adamw": ("betas", "eps", "weight_decay")}
 SCHEDULE_OPTIONS = {"constant": (), "step": ("step_size", "gamma"), "cosine": ("warmup", "min_lr")}
 DP_DEFAULTS = {"delta": 1e-5, "accountant": "rdp"}
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+# 128 + the signal, what a shell reports for a command that a signal ended: SIGINT
+# (Ctrl-C), SIGTERM (what timeout, Slurm and Docker send)
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `head`
 
 
@@ -129,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "digits, 'test loss: ...' for the regression set.")
     D = DEFAULTS
     data = train.add_argument_group("data")
-    data.add_argument("--data", choices=sorted(DATA), default="digits",
+    data.add_argument("--data", choices=sorted(DATA),
                       help="digits: the 8x8 handwritten digits shipped with gpu_mlp (1797 "
                            "images, 10 classes); regression: a synthetic set (2000 samples, "
-                           "8 features, 1 target) for the squared loss (default: digits)")
+                           "8 features, 1 target) for the squared loss (default: digits; "
+                           "with --resume the checkpoint's)")
     fraction = _number(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
     data.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
                       help="share of the samples held out for testing (default: 0.2)")
@@ -162,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "digits, squared for the regression set (default: the first)")
     model.add_argument("--memory", choices=MEMORY_MODES,
                        help="what the forward pass keeps for backward: the outputs, the "
-                            f"pre-activations, or both (default: {D['memory']})")
+                            f"pre-activations, or both (default: {D['memory']}, or "
+                            f"recompute for an activation whose derivative needs its "
+                            f"input, as gelu's)")
     model.add_argument("--dtype", choices=("float32", "float64"),
                        help=f"floating-point type (default: {D['dtype']})")
 
@@ -260,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "as if it had not stopped")
     output.add_argument("--plot", type=_path, metavar="PATH",
                         help="write loss and accuracy curves to this image (e.g. "
-                             "curves.png); needs matplotlib: pip install 'gpu_mlp[plot]'")
+                             "curves.png); needs matplotlib: pip install 'gpu_mlp[plot]'. "
+                             "A plot that cannot be written at the end is a warning: the "
+                             "results are printed and the exit status stays 0")
     output.add_argument("--quiet", action="store_true",
                         help="print only the results: no progress bars, no header")
     return parser
@@ -274,31 +285,62 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, --version and bad command lines
         return e.code
     try:
-        status = info() if args.command == "info" else train(args)
-        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        with _sigterm_as_interrupt():
+            status = info() if args.command == "info" else train(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         return status
     except BrokenPipeError:
         # the reader went away (`gpu-mlp train | head`): stop quietly. Python's docs
         # advise pointing stdout at devnull, so that its flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         saved = getattr(args, "save", None)
         hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
         print(f"gpu-mlp: interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
     except USER_ERRORS as e:
         print(f"gpu-mlp: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
 
 
 # what ends a run with one line of error rather than a traceback: bad input and what
-# the system refused
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+# the system refused (memory for a model too large included)
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError)
 
 
 def _one_line(error) -> str:
-    return " ".join(str(error).split())
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _reason(error) -> str:
+    """What went wrong, for a message that names the file itself: an OSError's text
+    without its errno and file name ("no space left on device")."""
+    text = getattr(error, "strerror", None) or _one_line(error)
+    return text[0].lower() + text[1:]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Stop on SIGTERM as on Ctrl-C: the checkpoints saved are complete, no temporary
+    file is left behind and the last line says how to resume (Python's default for
+    SIGTERM is to die on the spot)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and only it gets the signals)
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def info() -> int:
@@ -343,6 +385,18 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _train(args, comm, out) -> int:
+    """The run, holding --save for it (on the rank that saves): a second run given the
+    same file fails at its start instead of saving over this one's checkpoints."""
+    with contextlib.ExitStack() as held:
+        if args.save and out is not _silent:
+            try:
+                held.enter_context(checkpoint.hold(args.save))
+            except checkpoint.CheckpointInUse as e:
+                raise checkpoint.CheckpointInUse(f"--save {e}") from None
+        return _run(args, comm, out)
+
+
+def _run(args, comm, out) -> int:
     quiet = args.quiet or out is _silent
 
     def say(line):
@@ -350,14 +404,22 @@ def _train(args, comm, out) -> int:
             out(line, flush=True)  # seen now, not when the training is over
 
     def save(net, history):
-        checkpoint.save(net, args.save, history=history, optimizer=optimizer, dp=dp)
+        try:
+            checkpoint.save(net, args.save, history=history, optimizer=optimizer, dp=dp,
+                            data=args.data)
+        except OSError as e:  # a full disk, say: the atomic save kept the last one
+            kept = ("the file holds the last checkpoint, intact" if os.path.exists(args.save)
+                    else "no checkpoint was written")
+            raise OSError(f"--save {args.save}: epoch {history.epochs} not saved "
+                          f"({_reason(e)}); {kept}") from None
 
     root = out is not _silent
     if root:
         _check_outputs(args)
-    resumed = checkpoint.read(args.resume, device=args.device) if args.resume else None
+    resumed = _read_resumed(args) if args.resume else None
     if resumed is not None and resumed.history is None:
         raise ValueError(f"{args.resume} holds no training history to resume from")
+    args.data = _data_set(args, resumed)  # from here on, the run's
     history = resumed.history if resumed else None
     stored = _stored_settings(resumed)
     seed = _setting(args.seed, stored.get("seed"), DEFAULTS["seed"])
@@ -397,13 +459,17 @@ def _train(args, comm, out) -> int:
         X, Y, args.test_fraction, seed)
     steps = args.epochs * -(-len(X_train) // batch_size)  # of the whole run
     optimizer = resumed.optimizer if resumed else _new_optimizer(args, kind, lr, steps)
-    dp = _private(args, resumed, min(1.0, batch_size / len(X_train)), steps, seed)
+    sample_rate = min(1.0, batch_size / len(X_train))
+    dp = _private(args, resumed, sample_rate, steps, seed)
 
     kind = f"{classes} classes" if classes else f"{outputs} target(s)"
     features = "x".join(map(str, X.shape[1:]))
     say(f"data: {args.data}, {len(X_train)} training and {len(X_test)} test samples, "
         f"{features} features, {kind}")
     say(f"model: {net}")
+    if not resumed and args.memory is None and net.memory != DEFAULTS["memory"]:
+        say(f"note: --memory {net.memory}, as {net.activations[0]}'s derivative needs its "
+            f"input")
     if resumed:
         say(f"resuming {args.resume} after epoch {history.epochs}")
     how = f"lr {lr}" if optimizer is None else repr(optimizer)
@@ -419,6 +485,12 @@ def _train(args, comm, out) -> int:
         print(f"gpu-mlp: warning: the cosine schedule ends at step "
               f"{optimizer.schedule.total_steps} of {steps}: the steps after it run at its "
               f"min_lr {optimizer.schedule.min_lr}", file=sys.stderr)
+    if resumed and dp is not None and dp.target_epsilon is not None and root:
+        spent = dp.epsilon(sample_rate, steps)
+        if spent > dp.target_epsilon * (1 + 1e-3):  # more epochs than it was solved for
+            print(f"gpu-mlp: warning: the noise was set for epsilon {dp.target_epsilon:g}; "
+                  f"{args.epochs} epochs spend {spent:.4g} at delta {dp.delta:g}",
+                  file=sys.stderr)
 
     done = history.epochs if history else 0
     with np.errstate(over="ignore", invalid="ignore"), \
@@ -442,8 +514,12 @@ def _train(args, comm, out) -> int:
         say(f"checkpoint: {args.save}")
     if args.plot and root:
         title = f"{args.data}: {_architecture(net)}, {net.activations[0]}, {net.loss.name}"
-        plotting.plot_history(history, args.plot, title=title)
-        say(f"plot: {args.plot}")
+        try:
+            plotting.plot_history(history, args.plot, title=title)
+            say(f"plot: {args.plot}")
+        except USER_ERRORS as e:  # a full disk, say: the results below still count
+            print(f"gpu-mlp: warning: --plot {args.plot}: not written ({_reason(e)})",
+                  file=sys.stderr)
     out(f"training loss: {history.train_loss[-1]:.4f}")
     out(f"test loss: {history.val_loss[-1]:.4f}")
     if dp is not None:
@@ -455,24 +531,28 @@ def _train(args, comm, out) -> int:
     return 0
 
 
-# Set by the launchers for every process of a parallel job: Open MPI's mpirun, MPICH's
-# and Intel MPI's hydra (PMI), Slurm's srun (per job step)
-_LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# Set by the launchers for every process of a parallel job, size and rank: Open MPI's
+# mpirun, MPICH's and Intel MPI's hydra (PMI), Slurm's srun (per job step). A size alone
+# may be a stray (an salloc shell keeps Slurm's): it counts only with its rank.
+_LAUNCHERS = (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
+              ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"))
 
 
 def _communicator(args):
     """The data-parallel communicator when this process is one of several that a
     launcher started, else None."""
-    sizes = [int(os.environ[name]) for name in _LAUNCHER_SIZES
-             if os.environ.get(name, "").isdigit()]
-    if not sizes or max(sizes) <= 1:
-        if args.comm_path != "auto":
-            raise ValueError("--comm-path applies to data-parallel runs: launch gpu-mlp "
-                             "under mpirun or srun")
-        return None
-    from .distributed import Communicator
+    comm = None
+    if any(os.environ.get(size, "").isdigit() and int(os.environ[size]) > 1
+           and os.environ.get(rank, "").isdigit() for size, rank in _LAUNCHERS):
+        from . import distributed
 
-    return Communicator(path=args.comm_path)
+        comm = distributed.Communicator(path=args.comm_path)
+        if comm.size == 1:  # MPI found no other rank: a plain run after all
+            comm = None
+    if comm is None and args.comm_path != "auto":
+        raise ValueError("--comm-path applies to data-parallel runs: launch gpu-mlp "
+                         "under mpirun or srun")
+    return comm
 
 
 DP_OPTIONS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_accountant")
@@ -490,10 +570,11 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
                                  f"leave the --dp options out to resume it")
             return None
         stored = {"dp_clip": dp.max_grad_norm, "dp_noise": dp.noise_multiplier,
-                  "dp_delta": dp.delta, "dp_accountant": dp.accountant}
+                  "dp_epsilon": dp.target_epsilon, "dp_delta": dp.delta,
+                  "dp_accountant": dp.accountant}
         for name, value in given.items():
-            if name not in stored or value != stored[name]:
-                has = f"noise multiplier {dp.noise_multiplier}" if name not in stored \
+            if value != stored[name]:
+                has = f"noise multiplier {dp.noise_multiplier}" if stored[name] is None \
                     else stored[name]
                 raise ValueError(f"{_option(name)} differs from the checkpoint {args.resume}, "
                                  f"which has {has}; leave it out to resume")
@@ -501,7 +582,8 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
     if not given:
         return None
     if "dp_clip" not in given:
-        raise ValueError(f"{', '.join(_option(n) for n in given)} need --dp-clip, the "
+        raise ValueError(f"{', '.join(_option(n) for n in given)} "
+                         f"{'needs' if len(given) == 1 else 'need'} --dp-clip, the "
                          f"clipping norm that turns DP-SGD on")
     if "dp_noise" not in given and "dp_epsilon" not in given:
         raise ValueError("--dp-clip needs --dp-noise SIGMA or --dp-epsilon EPS")
@@ -528,6 +610,27 @@ def _check_outputs(args) -> None:
         if not resuming_it:
             raise ValueError(f"--save {args.save}: the file exists; give --overwrite to "
                              f"replace it, or --resume {args.save} to continue its run")
+
+
+def _read_resumed(args):
+    """The checkpoint of --resume; an error that names the option if it cannot be read."""
+    try:
+        return checkpoint.read(args.resume, device=args.device)
+    except OSError as e:
+        raise OSError(f"--resume {args.resume}: {_reason(e)}") from None
+
+
+def _data_set(args, resumed) -> str:
+    """The data set of the run: --data, else the checkpoint's, else the digits."""
+    stored = resumed.data if resumed else None
+    if stored is not None and args.data not in (None, stored):
+        raise ValueError(f"--data differs from the checkpoint {args.resume}, which has "
+                         f"{stored}; leave it out to resume")
+    name = args.data or stored or "digits"
+    if name not in DATA:
+        raise ValueError(f"the checkpoint {args.resume} trained on {name!r}, a data set "
+                         f"this gpu_mlp lacks (it has {', '.join(sorted(DATA))})")
+    return name
 
 
 def _stored_settings(resumed) -> dict:
@@ -576,6 +679,8 @@ def _new_net(args, model, sample_shape, outputs, loss, seed) -> Network:
     activation = args.activation or DATA[args.data]["activation"]
     memory = args.memory or DEFAULTS["memory"]
     hidden_act = activations.get(activation)
+    if args.memory is None and not hidden_act.has_grad_from_output:
+        memory = "recompute"  # what the activation supports; _run says so
     options = dict(loss=loss, memory=memory, device=args.device,
                    dtype=args.dtype or DEFAULTS["dtype"], seed=seed)
     if model == "cnn":

@@ -22,6 +22,8 @@ import warnings
 
 import numpy as np
 
+from . import _checks
+
 DEVICES = ("auto", "cpu", "cuda")
 
 _CUDA_HINT = "install gpu_mlp[cuda12] or gpu_mlp[cuda13], or use device='cpu'"
@@ -157,8 +159,15 @@ def _is_cupy(a) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 
 
-def to_device(a, xp):
-    """``a`` as an array of ``xp`` (NumPy or CuPy), zero-copy where the device matches."""
+def to_device(a, xp, name: str = "the array"):
+    """``a`` as an array of ``xp`` (NumPy or CuPy), zero-copy where the device matches;
+    a TypeError naming it ``name`` unless it holds real numbers (floats, integers,
+    booleans). A host array is checked on the host, before CuPy sees it: CuPy refuses
+    strings, objects and dates with a ValueError of its own."""
+    return _checks.numeric(name, _moved(a, xp, name))
+
+
+def _moved(a, xp, name):
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
         if str(a.dtype) == "torch.bfloat16":
@@ -184,7 +193,7 @@ def to_device(a, xp):
             return xp.from_dlpack(a)
         except (RuntimeError, BufferError, TypeError, ValueError):
             return xp.asarray(np.from_dlpack(a))  # a CPU tensor: one host-to-device copy
-    return xp.asarray(a)
+    return xp.asarray(_checks.numeric(name, np.asarray(a)))
 
 
 def to_numpy(a) -> np.ndarray:

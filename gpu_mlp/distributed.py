@@ -188,6 +188,7 @@ class Communicator:
         node.Free()
         self.path = path
         self.bytes_sent = 0
+        self._guards = 0  # guard()s entered and not yet left
         self._count_buffers = (np.zeros(1, np.int64), np.zeros(self.size, np.int64))
         self._pools = weakref.WeakKeyDictionary()  # net -> Workspace of gathered factors
         self._nccl = None
@@ -235,22 +236,32 @@ class Communicator:
                 problems.append(f"{key}: " + ", ".join(
                     f"{_ranks(rs)} {text}" for text, rs in groups.items()))
         if problems:
-            raise ValueError(f"{name}: the {self.size} ranks must be configured alike, but "
-                             f"they differ in {'; '.join(problems)}")
+            error = ValueError(f"{name}: the {self.size} ranks must be configured alike, "
+                               f"but they differ in {'; '.join(problems)}")
+            error.every_rank = True  # the same on every rank: guard() lets it through
+            raise error
 
     @contextlib.contextmanager
     def guard(self):
         """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr
         and aborts the communicator, so that no other rank waits forever in a collective
-        for this one. With one rank the exception is simply raised."""
+        for this one. With one rank the exception is simply raised, and so is one that
+        every rank raises alike, marked ``every_rank = True`` (:meth:`check_same`'s,
+        :class:`gpu_mlp.training.TrainingDiverged`): no rank waits for another then.
+        Inside another guard() of this communicator (fit's inside the CLI's) the
+        exception goes on to the outer one, and to the caller's handling within it."""
+        self._guards += 1
         try:
             yield self
         except BaseException as e:
-            if self.size == 1 or (isinstance(e, SystemExit) and e.code in (None, 0)):
+            if self._guards > 1 or self.size == 1 or getattr(e, "every_rank", False) or (
+                    isinstance(e, SystemExit) and e.code in (None, 0)):
                 raise
             traceback.print_exc(file=sys.stderr)
             print(f"rank {self.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             self.abort(1)
+        finally:
+            self._guards -= 1
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (``MPI_Abort``)."""
@@ -304,6 +315,29 @@ class Communicator:
             uid = self.comm.bcast(uid, root=0)
             self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
         return self._nccl
+
+
+def communicator(comm, net) -> Communicator:
+    """``comm`` as a :class:`Communicator` for steps of ``net``: itself, or for an mpi4py
+    communicator the one made for it (by every rank together) at its first use with
+    ``net``, kept with the net so that its buffers last from step to step. On the CPU
+    only: a GPU rank must pick its device before any net exists, which only a
+    Communicator made first can do."""
+    if hasattr(comm, "_stage"):
+        return comm
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
+        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
+                        f"communicator, got {comm!r}")
+    if net._xp is not np:
+        raise TypeError("on a GPU pass a gpu_mlp.distributed.Communicator(comm) made before "
+                        "the network: it picks each rank's GPU, which must happen first")
+    wrapper = _wrappers.get(net)
+    if wrapper is None or wrapper.comm is not comm:
+        wrapper = _wrappers[net] = Communicator(comm)
+    return wrapper
+
+
+_wrappers = weakref.WeakKeyDictionary()  # net -> the Communicator made for its mpi4py comm
 
 
 def _ranks(ranks) -> str:

@@ -124,11 +124,12 @@ def _check_softmax_cross_entropy(Y, B, d, xp, dtype, values=True):
         if Y.shape != (B,):
             raise ValueError(f"softmax_cross_entropy: integer labels must have shape ({B},), "
                              f"got {tuple(Y.shape)}")
-        Y = Y.astype(np.int64, copy=False)
-        if verdicts is not None and B:
-            verdicts.require((Y.min() >= 0) & (Y.max() < d), lambda: (
+        if verdicts is not None and B:  # on the labels as given: uint64 2**63 is no -2**63
+            given = Y
+            verdicts.require((given.min() >= 0) & (given.max() < d), lambda: (
                 f"softmax_cross_entropy: labels must lie in [0, {d}), got values in "
-                f"[{int(Y.min())}, {int(Y.max())}]"))
+                f"[{int(given.min())}, {int(given.max())}]"))
+        Y = Y.astype(np.int64, copy=False)
     elif kind == "b":
         raise TypeError("softmax_cross_entropy: Y must hold integer labels or float "
                         "probability rows, not booleans")

@@ -61,8 +61,9 @@ class MLP(Network):
         ``dtype`` defaults to the parameters' own.
         """
         name, xp = _device.resolve(device)
-        pairs = _checks.params([(_device.to_device(W, xp), _device.to_device(b, xp))
-                                for W, b in _iter_pairs(params)])
+        pairs = _checks.params([(_device.to_device(W, xp, f"W_{k}"),
+                                 _device.to_device(b, xp, f"b_{k}"))
+                                for k, (W, b) in enumerate(_iter_pairs(params), start=1)])
         sizes = [int(pairs[0][0].shape[1])] + [int(W.shape[0]) for W, _ in pairs]
         acts = resolve_activations(activations, len(pairs))
         return super().from_params(_dense_layers(sizes, acts), pairs, loss=loss,

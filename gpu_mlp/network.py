@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -100,11 +101,14 @@ class Network:
         dt = _checks.dtype_of("dtype", dtype)
         rng = np.random.default_rng(_checks.seed(seed))
         params = []
-        for layer in layers:
-            scale = _init_gain(layer.activation) / np.sqrt(layer.fan_in)
-            W = rng.standard_normal(layer.weight_shape) * scale
-            params.append((W.astype(dt), np.zeros(layer.bias_shape, dtype=dt)))
-        self._setup(layers, params, loss, memory, device, dt)
+        try:
+            for layer in layers:
+                scale = _init_gain(layer.activation) / np.sqrt(layer.fan_in)
+                W = rng.standard_normal(layer.weight_shape) * scale
+                params.append((W.astype(dt), np.zeros(layer.bias_shape, dtype=dt)))
+            self._setup(layers, params, loss, memory, device, dt)
+        except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError: say what was asked for
+            raise _too_large(layers, dt) from None
         if input_shape is not None:
             self._shapes(_input_shape(input_shape))
 
@@ -115,8 +119,8 @@ class Network:
         layouts; ``dtype`` defaults to the parameters' own."""
         layers = _check_layers(layers)
         name, xp = _device.resolve(device)
-        pairs = [(_device.to_device(W, xp), _device.to_device(b, xp))
-                 for W, b in _iter_pairs(params)]
+        pairs = [(_device.to_device(W, xp, f"W_{k}"), _device.to_device(b, xp, f"b_{k}"))
+                 for k, (W, b) in enumerate(_iter_pairs(params), start=1)]
         pairs = _checks.layer_params(layers, pairs)
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
         net = cls.__new__(cls)
@@ -237,13 +241,18 @@ class Network:
         (X, Y) is this rank's share of a global batch, and every rank applies the
         gradient of the global batch mean (:mod:`gpu_mlp.distributed`); a rank's share
         may hold no rows. (fit's Poisson samples, which may be empty too, divide by the
-        expected batch size.)
+        expected batch size.) mpi4py's own communicator will do on the CPU (wrapped in a
+        Communicator kept with the net). With ``comm`` the loss is the global batch's,
+        every rank's mean weighted by its rows: a small allreduce that waits for the step.
         """
-        return self._step(X, Y, lr, check, dp, comm)
+        return self._step(X, Y, lr, check, dp, comm, global_loss=True)
 
-    def _step(self, X, Y, lr, check, dp, comm, expected_batch=None, counts=None):
+    def _step(self, X, Y, lr, check, dp, comm, expected_batch=None, counts=None,
+              global_loss=False):
         """:meth:`train_step`; ``expected_batch``: what DP divides by (fit's Poisson
-        sampling: the expected batch size); ``counts``: every rank's rows, when known."""
+        sampling: the expected batch size); ``counts``: every rank's rows, when known;
+        ``global_loss``: with ``comm``, return the global batch's loss (else this rank's,
+        with no wait: fit sums the epoch's losses over the ranks at its end)."""
         if isinstance(lr, numbers.Real):
             lr = _check_lr(lr)
         elif not hasattr(lr, "begin_step"):
@@ -251,7 +260,10 @@ class Network:
         if dp is not None and not hasattr(dp, "_stage"):
             raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
         if comm is not None and not hasattr(comm, "_stage"):
-            raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator, got {comm!r}")
+            from .distributed import communicator
+
+            comm = communicator(comm, self)  # mpi4py's own: wrapped, as fit does
+        _check_scalars(self.dtype, lr, dp)
         empty = (dp is not None or comm is not None) and _rows(X) == 0
         if empty and comm is None and expected_batch is None:
             raise ValueError("X is an empty batch: a private step divides by the batch "
@@ -275,11 +287,15 @@ class Network:
             sink = dp._stage(self, sink, B, total if expected_batch is None else expected_batch)
         if empty:
             self._empty_backward(sink)
-            return self._xp.zeros((), dtype=self.dtype)
-        # DP needs each sample's own gradient (scale 1) and divides by the batch itself
-        scale = 1.0 if dp is not None else 1.0 / total
-        J, _ = self._backprop(X, Y, sink, scale=scale, want_dx=False)
-        return J
+            J = self._xp.zeros((), dtype=self.dtype)
+        else:
+            # DP needs each sample's own gradient (scale 1) and divides by the batch itself
+            scale = 1.0 if dp is not None else 1.0 / total
+            J, _ = self._backprop(X, Y, sink, scale=scale, want_dx=False)
+        if comm is None or not global_loss:
+            return J
+        summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows
+        return self._xp.asarray(summed / total if total else 0.0, dtype=self.dtype)
 
     def _empty_backward(self, sink):
         """What a backward pass over no rows hands the sink: empty factors per layer."""
@@ -339,12 +355,11 @@ class Network:
         X, F_out, saved = tape.take()
         ws, xp = self.training_workspace, self._xp
         try:
-            grad_output = _device.to_device(grad_output, xp)
+            grad_output = _device.to_device(grad_output, xp, "grad_output")
             if tuple(grad_output.shape) != tuple(F_out.shape):
                 raise ValueError(f"grad_output must have the output's shape "
                                  f"{tuple(F_out.shape)}, got {tuple(grad_output.shape)}")
-            grad_output = _checks.cast(_checks.numeric("grad_output", grad_output),
-                                       self.dtype, xp)
+            grad_output = _checks.cast(grad_output, self.dtype, xp)
             if check:
                 _checks.finite("grad_output", grad_output, xp)
             delta = ws.take(F_out.shape)
@@ -387,10 +402,16 @@ class Network:
 
     @classmethod
     def load(cls, path, device: str = "auto") -> "Network":
-        """The network stored at ``path``, on ``device``; see :func:`gpu_mlp.checkpoint.load`."""
-        from .checkpoint import load
+        """The network stored at ``path``, on ``device``; see :func:`gpu_mlp.checkpoint.load`.
+        ``MLP.load`` returns MLPs only: a network of other layers is refused."""
+        from .checkpoint import CheckpointError, load
 
-        return load(path, device=device)
+        net = load(path, device=device)
+        if not isinstance(net, cls):
+            raise CheckpointError(f"{os.fsdecode(path)}: holds a {type(net).__name__}, which "
+                                  f"{cls.__name__}.load does not return; load it with "
+                                  f"gpu_mlp.Network.load")
+        return net
 
     # --- input handling -----------------------------------------------------------------
 
@@ -401,7 +422,7 @@ class Network:
     def _raw_inputs(self, X):
         """``(X, single)``: X on the net's device as a batch, its shape and kind checked;
         not yet cast or scanned. ``single``: X was one sample."""
-        X = _checks.numeric("X", _device.to_device(_checks.unmasked("X", X), self._xp))
+        X = _device.to_device(_checks.unmasked("X", X), self._xp, "X")
         first = self.layers[0]
         if X.ndim < 1 or (isinstance(first, _layers.Dense) and X.ndim <= 2
                           and X.shape[-1] != first.d_in):
@@ -444,7 +465,8 @@ class Network:
         at once."""
         self._check_params()
         X, single = self._raw_inputs(X)
-        Y = _device.to_device(_checks.unmasked("Y", Y), self._xp)
+        Y = _device.to_device(_checks.unmasked("Y", Y), self._xp, "Y")
+        given = tuple(Y.shape)
         if single:
             Y = Y[None] if Y.ndim < 2 else Y
         X = _checks.cast(X, self.dtype, self._xp)
@@ -452,8 +474,16 @@ class Network:
         if check:
             _checks.finite("X", X, self._xp, verdicts)
         d_out = math.prod(self._shapes(X.shape[1:])[-1][1])
-        Y = self.loss.check_targets(Y, X.shape[0], d_out, self._xp, self.dtype,
-                                    values=verdicts if check else False)
+        try:
+            Y = self.loss.check_targets(Y, X.shape[0], d_out, self._xp, self.dtype,
+                                        values=verdicts if check else False)
+        except ValueError as e:  # a shape: the values wait in the verdicts
+            if not single:
+                raise
+            sample = tuple(X.shape[1:])
+            raise ValueError(f"X is one sample, of shape {sample}, so Y, of shape {given}, "
+                             f"must be one sample's target (for a batch of one, give X the "
+                             f"shape {(1, *sample)}); with the batch axis added: {e}") from None
         if check:
             verdicts.settle()
         return X, self._xp.ascontiguousarray(Y), single
@@ -713,6 +743,41 @@ def _check_lr(lr) -> float:
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     return lr
+
+
+def _check_scalars(dtype, lr, dp) -> None:
+    """The scalars a step scales into its kernels -- the learning rate, an optimizer's
+    hyperparameters, DP's clip norm and noise -- checked in the net's dtype, as the
+    kernels compute with them (:func:`gpu_mlp._checks.scalar`): finite, and those that
+    divide or must do something (lr, eps, the clip norm) > 0. A schedule only lowers the
+    base lr; the products the rules form are checked too."""
+    if isinstance(lr, float):
+        scalars = [("", "lr", lr)]
+    else:
+        where, hyper = f"{type(lr).__name__}: ", lr.hyperparameters()
+        scalars = [(where, name, v) for name, v in hyper.items() if isinstance(v, float)]
+        scalars += [(where, f"beta{i}", beta)
+                    for i, beta in enumerate(hyper.get("betas", ()), start=1)]
+        scalars.append((where, "lr * weight_decay", lr.lr * lr.weight_decay))
+    if dp is not None:
+        C, sigma = dp.max_grad_norm, dp.noise_multiplier
+        scalars += [("DP: ", "max_grad_norm", C), ("DP: ", "noise_multiplier", sigma),
+                    ("DP: ", "noise_multiplier * max_grad_norm", sigma * C)]
+    for where, name, value in scalars:
+        _checks.scalar(name, value, dtype, where, positive=name in _POSITIVE)
+
+
+_POSITIVE = ("lr", "eps", "max_grad_norm")  # 0 would do nothing, or divide by 0
+
+
+def _too_large(layers, dtype) -> MemoryError:
+    """The error for parameters that memory cannot hold, naming their size."""
+    n = sum(math.prod(layer.weight_shape) + math.prod(layer.bias_shape) for layer in layers)
+    size = n * dtype.itemsize
+    unit, scale = next((u, s) for u, s in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("B", 1))
+                       if size >= s or s == 1)
+    return MemoryError(f"the model needs {size / scale:.3g} {unit} for its {n:,} parameters "
+                       f"({dtype.name}): out of memory")
 
 
 def _iter_pairs(params):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -476,14 +477,11 @@ def add_gaussian(w, scale, seed, stream, step):
 
     On CuPy: one launch of the ``gaussian_noise`` kernel over ``w`` (kernels/noise.cuh:
     Philox4x32-10 keyed by the seed, counter (element / 4, stream, step), curand's
-    Box-Muller), no buffer. On NumPy the same method, vectorised: the elements go in
-    blocks of NOISE_BLOCK, block j drawing its uniforms from NumPy's Philox (4x64) keyed
-    by the seed with its counter at (0, j, stream, step), then Box-Muller in ``w``'s
-    dtype (the first half of a block takes ``r cos``, the second ``r sin``) -- several
-    ufunc passes, each faster than NumPy's per-element ziggurat, and the blocks spread
-    over a few threads (ufuncs release the GIL) in small buffers kept per thread. The
-    two backends draw from different generators: each is reproducible, but they do
-    not give the same numbers.
+    Box-Muller in double from IEEE basic operations alone), no buffer. On NumPy the very
+    same computation, operation for operation, vectorised over blocks of NOISE_BLOCK
+    elements (whole Philox blocks) spread over a few threads (ufuncs release the GIL),
+    in buffers kept per thread: the same arguments give the same bits on both backends,
+    in float32 and float64 (docs/MATH.md, "The noise").
     """
     seed = _in_range("seed", seed, _U64)
     stream = _in_range("stream", stream, _U32)
@@ -500,18 +498,21 @@ def add_gaussian(w, scale, seed, stream, step):
                 np.uint32(seed // _U32), np.uint32(stream), np.uint32(step % _U32),
                 np.uint32(step // _U32), flat)
         return
-    blocks = range(0, flat.size, NOISE_BLOCK)
+    block = max(4, NOISE_BLOCK // 4 * 4)  # whole Philox blocks
+    blocks = range(0, flat.size, block)
 
     def add(first):
-        _add_normal_block(flat[first:first + NOISE_BLOCK], t(scale), seed,
-                          first // NOISE_BLOCK, stream, step)
+        _add_normal_block(flat[first:first + block], t(scale), seed, first, stream, step,
+                          block)
     if len(blocks) > 1:
         list(_noise_threads().map(add, blocks))
     else:
         add(0)
 
 
-# The CPU's noise: elements per independent block (its own Philox counter), and threads.
+# The CPU's noise: elements per block (rounded down to whole Philox blocks of 4) and
+# threads. Neither changes the numbers: element i's normal is a function of (seed,
+# stream, step, i) alone.
 NOISE_BLOCK = 1 << 15
 NOISE_THREADS = 4
 
@@ -522,36 +523,223 @@ def _noise_threads():
                               thread_name_prefix="gpu_mlp-noise")
 
 
-_noise_buffers = threading.local()  # three half blocks per thread and dtype
+_noise_buffers = threading.local()  # one _NoiseBuffers per thread, block size and dtype
+
+# noise.cuh's constants: Philox4x32's multipliers (M0, M1) and key increments (W0, W1);
+# fdlibm's log (Lg1..Lg7, ln 2 in two parts), sin (S1..S6) and cos (C1..C6) polynomials
+_PHILOX_M = np.array([[0xD2511F53], [0xCD9E8D57]], np.uint64)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
+       2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
+       1.479819860511658591e-01)
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_S = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
+      2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
+_C = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
+      -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
+_SQRT_HALF = 0.70710678118654757
+_QUADRANT_A = np.array([1.0, 0.0, -1.0, 0.0, 1.0])
+_QUADRANT_B = np.array([0.0, 1.0, 0.0, -1.0, 0.0])
+_PI_2POW_M32 = 3.141592653589793116 * 2.0**-32
 
 
-def _add_normal_block(w, scale, seed, block, stream, step):
-    """Block ``block`` of the CPU's noise, times ``scale``, added to ``w`` (at most
-    NOISE_BLOCK elements): Box-Muller, r = sqrt(-2 log u) scale, theta = 2 pi v."""
-    half = (w.size + 1) // 2
-    kept = getattr(_noise_buffers, w.dtype.name, None)
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)  # a uint64's uint32 halves
+
+
+def _halves(a):
+    """The low and high 32-bit halves of the uint64 array ``a``, as uint32 views."""
+    words = a.view(np.uint32).reshape(*a.shape, 2)
+    return words[..., _LOW], words[..., _HIGH]
+
+
+class _NoiseBuffers:
+    """One thread's scratch for blocks of up to ``size`` elements, and for a block of
+    ``n`` Philox blocks (n <= size / 4) its contiguous views (:meth:`views`, kept per n:
+    a small tensor's cost is the calls, and a contiguous view is the cheapest to call on).
+    """
+
+    def __init__(self, size, dtype):
+        P = size // 4
+        self.index = np.arange(P, dtype=np.uint64)
+        self.words = np.empty(6 * P, np.uint64)  # x02, then 2 products
+        self.ints = np.empty(4 * P, np.uint64)
+        self.floats = np.empty(16 * P)
+        self.exponents = np.empty(4 * P, np.intc)
+        self.mask = np.empty(2 * P, bool)
+        self.out = np.empty(4 * P, dtype)
+        self.kept = {}
+
+    def views(self, n):
+        """The buffers as arrays of n Philox blocks: x02 (x0, x2) uint64 (2, n), and the
+        low halves of them; products (2, 2, n) uint64 and their (low, high) halves;
+        u (2, 2, n) uint64; f (8, 2, n) float64; exponent and shift intc (2, n); mask bool
+        (2, n); out (n, 2, 2) in the dtype (Philox block, pair, sin or cos)."""
+        v = self.kept.get(n)
+        if v is None:
+            if len(self.kept) > 64:  # a few tensor sizes come back step after step
+                self.kept.clear()
+            v = self.kept[n] = _Views()
+            v.index = self.index[:n]
+            words = self.words[:6 * n].reshape(3, 2, n)
+            v.x02, v.products = words[0], words[1:]
+            v.x02_low = _halves(v.x02)[0]
+            v.halves = [_halves(p) for p in v.products]
+            v.u = self.ints[:4 * n].reshape(2, 2, n)
+            v.f = self.floats[:16 * n].reshape(8, 2, n)
+            v.exponent, v.shift = self.exponents[:4 * n].reshape(2, 2, n)
+            v.mask = self.mask[:2 * n].reshape(2, n)
+            v.out = self.out[:4 * n].reshape(n, 2, 2)
+            v.sin, v.cos = v.out[:, :, 0].T, v.out[:, :, 1].T
+            v.key, v.x13 = np.empty((2, 1), np.uint32), np.empty((2, 1), np.uint32)
+        return v
+
+
+class _Views:
+    """The arrays of :meth:`_NoiseBuffers.views`, as attributes."""
+
+
+def _philox_words(v, first, seed, stream, step):
+    """noise.cuh's gm_philox4x32_10 on the counters (first + j, stream, step_lo, step_hi)
+    of the n blocks of the views ``v``, keyed by the seed: the words (x0, x2), as uint64
+    (2, n), and (x1, x3), as uint32 (2, n) (views of the buffers)."""
+    x02, x02_low, key = v.x02, v.x02_low, v.key
+    np.add(v.index, np.uint64(first), out=x02[0])
+    x02[1] = step & 0xFFFFFFFF  # whole words: the high halves are 0 from here on
+    x13 = v.x13  # (stream, step_hi), then the low halves of the last products
+    x13[0, 0], x13[1, 0] = stream, step >> 32
+    key0, key1 = seed & 0xFFFFFFFF, seed >> 32
+    for r in range(10):  # Random123's round: (hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0)
+        key[0, 0], key[1, 0] = key0, key1
+        np.multiply(x02, _PHILOX_M, out=v.products[r % 2])  # (M0 x0, M1 x2), 64 bits
+        low, high = v.halves[r % 2]  # the other product holds x13
+        np.bitwise_xor(high[::-1], x13, out=x02_low)  # the new (x0, x2) ...
+        np.bitwise_xor(x02_low, key, out=x02_low)
+        x13 = low[::-1]  # ... and (x1, x3)
+        key0, key1 = (key0 + _PHILOX_W[0]) & 0xFFFFFFFF, (key1 + _PHILOX_W[1]) & 0xFFFFFFFF
+    return x02, x13
+
+
+def _radius(v, x, out):
+    """sqrt(-2 log u) of u = (2 x + 1) 2^-33 (x (2, n)) into out, with the views ``v``
+    of n blocks: gm_log_uniform, op for op."""
+    f, s, z, w, t1, t2, dk = v.f[1:8]
+    e, shift, mask = v.exponent, v.shift, v.mask
+    np.copyto(f, x)  # converted apart: a ufunc mixing dtypes would allocate its buffers
+    f += 0.5  # (2 x + 1) / 2, exact: frexp's mantissa of 2 x + 1, its exponent - 1
+    np.frexp(f, out=(f, e))
+    np.less(f, _SQRT_HALF, out=mask)  # then f 2 and e - 1 (arithmetic: where= is slow)
+    np.copyto(shift, mask)
+    np.ldexp(f, shift, out=f)
+    e -= shift
+    f -= 1.0
+    e -= 32  # the exponent of u = (2 x + 1) 2^-33
+    np.copyto(dk, e)
+    np.add(f, 2.0, out=s)
+    np.divide(f, s, out=s)
+    np.multiply(s, s, out=z)
+    np.multiply(z, z, out=w)
+    lg1, lg2, lg3, lg4, lg5, lg6, lg7 = _LG
+    np.multiply(w, lg6, out=t1)  # w (Lg2 + w (Lg4 + w Lg6))
+    t1 += lg4
+    t1 *= w
+    t1 += lg2
+    t1 *= w
+    np.multiply(w, lg7, out=t2)  # z (Lg1 + w (Lg3 + w (Lg5 + w Lg7)))
+    t2 += lg5
+    t2 *= w
+    t2 += lg3
+    t2 *= w
+    t2 += lg1
+    t2 *= z
+    t2 += t1  # R
+    np.multiply(f, 0.5, out=t1)  # hfsq
+    t1 *= f
+    t2 += t1  # hfsq + R
+    t2 *= s
+    np.multiply(dk, _LN2_LO, out=s)
+    t2 += s
+    np.subtract(t1, t2, out=t2)
+    t2 -= f
+    np.multiply(dk, _LN2_HI, out=s)
+    np.subtract(s, t2, out=out)  # log u
+    out *= -2.0
+    np.sqrt(out, out=out)
+
+
+def _sin_cos_pi(views, y, sin_out, cos_out):
+    """sin(pi t) and cos(pi t) of t = (2 y + 1) 2^-32 (y (2, n)) into sin_out and
+    cos_out, with the views of n blocks: gm_sin_or_cos_pi, op for op."""
+    k, q = views.u
+    a, z, v = views.f[1:4]
+    np.copyto(k, y)
+    k <<= 1
+    k += 1  # odd: no ties below
+    np.add(k, 1 << 30, out=q)
+    q >>= 31  # round(2 t), 0..4
+    np.left_shift(q, 31, out=a.view(np.uint64))  # d = k - q 2^31 (as int64, |d| < 2^30)
+    np.subtract(k, a.view(np.uint64), out=k)
+    np.copyto(a, k.view(np.int64))
+    a *= _PI_2POW_M32
+    np.multiply(a, a, out=z)
+    s1, s2, s3, s4, s5, s6 = _S
+    np.multiply(z, a, out=v)  # sin a = a + v (S1 + z (S2 + z (S3 + z (S4 + z (S5 + z S6)))))
+    np.multiply(z, s6, out=sin_out)
+    for coefficient in (s5, s4, s3, s2):
+        sin_out += coefficient
+        sin_out *= z
+    sin_out += s1
+    sin_out *= v
+    sin_out += a
+    c1, c2, c3, c4, c5, c6 = _C
+    np.multiply(z, c6, out=cos_out)  # r = z (C1 + z (C2 + ... + z C6))
+    for coefficient in (c5, c4, c3, c2, c1):
+        cos_out += coefficient
+        cos_out *= z
+    cos_out *= z  # z r
+    np.multiply(z, 0.5, out=v)  # hz
+    np.subtract(1.0, v, out=z)  # w = 1 - hz
+    np.subtract(1.0, z, out=a)  # cos a = w + (((1 - w) - hz) + z r)
+    a -= v
+    cos_out += a
+    cos_out += z
+    # the quadrant q: sin(pi t) = sin a, cos a, -sin a, -cos a and cos(pi t) = cos a,
+    # -sin a, -cos a, sin a for q = 0, 1, 2, 3 (4 as 0): A sin a + B cos a and
+    # A cos a - B sin a, one of A and B 0 and the other +-1, so exact (where= is slow)
+    sign, swap = a, z
+    np.take(_QUADRANT_A, q.view(np.int64), out=sign, mode="wrap")
+    np.take(_QUADRANT_B, q.view(np.int64), out=swap, mode="wrap")
+    np.multiply(swap, cos_out, out=v)
+    np.multiply(swap, sin_out, out=swap)
+    sin_out *= sign
+    sin_out += v
+    cos_out *= sign
+    cos_out -= swap
+
+
+def _add_normal_block(w, scale, seed, first, stream, step, block):
+    """Elements ``first`` .. ``first + w.size`` of the stream (first a multiple of 4,
+    w.size at most ``block``), times ``scale``, added to ``w``: noise.cuh's
+    gm_gaussian_noise, vectorised. Philox block j gives the normals 4 j + 0..3:
+    (r sin, r cos) of its words (x0, x1), then of (x2, x3), each rounded once from
+    double to w's dtype; then ``w + scale z``, rounded after the product and the sum."""
+    kept = getattr(_noise_buffers, "kept", None)
     if kept is None:
-        kept = np.empty((3, (NOISE_BLOCK + 1) // 2), dtype=w.dtype)
-        setattr(_noise_buffers, w.dtype.name, kept)
-    r, theta, trig = kept[0, :half], kept[1, :half], kept[2, :half]
-    t = w.dtype.type
-    counter = np.array([0, block, stream, step], dtype=np.uint64)  # word 0 counts draws
-    rng = np.random.Generator(np.random.Philox(key=seed, counter=counter))
-    rng.random(dtype=w.dtype, out=r)
-    rng.random(dtype=w.dtype, out=theta)
-    np.subtract(t(1), r, out=r)  # (0, 1]: log is finite
-    np.log(r, out=r)
-    np.multiply(r, t(-2), out=r)
-    np.sqrt(r, out=r)
-    np.multiply(r, scale, out=r)
-    np.multiply(theta, t(2 * np.pi), out=theta)
-    np.cos(theta, out=trig)
-    np.multiply(trig, r, out=trig)
-    np.add(w[:half], trig, out=w[:half])
-    rest = w.size - half
-    np.sin(theta[:rest], out=trig[:rest])
-    np.multiply(trig[:rest], r[:rest], out=trig[:rest])
-    np.add(w[half:], trig[:rest], out=w[half:])
+        kept = _noise_buffers.kept = {}
+    b = kept.get((block, w.dtype.name))
+    if b is None:
+        b = kept[block, w.dtype.name] = _NoiseBuffers(block, w.dtype)
+    v = b.views((w.size + 3) // 4)
+    x, y = _philox_words(v, first // 4, seed, stream, step)
+    radius, sin, cos = v.f[0], v.f[4], v.f[5]
+    _radius(v, x, radius)
+    _sin_cos_pi(v, y, sin, cos)
+    sin *= radius
+    cos *= radius
+    np.copyto(v.sin, sin)  # rounded to w's dtype
+    np.copyto(v.cos, cos)
+    z = b.out[:w.size]
+    np.multiply(z, scale, out=z)
+    np.add(w, z, out=w)
 
 
 # --- BLAS -----------------------------------------------------------------------------

@@ -530,12 +530,17 @@ def from_state_dict(state_dict) -> Optimizer:
             raise ValueError(f"{kind.__name__} hyperparameters {hyper}: {e}") from None
         raise
     optimizer._steps = _checks.integer("steps", state_dict["steps"], 0, "optimizer: ")
+    if optimizer._steps >= 2**64:  # beta ** steps would overflow long before
+        raise ValueError(f"optimizer: steps must be < 2^64, got {optimizer._steps}")
     last_lr = state_dict["last_lr"]
     if last_lr is not None:
         last_lr = _checks.in_range("last_lr", last_lr, "optimizer: ")
     optimizer._last_lr = last_lr
     optimizer._pending = _check_state(state_dict["state"], optimizer)
     return optimizer
+
+
+_NONNEGATIVE = ("exp_avg_sq",)  # a running mean of squares: Adam takes its square root
 
 
 def _check_state(state, optimizer: Optimizer) -> Optional[dict]:
@@ -572,6 +577,8 @@ def _check_state(state, optimizer: Optimizer) -> Optional[dict]:
                 if not np.isfinite(a).all():
                     raise ValueError(f"{who}: the state {name!r} of {what}_{k} contains "
                                      f"NaN or Inf")
+                if name in _NONNEGATIVE and (a < 0).any():
+                    raise ValueError(f"{who}: the state {name!r} of {what}_{k} must be >= 0")
                 dtypes.add(a.dtype)
                 arrays.append(a)
             checked[name].append(tuple(arrays))

@@ -26,7 +26,12 @@ def check_format(path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     formats = FigureCanvasAgg.get_supported_filetypes()
-    suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
+    name = os.path.basename(os.fspath(path))
+    if name.startswith(".") and "." not in name[1:] and name[1:].lower() in formats:
+        # splitext reads ".png" as a name without a suffix
+        raise ValueError(f"cannot plot to {path}: the name is only a suffix; name the file, "
+                         f"e.g. curves{name}")
+    suffix = os.path.splitext(name)[1][1:].lower()
     if suffix not in formats:
         problem = f"unknown image format .{suffix}" if suffix else "no suffix to name the format"
         raise ValueError(f"cannot plot to {path}: {problem}; matplotlib writes "
@@ -40,6 +45,7 @@ def plot_history(history, path, title: str = "") -> None:
     check_format(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if history.epochs == 0:
         raise ValueError("the history has no epochs to plot")
@@ -61,6 +67,8 @@ def plot_history(history, path, title: str = "") -> None:
         axes[1].set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
         axes[1].grid(alpha=0.3)
     loss.grid(alpha=0.3)
+    for panel in axes:
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100)

@@ -24,8 +24,9 @@ So a private step is one forward and one backward pass, then, per layer:
    plain SGD, into the optimizer's scratch before its fused update otherwise. On a GPU
    by one kernel with a counter-based generator (Philox4x32-10, curand's, in
    ``kernels/noise.cuh``), keyed by ``(seed, step, layer, tensor)``: no noise buffer, and
-   a step is reproducible from the seed and the step count alone. On the CPU the same
-   Box-Muller on NumPy's Philox, vectorised in blocks, in small buffers kept per thread.
+   a step is reproducible from the seed and the step count alone. On the CPU the very
+   same generator and Box-Muller in NumPy, vectorised in blocks over a few threads: the
+   same seed gives the same noise, bit for bit, on every device (docs/MATH.md).
 
 The privacy spent is counted by Google's ``dp-accounting`` (:mod:`gpu_mlp.accounting`,
 the ``[dp]`` extra): :meth:`Network.fit` samples its batches by Poisson sampling, as the
@@ -81,6 +82,7 @@ class DP:
                              f"{', '.join(accounting.ACCOUNTANTS)}")
         self.accountant = accountant
         self.steps = 0  # private steps taken: the position of the noise stream
+        self.target_epsilon = None  # what for_epsilon solved the noise for, if it did
 
     @classmethod
     def for_epsilon(cls, target_epsilon, delta, sample_rate, steps, max_grad_norm, seed=0,
@@ -90,7 +92,9 @@ class DP:
         if no noise within :mod:`gpu_mlp.accounting`'s bound does."""
         sigma = accounting.noise_multiplier(target_epsilon, delta, sample_rate, steps,
                                             accountant=accountant)
-        return cls(max_grad_norm, sigma, delta=delta, seed=seed, accountant=accountant)
+        dp = cls(max_grad_norm, sigma, delta=delta, seed=seed, accountant=accountant)
+        dp.target_epsilon = float(target_epsilon)  # a resumed run can be asked for it again
+        return dp
 
     def epsilon(self, sample_rate, steps=None) -> float:
         """The epsilon at ``self.delta`` after ``steps`` (default: the steps taken)
@@ -107,18 +111,29 @@ class DP:
     # --- state: a checkpoint continues the noise stream where it stopped -------------
 
     def state_dict(self) -> dict:
-        return {"max_grad_norm": self.max_grad_norm, "noise_multiplier": self.noise_multiplier,
-                "delta": self.delta, "seed": self.seed, "accountant": self.accountant,
-                "steps": self.steps}
+        state = {"max_grad_norm": self.max_grad_norm, "noise_multiplier": self.noise_multiplier,
+                 "delta": self.delta, "seed": self.seed, "accountant": self.accountant,
+                 "steps": self.steps}
+        if self.target_epsilon is not None:  # absent otherwise, as before it existed
+            state["target_epsilon"] = self.target_epsilon
+        return state
 
     @classmethod
     def from_state_dict(cls, state) -> "DP":
         keys = ("max_grad_norm", "noise_multiplier", "delta", "seed", "accountant", "steps")
-        if not isinstance(state, dict) or sorted(state) != sorted(keys):
+        if not (isinstance(state, dict)
+                and set(keys) <= set(state) <= {*keys, "target_epsilon"}):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"a DP state must have the entries {list(keys)}, got {got}")
+            raise ValueError(f"a DP state must have the entries {list(keys)} (and may have "
+                             f"target_epsilon), got {got}")
         dp = cls(*(state[key] for key in keys[:5]))
         dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ")
+        for name in ("seed", "steps"):  # the noise generator's key and counter: 64 bits
+            if getattr(dp, name) >= 2**64:
+                raise ValueError(f"DP: {name} must be < 2^64, got {getattr(dp, name)}")
+        if "target_epsilon" in state:
+            dp.target_epsilon = _checks.in_range("target_epsilon", state["target_epsilon"],
+                                                 "DP: ", low_open=True)
         return dp
 
     # --- the stage of the backward pass ----------------------------------------------

@@ -40,11 +40,15 @@ model, its loss and ``torch.optim`` work unchanged.
   again for its tape. Double backward (``create_graph=True``) is not supported.
 * A module deep-copied or unpickled gets its own parameters and builds its engine from
   them at its first forward.
+* **Threads**: on the CPU the engine's BLAS runs on :data:`BLAS_THREADS` (1) threads while
+  it computes for a module, and PyTorch keeps its own; ``BLAS_THREADS = None`` leaves
+  BLAS's setting alone (large layers on many cores), at the risk described there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 try:
@@ -64,6 +68,16 @@ from .mlp import MLP
 from .network import Network
 
 __all__ = ["NetworkModule", "MLPModule"]
+
+# Threads of the engine's CPU BLAS (SciPy's and NumPy's OpenBLAS) while it computes for a
+# module; None: BLAS's own setting. An OpenBLAS thread spins for a while (2^28 cycles, a
+# tenth of a second: OPENBLAS_THREAD_TIMEOUT) after each call, on the cores PyTorch's
+# intra-op threads want next, and PyTorch's idle OpenMP threads spin in turn: two pools,
+# each as large as the machine, taking turns. On 2 cores the README's example took 16-74 s
+# that way, 4-8 s with this (3.8-4.0 s with OMP_NUM_THREADS=1). Kept to 1 thread, the
+# engine's BLAS threads never wake; PyTorch keeps all of its own. Needs threadpoolctl (the
+# torch extra installs it); without it BLAS keeps its own setting.
+BLAS_THREADS = 1
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -98,9 +112,10 @@ def _engine_device(device: torch.device) -> str:
 def _on(device: torch.device):
     """Run the engine where ``device``'s tensors live: for CUDA on that GPU and on
     PyTorch's current stream there, so CuPy's kernels and cuBLAS calls are ordered with
-    PyTorch's."""
+    PyTorch's; on the CPU with its BLAS at :data:`BLAS_THREADS` threads."""
     if device.type != "cuda":
-        yield
+        with _cpu_blas_threads():
+            yield
         return
     _device.resolve("cuda")  # a clear RuntimeError when CuPy cannot use the GPU
     import cupy
@@ -111,6 +126,30 @@ def _on(device: torch.device):
         stream = cupy.cuda.Stream.null if pointer == 0 else cupy.cuda.ExternalStream(pointer)
         with stream:
             yield
+
+
+@functools.cache
+def _blas_pools():
+    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's and SciPy's, both
+    loaded by ``import gpu_mlp``), or None without threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ModuleNotFoundError:
+        return None
+    return threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+
+@contextlib.contextmanager
+def _cpu_blas_threads():
+    """Within: the BLAS libraries at :data:`BLAS_THREADS` threads (10 us to set and
+    restore). The setting is the process's: modules run concurrently in several Python
+    threads share it."""
+    pools = _blas_pools() if BLAS_THREADS is not None else None
+    if pools is None or not pools.lib_controllers:
+        yield
+        return
+    with pools.limit(limits=BLAS_THREADS):
+        yield
 
 
 def _pointer(a) -> int:

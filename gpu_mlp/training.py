@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
 import math
 import sys
 import time
@@ -47,11 +49,19 @@ from . import _checks, ops
 from . import optim as _optim
 from . import privacy as _privacy
 from .device import to_numpy
-from .network import _check_lr
+from .network import _check_lr, _check_scalars
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
 _ROSE = 1.1  # a final training loss this many times the first step's is worth a warning
 _PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds", "epsilon")
+# where each number fit records lies (NaN lies in none), and whether null may stand for
+# it (no validation data, no accuracy, not private); a run without noise spends an
+# infinite epsilon, and a validation set may overflow the net: its loss is any number
+_EPOCH_RANGES = {"lr": ((0.0, sys.float_info.max), False),
+                 "train_loss": ((-sys.float_info.max, sys.float_info.max), False),
+                 "val_loss": (None, True), "val_accuracy": ((0.0, 1.0), True),
+                 "seconds": ((0.0, sys.float_info.max), False),
+                 "epsilon": ((0.0, math.inf), True)}
 DEFAULT_LR = 0.05  # plain SGD's learning rate when neither lr nor optimizer is given
 
 
@@ -59,6 +69,8 @@ class TrainingDiverged(RuntimeError):
     """Training reached a non-finite loss. The net holds the parameters it had at the end
     of the last good epoch (the initial ones if the first diverged); ``history`` is the
     :class:`History` of the good epochs, e.g. to save or plot."""
+
+    every_rank = True  # data-parallel: the epoch loss is global, so every rank raises it
 
     def __init__(self, message: str, history: "History"):
         super().__init__(message)
@@ -113,9 +125,10 @@ class History:
         if not isinstance(d, dict) or sorted(d) != sorted(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"history must have the entries {names}, got {got}")
-        for name in ("seed", "batch_size", "samples"):
-            if type(d[name]) is not int or d[name] < 0:
-                raise ValueError(f"history: {name} must be an integer >= 0, got {d[name]!r}")
+        for name, minimum in (("seed", 0), ("batch_size", 1), ("samples", 1)):
+            if type(d[name]) is not int or d[name] < minimum:
+                raise ValueError(f"history: {name} must be an integer >= {minimum}, got "
+                                 f"{d[name]!r}")
         if type(d["shuffle"]) is not bool:
             raise ValueError(f"history: shuffle must be true or false, got {d['shuffle']!r}")
         if not isinstance(d["train_loss"], list):
@@ -124,10 +137,13 @@ class History:
             entries = d[name]
             if not isinstance(entries, list) or len(entries) != len(d["train_loss"]):
                 raise ValueError(f"history: {name} must be a list with one entry per epoch")
-            optional = name.startswith("val_") or name == "epsilon"
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                       or (optional and v is None) for v in entries):
-                raise ValueError(f"history: {name} must hold numbers")
+            bounds, optional = _EPOCH_RANGES[name]
+            for v in entries:
+                if not (optional and v is None or type(v) in (int, float)
+                        and (bounds is None or bounds[0] <= v <= bounds[1])):
+                    raise ValueError(f"history: {name} must hold numbers"
+                                     f"{'' if bounds is None else ' in [%g, %g]' % bounds}"
+                                     f"{' or null' if optional else ''}, got {v!r}")
         return cls(**d)
 
 
@@ -175,8 +191,25 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             rank.
 
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
-    that diverges (a non-finite epoch loss) stops with a :class:`TrainingDiverged`.
+    that diverges (a non-finite epoch loss) stops with a :class:`TrainingDiverged`. With
+    ``comm`` fit is a collective: an exception on one rank alone ends the job (see
+    :meth:`gpu_mlp.distributed.Communicator.guard`), one raised by every rank alike (a
+    configuration that differs, a divergence) is raised on every rank.
     """
+    run = functools.partial(_fit, net, X, Y, epochs, batch_size, lr, shuffle, seed,
+                            validation, verbose, on_epoch, resume, optimizer, dp)
+    if comm is None:
+        return run(None)
+    from .distributed import communicator
+
+    comm = communicator(comm, net)
+    with comm.guard():  # else the other ranks would wait for this one forever
+        return run(comm)
+
+
+def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, on_epoch,
+         resume, optimizer, dp, comm) -> History:
+    """:func:`fit`, with ``comm`` a Communicator or None."""
     epochs = _checks.integer("epochs", epochs)
     batch_size = _checks.integer("batch_size", batch_size)
     if optimizer is None:
@@ -191,7 +224,7 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
         optimizer._check_net(net)
     if dp is not None and not isinstance(dp, _privacy.DP):
         raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
-    comm = _communicator(net, comm)
+    _check_scalars(net.dtype, lr if optimizer is None else optimizer, dp)
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -249,7 +282,7 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
                     shown, shown_at = done, time.perf_counter()
             train_loss = losses.mean(comm)  # waits for the epoch's last step
             if epoch == 0:
-                first_step_loss = losses.first()
+                first_step_loss = losses.first(comm)
             seconds = time.perf_counter() - start
             if not math.isfinite(train_loss):
                 _restore(net.params, good)
@@ -273,23 +306,6 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             on_epoch(net, history)
     _warn_if_loss_rose(history, first_step_loss, _base_lr(lr, optimizer))
     return history
-
-
-def _communicator(net, comm):
-    """``comm`` as a :class:`gpu_mlp.distributed.Communicator`: an mpi4py communicator is
-    wrapped for this run (on the CPU; a GPU rank must pick its device before the net
-    exists, which only a Communicator made first can do)."""
-    if comm is None or hasattr(comm, "_stage"):
-        return comm
-    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
-        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
-                        f"communicator, got {comm!r}")
-    if net._xp is not np:
-        raise TypeError("on a GPU pass a gpu_mlp.distributed.Communicator(comm) made before "
-                        "the network: it picks each rank's GPU, which must happen first")
-    from .distributed import Communicator
-
-    return Communicator(comm)
 
 
 def _batches(X, Y, xp, n, batch_size, seed, epoch, shuffle, dp, comm):
@@ -332,15 +348,23 @@ def _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp, shuffle, seed,
     """What every rank of a data-parallel run must agree on, JSON-ready."""
     return {"layers": [layer.spec() for layer in net.layers], "loss": net.loss.name,
             "memory": net.memory, "dtype": net.dtype.name, "device": net.device,
-            "samples": list(X.shape), "targets": list(Y.shape),
-            "data": float(to_numpy(X.sum(dtype=np.float64))),
+            "samples": list(X.shape), "targets": list(Y.shape), "data": _digest(X, Y),
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
             "shuffle": bool(shuffle), "epochs_done": history.epochs,
             "optimizer": None if optimizer is None else repr(optimizer),
             "optimizer_steps": None if optimizer is None else optimizer.steps,
             "dp": None if dp is None else dp.state_dict(),
-            "params": float(sum(float(to_numpy(W.sum(dtype=np.float64)))
-                                for W, _ in net.params))}
+            "params": _digest(*(a for pair in net.params for a in pair))}
+
+
+def _digest(*arrays) -> str:
+    """A digest of the arrays' bytes, in order (BLAKE2b, on the host: a GPU's arrays are
+    copied there once per fit): ranks whose data differ anywhere, or only in the order
+    of their rows, differ in it, where a sum may not."""
+    digest = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        digest.update(np.ascontiguousarray(to_numpy(a)))
+    return digest.hexdigest()
 
 
 def _snapshots(optimizer, dp):
@@ -379,7 +403,7 @@ def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
     if history.train_loss[-1] > _ROSE * start:
         warnings.warn(f"the training loss rose from {start:.4g} ({when}) to "
                       f"{history.train_loss[-1]:.4g} (epoch {history.epochs}): the "
-                      f"learning rate {lr} may be too large", TrainingWarning, stacklevel=3)
+                      f"learning rate {lr} may be too large", TrainingWarning, stacklevel=4)
 
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
@@ -407,10 +431,17 @@ class _StepLosses:
         self.weights[self.count] = weight
         self.count += 1
 
-    def first(self) -> float:
-        """The loss of the first step that had rows (a Poisson sample can be empty)."""
-        nonempty = np.flatnonzero(self.weights[:self.count])
-        return float(self.values[nonempty[0]]) if nonempty.size else math.nan
+    def first(self, comm=None) -> float:
+        """The loss of the first step that had rows (a Poisson sample can be empty); with
+        ``comm`` of the first global batch that had rows, over every rank's share."""
+        k = self.count
+        if comm is None:  # one value from the device
+            nonempty = np.flatnonzero(self.weights[:k])
+            return float(self.values[nonempty[0]]) if nonempty.size else math.nan
+        totals = comm.sum([to_numpy(self.values[:k]) * self.weights[:k], self.weights[:k]])
+        nonempty = np.flatnonzero(totals[1])
+        return float(totals[0, nonempty[0]] / totals[1, nonempty[0]]) if nonempty.size \
+            else math.nan
 
     def mean(self, comm=None) -> float:
         """The weighted mean so far: one device-to-host transfer; with ``comm`` over the

@@ -8,6 +8,17 @@ far; a smaller batch gets a view of their first rows. So a full batch, the remai
 or any number of sizes in turn all run on the same buffers: after the first step with
 the largest batch the steady state allocates nothing, which ``allocations`` lets tests
 and benchmarks see. The memory held is bounded by the largest batch.
+
+Two sizes of what is held: ``bytes`` is what the workspace asked for (the buffers'
+``nbytes``); ``pool_bytes`` is what the allocator holds for them. On NumPy the two are
+equal (NumPy's allocator reports no rounding of its own). CuPy's memory pool rounds every
+request up to a multiple of 512 bytes (``ALLOCATION_UNIT_SIZE`` and ``_round_size`` in
+cupy/cuda/memory.pyx), and its ``used_bytes()`` counts those rounded sizes for the
+blocks in use: the workspace's buffers add exactly ``pool_bytes`` to it. Its
+``total_bytes()`` is another measure -- device memory obtained from cudaMalloc, free
+blocks included; ``free_all_blocks()`` cannot release a free block split off an
+allocation that is still partly in use, and a new buffer may be cut from such a block
+without the total growing -- so the total grows by neither size.
 """
 
 from __future__ import annotations
@@ -15,6 +26,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+
+# CuPy's MemoryPool rounds every allocation up to a multiple of this (cupy/cuda/memory.pyx:
+# ALLOCATION_UNIT_SIZE, used by _round_size; the same from CuPy 7 to 14)
+CUPY_ALLOCATION_UNIT = 512
 
 
 class Workspace:
@@ -24,7 +39,9 @@ class Workspace:
         self._rows = {}                 # (row shape, dtype) -> rows of its base buffers
         self._ones = None
         self.allocations = 0     # buffers ever created
-        self.bytes = 0           # bytes held, in use or free
+        self.bytes = 0           # bytes held, in use or free: the buffers' nbytes
+        self.pool_bytes = 0      # the same buffers as the allocator holds them (see above)
+        self._unit = 1 if xp is np else CUPY_ALLOCATION_UNIT
         self.in_use_bytes = 0
         self.peak_in_use_bytes = 0
 
@@ -40,8 +57,7 @@ class Workspace:
             base = free.pop()
         else:
             base = self.xp.empty((self._rows[key],) + key[0], dtype=key[1])
-            self.allocations += 1
-            self.bytes += base.nbytes
+            self._count(base)
         self.in_use_bytes += base.nbytes
         self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
         return base[:rows]
@@ -51,8 +67,7 @@ class Workspace:
         if self._ones is None or self._ones.shape[0] < n:
             self._release([self._ones] if self._ones is not None else [])
             self._ones = self.xp.ones(n, dtype=self.dtype)
-            self.allocations += 1
-            self.bytes += self._ones.nbytes
+            self._count(self._ones)
         return self._ones[:n]
 
     def give(self, *buffers) -> None:
@@ -78,5 +93,15 @@ class Workspace:
             self._release([self._ones])
             self._ones = None
 
+    def _held(self, buffer) -> int:
+        """The bytes the allocator holds for ``buffer``: its nbytes rounded up."""
+        return -(-buffer.nbytes // self._unit) * self._unit
+
+    def _count(self, buffer) -> None:
+        self.allocations += 1
+        self.bytes += buffer.nbytes
+        self.pool_bytes += self._held(buffer)
+
     def _release(self, buffers) -> None:
         self.bytes -= sum(b.nbytes for b in buffers)
+        self.pool_bytes -= sum(self._held(b) for b in buffers)

@@ -32,6 +32,11 @@ it, and each call is checked as strictly as the GPU needs it, then run:
   NumPy after CuPy's own shape and dtype assertions; operands C-contiguous and no output
   overlapping an input.
 
+* ``cupy.asarray(a)``: a host array goes to the "device" only if CuPy takes its dtype
+  (``cupy/_core/_dtype.pyx``: booleans, integers, floats, complex numbers); anything else
+  -- strings, objects, dates, records -- raises CuPy's ``ValueError: Unsupported dtype``.
+  ``cupy.ndarray`` is a class no host array belongs to, so every one goes that way.
+
 ``device.launches`` counts every kernel and BLAS call.
 
 What this proves: the CuPy branches of ``gpu_mlp.ops`` and the CuPy side of
@@ -278,6 +283,23 @@ class RowKernel:
         return sizes
 
 
+# The dtypes CuPy has (cupy/_core/_dtype.pyx, all_type_chars): bool, the integers,
+# float16/32/64, complex64/128. check_supported_dtype refuses every other.
+CUPY_TYPE_CHARS = "?bhilqBHILQefdFD"
+
+
+class DeviceArray:
+    """``cupy.ndarray``'s place: no host array is one."""
+
+
+def asarray(a, dtype=None):
+    """``cupy.asarray``: CuPy's dtype check, then (here) the host array itself."""
+    a = np.asarray(a, dtype=dtype)
+    if a.dtype.char not in CUPY_TYPE_CHARS:
+        raise ValueError(f"Unsupported dtype {a.dtype}")
+    return a
+
+
 def _op(where: str, trans: str, a):
     assert trans in ("N", "T"), f"{where}: transposition {trans!r} is not 'N' or 'T'"
     return a if trans == "N" else a.T
@@ -299,6 +321,7 @@ class Device:
         self.cupy = types.ModuleType("cupy")
         self.cupy.ElementwiseKernel = functools.partial(ElementwiseKernel, self)
         self.cupy.RawModule = functools.partial(RawModule, self)
+        self.cupy.ndarray, self.cupy.asarray = DeviceArray, asarray
         self.cupy.cublas = types.ModuleType("cupy.cublas")
         self.cupy.cublas.gemm, self.cupy.cublas.gemv = self.gemm, self.gemv
 

@@ -4,6 +4,10 @@
     mpirun -n 2 python tests/mpi_worker.py raise      # rank 1 raises inside guard()
     mpirun -n 2 python tests/mpi_worker.py die        # rank 1 dies in the middle of a step
     mpirun -n 3 python tests/mpi_worker.py mismatch   # configurations differ across ranks
+    mpirun -n 2 python tests/mpi_worker.py fit_order  # rank 1's rows in another order
+    mpirun -n 2 python tests/mpi_worker.py fit_raise  # rank 1 raises inside fit, unguarded
+    mpirun -n 2 python tests/mpi_worker.py fit_raise_handled  # ... and its caller handles it
+    mpirun -n 2 python tests/mpi_worker.py loss       # the losses reported are global
 
 Every rank checks its own results and the job exits non-zero (``guard()`` aborts it)
 on the first failure; rank 0 prints one ``OK ...`` line per passed case.
@@ -11,9 +15,11 @@ on the first failure; rank 0 prints one ``OK ...`` line per passed case.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -21,6 +27,7 @@ import gpu_mlp
 from gpu_mlp import optim
 from gpu_mlp.distributed import Communicator
 from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.training import TrainingWarning
 
 N, BATCH, EPOCHS = 18, 8, 3  # batches of 8, 8, 2: the last gives 3 ranks a share of 0 rows
 
@@ -189,10 +196,82 @@ def scenario_mismatch(comm):
     comm.barrier()
 
 
+def scenario_fit_order(comm):
+    """Every rank the same rows, rank 1 in another order (integers: every sum the same):
+    fit refuses on every rank before the first step."""
+    net = dense_net()
+    X, y = data((5,), 3)
+    X = np.round(3 * X)
+    if comm.rank == 1:
+        X, y = X[::-1], y[::-1]
+    try:
+        net.fit(X, y, epochs=1, batch_size=BATCH, verbose=False, comm=comm)
+    except ValueError as e:
+        print(f"rank {comm.rank} caught: {e}", flush=True)
+    else:
+        raise AssertionError(f"rank {comm.rank}: fit let rows in another order pass")
+
+
+def fit_failing_on_rank_1(comm, through):
+    """fit over ``through`` (a Communicator or mpi4py's own), whose on_epoch raises on
+    rank 1: the other ranks would wait for rank 1 in the next epoch forever."""
+    def on_epoch(net, history):
+        if comm.rank == 1:
+            raise RuntimeError("rank 1 fails inside fit")
+
+    X, y = data((5,), 3)
+    dense_net().fit(X, y, epochs=3, batch_size=BATCH, verbose=False, on_epoch=on_epoch,
+                    comm=through)
+
+
+def scenario_fit_raise(comm):
+    """Nothing outside fit guards it: fit itself must end the job."""
+    fit_failing_on_rank_1(comm, comm.comm)
+
+
+def scenario_fit_raise_handled(comm):
+    """Inside the caller's guard, with the caller's own handling (as the CLI's one-line
+    errors): fit's guard leaves the error to it."""
+    try:
+        fit_failing_on_rank_1(comm, comm)
+    except RuntimeError as e:
+        print(f"rank {comm.rank} handles it: {e}", file=sys.stderr, flush=True)
+        comm.abort(5)
+
+
+def scenario_loss(comm):
+    """train_step(comm=) -- given mpi4py's own communicator -- returns the global batch's
+    loss, and fit's TrainingWarning quotes the global first step's: as one process."""
+    X, y = data((5,), 3)
+    counts, starts = shares(BATCH, comm.size)
+    mine = slice(starts[comm.rank], starts[comm.rank + 1])
+    alone = float(dense_net().train_step(X[:BATCH], y[:BATCH], 0.1))
+    together = float(dense_net().train_step(X[mine], y[mine], 0.1, comm=comm.comm))
+    if not abs(together - alone) <= 1e-12 * abs(alone):
+        raise AssertionError(f"rank {comm.rank}: train_step returned {together}, the global "
+                             f"batch's loss is {alone}")
+
+    def warned(comm):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dense_net().fit(X, y, epochs=3, batch_size=BATCH, lr=1e4, verbose=False,
+                            comm=comm)
+        return [str(w.message) for w in caught if w.category is TrainingWarning]
+
+    alone, together = warned(None), warned(comm)
+    if not alone or together != alone:
+        raise AssertionError(f"rank {comm.rank}: warned {together}, one process {alone}")
+    if comm.is_root:
+        print(f"OK loss {alone[0]}", flush=True)
+
+
+UNGUARDED = ("fit_raise",)  # what fit must guard by itself
+
+
 def main():
     scenario = sys.argv[1]
     comm = Communicator()
-    with comm.guard():
+    with contextlib.nullcontext() if scenario in UNGUARDED else comm.guard():
         start = time.perf_counter()
         globals()[f"scenario_{scenario}"](comm)
         if comm.is_root:

@@ -399,3 +399,31 @@ def test_cli_refuses_to_resume_with_other_settings(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 1
     assert "not resuming" in done.stderr
+
+
+def test_the_environment_names_no_path_of_the_machine(monkeypatch, tmp_path):
+    """Results are committed: the command, the folder it ran in and the output folder are
+    recorded relative to the repository, the interpreter by its name."""
+    monkeypatch.chdir(ROOT / "bench")
+    monkeypatch.setattr(sys, "orig_argv", [
+        sys.executable, "-X", "utf8", str(ROOT / "bench" / "run.py"), "--widths", "8",
+        "--out", str(ROOT / "bench" / "results" / "x"), f"--log={ROOT / 'a b.log'}",
+        "--cache", str(tmp_path / "cache"), "results/y"])
+    env = harness.environment(["cpu"], 1, False, out=ROOT / "bench" / "results" / "x")
+    python = Path(sys.executable).name
+    assert env["command"] == (f"{python} -X utf8 bench/run.py --widths 8 --out "
+                              f"bench/results/x '--log=a b.log' --cache cache results/y")
+    assert (env["cwd"], env["out"]) == ("bench", "bench/results/x")
+    assert str(ROOT) not in json.dumps(env) and str(tmp_path) not in json.dumps(env)
+    monkeypatch.chdir(ROOT)
+    assert harness.environment(["cpu"], 1, False)["cwd"] == "."
+    monkeypatch.chdir(tmp_path)
+    assert harness.environment(["cpu"], 1, False)["cwd"] == "outside the repository"
+
+
+def test_scaling_records_its_mpirun_lines_without_machine_paths():
+    command = ["/opt/mpi/bin/mpirun", "--oversubscribe", "-n", "2", sys.executable,
+               str(ROOT / "bench" / "scaling.py"), "--worker", "/tmp/tmpab12/P2.json"]
+    assert harness.portable_command(command) == (
+        f"mpirun --oversubscribe -n 2 {Path(sys.executable).name} bench/scaling.py "
+        "--worker P2.json")

@@ -1,13 +1,19 @@
 """gpu_mlp.checkpoint: round trips, resuming bit for bit, atomic saves, and bad files."""
 
+import contextlib
+import io
 import json
 import os
+import re
 import stat
 import struct
 import subprocess
 import sys
 import textwrap
+import time
+import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -549,3 +555,324 @@ def test_resumed_adam_cosine_run_ends_bit_for_bit(tmp_path, stop_after):
     assert same_params(stored.net.params, straight.params)
     assert rest.train_loss == full.train_loss and rest.lr == full.lr
     assert same_state(stored.optimizer.state_dict(), opt.state_dict())
+
+
+# --- one writer per checkpoint, and the temporaries of dead ones -------------------------
+
+def dead_pid():
+    """The pid of a process that has exited."""
+    result = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout)
+
+
+def test_save_removes_the_temporaries_of_dead_writers_only(tmp_path):
+    stale = f".run.npz.{dead_pid()}.0badf00d.tmp"  # what a killed run leaves behind
+    live = f".run.npz.{os.getpid()}.0badf00d.tmp"  # a writer still at work
+    kept = [live, ".other.npz.1.0badf00d.tmp", "notes.tmp"]
+    for name in [stale, *kept]:
+        (tmp_path / name).write_bytes(b"PK\x03\x04 partial")
+    small_net().save(tmp_path / "run.npz")
+    assert files_in(tmp_path) == sorted(["run.npz", *kept])
+
+
+def test_hold_refuses_a_second_writer_and_names_it(tmp_path):
+    path = tmp_path / "run.npz"
+    with checkpoint.hold(path):
+        with pytest.raises(checkpoint.CheckpointInUse,
+                           match=f"{path}: another run \\(pid {os.getpid()}\\) writes it"):
+            with checkpoint.hold(path):
+                pass
+        small_net().save(path)  # the holder itself saves as usual
+    assert files_in(tmp_path) == ["run.npz"]  # the lock is gone with its holder
+    with checkpoint.hold(path):
+        pass
+
+
+def test_a_lock_left_by_a_killed_writer_does_not_block(tmp_path):
+    (tmp_path / ".run.npz.lock").write_text(f"{dead_pid()}\n")  # no process holds it
+    with checkpoint.hold(tmp_path / "run.npz"):
+        small_net().save(tmp_path / "run.npz")
+    assert files_in(tmp_path) == ["run.npz"]
+
+
+# --- hostile files: the metadata first, then every header, then no more data than that ---
+
+def npy_bytes(a):
+    f = io.BytesIO()
+    np.save(f, a, allow_pickle=False)
+    return f.getvalue()
+
+
+def handwritten_npy(shape, descr="<f4", data=b""):
+    """An .npy file whose header says ``shape`` and ``descr``, whatever ``data`` holds."""
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False,
+                                             "shape": shape})
+    return f.getvalue() + data
+
+
+def write_zip(path, entries, members=None, compression=zipfile.ZIP_STORED):
+    """``entries`` (meta a dict) as a zip, raw ``members`` (name: bytes) instead of some."""
+    raw = {f"{key}.npy": npy_bytes(np.array(json.dumps(a)) if key == "meta" else a)
+           for key, a in entries.items()}
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, content in {**raw, **(members or {})}.items():
+            z.writestr(name, content)
+
+
+@contextlib.contextmanager
+def bounded(megabytes=8, seconds=2.0):
+    """The block allocates at most ``megabytes`` (NumPy's arrays included) and is quick."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        yield
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < megabytes * 2**20, f"the reader allocated {peak / 2**20:.0f} MiB"
+    assert time.perf_counter() - start < seconds
+
+
+def refused(path, match):
+    with bounded(), pytest.raises(CheckpointError) as error:
+        checkpoint.read(path, device="cpu")
+    assert str(error.value).startswith(f"{path}: ") and re.search(match, str(error.value))
+
+
+@pytest.mark.parametrize("name, header", [
+    ("W_1", handwritten_npy((10**6, 10**6), data=bytes(90_000))),
+    ("W_1", handwritten_npy((12, 6), data=bytes(90_000))),
+    ("b_2", handwritten_npy((4,), data=bytes(8))),  # short
+    ("meta", handwritten_npy((), descr="<U100000000", data=bytes(90_000))),
+])
+def test_a_header_that_does_not_match_its_data_is_refused_before_reading(tmp_path, entries,
+                                                                         name, header):
+    write_zip(tmp_path / "bad.npz", entries, {f"{name}.npy": header})
+    refused(tmp_path / "bad.npz", f"damaged or unreadable entry '{name}' .*bytes of data")
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2**24,), "W_1 has shape \\(16777216,\\), but layer 1"),
+    ((12, 6), "'W_1' .*holds 67108864 bytes of data"),
+])
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path, entries, shape, match):
+    path = tmp_path / "bomb.npz"
+    write_zip(path, {k: v for k, v in entries.items() if k != "W_1"},
+              compression=zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("W_1.npy", "w") as f:
+        f.write(handwritten_npy(shape))
+        for _ in range(64):  # 64 MiB of zeros, 64 KiB deflated
+            f.write(bytes(2**20))
+    assert path.stat().st_size < 2**20
+    refused(path, match)
+
+
+def test_a_zip_directory_claiming_more_than_deflate_can_hold_is_refused(tmp_path, entries):
+    # a model of 1.8 GiB, honestly described, in a file of 2 KiB: the directory says its
+    # members inflate to 1.8 GiB, which no deflate stream of their size can
+    entries["meta"]["layers"] = [{"type": "Dense", "d_in": 6, "d_out": 2**26,
+                                  "activation": "identity"}]
+    entries["meta"]["history"] = None
+    path = tmp_path / "liar.npz"
+    headers = {"W_1.npy": handwritten_npy((2**26, 6)), "b_1.npy": handwritten_npy((2**26,))}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("meta.npy", npy_bytes(np.array(json.dumps(entries["meta"]))))
+        for name, header in headers.items():
+            z.writestr(name, header + bytes(1000))
+    content = bytearray(path.read_bytes())
+    for name, header in headers.items():  # the uncompressed size in the directory entry
+        entry = content.rindex(name.encode()) - 46  # the last mention: the directory's
+        assert content[entry:entry + 4] == b"PK\x01\x02"
+        size = len(header) + 4 * (6 if name == "W_1.npy" else 1) * 2**26
+        struct.pack_into("<I", content, entry + 24, size)
+    path.write_bytes(bytes(content))
+    refused(path, "'W_1' .*sizes.*cannot be right")
+
+
+def test_a_deflate_stream_longer_than_its_directory_says_is_read_no_further(tmp_path, entries):
+    # W_1's stream goes on with 64 MiB of zeros, but the directory's size and CRC are
+    # those of the array: the reader reads what the model needs and stops
+    path = tmp_path / "long.npz"
+    write_zip(path, {k: v for k, v in entries.items() if k != "W_1"},
+              compression=zipfile.ZIP_DEFLATED)
+    array = npy_bytes(entries["W_1"])
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("W_1.npy", "w") as f:
+        f.write(array)
+        for _ in range(64):
+            f.write(bytes(2**20))
+    content = bytearray(path.read_bytes())
+    entry = content.rindex(b"W_1.npy") - 46
+    struct.pack_into("<I", content, entry + 16, zlib.crc32(array))
+    struct.pack_into("<I", content, entry + 24, len(array))
+    path.write_bytes(bytes(content))
+    with bounded():
+        stored = checkpoint.read(path, device="cpu")
+    assert np.array_equal(stored.net.params[0][0], entries["W_1"])
+
+
+def test_a_model_too_large_for_memory_is_a_checkpoint_error(tmp_path, entries, monkeypatch):
+    write_entries(tmp_path / "run.npz", entries)
+
+    def no_memory(shape, dtype, empty=np.empty):  # for the parameters; the metadata fits
+        if np.dtype(dtype).kind == "f":
+            raise MemoryError
+        return empty(shape, dtype)
+    monkeypatch.setattr(np, "empty", no_memory)
+    with pytest.raises(CheckpointError, match="the entry 'W_1', \\(12, 6\\) float32, does "
+                                              "not fit in memory"):
+        checkpoint.read(tmp_path / "run.npz", device="cpu")
+
+
+def test_metadata_larger_than_any_checkpoint_needs_is_refused_unread(tmp_path, entries):
+    entries["meta"]["padding"] = "x" * (9 * 2**20)  # 36 MiB as UTF-32, 40 KiB deflated
+    write_zip(tmp_path / "big.npz", entries, compression=zipfile.ZIP_DEFLATED)
+    refused(tmp_path / "big.npz", "the metadata takes 3775\\d{4} bytes, more than")
+
+
+@pytest.mark.parametrize("meta, match", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"format": "gpu_mlp.checkpoint", "version": 1' + "0" * 5000 + "}",
+     "no gpu_mlp.checkpoint metadata"),
+])
+def test_metadata_that_json_cannot_take_is_refused(tmp_path, entries, meta, match):
+    write_zip(tmp_path / "bad.npz", entries, {"meta.npy": npy_bytes(np.array(meta))})
+    refused(tmp_path / "bad.npz", match)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("W_1.npy", "the entry 'W_1' appears twice"),  # which one would count?
+    ("notes.txt", "unexpected entry 'notes.txt' \\(not an .npy array\\)"),
+])
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_ambiguous_or_foreign_members_are_refused(tmp_path, entries, name, match):
+    write_zip(tmp_path / "bad.npz", entries)
+    with zipfile.ZipFile(tmp_path / "bad.npz", "a") as z:
+        z.writestr(name, npy_bytes(np.zeros((12, 6), np.float32)))
+    refused(tmp_path / "bad.npz", match)
+
+
+def test_members_of_another_compression_are_refused(tmp_path, entries):
+    write_zip(tmp_path / "bz.npz", entries, compression=zipfile.ZIP_BZIP2)
+    refused(tmp_path / "bz.npz", "compression method 12; a checkpoint is stored or deflated")
+
+
+def test_an_encrypted_member_is_refused(tmp_path, entries):
+    write_zip(tmp_path / "locked.npz", entries)
+    content = bytearray((tmp_path / "locked.npz").read_bytes())
+    entry = content.rindex(b"W_1.npy") - 46  # its directory entry: set "encrypted"
+    content[entry + 8] |= 1
+    (tmp_path / "locked.npz").write_bytes(bytes(content))
+    refused(tmp_path / "locked.npz", "'W_1' \\(it is encrypted\\)")
+
+
+@pytest.mark.parametrize("layout", ["big-endian", "fortran", "deflated"])
+def test_other_layouts_of_the_same_numbers_load(tmp_path, entries, layout):
+    write_entries(tmp_path / "good.npz", entries)
+    good = checkpoint.read(tmp_path / "good.npz", device="cpu")
+    convert = {"big-endian": lambda a: a.astype(a.dtype.newbyteorder(">")),
+               "fortran": np.asfortranarray, "deflated": lambda a: a}[layout]
+    changed = {k: v if k == "meta" else convert(v) for k, v in entries.items()}
+    write_zip(tmp_path / "other.npz", changed,
+              compression=zipfile.ZIP_DEFLATED if layout == "deflated" else zipfile.ZIP_STORED)
+    other = checkpoint.read(tmp_path / "other.npz", device="cpu")
+    assert same_params(other.net.params, good.net.params) and other.history == good.history
+    assert all(a.dtype == np.float32 for pair in other.net.params for a in pair)
+
+
+# --- hostile metadata: every field is checked where it is read -------------------------------
+
+NAN, INF = float("nan"), float("inf")  # json.dumps writes NaN and Infinity, and loads them
+
+
+def set_history(key, value):
+    return lambda e: e["meta"]["history"].__setitem__(key, value)
+
+
+def set_dp(key, value):
+    def change(e):
+        e["meta"]["dp"] = {"max_grad_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5,
+                           "seed": 3, "accountant": "rdp", "steps": 3, key: value}
+    return change
+
+
+@pytest.mark.parametrize("change, match", [
+    (set_history("batch_size", 0), "history: batch_size must be an integer >= 1, got 0"),
+    (set_history("samples", 0), "history: samples must be an integer >= 1, got 0"),
+    (set_history("batch_size", 32.0), "history: batch_size must be an integer >= 1, got 32.0"),
+    (set_history("seed", True), "history: seed must be an integer >= 0, got True"),
+    (set_history("shuffle", 1), "history: shuffle must be true or false"),
+    (set_history("train_loss", [NAN]), "history: train_loss must hold numbers in"),
+    (set_history("train_loss", [INF]), "history: train_loss must hold numbers in"),
+    (set_history("lr", [-0.1]), "history: lr must hold numbers in"),
+    (set_history("lr", [INF]), "history: lr must hold numbers in"),
+    (set_history("lr", [True]), "history: lr must hold numbers in"),
+    (set_history("seconds", [-1.0]), "history: seconds must hold numbers in"),
+    (set_history("val_accuracy", [1.5]), "history: val_accuracy must hold numbers in"),
+    (set_history("epsilon", [-1.0]), "history: epsilon must hold numbers in"),
+    (set_history("epsilon", [NAN]), "history: epsilon must hold numbers in"),
+    (set_history("lr", [None]), "history: lr must hold numbers in"),
+    (set_dp("seed", 2**64), "dp: DP: seed must be < 2\\^64, got 18446744073709551616"),
+    (set_dp("steps", 2**64), "dp: DP: steps must be < 2\\^64"),
+    (set_dp("steps", True), "dp: DP: steps must be an integer >= 0"),
+    (set_dp("noise_multiplier", NAN), "dp: DP: noise_multiplier must be a finite number"),
+    (set_dp("accountant", ["rdp"]), "dp: DP: unknown accountant"),
+])
+def test_hostile_metadata_is_refused_where_it_is_read(tmp_path, entries, change, match):
+    change(entries)
+    write_entries(tmp_path / "bad.npz", entries)
+    refused(tmp_path / "bad.npz", match)
+
+
+def test_what_fit_can_record_still_loads(tmp_path, entries):
+    # an overflowing validation loss and the epsilon of a run without noise are infinite
+    history = entries["meta"]["history"]
+    history.update(val_loss=[INF], val_accuracy=[1.0], epsilon=[INF], lr=[0.0])
+    write_entries(tmp_path / "run.npz", entries)
+    stored = checkpoint.read(tmp_path / "run.npz").history
+    assert (stored.val_loss, stored.epsilon, stored.lr) == ([INF], [INF], [0.0])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda e: e.__setitem__("opt_exp_avg_sq_W_1", np.full((12, 6), -1e-3, np.float32)),
+     "the state 'exp_avg_sq' of W_1 must be >= 0"),
+    (set_optimizer("steps", 2**64), "optimizer: optimizer: steps must be < 2\\^64"),
+    (set_optimizer("steps", True), "optimizer: optimizer: steps must be an integer >= 0"),
+    (set_optimizer("last_lr", NAN), "last_lr must be a finite number"),
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("lr", INF),
+     "lr must be a finite number > 0"),
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("betas", [True, 0.9]),
+     "beta1 must be a number"),
+    (lambda e: e["meta"]["optimizer"].__setitem__("state", {}), "optimizer must be a dict"),
+])
+def test_hostile_optimizer_state_is_refused(tmp_path, optimizer_entries, change, match):
+    change(optimizer_entries)
+    write_entries(tmp_path / "bad.npz", optimizer_entries)
+    refused(tmp_path / "bad.npz", match)
+
+
+# --- what MLP.load returns, and paths as bytes --------------------------------------------
+
+def test_mlp_load_refuses_a_network_that_is_not_an_mlp(tmp_path):
+    from gpu_mlp.layers import Conv2d, Dense
+
+    cnn = gpu_mlp.Network([Conv2d(1, 2, 3), Dense(8, 3)], device="cpu")
+    cnn.save(tmp_path / "cnn.npz")
+    with pytest.raises(CheckpointError, match="holds a Network, which MLP.load does not "
+                                              "return; load it with gpu_mlp.Network.load"):
+        gpu_mlp.MLP.load(tmp_path / "cnn.npz")
+    assert type(gpu_mlp.Network.load(tmp_path / "cnn.npz")) is gpu_mlp.Network
+    small_net().save(tmp_path / "mlp.npz")
+    assert type(gpu_mlp.Network.load(tmp_path / "mlp.npz")) is gpu_mlp.MLP
+
+
+def test_a_path_as_bytes_reads_as_os_fspath_gives_it(tmp_path):
+    small_net().save(os.fsencode(tmp_path / "net.npz"))  # written as open() would
+    assert (tmp_path / "net.npz").exists()
+    copy = gpu_mlp.MLP.load(os.fsencode(tmp_path / "net.npz"))
+    assert same_params(copy.params, small_net().params)
+    (tmp_path / "bad.npz").write_text("W_1 = [[1, 2]]\n")
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.read(os.fsencode(tmp_path / "bad.npz"))
+    assert str(error.value).startswith(f"{tmp_path / 'bad.npz'}: not a checkpoint")

@@ -5,9 +5,11 @@ command in a subprocess, exactly as a user would.
 """
 
 import argparse
+import errno
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import checkpoint, cli, plotting
+from gpu_mlp import checkpoint, cli, distributed, plotting
 from gpu_mlp.training import History
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +37,8 @@ def stop_after_epoch_2(monkeypatch):
     user's Ctrl-C would arrive then."""
     save = checkpoint.save
 
-    def save_then_stop(net, path, history, optimizer=None, dp=None):
-        save(net, path, history=history, optimizer=optimizer, dp=dp)
+    def save_then_stop(net, path, history, **kwargs):
+        save(net, path, history=history, **kwargs)
         if history.epochs == 2:
             raise KeyboardInterrupt
 
@@ -180,7 +182,7 @@ def test_resume_takes_the_settings_from_the_checkpoint(capsys, tmp_path):
     (["--dtype", "float64"], "--dtype differs"),
     (["--batch-size", "8"], "batch_size=32 \\(now 8\\)"),
     (["--seed", "1"], "seed=0 \\(now 1\\)"),
-    (["--data", "regression"], "layer sizes 64,16,10 do not fit the regression data"),
+    (["--data", "regression"], "--data differs from the checkpoint .* which has digits"),
     (["--epochs", "1"], "2 epochs are done already"),
 ])
 def test_resume_refuses_a_different_run(capsys, tmp_path, option, match):
@@ -229,17 +231,20 @@ BAD_INPUT = [
     (["--loss", "logistic"], "--loss logistic does not fit the digits data, which take "
                              "softmax_cross_entropy or squared"),
     (["--data", "regression", "--loss", "softmax_cross_entropy"], "which take squared"),
-    (["--activation", "gelu"], "--memory output needs sigma' as a function of the output, "
-                               "which gelu lacks; use --memory recompute or --memory store_both"),
-    (["--activation", "gelu", "--memory", "output"], "use --memory recompute or --memory "
-                                                     "store_both$"),
+    (["--activation", "gelu", "--memory", "output"], "--memory output needs sigma' as a "
+                                                     "function of the output, which gelu "
+                                                     "lacks; use --memory recompute or "
+                                                     "--memory store_both$"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (["--memory", "all"], "argument --memory: invalid choice"),
     (["--test-fraction", "1"], "argument --test-fraction: expected a number strictly "
                                "between 0 and 1, got '1'"),
     (["--test-fraction", "x"], "argument --test-fraction: expected a number"),
     (["--data", "regression", "--lr", "5"], "training diverged in epoch 1"),
-    (["--resume", "{tmp}/missing.npz"], "No such file or directory"),
+    (["--resume", "{tmp}/missing.npz"], "error: --resume \\S*missing.npz: no such file or "
+                                        "directory$"),
+    (["--dp-noise", "1"], "error: --dp-noise needs --dp-clip"),
+    (["--dp-noise", "1", "--dp-delta", "1e-6"], "error: --dp-noise, --dp-delta need --dp-clip"),
     (["--resume", text_file], "notes.txt: not a checkpoint \\(not an .npz file\\)"),
     (["--resume", checkpoint_without_history], "holds no training history"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -275,6 +280,8 @@ def no_training(monkeypatch):
                                 "matplotlib writes .*png"),
     (["--plot", "{tmp}/c"], "cannot plot to {tmp}/c: no suffix to name the format"),
     (["--plot", "{tmp}"], "cannot write {tmp}: it is a directory"),
+    (["--plot", "{tmp}/.png"], "cannot plot to {tmp}/.png: the name is only a suffix; name "
+                               "the file, e.g. curves.png"),
     (["--save", "{tmp}/missing/run.npz"], "cannot write {tmp}/missing/run.npz: no directory "
                                           "{tmp}/missing"),
     (["--save", "{tmp}"], "cannot write {tmp}: it is a directory"),
@@ -568,3 +575,175 @@ def test_bad_optimizer_input_ends_with_one_line_and_status_2(capsys, argv, match
     assert status == 2 and lines == []
     assert err.count("\n") == 1 and err.startswith("gpu-mlp: error: ")
     assert re.search(match, err), err
+
+
+# --- a run among others: signals, shared files, full disks, big models --------------------
+
+LONG = ["--epochs", "1000", "--hidden", "16"]  # minutes: ended by the test
+
+
+def start(*argv):
+    """``gpu-mlp train argv`` in a new process, its output in pipes."""
+    return subprocess.Popen([sys.executable, "-m", "gpu_mlp", "train", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=60):
+    """Wait until ``path`` exists: the process has written its first checkpoint."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    # what timeout, Slurm and Docker send: the run stops at once, resumable, no litter
+    path = str(tmp_path / "run.npz")
+    process = start(*LONG, "--save", path)
+    wait_for(path, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143  # 128 + SIGTERM, as a shell reports it
+    assert err == f"gpu-mlp: interrupted; continue with --resume {path}\n"
+    assert os.listdir(tmp_path) == ["run.npz"]
+    assert checkpoint.read(path).history.epochs >= 1
+
+
+def test_a_second_run_cannot_save_over_a_running_one(tmp_path):
+    path = str(tmp_path / "run.npz")
+    first = start(*LONG, "--save", path)
+    wait_for(path, first)
+    second = start("--epochs", "1", "--save", path, "--overwrite")
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 2
+    assert err == f"gpu-mlp: error: --save {path}: another run (pid {first.pid}) writes it\n"
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert first.returncode == 143 and checkpoint.read(path).net.sizes == [64, 16, 10]
+
+
+def test_a_save_path_held_by_another_run_fails_before_training(capsys, tmp_path, no_training):
+    # two runs started together: neither file exists yet, the first to start holds it
+    path = str(tmp_path / "run.npz")
+    with checkpoint.hold(path):
+        status, lines, err = run(capsys, "train", "--save", path)
+    assert status == 2 and lines == []
+    assert err == f"gpu-mlp: error: --save {path}: another run (pid {os.getpid()}) writes it\n"
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_one(capsys, tmp_path, monkeypatch):
+    path = str(tmp_path / "run.npz")
+    write = checkpoint._write
+
+    def full_after_epoch_1(f, arrays):
+        if os.path.exists(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(f, arrays)
+
+    monkeypatch.setattr(checkpoint, "_write", full_after_epoch_1)
+    status, lines, err = run(capsys, "train", *FAST, "--quiet", "--save", path)
+    assert status == 2 and lines == []
+    assert err == (f"gpu-mlp: error: --save {path}: epoch 2 not saved (no space left on "
+                   f"device); the file holds the last checkpoint, intact\n")
+    assert os.listdir(tmp_path) == ["run.npz"]
+    assert checkpoint.read(path).history.epochs == 1
+
+
+def test_a_plot_that_fails_at_the_end_is_a_warning_after_the_results(capsys, tmp_path,
+                                                                      monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(plotting, "check_format", lambda path: None)
+    monkeypatch.setattr(plotting, "plot_history", full)
+    path = str(tmp_path / "curves.png")
+    status, lines, err = run(capsys, "train", *FAST, "--plot", path)
+    assert status == 0 and lines[-1].startswith("test accuracy: ")
+    assert not any(line.startswith("plot:") for line in lines)
+    assert err == f"gpu-mlp: warning: --plot {path}: not written (no space left on device)\n"
+
+
+def test_the_plot_counts_epochs_in_whole_numbers(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    assert run(capsys, "train", *FAST, "--plot", str(tmp_path / "c.png"))[0] == 0
+    [fig] = figures
+    for axes in fig.axes:
+        ticks = axes.get_xticks()
+        assert len(ticks) and all(t == int(t) for t in ticks), ticks
+
+
+def test_a_model_too_big_for_memory_is_one_error_line(capsys):
+    status, lines, err = run(capsys, "train", "--quiet", "--hidden", "1000000000000",
+                             "--device", "cpu")
+    assert status == 2 and lines == []
+    assert err == ("gpu-mlp: error: the model needs 300 TB for its 75,000,000,000,010 "
+                   "parameters (float32): out of memory\n")
+
+
+def test_gelu_picks_the_memory_mode_it_needs(capsys):
+    status, lines, err = run(capsys, "train", *FAST, "--activation", "gelu")
+    assert status == 0 and err == ""
+    assert "memory='recompute'" in lines[1]
+    assert lines[2] == "note: --memory recompute, as gelu's derivative needs its input"
+
+
+def test_resume_takes_the_data_set_from_the_checkpoint(capsys, tmp_path):
+    path = str(tmp_path / "run.npz")
+    run(capsys, "train", "--data", "regression", "--epochs", "1", "--save", path)
+    assert checkpoint.read(path).data == "regression"
+    status, lines, _ = run(capsys, "train", "--epochs", "2", "--resume", path, "--save", path)
+    assert status == 0 and lines[0].startswith("data: regression, ")
+    assert run(capsys, "train", "--epochs", "3", "--resume", path, "--data", "regression")[0] == 0
+
+
+def test_a_run_for_a_target_epsilon_resumes_with_the_same_command(capsys, tmp_path,
+                                                                   monkeypatch):
+    command = ["train", "--quiet", "--hidden", "16", "--epochs", "3", "--dp-clip", "1",
+               "--dp-epsilon", "8"]
+    path = str(tmp_path / "run.npz")
+    stop_after_epoch_2(monkeypatch)
+    assert run(capsys, *command, "--save", path)[0] == 130
+    monkeypatch.undo()
+    status, lines, err = run(capsys, *command, "--save", path, "--resume", path)
+    assert status == 0 and err == ""
+    [reached] = [line for line in lines if line.startswith("privacy: epsilon")]
+    assert 7 < float(reached.split()[2]) <= 8.0005, reached
+    status, _, err = run(capsys, *command[:-1], "4", "--resume", path)
+    assert status == 2 and f"--dp-epsilon differs from the checkpoint {path}, which has 8" in err
+    # more epochs than planned spend more than the target: allowed, with a warning
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "4", "--resume", path)
+    assert status == 0
+    [reached] = [line for line in lines if line.startswith("privacy: epsilon")]
+    assert err == (f"gpu-mlp: warning: the noise was set for epsilon 8; 4 epochs spend "
+                   f"{reached.split()[2]} at delta 1e-05\n")
+
+
+def test_huge_noise_brings_no_accountant_log_lines(capsys, caplog):
+    status, _, _ = run(capsys, "train", "--quiet", "--epochs", "1", "--hidden", "16",
+                       "--dp-clip", "1", "--dp-noise", "1e9")
+    assert status == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+
+
+def test_a_stray_launcher_variable_makes_no_parallel_run(capsys, monkeypatch):
+    # as inside an salloc shell: Slurm's step size is set, but srun started no ranks
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    status, lines, _ = run(capsys, "train", *FAST)
+    assert status == 0 and not any("data parallel" in line for line in lines)
+
+
+def test_one_rank_is_no_data_parallel_run(capsys, monkeypatch):
+    class OneRank:
+        rank, size, is_root = 0, 1, True
+
+    monkeypatch.setattr(distributed, "Communicator", lambda path: OneRank())
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    status, lines, _ = run(capsys, "train", *FAST)
+    assert status == 0 and not any("data parallel" in line for line in lines)

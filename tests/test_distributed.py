@@ -150,6 +150,24 @@ def test_one_rank_steady_state_and_small_collectives():
     assert pool.in_use_bytes == 0  # every buffer given back by finish()
 
 
+def test_train_step_takes_mpi4pys_communicator_as_fit_does():
+    """Wrapped once per net and communicator, so its buffers last from step to step."""
+    MPI = _mpi()
+    make, shape, classes = _nets()["dense"]
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((8, *shape)), rng.integers(0, classes, 8)
+    plain, ranked = make(), make()
+    for _ in range(3):
+        J = plain.train_step(X, y, 0.1)
+        assert float(ranked.train_step(X, y, 0.1, comm=MPI.COMM_SELF)) == float(J)
+    assert distributed.communicator(MPI.COMM_SELF, ranked) is \
+        distributed.communicator(MPI.COMM_SELF, ranked)
+    for (W, b), (W_r, b_r) in zip(plain.params, ranked.params):
+        assert np.array_equal(W_r, W) and np.array_equal(b_r, b)
+    with pytest.raises(TypeError, match="or an mpi4py communicator, got 'world'"):
+        ranked.train_step(X, y, 0.1, comm="world")
+
+
 def test_one_rank_guard_raises_and_bad_path():
     MPI = _mpi()
     comm = distributed.Communicator(MPI.COMM_SELF)
@@ -234,7 +252,7 @@ def _mpirun():
     return [launcher]
 
 
-def _launch(P, scenario):
+def _launch(P, scenario, timeout=TIMEOUT):
     env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = os.path.dirname(HERE)  # gpu_mlp importable without an install too
@@ -242,10 +260,10 @@ def _launch(P, scenario):
     command = _mpirun() + ["-n", str(P), sys.executable, WORKER, scenario]
     start = time.perf_counter()
     try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                              env=env)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(command)} hung for {TIMEOUT} s:\n{e.stdout}\n{e.stderr}")
+        pytest.fail(f"{' '.join(command)} hung for {timeout} s:\n{e.stdout}\n{e.stderr}")
     return run, time.perf_counter() - start
 
 
@@ -279,6 +297,37 @@ def test_mpirun_mismatched_configurations_fail_on_every_rank():
     for line in caught:
         assert 'dtype: ranks 0,1 "float64", rank 2 "float32"' in line
         assert "seed: ranks 0,2 0, rank 1 1" in line
+
+
+def test_mpirun_fit_refuses_rows_in_another_order():
+    """The ranks' data are compared by a digest of their bytes, not by a sum: rows in
+    another order (same sum) are refused on every rank before the first step."""
+    run, _ = _launch(2, "fit_order")
+    assert run.returncode == 0, run.stdout + run.stderr
+    caught = sorted(line for line in run.stdout.splitlines() if " caught: " in line)
+    assert [line.split()[1] for line in caught] == ["0", "1"]
+    assert all("they differ in data:" in line for line in caught), caught
+
+
+def test_mpirun_losses_are_the_global_batchs():
+    """train_step(comm=mpi4py's communicator) returns the global batch's loss, and fit's
+    TrainingWarning quotes the global first step's, as one process does."""
+    run, _ = _launch(2, "loss")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "OK loss the training loss rose from" in run.stdout
+
+
+def test_mpirun_a_rank_that_fails_inside_fit_ends_the_job():
+    """fit is a collective: a rank failing inside it ends the job (no guard() around it)."""
+    run, seconds = _launch(2, "fit_raise", timeout=60)
+    assert run.returncode != 0
+    assert "rank 1: RuntimeError: rank 1 fails inside fit" in run.stderr
+    assert seconds < 30
+    # inside a guard() of the caller's, the caller's own handling has the say (the CLI's)
+    run, seconds = _launch(2, "fit_raise_handled", timeout=60)
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "rank 1 handles it: rank 1 fails inside fit" in run.stderr
+    assert "Traceback" not in run.stderr and seconds < 30
 
 
 # --- the command line under mpirun: fit(comm=...) ---------------------------------------

@@ -356,6 +356,35 @@ def test_bad_X_is_refused_and_changes_nothing(device, entry, X, error, message):
     assert_unchanged(net, before)
 
 
+NOT_NUMBERS = [np.full((BATCH, D_IN), "abc"), np.full((BATCH, D_IN), b"ab"),
+               np.full((BATCH, D_IN), None, dtype=object),
+               np.full((BATCH, D_IN), "2024-01-01", dtype="M8[D]")]
+
+
+@pytest.mark.parametrize("bad", NOT_NUMBERS, ids=lambda a: a.dtype.str)
+def test_what_is_not_a_number_never_reaches_cupy(host_cupy_lib, monkeypatch, bad):
+    """On a GPU the user's arrays go to CuPy, which refuses these dtypes with its own
+    ValueError: the engine must refuse them on the host first, as on the CPU."""
+    import host_cupy
+
+    net = make_net("cpu", "relu", "squared", "store_both", dtype="float32")
+    before = host_params(net)
+    _, tape = net.forward(GOOD_X)
+    with host_cupy.cupy_path(host_cupy_lib) as device:
+        with pytest.raises(ValueError, match=re.escape(f"Unsupported dtype {bad.dtype}")):
+            device.cupy.asarray(bad)  # what CuPy does with them
+        monkeypatch.setattr(net, "_xp", device.cupy)  # the net's inputs go to its asarray
+        for name, entry in ENTRY_POINTS.items():
+            with pytest.raises(TypeError, match="X must hold real numbers"):
+                entry(net, bad, GOOD_Y["squared"])
+            if name != "predict":
+                with pytest.raises(TypeError, match="Y must hold real numbers"):
+                    entry(net, GOOD_X, bad[:, :D_OUT])
+        with pytest.raises(TypeError, match="grad_output must hold real numbers"):
+            net.backward(tape, bad[:, :D_OUT])
+    assert_unchanged(net, before)
+
+
 BAD_Y = [  # (target kind, Y, error, message)
     pytest.param("squared", np.zeros((BATCH, D_OUT + 1)), ValueError,
                  re.escape("squared loss: Y must have shape (4, 3) to match the output, "
@@ -388,6 +417,8 @@ BAD_Y = [  # (target kind, Y, error, message)
                  re.escape("integer labels must have shape (4,)"), id="labels wrong batch"),
     pytest.param("labels", np.zeros(BATCH, dtype=bool), TypeError, "not booleans",
                  id="labels bool"),
+    pytest.param("labels", np.array([0, 1, 2**63, 1], dtype=np.uint64), ValueError,
+                 re.escape(f"got values in [0, {2**63}]"), id="label uint64 as given"),
     pytest.param("probabilities", np.full((BATCH, D_OUT), 0.5), ValueError,
                  "target rows must be probabilities", id="rows not summing to 1"),
     pytest.param("probabilities", np.array([[1.5, -0.5, 0.0]] * BATCH), ValueError,
@@ -407,6 +438,22 @@ def test_bad_Y_is_refused_and_changes_nothing(device, entry, target, Y, error, m
     assert_unchanged(net, before)
 
 
+@pytest.mark.parametrize("target, Y", [("labels", np.array([1])),
+                                       ("squared", np.zeros((2, D_OUT)))])
+def test_one_sample_with_a_batch_of_targets_says_which_is_which(device, target, Y):
+    """X[0] is one sample; Y[:1] (or more rows) is a batch: the message names both, as
+    given, not the shapes made from them."""
+    net = make_net(device, "tanh", target, "recompute", dtype="float32")
+    before = host_params(net)
+    with pytest.raises(ValueError, match=re.escape(
+            f"X is one sample, of shape ({D_IN},), so Y, of shape {Y.shape}, must be one "
+            f"sample's target")):
+        net.train_step(GOOD_X[0], Y, LR)
+    assert_unchanged(net, before)
+    net.train_step(GOOD_X[0], Y[0], LR)  # one sample, one target
+    net.train_step(GOOD_X[:1], Y[:1], LR)  # a batch of one
+
+
 @pytest.mark.parametrize("lr, error", [
     (0.0, ValueError), (-0.1, ValueError), (np.nan, ValueError), (np.inf, ValueError),
     ("fast", TypeError), (None, TypeError), ([0.1], TypeError), (np.array([0.1, 0.2]), TypeError),
@@ -418,6 +465,65 @@ def test_bad_learning_rate_is_refused_and_changes_nothing(device, lr, error):
     with pytest.raises(error, match="lr must be a"):
         net.train_step(GOOD_X, GOOD_Y["squared"], lr)
     assert_unchanged(net, before)
+
+
+def _optimizer(name, **kwargs):
+    return lambda: getattr(gpu_mlp.optim, name)(**kwargs)
+
+
+def _dp(*args):
+    from gpu_mlp.privacy import DP
+
+    return lambda: DP(*args)
+
+
+# (what train_step takes: lr, dp; the message): fine in float64, not as float32 computes
+BAD_SCALARS = [
+    pytest.param(lambda: 1e39, None, "lr must be a finite number > 0 in float32", id="lr inf"),
+    pytest.param(lambda: 1e-50, None, "lr must be a finite number > 0 in float32",
+                 id="lr 0"),
+    pytest.param(_optimizer("SGD", lr=1e39), None, "SGD: lr must be a finite number > 0 in "
+                 "float32", id="SGD lr"),
+    pytest.param(_optimizer("SGD", lr=0.1, momentum=0.5, weight_decay=1e39), None,
+                 "SGD: weight_decay must be a finite number", id="SGD weight decay"),
+    pytest.param(_optimizer("AdamW", lr=1e20, weight_decay=1e20), None,
+                 re.escape("AdamW: lr * weight_decay must be a finite number"),
+                 id="AdamW lr * weight decay"),
+    pytest.param(_optimizer("Adam", eps=1e-50), None, "Adam: eps must be a finite number > 0 "
+                 "in float32", id="Adam eps 0"),
+    pytest.param(lambda: LR, _dp(1.0, 1e308), "DP: noise_multiplier must be a finite number",
+                 id="DP noise"),
+    pytest.param(lambda: LR, _dp(1e-50, 1.0), "DP: max_grad_norm must be a finite number > 0",
+                 id="DP clip 0"),
+    pytest.param(lambda: LR, _dp(1e20, 1e20),
+                 re.escape("DP: noise_multiplier * max_grad_norm must be a finite number"),
+                 id="DP noise std"),
+]
+
+
+@pytest.mark.parametrize("lr, dp, message", BAD_SCALARS)
+def test_scalars_are_checked_as_the_kernels_compute_with_them(device, lr, dp, message):
+    """Scalars are values too: cast to the net's dtype, they must stay finite (and > 0
+    where they must be); refused before anything changes."""
+    net = make_net(device, dtype="float32")
+    before = host_params(net)
+    rule, private = lr(), dp and dp()
+    with pytest.raises(ValueError, match=message):
+        net.train_step(GOOD_X, GOOD_Y["squared"], rule, dp=private)
+    assert_unchanged(net, before)
+    assert getattr(rule, "steps", 0) == 0 and getattr(private, "steps", 0) == 0
+    with pytest.raises(ValueError, match=message):  # fit refuses it before any step
+        net.fit(GOOD_X, GOOD_Y["squared"], epochs=1, verbose=False, dp=private,
+                **({"optimizer": rule} if hasattr(rule, "steps") else {"lr": rule}))
+    assert_unchanged(net, before)
+    wide = make_net(device, dtype="float64")  # float64 holds them all
+    wide.train_step(GOOD_X, GOOD_Y["squared"], lr(), dp=dp and dp())
+
+
+def test_scalars_that_round_to_0_harmlessly_are_taken(device):
+    net = make_net(device, dtype="float32")
+    net.train_step(GOOD_X, GOOD_Y["squared"], _optimizer("AdamW", weight_decay=1e-50)())
+    net.train_step(GOOD_X, GOOD_Y["squared"], LR, dp=_dp(1e-20, 1e-30)())  # no noise
 
 
 def valid_names(names):

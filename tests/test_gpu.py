@@ -291,8 +291,8 @@ def test_wide_softmax_and_cross_entropy_match_reference(cp, wide_launches, dtype
 # --- memory ------------------------------------------------------------------------------------
 
 WIDE, WIDE_BATCH = [1024, 4096, 4096, 4096, 10], 512
-# what a step may take from CuPy's pool besides the workspace: the 0-d loss and the
-# scratch of its reduction, each rounded up to the pool's 512-byte blocks
+# what a step may get from the device for CuPy's pool besides the workspace: the 0-d loss
+# and the scratch of its reduction, freed by the step's end but kept in the pool
 POOL_SLACK = 1 << 20
 
 
@@ -316,14 +316,21 @@ def test_memory_modes_peak_and_pool_usage(cp):
     for memory in MEMORY_MODES:
         net = classifier(memory)
         gc.collect()
-        pool.free_all_blocks()  # the pool now holds only what is in use: X, y, the params
-        before = pool.total_bytes()
-        net.train_step(X, y, lr=1e-3, check=False)
-        grown[memory] = pool.total_bytes() - before
+        # in use: X, y, the params; free_all_blocks cannot release a free block split off
+        # an allocation still partly in use, and the step may reuse such a block, so the
+        # pool's total_bytes() may grow by less than the workspace (33554432 bytes against
+        # the workspace's 33599488 on an H200): compare what is in use, like with like
+        pool.free_all_blocks()
+        used, total = pool.used_bytes(), pool.total_bytes()
+        net.train_step(X, y, lr=1e-3, check=False)  # the loss (and all else) goes at once
+        gc.collect()
         ws = net.training_workspace
+        grown[memory] = pool.used_bytes() - used
         peak[memory] = ws.peak_in_use_bytes
-        # the workspace keeps every buffer it handed out, so the pool grew by its size
-        assert ws.peak_in_use_bytes <= ws.bytes <= grown[memory] <= ws.bytes + POOL_SLACK
+        # what stays in use after a step is the workspace, each buffer rounded up to the
+        # pool's 512-byte unit, exactly; the device gave the pool little more than that
+        assert ws.peak_in_use_bytes <= ws.bytes <= ws.pool_bytes == grown[memory]
+        assert pool.total_bytes() - total <= ws.pool_bytes + POOL_SLACK
         del net, ws
     # store_both keeps D_k = sigma'(A_k) next to every hidden F_k; output mode keeps F_k only
     hidden_bytes = WIDE_BATCH * sum(WIDE[1:-1]) * 4

@@ -435,16 +435,19 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
 
 # --- 3. central finite differences -----------------------------------------------------------
 
-@pytest.mark.parametrize("memory", MODES)
-def test_gradients_match_finite_differences(device, memory):
-    # away from ReLU's kink: tanh and sigmoid
+def finite_difference_net(memory, device):
+    """A tiny conv net away from ReLU's kink (tanh and sigmoid), with a batch (X, Y)."""
     layers = [Conv2d(1, 2, (2, 3), stride=(1, 2), padding=1, activation="tanh"),
               Dense(30, 3, activation="sigmoid")]
     rng = np.random.default_rng(3)
     params, X = random_params(rng, layers), rng.standard_normal((2, 1, 4, 5))
     Y = rng.standard_normal((2, 3))
-    net = engine(layers, params, "squared", memory, device)
+    return engine(layers, params, "squared", memory, device), X, Y
 
+
+def assert_finite_differences(net, X, Y):
+    """Every gradient of ``net`` at (X, Y) against central differences, which perturb the
+    net's own parameters (on its device) and the host X in place."""
     def J():
         return float(to_numpy(net.loss_and_gradients(X, Y)[0]))
 
@@ -452,12 +455,31 @@ def test_gradients_match_finite_differences(device, memory):
     grads = [(to_numpy(dW), to_numpy(db)) for dW, db in grads]
     noise = 1e-8 * max(1.0, abs(float(to_numpy(J0))))  # rounding: eps |J| / h
     for k, ((W, b), (dW, db)) in enumerate(zip(net.params, grads), start=1):
-        np.testing.assert_allclose(dW, central_differences(J, W), rtol=1e-6, atol=noise,
-                                   err_msg=f"dJ/dW_{k}")
-        np.testing.assert_allclose(db, central_differences(J, b), rtol=1e-6, atol=noise,
-                                   err_msg=f"dJ/db_{k}")
+        # on CuPy the differences come back as a CuPy array (np.empty_like dispatches)
+        np.testing.assert_allclose(dW, to_numpy(central_differences(J, W)), rtol=1e-6,
+                                   atol=noise, err_msg=f"dJ/dW_{k}")
+        np.testing.assert_allclose(db, to_numpy(central_differences(J, b)), rtol=1e-6,
+                                   atol=noise, err_msg=f"dJ/db_{k}")
     np.testing.assert_allclose(to_numpy(dX), central_differences(J, X), rtol=1e-6,
                                atol=noise, err_msg="dJ/dX")
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_gradients_match_finite_differences(device, memory):
+    assert_finite_differences(*finite_difference_net(memory, device))
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_gradients_match_finite_differences_on_the_cupy_path(host_cupy_lib, memory):
+    """The same, with every op on its CuPy branch and the CUDA bodies run on the host
+    (host_cupy). Its arrays are NumPy's, so it cannot show a CuPy array handed to NumPy:
+    the cuda case above is the only check of that."""
+    import host_cupy
+
+    net, X, Y = finite_difference_net(memory, "cpu")
+    with host_cupy.cupy_path(host_cupy_lib) as device:
+        assert_finite_differences(net, X, Y)
+    assert device.launches["gemm", "N", "T", "float64"] > 0
 
 
 # --- 4. float32 ------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ beside it (``ops.sgd``; GEMM and GEMV over an empty dimension), checked on a CPU
 The generator is checked against Random123's known-answer vectors, the very
 ``gaussian_noise`` body of ``ops.ELEMENTWISE`` (built for the host by ``cuda_host``)
 against the documented map from (seed, stream, step, i) to Philox words to Box-Muller,
-and both backends' noise by its statistics: mean, standard deviation, a
+computed in extended precision (within a few ulps of double; float32 the exact value
+rounded), and both backends' noise by its statistics: mean, standard deviation, a
 Kolmogorov-Smirnov test against N(0, 1) (which a noise of the wrong scale fails),
-independent streams, exact reproduction. ``ops.add_gaussian``'s CuPy branch runs through
-the ``host_cupy`` stand-in and must give the host build's numbers.
+independent streams, exact reproduction. The NumPy backend must draw the kernel's very
+bits, whatever its block size and threads. ``ops.add_gaussian``'s CuPy branch runs
+through the ``host_cupy`` stand-in and must give the host build's numbers.
 """
 
 
@@ -86,25 +88,48 @@ def kernel_normals(host_cupy_lib, n, dtype, seed=0, stream=0, step=0):
     return kernel_noise(host_cupy_lib, np.zeros(n, dtype), 1.0, seed, stream, step)
 
 
-def box_muller_reference(host_cupy_lib, n, dtype, seed, stream, step):
-    """The first n normals of a stream by noise.cuh's documented map, in float64 NumPy:
+# NumPy's long double: x87's 64-bit significand on x86, IEEE quad on some others; where
+# it is only double (MSVC, Apple silicon), the reference below is no better than the kernel
+EXTENDED = np.finfo(np.longdouble).nmant >= 63
+
+
+def box_muller_exact(x, y):
+    """sqrt(-2 log u) (sin pi t, cos pi t) for the words x, y (uint arrays) by noise.cuh's
+    documented map -- u = x 2^-32 + 2^-33, the angle 2 pi (y 2^-32 + 2^-33) = pi t -- in
+    long double, with pi t reduced exactly (t - q / 2 for q = round(2 t)) and NumPy's
+    long double log, sqrt, sin, cos: within ~2^-63 of the true values."""
+    L = np.longdouble
+    x, y = x.astype(np.int64), y.astype(np.int64)  # exact, and room for 2 y + 1
+    u = (2 * x + 1).astype(L) * L(2) ** -33
+    k = 2 * y + 1  # t = k 2^-32
+    q = (k + (1 << 30)) >> 31
+    a = np.arccos(L(-1)) * (k - (q << 31)).astype(L) * L(2) ** -32  # pi t - q pi / 2
+    sin_a, cos_a = np.sin(a), np.cos(a)
+    quadrant = (q % 4).astype(int)
+    radius = np.sqrt(-2 * np.log(u))
+    return (radius * np.choose(quadrant, [sin_a, cos_a, -sin_a, -cos_a]),
+            radius * np.choose(quadrant, [cos_a, -sin_a, -cos_a, sin_a]))
+
+
+def box_muller_reference(host_cupy_lib, n, seed, stream, step):
+    """The first n normals of a stream by noise.cuh's documented map, in long double:
     element i from the Philox block (i / 4, stream, step_lo, step_hi) keyed by the seed;
-    its pair (i % 4) / 2 of words (x, y); u = x 2^-32 + 2^-33, v = 2 pi (y 2^-32 +
-    2^-33); sqrt(-2 log u) times sin v for even i, cos v for odd i. In float32 the words
-    and u and v / 2 pi are rounded to float first, as the kernel rounds them."""
+    its pair (i % 4) / 2 of words (x, y); sqrt(-2 log u) times sin(pi t) for even i,
+    cos(pi t) for odd i (:func:`box_muller_exact`)."""
     blocks = (n + 3) // 4
     counters = np.zeros((blocks, 4), np.uint32)
     counters[:, 0] = np.arange(blocks)
     counters[:, 1] = stream
     counters[:, 2:] = split(step)
     words = philox(host_cupy_lib, counters, np.tile(split(seed), (blocks, 1))).reshape(-1, 2)
-    def rounded(a):  # to the kernel's T, then float64 for the rest
-        return a.astype(dtype).astype(np.float64)
+    sin, cos = box_muller_exact(words[:, 0], words[:, 1])
+    return np.column_stack([sin, cos]).reshape(-1)[:n]
 
-    x, y = rounded(words[:, 0]), rounded(words[:, 1])
-    s = np.sqrt(-2 * np.log(rounded(x * 2.0**-32 + 2.0**-33)))
-    v = 2 * np.pi * rounded(y * 2.0**-32 + 2.0**-33)
-    return np.column_stack([s * np.sin(v), s * np.cos(v)]).reshape(-1)[:n]
+
+def ulps(got, want):
+    """|got - want| in ulps of double at want (want in long double)."""
+    spacing = np.spacing(np.abs(want.astype(np.float64))).astype(np.longdouble)
+    return np.abs((got.astype(np.longdouble) - want) / spacing).astype(np.float64)
 
 
 @pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (12345, 7, 3),
@@ -113,10 +138,32 @@ def box_muller_reference(host_cupy_lib, n, dtype, seed, stream, step):
 def test_kernel_follows_the_documented_map(host_cupy_lib, dtype, seed, stream, step):
     n = 1001  # not a multiple of 4
     got = kernel_normals(host_cupy_lib, n, dtype, seed, stream, step)
-    want = box_muller_reference(host_cupy_lib, n, dtype, seed, stream, step)
-    # the kernel's log, sqrt, sin and cos in T, its angle pi t rounded to T: in float32
-    # an angle off by up to 2^-22, times |s| <= 6.8
-    assert_within(got, want, 1e-12 if dtype == np.float64 else 4e-6)
+    want = box_muller_reference(host_cupy_lib, n, seed, stream, step)
+    if not EXTENDED:  # the reference is double: a few ulps of 6.8 apart
+        assert_within(got, want.astype(np.float64), 2e-15 if dtype == np.float64 else 2**-24)
+    elif dtype == np.float64:  # fdlibm's polynomials in double, then r times the trig
+        assert ulps(got, want).max() <= 4
+    else:  # the double rounded once: the exact value rounded (only a double within 4 ulp
+        # of a float32 midpoint could round the other way: none here)
+        np.testing.assert_array_equal(got, want.astype(np.float64).astype(np.float32))
+
+
+@pytest.mark.skipif(not EXTENDED, reason="needs an extended long double for the reference")
+def test_box_muller_is_within_4_ulp_of_exact_on_edge_words():
+    # u's ends (x = 0: u = 2^-33, the longest radius; x = 2^32 - 1: u nearest 1) and the
+    # angle's quadrant edges (t near 0, 1/2, 1, 3/2 and 2), every x with every y, through
+    # the NumPy steps (the kernel's bits: test_backends_draw_the_same_bits)
+    edges = np.array([0, 1, 2, 3, (1 << 29), (1 << 30) - 1, 1 << 30, (1 << 31) - 1,
+                      1 << 31, (3 << 30) - 1, 3 << 30, 0x5A827999, 0xB504F333,
+                      (1 << 32) - 2, (1 << 32) - 1], np.uint64)
+    x, y = (np.tile(a.reshape(1, -1), (2, 1)) for a in np.meshgrid(edges, edges))
+    views = ops._NoiseBuffers(4 * x.shape[1], np.float64).views(x.shape[1])  # (2, n) pairs
+    radius, sin, cos = (np.empty(x.shape) for _ in range(3))
+    ops._radius(views, x, radius)
+    ops._sin_cos_pi(views, y, sin, cos)
+    want_sin, want_cos = box_muller_exact(x, y)
+    assert ulps(radius * sin, want_sin).max() <= 4
+    assert ulps(radius * cos, want_cos).max() <= 4
 
 
 def assert_within(got, want, tolerance):
@@ -206,10 +253,8 @@ def test_numpy_noise_is_standard_normal(dtype):
     assert_standard_normal(z, "numpy")
     assert_not_standard_normal(2 * z)
     assert_uncorrelated(z[:-1], z[1:], "neighbours")
-    half = ops.NOISE_BLOCK // 2  # a block's cos half against its sin half
-    blocks = z[:N // ops.NOISE_BLOCK * ops.NOISE_BLOCK].reshape(-1, ops.NOISE_BLOCK)
-    assert_uncorrelated(blocks[:, :half].ravel(), blocks[:, half:].ravel(), "cos and sin")
-    assert_uncorrelated(blocks[:-1].ravel(), blocks[1:].ravel(), "neighbouring blocks")
+    assert_uncorrelated(z[0::2], z[1::2], "sin/cos of a pair")
+    assert_uncorrelated(z[:-ops.NOISE_BLOCK], z[ops.NOISE_BLOCK:], "neighbouring blocks")
 
 
 def test_numpy_streams_differ_and_reproduce(dtype):
@@ -242,8 +287,7 @@ def test_numpy_noise_is_in_place_and_adds(dtype):
     z = numpy_normals(w.size, dtype, seed=4, stream=2, step=6)
     assert ops.add_gaussian(w, scale, 4, 2, 6) is None
     assert w.__array_interface__["data"][0] == address and w.shape == (3, 5, 7, 11)
-    np.testing.assert_allclose(w.reshape(-1), before.reshape(-1) + scale * z,
-                               rtol=4 * np.finfo(dtype).eps, atol=0)
+    np.testing.assert_array_equal(w.reshape(-1), before.reshape(-1) + scale * z)
 
 
 def test_numpy_noise_allocates_no_array_of_ws_size():
@@ -254,11 +298,41 @@ def test_numpy_noise_allocates_no_array_of_ws_size():
     assert peak < 64 * 1024, f"{peak} bytes for {w.nbytes} bytes of w"
 
 
-def test_backends_differ_but_each_is_reproducible(host_cupy_lib):
-    # documented: NumPy's Philox4x64 and the kernel's Philox4x32 give other numbers
-    a = numpy_normals(1000, np.float64, seed=3)
-    b = kernel_normals(host_cupy_lib, 1000, np.float64, seed=3)
-    assert not np.allclose(a, b)
+# --- the two backends: the same bits ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed, stream, step", [(0, 0, 0), (2024, 3, 11),
+                                                ((1 << 64) - 1, (1 << 32) - 1, (1 << 64) - 1)])
+def test_backends_draw_the_same_bits(host_cupy_lib, dtype, seed, stream, step):
+    # a million normals, several NumPy blocks, on either side: not one bit apart (and a
+    # measure: docs/MATH.md states this count of mismatches, 0, in float32 and float64)
+    n = N + 3
+    np.testing.assert_array_equal(numpy_normals(n, dtype, seed, stream, step),
+                                  kernel_normals(host_cupy_lib, n, dtype, seed, stream, step))
+
+
+def test_backends_add_the_same_bits_to_w(host_cupy_lib, dtype):
+    # w + scale z rounded after the product and after the sum on both sides (no FMA)
+    w = np.random.default_rng(6).standard_normal((33, 31)).astype(dtype)
+    numpy_w = w.copy()
+    ops.add_gaussian(numpy_w, -0.37, 8, 4, 2)
+    kernel_w = kernel_noise(host_cupy_lib, w.reshape(-1), -0.37, 8, 4, 2).reshape(w.shape)
+    np.testing.assert_array_equal(numpy_w, kernel_w)
+
+
+@pytest.mark.parametrize("block, threads", [(4, 1), (12, 3), (1000, 2), (1 << 15, 4)])
+def test_numpy_noise_does_not_depend_on_the_blocks(host_cupy_lib, dtype, block, threads,
+                                                   monkeypatch):
+    # element i's normal is a function of i: any block size (rounded down to whole Philox
+    # blocks), any threads, any tail
+    n = 4099
+    want = kernel_normals(host_cupy_lib, n, dtype, seed=12, stream=1, step=5)
+    monkeypatch.setattr(ops, "NOISE_BLOCK", block)
+    monkeypatch.setattr(ops, "NOISE_THREADS", threads)
+    ops._noise_threads.cache_clear()
+    try:
+        np.testing.assert_array_equal(numpy_normals(n, dtype, seed=12, stream=1, step=5), want)
+    finally:
+        ops._noise_threads.cache_clear()
 
 
 BAD_ARGUMENTS = [  # (changes to good arguments, error, message)
@@ -420,6 +494,6 @@ def test_gpu_noise_is_the_host_builds(host_cupy_lib, dtype):
     ops.add_gaussian(w, 1.0, 77, 5, 9)
     got = cupy.asnumpy(w)
     assert_standard_normal(got, "gpu")
-    # CUDA's log, sqrt, sinpi and cospi against glibc's: a few ulps apart
-    want = kernel_normals(host_cupy_lib, N, dtype, 77, 5, 9)
-    assert_within(got, want, 64 * np.finfo(dtype).eps)
+    # IEEE basic operations alone, rounded alike on the GPU and the CPU: the same bits
+    np.testing.assert_array_equal(got, kernel_normals(host_cupy_lib, N, dtype, 77, 5, 9))
+    np.testing.assert_array_equal(got, numpy_normals(N, dtype, 77, 5, 9))

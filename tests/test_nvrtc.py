@@ -62,6 +62,14 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 # a double-precision instruction, operand type or register in PTX
 _DOUBLE = re.compile(r"\.f64\b|%fd\d")
+# The one kernel that computes in double in its float32 build too, by design: DP's noise
+# draws each normal in double from IEEE basic operations alone and rounds it once to
+# float, so that the CPU's NumPy twin draws the very same bits (kernels/noise.cuh); one
+# double pass per step. Its PTX must instead hold no fused multiply-add (a contraction
+# would round otherwise than NumPy): test_the_noise_kernel_rounds_as_numpy.
+DOUBLE_BY_DESIGN = {"gpu_mlp_gaussian_noise"}
+# a fused multiply-add in PTX (fma, or mad on floats)
+_FUSED = re.compile(r"^\s*(?:fma|mad)\.\S*f(?:32|64)\b", re.MULTILINE)
 
 
 # --- the launches the engine makes, and what CuPy makes of them ---------------------------
@@ -620,7 +628,7 @@ def problems(compiled: Compiled, entry: str, dtype) -> list[str]:
         found.append("no binary")
     if not re.search(rf"\.entry\s+{re.escape(entry)}\s*\(", compiled.ptx):
         found.append(f"no entry {entry} in the PTX")
-    elif dtype == np.float32:
+    elif dtype == np.float32 and entry not in DOUBLE_BY_DESIGN:
         doubles = [line.strip() for line in ptx_code(compiled.ptx, entry).splitlines()
                    if _DOUBLE.search(line)]
         if doubles:
@@ -831,6 +839,37 @@ def test_nvrtc_gets_cupys_headers_and_options(nvrtc):
                    "--device-as-default-execution-space"):
         assert option in compiled.options
     assert any(o.startswith("-I") and o.endswith("_core/include") for o in compiled.options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+def test_the_noise_kernel_rounds_as_numpy(nvrtc, arch, dtype):
+    # -fmad is on by default: a * b + c would become one fma with one rounding where
+    # NumPy rounds twice. The noise's _rn intrinsics are never contracted, so its PTX has
+    # no fma at all, every float operation carries .rn (PTX lets ptxas fuse a mul and an
+    # add without it), and its float32 arithmetic is one rounding from double and
+    # w + scale z as mul.rn and add.rn
+    op = "gaussian_noise"
+    kernel = ops._kernel(op, "")
+    compiled = nvrtc.elementwise(kernel, op, dtype, arch)
+    assert kernel.name in DOUBLE_BY_DESIGN and problems(compiled, kernel.name, dtype) == []
+    code = ptx_code(compiled.ptx, kernel.name)
+    assert not _FUSED.findall(code), _FUSED.findall(code)[:4]
+    arithmetic = re.findall(r"^\s*((?:add|sub|mul|div|sqrt)\.\S*f(?:32|64))\s", code,
+                            re.MULTILINE)
+    assert {"div.rn.f64", "sqrt.rn.f64"} <= set(arithmetic), arithmetic
+    assert all(".rn." in operation for operation in arithmetic), set(arithmetic)
+    if dtype == np.float32:
+        single = re.findall(r"^\s*((?:add|sub|mul|div|cvt)\S*\.f32\S*)", code, re.MULTILINE)
+        assert sorted(single) == ["add.rn.ftz.f32", "cvt.rn.ftz.f32.f64", "mul.rn.ftz.f32"]
+
+
+def test_fused_multiply_adds_are_found():
+    assert _FUSED.search("\tfma.rn.f32 \t%f3, %f1, %f2, %f3;")
+    assert _FUSED.search("\tfma.rn.ftz.f32 \t%f3, %f1, %f2, %f3;")
+    assert _FUSED.search("\tfma.rn.f64 \t%fd3, %fd1, %fd2, %fd3;")
+    assert not _FUSED.search("\tmad.lo.s32 \t%r3, %r1, %r2, %r3;")  # integers: exact
+    assert not _FUSED.search("\tmul.rn.f64 \t%fd3, %fd1, %fd2;")
 
 
 def test_integer_scalars_reach_the_body_as_their_c_type():

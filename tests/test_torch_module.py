@@ -13,7 +13,9 @@
    without a backward gives its buffers back, and after many steps the workspace holds a
    constant amount of memory with nothing in use;
 5. the rest of nn.Module's contract: deepcopy, torch.save/load, input shapes and dtypes,
-   retained graphs, clear errors.
+   retained graphs, clear errors;
+6. the engine's CPU BLAS runs on one thread inside a module (gpu_mlp.torch.BLAS_THREADS),
+   PyTorch and everything outside the engine keep their threads.
 """
 
 import copy
@@ -376,3 +378,37 @@ def test_module_docstring_example_runs():
 
     result = doctest.testmod(gm_torch)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- 6. threads ------------------------------------------------------------------------------
+
+def test_the_engines_blas_runs_on_one_thread_inside_a_module(monkeypatch):
+    """BLAS threads idling (spinning) after the engine's GEMMs took the cores PyTorch's
+    own threads needed: the README's example ran 14x slower on 2 cores."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("threadpoolctl finds no BLAS library to control")
+    ops, seen = gpu_mlp.ops, []
+    gemm = ops.gemm
+
+    def counted(*args, **kwargs):
+        seen.append({lib.get_num_threads() for lib in blas.lib_controllers})
+        return gemm(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "gemm", counted)
+    torch_threads = torch.get_num_threads()
+    with blas.limit(limits=2):  # the machine's setting, as on a 2-core machine
+        model = nn.Sequential(nn.Linear(3, 4), MLPModule([4, 8, 2]))
+        model(torch.randn(5, 3)).square().sum().backward()  # forward, backward
+        with torch.no_grad():
+            model(torch.randn(5, 3))                         # predict
+        assert {lib.get_num_threads() for lib in blas.lib_controllers} == {2}
+    assert len(seen) >= 7 and all(threads == {1} for threads in seen), seen
+    assert torch.get_num_threads() == torch_threads
+
+    monkeypatch.setattr(gm_torch, "BLAS_THREADS", None)  # BLAS's own setting
+    seen.clear()
+    with blas.limit(limits=2):
+        MLPModule([4, 8, 2])(torch.randn(5, 4))
+    assert seen and all(threads == {2} for threads in seen)

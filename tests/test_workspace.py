@@ -1,0 +1,43 @@
+"""The workspace's two sizes: ``bytes`` (what it asked for) and ``pool_bytes`` (what the
+allocator holds for it: on CuPy each buffer rounded up to the pool's 512-byte unit).
+test_gpu.py checks ``pool_bytes`` against CuPy's own ``used_bytes()`` on a GPU."""
+
+import types
+
+import numpy as np
+import pytest
+
+from gpu_mlp.workspace import CUPY_ALLOCATION_UNIT, Workspace
+
+# a stand-in for the cupy module as the workspace uses it: NumPy's arrays, not NumPy
+DEVICE_XP = types.SimpleNamespace(empty=np.empty, ones=np.ones)
+
+
+def test_the_unit_is_cupys():
+    memory = pytest.importorskip("cupy.cuda.memory")  # imports without a GPU
+    assert CUPY_ALLOCATION_UNIT == memory._allocation_unit_size
+    assert [memory._round_size(n) for n in (1, 512, 513)] == [512, 512, 1024]
+
+
+def test_pool_bytes_round_each_buffer_up_on_cupy():
+    ws = Workspace(DEVICE_XP, np.float32)
+    a = ws.take((3, 5))        # 60 bytes -> one 512-byte block
+    b = ws.take((3, 200))      # 2400 bytes -> 2560
+    ws.ones(3)                 # 12 bytes -> 512
+    assert ws.bytes == 60 + 2400 + 12
+    assert ws.pool_bytes == 512 + 2560 + 512
+    ws.give(a, b)
+    c = ws.take((4, 5))        # grows: the 3-row (5,) buffer goes, a 4-row one comes
+    assert (ws.bytes, ws.pool_bytes) == (80 + 2400 + 12, 512 + 2560 + 512)
+    ws.clear()
+    assert (ws.bytes, ws.pool_bytes) == (80, 512)  # c is still out
+    ws.give(c)
+    ws.clear()
+    assert (ws.bytes, ws.pool_bytes) == (0, 0)
+
+
+def test_pool_bytes_are_bytes_on_numpy():
+    ws = Workspace(np, np.float32)
+    ws.take((3, 5))
+    ws.ones(3)
+    assert ws.pool_bytes == ws.bytes == 72
