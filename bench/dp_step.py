@@ -336,11 +336,12 @@ def ratios(t):
 @contextlib.contextmanager
 def _timers(sync):
     """Wrap the parts of gpu_mlp's step in timers; yields the seconds per part."""
-    from gpu_mlp import network, ops, privacy, updates
+    from gpu_mlp import ops, privacy, updates
 
     spent = {"squares": 0.0, "noise": 0.0, "finish": 0.0, "apply": 0.0,
              "apply in finish": 0.0}
-    saved = (network._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
+    # privacy holds its own reference to the norm function: that is the one a step calls
+    saved = (privacy._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
              updates.Apply.__call__)
 
     def timed(name, f):
@@ -357,14 +358,14 @@ def _timers(sync):
                     spent["apply in finish"] += spent["apply"] - applied
         return wrapper
 
-    network._per_sample_squares = timed("squares", saved[0])
+    privacy._per_sample_squares = timed("squares", saved[0])
     ops.add_gaussian = timed("noise", saved[1])
     privacy._Private.finish = timed("finish", saved[2])
     updates.Apply.__call__ = timed("apply", saved[3])
     try:
         yield spent
     finally:
-        (network._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
+        (privacy._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
          updates.Apply.__call__) = saved
 
 
