@@ -171,7 +171,7 @@ def gpu_mlp_case(layers, params, X, y, device, dp):
 
     net = gpu_mlp.Network.from_params(layers, params, loss="softmax_cross_entropy",
                                       device=device)
-    X, y = gpu_mlp.device.to_device(X, net._xp), gpu_mlp.device.to_device(y, net._xp)
+    X, y = gpu_mlp.device.to_device(X, net.xp), gpu_mlp.device.to_device(y, net.xp)
 
     def step():
         return net.train_step(X, y, LR, check=False, dp=dp)
@@ -252,7 +252,7 @@ def agreement(layers, params, X, y, device):
         import torch
 
         net = gpu_mlp_case(layers, params, X, y, device, None)[0].net
-        xp = net._xp
+        xp = net.xp
         net.train_step(_device.to_device(X, xp), _device.to_device(y, xp), 1.0, check=False,
                        dp=DP(CLIP, 0.0))
         ours = [_device.to_numpy(W) for W, _ in net.params]

@@ -48,7 +48,7 @@ def problem(sizes, dtype):
 def ours(sizes, params, X, y, device, dtype, make):
     net = gpu_mlp.MLP.from_params(params, ["relu"] * (len(sizes) - 2) + ["identity"],
                                   "softmax_cross_entropy", device=device, dtype=dtype)
-    X, y = gpu_mlp.device.to_device(X, net._xp), gpu_mlp.device.to_device(y, net._xp)
+    X, y = gpu_mlp.device.to_device(X, net.xp), gpu_mlp.device.to_device(y, net.xp)
     opt = make()
     return lambda: net.train_step(X, y, opt, check=False)
 

@@ -297,8 +297,8 @@ class Communicator:
     def _pool(self, net) -> Workspace:
         """The buffers of ``net``'s gathered factors and gradients, kept between steps."""
         pool = self._pools.get(net)
-        if pool is None or pool.xp is not net._xp or pool.dtype != net.dtype:
-            pool = self._pools[net] = Workspace(net._xp, net.dtype)
+        if pool is None or pool.xp is not net.xp or pool.dtype != net.dtype:
+            pool = self._pools[net] = Workspace(net.xp, net.dtype)
         return pool
 
     def _nccl_comm(self):
@@ -328,7 +328,7 @@ def communicator(comm, net) -> Communicator:
     if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
         raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
                         f"communicator, got {comm!r}")
-    if net._xp is not np:
+    if net.xp is not np:
         raise TypeError("on a GPU pass a gpu_mlp.distributed.Communicator(comm) made before "
                         "the network: it picks each rank's GPU, which must happen first")
     wrapper = _wrappers.get(net)

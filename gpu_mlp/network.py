@@ -146,13 +146,13 @@ class Network:
             if params[-1][0].shape[0] < 2 and isinstance(layers[-1], _layers.Dense):
                 raise ValueError("softmax_cross_entropy needs at least 2 outputs (classes); "
                                  "with one, every loss is 0: use the logistic loss")
-        self.device, self._xp = _device.resolve(device)
+        self.device, self.xp = _device.resolve(device)
         self.dtype = np.dtype(dtype)
         self.loss = loss
         self.memory = memory
         self.layers = list(layers)
         self._modes = [_layer_mode(memory, a) for a in acts]
-        xp = self._xp
+        xp = self.xp
         self.params = [(xp.array(W, dtype=self.dtype, order="C", copy=True),
                         xp.array(b, dtype=self.dtype, order="C", copy=True))
                        for W, b in params]
@@ -196,11 +196,11 @@ class Network:
         shapes = self._shapes(X.shape[1:])
         rows = (self._predict_rows(shapes) if batch_size is None
                 else _checks.integer("batch_size", batch_size))
-        out = self._xp.empty((X.shape[0], *shapes[-1][1]), dtype=self.dtype)
-        verdicts = _checks.Verdicts(self._xp)
+        out = self.xp.empty((X.shape[0], *shapes[-1][1]), dtype=self.dtype)
+        verdicts = _checks.Verdicts(self.xp)
         for first in range(0, X.shape[0], rows):
-            chunk = _checks.cast(X[first:first + rows], self.dtype, self._xp)
-            _checks.finite("X", chunk, self._xp, verdicts)
+            chunk = _checks.cast(X[first:first + rows], self.dtype, self.xp)
+            _checks.finite("X", chunk, self.xp, verdicts)
             verdicts.settle()
             self._forward(chunk, self.inference_workspace, keep=False,
                           out=out[first:first + rows])
@@ -216,7 +216,7 @@ class Network:
         Nothing is updated. The loss is a 0-d array on the net's device.
         """
         X, Y, single = self._batch(X, Y, check=True)
-        xp = self._xp
+        xp = self.xp
         grads = [(xp.empty_like(W), xp.empty_like(b)) for W, b in self.params]
         J, dX = self._backprop(X, Y, WriteGradients(grads), scale=1.0 / X.shape[0],
                                want_dx=True)
@@ -287,7 +287,7 @@ class Network:
             sink = dp._stage(self, sink, B, total if expected_batch is None else expected_batch)
         if empty:
             self._empty_backward(sink)
-            J = self._xp.zeros((), dtype=self.dtype)
+            J = self.xp.zeros((), dtype=self.dtype)
         else:
             # DP needs each sample's own gradient (scale 1) and divides by the batch itself
             scale = 1.0 if dp is not None else 1.0 / total
@@ -295,11 +295,11 @@ class Network:
         if comm is None or not global_loss:
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows
-        return self._xp.asarray(summed / total if total else 0.0, dtype=self.dtype)
+        return self.xp.asarray(summed / total if total else 0.0, dtype=self.dtype)
 
     def _empty_backward(self, sink):
         """What a backward pass over no rows hands the sink: empty factors per layer."""
-        xp = self._xp
+        xp = self.xp
         for k in reversed(range(len(self.layers))):
             W = _layers.Layer.weight_matrix(self.params[k][0])
             sink(k, xp.empty((0, W.shape[0]), self.dtype), xp.empty((0, W.shape[1]), self.dtype),
@@ -316,7 +316,7 @@ class Network:
         cheaper for the layer; the bias part ``||T_i^T 1||^2``.
         """
         X, Y, _ = self._batch(X, Y, check=True)
-        xp, B = self._xp, X.shape[0]
+        xp, B = self.xp, X.shape[0]
         squares = xp.zeros(B, dtype=self.dtype)
 
         def accumulate(k, T_rows, X_rows, ones, noise=None):
@@ -338,11 +338,11 @@ class Network:
         X, single = self._raw_inputs(X)
         if single:
             raise ValueError("forward takes a batch, not one sample")
-        X = _checks.cast(X, self.dtype, self._xp)
+        X = _checks.cast(X, self.dtype, self.xp)
         if check:
-            _checks.finite("X", X, self._xp)
+            _checks.finite("X", X, self.xp)
         F_out, saved = self._forward(X, self.training_workspace, keep=True)
-        return self._xp.array(F_out, copy=True), Tape(self, X, F_out, saved)
+        return self.xp.array(F_out, copy=True), Tape(self, X, F_out, saved)
 
     def backward(self, tape: "Tape", grad_output, want_dx: bool = True, check: bool = True):
         """``([(dW_k, db_k)], dJ/dX)`` for ``J = <F_n, grad_output>``: the backward pass of
@@ -353,7 +353,7 @@ class Network:
         if not isinstance(tape, Tape) or tape.net is not self:
             raise ValueError("backward needs the tape of a forward pass of this network")
         X, F_out, saved = tape.take()
-        ws, xp = self.training_workspace, self._xp
+        ws, xp = self.training_workspace, self.xp
         try:
             grad_output = _device.to_device(grad_output, xp, "grad_output")
             if tuple(grad_output.shape) != tuple(F_out.shape):
@@ -422,7 +422,7 @@ class Network:
     def _raw_inputs(self, X):
         """``(X, single)``: X on the net's device as a batch, its shape and kind checked;
         not yet cast or scanned. ``single``: X was one sample."""
-        X = _device.to_device(_checks.unmasked("X", X), self._xp, "X")
+        X = _device.to_device(_checks.unmasked("X", X), self.xp, "X")
         first = self.layers[0]
         if X.ndim < 1 or (isinstance(first, _layers.Dense) and X.ndim <= 2
                           and X.shape[-1] != first.d_in):
@@ -465,17 +465,17 @@ class Network:
         at once."""
         self._check_params()
         X, single = self._raw_inputs(X)
-        Y = _device.to_device(_checks.unmasked("Y", Y), self._xp, "Y")
+        Y = _device.to_device(_checks.unmasked("Y", Y), self.xp, "Y")
         given = tuple(Y.shape)
         if single:
             Y = Y[None] if Y.ndim < 2 else Y
-        X = _checks.cast(X, self.dtype, self._xp)
-        verdicts = _checks.Verdicts(self._xp) if check else None
+        X = _checks.cast(X, self.dtype, self.xp)
+        verdicts = _checks.Verdicts(self.xp) if check else None
         if check:
-            _checks.finite("X", X, self._xp, verdicts)
+            _checks.finite("X", X, self.xp, verdicts)
         d_out = math.prod(self._shapes(X.shape[1:])[-1][1])
         try:
-            Y = self.loss.check_targets(Y, X.shape[0], d_out, self._xp, self.dtype,
+            Y = self.loss.check_targets(Y, X.shape[0], d_out, self.xp, self.dtype,
                                         values=verdicts if check else False)
         except ValueError as e:  # a shape: the values wait in the verdicts
             if not single:
@@ -486,7 +486,7 @@ class Network:
                              f"shape {(1, *sample)}); with the batch axis added: {e}") from None
         if check:
             verdicts.settle()
-        return X, self._xp.ascontiguousarray(Y), single
+        return X, self.xp.ascontiguousarray(Y), single
 
     def _check_params(self) -> None:
         """``self.params`` is public: entries replaced since must still be what the
@@ -502,8 +502,8 @@ class Network:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"net.params[{k - 1}] must be a (W_{k}, b_{k}) pair")
             for name, a, shape in zip((f"W_{k}", f"b_{k}"), pair, shapes):
-                if not isinstance(a, self._xp.ndarray):
-                    raise TypeError(f"{name} must be a {self._xp.__name__} array on the "
+                if not isinstance(a, self.xp.ndarray):
+                    raise TypeError(f"{name} must be a {self.xp.__name__} array on the "
                                     f"net's device, got {type(a).__name__}")
                 if a.dtype != self.dtype or a.shape != shape or not a.flags.c_contiguous:
                     raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of "
@@ -588,7 +588,7 @@ class Network:
             if k > 0 or want_dx:
                 in_shape = (B, *shapes[k][0])
                 grad_input = (ws.take(in_shape) if k > 0
-                              else self._xp.empty(in_shape, dtype=self.dtype))
+                              else self.xp.empty(in_shape, dtype=self.dtype))
                 layer.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it
             if k > 0:
                 self._activation_backward(k - 1, saved, grad_input, ws)

@@ -277,7 +277,7 @@ class Optimizer:
         self._check_net(net)
         if self._net is not None:
             return
-        xp, pending = net._xp, self._pending
+        xp, pending = net.xp, self._pending
         state = {}
         for name in self.STATE:
             pairs = []

@@ -154,7 +154,7 @@ class _Private:
     def __init__(self, dp: DP, net, downstream, rows: int, batch: float):
         self.dp, self.net, self.downstream, self.rows = dp, net, downstream, rows
         self.batch = float(batch)
-        self.squares = net._xp.zeros(rows, dtype=net.dtype)
+        self.squares = net.xp.zeros(rows, dtype=net.dtype)
         self.kept = []
         sigma, C = dp.noise_multiplier, dp.max_grad_norm
         self.noise_std = sigma * C / self.batch  # of the gradient, per entry
@@ -162,13 +162,13 @@ class _Private:
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B = self.rows
         if B:
-            self.squares += _per_sample_squares(self.net._xp,
+            self.squares += _per_sample_squares(self.net.xp,
                                                 T_rows.reshape(B, -1, T_rows.shape[1]),
                                                 X_rows.reshape(B, -1, X_rows.shape[1]))
         self.kept.append((k, T_rows, X_rows, ones))
 
     def finish(self):
-        xp, B, C = self.net._xp, self.rows, self.dp.max_grad_norm
+        xp, B, C = self.net.xp, self.rows, self.dp.max_grad_norm
         if B:
             # c_i / batch with c_i = min(1, C / ||g_i||), which is C / max(||g_i||, C)
             # (and 1 for a zero gradient), computed in place in the squares' buffer

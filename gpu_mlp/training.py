@@ -250,7 +250,7 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
         comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp,
                                            shuffle, seed, history))
 
-    xp = net._xp
+    xp = net.xp
     # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
     # must all stop together, so they look at the loss only at the end of an epoch
     look = xp is np and comm is None
@@ -458,8 +458,8 @@ class _StepLosses:
 def _evaluate(net, X, Y):
     loss = net.loss
     F = net.predict(X)  # in chunks: its memory does not grow with X
-    grad = net._xp.empty_like(F)  # the loss kernels write the gradient too; unused here
-    scratch = net._xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
+    grad = net.xp.empty_like(F)  # the loss kernels write the gradient too; unused here
+    scratch = net.xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
     mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch))
     if loss.name == "softmax_cross_entropy":
         labels = Y if Y.ndim == 1 else Y.argmax(axis=1)

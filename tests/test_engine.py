@@ -73,7 +73,7 @@ def make_net(device, act="tanh", target="squared", memory="output", depth=3,
                       seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _, b in net.params:
-        b[...] = net._xp.asarray(0.5 * rng.standard_normal(b.shape), dtype=b.dtype)
+        b[...] = net.xp.asarray(0.5 * rng.standard_normal(b.shape), dtype=b.dtype)
     return net
 
 
@@ -373,7 +373,7 @@ def test_what_is_not_a_number_never_reaches_cupy(host_cupy_lib, monkeypatch, bad
     with host_cupy.cupy_path(host_cupy_lib) as device:
         with pytest.raises(ValueError, match=re.escape(f"Unsupported dtype {bad.dtype}")):
             device.cupy.asarray(bad)  # what CuPy does with them
-        monkeypatch.setattr(net, "_xp", device.cupy)  # the net's inputs go to its asarray
+        monkeypatch.setattr(net, "xp", device.cupy)  # the net's inputs go to its asarray
         for name, entry in ENTRY_POINTS.items():
             with pytest.raises(TypeError, match="X must hold real numbers"):
                 entry(net, bad, GOOD_Y["squared"])

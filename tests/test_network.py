@@ -777,7 +777,7 @@ def test_dense_network_is_the_mlp_bit_for_bit(device, memory):
         assert np.array_equal(W, W0) and np.array_equal(b, b0)
     rng = np.random.default_rng(0)
     for W, b in net.params + mlp.params:  # non-zero biases: a lost bias shows
-        b[...] = net._xp.asarray(np.arange(b.shape[0]) * 0.1 - 0.2)
+        b[...] = net.xp.asarray(np.arange(b.shape[0]) * 0.1 - 0.2)
     X, y = rng.standard_normal((4, 5)), rng.integers(0, 3, 4)
 
     def same(a, b):
