@@ -43,7 +43,7 @@ the JSON records its size.
 
 ``--breakdown`` also times, over further interleaved steps of gpu_mlp's three steps,
 where each step's time goes: the per-sample squared norms
-(``network._per_sample_squares``), the noise (``ops.add_gaussian``), the update
+(``norms.per_sample_squares``), the noise (``ops.add_gaussian``), the update
 GEMMs/GEMVs (``updates.Apply``, noise excluded), the clipping factors and the row scaling
 (the rest of ``privacy._Private.finish``), and the forward/backward remainder; on a GPU
 each timer synchronises the device.
@@ -336,12 +336,12 @@ def ratios(t):
 @contextlib.contextmanager
 def _timers(sync):
     """Wrap the parts of gpu_mlp's step in timers; yields the seconds per part."""
-    from gpu_mlp import ops, privacy, updates
+    from gpu_mlp import norms, ops, privacy, updates
 
     spent = {"squares": 0.0, "noise": 0.0, "finish": 0.0, "apply": 0.0,
              "apply in finish": 0.0}
-    # privacy holds its own reference to the norm function: that is the one a step calls
-    saved = (privacy._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
+    # privacy looks the norm function up in gpu_mlp.norms at each call: patched there
+    saved = (norms.per_sample_squares, ops.add_gaussian, privacy._Private.finish,
              updates.Apply.__call__)
 
     def timed(name, f):
@@ -358,14 +358,14 @@ def _timers(sync):
                     spent["apply in finish"] += spent["apply"] - applied
         return wrapper
 
-    privacy._per_sample_squares = timed("squares", saved[0])
+    norms.per_sample_squares = timed("squares", saved[0])
     ops.add_gaussian = timed("noise", saved[1])
     privacy._Private.finish = timed("finish", saved[2])
     updates.Apply.__call__ = timed("apply", saved[3])
     try:
         yield spent
     finally:
-        (privacy._per_sample_squares, ops.add_gaussian, privacy._Private.finish,
+        (norms.per_sample_squares, ops.add_gaussian, privacy._Private.finish,
          updates.Apply.__call__) = saved
 
 

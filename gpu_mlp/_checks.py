@@ -123,13 +123,21 @@ def scalar(name: str, value: float, dtype, where: str = "", positive: bool = Fal
     return value
 
 
-def integer(name: str, value, minimum: int = 1, where: str = "") -> int:
-    """``value`` as an int >= ``minimum``, or a TypeError/ValueError naming it (and
-    ``where`` it was given). 2.5, "3" and True are mistakes, not integers."""
+def integer(name: str, value, minimum: int = 1, where: str = "",
+            below: int | None = None) -> int:
+    """``value`` as an int >= ``minimum`` (and < ``below``, if given), or a
+    TypeError/ValueError naming it (and ``where`` it was given). 2.5, "3" and True are
+    mistakes, not integers; NumPy's integers are integers."""
+    if below is None:
+        interval = f">= {minimum}"
+    else:  # a power of two as one: 2^64, not 18446744073709551616
+        power = below > 1 << 16 and below & (below - 1) == 0
+        interval = f"in [{minimum}, {f'2^{below.bit_length() - 1}' if power else below})"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}{name} must be an integer >= {minimum}, got {value!r}")
+        raise TypeError(f"{where}{name} must be an integer {interval}, got {value!r}")
+    if not minimum <= int(value) < (math.inf if below is None else below):
+        raise ValueError(f"{where}{name} must be {'an integer ' if below is None else ''}"
+                         f"{interval}, got {value!r}")
     return int(value)
 
 
@@ -138,19 +146,30 @@ def seed(value) -> int:
     return integer("seed", value, minimum=0)
 
 
-def params(params) -> list[tuple]:
-    """Check a list of ``(W_k, b_k)``: shapes chain, one float dtype, all finite."""
+def pairs(params, layers=None) -> list[tuple]:
+    """``params`` as a list of ``(W_k, b_k)`` tuples, or a TypeError/ValueError naming the
+    layer; with ``layers``, one pair per layer. Nothing about the arrays themselves."""
     try:
-        pairs = [tuple(p) for p in params]
+        found = [tuple(p) for p in params]
     except TypeError:
         raise TypeError("params must be a list of (W, b) pairs") from None
-    if not pairs:
+    if layers is not None and len(found) != len(layers):
+        raise ValueError(f"expected {len(layers)} (W, b) pairs (one per layer), "
+                         f"got {len(found)}")
+    for k, pair in enumerate(found, start=1):
+        if len(pair) != 2:
+            where = f"layer {k}" if layers is None else f"layer {k} ({layers[k - 1]})"
+            raise ValueError(f"{where}: expected a (W, b) pair, got {len(pair)} items")
+    return found
+
+
+def params(params) -> list[tuple]:
+    """Check a list of ``(W_k, b_k)``: shapes chain, one float dtype, all finite."""
+    checked = pairs(params)
+    if not checked:
         raise ValueError("params must hold at least one layer")
     dtype = None
-    for k, pair in enumerate(pairs, start=1):
-        if len(pair) != 2:
-            raise ValueError(f"layer {k}: expected a (W, b) pair, got {len(pair)} items")
-        W, b = pair
+    for k, (W, b) in enumerate(checked, start=1):
         floating(f"W_{k}", W)
         floating(f"b_{k}", b)
         if W.ndim != 2:
@@ -158,9 +177,9 @@ def params(params) -> list[tuple]:
         if tuple(b.shape) != (W.shape[0],):
             raise ValueError(f"b_{k} must have shape ({W.shape[0]},) to match W_{k} "
                              f"{tuple(W.shape)}, got {tuple(b.shape)}")
-        if k > 1 and W.shape[1] != pairs[k - 2][0].shape[0]:
+        if k > 1 and W.shape[1] != checked[k - 2][0].shape[0]:
             raise ValueError(f"W_{k} takes {W.shape[1]} inputs but layer {k - 1} has "
-                             f"{pairs[k - 2][0].shape[0]} outputs")
+                             f"{checked[k - 2][0].shape[0]} outputs")
         finite(f"W_{k}", W, _namespace(W))
         finite(f"b_{k}", b, _namespace(b))
         if dtype is None:
@@ -168,27 +187,26 @@ def params(params) -> list[tuple]:
         if W.dtype != dtype or b.dtype != dtype:
             raise TypeError(f"layer {k}: all parameters must share one dtype ({dtype}), "
                             f"got W {W.dtype} and b {b.dtype}")
-    return pairs
+    return checked
 
 
 def layer_params(layers, params) -> list[tuple]:
     """Check ``(W_k, b_k)`` against the layers' shapes: one float dtype, all finite."""
-    if len(params) != len(layers):
-        raise ValueError(f"params must hold one (W, b) pair per layer: {len(layers)} layers, "
-                         f"{len(params)} pairs")
+    checked = pairs(params, layers)
     dtype = None
-    for k, (layer, (W, b)) in enumerate(zip(layers, params), start=1):
-        for name, a, shape in ((f"W_{k}", W, layer.weight_shape), (f"b_{k}", b, layer.bias_shape)):
+    for k, (layer, pair) in enumerate(zip(layers, checked), start=1):
+        shapes = (layer.weight_shape, layer.bias_shape)
+        for name, a, shape in zip((f"W_{k}", f"b_{k}"), pair, shapes):
             floating(name, a)
             if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"{name} must have shape {tuple(shape)} for layer {k}, "
-                                 f"{layer}, got {tuple(a.shape)}")
+                raise ValueError(f"layer {k} ({layer}): {name} must have shape "
+                                 f"{tuple(shape)}, got {tuple(a.shape)}")
             finite(name, a, _namespace(a))
             dtype = a.dtype if dtype is None else dtype
             if a.dtype != dtype:
-                raise TypeError(f"all parameters must share one dtype ({dtype}), got {a.dtype} "
-                                f"for {name}")
-    return list(params)
+                raise TypeError(f"layer {k}: all parameters must share one dtype ({dtype}), "
+                                f"got {name} {a.dtype}")
+    return checked
 
 
 def _namespace(a):
@@ -221,6 +239,41 @@ def unmasked(name: str, a):
                              f"first, e.g. {name}.filled(0)")
         return np.ma.getdata(a)
     return a
+
+
+def lr(value) -> float:
+    """A learning rate: a finite number > 0, as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"lr must be a number, got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {value}")
+    return value
+
+
+def step_scalars(dtype, lr, dp) -> None:
+    """The scalars a step scales into its kernels -- the learning rate, an optimizer's
+    hyperparameters, DP's clip norm and noise -- checked in the net's dtype, as the
+    kernels compute with them (:func:`scalar`): finite, and those that divide or must do
+    something (lr, eps, the clip norm) > 0. ``lr``: a float, or an optimizer. A schedule
+    only lowers the base lr; the products the rules form are checked too."""
+    if isinstance(lr, float):
+        scalars = [("", "lr", lr)]
+    else:
+        where, hyper = f"{type(lr).__name__}: ", lr.hyperparameters()
+        scalars = [(where, name, v) for name, v in hyper.items() if isinstance(v, float)]
+        scalars += [(where, f"beta{i}", beta)
+                    for i, beta in enumerate(hyper.get("betas", ()), start=1)]
+        scalars.append((where, "lr * weight_decay", lr.lr * lr.weight_decay))
+    if dp is not None:
+        C, sigma = dp.max_grad_norm, dp.noise_multiplier
+        scalars += [("DP: ", "max_grad_norm", C), ("DP: ", "noise_multiplier", sigma),
+                    ("DP: ", "noise_multiplier * max_grad_norm", sigma * C)]
+    for where, name, value in scalars:
+        scalar(name, value, dtype, where, positive=name in _POSITIVE)
+
+
+_POSITIVE = ("lr", "eps", "max_grad_norm")  # 0 would do nothing, or divide by 0
 
 
 def real(name: str, value, where: str) -> float:

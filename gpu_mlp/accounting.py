@@ -1,40 +1,26 @@
 """The privacy spent by DP-SGD, counted by Google's ``dp-accounting``.
 
-A DP-SGD step here (:mod:`gpu_mlp.privacy`) draws its batch by Poisson sampling -- each
-sample independently with probability ``q`` (the expected batch size over the dataset
-size) -- clips every sample's gradient to norm C and adds Gaussian noise N(0, sigma^2 C^2)
-to the sum: a Poisson-sampled Gaussian mechanism of noise multiplier sigma. A run of T
-steps is that mechanism composed T times, and its (epsilon, delta) guarantee is what
-:func:`epsilon` computes; :func:`noise_multiplier` goes the other way, from a target
-epsilon to the least noise that meets it.
+A run of :mod:`gpu_mlp.privacy` is a Poisson-sampled Gaussian mechanism (sampling rate
+``q``, noise multiplier ``sigma``) composed once per step (docs/MATH.md, "DP-SGD").
+:func:`epsilon` gives its (epsilon, delta) guarantee; :func:`noise_multiplier` goes the
+other way, from a target epsilon to the least noise that meets it.
 
-Why a library, and this one: the bound is a privacy claim, and a subtly wrong
-accountant (a missed factor in the subsampling amplification, a conversion from RDP
-off by a term) fails silently -- the model trains as well and the number printed is
-simply false. ``dp-accounting`` is Google's maintained, tested implementation (the one
-behind TensorFlow Privacy), so nothing of the arithmetic is redone here: the run is
-described as a ``DpEvent``::
+Nothing of the arithmetic is redone here: a subtly wrong accountant fails silently (the
+model trains as well, the number printed is false), so the run is described as the
+``DpEvent`` ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)),
+steps)`` and handed to one of the library's accountants (``accountant=``):
 
-    SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)
+* ``"rdp"`` (default): ``dp_accounting.rdp.RdpAccountant``, its default orders. Cheap (at
+  most ~0.2 s a call), a valid upper bound, typically 5-40 % above the PLD's epsilon.
+  With little noise and a large q (sigma 0.5, q 0.05) the library logs that some
+  fractional orders did not converge: the bound stays valid, from the other orders.
+* ``"pld"``: ``dp_accounting.pld.PLDAccountant``, the privacy loss distribution: tighter,
+  about 0.02-0.5 s a call for usual settings, but minutes and gigabytes with tiny noise
+  (sigma well below 0.3, epsilons in the thousands): use ``"rdp"`` there.
 
-and handed to one of its accountants (``accountant=``):
-
-* ``"rdp"`` (default): :class:`dp_accounting.rdp.RdpAccountant` with its default
-  orders -- Renyi DP of the subsampled Gaussian, converted to (epsilon, delta). Cheap (at
-  most ~0.2 s a call) at any epsilon; a valid upper bound, somewhat loose (typically
-  5-40 % above the PLD's epsilon). With little noise and a large q (e.g. sigma 0.5,
-  q 0.05) the library logs, through absl, that some fractional orders did not converge
-  and were left out: the bound stays valid, from the remaining orders.
-* ``"pld"``: :class:`dp_accounting.pld.PLDAccountant` -- the privacy loss distribution
-  composed numerically: tighter, dearer (about 0.02-0.5 s a call for usual DP-SGD
-  settings). Its cost grows with the range of the privacy loss, so with tiny noise
-  (sigma well below 0.3, epsilons in the thousands) it takes minutes and gigabytes:
-  use ``"rdp"`` there.
-
-Both count neighbouring datasets as differing by adding or removing one sample (the
-library's default, ``ADD_OR_REMOVE_ONE``), the relation Poisson sampling is analysed
-under. ``dp-accounting`` is the ``[dp]`` extra: ``pip install "gpu_mlp[dp]"``; it is
-imported only when an epsilon is computed.
+Both count neighbouring datasets as differing by adding or removing one sample
+(``ADD_OR_REMOVE_ONE``), the relation Poisson sampling is analysed under.
+``dp-accounting`` is the ``[dp]`` extra, imported only when an epsilon is computed.
 
 >>> from gpu_mlp import accounting
 >>> eps = accounting.epsilon(1.1, 256 / 60000, 14000, 1e-5)      # doctest: +SKIP

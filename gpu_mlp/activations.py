@@ -1,14 +1,17 @@
 """The activation table: every activation gpu_mlp knows, defined once.
 
 Each row gives the value, the derivative from the input and -- where it exists -- the
-derivative from the output (MATH.md, Remark 8 (i)) as NumPy functions that write into
-``out``. The CUDA twins are ``gm_<name>``, ``gm_<name>_grad`` and
-``gm_<name>_grad_from_output`` in ``kernels/activations.cuh``, formula for formula.
+derivative from the output (docs/MATH.md, "Activations and their derivatives from the
+output") as NumPy functions that write into ``out``. The CUDA twins are ``gm_<name>``,
+``gm_<name>_grad`` and ``gm_<name>_grad_from_output`` in ``kernels/activations.cuh``,
+formula for formula.
 The reference, the engine's NumPy backend and its CUDA kernels all read this table.
 
 Softmax is the one row-wise entry: its Jacobian is not diagonal, so it has no
 elementwise derivative; its vector-Jacobian product from the output,
-``(g - <g, F>_row) (.) F``, is :func:`softmax_backward`.
+``(g - <g, F>_row) (.) F``, is :func:`softmax_backward`, which its row carries in
+``rowwise``. A row also gives the gain of its layers' initial weights and whether it
+is the identity, so no caller needs to test an activation's name.
 
 >>> relu(0.5).name, str(relu(0.5))
 ('relu', 'relu(alpha=0.5)')
@@ -19,6 +22,7 @@ True
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -89,6 +93,7 @@ def _tanh_grad(z, alpha, out):
 
 
 _SQRT_HALF = 0.70710678118654752440
+_SQRT_2 = float(np.sqrt(2.0))
 _INV_SQRT_2PI = 0.39894228040143267794
 
 
@@ -125,6 +130,17 @@ def softmax_backward(f: np.ndarray, g: np.ndarray, out: np.ndarray) -> np.ndarra
 # --- the table ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class RowWise:
+    """The ops of a row-wise activation, whose Jacobian is not diagonal: ``sigma`` maps
+    each whole row (``Kind.value`` on NumPy) and backward is a vector-Jacobian product
+    from the output, not an elementwise derivative. On the GPU both are the row kernels
+    ``gm_<name>_forward`` and ``gm_<name>_backward`` of ``kernels/rowwise.cuh``, which
+    ``ops.ROW_ACTIVATIONS`` launches."""
+
+    backward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (F, g, out)
+
+
+@dataclass(frozen=True)
 class Kind:
     """One row of the activation table."""
 
@@ -132,19 +148,23 @@ class Kind:
     value: Fn
     grad: Optional[Fn]              # sigma'(z), elementwise; None for row-wise softmax
     grad_from_output: Optional[Fn]  # sigma' as a function of F = sigma(z), if there is one
-    rowwise: bool = False
+    rowwise: Optional[RowWise] = None  # the row-wise ops, for an activation on whole rows
     has_alpha: bool = False
+    # the weight scale of initialisation, times 1/sqrt(fan_in) and divided by alpha (the
+    # output's scale): He's sqrt(2) for ReLU-like activations, Glorot-like 1 else
+    init_gain: float = 1.0
+    is_identity: bool = False  # F = A and sigma' = 1: backward has nothing to do
 
 
 TABLE: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("identity", _identity, _ones, _ones),
-        Kind("relu", _relu, _relu_grad, _relu_grad, has_alpha=True),
+        Kind("identity", _identity, _ones, _ones, is_identity=True),
+        Kind("relu", _relu, _relu_grad, _relu_grad, has_alpha=True, init_gain=_SQRT_2),
         Kind("sigmoid", _sigmoid, _sigmoid_grad, _sigmoid_grad_from_output),
         Kind("tanh", _tanh, _tanh_grad, _tanh_grad_from_output),
-        Kind("gelu", _gelu, _gelu_grad, None),
-        Kind("softmax", _softmax, None, None, rowwise=True),
+        Kind("gelu", _gelu, _gelu_grad, None, init_gain=_SQRT_2),
+        Kind("softmax", _softmax, None, None, rowwise=RowWise(softmax_backward)),
     )
 }
 
@@ -162,8 +182,13 @@ class Activation:
 
     @property
     def has_grad_from_output(self) -> bool:
-        """True when backward can work from the stored output alone (Remark 8 (i))."""
-        return self.kind.grad_from_output is not None or self.kind.rowwise
+        """True when backward can work from the stored output alone (MATH.md's table)."""
+        return self.kind.grad_from_output is not None or self.kind.rowwise is not None
+
+    @property
+    def init_gain(self) -> float:
+        """The scale of a layer's initial weights, times ``1/sqrt(fan_in)``."""
+        return self.kind.init_gain / self.alpha
 
     def __call__(self, z: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """sigma(z) with NumPy (rows for softmax)."""
@@ -174,7 +199,7 @@ class Activation:
 
 
 def relu(alpha: float = 1.0) -> Activation:
-    """ReLU with scale ``alpha > 0`` (seed 004): ``alpha * max(0, z)``."""
+    """ReLU with scale ``alpha > 0``: ``alpha * max(0, z)``."""
     return get("relu", alpha=alpha)
 
 
@@ -207,3 +232,17 @@ def get(spec, alpha: Optional[float] = None) -> Activation:
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"relu's alpha must be a finite number > 0, got {alpha}")
     return Activation(kind, alpha)
+
+
+def per_layer(activations, n_layers: int) -> list:
+    """One activation per layer: a single spec for every layer, or a list of ``n_layers``."""
+    if isinstance(activations, (str, Activation)):
+        activations = [activations] * n_layers
+    if not isinstance(activations, Iterable):
+        raise TypeError("activations must be an activation name, an Activation, or a "
+                        f"list of them, got {activations!r}")
+    activations = [get(a) for a in activations]
+    if len(activations) != n_layers:
+        raise ValueError(f"expected {n_layers} activations (one per layer), "
+                         f"got {len(activations)}")
+    return activations

@@ -1,42 +1,29 @@
 """Checkpoints: a network's parameters, architecture, history and optimizer in one ``.npz``.
 
-The format (version 2) is a plain, uncompressed ``.npz`` that NumPy alone can read:
+:func:`save` writes, :func:`read` gives a :class:`Checkpoint` (net, history, optimizer,
+DP, data name), :func:`load` the net alone; :func:`hold` keeps other processes from
+writing the same checkpoint while a run lasts. The format (version 2) is a plain,
+uncompressed ``.npz`` that NumPy alone can read:
 
-* ``meta``: a 0-d string array holding JSON: ``format``, ``version``, ``model``
-  (``"MLP"`` or ``"Network"``: the class to rebuild), ``layers`` (one dict per layer, as
-  :meth:`gpu_mlp.layers.Layer.spec` writes it, the activation as ``str(activation)``, so
-  ReLU's alpha survives), ``loss``, ``memory``, ``dtype``, ``written_by`` and
-  ``history`` (the :class:`~gpu_mlp.training.History` to resume from, or null);
-* ``W_1, b_1, ..., W_n, b_n``: the parameters in torch's layouts, ``W_k`` of shape
-  ``(d_k, d_{k-1})`` for a dense layer, ``(c_out, c_in, kh, kw)`` for a convolution;
-* optionally, a :mod:`gpu_mlp.optim` optimizer to resume with: ``meta["optimizer"]``
-  (absent or null: none, i.e. plain SGD) holds its ``type``, ``hyperparameters``,
-  ``schedule``, ``steps`` (the schedule's position) and ``last_lr``, and the arrays
-  ``opt_<state>_W_k``, ``opt_<state>_b_k`` its per-parameter state (``<state>``:
-  ``momentum_buffer``, or ``exp_avg`` and ``exp_avg_sq``), shaped as the parameters;
-* optionally, the :class:`gpu_mlp.privacy.DP` of a private run: ``meta["dp"]`` holds its
-  settings and ``steps``, the position of its noise stream, so that a resumed run adds
-  the very noise the uninterrupted one would.
-* optionally, ``meta["data"]``: the name of the data set trained on (the command line's
-  ``--data``), so that resuming needs no repeat of it.
+* ``meta``: a 0-d string array of JSON: ``format``, ``version``, ``model`` (``"MLP"`` or
+  ``"Network"``), ``layers`` (:meth:`gpu_mlp.layers.Layer.spec` of each, the activation
+  as ``str(activation)`` so ReLU's alpha survives), ``loss``, ``memory``, ``dtype``,
+  ``written_by``, ``history`` (a :class:`~gpu_mlp.training.History` or null) and,
+  optionally, ``optimizer`` (``type``, ``hyperparameters``, ``schedule``, ``steps``,
+  ``last_lr``; absent or null: plain SGD), ``dp`` (the :class:`gpu_mlp.privacy.DP`
+  settings and ``steps``, its noise stream's position) and ``data`` (the data set's name);
+* ``W_1, b_1, ..., W_n, b_n`` in torch's layouts (``(d_k, d_{k-1})``, or ``(c_out, c_in,
+  kh, kw)``), and ``opt_<state>_W_k``, ``opt_<state>_b_k`` for the optimizer's state
+  (``momentum_buffer``, or ``exp_avg`` and ``exp_avg_sq``).
 
-Version 1 files (an MLP, described by ``sizes`` and ``activations`` instead of
-``layers`` and ``model``) are still read, as are version 2 files without an optimizer.
-
-:func:`save` writes to a temporary file in the target's directory and renames it over
-the target (``os.replace``, atomic), so the path holds the old checkpoint or the new
-one, never part of one, whenever the writer is interrupted; the temporary's name
-(``.NAME.PID.RANDOM.tmp``) carries the writer's pid, so that the next save removes those
-of writers killed mid-save. :func:`hold` keeps other processes from writing the same
-checkpoint for as long as a run lasts. A symlink is written through (the file it
-points to is replaced, the link kept) and a replaced file keeps its permission bits.
-:func:`read` trusts nothing in the file: it reads the metadata first (32 MiB at most),
-then checks every entry's name and, from its ``.npy`` header, its shape, dtype and size
-against the model the metadata describes, and only then reads the data, no more bytes
-than that model has, so a file cannot make it allocate more (a deflate bomb or a header
-that lies is refused unread). Arrays of Python objects are never unpickled (a checkpoint
-cannot run code); big-endian and Fortran-ordered arrays are read as NumPy writes them.
-What is wrong comes as a :class:`CheckpointError` naming the file.
+Version 1 files (an MLP as ``sizes`` and ``activations``) are still read. A save goes to
+a temporary ``.NAME.PID.RANDOM.tmp`` beside the target, renamed over it (atomic), so an
+interrupted writer leaves the old checkpoint; the next save removes temporaries of
+writers that died. Symlinks are written through; permission bits are kept. :func:`read`
+trusts nothing: metadata first (32 MiB at most), then every entry's name, shape, dtype
+and size from its ``.npy`` header against the model described, and only then the data,
+no more bytes than that model has (a deflate bomb or a lying header is refused unread).
+Object arrays are never unpickled. Errors are a :class:`CheckpointError` naming the file.
 
 >>> import os, tempfile, gpu_mlp
 >>> net = gpu_mlp.MLP([4, 8, 3], activations="relu(alpha=0.5)", device="cpu")
@@ -60,17 +47,17 @@ import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ._version import __version__
 from .device import to_numpy
 from . import layers as _layers
 from . import optim as _optim
 from . import privacy as _privacy
 from .layers import Dense
-from .mlp import MLP
-from .network import Network
+from .plan import StepPlan
 from .training import History
 
 FORMAT = "gpu_mlp.checkpoint"
@@ -80,6 +67,28 @@ _OPT = "opt_"  # the prefix of the optimizer's state entries
 
 class CheckpointError(ValueError):
     """A file that is not a valid gpu_mlp checkpoint."""
+
+
+# The model classes a checkpoint names and rebuilds: ``MODELS[name] = (cls, build)``,
+# ``build(layers, params, loss, memory, device, dtype)`` the net. The modules that define
+# them register them (gpu_mlp.network, gpu_mlp.mlp), so this module imports neither.
+MODELS: dict[str, tuple[type, Callable]] = {}
+
+
+def register(name: str, cls: type, build: Optional[Callable] = None) -> None:
+    """Save instances of ``cls`` (and of its subclasses not registered themselves) as
+    model ``name``, and rebuild them with ``build(layers, params, loss, memory=, device=,
+    dtype=)`` (default: ``cls.from_params``)."""
+    MODELS[name] = (cls, cls.from_params if build is None else build)
+
+
+def _model_name(net) -> str:
+    for kind in type(net).__mro__:
+        for name, (cls, _) in MODELS.items():
+            if cls is kind:
+                return name
+    raise TypeError(f"net must be a gpu_mlp network ({', '.join(sorted(MODELS))}), got "
+                    f"{type(net).__name__}")
 
 
 # what reading a damaged member of the zip can raise: a bad CRC or header, a broken
@@ -92,23 +101,31 @@ class Checkpoint:
     """What :func:`read` returns: the network, the training history (or None) and the
     optimizer (or None: plain SGD), bound to ``net`` with its state on net's device."""
 
-    net: Network
+    net: Any  # the gpu_mlp.Network (or MLP) stored
     history: Optional[History]
     optimizer: Optional[_optim.Optimizer] = None
     dp: Optional[_privacy.DP] = None
     data: Optional[str] = None  # the name of the data set trained on, if the writer gave it
 
 
-def save(net: Network, path, history: Optional[History] = None,
+def save(net, path, history: Optional[History] = None,
          optimizer: Optional[_optim.Optimizer] = None, dp: Optional[_privacy.DP] = None,
-         data: Optional[str] = None) -> None:
+         data: Optional[str] = None, plan: Optional[StepPlan] = None) -> None:
     """Write ``net`` (and ``history``, ``optimizer``, ``dp`` and the name of the ``data``
     set, to resume training with) to ``path``, atomically.
 
+    ``plan``: a :class:`gpu_mlp.plan.StepPlan` instead of ``optimizer`` and ``dp``: its
+    optimizer (none for plain SGD, which has no state) and its DP are saved.
     The file is written exactly at ``path`` (no suffix is added); ``.npz`` is customary.
     The optimizer must be ``net``'s (bound to it by a step) or not yet bound. Temporary
     files of ``path`` left by writers that were killed mid-save are removed.
     """
+    if plan is not None:
+        if not isinstance(plan, StepPlan):
+            raise TypeError(f"plan must be a gpu_mlp.plan.StepPlan, got {type(plan).__name__}")
+        if optimizer is not None or dp is not None:
+            raise ValueError("give plan or optimizer and dp, not both: the plan holds them")
+        optimizer, dp = plan.optimizer, plan.dp
     if history is not None and not isinstance(history, History):
         raise TypeError(f"history must be a gpu_mlp.training.History, got "
                         f"{type(history).__name__}")
@@ -116,15 +133,13 @@ def save(net: Network, path, history: Optional[History] = None,
         if not isinstance(optimizer, _optim.Optimizer):
             raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer, got "
                             f"{type(optimizer).__name__}")
-        optimizer._check_net(net)
+        optimizer.check_net(net)
     if dp is not None and not isinstance(dp, _privacy.DP):
         raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {type(dp).__name__}")
-    from . import __version__
-
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": "MLP" if isinstance(net, MLP) else "Network",
+        "model": _model_name(net),
         "layers": [layer.spec() for layer in net.layers],
         "loss": net.loss.name,
         "memory": net.memory,
@@ -274,7 +289,7 @@ def _write(f, arrays) -> None:
     os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
 
 
-def load(path, device: str = "auto") -> Network:
+def load(path, device: str = "auto"):
     """The network stored at ``path``, on ``device``; see :func:`read`."""
     return read(path, device=device).net
 
@@ -310,14 +325,10 @@ def _read(f, device: str) -> Checkpoint:
         params = [(W.read(), b.read()) for W, b in params]
         state = {name: [(W.read(), b.read()) for W, b in pairs] for name, pairs in state.items()}
     optimizer = None if spec is None else _optimizer(spec, state)
-    if model == "MLP":
-        net = MLP.from_params(params, [layer.activation for layer in layers], meta["loss"],
-                              memory=meta["memory"], device=device, dtype=dtype)
-    else:
-        net = Network.from_params(layers, params, meta["loss"], memory=meta["memory"],
-                                  device=device, dtype=dtype)
+    build = MODELS[model][1]
+    net = build(layers, params, meta["loss"], memory=meta["memory"], device=device, dtype=dtype)
     if optimizer is not None:
-        optimizer._bind(net)  # checks its state against the net, puts it on the device
+        optimizer.bind(net)  # checks its state against the net, puts it on the device
     return Checkpoint(net, history, optimizer, dp, data)
 
 
@@ -478,8 +489,9 @@ def _check_meta(meta):
     dtype = np.dtype(meta["dtype"])
     if version == 1:
         return "MLP", _version_1_layers(meta["sizes"], meta["activations"]), dtype
-    if meta["model"] not in ("MLP", "Network"):
-        raise ValueError(f"model must be MLP or Network, got {meta['model']!r}")
+    if meta["model"] not in MODELS:
+        raise ValueError(f"model must be {' or '.join(sorted(MODELS))}, got "
+                         f"{meta['model']!r}")
     specs = meta["layers"]
     if not isinstance(specs, list) or not specs:
         raise ValueError(f"layers must be a non-empty list, got {specs!r}")

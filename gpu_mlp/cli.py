@@ -17,14 +17,18 @@ import signal
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from . import __version__, activations, checkpoint, datasets, optim, plotting, privacy, training
+from . import activations, checkpoint, datasets, optim, plotting, privacy, training
+from ._version import __version__
 from .device import DEVICES, gpu_available, to_numpy
 from .layers import Conv2d, Dense
 from .mlp import MLP
 from .network import MEMORY_MODES, Network
+from .plan import StepPlan
 
 # What `train` uses unless told otherwise. On the digits: 0.96-0.98 test accuracy for
 # every seed tried with the MLP, in about a second on two CPU cores; 0.98-0.99 with the
@@ -39,16 +43,15 @@ DATA = {  # per data set: the losses it takes (the first is the default) and def
                    "momentum_lr": 0.005, "image": None},
 }
 MODELS = ("mlp", "cnn")
-# --optimizer; the learning rate unless --lr: sgd's and momentum's per data set (above:
-# momentum 0.9 takes a tenth, for the same lr / (1 - momentum)), Adam's 1e-3
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+# --optimizer: the kinds of gpu_mlp.optim (KINDS), each with the options it takes (the
+# others are refused); the learning rate unless --lr: sgd's and momentum's per data set
+# (above: momentum 0.9 takes a tenth, for the same lr / (1 - momentum)), Adam's 1e-3
+OPTIMIZERS = tuple(optim.KINDS)
+OPTIMIZER_OPTIONS = {name: kind.options for name, kind in optim.KINDS.items()}
 ADAM_LR = 1e-3
 OPTIMIZER_DEFAULTS = {"momentum": 0.9, "betas": (0.9, 0.999), "eps": 1e-8, "gamma": 0.1,
                       "warmup": 0, "min_lr": 0.0, "schedule": "constant"}
-# which options each optimizer and schedule takes (the others are refused)
-OPTIMIZER_OPTIONS = {"sgd": ("weight_decay",), "momentum": ("momentum", "nesterov", "weight_decay"),
-                     "adam": ("betas", "eps", "weight_decay"),
-                     "adamw": ("betas", "eps", "weight_decay")}
+# which options each schedule takes (total_steps is the run's)
 SCHEDULE_OPTIONS = {"constant": (), "step": ("step_size", "gamma"), "cosine": ("warmup", "min_lr")}
 DP_DEFAULTS = {"delta": 1e-5, "accountant": "rdp"}
 # 128 + the signal, what a shell reports for a command that a signal ended: SIGINT
@@ -397,30 +400,72 @@ def _train(args, comm, out) -> int:
 
 
 def _run(args, comm, out) -> int:
-    quiet = args.quiet or out is _silent
+    """One run, step by step: what it resumes and its settings, the data, the model, the
+    plan of its steps, then the training and the report."""
+    root = out is not _silent
+    quiet = args.quiet or not root
 
     def say(line):
         if not quiet:
             out(line, flush=True)  # seen now, not when the training is over
 
-    def save(net, history):
-        try:
-            checkpoint.save(net, args.save, history=history, optimizer=optimizer, dp=dp,
-                            data=args.data)
-        except OSError as e:  # a full disk, say: the atomic save kept the last one
-            kept = ("the file holds the last checkpoint, intact" if os.path.exists(args.save)
-                    else "no checkpoint was written")
-            raise OSError(f"--save {args.save}: epoch {history.epochs} not saved "
-                          f"({_reason(e)}); {kept}") from None
-
-    root = out is not _silent
     if root:
         _check_outputs(args)
+    resumed = _resume(args)
+    settings = _settings(args, resumed)
+    data = _data(args, resumed, settings)
+    net = _model(args, resumed, data, settings)
+    plan = _plan(args, resumed, data, settings, comm)
+    _announce(args, say, root, resumed, data, net, plan, settings)
+    done = resumed.history.epochs if resumed else 0
+    history = _fit(args, root, quiet, resumed, data, net, plan, settings)
+    _report(args, out, say, root, data, net, plan, history, done)
+    return 0
+
+
+@dataclass
+class _Settings:
+    """The training settings of a run: the command line's, else the checkpoint's, else
+    the defaults."""
+
+    seed: int
+    batch_size: int
+    kind: str  # of optimizer: a name of optim.KINDS
+    lr: float  # the (base) learning rate
+    stored_loss: Optional[str]  # the checkpoint's loss (None for a new run)
+
+
+@dataclass
+class _Data:
+    """The data of a run, split, and what the model must fit."""
+
+    X_train: np.ndarray
+    X_test: np.ndarray
+    Y_train: np.ndarray
+    Y_test: np.ndarray
+    classes: int  # 0 for regression
+    outputs: int
+    model: str  # "mlp" or "cnn"
+    loss: str
+
+    def steps(self, epochs: int, batch_size: int) -> int:
+        """The steps of a run of ``epochs`` epochs, in all."""
+        return epochs * -(-len(self.X_train) // batch_size)
+
+    def sample_rate(self, batch_size: int) -> float:
+        return min(1.0, batch_size / len(self.X_train))
+
+
+def _resume(args):
+    """The checkpoint of --resume (None for a new run); sets the run's data set."""
     resumed = _read_resumed(args) if args.resume else None
     if resumed is not None and resumed.history is None:
         raise ValueError(f"{args.resume} holds no training history to resume from")
     args.data = _data_set(args, resumed)  # from here on, the run's
-    history = resumed.history if resumed else None
+    return resumed
+
+
+def _settings(args, resumed) -> _Settings:
     stored = _stored_settings(resumed)
     seed = _setting(args.seed, stored.get("seed"), DEFAULTS["seed"])
     batch_size = _setting(args.batch_size, stored.get("batch_size"), DEFAULTS["batch_size"])
@@ -430,7 +475,11 @@ def _run(args, comm, out) -> int:
     else:
         kind = _check_optimizer_options(args)
     lr = _setting(args.lr, stored.get("lr"), _default_lr(kind, args.data))
+    return _Settings(seed, batch_size, kind, lr, stored.get("loss"))
 
+
+def _data(args, resumed, settings: _Settings) -> _Data:
+    """The data set, shaped for the model and checked against it, split for testing."""
     X, Y, classes = _load_data(args.data)
     outputs = classes or Y.shape[1]
     model = _model_of(resumed.net) if resumed else args.model or DEFAULTS["model"]
@@ -443,71 +492,109 @@ def _run(args, comm, out) -> int:
     if resumed and model == "mlp":
         _check_fits_data(resumed.net.sizes, args.data, X.shape[1], outputs)
     losses = DATA[args.data]["losses"]
-    loss = _setting(args.loss, stored.get("loss"), losses[0])
+    loss = _setting(args.loss, settings.stored_loss, losses[0])
     if loss not in losses:
         source = "--loss" if args.loss else "the checkpoint's loss"
         raise ValueError(f"{source} {loss} does not fit the {args.data} data, which take "
                          f"{' or '.join(losses)}")
-    # the model is checked against the data before it is built: the engine's errors
-    # would speak of its arguments, not of the data
-    net = resumed.net if resumed else _new_net(args, model, X.shape[1:], outputs, loss, seed)
-    if resumed:
-        _check_same_model(args, net, model, loss)
     if classes and loss == "squared":
         Y = np.eye(classes)[Y]  # one-hot rows to regress on
     X_train, X_test, Y_train, Y_test = datasets.train_test_split(
-        X, Y, args.test_fraction, seed)
-    steps = args.epochs * -(-len(X_train) // batch_size)  # of the whole run
-    optimizer = resumed.optimizer if resumed else _new_optimizer(args, kind, lr, steps)
-    sample_rate = min(1.0, batch_size / len(X_train))
-    dp = _private(args, resumed, sample_rate, steps, seed)
+        X, Y, args.test_fraction, settings.seed)
+    return _Data(X_train, X_test, Y_train, Y_test, classes, outputs, model, loss)
 
+
+def _model(args, resumed, data: _Data, settings: _Settings) -> Network:
+    """The checkpoint's net, checked against the options, or a new one. The model is
+    checked against the data before it is built: the engine's errors would speak of its
+    arguments, not of the data."""
+    if not resumed:
+        return _new_net(args, data.model, data.X_train.shape[1:], data.outputs, data.loss,
+                        settings.seed)
+    _check_same_model(args, resumed.net, data.model, data.loss)
+    return resumed.net
+
+
+def _plan(args, resumed, data: _Data, settings: _Settings, comm) -> StepPlan:
+    """What each step does: the optimizer (or plain SGD), DP and the communication."""
+    steps = data.steps(args.epochs, settings.batch_size)
+    optimizer = (resumed.optimizer if resumed
+                 else _new_optimizer(args, settings.kind, settings.lr, steps))
+    dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps, settings.seed)
+    return StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
+
+
+def _announce(args, say, root, resumed, data: _Data, net, plan: StepPlan,
+              settings: _Settings) -> None:
+    """What the run is about to do, and warnings about its settings."""
+    classes, outputs = data.classes, data.outputs
     kind = f"{classes} classes" if classes else f"{outputs} target(s)"
-    features = "x".join(map(str, X.shape[1:]))
-    say(f"data: {args.data}, {len(X_train)} training and {len(X_test)} test samples, "
-        f"{features} features, {kind}")
+    features = "x".join(map(str, data.X_train.shape[1:]))
+    say(f"data: {args.data}, {len(data.X_train)} training and {len(data.X_test)} test "
+        f"samples, {features} features, {kind}")
     say(f"model: {net}")
     if not resumed and args.memory is None and net.memory != DEFAULTS["memory"]:
         say(f"note: --memory {net.memory}, as {net.activations[0]}'s derivative needs its "
             f"input")
     if resumed:
-        say(f"resuming {args.resume} after epoch {history.epochs}")
-    how = f"lr {lr}" if optimizer is None else repr(optimizer)
-    say(f"training: {args.epochs} epochs, batch size {batch_size}, {how}, seed {seed}")
+        say(f"resuming {args.resume} after epoch {resumed.history.epochs}")
+    how = f"lr {plan.lr}" if plan.plain else repr(plan.rule)
+    say(f"training: {args.epochs} epochs, batch size {settings.batch_size}, {how}, seed "
+        f"{settings.seed}")
+    dp, comm = plan.dp, plan.comm
     if dp is not None:
         say(f"privacy: DP-SGD, Poisson sampling, clip {dp.max_grad_norm:g}, noise multiplier "
             f"{dp.noise_multiplier:.4g}, delta {dp.delta:g} ({dp.accountant} accountant)")
     if comm is not None:
         say(f"data parallel: {comm.size} ranks, gradients summed by {args.comm_path} "
-            f"(each global batch of {batch_size} split across them)")
-    if optimizer is not None and isinstance(optimizer.schedule, optim.Cosine) \
-            and optimizer.schedule.total_steps < steps and root:
-        print(f"gpu-mlp: warning: the cosine schedule ends at step "
-              f"{optimizer.schedule.total_steps} of {steps}: the steps after it run at its "
-              f"min_lr {optimizer.schedule.min_lr}", file=sys.stderr)
+            f"(each global batch of {settings.batch_size} split across them)")
+    steps = data.steps(args.epochs, settings.batch_size)
+    schedule = plan.rule.schedule
+    if not plan.plain and isinstance(schedule, optim.Cosine) and schedule.total_steps < steps \
+            and root:
+        print(f"gpu-mlp: warning: the cosine schedule ends at step {schedule.total_steps} "
+              f"of {steps}: the steps after it run at its min_lr {schedule.min_lr}",
+              file=sys.stderr)
     if resumed and dp is not None and dp.target_epsilon is not None and root:
-        spent = dp.epsilon(sample_rate, steps)
+        spent = dp.epsilon(data.sample_rate(settings.batch_size), steps)
         if spent > dp.target_epsilon * (1 + 1e-3):  # more epochs than it was solved for
             print(f"gpu-mlp: warning: the noise was set for epsilon {dp.target_epsilon:g}; "
                   f"{args.epochs} epochs spend {spent:.4g} at delta {dp.delta:g}",
                   file=sys.stderr)
 
-    done = history.epochs if history else 0
+
+def _fit(args, root, quiet, resumed, data: _Data, net, plan: StepPlan, settings: _Settings):
+    """Train by ``plan``, saving a checkpoint after every epoch with --save; the History."""
+
+    def save(net, history):
+        try:
+            checkpoint.save(net, args.save, history=history, plan=plan, data=args.data)
+        except OSError as e:  # a full disk, say: the atomic save kept the last one
+            kept = ("the file holds the last checkpoint, intact" if os.path.exists(args.save)
+                    else "no checkpoint was written")
+            raise OSError(f"--save {args.save}: epoch {history.epochs} not saved "
+                          f"({_reason(e)}); {kept}") from None
+
     with np.errstate(over="ignore", invalid="ignore"), \
             warnings.catch_warnings(record=True) as caught:  # fit reports a divergence
         warnings.simplefilter("always", training.TrainingWarning)
-        history = net.fit(X_train, Y_train, epochs=args.epochs, batch_size=batch_size,
-                          lr=lr if optimizer is None else None, optimizer=optimizer,
-                          seed=seed, validation=(X_test, Y_test), verbose=not quiet,
-                          on_epoch=save if args.save and root else None, resume=history,
-                          dp=dp, comm=comm)
+        history = net.fit(data.X_train, data.Y_train, epochs=args.epochs,
+                          batch_size=settings.batch_size, plan=plan, seed=settings.seed,
+                          validation=(data.X_test, data.Y_test), verbose=not quiet,
+                          on_epoch=save if args.save and root else None,
+                          resume=resumed.history if resumed else None)
     for warning in caught:  # one line each, as the errors
         if root:
             print(f"gpu-mlp: warning: {warning.message}", file=sys.stderr)
+    return history
 
+
+def _report(args, out, say, root, data: _Data, net, plan: StepPlan, history, done) -> None:
+    """The epochs' speed, the files written and the results (the last line: the test
+    accuracy for the digits, the test loss for the regression set)."""
     seconds = sum(history.seconds[done:])
     if seconds > 0:
-        rate = (history.epochs - done) * len(X_train) / seconds
+        rate = (history.epochs - done) * len(data.X_train) / seconds
         say(f"trained epochs {done + 1}-{history.epochs} in {seconds:.2f} s "
             f"({rate:,.0f} samples/s)")
     if args.save:
@@ -522,13 +609,12 @@ def _run(args, comm, out) -> int:
                   file=sys.stderr)
     out(f"training loss: {history.train_loss[-1]:.4f}")
     out(f"test loss: {history.val_loss[-1]:.4f}")
-    if dp is not None:
-        out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {dp.delta:g}")
-    if classes:
-        predicted = to_numpy(net.predict(X_test)).argmax(axis=1)
-        labels = Y_test if Y_test.ndim == 1 else Y_test.argmax(axis=1)
+    if plan.dp is not None:
+        out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {plan.dp.delta:g}")
+    if data.classes:
+        predicted = to_numpy(net.predict(data.X_test)).argmax(axis=1)
+        labels = data.Y_test if data.Y_test.ndim == 1 else data.Y_test.argmax(axis=1)
         out(f"test accuracy: {np.mean(predicted == labels):.3f}")
-    return 0
 
 
 # Set by the launchers for every process of a parallel job, size and rank: Open MPI's
@@ -755,7 +841,7 @@ def _check_same_model(args, net, model, loss) -> None:
 # --- the optimizer ------------------------------------------------------------------------
 
 def _default_lr(kind: str, data: str) -> float:
-    if kind in ("adam", "adamw"):
+    if issubclass(optim.KINDS[kind].cls, optim.Adam):
         return ADAM_LR
     return DATA[data]["momentum_lr" if kind == "momentum" else "lr"]
 
@@ -769,8 +855,7 @@ def _check_optimizer_options(args) -> str:
     kind = args.optimizer or "sgd"
     schedule = args.schedule or OPTIMIZER_DEFAULTS["schedule"]
     takes = set(OPTIMIZER_OPTIONS[kind]) | set(SCHEDULE_OPTIONS[schedule])
-    for name in ("momentum", "nesterov", "weight_decay", "betas", "eps", "warmup", "min_lr",
-                 "step_size", "gamma"):
+    for name in _rule_options(args):
         if getattr(args, name) is not None and name not in takes:
             owners = ([f"--optimizer {o}" for o, names in OPTIMIZER_OPTIONS.items()
                        if name in names] +
@@ -778,6 +863,14 @@ def _check_optimizer_options(args) -> str:
                        if name in names])
             raise ValueError(f"{_option(name)} applies to {' or '.join(owners)}")
     return kind
+
+
+def _rule_options(args, also=()) -> list:
+    """The names of the optimizers' and schedules' options (and ``also``), in the
+    command line's order."""
+    names = {name for options in (*OPTIMIZER_OPTIONS.values(), *SCHEDULE_OPTIONS.values())
+             for name in options}
+    return [name for name in vars(args) if name in names or name in also]
 
 
 def _new_optimizer(args, kind: str, lr: float, steps: int):
@@ -793,56 +886,34 @@ def _new_optimizer(args, kind: str, lr: float, steps: int):
                                 D["min_lr"] if args.min_lr is None else args.min_lr)
     else:
         schedule = optim.Constant()
-    if kind in ("adam", "adamw"):
-        cls = optim.Adam if kind == "adam" else optim.AdamW
-        options = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
-        return cls(lr, betas=args.betas or D["betas"],
-                   eps=D["eps"] if args.eps is None else args.eps, schedule=schedule, **options)
-    weight_decay = args.weight_decay or 0.0
-    if kind == "sgd":
-        if name == "constant" and not weight_decay:
-            return None
-        return optim.SGD(lr, weight_decay=weight_decay, schedule=schedule)
-    return optim.SGD(lr, momentum=D["momentum"] if args.momentum is None else args.momentum,
-                     nesterov=bool(args.nesterov), weight_decay=weight_decay,
-                     schedule=schedule)
+    cls, names = optim.KINDS[kind]
+    # the options given, else the command line's defaults, else the class's
+    options = {name: getattr(args, name) if getattr(args, name) is not None else D[name]
+               for name in names if getattr(args, name) is not None or name in D}
+    if kind == "sgd" and name == "constant" and not options.get("weight_decay"):
+        return None
+    return cls(lr, schedule=schedule, **options)
 
 
 def _optimizer_name(optimizer) -> str:
-    if optimizer is None:
-        return "sgd"
-    if isinstance(optimizer, optim.SGD):
-        return "momentum" if optimizer.momentum else "sgd"
-    return "adamw" if isinstance(optimizer, optim.AdamW) else "adam"
+    return "sgd" if optimizer is None else optimizer.kind
 
 
 def _optimizer_settings(optimizer) -> dict:
     """The options that describe ``optimizer`` (None: plain SGD), as the command line
     spells them, with their values."""
-    settings = {"optimizer": _optimizer_name(optimizer)}
     if optimizer is None:
-        return {**settings, "weight_decay": 0.0, "schedule": "constant"}
-    settings.update(lr=optimizer.lr, weight_decay=optimizer.weight_decay)
-    if isinstance(optimizer, optim.SGD):
-        if optimizer.momentum:
-            settings.update(momentum=optimizer.momentum, nesterov=optimizer.nesterov)
-    else:
-        settings.update(betas=tuple(optimizer.betas), eps=optimizer.eps)
-    schedule = optimizer.schedule
-    settings["schedule"] = schedule.spec()["type"]
-    if isinstance(schedule, optim.Step):
-        settings.update(step_size=schedule.step_size, gamma=schedule.gamma)
-    elif isinstance(schedule, optim.Cosine):
-        settings.update(warmup=schedule.warmup, min_lr=schedule.min_lr)
-    return settings
+        return {"optimizer": "sgd", "weight_decay": 0.0, "schedule": "constant"}
+    spec = optimizer.schedule.spec()
+    return {"optimizer": optimizer.kind, **optimizer.settings(), "schedule": spec["type"],
+            **{name: spec[name] for name in SCHEDULE_OPTIONS[spec["type"]]}}
 
 
 def _check_same_optimizer(args, optimizer) -> None:
     """With --resume, optimizer options may be repeated but must match the checkpoint's."""
     stored = _optimizer_settings(optimizer)
     what = "plain SGD" if optimizer is None else repr(optimizer)
-    for name in ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps",
-                 "schedule", "warmup", "min_lr", "step_size", "gamma"):
+    for name in _rule_options(args, also=("optimizer", "lr", "schedule")):
         given = getattr(args, name)
         if given is None or (name == "lr" and optimizer is None):
             continue  # plain SGD's --lr may change on resume, as it always could

@@ -1,12 +1,12 @@
 """im2col and col2im: the rows of a convolution's input, and their adjoint.
 
 A :class:`~gpu_mlp.layers.Conv2d` works on ``rows(x) = im2col(x)``, so that the layer is
-one GEMM, ``C(x, W) = rows(x) W_mat^T`` (see :mod:`gpu_mlp.layers`). For an NCHW batch
-``x`` (B, C, H, W) and output size (OH, OW), ``im2col(x)`` is the C-contiguous
-(B*OH*OW, K) matrix, K = C*kh*kw, whose row ``(b*OH + oh)*OW + ow`` and column
-``(c*kh + i)*kw + j`` hold ``x[b, c, oh*sh - ph + i, ow*sw - pw + j]`` (0 outside the
-image). ``col2im`` is its exact adjoint: each pixel gets the sum of the entries that
-read it, which takes ``C^dagger(T, W) = col2im(T_rows W_mat)`` back to the input.
+one GEMM, ``C(x, W) = rows(x) W_mat^T`` (see :mod:`gpu_mlp.layers`). ``im2col(x)`` of an
+NCHW batch is the C-contiguous (B*OH*OW, K) matrix, K = C*kh*kw, in the row and column
+order of docs/MATH.md, "General bilinear layers": entry ``((b*OH + oh)*OW + ow,
+(c*kh + i)*kw + j)`` is ``x[b, c, oh*sh - ph + i, ow*sw - pw + j]``, 0 outside the
+image. ``col2im`` is its exact adjoint: each pixel gets the sum of the entries that read
+it, which takes ``C^dagger(T, W) = col2im(T_rows W_mat)`` back to the input.
 
 Both are written here twice, formula for formula: as NumPy functions that fill a
 caller's buffer (a loop over the kh*kw kernel offsets with strided slices, as Chainer's
@@ -28,12 +28,22 @@ array([[1., 2., 1.],
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # layers imports the engine's ops, which import this module
-    from .layers import Conv2d
+
+class ConvGeometry(Protocol):
+    """What this module reads of a :class:`gpu_mlp.layers.Conv2d` (which it does not
+    import: layers imports the engine's ops, which import this module)."""
+
+    c_in: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    def output_shape(self, input_shape: tuple) -> tuple[int, int, int]: ...
+
 
 _GEOMETRY = ("int32 C, int32 H, int32 W, int32 kh, int32 kw, int32 sh, int32 sw, "
              "int32 ph, int32 pw, int32 OH, int32 OW")
@@ -51,7 +61,7 @@ ELEMENTWISE = {
 }
 
 
-def geometry(layer: Conv2d, input_shape: tuple) -> tuple[int, ...]:
+def geometry(layer: ConvGeometry, input_shape: tuple) -> tuple[int, ...]:
     """``(C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)``, the ELEMENTWISE kernels' int32
     arguments in order, for a per-sample ``input_shape`` (C, H, W); a ValueError naming
     the layer if the input does not fit it."""
@@ -70,7 +80,7 @@ def _window(n_out: int, size: int, stride: int, pad: int, offset: int):
     return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
 
 
-def _views(images, matrix, layer: Conv2d, what: str):
+def _views(images, matrix, layer: ConvGeometry, what: str):
     """``matrix`` viewed as (B, OH, OW, C, kh, kw), and (OH, OW), after checking shapes."""
     if images.ndim != 4:
         raise ValueError(f"{layer}: {what} must be a (batch, {layer.c_in}, height, width) "
@@ -86,7 +96,7 @@ def _views(images, matrix, layer: Conv2d, what: str):
     return matrix.reshape(B, OH, OW, layer.c_in, *layer.kernel_size), OH, OW
 
 
-def im2col(x: np.ndarray, layer: Conv2d, out: np.ndarray) -> np.ndarray:
+def im2col(x: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray:
     """``out <- im2col(x)`` for x (B, C, H, W); ``out`` is C-contiguous (B*OH*OW, K)."""
     if not out.flags.c_contiguous:  # its reshape would be a copy, and the result lost
         raise ValueError("im2col's out must be C-contiguous")
@@ -106,7 +116,7 @@ def im2col(x: np.ndarray, layer: Conv2d, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def col2im(cols: np.ndarray, layer: Conv2d, out: np.ndarray) -> np.ndarray:
+def col2im(cols: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray:
     """``out <- col2im(cols)``, the adjoint of :func:`im2col`: ``out`` (B, C, H, W) gets,
     per pixel, the sum of the entries of ``cols`` (B*OH*OW, K) that read that pixel."""
     view, OH, OW = _views(out, cols, layer, "out")

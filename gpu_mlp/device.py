@@ -199,3 +199,12 @@ def _moved(a, xp, name):
 def to_numpy(a) -> np.ndarray:
     """A NumPy copy (or view) of a NumPy or CuPy array."""
     return a.get() if _is_cupy(a) else np.asarray(a)
+
+
+def write(target, value) -> None:
+    """Copy the host array ``value`` into ``target``, a NumPy or CuPy array, in place:
+    ``target`` stays the same object (for CuPy one host-to-device copy)."""
+    if isinstance(target, np.ndarray):
+        target[...] = value
+    else:
+        target.set(np.ascontiguousarray(value, dtype=target.dtype))

@@ -1,73 +1,34 @@
 """Data-parallel training over MPI (and NCCL on GPUs): every rank the same update.
 
-Each rank holds a share of the global batch and runs the ordinary backward pass on it,
-its loss scaled by ``1 / (global batch size)``, so that its factors ``(T_rows, X_rows)``
-of each layer are its share of the global-mean gradient (Remark 8 (iii)):
+Each rank runs the ordinary backward pass on its share of the global batch, its loss
+scaled by ``1 / (global batch size)``. A :class:`Communicator` (:func:`communicator`)
+is the stage of the backward pass (:mod:`gpu_mlp.updates`) that sums the ranks' shares
+of each layer's gradient, by one of two exact paths: ``"allreduce"`` (each rank forms
+``[T_r^T X_r | T_r^T 1]`` in a flat buffer, summed in place, applied by
+``Apply.gradient``) or ``"gather"`` (every rank all-gathers the factors ``T_r`` and
+``X_r`` and applies one GEMM over the global batch straight into ``W_k``). ``path="auto"``
+takes the one that sends fewer bytes, per layer and step (:func:`choose_path`,
+:func:`path_values`); :func:`bytes_sent` counts them. The sum, the bytes of each path and
+the rule are in docs/MATH.md, "Data parallel: which bytes to send". Beyond that page:
 
-    G_k = sum over ranks r of T_r^T X_r,        g_k = sum over ranks of T_r^T 1.
-
-A :class:`Communicator` is the stage of the backward pass (:mod:`gpu_mlp.updates`) that
-turns the shares into that sum, one layer at a time, by one of two exact paths:
-
-* ``"allreduce"``: each rank forms its share ``[T_r^T X_r | T_r^T 1]`` by GEMM and GEMV
-  into a flat buffer, the buffers are summed in place by an allreduce, and the update
-  rule applies the sum (``Apply.gradient``).
-* ``"gather"``: every rank all-gathers the factors ``T_r`` and ``X_r`` of all ranks and
-  applies the update as one GEMM over the global batch straight into ``W_k`` (no gradient
-  buffer), exactly what one process does on the global batch.
-
-Cost model, values sent per rank and step for one layer with ``W`` (d_out, K), ``P``
-ranks holding ``b_r`` rows each, ``N = sum b_r``:
-
-* allreduce of the ``n = d_out (K + 1)`` gradient values: a ring allreduce sends
-  ``2 (P - 1) / P n`` values from every rank (reduce-scatter, then all-gather);
-* all-gather of the factors: every row of rank r, ``d_out + K`` values, must reach the
-  P - 1 others: ``(P - 1) b_r (d_out + K)`` values counted on rank r (a ring spreads the
-  same total, ``(P - 1) N (d_out + K)``, over the ranks).
-
-``bytes_sent`` adds these up (times the item size) for every layer of every step.
-Averaged over the ranks (the choice must be the same on every rank, and ``b_r`` differs
-with an uneven split), the factors send fewer bytes iff
-
-    (P - 1) N (d_out + K) / P  <  2 (P - 1) d_out (K + 1) / P
-    <=>            N (d_out + K)  <  2 d_out (K + 1)
-
-i.e. with even shares ``P b (d_in + d_out) < 2 d_out (d_in + 1)`` for a Dense layer
-(MATH.md, "Data parallel"): small global batches and wide layers gather, e.g. width
-4096 and ``P b < 4097``. ``path="auto"`` takes the cheaper path per layer and step
-(:func:`choose_path`). On a GPU NCCL's all-gather takes equal blocks, so every rank sends
-``max(b_r)`` rows (padded with zeros) and ``N`` is ``P max(b_r)`` in the rule. The rule
-counts bytes only: the gather path also runs the weight-gradient GEMM over all ``N`` rows
-on every rank, not its own ``b_r``, which on fast links (one machine) can cost more than
-the bytes it saves (bench/scaling.py measures both).
-
-Only Dense layers gather: a convolution's rows are im2col rows, one per output position
-with ``K = c_in kh kw`` columns, so they hold each input value up to ``kh kw`` times and
-there are ``P_pos`` of them per sample; sending them would cost far more than the
-activation, let alone the gradient. Convolutions always allreduce.
-
-Overlap: each layer's communication starts (nonblocking: ``Iallreduce``,
-``Iallgatherv``) as soon as the backward pass hands over its factors, and goes on while
-the layers below run their backward pass; :meth:`_Stage.finish` waits for each layer in
-order and applies it. Only then does the engine give the factors' buffers back
-(``keeps_factors``). The gathered factors and the gradient buffers are kept per net and
-layer shape, sized for the largest batch seen: the steady state allocates nothing.
-
-GPUs: one rank per GPU; the device is picked from the node-local rank when the
-Communicator is made (make it before any net), and a CuPy net's collectives run on NCCL
-on the current stream (so they are ordered after the GEMMs that feed them and before
-the updates that read them). The NCCL communicator is made at the first CuPy step, its
-unique id broadcast from rank 0 over MPI (as ChainerMN does).
-
-Faults: :meth:`Communicator.check_same` compares a configuration across ranks before
-the first step and raises the same ValueError on every rank; :meth:`Communicator.guard`
-turns an exception on one rank into ``MPI_Abort``, so the others do not wait forever in
-a collective. A rank that dies is seen by the launcher (mpirun, srun), which ends the
-job.
-
-DP (:mod:`gpu_mlp.privacy`) runs upstream of this stage, clipping each rank's own
-samples; its noise is handed on and added once, by the update rule, to the *summed*
-gradient -- the same noise on every rank, so it counts once, not once per rank.
+* The rule must give the same path on every rank, so it averages over ranks. On a GPU
+  NCCL's all-gather takes equal blocks: every rank sends ``max(b_r)`` rows, zero-padded,
+  and ``N`` is ``P max(b_r)``. The rule counts bytes only; the gather path also runs the
+  weight GEMM over all ``N`` rows on every rank, which on fast links can cost more than
+  it saves (bench/scaling.py measures both). Convolutions always allreduce.
+* Overlap: each layer's collective starts nonblocking (``Iallreduce``,
+  ``Iallgatherv``) as soon as the backward pass hands over its factors;
+  :meth:`_Stage.finish` waits for the layers in order and applies them, and only then
+  does the engine take the factors back (``keeps_factors``). Buffers are kept per net
+  and layer shape, sized for the largest batch seen: the steady state allocates nothing.
+* GPUs: one rank per GPU, picked from the node-local rank when the Communicator is made
+  (make it before any net). A CuPy net's collectives run on NCCL on the current stream;
+  the NCCL communicator is made at the first CuPy step, its id broadcast over MPI.
+* Faults: :meth:`Communicator.check_same` raises the same ValueError on every rank when
+  a configuration differs; :meth:`Communicator.guard` turns an exception on one rank into
+  ``MPI_Abort``, so the others do not wait forever; a dead rank is left to the launcher.
+* DP (:mod:`gpu_mlp.privacy`) clips each rank's own samples upstream; its noise, the
+  same on every rank, is added once, to the summed gradient.
 """
 
 from __future__ import annotations
@@ -83,6 +44,7 @@ import numpy as np
 
 from . import layers as _layers
 from . import ops
+from .updates import Rule, Stage
 from .workspace import Workspace
 
 PATHS = ("auto", "allreduce", "gather")
@@ -285,9 +247,13 @@ class Communicator:
         self.comm.Allgather(send, counts)
         return counts.tolist()
 
-    def _stage(self, net, downstream, counts) -> "_Stage":
+    def _stage(self, net, downstream: Rule, counts) -> "_Stage":
         """The sink of one data-parallel step: sums each layer's gradient over the ranks
-        and hands it to ``downstream`` (the update rule)."""
+        and hands it to ``downstream``, the update rule (a :class:`~gpu_mlp.updates.Rule`:
+        the allreduce path hands it the summed gradient)."""
+        if not isinstance(downstream, Rule):
+            raise TypeError(f"the allreduce path hands the update rule a summed gradient, "
+                            f"which needs a gpu_mlp.updates.Rule; got {downstream!r}")
         counts = [int(c) for c in counts]
         if len(counts) != self.size:
             raise ValueError(f"counts must hold one row count per rank ({self.size}), "
@@ -323,7 +289,7 @@ def communicator(comm, net) -> Communicator:
     ``net``, kept with the net so that its buffers last from step to step. On the CPU
     only: a GPU rank must pick its device before any net exists, which only a
     Communicator made first can do."""
-    if hasattr(comm, "_stage"):
+    if isinstance(comm, Communicator):
         return comm
     if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
         raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
@@ -362,13 +328,14 @@ def _pick_gpu(local_rank: int):
 
 # --- the stage of the backward pass -----------------------------------------------------
 
-class _Stage:
+class _Stage(Stage):
     """One data-parallel step: starts each layer's collective as its factors arrive,
     and in :meth:`finish` waits for them in order and applies each to ``downstream``."""
 
     keeps_factors = True  # the collectives read the factors until finish()
 
-    def __init__(self, comm: Communicator, net, downstream, counts):
+    def __init__(self, comm: Communicator, net, downstream: Rule, counts):
+        super().__init__(downstream)
         self.comm, self.net, self.down, self.counts = comm, net, downstream, counts
         self.gpu = not ops.is_numpy(net.params[0][0])
         self.pool = comm._pool(net)
@@ -476,18 +443,12 @@ class _Stage:
                 if how == "gather":
                     T_all, X_all = operands
                     self.down(k, T_all, X_all, self.pool.ones(T_all.shape[0]), noise)
-                elif hasattr(self.down, "gradient"):
-                    self.down.gradient(k, operands[0], noise)
                 else:
-                    raise TypeError(f"the allreduce path hands the update rule a summed "
-                                    f"gradient, which needs its gradient() method; "
-                                    f"{self.down!r} has none")
+                    self.down.gradient(k, operands[0], noise)
         finally:
             for *_, held in pending:
                 self.pool.give(*held)
-        finish = getattr(self.down, "finish", None)
-        if finish is not None:
-            finish()
+        super().finish()
 
 
 def _mpi_type(dtype):

@@ -1,24 +1,22 @@
-"""Layer types: each a bilinear map C(x, W) plus a linear bias map iota(b) (seed 003, Section 4).
+"""Layer types: each a bilinear map C(x, W) plus a linear bias map iota(b).
 
-A layer ``F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k))`` is its configuration (the
-shapes it takes and gives, its parameters' shapes, its activation) and what Algorithm 2
-needs of it -- ``C``, ``C^dagger`` (to the input), ``C^{dagger dagger}`` (to the weights)
-and ``iota^*`` (to the bias) -- on the engine's arrays. They are the same three products
-for every type: a layer works on the *rows* of its input, one row per (sample, output
-position) with ``K`` columns, so that
+A layer ``F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k))`` (:class:`Layer`;
+:class:`Dense`, :class:`Conv2d`) is its configuration (the shapes it takes and gives,
+its parameters' shapes, its activation) and what the backward pass needs of it --
+``C``, ``C^dagger`` (to the input), ``C^{dagger dagger}`` (to the weights) and
+``iota^*`` (to the bias) -- on the engine's arrays; the maths is docs/MATH.md, "General
+bilinear layers". Every type works on the *rows* of its input, one row per (sample,
+output position) with ``K`` columns, so all are the same products: ``C(x, W) = rows(x)
+W_mat^T`` and ``C^dagger(T, W) = rows^*(T_rows W_mat)`` (one GEMM each),
+``C^{dagger dagger}(x, T) = T_rows^T rows(x)`` and ``iota^*(T) = T_rows^T 1``.
 
-    C(x, W)              = rows(x) W_mat^T         one GEMM,  W_mat: (d_out, K)
-    C^{dagger dagger}(x, T) = T_rows^T rows(x)     one GEMM   (beta = 1 for SGD)
-    C^dagger(T, W)       = rows^*(T_rows W_mat)    one GEMM, then the adjoint of rows
-    iota^*(T)            = T_rows^T 1              one GEMV
-
-``rows`` is a reshape for :class:`Dense` (one position per sample) and im2col for
-:class:`Conv2d`; ``rows^*`` is the reshape back and col2im. Activations are kept in the
-layer's own layout, ``(B, d)`` or NCHW ``(B, c, H, W)``; a Conv2d's GEMM works in rows
+``rows`` is a reshape for :class:`Dense` and im2col for :class:`Conv2d`
+(:mod:`gpu_mlp.conv`); ``rows^*`` is the reshape back and col2im. Activations are kept
+in the layer's own layout, ``(B, d)`` or NCHW; a Conv2d's GEMM works in rows
 ``(B*H*W, c)`` and its :meth:`~Layer.linear` and :meth:`~Layer.to_rows` move between the
-two. The engine (:mod:`gpu_mlp.network`) runs one loop over these methods for every type;
-the weight gradient ``T_rows^T rows(x)`` and ``iota^*`` are left to its *sink* (SGD into
-``W``, gradients written out, per-sample norms), which receives ``(T_rows, rows(x))``.
+two. The engine (:mod:`gpu_mlp.network`) runs one loop over these methods for every
+type; the weight and bias gradients are left to its *sink*, which receives
+``(T_rows, rows(x))``.
 
 >>> conv = Conv2d(1, 4, 3, padding=1)
 >>> conv.output_shape((1, 8, 8)), conv.weight_shape
@@ -115,7 +113,7 @@ class Layer:
         """Values per sample that the forward pass holds at once: input and output."""
         return math.prod(input_shape) + math.prod(self.output_shape(input_shape))
 
-    # --- Algorithm 2 on the engine's arrays (NumPy or CuPy), buffers from a Workspace ----
+    # --- the backward pass's products on the engine's arrays, buffers from a Workspace ---
 
     def rows(self, x, ws):
         """``rows(x)``, (B*P, K): a view of ``x`` where it can be, else a workspace

@@ -4,25 +4,22 @@ A loss compares the network output ``F`` (B, d) with targets ``Y`` and gives the
 per-sample losses ``l(y_i, F[i])`` together with ``scale * dl/dF`` written into
 ``grad`` in the same pass -- exactly what the fused CUDA kernels in
 ``kernels/losses.cuh`` and ``kernels/rowwise.cuh`` compute. The batch loss is the mean
-of the per-sample losses, so the engine passes ``scale = 1/B``.
-
-=========================  =========================  ===========================
-name                       l(y, f)                    dl/df
-=========================  =========================  ===========================
-``squared``                ``||f - y||^2``            ``2 (f - y)``
-``logistic`` (y = +-1)     ``log(1 + e^{-y f})``      ``-y sigmoid(-y f)``
-``softmax_cross_entropy``  ``-log softmax(f)_y``      ``softmax(f) - onehot(y)``
-=========================  =========================  ===========================
+of the per-sample losses, so the engine passes ``scale = 1/B``. The rows --
+``squared``, ``logistic`` (y = +-1) and ``softmax_cross_entropy`` -- and their
+derivatives are docs/MATH.md's, "Losses".
 
 ``softmax_cross_entropy`` takes logits (use it with an ``identity`` output layer, like
 PyTorch's ``CrossEntropyLoss``) and targets either as integer class indices of shape
 (B,) or as rows of class probabilities (one-hot or soft) of shape (B, d).
+
+A classification loss's row also says how its predictions are scored (``accuracy``):
+by the largest output for ``softmax_cross_entropy``, by the sign for ``logistic``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -71,6 +68,19 @@ def _softmax_cross_entropy(F, Y, scale, grad):
         per_sample = terms.sum(axis=1)
     grad *= scale
     return per_sample
+
+
+# --- accuracy: the share of right predictions, on NumPy or CuPy arrays (a 0-d array) ---
+
+def _class_accuracy(F, Y):
+    """Rows whose largest output is the label (or the target row's largest entry)."""
+    labels = Y if Y.ndim == 1 else Y.argmax(axis=1)
+    return (F.argmax(axis=1) == labels).mean()
+
+
+def _sign_accuracy(F, Y):
+    """Outputs whose sign matches the +-1 label."""
+    return ((F > 0) == (Y > 0)).mean()
 
 
 # --- target checks --------------------------------------------------------------------
@@ -156,6 +166,8 @@ class Loss:
     # (Y, B, d, xp, dtype, values=True) -> Y in canonical form, or raises; see above
     check_targets: Callable
     rowwise: bool = False
+    # (F, Y) -> the share of right predictions, for a classification loss; None else
+    accuracy: Optional[Callable] = None
 
     def __str__(self) -> str:
         return self.name
@@ -165,9 +177,9 @@ TABLE: dict[str, Loss] = {
     loss.name: loss
     for loss in (
         Loss("squared", _squared, _check_squared),
-        Loss("logistic", _logistic, _check_logistic),
+        Loss("logistic", _logistic, _check_logistic, accuracy=_sign_accuracy),
         Loss("softmax_cross_entropy", _softmax_cross_entropy, _check_softmax_cross_entropy,
-             rowwise=True),
+             rowwise=True, accuracy=_class_accuracy),
     )
 }
 

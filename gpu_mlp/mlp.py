@@ -1,8 +1,9 @@
 """The multilayer perceptron: a :class:`~gpu_mlp.network.Network` of Dense layers.
 
-Algorithm 1 of MATH.md is Algorithm 2 with every layer dense, so :class:`MLP` is only a
-way to say "these widths, these activations"; everything it does is the Network's one
-layer loop (:mod:`gpu_mlp.network`).
+The dense backward pass of docs/MATH.md ("Backward") is the general one ("General
+bilinear layers") with every layer dense, so :class:`MLP` is only a way to say "these
+widths, these activations"; everything it does is the Network's one layer loop
+(:mod:`gpu_mlp.network`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import operator
 
 from . import _checks
 from . import activations as _activations
+from . import checkpoint as _checkpoint
 from . import device as _device
 from .layers import Dense
-from .network import Network, _iter_pairs
-from .reference import resolve_activations
+from .network import Network
 
 
 class MLP(Network):
@@ -48,7 +49,7 @@ class MLP(Network):
         n = len(sizes) - 1
         if isinstance(activations, (str, _activations.Activation)):
             activations = [activations] * (n - 1) + [output]
-        acts = resolve_activations(activations, n)
+        acts = _activations.per_layer(activations, n)
         super().__init__(_dense_layers(sizes, acts), loss=loss, memory=memory,
                          device=device, dtype=dtype, seed=seed)
 
@@ -63,9 +64,9 @@ class MLP(Network):
         name, xp = _device.resolve(device)
         pairs = _checks.params([(_device.to_device(W, xp, f"W_{k}"),
                                  _device.to_device(b, xp, f"b_{k}"))
-                                for k, (W, b) in enumerate(_iter_pairs(params), start=1)])
+                                for k, (W, b) in enumerate(_checks.pairs(params), start=1)])
         sizes = [int(pairs[0][0].shape[1])] + [int(W.shape[0]) for W, _ in pairs]
-        acts = resolve_activations(activations, len(pairs))
+        acts = _activations.per_layer(activations, len(pairs))
         return super().from_params(_dense_layers(sizes, acts), pairs, loss=loss,
                                    memory=memory, device=name, dtype=dtype)
 
@@ -77,6 +78,13 @@ class MLP(Network):
         acts = ", ".join(str(a) for a in self.activations)
         return (f"MLP(sizes={self.sizes}, activations=[{acts}], loss={self.loss.name!r}, "
                 f"memory={self.memory!r}, device={self.device!r}, dtype={self.dtype.name!r})")
+
+
+def _from_checkpoint(layers, params, loss, **options) -> MLP:
+    return MLP.from_params(params, [layer.activation for layer in layers], loss, **options)
+
+
+_checkpoint.register("MLP", MLP, _from_checkpoint)
 
 
 def _dense_layers(sizes, acts) -> list:

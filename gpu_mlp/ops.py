@@ -12,16 +12,16 @@ be one GEMM straight into ``W`` with no gradient buffer on either backend.
 from __future__ import annotations
 
 import functools
-import operator
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.linalg import blas as _blas
 
-from . import conv, cuda
+from . import _checks, conv, cuda
 
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
@@ -169,7 +169,7 @@ def bias_act(act, a, bias):
             np.add(block, bias, out=block)
             act.kind.value(block, act.alpha, block)
     elif act.kind.rowwise:
-        _softmax(a, bias, a)
+        ROW_ACTIVATIONS[act.name].forward(a, bias, a)
     else:
         _launch("bias_act", act, bias, _alpha(act, a), a)
 
@@ -182,15 +182,15 @@ def bias_act_keep(act, a, bias, f):
             act.kind.value(a[rows], act.alpha, f[rows])
     elif act.kind.rowwise:
         a += bias
-        _softmax(a, None, f)
+        ROW_ACTIVATIONS[act.name].forward(a, None, f)
     else:
         _launch("bias_act_keep", act, bias, _alpha(act, a), a, f)
 
 
 def bias_act_grad(act, a, bias, f):
     """``f <- sigma(a + bias)``; ``a <- sigma'(a + bias)`` (forward, "store_both" mode)."""
-    if act.kind.rowwise:
-        raise ValueError("softmax has no elementwise derivative to store")
+    if act.kind.grad is None:
+        raise ValueError(f"{act.name} has no elementwise derivative to store")
     if is_numpy(a):
         for rows in _row_blocks(a):
             block = a[rows]
@@ -203,38 +203,41 @@ def bias_act_grad(act, a, bias, f):
 
 def grad_from_output(act, f, delta):
     """``delta <- delta (.) sigma'`` computed from the output ``f`` ("output" mode)."""
-    if act.name == "identity":
+    if act.kind.is_identity:
         return  # sigma' = 1
     if is_numpy(f):
         for rows in _row_blocks(f):
             if act.kind.rowwise:
-                _softmax_backward_numpy(f[rows], delta[rows])
+                g = delta[rows]
+                act.kind.rowwise.backward(f[rows], g, g)
             else:
                 block = f[rows]
                 delta[rows] *= act.kind.grad_from_output(block, act.alpha, np.empty_like(block))
     elif act.kind.rowwise:
-        _softmax_backward(f, delta)
+        ROW_ACTIVATIONS[act.name].backward(f, delta)
     else:
         _launch("grad_from_output", act, f, _alpha(act, f), delta)
 
 
 def recompute_grad(act, a, delta):
     """``a <- sigma(a)`` and ``delta <- delta (.) sigma'(a)`` ("recompute" mode)."""
-    if act.name == "identity":
+    if act.kind.is_identity:
         return  # sigma(a) = a and sigma' = 1
     if is_numpy(a):
         for rows in _row_blocks(a):
             block = a[rows]
             if act.kind.rowwise:
                 act.kind.value(block, act.alpha, block)
-                _softmax_backward_numpy(block, delta[rows])
+                g = delta[rows]
+                act.kind.rowwise.backward(block, g, g)
             else:
                 d = act.kind.grad(block, act.alpha, np.empty_like(block))
                 act.kind.value(block, act.alpha, block)
                 delta[rows] *= d
     elif act.kind.rowwise:
-        _softmax(a, None, a)
-        _softmax_backward(a, delta)
+        kernels = ROW_ACTIVATIONS[act.name]
+        kernels.forward(a, None, a)
+        kernels.backward(a, delta)
     else:
         _launch("recompute_grad", act, _alpha(act, a), a, delta)
 
@@ -245,12 +248,6 @@ def mul(delta, d):
         delta *= d
     else:
         _launch("mul", None, d, delta)
-
-
-def _softmax_backward_numpy(f, delta):
-    from .activations import softmax_backward
-
-    softmax_backward(f, delta, out=delta)
 
 
 def _softmax(z, bias, out):
@@ -273,6 +270,22 @@ def _softmax_backward(f, g):
         _launch_rows("gm_softmax_backward", B, f, g, np.int32(B), np.int32(C))
     else:
         _launch("softmax_backward_wide", None, f, (g * f).sum(axis=1, keepdims=True), g)
+
+
+class RowKernels(NamedTuple):
+    """A row-wise activation's ops on the GPU: ``forward(z, bias, out)`` writes
+    ``out <- sigma(z + bias)`` row by row (``bias`` may be None, ``out`` may be z),
+    ``backward(f, g)`` the vector-Jacobian product ``g <- g J(f)`` from the output, in
+    place -- its row kernels ``gm_<name>_forward`` and ``gm_<name>_backward``
+    (kernels/rowwise.cuh), or CuPy's reductions for rows wider than ROW_KERNEL_MAX."""
+
+    forward: Callable
+    backward: Callable
+
+
+# The GPU twins of the table's row-wise activations (``Kind.rowwise``; on NumPy the row
+# itself has them), by table name.
+ROW_ACTIVATIONS = {"softmax": RowKernels(_softmax, _softmax_backward)}
 
 
 # --- losses ---------------------------------------------------------------------------
@@ -457,16 +470,6 @@ _U32, _U64 = 1 << 32, 1 << 64
 MAX_NOISE_ELEMENTS = 1 << 34
 
 
-def _in_range(name: str, value, bound: int) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"add_gaussian: {name} must be an int, got {value!r}")
-    value = operator.index(value)  # ints and NumPy integers, nothing that rounds
-    if not 0 <= value < bound:
-        raise ValueError(f"add_gaussian: {name} must be in [0, 2^{bound.bit_length() - 1}), "
-                         f"got {value}")
-    return value
-
-
 def add_gaussian(w, scale, seed, stream, step):
     """``w <- w + scale z`` in place, ``z`` i.i.d. standard normal, one per element.
 
@@ -481,11 +484,11 @@ def add_gaussian(w, scale, seed, stream, step):
     same computation, operation for operation, vectorised over blocks of NOISE_BLOCK
     elements (whole Philox blocks) spread over a few threads (ufuncs release the GIL),
     in buffers kept per thread: the same arguments give the same bits on both backends,
-    in float32 and float64 (docs/MATH.md, "The noise").
+    in float32 and float64 (docs/MATH.md, "DP-SGD", its paragraph on the noise).
     """
-    seed = _in_range("seed", seed, _U64)
-    stream = _in_range("stream", stream, _U32)
-    step = _in_range("step", step, _U64)
+    seed = _checks.integer("seed", seed, 0, "add_gaussian: ", below=_U64)
+    stream = _checks.integer("stream", stream, 0, "add_gaussian: ", below=_U32)
+    step = _checks.integer("step", step, 0, "add_gaussian: ", below=_U64)
     if w.dtype not in _NUMPY_GEMM or not w.flags.c_contiguous:
         raise ValueError(f"add_gaussian: w must be a C-contiguous float32 or float64 array, "
                          f"got {w.dtype}{'' if w.flags.c_contiguous else ', not contiguous'}")

@@ -1,44 +1,28 @@
 """Optimizers and learning-rate schedules, fused into the backward pass.
 
 :class:`SGD` (momentum, Nesterov, weight decay), :class:`Adam` (L2 weight decay in the
-gradient) and :class:`AdamW` (decoupled weight decay) follow PyTorch's update rules
-exactly -- ``torch.optim.SGD``, ``Adam`` and ``AdamW`` with their defaults (dampening
-0, no AMSGrad), bias corrections and first steps included (docs/MATH.md,
-"Optimizers"). Pass one where a learning rate goes::
+gradient) and :class:`AdamW` (decoupled weight decay) follow ``torch.optim``'s update
+rules exactly (dampening 0, no AMSGrad, bias corrections and first steps included); the
+rules are written out in ``kernels/optim.cuh``. Two options reach scikit-learn's rules
+(:mod:`gpu_mlp.sklearn` uses them): ``decay_bias=False``, the weight decay on the weights
+only, and Adam's ``eps_placement="uncorrected"``, eps added to ``sqrt(v)`` before the
+bias correction. Schedules (:class:`Constant`, :class:`Step`, :class:`Cosine`) give each
+step's rate from the base ``lr`` and the optimizer's step count. Pass an optimizer where
+a learning rate goes::
 
     opt = gpu_mlp.optim.Adam(lr=1e-3, schedule=gpu_mlp.optim.Cosine(1000, warmup=100))
     net.train_step(X, Y, opt)          # or net.fit(X, Y, optimizer=opt)
 
-Memory (Remark 8 (iii)): PyTorch keeps a ``.grad`` for every parameter beside the
-state. Here a layer's gradient lives only between its computation and its update, in
-ONE scratch buffer shared by all layers, as large as the largest layer's weight: the
-engine's backward pass hands each layer's factors to the optimizer's *sink*, which
-writes ``G_k = T^T rows(F_{k-1})`` into the scratch (one GEMM), updates ``W_k`` with
-ONE fused kernel (kernels/optim.cuh), then the bias gradient ``T^T 1`` (one GEMV) and
-``b_k`` (one kernel). So beyond the parameters:
-
-=====================  ==============================  =================================
-optimizer              gpu_mlp                         PyTorch
-=====================  ==============================  =================================
-SGD                    nothing (one GEMM into W)       grads: 1x params
-SGD, momentum          buffer 1x params + scratch      grads + buffer: 2x params
-Adam, AdamW            moments 2x params + scratch     grads + moments: 3x params
-=====================  ==============================  =================================
-
-SGD without momentum needs neither state nor scratch: ``W <- (1 - lr wd) W - lr G`` is
-the gradient GEMM itself with ``alpha = -lr, beta = 1 - lr wd``, as the plain-SGD
-path of :meth:`~gpu_mlp.network.Network.train_step` (the same bits when ``wd = 0``).
-
-State is allocated once, on the net's device, at the first step, which *binds* the
-optimizer to that net; a step then allocates nothing and never synchronises with the
-host: the step count lives on the host, and the step's scalars (the scheduled lr, the
-bias corrections ``1 - beta^t``) are computed there, in double as PyTorch does, and
-passed to the kernels by value.
-
-Schedules (:class:`Constant`, :class:`Step`, :class:`Cosine`) give the learning rate
-of each step from the optimizer's base ``lr`` and the number of steps taken before it,
-so the position of a schedule is the optimizer's step count. :meth:`Optimizer.state_dict`
-holds everything -- hyperparameters, schedule, step count, state -- and
+The engine hands each layer's gradient factors to the optimizer's *sink*, which writes
+``G_k`` into ONE scratch buffer shared by all layers (the size of the largest weight)
+and updates ``W_k`` with one fused kernel, then ``b_k``: no ``.grad`` per parameter
+(docs/MATH.md, "Memory modes"; the measured table is in README, "Optimizers and
+schedules"). Beyond the parameters SGD keeps nothing (its update is the gradient GEMM,
+``alpha = -lr, beta = 1 - lr wd``), SGD with momentum a buffer plus the scratch, Adam
+and AdamW two moments plus the scratch. State is allocated at the first step, on the
+net's device, which binds the optimizer to that net; a step then allocates nothing and
+never synchronises: the step's scalars (scheduled lr, bias corrections) are computed on
+the host in double, as PyTorch does. :meth:`Optimizer.state_dict` holds everything, and
 :mod:`gpu_mlp.checkpoint` saves it, so that a resumed run continues bit for bit.
 
 >>> import numpy as np, gpu_mlp
@@ -55,22 +39,28 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import _checks, ops
-from .device import to_numpy
+from .device import to_numpy, write
 from .updates import Apply
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "Step", "Cosine",
-           "from_state_dict", "schedule_from_spec"]
+           "KINDS", "from_state_dict", "schedule_from_spec"]
 
 
 # --- argument checks --------------------------------------------------------------------
 
 def _lr(value, where: str) -> float:
     return _checks.in_range("lr", value, where, low_open=True)
+
+
+def _flag(name: str, value, where: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 # --- learning-rate schedules --------------------------------------------------------------
@@ -174,9 +164,11 @@ class Optimizer:
     to a net by its first step, per-parameter state on the net's device.
 
     Use it as the ``lr`` of :meth:`Network.train_step` or as ``optimizer=`` of
-    :meth:`Network.fit`; :meth:`begin_step` is what the engine calls. The hyperparameters
-    are read-only but ``lr`` (checked when set); the state and the scratch live as long
-    as the optimizer (``net.free_buffers()`` leaves them).
+    :meth:`Network.fit` (or the rule of a :class:`gpu_mlp.plan.StepPlan`, whose steps
+    call :meth:`begin_step`). The hyperparameters
+    are read-only but ``lr`` and ``weight_decay`` (checked when set; a caller may change
+    them between steps, as PyTorch's ``param_groups``); the state and the scratch live
+    as long as the optimizer (``net.free_buffers()`` leaves them).
     """
 
     STATE: tuple = ()  # the names of the per-parameter state tensors (PyTorch's)
@@ -212,8 +204,19 @@ class Optimizer:
         self._lr = value
 
     @property
+    def decay_bias(self) -> bool:
+        """Whether the weight decay applies to the biases too (PyTorch's default)."""
+        return self._decay_bias
+
+    @property
     def weight_decay(self) -> float:
+        """The L2 (Adam, SGD) or decoupled (AdamW) decay coefficient of the next step."""
         return self._weight_decay
+
+    @weight_decay.setter
+    def weight_decay(self, value) -> None:
+        self._weight_decay = _checks.in_range("weight_decay", value,
+                                              f"{type(self).__name__}: ")
 
     @property
     def schedule(self) -> Schedule:
@@ -234,8 +237,22 @@ class Optimizer:
         return self.schedule.lr(self._lr, step)
 
     def hyperparameters(self) -> dict:
-        """The constructor's arguments but the schedule, as JSON-ready values."""
+        """The constructor's arguments but the schedule, as JSON-ready values
+        (``decay_bias`` and ``eps_placement`` only where they are not their defaults:
+        the state dicts and reprs of PyTorch's rules stay as they were)."""
         raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        """The name of this optimizer's kind in :data:`KINDS`."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """``lr`` and the hyperparameters of its kind (:data:`KINDS`), pairs as tuples:
+        what describes this optimizer, the schedule aside."""
+        hyper = self.hyperparameters()
+        return {name: tuple(hyper[name]) if isinstance(hyper[name], list) else hyper[name]
+                for name in ("lr", *KINDS[self.kind].options)}
 
     def __repr__(self) -> str:
         args = [f"{key}={tuple(value) if isinstance(value, list) else value!r}"
@@ -259,7 +276,7 @@ class Optimizer:
     def _bound_net(self):
         return None if self._net is None else self._net()
 
-    def _check_net(self, net) -> None:
+    def check_net(self, net) -> None:
         """Raise a ValueError, changing nothing, if this optimizer cannot step ``net``:
         it is bound to another net, or state loaded for it does not fit."""
         if self._net is not None:
@@ -271,10 +288,10 @@ class Optimizer:
         if self._pending is not None:
             _check_state_fits(self._pending, net, type(self).__name__)
 
-    def _bind(self, net) -> None:
+    def bind(self, net) -> None:
         """Check ``net`` and, on the first call, allocate the state (or move the loaded
         state) and the scratch on its device."""
-        self._check_net(net)
+        self.check_net(net)
         if self._net is not None:
             return
         xp, pending = net.xp, self._pending
@@ -301,7 +318,7 @@ class Optimizer:
         """Bind to ``net`` (first call) and return the :class:`~gpu_mlp.updates.Apply` of
         one step: the engine hands it each layer's gradient, last layer first, after
         ``dJ/dF_{k-1}`` has used the old ``W_k``; the step counts when it finishes."""
-        self._bind(net)
+        self.bind(net)
         lr = self.lr_at(self._steps)
 
         def state(k):
@@ -371,10 +388,8 @@ class Optimizer:
                 for i, a in enumerate(pair):
                     if host is None:
                         a.fill(0)
-                    elif isinstance(a, np.ndarray):
-                        a[...] = host[name][k][i]
                     else:
-                        a.set(np.ascontiguousarray(host[name][k][i], dtype=a.dtype))
+                        write(a, host[name][k][i])
 
     def _snapshot(self) -> dict:
         """What :meth:`_restore` needs to go back here (host copies)."""
@@ -408,16 +423,21 @@ class SGD(Optimizer):
     ``g <- g + wd W``; with momentum ``buf <- g`` at the first step, ``mu buf + g`` after,
     and ``g <- g + mu buf`` (Nesterov) or ``buf``; then ``W <- W - lr g``. Without momentum
     it is the gradient GEMM straight into W (``beta = 1 - lr wd``): no state, no scratch.
+
+    ``decay_bias=False`` puts the weight decay on the weights only, not on the biases
+    (PyTorch: the biases in a parameter group with ``weight_decay=0``; scikit-learn's L2
+    term). :meth:`scale_momentum` keeps a velocity-style momentum across a change of
+    ``lr``.
     """
 
-    def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
+    def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None,
+                 decay_bias=True):
         where = "SGD: "
         self._momentum = _checks.in_range("momentum", momentum, where, 0.0, 1.0)
-        if not isinstance(nesterov, (bool, np.bool_)):
-            raise TypeError(f"{where}nesterov must be True or False, got {nesterov!r}")
-        if nesterov and self._momentum == 0:
+        self._nesterov = _flag("nesterov", nesterov, where)
+        if self._nesterov and self._momentum == 0:
             raise ValueError(f"{where}nesterov needs a momentum > 0")
-        self._nesterov = bool(nesterov)
+        self._decay_bias = _flag("decay_bias", decay_bias, where)
         super().__init__(lr, weight_decay, schedule)
 
     @property
@@ -428,41 +448,83 @@ class SGD(Optimizer):
     def nesterov(self) -> bool:
         return self._nesterov
 
+    def scale_momentum(self, factor) -> None:
+        """Multiply the momentum buffers by ``factor``, in place (the loaded state if
+        not bound yet; nothing without momentum or state).
+
+        A velocity ``v <- mu v - lr g``, ``W <- W + v`` (Sutskever et al.'s, scikit-learn's)
+        is ``-lr`` times this buffer at the rate of the steps that made it: after changing
+        ``lr`` from ``old`` to ``new``, ``scale_momentum(old / new)`` keeps following it."""
+        factor = _checks.in_range("factor", factor, "SGD.scale_momentum: ", low_open=True)
+        if self._net is not None:
+            for pair in self._state.get("momentum_buffer", ()):
+                for buf in pair:
+                    buf *= factor
+        elif self._pending is not None:  # new arrays: the loaded ones may be the caller's
+            self._pending = {name: [tuple(a * factor for a in pair) for pair in pairs]
+                             for name, pairs in self._pending.items()}
+
     @property
     def STATE(self) -> tuple:
         return ("momentum_buffer",) if self.momentum else ()
 
+    @property
+    def kind(self) -> str:
+        return "momentum" if self.momentum else "sgd"
+
     def hyperparameters(self) -> dict:
-        return {"lr": self._lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay}
+        hyper = {"lr": self._lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                 "weight_decay": self.weight_decay}
+        if not self.decay_bias:
+            hyper["decay_bias"] = False
+        return hyper
 
     def _rule(self, lr, t):
+        weight_decay = self.weight_decay
         if not self.momentum:
-            keep = 1.0 - lr * self.weight_decay
-            return {"lr": lr, "keep": (keep, keep)}
-        momentum, weight_decay, nesterov = self.momentum, self.weight_decay, self.nesterov
+            keep = 1.0 - lr * weight_decay
+            return {"lr": lr, "keep": (keep, keep if self.decay_bias else 1.0)}
+        momentum, nesterov = self.momentum, self.nesterov
 
-        def kernel(w, g, state):
-            ops.sgd_momentum(w, g, state[0], lr, momentum, weight_decay, nesterov)
-        return {"kernels": (kernel, kernel)}
+        def kernel(decay):
+            return lambda w, g, state: ops.sgd_momentum(w, g, state[0], lr, momentum, decay,
+                                                        nesterov)
+        return {"kernels": (kernel(weight_decay),
+                            kernel(weight_decay if self.decay_bias else 0.0))}
 
 
 class Adam(Optimizer):
     """``torch.optim.Adam(params, lr, betas, eps, weight_decay)``: L2 weight decay, added to
     the gradient (``g <- g + wd W``), then ``m <- lerp(m, g, 1 - b1)``, ``v <- b2 v +
-    (1 - b2) g^2``, ``W <- W - lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+    (1 - b2) g^2``, ``W <- W - lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+
+    ``eps_placement``: ``"corrected"`` (PyTorch's, the default) adds ``eps`` to the
+    bias-corrected ``sqrt(v / (1 - b2^t))``, as above; ``"uncorrected"`` adds it to
+    ``sqrt(v)`` -- Kingma and Ba's epsilon-hat (their section 2), scikit-learn's and
+    TensorFlow's Adam -- for the step ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) +
+    eps)``. That is PyTorch's step with ``eps / sqrt(1 - b2^t)`` for ``eps``, and so it is
+    computed. ``decay_bias=False`` puts the weight decay (the L2 term; AdamW's decoupled
+    decay) on the weights only, not on the biases.
+    """
 
     STATE = ("exp_avg", "exp_avg_sq")
     DECOUPLED = False
+    EPS_PLACEMENTS = ("corrected", "uncorrected")
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 schedule=None):
+                 schedule=None, decay_bias=True, eps_placement="corrected"):
         where = f"{type(self).__name__}: "
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
         self._betas = tuple(_checks.in_range(f"beta{i}", beta, where, 0.0, 1.0)
                             for i, beta in enumerate(betas, start=1))
         self._eps = _checks.in_range("eps", eps, where, low_open=True)
+        if not isinstance(eps_placement, str) or eps_placement not in self.EPS_PLACEMENTS:
+            raise ValueError(f"{where}eps_placement must be one of "
+                             f"{', '.join(map(repr, self.EPS_PLACEMENTS))}, got "
+                             f"{eps_placement!r}")
+        self._eps_placement = eps_placement
+        self._decay_bias = _flag("decay_bias", decay_bias, where)
         super().__init__(lr, weight_decay, schedule)
 
     @property
@@ -473,24 +535,44 @@ class Adam(Optimizer):
     def eps(self) -> float:
         return self._eps
 
+    @property
+    def eps_placement(self) -> str:
+        """``"corrected"`` (PyTorch's) or ``"uncorrected"`` (scikit-learn's)."""
+        return self._eps_placement
+
+    @property
+    def kind(self) -> str:
+        return "adamw" if self.DECOUPLED else "adam"
+
     def hyperparameters(self) -> dict:
-        return {"lr": self._lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        hyper = {"lr": self._lr, "betas": list(self.betas), "eps": self.eps,
+                 "weight_decay": self.weight_decay}
+        if not self.decay_bias:
+            hyper["decay_bias"] = False
+        if self.eps_placement != "corrected":
+            hyper["eps_placement"] = self.eps_placement
+        return hyper
 
     def _rule(self, lr, t):
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1 ** t  # in double, as PyTorch's Python floats
         bias_correction2 = 1 - beta2 ** t
+        eps = self.eps
+        if self.eps_placement == "uncorrected":
+            # sqrt(v) + eps = sqrt(1 - b2^t) (sqrt(v / (1 - b2^t)) + eps / sqrt(1 - b2^t))
+            eps = eps / bias_correction2 ** 0.5
         if self.DECOUPLED:
-            l2, decay = 0.0, 1 - lr * self.weight_decay
+            decay = 1 - lr * self.weight_decay
+            l2, decays = (0.0, 0.0), (decay, decay if self.decay_bias else 1.0)
         else:
-            l2, decay = self.weight_decay, 1.0
-        scalars = (1 - beta1, beta2, 1 - beta2, self.eps, l2, decay, lr / bias_correction1,
-                   bias_correction2 ** 0.5)
+            l2 = (self.weight_decay, self.weight_decay if self.decay_bias else 0.0)
+            decays = (1.0, 1.0)
 
-        def kernel(w, g, state):
-            ops.adam(w, g, state[0], state[1], *scalars)
-        return {"kernels": (kernel, kernel)}
+        def kernel(which):
+            scalars = (1 - beta1, beta2, 1 - beta2, eps, l2[which], decays[which],
+                       lr / bias_correction1, bias_correction2 ** 0.5)
+            return lambda w, g, state: ops.adam(w, g, state[0], state[1], *scalars)
+        return {"kernels": (kernel(0), kernel(1))}
 
 
 class AdamW(Adam):
@@ -500,11 +582,27 @@ class AdamW(Adam):
     DECOUPLED = True
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 schedule=None):
-        super().__init__(lr, betas, eps, weight_decay, schedule)
+                 schedule=None, decay_bias=True, eps_placement="corrected"):
+        super().__init__(lr, betas, eps, weight_decay, schedule, decay_bias, eps_placement)
 
 
 OPTIMIZERS = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
+
+
+class Kind(NamedTuple):
+    """A kind of optimizer to pick by name: its class and the hyperparameters beyond
+    ``lr`` that it takes."""
+
+    cls: type
+    options: tuple
+
+
+# The kinds by name (the command line's --optimizer): SGD with and without momentum are
+# two, for they take different hyperparameters. Optimizer.kind names an optimizer's.
+KINDS = {"sgd": Kind(SGD, ("weight_decay",)),
+         "momentum": Kind(SGD, ("momentum", "nesterov", "weight_decay")),
+         "adam": Kind(Adam, ("betas", "eps", "weight_decay")),
+         "adamw": Kind(AdamW, ("betas", "eps", "weight_decay"))}
 _STATE_KEYS = ("type", "hyperparameters", "schedule", "steps", "last_lr", "state")
 
 

@@ -1,35 +1,23 @@
 """Differentially private SGD in one backward pass, from the factored gradients.
 
-DP-SGD (Abadi et al. 2016) clips every sample's gradient ``g_i`` (over all layers) to
-norm ``C``, sums, adds Gaussian noise ``N(0, sigma^2 C^2 I)`` and divides by the batch
-size: ``(sum_i min(1, C / ||g_i||) g_i + N) / B``. The usual tools pay for the
-per-sample norms: Opacus materialises per-sample gradients, or with ghost clipping runs
-a second backward pass. Here they come from the factors the ordinary backward pass
-already has (Remark 8 (ii)): sample i's gradient of a dense layer is the outer product
-``T_i x_i^T``, of norm ``||T_i|| ||x_i||``; a convolution's is ``T_i^T X_i`` over its
-output positions, whose norm the Gram form gives without forming it
-(:func:`gpu_mlp.network._per_sample_squares`).
+:class:`DP` holds a private run's settings (clipping norm ``C``, noise multiplier,
+delta, seed) and its step count; pass it as ``dp=`` to :meth:`Network.train_step` or
+:meth:`Network.fit`. DP-SGD (Abadi et al. 2016) clips every sample's gradient (over all
+layers) to norm ``C``, sums, adds Gaussian noise ``N(0, sigma^2 C^2 I)`` and divides by
+the batch size. The per-sample norms come from the factors the ordinary backward pass
+already has (:func:`gpu_mlp.norms.per_sample_squares`), so no per-sample gradient is
+formed and no second backward pass runs (Opacus needs one or the other). The formulas
+and the noise generator are in docs/MATH.md, "Factored weight gradients" and "DP-SGD".
 
-So a private step is one forward and one backward pass, then, per layer:
+Per step, this module's stage of the backward pass (:mod:`gpu_mlp.updates`) adds each
+layer's per-sample squared norms and *keeps* its factors; after the last layer it scales
+each layer's ``T`` row by row by the clipping factors and hands the factors on, so plain
+SGD is one GEMM straight into ``W_k``. The noise is added where the summed gradient is
+formed (``W_k``, or the optimizer's scratch), keyed by ``(seed, step, layer, tensor)``:
+the same seed gives the same noise, bit for bit, on a CPU and a GPU.
 
-1. the backward loop hands each layer's factors to this module's stage, which adds the
-   layer's per-sample squared norms and *keeps* the factors (they are buffers the
-   forward pass had anyway, same order as the activations);
-2. once every layer is done, the clipping factors ``c_i = C / max(||g_i||, C) / B`` are
-   known; each layer's ``T`` is scaled row by row (sample by sample) in place, and the
-   update rule gets the factors as usual: for plain SGD ONE GEMM of the scaled ``T``
-   straight into ``W_k`` (``beta = 1``) -- no per-sample gradient and no gradient
-   buffer is ever formed;
-3. the noise is added where the summed gradient is formed: straight into ``W_k`` for
-   plain SGD, into the optimizer's scratch before its fused update otherwise. On a GPU
-   by one kernel with a counter-based generator (Philox4x32-10, curand's, in
-   ``kernels/noise.cuh``), keyed by ``(seed, step, layer, tensor)``: no noise buffer, and
-   a step is reproducible from the seed and the step count alone. On the CPU the very
-   same generator and Box-Muller in NumPy, vectorised in blocks over a few threads: the
-   same seed gives the same noise, bit for bit, on every device (docs/MATH.md).
-
-The privacy spent is counted by Google's ``dp-accounting`` (:mod:`gpu_mlp.accounting`,
-the ``[dp]`` extra): :meth:`Network.fit` samples its batches by Poisson sampling, as the
+The privacy spent is counted by :mod:`gpu_mlp.accounting` (the ``[dp]`` extra):
+:meth:`Network.fit` samples batches by Poisson sampling (:func:`poisson_batches`), as the
 accountant assumes, and reports epsilon at ``delta`` after every epoch.
 
 >>> import numpy as np, gpu_mlp
@@ -47,8 +35,8 @@ import math
 
 import numpy as np
 
-from . import _checks, accounting, ops
-from .network import _per_sample_squares
+from . import _checks, accounting, norms, ops
+from .updates import Sink, Stage
 
 __all__ = ["DP"]
 
@@ -138,21 +126,22 @@ class DP:
 
     # --- the stage of the backward pass ----------------------------------------------
 
-    def _stage(self, net, downstream, rows: int, batch: float) -> "_Private":
+    def _stage(self, net, downstream: Sink, rows: int, batch: float) -> "_Private":
         """The sink of one private step over ``rows`` local samples, dividing by
         ``batch`` (the batch size, or the expected one under Poisson sampling)."""
         return _Private(self, net, downstream, rows, batch)
 
 
-class _Private:
+class _Private(Stage):
     """One private step: keeps every layer's factors and sums the per-sample squared
     norms; at the end scales each sample's rows of T by its clipping factor over the
     batch size and hands the factors on, with the noise, to the next stage."""
 
     keeps_factors = True
 
-    def __init__(self, dp: DP, net, downstream, rows: int, batch: float):
-        self.dp, self.net, self.downstream, self.rows = dp, net, downstream, rows
+    def __init__(self, dp: DP, net, downstream: Sink, rows: int, batch: float):
+        super().__init__(downstream)
+        self.dp, self.net, self.rows = dp, net, rows
         self.batch = float(batch)
         self.squares = net.xp.zeros(rows, dtype=net.dtype)
         self.kept = []
@@ -162,9 +151,9 @@ class _Private:
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B = self.rows
         if B:
-            self.squares += _per_sample_squares(self.net.xp,
-                                                T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                X_rows.reshape(B, -1, X_rows.shape[1]))
+            self.squares += norms.per_sample_squares(self.net.xp,
+                                                     T_rows.reshape(B, -1, T_rows.shape[1]),
+                                                     X_rows.reshape(B, -1, X_rows.shape[1]))
         self.kept.append((k, T_rows, X_rows, ones))
 
     def finish(self):
@@ -182,9 +171,7 @@ class _Private:
                 T *= factors[:, None, None]
             self.downstream(k, T_rows, X_rows, ones, noise=self._noise)
         self.kept = []
-        finish = getattr(self.downstream, "finish", None)
-        if finish is not None:
-            finish()
+        super().finish()
         self.dp.steps += 1
 
     def _noise(self, k, which, array, alpha):

@@ -1,18 +1,14 @@
-"""A deliberately plain NumPy implementation of Algorithm 1: the definition of correct.
+"""A deliberately plain NumPy backprop: the definition of correct.
 
 Everything else in gpu_mlp is checked against this module, and this module is checked
-against finite differences, the Kronecker form of seed 000 and PyTorch autograd. It
-favours the page over speed: one loop forward, one loop backward, exactly the formulas
-of ``MATH.md`` (rows are samples, ``W_k`` is ``(d_out, d_in)``, the loss is the batch
-mean)::
+against finite differences, the Kronecker / vec form and PyTorch autograd
+(tests/test_reference.py, tests/test_reference_layers.py). It favours the page over
+speed: one loop forward, one loop backward, exactly the formulas of docs/MATH.md,
+"Conventions" and "Backward" (:func:`forward`, :func:`loss_and_gradients`, for dense
+networks given as ``[(W_k, b_k)]``).
 
-    A_k = F_{k-1} W_k^T + b_k          F_k = sigma_k(A_k)
-    Delta_n = sigma_n'(A_n) (.) dJ/dF_n
-    Delta_k = (Delta_{k+1} W_{k+1}) (.) sigma_k'(A_k)
-    dJ/dW_k = Delta_k^T F_{k-1}        dJ/db_k = Delta_k^T 1        dJ/dX = Delta_1 W_1
-
-Algorithm 2 (seed 003, Section 4) is here too, for networks of ``gpu_mlp.layers``
-(Dense and Conv2d): :func:`network_forward` and :func:`network_loss_and_gradients`, with
+Networks of :mod:`gpu_mlp.layers` (Dense and Conv2d) are here too, as in "General
+bilinear layers": :func:`network_forward` and :func:`network_loss_and_gradients`, with
 each layer's bilinear map C, its adjoints C^dagger and C^{dagger dagger}, and the bias
 map iota and its adjoint written out plainly (:func:`bilinear` and friends).
 
@@ -34,23 +30,9 @@ from . import layers as _layers
 from . import losses as _losses
 
 
-def resolve_activations(activations, n_layers: int) -> list:
-    """One activation per layer: a single spec for every layer, or a list of ``n_layers``."""
-    if isinstance(activations, (str, _activations.Activation)):
-        activations = [activations] * n_layers
-    if not isinstance(activations, Iterable):
-        raise TypeError("activations must be an activation name, an Activation, or a "
-                        f"list of them, got {activations!r}")
-    activations = [_activations.get(a) for a in activations]
-    if len(activations) != n_layers:
-        raise ValueError(f"expected {n_layers} activations (one per layer), "
-                         f"got {len(activations)}")
-    return activations
-
-
 def _prepare(params, activations, X):
     params = _checks.params(params)
-    acts = resolve_activations(activations, len(params))
+    acts = _activations.per_layer(activations, len(params))
     X = _checks.inputs(X, params[0][0].shape[1])
     if X.dtype != params[0][0].dtype:
         raise TypeError(f"X has dtype {X.dtype} but the parameters are {params[0][0].dtype}")
@@ -81,7 +63,7 @@ def forward(params, activations, X):
 
 
 def loss_and_gradients(params, activations, loss, X, Y):
-    """``(J, [(dJ/dW_k, dJ/db_k)], dJ/dX)`` for the batch-mean loss J of Algorithm 1.
+    """``(J, [(dJ/dW_k, dJ/db_k)], dJ/dX)`` for the batch-mean loss J of a dense net.
 
     ``activations`` names one activation per layer (or one for all layers), ``loss`` a
     row of :mod:`gpu_mlp.losses`. X is (B, d_0) or a single sample (d_0,), in which case
@@ -112,10 +94,10 @@ def loss_and_gradients(params, activations, loss, X, Y):
     return J, grads, dX
 
 
-# --- Algorithm 2: every layer a bilinear map ----------------------------------------------
+# --- every layer a bilinear map ----------------------------------------------------------
 #
-# Layer k is F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k)), and the backward pass is
-# Algorithm 1 with the three adjoints of MATH.md ("General bilinear layers") in place of
+# Layer k is F_k = sigma_k(C_k(F_{k-1}, W_k) + iota_k(b_k)), and the backward pass is the
+# dense one with the three adjoints of MATH.md ("General bilinear layers") in place of
 # the matrix products. The maps below follow the definitions, not the engine's im2col:
 # a convolution is a sum over its kh*kw kernel offsets of einsums on strided windows of
 # the zero-padded input, so the engine is checked against an independent formulation.
@@ -214,28 +196,8 @@ def _check_network(layers, params, X):
     for k, layer in enumerate(layers, start=1):
         if not isinstance(layer, (_layers.Dense, _layers.Conv2d)):
             raise TypeError(f"layer {k}: expected a Dense or Conv2d, got {layer!r}")
-    try:
-        params = [tuple(p) for p in params]
-    except TypeError:
-        raise TypeError("params must be a list of (W, b) pairs") from None
-    if len(params) != len(layers):
-        raise ValueError(f"expected {len(layers)} (W, b) pairs (one per layer), "
-                         f"got {len(params)}")
-    dtype = None
-    for k, (layer, pair) in enumerate(zip(layers, params), start=1):
-        if len(pair) != 2:
-            raise ValueError(f"layer {k} ({layer}): expected a (W, b) pair, got "
-                             f"{len(pair)} items")
-        for name, a, shape in zip("Wb", pair, (layer.weight_shape, layer.bias_shape)):
-            _checks.floating(f"{name}_{k}", a)
-            if tuple(a.shape) != shape:
-                raise ValueError(f"layer {k} ({layer}): {name}_{k} must have shape {shape}, "
-                                 f"got {tuple(a.shape)}")
-            _checks.finite(f"{name}_{k}", a)
-            dtype = a.dtype if dtype is None else dtype
-            if a.dtype != dtype:
-                raise TypeError(f"layer {k}: all parameters must share one dtype ({dtype}), "
-                                f"got {name}_{k} {a.dtype}")
+    params = _checks.layer_params(layers, params)
+    dtype = params[0][0].dtype
     X = _checks.floating("X", X)
     if X.ndim < 2 or X.shape[0] == 0:
         raise ValueError(f"X must be a batch (B, ...) of at least one sample, got shape "
@@ -277,7 +239,7 @@ def network_forward(layers, params, X):
 
 
 def network_loss_and_gradients(layers, params, loss, X, Y):
-    """``(J, [(dJ/dW_k, dJ/db_k)], dJ/dX)`` for the batch-mean loss J of Algorithm 2.
+    """``(J, [(dJ/dW_k, dJ/db_k)], dJ/dX)`` for the batch-mean loss J of a layer network.
 
     ``layers``, ``params`` and X as for :func:`network_forward`; ``loss`` a row of
     :mod:`gpu_mlp.losses`, applied to the output flattened to (B, d) in C order (so Y is

@@ -1,14 +1,13 @@
 """scikit-learn estimators on gpu_mlp's engine: :class:`MLPClassifier` and :class:`MLPRegressor`.
 
 Drop-in for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` with their
-stochastic solvers: the same parameters with the same meanings, the same fitted
-attributes (``coefs_[k]`` is ``(n_in, n_out)``, scikit-learn's layout), the same objective
-(the mean log-loss or half squared error plus ``alpha / (2 n_batch) sum ||W||^2`` on the
-weights only), the same initialisation (Glorot uniform drawn from ``random_state``), the
-same epoch shuffles, validation split, stopping rule and learning-rate schedules -- so a
-fit with ``dtype="float64"`` follows scikit-learn's iterates to rounding, for every solver
-and schedule (tests/test_sklearn.py). The training runs on gpu_mlp's engine (:class:`gpu_mlp.MLP`): on the GPU where
-there is one (``device="auto"``), with the optimizer step fused into the backward pass.
+stochastic solvers: the same parameters and meanings, fitted attributes (``coefs_[k]`` is
+``(n_in, n_out)``), objective (mean log-loss or half squared error plus
+``alpha / (2 n_batch) sum ||W||^2`` on the weights only), Glorot initialisation from
+``random_state``, epoch shuffles, validation split, stopping rule and schedules -- so in
+float64 a fit follows scikit-learn's iterates to rounding (tests/test_sklearn.py). It
+trains :class:`gpu_mlp.MLP`, on the GPU where there is one, the update fused into the
+backward pass.
 
 >>> from gpu_mlp import datasets
 >>> from gpu_mlp.sklearn import MLPClassifier
@@ -18,26 +17,17 @@ there is one (``device="auto"``), with the optimizer step fused into the backwar
 >>> clf.fit(X_train, y_train).score(X_test, y_test) > 0.95
 True
 
-Solvers: ``"adam"`` is :class:`gpu_mlp.optim.Adam` (``beta_1``, ``beta_2``, ``epsilon``,
-placed where scikit-learn places it), ``"sgd"`` is :class:`gpu_mlp.optim.SGD`
-(``momentum``, ``nesterovs_momentum``), both with the L2 term on the weights and not the
-biases, as scikit-learn has it, and both updating the parameters with optim's fused
-kernels inside the backward pass. ``learning_rate`` (``"constant"``, ``"invscaling"``,
-``"adaptive"``) and ``power_t`` schedule the SGD rate per epoch, as scikit-learn does (the
-momentum buffers rescaled at each change, so that the iterates stay scikit-learn's).
-``"lbfgs"`` is not offered, nor ``sample_weight`` (the engine's losses are unweighted
-means) or ``loss="poisson"``.
-
-Ours, beyond scikit-learn's: ``memory`` (the engine's memory mode; ``"auto"`` is
-``"output"`` unless an activation needs ``"recompute"``), ``device`` (``"auto"``,
-``"cpu"``, ``"cuda"``) and ``dtype`` (``"float32"``, the default, or ``"float64"``).
-Changing them on a fitted estimator (``set_params``) moves the fitted network, e.g.
-``set_params(device="cpu")`` for a model trained on a GPU. Inputs are validated as
-scikit-learn validates them (finite, 2-D, float64/float32; sparse CSR/CSC matrices are
-densified one batch at a time); outputs are NumPy arrays in the input's float dtype.
-
-Pickling stores the parameters (and the optimizer's state, for ``partial_fit``) as NumPy
-arrays, so a model fitted on a GPU loads and predicts on a machine without one.
+Solvers: ``"adam"`` is :class:`gpu_mlp.optim.Adam`, ``"sgd"`` :class:`gpu_mlp.optim.SGD`
+(momentum, Nesterov), with the L2 term on the weights only and Adam's eps placed as
+scikit-learn places them (their options ``decay_bias=False``, ``weight_decay`` set per
+batch, ``eps_placement="uncorrected"``); ``learning_rate`` and ``power_t`` schedule the
+SGD rate per epoch (momentum buffers rescaled at each change). Not offered: ``"lbfgs"``,
+``sample_weight``, ``loss="poisson"``. Ours: ``memory`` (``"auto"``: ``"output"`` unless
+an activation needs ``"recompute"``), ``device`` and ``dtype`` (``"float32"`` by
+default); ``set_params`` on a fitted estimator moves its network. Inputs are validated as
+scikit-learn does (sparse CSR/CSC densified a batch at a time); outputs are NumPy arrays
+in the input's float dtype. Pickles hold NumPy arrays only, so a model fitted on a GPU
+loads and predicts without one.
 """
 
 from __future__ import annotations
@@ -71,9 +61,10 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from . import activations as _activations
 from . import device as _device
-from . import ops, optim
+from . import optim
 from .mlp import MLP
 from .network import MEMORY_MODES
+from .plan import StepPlan
 
 __all__ = ["MLPClassifier", "MLPRegressor", "InvalidParameterError"]
 
@@ -86,65 +77,6 @@ _SKLEARN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "
 class InvalidParameterError(ValueError, TypeError):
     """A hyperparameter out of its domain (a ValueError and a TypeError, as
     scikit-learn's own ``InvalidParameterError``)."""
-
-
-# --- the solvers: gpu_mlp.optim with scikit-learn's L2 term ------------------------------
-#
-# scikit-learn's L2 gradient is ``alpha / n_batch * W`` on the weights and nothing on the
-# biases; gpu_mlp.optim's weight decay is PyTorch's, on every parameter (and fixed). These
-# two subclasses keep optim's update rules (its fused kernels, state and scratch) and
-# apply their own ``l2``, set by the estimator before each batch, to W only.
-
-class _WeightsOnlyDecay:
-    BASE = None
-    l2 = 0.0  # the L2 coefficient of the next step's weight gradient
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["type"] = self.BASE.__name__  # optim.from_state_dict knows the base
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state):
-        opt = optim.from_state_dict(state)
-        opt.__class__ = cls  # same attributes: only _rule differs
-        return opt
-
-
-class _SGD(_WeightsOnlyDecay, optim.SGD):
-    BASE = optim.SGD
-
-    def _rule(self, lr, t):
-        wd = self.l2
-        if not self.momentum:
-            return {"lr": lr, "keep": (1.0 - lr * wd, 1.0)}
-        momentum, nesterov = self.momentum, self.nesterov
-
-        def kernel(decay):
-            return lambda w, g, state: ops.sgd_momentum(w, g, state[0], lr, momentum, decay,
-                                                        nesterov)
-        return {"kernels": (kernel(wd), kernel(0.0))}
-
-
-class _Adam(_WeightsOnlyDecay, optim.Adam):
-    """Adam as scikit-learn has it: PyTorch's step is ``lr / (1 - b1^t) m / (sqrt(v) /
-    sqrt(1 - b2^t) + eps)``, scikit-learn's ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v)
-    + eps)``: the same with ``eps / sqrt(1 - b2^t)`` for eps, which step t passes."""
-
-    BASE = optim.Adam
-
-    def _rule(self, lr, t):
-        beta1, beta2 = self.betas
-        bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
-        head = (1 - beta1, beta2, 1 - beta2, self.eps / bias_correction2_sqrt)
-        tail = (1.0, lr / (1 - beta1 ** t), bias_correction2_sqrt)
-
-        def kernel(decay):
-            return lambda w, g, state: ops.adam(w, g, state[0], state[1], *head, decay, *tail)
-        return {"kernels": (kernel(self.l2), kernel(0.0))}
-
-
-_OPTIMIZERS = {"SGD": _SGD, "Adam": _Adam}
 
 
 # --- parameter checks -------------------------------------------------------------------
@@ -339,11 +271,7 @@ class _BaseMLP(BaseEstimator):
         net = self._net
         if net is not None and (net.device, net.dtype, net.memory) == (device, dtype, memory):
             return net
-        if net is not None:
-            params = [(_device.to_numpy(W), _device.to_numpy(b)) for W, b in net.params]
-        else:
-            params = self._host_params
-        new = MLP.from_params(params, self._arch["acts"], loss=self._arch["loss"],
+        new = MLP.from_params(self._host_pairs(), self._arch["acts"], loss=self._arch["loss"],
                               memory=memory, device=device, dtype=dtype)
         state = getattr(self, "_optimizer_state", None)
         if getattr(self, "_optimizer", None) is not None:
@@ -353,7 +281,7 @@ class _BaseMLP(BaseEstimator):
                 state = dict(state, state={name: [tuple(np.asarray(a, dtype=dtype) for a in pair)
                                                   for pair in pairs]
                                            for name, pairs in state["state"].items()})
-            self._optimizer = _OPTIMIZERS[state["type"]].from_state_dict(state)
+            self._optimizer = optim.from_state_dict(state)
         self._net, self._host_params, self._optimizer_state = new, None, None
         return new
 
@@ -389,6 +317,10 @@ class _BaseMLP(BaseEstimator):
         if self._net is not None:
             return [(_device.to_numpy(W), _device.to_numpy(b)) for W, b in self._net.params]
         return self._host_params
+
+    def _host_copy(self) -> list:
+        """A host copy of the parameters, ``[(W_k, b_k)]`` in the engine's layout."""
+        return [(np.array(W), np.array(b)) for W, b in self._host_pairs()]
 
     @property
     def coefs_(self) -> list:
@@ -435,7 +367,7 @@ class _BaseMLP(BaseEstimator):
             if self._net is None:
                 self._host_params[k][which][...] = v
             else:
-                _write(self._net.params[k][which], v)
+                _device.write(self._net.params[k][which], v)
 
     # --- pickling: parameters and optimizer state as NumPy ------------------------------
 
@@ -443,8 +375,7 @@ class _BaseMLP(BaseEstimator):
         state = dict(super().__getstate__())
         net = state.pop("_net", None)
         if net is not None:
-            state["_host_params"] = [(np.array(_device.to_numpy(W)), np.array(_device.to_numpy(b)))
-                                     for W, b in net.params]
+            state["_host_params"] = self._host_copy()
         opt = state.pop("_optimizer", None)
         if opt is not None:
             state["_optimizer_state"] = opt.state_dict()
@@ -493,7 +424,7 @@ class _BaseMLP(BaseEstimator):
         self.out_activation_ = self._out_activation()
         self._init_engine(layer_units, p["activation"], self._engine_loss(), p["dtype"],
                           p["memory"], p["device"])
-        self._best_params = [(W.copy(), b.copy()) for W, b in self._host_pairs()]
+        self._best_params = self._host_copy()
         self.loss_curve_ = []
         self._no_improvement_count = 0
         if p["early_stopping"]:
@@ -515,14 +446,21 @@ class _BaseMLP(BaseEstimator):
         return 1.0
 
     def _new_optimizer(self, p):
+        """gpu_mlp.optim's SGD or Adam with scikit-learn's conventions as their public
+        options: the L2 gradient ``alpha / n_batch * W`` on the weights only
+        (``decay_bias=False``; the loop sets ``weight_decay`` before each batch, for its
+        size) and Adam's eps added to the uncorrected ``sqrt(v)``
+        (``eps_placement="uncorrected"``)."""
         c = self._grad_scale()  # the engine's gradient is scikit-learn's / c
         if p["solver"] == "sgd":
             momentum = p["momentum"]
-            opt = _SGD(p["learning_rate_init"] * c, momentum=momentum,
-                       nesterov=p["nesterovs_momentum"] and momentum > 0)
+            opt = optim.SGD(p["learning_rate_init"] * c, momentum=momentum,
+                            nesterov=p["nesterovs_momentum"] and momentum > 0,
+                            decay_bias=False)
         else:
-            opt = _Adam(p["learning_rate_init"], betas=(p["beta_1"], p["beta_2"]),
-                        eps=p["epsilon"] / c)
+            opt = optim.Adam(p["learning_rate_init"], betas=(p["beta_1"], p["beta_2"]),
+                             eps=p["epsilon"] / c, decay_bias=False,
+                             eps_placement="uncorrected")
         self._lr = p["learning_rate_init"]  # scikit-learn's current rate (SGD schedules)
         return opt
 
@@ -554,7 +492,7 @@ class _BaseMLP(BaseEstimator):
                               "is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n))
 
-        _, xp = _device.resolve(net.device)
+        xp = net.xp
         data = _Rows(X_train, net.dtype, xp)
         Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), xp)
         c, c_loss = self._grad_scale(), self._loss_scale()
@@ -562,6 +500,12 @@ class _BaseMLP(BaseEstimator):
         alpha = p["alpha"]
         sample_idx = np.arange(n)
         n_iter_no_change = self.n_iter_no_change
+        plan = StepPlan(opt)  # the optimizer's step, one plan for the fit (no DP, no comm)
+        # NOTE: an epoch loop of its own, not gpu_mlp.training.fit: scikit-learn's shuffles
+        # (from random_state), its L2 term (per batch, in the loss curve too), its stopping
+        # rule (tol, n_iter_no_change, early_stopping's validation score and best
+        # parameters), its SGD rate schedules, partial_fit's one epoch and its warnings.
+        # Each step is the engine's: net.train_step with the plan.
         try:
             self.n_iter_ = 0
             for _ in range(p["max_iter"]):
@@ -575,11 +519,11 @@ class _BaseMLP(BaseEstimator):
                     rows = batch.stop - batch.start
                     # scikit-learn's L2 term: alpha / (2 n_batch) sum ||W||^2 in the loss,
                     # alpha W / n_batch in the gradient, which is the engine's times c
-                    opt.l2 = alpha / (rows * c)
+                    opt.weight_decay = alpha / (rows * c)
                     if alpha:
                         accumulated += 0.5 * alpha * sum(xp.vdot(W.ravel(), W.ravel())
                                                          for W in weights)
-                    J = net.train_step(batches(batch), Y_epoch[batch], opt, check=False)
+                    J = net.train_step(batches(batch), Y_epoch[batch], plan, check=False)
                     accumulated += J * (c_loss * rows)
                 self.n_iter_ += 1
                 self.loss_ = float(accumulated) / n
@@ -611,17 +555,15 @@ class _BaseMLP(BaseEstimator):
             warnings.warn("Training interrupted by user.")
         if early_stopping and self._best_params is not None:
             for (W, b), (W_best, b_best) in zip(net.params, self._best_params):
-                _write(W, W_best)
-                _write(b, b_best)
+                _device.write(W, W_best)
+                _device.write(b, b_best)
 
     def _set_lr(self, lr) -> None:
         """A new SGD rate. scikit-learn's velocity is ``-lr`` times PyTorch's momentum
         buffer, with the rate of the step that made it: rescaling the buffers by
         ``old / new`` keeps the iterates scikit-learn's across the change."""
-        opt, ratio = self._optimizer, self._lr / lr
-        for pair in getattr(opt, "_state", {}).get("momentum_buffer", ()):
-            for buf in pair:
-                buf *= ratio
+        opt = self._optimizer
+        opt.scale_momentum(self._lr / lr)
         self._lr = lr
         opt.lr = lr * self._grad_scale()
 
@@ -653,9 +595,7 @@ class _BaseMLP(BaseEstimator):
                 self._no_improvement_count = 0
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
-                self._best_params = [(np.array(_device.to_numpy(W)),
-                                      np.array(_device.to_numpy(b)))
-                                     for W, b in self._net.params]
+                self._best_params = self._host_copy()
         else:
             if self.loss_curve_[-1] > self.best_loss_ - self.tol:
                 self._no_improvement_count += 1
@@ -722,14 +662,6 @@ class _Rows:
             return lambda batch: xp.asarray(data[batch].toarray())
         data = self.data if order is None else self.data[xp.asarray(order)]
         return lambda batch: data[batch]
-
-
-def _write(target, value) -> None:
-    """Copy host ``value`` into an engine array in place (NumPy or CuPy)."""
-    if isinstance(target, np.ndarray):
-        target[...] = value
-    else:
-        target.set(np.ascontiguousarray(value, dtype=target.dtype))
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):

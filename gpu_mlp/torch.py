@@ -1,9 +1,10 @@
 """PyTorch modules on gpu_mlp's engine: :class:`MLPModule` and :class:`NetworkModule`.
 
 An ``nn.Module`` whose forward pass is gpu_mlp's (:meth:`Network.forward`, keeping what
-the memory mode keeps) and whose backward pass is Algorithm 2's from the upstream
-gradient (:meth:`Network.backward`), inside a ``torch.autograd.Function``: the rest of a
-model, its loss and ``torch.optim`` work unchanged.
+the memory mode keeps) and whose backward pass is the engine's from the upstream
+gradient (:meth:`Network.backward`; docs/MATH.md, "General bilinear layers"), inside a
+``torch.autograd.Function``: the rest of a model, its loss and ``torch.optim`` work
+unchanged.
 
 >>> import torch
 >>> from gpu_mlp.torch import MLPModule
@@ -17,32 +18,19 @@ model, its loss and ``torch.optim`` work unchanged.
 >>> [name for name, _ in model[1].named_parameters()]
 ['W_1', 'b_1', 'W_2', 'b_2', 'W_3', 'b_3']
 
-* **Parameters** are ``W_1, b_1, ..., W_n, b_n`` in ``nn.Linear``'s layout ``(d_out,
-  d_in)`` (``nn.Conv2d``'s ``(c_out, c_in, kh, kw)`` for a convolution): ``nn.Parameter``s
-  that *are* the engine's arrays, shared through DLPack, no copy. ``torch.optim`` updates
-  them in place, so the engine always computes with the current values; ``state_dict``,
-  ``load_state_dict`` and in-place edits under ``torch.no_grad()`` all reach it.
-* **Devices**: CPU tensors run on the NumPy backend, CUDA tensors on CuPy (on the tensor's
-  GPU and PyTorch's current stream). ``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``
-  move the module as they move any other and the engine follows (its arrays are rebuilt
-  from the moved parameters and shared again); a dtype other than float32/float64
-  (``.half()``) or a device other than CPU/CUDA raises a TypeError/RuntimeError saying so.
-  An input of another dtype is cast (through autograd) to the module's; one on another
-  device is an error, as for ``nn.Linear``.
-* **Grad mode**: when no gradient is needed (``torch.no_grad()``, ``inference_mode``, or
-  nothing requiring grad) forward is :meth:`Network.predict`, which keeps nothing. With
-  gradients (also in ``eval()`` mode, e.g. for input gradients) it keeps a tape in the
-  engine's training workspace; the tape's buffers go back to the workspace when
-  backward has used them, or when the graph is freed without a backward. So the
-  workspace holds what the most forwards alive at once need, bounded and reused.
-* ``backward`` returns ``dJ/dX`` only when the input needs it (a GEMM saved otherwise);
-  a second backward through a retained graph (``retain_graph=True``) runs the forward
-  again for its tape. Double backward (``create_graph=True``) is not supported.
-* A module deep-copied or unpickled gets its own parameters and builds its engine from
-  them at its first forward.
+* **Parameters** ``W_1, b_1, ...`` (``nn.Linear`` / ``nn.Conv2d`` layouts) *are* the
+  engine's arrays, shared through DLPack: in-place updates and ``load_state_dict`` reach it.
+* **Devices**: CPU tensors run on NumPy, CUDA tensors on CuPy (the tensor's GPU, PyTorch's
+  current stream); ``.to()`` and friends rebuild the engine from the moved parameters.
+  Other dtypes than float32/float64, or other devices, raise; an input of another dtype
+  is cast, one on another device is an error, as for ``nn.Linear``.
+* **Grad mode**: with no gradient needed, forward is :meth:`Network.predict` (nothing
+  kept); otherwise a tape in the training workspace, given back after backward or when
+  the graph is freed. ``dJ/dX`` only when the input needs it; a second backward through a
+  retained graph reruns the forward; double backward is not supported.
+* A deep-copied or unpickled module builds its engine at its first forward.
 * **Threads**: on the CPU the engine's BLAS runs on :data:`BLAS_THREADS` (1) threads while
-  it computes for a module, and PyTorch keeps its own; ``BLAS_THREADS = None`` leaves
-  BLAS's setting alone (large layers on many cores), at the risk described there.
+  it computes for a module; ``None`` leaves BLAS alone, at the risk described there.
 """
 
 from __future__ import annotations
@@ -63,7 +51,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import device as _device
-from . import layers as _layers
+from .inputs import sample_ndim
 from .mlp import MLP
 from .network import Network
 
@@ -339,9 +327,6 @@ class NetworkModule(nn.Module):
 
     # --- forward ------------------------------------------------------------------------
 
-    def _sample_ndim(self) -> int:
-        return 3 if isinstance(self._layers[0], _layers.Conv2d) else 1
-
     def _output_shape(self, input_shape) -> tuple:
         shape = tuple(input_shape)
         for layer in self._layers:
@@ -360,7 +345,7 @@ class NetworkModule(nn.Module):
                                f"{W.device} (move one with .to())")
         if x.dtype != W.dtype:
             x = x.to(W.dtype)  # through autograd: dX comes back in the input's dtype
-        single = x.dim() == self._sample_ndim()
+        single = x.dim() == sample_ndim(self._layers)
         if single:
             x = x.unsqueeze(0)
         out = self._run(net, x)

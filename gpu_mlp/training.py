@@ -46,10 +46,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _checks, ops
+from . import distributed as _distributed
 from . import optim as _optim
 from . import privacy as _privacy
-from .device import to_numpy
-from .network import _check_lr, _check_scalars
+from .device import to_numpy, write
+from .plan import StepPlan
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
 _ROSE = 1.1  # a final training loss this many times the first step's is worth a warning
@@ -150,7 +151,8 @@ class History:
 def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] = None,
         shuffle: bool = True, seed: int = 0, validation=None, verbose: bool = True,
         on_epoch: Optional[Callable] = None, resume: Optional[History] = None,
-        optimizer: Optional[_optim.Optimizer] = None, dp=None, comm=None) -> History:
+        optimizer: Optional[_optim.Optimizer] = None, dp=None, comm=None,
+        plan: Optional[StepPlan] = None) -> History:
     """Train ``net`` on (X, Y) by minibatch SGD or an optimizer; return the :class:`History`.
 
     Args:
@@ -189,6 +191,9 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             applies the gradient of the global batch mean, so the run is the
             single-process run on the global batches. The History is the same on every
             rank.
+        plan: a :class:`gpu_mlp.plan.StepPlan`, the update rule, ``dp`` and ``comm`` in
+            one, instead of ``lr``, ``optimizer``, ``dp`` and ``comm`` (a plan from a
+            number is plain SGD at that rate).
 
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
     that diverges (a non-finite epoch loss) stops with a :class:`TrainingDiverged`. With
@@ -196,35 +201,31 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
     :meth:`gpu_mlp.distributed.Communicator.guard`), one raised by every rank alike (a
     configuration that differs, a divergence) is raised on every rank.
     """
+    if plan is not None:
+        if not isinstance(plan, StepPlan):
+            raise TypeError(f"plan must be a gpu_mlp.plan.StepPlan, got {plan!r}")
+        given = [name for name, value in (("lr", lr), ("optimizer", optimizer), ("dp", dp),
+                                          ("comm", comm)) if value is not None]
+        if given:
+            raise ValueError(f"give plan or {', '.join(given)}, not both: the plan holds the "
+                             f"update rule, dp and comm")
+        comm = plan.comm
     run = functools.partial(_fit, net, X, Y, epochs, batch_size, lr, shuffle, seed,
-                            validation, verbose, on_epoch, resume, optimizer, dp)
+                            validation, verbose, on_epoch, resume, optimizer, dp, plan=plan)
     if comm is None:
         return run(None)
-    from .distributed import communicator
-
-    comm = communicator(comm, net)
+    comm = _distributed.communicator(comm, net)
     with comm.guard():  # else the other ranks would wait for this one forever
         return run(comm)
 
 
 def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, on_epoch,
-         resume, optimizer, dp, comm) -> History:
-    """:func:`fit`, with ``comm`` a Communicator or None."""
+         resume, optimizer, dp, comm, plan=None) -> History:
+    """:func:`fit`, with ``comm`` a Communicator or None (a plan's, if there is one)."""
     epochs = _checks.integer("epochs", epochs)
     batch_size = _checks.integer("batch_size", batch_size)
-    if optimizer is None:
-        lr = _check_lr(DEFAULT_LR if lr is None else lr)
-    else:
-        if not isinstance(optimizer, _optim.Optimizer):
-            raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer (SGD, Adam, AdamW), "
-                            f"got {optimizer!r}")
-        if lr is not None:
-            raise ValueError("give lr (plain SGD) or optimizer (which has its own lr and "
-                             "schedule), not both")
-        optimizer._check_net(net)
-    if dp is not None and not isinstance(dp, _privacy.DP):
-        raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
-    _check_scalars(net.dtype, lr if optimizer is None else optimizer, dp)
+    plan = (_step_plan(net, lr, optimizer, dp, comm) if plan is None else plan).check(net)
+    lr, optimizer, dp = (plan.lr if plan.plain else None), plan.optimizer, plan.dp
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -255,7 +256,6 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
     # must all stop together, so they look at the loss only at the end of an epoch
     look = xp is np and comm is None
     first_step_loss = None  # the loss of the initial parameters, on the first batch
-    step_with = lr if optimizer is None else optimizer  # what train_step takes
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
     good_state = _snapshots(optimizer, dp)
     for epoch in range(history.epochs, epochs):
@@ -267,7 +267,7 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
             shown, shown_at = 0, start
             for done, X_batch, Y_batch, counts in _batches(X, Y, xp, n, batch_size, seed,
                                                            epoch, shuffle, dp, comm):
-                J = net._step(X_batch, Y_batch, step_with, False, dp, comm,
+                J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=batch_size if dp is not None else None,
                               counts=counts)
                 losses.add(J, X_batch.shape[0])
@@ -290,12 +290,12 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
                 raise TrainingDiverged(
                     f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
                     f"parameters are those after epoch {epoch} again; try a smaller "
-                    f"learning rate than {_base_lr(lr, optimizer)}", copy.deepcopy(history))
+                    f"learning rate than {plan.lr}", copy.deepcopy(history))
             val_loss, val_accuracy = (_evaluate(net, *validation) if validation is not None
                                       else (None, None))
             bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
             bar.update(n - shown)
-        epoch_lr = lr if optimizer is None else optimizer.last_lr
+        epoch_lr = plan.last_lr
         epsilon = None if dp is None else dp.epsilon(sample_rate)
         for name, value in zip(_PER_EPOCH, (epoch_lr, train_loss, val_loss, val_accuracy,
                                             seconds, epsilon)):
@@ -304,8 +304,26 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
         good_state = _snapshots(optimizer, dp)
         if on_epoch is not None:
             on_epoch(net, history)
-    _warn_if_loss_rose(history, first_step_loss, _base_lr(lr, optimizer))
+    _warn_if_loss_rose(history, first_step_loss, plan.lr)
     return history
+
+
+def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
+    """The plan of fit's steps from its arguments, checked as fit always checked them."""
+    if optimizer is None:
+        rule = _checks.lr(DEFAULT_LR if lr is None else lr)
+    else:
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a gpu_mlp.optim optimizer (SGD, Adam, AdamW), "
+                            f"got {optimizer!r}")
+        if lr is not None:
+            raise ValueError("give lr (plain SGD) or optimizer (which has its own lr and "
+                             "schedule), not both")
+        optimizer.check_net(net)
+        rule = optimizer
+    if dp is not None and not isinstance(dp, _privacy.DP):
+        raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
+    return StepPlan(rule, dp, comm)
 
 
 def _batches(X, Y, xp, n, batch_size, seed, epoch, shuffle, dp, comm):
@@ -379,10 +397,6 @@ def _restore_snapshots(optimizer, dp, snapshots) -> None:
         dp.steps = snapshots[1]
 
 
-def _base_lr(lr, optimizer) -> float:
-    return lr if optimizer is None else optimizer.lr
-
-
 def _check_resumed_steps(name, steps, history, steps_per_epoch) -> None:
     """A resumed run's optimizer (or DP) must be the one saved with it: as many steps
     taken as the run's epochs took (a fresh one would restart its moments, its schedule
@@ -408,7 +422,7 @@ def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
     """``(mean loss, accuracy)`` of ``net`` on (X, Y); the accuracy is None for the
-    squared loss.
+    squared loss (its row of the loss table has none).
 
     softmax_cross_entropy: the share of rows whose largest output is the label (or the
     target row's largest entry). logistic: the share of outputs whose sign matches the
@@ -461,12 +475,7 @@ def _evaluate(net, X, Y):
     grad = net.xp.empty_like(F)  # the loss kernels write the gradient too; unused here
     scratch = net.xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
     mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch))
-    if loss.name == "softmax_cross_entropy":
-        labels = Y if Y.ndim == 1 else Y.argmax(axis=1)
-        return mean_loss, float((F.argmax(axis=1) == labels).mean())
-    if loss.name == "logistic":
-        return mean_loss, float(((F > 0) == (Y > 0)).mean())
-    return mean_loss, None
+    return mean_loss, None if loss.accuracy is None else float(loss.accuracy(F, Y))
 
 
 def _host_copy(params, into=None):
@@ -483,10 +492,7 @@ def _restore(params, saved) -> None:
     """Write ``saved`` back into the live parameter arrays (they stay the same objects)."""
     for pair, copies in zip(params, saved):
         for a, copy_ in zip(pair, copies):
-            if isinstance(a, np.ndarray):
-                a[...] = copy_
-            else:
-                a.set(copy_)  # CuPy: host to device, in place
+            write(a, copy_)
 
 
 def _data(net, name, X, Y):
@@ -495,7 +501,7 @@ def _data(net, name, X, Y):
     if len(shape) < 2 or shape[0] == 0:
         raise ValueError(f"{name} must be a (samples, ...) array with at least one sample, "
                          f"got shape {tuple(shape)}")
-    X, Y, _ = net._batch(X, Y, check=True)
+    X, Y, _ = net.inputs.batch(net.params, X, Y, check=True)
     return X, Y
 
 

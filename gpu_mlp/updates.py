@@ -1,40 +1,85 @@
 """What happens to a layer's gradient: the sinks of the backward pass.
 
 The backward loop of :class:`gpu_mlp.Network` hands every layer's gradient to a *sink*
-as its two factors, ``G_k = T_rows^T X_rows`` and ``g_k = T_rows^T 1`` (Remark 8 (iii):
-never formed unless the sink forms it), last layer first and only after ``dJ/dF_{k-1}``
-has used the old ``W_k``; then it calls ``sink.finish()``. Sinks chain, each stage
-handing the factors on::
+as its two factors, ``G_k = T_rows^T X_rows`` and ``g_k = T_rows^T 1``, never formed
+unless the sink forms it (docs/MATH.md, "Factored weight gradients" and "Memory modes"),
+last layer first and only after ``dJ/dF_{k-1}`` has used the old ``W_k``; then it calls
+``sink.finish()``. Sinks chain, each stage handing the factors on::
 
     [DP: clip each sample, add noise] -> [data parallel: sum over ranks] -> Apply
 
-A sink is a callable ``sink(k, T_rows, X_rows, ones, noise=None)`` (a plain function
-will do) with two optional attributes:
+A :class:`Sink` is a callable ``sink(k, T_rows, X_rows, ones, noise=None)`` with
+``keeps_factors`` (True when it reads the factors after its call returns -- DP needs
+every layer's norms before it clips any, communication overlaps the backward pass; the
+loop then gives the buffers back only after ``finish()``) and ``finish()`` (called once,
+after the last layer). A :class:`Stage` hands the factors to its ``downstream`` and
+finishes it when it finishes; a :class:`Rule` ends the chain (:class:`Apply`, the update
+rule, plain SGD or an optimizer's fused kernel; :class:`WriteGradients`;
+:class:`EachLayer`) and also takes a gradient already formed (``gradient(k, G, noise)``,
+for the data-parallel allreduce). :class:`gpu_mlp.plan.StepPlan` builds a step's chain.
 
-* ``keeps_factors``: True when it still reads the factors after its call returns --
-  DP needs every layer's per-sample norms before it may clip any layer, communication
-  runs while the backward pass goes on. The loop then gives the factors' buffers back
-  to the workspace only after ``finish()``.
-* ``finish()``: called once, after the last layer.
-
-``noise`` is None, or DP's ``noise(k, which, array, alpha)``: it adds ``alpha`` times the
-Gaussian noise of layer ``k``'s weight (``which = 0``) or bias (``1``) gradient to
-``array`` in place. The stage that forms the summed gradient calls it -- once per step,
-on every rank the same noise, so it is added once, not once per rank.
-
-:class:`Apply` is the end of every chain: the update rule, plain SGD or an optimizer's
-fused kernel.
+``noise`` is None, or DP's ``noise(k, which, array, alpha)``, which adds ``alpha`` times
+the Gaussian noise of layer ``k``'s weight (``which = 0``) or bias (``1``) gradient to
+``array`` in place. The stage that forms the summed gradient calls it, once per step:
+the same noise on every rank, so it is added once, not once per rank.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 from . import ops
 from .layers import Layer
 
 
-class Apply:
+class Sink(Protocol):
+    """What the backward loop hands each layer's gradient to, as its two factors."""
+
+    keeps_factors: bool  # reads the factors after its call returns, until finish()
+
+    def __call__(self, k: int, T_rows, X_rows, ones, noise: Optional[Callable] = None) -> None:
+        """Layer ``k``'s gradient ``G_k = T_rows^T X_rows``, ``g_k = T_rows^T ones`` (and
+        ``noise``, see the module), last layer first."""
+
+    def finish(self) -> None:
+        """Called once, after the last layer."""
+
+
+class Stage:
+    """A sink between others: it hands the factors, changed or summed, on to
+    ``downstream`` (a :class:`Sink`), and finishes it after its own :meth:`finish`."""
+
+    keeps_factors = True
+
+    def __init__(self, downstream: Sink):
+        self.downstream = downstream
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        self.downstream.finish()
+
+
+class Rule:
+    """The end of a chain: what becomes of each layer's gradient. It reads the factors
+    only during its call, and takes a gradient formed already (:meth:`gradient`)."""
+
+    keeps_factors = False
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        raise NotImplementedError
+
+    def gradient(self, k: int, G, noise: Optional[Callable] = None) -> None:
+        """Layer ``k``'s gradient formed: ``G`` is flat, ``dW_k`` then ``db_k`` (e.g.
+        summed over ranks by an allreduce); it may be overwritten."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Nothing to finish unless a rule says so."""
+
+
+class Apply(Rule):
     """The update rule of one step, applied layer by layer as the gradients arrive.
 
     Plain SGD with weight decay, ``W <- keep W - lr G`` (``kernels=None``): one GEMM
@@ -45,8 +90,6 @@ class Apply:
     ``(W_k's, b_k's)`` lists). ``on_finish`` runs once the step is done (the optimizer
     counts it).
     """
-
-    keeps_factors = False
 
     def __init__(self, params, lr: float = 0.0, keep=(1.0, 1.0),
                  kernels: Optional[Sequence[Callable]] = None, scratch=None,
@@ -98,11 +141,9 @@ class Apply:
             self.on_finish()
 
 
-class WriteGradients:
+class WriteGradients(Rule):
     """A sink that writes each layer's gradient into ``grads[k] = (dW_k, db_k)``
-    (:meth:`Network.loss_and_gradients`)."""
-
-    keeps_factors = False
+    (:meth:`Network.loss_and_gradients`, :meth:`Network.backward`)."""
 
     def __init__(self, grads):
         self.grads = grads
@@ -122,3 +163,14 @@ class WriteGradients:
         if noise is not None:
             noise(k, 0, dW.reshape(-1), 1.0)
             noise(k, 1, db, 1.0)
+
+
+class EachLayer(Rule):
+    """A sink that calls ``visit(k, T_rows, X_rows)`` for each layer's factors and
+    applies nothing (:meth:`Network.per_sample_grad_norms`)."""
+
+    def __init__(self, visit: Callable):
+        self.visit = visit
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        self.visit(k, T_rows, X_rows)

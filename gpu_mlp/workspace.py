@@ -1,7 +1,7 @@
 """The engine's buffer pool: allocated once, reused every step, whatever the batch size.
 
 A training step takes its activation and delta buffers from here and gives each back
-as soon as the backward pass is done with it (MATH.md, Remark 8 (iii)), so a buffer
+as soon as the backward pass is done with it (docs/MATH.md, "Memory modes"), so a buffer
 freed by one layer serves the next layer of the same width. Buffers are kept per *row
 shape* (the shape without the batch dimension) and sized for the most rows asked for so
 far; a smaller batch gets a view of their first rows. So a full batch, the remainder,

@@ -3,7 +3,8 @@
 // For every elementwise activation NAME there are three functions, the names of which
 // gpu_mlp/cuda.py derives from the table: gm_NAME(z, alpha) is the value,
 // gm_NAME_grad(z, alpha) the derivative from the input, and, where the derivative is a
-// function of the output alone (MATH.md, Remark 8 (i)), gm_NAME_grad_from_output(f, alpha).
+// function of the output alone (docs/MATH.md's activation table),
+// gm_NAME_grad_from_output(f, alpha).
 // `alpha` is ReLU's scale; the other activations ignore it. Formulas match the NumPy
 // table exactly, operation for operation, so both backends round alike: the sigmoid
 // uses exp(-|z|) and never overflows, GELU uses erfc so its negative tail keeps its

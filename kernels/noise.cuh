@@ -86,7 +86,7 @@ __host__ __device__ inline void gm_philox4x32_10(unsigned int (&ctr)[4], unsigne
 // The result is then bit for bit the NumPy one, in float64 and, rounded once, in float32
 // (as is w + scale z, its product and sum rounded apart on both sides; only float32
 // subnormals, which the device flushes, could differ); it is within 4 ulp of double of
-// the exact Box-Muller value (tests/test_noise.py; docs/MATH.md, "The noise").
+// the exact Box-Muller value (tests/test_noise.py; docs/MATH.md, "DP-SGD", the noise).
 
 #ifdef __CUDA_ARCH__
 __device__ inline double gm_dadd(double a, double b) { return __dadd_rn(a, b); }

@@ -5,7 +5,7 @@
 // g there (one GEMM, one GEMV), and then ONE of these element functions, launched as an
 // ElementwiseKernel over the parameter tensor (gpu_mlp/ops.py: ELEMENTWISE), does the
 // whole update in place -- no .grad per parameter as in PyTorch. The rules are PyTorch's
-// single-tensor ones (torch/optim/sgd.py, adam.py; docs/MATH.md, "Optimizers"), operation
+// single-tensor ones (torch/optim/sgd.py, adam.py, written out below), operation
 // for operation, so that float64 trajectories agree to rounding:
 //
 //   SGD with momentum mu (dampening 0), weight decay wd:

@@ -1,5 +1,5 @@
 // rowwise.cuh -- the row-wise kernels: softmax forward and backward, and the softmax
-// cross-entropy fused with its gradient (MATH.md, "Losses" and seed 002).
+// cross-entropy fused with its gradient (docs/MATH.md, "Losses").
 //
 // A row is one sample. Each __host__ __device__ function below does one row in three
 // short passes (maximum, sum of exponentials, write) with the maximum subtracted, so no

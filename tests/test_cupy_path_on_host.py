@@ -292,6 +292,11 @@ OPTIMIZERS = {  # every rule, option and branch of kernels/optim.cuh
     "nesterov-wd": lambda: optim.SGD(LR, momentum=0.8, nesterov=True, weight_decay=0.05),
     "adam-wd": lambda: optim.Adam(0.01, weight_decay=0.05, schedule=optim.Cosine(3, 1)),
     "adamw-lerp-upper": lambda: optim.AdamW(0.01, betas=(0.3, 0.9), schedule=optim.Step(2)),
+    # scikit-learn's conventions: decay on W only (W's and b's kernels differ), eps-hat
+    "nesterov-wd-weights": lambda: optim.SGD(LR, momentum=0.8, nesterov=True,
+                                             weight_decay=0.05, decay_bias=False),
+    "adam-sklearn": lambda: optim.Adam(0.01, weight_decay=0.05, decay_bias=False,
+                                       eps_placement="uncorrected"),
 }
 
 

@@ -189,8 +189,8 @@ def conv_batch(name, B, dtype, seed=0):
 
 def compare_network_with_reference(cp, net, X, Y, rtol):
     """net.loss_and_gradients and net.predict (on the batch and on its first sample)
-    against the float64 reference of Algorithm 2, run from the net's own parameters and
-    the same (already rounded) data."""
+    against the float64 reference (network_loss_and_gradients), run from the net's own
+    parameters and the same (already rounded) data."""
     params = [(to_numpy(W).astype(np.float64), to_numpy(b).astype(np.float64))
               for W, b in net.params]
     X64 = X.astype(np.float64)

@@ -1,4 +1,4 @@
-"""The engine's memory claims (MATH.md, Remark 8), measured rather than assumed.
+"""The engine's memory claims (docs/MATH.md, "Memory modes"), measured rather than assumed.
 
 NumPy reports its allocations to tracemalloc, so on the NumPy backend tracemalloc sees
 what a training step really holds. Those measurements are compared with MATH.md's table

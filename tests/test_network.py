@@ -1,6 +1,6 @@
-"""The convolutional engine, :class:`gpu_mlp.Network` (issue 9): its specification.
+"""The convolutional engine, :class:`gpu_mlp.Network`: its specification.
 
-One layer loop (Algorithm 2 of seed 003, MATH.md "General bilinear layers") runs Dense
+One layer loop (docs/MATH.md, "General bilinear layers") runs Dense
 and Conv2d layers alike. Every test takes a ``device``: ``"cpu"`` (NumPy) always,
 ``"cuda"`` (CuPy) where CuPy sees a GPU; results come back with ``to_numpy``.
 
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import network, ops, reference
+from gpu_mlp import norms, ops, reference
 from gpu_mlp.device import resolve, to_numpy
 from gpu_mlp.layers import Conv2d, Dense, Layer
 from gpu_mlp.workspace import Workspace
@@ -411,8 +411,8 @@ def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry):
     rng = np.random.default_rng(6)
     P, K = layer.positions(input_shape), layer.fan_in
     T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
-    assert_close(network._per_sample_squares(np, T, X),
-                 network._per_sample_squares(_RecordingXp(), T, X), 1e-12)
+    assert_close(norms.per_sample_squares(np, T, X),
+                 norms.per_sample_squares(_RecordingXp(), T, X), 1e-12)
 
 
 @pytest.mark.parametrize("geometry, path", [("gram-path", "gram"), ("two-convs", "direct"),
@@ -424,7 +424,7 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
     P, K = layer.positions(input_shape), layer.fan_in
     T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
     xp = _RecordingXp()
-    squares = network._per_sample_squares(xp, T, X)
+    squares = norms.per_sample_squares(xp, T, X)
     expected = {"gram": [(BATCH, P, P)] * 2, "direct": [(BATCH, layer.c_out, K)],
                 "outer": []}[path]
     assert xp.products == expected

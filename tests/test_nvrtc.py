@@ -709,7 +709,7 @@ def engine_launches(monkeypatch, name, memory, dtype) -> list[tuple]:
         return []
     rng = np.random.default_rng(0)
     net = Network(layers, loss=loss, memory=memory, device="cpu", dtype=dtype, seed=0)
-    B, d = 5, math.prod(net._shapes(input_shape)[-1][1])
+    B, d = 5, math.prod(net.inputs.shapes(input_shape)[-1][1])
     X = rng.standard_normal((B, *input_shape)).astype(dtype)
     Y = (rng.dirichlet(np.ones(d), B).astype(dtype) if soft else rng.integers(0, d, B)
          if loss == "softmax_cross_entropy" else

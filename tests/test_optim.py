@@ -49,7 +49,53 @@ OPTIMIZERS = {
     "adamw-wd": (lambda: optim.AdamW(2e-2, betas=(0.85, 0.995), weight_decay=0.1),
                  lambda p: torch.optim.AdamW(p, lr=2e-2, betas=(0.85, 0.995),
                                              weight_decay=0.1)),
+    # decay_bias=False: torch's biases (every second tensor) in a group without decay
+    "sgd-wd-weights": (lambda: optim.SGD(0.1, weight_decay=0.05, decay_bias=False),
+                       lambda p: torch.optim.SGD(weights_only(p), lr=0.1, weight_decay=0.05)),
+    "nesterov-wd-weights": (lambda: optim.SGD(0.05, momentum=0.8, nesterov=True,
+                                              weight_decay=0.02, decay_bias=False),
+                            lambda p: torch.optim.SGD(weights_only(p), lr=0.05, momentum=0.8,
+                                                      nesterov=True, weight_decay=0.02)),
+    "adamw-wd-weights": (lambda: optim.AdamW(2e-2, betas=(0.85, 0.995), weight_decay=0.1,
+                                             decay_bias=False),
+                         lambda p: torch.optim.AdamW(weights_only(p), lr=2e-2,
+                                                     betas=(0.85, 0.995), weight_decay=0.1)),
+    # eps_placement="uncorrected": scikit-learn's Adam, written out below
+    "adam-eps-hat-wd-weights": (
+        lambda: optim.Adam(2e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05,
+                           decay_bias=False, eps_placement="uncorrected"),
+        lambda p: EpsHatAdam(weights_only(p), lr=2e-2, betas=(0.8, 0.99), eps=1e-6,
+                             weight_decay=0.05)),
 }
+
+
+def weights_only(tensors):
+    """torch's parameter groups for decay on the weights only: (W_k, b_k) alternate."""
+    return [{"params": tensors[0::2]}, {"params": tensors[1::2], "weight_decay": 0.0}]
+
+
+class EpsHatAdam(torch.optim.Optimizer):
+    """Adam with Kingma and Ba's epsilon-hat (their section 2; scikit-learn's and
+    TensorFlow's Adam) and an L2 term: ``g + wd W`` into the moments, then ``W <- W - lr
+    sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                t, g = state["t"], p.grad + group["weight_decay"] * p
+                state["m"].lerp_(g, 1 - beta1)
+                state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.addcdiv_(state["m"], state["v"].sqrt() + group["eps"], value=-step_size)
 
 
 # --- the networks, on both sides ----------------------------------------------------------
@@ -364,6 +410,10 @@ RESUMABLE = {
     "nesterov-cosine": lambda: optim.SGD(0.05, momentum=0.9, nesterov=True,
                                          schedule=optim.Cosine(12, warmup=2)),
     "sgd-step": lambda: optim.SGD(0.05, weight_decay=0.01, schedule=optim.Step(5)),
+    "adam-sklearn": lambda: optim.Adam(1e-2, weight_decay=0.01, decay_bias=False,
+                                       eps_placement="uncorrected"),
+    "momentum-weights": lambda: optim.SGD(0.05, momentum=0.9, weight_decay=0.01,
+                                          decay_bias=False),
 }
 
 
@@ -391,6 +441,35 @@ def test_resume_mid_run_from_the_state_dict_is_bit_for_bit(name, dtype):
         {k: v for k, v in b.items() if k != "state"}
     assert all(np.array_equal(x, y) for name_ in a["state"]
                for pa, pb in zip(a["state"][name_], b["state"][name_]) for x, y in zip(pa, pb))
+
+
+def test_scale_momentum_keeps_a_velocity_across_a_change_of_lr():
+    # v <- mu v - lr g, W <- W + v (scikit-learn's SGD) written out, the rate halved
+    # after 4 steps: SGD follows it when its buffers are scaled by old / new
+    net, reference = make_net("dense"), make_net("dense")
+    opt = optim.SGD(0.1, momentum=0.9)
+    velocity = [tuple(np.zeros_like(a) for a in pair) for pair in reference.params]
+    for step, (X, y) in enumerate(batches("dense", 8)):
+        if step == 4:
+            opt.lr = 0.05
+            opt.scale_momentum(0.1 / 0.05)
+        net.train_step(X, y, opt)
+        _, grads, _ = reference.loss_and_gradients(X, y)
+        for pair, v_pair, g_pair in zip(reference.params, velocity, grads):
+            for a, v, g in zip(pair, v_pair, g_pair):
+                v *= 0.9
+                v -= opt.lr * g
+                a += v
+    for a, b in zip(flat(net), flat(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # before binding it scales the loaded state, not the caller's arrays
+    saved = opt.state_dict()
+    loaded = optim.from_state_dict(saved)
+    loaded.scale_momentum(2.0)
+    for (W, b), (W2, b2) in zip(saved["state"]["momentum_buffer"],
+                                loaded.state_dict()["state"]["momentum_buffer"]):
+        np.testing.assert_array_equal(W2, 2 * W)
+        np.testing.assert_array_equal(b2, 2 * b)
 
 
 def test_state_dict_round_trips_into_a_bound_optimizer():
@@ -461,6 +540,12 @@ def test_repr_and_hyperparameters():
     (lambda: optim.Adam(betas=(0.9,)), TypeError, "betas must be a pair"),
     (lambda: optim.Adam(eps=0.0), ValueError, "eps must be a finite number > 0"),
     (lambda: optim.AdamW(eps=-1e-8), ValueError, "eps must be"),
+    (lambda: optim.Adam(eps_placement="sklearn"), ValueError,
+     "Adam: eps_placement must be one of 'corrected', 'uncorrected', got 'sklearn'"),
+    (lambda: optim.SGD(0.1, decay_bias=0), TypeError, "SGD: decay_bias must be True or False"),
+    (lambda: optim.AdamW(decay_bias="no"), TypeError, "decay_bias must be True or False"),
+    (lambda: optim.SGD(0.1, momentum=0.9).scale_momentum(0.0), ValueError,
+     "SGD.scale_momentum: factor must be a finite number > 0"),
     (lambda: optim.Adam(schedule="cosine"), TypeError, "schedule must be a gpu_mlp.optim schedule"),
     (lambda: optim.Step(0), ValueError, "Step: step_size must be an integer >= 1"),
     (lambda: optim.Step(2.5), TypeError, "step_size must be an integer"),
@@ -488,14 +573,21 @@ def test_lr_can_be_changed_only_to_a_valid_value():
     assert opt.lr == 2e-3
 
 
-def test_hyperparameters_are_read_only_but_lr():
+def test_hyperparameters_are_read_only_but_lr_and_weight_decay():
     # the state a bound optimizer keeps depends on them: a changed momentum could not step
     sgd, adam = optim.SGD(0.1, momentum=0.9), optim.Adam()
     for opt, name, value in ((sgd, "momentum", 0.0), (sgd, "nesterov", True),
-                             (sgd, "weight_decay", 1.0), (sgd, "schedule", optim.Constant()),
-                             (adam, "betas", (0.5, 0.5)), (adam, "eps", 1.0)):
+                             (sgd, "decay_bias", False), (sgd, "schedule", optim.Constant()),
+                             (adam, "betas", (0.5, 0.5)), (adam, "eps", 1.0),
+                             (adam, "eps_placement", "uncorrected")):
         with pytest.raises(AttributeError):
             setattr(opt, name, value)
+    # the state does not depend on lr and weight_decay: settable between steps, checked
+    sgd.weight_decay = 0.5
+    assert sgd.weight_decay == 0.5 and sgd.hyperparameters()["weight_decay"] == 0.5
+    with pytest.raises(ValueError, match="SGD: weight_decay must be a finite number >= 0"):
+        sgd.weight_decay = -1.0
+    assert sgd.weight_decay == 0.5
 
 
 def snapshot(net, opt):

@@ -40,6 +40,7 @@ from scipy import stats
 import gpu_mlp
 from gpu_mlp import checkpoint, cli, optim, privacy
 from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.plan import StepPlan
 from gpu_mlp.privacy import DP
 import test_optim
 from tracing import numpy_data_now, step_peak, tracing
@@ -217,7 +218,7 @@ def test_fit_steps_divide_by_the_expected_batch(memory):
     X, Y = make_batch("conv", batch=5)
     total, norms = clipped_sum(per_sample_grads(torch_model(net), net.loss.name, X, Y), 0.5)
     before = flat(net)
-    net._step(X, Y, LR, True, DP(0.5, 0.0), None, expected_batch=7)
+    net._step(X, Y, StepPlan(LR, DP(0.5, 0.0)), True, expected_batch=7)
     assert_update(before, flat(net), [-LR / 7 * g for g in total], memory)
 
 
@@ -346,7 +347,7 @@ def step_noise(net, seed, step, expected_batch=4, lr=1.0):
     dp.steps = step
     first = net.layers[0]
     shape = (0, first.c_in, 6, 6) if isinstance(first, Conv2d) else (0, first.d_in)
-    net._step(np.empty(shape), np.empty(0, dtype=np.int64), lr, True, dp, None,
+    net._step(np.empty(shape), np.empty(0, dtype=np.int64), StepPlan(lr, dp), True,
               expected_batch=expected_batch)
     std = lr / expected_batch
     return [(b - a) / -std for a, b in zip(before, flat(net))]
@@ -482,7 +483,7 @@ def test_empty_poisson_batch_applies_noise_only():
     before = flat(net)
     dp = DP(CLIP, SIGMA, seed=SEED)
     X, Y = np.empty((0, NOISY_SIZES[0])), np.empty(0, dtype=np.int64)
-    J = net._step(X, Y, LR, True, dp, None, expected_batch=EXPECTED_BATCH)
+    J = net._step(X, Y, StepPlan(LR, dp), True, expected_batch=EXPECTED_BATCH)
     assert float(J) == 0.0
     assert dp.steps == 1
     std = LR * SIGMA * CLIP / EXPECTED_BATCH
@@ -492,7 +493,7 @@ def test_empty_poisson_batch_applies_noise_only():
     # without noise, nothing moves
     net = noisy_net()
     dp = DP(CLIP, 0.0)
-    assert float(net._step(X, Y, LR, True, dp, None, expected_batch=EXPECTED_BATCH)) == 0.0
+    assert float(net._step(X, Y, StepPlan(LR, dp), True, expected_batch=EXPECTED_BATCH)) == 0.0
     assert all(np.array_equal(a, b) for a, b in zip(before, flat(net))) and dp.steps == 1
 
 
@@ -503,7 +504,7 @@ def test_empty_batch_noise_is_the_noise_of_that_step(rule):
     before = flat(net)
     dp = DP(CLIP, SIGMA, seed=SEED)
     X, Y = noisy_batch(batch=EXPECTED_BATCH)
-    net._step(X[:0], Y[:0], RULES[rule](), True, dp, None, expected_batch=EXPECTED_BATCH)
+    net._step(X[:0], Y[:0], StepPlan(RULES[rule](), dp), True, expected_batch=EXPECTED_BATCH)
     empty = [b - a for a, b in zip(before, flat(net))]
     full = noise_of(RULES[rule], batch=(X, Y))
     std = LR * SIGMA * CLIP / EXPECTED_BATCH

@@ -1,8 +1,8 @@
 """gpu_mlp.reference, the definition of correct, checked four independent ways in float64.
 
 1. central finite differences on every weight, bias and input entry;
-2. the Kronecker / vec form of seed 000, built with scipy.sparse, for one layer and one
-   sample: ``grad_{[Vec W; b]} = ([x; 1] (x) I_m) diag(sigma'(W x + b)) grad L``;
+2. the Kronecker / vec form (docs/MATH.md, "Independent checks"), built with
+   scipy.sparse, for one layer and one sample;
 3. PyTorch autograd on the same network written with torch.nn.functional;
 4. hypothesis property tests over shapes, depths and activations.
 
@@ -136,7 +136,7 @@ def check_finite_differences(problem):
     assert_close(dX, central_differences(J, problem.X), 1e-6, "dJ/dX", noise)
 
 
-# --- check 2: the Kronecker / vec form of seed 000 -----------------------------------
+# --- check 2: the Kronecker / vec form (MATH.md, "Independent checks") -------------
 
 # Elementwise activations written independently of the table: (sigma, sigma').
 ELEMENTWISE = {

@@ -1,4 +1,4 @@
-"""Algorithm 2 in gpu_mlp.reference (Dense and Conv2d layers), checked in float64.
+"""Layer networks in gpu_mlp.reference (Dense and Conv2d), checked in float64.
 
 1. The adjoint identities of MATH.md that define each layer's backward maps,
    ``<C(x, W), T> = <x, C^dagger(T, W)> = <W, C^{dagger dagger}(x, T)>`` and
@@ -7,7 +7,7 @@
    kernel sizes 1-4, strides 1-3, paddings 0-2, non-square images, every activation and
    every output/loss pairing of test_reference.py;
 3. central finite differences on a tiny convolutional network;
-4. a Dense-only network gives exactly what Algorithm 1 gives;
+4. a Dense-only network gives exactly what the dense reference gives;
 5. bad input raises an error naming the layer and the problem.
 """
 
@@ -249,7 +249,7 @@ def test_gradients_match_finite_differences(make_targets):
     assert_close(dX, central_differences(J, X), 1e-6, "dJ/dX", noise)
 
 
-# --- 4. Dense-only is Algorithm 1 ----------------------------------------------------------
+# --- 4. Dense-only is the dense reference -------------------------------------------------
 
 @pytest.mark.parametrize("hidden", ["relu(alpha=0.5)", "softmax", "gelu"])
 @pytest.mark.parametrize("head", HEADS, ids=str)

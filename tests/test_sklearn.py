@@ -193,6 +193,24 @@ def test_pickle_holds_numpy_only_and_predicts_the_same(digits):
     assert not pickle.loads(buffer.getvalue()).__sklearn_is_fitted__()
 
 
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_solvers_are_optims_own_with_public_options(regression, solver):
+    # no subclass of gpu_mlp.optim: scikit-learn's conventions are its public options,
+    # and the optimizer's state dict round trips through optim.from_state_dict
+    X_train, _, y_train, _ = regression
+    model = MLPRegressor(hidden_layer_sizes=(8,), solver=solver, alpha=0.5, batch_size=300,
+                         max_iter=2, random_state=0, device="cpu").fit(X_train, y_train)
+    opt = model._optimizer
+    assert type(opt) is {"adam": gpu_mlp.optim.Adam, "sgd": gpu_mlp.optim.SGD}[solver]
+    assert not opt.decay_bias
+    assert getattr(opt, "eps_placement", "uncorrected") == "uncorrected"
+    rows = len(X_train) - 300 * (len(X_train) // 300) or 300  # the last batch's
+    assert opt.weight_decay == pytest.approx(0.5 / (rows * 0.5))  # alpha / (n_batch c)
+    loaded = gpu_mlp.optim.from_state_dict(opt.state_dict())
+    assert type(loaded) is type(opt) and repr(loaded) == repr(opt)
+    assert loaded.hyperparameters() == opt.hyperparameters() and loaded.steps == opt.steps
+
+
 def test_pipeline_and_grid_search(digits):
     X_train, X_test, y_train, y_test = digits
     pipe = make_pipeline(StandardScaler(), MLPClassifier(max_iter=30, random_state=0,

@@ -156,6 +156,55 @@ def test_which_activations_can_work_from_their_output():
     assert can == {"identity", "relu", "sigmoid", "tanh", "softmax"}
 
 
+@pytest.mark.parametrize("spec, gain", [
+    ("relu", np.sqrt(2.0)), ("relu(alpha=0.5)", 2 * np.sqrt(2.0)), ("relu(4)", np.sqrt(2.0) / 4),
+    ("gelu", np.sqrt(2.0)), ("identity", 1.0), ("sigmoid", 1.0), ("tanh", 1.0),
+    ("softmax", 1.0),
+])
+def test_init_gain_is_he_for_relu_like_rows_divided_by_alpha(spec, gain):
+    assert activations.get(spec).init_gain == gain
+
+
+def test_only_the_identity_row_is_the_identity():
+    assert [name for name, kind in activations.TABLE.items() if kind.is_identity] == ["identity"]
+
+
+def test_row_wise_rows_carry_their_ops_for_both_backends():
+    """A row-wise row has no elementwise derivative; its NumPy backward is in the row and
+    its GPU ops in ``ops.ROW_ACTIVATIONS``, for every such row and no other."""
+    from gpu_mlp import ops
+
+    rowwise = {name for name, kind in activations.TABLE.items() if kind.rowwise}
+    assert rowwise == set(ops.ROW_ACTIVATIONS) == {"softmax"}
+    for name in rowwise:
+        kind = activations.TABLE[name]
+        assert kind.grad is None and kind.grad_from_output is None
+        assert callable(kind.rowwise.backward)
+    assert activations.TABLE["softmax"].rowwise.backward is activations.softmax_backward
+
+
+@pytest.mark.parametrize("memory", ["output", "recompute", "store_both"])
+def test_a_new_row_wise_row_runs_through_the_engine_unchanged(monkeypatch, memory):
+    """The engine dispatches on the row, not on the name "softmax": a copy of the softmax
+    row under another name gives the very same numbers."""
+    import gpu_mlp
+    from gpu_mlp import ops
+
+    softmax = activations.TABLE["softmax"]
+    monkeypatch.setitem(activations.TABLE, "rowmax", activations.Kind(
+        "rowmax", softmax.value, None, None, rowwise=activations.RowWise(softmax.rowwise.backward)))
+    monkeypatch.setitem(ops.ROW_ACTIVATIONS, "rowmax", ops.ROW_ACTIVATIONS["softmax"])
+    rng = np.random.default_rng(1)
+    X, Y = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    nets = [gpu_mlp.MLP([4, 6, 3], act, output=act, memory=memory, device="cpu",
+                        dtype="float64", seed=2) for act in ("softmax", "rowmax")]
+    step_losses = [[float(net.train_step(X, Y, 0.5)) for _ in range(2)] for net in nets]
+    assert step_losses[0] == step_losses[1]
+    for (W0, b0), (W1, b1) in zip(nets[0].params, nets[1].params):
+        np.testing.assert_array_equal(W0, W1)
+        np.testing.assert_array_equal(b0, b1)
+
+
 def test_softmax_backward_is_the_jacobian_product():
     rng = np.random.default_rng(0)
     Z, G = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
@@ -288,3 +337,17 @@ def test_losses_get():
         losses.get("mse")
     with pytest.raises(TypeError, match=r"a loss is a name, not int"):
         losses.get(3)
+
+
+def test_classification_losses_give_an_accuracy_and_regression_none():
+    assert losses.get("squared").accuracy is None
+    # logistic: the sign of each output against its +-1 label (0 counts as negative)
+    F = np.array([[2.0, -1.0], [0.0, 0.5]])
+    Y = np.array([[1.0, 1.0], [-1.0, -1.0]])
+    assert losses.get("logistic").accuracy(F, Y) == 0.5
+    # softmax_cross_entropy: the largest logit against the label or the target's mode
+    F = np.array([[0.1, 3.0, -1.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0], [1.0, 4.0, 2.0]])
+    labels = np.array([1, 2, 2, 0])
+    accuracy = losses.get("softmax_cross_entropy").accuracy
+    assert accuracy(F, labels) == 0.5
+    assert accuracy(F, 0.7 * np.eye(3)[labels] + 0.1) == 0.5

@@ -1,0 +1,55 @@
+"""Per-sample gradient norms from the factors of the backward pass.
+
+A layer's weight gradient is ``G = T_rows^T rows(F_{k-1})``; sample i's own part is
+``G_i = T_i^T X_i`` over its P rows (one for a dense layer, the output positions of a
+convolution). Its squared norm comes from the factors without forming ``G_i`` where that
+is cheaper: the product of the norms for a dense layer, the Gram form
+``<T_i T_i^T, X_i X_i^T>`` or ``G_i`` itself for a convolution, whichever costs less
+(docs/MATH.md, "Factored weight gradients" and the end of "General bilinear layers"). Used by :meth:`gpu_mlp.Network.per_sample_grad_norms` and by DP's
+clipping (:mod:`gpu_mlp.privacy`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+
+
+def per_sample_squares(xp, T, X):
+    """``||G_i||^2 + ||g_i||^2`` per sample of one layer, from T (B, P, d_out) and the
+    rows X (B, P, K) of its input, without a per-sample gradient where that is cheaper."""
+    B, P, d_out = T.shape
+    K = X.shape[2]
+    bias = row_squares(xp, T.sum(axis=1))
+    if P == 1:  # dense: the outer product's norm is the product of the norms
+        return row_squares(xp, T[:, 0]) * row_squares(xp, X[:, 0]) + bias
+    gram = P * (d_out + K) < d_out * K  # the Gram matrices are the smaller work
+    if xp is not np:  # batched on the GPU
+        if gram:
+            gram_T = xp.matmul(T, T.transpose(0, 2, 1))
+            gram_X = xp.matmul(X, X.transpose(0, 2, 1))
+            return (gram_T * gram_X).sum(axis=(1, 2)) + bias
+        G = xp.matmul(T.transpose(0, 2, 1), X)  # the per-sample gradients, (B, d_out, K)
+        return (G * G).sum(axis=(1, 2)) + bias
+    # On the CPU one sample at a time through ops.gemm: SciPy's BLAS, as every other GEMM
+    # of the step (NumPy's matmul runs on NumPy's own BLAS, whose idle threads spin against
+    # SciPy's on a small machine), into one sample's buffers, not B of them.
+    squares = np.empty(B, dtype=T.dtype)
+    if gram:
+        gram_T, gram_X = np.empty((P, P), T.dtype), np.empty((P, P), T.dtype)
+        for i in range(B):
+            ops.gemm("N", "T", T[i], T[i], gram_T)
+            ops.gemm("N", "T", X[i], X[i], gram_X)
+            squares[i] = np.vdot(gram_T, gram_X)
+    else:
+        G = np.empty((d_out, K), T.dtype)
+        for i in range(B):
+            ops.gemm("T", "N", T[i], X[i], G)
+            squares[i] = np.vdot(G, G)
+    return squares + bias
+
+
+def row_squares(xp, A):
+    """``||A[i]||^2`` of each row of a 2-D array, without a temporary of A's size."""
+    return xp.einsum("ij,ij->i", A, A)

@@ -1,0 +1,140 @@
+"""The step plan: what one training step does, in one object.
+
+A training step is one forward and one backward pass whose gradients go, layer by layer,
+through a chain of sinks (:mod:`gpu_mlp.updates`)::
+
+    [DP: clip each sample, add noise] -> [data parallel: sum over ranks] -> Apply
+
+:class:`StepPlan` holds the three settings that decide that chain -- the update rule,
+DP (or None) and the communication (or None) -- checks them against a net and builds the
+chain of each step. It is what :meth:`Network.train_step <gpu_mlp.network.Network.train_step>`,
+:func:`gpu_mlp.training.fit`, the command line and :func:`gpu_mlp.checkpoint.save` hand
+around, instead of three optional arguments each.
+
+A learning rate given as a number is plain SGD, ``optim.SGD(lr)``: its rule is the
+gradient GEMM straight into ``W`` (``alpha = -lr, beta = 1``; no scratch, no state), and
+a checkpoint stores no optimizer for it (:attr:`StepPlan.optimizer` is None), so that a
+run of plain SGD may change its rate when resumed, as it always could.
+
+>>> import numpy as np, gpu_mlp
+>>> from gpu_mlp import optim
+>>> from gpu_mlp.plan import StepPlan
+>>> net = gpu_mlp.MLP([4, 8, 3], loss="softmax_cross_entropy", device="cpu", seed=0)
+>>> plan = StepPlan(optim.Adam(1e-2))
+>>> X, y = np.ones((5, 4)), np.array([0, 1, 2, 1, 0])
+>>> losses = [float(net.train_step(X, y, plan)) for _ in range(3)]
+>>> plan.rule.steps, StepPlan(0.1).optimizer is None
+(3, True)
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+from . import _checks, distributed, optim, privacy
+from .updates import Apply, Sink
+
+__all__ = ["StepPlan"]
+
+
+class StepPlan:
+    """What one training step does: the update rule, DP and communication.
+
+    Args:
+        rule: a learning rate (plain SGD, ``optim.SGD(rule)``) or a
+            :mod:`gpu_mlp.optim` optimizer; its first step binds it to the net.
+        dp: a :class:`gpu_mlp.privacy.DP`, or None.
+        comm: a :class:`gpu_mlp.distributed.Communicator`, on the CPU also an mpi4py
+            communicator (wrapped in one per net), or None.
+
+    :attr:`rule` is always an optimizer; ``plain`` says it came from a number,
+    :attr:`optimizer` is the rule unless plain (what a checkpoint stores). A plan with an
+    optimizer steps one net, as the optimizer does; a plain plan, like a number, any net.
+    """
+
+    __slots__ = ("plain", "_lr", "_rule", "dp", "comm")  # train_step makes one per step
+
+    def __init__(self, rule, dp=None, comm=None):
+        if isinstance(rule, numbers.Real):
+            self.plain, self._lr, self._rule = True, _checks.lr(rule), None
+        elif isinstance(rule, optim.Optimizer):
+            self.plain, self._lr, self._rule = False, None, rule
+        else:
+            raise TypeError(f"lr must be a number or a gpu_mlp.optim optimizer, got {rule!r}")
+        if dp is not None and not isinstance(dp, privacy.DP):
+            raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
+        self.dp, self.comm = dp, comm
+
+    @classmethod
+    def of(cls, rule, dp=None, comm=None) -> "StepPlan":
+        """``rule`` if it is a plan already (then ``dp`` and ``comm`` must be None: the
+        plan has its own), else ``StepPlan(rule, dp, comm)``."""
+        if isinstance(rule, StepPlan):
+            if dp is not None or comm is not None:
+                raise ValueError("a StepPlan holds its own dp and comm: give them to "
+                                 "StepPlan(rule, dp=..., comm=...)")
+            return rule
+        return cls(rule, dp, comm)
+
+    def __repr__(self) -> str:
+        rule = f"lr={self.lr}" if self.plain else repr(self.rule)
+        return f"StepPlan({rule}, dp={self.dp!r}, comm={self.comm!r})"
+
+    @property
+    def rule(self) -> optim.Optimizer:
+        """The update rule: the optimizer, or for plain SGD ``optim.SGD(lr)`` (made when
+        first asked for: a plain step needs no object but its :class:`~updates.Apply`, so
+        this one counts no steps)."""
+        if self._rule is None:
+            self._rule = optim.SGD(self._lr)
+        return self._rule
+
+    @property
+    def optimizer(self) -> Optional[optim.Optimizer]:
+        """The optimizer to save and resume with; None for plain SGD (it has no state)."""
+        return None if self.plain else self._rule
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate."""
+        return self._lr if self.plain else self._rule.lr
+
+    @property
+    def last_lr(self) -> Optional[float]:
+        """The rate of the last step taken (plain SGD: its one rate)."""
+        return self._lr if self.plain else self._rule.last_lr
+
+    def communicator(self, net) -> Optional[distributed.Communicator]:
+        """The :class:`~gpu_mlp.distributed.Communicator` of ``net``'s steps, or None."""
+        return None if self.comm is None else distributed.communicator(self.comm, net)
+
+    def check(self, net) -> "StepPlan":
+        """Raise a TypeError or ValueError, changing nothing, if the plan cannot step
+        ``net``: a communicator that does not fit, an optimizer bound to another net or
+        with state that does not fit, scalars that ``net``'s dtype cannot compute with."""
+        self.communicator(net)
+        _checks.step_scalars(net.dtype, self._lr if self.plain else self._rule, self.dp)
+        if not self.plain:
+            self._rule.check_net(net)
+        return self
+
+    def sink(self, net, rows: int, counts=None, divisor: Optional[float] = None) -> Sink:
+        """The chain of one step of ``net`` on ``rows`` local rows: DP's stage (dividing
+        by ``divisor``, default every rank's rows together) -> the communication's stage
+        (``counts``: every rank's rows, gathered when not given) -> the update rule.
+        Each step takes a new one.
+
+        Plain SGD's rule is :class:`~gpu_mlp.updates.Apply` without kernels: ``W <- W -
+        lr G`` as the gradient GEMM itself, straight into ``W`` (``optim.SGD(lr)``'s own
+        rule, without an object that counts its steps)."""
+        sink = Apply(net.params, lr=self._lr) if self.plain else self._rule.begin_step(net)
+        comm = self.communicator(net)
+        if comm is not None:
+            counts = comm._counts(rows) if counts is None else counts
+            sink = comm._stage(net, sink, counts)
+        if self.dp is not None:
+            if divisor is None:
+                divisor = rows if counts is None else sum(counts)
+            sink = self.dp._stage(net, sink, rows, divisor)
+        return sink

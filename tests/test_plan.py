@@ -1,0 +1,199 @@
+"""The step plan (gpu_mlp.plan) and the sink protocol (gpu_mlp.updates): one object holds
+what a step does, and every way of giving it -- a number, an optimizer, a plan; train_step,
+fit, a checkpoint -- takes the same steps, bit for bit."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import gpu_mlp
+from gpu_mlp import checkpoint, optim, plan as plan_module, updates
+from gpu_mlp.plan import StepPlan
+from gpu_mlp.privacy import DP
+
+SIZES = [6, 8, 3]
+
+
+def problem(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, SIZES[0])), rng.integers(0, SIZES[-1], n)
+
+
+def new_net():
+    return gpu_mlp.MLP(SIZES, loss="softmax_cross_entropy", device="cpu", dtype="float64",
+                       seed=1)
+
+
+def params(net):
+    return [a.copy() for pair in net.params for a in pair]
+
+
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+RULES = {"sgd": lambda: 0.1, "adam": lambda: optim.Adam(1e-2),
+         "momentum": lambda: optim.SGD(0.05, momentum=0.9, weight_decay=1e-3)}
+
+
+def test_the_module_docstring_runs():
+    assert doctest.testmod(plan_module).failed == 0
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("private", [False, True])
+def test_a_plan_steps_as_its_parts_do(rule, private):
+    X, Y = problem()
+    make_dp = (lambda: DP(1.0, 0.7, seed=3)) if private else (lambda: None)
+    by_parts, by_plan = new_net(), new_net()
+    rule_a, dp_a = RULES[rule](), make_dp()
+    plan = StepPlan(RULES[rule](), make_dp())
+    for first in range(0, 40, 10):
+        J_a = by_parts.train_step(X[first:first + 10], Y[first:first + 10], rule_a, dp=dp_a)
+        J_b = by_plan.train_step(X[first:first + 10], Y[first:first + 10], plan)
+        assert float(J_a) == float(J_b)
+    assert same(params(by_parts), params(by_plan))
+    if private:
+        assert plan.dp.steps == dp_a.steps == 4
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fit_by_plan_is_fit_by_arguments(rule):
+    X, Y = problem()
+    by_args, by_plan = new_net(), new_net()
+    r = RULES[rule]()
+    kwargs = {"lr": r} if isinstance(r, float) else {"optimizer": r}
+    h_a = by_args.fit(X, Y, epochs=2, batch_size=16, verbose=False, dp=DP(1.0, 0.5), **kwargs)
+    h_b = by_plan.fit(X, Y, epochs=2, batch_size=16, verbose=False,
+                      plan=StepPlan(RULES[rule](), DP(1.0, 0.5)))
+    for name in ("lr", "train_loss", "epsilon"):  # all but the seconds
+        assert getattr(h_a, name) == getattr(h_b, name), name
+    assert same(params(by_args), params(by_plan))
+
+
+def test_a_number_is_plain_sgd():
+    plan = StepPlan(0.1)
+    assert plan.plain and plan.optimizer is None and plan.lr == 0.1 == plan.last_lr
+    assert isinstance(plan.rule, optim.SGD) and plan.rule.lr == 0.1
+    assert plan.rule.momentum == 0 and plan.rule.weight_decay == 0
+    sink = plan.sink(new_net(), rows=4)
+    assert isinstance(sink, updates.Apply) and sink.kernels is None and sink.scratch is None
+    assert sink.keep == (1.0, 1.0) and sink.lr == 0.1
+    adam = optim.Adam()
+    assert StepPlan(adam).optimizer is adam and not StepPlan(adam).plain
+
+
+def test_a_plain_plan_steps_any_net_an_optimizers_one():
+    X, Y = problem()
+    plain, adam = StepPlan(0.1), StepPlan(optim.Adam())
+    for net in (new_net(), new_net()):
+        net.train_step(X, Y, plain)
+    net = new_net()
+    net.train_step(X, Y, adam)
+    with pytest.raises(ValueError, match="bound to another network"):
+        new_net().train_step(X, Y, adam)
+
+
+def test_bad_plans_are_refused_with_the_old_messages():
+    with pytest.raises(TypeError, match="lr must be a number or a gpu_mlp.optim optimizer"):
+        StepPlan("fast")
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        StepPlan(-1.0)
+    with pytest.raises(TypeError, match="lr must be a number, got True"):
+        StepPlan(True)
+    with pytest.raises(TypeError, match="dp must be a gpu_mlp.privacy.DP"):
+        StepPlan(0.1, dp="private")
+    with pytest.raises(ValueError, match="holds its own dp and comm"):
+        StepPlan.of(StepPlan(0.1), dp=DP(1.0, 1.0))
+    plan = StepPlan(0.1)
+    assert StepPlan.of(plan) is plan
+    X, Y = problem()
+    with pytest.raises(ValueError, match="give plan or lr, dp, not both"):
+        new_net().fit(X, Y, lr=0.1, dp=DP(1.0, 1.0), plan=plan, verbose=False)
+    with pytest.raises(TypeError, match="plan must be a gpu_mlp.plan.StepPlan"):
+        new_net().fit(X, Y, plan=0.1, verbose=False)
+
+
+def _meta(path):
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        with z.open("meta.npy") as f:
+            return json.loads(str(np.lib.format.read_array(f))), names
+
+
+def test_a_checkpoint_of_a_plan_is_one_of_its_parts(tmp_path):
+    X, Y = problem()
+    net = new_net()
+    plain = StepPlan(0.1, DP(1.0, 0.5))
+    history = net.fit(X, Y, epochs=1, batch_size=16, verbose=False, plan=plain)
+    checkpoint.save(net, tmp_path / "plan.npz", history=history, plan=plain)
+    checkpoint.save(net, tmp_path / "parts.npz", history=history, dp=plain.dp)
+    meta_plan, names_plan = _meta(tmp_path / "plan.npz")
+    meta_parts, names_parts = _meta(tmp_path / "parts.npz")
+    assert "optimizer" not in meta_plan  # plain SGD saves as it always did: no optimizer
+    assert meta_plan == meta_parts and names_plan == names_parts
+
+    opt = optim.Adam(1e-2)
+    adam = StepPlan(opt)
+    net.fit(X, Y, epochs=1, batch_size=16, verbose=False, plan=adam)
+    net.save(tmp_path / "adam.npz", plan=adam)
+    stored = checkpoint.read(tmp_path / "adam.npz", device="cpu")
+    assert stored.optimizer.state_dict()["steps"] == opt.steps and stored.dp is None
+    with pytest.raises(ValueError, match="give plan or optimizer and dp, not both"):
+        checkpoint.save(net, tmp_path / "x.npz", plan=adam, optimizer=opt)
+
+
+def test_checkpoints_rebuild_the_registered_models():
+    assert {"MLP": gpu_mlp.MLP, "Network": gpu_mlp.Network} == {
+        name: cls for name, (cls, _) in checkpoint.MODELS.items()}
+
+
+# --- the sink protocol ----------------------------------------------------------------------
+
+class _Recorder(updates.Rule):
+    def __init__(self):
+        self.calls, self.finished = [], 0
+
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        self.calls.append(k)
+
+    def gradient(self, k, G, noise=None):
+        self.calls.append(("G", k))
+
+    def finish(self):
+        self.finished += 1
+
+
+class _Passing(updates.Stage):
+    def __call__(self, k, T_rows, X_rows, ones, noise=None):
+        self.downstream(k, T_rows, X_rows, ones, noise)
+
+
+def test_a_stage_finishes_its_downstream_once():
+    end = _Recorder()
+    chain = _Passing(_Passing(end))
+    for k in (1, 0):
+        chain(k, None, None, None)
+    chain.finish()
+    assert end.calls == [1, 0] and end.finished == 1
+    assert chain.keeps_factors and not end.keeps_factors
+
+
+def test_every_sink_declares_the_protocol():
+    for kind in (updates.Apply, updates.WriteGradients, updates.EachLayer, updates.Stage,
+                 gpu_mlp.privacy._Private, gpu_mlp.distributed._Stage):
+        assert isinstance(kind.keeps_factors, bool) and callable(kind.finish), kind
+
+
+def test_optimizer_kinds_name_their_options():
+    assert list(optim.KINDS) == ["sgd", "momentum", "adam", "adamw"]
+    for opt, kind in ((optim.SGD(0.1), "sgd"), (optim.SGD(0.1, momentum=0.5), "momentum"),
+                      (optim.Adam(), "adam"), (optim.AdamW(), "adamw")):
+        assert opt.kind == kind and isinstance(opt, optim.KINDS[kind].cls)
+        assert list(opt.settings()) == ["lr", *optim.KINDS[kind].options]
+    assert optim.Adam(betas=(0.8, 0.9)).settings()["betas"] == (0.8, 0.9)
