@@ -14,12 +14,13 @@ import time
 import tracemalloc
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import checkpoint, optim
+from gpu_mlp import checkpoint, datasets, optim
 from gpu_mlp.checkpoint import CheckpointError
 
 needs_gpu = pytest.mark.skipif(not gpu_mlp.gpu_available(), reason="needs CuPy and a CUDA GPU")
@@ -876,3 +877,36 @@ def test_a_path_as_bytes_reads_as_os_fspath_gives_it(tmp_path):
     with pytest.raises(CheckpointError) as error:
         checkpoint.read(os.fsencode(tmp_path / "bad.npz"))
     assert str(error.value).startswith(f"{tmp_path / 'bad.npz'}: not a checkpoint")
+
+
+# --- files written by an earlier gpu_mlp ---------------------------------------------------
+# tests/data/*-v0.1.0.npz were written by gpu_mlp at commit 915310e (before the step plan,
+# the hardened reader and the device-independent noise), with the predictions that code
+# made: what it saved must load, predict the same and resume the same, bit for bit.
+
+OLD = Path(__file__).resolve().parent / "data"
+
+
+def test_an_mlp_saved_by_an_earlier_version_loads_predicts_and_resumes_the_same():
+    X, y = datasets.digits()
+    expected = np.load(OLD / "predictions-v0.1.0.npz")
+    run = checkpoint.read(OLD / "mlp-adam-v0.1.0.npz", device="cpu")
+    assert isinstance(run.net, gpu_mlp.MLP) and isinstance(run.optimizer, gpu_mlp.optim.Adam)
+    assert run.optimizer.steps == 20 and run.history.epochs == 2
+    np.testing.assert_array_equal(run.net.predict(X[:50]), expected["mlp"])
+    history = run.net.fit(X[:200], y[:200], epochs=3, batch_size=20, optimizer=run.optimizer,
+                          seed=3, verbose=False, validation=(X[200:260], y[200:260]),
+                          resume=run.history)
+    np.testing.assert_array_equal(history.train_loss, expected["mlp_resumed_loss"])
+    np.testing.assert_array_equal(run.net.predict(X[:50]), expected["mlp_resumed"])
+
+
+def test_a_private_cnn_saved_by_an_earlier_version_loads_and_predicts_the_same():
+    X, _ = datasets.digits()
+    expected = np.load(OLD / "predictions-v0.1.0.npz")
+    run = checkpoint.read(OLD / "cnn-dp-momentum-v0.1.0.npz", device="cpu")
+    assert type(run.net) is gpu_mlp.Network and run.net.dtype == np.float64
+    assert run.optimizer.momentum == 0.9 and run.optimizer.steps == 16
+    assert (run.dp.max_grad_norm, run.dp.noise_multiplier, run.dp.seed, run.dp.steps) == \
+        (1.0, 0.5, 7, 16)
+    np.testing.assert_array_equal(run.net.predict(X[:50].reshape(-1, 1, 8, 8)), expected["cnn"])
