@@ -35,12 +35,7 @@ class MLP(Network):
         activations: one activation for every hidden layer, or a list of ``n`` with one
             per layer, the output layer included (then ``output`` is not used).
         output: the output layer's activation.
-        loss: a name from :mod:`gpu_mlp.losses`.
-        memory: ``"output"``, ``"recompute"`` or ``"store_both"``.
-        device: ``"auto"``, ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).
-        dtype: ``"float32"`` or ``"float64"``.
-        seed: the seed of the initial weights, drawn on the host so that every device
-            starts from the same numbers.
+        loss, memory, device, dtype, seed: as for :class:`gpu_mlp.Network`.
     """
 
     def __init__(self, sizes, activations="relu", output="identity", loss="squared",
