@@ -25,6 +25,15 @@ Implementations (``impl``):
   setting (``allow_tf32`` of both cuBLAS and cuDNN); the loss is the same expression
   (``F.cross_entropy`` for the softmax cross-entropy).
 * ``torch.compile``: ``torch.compile`` (default mode) of that same step function.
+* ``torch.graph`` (CUDA only): that same step captured once into a
+  ``torch.cuda.CUDAGraph`` as PyTorch's CUDA notes do it ("whole-network capture"):
+  warm-up steps on a side stream, ``zero_grad(set_to_none=True)``, capture of forward,
+  loss, backward and ``optimizer.step()`` under ``torch.cuda.graph``; a step copies the
+  batch into the static input and target tensors and replays the graph, and the loss
+  stays in a static tensor. The optimizer is plain SGD (no state); one with state
+  would be built ``capturable=True`` (:func:`graph_optimizer`). The weights are put
+  back after the capture, so it starts from the same weights as the others. The
+  least launch overhead a PyTorch user can have without leaving PyTorch.
 * ``gemm``: the GEMM-only bound, the step's GEMMs alone through ``gpu_mlp.ops.gemm``
   into preallocated buffers (the same cuBLAS or SciPy BLAS calls, on the same shapes):
   forward ``rows(F_{k-1}) W_k^T`` per layer, ``Delta_k W_k`` for layers 2..n and the
@@ -37,10 +46,18 @@ Timing: warm-up steps first (they compile CUDA kernels and torch.compile graphs)
 ``time.perf_counter`` around each step with a device synchronisation inside the timed
 region, the Python garbage collector off; the median and the quartiles of the repeats.
 
+GPU busy fraction (every CUDA implementation): a further ``BUSY_STEPS`` steps, each
+followed by the device synchronisation as when timed, under ``torch.profiler`` with
+``ProfilerActivity.CUDA`` only (its CUPTI trace sees CuPy's kernels and cuBLAS calls as
+well as PyTorch's, and the kernels of a graph replay); the union of the device
+intervals (kernels, memcpy, memset) over the window's wall time (``time.perf_counter``
+around those steps). Below 1, the GPU waits for the host: launch overhead.
+
 Peak memory, bytes held during one steady-state step, parameters and data included:
 CuPy's memory pool (``free_all_blocks`` before the step, ``total_bytes`` after it; the
 pool only grows within a step, so this is the peak it held), PyTorch's
-``max_memory_allocated`` after ``reset_peak_memory_stats``, and on the CPU
+``max_memory_allocated`` after ``reset_peak_memory_stats`` (for ``torch.graph``: over
+the capture, whose allocations the replays reuse), and on the CPU
 ``tracemalloc``'s peak for the NumPy engine, rebuilt under tracing. PyTorch's CPU
 allocations are invisible to tracemalloc, so torch-cpu memory is not measured.
 """
@@ -67,10 +84,12 @@ from gpu_mlp import device as _device
 from gpu_mlp import ops
 
 SCHEMA = "gpu_mlp-bench/1"  # records without "model" and "input" are "mlp" ones
-IMPLS = ("gpu_mlp", "torch", "torch.compile", "gemm")
+IMPLS = ("gpu_mlp", "torch", "torch.compile", "torch.graph", "gemm")
 MODELS = ("mlp", "conv")
 LR = 1e-5  # small enough that the weights barely move over hundreds of timed steps
 MIN_REPEATS = 5
+BUSY_STEPS = 20  # steps profiled for the GPU busy fraction (at most --repeats)
+GRAPH_WARMUP = 3  # eager steps on a side stream before the capture, as PyTorch's notes
 NETWORK = ("sizes [w] * (depth + 1): depth layers of width w on inputs of width w; "
            "ReLU hidden, identity output; squared loss ((out - y)**2).sum(1).mean(); "
            f"one step = forward + backward + SGD (lr={LR})")
@@ -242,6 +261,7 @@ class Case:
     sync: Callable[[], None]
     memory: Optional[str]   # how its peak memory is measured: "cupy", "torch-cuda", "tracemalloc"
     workspace: object = None  # gpu_mlp's training Workspace, when there is one
+    capture_peak: Optional[int] = None  # torch.graph: max_memory_allocated over the capture
     weights: Optional[Callable[[], list]] = None  # the current [(W, b)] as NumPy, for checks
 
 
@@ -260,13 +280,33 @@ def default_impls(device: str) -> tuple[str, ...]:
     return IMPLS if device == "cuda" else ("gpu_mlp", "torch", "gemm")
 
 
+def skip_reason(device: str, impl: str, requested: bool) -> Optional[str]:
+    """Why ``impl`` does not run on ``device`` (None: it runs); ``requested``: named in
+    ``--impls``."""
+    if impl == "torch.graph" and device != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if impl == "torch.compile" and device != "cuda" and not requested:
+        return "on the CPU only on request (--impls): needs a C++ toolchain, long compiles"
+    return None
+
+
+def skipped(devices, impls) -> dict[str, str]:
+    """``{label: reason}`` of every implementation a run leaves out."""
+    return {label(device, impl): reason for device in devices
+            for impl in (impls or IMPLS) if impl != "gpu_mlp"
+            and (reason := skip_reason(device, impl, requested=impls is not None))}
+
+
 def tasks(devices, impls, modes, points) -> list[Task]:
-    """Every (device, point, implementation), cheapest points first, torch eager first
-    within a point so that ratios fill in as the run goes."""
-    order = {"torch": 0, "gpu_mlp": 1, "torch.compile": 2, "gemm": 3}
+    """Every (device, point, implementation), cheapest points first, torch eager and the
+    graphed step first within a point so that ratios fill in as the run goes; what
+    :func:`skip_reason` names is left out."""
+    order = {"torch": 0, "torch.graph": 1, "gpu_mlp": 2, "torch.compile": 3, "gemm": 4}
     out = []
     for device in devices:
-        chosen = sorted(impls or default_impls(device), key=order.__getitem__)
+        chosen = sorted((i for i in impls or default_impls(device)
+                         if not skip_reason(device, i, requested=impls is not None)),
+                        key=order.__getitem__)
         for point in sorted(points, key=lambda p: (p.flops, p.batch, p.depth)):
             for impl in chosen:
                 for mode in (modes if impl == "gpu_mlp" else (None,)):
@@ -434,6 +474,11 @@ def build(task: Task, dtype: str) -> Case:
         return _gpu_mlp_case(task, params, X, Y)
     if task.impl in ("torch", "torch.compile"):
         return _torch_case(task, params, X, Y, compiled=task.impl == "torch.compile")
+    if task.impl == "torch.graph":
+        reason = skip_reason(task.device, task.impl, requested=True)
+        if reason:
+            raise ValueError(f"torch.graph on {task.device}: {reason}")
+        return _torch_graph_case(task, params, X, Y)
     if task.impl == "gemm":
         return _gemm_case(task, params, X)
     raise ValueError(f"unknown implementation {task.impl!r}; valid: {', '.join(IMPLS)}")
@@ -538,6 +583,82 @@ def _torch_case(task, params, X, Y, compiled: bool) -> Case:
     return Case(step, lambda: None, memory=None, weights=weights)
 
 
+def graph_optimizer(cls, parameters, **kwargs):
+    """``cls(parameters, **kwargs)`` fit for CUDA graph capture: ``capturable=True``
+    where ``cls`` has that option (optimizers with state, e.g. Adam: the step count and
+    the bias corrections stay on the device); plain SGD has no state and no such option."""
+    import inspect
+
+    if "capturable" in inspect.signature(cls).parameters:
+        kwargs.setdefault("capturable", True)
+    return cls(parameters, **kwargs)
+
+
+def _capture(fn):
+    """``(graph, fn())`` with ``fn``'s CUDA work captured into a ``torch.cuda.CUDAGraph``
+    (``torch.cuda.graph`` makes a side stream current for the capture)."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _torch_graph_case(task, params, X, Y) -> Case:
+    """PyTorch's whole-network capture (CUDA notes, "CUDA Graphs"): warm up on a side
+    stream, capture forward + loss + backward + ``optimizer.step()`` once, then per step
+    ``static_input.copy_(batch)``, ``static_target.copy_(target)``, ``g.replay()``."""
+    import torch
+
+    model = torch_module(task.point.layers(), params, task.device)
+    dev, loss_name = torch.device(task.device), task.point.loss
+    static_X, static_Y = torch.tensor(X, device=dev), torch.tensor(Y, device=dev)
+    batch_X, batch_Y = static_X.clone(), static_Y.clone()  # what a loader would hand over
+    optimizer = graph_optimizer(torch.optim.SGD, model.parameters(), lr=LR)
+    start = [p.detach().to("cpu", copy=True) for p in model.parameters()]  # off the GPU
+
+    def step_body():
+        loss = torch_loss(loss_name, model(static_X), static_Y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # kernels chosen, workspaces and grads allocated
+        for _ in range(GRAPH_WARMUP):
+            optimizer.zero_grad(set_to_none=True)
+            step_body()
+    torch.cuda.current_stream().wait_stream(side)
+    # grads set to None: backward allocates them from the graph's private pool
+    optimizer.zero_grad(set_to_none=True)
+    on_cuda = task.device == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    graph, static_loss = _capture(step_body)
+    capture_peak = int(torch.cuda.max_memory_allocated()) if on_cuda else None
+    with torch.no_grad():  # back to the common start; the graph keeps the addresses
+        for p, p0 in zip(model.parameters(), start):
+            p.copy_(p0)
+    del start
+
+    def step():
+        static_X.copy_(batch_X)
+        static_Y.copy_(batch_Y)
+        graph.replay()  # forward, backward and SGD; the grads are refilled in place
+        return static_loss
+
+    def weights():
+        return [(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy())
+                for m in model if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    return Case(step, torch.cuda.synchronize if on_cuda else (lambda: None),
+                memory="torch-cuda-graph" if on_cuda else None, weights=weights,
+                capture_peak=capture_peak)
+
+
 def _gemm_case(task, params, X) -> Case:
     """Layer k's three GEMMs on its rows (M_k, K_k) and weights (d_k, K_k), as the
     engine calls them; a layer's rows are the previous layer's output where that is a
@@ -612,6 +733,8 @@ def peak_memory(case: Case, task: Task, settings: Settings) -> Optional[int]:
         case.step()
         case.sync()
         return int(pool.total_bytes())
+    if case.memory == "torch-cuda-graph":
+        return case.capture_peak  # a replay allocates nothing: the capture's peak
     if case.memory == "torch-cuda":
         import torch
 
@@ -635,6 +758,66 @@ def peak_memory(case: Case, task: Task, settings: Settings) -> Optional[int]:
     return None
 
 
+def kernel_intervals(events) -> list[tuple[float, float]]:
+    """``(start_us, end_us)`` of the device-side events of a ``torch.profiler`` trace
+    (``FunctionEvent``s whose ``device_type`` is CUDA: kernels, memcpy, memset)."""
+    return [(e.time_range.start, e.time_range.end) for e in events
+            if getattr(e.device_type, "name", str(e.device_type)) == "CUDA"]
+
+
+def busy_seconds(intervals) -> float:
+    """Seconds the device was busy: the length of the union of ``intervals`` (in us),
+    so that kernels overlapping on several streams count once."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total * 1e-6
+
+
+def _profile_steps(step, sync, steps: int) -> tuple[list, float]:
+    """``(device intervals in us, window seconds)`` of ``steps`` steps, each followed by
+    ``sync`` as when timed, under ``torch.profiler`` with ``ProfilerActivity.CUDA``
+    alone (no CPU-op recording to slow the host down)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():  # a CPU build of PyTorch beside CuPy
+        raise RuntimeError("needs PyTorch with CUDA (torch.profiler's CUDA trace)")
+    sync()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as in time_steps
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+                sync()
+            window = time.perf_counter() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return kernel_intervals(prof.events()), window
+
+
+def gpu_busy(step, sync, steps: int) -> dict:
+    """The GPU busy fraction of ``steps`` steps: device time (union of the device
+    intervals of the trace) / wall time of the window; per step: both times and the
+    device events (kernels, copies)."""
+    intervals, window = _profile_steps(step, sync, steps)
+    if not intervals:
+        return {"error": "no device activity in the torch.profiler trace", "steps": steps}
+    busy = busy_seconds(intervals)
+    return {"fraction": busy / window, "gpu_s_per_step": busy / steps,
+            "wall_s_per_step": window / steps, "events_per_step": len(intervals) / steps,
+            "steps": steps}
+
+
 def _release(device: str) -> None:
     """Hand the GPU memory of finished cases back, so that each task starts clean."""
     if device != "cuda":
@@ -654,8 +837,9 @@ def measure(task: Task, settings: Settings) -> dict:
         "device": task.device, "impl": task.impl, "mode": task.mode, "label": task.label,
         **point.fields(), "flops": point.flops, "status": "ok", "error": None,
         "time_s": None, "tflops": None, "peak_bytes": None, "peak_method": None,
-        "workspace_peak_bytes": None,
-        "ratio_to_torch": None, "ratio_to_gemm_bound": None, "memory_ratio_to_torch": None,
+        "workspace_peak_bytes": None, "gpu_busy": None,
+        "ratio_to_torch": None, "ratio_to_gemm_bound": None, "ratio_to_torch_graph": None,
+        "memory_ratio_to_torch": None,
     }
     try:
         case = build(task, settings.dtype)
@@ -669,9 +853,14 @@ def measure(task: Task, settings: Settings) -> dict:
         record["peak_bytes"] = peak_memory(case, task, settings)
         record["peak_method"] = {"cupy": "cupy memory pool total_bytes",
                                  "torch-cuda": "torch.cuda.max_memory_allocated",
+                                 "torch-cuda-graph": "torch.cuda.max_memory_allocated "
+                                                     "over the capture",
                                  "tracemalloc": "tracemalloc peak"}.get(case.memory)
         if case.workspace is not None:
             record["workspace_peak_bytes"] = int(case.workspace.peak_in_use_bytes)
+        if task.device == "cuda":
+            record["gpu_busy"] = _busy_or_error(case, min(max(settings.repeats, MIN_REPEATS),
+                                                          BUSY_STEPS))
     except Exception as exc:  # one implementation failing must not stop the grid
         message = str(exc).strip().splitlines()
         record["status"] = "error"
@@ -682,22 +871,36 @@ def measure(task: Task, settings: Settings) -> dict:
     return record
 
 
+def _busy_or_error(case: Case, steps: int) -> dict:
+    """:func:`gpu_busy`, or why it could not be measured: the timing stands either way."""
+    try:
+        return gpu_busy(case.step, case.sync, steps)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {message[0] if message else ''}"[:300],
+                "steps": steps}
+
+
 def key(record: dict) -> tuple:
     """A record's key, :attr:`Task.key`."""
     return (record["device"], record["impl"], record["mode"]) + point_of(record).key
 
 
 def add_ratios(records: list[dict]) -> None:
-    """Fill in each record's ratios to torch eager and to the GEMM-only bound at the same
-    device and point (None where either side is missing or failed)."""
+    """Fill in each record's ratios to torch eager, to the GEMM-only bound and to the
+    graphed PyTorch step at the same device and point (None where either side is missing
+    or failed)."""
     base = {}
     for r in records:
-        if r["status"] == "ok" and r["impl"] in ("torch", "gemm"):
+        if r["status"] == "ok" and r["impl"] in ("torch", "gemm", "torch.graph"):
             base[(r["impl"], r["device"]) + point_of(r).key] = r
     for r in records:
         point = (r["device"],) + point_of(r).key
         torch_r, gemm_r = base.get(("torch",) + point), base.get(("gemm",) + point)
+        graph_r = base.get(("torch.graph",) + point)
         ok = r["status"] == "ok"
+        r["ratio_to_torch_graph"] = (r["time_s"]["median"] / graph_r["time_s"]["median"]
+                                     if ok and graph_r else None)
         r["ratio_to_torch"] = (r["time_s"]["median"] / torch_r["time_s"]["median"]
                                if ok and torch_r else None)
         r["ratio_to_gemm_bound"] = (r["time_s"]["median"] / gemm_r["time_s"]["median"]

@@ -9,6 +9,8 @@ import json
 import os
 import textwrap
 
+import numpy as np
+
 from bench import harness
 
 
@@ -54,14 +56,24 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def busy_fraction(r):
+    """A record's GPU busy fraction, None where not measured (CPU, older records, or a
+    profiler failure, whose reason is in ``r["gpu_busy"]["error"]``)."""
+    return (r.get("gpu_busy") or {}).get("fraction")
+
+
 def format_table(records: list[dict]) -> str:
     """An aligned plain-text table, one row per record; a failed one shows its error.
     Convolution records get a model and an input column, and ``width`` is called what it
-    is there (channels)."""
+    is there (channels). Where the records have them, two more columns: the ratio to the
+    graphed PyTorch step (``vs graph``) and the GPU busy fraction (``GPU busy``)."""
     conv = any(_model(r) != "mlp" for r in records)
+    graph = any(r["impl"] == "torch.graph" for r in records)
+    busy = any(r.get("gpu_busy") for r in records)
     header = (("device",) + (("model", "input") if conv else ())
               + (_width_name(records), "depth", "batch", "implementation", "median ms",
-                 "IQR ms", "TFLOP/s", "vs torch", "vs GEMM", "peak MiB", "mem vs torch"))
+                 "IQR ms", "TFLOP/s", "vs torch", "vs GEMM", "peak MiB", "mem vs torch")
+              + (("vs graph",) if graph else ()) + (("GPU busy",) if busy else ()))
     rows, errors = [], {}
     for r in sorted(records, key=_sort_key):
         rows.append((r["device"],)
@@ -76,6 +88,10 @@ def format_table(records: list[dict]) -> str:
             _fmt(t["median"], ".4g", 1e3), _fmt(t["iqr"], ".2g", 1e3), _fmt(r["tflops"], ".3g"),
             _fmt(r["ratio_to_torch"], ".2f"), _fmt(r["ratio_to_gemm_bound"], ".2f"),
             _fmt(r["peak_bytes"], ".4g", 2.0 ** -20), _fmt(r["memory_ratio_to_torch"], ".2f"))
+        if graph:
+            rows[-1] += (_fmt(r.get("ratio_to_torch_graph"), ".2f"),)
+        if busy:
+            rows[-1] += (_fmt(busy_fraction(r), ".0%"),)
     widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) > i])
               for i in range(len(header))]
     text_columns = (0, 1, 2, 6) if conv else (0, 4)
@@ -94,7 +110,9 @@ def summary(records: list[dict]) -> list[str]:
     """The issue's targets as measured, one line per gpu_mlp row and target (nothing is
     asserted): faster than torch eager, within 1.10x of the GEMM-only bound at width and
     batch >= 1024 (MLP), the range of the ratio to the GEMM-only bound (convolutions:
-    what im2col, col2im and the transposes add), peak memory below torch's."""
+    what im2col, col2im and the transposes add), peak memory below torch's; against the
+    graphed PyTorch step (torch.graph), the points where it is faster and the ratio at
+    each point; and the GPU busy fraction of every CUDA implementation."""
     lines = []
     for device, model, label in sorted({(r["device"], _model(r), r["label"]) for r in records
                                         if r["impl"] == "gpu_mlp"}):
@@ -125,6 +143,25 @@ def summary(records: list[dict]) -> list[str]:
             below = sum(r["memory_ratio_to_torch"] < 1 for r in mem)
             lines.append(f"{name}: peak memory below torch's at {below}/{len(mem)} points "
                          f"(largest ratio {max(r['memory_ratio_to_torch'] for r in mem):.2f})")
+        vs_graph = [r for r in rows if r.get("ratio_to_torch_graph") is not None]
+        if vs_graph:
+            faster = sum(r["ratio_to_torch_graph"] < 1 for r in vs_graph)
+            lines.append(f"{name}: faster than torch.graph at {faster}/{len(vs_graph)} "
+                         "points; time / torch.graph's: " + ", ".join(
+                             f"{_point(r)} {r['ratio_to_torch_graph']:.2f}"
+                             for r in sorted(vs_graph, key=_sort_key)))
+    for device, model, label in sorted({(r["device"], _model(r), r["label"]) for r in records
+                                        if busy_fraction(r) is not None}):
+        fractions = [busy_fraction(r) for r in records if r["status"] == "ok"
+                     and (r["device"], _model(r), r["label"]) == (device, model, label)
+                     and busy_fraction(r) is not None]
+        name = label if model == "mlp" else f"{label} ({model})"
+        lines.append(f"{name}: GPU busy {min(fractions):.0%}-{max(fractions):.0%} "
+                     f"(median {float(np.median(fractions)):.0%}) over {len(fractions)} "
+                     "points")
+    unmeasured = sorted({(r["label"], r["gpu_busy"]["error"]) for r in records
+                         if (r.get("gpu_busy") or {}).get("error")})
+    lines += [f"{label}: GPU busy not measured: {error}" for label, error in unmeasured]
     return lines
 
 
@@ -166,9 +203,15 @@ def markdown(doc: dict, plot_name=None) -> str:
               f"- timing: {config['timing']}; at most {config['repeats']} steps or "
               f"{config['max_time_s']} s per case after {config['warmup']} warm-up steps, "
               f"at least {config['min_repeats']}",
-              f"- memory: {config['memory']}",
-              "- ratios: time / time at the same point (below 1: faster); memory: peak / "
-              "torch's peak", "",
+              f"- memory: {config['memory']}"]
+    if config.get("gpu_busy") and any(r.get("gpu_busy") for r in doc["records"]):
+        lines.append(f"- GPU busy: {config['gpu_busy']}")
+    lines += [f"- skipped: {name} ({reason})"
+              for name, reason in (config.get("skipped") or {}).items()]
+    graph = any(r["impl"] == "torch.graph" for r in doc["records"])
+    lines += ["- ratios: time / time at the same point (below 1: faster"
+              + ("; vs graph: to torch.graph, PyTorch's step replayed as one CUDA graph"
+                 if graph else "") + "); memory: peak / torch's peak", "",
               "```text", format_table(doc["records"]), "```", ""]
     lines += [f"- {line}" for line in summary(doc["records"])]
     if plot_name:

@@ -40,7 +40,7 @@ GRIDS = {"mlp": (FULL, QUICK), "conv": (CONV_FULL, CONV_QUICK)}
 TIMING = {"full": (3, 100, 1.0), "quick": (1, 20, 0.5)}
 # harness.IMPLS and gpu_mlp.MEMORY_MODES, repeated so that parsing the arguments imports
 # nothing (see main)
-IMPLS = ("gpu_mlp", "torch", "torch.compile", "gemm")
+IMPLS = ("gpu_mlp", "torch", "torch.compile", "torch.graph", "gemm")
 MODES = ("output", "recompute", "store_both")
 
 
@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "GPU, else cpu)")
     p.add_argument("--impls", type=_choices(IMPLS),
                    help=f"comma-separated, from {','.join(IMPLS)} (default: all on cuda; "
-                        "gpu_mlp,torch,gemm on cpu)")
+                        "gpu_mlp,torch,gemm on cpu; torch.graph, PyTorch's step captured "
+                        "as a CUDA graph, runs on cuda only)")
     p.add_argument("--modes", type=_choices(MODES), default=list(MODES),
                    help="gpu_mlp memory modes (default: all)")
     p.add_argument("--widths", type=_ints, help=f"--grid mlp: default {FULL['widths']}")
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
     done = {harness.key(r) for r in records}
     todo = [t for t in harness.tasks(devices, args.impls, args.modes, points)
             if t.key not in done]
+    skipped = harness.skipped(devices, args.impls)
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}", file=sys.stderr)
     settings = harness.Settings(args.dtype, args.warmup, args.repeats, args.max_time)
     network, flops = harness.DESCRIPTION[args.grid]
     config = {
@@ -228,7 +232,13 @@ def main(argv=None) -> int:
         "memory": "peak bytes held during one steady-state step, weights and data included: "
                   "CuPy pool total_bytes after free_all_blocks; "
                   "torch.cuda.max_memory_allocated; tracemalloc peak for NumPy; "
-                  "torch on the CPU not measured",
+                  "torch on the CPU not measured; torch.graph: max_memory_allocated over "
+                  "the capture",
+        "gpu_busy": f"CUDA only: {harness.BUSY_STEPS} (at most --repeats) further steps, each "
+                    "synchronised as when timed, under torch.profiler with "
+                    "ProfilerActivity.CUDA; union of the device intervals (kernels, memcpy, "
+                    "memset; CuPy's too) / wall time of those steps",
+        "skipped": skipped,
     }
     env = harness.environment(devices, args.threads, args.tf32, out=out)
     if previous_commands:

@@ -5,10 +5,12 @@ The end-to-end test runs ``bench/run.py`` in a subprocess, as a user would, beca
 script sets thread and TF32 environment variables before it imports NumPy and CuPy.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,7 +69,229 @@ def test_tasks_cover_every_mode_with_torch_eager_first():
         "torch-cpu", "gpu_mlp-numpy[output]", "gpu_mlp-numpy[recompute]",
         "gpu_mlp-numpy[store_both]", "gemm-bound-numpy"]
     cuda = harness.tasks(["cuda"], None, ("output",), [points[1]])
-    assert [t.impl for t in cuda] == ["torch", "gpu_mlp", "torch.compile", "gemm"]
+    assert [t.impl for t in cuda] == ["torch", "torch.graph", "gpu_mlp", "torch.compile",
+                                      "gemm"]
+
+
+def test_torch_graph_is_skipped_with_a_reason_off_cuda():
+    point = harness.Point(8, 2, 4)
+    impls = ["torch.graph", "gpu_mlp", "torch.compile"]
+    assert [t.impl for t in harness.tasks(["cpu"], impls, ("output",), [point])] == [
+        "gpu_mlp", "torch.compile"]  # torch.compile runs on the CPU when asked for
+    assert harness.skipped(["cpu"], impls) == {
+        "torch.graph-cpu": "CUDA graphs need a CUDA device"}
+    assert set(harness.skipped(["cpu"], None)) == {"torch.graph-cpu", "torch.compile-cpu"}
+    assert harness.skipped(["cuda"], None) == {}
+    r = harness.measure(harness.Task("cpu", "torch.graph", None, point), SETTINGS)
+    assert r["status"] == "error" and "CUDA graphs need a CUDA device" in r["error"]
+
+
+def test_graph_optimizer_is_capturable_where_it_has_state():
+    torch = pytest.importorskip("torch")
+    weight = torch.nn.Parameter(torch.zeros(2))
+    sgd = harness.graph_optimizer(torch.optim.SGD, [weight], lr=0.1)
+    assert "capturable" not in sgd.defaults and sgd.defaults["momentum"] == 0
+    adam = harness.graph_optimizer(torch.optim.Adam, [weight], lr=0.1)
+    assert adam.defaults["capturable"] is True
+
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: ``replay`` runs the captured
+    function again and writes its result into the static output, as a replay rewrites
+    the graph's static tensors (the grads are refilled, not accumulated)."""
+
+    def __init__(self, fn, params, out):
+        self.fn, self.params, self.out, self.replays = fn, params, out, 0
+
+    def replay(self):
+        import torch
+
+        for p in self.params:
+            p.grad = None
+        loss = self.fn()
+        with torch.no_grad():
+            self.out.copy_(loss)
+        self.replays += 1
+
+
+@pytest.mark.parametrize("point", [harness.Point(width=6, depth=3, batch=5),
+                                   harness.ConvPoint(input=(2, 7, 5), channels=3, depth=3,
+                                                     batch=5)], ids=str)
+def test_torch_graph_recipe_takes_the_same_steps_with_the_capture_mocked(monkeypatch, point):
+    """The recipe's host logic on the CPU: warm-up on a side stream, grads to None, one
+    capture of forward + loss + backward + SGD, the weights put back, then per step the
+    batch copied into the static tensors and a replay -- the same SGD steps as gpu_mlp.
+    The CUDA parts (streams, the capture) are fakes; only a GPU runs the real ones."""
+    torch = pytest.importorskip("torch")
+    events, graphs = [], []
+
+    class Stream:
+        def wait_stream(self, other):
+            events.append("wait_stream")
+
+    def stream(s):
+        events.append("side stream")
+        return contextlib.nullcontext()
+
+    def capture(fn):
+        events.append("capture")
+        out = fn()
+        graphs.append(_FakeGraph(fn, captured_params, out))
+        return graphs[-1], out
+
+    captured_params = []
+    real_module = harness.torch_module
+
+    def module(layers, params, device):
+        m = real_module(layers, params, device)
+        captured_params.extend(m.parameters())
+        return m
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(harness, "_capture", capture)
+    monkeypatch.setattr(harness, "torch_module", module)
+    params, X, Y = harness.problem(point, "float64")
+    theirs = harness._torch_graph_case(harness.Task("cpu", "torch.graph", None, point),
+                                       params, X, Y)
+    assert events == ["wait_stream", "side stream", "wait_stream", "capture"]
+    assert all(p.grad is not None for p in captured_params)  # backward ran in the capture
+    # the warm-up and the capture moved the weights; they are back at the common start
+    for (W0, b0), (W, b) in zip(params, theirs.weights()):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+    ours = harness.build(harness.Task("cpu", "gpu_mlp", "output", point), "float64")
+    for _ in range(2):
+        loss_ours, loss_theirs = float(ours.step()), theirs.step().item()
+        np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-12)
+    assert graphs[0].replays == 2 and theirs.memory is None and theirs.capture_peak is None
+    for (W0, b0), (W, b), (Wt, bt) in zip(params, ours.weights(), theirs.weights()):
+        for now, now_theirs, before in ((W, Wt, W0), (b, bt, b0)):
+            update = now - before
+            assert np.abs(update).max() > 0
+            np.testing.assert_allclose(update, now_theirs - before, rtol=1e-7,
+                                       atol=1e-9 * np.abs(update).max())
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this PyTorch build has no CUDA")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("point", [harness.Point(width=6, depth=3, batch=5),
+                                   harness.ConvPoint(input=(2, 7, 5), channels=3, depth=3,
+                                                     batch=5)], ids=str)
+def test_torch_graph_takes_the_same_steps_on_cuda(point):
+    """The real capture: replays of the graphed step move the weights as gpu_mlp's steps."""
+    _torch_cuda()
+    ours = harness.build(harness.Task("cuda", "gpu_mlp", "output", point), "float64")
+    theirs = harness.build(harness.Task("cuda", "torch.graph", None, point), "float64")
+    assert theirs.memory == "torch-cuda-graph" and theirs.capture_peak > 0
+    start, _, _ = harness.problem(point, "float64")
+    for (W0, _), (W, _) in zip(start, theirs.weights()):
+        np.testing.assert_array_equal(W, W0)  # the warm-up's updates were undone
+    for _ in range(3):
+        loss_ours, loss_theirs = float(ours.step()), theirs.step().item()
+        np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-12)
+    for (W0, b0), (W, b), (Wt, bt) in zip(start, ours.weights(), theirs.weights()):
+        for now, now_theirs, before in ((W, Wt, W0), (b, bt, b0)):
+            update = now - before
+            assert np.abs(update).max() > 0
+            np.testing.assert_allclose(update, now_theirs - before, rtol=1e-7,
+                                       atol=1e-9 * np.abs(update).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl, mode", [("gpu_mlp", "output"), ("torch", None),
+                                        ("torch.graph", None), ("gemm", None)])
+def test_measure_records_the_gpu_busy_fraction_on_cuda(impl, mode):
+    """torch.profiler's CUDA trace sees CuPy's kernels and the kernels of a graph replay."""
+    _torch_cuda()
+    point = harness.Point(width=256, depth=2, batch=64)
+    r = harness.measure(harness.Task("cuda", impl, mode, point),
+                        harness.Settings(dtype="float32", warmup=2, repeats=5, max_time=0.0))
+    assert r["status"] == "ok", r["error"]
+    busy = r["gpu_busy"]
+    assert "error" not in busy, busy
+    assert 0 < busy["fraction"] <= 1 and busy["steps"] == harness.MIN_REPEATS
+    assert busy["events_per_step"] >= (2 * 3 - 1 if impl == "gemm" else 3)
+    assert 0 < busy["gpu_s_per_step"] <= busy["wall_s_per_step"]
+    assert r["peak_bytes"] > 0 or impl == "gemm"
+
+
+def test_busy_seconds_is_the_union_of_the_device_intervals():
+    assert harness.busy_seconds([]) == 0
+    # two overlapping kernels (streams) count once; a gap does not count
+    assert harness.busy_seconds([(10.0, 30.0), (0.0, 5.0), (20.0, 40.0), (40.0, 41.0)]) \
+        == pytest.approx((5 + 31) * 1e-6)
+    cuda, cpu = (SimpleNamespace(name=n) for n in ("CUDA", "CPU"))
+    events = [SimpleNamespace(device_type=cuda, time_range=SimpleNamespace(start=1, end=3)),
+              SimpleNamespace(device_type=cpu, time_range=SimpleNamespace(start=0, end=9))]
+    assert harness.kernel_intervals(events) == [(1, 3)]  # cudaLaunchKernel & co. are CPU
+
+
+def test_kernel_intervals_of_a_real_trace_keep_only_device_events():
+    """torch.profiler's own events (a CPU trace here) pass through the filter: the CPU
+    ops are left out; without CUDA the busy fraction says why it is missing."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.ones(32, 32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        x @ x
+    assert len(prof.events()) > 0 and all(e.time_range.end >= e.time_range.start
+                                          for e in prof.events())
+    if not torch.cuda.is_available():
+        assert harness.kernel_intervals(prof.events()) == []
+        with pytest.raises(RuntimeError, match="needs PyTorch with CUDA"):
+            harness.gpu_busy(lambda: x @ x, lambda: None, 2)
+
+
+def test_gpu_busy_is_device_time_over_the_window(monkeypatch):
+    seen = {}
+
+    def profiled(step, sync, steps):
+        seen["steps"] = steps
+        return [(0.0, 100.0), (150.0, 250.0)], 400e-6  # 200 us busy in a 400 us window
+
+    monkeypatch.setattr(harness, "_profile_steps", profiled)
+    busy = harness.gpu_busy(lambda: None, lambda: None, 4)
+    assert busy == pytest.approx({"fraction": 0.5, "gpu_s_per_step": 50e-6,
+                                  "wall_s_per_step": 100e-6, "events_per_step": 0.5,
+                                  "steps": 4})
+    monkeypatch.setattr(harness, "_profile_steps", lambda step, sync, steps: ([], 1.0))
+    assert harness.gpu_busy(lambda: None, lambda: None, 4)["error"].startswith("no device")
+
+
+def test_measure_records_the_gpu_busy_fraction_of_a_cuda_task(monkeypatch):
+    """The CUDA path of measure with the GPU mocked: a CPU step stands in for the case,
+    the profiler for a trace; a profiler failure leaves the timing standing."""
+    calls = []
+    case = harness.Case(step=lambda: calls.append("step"), sync=lambda: None, memory=None)
+    monkeypatch.setattr(harness, "build", lambda task, dtype: case)
+    monkeypatch.setattr(harness, "_release", lambda device: None)
+    monkeypatch.setattr(harness, "_profile_steps",
+                        lambda step, sync, steps: ([(0.0, 30.0)] * steps, 100e-6 * steps))
+    settings = harness.Settings(dtype="float64", warmup=0, repeats=50, max_time=0.0)
+    r = harness.measure(harness.Task("cuda", "torch.graph", None, TINY), settings)
+    assert r["status"] == "ok", r["error"]
+    assert r["gpu_busy"]["steps"] == harness.BUSY_STEPS  # min(repeats, BUSY_STEPS)
+    assert r["gpu_busy"]["fraction"] == pytest.approx(0.3 / harness.BUSY_STEPS)
+
+    def broken(step, sync, steps):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\ndetails")
+
+    monkeypatch.setattr(harness, "_profile_steps", broken)
+    r = harness.measure(harness.Task("cuda", "gpu_mlp", "output", TINY), SETTINGS)
+    assert r["status"] == "ok" and r["time_s"]["repeats"] == harness.MIN_REPEATS
+    assert r["gpu_busy"] == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED",
+                             "steps": harness.MIN_REPEATS}
+    cpu = harness.measure(harness.Task("cpu", "gemm", None, TINY), SETTINGS)
+    assert cpu["gpu_busy"] is None  # nothing to profile on the CPU
 
 
 @pytest.mark.parametrize("repeats, max_time, expected", [
@@ -175,11 +399,17 @@ def test_a_failing_implementation_becomes_an_error_record(monkeypatch):
     assert r["time_s"] is None
 
 
-def _record(impl, median, peak=None, mode=None, status="ok", width=8, conv=None):
+def _record(impl, median, peak=None, mode=None, status="ok", width=8, conv=None,
+            device="cpu", busy=None):
     """A record as measure writes it; ``conv``: the input shape of a conv record (else
-    an MLP record written before the conv grid, without ``model`` and ``input``)."""
+    an MLP record written before the conv grid, without ``model`` and ``input``);
+    ``busy``: its GPU busy fraction (a CUDA record; a string: the profiler's error)."""
     point = {} if conv is None else {"model": "conv", "input": list(conv)}
-    return {"device": "cpu", "impl": impl, "mode": mode, "label": harness.label("cpu", impl, mode),
+    gpu_busy = (None if busy is None else {"error": busy, "steps": 5} if isinstance(busy, str)
+                else {"fraction": busy, "gpu_s_per_step": busy * median,
+                      "wall_s_per_step": median, "events_per_step": 12.0, "steps": 5})
+    return {"device": device, "impl": impl, "mode": mode,
+            "label": harness.label(device, impl, mode), "gpu_busy": gpu_busy,
             **point, "width": width, "depth": 2, "batch": 4, "flops": 10**9, "status": status,
             "error": None if status == "ok" else "RuntimeError: boom",
             "time_s": {"median": median, "iqr": 0.0} if status == "ok" else None,
@@ -237,6 +467,73 @@ def test_table_aligns_rows_and_shows_errors():
                                      "1.00"]
     assert compiled_row.endswith("error: RuntimeError: boom")
     assert gemm_row.split()[4:6] == ["gemm-bound-numpy", "1"]
+
+
+def test_report_renders_torch_graph_rows_and_busy_fractions(tmp_path):
+    """A synthetic CUDA results.json with torch.graph rows and GPU busy fractions, as a
+    GPU run writes it, through the JSON and into the table, the summary and report.md."""
+    conv = (1, 6, 6)
+    records = [_record("torch", 4e-3, peak=2**20, device="cuda", busy=0.25),
+               _record("torch.graph", 2e-3, peak=2**20, device="cuda", busy=0.9),
+               _record("gpu_mlp", 1e-3, peak=2**19, mode="output", device="cuda", busy=0.5),
+               _record("gpu_mlp", 6e-3, peak=2**19, mode="output", device="cuda",
+                       busy="RuntimeError: CUPTI", width=16),
+               _record("torch.graph", 3e-3, device="cuda", width=16, busy=0.75),
+               _record("gemm", 5e-4, device="cuda", busy=0.95),
+               _record("torch.graph", 8e-3, device="cuda", conv=conv, status="error"),
+               _record("gpu_mlp", 4e-3, mode="output", device="cuda", conv=conv, busy=0.3)]
+    harness.add_ratios(records)
+    ours, ours16, graph16 = records[2], records[3], records[4]
+    assert ours["ratio_to_torch_graph"] == 0.5 and ours16["ratio_to_torch_graph"] == 2.0
+    assert graph16["ratio_to_torch_graph"] == 1.0 and records[-1]["ratio_to_torch_graph"] is None
+    config = {"grid": "mlp", "network": harness.NETWORK, "flops": harness.FLOPS,
+              "timing": "perf_counter", "repeats": 5, "max_time_s": 0.0, "warmup": 1,
+              "min_repeats": 5, "memory": "peak", "dtype": "float32", "tf32": False,
+              "threads": 1, "gpu_busy": "torch.profiler, ProfilerActivity.CUDA",
+              "skipped": {}}
+    env = {"command": "python bench/run.py --devices cuda", "cwd": ".", "cpu": "cpu",
+           "logical_cpus": 1, "platform": "linux", "python": "3.12",
+           "versions": {"gpu_mlp": "0", "torch": "2.11"},
+           "gpu": {"name": "H200", "compute_capability": "90", "memory_bytes": 2**37,
+                   "driver": "580", "cuda_driver_api": 13000, "cuda_runtime": 13000,
+                   "cublas_math_mode": 0}}
+    report.write_json(tmp_path / "results.json", report.document(config, env, records))
+    doc = json.loads((tmp_path / "results.json").read_text())
+    table = report.format_table(doc["records"])
+    header, rule, *rows = table.splitlines()
+    assert header.endswith("mem vs torch  vs graph  GPU busy")  # the last two columns
+    # device, model, input, width/ch, depth, batch, implementation, ..., vs graph, GPU busy
+    mlp8 = [r.split() for r in rows if r.split()[1:6] == ["mlp", "8", "8", "2", "4"]]
+    assert {r[6]: r[-2:] for r in mlp8} == {
+        "torch-cuda": ["2.00", "25%"], "torch.graph-cuda": ["1.00", "90%"],
+        "gpu_mlp-cupy[output]": ["0.50", "50%"], "gemm-bound-cupy": ["0.25", "95%"]}
+    [row16] = [r.split() for r in rows if "gpu_mlp" in r and r.split()[3] == "16"]
+    assert row16[-2:] == ["2.00", "-"]  # busy not measured: a dash
+    assert any(r.endswith("error: RuntimeError: boom") and "torch.graph" in r for r in rows)
+    lines = report.summary(doc["records"])
+    assert ("gpu_mlp-cupy[output]: faster than torch.graph at 1/2 points; time / "
+            "torch.graph's: w8-d2-B4 0.50, w16-d2-B4 2.00") in lines
+    assert "torch.graph-cuda: GPU busy 75%-90% (median 82%) over 2 points" in lines
+    assert "gpu_mlp-cupy[output] (conv): GPU busy 30%-30% (median 30%) over 1 points" in lines
+    assert "gpu_mlp-cupy[output]: GPU busy not measured: RuntimeError: CUPTI" in lines
+    markdown = report.markdown(doc)
+    assert table in markdown and "- GPU busy: torch.profiler, ProfilerActivity.CUDA" in markdown
+    assert all(f"- {line}" in markdown for line in lines)
+    assert "vs graph: to torch.graph" in markdown
+
+
+def test_report_lists_what_a_cpu_run_skipped():
+    doc = {"config": {"grid": "mlp", "network": "n", "flops": "f", "timing": "t",
+                      "repeats": 5, "max_time_s": 0.0, "warmup": 1, "min_repeats": 5,
+                      "memory": "m", "dtype": "float32", "tf32": False, "threads": 1,
+                      "gpu_busy": "profiler",
+                      "skipped": harness.skipped(["cpu"], ["torch.graph", "gpu_mlp"])},
+           "environment": {"command": "c", "cwd": ".", "cpu": "cpu", "logical_cpus": 1,
+                           "platform": "linux", "python": "3.12", "versions": {}},
+           "records": [_record("gpu_mlp", 1e-3, mode="output")]}
+    markdown = report.markdown(doc)
+    assert "- skipped: torch.graph-cpu (CUDA graphs need a CUDA device)" in markdown
+    assert "GPU busy" not in markdown and "vs graph " not in report.format_table(doc["records"])
 
 
 def test_summary_reports_the_targets_as_measured():
