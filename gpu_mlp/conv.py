@@ -11,7 +11,7 @@ it, which takes ``C^dagger(T, W) = col2im(T_rows W_mat)`` back to the input.
 Both are written here twice, formula for formula: as NumPy functions that fill a
 caller's buffer (a loop over the kh*kw kernel offsets with strided slices, as Chainer's
 ``chainer/utils/conv.py``: no loop over samples or pixels, no batch-size temporary),
-and as CUDA ``ElementwiseKernel`` bodies over ``kernels/conv.cuh`` (``ELEMENTWISE``),
+and as CUDA elementwise kernel bodies over ``kernels/conv.cuh`` (``ELEMENTWISE``),
 whose col2im is a gather adding in the NumPy order, so both give the same bits.
 
 >>> import numpy as np

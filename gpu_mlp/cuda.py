@@ -1,11 +1,12 @@
 """Loading the CUDA C sources in ``kernels/`` and building CuPy kernels from them, lazily.
 
 Nothing here imports CuPy until a kernel is first asked for, so ``import gpu_mlp``
-works on a machine with neither a GPU nor CuPy. Each kernel is built once per
-process (``functools.cache``); CuPy then compiles it once per dtype with NVRTC and
-keeps the binary in its on-disk cache. The sources are handed to NVRTC as text, our
-own ``#include`` lines resolved here, so that CuPy's cache key changes whenever a
-header does.
+works on a machine with neither a GPU nor CuPy. Every kernel of one dtype -- the row
+kernels of ``rowwise.cuh`` and the elementwise ones ``gpu_mlp.ops`` generates from its
+table -- is in one ``cupy.RawModule`` (:func:`module`): the headers are parsed once and
+NVRTC runs once per dtype, not once per kernel, and CuPy keeps the binary in its
+on-disk cache. The sources are handed to NVRTC as text, our own ``#include`` lines
+resolved here, so that CuPy's cache key changes whenever a header does.
 """
 
 from __future__ import annotations
@@ -41,33 +42,29 @@ def source() -> str:
     return "\n".join(_LOCAL_INCLUDE.sub("", (folder / h).read_text()) for h in HEADERS)
 
 
-@functools.cache
-def elementwise(in_params: str, out_params: str, operation: str, name: str):
-    """A ``cupy.ElementwiseKernel`` over gpu_mlp's device functions."""
-    import cupy
-
-    return cupy.ElementwiseKernel(in_params, out_params, operation, name,
-                                  preamble=source())
-
-
 ROW_KERNELS = ("gm_softmax_forward", "gm_softmax_backward",
                "gm_softmax_xent_labels", "gm_softmax_xent_targets")
+# The C type of each float dtype the kernels are built for.
+CTYPES = {"float32": "float", "float64": "double"}
+# NVRTC's options for the module (CuPy adds -ftz=true and -arch=sm_XX).
+OPTIONS = ("--std=c++14",)
+
+
+def module_code(kernels: str) -> str:
+    """The module's source: every header (:func:`source`), then ``kernels``."""
+    return source() + "\n" + kernels
 
 
 @functools.cache
-def _row_module():
+def module(kernels: str, names: tuple[str, ...]):
+    """One ``cupy.RawModule`` of :func:`module_code` with the ``__global__`` templates
+    instantiated as ``names`` say (e.g. ``"gm_softmax_forward<float>"``).
+
+    CuPy compiles it with NVRTC once, when the first kernel is asked for, and keeps the
+    binary in its on-disk cache under a key of the code, the options, the architecture,
+    NVRTC's version and the sorted name expressions (``cupy/cuda/compiler.py``,
+    ``_compile_with_cache_cuda``): one compilation and one cache entry per set of names.
+    """
     import cupy
 
-    names = [f"{k}<{t}>" for k in ROW_KERNELS for t in ("float", "double")]
-    return cupy.RawModule(code=source(), options=("--std=c++14",), name_expressions=names)
-
-
-def row_kernel(name: str, dtype):
-    """The row-wise ``__global__`` template ``name`` instantiated for ``dtype``."""
-    return _row_function(name, str(dtype))
-
-
-@functools.cache  # get_function looks the kernel up in the module: once is enough
-def _row_function(name: str, dtype: str):
-    ctype = {"float32": "float", "float64": "double"}[dtype]
-    return _row_module().get_function(f"{name}<{ctype}>")
+    return cupy.RawModule(code=module_code(kernels), options=OPTIONS, name_expressions=names)

@@ -225,7 +225,11 @@ class Network(ForwardBackward):
         each layer's gradient lives in the optimizer's one scratch buffer from its GEMM to
         the optimizer's fused update. ``lr`` a :class:`gpu_mlp.plan.StepPlan`: the step it
         plans (it holds its own ``dp`` and ``comm``); the others become one too. The loss
-        (the batch mean) comes back as a 0-d array on the device. With ``check=False``
+        (the batch mean) comes back as a 0-d array on the device, one of two buffers the
+        net keeps for it and takes in turn, so a steady-state step allocates nothing: it
+        keeps its value through the next step, and for good while you hold a reference
+        to it (a loss still referenced when its buffer's turn comes back is left to you
+        and replaced; ``float(J)`` reads it, one synchronisation). With ``check=False``
         the data are not scanned for NaN/Inf and bad labels, which on a GPU costs one
         device-to-host synchronisation; shapes are always checked.
 
@@ -392,8 +396,9 @@ class Network(ForwardBackward):
         delta = ws.take(F_out.shape)
         flat = (B, -1)  # the loss sees each sample's output flattened
         scratch = ws.take(ops.loss_scratch_shape(self.loss, (B, F_out[0].size)))
+        # the loss into a 0-d buffer of the workspace (Workspace.loss: reused when free)
         J = ops.loss_and_grad(self.loss, F_out.reshape(flat), Y, delta.reshape(flat), scale,
-                              scratch)
+                              scratch, out=ws.loss(), ones=ws.ones(scratch.size))
         ws.give(scratch)
         return J, self._backward(X, F_out, saved, delta, sink, want_dx)
 

@@ -50,6 +50,27 @@ def per_sample_squares(xp, T, X):
     return squares + bias
 
 
+def add_squares(xp, T, X, out, ws) -> None:
+    """``out += per_sample_squares(xp, T, X)``. On a GPU a dense layer's, ``||T_i||^2
+    (||X_i||^2 + 1)``, is squares into workspace buffers (``ws``) and a GEMV against
+    ones per factor, then in-place products: no array is made, where CuPy's reductions
+    and einsum make theirs."""
+    B, P, _ = T.shape
+    if xp is np or P != 1:
+        out += per_sample_squares(xp, T, X)
+        return
+    t, x = ws.take((B,)), ws.take((B,))
+    for factor, norms in ((T[:, 0], t), (X[:, 0], x)):
+        squares = ws.take(factor.shape)
+        xp.multiply(factor, factor, out=squares)
+        ops.gemv("N", squares, ws.ones(factor.shape[1]), norms)
+        ws.give(squares)
+    x += 1
+    x *= t
+    out += x
+    ws.give(t, x)
+
+
 def row_squares(xp, A):
     """``||A[i]||^2`` of each row of a 2-D array, without a temporary of A's size."""
     return xp.einsum("ij,ij->i", A, A)

@@ -2,7 +2,9 @@
 
 Every operation works in place on arrays the engine owns: on CuPy arrays it launches a
 kernel built from ``kernels/`` (``ELEMENTWISE`` below lists the elementwise ones as
-data, so the tests can compile the very same bodies for the host), on NumPy arrays it
+data: ``kernel_template`` makes each a ``__global__`` template, and the tests compile the
+very same bodies for the host; every kernel of a dtype is in one module, compiled by
+NVRTC once -- ``_function``), on NumPy arrays it
 runs the twin, which calls the same row of the activation or loss table. Matrix work
 goes to BLAS with ``beta``: cuBLAS through ``cupy.cublas``, and on the CPU SciPy's BLAS
 on Fortran-ordered views of our C-ordered arrays, which is what lets ``W -= lr dJ/dW``
@@ -21,7 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.linalg import blas as _blas
 
-from . import _checks, conv, cuda
+from . import _checks, activations, conv, cuda
 
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
@@ -108,23 +110,160 @@ def is_numpy(a) -> bool:
     return isinstance(a, np.ndarray)
 
 
+# The NumPy dtype of each ELEMENTWISE parameter type (None: T, the arrays' float type),
+# and the C type the kernel gives it.
+PARAM_DTYPES = {"T": None, "int32": np.dtype(np.int32), "int64": np.dtype(np.int64),
+                "uint32": np.dtype(np.uint32)}
+_C_TYPES = {"T": "T", "int32": "int", "int64": "long long", "uint32": "unsigned int"}
+
+
+class Param(NamedTuple):
+    """One parameter of an ``ELEMENTWISE`` kernel, as its entry declares it."""
+
+    name: str
+    type: str     # "T", "int32", "int64" or "uint32", as CuPy spells them
+    raw: bool     # CuPy's "raw": the body indexes it itself
+    output: bool
+
+    @property
+    def kind(self) -> str:
+        """``param_layout``'s answer: how ops passes it."""
+        return param_layout(self.name, self.type != "T", self.raw)
+
+    def dtype(self, float_dtype) -> np.dtype:
+        return PARAM_DTYPES[self.type] or np.dtype(float_dtype)
+
+    def ctype(self, float_ctype: str = "T") -> str:
+        return float_ctype if self.type == "T" else _C_TYPES[self.type]
+
+
 @functools.cache
-def _kernel(op: str, act_name: str):
-    in_params, out_params, body = ELEMENTWISE[op]
+def signature(op: str) -> tuple[Param, ...]:
+    """An op's parameters, inputs then outputs, as ``ELEMENTWISE`` declares them."""
+    in_params, out_params, _ = ELEMENTWISE[op]
+    params = []
+    for declared, output in ((in_params, False), (out_params, True)):
+        for words in (p.split() for p in declared.split(",")):
+            raw = words[0] == "raw"
+            type_, name = words[1:] if raw else words
+            if type_ not in PARAM_DTYPES:
+                raise ValueError(f"{op}: a parameter of type {type_!r} is not supported")
+            params.append(Param(name, type_, raw, output))
+    return tuple(params)
+
+
+def elementwise_pairs() -> list[tuple[str, str | None]]:
+    """Every (op, activation name) the engine launches; None for ops without ``{act}``."""
+    pairs = []
+    for op, (_, _, body) in ELEMENTWISE.items():
+        if "{act}" not in body:
+            pairs.append((op, None))
+            continue
+        for kind in activations.TABLE.values():
+            # softmax goes to the row kernels; an activation without a derivative from
+            # its output never reaches the "output"-mode backward
+            if kind.rowwise or ("_grad_from_output" in body and kind.grad_from_output is None):
+                continue
+            pairs.append((op, kind.name))
+    return pairs
+
+
+def kernel_name(op: str, act: str | None) -> str:
     # kernel names must not clash with the gm_* device functions they call
-    name = f"gpu_mlp_{op}_{act_name}" if act_name else f"gpu_mlp_{op}"
-    return cuda.elementwise(in_params, out_params, body.format(act=act_name), name)
+    return f"gpu_mlp_{op}_{act}" if act else f"gpu_mlp_{op}"
+
+
+# How a kernel reads element i's value of a parameter of each layout, for an output of
+# n elements (B, channels, *inner): as CuPy broadcasts the engine's bias, (d,) over
+# (B, d) or (c, 1, 1) over (B, c, H, W), and a (B, 1) column along its row.
+_ELEMENT = {"full": "i", "column": "i / gm_inner % gm_channels",
+            "row": "i / (gm_channels * gm_inner)"}
+
+
+def kernel_template(op: str, act: str | None) -> str:
+    """The ``ELEMENTWISE`` entry ``op`` for ``act`` as a ``__global__`` template over
+    ``T``: the body of the entry, as CuPy's ElementwiseKernel would run it (inputs as
+    ``const`` values, outputs as references, ``i`` the element's index, ``raw`` arrays
+    as pointers), in a grid-stride loop over the n elements of the output. Its arguments:
+    n, channels and inner (``long long``; see _ELEMENT), then the entry's parameters. No
+    pointer is ``__restrict__``: as with an ElementwiseKernel, an input may be an output
+    (the wide softmax's ``softmax_exp`` runs in place)."""
+    args = ["long long gm_n", "long long gm_channels", "long long gm_inner"]
+    element = []
+    for p in signature(op):
+        const = "" if p.output else "const "
+        if p.kind == "scalar":
+            args.append(f"const {p.ctype()} {p.name}")
+        elif p.kind == "raw":
+            args.append(f"{const}{p.ctype()}* {p.name}")
+        else:
+            args.append(f"{const}{p.ctype()}* {p.name}_")
+            element.append(f"{p.ctype()}& {p.name} = {p.name}_[{_ELEMENT[p.kind]}];" if p.output
+                           else f"const {p.ctype()} {p.name} = {p.name}_[{_ELEMENT[p.kind]}];")
+    element.append(ELEMENTWISE[op][2].format(act=act or "") + ";")
+    return (f"template <typename T>\n__global__ void {kernel_name(op, act)}({', '.join(args)})\n"
+            "{\n"
+            "#pragma unroll 1\n"  # one element per iteration: unrolling buys nothing here
+            "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < gm_n;\n"
+            "         i += (long long)gridDim.x * blockDim.x) {\n"
+            + "".join(f"        {line}\n" for line in element) + "    }\n}\n")
+
+
+@functools.cache
+def kernel_source() -> str:
+    """Every ``ELEMENTWISE`` kernel the engine launches, as templates (kernel_template)."""
+    return "\n".join(kernel_template(op, act) for op, act in elementwise_pairs())
+
+
+def module_names(dtype) -> tuple[str, ...]:
+    """What the one module of ``dtype`` instantiates: every row kernel and every
+    ``ELEMENTWISE`` kernel for its C type."""
+    ctype = cuda.CTYPES[np.dtype(dtype).name]
+    kernels = [*cuda.ROW_KERNELS, *(kernel_name(op, act) for op, act in elementwise_pairs())]
+    return tuple(f"{kernel}<{ctype}>" for kernel in kernels)
+
+
+@functools.cache  # get_function looks the kernel up in the module: once is enough
+def _function(name: str, dtype: str):
+    """The ``__global__`` template ``name`` for ``dtype``, from the one module that holds
+    every kernel of that dtype (one NVRTC compilation, one entry in CuPy's cache)."""
+    module = cuda.module(kernel_source(), module_names(dtype))
+    return module.get_function(f"{name}<{cuda.CTYPES[dtype]}>")
+
+
+# The threads of a block, and the most blocks of a grid (CUDA's limit on x): the
+# kernels loop over the elements, so a grid of any size covers them all.
+KERNEL_THREADS = 128
+_MAX_BLOCKS = (1 << 31) - 1
+
+
+def _grid(n: int) -> tuple[tuple[int], tuple[int]]:
+    """The launch geometry for n elements (or rows), one thread each: (grid, block)."""
+    return (min((n + KERNEL_THREADS - 1) // KERNEL_THREADS, _MAX_BLOCKS),), (KERNEL_THREADS,)
+
+
+@functools.cache
+def _first_output(op: str) -> int:
+    return next(k for k, p in enumerate(signature(op)) if p.output)
 
 
 def _launch(op, act, *args):
-    _kernel(op, act.name if act is not None else "")(*args)
+    """Launch ``ELEMENTWISE[op]`` for ``act`` (or None) over its first output, its
+    arguments in the entry's order: inputs, then outputs."""
+    out = args[_first_output(op)]
+    n = out.size
+    if n == 0:
+        return  # as CuPy: nothing to launch
+    channels, inner = (out.shape[1], n // (out.shape[0] * out.shape[1])) if out.ndim > 1 \
+        else (n, 1)
+    kernel = _function(kernel_name(op, act.name if act is not None else None), out.dtype.name)
+    kernel(*_grid(n), (np.int64(n), np.int64(channels), np.int64(inner), *args))
 
 
 def _alpha(act, a):
     return a.dtype.type(act.alpha)
 
 
-_ROW_THREADS = 128
 _NULL = np.uint64(0)  # a null pointer argument for a RawKernel (no bias)
 # The widest row given to one thread: up to here the fused row kernels win (the batch
 # gives the parallelism, each thread's row is a few cache lines); beyond, a thread per
@@ -135,9 +274,8 @@ ROW_KERNEL_MAX = 32
 def _launch_rows(name, rows, *args):
     """Launch a row-wise kernel over ``rows`` rows, one thread per row."""
     dtype = next(a.dtype for a in args if hasattr(a, "dtype") and a.dtype.kind == "f")
-    blocks = (rows + _ROW_THREADS - 1) // _ROW_THREADS
-    if blocks:
-        cuda.row_kernel(name, dtype)((blocks,), (_ROW_THREADS,), args)
+    if rows:
+        _function(name, dtype.name)(*_grid(rows), args)
 
 
 # NumPy cannot fuse, so a formula of several ufuncs makes temporaries as large as its
@@ -290,20 +428,26 @@ ROW_ACTIVATIONS = {"softmax": RowKernels(_softmax, _softmax_backward)}
 
 # --- losses ---------------------------------------------------------------------------
 
-def loss_and_grad(loss, F, Y, grad, scale, scratch):
-    """Write ``grad = scale * dl/dF`` and return the mean per-sample loss as a 0-d array.
+def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
+    """Write ``grad = scale * dl/dF`` and return the mean per-sample loss as a 0-d array:
+    ``out`` (0-d, given with ``ones``, at least ``scratch.size`` ones) or a new one.
 
     ``scratch`` is a workspace buffer shaped like F (elementwise losses) or (B,)
     (row-wise ones) that receives the loss terms before the sum. With class labels, a
     label out of range (possible only when the checks were skipped) gives its row a NaN
-    loss and no gradient, on both backends.
+    loss and no gradient, on both backends. With ``out``, on the GPU the mean is one GEMV
+    against ``ones`` (``alpha = 1/B``) straight into ``out``: no array is made, where a
+    CuPy reduction makes its result (and under its default CUB accelerator a workspace).
     """
     B = F.shape[0]
     if is_numpy(F):
         total = F.dtype.type(0)
         for rows in _row_blocks(F):
             total += loss.evaluate(F[rows], Y[rows], scale, grad[rows]).sum()
-        return np.asarray(total / B)
+        if out is None:
+            return np.asarray(total / B)
+        out[...] = total / B
+        return out
     s = F.dtype.type(scale)
     if loss.rowwise and F.shape[1] <= ROW_KERNEL_MAX:
         kernel = "gm_softmax_xent_labels" if Y.ndim == 1 else "gm_softmax_xent_targets"
@@ -312,7 +456,10 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch):
         _softmax_xent_wide(F, Y, grad, scratch, s)
     else:
         _launch(loss.name, None, F, Y, s, grad, scratch)
-    return scratch.sum() / B
+    if out is None:
+        return scratch.sum() / B
+    gemv("T", scratch.reshape(-1, 1), ones[:scratch.size], out.reshape(1), alpha=1.0 / B)
+    return out
 
 
 def _softmax_xent_wide(F, Y, grad, row_loss, scale):

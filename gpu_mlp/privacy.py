@@ -143,7 +143,8 @@ class _Private(Stage):
         super().__init__(downstream)
         self.dp, self.net, self.rows = dp, net, rows
         self.batch = float(batch)
-        self.squares = net.xp.zeros(rows, dtype=net.dtype)
+        self.squares = net.training_workspace.take((rows,)) if rows else net.xp.zeros(0, net.dtype)
+        self.squares.fill(0)
         self.kept = []
         sigma, C = dp.noise_multiplier, dp.max_grad_norm
         self.noise_std = sigma * C / self.batch  # of the gradient, per entry
@@ -151,9 +152,9 @@ class _Private(Stage):
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B = self.rows
         if B:
-            self.squares += norms.per_sample_squares(self.net.xp,
-                                                     T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                     X_rows.reshape(B, -1, X_rows.shape[1]))
+            norms.add_squares(self.net.xp, T_rows.reshape(B, -1, T_rows.shape[1]),
+                              X_rows.reshape(B, -1, X_rows.shape[1]), self.squares,
+                              self.net.training_workspace)
         self.kept.append((k, T_rows, X_rows, ones))
 
     def finish(self):
@@ -171,6 +172,8 @@ class _Private(Stage):
                 T *= factors[:, None, None]
             self.downstream(k, T_rows, X_rows, ones, noise=self._noise)
         self.kept = []
+        if B:
+            self.net.training_workspace.give(self.squares)
         super().finish()
         self.dp.steps += 1
 

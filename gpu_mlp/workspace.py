@@ -23,6 +23,7 @@ without the total growing -- so the total grows by neither size.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -38,6 +39,8 @@ class Workspace:
         self._free = defaultdict(list)  # (row shape, dtype) -> free base buffers
         self._rows = {}                 # (row shape, dtype) -> rows of its base buffers
         self._ones = None
+        self._losses, self._turn = [None, None], 0  # the steps' 0-d losses, in turn
+        self._unheld = [object()]  # what sys.getrefcount says of an entry held nowhere else
         self.allocations = 0     # buffers ever created
         self.bytes = 0           # bytes held, in use or free: the buffers' nbytes
         self.pool_bytes = 0      # the same buffers as the allocator holds them (see above)
@@ -70,6 +73,25 @@ class Workspace:
             self._count(self._ones)
         return self._ones[:n]
 
+    def loss(self):
+        """A 0-d buffer for a step's loss: two kept, taken in turn, so the loss the last
+        step returned stays as it is during the next. One still referenced outside when
+        its turn comes back (e.g. kept in a list) is left to its holder and replaced: a
+        loss handed out never changes, and a loop that keeps only the latest loss, or
+        none, allocates nothing."""
+        self._turn ^= 1
+        turn = self._turn
+        if self._losses[turn] is not None and (
+                sys.getrefcount(self._losses[turn]) > sys.getrefcount(self._unheld[0])):
+            self._release([self._losses[turn]])  # its holder's now
+            self._losses[turn] = None
+        first = all(b is None for b in self._losses)  # the first step makes both
+        for t in (0, 1) if first else (turn,):
+            if self._losses[t] is None:
+                self._losses[t] = self.xp.empty((), dtype=self.dtype)
+                self._count(self._losses[t])
+        return self._losses[turn]
+
     def give(self, *buffers) -> None:
         """Return buffers that :meth:`take` handed out; the caller must not touch them
         afterwards."""
@@ -92,6 +114,8 @@ class Workspace:
         if self._ones is not None:
             self._release([self._ones])
             self._ones = None
+        self._release([b for b in self._losses if b is not None])
+        self._losses = [None, None]
 
     def _held(self, buffer) -> int:
         """The bytes the allocator holds for ``buffer``: its nbytes rounded up."""

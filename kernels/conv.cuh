@@ -10,7 +10,7 @@
 // to the pixel the stride divides), so there is no atomicAdd and the result does not
 // depend on scheduling. It adds in the order of gpu_mlp/conv.py's NumPy twin (kernel
 // offsets (i, j) ascending), so both give the same bits. Arrays are C-contiguous;
-// indices are long long, geometry int. Each function is a CuPy ElementwiseKernel body:
+// indices are long long, geometry int. Each function is an elementwise kernel's body:
 // gpu_mlp/conv.py's ELEMENTWISE table calls it with the kernel's index i.
 #ifndef GPU_MLP_CONV_CUH
 #define GPU_MLP_CONV_CUH

@@ -2,7 +2,7 @@
 //
 // DP-SGD adds N(0, (sigma C)^2) to every coordinate of a summed gradient (or, fused,
 // -lr times it to the parameter). The noise is drawn here, in place, inside one
-// ElementwiseKernel over the tensor (gpu_mlp/ops.py: "gaussian_noise"), so no buffer of
+// elementwise kernel over the tensor (gpu_mlp/ops.py: "gaussian_noise"), so no buffer of
 // the tensor's size is ever made. It comes from a counter-based generator: element i's
 // normal is a pure function of (seed, stream, step, i), with no generator state to keep,
 // save or advance -- every thread computes its own, in any order, and a run resumed from

@@ -3,7 +3,7 @@
 // gpu_mlp/optim.py keeps per-parameter state (momentum buffer; Adam's two moments) and
 // ONE scratch buffer shared by all layers: the backward pass writes a layer's gradient
 // g there (one GEMM, one GEMV), and then ONE of these element functions, launched as an
-// ElementwiseKernel over the parameter tensor (gpu_mlp/ops.py: ELEMENTWISE), does the
+// elementwise kernel over the parameter tensor (gpu_mlp/ops.py: ELEMENTWISE), does the
 // whole update in place -- no .grad per parameter as in PyTorch. The rules are PyTorch's
 // single-tensor ones (torch/optim/sgd.py, adam.py, written out below), operation
 // for operation, so that float64 trajectories agree to rounding:

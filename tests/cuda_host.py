@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,7 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 # How gpu_mlp.ops passes each ELEMENTWISE parameter: ops.param_layout.
 SCALAR_PARAMS, COLUMN_PARAMS = ops.SCALAR_PARAMS, ops.COLUMN_PARAMS
-PARAM_TYPES = {"T": None, "int32": np.dtype(np.int32), "int64": np.dtype(np.int64),
-               "uint32": np.dtype(np.uint32)}
-_C_TYPES = {"int32": "int", "int64": "long long", "uint32": "unsigned int"}
+PARAM_TYPES = ops.PARAM_DTYPES
 
 HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror")  # no -ffast-math
 NVCC_FLAGS = ("-c", "-arch=sm_90", "-std=c++14", "-Werror", "all-warnings", "-Xptxas", "-v")
@@ -74,58 +71,18 @@ def loss_functions() -> dict[str, losses.Loss]:
 
 
 def elementwise_pairs() -> list[tuple[str, str | None]]:
-    """Every (op, activation name) the engine launches; None for ops without ``{act}``."""
-    pairs = []
-    for op, (_, _, body) in ops.ELEMENTWISE.items():
-        if "{act}" not in body:
-            pairs.append((op, None))
-            continue
-        for kind in activations.TABLE.values():
-            # softmax goes to the row kernels; an activation without a derivative from
-            # its output never reaches the "output"-mode backward
-            if kind.rowwise or ("_grad_from_output" in body and kind.grad_from_output is None):
-                continue
-            pairs.append((op, kind.name))
-    return pairs
+    """Every (op, activation name) the engine launches (``ops.elementwise_pairs``)."""
+    return ops.elementwise_pairs()
 
 
 def elementwise_name(op: str, act: str | None, dtype) -> str:
     return "_".join(["ew", op] + ([act] if act else []) + [CTYPES[np.dtype(dtype)]])
 
 
-@dataclass(frozen=True)
-class EwParam:
-    """One parameter of an ``ops.ELEMENTWISE`` kernel."""
-
-    name: str
-    type: str     # "T", "int32", "int64" or "uint32", as CuPy spells them
-    raw: bool     # CuPy's "raw": the body indexes it itself
-    output: bool
-
-    @property
-    def kind(self) -> str:
-        """"scalar", "raw", "column", "row" or "full" (an array shaped as the output)."""
-        return ops.param_layout(self.name, self.type != "T", self.raw)
-
-    def dtype(self, float_dtype) -> np.dtype:
-        return PARAM_TYPES[self.type] or np.dtype(float_dtype)
-
-    def ctype(self, float_ctype: str) -> str:
-        return _C_TYPES.get(self.type, float_ctype)
-
-
-def elementwise_signature(op: str) -> list[EwParam]:
-    """An op's parameters, inputs then outputs, as ``ops.ELEMENTWISE`` declares them."""
-    in_params, out_params, _ = ops.ELEMENTWISE[op]
-    params = []
-    for declared, output in ((in_params, False), (out_params, True)):
-        for words in (p.split() for p in declared.split(",")):
-            raw = words[0] == "raw"
-            type_, name = words[1:] if raw else words
-            if type_ not in PARAM_TYPES:
-                raise ValueError(f"{op}: cannot generate a parameter of type {type_!r}")
-            params.append(EwParam(name, type_, raw, output))
-    return params
+# One parameter of an ``ops.ELEMENTWISE`` kernel, and an op's parameters in order: what
+# ops itself generates the kernels from.
+EwParam = ops.Param
+elementwise_signature = ops.signature
 
 
 def elementwise_params(op: str) -> tuple[list[str], list[str]]:
@@ -147,8 +104,9 @@ OP_CALLS = {
 
 # --- generated C++ ----------------------------------------------------------------------
 
-def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
-    """An ``ops.ELEMENTWISE`` body as a host loop, or as a ``__global__`` kernel."""
+def elementwise_function(op: str, act: str | None, dtype) -> str:
+    """An ``ops.ELEMENTWISE`` body as a host loop, indexed as ``ops.kernel_template``
+    indexes it on the device."""
     ctype = CTYPES[np.dtype(dtype)]
     args, element = ["long long gm_n", "long long gm_channels", "long long gm_inner"], []
     index = {"full": "i", "column": "i / gm_inner % gm_channels",
@@ -166,12 +124,6 @@ def elementwise_function(op: str, act: str | None, dtype, device: bool) -> str:
                            f"const {p.ctype('T')} {p.name} = {p.name}_[{index[p.kind]}];")
     element.append(ops.ELEMENTWISE[op][2].format(act=act or "") + ";")
     signature = f"{elementwise_name(op, act, dtype)}({', '.join(args)})"
-    if device:
-        return (f'extern "C" __global__ void {signature}\n{{\n'
-                f"    typedef {ctype} T;\n"
-                "    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
-                "    if (i >= gm_n) return;\n"
-                + "".join(f"    {line}\n" for line in element) + "}\n")
     return (f'extern "C" void {signature}\n{{\n'
             f"    typedef {ctype} T;\n"
             "    for (long long i = 0; i < gm_n; ++i) {\n"
@@ -237,24 +189,20 @@ def host_source() -> str:
         parts.append(_ROW_WRAPPERS.format(T=ctype))
     parts.append(_NOISE_WRAPPER)
     for dtype in CTYPES:
-        parts += [elementwise_function(op, act, dtype, device=False)
+        parts += [elementwise_function(op, act, dtype)
                   for op, act in elementwise_pairs()]
     return "\n".join(parts)
 
 
 def device_source() -> str:
-    """What CuPy compiles, as one translation unit: ``cuda.source()``, every row kernel
-    for float and double (taking a template's address instantiates it, as CuPy's
-    ``name_expressions`` do) and every ELEMENTWISE body as a ``__global__`` kernel."""
-    addresses = ", ".join(f"(void*)&{kernel}<{ctype}>"
-                          for kernel in cuda.ROW_KERNELS for ctype in CTYPES.values())
-    parts = [cuda.source(),
-             f"void* gm_row_kernel(int i)\n{{\n    void* const kernels[] = {{{addresses}}};\n"
-             f"    return kernels[i];\n}}\n"]
-    for dtype in CTYPES:
-        parts += [elementwise_function(op, act, dtype, device=True)
-                  for op, act in elementwise_pairs()]
-    return "\n".join(parts)
+    """What CuPy compiles, as one translation unit: the module's code for every kernel
+    (``cuda.module_code(ops.kernel_source())``) with every name of both dtypes' modules
+    instantiated (taking a template's address does it, as CuPy's ``name_expressions``)."""
+    names = [name for dtype in CTYPES for name in ops.module_names(dtype)]
+    addresses = ", ".join(f"(void*)&{name}" for name in names)
+    return (cuda.module_code(ops.kernel_source())
+            + f"\nvoid* gm_kernel(int i)\n{{\n    void* const kernels[] = {{{addresses}}};\n"
+            f"    return kernels[i];\n}}\n")
 
 
 # --- compiling and calling ----------------------------------------------------------------

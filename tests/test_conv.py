@@ -5,7 +5,7 @@
 2. The adjoint identity ``<im2col(x), Y> = <x, col2im(Y)>``, which is what makes col2im
    the right backward; planted wrong col2ims show that it catches the classic bugs.
 3. The CUDA bodies of ``conv.ELEMENTWISE`` compiled by g++ and run over every index, as
-   CuPy's ElementwiseKernel would on a GPU: the same bits as the NumPy twins.
+   the elementwise kernels do on a GPU: the same bits as the NumPy twins.
 4. The same bodies as ``__global__`` kernels through nvcc for Hopper, with -Werror.
 """
 

@@ -289,12 +289,26 @@ def test_everything_cupy_compiles_builds_with_nvcc_for_hopper(tmp_path):
     # ptxas -v names every kernel it compiles
     report = cuda_host.build_device(tmp_path)
     compiled = set(re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", report))
-    expected = {cuda_host.elementwise_name(op, act, dtype)
-                for op, act in cuda_host.elementwise_pairs() for dtype in DTYPES}
-    assert expected <= compiled
-    for kernel in cuda.ROW_KERNELS:
+    kernels = [*cuda.ROW_KERNELS, *(ops.kernel_name(op, act)
+                                    for op, act in cuda_host.elementwise_pairs())]
+    for kernel in kernels:
         for code in "fd":  # the Itanium mangling of kernel<float> and kernel<double>
             assert any(name.startswith(f"_Z{len(kernel)}{kernel}I{code}E") for name in compiled)
+    assert len(compiled) == 2 * len(kernels)
+
+
+def test_the_device_kernels_index_as_the_host_loops(dtype):
+    # host_cupy runs each launch through cuda_host's host loop, which indexes the bias and
+    # the per-row columns by its own expressions (CuPy's broadcasting): the kernels that
+    # ops generates for the GPU must hold the very same lines in their loop
+    def loop_body(code, opening):
+        body = code.split(opening, 1)[1]
+        return [line.strip() for line in body.splitlines()[1:] if line.strip() != "}"]
+    for op, act in cuda_host.elementwise_pairs():
+        host = cuda_host.elementwise_function(op, act, dtype)
+        device = ops.kernel_template(op, act)
+        assert loop_body(host, "for (long long i = 0; i < gm_n; ++i) {") == \
+            loop_body(device, "i += (long long)gridDim.x * blockDim.x) {"), (op, act)
 
 
 # --- 4. the kernel sources ship --------------------------------------------------------------

@@ -12,6 +12,7 @@ CuPy branches are shown to be caught.
 """
 
 import contextlib
+import types
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_mixed_activations(host_cupy_lib, make_net, make_batch, memory):
 @pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
 def test_batch_over_several_thread_blocks(host_cupy_lib,
                                           make_net, make_batch, memory, target, rows):
-    # 300 rows: three blocks of ops._ROW_THREADS, the last one partly idle
+    # 300 rows: three blocks of ops.KERNEL_THREADS, the last one partly idle
     net = make_net(["softmax", "tanh", "identity"], target, memory)
     X, Y = make_batch(net, target, batch=300)
     with cupy_path(host_cupy_lib):
@@ -382,7 +383,7 @@ def exact(op, activation):
     # sigma' from the output is arithmetic on F alone: f (1 - f), 1 - f^2
     return (op == "mul" or activation.name in EXACT
             or (op == "grad_from_output" and not activation.kind.rowwise))
-B, C = 300, 11  # more rows than one block of ops._ROW_THREADS
+B, C = 300, 11  # more rows than one block of ops.KERNEL_THREADS
 
 
 def op_arrays(dtype, seed=0):
@@ -485,7 +486,7 @@ def forward_gemm_not_transposed(mp):
 
 
 def too_many_threads(mp):
-    mp.setattr(ops, "_ROW_THREADS", 2048)
+    mp.setattr(ops, "KERNEL_THREADS", 2048)
 
 
 def f_and_delta_swapped(mp):
@@ -588,28 +589,53 @@ BAD_ROW_LAUNCHES = [  # ((kernel, args), grid, block, what the emulation says)
 def test_bad_row_launches_are_refused(host_cupy_lib, launch, grid, block, message):
     kernel, args = launch
     with cupy_path(host_cupy_lib), pytest.raises(AssertionError, match=message):
-        cuda.row_kernel(kernel, np.dtype(np.float64))(grid, block, args)
+        ops._function(kernel, "float64")(grid, block, args)
+
+
+RELU = types.SimpleNamespace(name="relu")  # what ops._launch reads of an activation
 
 
 def bias_act_relu(*args):
-    ops._kernel("bias_act", "relu")(*args)
+    """``args`` launched as ``ops`` launches the bias_act kernel of relu."""
+    ops._launch("bias_act", RELU, *args)
+
+
+def bias_act_relu_raw(sizes, *args, dtype="float64", grid=(1,), block=(128,)):
+    """The float64 bias_act kernel of relu called with (n, channels, inner) = ``sizes``."""
+    ops._function("gpu_mlp_bias_act_relu", dtype)(grid, block, (*sizes, *args))
 
 
 A = np.ones((B, C))
+SIZES = (np.int64(B * C), np.int64(C), np.int64(1))
 BAD_ELEMENTWISE_LAUNCHES = [  # (launch, what the emulation says)
     pytest.param(lambda: bias_act_relu(A.copy(), np.float64(1), A[0].copy()),
                  r"bias: expected shape \(11,\)", id="bias and a swapped"),
-    pytest.param(lambda: bias_act_relu(A[0], np.float64(1)), "got 2 arguments",
+    pytest.param(lambda: bias_act_relu_raw(SIZES, A[0], np.float64(1)), "got 5 arguments",
                  id="output missing"),
     pytest.param(lambda: bias_act_relu(A[0], np.float64(1), np.ones((C, B)).T),
                  "a: not C-contiguous", id="strided output"),
     pytest.param(lambda: bias_act_relu(A[0].astype(np.float32), np.float64(1), A.copy()),
                  "bias: expected float64, got float32", id="mixed dtypes"),
-    pytest.param(lambda: cuda.elementwise(*ops.ELEMENTWISE["mul"], "gpu_mlp_mul_relu"),
-                 "no ops.ELEMENTWISE kernel is named 'gpu_mlp_mul_relu'", id="unknown name"),
-    pytest.param(lambda: cuda.elementwise("T bias, T alpha", "T a", "a = gm_tanh(a, alpha)",
-                                          "gpu_mlp_bias_act_relu"),
-                 "is not ops.ELEMENTWISE", id="another body"),
+    pytest.param(lambda: bias_act_relu_raw(SIZES, A[0], np.float64(1), A.copy(), dtype="float32"),
+                 "the output a must be a float32 array", id="the float32 kernel on float64"),
+    pytest.param(lambda: bias_act_relu_raw((np.int64(B), *SIZES[1:]), A[0], np.float64(1),
+                                           A.copy()),
+                 "n: 300, the output says 3300", id="n not the output's size"),
+    pytest.param(lambda: bias_act_relu_raw(SIZES[:2] + (np.int64(C),), A[0], np.float64(1),
+                                           A.copy()),
+                 "inner: 11, the output says 1", id="inner not the output's"),
+    pytest.param(lambda: bias_act_relu_raw((B * C, *SIZES[1:]), A[0], np.float64(1), A.copy()),
+                 "n: expected a numpy.int64, got int", id="n a Python int"),
+    pytest.param(lambda: bias_act_relu_raw(SIZES, A[0], np.float64(1), A.copy(), grid=(0,)),
+                 "0 blocks", id="no blocks"),
+    pytest.param(lambda: ops._function("gpu_mlp_mul_relu", "float64"),
+                 "'gpu_mlp_mul_relu<double>' is not among the module's name_expressions",
+                 id="unknown name"),
+    pytest.param(lambda: cuda.module(ops.kernel_source().replace("gm_relu(a", "gm_tanh(a"),
+                                     ops.module_names("float64")),
+                 "the module's code is not", id="another body"),
+    pytest.param(lambda: cuda.module(ops.kernel_source(), ops.module_names("float64")[1:]),
+                 "does not instantiate every kernel", id="a kernel left out"),
 ]
 
 

@@ -405,6 +405,29 @@ def test_steady_state_allocates_nothing(cp, warm):
     assert np.isfinite(float(loss))
 
 
+def test_steady_state_takes_nothing_from_the_pool(cp, warm):
+    """What ../shared/gpu/busy.py counted (3 a step before issue 19): CuPy pool
+    allocations of a steady-state step, cache hits included, seen by a MemoryHook."""
+    from cupy.cuda import memory_hook
+
+    class Mallocs(memory_hook.MemoryHook):
+        name = "gpu_mlp_mallocs"
+
+        def __init__(self):
+            self.count = 0
+
+        def malloc_preprocess(self, **kwargs):
+            self.count += 1
+
+    net, X, y = warm
+    hook = Mallocs()
+    with hook:
+        for _ in range(10):
+            loss = net.train_step(X, y, lr=1e-3, check=False)
+    assert hook.count == 0
+    assert np.isfinite(float(loss))
+
+
 _SPIN = r"""
 extern "C" __global__ void spin(unsigned long long ns)
 {

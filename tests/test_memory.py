@@ -4,7 +4,9 @@ NumPy reports its allocations to tracemalloc, so on the NumPy backend tracemallo
 what a training step really holds. Those measurements are compared with MATH.md's table
 of activation memory per memory mode, computed from the sizes below, and with the
 workspace's own counters (``bytes``, ``peak_in_use_bytes``, ``allocations``). The
-counter checks need no tracemalloc, so they run on CuPy too.
+counter checks need no tracemalloc, so they run on CuPy too. What a steady-state step
+would make CuPy allocate, and where it would wait for the device, is counted on the host
+(``tests/device_counts.py``): nothing, with ``check=False``.
 """
 
 import tracemalloc
@@ -14,9 +16,12 @@ import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import ops
+from gpu_mlp import ops, optim
+from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.privacy import DP
 from gpu_mlp.device import to_numpy
 from gpu_mlp.workspace import Workspace
+from device_counts import CountingXp, DeviceArray, counting_device
 from tracing import numpy_data_now, traced_now, traced_peak, tracing
 
 
@@ -282,3 +287,147 @@ def test_validation_between_epochs_leaves_the_training_buffers_alone(device):
     allocations = ws.allocations
     net.fit(X, Y, epochs=4, batch_size=32, lr=LR, verbose=False, validation=(X[:50], Y[:50]))
     assert ws.allocations == allocations  # 32 and the remainder 4, epoch after epoch
+
+
+# --- no device allocation, no host synchronisation in a steady-state step (issue 19) ---
+#
+# On the counting device (tests/device_counts.py): NumPy under CuPy's rules of what
+# allocates (a ufunc or reduction without out=, a copy, a new array) and what reads the
+# device from the host (float, bool, item, get), the engine taking its CuPy branches.
+
+COUNTED_NETS = {
+    "dense": (lambda: [Dense(12, 16, "relu"), Dense(16, 16, "tanh"), Dense(16, 5, "identity")],
+              (8, 12)),
+    "conv": (lambda: [Conv2d(1, 3, 3, padding=1), Conv2d(3, 4, 3, stride=2, padding=1),
+                      Dense(4 * 3 * 3, 5, "identity")], (8, 1, 6, 6)),
+}
+RULES = {"sgd": lambda: 1e-3, "momentum": lambda: optim.SGD(1e-3, momentum=0.9, nesterov=True),
+         "adam": lambda: optim.Adam(1e-3, weight_decay=1e-2), "adamw": lambda: optim.AdamW(1e-3)}
+
+
+def counted_net(kind, memory, loss="softmax_cross_entropy"):
+    make, shape = COUNTED_NETS[kind]
+    net = gpu_mlp.Network(make(), loss=loss, memory=memory, device="cpu", seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal(shape).astype(np.float32).view(DeviceArray)
+    Y = (rng.integers(0, 5, shape[0]) if loss == "softmax_cross_entropy"
+         else np.sign(rng.standard_normal((shape[0], 5))).astype(np.float32)).view(DeviceArray)
+    return net, X, Y
+
+
+def steady_counts(net, step, steps=3):
+    """The counts of ``steps`` steady-state steps (after three to warm up)."""
+    with counting_device(net) as counts:
+        for _ in range(3):
+            step()
+        counts.reset()
+        for _ in range(steps):
+            step()
+        return counts.allocations, counts.syncs, counts.where
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("memory", MODES)
+@pytest.mark.parametrize("kind", COUNTED_NETS)
+def test_steady_state_step_allocates_nothing_on_the_device(kind, memory, rule):
+    net, X, Y = counted_net(kind, memory)
+    r = RULES[rule]()
+    assert steady_counts(net, lambda: net.train_step(X, Y, r, check=False)) == (0, 0, [])
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic", "softmax_cross_entropy"])
+def test_steady_state_loop_that_keeps_the_latest_loss_allocates_nothing(loss):
+    net, X, Y = counted_net("dense", "output", loss)
+    held = []
+
+    def step():  # as `loss = net.train_step(...)` in a loop: the last loss is held
+        held[:] = [net.train_step(X, Y, 1e-3, check=False)]
+    assert steady_counts(net, step) == (0, 0, [])
+
+
+@pytest.mark.parametrize("kind", [
+    "dense", pytest.param("conv", marks=pytest.mark.xfail(strict=True, reason=(
+        "a convolution's per-sample norms (norms.per_sample_squares: CuPy's batched "
+        "matmul copies its transposed operands, its sums and einsum make their results) "
+        "still make arrays on the GPU")))])
+def test_steady_state_private_step_allocates_nothing_on_the_device(kind):
+    net, X, Y = counted_net(kind, "output")
+    dp = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    assert steady_counts(net, lambda: net.train_step(X, Y, 1e-3, check=False, dp=dp))[:2] == (0, 0)
+
+
+@pytest.mark.xfail(strict=True, reason="softmax rows wider than ops.ROW_KERNEL_MAX take "
+                   "CuPy's row max and sum (ops._softmax, _softmax_backward, "
+                   "_softmax_xent_wide), which make their results")
+def test_steady_state_step_with_wide_softmax_rows_allocates_nothing():
+    width = ops.ROW_KERNEL_MAX + 8
+    net = gpu_mlp.Network([Dense(12, width, "softmax"), Dense(width, width, "identity")],
+                          loss="softmax_cross_entropy", device="cpu", seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 12)).astype(np.float32).view(DeviceArray)
+    Y = rng.integers(0, width, 8).view(DeviceArray)
+    assert steady_counts(net, lambda: net.train_step(X, Y, 1e-3, check=False))[:2] == (0, 0)
+
+
+def test_workspace_loss_buffers_are_reused_unless_held():
+    ws = Workspace(np, np.float64)
+    for _ in range(4):
+        ws.loss()[...] = 1.0
+    assert ws.allocations == 2  # both at the first step, none since
+    latest = ws.loss()
+    assert ws.loss() is not latest and ws.allocations == 2  # the latest stays valid
+    kept = []
+    for value in range(5):  # held: each left to its holder when its turn comes, replaced
+        kept.append(ws.loss())
+        kept[-1][...] = value
+    assert [float(J) for J in kept] == list(range(5)) and ws.bytes == 2 * 8
+
+
+@pytest.mark.parametrize("kind", COUNTED_NETS)
+def test_checked_step_synchronises_once(kind):
+    net, X, Y = counted_net(kind, "output")
+    allocations, syncs, where = steady_counts(net, lambda: net.train_step(X, Y, 1e-3), steps=4)
+    assert syncs == 4, where  # the verdicts of the value checks: one read per step
+
+
+def test_fit_neither_allocates_nor_synchronises_between_loss_reads(monkeypatch):
+    net, X, Y = counted_net("dense", "output")
+    X, Y = np.tile(X, (4, 1)).view(DeviceArray), np.tile(Y, 4).view(DeviceArray)
+    monkeypatch.setattr(gpu_mlp.training, "_REFRESH_S", 1e9)  # no read within the epoch
+    seen, step = [], net._step
+
+    def counted_step(*args, **kwargs):
+        seen.append((counts.allocations, counts.syncs))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(net, "_step", counted_step)
+    with counting_device(net) as counts:
+        net.fit(X, Y, epochs=2, batch_size=8, lr=1e-3, verbose=False)
+    # from the first epoch's second step to its last, and within the second epoch
+    per_epoch = len(seen) // 2
+    for epoch in range(2):
+        steps = seen[epoch * per_epoch + 1:(epoch + 1) * per_epoch]
+        assert len(set(steps)) == 1, (epoch, steps, counts.where)
+
+
+def test_a_kept_loss_keeps_its_value(device):
+    net = make_net("output", device, SMALL)
+    X, Y = make_batch(SMALL)
+    losses = [net.train_step(X, Y, 0.05) for _ in range(5)]
+    values = [float(to_numpy(J)) for J in losses]
+    assert len(set(values)) == 5  # each step's own loss, none overwritten by a later step
+    latest = net.train_step(X, Y, 0.05)
+    before = float(to_numpy(latest))
+    net.train_step(X, Y, 0.05)  # the loss the last step returned stays valid during the next
+    assert float(to_numpy(latest)) == before
+
+
+def test_gpu_dense_per_sample_squares_match_the_cpu_ones():
+    from gpu_mlp import norms
+
+    rng = np.random.default_rng(3)
+    T, X = rng.standard_normal((9, 1, 5)), rng.standard_normal((9, 1, 7))
+    xp = CountingXp()  # not NumPy: the GPU's branch, its BLAS run on the host
+    out = np.full(9, 2.0).view(DeviceArray)
+    norms.add_squares(xp, T.view(DeviceArray), X.view(DeviceArray), out, Workspace(xp, np.float64))
+    np.testing.assert_allclose(out.view(np.ndarray), 2.0 + norms.per_sample_squares(np, T, X),
+                               rtol=1e-13)

@@ -1,0 +1,292 @@
+"""What a step would make CuPy allocate and wait for, counted on the host.
+
+``with counting_device(net) as counts:`` swaps the net's array module for
+:class:`CountingXp`, NumPy under CuPy's rules of allocation, and turns every array the net
+holds into a :class:`DeviceArray`; ``gpu_mlp.ops`` takes its CuPy branches (its kernel
+launches and ``cupy.cublas`` recorded, not run: the numbers are not the point here).
+Then ``counts.allocations`` counts each new device array as CuPy makes one:
+
+* a ufunc (``a + b``, ``xp.sqrt(a)``, ``a > 0``) or a reduction (``a.all()``) without
+  ``out=``: one per output (CuPy's ``_core`` makes every result an array, a full
+  reduction's 0-d one too);
+* a sum, product, min or max that CuPy's default CUB accelerator takes
+  (``cupy/cuda/cub.pyx``: ``device_reduce``, ``device_segmented_reduce``): two, its
+  result and its workspace, even with ``out=`` (CUB reduces into its own result, then
+  copies);
+* ``copy``, ``astype``, ``reshape``/``ravel``/``flatten`` or indexing that cannot be a
+  view, ``xp.empty``/``zeros``/``ones``/``*_like``/``array``/``asarray`` of anything
+  not already a device array, ``xp.einsum``, ``xp.stack`` and every other array
+  function whose result shares no memory with its device inputs;
+* ``cupy.cublas.gemm``/``gemv`` given an array neither C- nor F-contiguous: the copy
+  ``cupy/cublas.py`` makes of it (host scalars alpha and beta allocate nothing).
+
+A kernel launch given a host array raises a TypeError, as CuPy's do.
+
+A view (basic indexing, a reshape of contiguous memory, ``transpose``) and an in-place
+or ``out=`` operation allocate nothing. ``counts.syncs`` counts what reads a device
+value on the host, each a device-to-host synchronisation on a GPU: ``float``, ``int``,
+``bool``, ``item``, ``tolist`` and ``get`` of a device array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from gpu_mlp import ops
+from gpu_mlp.workspace import Workspace
+
+
+@dataclass
+class Counts:
+    allocations: int = 0
+    syncs: int = 0
+    where: list = field(default_factory=list)  # what allocated or synchronised, for messages
+
+    def allocated(self, what: str, n: int = 1) -> None:
+        if n:
+            self.allocations += n
+            self.where.append(f"alloc {what}")
+
+    def synced(self, what: str) -> None:
+        self.syncs += 1
+        self.where.append(f"sync {what}")
+
+    def reset(self) -> None:
+        self.allocations, self.syncs, self.where = 0, 0, []
+
+
+_COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)
+
+
+def _host(x):
+    """``x`` with every DeviceArray in it as a plain ndarray view (lists, tuples too)."""
+    if isinstance(x, DeviceArray):
+        return x.view(np.ndarray)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host(v) for v in x)
+    return x
+
+
+def _device_inputs(args) -> list:
+    found = []
+    for a in args:
+        if isinstance(a, DeviceArray):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(_device_inputs(a))
+    return found
+
+
+def _wrap(result, inputs, what):
+    """A result as CuPy returns it: a device array (a 0-d one for a scalar), counted as
+    an allocation unless it is a view of an input."""
+    if isinstance(result, tuple):
+        return tuple(_wrap(r, inputs, what) for r in result)
+    if isinstance(result, np.generic):
+        result = np.asarray(result)
+    if not isinstance(result, np.ndarray):
+        return result  # a shape, a bool of np.shares_memory, ...
+    if any(np.shares_memory(result, a) for a in inputs):
+        return result if isinstance(result, DeviceArray) else result.view(DeviceArray)
+    _COUNTS.allocated(what)
+    if isinstance(result, DeviceArray) and result.base is None:
+        return result
+    # a device array owning its memory, as CuPy's: views of it have it as their base
+    order = "F" if result.flags.f_contiguous and not result.flags.c_contiguous else "C"
+    owned = np.ndarray.__new__(DeviceArray, result.shape, result.dtype, order=order)
+    np.copyto(owned.view(np.ndarray), result.view(np.ndarray))
+    return owned
+
+
+def _cub_reduction(ufunc, a, kwargs) -> bool:
+    """Whether CuPy's default CUB accelerator takes this reduction (cupy/cuda/cub.pyx:
+    ``cub_reduction``): a sum, product, min or max of a float or integer array with no
+    dtype given, C-contiguous over its last axes or F-contiguous over its first."""
+    if ufunc not in (np.add, np.multiply, np.minimum, np.maximum) or \
+            kwargs.get("dtype") is not None or a.dtype.kind not in "fiu":
+        return False
+    axis = kwargs.get("axis", 0)
+    axes = sorted(range(a.ndim) if axis is None else
+                  [x % a.ndim for x in (axis if isinstance(axis, tuple) else (axis,))])
+    if a.flags.c_contiguous and axes == list(range(a.ndim - len(axes), a.ndim)):
+        return True
+    return bool(a.flags.f_contiguous and axes == list(range(len(axes))))
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array standing for a ``cupy.ndarray``: what it allocates and reads back is
+    counted (see the module)."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        for a in inputs:
+            if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray) and a.ndim:
+                raise TypeError(f"{ufunc.__name__}: a host array mixed with device arrays "
+                                f"(CuPy refuses implicit conversion)")
+        args = _host(inputs)
+        if out is not None:
+            kwargs["out"] = _host(out)
+        result = getattr(ufunc, method)(*args, **kwargs)
+        if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
+            # CUB makes its result and a workspace, even with out= (then copies)
+            _COUNTS.allocated(f"{ufunc.__name__}.reduce by CUB", 2 - (out is None))
+        if out is not None or method == "at":
+            return out[0] if out is not None and len(out) == 1 else out
+        return _wrap(result, [], f"{ufunc.__name__}.{method}")
+
+    def __array_function__(self, func, types, args, kwargs):
+        inputs = _device_inputs(list(args) + list(kwargs.values()))
+        result = func(*_host(args), **{k: _host(v) for k, v in kwargs.items()})
+        return _wrap(result, inputs, func.__name__)
+
+    # --- what allocates ---------------------------------------------------------------
+
+    def copy(self, *args, **kwargs):
+        return _wrap(self.view(np.ndarray).copy(*args, **kwargs), [], "copy")
+
+    def astype(self, *args, **kwargs):
+        return _wrap(self.view(np.ndarray).astype(*args, **kwargs), [self], "astype")
+
+    def reshape(self, *args, **kwargs):
+        return _wrap(np.ndarray.reshape(self, *args, **kwargs), [self], "reshape")
+
+    def ravel(self, *args, **kwargs):
+        return _wrap(np.ndarray.ravel(self, *args, **kwargs), [self], "ravel")
+
+    def flatten(self, *args, **kwargs):
+        return _wrap(self.view(np.ndarray).flatten(*args, **kwargs), [], "flatten")
+
+    def __getitem__(self, index):
+        result = np.ndarray.__getitem__(self, _host(index))
+        if isinstance(result, np.generic):  # CuPy: a 0-d view, no scalar
+            key = index if isinstance(index, tuple) else (index,)
+            result = np.ndarray.__getitem__(self, _host(key) + (Ellipsis,))
+        return _wrap(result, [self], "getitem")
+
+    def __setitem__(self, index, value):
+        self.view(np.ndarray)[_host(index)] = _host(value)
+
+    # --- what reads the device from the host -------------------------------------------
+
+    def __float__(self):
+        _COUNTS.synced("float")
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        _COUNTS.synced("int")
+        return int(self.view(np.ndarray))
+
+    def __index__(self):
+        _COUNTS.synced("index")
+        return self.view(np.ndarray).__index__()
+
+    def __bool__(self):
+        _COUNTS.synced("bool")
+        return bool(self.view(np.ndarray))
+
+    def item(self, *args):
+        _COUNTS.synced("item")
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        _COUNTS.synced("tolist")
+        return self.view(np.ndarray).tolist()
+
+    def get(self):
+        """``cupy.ndarray.get``: a host copy."""
+        _COUNTS.synced("get")
+        return self.view(np.ndarray).copy()
+
+
+def _created(name):
+    """``xp.<name>``: NumPy's, its result a device array, a new one counted."""
+    numpy_function = getattr(np, name)
+
+    def create(*args, **kwargs):
+        inputs = _device_inputs(args)
+        return _wrap(numpy_function(*_host(args), **{k: _host(v) for k, v in kwargs.items()}),
+                     inputs, name)
+    return create
+
+
+class CountingXp(types.ModuleType):
+    """NumPy as the net's array module, under CuPy's rules (see the module)."""
+
+    CREATION = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like",
+                "full_like", "array", "asarray", "ascontiguousarray", "arange", "stack",
+                "concatenate", "einsum", "copy")
+
+    def __init__(self):
+        super().__init__("counting_cupy")
+        self.ndarray = DeviceArray
+        for name in self.CREATION:
+            setattr(self, name, _created(name))
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _contiguous(a) -> bool:
+    return a.flags.c_contiguous or a.flags.f_contiguous
+
+
+class _Cublas:
+    """``cupy.cublas`` as the engine calls it: recorded, not run; the copies that
+    cupy/cublas.py makes of an operand or output neither C- nor F-contiguous counted."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def gemm(self, transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+        assert isinstance(out, DeviceArray), "gemm: the engine writes into its own out"
+        for name, x in (("a", a), ("b", b), ("out", out)):
+            if not _contiguous(x):
+                _COUNTS.allocated(f"gemm copies {name}")
+        self.launches.append("gemm")
+        return out
+
+    def gemv(self, transa, alpha, a, x, beta, y):
+        assert isinstance(y, DeviceArray), "gemv: the engine writes into its own y"
+        if not _contiguous(a):
+            _COUNTS.allocated("gemv copies a")
+        self.launches.append("gemv")
+
+
+def _launched(launches, name, args) -> None:
+    """A kernel launch, recorded: its arrays must be on the device (CuPy's kernels
+    refuse host arrays)."""
+    for a in args:
+        if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
+            raise TypeError(f"{name}: a host array passed to a kernel")
+    launches.append(name)
+
+
+def to_device(net, xp):
+    """Move ``net`` onto the counting device: its module, parameters and buffers."""
+    net.xp = net.inputs.xp = xp
+    net.params = [(W.view(DeviceArray), b.view(DeviceArray)) for W, b in net.params]
+    net.training_workspace = Workspace(xp, net.dtype)
+    net.inference_workspace = Workspace(xp, net.dtype)
+
+
+@contextlib.contextmanager
+def counting_device(net):
+    """Within: ``net`` computes on the counting device (see the module); yields the
+    :class:`Counts` (``reset()`` them after the warm-up steps)."""
+    xp, launches = CountingXp(), []
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray, cupy.cublas = DeviceArray, _Cublas(launches)
+    to_device(net, xp)
+    _COUNTS.reset()
+    with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
+        mp.setattr(ops, "is_numpy", lambda a: False)
+        mp.setattr(ops, "_launch", lambda op, act, *args: _launched(launches, op, args))
+        mp.setattr(ops, "_launch_rows", lambda name, rows, *args: _launched(launches, name, args))
+        mp.setitem(sys.modules, "cupy", cupy)
+        mp.setitem(sys.modules, "cupy.cublas", cupy.cublas)
+        yield _COUNTS
