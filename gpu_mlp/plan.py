@@ -51,6 +51,10 @@ class StepPlan:
     :attr:`rule` is always an optimizer; ``plain`` says it came from a number,
     :attr:`optimizer` is the rule unless plain (what a checkpoint stores). A plan with an
     optimizer steps one net, as the optimizer does; a plain plan, like a number, any net.
+
+    What depends on DP or communication is asked of the plan (as fit does):
+    :attr:`private`, :attr:`parallel`, :meth:`divisor`, :meth:`epsilon`, :meth:`config`,
+    :meth:`snapshot` and :meth:`restore`, :meth:`check_resumed`.
     """
 
     __slots__ = ("plain", "_lr", "_rule", "dp", "comm")  # train_step makes one per step
@@ -105,9 +109,65 @@ class StepPlan:
         """The rate of the last step taken (plain SGD: its one rate)."""
         return self._lr if self.plain else self._rule.last_lr
 
+    @property
+    def private(self) -> bool:
+        """Whether the steps are differentially private (the plan has a DP)."""
+        return self.dp is not None
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the steps are data-parallel (the plan has a communicator)."""
+        return self.comm is not None
+
+    def divisor(self, batch_size: int) -> Optional[int]:
+        """What a step of :func:`~gpu_mlp.training.fit` with ``batch_size`` divides by:
+        under DP the expected batch size (its Poisson samples vary in size), else None
+        (the step's own rows)."""
+        return batch_size if self.private else None
+
+    def epsilon(self, sample_rate: float, steps: Optional[int] = None) -> Optional[float]:
+        """The privacy spent after ``steps`` steps (default: the DP's steps so far) at
+        ``sample_rate``, at the DP's delta; None when not private."""
+        return self.dp.epsilon(sample_rate, steps) if self.private else None
+
+    def config(self) -> dict:
+        """The update rule and DP as every rank of a data-parallel run must agree on
+        them, JSON-ready (plain SGD: its rate; an optimizer: its settings and steps)."""
+        if self.plain:
+            rule = {"lr": self._lr, "optimizer": None, "optimizer_steps": None}
+        else:
+            rule = {"lr": None, "optimizer": repr(self._rule),
+                    "optimizer_steps": self._rule.steps}
+        return {**rule, "dp": self.dp.state_dict() if self.private else None}
+
+    def snapshot(self):
+        """The optimizer's state and the DP's step count, to :meth:`restore` later (fit,
+        when an epoch diverges); plain SGD has no state."""
+        return (None if self.plain else self._rule._snapshot(),
+                self.dp.steps if self.private else None)
+
+    def restore(self, snapshot) -> None:
+        """Back to a :meth:`snapshot` of this plan."""
+        if not self.plain:
+            self._rule._restore(snapshot[0])
+        if self.private:
+            self.dp.steps = snapshot[1]
+
+    def check_resumed(self, epochs: int, steps_per_epoch: int) -> None:
+        """Raise a ValueError unless the optimizer and the DP have taken as many steps as
+        ``epochs`` of ``steps_per_epoch`` took: a resumed run needs the ones saved with it
+        (a fresh one would restart its moments, its schedule or its noise)."""
+        expected = epochs * steps_per_epoch
+        for name, stepper in (("optimizer", self.optimizer), ("dp", self.dp)):
+            if stepper is not None and stepper.steps != expected:
+                raise ValueError(f"resume: the {name} has taken {stepper.steps} steps, but "
+                                 f"the run to continue took {expected} ({epochs} epochs of "
+                                 f"{steps_per_epoch}); pass the {name} saved with it "
+                                 f"(gpu_mlp.checkpoint.read(path).{name})")
+
     def communicator(self, net) -> Optional[distributed.Communicator]:
         """The :class:`~gpu_mlp.distributed.Communicator` of ``net``'s steps, or None."""
-        return None if self.comm is None else distributed.communicator(self.comm, net)
+        return distributed.communicator(self.comm, net) if self.parallel else None
 
     def check(self, net) -> "StepPlan":
         """Raise a TypeError or ValueError, changing nothing, if the plan cannot step
@@ -133,7 +193,7 @@ class StepPlan:
         if comm is not None:
             counts = comm._counts(rows) if counts is None else counts
             sink = comm._stage(net, sink, counts)
-        if self.dp is not None:
+        if self.private:
             if divisor is None:
                 divisor = rows if counts is None else sum(counts)
             sink = self.dp._stage(net, sink, rows, divisor)

@@ -210,22 +210,28 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             raise ValueError(f"give plan or {', '.join(given)}, not both: the plan holds the "
                              f"update rule, dp and comm")
         comm = plan.comm
-    run = functools.partial(_fit, net, X, Y, epochs, batch_size, lr, shuffle, seed,
-                            validation, verbose, on_epoch, resume, optimizer, dp, plan=plan)
+    if comm is not None:
+        comm = _distributed.communicator(comm, net)
+    if plan is None:  # made by _fit, which checks lr, optimizer and dp in their turn
+        make_plan = functools.partial(_step_plan, net, lr, optimizer, dp, comm)
+    else:
+        make_plan = functools.partial(plan.check, net)
+    run = functools.partial(_fit, net, X, Y, epochs, batch_size, shuffle, seed, validation,
+                            verbose, on_epoch, resume, make_plan)
     if comm is None:
-        return run(None)
-    comm = _distributed.communicator(comm, net)
+        return run()
     with comm.guard():  # else the other ranks would wait for this one forever
-        return run(comm)
+        return run()
 
 
-def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, on_epoch,
-         resume, optimizer, dp, comm, plan=None) -> History:
-    """:func:`fit`, with ``comm`` a Communicator or None (a plan's, if there is one)."""
+def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_epoch,
+         resume, make_plan) -> History:
+    """:func:`fit`, with ``make_plan()`` the StepPlan of its steps, checked against
+    ``net``: everything that depends on DP or data parallelism asks the plan."""
     epochs = _checks.integer("epochs", epochs)
     batch_size = _checks.integer("batch_size", batch_size)
-    plan = (_step_plan(net, lr, optimizer, dp, comm) if plan is None else plan).check(net)
-    lr, optimizer, dp = (plan.lr if plan.plain else None), plan.optimizer, plan.dp
+    plan = make_plan()
+    comm = plan.communicator(net)  # fit's Communicator, or None
     seed = _checks.seed(seed)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -241,23 +247,20 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
     n = X.shape[0]
     steps_per_epoch = -(-n // batch_size)
     sample_rate = min(1.0, batch_size / n)
-    if dp is not None:
-        dp.epsilon(sample_rate, steps=1)  # the accountant is there, before any step
+    plan.epsilon(sample_rate, steps=1)  # under DP: the accountant is there, before any step
     if resume is not None:
-        for name, stepper in (("optimizer", optimizer), ("dp", dp)):
-            if stepper is not None:
-                _check_resumed_steps(name, stepper.steps, history, steps_per_epoch)
-    if comm is not None:
-        comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp,
-                                           shuffle, seed, history))
+        plan.check_resumed(history.epochs, steps_per_epoch)
+    if plan.parallel:
+        comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed,
+                                           history))
 
     xp = net.xp
     # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
     # must all stop together, so they look at the loss only at the end of an epoch
-    look = xp is np and comm is None
+    look = xp is np and not plan.parallel
     first_step_loss = None  # the loss of the initial parameters, on the first batch
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
-    good_state = _snapshots(optimizer, dp)
+    good_state = plan.snapshot()  # and the optimizer's state and DP's step count
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         losses = _StepLosses(xp, steps_per_epoch)
@@ -265,15 +268,14 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
             shown, shown_at = 0, start
-            for done, X_batch, Y_batch, counts in _batches(X, Y, xp, n, batch_size, seed,
-                                                           epoch, shuffle, dp, comm):
+            for done, X_batch, Y_batch, counts in _batches(net, X, Y, batch_size, seed, epoch,
+                                                           shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
-                              expected_batch=batch_size if dp is not None else None,
-                              counts=counts)
+                              expected_batch=plan.divisor(batch_size), counts=counts)
                 losses.add(J, X_batch.shape[0])
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break
-                if comm is None and time.perf_counter() - shown_at > _REFRESH_S:
+                if not plan.parallel and time.perf_counter() - shown_at > _REFRESH_S:
                     running = losses.mean()
                     if not math.isfinite(running):
                         break
@@ -286,7 +288,7 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
             seconds = time.perf_counter() - start
             if not math.isfinite(train_loss):
                 _restore(net.params, good)
-                _restore_snapshots(optimizer, dp, good_state)
+                plan.restore(good_state)
                 raise TrainingDiverged(
                     f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
                     f"parameters are those after epoch {epoch} again; try a smaller "
@@ -296,12 +298,12 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
             bar.set_postfix(_postfix(train_loss, val_loss, val_accuracy), refresh=False)
             bar.update(n - shown)
         epoch_lr = plan.last_lr
-        epsilon = None if dp is None else dp.epsilon(sample_rate)
+        epsilon = plan.epsilon(sample_rate)
         for name, value in zip(_PER_EPOCH, (epoch_lr, train_loss, val_loss, val_accuracy,
                                             seconds, epsilon)):
             getattr(history, name).append(value)
         good = _host_copy(net.params, into=good)
-        good_state = _snapshots(optimizer, dp)
+        good_state = plan.snapshot()
         if on_epoch is not None:
             on_epoch(net, history)
     _warn_if_loss_rose(history, first_step_loss, plan.lr)
@@ -309,7 +311,8 @@ def _fit(net, X, Y, epochs, batch_size, lr, shuffle, seed, validation, verbose, 
 
 
 def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
-    """The plan of fit's steps from its arguments, checked as fit always checked them."""
+    """The plan of fit's steps from its arguments, checked as fit always checked them
+    and against ``net``."""
     if optimizer is None:
         rule = _checks.lr(DEFAULT_LR if lr is None else lr)
     else:
@@ -321,16 +324,16 @@ def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
                              "schedule), not both")
         optimizer.check_net(net)
         rule = optimizer
-    if dp is not None and not isinstance(dp, _privacy.DP):
-        raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
-    return StepPlan(rule, dp, comm)
+    return StepPlan(rule, dp, comm).check(net)  # StepPlan checks dp
 
 
-def _batches(X, Y, xp, n, batch_size, seed, epoch, shuffle, dp, comm):
-    """One epoch's steps as ``(rows done, X_batch, Y_batch, counts)``: contiguous slices
-    of the epoch's order, or Poisson samples under DP; under data parallelism this
-    rank's contiguous share of each global batch, and ``counts`` every rank's share."""
-    if dp is not None:
+def _batches(net, X, Y, batch_size, seed, epoch, shuffle, plan):
+    """One epoch's steps of ``plan`` on ``net`` as ``(rows done, X_batch, Y_batch,
+    counts)``: contiguous slices of the epoch's order, or Poisson samples under DP; under
+    data parallelism this rank's contiguous share of each global batch, and ``counts``
+    every rank's share."""
+    xp, n, comm = net.xp, X.shape[0], plan.communicator(net)
+    if plan.private:
         batches = _privacy.poisson_batches(n, batch_size, seed, epoch)
         done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
         for rows, upto in zip(batches, done):
@@ -362,16 +365,13 @@ def _share(batch, comm):
     return batch[lo:hi], counts
 
 
-def _run_config(net, X, Y, epochs, batch_size, lr, optimizer, dp, shuffle, seed, history):
+def _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed, history):
     """What every rank of a data-parallel run must agree on, JSON-ready."""
     return {"layers": [layer.spec() for layer in net.layers], "loss": net.loss.name,
             "memory": net.memory, "dtype": net.dtype.name, "device": net.device,
             "samples": list(X.shape), "targets": list(Y.shape), "data": _digest(X, Y),
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "shuffle": bool(shuffle), "epochs_done": history.epochs,
-            "optimizer": None if optimizer is None else repr(optimizer),
-            "optimizer_steps": None if optimizer is None else optimizer.steps,
-            "dp": None if dp is None else dp.state_dict(),
+            "epochs": epochs, "batch_size": batch_size, "seed": seed,
+            "shuffle": bool(shuffle), "epochs_done": history.epochs, **plan.config(),
             "params": _digest(*(a for pair in net.params for a in pair))}
 
 
@@ -383,30 +383,6 @@ def _digest(*arrays) -> str:
     for a in arrays:
         digest.update(np.ascontiguousarray(to_numpy(a)))
     return digest.hexdigest()
-
-
-def _snapshots(optimizer, dp):
-    return (None if optimizer is None else optimizer._snapshot(),
-            None if dp is None else dp.steps)
-
-
-def _restore_snapshots(optimizer, dp, snapshots) -> None:
-    if optimizer is not None:
-        optimizer._restore(snapshots[0])
-    if dp is not None:
-        dp.steps = snapshots[1]
-
-
-def _check_resumed_steps(name, steps, history, steps_per_epoch) -> None:
-    """A resumed run's optimizer (or DP) must be the one saved with it: as many steps
-    taken as the run's epochs took (a fresh one would restart its moments, its schedule
-    or its noise)."""
-    expected = history.epochs * steps_per_epoch
-    if steps != expected:
-        raise ValueError(f"resume: the {name} has taken {steps} steps, but the run to "
-                         f"continue took {expected} ({history.epochs} epochs of "
-                         f"{steps_per_epoch}); pass the {name} saved with it "
-                         f"(gpu_mlp.checkpoint.read(path).{name})")
 
 
 def _warn_if_loss_rose(history, first_step_loss, lr) -> None:

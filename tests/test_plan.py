@@ -119,6 +119,58 @@ def test_bad_plans_are_refused_with_the_old_messages():
         new_net().fit(X, Y, plan=0.1, verbose=False)
 
 
+def test_a_plan_says_what_depends_on_dp_and_communication():
+    plain, private = StepPlan(0.1), StepPlan(optim.Adam(1e-2), DP(1.0, 0.5, delta=1e-5))
+    assert not plain.private and not plain.parallel and private.private
+    assert StepPlan(0.1, comm=object()).parallel
+    assert plain.divisor(16) is None and private.divisor(16) == 16
+    assert plain.epsilon(0.4) is None and plain.epsilon(0.4, steps=1) is None
+    assert private.epsilon(0.4, steps=3) == private.dp.epsilon(0.4, steps=3)
+    # what the ranks of a data-parallel fit compare: the keys and values fit always sent
+    assert plain.config() == {"lr": 0.1, "optimizer": None, "optimizer_steps": None,
+                              "dp": None}
+    assert private.config() == {"lr": None, "optimizer": repr(private.rule),
+                                "optimizer_steps": 0, "dp": private.dp.state_dict()}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_plan_snapshot_restores_the_optimizer_and_the_dp(rule):
+    X, Y = problem()
+    net, plan = new_net(), StepPlan(RULES[rule](), DP(1.0, 0.5, seed=2))
+    net.train_step(X[:10], Y[:10], plan)
+    snapshot, steps = plan.snapshot(), plan.dp.steps
+    state = None if plan.plain else plan.optimizer.state_dict()
+    for first in (10, 20):
+        net.train_step(X[first:first + 10], Y[first:first + 10], plan)
+    plan.restore(snapshot)
+    assert plan.dp.steps == steps == 1
+    if plan.plain:
+        assert snapshot[0] is None
+    else:
+        after = plan.optimizer.state_dict()
+        assert after["steps"] == state["steps"] == 1 and state["state"]
+        assert after["state"].keys() == state["state"].keys()
+        for name, pairs in state["state"].items():
+            assert same([a for pair in after["state"][name] for a in pair],
+                        [a for pair in pairs for a in pair]), name
+
+
+def test_a_resumed_plan_must_have_taken_the_runs_steps():
+    plan = StepPlan(optim.Adam(), DP(1.0, 0.5))
+    plan.check_resumed(0, 5)
+    with pytest.raises(ValueError, match=r"resume: the optimizer has taken 0 steps, but the "
+                                         r"run to continue took 10 \(2 epochs of 5\); pass "
+                                         r"the optimizer saved with it "
+                                         r"\(gpu_mlp.checkpoint.read\(path\).optimizer\)"):
+        plan.check_resumed(2, 5)
+    plan.optimizer._steps = 10
+    with pytest.raises(ValueError, match="resume: the dp has taken 0 steps"):
+        plan.check_resumed(2, 5)
+    plan.dp.steps = 10
+    plan.check_resumed(2, 5)
+    StepPlan(0.1).check_resumed(2, 5)  # plain SGD without DP: nothing counts steps
+
+
 def _meta(path):
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
