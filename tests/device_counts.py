@@ -22,6 +22,12 @@ Then ``counts.allocations`` counts each new device array as CuPy makes one:
 
 A kernel launch given a host array raises a TypeError, as CuPy's do.
 
+``counting_device(net, lib)`` also runs what it counts: its kernels are gpu_mlp's CUDA
+bodies built for the host (``host_cupy.build``), its GEMMs host_cupy's, so the numbers
+are the engine's. While a :mod:`capture` is open (``counts.capture``), every allocation,
+host read, kernel launch, ``out=`` ufunc and ``cupy.cublas`` call goes to it instead: it
+records the launches and refuses the rest, as CUDA stream capture does.
+
 A view (basic indexing, a reshape of contiguous memory, ``transpose``) and an in-place
 or ``out=`` operation allocate nothing. ``counts.syncs`` counts what reads a device
 value on the host, each a device-to-host synchronisation on a GPU: ``float``, ``int``,
@@ -38,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from gpu_mlp import ops
+from gpu_mlp import cuda, ops
 from gpu_mlp.workspace import Workspace
 
 
@@ -47,18 +53,23 @@ class Counts:
     allocations: int = 0
     syncs: int = 0
     where: list = field(default_factory=list)  # what allocated or synchronised, for messages
+    capture: object = None  # the open capture.Capture, if any: it records or refuses
 
     def allocated(self, what: str, n: int = 1) -> None:
+        if n and self.capture is not None:
+            self.capture.allocation(what)
         if n:
             self.allocations += n
             self.where.append(f"alloc {what}")
 
     def synced(self, what: str) -> None:
+        if self.capture is not None:
+            self.capture.host_read(what)
         self.syncs += 1
         self.where.append(f"sync {what}")
 
     def reset(self) -> None:
-        self.allocations, self.syncs, self.where = 0, 0, []
+        self.allocations, self.syncs, self.where, self.capture = 0, 0, [], None
 
 
 _COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)
@@ -131,6 +142,13 @@ class DeviceArray(np.ndarray):
         args = _host(inputs)
         if out is not None:
             kwargs["out"] = _host(out)
+        if _COUNTS.capture is not None and (out is not None or method == "at"):
+            # a kernel CuPy launches into existing memory: captured, not run
+            if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
+                _COUNTS.allocated(f"{ufunc.__name__}.reduce by CUB")
+            _COUNTS.capture.launch(f"{ufunc.__name__}.{method}",
+                                   lambda: getattr(ufunc, method)(*args, **kwargs), inputs)
+            return out[0] if out is not None and len(out) == 1 else out
         result = getattr(ufunc, method)(*args, **kwargs)
         if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
             # CUB makes its result and a workspace, even with out= (then copies)
@@ -141,6 +159,13 @@ class DeviceArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         inputs = _device_inputs(list(args) + list(kwargs.values()))
+        if _COUNTS.capture is not None and (func is np.copyto or
+                                            kwargs.get("out") is not None):
+            # into existing memory: a kernel, captured, not run
+            host_args, host_kwargs = _host(args), {k: _host(v) for k, v in kwargs.items()}
+            _COUNTS.capture.launch(func.__name__, lambda: func(*host_args, **host_kwargs),
+                                   list(args) + list(kwargs.values()))
+            return kwargs.get("out")
         result = func(*_host(args), **{k: _host(v) for k, v in kwargs.items()})
         return _wrap(result, inputs, func.__name__)
 
@@ -169,7 +194,21 @@ class DeviceArray(np.ndarray):
         return _wrap(result, [self], "getitem")
 
     def __setitem__(self, index, value):
-        self.view(np.ndarray)[_host(index)] = _host(value)
+        host = self.view(np.ndarray)
+
+        def run():
+            host[_host(index)] = _host(value)
+        if _COUNTS.capture is not None:  # a copy or fill kernel: captured, not run
+            _COUNTS.capture.launch("setitem", run, (value,))
+        else:
+            run()
+
+    def fill(self, value):
+        host = self.view(np.ndarray)
+        if _COUNTS.capture is not None:
+            _COUNTS.capture.launch("fill", lambda: host.fill(value), (value,))
+        else:
+            host.fill(value)
 
     # --- what reads the device from the host -------------------------------------------
 
@@ -236,34 +275,51 @@ def _contiguous(a) -> bool:
 
 
 class _Cublas:
-    """``cupy.cublas`` as the engine calls it: recorded, not run; the copies that
-    cupy/cublas.py makes of an operand or output neither C- nor F-contiguous counted."""
+    """``cupy.cublas`` as the engine calls it: recorded (and run by ``blas``, host_cupy's
+    emulation, if given); the copies that cupy/cublas.py makes of an operand or output
+    neither C- nor F-contiguous counted. During a capture it refuses, as CuPy does: every
+    cuBLAS wrapper first sets the handle's stream, and ``setStream`` raises
+    NotImplementedError while the stream captures (cupy_backends/cuda/libs/cublas.pyx,
+    ``setStream``, lines 642-651, called by ``sgemm`` at line 1080 through ``_setStream``)."""
 
-    def __init__(self, launches):
-        self.launches = launches
+    def __init__(self, launches, blas=None):
+        self.launches, self.blas = launches, blas
 
     def gemm(self, transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+        if _COUNTS.capture is not None:
+            _COUNTS.capture.cublas("gemm")
         assert isinstance(out, DeviceArray), "gemm: the engine writes into its own out"
         for name, x in (("a", a), ("b", b), ("out", out)):
             if not _contiguous(x):
                 _COUNTS.allocated(f"gemm copies {name}")
         self.launches.append("gemm")
+        if self.blas is not None:
+            self.blas.gemm(transa, transb, *_host((a, b)), out=_host(out), alpha=alpha,
+                           beta=beta)
         return out
 
     def gemv(self, transa, alpha, a, x, beta, y):
+        if _COUNTS.capture is not None:
+            _COUNTS.capture.cublas("gemv")
         assert isinstance(y, DeviceArray), "gemv: the engine writes into its own y"
         if not _contiguous(a):
             _COUNTS.allocated("gemv copies a")
         self.launches.append("gemv")
+        if self.blas is not None:
+            self.blas.gemv(transa, alpha, *_host((a, x)), beta, _host(y))
 
 
-def _launched(launches, name, args) -> None:
+def _launched(launches, name, args, run=None) -> None:
     """A kernel launch, recorded: its arrays must be on the device (CuPy's kernels
-    refuse host arrays)."""
+    refuse host arrays); run by ``run`` if given, or captured by an open capture."""
     for a in args:
         if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
             raise TypeError(f"{name}: a host array passed to a kernel")
     launches.append(name)
+    if _COUNTS.capture is not None:
+        _COUNTS.capture.launch(name, run, args)
+    elif run is not None:
+        run()
 
 
 def to_device(net, xp):
@@ -275,18 +331,40 @@ def to_device(net, xp):
 
 
 @contextlib.contextmanager
-def counting_device(net):
+def counting_device(net, lib=None):
     """Within: ``net`` computes on the counting device (see the module); yields the
-    :class:`Counts` (``reset()`` them after the warm-up steps)."""
+    :class:`Counts` (``reset()`` them after the warm-up steps). ``lib``: host_cupy's build
+    (the ``host_cupy_lib`` fixture): then the kernels and GEMMs run, on the host."""
     xp, launches = CountingXp(), []
     cupy = types.ModuleType("cupy")
-    cupy.ndarray, cupy.cublas = DeviceArray, _Cublas(launches)
+    device = None
+    if lib is not None:
+        import host_cupy
+
+        device = host_cupy.Device(lib)
+        cupy.RawModule = device.cupy.RawModule
+    cupy.ndarray, cupy.cublas = DeviceArray, _Cublas(launches, device)
     to_device(net, xp)
     _COUNTS.reset()
+    launch, launch_rows = ops._launch, ops._launch_rows
+    caches = (ops._function, cuda.module)
+
+    def run(function, *args):  # host_cupy's kernels take NumPy arrays
+        return None if device is None else lambda: function(*_host(args))
+
     with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
         mp.setattr(ops, "is_numpy", lambda a: False)
-        mp.setattr(ops, "_launch", lambda op, act, *args: _launched(launches, op, args))
-        mp.setattr(ops, "_launch_rows", lambda name, rows, *args: _launched(launches, name, args))
+        mp.setattr(ops, "_launch", lambda op, act, *args: _launched(
+            launches, op, args, run(launch, op, act, *args)))
+        mp.setattr(ops, "_launch_rows", lambda name, rows, *args: _launched(
+            launches, name, args, run(launch_rows, name, rows, *args)))
         mp.setitem(sys.modules, "cupy", cupy)
         mp.setitem(sys.modules, "cupy.cublas", cupy.cublas)
-        yield _COUNTS
+        for cache in caches:
+            cache.cache_clear()
+        try:
+            yield _COUNTS
+        finally:
+            _COUNTS.capture = None
+            for cache in caches:
+                cache.cache_clear()
