@@ -180,27 +180,35 @@ _ELEMENT = {"full": "i", "column": "i / gm_inner % gm_channels",
             "row": "i / (gm_channels * gm_inner)"}
 
 
-def kernel_template(op: str, act: str | None) -> str:
-    """The ``ELEMENTWISE`` entry ``op`` for ``act`` as a ``__global__`` template over
-    ``T``: the body of the entry, as CuPy's ElementwiseKernel would run it (inputs as
-    ``const`` values, outputs as references, ``i`` the element's index, ``raw`` arrays
-    as pointers), in a grid-stride loop over the n elements of the output. Its arguments:
-    n, channels and inner (``long long``; see _ELEMENT), then the entry's parameters. No
-    pointer is ``__restrict__``: as with an ElementwiseKernel, an input may be an output
-    (the wide softmax's ``softmax_exp`` runs in place)."""
+def kernel_parts(op: str, act: str | None, arg_type: str = "T") -> tuple[list, list]:
+    """The ``ELEMENTWISE`` entry ``op`` for ``act`` as ``(arguments, loop body)``: the
+    arguments n, channels and inner (``long long``; see _ELEMENT), then the entry's
+    parameters (floats as ``arg_type``); the body the lines element ``i`` runs, inputs as
+    ``const`` values, outputs as references, ``raw`` arrays as pointers -- as CuPy's
+    ElementwiseKernel would run it. The device kernel and the tests' host loop are both
+    built from it."""
     args = ["long long gm_n", "long long gm_channels", "long long gm_inner"]
     element = []
     for p in signature(op):
         const = "" if p.output else "const "
         if p.kind == "scalar":
-            args.append(f"const {p.ctype()} {p.name}")
+            args.append(f"const {p.ctype(arg_type)} {p.name}")
         elif p.kind == "raw":
-            args.append(f"{const}{p.ctype()}* {p.name}")
+            args.append(f"{const}{p.ctype(arg_type)}* {p.name}")
         else:
-            args.append(f"{const}{p.ctype()}* {p.name}_")
+            args.append(f"{const}{p.ctype(arg_type)}* {p.name}_")
             element.append(f"{p.ctype()}& {p.name} = {p.name}_[{_ELEMENT[p.kind]}];" if p.output
                            else f"const {p.ctype()} {p.name} = {p.name}_[{_ELEMENT[p.kind]}];")
     element.append(ELEMENTWISE[op][2].format(act=act or "") + ";")
+    return args, element
+
+
+def kernel_template(op: str, act: str | None) -> str:
+    """The ``ELEMENTWISE`` entry ``op`` for ``act`` as a ``__global__`` template over
+    ``T`` (:func:`kernel_parts`), in a grid-stride loop over the n elements of the
+    output. No pointer is ``__restrict__``: as with an ElementwiseKernel, an input may be
+    an output (the wide softmax's ``softmax_exp`` runs in place)."""
+    args, element = kernel_parts(op, act)
     return (f"template <typename T>\n__global__ void {kernel_name(op, act)}({', '.join(args)})\n"
             "{\n"
             "#pragma unroll 1\n"  # one element per iteration: unrolling buys nothing here

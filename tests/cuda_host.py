@@ -105,24 +105,10 @@ OP_CALLS = {
 # --- generated C++ ----------------------------------------------------------------------
 
 def elementwise_function(op: str, act: str | None, dtype) -> str:
-    """An ``ops.ELEMENTWISE`` body as a host loop, indexed as ``ops.kernel_template``
-    indexes it on the device."""
+    """An ``ops.ELEMENTWISE`` body as a host loop: the device kernel's arguments and loop
+    body (``ops.kernel_parts``), run element after element."""
     ctype = CTYPES[np.dtype(dtype)]
-    args, element = ["long long gm_n", "long long gm_channels", "long long gm_inner"], []
-    index = {"full": "i", "column": "i / gm_inner % gm_channels",
-             "row": "i / (gm_channels * gm_inner)"}
-    for p in elementwise_signature(op):
-        const = "" if p.output else "const "
-        if p.kind == "scalar":
-            args.append(f"{p.ctype(ctype)} {p.name}")
-        elif p.kind == "raw":
-            args.append(f"{const}{p.ctype(ctype)}* {p.name}")
-        else:
-            args.append(f"{const}{p.ctype(ctype)}* {p.name}_")
-            element.append(f"{p.ctype('T')}& {p.name} = {p.name}_[{index[p.kind]}];"
-                           if p.output else
-                           f"const {p.ctype('T')} {p.name} = {p.name}_[{index[p.kind]}];")
-    element.append(ops.ELEMENTWISE[op][2].format(act=act or "") + ";")
+    args, element = ops.kernel_parts(op, act, ctype)
     signature = f"{elementwise_name(op, act, dtype)}({', '.join(args)})"
     return (f'extern "C" void {signature}\n{{\n'
             f"    typedef {ctype} T;\n"

@@ -51,9 +51,9 @@ order, types and shapes of every launch's arguments, the grid arithmetic, the nu
 the BLAS transposition flags -- and that the engine computing through the CUDA bodies
 gets the reference's numbers. What it cannot: CuPy itself (how a RawKernel packs its
 arguments), NVRTC (``test_nvrtc.py`` compiles the module, and ``test_cuda_host.py`` the
-same text with nvcc where there is one), the device's grid-stride loop (the host loop is
-``cuda_host``'s; ``test_cuda_host.py`` checks that ``ops.kernel_template`` holds its
-lines), cuBLAS's rounding (its summation order, TF32), the device's math library and
+same text with nvcc where there is one), the device's grid-stride loop (the host loop
+runs the kernel's own arguments and body, ``ops.kernel_parts``, element after element),
+cuBLAS's rounding (its summation order, TF32), the device's math library and
 its fused multiply-adds (g++ here contracts nothing), and anything concurrent: threads
 run one after another, so a race, a stream or an asynchronous copy cannot show. The
 workspace's buffers are NumPy's, so a kernel that reads an uninitialised buffer shows as

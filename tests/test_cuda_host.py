@@ -297,20 +297,6 @@ def test_everything_cupy_compiles_builds_with_nvcc_for_hopper(tmp_path):
     assert len(compiled) == 2 * len(kernels)
 
 
-def test_the_device_kernels_index_as_the_host_loops(dtype):
-    # host_cupy runs each launch through cuda_host's host loop, which indexes the bias and
-    # the per-row columns by its own expressions (CuPy's broadcasting): the kernels that
-    # ops generates for the GPU must hold the very same lines in their loop
-    def loop_body(code, opening):
-        body = code.split(opening, 1)[1]
-        return [line.strip() for line in body.splitlines()[1:] if line.strip() != "}"]
-    for op, act in cuda_host.elementwise_pairs():
-        host = cuda_host.elementwise_function(op, act, dtype)
-        device = ops.kernel_template(op, act)
-        assert loop_body(host, "for (long long i = 0; i < gm_n; ++i) {") == \
-            loop_body(device, "i += (long long)gridDim.x * blockDim.x) {"), (op, act)
-
-
 # --- 4. the kernel sources ship --------------------------------------------------------------
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
