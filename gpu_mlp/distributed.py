@@ -240,14 +240,14 @@ class Communicator:
 
     # --- the engine's side: the contract with Network._step ---------------------------
 
-    def _counts(self, rows: int) -> list[int]:
+    def row_counts(self, rows: int) -> list[int]:
         """Every rank's row count of this step, in rank order (the same list everywhere)."""
         send, counts = self._count_buffers
         send[0] = rows
         self.comm.Allgather(send, counts)
         return counts.tolist()
 
-    def _stage(self, net, downstream: Rule, counts) -> "_Stage":
+    def stage(self, net, downstream: Rule, counts) -> "_Stage":
         """The sink of one data-parallel step: sums each layer's gradient over the ranks
         and hands it to ``downstream``, the update rule (a :class:`~gpu_mlp.updates.Rule`:
         the allreduce path hands it the summed gradient)."""

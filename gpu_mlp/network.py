@@ -253,8 +253,8 @@ class Network(ForwardBackward):
         known; ``global_loss``: with communication, return the global batch's loss (else
         this rank's, with no wait: fit sums the epoch's losses over the ranks at its end)."""
         plan.check(self)
-        dp, comm = plan.dp, plan.communicator(self)
-        empty = (dp is not None or comm is not None) and _inputs.rows(X) == 0
+        comm = plan.communicator(self)
+        empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0
         if empty and comm is None and expected_batch is None:
             raise ValueError("X is an empty batch: a private step divides by the batch "
                              "size, so it needs at least one sample (fit's Poisson "
@@ -267,7 +267,7 @@ class Network(ForwardBackward):
             X, Y, _ = self.inputs.batch(self.params, X, Y, check=check)
             B = X.shape[0]
         if comm is not None:
-            counts = comm._counts(B) if counts is None else counts
+            counts = comm.row_counts(B) if counts is None else counts
             total = sum(counts)
         else:
             total = B
@@ -277,7 +277,7 @@ class Network(ForwardBackward):
             J = self.xp.zeros((), dtype=self.dtype)
         else:
             # DP needs each sample's own gradient (scale 1) and divides by the batch itself
-            scale = 1.0 if dp is not None else 1.0 / total
+            scale = 1.0 if plan.private else 1.0 / total
             J, _ = self._backprop(X, Y, sink, scale=scale, want_dx=False)
         if comm is None or not global_loss:
             return J

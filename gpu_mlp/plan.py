@@ -191,10 +191,10 @@ class StepPlan:
         sink = Apply(net.params, lr=self._lr) if self.plain else self._rule.begin_step(net)
         comm = self.communicator(net)
         if comm is not None:
-            counts = comm._counts(rows) if counts is None else counts
-            sink = comm._stage(net, sink, counts)
+            counts = comm.row_counts(rows) if counts is None else counts
+            sink = comm.stage(net, sink, counts)
         if self.private:
             if divisor is None:
                 divisor = rows if counts is None else sum(counts)
-            sink = self.dp._stage(net, sink, rows, divisor)
+            sink = self.dp.stage(net, sink, rows, divisor)
         return sink

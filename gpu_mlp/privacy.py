@@ -126,7 +126,7 @@ class DP:
 
     # --- the stage of the backward pass ----------------------------------------------
 
-    def _stage(self, net, downstream: Sink, rows: int, batch: float) -> "_Private":
+    def stage(self, net, downstream: Sink, rows: int, batch: float) -> "_Private":
         """The sink of one private step over ``rows`` local samples, dividing by
         ``batch`` (the batch size, or the expected one under Poisson sampling)."""
         return _Private(self, net, downstream, rows, batch)

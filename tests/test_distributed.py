@@ -131,7 +131,7 @@ def test_one_rank_steady_state_and_small_collectives():
     MPI = _mpi()
     comm = distributed.Communicator(MPI.COMM_SELF, path="allreduce")
     assert (comm.rank, comm.size, comm.local_rank, comm.is_root) == (0, 1, 0, True)
-    assert comm._counts(5) == [5]
+    assert comm.row_counts(5) == [5]
     np.testing.assert_array_equal(comm.sum([1.5, 2.0]), [1.5, 2.0])
     assert comm.bcast({"a": 1}) == {"a": 1}
     comm.barrier()
