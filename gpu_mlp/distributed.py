@@ -289,11 +289,8 @@ def communicator(comm, net) -> Communicator:
     ``net``, kept with the net so that its buffers last from step to step. On the CPU
     only: a GPU rank must pick its device before any net exists, which only a
     Communicator made first can do."""
-    if isinstance(comm, Communicator):
+    if isinstance(check_communicator(comm), Communicator):
         return comm
-    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce")):
-        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
-                        f"communicator, got {comm!r}")
     if net.xp is not np:
         raise TypeError("on a GPU pass a gpu_mlp.distributed.Communicator(comm) made before "
                         "the network: it picks each rank's GPU, which must happen first")
@@ -301,6 +298,16 @@ def communicator(comm, net) -> Communicator:
     if wrapper is None or wrapper.comm is not comm:
         wrapper = _wrappers[net] = Communicator(comm)
     return wrapper
+
+
+def check_communicator(comm):
+    """``comm`` if it is a :class:`Communicator` or an mpi4py communicator, else a
+    TypeError naming it."""
+    if not (isinstance(comm, Communicator)
+            or all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allreduce"))):
+        raise TypeError(f"comm must be a gpu_mlp.distributed.Communicator or an mpi4py "
+                        f"communicator, got {comm!r}")
+    return comm
 
 
 _wrappers = weakref.WeakKeyDictionary()  # net -> the Communicator made for its mpi4py comm

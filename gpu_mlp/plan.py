@@ -68,6 +68,8 @@ class StepPlan:
             raise TypeError(f"lr must be a number or a gpu_mlp.optim optimizer, got {rule!r}")
         if dp is not None and not isinstance(dp, privacy.DP):
             raise TypeError(f"dp must be a gpu_mlp.privacy.DP, got {dp!r}")
+        if comm is not None:
+            distributed.check_communicator(comm)
         self.dp, self.comm = dp, comm
 
     @classmethod

@@ -108,6 +108,9 @@ def test_bad_plans_are_refused_with_the_old_messages():
         StepPlan(True)
     with pytest.raises(TypeError, match="dp must be a gpu_mlp.privacy.DP"):
         StepPlan(0.1, dp="private")
+    with pytest.raises(TypeError, match="comm must be a gpu_mlp.distributed.Communicator "
+                                        "or an mpi4py communicator, got 'world'"):
+        StepPlan(0.1, comm="world")  # refused when made, not at its first step
     with pytest.raises(ValueError, match="holds its own dp and comm"):
         StepPlan.of(StepPlan(0.1), dp=DP(1.0, 1.0))
     plan = StepPlan(0.1)
@@ -122,7 +125,9 @@ def test_bad_plans_are_refused_with_the_old_messages():
 def test_a_plan_says_what_depends_on_dp_and_communication():
     plain, private = StepPlan(0.1), StepPlan(optim.Adam(1e-2), DP(1.0, 0.5, delta=1e-5))
     assert not plain.private and not plain.parallel and private.private
-    assert StepPlan(0.1, comm=object()).parallel
+    class World:  # what an mpi4py communicator offers, as far as a plan looks
+        Get_rank = Get_size = Allreduce = None
+    assert StepPlan(0.1, comm=World()).parallel
     assert plain.divisor(16) is None and private.divisor(16) == 16
     assert plain.epsilon(0.4) is None and plain.epsilon(0.4, steps=1) is None
     assert private.epsilon(0.4, steps=3) == private.dp.epsilon(0.4, steps=3)
