@@ -31,8 +31,15 @@ it, and each call is checked as strictly as the GPU needs it, then run:
   ``__restrict__`` array overlapping another; a thread for every row. Then the very
   ``__global__`` bodies, compiled by g++ with ``blockIdx``, ``blockDim`` and
   ``threadIdx`` as host variables, run thread after thread.
+* ``gpu_mlp.cublas``'s libcublas (:class:`HostCublas`, installed with
+  ``gpu_mlp.cublas.use``): the C API as cuBLAS defines it -- column-major matrices at raw
+  addresses with leading dimensions, the handle's stream, workspace and pointer mode,
+  ``alpha`` and ``beta`` read from the host during the call or from the device when the
+  GEMM runs -- so that the binding's marshalling (m, n, k, lda, ldb, ldc, the operations,
+  the dtype's function) is what computes.
 * ``cupy.cublas.gemm(transa, transb, a, b, out, alpha, beta)`` and
-  ``cupy.cublas.gemv(transa, alpha, a, x, beta, y)``: CuPy's documented semantics,
+  ``cupy.cublas.gemv(transa, alpha, a, x, beta, y)`` (CuPy's own, which the engine no
+  longer calls): CuPy's documented semantics,
   ``out = alpha op(a) op(b) + beta out`` and ``y = alpha op(a) x + beta y`` in place
   (with ``beta = 0`` the output is not read, as in cuBLAS), computed in float64 by
   NumPy after CuPy's own shape and dtype assertions; operands C-contiguous and no output
@@ -68,6 +75,7 @@ import functools
 import re
 import sys
 import types
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +84,7 @@ import numpy as np
 import pytest
 
 import cuda_host
+from gpu_mlp import cublas as gpu_cublas
 from gpu_mlp import cuda, ops
 
 # --- the __global__ kernels, as the CUDA sources declare them ------------------------------
@@ -390,6 +399,368 @@ class Device:
         y[...] = result
 
 
+# --- libcublas, as its C API defines it (cublas_api.h), for gpu_mlp.cublas ----------------
+
+# The entry points as cublas_api.h (CUDA 13) declares them: the prototypes the binding's
+# ctypes argtypes must spell (a pointer or a handle: void*; an enum: int).
+CUBLAS_API = """
+cublasStatus_t cublasCreate_v2(cublasHandle_t *handle);
+cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t streamId);
+cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void *workspace,
+                                     size_t workspaceSizeInBytes);
+cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t handle, cublasPointerMode_t mode);
+cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode);
+cublasStatus_t cublasSgemm_v2(cublasHandle_t handle, cublasOperation_t transa,
+    cublasOperation_t transb, int m, int n, int k, const float *alpha, const float *A,
+    int lda, const float *B, int ldb, const float *beta, float *C, int ldc);
+cublasStatus_t cublasDgemm_v2(cublasHandle_t handle, cublasOperation_t transa,
+    cublasOperation_t transb, int m, int n, int k, const double *alpha, const double *A,
+    int lda, const double *B, int ldb, const double *beta, double *C, int ldc);
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_t transa,
+    cublasOperation_t transb, int m, int n, int k, const float *alpha, const float *A,
+    int lda, long long int strideA, const float *B, int ldb, long long int strideB,
+    const float *beta, float *C, int ldc, long long int strideC, int batchCount);
+cublasStatus_t cublasDgemmStridedBatched(cublasHandle_t handle, cublasOperation_t transa,
+    cublasOperation_t transb, int m, int n, int k, const double *alpha, const double *A,
+    int lda, long long int strideA, const double *B, int ldb, long long int strideB,
+    const double *beta, double *C, int ldc, long long int strideC, int batchCount);
+cublasStatus_t cublasSgemv_v2(cublasHandle_t handle, cublasOperation_t trans, int m, int n,
+    const float *alpha, const float *A, int lda, const float *x, int incx,
+    const float *beta, float *y, int incy);
+cublasStatus_t cublasDgemv_v2(cublasHandle_t handle, cublasOperation_t trans, int m, int n,
+    const double *alpha, const double *A, int lda, const double *x, int incx,
+    const double *beta, double *y, int incy);
+"""
+_HANDLES = ("cublasHandle_t", "cudaStream_t")
+_ENUMS = ("int", "cublasOperation_t", "cublasPointerMode_t", "cublasMath_t")
+
+
+def _ctype(declaration: str):
+    """The ctypes type a C parameter declaration is passed as."""
+    words = declaration.replace("*", " * ").split()
+    if words[0] in _HANDLES and "*" in words:  # an out-parameter: cublasHandle_t*
+        return ctypes.POINTER(ctypes.c_void_p)
+    if "*" in words or words[0] in _HANDLES:
+        return ctypes.c_void_p
+    if words[0] == "size_t":
+        return ctypes.c_size_t
+    if words[:2] == ["long", "long"]:
+        return ctypes.c_longlong
+    assert words[0] in _ENUMS, declaration
+    return ctypes.c_int
+
+
+def cublas_prototypes() -> dict[str, tuple]:
+    """``{entry point: its parameters' ctypes types}``, from :data:`CUBLAS_API`."""
+    return {name: tuple(_ctype(p) for p in params.split(","))
+            for name, params in re.findall(r"cublasStatus_t (\w+)\(([^)]*)\);", CUBLAS_API)}
+
+
+CUBLAS_SUCCESS, CUBLAS_INVALID_VALUE = 0, 7  # cublasStatus_t
+MATH_MODES = {0, 1, 2, 3, 16}  # cublasMath_t: DEFAULT, TENSOR_OP, PEDANTIC, TF32, DISALLOW_RR
+WORKSPACE_ALIGNMENT = 256  # cublasSetWorkspace: else CUBLAS_STATUS_INVALID_VALUE
+STREAM = 0x5EA  # the one stream of the stand-in: the one a capture captures
+_C_INT = (-2**31, 2**31 - 1)
+
+
+class CFunction:
+    """One entry point of the stand-in libcublas, called as ctypes calls a C function: the
+    ``argtypes`` and ``restype`` the binding sets must be the C prototype's (from
+    :data:`CUBLAS_API`, not from the binding), every int must fit its C int, and a
+    pointer is an int, None or ``byref``."""
+
+    def __init__(self, name, prototype, body):
+        self.name, self.prototype, self.body = name, prototype, body
+        self.argtypes = self.restype = None
+
+    def __call__(self, *args):
+        assert tuple(self.argtypes or ()) == self.prototype, \
+            f"{self.name}: argtypes {self.argtypes}, the C prototype {self.prototype}"
+        assert self.restype is ctypes.c_int, f"{self.name} returns a cublasStatus_t (int)"
+        assert len(args) == len(self.prototype), \
+            f"{self.name}: {len(args)} arguments for {len(self.prototype)} parameters"
+        converted = []
+        for i, (ctype, value) in enumerate(zip(self.prototype, args)):
+            where = f"{self.name}, argument {i}"
+            if ctype is ctypes.c_int:
+                assert isinstance(value, (int, np.integer)) and not isinstance(value, bool), \
+                    f"{where}: expected an int, got {type(value).__name__}"
+                assert _C_INT[0] <= value <= _C_INT[1], f"{where}: {value} overflows a C int"
+                converted.append(int(value))
+            elif ctype is ctypes.c_longlong:
+                assert isinstance(value, (int, np.integer)) and not isinstance(value, bool), \
+                    f"{where}: expected an int, got {type(value).__name__}"
+                assert -2**63 <= value < 2**63, f"{where}: {value} overflows a long long"
+                converted.append(int(value))
+            elif ctype is ctypes.c_size_t:
+                assert isinstance(value, int) and value >= 0, f"{where}: a size_t, got {value!r}"
+                converted.append(value)
+            elif ctype is ctypes.c_void_p:
+                assert value is None or isinstance(value, int), \
+                    f"{where}: a pointer must be an int or None, got {type(value).__name__}"
+                converted.append(value or 0)
+            else:  # an out-parameter, by reference
+                converted.append(value._obj)
+        return self.body(*converted)
+
+
+@dataclass
+class HandleState:
+    """What a cublasHandle_t holds, as cublasCreate makes it."""
+    stream: int = 0
+    workspace: tuple | None = None  # (address, bytes) from cublasSetWorkspace, or the pool's
+    pointer_mode: int = 0
+    math_mode: int = 0
+
+
+class HostCublas:
+    """libcublas and the GPU runtime, for ``gpu_mlp.cublas.use``: the binding's
+    ``runtime``. Its ``library`` has the binding's entry points (:class:`CFunction`),
+    each as cuBLAS defines it: column-major matrices at raw addresses with leading
+    dimensions (refused with CUBLAS_STATUS_INVALID_VALUE as cuBLAS refuses them: a
+    negative size, ``ld < max(1, rows)``, an unknown operation or mode), ``alpha`` and
+    ``beta`` read as the handle's pointer mode says -- host: during the call; device: when
+    the GEMM executes -- and with beta = 0 the output not read; ``cublasSetStream``
+    forgets the workspace (the handle goes back to cuBLAS's own pool). Every address must
+    be one :meth:`pointer` gave out, and a matrix must lie inside that array (a wrong
+    leading dimension is an assertion here, not a read of someone else's memory).
+
+    The GEMMs run in float64 (rounded once into the output's dtype) and are counted in
+    ``device.launches`` under the row-major call they compute for gpu_mlp
+    (``("gemm", transa, transb, dtype)`` for ``out^T = op(b)^T op(a)^T``)."""
+
+    def __init__(self, device):
+        self.host_device = device
+        self.handles: dict[int, HandleState] = {}
+        # address -> the array given out there, weakly: a reference held here would
+        # count as the engine's own (the workspace asks sys.getrefcount)
+        self.memory = weakref.WeakValueDictionary()
+        self.library = types.SimpleNamespace()
+        self.array_type = np.ndarray
+        proto = cublas_prototypes()
+        bodies = {"cublasCreate_v2": self._create, "cublasSetStream_v2": self._set_stream,
+                  "cublasSetWorkspace_v2": self._set_workspace,
+                  "cublasSetPointerMode_v2": self._set_pointer_mode,
+                  "cublasSetMathMode": self._set_math_mode,
+                  "cublasSgemm_v2": functools.partial(self._gemm, np.dtype(np.float32)),
+                  "cublasDgemm_v2": functools.partial(self._gemm, np.dtype(np.float64)),
+                  "cublasSgemmStridedBatched": functools.partial(self._gemm_batched,
+                                                                 np.dtype(np.float32)),
+                  "cublasDgemmStridedBatched": functools.partial(self._gemm_batched,
+                                                                 np.dtype(np.float64)),
+                  "cublasSgemv_v2": functools.partial(self._gemv, np.dtype(np.float32)),
+                  "cublasDgemv_v2": functools.partial(self._gemv, np.dtype(np.float64))}
+        assert set(bodies) == set(proto) >= set(gpu_cublas.PROTOTYPES), \
+            "the binding uses an entry point the stand-in lacks"
+        for name, body in bodies.items():
+            setattr(self.library, name, CFunction(name, proto[name], body))
+
+    # --- the runtime's side (what CuPy answers on a GPU) --------------------------------
+
+    def device(self) -> int:
+        return 0
+
+    def stream(self) -> int:
+        return STREAM
+
+    def capturing(self, stream: int) -> bool:
+        return False
+
+    def workspace(self, nbytes: int):
+        raw = np.empty(nbytes + WORKSPACE_ALIGNMENT, np.uint8)  # CuPy's pool: 512-aligned
+        start = -raw.ctypes.data % WORKSPACE_ALIGNMENT
+        return raw, raw.ctypes.data + start
+
+    def scalar(self, value, dtype):
+        return np.full((), value, dtype=dtype)
+
+    def pointer(self, a) -> int:
+        assert isinstance(a, np.ndarray), f"a pointer asked of a {type(a).__name__}"
+        self.memory[a.ctypes.data] = a
+        return a.ctypes.data
+
+    def math_mode(self) -> int:
+        return 0
+
+    def enqueue(self, name: str, run, handle: HandleState, scalars) -> None:
+        """Work on the handle's stream: here, run now."""
+        run()
+
+    # --- the library ----------------------------------------------------------------------
+
+    def _create(self, out) -> int:
+        handle = 0x1000 + 16 * len(self.handles)
+        self.handles[handle] = HandleState()
+        out.value = handle
+        return CUBLAS_SUCCESS
+
+    def _state(self, name, handle) -> HandleState:
+        assert handle in self.handles, f"{name}: {handle:#x} is no handle cublasCreate made"
+        return self.handles[handle]
+
+    def _set_stream(self, handle, stream) -> int:
+        state = self._state("cublasSetStream_v2", handle)
+        state.stream, state.workspace = stream, None  # back to the default workspace pool
+        return CUBLAS_SUCCESS
+
+    def _set_workspace(self, handle, address, nbytes) -> int:
+        state = self._state("cublasSetWorkspace_v2", handle)
+        if address % WORKSPACE_ALIGNMENT:
+            return CUBLAS_INVALID_VALUE
+        state.workspace = (address, nbytes)
+        return CUBLAS_SUCCESS
+
+    def _set_pointer_mode(self, handle, mode) -> int:
+        state = self._state("cublasSetPointerMode_v2", handle)
+        if mode not in (0, 1):
+            return CUBLAS_INVALID_VALUE
+        state.pointer_mode = mode
+        return CUBLAS_SUCCESS
+
+    def _set_math_mode(self, handle, mode) -> int:
+        state = self._state("cublasSetMathMode", handle)
+        if mode not in MATH_MODES:
+            return CUBLAS_INVALID_VALUE
+        state.math_mode = mode
+        return CUBLAS_SUCCESS
+
+    def _scalar(self, where, state, dtype, address):
+        """``*address`` as cuBLAS reads it: host mode now (a float), device mode later (a
+        function reading the device scalar when the work runs)."""
+        if state.pointer_mode == 0:
+            assert address not in self.memory, \
+                f"{where}: a device address in CUBLAS_POINTER_MODE_HOST"
+            value = {4: ctypes.c_float, 8: ctypes.c_double}[dtype.itemsize].from_address(address)
+            return float(value.value)
+        assert address in self.memory and self.memory[address].dtype == dtype, \
+            f"{where}: CUBLAS_POINTER_MODE_DEVICE needs a device {dtype.name} scalar"
+        scalar = self.memory[address]
+        return lambda: float(scalar.view(np.ndarray).reshape(-1)[0])
+
+    def _matrix(self, where, dtype, address, rows, cols, ld) -> np.ndarray:
+        """The column-major (rows, cols) matrix at ``address``, leading dimension ``ld``."""
+        if rows == 0 or cols == 0:
+            return np.zeros((rows, cols), dtype)
+        assert address in self.memory, f"{where}: {address:#x} is no array's address"
+        array = self.memory[address]
+        assert array.dtype == dtype, f"{where}: a {array.dtype.name} array, {dtype.name} expected"
+        assert array.flags.c_contiguous, f"{where}: the array is not contiguous"
+        extent = (cols - 1) * ld + rows
+        assert extent <= array.size, \
+            f"{where}: a ({rows}, {cols}) matrix with ld {ld} reads {extent} elements of " \
+            f"an array of {array.size}"
+        flat = array.view(np.ndarray).reshape(-1)
+        return np.lib.stride_tricks.as_strided(flat, (rows, cols),
+                                               (dtype.itemsize, ld * dtype.itemsize))
+
+    def _check_no_overlap(self, name, out, operands, size) -> None:
+        """The output's array shares no memory with an operand's (cuBLAS reads them as it
+        writes: an overlap is undefined)."""
+        if size:
+            for address in operands:
+                if address in self.memory:
+                    _check_no_overlap(f"{name}, the output", self.memory[out],
+                                      [self.memory[address]])
+
+    def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C,
+              ldc) -> int:
+        name = f"cublas{'S' if dtype == np.float32 else 'D'}gemm_v2"
+        state = self._state(name, handle)
+        if transa not in (0, 1) or transb not in (0, 1) or min(m, n, k) < 0:
+            return CUBLAS_INVALID_VALUE
+        a_rows, b_rows = (m, k)[transa], (k, n)[transb]
+        if lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
+            return CUBLAS_INVALID_VALUE
+        if m == 0 or n == 0:
+            return CUBLAS_SUCCESS  # quick return
+        read_alpha = self._scalar(f"{name}, alpha", state, dtype, alpha)
+        read_beta = self._scalar(f"{name}, beta", state, dtype, beta)
+        op_a = self._matrix(f"{name}, A", dtype, A, a_rows, (k, m)[transa], lda)
+        op_b = self._matrix(f"{name}, B", dtype, B, b_rows, (n, k)[transb], ldb)
+        out = self._matrix(f"{name}, C", dtype, C, m, n, ldc)
+        op_a, op_b = (op_a.T if transa else op_a), (op_b.T if transb else op_b)
+        self._check_no_overlap(name, C, (A, B) if k else (), out.size)  # k = 0: unread
+
+        def run():
+            self.host_device.launches["gemm", "NT"[transb], "NT"[transa], dtype.name] += 1
+            _axpby(out, op_a.astype(np.float64) @ op_b.astype(np.float64), read_alpha,
+                   read_beta)
+        self.enqueue(name, run, state, (read_alpha, read_beta))
+        return CUBLAS_SUCCESS
+
+    def _gemm_batched(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, stride_a,
+                      B, ldb, stride_b, beta, C, ldc, stride_c, count) -> int:
+        """``count`` GEMMs as :meth:`_gemm`, matrix i of each operand ``i * stride``
+        elements past its first; the outputs must not overlap (cuBLAS: undefined)."""
+        name = f"cublas{'S' if dtype == np.float32 else 'D'}gemmStridedBatched"
+        state = self._state(name, handle)
+        if transa not in (0, 1) or transb not in (0, 1) or min(m, n, k, count) < 0:
+            return CUBLAS_INVALID_VALUE
+        a_rows, b_rows = (m, k)[transa], (k, n)[transb]
+        if lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
+            return CUBLAS_INVALID_VALUE
+        if m == 0 or n == 0 or count == 0:
+            return CUBLAS_SUCCESS  # quick return
+        assert stride_c >= (n - 1) * ldc + m, f"{name}: the outputs C[i] overlap"
+        read_alpha = self._scalar(f"{name}, alpha", state, dtype, alpha)
+        read_beta = self._scalar(f"{name}, beta", state, dtype, beta)
+        extent = lambda rows, cols, ld, stride: (count - 1) * stride + (cols - 1) * ld + rows
+        op_a = self._matrix(f"{name}, A", dtype, A, extent(a_rows, (k, m)[transa], lda,
+                                                            stride_a), 1, 1)
+        op_b = self._matrix(f"{name}, B", dtype, B, extent(b_rows, (n, k)[transb], ldb,
+                                                            stride_b), 1, 1)
+        out = self._matrix(f"{name}, C", dtype, C, extent(m, n, ldc, stride_c), 1, 1)
+        size = dtype.itemsize
+
+        def stack(flat, rows, cols, ld, stride):  # (count, rows, cols), column-major
+            return np.lib.stride_tricks.as_strided(
+                flat.reshape(-1), (count, rows, cols), (stride * size, size, ld * size))
+        As = stack(op_a, a_rows, (k, m)[transa], lda, stride_a)
+        Bs = stack(op_b, b_rows, (n, k)[transb], ldb, stride_b)
+        Cs = stack(out, m, n, ldc, stride_c)
+        As, Bs = (As.transpose(0, 2, 1) if transa else As), (Bs.transpose(0, 2, 1) if transb else Bs)
+        self._check_no_overlap(name, C, (A, B) if k else (), Cs.size)
+
+        def run():
+            self.host_device.launches["gemm_batched", "NT"[transb], "NT"[transa],
+                                      dtype.name] += 1
+            _axpby(Cs, As.astype(np.float64) @ Bs.astype(np.float64), read_alpha, read_beta)
+        self.enqueue(name, run, state, (read_alpha, read_beta))
+        return CUBLAS_SUCCESS
+
+    def _gemv(self, dtype, handle, trans, m, n, alpha, A, lda, x, incx, beta, y, incy) -> int:
+        name = f"cublas{'S' if dtype == np.float32 else 'D'}gemv_v2"
+        state = self._state(name, handle)
+        if trans not in (0, 1) or min(m, n) < 0 or lda < max(1, m) or not incx or not incy:
+            return CUBLAS_INVALID_VALUE
+        if m == 0 or n == 0:
+            return CUBLAS_SUCCESS  # quick return: y untouched, even with beta != 1
+        assert incx == incy == 1, f"{name}: the stand-in reads contiguous vectors only"
+        read_alpha = self._scalar(f"{name}, alpha", state, dtype, alpha)
+        read_beta = self._scalar(f"{name}, beta", state, dtype, beta)
+        a = self._matrix(f"{name}, A", dtype, A, m, n, lda)
+        op_a = a.T if trans else a
+        xs = self._matrix(f"{name}, x", dtype, x, op_a.shape[1], 1, max(1, op_a.shape[1]))
+        ys = self._matrix(f"{name}, y", dtype, y, op_a.shape[0], 1, max(1, op_a.shape[0]))
+        self._check_no_overlap(name, y, (A, x), ys.size)
+
+        def run():
+            self.host_device.launches["gemv", "TN"[trans], dtype.name] += 1
+            _axpby(ys, op_a.astype(np.float64) @ xs.astype(np.float64), read_alpha, read_beta)
+        self.enqueue(name, run, state, (read_alpha, read_beta))
+        return CUBLAS_SUCCESS
+
+
+def _axpby(out, product, alpha, beta) -> None:
+    """``out <- alpha product + beta out`` in float64, rounded once; beta = 0: out unread.
+    ``alpha``/``beta``: a float, or a function reading a device scalar now."""
+    alpha, beta = (x() if callable(x) else x for x in (alpha, beta))
+    result = alpha * product
+    if beta != 0:
+        result += beta * out.astype(np.float64)
+    out[...] = result
+
+
 @contextlib.contextmanager
 def cupy_path(lib: ctypes.CDLL):
     """Within: ``gpu_mlp.ops`` takes its CuPy branches and ``import cupy`` gives the
@@ -397,7 +768,7 @@ def cupy_path(lib: ctypes.CDLL):
     ``gpu_mlp`` cached are dropped on entry and on exit, so none crosses the boundary."""
     device = Device(lib)
     caches = (ops._function, cuda.module)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, gpu_cublas.use(HostCublas(device)):
         mp.setattr(ops, "is_numpy", lambda a: False)
         mp.setitem(sys.modules, "cupy", device.cupy)
         mp.setitem(sys.modules, "cupy.cublas", device.cupy.cublas)
