@@ -43,10 +43,13 @@ the JSON records its size.
 
 ``--breakdown`` also times, over further interleaved steps of gpu_mlp's three steps,
 where each step's time goes: the per-sample squared norms
-(``norms.per_sample_squares``), the noise (``ops.add_gaussian``), the update
-GEMMs/GEMVs (``updates.Apply``, noise excluded), the clipping factors and the row scaling
-(the rest of ``privacy._Private.finish``), and the forward/backward remainder; on a GPU
-each timer synchronises the device.
+(``norms.per_sample_squares``; for a convolution whose per-sample gradients DP keeps,
+``norms.per_sample_gradients`` and ``norms.row_squares_into``), the noise
+(``ops.add_gaussian``), the update GEMMs/GEMVs (``updates.Apply``, its call and its
+``gradient``, noise excluded), the clipping factors and the row scaling or, for kept
+per-sample gradients, the GEMVs of their clipped sum (the rest of
+``privacy._Private.finish``), and the forward/backward remainder; on a GPU each timer
+synchronises the device.
 
 Writes ``results.json`` and ``report.md`` (machine, versions, the command, the table)
 to ``--out``.
@@ -340,9 +343,10 @@ def _timers(sync):
 
     spent = {"squares": 0.0, "noise": 0.0, "finish": 0.0, "apply": 0.0,
              "apply in finish": 0.0}
-    # privacy looks the norm function up in gpu_mlp.norms at each call: patched there
-    saved = (norms.per_sample_squares, ops.add_gaussian, privacy._Private.finish,
-             updates.Apply.__call__)
+    # privacy looks the norm functions up in gpu_mlp.norms at each call: patched there
+    saved = (norms.per_sample_squares, norms.per_sample_gradients, norms.row_squares_into,
+             ops.add_gaussian, privacy._Private.finish, updates.Apply.__call__,
+             updates.Apply.gradient)
 
     def timed(name, f):
         def wrapper(*args, **kwargs):
@@ -359,14 +363,18 @@ def _timers(sync):
         return wrapper
 
     norms.per_sample_squares = timed("squares", saved[0])
-    ops.add_gaussian = timed("noise", saved[1])
-    privacy._Private.finish = timed("finish", saved[2])
-    updates.Apply.__call__ = timed("apply", saved[3])
+    norms.per_sample_gradients = timed("squares", saved[1])
+    norms.row_squares_into = timed("squares", saved[2])
+    ops.add_gaussian = timed("noise", saved[3])
+    privacy._Private.finish = timed("finish", saved[4])
+    updates.Apply.__call__ = timed("apply", saved[5])
+    updates.Apply.gradient = timed("apply", saved[6])
     try:
         yield spent
     finally:
-        (norms.per_sample_squares, ops.add_gaussian, privacy._Private.finish,
-         updates.Apply.__call__) = saved
+        (norms.per_sample_squares, norms.per_sample_gradients, norms.row_squares_into,
+         ops.add_gaussian, privacy._Private.finish, updates.Apply.__call__,
+         updates.Apply.gradient) = saved
 
 
 def _parts(spent, total):

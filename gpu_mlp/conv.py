@@ -14,6 +14,11 @@ caller's buffer (a loop over the kh*kw kernel offsets with strided slices, as Ch
 and as CUDA elementwise kernel bodies over ``kernels/conv.cuh`` (``ELEMENTWISE``),
 whose col2im is a gather adding in the NumPy order, so both give the same bits.
 
+The engine keeps a convolution's maps channels-last (NHWC: :class:`gpu_mlp.layers.
+ChannelsLast`); :func:`im2col_nhwc` and :func:`col2im_nhwc` are the same maps on NHWC
+images, twinned the same way (``im2col_nhwc``, ``col2im_nhwc`` in ``ELEMENTWISE``). The
+NCHW pair serves the layers' torch-layout methods and the network's entrance.
+
 >>> import numpy as np
 >>> from gpu_mlp.layers import Conv2d
 >>> layer = Conv2d(1, 1, 2)
@@ -58,6 +63,13 @@ ELEMENTWISE = {
     # img (B, C, H, W) <- col2im(cols), a gather: no atomics, deterministic
     "col2im": (f"raw T cols, {_GEOMETRY}", "T img",
                f"img = gm_col2im_at(&cols[0], i, {_ARGS})"),
+    # the engine's channels-last twins (x (B, H, W, C)): cols in the (c, i, j) column order
+    # above, or with taps_first in the (i, j, c) order of the NHWC windows
+    "im2col_nhwc": (f"raw T x, {_GEOMETRY}, int32 taps_first", "T cols",
+                    f"cols = gm_im2col_nhwc_at(&x[0], i, {_ARGS}, taps_first)"),
+    # img (B, H, W, C) <- the adjoint of im2col_nhwc with taps_first, a gather
+    "col2im_nhwc": (f"raw T cols, {_GEOMETRY}", "T img",
+                    f"img = gm_col2im_nhwc_at(&cols[0], i, {_ARGS})"),
 }
 
 
@@ -128,4 +140,103 @@ def col2im(cols: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray
             w_lo, w_hi, xs = _window(OW, W, layer.stride[1], layer.padding[1], j)
             part = view[:, h_lo:h_hi, w_lo:w_hi, :, i, j].transpose(0, 3, 1, 2)
             out[:, :, ys, xs] += part
+    return out
+
+
+# --- channels last: the engine's layout -----------------------------------------------------
+#
+# The engine keeps a convolution's activations as NHWC (B, H, W, C), the rows of its GEMM
+# (gpu_mlp.layers.ChannelsLast). Its im2col reads the NHWC windows through one strided
+# view, so each copy moves runs of C (or kw*C) contiguous values, not single pixels.
+
+def _nhwc(images, matrix, layer: ConvGeometry, what: str):
+    """(B, OH, OW) of the NHWC ``images`` for ``layer``, after checking the shapes."""
+    if images.ndim != 4 or images.shape[3] != layer.c_in:
+        raise ValueError(f"{layer}: {what} must be a (batch, height, width, {layer.c_in}) "
+                         f"array, got shape {tuple(images.shape)}")
+    B, H, W, C = images.shape
+    _, OH, OW = layer.output_shape((C, H, W))
+    shape = (B * OH * OW, C * layer.kernel_size[0] * layer.kernel_size[1])
+    if tuple(matrix.shape) != shape or not matrix.flags.c_contiguous:
+        raise ValueError(f"{layer}: the column matrix must be C-contiguous of shape {shape} "
+                         f"for images of shape {tuple(images.shape)}, got {tuple(matrix.shape)}")
+    return B, OH, OW
+
+
+def windows(x, layer: ConvGeometry, padded=None):
+    """The NHWC batch ``x`` (B, H, W, C) as its windows (B, OH, OW, kh, kw, C): entry
+    ``[b, oh, ow, i, j, c]`` is ``x[b, oh*sh - ph + i, ow*sw - pw + j, c]``, 0 outside the
+    image. A strided view of ``x``; with padding, of ``padded`` (B, H + 2 ph, W + 2 pw,
+    C), which gets ``x`` inside a zero border."""
+    B, H, W, C = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    _, OH, OW = layer.output_shape((C, H, W))
+    if ph or pw:
+        if padded is None or padded.shape != (B, H + 2 * ph, W + 2 * pw, C):
+            raise ValueError(f"{layer}: padding needs a buffer of shape "
+                             f"{(B, H + 2 * ph, W + 2 * pw, C)}")
+        padded[:, :ph] = 0
+        padded[:, ph + H:] = 0
+        padded[:, ph:ph + H, :pw] = 0
+        padded[:, ph:ph + H, pw + W:] = 0
+        padded[:, ph:ph + H, pw:pw + W] = x
+        x = padded
+    s = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x, (B, OH, OW, kh, kw, C), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]),
+        writeable=False)
+
+
+def im2col_nhwc(x, layer: ConvGeometry, out, taps_first: bool, padded=None):
+    """``out <- rows(x)`` for the NHWC ``x``: (B*OH*OW, K), its columns in the order
+    (c, i, j) of :func:`im2col` (``W``'s own), or with ``taps_first`` in the windows'
+    order (i, j, c), one copy of contiguous runs. A padding layer reads the windows of
+    ``padded`` (see :func:`windows`), or without it writes the zeros of the padding
+    itself, kernel offset by kernel offset."""
+    B, OH, OW = _nhwc(x, out, layer, "x")
+    (kh, kw), C = layer.kernel_size, layer.c_in
+    view = out.reshape((B, OH, OW, kh, kw, C) if taps_first else (B, OH, OW, C, kh, kw))
+    if padded is None and any(layer.padding):
+        H, W = x.shape[1:3]
+        for i in range(kh):
+            h_lo, h_hi, ys = _window(OH, H, layer.stride[0], layer.padding[0], i)
+            for j in range(kw):
+                w_lo, w_hi, xs = _window(OW, W, layer.stride[1], layer.padding[1], j)
+                o = view[:, :, :, i, j] if taps_first else view[..., i, j]
+                o[:, :h_lo] = 0
+                o[:, h_hi:] = 0
+                o[:, h_lo:h_hi, :w_lo] = 0
+                o[:, h_lo:h_hi, w_hi:] = 0
+                np.copyto(o[:, h_lo:h_hi, w_lo:w_hi], x[:, ys, xs])
+        return out
+    w = windows(x, layer, padded)
+    if taps_first:
+        np.copyto(view, w)
+        return out
+    for i in range(kh):  # kh*kw copies of runs of C
+        for j in range(kw):
+            np.copyto(view[..., i, j], w[:, :, :, i, j])
+    return out
+
+
+def col2im_nhwc(cols, layer: ConvGeometry, out):
+    """``out`` (B, H, W, C) <- the adjoint of :func:`im2col_nhwc` with ``taps_first``:
+    per pixel the sum of the entries of ``cols`` that read it, added in the order of the
+    CUDA gather ``gm_col2im_nhwc_at``."""
+    B, OH, OW = _nhwc(out, cols, layer, "out")
+    H, W = out.shape[1:3]
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    view = cols.reshape(B, OH, OW, kh, kw, layer.c_in)
+    if (sh, sw) == (kh, kw) and not ph and not pw:  # the windows tile the image: one copy
+        out[:, OH * kh:] = 0
+        out[:, :OH * kh, OW * kw:] = 0
+        tiles = out[:, :OH * kh, :OW * kw].reshape(B, OH, kh, OW, kw, layer.c_in)
+        np.copyto(tiles, view.transpose(0, 1, 3, 2, 4, 5))
+        return out
+    out.fill(0)
+    for i in range(kh):
+        h_lo, h_hi, ys = _window(OH, H, sh, ph, i)
+        for j in range(kw):
+            w_lo, w_hi, xs = _window(OW, W, sw, pw, j)
+            out[:, ys, xs] += view[:, h_lo:h_hi, w_lo:w_hi, i, j]
     return out

@@ -11,12 +11,14 @@ W_mat^T`` and ``C^dagger(T, W) = rows^*(T_rows W_mat)`` (one GEMM each),
 ``C^{dagger dagger}(x, T) = T_rows^T rows(x)`` and ``iota^*(T) = T_rows^T 1``.
 
 ``rows`` is a reshape for :class:`Dense` and im2col for :class:`Conv2d`
-(:mod:`gpu_mlp.conv`); ``rows^*`` is the reshape back and col2im. Activations are kept
-in the layer's own layout, ``(B, d)`` or NCHW; a Conv2d's GEMM works in rows
-``(B*H*W, c)`` and its :meth:`~Layer.linear` and :meth:`~Layer.to_rows` move between the
-two. The engine (:mod:`gpu_mlp.network`) runs one loop over these methods for every
-type; the weight and bias gradients are left to its *sink*, which receives
-``(T_rows, rows(x))``.
+(:mod:`gpu_mlp.conv`); ``rows^*`` is the reshape back and col2im. A layer's methods take
+arrays in torch's layouts, ``(B, d)`` or NCHW. The engine (:mod:`gpu_mlp.network`) runs
+one loop over the same methods of each layer's *engine form* (:attr:`Layer.engine`): a
+Dense is its own; a Conv2d's is :class:`ChannelsLast`, which keeps the maps NHWC, the
+rows ``(B*H*W, c)`` of its GEMM, so that no layout copy runs between convolutions (the
+engine copies where torch's layout meets the channels-last one: :attr:`Layer.channels_last`).
+The weight and bias gradients are left to the engine's *sink*, which receives
+``(T_rows, rows(x))`` -- the same factors from either form.
 
 >>> conv = Conv2d(1, 4, 3, padding=1)
 >>> conv.output_shape((1, 8, 8)), conv.weight_shape
@@ -27,6 +29,7 @@ type; the weight and bias gradients are left to its *sink*, which receives
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -145,6 +148,26 @@ class Layer:
     def weight_matrix(W):
         """``W`` as the (d_out, K) matrix of the GEMMs: a view."""
         return W.reshape(W.shape[0], -1)
+
+    # --- the engine's form of the layer (gpu_mlp.network runs its loop on it) ---
+
+    channels_last = False  # whether the engine keeps its input and output NHWC
+
+    @property
+    def engine(self) -> "Layer":
+        """The layer as the engine runs it: its methods above, on arrays in the engine's
+        layout (a Conv2d's :class:`ChannelsLast`; a Dense is its own)."""
+        return self
+
+    def engine_shape(self, shape: tuple) -> tuple:
+        """A per-sample input shape in torch's layout as the engine's form keeps it."""
+        return tuple(shape)
+
+    @staticmethod
+    def as_rows(a):
+        """The engine's activations of this layer as rows (B*P, d_out), a view: what the
+        bias broadcasts over."""
+        return a
 
 
 @dataclass(frozen=True, init=False)
@@ -277,10 +300,155 @@ class Conv2d(Layer):
     def bias_view(self, b):
         return b.reshape(self.c_out, 1, 1)  # one bias per channel, over (B, c, H, W)
 
+    @property
+    def engine(self) -> "ChannelsLast":
+        return _channels_last(self)
+
     def __str__(self) -> str:
         return (f"Conv2d({self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 f"activation={str(self.activation)!r})")
+
+
+class ChannelsLast(Layer):
+    """A :class:`Conv2d` as the engine runs it: activations NHWC, (B, H, W, C), which are
+    the rows of its GEMM. So no copy runs between convolutions: ``to_rows`` is a view and
+    the bias broadcasts over the rows; the engine copies NCHW to NHWC where the network's
+    input enters and back where a Dense layer or the loss takes the maps (torch.flatten's
+    order). ``rows(x)`` keeps the column order (c, i, j) and the rows (b, oh, ow), so the
+    weight gradient ``T_rows^T rows(x)`` lands in ``W``'s own layout and the sinks see the
+    factors of the NCHW maps. ``C^dagger`` reads the windows in their NHWC order (i, j,
+    c) instead, against a copy of ``W`` in that order (c_out x K: small):
+    col2im then adds contiguous runs (the forward keeps (c, i, j) and ``W``, so that it
+    sums as before: a saved network predicts the same bits). On NumPy im2col and col2im
+    run on blocks of whole samples (ops.conv_block), which stay in cache. A 1x1
+    convolution with stride 1 and no padding has no column buffer: ``rows(x)`` is ``x``;
+    windows that tile the image (stride = kernel, no padding) are one copy each way.
+    """
+
+    channels_last = True
+
+    def __init__(self, conv: Conv2d):
+        self.conv, self.activation = conv, conv.activation
+        self.c_in, self.c_out = conv.c_in, conv.c_out
+        self._direct = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                        and conv.padding == (0, 0))
+
+    @property
+    def weight_shape(self) -> tuple:
+        return self.conv.weight_shape
+
+    def output_shape(self, input_shape: tuple) -> tuple:
+        return self.conv.output_shape(input_shape)
+
+    def positions(self, input_shape: tuple) -> int:
+        return self.conv.positions(input_shape)
+
+    def engine_shape(self, shape: tuple) -> tuple:
+        return (*shape[1:], shape[0])
+
+    @staticmethod
+    def as_rows(a):
+        return a.reshape(-1, a.shape[-1])
+
+    def __str__(self) -> str:
+        return f"ChannelsLast({self.conv})"
+
+    def _geometry(self, x):
+        """(B, P, K) of the NHWC batch ``x``."""
+        B, H, W, C = x.shape
+        _, OH, OW = self.conv.output_shape((C, H, W))
+        return B, OH * OW, self.conv.fan_in
+
+    def _blocks(self, B: int, n: int, P: int):
+        """(samples, rows) slices of blocks of ``n`` whole samples."""
+        return [(slice(b, min(B, b + n)), slice(b * P, min(B, b + n) * P))
+                for b in range(0, B, n)]
+
+    def rows(self, x, ws):
+        if self._direct:
+            return x.reshape(-1, self.c_in)
+        B, P, K = self._geometry(x)
+        cols = ws.take((B * P, K))
+        n = ops.conv_block(x, P * K * x.dtype.itemsize)
+        for samples, rows in self._blocks(B, n, P):  # blocks: measured faster than one
+            ops.im2col_nhwc(self.conv, x[samples], cols[rows], taps_first=False)
+        return cols
+
+    def give_rows(self, rows, ws) -> None:
+        if not self._direct:
+            ws.give(rows)
+
+    def linear(self, x, W, ws, out=None):
+        # columns (c, i, j) against W itself: the sums of the NCHW engine, bit for bit
+        # (a checkpoint predicts what it predicted)
+        B, P, K = self._geometry(x)
+        H, Wd = x.shape[1:3]
+        _, OH, OW = self.output_shape((self.c_in, H, Wd))
+        A = ws.take((B, OH, OW, self.c_out)) if out is None else out
+        A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
+        if self._direct:
+            ops.gemm("N", "T", self.rows(x, ws), W_mat, A_rows)
+            return A
+        n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
+        cols = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
+        for samples, rows in self._blocks(B, n, P):
+            block = cols[:rows.stop - rows.start]
+            ops.im2col_nhwc(self.conv, x[samples], block, taps_first=False)
+            ops.gemm("N", "T", block, W_mat, A_rows[rows])
+        ws.give(cols)
+        return A
+
+    def to_rows(self, T, ws):
+        return self.as_rows(T)  # a view: the engine gives T back through it
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        # the columns in the windows' order (i, j, c), against W in that order: col2im
+        # then adds runs of C contiguous values
+        if self._direct:
+            ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
+            return
+        B, P, K = self._geometry(out)
+        n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
+        shape = (self.c_out, *self.conv.kernel_size, self.c_in)
+        if ops.is_numpy(out):  # W's copy cut from the column buffer, where it fits beside
+            n = min(n, (B * P * K - self.c_out * K) // (P * K))  # a block (not at B = 1)
+        if n >= 1 and ops.is_numpy(out):
+            whole = ws.take((B * P, K))  # one column buffer in all, whatever the batch
+            flat = whole.reshape(-1)
+            dcols = flat[:n * P * K].reshape(n * P, K)
+            Wt = flat[n * P * K:n * P * K + self.c_out * K].reshape(shape)
+            taken = [whole]
+        else:
+            n = max(n, 1)
+            dcols, Wt = ws.take((n * P, K)), ws.take(shape)  # Wt pooled apart from columns
+            taken = [dcols, Wt]
+        Wt[...] = W.transpose(0, 2, 3, 1)
+        Wt = Wt.reshape(self.c_out, K)
+        for samples, rows in self._blocks(B, n, P):
+            block = dcols[:rows.stop - rows.start]
+            ops.gemm("N", "N", T_rows[rows], Wt, block)
+            ops.col2im_nhwc(self.conv, block, out[samples])
+        ws.give(*taken)
+
+
+@functools.cache
+def _channels_last(conv: Conv2d) -> ChannelsLast:
+    return ChannelsLast(conv)
+
+
+def to_channels_last(x, ws):
+    """NCHW ``x`` (B, C, H, W) copied into a workspace buffer (B, H, W, C)."""
+    y = ws.take((x.shape[0], *x.shape[2:], x.shape[1]))
+    y[...] = x.transpose(0, 2, 3, 1)
+    return y
+
+
+def to_channels_first(x, ws, out=None):
+    """NHWC ``x`` (B, H, W, C) copied into ``out`` or a workspace buffer (B, C, H, W)."""
+    y = ws.take((x.shape[0], x.shape[3], *x.shape[1:3])) if out is None else out
+    y[...] = x.transpose(0, 3, 1, 2)
+    return y
 
 
 LAYER_TYPES = {"Dense": Dense, "Conv2d": Conv2d}

@@ -38,6 +38,7 @@ import numpy as np
 from . import _checks
 from . import checkpoint as _checkpoint
 from . import device as _device
+from . import graph as _graph
 from . import inputs as _inputs
 from . import layers as _layers
 from . import losses as _losses
@@ -170,12 +171,22 @@ class Network(ForwardBackward):
                 f"device={self.device!r}, dtype={self.dtype.name!r})")
 
     def free_buffers(self) -> None:
-        """Release the buffers kept between calls (training's and predict's); the next
-        call allocates them again. On a GPU the memory goes back to CuPy's pool, which
-        keeps it for reuse (``cupy.get_default_memory_pool().free_all_blocks()`` hands
-        it back to the driver)."""
+        """Release the buffers kept between calls (training's and predict's, and the
+        captured steps' graphs); the next call allocates them again. On a GPU the memory
+        goes back to CuPy's pool, which keeps it for reuse
+        (``cupy.get_default_memory_pool().free_all_blocks()`` hands it back to the
+        driver)."""
         self.training_workspace.clear()
         self.inference_workspace.clear()
+        self.step_graphs.clear()
+
+    @property
+    def step_graphs(self) -> _graph.StepGraphs:
+        """The training steps captured as CUDA graphs (:mod:`gpu_mlp.graph`)."""
+        graphs = self.__dict__.get("_step_graphs")
+        if graphs is None:
+            graphs = self._step_graphs = _graph.StepGraphs()
+        return graphs
 
     # --- public steps -------------------------------------------------------------------
 
@@ -243,15 +254,25 @@ class Network(ForwardBackward):
         expected batch size.) mpi4py's own communicator will do on the CPU (wrapped in a
         Communicator kept with the net). With ``comm`` the loss is the global batch's,
         every rank's mean weighted by its rows: a small allreduce that waits for the step.
+
+        On a GPU a step's configuration (batch shape, rule and its settings, DP, memory
+        mode, the parameter arrays) runs eagerly on its first use, is captured as one
+        CUDA graph on its second and replayed after (:mod:`gpu_mlp.graph`): the same
+        numbers, bit for bit, with the host's work per step cut to copying the batch in
+        and launching the graph. Bad input still raises before anything runs, and
+        data-parallel steps (``comm``, on any number of ranks: their collectives are not
+        captured) always run eagerly.
         """
         return self._step(X, Y, StepPlan.of(lr, dp, comm), check, global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
-              global_loss=False):
+              global_loss=False, capture=True):
         """:meth:`train_step` by ``plan``; ``expected_batch``: what DP divides by (fit's
         Poisson sampling: the expected batch size); ``counts``: every rank's rows, when
         known; ``global_loss``: with communication, return the global batch's loss (else
-        this rank's, with no wait: fit sums the epoch's losses over the ranks at its end)."""
+        this rank's, with no wait: fit sums the epoch's losses over the ranks at its end);
+        ``capture``: whether the step may be captured as a CUDA graph
+        (:mod:`gpu_mlp.graph`; fit's Poisson samples, of ever other sizes, are not)."""
         plan.check(self)
         comm = plan.communicator(self)
         empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0
@@ -271,14 +292,15 @@ class Network(ForwardBackward):
             total = sum(counts)
         else:
             total = B
-        sink = plan.sink(self, B, counts, total if expected_batch is None else expected_batch)
+        divisor = total if expected_batch is None else expected_batch
         if empty:
-            self._empty_backward(sink)
+            self._empty_backward(plan.sink(self, B, counts, divisor))
             J = self.xp.zeros((), dtype=self.dtype)
         else:
             # DP needs each sample's own gradient (scale 1) and divides by the batch itself
             scale = 1.0 if plan.private else 1.0 / total
-            J, _ = self._backprop(X, Y, sink, scale=scale, want_dx=False)
+            J = self.step_graphs.step(self, X, Y, plan, B, counts, divisor, scale,
+                                      capture=capture)
         if comm is None or not global_loss:
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows
@@ -349,30 +371,62 @@ class Network(ForwardBackward):
 
     def _forward(self, X, ws: Workspace, keep: bool, out=None):
         """Forward pass. ``keep=False``: the output, written into ``out`` (predict).
-        ``keep=True``: ``(F_n, saved)`` with what each layer keeps for the backward pass."""
-        n = len(self.layers)
+        ``keep=True``: ``(F_n, saved)`` with what each layer keeps for the backward pass.
+        Each layer runs in its engine form (:attr:`gpu_mlp.layers.Layer.engine`): what it
+        keeps is in that layout; ``F_n`` is in torch's."""
+        layers, n = self._engine_layers(), len(self.layers)
+        direct_out = not keep and not layers[-1].channels_last
         saved, F = [], X
-        for k, (layer, (W, b), mode) in enumerate(zip(self.layers, self.params, self._modes)):
-            act, bias = layer.activation, layer.bias_view(b)
-            A = layer.linear(F, W, ws, out=out if not keep and k == n - 1 else None)
+        for k, (layer, (W, b), mode) in enumerate(zip(layers, self.params, self._modes)):
+            act, rows = layer.activation, layer.as_rows
+            F_in = self._relayout(k, F, ws)
+            A = layer.linear(F_in, W, ws, out=out if direct_out and k == n - 1 else None)
+            if F_in is not F:
+                ws.give(F_in)
             if k > 0 and (not keep or self._modes[k - 1] == "recompute"):
                 ws.give(F)  # F_{k-1}, consumed by C_k and not kept for backward
             if not keep or mode == "output":
-                ops.bias_act(act, A, bias)
+                ops.bias_act(act, rows(A), b)
                 if keep:
                     saved.append(_Saved(F=A))
                 F = A
             elif mode == "recompute":
                 F_next = ws.take(A.shape)
-                ops.bias_act_keep(act, A, bias, F_next)
+                ops.bias_act_keep(act, rows(A), b, rows(F_next))
                 saved.append(_Saved(A=A))  # F_next is transient: backward makes it again
                 F = F_next
             else:  # store_both
                 F_next = ws.take(A.shape)
-                ops.bias_act_grad(act, A, bias, F_next)  # A now holds D = sigma'(A)
+                ops.bias_act_grad(act, rows(A), b, rows(F_next))  # A now holds D = sigma'(A)
                 saved.append(_Saved(F=F_next, D=A))
                 F = F_next
+        if layers[-1].channels_last:  # the output in torch's layout (NCHW)
+            F_out = _layers.to_channels_first(F, ws, out=None if keep else out)
+            if not keep or self._modes[-1] == "recompute":
+                ws.give(F)
+            F = F_out
         return (F, saved) if keep else F
+
+    def _engine_layers(self):
+        """The layers' engine forms, made once per list of layers."""
+        made = getattr(self, "_engine", None)
+        if made is None or made[0] is not self.layers:
+            made = self._engine = (self.layers, [layer.engine for layer in self.layers])
+        return made[1]
+
+    def _relayout(self, k, F, ws, backward=False):
+        """``F`` between layer k-1 (the input X for k = 0) and layer k (the output for
+        k = n) in the layout of the one it goes to: itself where both keep one layout,
+        else a copy into a workspace buffer. ``backward``: a gradient, from layer k's
+        layout to layer k-1's."""
+        layers = self._engine_layers()
+        before = layers[k - 1].channels_last if k > 0 else False
+        after = layers[k].channels_last if k < len(layers) else False
+        if before == after:
+            return F
+        if backward:
+            before, after = after, before
+        return _layers.to_channels_last(F, ws) if after else _layers.to_channels_first(F, ws)
 
     def _activation_backward(self, k, saved, delta, ws):
         """dJ/dF_k -> dJ/dA_k in place; afterwards ``saved[k].F`` holds F_k in every mode."""
@@ -387,9 +441,10 @@ class Network(ForwardBackward):
             ws.give(s.D)
             s.D = None
 
-    def _backprop(self, X, Y, sink: Sink, scale: float, want_dx: bool):
+    def _backprop(self, X, Y, sink: Sink, scale: float, want_dx: bool, loss_out=None):
         """Forward, output delta, then the backward loop handing each layer's factors
-        ``(T_rows, rows(F_{k-1}))`` to ``sink``. Returns ``(loss, dJ/dX or None)``."""
+        ``(T_rows, rows(F_{k-1}))`` to ``sink``. Returns ``(loss, dJ/dX or None)``; the
+        loss into ``loss_out`` (a captured step's own buffer) if given."""
         ws = self.training_workspace
         B = X.shape[0]
         F_out, saved = self._forward(X, ws, keep=True)
@@ -398,7 +453,8 @@ class Network(ForwardBackward):
         scratch = ws.take(ops.loss_scratch_shape(self.loss, (B, F_out[0].size)))
         # the loss into a 0-d buffer of the workspace (Workspace.loss: reused when free)
         J = ops.loss_and_grad(self.loss, F_out.reshape(flat), Y, delta.reshape(flat), scale,
-                              scratch, out=ws.loss(), ones=ws.ones(scratch.size))
+                              scratch, out=ws.loss() if loss_out is None else loss_out,
+                              ones=ws.ones(scratch.size))
         ws.give(scratch)
         return J, self._backward(X, F_out, saved, delta, sink, want_dx)
 
@@ -406,31 +462,45 @@ class Network(ForwardBackward):
         """The backward loop from ``delta = dJ/dF_n`` (a workspace buffer): each layer's
         factors ``(T_rows, rows(F_{k-1}))`` go to ``sink``; every buffer of the forward
         pass goes back to the workspace. Returns dJ/dX (or None)."""
-        ws = self.training_workspace
+        ws, xp = self.training_workspace, self.xp
+        layers = self._engine_layers()
         B, n = X.shape[0], len(self.layers)
         shapes = self.inputs.shapes(X.shape[1:])
-        if self._modes[-1] == "recompute":
-            ws.give(F_out)  # the transient output; backward rebuilds it from A_n
+        if F_out is not saved[n - 1].F:
+            ws.give(F_out)  # recompute's transient output, or the torch-layout copy
+        delta_n = self._relayout(n, delta, ws, backward=True)
+        if delta_n is not delta:
+            ws.give(delta)
+            delta = delta_n
         self._activation_backward(n - 1, saved, delta, ws)
         ws.give(saved[n - 1].F)  # F_n: nothing below needs it
 
         grad_input = None
+        # dJ/dX, the caller's array in torch's layout (made first: held to the end anyway)
+        dX = xp.empty((B, *shapes[0][0]), dtype=self.dtype) if want_dx else None
         deferred = []  # what a sink that keeps the factors reads until it finishes
         keeps = sink.keeps_factors
         for k in reversed(range(n)):
-            layer, W = self.layers[k], self.params[k][0]
+            layer, W = layers[k], self.params[k][0]
             T_rows = layer.to_rows(delta, ws)
+            # at the entrance the layer's torch form reads X and writes dJ/dX in torch's
+            # layout itself (NCHW im2col and col2im): no copy of either
+            form = self.layers[k] if k == 0 else layer
             if k > 0 or want_dx:
-                in_shape = (B, *shapes[k][0])
-                grad_input = (ws.take(in_shape) if k > 0
-                              else self.xp.empty(in_shape, dtype=self.dtype))
-                layer.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it
+                grad_input = dX if k == 0 else ws.take((B, *layer.engine_shape(shapes[k][0])))
+                form.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it
+                relaid = self._relayout(k, grad_input, ws, backward=True) if k > 0 else grad_input
+                if relaid is not grad_input:
+                    ws.give(grad_input)
+                    grad_input = relaid
             if k > 0:
                 self._activation_backward(k - 1, saved, grad_input, ws)
             F_prev = saved[k - 1].F if k > 0 else X
-            X_rows = layer.rows(F_prev, ws)
+            F_in = self._relayout(k, F_prev, ws) if k > 0 else X  # made again: cheaper than kept
+            X_rows = form.rows(F_in, ws)
             sink(k, T_rows, X_rows, ws.ones(T_rows.shape[0]))
-            factors = (layer, T_rows, X_rows, F_prev if k > 0 else None)
+            factors = (form, T_rows, X_rows, F_prev if k > 0 else None,
+                       F_in if F_in is not F_prev else None)
             if keeps:
                 deferred.append(factors)
             else:
@@ -441,12 +511,13 @@ class Network(ForwardBackward):
             self._give_factors(*factors)
         return grad_input if want_dx else None
 
-    def _give_factors(self, layer, T_rows, X_rows, F_prev):
+    def _give_factors(self, layer, T_rows, X_rows, F_prev, F_in):
         ws = self.training_workspace
         layer.give_rows(X_rows, ws)
         ws.give(T_rows)
-        if F_prev is not None:
-            ws.give(F_prev)
+        for buffer in (F_prev, F_in):
+            if buffer is not None:
+                ws.give(buffer)
 
 
 _checkpoint.register("Network", Network)

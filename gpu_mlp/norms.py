@@ -7,6 +7,10 @@ is cheaper: the product of the norms for a dense layer, the Gram form
 ``<T_i T_i^T, X_i X_i^T>`` or ``G_i`` itself for a convolution, whichever costs less
 (docs/MATH.md, "Factored weight gradients" and the end of "General bilinear layers"). Used by :meth:`gpu_mlp.Network.per_sample_grad_norms` and by DP's
 clipping (:mod:`gpu_mlp.privacy`).
+
+Where the direct form wins, DP keeps what it computes: :func:`forms_gradients` says when
+a convolution's per-sample gradients (:func:`per_sample_gradients`) are kept, so that
+the clipped sum is a GEMV over them rather than a second GEMM over the rows.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def per_sample_squares(xp, T, X):
     bias = row_squares(xp, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
         return row_squares(xp, T[:, 0]) * row_squares(xp, X[:, 0]) + bias
-    gram = P * (d_out + K) < d_out * K  # the Gram matrices are the smaller work
+    gram = gram_form(P, d_out, K)
     if xp is not np:  # batched on the GPU
         if gram:
             gram_T = xp.matmul(T, T.transpose(0, 2, 1))
@@ -50,21 +54,64 @@ def per_sample_squares(xp, T, X):
     return squares + bias
 
 
+def gram_form(P: int, d_out: int, K: int) -> bool:
+    """Whether a convolution's per-sample squared norms cost less from the Gram matrices
+    ``T_i T_i^T`` and ``X_i X_i^T`` (P^2 (d_out + K) multiply-adds a sample) than from
+    ``G_i = T_i^T X_i`` itself (P d_out K); the inner products after either (P^2 or
+    d_out K) are the smaller terms."""
+    return P * (d_out + K) < d_out * K
+
+
+def forms_gradients(P: int, d_out: int, K: int) -> bool:
+    """Whether DP keeps a layer's per-sample gradients: a convolution whose norms take the
+    direct form computes ``G_i`` for them anyway (B P d_out K multiply-adds); kept, the
+    clipped sum ``sum_i c_i G_i`` is a GEMV over them (B d_out K) instead of the GEMM over
+    the scaled rows again (B P d_out K). Only where they take no more memory than the
+    rows ``rows(x)`` (B P K) the step holds anyway: ``d_out <= P``. (There the direct
+    form is the cheaper one anyway: the Gram form wins only where P < d_out K / (d_out +
+    K) < d_out.)"""
+    return 1 < P and d_out <= P and not gram_form(P, d_out, K)
+
+
+def per_sample_gradients(xp, T, X, G, g) -> None:
+    """Each sample's own gradients, ``G[i] = T_i^T X_i`` into ``G`` (B, d_out, K) and
+    ``g[i] = T_i^T 1`` into ``g`` (B, d_out), from T (B, P, d_out) and the rows X
+    (B, P, K); no array is made."""
+    ops.gemm_batched("T", "N", T, X, G)  # no array made, capturable on the GPU
+    xp.sum(T, axis=1, out=g)
+
+
+def row_squares_into(xp, A, out, ws, add=False) -> None:
+    """``out[i] = ||A[i]||^2`` (``add``: ``+=``) for a 2-D C-contiguous ``A``, no array
+    made: NumPy's einsum (into a workspace vector to add); on a GPU (CuPy's reductions
+    and einsum make their results) the squares into a workspace buffer (``ws``) and a
+    GEMV against ones into ``out``."""
+    if xp is np:
+        if not add:
+            np.einsum("ij,ij->i", A, A, out=out)
+            return
+        squares = ws.take((A.shape[0],))
+        np.einsum("ij,ij->i", A, A, out=squares)
+        out += squares
+    else:
+        squares = ws.take(A.shape)
+        xp.multiply(A, A, out=squares)
+        ops.gemv("N", squares, ws.ones(A.shape[1]), out, beta=1.0 if add else 0.0)
+    ws.give(squares)
+
+
 def add_squares(xp, T, X, out, ws) -> None:
     """``out += per_sample_squares(xp, T, X)``. On a GPU a dense layer's, ``||T_i||^2
-    (||X_i||^2 + 1)``, is squares into workspace buffers (``ws``) and a GEMV against
-    ones per factor, then in-place products: no array is made, where CuPy's reductions
-    and einsum make theirs."""
+    (||X_i||^2 + 1)``, is each factor's :func:`row_squares_into` workspace buffers
+    (``ws``), then in-place products: no array is made, where CuPy's reductions and
+    einsum make theirs."""
     B, P, _ = T.shape
     if xp is np or P != 1:
         out += per_sample_squares(xp, T, X)
         return
     t, x = ws.take((B,)), ws.take((B,))
-    for factor, norms in ((T[:, 0], t), (X[:, 0], x)):
-        squares = ws.take(factor.shape)
-        xp.multiply(factor, factor, out=squares)
-        ops.gemv("N", squares, ws.ones(factor.shape[1]), norms)
-        ws.give(squares)
+    row_squares_into(xp, T[:, 0], t, ws)
+    row_squares_into(xp, X[:, 0], x, ws)
     x += 1
     x *= t
     out += x

@@ -6,7 +6,8 @@ data: ``kernel_template`` makes each a ``__global__`` template, and the tests co
 very same bodies for the host; every kernel of a dtype is in one module, compiled by
 NVRTC once -- ``_function``), on NumPy arrays it
 runs the twin, which calls the same row of the activation or loss table. Matrix work
-goes to BLAS with ``beta``: cuBLAS through ``cupy.cublas``, and on the CPU SciPy's BLAS
+goes to BLAS with ``beta``: cuBLAS called directly (``cublas``: capturable into a CUDA
+graph), and on the CPU SciPy's BLAS
 on Fortran-ordered views of our C-ordered arrays, which is what lets ``W -= lr dJ/dW``
 be one GEMM straight into ``W`` with no gradient buffer on either backend.
 """
@@ -14,6 +15,7 @@ be one GEMM straight into ``W`` with no gradient buffer on either backend.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 import threading
@@ -23,7 +25,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.linalg import blas as _blas
 
-from . import _checks, activations, conv, cuda
+from . import _checks, activations, conv, cublas, cuda
 
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
@@ -63,20 +65,29 @@ ELEMENTWISE = {
     # convolutions: im2col and its adjoint col2im (gpu_mlp/conv.py)
     **conv.ELEMENTWISE,
     # optimizers (gpu_mlp/optim.py): one fused update of a flat parameter tensor w from
-    # its gradient g (the one scratch buffer) and its state, in place
-    "sgd_momentum": ("T g, T lr, T momentum, T weight_decay, int32 nesterov", "T w, T buf",
-                     "gm_sgd_momentum(w, buf, g, lr, momentum, weight_decay, nesterov)"),
-    "adam": ("T g, T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T weight_decay, "
-             "T decay, T step_size, T bias_correction2_sqrt", "T w, T m, T v",
-             "gm_adam(w, m, v, g, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, "
-             "decay, step_size, bias_correction2_sqrt)"),
+    # its gradient g (the one scratch buffer) and its state, in place; the scalars that
+    # change from step to step (a schedule's lr, Adam's bias corrections, AdamW's decay)
+    # are read by pointer, a one-element array each, so a captured step sees its own
+    "sgd_momentum": ("T g, raw T lr, T momentum, T weight_decay, int32 nesterov",
+                     "T w, T buf",
+                     "gm_sgd_momentum(w, buf, g, lr[0], momentum, weight_decay, nesterov)"),
+    "adam": ("T g, T one_minus_beta1, T beta2, T one_minus_beta2, raw T eps, T weight_decay, "
+             "raw T decay, raw T step_size, raw T bias_correction2_sqrt", "T w, T m, T v",
+             "gm_adam(w, m, v, g, one_minus_beta1, beta2, one_minus_beta2, eps[0], "
+             "weight_decay, decay[0], step_size[0], bias_correction2_sqrt[0])"),
     # plain SGD with decoupled decay on a flat w, when the gradient g is already a buffer
-    "sgd": ("T g, T lr, T decay", "T w", "w = decay * w - lr * g"),
+    "sgd": ("T g, raw T lr, raw T decay", "T w", "w = decay[0] * w - lr[0] * g"),
+    # a step's scalars: row gm_step_row(counters[0] - counters[2]) of a table of rows
+    # (gpu_mlp/plan.py: StepScalars), by the device's step counter
+    "step_scalars": ("raw T table, raw int64 counters, int32 rows", "T s",
+                     "s = table[gm_step_row(counters[0] - counters[2], rows) * gm_n + i]"),
     # DP-SGD's noise (kernels/noise.cuh): w += scale N(0, 1), element i's normal from a
     # counter-based generator keyed by the seed, at (stream, step); in place, no buffer
-    "gaussian_noise": ("T scale, uint32 key0, uint32 key1, uint32 stream, uint32 step_lo, "
-                       "uint32 step_hi", "T w",
-                       "gm_gaussian_noise(w, scale, i, key0, key1, stream, step_lo, step_hi)"),
+    # (scale and step by pointer: the DP's step counter lives on the device)
+    "gaussian_noise": ("raw T scale, uint32 key0, uint32 key1, uint32 stream, raw int64 step",
+                       "T w",
+                       "gm_gaussian_noise(w, scale[0], i, key0, key1, stream, "
+                       "(unsigned int)step[0], (unsigned int)((unsigned long long)step[0] >> 32))"),
 }
 
 
@@ -514,6 +525,46 @@ def _geometry(layer, input_shape):
     return [np.int32(v) for v in conv.geometry(layer, tuple(input_shape))]
 
 
+def im2col_nhwc(layer, x, out, taps_first: bool, padded=None):
+    """``out <- rows(x)`` of a Conv2d on the channels-last x (B, H, W, c_in): columns
+    (c, i, j), or (i, j, c) with ``taps_first``; ``padded`` (NumPy only, where the layer
+    pads): a (B, H + 2 ph, W + 2 pw, c_in) scratch buffer (conv.windows)."""
+    if is_numpy(x):
+        conv.im2col_nhwc(x, layer, out, taps_first, padded)
+    else:
+        _launch("im2col_nhwc", None, x, *_geometry(layer, _nchw(x.shape)),
+                np.int32(taps_first), out)
+    return out
+
+
+def col2im_nhwc(layer, cols, out):
+    """``out`` (B, H, W, c_in) <- the adjoint of :func:`im2col_nhwc` with taps_first."""
+    if is_numpy(out):
+        conv.col2im_nhwc(cols, layer, out)
+    else:
+        _launch("col2im_nhwc", None, cols, *_geometry(layer, _nchw(out.shape)), out)
+    return out
+
+
+def _nchw(shape):
+    """The per-sample (C, H, W) of an NHWC batch shape (B, H, W, C)."""
+    return (shape[3], shape[1], shape[2])
+
+
+# A channels-last convolution on NumPy runs im2col (and the forward GEMM, C^dagger's GEMM
+# and col2im) on blocks of whole samples of about this many bytes of columns: im2col's
+# kh*kw strided passes then stay in cache (measured: 1.5x faster than over the whole
+# batch; smaller blocks make the GEMMs slower). On a GPU one block holds the batch.
+CONV_BLOCK_BYTES = 1 << 20
+
+
+def conv_block(x, bytes_per_sample: int) -> int:
+    """Samples per block of a channels-last convolution on ``x``'s backend."""
+    if not is_numpy(x):
+        return max(1, x.shape[0])
+    return max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample))
+
+
 # --- optimizers (gpu_mlp/optim.py) --------------------------------------------------------
 #
 # Each update is one kernel over a parameter tensor, flattened: ``w`` the parameter,
@@ -532,16 +583,33 @@ def _block_buffers(w, count: int):
     return [np.empty(min(w.size, BLOCK_ELEMENTS), dtype=w.dtype) for _ in range(count)]
 
 
+def _on_device(x, dtype):
+    """A step scalar as the CuPy kernels read it, by pointer: ``x`` itself if it is a
+    device array (a view of :class:`gpu_mlp.plan.StepScalars`' values), else a new
+    device array holding it (a direct call with a number: one small allocation)."""
+    if not isinstance(x, numbers.Number):
+        return x
+    import cupy
+
+    return cupy.asarray(np.array(x, dtype=dtype))
+
+
+def _host_scalar(x, t):
+    """A step scalar for a NumPy twin: a number (or a host array's one value) as ``t``."""
+    return t(x if isinstance(x, numbers.Number) else x.reshape(-1)[0])
+
+
 def sgd_momentum(w, g, buf, lr, momentum, weight_decay, nesterov: bool):
     """One step of torch.optim.SGD with ``momentum > 0`` (dampening 0) on ``w``, in place:
     ``g + wd w`` into ``buf <- momentum buf + g``, then ``w -= lr (nesterov ? g + momentum
-    buf : buf)``."""
+    buf : buf)``. ``lr``: a number, or on CuPy a one-element device array (read there)."""
     t = w.dtype.type
-    lr, momentum, weight_decay = t(lr), t(momentum), t(weight_decay)
+    momentum, weight_decay = t(momentum), t(weight_decay)
     if not is_numpy(w):
-        _launch("sgd_momentum", None, g, lr, momentum, weight_decay, np.int32(bool(nesterov)),
-                w, buf)
+        _launch("sgd_momentum", None, g, _on_device(lr, w.dtype), momentum, weight_decay,
+                np.int32(bool(nesterov)), w, buf)
         return
+    lr = _host_scalar(lr, t)
     decayed, step = _block_buffers(w, 2)
     for s in _flat_blocks(w.size):
         wb, gb, bb = w[s], g[s], buf[s]
@@ -564,14 +632,20 @@ def adam(w, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
          step_size, bias_correction2_sqrt):
     """One step of torch.optim.Adam / AdamW on ``w``, in place (kernels/optim.cuh,
     ``gm_adam``): the L2 term ``weight_decay`` (Adam), the decoupled ``decay`` factor
-    (AdamW), the moments ``m`` and ``v``, and the bias-corrected step."""
+    (AdamW), the moments ``m`` and ``v``, and the bias-corrected step. ``eps``, ``decay``,
+    ``step_size`` and ``bias_correction2_sqrt`` (which change with the step): numbers, or
+    on CuPy one-element device arrays."""
     t = w.dtype.type
-    scalars = [t(x) for x in (one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                              decay, step_size, bias_correction2_sqrt)]
+    c1, beta2, c2, weight_decay = (t(x) for x in (one_minus_beta1, beta2, one_minus_beta2,
+                                                   weight_decay))
     if not is_numpy(w):
-        _launch("adam", None, g, *scalars, w, m, v)
+        eps, decay, step_size, bias_correction2_sqrt = (
+            _on_device(x, w.dtype) for x in (eps, decay, step_size, bias_correction2_sqrt))
+        _launch("adam", None, g, c1, beta2, c2, eps, weight_decay, decay, step_size,
+                bias_correction2_sqrt, w, m, v)
         return
-    c1, beta2, c2, eps, weight_decay, decay, step_size, bc2_sqrt = scalars
+    eps, decay, step_size, bc2_sqrt = (_host_scalar(x, t) for x in (
+        eps, decay, step_size, bias_correction2_sqrt))
     one = t(1)
     decayed, first, second = _block_buffers(w, 3)
     for s in _flat_blocks(w.size):
@@ -603,12 +677,13 @@ def adam(w, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
 
 def sgd(w, g, lr, decay=1.0):
     """``w <- decay w - lr g`` on ``w``, in place: a plain SGD step from a gradient
-    already in a buffer, its weight decay as the factor ``decay``."""
+    already in a buffer, its weight decay as the factor ``decay`` (numbers, or on CuPy
+    one-element device arrays)."""
     t = w.dtype.type
-    lr, decay = t(lr), t(decay)
     if not is_numpy(w):
-        _launch("sgd", None, g, lr, decay, w)
+        _launch("sgd", None, g, _on_device(lr, w.dtype), _on_device(decay, w.dtype), w)
         return
+    lr, decay = _host_scalar(lr, t), _host_scalar(decay, t)
     [step] = _block_buffers(w, 1)
     for s in _flat_blocks(w.size):
         wb = w[s]
@@ -616,6 +691,13 @@ def sgd(w, g, lr, decay=1.0):
         if decay != 1:  # 1 w is w, bit for bit
             wb *= decay
         wb -= u
+
+
+def step_scalars(s, table, counters):
+    """``s <- table[row]``, the row of the device's step counter (``counters = (step,
+    DP step, the step of the table's first row)``; kernels/optim.cuh, ``gm_step_row``):
+    one launch, on CuPy only (:class:`gpu_mlp.plan.StepScalars`)."""
+    _launch("step_scalars", None, table, counters, np.int32(table.shape[0]), s)
 
 
 # --- DP-SGD noise (kernels/noise.cuh) ----------------------------------------------------
@@ -640,10 +722,16 @@ def add_gaussian(w, scale, seed, stream, step):
     elements (whole Philox blocks) spread over a few threads (ufuncs release the GIL),
     in buffers kept per thread: the same arguments give the same bits on both backends,
     in float32 and float64 (docs/MATH.md, "DP-SGD", its paragraph on the noise).
+
+    On CuPy ``scale`` may be a one-element device array and ``step`` an int64 one
+    holding the counter's 64 bits (:class:`gpu_mlp.plan.StepScalars`): read by the
+    kernel, so a captured step draws each step's own noise.
     """
     seed = _checks.integer("seed", seed, 0, "add_gaussian: ", below=_U64)
     stream = _checks.integer("stream", stream, 0, "add_gaussian: ", below=_U32)
-    step = _checks.integer("step", step, 0, "add_gaussian: ", below=_U64)
+    device_step = hasattr(step, "shape") and not isinstance(step, numbers.Number)
+    if not device_step:
+        step = _checks.integer("step", step, 0, "add_gaussian: ", below=_U64)
     if w.dtype not in _NUMPY_GEMM or not w.flags.c_contiguous:
         raise ValueError(f"add_gaussian: w must be a C-contiguous float32 or float64 array, "
                          f"got {w.dtype}{'' if w.flags.c_contiguous else ', not contiguous'}")
@@ -652,10 +740,13 @@ def add_gaussian(w, scale, seed, stream, step):
     if flat.size > MAX_NOISE_ELEMENTS:
         raise ValueError(f"add_gaussian: at most 2^34 elements per stream, got {flat.size}")
     if not is_numpy(w):
-        _launch("gaussian_noise", None, t(scale), np.uint32(seed % _U32),
-                np.uint32(seed // _U32), np.uint32(stream), np.uint32(step % _U32),
-                np.uint32(step // _U32), flat)
+        if not device_step:  # the counter's 64 bits, as the int64 the kernel reads
+            step = int(np.array(step, dtype=np.uint64).view(np.int64))
+        _launch("gaussian_noise", None, _on_device(scale, w.dtype), np.uint32(seed % _U32),
+                np.uint32(seed // _U32), np.uint32(stream), _on_device(step, np.int64), flat)
         return
+    if device_step:
+        raise TypeError("add_gaussian: a device step counter on the NumPy backend")
     block = max(4, NOISE_BLOCK // 4 * 4)  # whole Philox blocks
     blocks = range(0, flat.size, block)
 
@@ -908,8 +999,11 @@ _NUMPY_GEMV = {np.dtype(np.float32): _blas.sgemv, np.dtype(np.float64): _blas.dg
 
 def _empty_product(out, beta):
     """``out <- beta out``: a product over an empty dimension is 0. BLAS is not asked
-    (SciPy's gemv wrapper rejects k = 0); with beta = 0 out is not read, as in BLAS."""
-    if beta == 0:
+    (SciPy's gemv wrapper rejects k = 0); with beta = 0 out is not read, as in BLAS. A
+    beta on the GPU's device is not read on the host: cuBLAS scales by it there."""
+    if not is_numpy(out) and not isinstance(beta, (int, float, np.generic)):
+        cublas.scale(out, beta)
+    elif beta == 0:
         out.fill(0)
     elif beta != 1:
         out *= out.dtype.type(beta)
@@ -917,7 +1011,9 @@ def _empty_product(out, beta):
 
 
 def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
-    """``out <- alpha op(a) op(b) + beta out`` in place; all arrays C-contiguous."""
+    """``out <- alpha op(a) op(b) + beta out`` in place; all arrays C-contiguous. ``alpha``
+    and ``beta``: numbers, or 0-d arrays of out's dtype on out's device (on the GPU read
+    when the GEMM runs -- a captured graph's replay reads their current value)."""
     if a.shape[1 if transa == "N" else 0] == 0:  # op(a) (m, 0): e.g. an empty batch
         return _empty_product(out, beta)
     if is_numpy(out):
@@ -929,15 +1025,30 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
                                         overwrite_c=1)
         if result is not out_f:  # f2py copied (a wrong dtype or layout): never expected
             raise RuntimeError("BLAS gemm did not write in place; pass C-contiguous arrays")
-    else:
-        import cupy.cublas
+    else:  # cuBLAS directly (gpu_mlp/cublas.py), the same out^T as above
+        cublas.gemm(transa, transb, a, b, out, alpha, beta)
+    return out
 
-        cupy.cublas.gemm(transa, transb, a, b, out=out, alpha=alpha, beta=beta)
+
+def gemm_batched(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
+    """``out[i] <- alpha op(a[i]) op(b[i]) + beta out[i]`` for each matrix of the 3-D
+    C-contiguous stacks; ``alpha`` and ``beta`` as for :func:`gemm`. On the GPU one
+    strided batched GEMM (capturable, as :func:`gemm`); on NumPy one :func:`gemm` per
+    matrix, which measured faster on 2 cores than NumPy's batched matmul (its own BLAS
+    threads contend with SciPy's: 4.5-6.4x slower)."""
+    if a.shape[2 if transa == "N" else 1] == 0 or not len(out):
+        return _empty_product(out, beta)
+    if is_numpy(out):
+        for a_i, b_i, out_i in zip(a, b, out):
+            gemm(transa, transb, a_i, b_i, out_i, alpha, beta)
+    else:
+        cublas.gemm_batched(transa, transb, a, b, out, alpha, beta)
     return out
 
 
 def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
-    """``out <- alpha op(a) x + beta out`` in place; ``a`` C-contiguous."""
+    """``out <- alpha op(a) x + beta out`` in place; ``a`` C-contiguous (on the GPU all
+    three); ``alpha`` and ``beta`` as for :func:`gemm`."""
     if a.shape[1 if transa == "N" else 0] == 0:
         return _empty_product(out, beta)
     if is_numpy(out):
@@ -946,7 +1057,5 @@ def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
         if result is not out:
             raise RuntimeError("BLAS gemv did not write in place; pass C-contiguous arrays")
     else:
-        import cupy.cublas
-
-        cupy.cublas.gemv(transa, alpha, a, x, beta, out)
+        cublas.gemv(transa, a, x, out, alpha, beta)
     return out

@@ -22,8 +22,10 @@ schedules"). Beyond the parameters SGD keeps nothing (its update is the gradient
 and AdamW two moments plus the scratch. State is allocated at the first step, on the
 net's device, which binds the optimizer to that net; a step then allocates nothing and
 never synchronises: the step's scalars (scheduled lr, bias corrections) are computed on
-the host in double, as PyTorch does. :meth:`Optimizer.state_dict` holds everything, and
-:mod:`gpu_mlp.checkpoint` saves it, so that a resumed run continues bit for bit.
+the host in double, as PyTorch does (on a GPU a window of steps ahead, into a table that
+the kernels read by the device's step counter: :class:`gpu_mlp.plan.StepScalars`).
+:meth:`Optimizer.state_dict` holds everything, and :mod:`gpu_mlp.checkpoint` saves it, so
+that a resumed run continues bit for bit.
 
 >>> import numpy as np, gpu_mlp
 >>> from gpu_mlp import optim
@@ -314,26 +316,38 @@ class Optimizer:
 
     # --- a step -------------------------------------------------------------------------
 
-    def begin_step(self, net):
+    def begin_step(self, net, scalars=None):
         """Bind to ``net`` (first call) and return the :class:`~gpu_mlp.updates.Apply` of
         one step: the engine hands it each layer's gradient, last layer first, after
-        ``dJ/dF_{k-1}`` has used the old ``W_k``; the step counts when it finishes."""
+        ``dJ/dF_{k-1}`` has used the old ``W_k``; the step counts when it finishes.
+        ``scalars``: a :class:`gpu_mlp.plan.StepScalars` (CuPy): the kernels read the
+        step's scalars there, by pointer, instead of as numbers computed here."""
         self.bind(net)
-        lr = self.lr_at(self._steps)
+        values = (scalars.views if scalars is not None
+                  else self.step_scalars(self.lr_at(self._steps), self._steps + 1))
 
         def state(k):
             pairs = [self._state[name][k] for name in self.STATE]
             return [p[0].reshape(-1) for p in pairs], [p[1] for p in pairs]
+        return Apply(net.params, **self._rule(values), scratch=self._scratch, state=state,
+                     on_finish=self.count_step, scalars=scalars)
 
-        def count():
-            self._steps += 1
-            self._last_lr = lr
-        return Apply(net.params, **self._rule(lr, self._steps + 1), scratch=self._scratch,
-                     state=state, on_finish=count)
+    def count_step(self) -> None:
+        """What a step does to the optimizer on the host: count it, and remember its rate
+        (a replayed step, which runs no Python, is counted by its caller)."""
+        self._last_lr = self.lr_at(self._steps)
+        self._steps += 1
 
-    def _rule(self, lr: float, t: int) -> dict:
-        """Step ``t`` (1-based) at learning rate ``lr`` as :class:`~gpu_mlp.updates.Apply`'s
-        arguments: ``lr`` and ``keep`` for plain SGD, else ``kernels`` (of W, of b)."""
+    def step_scalars(self, lr: float, t: int) -> dict:
+        """The scalars of step ``t`` (1-based) at learning rate ``lr``, by the names of
+        :data:`gpu_mlp.plan.StepScalars.COLUMNS`, computed in double as PyTorch does
+        (the device reads them from a table of these)."""
+        raise NotImplementedError
+
+    def _rule(self, values: dict) -> dict:
+        """The step whose scalars are ``values`` (:meth:`step_scalars`, or their device
+        views) as :class:`~gpu_mlp.updates.Apply`'s arguments: ``lr`` and ``keep`` for
+        plain SGD, else ``kernels`` (of W, of b)."""
         raise NotImplementedError
 
     # --- state ------------------------------------------------------------------------
@@ -479,11 +493,15 @@ class SGD(Optimizer):
             hyper["decay_bias"] = False
         return hyper
 
-    def _rule(self, lr, t):
-        weight_decay = self.weight_decay
+    def step_scalars(self, lr, t):
+        keep = 1.0 - lr * self.weight_decay
+        return {"lr": lr, "alpha": -lr, "keep_W": keep,
+                "keep_b": keep if self.decay_bias else 1.0}
+
+    def _rule(self, values):
         if not self.momentum:
-            keep = 1.0 - lr * weight_decay
-            return {"lr": lr, "keep": (keep, keep if self.decay_bias else 1.0)}
+            return {"lr": values["lr"], "keep": (values["keep_W"], values["keep_b"])}
+        lr, weight_decay = values["lr"], self.weight_decay
         momentum, nesterov = self.momentum, self.nesterov
 
         def kernel(decay):
@@ -553,7 +571,7 @@ class Adam(Optimizer):
             hyper["eps_placement"] = self.eps_placement
         return hyper
 
-    def _rule(self, lr, t):
+    def step_scalars(self, lr, t):
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1 ** t  # in double, as PyTorch's Python floats
         bias_correction2 = 1 - beta2 ** t
@@ -561,16 +579,22 @@ class Adam(Optimizer):
         if self.eps_placement == "uncorrected":
             # sqrt(v) + eps = sqrt(1 - b2^t) (sqrt(v / (1 - b2^t)) + eps / sqrt(1 - b2^t))
             eps = eps / bias_correction2 ** 0.5
+        decay = 1 - lr * self.weight_decay if self.DECOUPLED else 1.0
+        return {"lr": lr, "alpha": -lr, "step_size": lr / bias_correction1,
+                "bias_correction2_sqrt": bias_correction2 ** 0.5, "eps": eps,
+                "decay_W": decay, "decay_b": decay if self.decay_bias else 1.0}
+
+    def _rule(self, values):
+        beta1, beta2 = self.betas
         if self.DECOUPLED:
-            decay = 1 - lr * self.weight_decay
-            l2, decays = (0.0, 0.0), (decay, decay if self.decay_bias else 1.0)
+            l2 = (0.0, 0.0)
         else:
             l2 = (self.weight_decay, self.weight_decay if self.decay_bias else 0.0)
-            decays = (1.0, 1.0)
+        decays = (values["decay_W"], values["decay_b"])
 
         def kernel(which):
-            scalars = (1 - beta1, beta2, 1 - beta2, eps, l2[which], decays[which],
-                       lr / bias_correction1, bias_correction2 ** 0.5)
+            scalars = (1 - beta1, beta2, 1 - beta2, values["eps"], l2[which], decays[which],
+                       values["step_size"], values["bias_correction2_sqrt"])
             return lambda w, g, state: ops.adam(w, g, state[0], state[1], *scalars)
         return {"kernels": (kernel(0), kernel(1))}
 

@@ -32,10 +32,13 @@ from __future__ import annotations
 import numbers
 from typing import Optional
 
-from . import _checks, distributed, optim, privacy
+import numpy as np
+
+from . import _checks, distributed, ops, optim, privacy
+from .device import write
 from .updates import Apply, Sink
 
-__all__ = ["StepPlan"]
+__all__ = ["StepPlan", "StepScalars"]
 
 
 class StepPlan:
@@ -181,7 +184,34 @@ class StepPlan:
             self._rule.check_net(net)
         return self
 
-    def sink(self, net, rows: int, counts=None, divisor: Optional[float] = None) -> Sink:
+    def count_step(self) -> None:
+        """What a step does to the plan on the host -- the optimizer counts it, the DP's
+        noise moves on -- for a step replayed as a CUDA graph, which runs no Python."""
+        if not self.plain:
+            self._rule.count_step()
+        if self.private:
+            self.dp.steps += 1
+
+    def settings(self, noise_std: float = 0.0) -> tuple:
+        """What the scalars of a step depend on besides its step counts: the rule (its
+        kind, hyperparameters and schedule; plain SGD's rate) and the noise's std."""
+        return (("plain", self._lr) if self.plain else repr(self._rule)), noise_std
+
+    def step_values(self, step: int, noise_std: float = 0.0) -> dict:
+        """The scalars of the step after ``step`` steps of the rule, by
+        :data:`StepScalars.COLUMNS`, computed in double on the host (plain SGD: its one
+        rate, ``keep = 1``), with the noise's scales ``-lr std`` (plain SGD, whose noise is
+        added to ``W`` times ``-lr``) and ``std``."""
+        if self.plain:
+            lr = self._lr
+            values = {"lr": lr, "alpha": -lr, "keep_W": 1.0, "keep_b": 1.0}
+        else:
+            values = self._rule.step_scalars(self._rule.lr_at(step), step + 1)
+        lr = values["lr"]
+        return {**values, "noise_lr": -lr * noise_std, "noise_one": 1.0 * noise_std}
+
+    def sink(self, net, rows: int, counts=None, divisor: Optional[float] = None,
+             scalars: Optional["StepScalars"] = None) -> Sink:
         """The chain of one step of ``net`` on ``rows`` local rows: DP's stage (dividing
         by ``divisor``, default every rank's rows together) -> the communication's stage
         (``counts``: every rank's rows, gathered when not given) -> the update rule.
@@ -190,7 +220,8 @@ class StepPlan:
         Plain SGD's rule is :class:`~gpu_mlp.updates.Apply` without kernels: ``W <- W -
         lr G`` as the gradient GEMM itself, straight into ``W`` (``optim.SGD(lr)``'s own
         rule, without an object that counts its steps)."""
-        sink = Apply(net.params, lr=self._lr) if self.plain else self._rule.begin_step(net)
+        sink = (Apply(net.params, lr=self._lr, scalars=scalars) if self.plain
+                else self._rule.begin_step(net, scalars))
         comm = self.communicator(net)
         if comm is not None:
             counts = comm.row_counts(rows) if counts is None else counts
@@ -198,5 +229,82 @@ class StepPlan:
         if self.private:
             if divisor is None:
                 divisor = rows if counts is None else sum(counts)
-            sink = self.dp.stage(net, sink, rows, divisor)
+            sink = self.dp.stage(net, sink, rows, divisor, scalars)
         return sink
+
+
+class StepScalars:
+    """A step's scalars on the device, where the kernels read them by pointer: what
+    changes from step to step -- a schedule's rate, Adam's bias corrections, AdamW's
+    decay, the DP noise's step counter -- so that a step captured as a CUDA graph and
+    replayed sees each step's own (CuPy only; the NumPy backend computes with numbers).
+
+    The host computes the scalars of :data:`WINDOW` steps ahead, in double as it always
+    did (:meth:`StepPlan.step_values`), into :attr:`table` (one row per step, in the
+    net's dtype: the same rounding as a number passed to a kernel). The device keeps the
+    step counters, ``counters = (rule's steps, DP's steps, the step of the table's first
+    row)`` (int64; the DP's 64-bit counter as its bits). Each step runs
+    :meth:`select` first -- one kernel copies the counter's row into :attr:`values`, of
+    which :attr:`views` are 0-d views by name -- and :meth:`advance` last, which counts
+    the step on the device; both are part of a captured step, so a replay moves on with
+    no host work. Past the window's end a replay keeps the last row (a graph replayed
+    by hand that long: every step through ``train_step`` or ``fit`` refills it first).
+
+    :meth:`prepare` runs before each step on the host: it writes the table and the
+    counters again only when they no longer match the plan (a new window, other
+    settings, step counts set by a checkpoint or by hand), so a steady-state step
+    writes nothing.
+    """
+
+    COLUMNS = ("alpha", "keep_W", "keep_b", "lr", "step_size", "bias_correction2_sqrt",
+               "eps", "decay_W", "decay_b", "noise_lr", "noise_one")
+    WINDOW = 1024  # steps of scalars computed ahead (a schedule's; a constant rule: 1)
+
+    def __init__(self, xp, dtype):
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.values = xp.zeros(len(self.COLUMNS), dtype=self.dtype)
+        self.counters = xp.zeros(3, dtype=np.int64)
+        # 0-d views (``[i, ...]``: NumPy's ``[i]`` would be a copy, as a scalar)
+        self.views = {name: self.values[i, ...] for i, name in enumerate(self.COLUMNS)}
+        self.dp_step = self.counters[1, ...]
+        self.table = None
+        self._settings, self._first = None, 0
+        self._at = None  # (rule's steps, DP's steps) as the device holds them
+
+    def prepare(self, plan: StepPlan, noise_std: float = 0.0) -> None:
+        """Make the table and the counters those of ``plan``'s next step (host writes
+        only where they differ)."""
+        at = self._at or (0, 0)
+        step = at[0] if plan.plain else plan.rule.steps
+        dp_step = plan.dp.steps if plan.private else at[1]
+        settings = plan.settings(noise_std)
+        rows = 1 if plan.plain else self.WINDOW  # plain SGD: one rate, whatever the step
+        ahead = plan.plain or self._first <= step < self._first + rows
+        if settings != self._settings or not ahead:
+            table = [[values.get(name, 1.0) for name in self.COLUMNS]
+                     for values in (plan.step_values(s, noise_std)
+                                    for s in range(step, step + rows))]
+            if self.table is None or self.table.shape[0] != rows:
+                self.table = self.xp.empty((rows, len(self.COLUMNS)), dtype=self.dtype)
+            write(self.table, np.array(table, dtype=self.dtype))
+            self._settings, self._first, self._at = settings, step, None
+        if self._at != (step, dp_step):
+            # (CuPy's set copies on the current stream: after the steps queued there)
+            write(self.counters, np.array([step, dp_step, self._first],
+                                          dtype=np.uint64).view(np.int64))
+            self._at = (step, dp_step)
+
+    def select(self) -> None:
+        """On the device: the scalars of the counter's step into :attr:`values`."""
+        ops.step_scalars(self.values, self.table, self.counters)
+
+    def advance(self) -> None:
+        """On the device: count the step (the rule's and the DP's counters)."""
+        counted = self.counters[:2]
+        self.xp.add(counted, 1, out=counted)
+        self.counted()
+
+    def counted(self) -> None:
+        """The host's record of the device's counters, one step on (a replay's
+        :meth:`advance` runs on the device alone)."""
+        self._at = (self._at[0] + 1, self._at[1] + 1)

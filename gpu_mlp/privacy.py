@@ -5,14 +5,18 @@ delta, seed) and its step count; pass it as ``dp=`` to :meth:`Network.train_step
 :meth:`Network.fit`. DP-SGD (Abadi et al. 2016) clips every sample's gradient (over all
 layers) to norm ``C``, sums, adds Gaussian noise ``N(0, sigma^2 C^2 I)`` and divides by
 the batch size. The per-sample norms come from the factors the ordinary backward pass
-already has (:func:`gpu_mlp.norms.per_sample_squares`), so no per-sample gradient is
-formed and no second backward pass runs (Opacus needs one or the other). The formulas
+already has (:func:`gpu_mlp.norms.per_sample_squares`), so no second backward pass runs
+and no per-sample gradient is formed (Opacus needs one or the other) -- but a
+convolution's whose norm takes the direct form, which computes them anyway: where they
+take no more memory than its rows they are kept, and the clipped sum is a GEMV over
+them (:func:`gpu_mlp.norms.forms_gradients`). The formulas
 and the noise generator are in docs/MATH.md, "Factored weight gradients" and "DP-SGD".
 
 Per step, this module's stage of the backward pass (:mod:`gpu_mlp.updates`) adds each
 layer's per-sample squared norms and *keeps* its factors; after the last layer it scales
 each layer's ``T`` row by row by the clipping factors and hands the factors on, so plain
-SGD is one GEMM straight into ``W_k``. The noise is added where the summed gradient is
+SGD is one GEMM straight into ``W_k`` (kept per-sample gradients: their clipped sum,
+formed, to the update rule). The noise is added where the summed gradient is
 formed (``W_k``, or the optimizer's scratch), keyed by ``(seed, step, layer, tensor)``:
 the same seed gives the same noise, bit for bit, on a CPU and a GPU.
 
@@ -36,7 +40,7 @@ import math
 import numpy as np
 
 from . import _checks, accounting, norms, ops
-from .updates import Sink, Stage
+from .updates import Rule, Sink, Stage
 
 __all__ = ["DP"]
 
@@ -126,36 +130,61 @@ class DP:
 
     # --- the stage of the backward pass ----------------------------------------------
 
-    def stage(self, net, downstream: Sink, rows: int, batch: float) -> "_Private":
+    def stage(self, net, downstream: Sink, rows: int, batch: float,
+              scalars=None) -> "_Private":
         """The sink of one private step over ``rows`` local samples, dividing by
-        ``batch`` (the batch size, or the expected one under Poisson sampling)."""
-        return _Private(self, net, downstream, rows, batch)
+        ``batch`` (the batch size, or the expected one under Poisson sampling).
+        ``scalars``: a :class:`gpu_mlp.plan.StepScalars` (CuPy), whose device counter
+        keys the noise."""
+        return _Private(self, net, downstream, rows, batch, scalars)
+
+    def noise_std(self, batch: float) -> float:
+        """The std of the noise of the gradient, per entry, of a step dividing by
+        ``batch``: ``sigma C / batch``."""
+        return self.noise_multiplier * self.max_grad_norm / float(batch)
 
 
 class _Private(Stage):
     """One private step: keeps every layer's factors and sums the per-sample squared
     norms; at the end scales each sample's rows of T by its clipping factor over the
-    batch size and hands the factors on, with the noise, to the next stage."""
+    batch size and hands the factors on, with the noise, to the next stage.
+
+    A convolution whose norms take the direct form (:func:`gpu_mlp.norms.forms_gradients`)
+    keeps its per-sample gradients instead, when the next stage is the update rule (it
+    takes a formed gradient): the clipped sum is then a GEMV of them against the
+    clipping factors, handed on formed (``Rule.gradient``)."""
 
     keeps_factors = True
 
-    def __init__(self, dp: DP, net, downstream: Sink, rows: int, batch: float):
+    def __init__(self, dp: DP, net, downstream: Sink, rows: int, batch: float, scalars=None):
         super().__init__(downstream)
         self.dp, self.net, self.rows = dp, net, rows
         self.batch = float(batch)
         self.squares = net.training_workspace.take((rows,)) if rows else net.xp.zeros(0, net.dtype)
         self.squares.fill(0)
         self.kept = []
-        sigma, C = dp.noise_multiplier, dp.max_grad_norm
-        self.noise_std = sigma * C / self.batch  # of the gradient, per entry
+        self.noise_std = dp.noise_std(self.batch)  # of the gradient, per entry
+        # on a GPU the step counter is the device's (a replayed step advances it there)
+        self.device_step = None if scalars is None else scalars.dp_step
+        # a communication stage takes factors only; a rule also takes a formed gradient
+        self.takes_gradients = (isinstance(downstream, Rule)
+                                and type(downstream).gradient is not Rule.gradient)
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
-        B = self.rows
+        B, xp, ws = self.rows, self.net.xp, self.net.training_workspace
         if B:
-            norms.add_squares(self.net.xp, T_rows.reshape(B, -1, T_rows.shape[1]),
-                              X_rows.reshape(B, -1, X_rows.shape[1]), self.squares,
-                              self.net.training_workspace)
-        self.kept.append((k, T_rows, X_rows, ones))
+            T = T_rows.reshape(B, -1, T_rows.shape[1])
+            X = X_rows.reshape(B, -1, X_rows.shape[1])
+            (P, d_out), K = T.shape[1:], X.shape[2]
+            if self.takes_gradients and norms.forms_gradients(P, d_out, K):
+                G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
+                norms.per_sample_gradients(xp, T, X, G, g)
+                norms.row_squares_into(xp, G.reshape(B, -1), self.squares, ws, add=True)
+                norms.row_squares_into(xp, g, self.squares, ws, add=True)
+                self.kept.append((k, (G, g)))
+                return
+            norms.add_squares(xp, T, X, self.squares, ws)
+        self.kept.append((k, (T_rows, X_rows, ones)))
 
     def finish(self):
         xp, B, C = self.net.xp, self.rows, self.dp.max_grad_norm
@@ -166,7 +195,19 @@ class _Private(Stage):
             xp.sqrt(factors, out=factors)
             xp.maximum(factors, C, out=factors)
             xp.divide(C / self.batch, factors, out=factors)
-        for k, T_rows, X_rows, ones in self.kept:
+        ws = self.net.training_workspace
+        for k, kept in self.kept:
+            if len(kept) == 2:  # per-sample gradients: sum_i c_i [G_i | g_i], two GEMVs
+                G, g = kept
+                W_size = G[0].size
+                held = ws.take((1, W_size + g.shape[1]))
+                flat = held.reshape(-1)
+                ops.gemv("T", G.reshape(B, -1), factors, flat[:W_size])
+                ops.gemv("T", g, factors, flat[W_size:])
+                self.downstream.gradient(k, flat, noise=self._noise)
+                ws.give(held, G, g)
+                continue
+            T_rows, X_rows, ones = kept
             if B:
                 T = T_rows.reshape(B, -1, T_rows.shape[1])
                 T *= factors[:, None, None]
@@ -180,6 +221,9 @@ class _Private(Stage):
     def _noise(self, k, which, array, alpha):
         """Add ``alpha`` times the noise of layer k's W (which 0) or b (1) gradient."""
         if self.noise_std == 0:
+            return
+        if self.device_step is not None:  # alpha is a device view: alpha times the std
+            ops.add_gaussian(array, alpha, self.dp.seed, 2 * k + which, self.device_step)
             return
         ops.add_gaussian(array, alpha * self.noise_std, self.dp.seed, 2 * k + which,
                          self.dp.steps)

@@ -6,7 +6,10 @@ calls :meth:`Network.train_step` on contiguous slices with ``check=False`` -- pl
 at ``lr``, or a :mod:`gpu_mlp.optim` optimizer with its schedule -- so no step scans
 the data or waits for the device: each step's loss is copied into a per-epoch vector on
 the device, read in bulk only every ``_REFRESH_S`` seconds (for the progress bar and to
-notice divergence) and at the end of the epoch.
+notice divergence) and at the end of the epoch. On a GPU the full batch's step and the
+remainder's are each captured as a CUDA graph on their second use and replayed after
+(:mod:`gpu_mlp.graph`: at most these two graphs); DP's Poisson samples, whose sizes vary,
+and data-parallel steps run eagerly.
 
 Divergence: the first non-finite loss seen stops training (on the CPU at once, on a GPU
 within ``_REFRESH_S``). The parameters -- and an optimizer's state and step count -- go
@@ -271,7 +274,8 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
             for done, X_batch, Y_batch, counts in _batches(net, X, Y, batch_size, seed, epoch,
                                                            shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
-                              expected_batch=plan.divisor(batch_size), counts=counts)
+                              expected_batch=plan.divisor(batch_size), counts=counts,
+                              capture=not plan.private)
                 losses.add(J, X_batch.shape[0])
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break

@@ -20,8 +20,10 @@ for the data-parallel allreduce). :class:`gpu_mlp.plan.StepPlan` builds a step's
 
 ``noise`` is None, or DP's ``noise(k, which, array, alpha)``, which adds ``alpha`` times
 the Gaussian noise of layer ``k``'s weight (``which = 0``) or bias (``1``) gradient to
-``array`` in place. The stage that forms the summed gradient calls it, once per step:
-the same noise on every rank, so it is added once, not once per rank.
+``array`` in place (``alpha`` a number; on a GPU a device view of
+:class:`gpu_mlp.plan.StepScalars` that holds ``alpha`` times the noise's std already).
+The stage that forms the summed gradient calls it, once per step: the same noise on
+every rank, so it is added once, not once per rank.
 """
 
 from __future__ import annotations
@@ -89,37 +91,50 @@ class Apply(Rule):
     ``g`` (in ``scratch``, one buffer for all layers) and its state (``state(k)`` gives
     ``(W_k's, b_k's)`` lists). ``on_finish`` runs once the step is done (the optimizer
     counts it).
+
+    ``scalars``: a :class:`gpu_mlp.plan.StepScalars` (CuPy): the step's scalars -- the
+    GEMMs' ``alpha = -lr`` and ``beta = keep``, the noise's scale -- are read on the
+    device from its views (``lr`` and ``keep`` are then its views too), so that a step
+    captured as a CUDA graph sees each replay's own.
     """
 
     def __init__(self, params, lr: float = 0.0, keep=(1.0, 1.0),
                  kernels: Optional[Sequence[Callable]] = None, scratch=None,
-                 state: Optional[Callable] = None, on_finish: Optional[Callable] = None):
+                 state: Optional[Callable] = None, on_finish: Optional[Callable] = None,
+                 scalars=None):
         self.params, self.lr, self.keep = params, lr, keep
         self.kernels, self.scratch, self.state = kernels, scratch, state
         self.on_finish = on_finish
+        if scalars is None:  # host numbers: the noise's alpha times its std, on the host
+            self.alpha, self.betas, self.noise_lr, self.noise_one = -lr, keep, -lr, 1.0
+        else:  # device views; the noise's are its scale already (see StepScalars)
+            v = scalars.views
+            self.lr, self.keep = v["lr"], (v["keep_W"], v["keep_b"])
+            self.alpha, self.betas = v["alpha"], self.keep
+            self.noise_lr, self.noise_one = v["noise_lr"], v["noise_one"]
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         """Apply ``G = T_rows^T X_rows``, ``g = T_rows^T 1`` (+ noise) to layer ``k``."""
         W, b = self.params[k]
         if self.kernels is None:
-            lr, (keep_W, keep_b) = self.lr, self.keep
-            ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(W), alpha=-lr, beta=keep_W)
+            alpha, (beta_W, beta_b) = self.alpha, self.betas
+            ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(W), alpha=alpha, beta=beta_W)
             if noise is not None:
-                noise(k, 0, W.reshape(-1), -lr)
-            ops.gemv("T", T_rows, ones, b, alpha=-lr, beta=keep_b)
+                noise(k, 0, W.reshape(-1), self.noise_lr)
+            ops.gemv("T", T_rows, ones, b, alpha=alpha, beta=beta_b)
             if noise is not None:
-                noise(k, 1, b, -lr)
+                noise(k, 1, b, self.noise_lr)
             return
         W_state, b_state = self.state(k)
         G = self.scratch[:W.size]
         ops.gemm("T", "N", T_rows, X_rows, G.reshape(W.shape[0], -1))
         if noise is not None:
-            noise(k, 0, G, 1.0)
+            noise(k, 0, G, self.noise_one)
         self.kernels[0](W.reshape(-1), G, W_state)
         g = self.scratch[:b.size]  # W is done with the scratch: the bias takes it
         ops.gemv("T", T_rows, ones, g)
         if noise is not None:
-            noise(k, 1, g, 1.0)
+            noise(k, 1, g, self.noise_one)
         self.kernels[1](b, g, b_state)
 
     def gradient(self, k, G, noise=None):
@@ -130,7 +145,7 @@ class Apply(Rule):
         states = self.state(k) if self.kernels is not None else (None, None)
         for which, ((p, g), state) in enumerate(zip(parts, states)):
             if noise is not None:
-                noise(k, which, g, 1.0)
+                noise(k, which, g, self.noise_one)
             if self.kernels is None:
                 ops.sgd(p, g, self.lr, self.keep[which])
             else:

@@ -17,38 +17,74 @@
 
 #include "common.cuh"
 
-// Element idx of im2col(x): x is (B, C, H, W), the result (B*OH*OW, C*kh*kw).
+// Layouts: an image is NCHW (channels_last = 0) or NHWC (1, the engine's channels-last
+// form: gpu_mlp/layers.py, ChannelsLast); a row of the columns holds its window in W's
+// own (c, i, j) order, k = (c*kh + i)*kw + j (taps_first = 0), or in an NHWC window's
+// (i, j, c), k = (i*kw + j)*C + c (taps_first = 1: what the channels-last input gradient
+// and col2im_nhwc use).
+__host__ __device__ inline long long gm_pixel(long long b, int c, int y, int x, int C, int H,
+                                              int W, int channels_last)
+{
+    return channels_last ? ((b * H + y) * W + x) * C + c : ((b * C + c) * H + y) * W + x;
+}
+
+__host__ __device__ inline long long gm_column(int c, int i, int j, int C, int kh, int kw,
+                                               int taps_first)
+{
+    return taps_first ? ((long long)i * kw + j) * C + c : ((long long)c * kh + i) * kw + j;
+}
+
+// Element idx of im2col(x), x an image of either layout, the result (B*OH*OW, C*kh*kw).
 template <typename T>
-__host__ __device__ inline T gm_im2col_at(const T* x, long long idx, int C, int H, int W,
-                                          int kh, int kw, int sh, int sw, int ph, int pw,
-                                          int OH, int OW)
+__host__ __device__ inline T gm_im2col_layout_at(const T* x, long long idx, int C, int H,
+                                                 int W, int kh, int kw, int sh, int sw,
+                                                 int ph, int pw, int OH, int OW,
+                                                 int channels_last, int taps_first)
 {
     const long long K = (long long)C * kh * kw;
     const long long r = idx / K;
     const int k = (int)(idx - r * K);
-    const int j = k % kw;
-    const int i = (k / kw) % kh;
-    const int c = k / (kw * kh);
+    int c, i, j;
+    if (taps_first) {
+        c = k % C;
+        j = (k / C) % kw;
+        i = k / (C * kw);
+    } else {
+        j = k % kw;
+        i = (k / kw) % kh;
+        c = k / (kw * kh);
+    }
     const int ow = (int)(r % OW);
     const long long b = r / OW / OH;
     const int oh = (int)(r / OW - b * OH);
     const int y = oh * sh - ph + i;
     const int xx = ow * sw - pw + j;
     if (y < 0 || y >= H || xx < 0 || xx >= W) return T(0);  // the zero padding
-    return x[((b * C + c) * H + y) * W + xx];
+    return x[gm_pixel(b, c, y, xx, C, H, W, channels_last)];
 }
 
-// Element idx of col2im(cols): cols is (B*OH*OW, C*kh*kw), the result (B, C, H, W).
+// Element idx of col2im(cols), the image of either layout: the adjoint of
+// gm_im2col_layout_at with the same layout and column order.
 template <typename T>
-__host__ __device__ inline T gm_col2im_at(const T* cols, long long idx, int C, int H, int W,
-                                          int kh, int kw, int sh, int sw, int ph, int pw,
-                                          int OH, int OW)
+__host__ __device__ inline T gm_col2im_layout_at(const T* cols, long long idx, int C, int H,
+                                                 int W, int kh, int kw, int sh, int sw,
+                                                 int ph, int pw, int OH, int OW,
+                                                 int channels_last, int taps_first)
 {
     const long long K = (long long)C * kh * kw;
-    const int xx = (int)(idx % W);
-    const int y = (int)(idx / W % H);
-    const int c = (int)(idx / W / H % C);
-    const long long b = idx / W / H / C;
+    int c, y, xx;
+    long long b;
+    if (channels_last) {
+        c = (int)(idx % C);
+        xx = (int)(idx / C % W);
+        y = (int)(idx / C / W % H);
+        b = idx / C / W / H;
+    } else {
+        xx = (int)(idx % W);
+        y = (int)(idx / W % H);
+        c = (int)(idx / W / H % C);
+        b = idx / W / H / C;
+    }
     // Output row oh reads this pixel through kernel row i = yp - oh*sh, 0 <= i < kh:
     // oh from ceil((yp - kh + 1) / sh) to floor(yp / sh), clipped to [0, OH). Stepping oh
     // keeps i - yp a multiple of sh, so only offsets that touch the pixel are visited.
@@ -63,10 +99,47 @@ __host__ __device__ inline T gm_col2im_at(const T* cols, long long idx, int C, i
         const int i = yp - oh * sh;
         for (int ow = ow_hi; ow >= ow_lo; --ow) {
             const int j = xp - ow * sw;
-            sum += cols[((b * OH + oh) * OW + ow) * K + (c * kh + i) * kw + j];
+            sum += cols[((b * OH + oh) * OW + ow) * K + gm_column(c, i, j, C, kh, kw,
+                                                                   taps_first)];
         }
     }
     return sum;
+}
+
+// The table's kernels (gpu_mlp/conv.py, ELEMENTWISE): the user's NCHW layout, and the
+// engine's channels-last one.
+template <typename T>
+__host__ __device__ inline T gm_im2col_at(const T* x, long long idx, int C, int H, int W,
+                                          int kh, int kw, int sh, int sw, int ph, int pw,
+                                          int OH, int OW)
+{
+    return gm_im2col_layout_at(x, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 0, 0);
+}
+
+template <typename T>
+__host__ __device__ inline T gm_col2im_at(const T* cols, long long idx, int C, int H, int W,
+                                          int kh, int kw, int sh, int sw, int ph, int pw,
+                                          int OH, int OW)
+{
+    return gm_col2im_layout_at(cols, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 0, 0);
+}
+
+template <typename T>
+__host__ __device__ inline T gm_im2col_nhwc_at(const T* x, long long idx, int C, int H, int W,
+                                               int kh, int kw, int sh, int sw, int ph, int pw,
+                                               int OH, int OW, int taps_first)
+{
+    return gm_im2col_layout_at(x, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 1,
+                               taps_first);
+}
+
+// col2im_nhwc: the adjoint of im2col_nhwc with taps_first
+template <typename T>
+__host__ __device__ inline T gm_col2im_nhwc_at(const T* cols, long long idx, int C, int H,
+                                               int W, int kh, int kw, int sh, int sw, int ph,
+                                               int pw, int OH, int OW)
+{
+    return gm_col2im_layout_at(cols, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 1, 1);
 }
 
 #endif  // GPU_MLP_CONV_CUH

@@ -18,13 +18,22 @@
 //       m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g g
 //       w <- w - step_size m / (sqrt(v) / sqrt(1 - b2^t) + eps),  step_size = lr / (1 - b1^t)
 //   The step-dependent scalars (bias corrections, the scheduled lr) are computed on the
-//   host from the host's step count, in double as PyTorch does, and passed by value: no
-//   device read, no synchronisation. lerp is ATen's (at::native::lerp), whose formula
-//   depends on the weight.
+//   host from the host's step count, in double as PyTorch does, a window of steps ahead,
+//   into a table on the device; gm_step_row picks the row of the device's step counter
+//   (gpu_mlp/plan.py, StepScalars), and the kernels read their step's scalars by pointer,
+//   so that a step captured as a CUDA graph and replayed sees each step's own. lerp is
+//   ATen's (at::native::lerp), whose formula depends on the weight.
 #ifndef GPU_MLP_OPTIM_CUH
 #define GPU_MLP_OPTIM_CUH
 
 #include "common.cuh"
+
+// The row of a table of per-step scalars for the step ``offset`` steps past its first
+// row: clamped to the table (a replay past its end keeps the last row's scalars).
+__host__ __device__ inline long long gm_step_row(long long offset, int rows)
+{
+    return offset < 0 ? 0 : offset >= rows ? rows - 1 : offset;
+}
 
 // ATen's lerp(start, end, weight): start + weight (end - start) for |weight| < 1/2, else
 // end - (end - start) (1 - weight), which is exact at weight 1

@@ -60,12 +60,12 @@ does not model.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 import device_counts
+import host_cupy
 from device_counts import DeviceArray
 
 
@@ -197,6 +197,61 @@ class Capture:
                             f"an address the memory pool hands to the next array")
 
 
+class Stream:
+    """``cupy.cuda.Stream`` on the counting device, as the engine uses it
+    (gpu_mlp/graph.py): ``with stream:`` makes it current (nothing to do here: the
+    counting device has one queue), ``begin_capture``/``end_capture``/``is_capturing``
+    are a :class:`Capture`'s; ``null=True`` is the default stream, which CuPy will not
+    capture."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False):
+        self.capture = Capture(null=null)
+        self.non_blocking = non_blocking
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def begin_capture(self, mode=None) -> None:
+        self.capture.begin_capture(mode)
+
+    def end_capture(self) -> Graph:
+        return self.capture.end_capture()
+
+    def is_capturing(self) -> bool:
+        return self.capture.is_capturing()
+
+    def synchronize(self) -> None:
+        self.capture.synchronize()
+
+
+class _CurrentStream:
+    """``cupy.cuda.get_current_stream()``: capturing while any capture is open (the
+    counting device has one queue)."""
+
+    def is_capturing(self) -> bool:
+        return device_counts._COUNTS.capture is not None
+
+    def synchronize(self) -> None:
+        synchronize()
+
+
+_CURRENT = _CurrentStream()
+
+
+def cuda_module():
+    """``cupy.cuda`` as the engine reaches it: ``Stream``, ``get_current_stream`` and
+    ``graph.Graph``."""
+    import types
+
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.Stream, cuda.get_current_stream = Stream, lambda: _CURRENT
+    cuda.graph = types.SimpleNamespace(Graph=Graph)
+    return cuda
+
+
 def synchronize() -> None:
     """``cupy.cuda.Device().synchronize()`` (``cudaDeviceSynchronize``): refused during a
     capture, which it invalidates."""
@@ -205,52 +260,63 @@ def synchronize() -> None:
         capture.synchronize()
 
 
-class CapturableBlas:
-    """``cupy.cublas.gemm`` and ``gemv`` as a direct cuBLAS binding would be (the ctypes
-    ``cublasSgemm_v2`` of graph_capture_probe.py): captured as a node during a capture,
-    alpha and beta frozen as host values (``CUBLAS_POINTER_MODE_HOST``); run through
-    host_cupy's GEMMs (``blas``: a ``host_cupy.Device``) otherwise and on replay."""
+class CapturableBlas(host_cupy.HostCublas):
+    """``gpu_mlp.cublas``'s libcublas and runtime on the counting device, under capture as
+    cuBLAS called directly is (../shared/gpu/graph_capture_probe.py): a GEMM or GEMV
+    during a capture is a node, not run; ``alpha`` and ``beta`` in
+    ``CUBLAS_POINTER_MODE_HOST`` were read during the call, so frozen at capture, those in
+    ``CUBLAS_POINTER_MODE_DEVICE`` are read when the node runs, on each replay. A handle
+    with no workspace of its own (``cublasSetWorkspace``, undone by ``cublasSetStream``)
+    would have cuBLAS allocate during the capture: refused, as every allocation is.
+    Outside a capture the work runs at once (``run=False``: counted, never run). The
+    handle's workspace and device constants are device arrays, their allocation counted;
+    a host array given to cuBLAS is a TypeError, as a kernel's is."""
 
-    def __init__(self, blas):
-        self.blas = blas
-        self.calls = 0
+    def __init__(self, device, run: bool = True):
+        super().__init__(device)
+        self.array_type, self.run, self.calls = DeviceArray, run, 0
 
-    def _enqueue(self, name, run, args) -> None:
-        for a in args:
-            if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
-                raise TypeError(f"{name}: a host array passed to cuBLAS")
+    def capturing(self, stream: int) -> bool:
+        return device_counts._COUNTS.capture is not None
+
+    def workspace(self, nbytes: int):
+        device_counts._COUNTS.allocated("cuBLAS workspace")
+        return super().workspace(nbytes)
+
+    def scalar(self, value, dtype):
+        device_counts._COUNTS.allocated("cuBLAS device constant")
+        return super().scalar(value, dtype).view(DeviceArray)
+
+    def pointer(self, a) -> int:
+        if not isinstance(a, DeviceArray):
+            raise TypeError(f"a host {type(a).__name__} passed to cuBLAS")
+        return super().pointer(a)
+
+    def enqueue(self, name: str, run, handle, scalars) -> None:
         self.calls += 1
+        run = run if self.run else None
         capture = device_counts._COUNTS.capture
-        if capture is not None:
-            capture.launch(name, run, args)
-        else:
-            run()
-
-    def gemm(self, transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
-        host = device_counts._host
-        alpha, beta = float(alpha), float(beta)  # read now, as cuBLAS reads *alpha
-        self._enqueue("gemm", lambda: self.blas.gemm(transa, transb, host(a), host(b),
-                                                     out=host(out), alpha=alpha, beta=beta),
-                      (a, b, out, alpha, beta))
-        return out
-
-    def gemv(self, transa, alpha, a, x, beta, y):
-        host = device_counts._host
-        alpha, beta = float(alpha), float(beta)
-        self._enqueue("gemv", lambda: self.blas.gemv(transa, alpha, host(a), host(x), beta,
-                                                     host(y)),
-                      (a, x, y, alpha, beta))
+        if capture is None:
+            if run is not None:
+                run()
+            return
+        if handle.workspace is None:
+            capture.allocation(f"{name} with no workspace of its own (cublasSetWorkspace)")
+        # the host-mode scalars as captured (a device one is read at replay, not frozen)
+        capture.launch("gemm" if "gemm" in name else "gemv", run,
+                       tuple(x for x in scalars if not callable(x)))
 
 
 @contextlib.contextmanager
-def capturable_blas(lib):
-    """Within a ``device_counts.counting_device(net, lib)``: ``cupy.cublas`` is a
-    :class:`CapturableBlas` over host_cupy's GEMMs; yields it."""
-    import host_cupy
-    import pytest
+def capturable_blas(lib, run: bool = True):
+    """Within a ``device_counts.counting_device(net, lib)``: ``gpu_mlp.cublas`` runs over a
+    fresh :class:`CapturableBlas` (host_cupy's GEMMs computing when ``lib`` is given),
+    its one stream's handle and workspace made on entry (``gpu_mlp.cublas.prepare``, as
+    the engine must before capturing on a stream); yields it."""
+    import gpu_mlp.cublas
 
-    blas = CapturableBlas(host_cupy.Device(lib))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys.modules["cupy"], "cublas", blas)
-        mp.setitem(sys.modules, "cupy.cublas", blas)
+    blas = CapturableBlas(host_cupy.Device(lib), run=run and lib is not None)
+    with gpu_mlp.cublas.use(blas) as binding:
+        binding.prepare()
         yield blas
+

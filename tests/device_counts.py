@@ -3,7 +3,8 @@
 ``with counting_device(net) as counts:`` swaps the net's array module for
 :class:`CountingXp`, NumPy under CuPy's rules of allocation, and turns every array the net
 holds into a :class:`DeviceArray`; ``gpu_mlp.ops`` takes its CuPy branches (its kernel
-launches and ``cupy.cublas`` recorded, not run: the numbers are not the point here).
+launches recorded, not run: the numbers are not the point here; its GEMMs go through
+``gpu_mlp.cublas`` over :class:`capture.CapturableBlas`, host_cupy's libcublas).
 Then ``counts.allocations`` counts each new device array as CuPy makes one:
 
 * a ufunc (``a + b``, ``xp.sqrt(a)``, ``a > 0``) or a reduction (``a.all()``) without
@@ -17,16 +18,19 @@ Then ``counts.allocations`` counts each new device array as CuPy makes one:
   view, ``xp.empty``/``zeros``/``ones``/``*_like``/``array``/``asarray`` of anything
   not already a device array, ``xp.einsum``, ``xp.stack`` and every other array
   function whose result shares no memory with its device inputs;
-* ``cupy.cublas.gemm``/``gemv`` given an array neither C- nor F-contiguous: the copy
-  ``cupy/cublas.py`` makes of it (host scalars alpha and beta allocate nothing).
+* ``cupy.cublas.gemm``/``gemv`` (which the engine no longer calls; kept to show what it
+  did) given an array neither C- nor F-contiguous: the copy ``cupy/cublas.py`` makes of
+  it (host scalars alpha and beta allocate nothing).
 
 A kernel launch given a host array raises a TypeError, as CuPy's do.
 
 ``counting_device(net, lib)`` also runs what it counts: its kernels are gpu_mlp's CUDA
 bodies built for the host (``host_cupy.build``), its GEMMs host_cupy's, so the numbers
 are the engine's. While a :mod:`capture` is open (``counts.capture``), every allocation,
-host read, kernel launch, ``out=`` ufunc and ``cupy.cublas`` call goes to it instead: it
-records the launches and refuses the rest, as CUDA stream capture does.
+host read, kernel launch, ``out=`` ufunc and cuBLAS call goes to it instead: it records
+the launches and ``gpu_mlp.cublas``'s GEMMs and refuses the rest, as CUDA stream capture
+does -- CuPy's own cuBLAS too: ``cupy.cublas``, and ``matmul``, ``dot`` and
+``tensordot``, which reach cuBLAS through CuPy's wrappers.
 
 A view (basic indexing, a reshape of contiguous memory, ``transpose``) and an in-place
 or ``out=`` operation allocate nothing. ``counts.syncs`` counts what reads a device
@@ -142,6 +146,8 @@ class DeviceArray(np.ndarray):
         args = _host(inputs)
         if out is not None:
             kwargs["out"] = _host(out)
+        if _COUNTS.capture is not None and ufunc is np.matmul:
+            _COUNTS.capture.cublas("matmul")  # CuPy's matmul is cuBLAS through CuPy
         if _COUNTS.capture is not None and (out is not None or method == "at"):
             # a kernel CuPy launches into existing memory: captured, not run
             if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
@@ -159,6 +165,8 @@ class DeviceArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         inputs = _device_inputs(list(args) + list(kwargs.values()))
+        if _COUNTS.capture is not None and func in (np.dot, np.tensordot, np.matmul):
+            _COUNTS.capture.cublas(func.__name__)  # cuBLAS through CuPy, as matmul
         if _COUNTS.capture is not None and (func is np.copyto or
                                             kwargs.get("out") is not None):
             # into existing memory: a kernel, captured, not run
@@ -293,9 +301,9 @@ class _Cublas:
             if not _contiguous(x):
                 _COUNTS.allocated(f"gemm copies {name}")
         self.launches.append("gemm")
-        if self.blas is not None:
-            self.blas.gemm(transa, transb, *_host((a, b)), out=_host(out), alpha=alpha,
-                           beta=beta)
+        if self.blas is not None:  # a 0-d device alpha or beta: read by cuBLAS, no sync
+            self.blas.gemm(transa, transb, *_host((a, b)), out=_host(out), alpha=_host(alpha),
+                           beta=_host(beta))
         return out
 
     def gemv(self, transa, alpha, a, x, beta, y):
@@ -306,7 +314,7 @@ class _Cublas:
             _COUNTS.allocated("gemv copies a")
         self.launches.append("gemv")
         if self.blas is not None:
-            self.blas.gemv(transa, alpha, *_host((a, x)), beta, _host(y))
+            self.blas.gemv(transa, _host(alpha), *_host((a, x)), _host(beta), _host(y))
 
 
 def _launched(launches, name, args, run=None) -> None:
@@ -344,6 +352,7 @@ def counting_device(net, lib=None):
         device = host_cupy.Device(lib)
         cupy.RawModule = device.cupy.RawModule
     cupy.ndarray, cupy.cublas = DeviceArray, _Cublas(launches, device)
+    cupy.asarray = xp.asarray  # ops' direct calls with a number: a device array of it
     to_device(net, xp)
     _COUNTS.reset()
     launch, launch_rows = ops._launch, ops._launch_rows
@@ -352,7 +361,12 @@ def counting_device(net, lib=None):
     def run(function, *args):  # host_cupy's kernels take NumPy arrays
         return None if device is None else lambda: function(*_host(args))
 
-    with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
+    import capture  # gpu_mlp.cublas's libcublas on this device, capture-aware
+
+    cupy.cuda = capture.cuda_module()  # streams that capture, as gpu_mlp.graph uses them
+
+    with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"), \
+            capture.capturable_blas(lib):
         mp.setattr(ops, "is_numpy", lambda a: False)
         mp.setattr(ops, "_launch", lambda op, act, *args: _launched(
             launches, op, args, run(launch, op, act, *args)))

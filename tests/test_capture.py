@@ -8,19 +8,22 @@ so its kernels and GEMMs compute: a replay can be compared with eager steps bit 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import pytest
 
 import gpu_mlp
+from gpu_mlp import graph as graph_module
 from gpu_mlp import ops, optim
 from gpu_mlp.layers import Dense
+from gpu_mlp.plan import StepPlan, StepScalars
 from gpu_mlp.privacy import DP
 
 from capture import (CUBLAS_REFUSES, D2H_REFUSED, INVALIDATED_STATUS, SYNC_STATUS,
                      Capture, CaptureBroken, CUDARuntimeError, capturable_blas, synchronize)
 from device_counts import CountingXp, DeviceArray, counting_device
-from test_memory import counted_net
+from test_memory import COUNTED_NETS, counted_net
 
 
 @pytest.fixture
@@ -43,9 +46,9 @@ def _equal(device_array, expected):
 # --- the stand-in's rules -----------------------------------------------------------------
 
 def test_a_capture_runs_nothing_and_each_replay_runs_every_launch(device):
-    w, g = _arrays([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
+    w, g, lr, decay = _arrays([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], 0.5, 1.0)
     with Capture() as capture:
-        ops.sgd(w, g, 0.5)
+        ops.sgd(w, g, lr, decay)
         np.multiply(w, np.float32(2), out=w)
     assert capture.graph.names == ["sgd", "multiply.__call__"]
     _equal(w, [1.0, 2.0, 3.0])  # captured, not run
@@ -56,17 +59,34 @@ def test_a_capture_runs_nothing_and_each_replay_runs_every_launch(device):
 
 
 def test_a_replay_reads_the_arrays_as_they_are_but_the_scalars_as_captured(device):
-    """A scalar passed by value is frozen into the graph: a learning rate changed after
-    the capture is not seen by the replay, new contents of an array are."""
-    w, g = _arrays([0.0, 0.0], [1.0, 2.0])
-    lr = 0.5
+    """A scalar passed by value is frozen into the graph: a factor changed after the
+    capture is not seen by the replay; new contents of an array are -- a learning rate
+    the kernel reads by pointer among them."""
+    w, g, lr, decay = _arrays([0.0, 0.0], [1.0, 2.0], 0.5, 1.0)
+    factor = 2.0
     with Capture() as capture:
-        ops.sgd(w, g, lr)
-    assert capture.graph.record[0].scalars == (np.float32(0.5), np.float32(1.0))
-    lr = 0.25  # noqa: F841 -- the schedule moves on: the graph cannot know
+        ops.sgd(w, g, lr, decay)
+        np.multiply(w, np.float32(factor), out=w)
+    assert capture.graph.record[1].scalars == (np.float32(2.0),)
+    factor = 3.0  # noqa: F841 -- the graph cannot know
     g[...] = np.float32(4.0)
+    lr[...] = np.float32(0.25)
     capture.graph.launch()
-    _equal(w, [-2.0, -2.0])  # 0.5 * the new g, not 0.25 * g
+    _equal(w, [-2.0, -2.0])  # 2 (0 - 0.25 * 4): the new g and lr, the old factor
+
+
+@pytest.mark.parametrize("call", ["number", "device"])
+def test_a_number_given_to_a_kernel_that_reads_by_pointer_allocates(device, call):
+    """ops' kernels read their step scalars by pointer: a number becomes a device array,
+    an allocation, which capture refuses; the engine passes device arrays."""
+    w, g, lr, decay = _arrays([0.0], [1.0], 0.5, 1.0)
+    with Capture() as capture:
+        if call == "number":
+            with pytest.raises(CaptureBroken, match="allocation during capture"):
+                ops.sgd(w, g, 0.5, 1.0)
+        else:
+            ops.sgd(w, g, lr, decay)
+    assert capture.graph.names == ([] if call == "number" else ["sgd"])
 
 
 def test_a_capturable_gemm_freezes_alpha_and_beta_and_rereads_its_operands(device):
@@ -87,12 +107,13 @@ def test_a_capturable_gemm_freezes_alpha_and_beta_and_rereads_its_operands(devic
 @pytest.mark.parametrize("call", ["gemm", "gemv"])
 def test_cupy_cublas_refuses_during_capture_as_cupy_does(device, call):
     a, x, out, y = _arrays(np.ones((2, 2)), np.ones(2), np.zeros((2, 2)), np.zeros(2))
+    cupy = sys.modules["cupy"]  # CuPy's own wrappers, which gpu_mlp no longer calls
     with Capture() as capture:
         with pytest.raises(NotImplementedError, match=CUBLAS_REFUSES):
             if call == "gemm":
-                ops.gemm("N", "N", a, a, out)
+                cupy.cublas.gemm("N", "N", a, a, out)
             else:
-                ops.gemv("N", a, x, y)
+                cupy.cublas.gemv("N", 1.0, a, x, 0.0, y)
     assert capture.graph.names == []  # refused before CUDA: the capture is still valid
 
 
@@ -162,7 +183,7 @@ def _compare_replay_with_eager(kind, lib, make_rule, blas, dp=None, steps=3):
             return net.train_step(X, Y, rule, check=False, dp=private)
         with contextlib.ExitStack() as stack:
             stack.enter_context(counting_device(net, lib))
-            if blas:
+            if blas:  # alpha and beta as 0-d device arrays: read when the GEMM runs
                 stack.enter_context(capturable_blas(lib))
             for _ in range(3):
                 step()
@@ -190,40 +211,299 @@ def test_a_replayed_plain_sgd_step_equals_eager_steps_given_a_capturable_gemm(
     _compare_replay_with_eager(kind, host_cupy_lib, lambda: 1e-3, blas=True)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "ops.gemm and ops.gemv call cupy.cublas, whose every wrapper sets the cuBLAS handle's "
-    "stream first, and setStream raises NotImplementedError during stream capture "
-    "(cupy_backends/cuda/libs/cublas.pyx, setStream): a direct cuBLAS binding (ctypes, "
-    "as ../shared/gpu/graph_capture_probe.py) is needed"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_steady_state_step_captures_on_cupy(host_cupy_lib, kind):
+    """ops.gemm and ops.gemv call cuBLAS through gpu_mlp.cublas, which captures (cupy.cublas
+    refuses: above), with nothing swapped: the step replays as eager steps run."""
     _compare_replay_with_eager(kind, host_cupy_lib, lambda: 1e-3, blas=False)
 
 
 FROZEN = {
-    # a schedule's rate: plain SGD's GEMM alpha = -lr (host pointer mode) and optim.SGD's
-    # kernel lr, both host scalars read at capture
+    # what would be frozen into the graph if passed by value, and is read on the device
+    # instead (gpu_mlp.plan.StepScalars): a schedule's rate -- plain SGD's GEMM alpha =
+    # -lr, optim.SGD's kernel lr -- and Adam's step count and bias corrections
     "sgd-schedule": lambda: optim.SGD(1e-2, schedule=optim.Step(1, 0.5)),
     "momentum-schedule": lambda: optim.SGD(1e-2, momentum=0.9, schedule=optim.Step(1, 0.5)),
-    # Adam at a constant rate: the step count t on the host, its bias corrections passed
-    # to the kernel by value
     "adam": lambda: optim.Adam(1e-2),
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "host scalars are frozen into the graph: a schedule's learning rate (the GEMM's "
-    "alpha = -lr, the sgd/sgd_momentum kernels' lr) and Adam's step count and bias "
-    "corrections (1 - beta**t, computed in Python per step) are passed by value, so every "
-    "replay repeats the captured step's values: they must live on the device"))
 @pytest.mark.parametrize("rule", FROZEN)
 def test_a_replay_sees_the_rate_and_step_count_of_its_step(host_cupy_lib, rule):
     _compare_replay_with_eager("dense", host_cupy_lib, FROZEN[rule], blas=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DP's Gaussian noise takes its Philox counter (seed, stream, step) as host scalars "
-    "(ops.add_gaussian), frozen at capture: every replay adds the same noise"))
 def test_a_replayed_private_step_draws_fresh_noise(host_cupy_lib):
     _compare_replay_with_eager("dense", host_cupy_lib, lambda: 1e-3, blas=True,
                                dp=dict(max_grad_norm=1.0, noise_multiplier=1.0, seed=0))
+
+
+# --- train_step and fit capture their own steps (gpu_mlp/graph.py) -----------------------
+
+SCHEDULED = {
+    "sgd": lambda: 1e-3,
+    "sgd-step": lambda: optim.SGD(1e-2, weight_decay=1e-2, schedule=optim.Step(2, 0.5)),
+    "momentum-cosine": lambda: optim.SGD(1e-2, momentum=0.9, nesterov=True,
+                                         schedule=optim.Cosine(5, warmup=2)),
+    "adam-cosine": lambda: optim.Adam(1e-2, weight_decay=1e-2,
+                                      schedule=optim.Cosine(6, warmup=2, min_lr=1e-4)),
+    "adamw-uncorrected": lambda: optim.AdamW(1e-2, eps_placement="uncorrected",
+                                             decay_bias=False),
+}
+PRIVATE = dict(max_grad_norm=1.0, noise_multiplier=1.0, seed=3)
+
+
+def _net(kind, memory="output", dtype="float32"):
+    make, shape = COUNTED_NETS[kind]
+    net = gpu_mlp.Network(make(), loss="softmax_cross_entropy", memory=memory,
+                          device="cpu", dtype=dtype, seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal(shape).astype(dtype).view(DeviceArray)
+    Y = rng.integers(0, 5, shape[0]).view(DeviceArray)
+    return net, X, Y
+
+
+def _host(net):
+    return [a.view(np.ndarray).copy() for pair in net.params for a in pair]
+
+
+def _steps(lib, kind="dense", memory="output", dtype="float32", make_rule=lambda: 1e-3,
+           dp=None, steps=6, capture=True, between=None):
+    """``steps`` train_steps on a fresh net on the stand-in: ``(params, losses, rule, dp,
+    net)``; ``capture=False``: every step eager (``Network._step(capture=False)``);
+    ``between(i, net, rule)`` runs before step ``i``."""
+    net, X, Y = _net(kind, memory, dtype)
+    rule, private = make_rule(), (None if dp is None else DP(**dp))
+    losses = []
+    with counting_device(net, lib), capturable_blas(lib):
+        for i in range(steps):
+            if between is not None:
+                between(i, net, rule)
+            if capture:
+                J = net.train_step(X, Y, rule, check=False, dp=private)
+            else:
+                J = net._step(X, Y, StepPlan.of(rule, private), False, global_loss=True,
+                              capture=False)
+            losses.append(float(J))
+    return _host(net), losses, rule, private, net
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("rule", SCHEDULED)
+@pytest.mark.parametrize("private", [False, True], ids=["", "dp"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_step_replays_its_captured_step_as_eager_steps_run(host_cupy_lib, kind, memory,
+                                                                   dtype, rule, private):
+    """Step 1 eager (the warm-up), step 2 captured and launched, steps 3-6 replayed: the
+    parameters and losses of eager steps, bit for bit, with the schedule's rate, Adam's
+    bias corrections and the DP noise's step moving on in every replay."""
+    dp = PRIVATE if private else None
+    args = dict(kind=kind, memory=memory, dtype=dtype, make_rule=SCHEDULED[rule], dp=dp)
+    params, losses, opt, dp_, net = _steps(host_cupy_lib, **args)
+    eager, eager_losses, eager_opt, eager_dp, _ = _steps(host_cupy_lib, capture=False, **args)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
+    if not isinstance(opt, float):  # the host's side of each replayed step: counted
+        assert (opt.steps, opt.last_lr) == (eager_opt.steps, eager_opt.last_lr) == \
+            (6, opt.lr_at(5))
+    if private:
+        assert dp_.steps == eager_dp.steps == 6
+
+
+def test_a_replay_reads_the_scalars_of_its_own_step(host_cupy_lib):
+    """The device scalars after each replayed step are the host's numbers of the next
+    step, though the graph was captured once."""
+    seen = []
+
+    def look(i, net, rule):
+        if i >= 3:  # two replays done: what the last replay's step read
+            [(scalars, _, _)] = net.step_graphs._scalars.values()
+            seen.append((i, scalars.values.view(np.ndarray).copy()))
+    _, _, opt, _, net = _steps(host_cupy_lib, make_rule=SCHEDULED["adam-cosine"], between=look)
+    plan = StepPlan(opt)
+    assert net.step_graphs.captures == 1
+    for i, values in seen:  # step i - 1 (0-based) ran last
+        want = plan.step_values(i - 1)
+        for name, value in zip(StepScalars.COLUMNS, values):
+            if name in want:
+                assert value == np.float32(want[name]), (i, name)
+    assert len({v.tobytes() for _, v in seen}) == len(seen)  # the rate moved every step
+
+
+def test_a_window_of_scalars_is_refilled_on_the_way(host_cupy_lib, monkeypatch):
+    monkeypatch.setattr(StepScalars, "WINDOW", 2)
+    params, losses, *_ = _steps(host_cupy_lib, make_rule=SCHEDULED["adam-cosine"], steps=7)
+    eager, eager_losses, *_ = _steps(host_cupy_lib, make_rule=SCHEDULED["adam-cosine"],
+                                     steps=7, capture=False)
+    _same(params, eager)
+    assert losses == eager_losses
+
+
+def test_a_replayed_step_allocates_nothing_and_never_waits(host_cupy_lib):
+    for make_rule in SCHEDULED.values():
+        for dp in (None, PRIVATE):
+            net, X, Y = _net("conv")
+            rule, private = make_rule(), (None if dp is None else DP(**dp))
+            with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+                for _ in range(3):
+                    net.train_step(X, Y, rule, check=False, dp=private)
+                counts.reset()
+                for _ in range(3):
+                    net.train_step(X, Y, rule, check=False, dp=private)
+                assert (counts.allocations, counts.syncs, counts.where) == (0, 0, [])
+            assert net.step_graphs.replays == 4
+
+
+def _changed_midway(change):
+    def between(i, net, rule):
+        if i == 4:
+            change(net, rule)
+    return between
+
+
+def _replace_params(net, rule):
+    net.params = [(W.copy(), b.copy()) for W, b in net.params]
+
+
+def _decay_more(net, rule):
+    rule.weight_decay = 0.05
+
+
+def _free(net, rule):
+    net.free_buffers()
+
+
+@pytest.mark.parametrize("change", [_replace_params, _decay_more, _free],
+                         ids=["params-replaced", "optimizer-changed", "free-buffers"])
+def test_a_graph_is_captured_again_after_what_it_froze_changes(host_cupy_lib, change):
+    """New parameter arrays, another weight decay (a kernel argument), free_buffers(): the
+    next step runs eagerly, the one after is captured again, and every step is the eager
+    step."""
+    make = lambda: optim.SGD(1e-2, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    args = dict(make_rule=make, steps=8, between=_changed_midway(change))
+    params, losses, opt, _, net = _steps(host_cupy_lib, **args)
+    eager, eager_losses, *_ = _steps(host_cupy_lib, capture=False, **args)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (2, 4)
+    assert opt.steps == 8
+
+
+def test_bad_input_raises_before_any_graph_runs(host_cupy_lib):
+    net, X, Y = _net("dense")
+    opt = optim.Adam(1e-2)
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for _ in range(3):
+            net.train_step(X, Y, opt)  # check=True: one read of the verdict per step
+        before, replays = _host(net), net.step_graphs.replays
+        bad = X.copy()
+        bad[0, 0] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            net.train_step(bad, Y, opt)
+        with pytest.raises(ValueError):
+            net.train_step(X, Y[:-1], opt)
+        _same(_host(net), before)
+        assert (net.step_graphs.replays, opt.steps) == (replays, 3)
+
+
+@pytest.mark.parametrize("where", ["begin", "during"])
+def test_a_step_that_cannot_be_captured_runs_eagerly_after_one_warning(host_cupy_lib,
+                                                                        monkeypatch, where):
+    """A capture refused at its start, or broken by a host read in the middle of the step:
+    one warning, the step (and every later one) eager, the optimizer and DP counted once."""
+    import capture as capture_module
+    from gpu_mlp import plan as plan_module
+
+    if where == "begin":
+        def refuse(self, mode=None):
+            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported", "no capture here")
+        monkeypatch.setattr(capture_module.Stream, "begin_capture", refuse)
+    else:
+        select = plan_module.StepScalars.select
+
+        def reads(self):
+            float(self.values[0, ...])  # a host read: refused while capturing
+            select(self)
+        monkeypatch.setattr(plan_module.StepScalars, "select", reads)
+    args = dict(make_rule=SCHEDULED["adam-cosine"], dp=PRIVATE)
+    with pytest.warns(RuntimeWarning, match="could not be captured") as warned:
+        params, losses, opt, dp, net = _steps(host_cupy_lib, **args)
+    assert len(warned) == 1
+    eager, eager_losses, *_ = _steps(host_cupy_lib, capture=False, **args)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, opt.steps, dp.steps) == (0, 6, 6)
+
+
+def test_an_optimizer_resumed_after_replays_continues_bit_for_bit(host_cupy_lib):
+    make = SCHEDULED["adam-cosine"]
+    whole, *_ = _steps(host_cupy_lib, make_rule=make, steps=8)
+    net, X, Y = _net("dense")
+    opt = make()
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for _ in range(5):
+            net.train_step(X, Y, opt, check=False)
+        resumed = optim.from_state_dict(opt.state_dict())  # host copies, as a checkpoint
+        net.params = [(W.copy(), b.copy()) for W, b in net.params]  # as a loaded net
+        opt2 = resumed
+        for _ in range(3):
+            net.train_step(X, Y, opt2, check=False)
+    _same(_host(net), whole)
+    assert opt2.steps == 8
+
+
+def test_fit_replays_two_graphs_the_full_batch_and_the_remainder(host_cupy_lib, monkeypatch):
+    make, shape = COUNTED_NETS["dense"]
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((28, shape[1])).astype(np.float32).view(DeviceArray)
+    y = rng.integers(0, 5, 28).view(DeviceArray)
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        net = gpu_mlp.Network(make(), loss="softmax_cross_entropy", device="cpu", seed=0)
+        held = []
+        original = graph_module.StepGraphs._capture
+
+        def counted(self, *args, **kwargs):
+            done = original(self, *args, **kwargs)
+            held.append(self.graphs)
+            return done
+        monkeypatch.setattr(graph_module.StepGraphs, "_capture", counted)
+        opt = optim.Adam(1e-2, schedule=optim.Cosine(12, warmup=3))
+        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+            history = net.fit(X, y, epochs=3, batch_size=8, optimizer=opt, verbose=False)
+        results.append((_host(net), history.train_loss, net.step_graphs))
+        if capture:
+            assert net.step_graphs.captures == 2 and max(held) == 2
+            assert net.step_graphs.replays == 12 - 4  # 4 steps an epoch: 2 warm-ups, 2 captures
+    _same(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
+def test_fit_under_dp_runs_its_poisson_steps_eagerly(host_cupy_lib):
+    """Poisson samples vary in size: fit captures none of them (say nothing either)."""
+    net, X, Y = _net("dense")
+    X, Y = np.tile(X, (3, 1)).view(DeviceArray), np.tile(Y, 3).view(DeviceArray)
+    dp = DP(**PRIVATE)
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        net.fit(X, Y, epochs=2, batch_size=6, lr=1e-2, dp=dp, verbose=False)
+    assert dp.steps == 8 and net.step_graphs.captures == 0
+
+
+def test_a_step_inside_a_capture_of_its_caller_runs_eagerly_into_it(host_cupy_lib):
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for _ in range(2):
+            net.train_step(X, Y, 1e-3, check=False)
+        with Capture() as capture:
+            net.train_step(X, Y, 1e-3, check=False)
+    assert "gemm" in capture.graph.names and "graph" not in capture.graph.names
+    assert net.step_graphs.replays == 0

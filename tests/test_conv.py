@@ -7,6 +7,10 @@
 3. The CUDA bodies of ``conv.ELEMENTWISE`` compiled by g++ and run over every index, as
    the elementwise kernels do on a GPU: the same bits as the NumPy twins.
 4. The same bodies as ``__global__`` kernels through nvcc for Hopper, with -Werror.
+5. The channels-last twins the engine runs (NHWC images; columns in W's order or the
+   windows'): the NCHW maps reordered, adjoint, their CUDA bodies the same bits.
+6. The engine keeps the maps NHWC between convolutions; 1x1 and stride = kernel
+   convolutions (no column buffer, one copy) against PyTorch autograd.
 """
 
 import ctypes
@@ -215,14 +219,17 @@ def host(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def run_host(host, op, source, out, layer):
-    """Run the C body of ``op`` over every element of ``out``, reading ``source``."""
-    images = out if op == "col2im" else source
-    geometry = conv.geometry(layer, images.shape[1:])
+def run_host(host, op, source, out, layer, *extra, channels_last=False):
+    """Run the C body of ``op`` over every element of ``out``, reading ``source``; the
+    images (``out`` for a col2im, else ``source``) NCHW, or NHWC with ``channels_last``."""
+    images = out if op.startswith("col2im") else source
+    B, *shape = images.shape
+    per_sample = (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
+    geometry = conv.geometry(layer, per_sample)
     fn = getattr(host, f"ew_{op}_{CTYPES[source.dtype]}")
-    # in the kernel's parameter order: the input, its geometry, the output
+    # in the kernel's parameter order: the input, its geometry (and extras), the output
     fn(ctypes.c_longlong(out.size), source.ctypes.data_as(ctypes.c_void_p),
-       *(ctypes.c_int(g) for g in geometry), out.ctypes.data_as(ctypes.c_void_p))
+       *(ctypes.c_int(g) for g in (*geometry, *extra)), out.ctypes.data_as(ctypes.c_void_p))
     return out
 
 
@@ -315,3 +322,170 @@ def test_geometry_is_the_kernel_argument_order():
 def test_docstring_examples_run():
     result = doctest.testmod(conv)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- 5. the engine's channels-last twins (ChannelsLast: NHWC activations) ---------------------
+
+def nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def taps_first(cols, layer):
+    """(c, i, j) columns reordered to the windows' order (i, j, c)."""
+    kh, kw = layer.kernel_size
+    return np.ascontiguousarray(
+        cols.reshape(-1, layer.c_in, kh, kw).transpose(0, 2, 3, 1).reshape(cols.shape))
+
+
+def padded_buffer(layer, x_shape, dtype=np.float64):
+    B, C, H, W = x_shape
+    (ph, pw) = layer.padding
+    return np.full((B, H + 2 * ph, W + 2 * pw, C), np.nan, dtype)  # its border is written
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_channels_last_im2col_is_the_nchw_one(kernel):
+    # the NCHW im2col is torch's unfold (above): the NHWC one must give the same rows, in
+    # W's column order or in the windows' order, with or without the padding scratch
+    rng = np.random.default_rng(6)
+    for layer, x_shape in layers_for(kernel):
+        x = rng.standard_normal(x_shape)
+        want, where = im2col(x, layer), f"{layer} on {x_shape}"
+        for padded in (None, padded_buffer(layer, x_shape)):
+            got = conv.im2col_nhwc(nhwc(x), layer, np.full(want.shape, np.nan), False, padded)
+            np.testing.assert_array_equal(got, want, err_msg=where)
+            got = conv.im2col_nhwc(nhwc(x), layer, np.full(want.shape, np.nan), True, padded)
+            np.testing.assert_array_equal(got, taps_first(want, layer), err_msg=where)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_channels_last_col2im_is_the_adjoint_and_the_nchw_col2im(kernel):
+    rng = np.random.default_rng(7)
+    for layer, x_shape in layers_for(kernel):
+        Y = rng.standard_normal(cols_shape(layer, x_shape))
+        out = np.full(nhwc(np.empty(x_shape)).shape, np.nan)
+        back = conv.col2im_nhwc(taps_first(Y, layer), layer, out)
+        np.testing.assert_allclose(back, nhwc(col2im(Y, layer, x_shape)), rtol=0, atol=1e-14,
+                                   err_msg=f"{layer} on {x_shape}")
+        x = rng.standard_normal(back.shape)
+        cols = conv.im2col_nhwc(x, layer, np.empty(Y.shape), True)
+        gap = abs(np.vdot(cols, Y) - np.vdot(x, conv.col2im_nhwc(Y, layer, out)))
+        assert gap < 1e-12 * np.abs(cols * Y).sum(), f"{layer} on {x_shape}"
+
+
+def test_stride_equal_to_the_kernel_tiles_without_padding_or_zeroing():
+    # windows that tile the image: rows(x) is one copy of a view, col2im one copy back; the
+    # rows and columns beyond the last window get 0
+    layer, x_shape = Conv2d(3, 2, (2, 3), stride=(2, 3)), (2, 3, 7, 8)  # 7, 8: a remainder
+    rng = np.random.default_rng(8)
+    x, Y = rng.standard_normal(x_shape), rng.standard_normal(cols_shape(layer, x_shape))
+    got = conv.im2col_nhwc(nhwc(x), layer, np.empty(Y.shape), True)
+    np.testing.assert_array_equal(got, taps_first(im2col(x, layer), layer))
+    back = conv.col2im_nhwc(taps_first(Y, layer), layer, np.full(nhwc(x).shape, np.nan))
+    np.testing.assert_array_equal(back, nhwc(col2im(Y, layer, x_shape)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_cuda_bodies_give_the_numpy_bits(host, dtype):
+    rng = np.random.default_rng(9)
+    for layer, x_shape in ALL_LAYERS:
+        where = f"{layer} on {x_shape}"
+        x = nhwc(rng.standard_normal(x_shape).astype(dtype))
+        shape = cols_shape(layer, x_shape)
+        for order in (0, 1):
+            cols = run_host(host, "im2col_nhwc", x, np.full(shape, np.nan, dtype), layer,
+                            order, channels_last=True)
+            np.testing.assert_array_equal(
+                cols, conv.im2col_nhwc(x, layer, np.empty(shape, dtype), bool(order)),
+                err_msg=where)
+        Y = rng.standard_normal(shape).astype(dtype)
+        out = np.full(x.shape, np.nan, dtype)
+        back = run_host(host, "col2im_nhwc", Y, out, layer, channels_last=True)
+        # the gather adds in the NumPy twin's order: the same sums, bit for bit
+        np.testing.assert_array_equal(back, conv.col2im_nhwc(Y, layer, np.empty_like(x)),
+                                      err_msg=where)
+
+
+def test_channels_last_geometry_is_the_nchw_kernels():
+    for op in ("im2col_nhwc", "col2im_nhwc"):
+        assert conv.ELEMENTWISE[op][0].split(",")[1:12] == \
+            conv.ELEMENTWISE["im2col"][0].split(",")[1:]
+
+
+def test_channels_last_bad_calls_name_the_problem():
+    layer, x = Conv2d(3, 2, 3, padding=1), np.zeros((2, 4, 5, 3))
+    with pytest.raises(ValueError, match=r"x must be a \(batch, height, width, 3\) array"):
+        conv.im2col_nhwc(np.zeros((2, 3, 4, 5)), layer, np.zeros((40, 27)), True)
+    with pytest.raises(ValueError, match=r"must be C-contiguous of shape \(40, 27\)"):
+        conv.im2col_nhwc(x, layer, np.zeros((27, 40)).T, True)
+    with pytest.raises(ValueError, match=r"padding needs a buffer of shape \(2, 6, 7, 3\)"):
+        conv.windows(x, layer, np.zeros((2, 6, 6, 3)))
+
+
+# --- 6. the engine keeps the maps channels-last ------------------------------------------------
+
+def test_the_engine_keeps_the_maps_nhwc_between_convolutions():
+    import gpu_mlp
+    from gpu_mlp.layers import Dense
+
+    layers = [Conv2d(2, 3, 3, padding=1), Conv2d(3, 4, 1), Conv2d(4, 5, 2, stride=2),
+              Dense(5 * 3 * 2, 2, "identity")]
+    net = gpu_mlp.Network(layers, device="cpu", dtype="float64")
+    X = np.random.default_rng(10).standard_normal((4, 2, 6, 4))
+    net.train_step(X, np.zeros((4, 2)), 0.1)
+    shapes = {key[0] for key in net.training_workspace._free}
+    # each map as (H, W, C); NCHW only where X enters (X itself) and the Dense takes them
+    assert {(6, 4, 3), (6, 4, 4), (3, 2, 5), (5, 3, 2)} <= shapes
+    assert not {(3, 6, 4), (4, 6, 4)} & shapes  # no NCHW copy of a hidden map
+
+
+def test_a_1x1_convolution_has_no_column_buffer_and_to_rows_is_a_view():
+    from gpu_mlp.workspace import Workspace
+
+    ws = Workspace(np, np.float64)
+    one = Conv2d(3, 4, 1).engine
+    x = np.zeros((2, 5, 6, 3))
+    assert np.shares_memory(one.rows(x, ws), x) and ws.allocations == 0
+    T = np.zeros((2, 5, 6, 4))
+    assert np.shares_memory(one.to_rows(T, ws), T) and one.to_rows(T, ws).shape == (60, 4)
+
+
+@pytest.mark.parametrize("layers, shape", [
+    ([Conv2d(3, 4, 1, activation="tanh"), Conv2d(4, 2, 1)], (3, 5, 4)),      # 1x1, stride 1
+    ([Conv2d(2, 3, (2, 3), stride=(2, 3), activation="relu"), Conv2d(3, 2, 2, stride=2)],
+     (2, 8, 13)),                                                           # tiles, remainders
+], ids=["1x1", "stride-is-kernel"])
+@pytest.mark.parametrize("memory", ["output", "recompute", "store_both"])
+def test_column_free_convolutions_against_torch(layers, shape, memory):
+    import gpu_mlp
+    from gpu_mlp.layers import Dense
+
+    rng = np.random.default_rng(11)
+    out = shape
+    for layer in layers:
+        out = layer.output_shape(out)
+    layers = layers + [Dense(int(np.prod(out)), 3, "identity")]
+    params = [(rng.standard_normal(layer.weight_shape), rng.standard_normal(layer.bias_shape))
+              for layer in layers]
+    net = gpu_mlp.Network.from_params(layers, params, memory=memory, device="cpu")
+    X, Y = rng.standard_normal((3, *shape)), rng.standard_normal((3, 3))
+    J, grads, dX = net.loss_and_gradients(X, Y)
+
+    F = torch.tensor(X, requires_grad=True)
+    tp = [(torch.tensor(W, requires_grad=True), torch.tensor(b, requires_grad=True))
+          for W, b in params]
+    out = F
+    for layer, (W, b) in zip(layers, tp):
+        if isinstance(layer, Conv2d):
+            out = torch.nn.functional.conv2d(out, W, b, stride=layer.stride, padding=layer.padding)
+        else:
+            out = torch.flatten(out, 1) @ W.T + b
+        out = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "relu": torch.relu,
+               "identity": lambda a: a}[layer.activation.name](out)
+    loss = ((out - torch.tensor(Y)) ** 2).sum(1).mean()  # gpu_mlp's squared loss
+    loss.backward()
+    assert abs(float(J) - loss.item()) < 1e-10 * abs(loss.item())
+    for (dW, db), (W, b) in zip(grads, tp):
+        np.testing.assert_allclose(dW, W.grad.numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(db, b.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dX, F.grad.numpy(), rtol=1e-9, atol=1e-12)

@@ -373,8 +373,11 @@ def test_optimizer_op_matches_numpy_twin(host, case, dtype, special):
     arrays = optimizer_arrays(op, dtype, ops.BLOCK_ELEMENTS + 123, special)
     twin = {name: a.copy() for name, a in arrays.items()}
     params = cuda_host.elementwise_signature(op)
+    # a step scalar the kernel reads by pointer ("raw": the step's own, on the device) is
+    # a one-element array of it
     args = [(np.int32(scalars[p.name]) if p.type == "int32" else dtype.type(scalars[p.name]))
-            if p.kind == "scalar" else arrays[p.name] for p in params]
+            if p.kind == "scalar" else np.array([scalars[p.name]], dtype) if p.kind == "raw"
+            else arrays[p.name] for p in params]
     n = arrays["w"].size
     call(host, cuda_host.elementwise_name(op, None, dtype), n, n, 1, *args)
     with np.errstate(all="ignore"):

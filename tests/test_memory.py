@@ -345,11 +345,7 @@ def test_steady_state_loop_that_keeps_the_latest_loss_allocates_nothing(loss):
     assert steady_counts(net, step) == (0, 0, [])
 
 
-@pytest.mark.parametrize("kind", [
-    "dense", pytest.param("conv", marks=pytest.mark.xfail(strict=True, reason=(
-        "a convolution's per-sample norms (norms.per_sample_squares: CuPy's batched "
-        "matmul copies its transposed operands, its sums and einsum make their results) "
-        "still make arrays on the GPU")))])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
 def test_steady_state_private_step_allocates_nothing_on_the_device(kind):
     net, X, Y = counted_net(kind, "output")
     dp = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0)

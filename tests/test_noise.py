@@ -77,10 +77,10 @@ def kernel_noise(host_cupy_lib, w, scale, seed, stream, step):
     place, its arguments as the kernel declares them."""
     assert w.flags.c_contiguous
     key0, key1 = split(seed)
-    step_lo, step_hi = split(step)
+    # scale and the 64-bit step by pointer, as the kernel reads them (the step as int64 bits)
     call(host_cupy_lib, cuda_host.elementwise_name("gaussian_noise", None, w.dtype), w.size,
-         w.size, 1,
-         w.dtype.type(scale), key0, key1, np.uint32(stream), step_lo, step_hi, w)
+         w.size, 1, np.array([scale], w.dtype), key0, key1, np.uint32(stream),
+         np.array([step], np.uint64).view(np.int64), w)
     return w
 
 

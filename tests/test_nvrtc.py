@@ -232,12 +232,13 @@ def test_the_noise_kernel_rounds_as_numpy(nvrtc, arch, dtype):
 
 
 def test_integer_scalars_reach_the_body_as_their_c_type():
-    # the noise kernel's key and counter words, declared uint32 in ops.ELEMENTWISE, are
-    # the unsigned int words gm_gaussian_noise takes; the sizes are long long
+    # the noise kernel's key and stream words, declared uint32 in ops.ELEMENTWISE, are
+    # the unsigned int words gm_gaussian_noise takes; its scale and 64-bit step counter,
+    # read on the device (raw), are pointers; the sizes are long long
     code = ops.kernel_template("gaussian_noise", None)
-    for name in ("key0", "key1", "stream", "step_lo", "step_hi"):
+    for name in ("key0", "key1", "stream"):
         assert f"const unsigned int {name}," in code, name
-    assert "const T scale," in code
+    assert "const T* scale," in code and "const long long* step," in code
     assert "(long long gm_n, long long gm_channels, long long gm_inner," in code
 
 

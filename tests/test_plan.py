@@ -13,7 +13,7 @@ import pytest
 
 import gpu_mlp
 from gpu_mlp import checkpoint, optim, plan as plan_module, updates
-from gpu_mlp.plan import StepPlan
+from gpu_mlp.plan import StepPlan, StepScalars
 from gpu_mlp.privacy import DP
 
 SIZES = [6, 8, 3]
@@ -254,3 +254,79 @@ def test_optimizer_kinds_name_their_options():
         assert opt.kind == kind and isinstance(opt, optim.KINDS[kind].cls)
         assert list(opt.settings()) == ["lr", *optim.KINDS[kind].options]
     assert optim.Adam(betas=(0.8, 0.9)).settings()["betas"] == (0.8, 0.9)
+
+
+# --- StepScalars: a step's scalars on the device, written only when they go stale ---------
+
+def _written(monkeypatch):
+    writes = []
+    real = plan_module.write
+    monkeypatch.setattr(plan_module, "write",
+                        lambda target, value: (writes.append(target.shape), real(target, value)))
+    return writes
+
+
+def _stepped(scalars, plan, noise_std=0.0):
+    """One step as the engine takes it: prepare, select (here: the row, as the kernel
+    picks it), then the counts on both sides."""
+    scalars.prepare(plan, noise_std)
+    row = int(scalars.counters[0] - scalars.counters[2])
+    scalars.values[...] = scalars.table[min(max(row, 0), scalars.table.shape[0] - 1)]
+    scalars.advance()
+    plan.count_step()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_scalars_hold_the_hosts_numbers_of_each_step(dtype):
+    opt = optim.AdamW(1e-2, schedule=optim.Cosine(4, warmup=1), eps_placement="uncorrected")
+    plan, scalars = StepPlan(opt, DP(1.0, 1.0)), StepScalars(np, dtype)
+    for step in range(6):
+        want = plan.step_values(step, 0.25)
+        scalars.prepare(plan, 0.25)
+        values = scalars.table[step - scalars._first]
+        assert [values[StepScalars.COLUMNS.index(name)] for name in want] == \
+            [dtype(v) for v in want.values()]
+        _stepped(scalars, plan, 0.25)
+    assert want["step_size"] == opt.lr_at(5) / (1 - 0.9 ** 6)  # in double, then rounded
+    assert want["noise_lr"] == -opt.lr_at(5) * 0.25
+
+
+def test_a_steady_step_writes_nothing_and_a_change_rewrites_what_went_stale(monkeypatch):
+    writes = _written(monkeypatch)
+    opt, dp = optim.Adam(1e-2, schedule=optim.Step(1, 0.5)), DP(1.0, 1.0)
+    plan, scalars = StepPlan(opt, dp), StepScalars(np, np.float32)
+    _stepped(scalars, plan)
+    assert writes == [(StepScalars.WINDOW, len(StepScalars.COLUMNS)), (3,)]  # table, counters
+    writes.clear()
+    for _ in range(5):
+        _stepped(scalars, plan)
+    assert writes == [] and tuple(scalars.counters[:2]) == (6, 6)
+    dp.steps = 2  # by hand (or a checkpoint): the counters only
+    _stepped(scalars, plan)
+    assert writes == [(3,)] and tuple(scalars.counters[:2]) == (7, 3)
+    writes.clear()
+    opt.lr = 5e-3  # another setting: the table again
+    _stepped(scalars, plan)
+    assert writes == [(StepScalars.WINDOW, len(StepScalars.COLUMNS)), (3,)]
+    assert scalars.values[StepScalars.COLUMNS.index("lr")] == np.float32(5e-3 * 0.5 ** 7)
+
+
+def test_a_window_runs_out_and_is_refilled(monkeypatch):
+    monkeypatch.setattr(StepScalars, "WINDOW", 3)
+    writes = _written(monkeypatch)
+    opt = optim.SGD(1e-2, schedule=optim.Step(1, 0.5))
+    plan, scalars = StepPlan(opt), StepScalars(np, np.float64)
+    for step in range(7):
+        _stepped(scalars, plan)
+        assert scalars.values[StepScalars.COLUMNS.index("alpha")] == -1e-2 * 0.5 ** step
+    assert writes.count((3, len(StepScalars.COLUMNS))) == 3  # steps 0, 3 and 6
+
+
+def test_plain_sgd_has_one_row_whatever_the_step(monkeypatch):
+    writes = _written(monkeypatch)
+    scalars = StepScalars(np, np.float32)
+    for _ in range(4):
+        _stepped(scalars, StepPlan(0.1))  # a new plan each step, as train_step makes
+    assert writes == [(1, len(StepScalars.COLUMNS)), (3,)]
+    _stepped(scalars, StepPlan(0.2))  # another rate: one row again, no recapture needed
+    assert scalars.values[StepScalars.COLUMNS.index("alpha")] == np.float32(-0.2)

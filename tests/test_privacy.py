@@ -23,7 +23,9 @@ an optimizer, the noised, clipped mean gradient is what the optimizer sees.
 6. the step count, state dicts and checkpoints;
 7. fit: Poisson sampling, epsilon per epoch against dp-accounting, resuming bit for bit;
 8. bad input: clear errors, nothing changed;
-9. memory: no per-sample gradient is ever formed (tracemalloc on the NumPy backend);
+9. memory: no per-sample gradient is ever formed for a dense net (tracemalloc on the
+   NumPy backend); a convolution's only where its norm computes them anyway, kept
+   within its rows' memory and summed by a GEMV (and otherwise the factors go on);
 10. the CuPy path through the host stand-in (tests/host_cupy.py);
 11. the command line.
 """
@@ -880,6 +882,139 @@ def test_dp_step_allocates_no_per_sample_gradient():
     assert peaks["dp"] < n_params * 8, (peaks, n_params * 8)
 
 
+# A convolution of each kind the DP step tells apart, on (2, 6, 6) inputs: (P, c_out, K)
+# = (36, 3, 18) direct form, c_out <= P: its per-sample gradients are kept; (9, 12, 12)
+# direct form but c_out > P: more than its rows, so its factors go on; (4, 16, 48): the
+# Gram form (P (c_out + K) < c_out K); then a dense layer (the product of the norms).
+PATHS_NET = (lambda: [Conv2d(2, 3, 3, padding=1, activation="relu"),
+                      Conv2d(3, 12, 2, stride=2, activation="tanh"),
+                      Conv2d(12, 16, 2, activation="sigmoid"),
+                      Dense(16 * 2 * 2, 4, "identity")], (2, 6, 6), "softmax_cross_entropy")
+
+
+def paths_problem(memory="output"):
+    net = gpu_mlp.Network(PATHS_NET[0](), loss=PATHS_NET[2], memory=memory, device="cpu",
+                          dtype="float64", seed=0)
+    rng = np.random.default_rng(7)
+    for _, b in net.params:
+        b[...] = 0.3 * rng.standard_normal(b.shape)
+    X, Y = rng.standard_normal((BATCH, *PATHS_NET[1])), rng.integers(0, 4, BATCH)
+    return net, X, Y
+
+
+def spy_on_paths(monkeypatch):
+    """Record the layers whose per-sample gradients are formed and kept, whose norms
+    come from the factors, and which layers' gradients reach the rule formed."""
+    from gpu_mlp import norms, updates
+
+    seen = {"formed": [], "factors": [], "gradient": []}
+    formed, squares = norms.per_sample_gradients, norms.per_sample_squares
+    gradient = updates.Apply.gradient
+
+    def record_formed(xp, T, X, G, g):
+        seen["formed"].append(T.shape[1:] + X.shape[2:])
+        return formed(xp, T, X, G, g)
+
+    def record_factors(xp, T, X):
+        seen["factors"].append(T.shape[1:] + X.shape[2:])
+        return squares(xp, T, X)
+
+    def record_gradient(self, k, G, noise=None):
+        seen["gradient"].append(k)
+        return gradient(self, k, G, noise)
+
+    monkeypatch.setattr(norms, "per_sample_gradients", record_formed)
+    monkeypatch.setattr(norms, "per_sample_squares", record_factors)
+    monkeypatch.setattr(updates.Apply, "gradient", record_gradient)
+    return seen
+
+
+def test_forms_gradients_only_in_the_direct_form_and_within_the_rows():
+    from gpu_mlp import norms
+
+    assert norms.forms_gradients(36, 3, 18)          # direct, c_out <= P
+    assert norms.forms_gradients(9, 9, 12)           # c_out = P: as large as the rows
+    assert not norms.forms_gradients(9, 12, 12)      # direct, but larger than the rows
+    assert norms.gram_form(4, 16, 48) and not norms.forms_gradients(4, 16, 48)
+    assert not norms.forms_gradients(1, 4, 64)       # dense: the product of the norms
+    # the FLOP model: P^2 (c_out + K) against P c_out K a sample
+    assert norms.gram_form(4, 8, 9) and not norms.gram_form(4, 8, 8)  # 68 < 72, 64 = 64
+
+
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_conv_step_keeps_per_sample_gradients_where_cheaper_and_matches_torch(memory,
+                                                                             monkeypatch):
+    net, X, Y = paths_problem(memory)
+    grads = per_sample_grads(torch_model(net), net.loss.name, X, Y)
+    C = between(norms_of(grads))
+    total, norms = clipped_sum(grads, C)
+    both_sides_of(norms, C)
+    seen = spy_on_paths(monkeypatch)
+    before = flat(net)
+    net.train_step(X, Y, LR, dp=DP(C, 0.0))
+    assert seen["formed"] == [(36, 3, 18)]
+    assert seen["factors"] == [(1, 4, 64), (4, 16, 48), (9, 12, 12)]  # last layer first
+    assert seen["gradient"] == [0]  # the first convolution's clipped sum arrives formed
+    assert_update(before, flat(net), [-LR / BATCH * g for g in total], memory)
+
+
+def test_conv_step_with_an_optimizer_from_kept_per_sample_gradients():
+    # the formed gradient goes through the optimizer's kernels (Rule.gradient), noised
+    net, X, Y = paths_problem()
+    torch_net = torch_model(net)
+    C = between(norms_of(per_sample_grads(torch_net, net.loss.name, X, Y)))
+    opt = optim.Adam(1e-2)
+    reference = torch.optim.Adam(torch_net.parameters(), lr=1e-2)
+    for _ in range(2):
+        total, _ = clipped_sum(per_sample_grads(torch_net, net.loss.name, X, Y), C)
+        for p, g in zip(torch_net.parameters(), total):
+            p.grad = torch.from_numpy(g / BATCH)
+        reference.step()
+        net.train_step(X, Y, opt, dp=DP(C, 0.0))
+    for a, b in zip(flat(net), [p.detach().numpy() for p in torch_net.parameters()]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_stage_that_takes_factors_only_gets_factors(monkeypatch):
+    # as the communication's stage, which sums factors over ranks: DP hands it the scaled
+    # factors of every layer, none formed, and the update is the same
+    from gpu_mlp.updates import Stage
+
+    class FactorsOnly(Stage):
+        def __call__(self, k, T_rows, X_rows, ones, noise=None):
+            self.downstream(k, T_rows, X_rows, ones, noise)
+
+    stage = DP.stage
+    monkeypatch.setattr(DP, "stage", lambda self, net, downstream, *args, **kwargs:
+                        stage(self, net, FactorsOnly(downstream), *args, **kwargs))
+    net, X, Y = paths_problem()
+    grads = per_sample_grads(torch_model(net), net.loss.name, X, Y)
+    C = between(norms_of(grads))
+    total, _ = clipped_sum(grads, C)
+    seen = spy_on_paths(monkeypatch)
+    before = flat(net)
+    net.train_step(X, Y, LR, dp=DP(C, 0.0))
+    assert seen["formed"] == [] and seen["gradient"] == [] and len(seen["factors"]) == 4
+    assert_update(before, flat(net), [-LR / BATCH * g for g in total], "factors only")
+
+
+def test_kept_per_sample_gradients_stay_within_the_rows():
+    # a CNN's private step holds, beyond the plain step's workspace, its per-sample
+    # gradients (no more than the rows) and the factors until finish: a small factor
+    layers = lambda: [Conv2d(1, 8, 3, padding=1), Conv2d(8, 16, 3, stride=2, padding=1),
+                      Dense(16 * 4 * 4, 10, "identity")]
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((32, 1, 8, 8)), rng.integers(0, 10, 32)
+    peak = {}
+    for name, dp in (("plain", None), ("dp", DP(1.0, 1.0, seed=1))):
+        net = gpu_mlp.Network(layers(), loss="softmax_cross_entropy", device="cpu",
+                              dtype="float64", seed=0)
+        for _ in range(2):
+            net.train_step(X, Y, LR, dp=dp)
+        peak[name] = net.training_workspace.peak_in_use_bytes
+    assert peak["dp"] <= 3 * peak["plain"], peak
+
+
 # --- 10. the CuPy path through the host stand-in ---------------------------------------------
 
 @pytest.mark.parametrize("kind, rule", [("dense-xent", "sgd"), ("conv", "sgd"),
@@ -905,6 +1040,39 @@ def test_cupy_path_clipped_step_equals_numpy(host_cupy_lib, kind, rule):
         results.append(flat(net))
     for a, b in zip(*results):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
+
+
+def test_gpu_per_sample_gradients_and_row_squares_match_the_cpu_ones():
+    # the GPU's branches of the squares (squares and a GEMV), on the host through the
+    # counting stand-in: allocating nothing (gemm_batched's GPU branch: test_cublas.py)
+    from device_counts import CountingXp, DeviceArray
+    from gpu_mlp import norms
+    from gpu_mlp.workspace import Workspace
+
+    rng = np.random.default_rng(4)
+    B, P, d, K = 5, 7, 3, 4
+    T, X = rng.standard_normal((B, P, d)), rng.standard_normal((B, P, K))
+    results = []
+    for xp in (np, CountingXp()):
+        dev = (lambda a: a) if xp is np else (lambda a: a.view(DeviceArray))
+        ws = Workspace(xp, np.float64)
+        G, g, out = dev(np.empty((B, d, K))), dev(np.empty((B, d))), dev(np.empty(B))
+        allocations = []
+        for _ in range(2):  # the second time on the workspace's buffers alone
+            out[...] = np.nan  # written, not read
+            norms.per_sample_gradients(xp, dev(T), dev(X), G, g)
+            norms.row_squares_into(xp, G.reshape(B, -1), out, ws)
+            norms.row_squares_into(xp, g, out, ws, add=True)
+            norms.row_squares_into(xp, g, out, ws, add=True)
+            allocations.append(ws.allocations)
+        assert allocations[0] == allocations[1] and ws.in_use_bytes == 0
+        results.append([np.array(a) for a in (G, g, out)])
+    expected_G, expected_g = np.einsum("bpo,bpk->bok", T, X), T.sum(axis=1)
+    expected = (expected_G ** 2).sum(axis=(1, 2)) + 2 * (expected_g ** 2).sum(axis=1)
+    for G, g, out in results:
+        np.testing.assert_allclose(G, expected_G, rtol=1e-13)
+        np.testing.assert_allclose(g, expected_g, rtol=1e-13)
+        np.testing.assert_allclose(out, expected, rtol=1e-13)
 
 
 def test_cupy_path_noise_has_the_right_std(host_cupy_lib):

@@ -1,0 +1,258 @@
+"""Training steps captured once and replayed as CUDA graphs (CuPy), eager everywhere else.
+
+A step of :meth:`Network.train_step <gpu_mlp.network.Network.train_step>` or
+:func:`gpu_mlp.training.fit` on a GPU launches a few dozen small kernels and GEMMs; on
+their own each costs the host more time than the GPU spends on it. :class:`StepGraphs`
+(one per net) runs each *configuration* of a step -- batch shape and dtype, targets,
+memory mode, update rule and its settings, DP and its settings, the divisor and loss
+scale, the parameter arrays and buffers -- eagerly on its first use (the warm-up:
+kernels compiled, workspace buffers allocated), captures it as one CUDA graph on its
+second (``cupy.cuda.Stream(non_blocking=True)``, ``begin_capture()`` /
+``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
+cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
+static input buffers. What changes from step to step is read on the device by pointer
+(:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step counters), so a replay
+is the eager step, bit for bit, with no capture again; the loss is written into the
+graph's own 0-d buffer and copied into the workspace's (``Workspace.loss``), so the
+loss a step returns behaves as an eager step's.
+
+Eager instead: the NumPy backend; a CuPy without stream capture (the tests' stand-in
+``host_cupy``); a configuration seen once; a stream already capturing (the step becomes
+part of that capture); data parallelism (its collectives are not captured); ``fit``
+under DP (Poisson samples vary in size); and any configuration whose capture failed,
+after one warning saying why. A graph is dropped -- recaptured on its next use -- when
+the net's parameter arrays are replaced (``net.params`` reassigned or an array swapped),
+when the rule or the DP settings change (another key), and by ``free_buffers()``. At most
+:data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder), each
+keeping alive every buffer it touches.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections import OrderedDict
+
+from . import cublas, ops
+from .plan import StepPlan, StepScalars
+
+MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
+MAX_SEEN = 8     # configurations remembered (seen once, or captured)
+
+
+class _Entry:
+    """One configuration: how often seen, and its graph with what the graph touches."""
+
+    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "failed")
+
+    def __init__(self):
+        self.uses, self.graph, self.failed = 0, None, False
+        self.X = self.Y = self.loss = self.keep = None
+
+
+def _cuda():
+    """``cupy.cuda`` if this CuPy captures streams (the real one does), else None."""
+    cupy = sys.modules.get("cupy")
+    cuda = getattr(cupy, "cuda", None)
+    if cuda is None or not hasattr(cuda, "Stream") or not hasattr(cuda, "get_current_stream"):
+        return None
+    return cuda
+
+
+class StepGraphs:
+    """The captured steps of one net (see the module). ``captures`` and ``replays``
+    count what it did, for tests and benchmarks."""
+
+    def __init__(self):
+        self._entries: OrderedDict = OrderedDict()
+        self._scalars: dict = {}
+        self._params = None
+        self._warned = set()
+        self._stream = None
+        self.captures = self.replays = 0
+
+    @property
+    def graphs(self) -> int:
+        """The graphs held now."""
+        return sum(e.graph is not None for e in self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every graph and the device scalars (``free_buffers``)."""
+        self._entries.clear()
+        self._scalars.clear()
+        self._params = None
+        self._stream = None
+
+    def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
+             capture: bool = True):
+        """One training step of ``net`` on the checked batch (X, Y) by ``plan`` (see
+        :meth:`Network._step`): eager, captured or replayed. Returns the loss."""
+        if ops.is_numpy(net.params[0][0]):  # host numbers, as always
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, None)
+        noise_std = plan.dp.noise_std(divisor) if plan.private else 0.0
+        scalars = self._scalars_for(net, plan)
+        scalars.prepare(plan, noise_std)
+        cuda = _cuda()
+        if not capture or cuda is None or plan.parallel or _capturing(cuda):
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        params = tuple(id(a) for pair in net.params for a in pair)
+        if params != self._params:  # replaced parameters: every graph is stale
+            self._entries.clear()
+            self._params = params
+        key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
+            while len(self._entries) > MAX_SEEN:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        entry.uses += 1
+        if entry.uses == 1:  # the warm-up: what the capture will need is made now
+            self._prepare(cuda, entry, net, X, Y)
+        if entry.failed or entry.uses == 1:
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        if entry.graph is None:
+            if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
+                                 scalars):
+                return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        else:
+            _into(entry.X, X)
+            _into(entry.Y, Y)
+            entry.graph.launch(cuda.get_current_stream())
+            plan.count_step()  # the host's side of the step, which the replay skips
+            scalars.counted()
+            self.replays += 1
+        J = net.training_workspace.loss()
+        J[...] = entry.loss
+        return J
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _scalars_for(self, net, plan) -> StepScalars:
+        """The device scalars of ``plan``'s rule and DP on ``net`` (kept per pair, with
+        the objects, so that their device counters stay with them)."""
+        rule = "plain" if plan.plain else plan.rule
+        key = (id(rule), id(plan.dp), net.dtype)
+        found = self._scalars.get(key)
+        if found is None:
+            found = self._scalars[key] = (StepScalars(net.xp, net.dtype), rule, plan.dp)
+            while len(self._scalars) > MAX_SEEN:  # the oldest go (a graph keeps its own)
+                self._scalars.pop(next(iter(self._scalars)))
+        return found[0]
+
+    @staticmethod
+    def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars) -> tuple:
+        """What a graph is captured for: everything a replay does not read anew."""
+        rule = "plain" if plan.plain else (id(plan.rule), repr(plan.rule))
+        dp = None if not plan.private else (id(plan.dp), plan.dp.max_grad_norm,
+                                            plan.dp.noise_multiplier, plan.dp.seed)
+        return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,
+                tuple(net._modes), id(net.training_workspace), rule, dp, rows,
+                None if counts is None else tuple(counts), divisor, scale, id(scalars))
+
+    def _prepare(self, cuda, entry, net, X, Y) -> None:
+        """Allocate what a capture needs before it (nothing may allocate during it): the
+        static input and loss buffers, the capture stream and its cuBLAS handle and
+        workspace. Done at a configuration's warm-up, so that its capture allocates
+        nothing either."""
+        if entry.X is None:
+            xp = net.xp
+            entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
+            entry.loss = xp.empty((), dtype=net.dtype)
+        if self._stream is None:  # one capture stream per net: one cuBLAS handle for it
+            self._stream = cuda.Stream(non_blocking=True)
+            with self._stream:
+                cublas.prepare()
+
+    def _capture(self, cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
+                 scalars) -> bool:
+        """Capture the step into ``entry`` and launch it once; False (and a warning,
+        once per reason) if the capture failed: the step is then to run eagerly, and
+        the plan and scalars are as before."""
+        self._prepare(cuda, entry, net, X, Y)
+        _into(entry.X, X)
+        _into(entry.Y, Y)
+        host = _host_state(plan)
+        at = scalars._at
+        stream = self._stream
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    _run(net, entry.X, entry.Y, plan, rows, counts, divisor, scale, scalars,
+                         loss=entry.loss)
+                finally:
+                    graph = stream.end_capture()
+        except Exception as e:  # noqa: BLE001 -- any failure: say why, then eager
+            _restore_host_state(plan, host)
+            scalars._at = at
+            entry.failed = True
+            reason = f"{type(e).__name__}: {e}"
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"gpu_mlp: this training step could not be captured as a "
+                              f"CUDA graph ({reason}); it runs eagerly", RuntimeWarning,
+                              stacklevel=4)
+            return False
+        # alive while the graph is: what it reads and writes, and what its key names by id
+        entry.graph = graph
+        entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp)
+        for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
+            if self.graphs <= MAX_GRAPHS:
+                break
+            if other is not entry and other.graph is not None:
+                other.graph = other.keep = None
+                other.uses = 1  # seen before: captured again on its next use
+        graph.launch(cuda.get_current_stream())
+        self.captures += 1
+        return True
+
+
+def _capturing(cuda) -> bool:
+    """Whether the current stream is being captured (by the caller: the step is then
+    part of that capture). A query CUDA refuses (the legacy stream while another
+    captures in global mode) counts as capturing."""
+    try:
+        return bool(cuda.get_current_stream().is_capturing())
+    except Exception:  # noqa: BLE001 -- cudaErrorStreamCaptureImplicit and the like
+        return True
+
+
+def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None):
+    """The step itself, eagerly (or as it is captured): the scalars of the step, the
+    forward and backward pass with the plan's chain of sinks, the step counted."""
+    if scalars is not None:
+        scalars.select()
+    sink = plan.sink(net, rows, counts, divisor, scalars)
+    J, _ = net._backprop(X, Y, sink, scale=scale, want_dx=False, loss_out=loss)
+    if scalars is not None:
+        scalars.advance()
+    return J
+
+
+def _into(static, batch) -> None:
+    """Copy the batch into a graph's static buffer (on the device: one copy kernel)."""
+    if batch is not static:
+        static[...] = batch
+
+
+def _host_state(plan):
+    rule = None if plan.plain else plan.rule
+    return ((rule.steps, rule.last_lr) if rule is not None else None,
+            plan.dp.steps if plan.private else None)
+
+
+def _restore_host_state(plan, state) -> None:
+    (rule, dp) = state
+    if rule is not None:
+        plan.rule._steps, plan.rule._last_lr = rule
+    if dp is not None:
+        plan.dp.steps = dp
+
+
+def _touched(net) -> list:
+    """Every workspace buffer a captured step may have used (all are back in the
+    workspace when a step ends): the graph keeps them alive, so that no later
+    allocation is given their memory while the graph may still write there."""
+    ws = net.training_workspace  # (not the losses: the graph writes its own)
+    return [b for free in ws._free.values() for b in free] + [ws._ones]
