@@ -22,6 +22,7 @@ from gpu_mlp.layers import Dense
 import host_cupy
 from capture import Capture, CapturableBlas, CaptureBroken, capturable_blas
 from device_counts import DeviceArray, counting_device
+from test_capture import _arrays as _device, device  # noqa: F401 -- the fixture, shared
 
 
 class Recording(host_cupy.HostCublas):
@@ -348,17 +349,6 @@ def test_the_stand_in_refuses_what_cublas_refuses():
 
 
 # --- under capture (tests/capture.py) ------------------------------------------------------
-
-@pytest.fixture
-def device(host_cupy_lib):
-    net = gpu_mlp.Network([Dense(4, 3, "identity")], loss="squared", device="cpu", seed=0)
-    with counting_device(net, host_cupy_lib) as counts:
-        yield counts, host_cupy_lib
-
-
-def _device(*values):
-    return [np.array(v, dtype=np.float32).view(DeviceArray) for v in values]
-
 
 def test_a_replay_reads_device_scalars_as_they_are(device):
     """The learning rate of a schedule can live on the device: alpha = -lr passed as a
