@@ -1036,6 +1036,9 @@ def gemm_batched(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     strided batched GEMM (capturable, as :func:`gemm`); on NumPy one :func:`gemm` per
     matrix, which measured faster on 2 cores than NumPy's batched matmul (its own BLAS
     threads contend with SciPy's: 4.5-6.4x slower)."""
+    if not (a.ndim == b.ndim == out.ndim == 3 and len(a) == len(b) == len(out)):
+        raise ValueError(f"gemm_batched: a {a.shape}, b {b.shape} and out {out.shape} must "
+                         f"be 3-D stacks of one batch size")
     if a.shape[2 if transa == "N" else 1] == 0 or not len(out):
         return _empty_product(out, beta)
     if is_numpy(out):

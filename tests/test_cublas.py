@@ -159,6 +159,16 @@ def test_gemm_batched_is_each_matrixs_gemm(monkeypatch, dtype, batch, m, k, n, t
         assert not runtime.calls
 
 
+@pytest.mark.parametrize("shapes", [((2, 4, 5), (3, 5, 6), (2, 4, 6)),
+                                    ((2, 4, 5), (2, 5, 6), (3, 4, 6)),
+                                    ((4, 5), (5, 6), (4, 6))], ids=["b", "out", "2-D"])
+def test_gemm_batched_refuses_stacks_of_other_sizes_on_numpy_too(shapes):
+    """NumPy's loop would zip the stacks and drop the extra matrices silently."""
+    a, b, out = (np.ones(s) for s in shapes)
+    with pytest.raises(ValueError, match="3-D stacks of one batch size"):
+        ops.gemm_batched("N", "N", a, b, out)
+
+
 def test_gemm_batched_asks_one_strided_call_with_each_matrixs_size_as_stride(blas):
     """G (5, 3, 4) = T^T X per sample, T (5, 7, 3), X (5, 7, 4): as gemm("T", "N") per
     matrix -- m = 4, n = 3, k = 7, ld 4, 3, 4 -- the strides 28, 21, 12, count 5."""
@@ -297,7 +307,7 @@ BAD_CALLS = [  # (call, exception, message)
     pytest.param(lambda: ops.gemm_batched("N", "T", M[None], M[None], np.empty((2, 4, 4))),
                  ValueError, "one batch", id="batched counts"),
     pytest.param(lambda: ops.gemm_batched("N", "T", M[None], M, np.empty((1, 4, 4))),
-                 ValueError, "b: expected 3-D", id="batched b 2-D"),
+                 ValueError, r"b \(4, 5\) and out .* must be 3-D stacks", id="batched b 2-D"),
     pytest.param(lambda: ops.gemm_batched("N", "T", M[None], M[None], np.empty((1, 4, 5))),
                  ValueError, r"op\(a\[i\]\) \(4, 5\) op\(b\[i\]\) \(5, 4\)",
                  id="batched out's shape"),
