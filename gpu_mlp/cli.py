@@ -298,13 +298,20 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as e:
-        saved = getattr(args, "save", None)
-        hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
-        print(f"gpu-mlp: interrupted{hint}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+        return _interrupted(args, e)
     except USER_ERRORS as e:
         print(f"gpu-mlp: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _interrupted(args, error: KeyboardInterrupt, say: bool = True) -> int:
+    """Say that Ctrl-C or SIGTERM stopped the run (and how to go on from its last
+    checkpoint); returns the exit status."""
+    if say:
+        saved = getattr(args, "save", None)
+        hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
+        print(f"gpu-mlp: interrupted{hint}", file=sys.stderr, flush=True)
+    return EXIT_TERMINATED if isinstance(error, _Terminated) else EXIT_INTERRUPTED
 
 
 # what ends a run with one line of error rather than a traceback: bad input and what
@@ -381,6 +388,10 @@ def train(args) -> int:
             print(f"gpu-mlp: error: rank {comm.rank}: {_one_line(e)}", file=sys.stderr,
                   flush=True)
             comm.abort(EXIT_ERROR)
+        except KeyboardInterrupt as e:
+            # Ctrl-C reaches every rank, and the launcher SIGTERMs the others when one
+            # rank aborts: one line from rank 0 (it holds --save), no traceback
+            comm.abort(_interrupted(args, e, say=comm.is_root))
 
 
 def _silent(*args, **kwargs) -> None:

@@ -332,17 +332,21 @@ def test_mpirun_a_rank_that_fails_inside_fit_ends_the_job():
 
 # --- the command line under mpirun: fit(comm=...) ---------------------------------------
 
-def _cli(command, launcher=(), cwd=None):
+def _cli_env():
     env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), os.path.dirname(HERE))
                                         if p)
     for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
         env.pop(name, None)  # the single-process run must not think it is a rank
+    return env
+
+
+def _cli(command, launcher=(), cwd=None):
     full = list(launcher) + [sys.executable, "-m", "gpu_mlp", "train", *command]
     try:
-        return subprocess.run(full, capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                              cwd=cwd)
+        return subprocess.run(full, capture_output=True, text=True, timeout=TIMEOUT,
+                              env=_cli_env(), cwd=cwd)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(full)} hung for {TIMEOUT} s:\n{e.stdout}\n{e.stderr}")
 
@@ -394,6 +398,32 @@ def test_mpirun_cli_bad_input_ends_the_job_with_one_line():
     assert "gpu-mlp: error: rank " in run.stderr
     assert "unknown activation 'swish'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_mpirun_cli_stopped_by_a_signal_ends_without_a_traceback(tmp_path, sig):
+    # mpirun hands the signal on to the ranks as SIGTERM; the first rank to stop aborts
+    # the job, and the launcher's SIGTERM reaches the other one anywhere (in the data
+    # loading of the bad-input job above too): no rank prints a traceback, the last
+    # checkpoint is whole
+    import signal
+
+    path = tmp_path / "run.npz"
+    command = [sys.executable, "-m", "gpu_mlp", "train", "--epochs", "100000", "--quiet",
+               "--save", str(path)]
+    job = subprocess.Popen(_mpirun() + ["-n", "2"] + command, env=_cli_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint after {TIMEOUT} s"
+        time.sleep(0.05)
+    job.send_signal(getattr(signal, sig))
+    _, err = job.communicate(timeout=TIMEOUT)
+    assert job.returncode != 0
+    assert "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["run.npz"]
+    assert gpu_mlp.checkpoint.read(str(path)).history.epochs >= 1
 
 
 def test_comm_path_needs_a_launcher():
