@@ -49,6 +49,7 @@ from .workspace import Workspace
 
 PATHS = ("auto", "allreduce", "gather")
 _MPI_HINT = 'data-parallel training needs mpi4py and an MPI: pip install "gpu_mlp[mpi]"'
+_EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 # Open MPI's nonblocking allreduce (coll/libnbc) picks its algorithm by size; on 2 ranks
@@ -207,7 +208,8 @@ class Communicator:
     def guard(self):
         """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr
         and aborts the communicator, so that no other rank waits forever in a collective
-        for this one. With one rank the exception is simply raised, and so is one that
+        for this one (a KeyboardInterrupt prints ``rank r: interrupted``, no traceback,
+        and aborts with status 130). With one rank the exception is simply raised, and so is one that
         every rank raises alike, marked ``every_rank = True`` (:meth:`check_same`'s,
         :class:`gpu_mlp.training.TrainingDiverged`): no rank waits for another then.
         Inside another guard() of this communicator (fit's inside the CLI's) the
@@ -219,6 +221,11 @@ class Communicator:
             if self._guards > 1 or self.size == 1 or getattr(e, "every_rank", False) or (
                     isinstance(e, SystemExit) and e.code in (None, 0)):
                 raise
+            if isinstance(e, KeyboardInterrupt):
+                # Ctrl-C, or the launcher's SIGTERM once another rank has aborted (it can
+                # land anywhere, an except clause included): a traceback would say nothing
+                print(f"rank {self.rank}: interrupted", file=sys.stderr, flush=True)
+                self.abort(_EXIT_INTERRUPTED)
             traceback.print_exc(file=sys.stderr)
             print(f"rank {self.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             self.abort(1)

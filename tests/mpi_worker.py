@@ -2,6 +2,7 @@
 
     mpirun -n 3 python tests/mpi_worker.py train      # data-parallel == one process
     mpirun -n 2 python tests/mpi_worker.py raise      # rank 1 raises inside guard()
+    mpirun -n 2 python tests/mpi_worker.py interrupt  # rank 1 is interrupted inside guard()
     mpirun -n 2 python tests/mpi_worker.py die        # rank 1 dies in the middle of a step
     mpirun -n 3 python tests/mpi_worker.py mismatch   # configurations differ across ranks
     mpirun -n 2 python tests/mpi_worker.py fit_order  # rank 1's rows in another order
@@ -165,6 +166,15 @@ def scenario_raise(comm):
     if comm.rank == 1:
         raise ValueError("rank 1 fails on purpose")
     net.train_step(X[:4], y[:4], 0.1, comm=comm)  # waits for rank 1, which never comes
+    comm.barrier()
+
+
+def scenario_interrupt(comm):
+    net = dense_net()
+    X, y = data((5,), 3)
+    if comm.rank == 1:
+        raise KeyboardInterrupt  # as Ctrl-C or the launcher's SIGTERM (the CLI's) raise it
+    net.train_step(X[:4], y[:4], 0.1, comm=comm)
     comm.barrier()
 
 
