@@ -43,7 +43,11 @@ def source() -> str:
 
 
 ROW_KERNELS = ("gm_softmax_forward", "gm_softmax_backward",
-               "gm_softmax_xent_labels", "gm_softmax_xent_targets")
+               "gm_softmax_xent_labels", "gm_softmax_xent_targets",
+               # wide rows, L threads each
+               "gm_wide_max", "gm_wide_exp", "gm_wide_normalize", "gm_wide_dot",
+               "gm_wide_softmax_backward", "gm_wide_xent_labels", "gm_wide_xent_targets",
+               "gm_wide_row_sums")
 # The C type of each float dtype the kernels are built for.
 CTYPES = {"float32": "float", "float64": "double"}
 # NVRTC's options for the module (CuPy adds -ftz=true and -arch=sm_XX).

@@ -6,8 +6,9 @@ their own each costs the host more time than the GPU spends on it. :class:`StepG
 (one per net) runs each *configuration* of a step -- batch shape and dtype, targets,
 memory mode, update rule and its settings, DP and its settings, the divisor and loss
 scale, the parameter arrays and buffers -- eagerly on its first use (the warm-up:
-kernels compiled, workspace buffers allocated), captures it as one CUDA graph on its
-second (``cupy.cuda.Stream(non_blocking=True)``, ``begin_capture()`` /
+kernels compiled, workspace buffers allocated; once more if the workspace outgrew a
+buffer the step held, which it replaces only at the next step), captures it as one CUDA
+graph on its second (``cupy.cuda.Stream(non_blocking=True)``, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
 static input buffers. What changes from step to step is read on the device by pointer
@@ -109,8 +110,17 @@ class StepGraphs:
         entry.uses += 1
         if entry.uses == 1:  # the warm-up: what the capture will need is made now
             self._prepare(cuda, entry, net, X, Y)
-        if entry.failed or entry.uses == 1:
+        if entry.failed:
             return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        if entry.uses == 1:
+            # A buffer the workspace outgrew while the step held it is replaced only at
+            # the next step (and a capture cannot allocate): warm up again then
+            ws = net.training_workspace
+            outgrown = ws.outgrown
+            J = _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+            if ws.outgrown != outgrown:
+                entry.uses = 0
+            return J
         if entry.graph is None:
             if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
                                  scalars):

@@ -386,13 +386,13 @@ class Network(ForwardBackward):
             if k > 0 and (not keep or self._modes[k - 1] == "recompute"):
                 ws.give(F)  # F_{k-1}, consumed by C_k and not kept for backward
             if not keep or mode == "output":
-                ops.bias_act(act, rows(A), b)
+                ops.bias_act(act, rows(A), b, ws)
                 if keep:
                     saved.append(_Saved(F=A))
                 F = A
             elif mode == "recompute":
                 F_next = ws.take(A.shape)
-                ops.bias_act_keep(act, rows(A), b, rows(F_next))
+                ops.bias_act_keep(act, rows(A), b, rows(F_next), ws)
                 saved.append(_Saved(A=A))  # F_next is transient: backward makes it again
                 F = F_next
             else:  # store_both
@@ -432,9 +432,9 @@ class Network(ForwardBackward):
         """dJ/dF_k -> dJ/dA_k in place; afterwards ``saved[k].F`` holds F_k in every mode."""
         act, mode, s = self.layers[k].activation, self._modes[k], saved[k]
         if mode == "output":
-            ops.grad_from_output(act, s.F, delta)
+            ops.grad_from_output(act, s.F, delta, ws)
         elif mode == "recompute":
-            ops.recompute_grad(act, s.A, delta)
+            ops.recompute_grad(act, s.A, delta, ws)
             s.F, s.A = s.A, None
         else:
             ops.mul(delta, s.D)
@@ -454,7 +454,7 @@ class Network(ForwardBackward):
         # the loss into a 0-d buffer of the workspace (Workspace.loss: reused when free)
         J = ops.loss_and_grad(self.loss, F_out.reshape(flat), Y, delta.reshape(flat), scale,
                               scratch, out=ws.loss() if loss_out is None else loss_out,
-                              ones=ws.ones(scratch.size))
+                              ones=ws.ones(ops.loss_terms(self.loss, scratch).size))
         ws.give(scratch)
         return J, self._backward(X, F_out, saved, delta, sink, want_dx)
 

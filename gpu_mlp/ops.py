@@ -15,6 +15,7 @@ be one GEMM straight into ``W`` with no gradient buffer on either backend.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 import sys
@@ -47,21 +48,6 @@ ELEMENTWISE = {
     # losses: per-element loss and scale * dl/df in one pass
     "squared": ("T f, T y, T scale", "T grad, T loss", "loss = gm_squared(f, y, scale, grad)"),
     "logistic": ("T f, T y, T scale", "T grad, T loss", "loss = gm_logistic(f, y, scale, grad)"),
-    # Rows too wide for one thread (see ROW_KERNEL_MAX): CuPy's reductions find each row's
-    # max and sum, and these kernels do the elementwise parts between them. row_* and
-    # label are (B, 1) columns broadcast along the row.
-    "softmax_exp": ("T z, T row_max", "T f", "f = exp(z - row_max)"),
-    "softmax_backward_wide": ("T f, T row_dot", "T g", "g = (g - row_dot) * f"),
-    "xent_grad_labels": ("T row_sum, int64 label, T scale, int32 classes", "T grad",
-                         "grad = gm_softmax_xent_grad(grad, row_sum, label, i % classes, "
-                         "classes, scale)"),
-    "xent_loss_labels": ("raw T f, T row_max, T row_sum, int64 label, int32 classes", "T loss",
-                         "loss = gm_softmax_xent_label_loss(&f[i * classes], row_max, row_sum, "
-                         "label, classes)"),
-    "xent_grad_targets": ("T f, T row_max, T row_sum, T t, T scale", "T grad",
-                          "grad = (exp(f - row_max) / row_sum - t) * scale"),
-    "xent_terms": ("T f, T row_max, T row_sum, T t", "T term",
-                   "term = gm_softmax_xent_term(f, row_max, row_sum, t)"),
     # convolutions: im2col and its adjoint col2im (gpu_mlp/conv.py)
     **conv.ELEMENTWISE,
     # optimizers (gpu_mlp/optim.py): one fused update of a flat parameter tensor w from
@@ -92,9 +78,8 @@ ELEMENTWISE = {
 
 
 # How ops passes each ELEMENTWISE parameter, by name: ``alpha`` and ``scale``, and every
-# parameter of a fixed integer type (int32, int64, uint32) but ``label``, are scalars;
-# ``bias`` is a (d,) vector broadcast over the rows; ``row_*`` and ``label`` are (B, 1)
-# columns broadcast along each row; a ``raw`` array is indexed by the body itself;
+# parameter of a fixed integer type (int32, int64, uint32), are scalars; ``bias`` is a
+# (d,) vector broadcast over the rows; a ``raw`` array is indexed by the body itself;
 # anything else is shaped as the output. The host tests and the NVRTC check read this,
 # not their own guesses.
 SCALAR_PARAMS = ("alpha", "scale",
@@ -102,19 +87,16 @@ SCALAR_PARAMS = ("alpha", "scale",
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
                  "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
 COLUMN_PARAMS = ("bias",)
-ROW_PARAMS = ("row_max", "row_sum", "row_dot", "label")
 
 
 def param_layout(name: str, integer: bool, raw: bool) -> str:
-    """``"scalar"``, ``"raw"``, ``"column"``, ``"row"`` or ``"full"`` (see above);
+    """``"scalar"``, ``"raw"``, ``"column"`` or ``"full"`` (see above);
     ``integer``: declared an integer type (int32, int64, uint32) rather than T."""
     if raw:
         return "raw"
-    if name in SCALAR_PARAMS or (integer and name not in ROW_PARAMS):
+    if name in SCALAR_PARAMS or integer:
         return "scalar"
-    if name in COLUMN_PARAMS:
-        return "column"
-    return "row" if name in ROW_PARAMS else "full"
+    return "column" if name in COLUMN_PARAMS else "full"
 
 
 def is_numpy(a) -> bool:
@@ -186,9 +168,8 @@ def kernel_name(op: str, act: str | None) -> str:
 
 # How a kernel reads element i's value of a parameter of each layout, for an output of
 # n elements (B, channels, *inner): as CuPy broadcasts the engine's bias, (d,) over
-# (B, d) or (c, 1, 1) over (B, c, H, W), and a (B, 1) column along its row.
-_ELEMENT = {"full": "i", "column": "i / gm_inner % gm_channels",
-            "row": "i / (gm_channels * gm_inner)"}
+# (B, d) or (c, 1, 1) over (B, c, H, W).
+_ELEMENT = {"full": "i", "column": "i / gm_inner % gm_channels"}
 
 
 def kernel_parts(op: str, act: str | None, arg_type: str = "T") -> tuple[list, list]:
@@ -218,7 +199,7 @@ def kernel_template(op: str, act: str | None) -> str:
     """The ``ELEMENTWISE`` entry ``op`` for ``act`` as a ``__global__`` template over
     ``T`` (:func:`kernel_parts`), in a grid-stride loop over the n elements of the
     output. No pointer is ``__restrict__``: as with an ElementwiseKernel, an input may be
-    an output (the wide softmax's ``softmax_exp`` runs in place)."""
+    an output."""
     args, element = kernel_parts(op, act)
     return (f"template <typename T>\n__global__ void {kernel_name(op, act)}({', '.join(args)})\n"
             "{\n"
@@ -286,7 +267,9 @@ def _alpha(act, a):
 _NULL = np.uint64(0)  # a null pointer argument for a RawKernel (no bias)
 # The widest row given to one thread: up to here the fused row kernels win (the batch
 # gives the parallelism, each thread's row is a few cache lines); beyond, a thread per
-# row reads uncoalesced and leaves the GPU idle, so CuPy's reductions take the rows.
+# row reads uncoalesced and leaves the GPU idle, so a row gets ROW_LANES threads and its
+# passes a launch each (rowwise.cuh, "wide rows"). Neither makes an array or reads the
+# host, so a step with wide rows is captured too. (Chosen, not yet measured on a GPU.)
 ROW_KERNEL_MAX = 32
 
 
@@ -318,20 +301,21 @@ def _row_blocks(a):
 
 # --- activations ----------------------------------------------------------------------
 
-def bias_act(act, a, bias):
-    """``a <- sigma(a + bias)`` (forward, "output" mode)."""
+def bias_act(act, a, bias, ws=None):
+    """``a <- sigma(a + bias)`` (forward, "output" mode). ``ws``: the workspace that
+    lends a row-wise activation's kernels their scratch on wide rows (GPU)."""
     if is_numpy(a):
         for rows in _row_blocks(a):
             block = a[rows]
             np.add(block, bias, out=block)
             act.kind.value(block, act.alpha, block)
     elif act.kind.rowwise:
-        ROW_ACTIVATIONS[act.name].forward(a, bias, a)
+        ROW_ACTIVATIONS[act.name].forward(a, bias, a, ws)
     else:
         _launch("bias_act", act, bias, _alpha(act, a), a)
 
 
-def bias_act_keep(act, a, bias, f):
+def bias_act_keep(act, a, bias, f, ws=None):
     """``a <- a + bias``; ``f <- sigma(a)`` (forward, "recompute" mode)."""
     if is_numpy(a):
         for rows in _row_blocks(a):
@@ -339,7 +323,7 @@ def bias_act_keep(act, a, bias, f):
             act.kind.value(a[rows], act.alpha, f[rows])
     elif act.kind.rowwise:
         a += bias
-        ROW_ACTIVATIONS[act.name].forward(a, None, f)
+        ROW_ACTIVATIONS[act.name].forward(a, None, f, ws)
     else:
         _launch("bias_act_keep", act, bias, _alpha(act, a), a, f)
 
@@ -358,7 +342,7 @@ def bias_act_grad(act, a, bias, f):
         _launch("bias_act_grad", act, bias, _alpha(act, a), a, f)
 
 
-def grad_from_output(act, f, delta):
+def grad_from_output(act, f, delta, ws=None):
     """``delta <- delta (.) sigma'`` computed from the output ``f`` ("output" mode)."""
     if act.kind.is_identity:
         return  # sigma' = 1
@@ -371,12 +355,12 @@ def grad_from_output(act, f, delta):
                 block = f[rows]
                 delta[rows] *= act.kind.grad_from_output(block, act.alpha, np.empty_like(block))
     elif act.kind.rowwise:
-        ROW_ACTIVATIONS[act.name].backward(f, delta)
+        ROW_ACTIVATIONS[act.name].backward(f, delta, ws)
     else:
         _launch("grad_from_output", act, f, _alpha(act, f), delta)
 
 
-def recompute_grad(act, a, delta):
+def recompute_grad(act, a, delta, ws=None):
     """``a <- sigma(a)`` and ``delta <- delta (.) sigma'(a)`` ("recompute" mode)."""
     if act.kind.is_identity:
         return  # sigma(a) = a and sigma' = 1
@@ -393,8 +377,8 @@ def recompute_grad(act, a, delta):
                 delta[rows] *= d
     elif act.kind.rowwise:
         kernels = ROW_ACTIVATIONS[act.name]
-        kernels.forward(a, None, a)
-        kernels.backward(a, delta)
+        kernels.forward(a, None, a, ws)
+        kernels.backward(a, delta, ws)
     else:
         _launch("recompute_grad", act, _alpha(act, a), a, delta)
 
@@ -407,34 +391,63 @@ def mul(delta, d):
         _launch("mul", None, d, delta)
 
 
-def _softmax(z, bias, out):
+def _softmax(z, bias, out, ws):
     """``out <- softmax(z + bias)`` over rows on the GPU (``bias`` may be None, ``out`` z)."""
     B, C = z.shape
+    bias = _NULL if bias is None else bias
     if C <= ROW_KERNEL_MAX:
-        _launch_rows("gm_softmax_forward", B, z, _NULL if bias is None else bias, out,
-                     np.int32(B), np.int32(C))
+        _launch_rows("gm_softmax_forward", B, z, bias, out, np.int32(B), np.int32(C))
         return
-    if bias is not None:
-        z += bias  # only ever called with out = z when there is a bias
-    _launch("softmax_exp", None, z, z.max(axis=1, keepdims=True), out)
-    out /= out.sum(axis=1, keepdims=True)
+    part, sizes = _wide_part(ws, B), _wide_sizes(B, C)
+    _launch_wide("gm_wide_max", B, z, bias, part[0], *sizes)
+    _launch_wide("gm_wide_exp", B, z, bias, part[0], out, part[1], *sizes)
+    _launch_wide("gm_wide_normalize", B, part[1], out, *sizes)
+    ws.give(part)
 
 
-def _softmax_backward(f, g):
+def _softmax_backward(f, g, ws):
     """``g <- (g - <g, f>_row) (.) f`` on the GPU."""
     B, C = f.shape
     if C <= ROW_KERNEL_MAX:
         _launch_rows("gm_softmax_backward", B, f, g, np.int32(B), np.int32(C))
-    else:
-        _launch("softmax_backward_wide", None, f, (g * f).sum(axis=1, keepdims=True), g)
+        return
+    part, sizes = _wide_part(ws, B), _wide_sizes(B, C)
+    _launch_wide("gm_wide_dot", B, f, g, part[0], *sizes)
+    _launch_wide("gm_wide_softmax_backward", B, f, part[0], g, *sizes)
+    ws.give(part)
+
+
+# A row wider than ROW_KERNEL_MAX gets ROW_LANES threads (rowwise.cuh, "wide rows"): a
+# warp, so that its loads of a row are coalesced. They keep their shares of the row's
+# maximum and sums in (3, B, ROW_LANES) scratch: a loss's (loss_scratch_shape), or one
+# the workspace lends an activation for the call.
+ROW_LANES = 32
+
+
+def _wide_part(ws, B):
+    if ws is None:
+        raise ValueError("a row-wise activation on rows wider than ROW_KERNEL_MAX needs "
+                         "the workspace that lends its scratch (ws)")
+    return ws.take((3, B, ROW_LANES))
+
+
+def _wide_sizes(B, C):
+    """The wide-row kernels' (B, C, L) arguments."""
+    return np.int32(B), np.int32(C), np.int32(ROW_LANES)
+
+
+def _launch_wide(name, B, *args):
+    """Launch a wide-row kernel: ROW_LANES threads for each of the B rows."""
+    _launch_rows(name, B * ROW_LANES, *args)
 
 
 class RowKernels(NamedTuple):
-    """A row-wise activation's ops on the GPU: ``forward(z, bias, out)`` writes
+    """A row-wise activation's ops on the GPU: ``forward(z, bias, out, ws)`` writes
     ``out <- sigma(z + bias)`` row by row (``bias`` may be None, ``out`` may be z),
-    ``backward(f, g)`` the vector-Jacobian product ``g <- g J(f)`` from the output, in
-    place -- its row kernels ``gm_<name>_forward`` and ``gm_<name>_backward``
-    (kernels/rowwise.cuh), or CuPy's reductions for rows wider than ROW_KERNEL_MAX."""
+    ``backward(f, g, ws)`` the vector-Jacobian product ``g <- g J(f)`` from the output,
+    in place -- its row kernels ``gm_<name>_forward`` and ``gm_<name>_backward``
+    (kernels/rowwise.cuh), or for rows wider than ROW_KERNEL_MAX the wide-row kernels,
+    with scratch from the workspace ``ws``."""
 
     forward: Callable
     backward: Callable
@@ -449,10 +462,11 @@ ROW_ACTIVATIONS = {"softmax": RowKernels(_softmax, _softmax_backward)}
 
 def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
     """Write ``grad = scale * dl/dF`` and return the mean per-sample loss as a 0-d array:
-    ``out`` (0-d, given with ``ones``, at least ``scratch.size`` ones) or a new one.
+    ``out`` (0-d, given with ``ones``, as many ones as loss terms) or a new one.
 
-    ``scratch`` is a workspace buffer shaped like F (elementwise losses) or (B,)
-    (row-wise ones) that receives the loss terms before the sum. With class labels, a
+    ``scratch`` is a workspace buffer of :func:`loss_scratch_shape` that receives the loss
+    terms before the sum (F's shape for an elementwise loss, a row-wise one's B), and
+    the wide-row kernels' shares on wide rows. With class labels, a
     label out of range (possible only when the checks were skipped) gives its row a NaN
     loss and no gradient, on both backends. With ``out``, on the GPU the mean is one GEMV
     against ``ones`` (``alpha = 1/B``) straight into ``out``: no array is made, where a
@@ -468,37 +482,49 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
         out[...] = total / B
         return out
     s = F.dtype.type(scale)
+    terms = loss_terms(loss, scratch)
     if loss.rowwise and F.shape[1] <= ROW_KERNEL_MAX:
         kernel = "gm_softmax_xent_labels" if Y.ndim == 1 else "gm_softmax_xent_targets"
-        _launch_rows(kernel, B, F, Y, grad, scratch, np.int32(B), np.int32(F.shape[1]), s)
+        _launch_rows(kernel, B, F, Y, grad, terms, np.int32(B), np.int32(F.shape[1]), s)
     elif loss.rowwise:
-        _softmax_xent_wide(F, Y, grad, scratch, s)
+        _softmax_xent_wide(F, Y, grad, terms, scratch[1:].reshape(3, B, ROW_LANES), s)
     else:
-        _launch(loss.name, None, F, Y, s, grad, scratch)
+        _launch(loss.name, None, F, Y, s, grad, terms)
     if out is None:
-        return scratch.sum() / B
-    gemv("T", scratch.reshape(-1, 1), ones[:scratch.size], out.reshape(1), alpha=1.0 / B)
+        return terms.sum() / B
+    gemv("T", terms.reshape(-1, 1), ones[:terms.size], out.reshape(1), alpha=1.0 / B)
     return out
 
 
-def _softmax_xent_wide(F, Y, grad, row_loss, scale):
-    """The softmax cross-entropy of rows wider than ROW_KERNEL_MAX, on the GPU."""
-    classes = np.int32(F.shape[1])
-    row_max = F.max(axis=1, keepdims=True)
-    _launch("softmax_exp", None, F, row_max, grad)
-    row_sum = grad.sum(axis=1, keepdims=True)
+def _softmax_xent_wide(F, Y, grad, row_loss, part, scale):
+    """The softmax cross-entropy of rows wider than ROW_KERNEL_MAX, on the GPU: the
+    wide-row kernels, ``part`` (3, B, ROW_LANES) their scratch."""
+    B, C = F.shape
+    sizes = _wide_sizes(B, C)
+    _launch_wide("gm_wide_max", B, F, _NULL, part[0], *sizes)
+    _launch_wide("gm_wide_exp", B, F, _NULL, part[0], grad, part[1], *sizes)  # exp(F - m)
     if Y.ndim == 1:
-        labels = Y[:, None]
-        _launch("xent_loss_labels", None, F, row_max, row_sum, labels, classes, row_loss[:, None])
-        _launch("xent_grad_labels", None, row_sum, labels, scale, classes, grad)
+        _launch_wide("gm_wide_xent_labels", B, F, Y, part[0], part[1], grad, row_loss, *sizes,
+                     scale)
     else:
-        _launch("xent_terms", None, F, row_max, row_sum, Y, grad)
-        grad.sum(axis=1, out=row_loss)
-        _launch("xent_grad_targets", None, F, row_max, row_sum, Y, scale, grad)
+        _launch_wide("gm_wide_xent_targets", B, F, Y, part[0], part[1], grad, part[2],
+                     *sizes, scale)
+        _launch_wide("gm_wide_row_sums", B, part[2], row_loss, sizes[0], sizes[2])
+
+
+def loss_terms(loss, scratch):
+    """The part of a :func:`loss_scratch_shape` buffer that holds the loss terms."""
+    return scratch[0] if loss.rowwise and scratch.ndim == 2 else scratch
 
 
 def loss_scratch_shape(loss, F_shape):
-    return (F_shape[0],) if loss.rowwise else tuple(F_shape)
+    """The scratch of :func:`loss_and_grad`: F's shape for an elementwise loss; (B,) for a
+    row-wise one, or on rows wider than ROW_KERNEL_MAX (1 + 3 ROW_LANES, B): the rows'
+    losses, then the wide-row kernels' (3, B, ROW_LANES) shares."""
+    if not loss.rowwise:
+        return tuple(F_shape)
+    B, C = F_shape[0], math.prod(F_shape[1:])
+    return (1 + 3 * ROW_LANES, B) if C > ROW_KERNEL_MAX else (B,)
 
 
 # --- convolutions ----------------------------------------------------------------------

@@ -42,6 +42,7 @@ class Workspace:
         self._losses, self._turn = [None, None], 0  # the steps' 0-d losses, in turn
         self._unheld = [object()]  # what sys.getrefcount says of an entry held nowhere else
         self.allocations = 0     # buffers ever created
+        self.outgrown = 0        # buffers released on their return, outgrown while in use
         self.bytes = 0           # bytes held, in use or free: the buffers' nbytes
         self.pool_bytes = 0      # the same buffers as the allocator holds them (see above)
         self._unit = 1 if xp is np else CUPY_ALLOCATION_UNIT
@@ -101,6 +102,7 @@ class Workspace:
             self.in_use_bytes -= base.nbytes
             if base.shape[0] < self._rows[key]:
                 self._release([base])  # outgrown while in use
+                self.outgrown += 1
             else:
                 self._free[key].append(base)
 

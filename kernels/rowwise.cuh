@@ -4,9 +4,9 @@
 // A row is one sample. Each __host__ __device__ function below does one row in three
 // short passes (maximum, sum of exponentials, write) with the maximum subtracted, so no
 // finite input overflows; the __global__ wrappers give one row to each thread. A thread
-// per row suits rows of a few classes, where the batch supplies the parallelism; for wide
-// rows (gpu_mlp/ops.py: ROW_KERNEL_MAX) CuPy's reductions find each row's maximum and sum
-// and the element functions at the end of this file do the rest, one thread an element.
+// per row suits rows of a few classes, where the batch supplies the parallelism. Wide
+// rows (gpu_mlp/ops.py: ROW_KERNEL_MAX) get L threads each ("wide rows", below): the
+// same passes, each its own launch, the row's maximum and sums in shares of L.
 // Arrays are C-contiguous (B, C); labels are int64. A label outside [0, C) (possible
 // only when the engine's checks were skipped) gives its row a NaN loss and no gradient.
 #ifndef GPU_MLP_ROWWISE_CUH
@@ -123,6 +123,151 @@ __global__ void gm_softmax_xent_targets(const T* __restrict__ f, const T* __rest
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= B) return;
     row_loss[i] = gm_softmax_xent_row(f + i * C, targets + i * C, -1LL, grad + i * C, C, scale);
+}
+
+// --- wide rows: L threads a row ----------------------------------------------------------
+//
+// Thread i of B L takes row i / L and its columns i % L, i % L + L, ...: the L threads of
+// a row read L neighbouring elements at a time (coalesced, where a thread per row reads
+// one element of each of 32 rows), and each leaves its share of the row's maximum or sum
+// in a (B, L) array "part_*"; the next launch reduces a row's L shares, in each thread
+// that needs them. No shared memory, no synchronisation inside a kernel: a pass that
+// needs the whole row's result is the next launch (and in a CUDA graph costs no host
+// time). Every launch runs B L threads; out and z may be the same array.
+
+// the row's maximum, or sum, of its L shares
+template <typename T>
+__device__ inline T gm_lanes_max(const T* part, int L)
+{
+    T m = part[0];
+    for (int k = 1; k < L; ++k) m = gm_max_nan(m, part[k]);
+    return m;
+}
+
+template <typename T>
+__device__ inline T gm_lanes_sum(const T* part, int L)
+{
+    T s = T(0);
+    for (int k = 0; k < L; ++k) s += part[k];
+    return s;
+}
+
+// part_max <- the thread's share of the maximum of z + bias (bias may be null), from the
+// row's first element on: a thread without a column (C < L) holds that one
+template <typename T>
+__global__ void gm_wide_max(const T* __restrict__ z, const T* __restrict__ bias,
+                            T* __restrict__ part_max, int B, int C, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const T* row = z + i / L * C;
+    T m = row[0] + (bias ? bias[0] : T(0));
+    for (int c = (int)(i % L); c < C; c += L) m = gm_max_nan(m, row[c] + (bias ? bias[c] : T(0)));
+    part_max[i] = m;
+}
+
+// out <- exp(z + bias - m), m the row's maximum; part_sum <- the thread's share of their sum
+template <typename T>
+__global__ void gm_wide_exp(const T* z, const T* __restrict__ bias,
+                            const T* __restrict__ part_max, T* out, T* __restrict__ part_sum,
+                            int B, int C, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    const T m = gm_lanes_max(part_max + r * L, L);
+    T s = T(0);
+    for (int c = (int)(i % L); c < C; c += L) {
+        out[r * C + c] = exp(z[r * C + c] + (bias ? bias[c] : T(0)) - m);
+        s += out[r * C + c];
+    }
+    part_sum[i] = s;
+}
+
+// out <- out / the row's sum: softmax's last pass
+template <typename T>
+__global__ void gm_wide_normalize(const T* __restrict__ part_sum, T* __restrict__ out, int B,
+                                  int C, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    const T s = gm_lanes_sum(part_sum + r * L, L);
+    for (int c = (int)(i % L); c < C; c += L) out[r * C + c] /= s;
+}
+
+// part_dot <- the thread's share of <g, f> of its row
+template <typename T>
+__global__ void gm_wide_dot(const T* __restrict__ f, const T* __restrict__ g,
+                            T* __restrict__ part_dot, int B, int C, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    T dot = T(0);
+    for (int c = (int)(i % L); c < C; c += L) dot += g[r * C + c] * f[r * C + c];
+    part_dot[i] = dot;
+}
+
+// g <- (g - <g, f>) (.) f, the softmax backward of gm_softmax_backward_row
+template <typename T>
+__global__ void gm_wide_softmax_backward(const T* __restrict__ f, const T* __restrict__ part_dot,
+                                         T* __restrict__ g, int B, int C, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    const T dot = gm_lanes_sum(part_dot + r * L, L);
+    for (int c = (int)(i % L); c < C; c += L) g[r * C + c] = (g[r * C + c] - dot) * f[r * C + c];
+}
+
+// The cross-entropy of the logits f, after gm_wide_max of f and gm_wide_exp of f into grad
+// (grad = exp(f - m)): grad <- scale (softmax(f) - target). Against labels the row's first
+// thread writes its loss; against targets each thread its share, into part_loss, which
+// gm_wide_row_sums adds up.
+template <typename T>
+__global__ void gm_wide_xent_labels(const T* __restrict__ f, const long long* __restrict__ labels,
+                                    const T* __restrict__ part_max, const T* __restrict__ part_sum,
+                                    T* __restrict__ grad, T* __restrict__ row_loss, int B, int C,
+                                    int L, T scale)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    const T m = gm_lanes_max(part_max + r * L, L), s = gm_lanes_sum(part_sum + r * L, L);
+    for (int c = (int)(i % L); c < C; c += L)
+        grad[r * C + c] = gm_softmax_xent_grad(grad[r * C + c], s, labels[r], (long long)c, C,
+                                               scale);
+    if (i % L == 0) row_loss[r] = gm_softmax_xent_label_loss(f + r * C, m, s, labels[r], C);
+}
+
+template <typename T>
+__global__ void gm_wide_xent_targets(const T* __restrict__ f, const T* __restrict__ targets,
+                                     const T* __restrict__ part_max,
+                                     const T* __restrict__ part_sum, T* __restrict__ grad,
+                                     T* __restrict__ part_loss, int B, int C, int L, T scale)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L) return;
+    const long long r = i / L;
+    const T m = gm_lanes_max(part_max + r * L, L), s = gm_lanes_sum(part_sum + r * L, L);
+    T loss = T(0);
+    for (int c = (int)(i % L); c < C; c += L) {
+        const long long k = r * C + c;
+        loss += gm_softmax_xent_term(f[k], m, s, targets[k]);
+        grad[k] = (grad[k] / s - targets[k]) * scale;
+    }
+    part_loss[i] = loss;
+}
+
+// row_loss <- the sum of the row's L shares (its first thread)
+template <typename T>
+__global__ void gm_wide_row_sums(const T* __restrict__ part_loss, T* __restrict__ row_loss,
+                                 int B, int L)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * L || i % L) return;
+    row_loss[i / L] = gm_lanes_sum(part_loss + i, L);
 }
 #endif  // __CUDACC__
 

@@ -16,8 +16,7 @@ and tested with no change to the tests. The generated C functions (CTYPE is ``fl
   dense layer, NCHW for a convolution -- its parameters in the kernel's order
   (:func:`elementwise_signature` says how each is passed): scalars by value, arrays as
   pointers -- ``bias`` indexed by channel as CuPy broadcasts the engine's bias, (d,)
-  over (B, d) or (c, 1, 1) over (B, c, H, W); the per-row columns ``row_*`` and ``label``
-  by row as CuPy broadcasts a (B, 1) array; ``raw`` arrays left to the body. Inside,
+  over (B, d) or (c, 1, 1) over (B, c, H, W); ``raw`` arrays left to the body. Inside,
   inputs are values and outputs ``T&``, as in CuPy;
 * ``host_softmax_rows_CTYPE`` and friends: the row functions of ``rowwise.cuh`` per row;
 * ``host_philox4x32_10(ctr, key, out, n)``: ``noise.cuh``'s generator on n counters

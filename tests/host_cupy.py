@@ -18,19 +18,19 @@ it, and each call is checked as strictly as the GPU needs it, then run:
   ``numpy.int64`` and ``numpy.uint32``, which the body gets as ``int``, ``long long`` and
   ``unsigned int``; a RawKernel passes anything else as its own type, wrongly), arrays
   C-contiguous, of their declared dtype, ``bias`` (d,) against (B, d) outputs and
-  (c, 1, 1) against NCHW ones, the per-row columns (B, 1), and every other array the
-  outputs' shape (a ``raw`` one any shape); at most 1024 threads a block. The body then
-  runs over the n elements as the host loop ``cuda_host`` generates from the same text,
-  indexing the bias and the columns as CuPy's broadcasting did (its own expressions,
-  not those of ``ops``).
+  (c, 1, 1) against NCHW ones, and every other array the outputs' shape (a ``raw`` one
+  any shape); at most 1024 threads a block. The body then runs over the n elements as
+  the host loop ``cuda_host`` generates from the same text, indexing the bias as CuPy's
+  broadcasting did (its own expressions, not those of ``ops``).
 * a row kernel (``get_function("gm_softmax_forward<float>")``), with the arguments
   checked against the ``__global__`` signature parsed from ``kernels/rowwise.cuh``: an
   array per pointer (the pointee's dtype, its shape from the parameter's name and the
   ``int`` arguments B and C), ``numpy.uint64(0)`` -- a null pointer -- only for ``bias``,
   ``numpy.int32`` for ``int``, a scalar of the kernel's dtype for ``T``; no
-  ``__restrict__`` array overlapping another; a thread for every row. Then the very
-  ``__global__`` bodies, compiled by g++ with ``blockIdx``, ``blockDim`` and
-  ``threadIdx`` as host variables, run thread after thread.
+  ``__restrict__`` array overlapping another; a thread for every row (L of them for
+  a wide-row kernel's rows). Then the very ``__global__`` bodies, compiled by g++ with
+  ``blockIdx``, ``blockDim`` and ``threadIdx`` as host variables, run thread after
+  thread (so each launch of a wide row's passes sees the last one's shares complete).
 * ``gpu_mlp.cublas``'s libcublas (:class:`HostCublas`, installed with
   ``gpu_mlp.cublas.use``): the C API as cuBLAS defines it -- column-major matrices at raw
   addresses with leading dimensions, the handle's stream, workspace and pointer mode,
@@ -96,7 +96,10 @@ _GLOBAL = re.compile(r"template <typename T>\s*__global__ void (\w+)\(([^)]*)\)"
 # units named after the kernel's int parameters (rowwise.cuh: "Arrays are (B, C)").
 ROW_SHAPES = {"z": ("B", "C"), "out": ("B", "C"), "f": ("B", "C"), "g": ("B", "C"),
               "grad": ("B", "C"), "targets": ("B", "C"), "bias": ("C",), "labels": ("B",),
-              "row_loss": ("B",)}
+              "row_loss": ("B",),
+              # the wide-row kernels' shares, L threads a row
+              "part_max": ("B", "L"), "part_sum": ("B", "L"), "part_dot": ("B", "L"),
+              "part_loss": ("B", "L")}
 NULLABLE = {"bias"}  # rowwise.cuh: "bias may be null (no bias)"
 NULL = np.uint64(0)  # how a RawKernel is given a null pointer (8 zero bytes)
 MAX_BLOCK = 1024     # threads per block on every CUDA GPU
@@ -225,8 +228,7 @@ class ElementwiseKernel:
                 f"{where}, {name}: expected a numpy.int64, got {type(value).__name__}"
             assert value == expected, f"{where}, {name}: {value}, the output says {expected}"
         assert out.size > 0, f"{where}: a launch over nothing"
-        shapes = {"full": out.shape, "column": (channels,) + (1,) * (out.ndim - 2),
-                  "row": out.shape[:1] + (1,) * (out.ndim - 1)}
+        shapes = {"full": out.shape, "column": (channels,) + (1,) * (out.ndim - 2)}
         for p, value in zip(self.params, args):
             where_p, dtype = f"{self.name}, {p.name}", p.dtype(out.dtype)
             if p.kind == "scalar":
@@ -283,10 +285,12 @@ class RowKernel:
         assert all(isinstance(t, tuple) for t in (grid, block, args)), \
             f"{self.name}: grid, block and args must be tuples"
         assert len(grid) == len(block) == 1, f"{self.name}: the kernel indexes rows by x only"
-        rows = self._check(args)["B"]
+        sizes = self._check(args)
+        lanes = sizes.get("L", 1)  # a wide-row kernel: L threads a row
         assert 0 < block[0] <= MAX_BLOCK, f"{self.name}: {block[0]} threads per block"
-        assert grid[0] * block[0] >= rows, \
-            f"{self.name}: {grid[0]} x {block[0]} threads for {rows} rows"
+        assert grid[0] * block[0] >= sizes["B"] * lanes, \
+            f"{self.name}: {grid[0]} x {block[0]} threads for {sizes['B']} rows" + (
+                f" of {lanes} threads" if lanes > 1 else "")
         self.device.launches[self.name] += 1
         self.function(grid[0], block[0], *(
             value.ctypes.data if isinstance(value, np.ndarray)

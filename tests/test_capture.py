@@ -317,6 +317,42 @@ def test_train_step_replays_its_captured_step_as_eager_steps_run(host_cupy_lib, 
         assert dp_.steps == eager_dp.steps == 6
 
 
+@pytest.mark.parametrize("private", [False, True], ids=["", "dp"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
+def test_a_step_with_wide_softmax_rows_is_captured_and_replayed(host_cupy_lib, memory, dtype,
+                                                                 private):
+    """Rows wider than ops.ROW_KERNEL_MAX (their kernels' scratch from the workspace):
+    captured like any step, and replayed as eager steps run, bit for bit."""
+    args = dict(kind="wide", memory=memory, dtype=dtype, make_rule=SCHEDULED["adam-cosine"],
+                dp=PRIVATE if private else None)
+    params, losses, _, _, net = _steps(host_cupy_lib, **args)
+    eager, eager_losses, _, _, _ = _steps(host_cupy_lib, capture=False, **args)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
+
+
+def test_a_warm_up_that_outgrew_a_buffer_in_use_is_repeated(host_cupy_lib, monkeypatch):
+    """The workspace replaces a buffer it outgrew while the step held it only at the next
+    step, an allocation a capture could not make: that configuration warms up once more,
+    then is captured, and its replays are still the eager steps."""
+    run, first = graph_module._run, []
+
+    def outgrowing(net, *args, **kwargs):
+        if not first:  # as if the first step had outgrown a buffer it held
+            first.append(True)
+            net.training_workspace.outgrown += 1
+        return run(net, *args, **kwargs)
+    monkeypatch.setattr(graph_module, "_run", outgrowing)
+    params, losses, _, _, net = _steps(host_cupy_lib)
+    monkeypatch.setattr(graph_module, "_run", run)
+    eager, eager_losses, _, _, _ = _steps(host_cupy_lib, capture=False)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 3)
+
+
 def test_a_replay_reads_the_scalars_of_its_own_step(host_cupy_lib):
     """The device scalars after each replayed step are the host's numbers of the next
     step, though the graph was captured once."""

@@ -117,7 +117,7 @@ def assert_all_close(actual, expected, rtol):
 @pytest.fixture(params=["narrow", "wide"])
 def rows(request, monkeypatch):
     """Row-wise kernels (softmax, cross-entropy) for rows of a thread each, or -- all rows
-    taken as wide -- CuPy's reductions with the element kernels between them."""
+    taken as wide -- the wide-row kernels, ops.ROW_LANES threads a row."""
     if request.param == "wide":
         monkeypatch.setattr(ops, "ROW_KERNEL_MAX", 0)
     return request.param
@@ -548,10 +548,52 @@ def test_row_kernels_run_the_global_bodies(host_cupy_lib, dtype):
         for kind, Y in targets.items():
             ops._launch_rows(f"gm_softmax_xent_{kind}", B, z, Y, got[kind + " grad"],
                              got[kind + " loss"], *dims, dtype(0.5))
-    assert len(device.launches) == len(cuda.ROW_KERNELS)
+    assert len(device.launches) == sum(not k.startswith("gm_wide_") for k in cuda.ROW_KERNELS)
     rtol = 2 * C * np.finfo(dtype).eps  # a row's terms summed in another order
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=rtol, atol=rtol, err_msg=name)
+
+
+@pytest.mark.parametrize("width", [5, ops.ROW_LANES, ops.ROW_KERNEL_MAX + 13, 100])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_wide_rows_run_the_global_bodies(host_cupy_lib, dtype, width, monkeypatch):
+    """Rows taken as wide, ROW_LANES threads each (fewer columns than threads too): the
+    softmax, its backward and the cross-entropy, as ops launches them, against NumPy,
+    with their scratch borrowed from a workspace and given back."""
+    monkeypatch.setattr(ops, "ROW_KERNEL_MAX", 0)
+    rng = np.random.default_rng(5)
+    z, g = rng.normal(0, 2, (B, width)).astype(dtype), rng.normal(0, 1, (B, width)).astype(dtype)
+    bias = rng.normal(0, 1, width).astype(dtype)
+    f = activations.get("softmax")(z + bias)
+    loss = losses.get("softmax_cross_entropy")
+    targets = {"labels": rng.integers(0, width, B),
+               "targets": rng.dirichlet(np.ones(width), B).astype(dtype)}
+    ws = gpu_mlp.workspace.Workspace(np, dtype)
+    with cupy_path(host_cupy_lib) as device:
+        forward = z.copy()
+        ops.bias_act(activations.get("softmax"), forward, bias, ws)
+        backward = g.copy()
+        ops.grad_from_output(activations.get("softmax"), f, backward, ws)
+        results = {}
+        for kind, Y in targets.items():
+            grad = np.empty_like(z)
+            scratch = ws.take(ops.loss_scratch_shape(loss, z.shape))
+            J = ops.loss_and_grad(loss, z, Y, grad, 0.5, scratch)
+            results[kind] = (float(J), grad)
+            ws.give(scratch)
+    assert ws.in_use_bytes == 0  # every scratch given back
+    assert {name.split("<")[0] for name in device.launches} == {
+        k for k in cuda.ROW_KERNELS if k.startswith("gm_wide_")}
+    rtol = 4 * width * np.finfo(dtype).eps  # a row's terms summed in another order
+    close = dict(rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(forward, f, **close, err_msg="forward")
+    np.testing.assert_allclose(backward, activations.softmax_backward(f, g, np.empty_like(g)),
+                               **close, err_msg="backward")
+    for kind, Y in targets.items():
+        grad = np.empty_like(z)
+        J = loss.evaluate(z, Y, dtype(0.5), grad).mean()
+        np.testing.assert_allclose(results[kind][0], J, **close, err_msg=f"{kind} loss")
+        np.testing.assert_allclose(results[kind][1], grad, **close, err_msg=f"{kind} grad")
 
 
 def softmax_backward(f, g, B=np.int32(B), C=np.int32(C)):
@@ -578,8 +620,12 @@ BAD_ROW_LAUNCHES = [  # ((kernel, args), grid, block, what the emulation says)
                  id="f is g"),
     pytest.param(softmax_backward(F, G.T), (3,), (128,), r"g: expected shape \(300, 11\)",
                  id="g transposed"),
-    pytest.param(softmax_backward(F, G), (2,), (128,), "2 x 128 threads for 300 rows",
+    pytest.param(softmax_backward(F, G), (2,), (128,), "2 x 128 threads for 300 rows$",
                  id="grid too small"),
+    pytest.param(("gm_wide_dot", (F, G, np.empty((B, 32), F.dtype), np.int32(B), np.int32(C),
+                                  np.int32(32))),
+                 (3,), (128,), "3 x 128 threads for 300 rows of 32 threads",
+                 id="wide rows, a thread a row"),
     pytest.param(softmax_backward(F, G), (3, 1), (128, 1), "indexes rows by x only",
                  id="two-dimensional grid"),
     pytest.param(("gm_softmax_backward", (F, G, np.int32(B))), (3,), (128,), "got 3 arguments",

@@ -247,22 +247,22 @@ def test_conv_train_step_matches_numpy_engine(cp, memory, name, hidden):
                nets[1].per_sample_grad_norms(X, Y), 1e-10, "per-sample gradient norms")
 
 
-# --- rows wider than one thread's: CuPy's reductions and the wide kernels ------------------
+# --- rows wider than one thread's: the wide-row kernels, ROW_LANES threads a row ----------
 
 WIDE_ROWS = 100  # classes, and a hidden softmax's width: over ops.ROW_KERNEL_MAX
 
 
 @pytest.fixture
 def wide_launches(monkeypatch):
-    """The names of the elementwise kernels the engine launches while the test runs."""
+    """The names of the row kernels the engine launches while the test runs."""
     launched = set()
-    launch = ops._launch
+    launch = ops._launch_rows
 
-    def recording(op, act, *args):
-        launched.add(op)
-        launch(op, act, *args)
+    def recording(name, *args):
+        launched.add(name)
+        launch(name, *args)
 
-    monkeypatch.setattr(ops, "_launch", recording)
+    monkeypatch.setattr(ops, "_launch_rows", recording)
     return launched
 
 
@@ -281,11 +281,14 @@ def test_wide_softmax_and_cross_entropy_match_reference(cp, wide_launches, dtype
     net = MLP.from_params(params, ["softmax", "tanh", output], loss=loss, memory=memory,
                           device=DEVICE)
     compare_with_reference(cp, net, *batch(case, sizes, B, dtype, seed=4))
-    # the rows went to CuPy's reductions and the wide kernels, not the row kernels
-    wide = {"softmax_exp", "softmax_backward_wide"}
-    wide |= ({"xent_loss_labels", "xent_grad_labels"} if case == "xent-labels" else
-             {"xent_terms", "xent_grad_targets"} if case == "xent-probabilities" else set())
+    # the rows went to the wide-row kernels, not to a thread each
+    wide = {"gm_wide_max", "gm_wide_exp", "gm_wide_normalize", "gm_wide_dot",
+            "gm_wide_softmax_backward"}
+    wide |= ({"gm_wide_xent_labels"} if case == "xent-labels" else
+             {"gm_wide_xent_targets", "gm_wide_row_sums"} if case == "xent-probabilities"
+             else set())
     assert wide <= wide_launches, f"not launched: {sorted(wide - wide_launches)}"
+    assert not {"gm_softmax_forward", "gm_softmax_backward"} & wide_launches
 
 
 # --- memory ------------------------------------------------------------------------------------

@@ -41,3 +41,15 @@ def test_pool_bytes_are_bytes_on_numpy():
     ws.take((3, 5))
     ws.ones(3)
     assert ws.pool_bytes == ws.bytes == 72
+
+
+def test_a_buffer_outgrown_while_in_use_is_released_on_return_and_counted():
+    ws = Workspace(np, np.float64)
+    small = ws.take((3, 4))
+    big = ws.take((8, 4))  # grows the (., 4) buffers while `small` is held
+    ws.give(big)
+    assert ws.outgrown == 0
+    ws.give(small)  # too small to keep: released (the next step makes one in its place)
+    assert ws.outgrown == 1 and ws.in_use_bytes == 0
+    ws.give(ws.take((3, 4)))  # now the grown buffer serves both sizes
+    assert ws.outgrown == 1 and ws.allocations == 2
