@@ -742,3 +742,57 @@ def test_scaling_records_its_mpirun_lines_without_machine_paths():
     assert harness.portable_command(command) == (
         f"mpirun --oversubscribe -n 2 {Path(sys.executable).name} bench/scaling.py "
         "--worker P2.json")
+
+
+def test_rows_bench_times_both_row_paths_through_the_engines_calls(host_cupy_lib):
+    """bench/rows.py's calls, on the CuPy stand-in (its kernels run on the host): every
+    op on both paths, the thread-a-row kernels and the wide-row ones, at a narrow and a
+    wide point; ROW_KERNEL_MAX restored. Its events are stubs: no time is asserted."""
+    from bench import rows
+    from host_cupy import cupy_path
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    cuda = SimpleNamespace(Event=Event, get_elapsed_time=lambda start, stop: 1.0,
+                           Device=lambda: SimpleNamespace(synchronize=lambda: None))
+    cp = SimpleNamespace(asarray=np.asarray, empty_like=np.empty_like, empty=np.empty,
+                         cuda=cuda)
+    limit = ops.ROW_KERNEL_MAX
+    with cupy_path(host_cupy_lib) as device:
+        records = rows.measure(cp, np.dtype(np.float32), repeat=1, batches=(3,),
+                               classes=(5, 40))
+    assert ops.ROW_KERNEL_MAX == limit
+    assert [(r["batch"], r["classes"]) for r in records] == [(3, 5), (3, 40)]
+    assert all(len(r) == 2 + 3 * len(rows.PATHS) for r in records)
+    launched = {name.split("<")[0] for name in device.launches}
+    assert {"gm_softmax_forward", "gm_softmax_backward", "gm_softmax_xent_labels",
+            "gm_wide_max", "gm_wide_exp", "gm_wide_normalize", "gm_wide_dot",
+            "gm_wide_softmax_backward", "gm_wide_xent_labels"} <= launched
+    if not gpu_mlp.gpu_available():
+        run = subprocess.run([sys.executable, str(ROOT / "bench" / "rows.py")],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 2 and "needs CuPy and a CUDA GPU" in run.stderr
+
+
+def test_cold_start_bench_names_the_kernels_of_the_cached_sources(tmp_path):
+    from bench import cold_start
+
+    (tmp_path / "a.cu").write_text(
+        'extern "C" __global__ void cupy_isfinite__float32_bool(const float* x, bool* y)\n'
+        "{ }\n__global__ void __launch_bounds__(128) gm_wide_max(float* p) { }\n")
+    (tmp_path / "b.cu").write_text("template <typename T>\n__global__ void "
+                                   "gpu_mlp_bias_act_relu(long long n) { }\n")
+    (tmp_path / "c.cubin").write_bytes(b"\x7fELF")
+    names = cold_start.kernels_in(tmp_path)
+    assert names == ["cupy_isfinite__float32_bool", "gm_wide_max", "gpu_mlp_bias_act_relu"]
+    assert [n for n in names if not n.startswith(cold_start.OURS)] == \
+        ["cupy_isfinite__float32_bool"]
+    if not gpu_mlp.gpu_available():
+        run = subprocess.run([sys.executable, str(ROOT / "bench" / "cold_start.py")],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 2 and "needs CuPy and a CUDA GPU" in run.stderr
