@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -385,7 +386,7 @@ class _Stage(Stage):
         W, b = self.net.params[k]
         held = self.pool.take((1, W.size + b.size))
         G = held.reshape(-1)
-        ops.gemm("T", "N", T_rows, X_rows, G[:W.size].reshape(W.shape[0], -1))
+        ops.weight_gradient(T_rows, X_rows, G[:W.size].reshape(W.shape[0], -1))
         ops.gemv("T", T_rows, ones, G[W.size:])
         return held, G
 
@@ -407,8 +408,8 @@ class _Stage(Stage):
         for mine in (T_rows, X_rows):
             if not mine.flags.c_contiguous:
                 raise ValueError("the factors of a data-parallel step must be C-contiguous")
-            width = mine.shape[1]
-            everyone = self.pool.take((N, width))
+            width = math.prod(mine.shape[1:])  # X_rows may be (rows, kh, kw, c_in): see ops
+            everyone = self.pool.take((N, *mine.shape[1:]))
             spec = [everyone, [c * width for c in counts], [d * width for d in displs],
                     _mpi_type(everyone.dtype)]
             # MPI reads ``mine`` until finish(): keeps_factors keeps it ours until then
@@ -433,8 +434,8 @@ class _Stage(Stage):
         b = self.counts[r]
         everyones = []
         for mine in (T_rows, X_rows):
-            width = mine.shape[1]
-            everyone = self.pool.take((P * m, width))
+            width = math.prod(mine.shape[1:])
+            everyone = self.pool.take((P * m, *mine.shape[1:]))
             block = everyone[r * m:(r + 1) * m]
             block[:b] = mine
             block[b:] = 0

@@ -315,15 +315,19 @@ class ChannelsLast(Layer):
     the rows of its GEMM. So no copy runs between convolutions: ``to_rows`` is a view and
     the bias broadcasts over the rows; the engine copies NCHW to NHWC where the network's
     input enters and back where a Dense layer or the loss takes the maps (torch.flatten's
-    order). ``rows(x)`` keeps the column order (c, i, j) and the rows (b, oh, ow), so the
-    weight gradient ``T_rows^T rows(x)`` lands in ``W``'s own layout and the sinks see the
-    factors of the NCHW maps. ``C^dagger`` reads the windows in their NHWC order (i, j,
-    c) instead, against a copy of ``W`` in that order (c_out x K: small):
-    col2im then adds contiguous runs (the forward keeps (c, i, j) and ``W``, so that it
-    sums as before: a saved network predicts the same bits). On NumPy im2col and col2im
-    run on blocks of whole samples (ops.conv_block), which stay in cache. A 1x1
-    convolution with stride 1 and no padding has no column buffer: ``rows(x)`` is ``x``;
-    windows that tile the image (stride = kernel, no padding) are one copy each way.
+    order). The rows are (b, oh, ow); the columns of a window, on NumPy, in its NHWC
+    order (i, j, c): im2col then copies runs of C contiguous values from one padded copy
+    of the block (2.5-5x faster than W's (c, i, j), which writes every value kh*kw
+    apart), against a copy of ``W`` in that order (c_out x K: small). ``rows(x)`` comes
+    as (rows, kh, kw, c_in), the shape that tells the sinks so: the weight gradient
+    ``T_rows^T rows(x)`` is permuted into ``W``'s layout as it is formed
+    (:func:`gpu_mlp.ops.weight_gradient`). On a GPU a thread gathers one value, in any
+    order at the same cost, so there the columns keep ``W``'s order and ``rows(x)`` is
+    (rows, K). ``C^dagger`` reads the windows in their NHWC order on both: col2im then
+    adds contiguous runs. On NumPy im2col and col2im run on blocks of whole samples
+    (ops.conv_block), which stay in cache. A 1x1 convolution with stride 1 and no padding
+    has no column buffer: ``rows(x)`` is ``x``; windows that tile the image (stride =
+    kernel, no padding) are one copy each way.
     """
 
     channels_last = True
@@ -371,32 +375,61 @@ class ChannelsLast(Layer):
         B, P, K = self._geometry(x)
         cols = ws.take((B * P, K))
         n = ops.conv_block(x, P * K * x.dtype.itemsize)
+        padded = self._padding(x, n, ws)
         for samples, rows in self._blocks(B, n, P):  # blocks: measured faster than one
-            ops.im2col_nhwc(self.conv, x[samples], cols[rows], taps_first=False)
-        return cols
+            self._im2col(x[samples], cols[rows], padded)
+        if padded is not None:
+            ws.give(padded)
+        if not ops.is_numpy(x):
+            return cols
+        return cols.reshape(B * P, *self.conv.kernel_size, self.c_in)  # the windows' order
 
     def give_rows(self, rows, ws) -> None:
         if not self._direct:
             ws.give(rows)
 
+    def _padding(self, x, n, ws):
+        """On NumPy, for a padding convolution: a buffer for a block of ``n`` samples
+        inside their zero border (conv.windows), from the workspace; else None."""
+        if not ops.is_numpy(x) or not any(self.conv.padding):
+            return None
+        (ph, pw), (H, W) = self.conv.padding, x.shape[1:3]
+        return ws.take((min(n, x.shape[0]), H + 2 * ph, W + 2 * pw, self.c_in))
+
+    def _im2col(self, x, cols, padded) -> None:
+        """``cols <- rows(x)`` of one block: on NumPy in the windows' order, one copy
+        from ``padded`` (see :meth:`_padding`); on a GPU in W's."""
+        block = None if padded is None else padded[:x.shape[0]]
+        ops.im2col_nhwc(self.conv, x, cols, taps_first=ops.is_numpy(x), padded=block)
+
+    def _windows_weight(self, W, ws):
+        """A copy of ``W`` as the (c_out, K) matrix of columns (i, j, c), the windows'
+        order (from the workspace: give it back)."""
+        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
+        Wt[...] = W.transpose(0, 2, 3, 1)
+        return Wt
+
     def linear(self, x, W, ws, out=None):
-        # columns (c, i, j) against W itself: the sums of the NCHW engine, bit for bit
-        # (a checkpoint predicts what it predicted)
         B, P, K = self._geometry(x)
         H, Wd = x.shape[1:3]
         _, OH, OW = self.output_shape((self.c_in, H, Wd))
         A = ws.take((B, OH, OW, self.c_out)) if out is None else out
-        A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
+        A_rows = self.as_rows(A)
         if self._direct:
-            ops.gemm("N", "T", self.rows(x, ws), W_mat, A_rows)
+            ops.gemm("N", "T", self.rows(x, ws), self.weight_matrix(W), A_rows)
             return A
+        # NumPy: columns in the windows' order against W's copy in that order; a GPU
+        # gathers W's own (c, i, j) (see the class)
+        Wt = self._windows_weight(W, ws) if ops.is_numpy(x) else None
+        W_mat = self.weight_matrix(W if Wt is None else Wt)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
         cols = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
+        padded = self._padding(x, n, ws)
         for samples, rows in self._blocks(B, n, P):
             block = cols[:rows.stop - rows.start]
-            ops.im2col_nhwc(self.conv, x[samples], block, taps_first=False)
+            self._im2col(x[samples], block, padded)
             ops.gemm("N", "T", block, W_mat, A_rows[rows])
-        ws.give(cols)
+        ws.give(*(b for b in (cols, Wt, padded) if b is not None))
         return A
 
     def to_rows(self, T, ws):

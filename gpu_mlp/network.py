@@ -329,7 +329,7 @@ class Network(ForwardBackward):
 
         def accumulate(k, T_rows, X_rows):
             squares[...] += norms.per_sample_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                     X_rows.reshape(B, -1, X_rows.shape[1]))
+                                                     X_rows.reshape(B, -1, math.prod(X_rows.shape[1:])))
 
         self._backprop(X, Y, EachLayer(accumulate), scale=1.0, want_dx=False)
         return xp.sqrt(squares)

@@ -1056,6 +1056,37 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     return out
 
 
+def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0):
+    """``G <- alpha T_rows^T X_rows + beta G``: a layer's weight gradient from its
+    factors, into ``G``, the (d_out, K) matrix of W's layout (``alpha`` and ``beta`` as
+    for :func:`gemm`). ``X_rows`` is (rows, K) in W's column order; or (rows, kh, kw,
+    c_in) -- a channels-last convolution's rows on NumPy, columns in the windows' order
+    (:class:`gpu_mlp.layers.ChannelsLast`) -- whose product is permuted into W's (c_in,
+    kh, kw) on the way, through a buffer of W's size."""
+    if X_rows.ndim == 2:
+        gemm("T", "N", T_rows, X_rows, G, alpha=alpha, beta=beta)
+        return G
+    rows, kh, kw, c_in = X_rows.shape
+    taps = np.empty((G.shape[0], kh, kw, c_in), G.dtype)
+    gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(G.shape[0], -1),
+         alpha=alpha)
+    to_weight_order(taps, G, beta)
+    return G
+
+
+def to_weight_order(taps, G, beta=0.0) -> None:
+    """``G <- taps + beta G`` for ``taps`` (d_out, kh, kw, c_in) in the windows' column
+    order and ``G`` anything of its size in W's (d_out, c_in, kh, kw) (NumPy)."""
+    d_out, kh, kw, c_in = taps.shape
+    out = G.reshape(d_out, c_in, kh, kw)
+    if beta == 0:
+        np.copyto(out, taps.transpose(0, 3, 1, 2))
+        return
+    if beta != 1:
+        out *= beta
+    out += taps.transpose(0, 3, 1, 2)
+
+
 def gemm_batched(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     """``out[i] <- alpha op(a[i]) op(b[i]) + beta out[i]`` for each matrix of the 3-D
     C-contiguous stacks; ``alpha`` and ``beta`` as for :func:`gemm`. On the GPU one

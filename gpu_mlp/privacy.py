@@ -36,6 +36,7 @@ accountant assumes, and reports epsilon at ``delta`` after every epoch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -144,6 +145,16 @@ class DP:
         return self.noise_multiplier * self.max_grad_norm / float(batch)
 
 
+class _Formed(NamedTuple):
+    """A layer's per-sample gradients, kept by :class:`_Private`: G (B, d_out, K), g
+    (B, d_out), and the (kh, kw, c_in) of a convolution's columns in the windows' order
+    (None: W's)."""
+
+    G: object
+    g: object
+    windows: Optional[tuple]
+
+
 class _Private(Stage):
     """One private step: keeps every layer's factors and sums the per-sample squared
     norms; at the end scales each sample's rows of T by its clipping factor over the
@@ -173,15 +184,18 @@ class _Private(Stage):
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         B, xp, ws = self.rows, self.net.xp, self.net.training_workspace
         if B:
+            # (a convolution's rows may come in its windows' column order: the norms are
+            # the same in any order, a gradient is permuted into W's -- ops.weight_gradient)
             T = T_rows.reshape(B, -1, T_rows.shape[1])
-            X = X_rows.reshape(B, -1, X_rows.shape[1])
+            X = X_rows.reshape(B, -1, math.prod(X_rows.shape[1:]))
             (P, d_out), K = T.shape[1:], X.shape[2]
             if self.takes_gradients and norms.forms_gradients(P, d_out, K):
                 G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
                 norms.per_sample_gradients(xp, T, X, G, g)
                 norms.row_squares_into(xp, G.reshape(B, -1), self.squares, ws, add=True)
                 norms.row_squares_into(xp, g, self.squares, ws, add=True)
-                self.kept.append((k, (G, g)))
+                windows = X_rows.shape[1:] if X_rows.ndim == 4 else None
+                self.kept.append((k, _Formed(G, g, windows)))
                 return
             norms.add_squares(xp, T, X, self.squares, ws)
         self.kept.append((k, (T_rows, X_rows, ones)))
@@ -197,12 +211,17 @@ class _Private(Stage):
             xp.divide(C / self.batch, factors, out=factors)
         ws = self.net.training_workspace
         for k, kept in self.kept:
-            if len(kept) == 2:  # per-sample gradients: sum_i c_i [G_i | g_i], two GEMVs
-                G, g = kept
+            if isinstance(kept, _Formed):  # sum_i c_i [G_i | g_i], two GEMVs
+                G, g, windows = kept
                 W_size = G[0].size
                 held = ws.take((1, W_size + g.shape[1]))
                 flat = held.reshape(-1)
-                ops.gemv("T", G.reshape(B, -1), factors, flat[:W_size])
+                if windows is None:
+                    ops.gemv("T", G.reshape(B, -1), factors, flat[:W_size])
+                else:  # summed in the windows' order, then into W's
+                    taps = np.empty((G.shape[1], *windows), G.dtype)
+                    ops.gemv("T", G.reshape(B, -1), factors, taps.reshape(-1))
+                    ops.to_weight_order(taps, flat[:W_size])
                 ops.gemv("T", g, factors, flat[W_size:])
                 self.downstream.gradient(k, flat, noise=self._noise)
                 ws.give(held, G, g)

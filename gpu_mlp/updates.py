@@ -2,7 +2,8 @@
 
 The backward loop of :class:`gpu_mlp.Network` hands every layer's gradient to a *sink*
 as its two factors, ``G_k = T_rows^T X_rows`` and ``g_k = T_rows^T 1``, never formed
-unless the sink forms it (docs/MATH.md, "Factored weight gradients" and "Memory modes"),
+unless the sink forms it (:func:`gpu_mlp.ops.weight_gradient`: ``X_rows`` (rows, K) has
+W's column order, or comes as (rows, kh, kw, c_in) in a convolution's windows' order) (docs/MATH.md, "Factored weight gradients" and "Memory modes"),
 last layer first and only after ``dJ/dF_{k-1}`` has used the old ``W_k``; then it calls
 ``sink.finish()``. Sinks chain, each stage handing the factors on::
 
@@ -118,7 +119,8 @@ class Apply(Rule):
         W, b = self.params[k]
         if self.kernels is None:
             alpha, (beta_W, beta_b) = self.alpha, self.betas
-            ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(W), alpha=alpha, beta=beta_W)
+            ops.weight_gradient(T_rows, X_rows, Layer.weight_matrix(W), alpha=alpha,
+                                beta=beta_W)
             if noise is not None:
                 noise(k, 0, W.reshape(-1), self.noise_lr)
             ops.gemv("T", T_rows, ones, b, alpha=alpha, beta=beta_b)
@@ -127,7 +129,7 @@ class Apply(Rule):
             return
         W_state, b_state = self.state(k)
         G = self.scratch[:W.size]
-        ops.gemm("T", "N", T_rows, X_rows, G.reshape(W.shape[0], -1))
+        ops.weight_gradient(T_rows, X_rows, G.reshape(W.shape[0], -1))
         if noise is not None:
             noise(k, 0, G, self.noise_one)
         self.kernels[0](W.reshape(-1), G, W_state)
@@ -165,7 +167,7 @@ class WriteGradients(Rule):
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         dW, db = self.grads[k]
-        ops.gemm("T", "N", T_rows, X_rows, Layer.weight_matrix(dW))
+        ops.weight_gradient(T_rows, X_rows, Layer.weight_matrix(dW))
         ops.gemv("T", T_rows, ones, db)
         if noise is not None:
             noise(k, 0, dW.reshape(-1), 1.0)
