@@ -543,3 +543,43 @@ def test_a_step_inside_a_capture_of_its_caller_runs_eagerly_into_it(host_cupy_li
             net.train_step(X, Y, 1e-3, check=False)
     assert "gemm" in capture.graph.names and "graph" not in capture.graph.names
     assert net.step_graphs.replays == 0
+
+
+# --- on a real GPU: CUDA's stream capture, cuBLAS, CuPy ------------------------------------
+
+def _gpu_steps(kind, rule, private, capture, steps=6):
+    """``steps`` train_steps of a fresh net on the GPU (the first warms up, the second is
+    captured, the rest replay; ``capture=False``: all eager): host copies of the
+    parameters, the losses, the net."""
+    import cupy
+
+    make, shape = COUNTED_NETS[kind]
+    net = gpu_mlp.Network(make(), loss="softmax_cross_entropy", device="cuda",
+                          dtype="float32", seed=0)
+    rng = np.random.default_rng(0)
+    X = cupy.asarray(rng.standard_normal(shape).astype(np.float32))
+    Y = cupy.asarray(rng.integers(0, 5, shape[0]))
+    rule, dp = SCHEDULED[rule](), (DP(**PRIVATE) if private else None)
+    losses = []
+    for _ in range(steps):
+        if capture:
+            J = net.train_step(X, Y, rule, check=False, dp=dp)
+        else:
+            J = net._step(X, Y, StepPlan.of(rule, dp), False, global_loss=True, capture=False)
+        losses.append(float(J))
+    return [cupy.asnumpy(a) for pair in net.params for a in pair], losses, net
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("private", [False, True], ids=["", "dp"])
+@pytest.mark.parametrize("rule", ["sgd", "adam-cosine"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "wide"])
+def test_on_a_gpu_replays_are_the_eager_steps(kind, rule, private):
+    """What the stand-in shows above, on CUDA itself: one capture, four replays, and the
+    parameters and losses of eager steps, bit for bit (the same kernels and cuBLAS
+    calls in the same order, the scalars read on the device)."""
+    params, losses, net = _gpu_steps(kind, rule, private, capture=True)
+    eager, eager_losses, _ = _gpu_steps(kind, rule, private, capture=False)
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
+    _same(params, eager)
+    assert losses == eager_losses
