@@ -489,3 +489,36 @@ def test_column_free_convolutions_against_torch(layers, shape, memory):
         np.testing.assert_allclose(dW, W.grad.numpy(), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(db, b.grad.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dX, F.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0), (0.5, 0.25)])
+def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta):
+    """ops.weight_gradient: rows (rows, kh, kw, c_in) -- a convolution's on NumPy -- give
+    alpha T^T X + beta G with G in W's (c_out, c_in, kh, kw) order, as rows in W's own
+    column order do; and the engine's rows of a convolution come that way."""
+    from gpu_mlp import ops
+    from gpu_mlp.workspace import Workspace
+
+    rng = np.random.default_rng(3)
+    c_out, c_in, kh, kw, rows = 5, 3, 2, 3, 17
+    T = rng.standard_normal((rows, c_out))
+    taps = rng.standard_normal((rows, kh, kw, c_in))
+    in_w_order = np.ascontiguousarray(taps.transpose(0, 3, 1, 2)).reshape(rows, -1)
+    G0 = rng.standard_normal((c_out, c_in * kh * kw))
+    want = alpha * T.T @ in_w_order + beta * G0
+    G = G0.copy()
+    assert ops.weight_gradient(T, taps, G, alpha=alpha, beta=beta) is G
+    np.testing.assert_allclose(G, want, rtol=1e-13, atol=1e-13)
+    G2 = G0.copy()
+    ops.weight_gradient(T, in_w_order, G2, alpha=alpha, beta=beta)
+    np.testing.assert_allclose(G2, want, rtol=1e-13, atol=1e-13)
+
+    layer = Conv2d(c_in, c_out, (kh, kw), padding=1).engine
+    x = rng.standard_normal((2, 4, 5, c_in))  # NHWC
+    X_rows = layer.rows(x, Workspace(np, np.float64))
+    assert X_rows.shape[1:] == (kh, kw, c_in)
+    nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    cols = np.empty((X_rows.shape[0], c_in * kh * kw))
+    conv.im2col(nchw, Conv2d(c_in, c_out, (kh, kw), padding=1), cols)  # W's order
+    np.testing.assert_array_equal(
+        np.ascontiguousarray(X_rows.transpose(0, 3, 1, 2)).reshape(len(cols), -1), cols)
