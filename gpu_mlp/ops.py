@@ -419,8 +419,8 @@ def _softmax_backward(f, g, ws):
 
 # A row wider than ROW_KERNEL_MAX gets ROW_LANES threads (rowwise.cuh, "wide rows"): a
 # warp, so that its loads of a row are coalesced. They keep their shares of the row's
-# maximum and sums in (3, B, ROW_LANES) scratch: a loss's (loss_scratch_shape), or one
-# the workspace lends an activation for the call.
+# maximum and sums in (k, B, ROW_LANES) scratch: a loss's three (loss_scratch_shape), or
+# the two the workspace lends an activation for the call.
 ROW_LANES = 32
 
 
@@ -428,7 +428,7 @@ def _wide_part(ws, B):
     if ws is None:
         raise ValueError("a row-wise activation on rows wider than ROW_KERNEL_MAX needs "
                          "the workspace that lends its scratch (ws)")
-    return ws.take((3, B, ROW_LANES))
+    return ws.take((2, B, ROW_LANES))
 
 
 def _wide_sizes(B, C):
