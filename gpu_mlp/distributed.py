@@ -210,9 +210,10 @@ class Communicator:
         """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr
         and aborts the communicator, so that no other rank waits forever in a collective
         for this one (a KeyboardInterrupt prints ``rank r: interrupted``, no traceback,
-        and aborts with status 130). With one rank the exception is simply raised, and so is one that
-        every rank raises alike, marked ``every_rank = True`` (:meth:`check_same`'s,
-        :class:`gpu_mlp.training.TrainingDiverged`): no rank waits for another then.
+        and aborts with status 130). With one rank the exception is simply raised, and
+        so is one that every rank raises alike, marked ``every_rank = True``
+        (:meth:`check_same`'s, :class:`gpu_mlp.training.TrainingDiverged`): no rank waits
+        for another then.
         Inside another guard() of this communicator (fit's inside the CLI's) the
         exception goes on to the outer one, and to the caller's handling within it."""
         self._guards += 1
@@ -386,7 +387,7 @@ class _Stage(Stage):
         W, b = self.net.params[k]
         held = self.pool.take((1, W.size + b.size))
         G = held.reshape(-1)
-        ops.weight_gradient(T_rows, X_rows, G[:W.size].reshape(W.shape[0], -1))
+        ops.weight_gradient(T_rows, X_rows, G[:W.size].reshape(W.shape[0], -1), ws=self.pool)
         ops.gemv("T", T_rows, ones, G[W.size:])
         return held, G
 

@@ -402,12 +402,11 @@ class ChannelsLast(Layer):
         block = None if padded is None else padded[:x.shape[0]]
         ops.im2col_nhwc(self.conv, x, cols, taps_first=ops.is_numpy(x), padded=block)
 
-    def _windows_weight(self, W, ws):
-        """A copy of ``W`` as the (c_out, K) matrix of columns (i, j, c), the windows'
-        order (from the workspace: give it back)."""
-        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
-        Wt[...] = W.transpose(0, 2, 3, 1)
-        return Wt
+    def _windows_weight(self, W, into):
+        """``into`` (c_out, kh, kw, c_in) <- ``W``, returned as the (c_out, K) matrix of
+        columns (i, j, c), the windows' order."""
+        into[...] = W.transpose(0, 2, 3, 1)
+        return into.reshape(self.c_out, -1)
 
     def linear(self, x, W, ws, out=None):
         B, P, K = self._geometry(x)
@@ -420,8 +419,9 @@ class ChannelsLast(Layer):
             return A
         # NumPy: columns in the windows' order against W's copy in that order; a GPU
         # gathers W's own (c, i, j) (see the class)
-        Wt = self._windows_weight(W, ws) if ops.is_numpy(x) else None
-        W_mat = self.weight_matrix(W if Wt is None else Wt)
+        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if ops.is_numpy(x) \
+            else None
+        W_mat = self.weight_matrix(W) if Wt is None else self._windows_weight(W, Wt)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
         cols = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
         padded = self._padding(x, n, ws)
@@ -456,8 +456,7 @@ class ChannelsLast(Layer):
             n = max(n, 1)
             dcols, Wt = ws.take((n * P, K)), ws.take(shape)  # Wt pooled apart from columns
             taken = [dcols, Wt]
-        Wt[...] = W.transpose(0, 2, 3, 1)
-        Wt = Wt.reshape(self.c_out, K)
+        Wt = self._windows_weight(W, Wt)
         for samples, rows in self._blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], Wt, block)

@@ -328,8 +328,9 @@ class Network(ForwardBackward):
         squares = xp.zeros(B, dtype=self.dtype)
 
         def accumulate(k, T_rows, X_rows):
+            K = math.prod(X_rows.shape[1:])  # X_rows may be (rows, kh, kw, c_in): see ops
             squares[...] += norms.per_sample_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                     X_rows.reshape(B, -1, math.prod(X_rows.shape[1:])))
+                                                     X_rows.reshape(B, -1, K))
 
         self._backprop(X, Y, EachLayer(accumulate), scale=1.0, want_dx=False)
         return xp.sqrt(squares)

@@ -1056,21 +1056,25 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     return out
 
 
-def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0):
+def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     """``G <- alpha T_rows^T X_rows + beta G``: a layer's weight gradient from its
     factors, into ``G``, the (d_out, K) matrix of W's layout (``alpha`` and ``beta`` as
     for :func:`gemm`). ``X_rows`` is (rows, K) in W's column order; or (rows, kh, kw,
     c_in) -- a channels-last convolution's rows on NumPy, columns in the windows' order
     (:class:`gpu_mlp.layers.ChannelsLast`) -- whose product is permuted into W's (c_in,
-    kh, kw) on the way, through a buffer of W's size."""
+    kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s (a training
+    step's), or a new one."""
     if X_rows.ndim == 2:
         gemm("T", "N", T_rows, X_rows, G, alpha=alpha, beta=beta)
         return G
     rows, kh, kw, c_in = X_rows.shape
-    taps = np.empty((G.shape[0], kh, kw, c_in), G.dtype)
+    shape = (G.shape[0], kh, kw, c_in)
+    taps = np.empty(shape, G.dtype) if ws is None else ws.take(shape)
     gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(G.shape[0], -1),
          alpha=alpha)
     to_weight_order(taps, G, beta)
+    if ws is not None:
+        ws.give(taps)
     return G
 
 

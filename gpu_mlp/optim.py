@@ -330,7 +330,7 @@ class Optimizer:
             pairs = [self._state[name][k] for name in self.STATE]
             return [p[0].reshape(-1) for p in pairs], [p[1] for p in pairs]
         return Apply(net.params, **self._rule(values), scratch=self._scratch, state=state,
-                     on_finish=self.count_step, scalars=scalars)
+                     on_finish=self.count_step, scalars=scalars, ws=net.training_workspace)
 
     def count_step(self) -> None:
         """What a step does to the optimizer on the host: count it, and remember its rate

@@ -220,7 +220,8 @@ class StepPlan:
         Plain SGD's rule is :class:`~gpu_mlp.updates.Apply` without kernels: ``W <- W -
         lr G`` as the gradient GEMM itself, straight into ``W`` (``optim.SGD(lr)``'s own
         rule, without an object that counts its steps)."""
-        sink = (Apply(net.params, lr=self._lr, scalars=scalars) if self.plain
+        sink = (Apply(net.params, lr=self._lr, scalars=scalars, ws=net.training_workspace)
+                if self.plain
                 else self._rule.begin_step(net, scalars))
         comm = self.communicator(net)
         if comm is not None:

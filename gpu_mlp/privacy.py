@@ -219,9 +219,10 @@ class _Private(Stage):
                 if windows is None:
                     ops.gemv("T", G.reshape(B, -1), factors, flat[:W_size])
                 else:  # summed in the windows' order, then into W's
-                    taps = np.empty((G.shape[1], *windows), G.dtype)
+                    taps = ws.take((G.shape[1], *windows))
                     ops.gemv("T", G.reshape(B, -1), factors, taps.reshape(-1))
                     ops.to_weight_order(taps, flat[:W_size])
+                    ws.give(taps)
                 ops.gemv("T", g, factors, flat[W_size:])
                 self.downstream.gradient(k, flat, noise=self._noise)
                 ws.give(held, G, g)

@@ -96,14 +96,15 @@ class Apply(Rule):
     ``scalars``: a :class:`gpu_mlp.plan.StepScalars` (CuPy): the step's scalars -- the
     GEMMs' ``alpha = -lr`` and ``beta = keep``, the noise's scale -- are read on the
     device from its views (``lr`` and ``keep`` are then its views too), so that a step
-    captured as a CUDA graph sees each replay's own.
+    captured as a CUDA graph sees each replay's own. ``ws``: the workspace that lends
+    :func:`gpu_mlp.ops.weight_gradient` its buffer (the net's).
     """
 
     def __init__(self, params, lr: float = 0.0, keep=(1.0, 1.0),
                  kernels: Optional[Sequence[Callable]] = None, scratch=None,
                  state: Optional[Callable] = None, on_finish: Optional[Callable] = None,
-                 scalars=None):
-        self.params, self.lr, self.keep = params, lr, keep
+                 scalars=None, ws=None):
+        self.params, self.lr, self.keep, self.ws = params, lr, keep, ws
         self.kernels, self.scratch, self.state = kernels, scratch, state
         self.on_finish = on_finish
         if scalars is None:  # host numbers: the noise's alpha times its std, on the host
@@ -120,7 +121,7 @@ class Apply(Rule):
         if self.kernels is None:
             alpha, (beta_W, beta_b) = self.alpha, self.betas
             ops.weight_gradient(T_rows, X_rows, Layer.weight_matrix(W), alpha=alpha,
-                                beta=beta_W)
+                                beta=beta_W, ws=self.ws)
             if noise is not None:
                 noise(k, 0, W.reshape(-1), self.noise_lr)
             ops.gemv("T", T_rows, ones, b, alpha=alpha, beta=beta_b)
@@ -129,7 +130,7 @@ class Apply(Rule):
             return
         W_state, b_state = self.state(k)
         G = self.scratch[:W.size]
-        ops.weight_gradient(T_rows, X_rows, G.reshape(W.shape[0], -1))
+        ops.weight_gradient(T_rows, X_rows, G.reshape(W.shape[0], -1), ws=self.ws)
         if noise is not None:
             noise(k, 0, G, self.noise_one)
         self.kernels[0](W.reshape(-1), G, W_state)

@@ -135,6 +135,15 @@ __global__ void gm_softmax_xent_targets(const T* __restrict__ f, const T* __rest
 // needs the whole row's result is the next launch (and in a CUDA graph costs no host
 // time). Every launch runs B L threads; out and z may be the same array.
 
+// Thread i's row r and lane (its first column); false for the threads past the B L
+__device__ inline bool gm_wide_thread(int B, int L, long long& r, int& lane)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    r = i / L;
+    lane = (int)(i % L);
+    return i < (long long)B * L;
+}
+
 // the row's maximum, or sum, of its L shares
 template <typename T>
 __device__ inline T gm_lanes_max(const T* part, int L)
@@ -158,12 +167,13 @@ template <typename T>
 __global__ void gm_wide_max(const T* __restrict__ z, const T* __restrict__ bias,
                             T* __restrict__ part_max, int B, int C, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const T* row = z + i / L * C;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
+    const T* row = z + r * C;
     T m = row[0] + (bias ? bias[0] : T(0));
-    for (int c = (int)(i % L); c < C; c += L) m = gm_max_nan(m, row[c] + (bias ? bias[c] : T(0)));
-    part_max[i] = m;
+    for (int c = lane; c < C; c += L) m = gm_max_nan(m, row[c] + (bias ? bias[c] : T(0)));
+    part_max[r * L + lane] = m;
 }
 
 // out <- exp(z + bias - m), m the row's maximum; part_sum <- the thread's share of their sum
@@ -172,16 +182,16 @@ __global__ void gm_wide_exp(const T* z, const T* __restrict__ bias,
                             const T* __restrict__ part_max, T* out, T* __restrict__ part_sum,
                             int B, int C, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     const T m = gm_lanes_max(part_max + r * L, L);
     T s = T(0);
-    for (int c = (int)(i % L); c < C; c += L) {
+    for (int c = lane; c < C; c += L) {
         out[r * C + c] = exp(z[r * C + c] + (bias ? bias[c] : T(0)) - m);
         s += out[r * C + c];
     }
-    part_sum[i] = s;
+    part_sum[r * L + lane] = s;
 }
 
 // out <- out / the row's sum: softmax's last pass
@@ -189,11 +199,11 @@ template <typename T>
 __global__ void gm_wide_normalize(const T* __restrict__ part_sum, T* __restrict__ out, int B,
                                   int C, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     const T s = gm_lanes_sum(part_sum + r * L, L);
-    for (int c = (int)(i % L); c < C; c += L) out[r * C + c] /= s;
+    for (int c = lane; c < C; c += L) out[r * C + c] /= s;
 }
 
 // part_dot <- the thread's share of <g, f> of its row
@@ -201,12 +211,12 @@ template <typename T>
 __global__ void gm_wide_dot(const T* __restrict__ f, const T* __restrict__ g,
                             T* __restrict__ part_dot, int B, int C, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     T dot = T(0);
-    for (int c = (int)(i % L); c < C; c += L) dot += g[r * C + c] * f[r * C + c];
-    part_dot[i] = dot;
+    for (int c = lane; c < C; c += L) dot += g[r * C + c] * f[r * C + c];
+    part_dot[r * L + lane] = dot;
 }
 
 // g <- (g - <g, f>) (.) f, the softmax backward of gm_softmax_backward_row
@@ -214,11 +224,11 @@ template <typename T>
 __global__ void gm_wide_softmax_backward(const T* __restrict__ f, const T* __restrict__ part_dot,
                                          T* __restrict__ g, int B, int C, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     const T dot = gm_lanes_sum(part_dot + r * L, L);
-    for (int c = (int)(i % L); c < C; c += L) g[r * C + c] = (g[r * C + c] - dot) * f[r * C + c];
+    for (int c = lane; c < C; c += L) g[r * C + c] = (g[r * C + c] - dot) * f[r * C + c];
 }
 
 // The cross-entropy of the logits f, after gm_wide_max of f and gm_wide_exp of f into grad
@@ -231,14 +241,14 @@ __global__ void gm_wide_xent_labels(const T* __restrict__ f, const long long* __
                                     T* __restrict__ grad, T* __restrict__ row_loss, int B, int C,
                                     int L, T scale)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     const T m = gm_lanes_max(part_max + r * L, L), s = gm_lanes_sum(part_sum + r * L, L);
-    for (int c = (int)(i % L); c < C; c += L)
+    for (int c = lane; c < C; c += L)
         grad[r * C + c] = gm_softmax_xent_grad(grad[r * C + c], s, labels[r], (long long)c, C,
                                                scale);
-    if (i % L == 0) row_loss[r] = gm_softmax_xent_label_loss(f + r * C, m, s, labels[r], C);
+    if (lane == 0) row_loss[r] = gm_softmax_xent_label_loss(f + r * C, m, s, labels[r], C);
 }
 
 template <typename T>
@@ -247,17 +257,17 @@ __global__ void gm_wide_xent_targets(const T* __restrict__ f, const T* __restric
                                      const T* __restrict__ part_sum, T* __restrict__ grad,
                                      T* __restrict__ part_loss, int B, int C, int L, T scale)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L) return;
-    const long long r = i / L;
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
     const T m = gm_lanes_max(part_max + r * L, L), s = gm_lanes_sum(part_sum + r * L, L);
     T loss = T(0);
-    for (int c = (int)(i % L); c < C; c += L) {
+    for (int c = lane; c < C; c += L) {
         const long long k = r * C + c;
         loss += gm_softmax_xent_term(f[k], m, s, targets[k]);
         grad[k] = (grad[k] / s - targets[k]) * scale;
     }
-    part_loss[i] = loss;
+    part_loss[r * L + lane] = loss;
 }
 
 // row_loss <- the sum of the row's L shares (its first thread)
@@ -265,9 +275,10 @@ template <typename T>
 __global__ void gm_wide_row_sums(const T* __restrict__ part_loss, T* __restrict__ row_loss,
                                  int B, int L)
 {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)B * L || i % L) return;
-    row_loss[i / L] = gm_lanes_sum(part_loss + i, L);
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane) || lane) return;
+    row_loss[r] = gm_lanes_sum(part_loss + r * L, L);
 }
 #endif  // __CUDACC__
 
