@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=200, help="calls per timed round")
     parser.add_argument("--out", help="also write the records to this JSON file")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if not gpu_mlp.gpu_available():
         print("bench/rows.py needs CuPy and a CUDA GPU", file=sys.stderr)
         return 2

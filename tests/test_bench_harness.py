@@ -781,6 +781,9 @@ def test_rows_bench_times_both_row_paths_through_the_engines_calls(host_cupy_lib
         run = subprocess.run([sys.executable, str(ROOT / "bench" / "rows.py")],
                              capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 2 and "needs CuPy and a CUDA GPU" in run.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "rows.py"), "--repeat", "0"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--repeat must be at least 1, got 0" in bad.stderr
 
 
 def test_cold_start_bench_names_the_kernels_of_the_cached_sources(tmp_path):
