@@ -234,7 +234,10 @@ def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None):
     if scalars is not None:
         scalars.select()
     sink = plan.sink(net, rows, counts, divisor, scalars)
-    J, _ = net._backprop(X, Y, sink, scale=scale, want_dx=False, loss_out=loss)
+    # with other ranks: one engine form of each layer on all (Network._engine_layers)
+    ranks = 1 if counts is None else len(counts)
+    J, _ = net._backprop(X, Y, sink, scale=scale, want_dx=False, loss_out=loss,
+                         forms_batch=0 if ranks > 1 else None)
     if scalars is not None:
         scalars.advance()
     return J

@@ -16,7 +16,9 @@ arrays in torch's layouts, ``(B, d)`` or NCHW. The engine (:mod:`gpu_mlp.network
 one loop over the same methods of each layer's *engine form* (:attr:`Layer.engine`): a
 Dense is its own; a Conv2d's is :class:`ChannelsLast`, which keeps the maps NHWC, the
 rows ``(B*H*W, c)`` of its GEMM, so that no layout copy runs between convolutions (the
-engine copies where torch's layout meets the channels-last one: :attr:`Layer.channels_last`).
+engine copies where torch's layout meets the channels-last one: :attr:`Layer.takes_channels_last`,
+:attr:`Layer.gives_channels_last`; on NumPy a Dense after a convolution takes the maps
+NHWC itself, :class:`ChannelsLastDense`).
 The weight and bias gradients are left to the engine's *sink*, which receives
 ``(T_rows, rows(x))`` -- the same factors from either form.
 
@@ -151,12 +153,14 @@ class Layer:
 
     # --- the engine's form of the layer (gpu_mlp.network runs its loop on it) ---
 
-    channels_last = False  # whether the engine keeps its input and output NHWC
+    # whether the engine form takes its input and gives its output NHWC
+    takes_channels_last = gives_channels_last = False
 
     @property
     def engine(self) -> "Layer":
         """The layer as the engine runs it: its methods above, on arrays in the engine's
-        layout (a Conv2d's :class:`ChannelsLast`; a Dense is its own)."""
+        layout (a Conv2d's :class:`ChannelsLast`; a Dense is its own, or on NumPy after
+        a convolution a :class:`ChannelsLastDense`: :func:`engine_forms`)."""
         return self
 
     def engine_shape(self, shape: tuple) -> tuple:
@@ -310,12 +314,39 @@ class Conv2d(Layer):
                 f"activation={str(self.activation)!r})")
 
 
-class ChannelsLast(Layer):
+class _TakesMapsNHWC(Layer):
+    """An engine form of ``layer`` (:attr:`Layer.engine`) that takes its input maps
+    NHWC: the layer's shapes, the maps' per-sample shape as (H, W, C)."""
+
+    takes_channels_last = True
+
+    def __init__(self, layer: Layer):
+        self.layer, self.activation = layer, layer.activation
+
+    @property
+    def weight_shape(self) -> tuple:
+        return self.layer.weight_shape
+
+    def output_shape(self, input_shape: tuple) -> tuple:
+        return self.layer.output_shape(input_shape)
+
+    def positions(self, input_shape: tuple) -> int:
+        return self.layer.positions(input_shape)
+
+    def engine_shape(self, shape: tuple) -> tuple:
+        return (*shape[1:], shape[0])
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.layer})"
+
+
+class ChannelsLast(_TakesMapsNHWC):
     """A :class:`Conv2d` as the engine runs it: activations NHWC, (B, H, W, C), which are
     the rows of its GEMM. So no copy runs between convolutions: ``to_rows`` is a view and
     the bias broadcasts over the rows; the engine copies NCHW to NHWC where the network's
-    input enters and back where a Dense layer or the loss takes the maps (torch.flatten's
-    order). The rows are (b, oh, ow); the columns of a window, on NumPy, in its NHWC
+    input enters and back where the loss takes the maps, or a Dense layer on a GPU
+    (torch.flatten's order; on NumPy a Dense reads them NHWC: :class:`ChannelsLastDense`).
+    The rows are (b, oh, ow); the columns of a window, on NumPy, in its NHWC
     order (i, j, c): im2col then copies runs of C contiguous values from one padded copy
     of the block (2.5-5x faster than W's (c, i, j), which writes every value kh*kw
     apart), against a copy of ``W`` in that order (c_out x K: small). ``rows(x)`` comes
@@ -330,33 +361,17 @@ class ChannelsLast(Layer):
     kernel, no padding) are one copy each way.
     """
 
-    channels_last = True
+    gives_channels_last = True
 
     def __init__(self, conv: Conv2d):
-        self.conv, self.activation = conv, conv.activation
-        self.c_in, self.c_out = conv.c_in, conv.c_out
+        super().__init__(conv)
+        self.conv, self.c_in, self.c_out = conv, conv.c_in, conv.c_out
         self._direct = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                         and conv.padding == (0, 0))
-
-    @property
-    def weight_shape(self) -> tuple:
-        return self.conv.weight_shape
-
-    def output_shape(self, input_shape: tuple) -> tuple:
-        return self.conv.output_shape(input_shape)
-
-    def positions(self, input_shape: tuple) -> int:
-        return self.conv.positions(input_shape)
-
-    def engine_shape(self, shape: tuple) -> tuple:
-        return (*shape[1:], shape[0])
 
     @staticmethod
     def as_rows(a):
         return a.reshape(-1, a.shape[-1])
-
-    def __str__(self) -> str:
-        return f"ChannelsLast({self.conv})"
 
     def _geometry(self, x):
         """(B, P, K) of the NHWC batch ``x``."""
@@ -443,30 +458,81 @@ class ChannelsLast(Layer):
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        shape = (self.c_out, *self.conv.kernel_size, self.c_in)
-        if ops.is_numpy(out):  # W's copy cut from the column buffer, where it fits beside
-            n = min(n, (B * P * K - self.c_out * K) // (P * K))  # a block (not at B = 1)
-        if n >= 1 and ops.is_numpy(out):
-            whole = ws.take((B * P, K))  # one column buffer in all, whatever the batch
-            flat = whole.reshape(-1)
-            dcols = flat[:n * P * K].reshape(n * P, K)
-            Wt = flat[n * P * K:n * P * K + self.c_out * K].reshape(shape)
-            taken = [whole]
-        else:
-            n = max(n, 1)
-            dcols, Wt = ws.take((n * P, K)), ws.take(shape)  # Wt pooled apart from columns
-            taken = [dcols, Wt]
-        Wt = self._windows_weight(W, Wt)
+        # the column blocks pooled with the forward's (B*P, K) rows(x); W's copy with the
+        # forward's, free again by now
+        dcols = ws.take((n * P, K))
+        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
+        W_mat = self._windows_weight(W, Wt)
         for samples, rows in self._blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
-            ops.gemm("N", "N", T_rows[rows], Wt, block)
+            ops.gemm("N", "N", T_rows[rows], W_mat, block)
             ops.col2im_nhwc(self.conv, block, out[samples])
-        ws.give(*taken)
+        ws.give(dcols, Wt)
 
 
 @functools.cache
 def _channels_last(conv: Conv2d) -> ChannelsLast:
     return ChannelsLast(conv)
+
+
+class ChannelsLastDense(_TakesMapsNHWC):
+    """A :class:`Dense` that takes a convolution's maps, as the engine runs it on NumPy:
+    the maps stay NHWC, (B, H, W, C), and are read flattened in that (h, w, c) order
+    against a copy of ``W`` with its columns in that order (d_out x d_in, W's size: less
+    than the maps' at any batch above d_out), so ``torch.flatten``'s (c, h, w) order
+    holds with no copy of the maps either way. ``rows(x)`` is ``x`` itself, (B, H, W,
+    C), the shape that tells the sinks so: they permute ``T_rows^T rows(x)`` into W's
+    layout as a convolution's windows (:func:`gpu_mlp.ops.weight_gradient`). On a GPU
+    the engine copies the maps to NCHW instead, where its sinks take W's order."""
+
+    def __init__(self, dense: Dense):
+        super().__init__(dense)
+        self.d_out = dense.d_out
+
+    def _weight(self, W, maps, ws):
+        """A workspace copy of ``W`` with its columns in the (h, w, c) order of the NHWC
+        ``maps``, as the (d_out, d_in) matrix."""
+        H, Wd, C = maps.shape[1:]
+        Wt = ws.take((self.d_out, H, Wd, C))
+        Wt[...] = W.reshape(self.d_out, C, H, Wd).transpose(0, 2, 3, 1)
+        return Wt
+
+    def rows(self, x, ws):
+        return x
+
+    def linear(self, x, W, ws, out=None):
+        A = ws.take((x.shape[0], self.d_out)) if out is None else out
+        Wt = self._weight(W, x, ws)
+        ops.gemm("N", "T", x.reshape(x.shape[0], -1), Wt.reshape(self.d_out, -1), A)
+        ws.give(Wt)
+        return A
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        Wt = self._weight(W, out, ws)
+        ops.gemm("N", "N", T_rows, Wt.reshape(self.d_out, -1), out.reshape(out.shape[0], -1))
+        ws.give(Wt)
+
+
+@functools.cache
+def _channels_last_dense(dense: Dense) -> ChannelsLastDense:
+    return ChannelsLastDense(dense)
+
+
+def engine_forms(layers, numpy: bool, batch: int) -> list:
+    """The engine forms of ``layers`` (:attr:`Layer.engine`) for a batch of ``batch``
+    samples. On NumPy a Dense that takes a convolution's maps runs as a
+    :class:`ChannelsLastDense` where that copies less: a step copies W in the maps'
+    order twice and permutes its gradient once (3 d_out d_in values), where the engine
+    would copy the maps to NCHW and their gradient back, and the maps again for the
+    weight gradient's rows (3 B d_in): so where ``d_out <= batch``."""
+    forms = []
+    for layer in layers:
+        form = layer.engine
+        if (numpy and isinstance(layer, Dense) and layer.d_out <= batch and forms
+                and forms[-1].gives_channels_last):
+            form = _channels_last_dense(layer)
+        forms.append(form)
+    return forms
 
 
 def to_channels_last(x, ws):

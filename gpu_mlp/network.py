@@ -370,17 +370,18 @@ class Network(ForwardBackward):
 
     # --- the layer loop -----------------------------------------------------------------
 
-    def _forward(self, X, ws: Workspace, keep: bool, out=None):
+    def _forward(self, X, ws: Workspace, keep: bool, out=None, forms_batch=None):
         """Forward pass. ``keep=False``: the output, written into ``out`` (predict).
         ``keep=True``: ``(F_n, saved)`` with what each layer keeps for the backward pass.
         Each layer runs in its engine form (:attr:`gpu_mlp.layers.Layer.engine`): what it
-        keeps is in that layout; ``F_n`` is in torch's."""
-        layers, n = self._engine_layers(), len(self.layers)
-        direct_out = not keep and not layers[-1].channels_last
+        keeps is in that layout; ``F_n`` is in torch's. ``forms_batch``: see
+        :meth:`_engine_layers`."""
+        layers, n = self._engine_layers(X.shape[0], forms_batch), len(self.layers)
+        direct_out = not keep and not layers[-1].gives_channels_last
         saved, F = [], X
         for k, (layer, (W, b), mode) in enumerate(zip(layers, self.params, self._modes)):
             act, rows = layer.activation, layer.as_rows
-            F_in = self._relayout(k, F, ws)
+            F_in = self._relayout(layers, k, F, ws)
             A = layer.linear(F_in, W, ws, out=out if direct_out and k == n - 1 else None)
             if F_in is not F:
                 ws.give(F_in)
@@ -401,28 +402,36 @@ class Network(ForwardBackward):
                 ops.bias_act_grad(act, rows(A), b, rows(F_next))  # A now holds D = sigma'(A)
                 saved.append(_Saved(F=F_next, D=A))
                 F = F_next
-        if layers[-1].channels_last:  # the output in torch's layout (NCHW)
+        if layers[-1].gives_channels_last:  # the output in torch's layout (NCHW)
             F_out = _layers.to_channels_first(F, ws, out=None if keep else out)
             if not keep or self._modes[-1] == "recompute":
                 ws.give(F)
             F = F_out
         return (F, saved) if keep else F
 
-    def _engine_layers(self):
-        """The layers' engine forms, made once per list of layers."""
+    def _engine_layers(self, batch: int, forms_batch=None):
+        """The layers' engine forms for a batch of ``batch`` samples
+        (:func:`gpu_mlp.layers.engine_forms`), kept per list of layers and batch size;
+        or, given, for ``forms_batch`` samples. A data-parallel step on several ranks
+        passes 0 (the forms of no batch, which an empty rank's factors have): every
+        rank's factors are then in one layout, which ranks that all-gather them need."""
+        batch = batch if forms_batch is None else forms_batch
         made = getattr(self, "_engine", None)
-        if made is None or made[0] is not self.layers:
-            made = self._engine = (self.layers, [layer.engine for layer in self.layers])
-        return made[1]
+        if made is None or made[0] is not self.layers or len(made[1]) > 16:
+            made = self._engine = (self.layers, {})
+        forms = made[1].get(batch)
+        if forms is None:
+            forms = made[1][batch] = _layers.engine_forms(self.layers, self.xp is np, batch)
+        return forms
 
-    def _relayout(self, k, F, ws, backward=False):
-        """``F`` between layer k-1 (the input X for k = 0) and layer k (the output for
-        k = n) in the layout of the one it goes to: itself where both keep one layout,
-        else a copy into a workspace buffer. ``backward``: a gradient, from layer k's
-        layout to layer k-1's."""
-        layers = self._engine_layers()
-        before = layers[k - 1].channels_last if k > 0 else False
-        after = layers[k].channels_last if k < len(layers) else False
+    @staticmethod
+    def _relayout(layers, k, F, ws, backward=False):
+        """``F`` between the engine forms ``layers[k-1]`` (the input X for k = 0) and
+        ``layers[k]`` (the output for k = n) in the layout of the one it goes to: itself
+        where both keep one layout, else a copy into a workspace buffer. ``backward``: a
+        gradient, from layer k's layout to layer k-1's."""
+        before = layers[k - 1].gives_channels_last if k > 0 else False
+        after = layers[k].takes_channels_last if k < len(layers) else False
         if before == after:
             return F
         if backward:
@@ -442,13 +451,15 @@ class Network(ForwardBackward):
             ws.give(s.D)
             s.D = None
 
-    def _backprop(self, X, Y, sink: Sink, scale: float, want_dx: bool, loss_out=None):
+    def _backprop(self, X, Y, sink: Sink, scale: float, want_dx: bool, loss_out=None,
+                  forms_batch=None):
         """Forward, output delta, then the backward loop handing each layer's factors
         ``(T_rows, rows(F_{k-1}))`` to ``sink``. Returns ``(loss, dJ/dX or None)``; the
-        loss into ``loss_out`` (a captured step's own buffer) if given."""
+        loss into ``loss_out`` (a captured step's own buffer) if given. ``forms_batch``:
+        see :meth:`_engine_layers`."""
         ws = self.training_workspace
         B = X.shape[0]
-        F_out, saved = self._forward(X, ws, keep=True)
+        F_out, saved = self._forward(X, ws, keep=True, forms_batch=forms_batch)
         delta = ws.take(F_out.shape)
         flat = (B, -1)  # the loss sees each sample's output flattened
         scratch = ws.take(ops.loss_scratch_shape(self.loss, (B, F_out[0].size)))
@@ -457,19 +468,20 @@ class Network(ForwardBackward):
                               scratch, out=ws.loss() if loss_out is None else loss_out,
                               ones=ws.ones(ops.loss_terms(self.loss, scratch).size))
         ws.give(scratch)
-        return J, self._backward(X, F_out, saved, delta, sink, want_dx)
+        return J, self._backward(X, F_out, saved, delta, sink, want_dx, forms_batch)
 
-    def _backward(self, X, F_out, saved, delta, sink: Sink, want_dx: bool):
+    def _backward(self, X, F_out, saved, delta, sink: Sink, want_dx: bool,
+                  forms_batch=None):
         """The backward loop from ``delta = dJ/dF_n`` (a workspace buffer): each layer's
         factors ``(T_rows, rows(F_{k-1}))`` go to ``sink``; every buffer of the forward
         pass goes back to the workspace. Returns dJ/dX (or None)."""
         ws, xp = self.training_workspace, self.xp
-        layers = self._engine_layers()
         B, n = X.shape[0], len(self.layers)
+        layers = self._engine_layers(B, forms_batch)
         shapes = self.inputs.shapes(X.shape[1:])
         if F_out is not saved[n - 1].F:
             ws.give(F_out)  # recompute's transient output, or the torch-layout copy
-        delta_n = self._relayout(n, delta, ws, backward=True)
+        delta_n = self._relayout(layers, n, delta, ws, backward=True)
         if delta_n is not delta:
             ws.give(delta)
             delta = delta_n
@@ -490,14 +502,16 @@ class Network(ForwardBackward):
             if k > 0 or want_dx:
                 grad_input = dX if k == 0 else ws.take((B, *layer.engine_shape(shapes[k][0])))
                 form.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it
-                relaid = self._relayout(k, grad_input, ws, backward=True) if k > 0 else grad_input
+                relaid = (self._relayout(layers, k, grad_input, ws, backward=True) if k > 0
+                          else grad_input)
                 if relaid is not grad_input:
                     ws.give(grad_input)
                     grad_input = relaid
             if k > 0:
                 self._activation_backward(k - 1, saved, grad_input, ws)
             F_prev = saved[k - 1].F if k > 0 else X
-            F_in = self._relayout(k, F_prev, ws) if k > 0 else X  # made again: cheaper than kept
+            # made again: cheaper than kept
+            F_in = self._relayout(layers, k, F_prev, ws) if k > 0 else X
             X_rows = form.rows(F_in, ws)
             sink(k, T_rows, X_rows, ws.ones(T_rows.shape[0]))
             factors = (form, T_rows, X_rows, F_prev if k > 0 else None,

@@ -39,12 +39,15 @@ def dense_net():
 
 
 def conv_net():
+    # 3 outputs: on 3 ranks the shares 3, 3, 2 of a batch of 8 lie on both sides of its
+    # d_out, where one process would run the Dense in two forms (layers.engine_forms):
+    # a data-parallel step runs one on every rank, so gathered factors share one layout
     return gpu_mlp.Network([Conv2d(2, 3, 3, padding=1, activation="tanh"),
-                            Dense(3 * 5 * 5, 4, "identity")],
+                            Dense(3 * 5 * 5, 3, "identity")],
                            loss="softmax_cross_entropy", device="cpu", dtype="float64", seed=4)
 
 
-NETS = {"dense": (dense_net, (5,), 3), "conv": (conv_net, (2, 5, 5), 4)}
+NETS = {"dense": (dense_net, (5,), 3), "conv": (conv_net, (2, 5, 5), 3)}
 RULES = {
     "sgd": lambda: 0.2,
     "sgd-decay": lambda: optim.SGD(0.2, weight_decay=0.05),  # Apply's keep factor

@@ -24,7 +24,7 @@ import pytest
 
 import cuda_host
 from gpu_mlp import conv, cuda
-from gpu_mlp.layers import Conv2d
+from gpu_mlp.layers import ChannelsLastDense, Conv2d
 
 torch = pytest.importorskip("torch")
 
@@ -434,9 +434,25 @@ def test_the_engine_keeps_the_maps_nhwc_between_convolutions():
     X = np.random.default_rng(10).standard_normal((4, 2, 6, 4))
     net.train_step(X, np.zeros((4, 2)), 0.1)
     shapes = {key[0] for key in net.training_workspace._free}
-    # each map as (H, W, C); NCHW only where X enters (X itself) and the Dense takes them
-    assert {(6, 4, 3), (6, 4, 4), (3, 2, 5), (5, 3, 2)} <= shapes
-    assert not {(3, 6, 4), (4, 6, 4)} & shapes  # no NCHW copy of a hidden map
+    # each map as (H, W, C); NCHW only where X enters (X itself); the Dense (d_out 2 <=
+    # the batch) reads the last maps NHWC, against W in their (h, w, c) order
+    assert {(6, 4, 3), (6, 4, 4), (3, 2, 5)} <= shapes
+    assert not {(3, 6, 4), (4, 6, 4), (5, 3, 2)} & shapes  # no NCHW copy of a map
+    assert isinstance(net._engine_layers(4)[-1], ChannelsLastDense)
+
+
+def test_a_dense_wider_than_the_batch_takes_the_maps_nchw():
+    # copying W (d_out x d_in) would cost more than copying the maps (B x d_in)
+    import gpu_mlp
+    from gpu_mlp.layers import Dense
+
+    net = gpu_mlp.Network([Conv2d(2, 3, 3, stride=2), Dense(3 * 2 * 2, 6)], device="cpu",
+                          dtype="float64")
+    X = np.random.default_rng(10).standard_normal((4, 2, 6, 5))
+    net.train_step(X, np.zeros((4, 6)), 0.1)
+    assert (3, 2, 2) in {key[0] for key in net.training_workspace._free}  # NCHW maps
+    assert net._engine_layers(4)[-1] is net.layers[-1]
+    assert isinstance(net._engine_layers(6)[-1], ChannelsLastDense)
 
 
 def test_a_1x1_convolution_has_no_column_buffer_and_to_rows_is_a_view():
@@ -456,7 +472,9 @@ def test_a_1x1_convolution_has_no_column_buffer_and_to_rows_is_a_view():
      (2, 8, 13)),                                                           # tiles, remainders
 ], ids=["1x1", "stride-is-kernel"])
 @pytest.mark.parametrize("memory", ["output", "recompute", "store_both"])
-def test_column_free_convolutions_against_torch(layers, shape, memory):
+@pytest.mark.parametrize("batch", [2, 5], ids=["maps-nchw", "w-in-maps-order"])
+def test_column_free_convolutions_against_torch(layers, shape, memory, batch):
+    # the Dense head (d_out 3) takes the maps NCHW below batch 3, NHWC from there on
     import gpu_mlp
     from gpu_mlp.layers import Dense
 
@@ -468,7 +486,7 @@ def test_column_free_convolutions_against_torch(layers, shape, memory):
     params = [(rng.standard_normal(layer.weight_shape), rng.standard_normal(layer.bias_shape))
               for layer in layers]
     net = gpu_mlp.Network.from_params(layers, params, memory=memory, device="cpu")
-    X, Y = rng.standard_normal((3, *shape)), rng.standard_normal((3, 3))
+    X, Y = rng.standard_normal((batch, *shape)), rng.standard_normal((batch, 3))
     J, grads, dX = net.loss_and_gradients(X, Y)
 
     F = torch.tensor(X, requires_grad=True)
