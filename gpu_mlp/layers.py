@@ -249,17 +249,7 @@ class Conv2d(Layer):
         return (self.c_out, self.c_in, *self.kernel_size)
 
     def output_shape(self, input_shape: tuple) -> tuple:
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or input_shape[0] != self.c_in:
-            raise ValueError(f"{self}: takes (batch, {self.c_in}, height, width) images, but "
-                             f"its input has per-sample shape {input_shape}")
-        out = tuple(conv_output_size(n, k, s, p) for n, k, s, p in
-                    zip(input_shape[1:], self.kernel_size, self.stride, self.padding))
-        if min(out) < 1:
-            padded = tuple(n + 2 * p for n, p in zip(input_shape[1:], self.padding))
-            raise ValueError(f"{self}: the kernel {self.kernel_size} is larger than the "
-                             f"padded input {padded}")
-        return (self.c_out, *out)
+        return _conv_output_shape(self, tuple(input_shape))  # asked for a dozen times a step
 
     def positions(self, input_shape: tuple) -> int:
         _, h, w = self.output_shape(input_shape)
@@ -312,6 +302,22 @@ class Conv2d(Layer):
         return (f"Conv2d({self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 f"activation={str(self.activation)!r})")
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_output_shape(conv: Conv2d, input_shape: tuple) -> tuple:
+    """:meth:`Conv2d.output_shape`, kept per layer and input shape (a ValueError is not
+    kept: it is raised again on each call)."""
+    if len(input_shape) != 3 or input_shape[0] != conv.c_in:
+        raise ValueError(f"{conv}: takes (batch, {conv.c_in}, height, width) images, but "
+                         f"its input has per-sample shape {input_shape}")
+    out = tuple(conv_output_size(int(n), k, s, p) for n, k, s, p in
+                zip(input_shape[1:], conv.kernel_size, conv.stride, conv.padding))
+    if min(out) < 1:
+        padded = tuple(int(n) + 2 * p for n, p in zip(input_shape[1:], conv.padding))
+        raise ValueError(f"{conv}: the kernel {conv.kernel_size} is larger than the "
+                         f"padded input {padded}")
+    return (conv.c_out, *out)
 
 
 class _TakesMapsNHWC(Layer):
