@@ -662,7 +662,8 @@ def _torch_graph_case(task, params, X, Y) -> Case:
 def _gemm_case(task, params, X) -> Case:
     """Layer k's three GEMMs on its rows (M_k, K_k) and weights (d_k, K_k), as the
     engine calls them; a layer's rows are the previous layer's output where that is a
-    reshape (Dense after Dense), else finite stand-ins (im2col's rows)."""
+    reshape (Dense after Dense), else finite stand-ins (im2col's rows; on the CPU an
+    entrance convolution's transposed, as gpu_mlp.layers.EntranceConv builds them)."""
     _, xp = _device.resolve(task.device)
     rng = np.random.default_rng(2)
     shapes = task.point.gemm_shapes()
@@ -675,7 +676,11 @@ def _gemm_case(task, params, X) -> Case:
     outs = [xp.empty((m, d), dtype=X.dtype) for m, _, d in shapes]
     rows, previous = [], xp.array(X)
     for m, k, _ in shapes:
-        rows.append(previous.reshape(m, k) if previous.size == m * k else stand_in((m, k)))
+        if not rows and isinstance(task.point, ConvPoint) and xp is np:
+            rows.append(stand_in((k, m)).T)  # F-ordered: ops.gemm flips its flag
+        else:
+            rows.append(previous.reshape(m, k) if previous.size == m * k
+                        else stand_in((m, k)))
         previous = outs[len(rows) - 1]
     deltas = [stand_in(out.shape) for out in outs]
     grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none

@@ -143,6 +143,55 @@ def col2im(cols: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray
     return out
 
 
+def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
+                      padded=None) -> np.ndarray:
+    """``out <- im2col(x)^T`` for x (B, C, H, W): the (K, B*OH*OW) C-contiguous matrix
+    whose row (c*kh + i)*kw + j holds ``x[b, c, oh*sh - ph + i, ow*sw - pw + j]`` over
+    (b, oh, ow). Each kernel offset is one copy of (C, B, OH, OW) that moves runs of OW
+    values (with stride 1), where :func:`im2col`'s rows take C*kh*kw values a pixel, a
+    value at a time: 4-6x faster for the few channels of a network's input (NumPy only).
+    A padding layer reads the offsets from ``padded`` (n, C, H + 2 ph, W + 2 pw), which
+    gets ``x`` inside a zero border, n samples at a time; without it the zeros are
+    written offset by offset."""
+    B, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    _, OH, OW = layer.output_shape((C, H, W))
+    if out.shape != (C * kh * kw, B * OH * OW) or not out.flags.c_contiguous:
+        raise ValueError(f"{layer}: the transposed column matrix must be C-contiguous of "
+                         f"shape {(C * kh * kw, B * OH * OW)}, got {tuple(out.shape)}")
+    view = out.reshape(C, kh, kw, B, OH, OW)
+    if padded is not None and (ph or pw):
+        if padded.ndim != 4 or padded.shape[1:] != (C, H + 2 * ph, W + 2 * pw):
+            raise ValueError(f"{layer}: padding needs a buffer of shape "
+                             f"(n, {C}, {H + 2 * ph}, {W + 2 * pw})")
+        n = len(padded)
+        for first in range(0, B, n):
+            samples = slice(first, first + n)
+            block = padded[:len(x[samples])]
+            block[:, :, :ph] = 0
+            block[:, :, ph + H:] = 0
+            block[:, :, ph:ph + H, :pw] = 0
+            block[:, :, ph:ph + H, pw + W:] = 0
+            block[:, :, ph:ph + H, pw:pw + W] = x[samples]
+            for i in range(kh):
+                for j in range(kw):
+                    np.copyto(view[:, i, j, samples],
+                              block[:, :, i:i + sh * (OH - 1) + 1:sh,
+                                    j:j + sw * (OW - 1) + 1:sw].transpose(1, 0, 2, 3))
+        return out
+    for i in range(kh):
+        h_lo, h_hi, ys = _window(OH, H, sh, ph, i)
+        for j in range(kw):
+            w_lo, w_hi, xs = _window(OW, W, sw, pw, j)
+            o = view[:, i, j]  # (C, B, OH, OW)
+            o[:, :, :h_lo] = 0
+            o[:, :, h_hi:] = 0
+            o[:, :, h_lo:h_hi, :w_lo] = 0
+            o[:, :, h_lo:h_hi, w_hi:] = 0
+            np.copyto(o[:, :, h_lo:h_hi, w_lo:w_hi], x[:, :, ys, xs].transpose(1, 0, 2, 3))
+    return out
+
+
 # --- channels last: the engine's layout -----------------------------------------------------
 #
 # The engine keeps a convolution's activations as NHWC (B, H, W, C), the rows of its GEMM

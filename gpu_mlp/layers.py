@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 from . import _checks, ops
+from .conv import im2col_transposed
 from . import activations as _activations
 
 
@@ -320,11 +321,8 @@ def _conv_output_shape(conv: Conv2d, input_shape: tuple) -> tuple:
     return (conv.c_out, *out)
 
 
-class _TakesMapsNHWC(Layer):
-    """An engine form of ``layer`` (:attr:`Layer.engine`) that takes its input maps
-    NHWC: the layer's shapes, the maps' per-sample shape as (H, W, C)."""
-
-    takes_channels_last = True
+class _Form(Layer):
+    """An engine form of ``layer`` (:attr:`Layer.engine`): the layer's shapes."""
 
     def __init__(self, layer: Layer):
         self.layer, self.activation = layer, layer.activation
@@ -339,11 +337,17 @@ class _TakesMapsNHWC(Layer):
     def positions(self, input_shape: tuple) -> int:
         return self.layer.positions(input_shape)
 
-    def engine_shape(self, shape: tuple) -> tuple:
-        return (*shape[1:], shape[0])
-
     def __str__(self) -> str:
         return f"{type(self).__name__}({self.layer})"
+
+
+class _TakesMapsNHWC(_Form):
+    """A form that takes its input maps NHWC: their per-sample shape as (H, W, C)."""
+
+    takes_channels_last = True
+
+    def engine_shape(self, shape: tuple) -> tuple:
+        return (*shape[1:], shape[0])
 
 
 class ChannelsLast(_TakesMapsNHWC):
@@ -481,6 +485,76 @@ def _channels_last(conv: Conv2d) -> ChannelsLast:
     return ChannelsLast(conv)
 
 
+class EntranceConv(_Form):
+    """A :class:`Conv2d` that takes the network's NCHW input, as the engine runs it on
+    NumPy: it gives NHWC maps, the rows of its GEMM (as :class:`ChannelsLast`), from
+    columns built transposed, (K, B*P) in W's own (c, i, j) order: one copy per kernel
+    offset moves runs of OW values of the NCHW input (:func:`gpu_mlp.conv.
+    im2col_transposed`), where rows of a window would take runs of C, the few channels
+    of an input: 4-6x faster, and no copy of X to NHWC or of W. ``rows(x)`` is that
+    matrix's transpose, an F-ordered (B*P, K) view, which :func:`gpu_mlp.ops.gemm` takes
+    as it is; the forward runs on blocks of whole samples (ops.conv_block). dJ/dX, NCHW,
+    is :class:`Conv2d`'s. A GPU copies X to NHWC and runs a :class:`ChannelsLast`."""
+
+    gives_channels_last = True
+
+    def __init__(self, conv: Conv2d):
+        super().__init__(conv)
+        self.conv, self.c_out = conv, conv.c_out
+
+    as_rows = staticmethod(ChannelsLast.as_rows)
+
+    def _transposed_columns(self, x, buffer):
+        """A (K, B*P) C-contiguous matrix for the columns of the NCHW ``x``, in the
+        memory of the C-contiguous ``buffer`` (a (rows, K) workspace buffer, at least
+        B*P rows: the pool's rows(x) buffers serve it, whatever the layout)."""
+        B, P, K = x.shape[0], self.conv.positions(x.shape[1:]), self.conv.fan_in
+        return buffer.reshape(-1)[:K * B * P].reshape(K, B * P)
+
+    def _fill(self, x, columns, ws) -> None:
+        """``columns <- im2col(x)^T``, through padded copies of cache-sized blocks of
+        samples of x (ops.conv_block) in a buffer from ``ws``."""
+        (ph, pw), (B, C, H, W) = self.conv.padding, x.shape
+        if not (ph or pw):
+            im2col_transposed(x, self.conv, columns)
+            return
+        P, K = columns.shape[1] // B, columns.shape[0]
+        n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
+        padded = ws.take((n, C, H + 2 * ph, W + 2 * pw))
+        im2col_transposed(x, self.conv, columns, padded)
+        ws.give(padded)
+
+    def rows(self, x, ws):
+        B, P, K = x.shape[0], self.conv.positions(x.shape[1:]), self.conv.fan_in
+        columns = self._transposed_columns(x, ws.take((B * P, K)))  # pooled with rows
+        self._fill(x, columns, ws)
+        return columns.T
+
+    def give_rows(self, rows, ws) -> None:
+        ws.give(rows)
+
+    def linear(self, x, W, ws, out=None):
+        B, (_, OH, OW) = x.shape[0], self.output_shape(x.shape[1:])
+        P, K = OH * OW, self.conv.fan_in
+        A = ws.take((B, OH, OW, self.c_out)) if out is None else out
+        A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
+        n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
+        block = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
+        for first in range(0, B, n):
+            samples = x[first:first + n]
+            columns = self._transposed_columns(samples, block)
+            self._fill(samples, columns, ws)
+            ops.gemm("T", "T", columns, W_mat, A_rows[first * P:(first + len(samples)) * P])
+        ws.give(block)
+        return A
+
+    def to_rows(self, T, ws):
+        return self.as_rows(T)
+
+    def input_grad(self, T_rows, W, ws, out) -> None:
+        self.conv.input_grad(T_rows, W, ws, out)
+
+
 class ChannelsLastDense(_TakesMapsNHWC):
     """A :class:`Dense` that takes a convolution's maps, as the engine runs it on NumPy:
     the maps stay NHWC, (B, H, W, C), and are read flattened in that (h, w, c) order
@@ -520,6 +594,11 @@ class ChannelsLastDense(_TakesMapsNHWC):
 
 
 @functools.cache
+def _entrance_conv(conv: Conv2d) -> EntranceConv:
+    return EntranceConv(conv)
+
+
+@functools.cache
 def _channels_last_dense(dense: Dense) -> ChannelsLastDense:
     return ChannelsLastDense(dense)
 
@@ -534,6 +613,8 @@ def engine_forms(layers, numpy: bool, batch: int) -> list:
     forms = []
     for layer in layers:
         form = layer.engine
+        if numpy and isinstance(layer, Conv2d) and not forms:
+            form = _entrance_conv(layer)
         if (numpy and isinstance(layer, Dense) and layer.d_out <= batch and forms
                 and forms[-1].gives_channels_last):
             form = _channels_last_dense(layer)

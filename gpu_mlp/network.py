@@ -328,9 +328,8 @@ class Network(ForwardBackward):
         squares = xp.zeros(B, dtype=self.dtype)
 
         def accumulate(k, T_rows, X_rows):
-            K = math.prod(X_rows.shape[1:])  # X_rows may be (rows, kh, kw, c_in): see ops
             squares[...] += norms.per_sample_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                     X_rows.reshape(B, -1, K))
+                                                     ops.sample_rows(X_rows, B))
 
         self._backprop(X, Y, EachLayer(accumulate), scale=1.0, want_dx=False)
         return xp.sqrt(squares)
@@ -415,13 +414,14 @@ class Network(ForwardBackward):
         or, given, for ``forms_batch`` samples. A data-parallel step on several ranks
         passes 0 (the forms of no batch, which an empty rank's factors have): every
         rank's factors are then in one layout, which ranks that all-gather them need."""
-        batch = batch if forms_batch is None else forms_batch
+        key = (batch if forms_batch is None else forms_batch,
+               ops.is_numpy(self.params[0][0]))  # (the tests' CuPy stand-in says no)
         made = getattr(self, "_engine", None)
         if made is None or made[0] is not self.layers or len(made[1]) > 16:
             made = self._engine = (self.layers, {})
-        forms = made[1].get(batch)
+        forms = made[1].get(key)
         if forms is None:
-            forms = made[1][batch] = _layers.engine_forms(self.layers, self.xp is np, batch)
+            forms = made[1][key] = _layers.engine_forms(self.layers, key[1], key[0])
         return forms
 
     @staticmethod
@@ -496,9 +496,9 @@ class Network(ForwardBackward):
         for k in reversed(range(n)):
             layer, W = layers[k], self.params[k][0]
             T_rows = layer.to_rows(delta, ws)
-            # at the entrance the layer's torch form reads X and writes dJ/dX in torch's
-            # layout itself (NCHW im2col and col2im): no copy of either
-            form = self.layers[k] if k == 0 else layer
+            # at the entrance a form that takes NHWC (a GPU's) leaves X and dJ/dX to the
+            # layer's torch form (NCHW im2col and col2im): no copy of either
+            form = self.layers[k] if k == 0 and layer.takes_channels_last else layer
             if k > 0 or want_dx:
                 grad_input = dX if k == 0 else ws.take((B, *layer.engine_shape(shapes[k][0])))
                 form.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it

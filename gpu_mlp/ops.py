@@ -1037,8 +1037,9 @@ def _empty_product(out, beta):
 
 
 def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
-    """``out <- alpha op(a) op(b) + beta out`` in place; all arrays C-contiguous. ``alpha``
-    and ``beta``: numbers, or 0-d arrays of out's dtype on out's device (on the GPU read
+    """``out <- alpha op(a) op(b) + beta out`` in place; all arrays C-contiguous (on NumPy
+    ``a`` and ``b`` may also be the transpose of one: F-contiguous). ``alpha`` and
+    ``beta``: numbers, or 0-d arrays of out's dtype on out's device (on the GPU read
     when the GEMM runs -- a captured graph's replay reads their current value)."""
     if a.shape[1 if transa == "N" else 0] == 0:  # op(a) (m, 0): e.g. an empty batch
         return _empty_product(out, beta)
@@ -1046,14 +1047,24 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
         # In Fortran order the C-ordered out is out^T = alpha op(b)^T op(a)^T + beta out^T,
         # and x.T of a C-ordered x is the Fortran array BLAS wants: no copy anywhere.
         out_f = out.T
-        result = _NUMPY_GEMM[out.dtype](alpha, b.T, a.T, beta, out_f,
-                                        trans_a=transb == "T", trans_b=transa == "T",
-                                        overwrite_c=1)
+        b_f, trans_b_f = _fortran_operand(b, transb)
+        a_f, trans_a_f = _fortran_operand(a, transa)
+        result = _NUMPY_GEMM[out.dtype](alpha, b_f, a_f, beta, out_f, trans_a=trans_b_f,
+                                        trans_b=trans_a_f, overwrite_c=1)
         if result is not out_f:  # f2py copied (a wrong dtype or layout): never expected
             raise RuntimeError("BLAS gemm did not write in place; pass C-contiguous arrays")
     else:  # cuBLAS directly (gpu_mlp/cublas.py), the same out^T as above
         cublas.gemm(transa, transb, a, b, out, alpha, beta)
     return out
+
+
+def _fortran_operand(x, trans: str):
+    """``op(x)^T`` as BLAS takes it from Fortran: ``(array, transposed?)``. A C-ordered
+    ``x`` goes as ``x.T``, a Fortran array; an F-ordered one (the transpose of a
+    C-ordered array, e.g. :class:`gpu_mlp.layers.EntranceConv`'s rows) as itself."""
+    if x.flags.c_contiguous or not x.flags.f_contiguous:
+        return x.T, trans == "T"
+    return x, trans == "N"
 
 
 def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
@@ -1076,6 +1087,16 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     if ws is not None:
         ws.give(taps)
     return G
+
+
+def sample_rows(X_rows, B: int):
+    """A layer's rows ``X_rows`` -- (B*P, K), or (B*P, kh, kw, c_in) in the windows'
+    order, or F-ordered (the transpose of a C-ordered (K, B*P): an entrance
+    convolution's on NumPy, :class:`gpu_mlp.layers.EntranceConv`) -- as (B, P, K), each
+    sample's P rows: a view, never a copy of them all."""
+    if X_rows.ndim == 2 and X_rows.flags.f_contiguous and not X_rows.flags.c_contiguous:
+        return X_rows.T.reshape(X_rows.shape[1], B, -1).transpose(1, 2, 0)
+    return X_rows.reshape(B, -1, math.prod(X_rows.shape[1:]))
 
 
 def to_weight_order(taps, G, beta=0.0) -> None:

@@ -187,7 +187,7 @@ class _Private(Stage):
             # (a convolution's rows may come in its windows' column order: the norms are
             # the same in any order, a gradient is permuted into W's -- ops.weight_gradient)
             T = T_rows.reshape(B, -1, T_rows.shape[1])
-            X = X_rows.reshape(B, -1, math.prod(X_rows.shape[1:]))
+            X = ops.sample_rows(X_rows, B)
             (P, d_out), K = T.shape[1:], X.shape[2]
             if self.takes_gradients and norms.forms_gradients(P, d_out, K):
                 G, g = ws.take((B, d_out, K)), ws.take((B, d_out))

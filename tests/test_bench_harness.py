@@ -360,8 +360,14 @@ def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point):
     calls = []
     real_gemm = ops.gemm
 
+    def as_blas_runs_it(trans, x):  # an F-ordered operand is its transpose, flipped
+        if x.flags.f_contiguous and not x.flags.c_contiguous:
+            return "T" if trans == "N" else "N", x.shape[::-1]
+        return trans, x.shape
+
     def recording_gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
-        calls.append((transa, transb, a.shape, b.shape, out.shape, beta))
+        (ta, a_shape), (tb, b_shape) = as_blas_runs_it(transa, a), as_blas_runs_it(transb, b)
+        calls.append((ta, tb, a_shape, b_shape, out.shape, beta))
         return real_gemm(transa, transb, a, b, out, alpha=alpha, beta=beta)
 
     monkeypatch.setattr(ops, "gemm", recording_gemm)

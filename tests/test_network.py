@@ -667,14 +667,15 @@ ROWS = MEM_B * MEM_P * MEM_C * ITEM          # a layer's output as rows, (B*P, c
 KEPT = {"output": MEM_CONVS * UNIT, "recompute": MEM_CONVS * UNIT + UNIT,
         "store_both": 2 * MEM_CONVS * UNIT}
 # On NumPy im2col copies each block of samples (ops.conv_block) from one padded copy of
-# it, against a copy of W in the windows' order (layers.ChannelsLast)
+# it, against a copy of W in the windows' order (layers.ChannelsLast); the entrance
+# convolution pads its NCHW blocks (layers.EntranceConv): a second padded block
 BLOCK = max(1, ops.CONV_BLOCK_BYTES // (MEM_P * MEM_K * ITEM))
 PADDED = BLOCK * (MEM_HW + 2) ** 2 * MEM_C * ITEM
 W_COPY = MEM_C * MEM_K * ITEM
 # Besides: one more activation (Delta_k beside dJ/dF_{k-1}), the column buffer, one rows
-# buffer, the padded block and W's copy, the head's few (B, d_out) buffers and the
+# buffer, the padded blocks and W's copy, the head's few (B, d_out) buffers and the
 # (B*P,) ones of the bias GEMV
-WORKING_SET = (UNIT + COLS + ROWS + PADDED + W_COPY + 4 * MEM_B * MEM_D_OUT * ITEM
+WORKING_SET = (UNIT + COLS + ROWS + 2 * PADDED + W_COPY + 4 * MEM_B * MEM_D_OUT * ITEM
                + MEM_B * MEM_P * ITEM)
 NUMPY_TEMPORARIES = 3 * ops.BLOCK_ELEMENTS * ITEM  # the NumPy twins' row blocks
 BOOKKEEPING = 16 * 1024
