@@ -684,12 +684,24 @@ def _gemm_case(task, params, X) -> Case:
         previous = outs[len(rows) - 1]
     deltas = [stand_in(out.shape) for out in outs]
     grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none
+    # on the CPU a stride-1 convolution's input gradient is a convolution itself: rows of
+    # its T (kh kw d_out columns) against W flipped, into the input's rows
+    adjoints = {}
+    for k, layer in enumerate(task.point.layers()):
+        adjoint = getattr(layer.engine, "adjoint", None)
+        if k > 0 and adjoint is not None and xp is np:
+            m, _, _ = shapes[k]
+            K = adjoint.fan_in
+            adjoints[k] = (stand_in((m, K)), stand_in((adjoint.c_out, K)),
+                           xp.empty((m, adjoint.c_out), dtype=X.dtype))
 
     def step():
         for k, Wk in enumerate(W):
             ops.gemm("N", "T", rows[k], Wk, outs[k])
         for k in reversed(range(len(W))):
-            if k > 0:
+            if k in adjoints:
+                ops.gemm("N", "T", *adjoints[k])
+            elif k > 0:
                 ops.gemm("N", "N", deltas[k], W[k], grads[k])
             ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
 

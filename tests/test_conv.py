@@ -540,3 +540,41 @@ def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta
     conv.im2col(nchw, Conv2d(c_in, c_out, (kh, kw), padding=1), cols)  # W's order
     np.testing.assert_array_equal(
         np.ascontiguousarray(X_rows.transpose(0, 3, 1, 2)).reshape(len(cols), -1), cols)
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, padding, hw", [
+    (3, 5, 3, 1, (7, 6)), (4, 2, (3, 2), (0, 1), (6, 5)), (2, 3, 3, 2, (5, 5)),
+    (3, 4, (2, 3), (1, 2), (6, 7))])
+def test_a_stride_1_input_gradient_is_the_flipped_convolution_of_t(c_in, c_out, kernel,
+                                                                   padding, hw):
+    # on NumPy C^dagger of a stride-1 convolution runs as a convolution of T padded by
+    # k - 1 - p against W flipped (layers.ChannelsLast.adjoint), not as col2im
+    from gpu_mlp.workspace import Workspace
+
+    layer = Conv2d(c_in, c_out, kernel, padding=padding)
+    engine = layer.engine
+    assert engine.adjoint is not None
+    assert engine.adjoint.padding == tuple(k - 1 - p for k, p in
+                                          zip(layer.kernel_size, layer.padding))
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, c_in, *hw))
+    W = rng.standard_normal(layer.weight_shape)
+    _, OH, OW = layer.output_shape(x.shape[1:])
+    T = rng.standard_normal((4, c_out, OH, OW))
+    F = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.conv2d(F, torch.tensor(W), padding=layer.padding).backward(
+        torch.tensor(T))
+    ws = Workspace(np, np.float64)
+    out = np.full((4, *hw, c_in), np.nan)
+    engine.input_grad(np.ascontiguousarray(T.transpose(0, 2, 3, 1)).reshape(-1, c_out), W,
+                      ws, out)
+    np.testing.assert_allclose(out, F.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12,
+                               atol=1e-12)
+    assert ws.in_use_bytes == 0
+
+
+def test_only_stride_1_convolutions_with_padding_below_the_kernel_have_an_adjoint():
+    assert Conv2d(2, 3, 3, stride=2, padding=1).engine.adjoint is None
+    assert Conv2d(2, 3, 3, padding=3).engine.adjoint is None  # p > k - 1: a cropping
+    assert Conv2d(2, 3, 1).engine.adjoint is None  # 1x1: one GEMM, no columns at all
+    assert Conv2d(2, 3, 2, padding=(1, 0)).engine.adjoint.padding == (0, 1)
