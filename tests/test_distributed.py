@@ -12,6 +12,7 @@ the bytes of the cost model; faults end the job instead of hanging it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -426,17 +427,22 @@ def test_mpirun_cli_stopped_by_a_signal_ends_without_a_traceback(tmp_path, sig):
     assert job.returncode != 0
     assert "Traceback" not in err, err
     # a rank killed by the abort may leave its lock file, which blocks nothing once that
-    # process is gone (mpirun may return while it is still being reaped)
-    assert set(os.listdir(tmp_path)) - {".run.npz.lock"} == {"run.npz"}
+    # process is gone (mpirun may return while it is still being reaped), and, killed
+    # mid-save, its temporary (.run.npz.PID.RANDOM.tmp), which the next save removes
+    left = set(os.listdir(tmp_path)) - {"run.npz", ".run.npz.lock"}
+    assert all(re.fullmatch(r"\.run\.npz\.\d+\.[0-9a-f]+\.tmp", f) for f in left), left
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:
             with gpu_mlp.checkpoint.hold(str(path)):
-                assert gpu_mlp.checkpoint.read(str(path)).history.epochs >= 1
+                saved = gpu_mlp.checkpoint.read(str(path))
+                assert saved.history.epochs >= 1
+                gpu_mlp.checkpoint.save(saved.net, str(path), history=saved.history)
             break
         except gpu_mlp.checkpoint.CheckpointInUse:
             assert time.monotonic() < deadline, f"the lock outlived the job by {TIMEOUT} s"
             time.sleep(0.05)
+    assert os.listdir(tmp_path) == ["run.npz"]
 
 
 def test_comm_path_needs_a_launcher():
