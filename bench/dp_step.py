@@ -37,9 +37,9 @@ steadier). The median over all rounds is reported, with the quartiles.
 Threads: ``--threads`` sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and
 ``MKL_NUM_THREADS`` before NumPy, SciPy and PyTorch load (the BLAS behind gpu_mlp's CPU
 GEMMs) and ``torch.set_num_threads`` to the same number; threadpoolctl's view of the
-pools is recorded where it is installed. gpu_mlp's CPU noise runs on its own thread pool
-(``gpu_mlp.ops.NOISE_THREADS``, at most the CPU count), which ``--threads`` does not set;
-the JSON records its size.
+pools is recorded where it is installed. gpu_mlp's CPU noise runs on
+``gpu_mlp.ops.NOISE_THREADS`` threads of its own (at most the CPU count; one by default),
+which ``--threads`` does not set; the JSON records the number.
 
 ``--breakdown`` also times, over further interleaved steps of gpu_mlp's three steps,
 where each step's time goes: the per-sample squared norms

@@ -745,8 +745,8 @@ def add_gaussian(w, scale, seed, stream, step):
     Philox4x32-10 keyed by the seed, counter (element / 4, stream, step), curand's
     Box-Muller in double from IEEE basic operations alone), no buffer. On NumPy the very
     same computation, operation for operation, vectorised over blocks of NOISE_BLOCK
-    elements (whole Philox blocks) spread over a few threads (ufuncs release the GIL),
-    in buffers kept per thread: the same arguments give the same bits on both backends,
+    elements (whole Philox blocks), on NOISE_THREADS threads (ufuncs release the GIL;
+    one by default), in buffers kept per thread: the same arguments give the same bits on both backends,
     in float32 and float64 (docs/MATH.md, "DP-SGD", its paragraph on the noise).
 
     On CuPy ``scale`` may be a one-element device array and ``step`` an int64 one
@@ -779,17 +779,20 @@ def add_gaussian(w, scale, seed, stream, step):
     def add(first):
         _add_normal_block(flat[first:first + block], t(scale), seed, first, stream, step,
                           block)
-    if len(blocks) > 1:
+    if len(blocks) > 1 and NOISE_THREADS > 1:
         list(_noise_threads().map(add, blocks))
     else:
-        add(0)
+        for first in blocks:
+            add(first)
 
 
 # The CPU's noise: elements per block (rounded down to whole Philox blocks of 4) and
 # threads. Neither changes the numbers: element i's normal is a function of (seed,
-# stream, step, i) alone.
+# stream, step, i) alone. One thread by default, measured: on 2 cores a pool of 2 made
+# a DP step 9-13% slower (the ufunc calls on blocks of this size contend for the GIL;
+# blocks of 2^17 would gain 1.45x from 2 threads, for 4x the scratch a thread).
 NOISE_BLOCK = 1 << 15
-NOISE_THREADS = 4
+NOISE_THREADS = 1
 
 
 @functools.cache
