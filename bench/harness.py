@@ -82,6 +82,8 @@ import numpy as np
 import gpu_mlp
 from gpu_mlp import device as _device
 from gpu_mlp import ops
+from gpu_mlp.conv import adjoint_phases
+from gpu_mlp.layers import Conv2d
 
 SCHEMA = "gpu_mlp-bench/1"  # records without "model" and "input" are "mlp" ones
 IMPLS = ("gpu_mlp", "torch", "torch.compile", "torch.graph", "gemm")
@@ -684,24 +686,28 @@ def _gemm_case(task, params, X) -> Case:
         previous = outs[len(rows) - 1]
     deltas = [stand_in(out.shape) for out in outs]
     grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none
-    # on the CPU a stride-1 convolution's input gradient is a convolution itself: rows of
-    # its T (kh kw d_out columns) against W flipped, into the input's rows
-    adjoints = {}
+    # on the CPU a convolution's input gradient may run phase by phase (conv.
+    # adjoint_phases, where layers.ChannelsLast.phased_input_grad says): per phase, rows
+    # of T (its taps times d_out columns) against its taps of W flipped
+    phased, shape = {}, task.point.input_shape
     for k, layer in enumerate(task.point.layers()):
-        adjoint = getattr(layer.engine, "adjoint", None)
-        if k > 0 and adjoint is not None and xp is np:
-            m, _, _ = shapes[k]
-            K = adjoint.fan_in
-            adjoints[k] = (stand_in((m, K)), stand_in((adjoint.c_out, K)),
-                           xp.empty((m, adjoint.c_out), dtype=X.dtype))
+        if k > 0 and isinstance(layer, Conv2d) and layer.engine.phased_input_grad and xp is np:
+            rows_h, rows_w, _ = adjoint_phases(layer, shape)
+            B, c_in = task.point.batch, layer.c_in
+            phased[k] = [(stand_in((B * r.count * c.count, r.taps * c.taps * layer.c_out)),
+                          stand_in((c_in, r.taps * c.taps * layer.c_out)),
+                          xp.empty((B * r.count * c.count, c_in), dtype=X.dtype))
+                         for r in rows_h for c in rows_w if r.count and c.count and r.taps
+                         and c.taps]
+        shape = layer.output_shape(shape)
 
     def step():
         for k, Wk in enumerate(W):
             ops.gemm("N", "T", rows[k], Wk, outs[k])
         for k in reversed(range(len(W))):
-            if k in adjoints:
-                ops.gemm("N", "T", *adjoints[k])
-            elif k > 0:
+            for phase in phased.get(k, ()):
+                ops.gemm("N", "T", *phase)
+            if k > 0 and k not in phased:
                 ops.gemm("N", "N", deltas[k], W[k], grads[k])
             ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
 

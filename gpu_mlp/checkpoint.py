@@ -173,9 +173,8 @@ def save(net, path, history: Optional[History] = None,
     _remove_stale_temporaries(directory, name)
     # the writer's pid in the name tells a later save whether the file is still in use
     temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    f = open(temp, "xb")
-    try:
-        with f:
+    try:  # opened inside: an interrupt right after the open leaves no temporary either
+        with open(temp, "xb") as f:
             _write(f, arrays)
         if mode is not None:
             os.chmod(temp, mode)

@@ -33,7 +33,7 @@ array([[1., 2., 1.],
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -141,6 +141,50 @@ def col2im(cols: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray
             part = view[:, h_lo:h_hi, w_lo:w_hi, :, i, j].transpose(0, 3, 1, 2)
             out[:, :, ys, xs] += part
     return out
+
+
+class AdjointPhase(NamedTuple):
+    """One phase of :func:`adjoint_phases` along one axis: the input indices ``first,
+    first + stride, ...`` (``count`` of them) get the kernel offsets ``taps`` (``taps``
+    many, ``offset, offset + stride, ...``) from ``T``'s windows that start at ``start``
+    in T padded by the axis's ``pad_low``."""
+
+    first: int
+    count: int
+    offset: int
+    taps: int
+    start: int
+
+
+def _adjoint_axis(size: int, kernel: int, stride: int, pad: int):
+    """Along one axis of an input of ``size``: the phases (:class:`AdjointPhase`) and
+    T's padding (low, high) that their windows need."""
+    n_out = (size + 2 * pad - kernel) // stride + 1
+    phases = []
+    for a in range(stride):  # the inputs h with h + pad = a (mod stride)
+        taps = len(range(a, kernel, stride))
+        u_lo, u_hi = -((a - pad) // stride), -((a - pad - size) // stride)  # ceilings
+        phases.append((a, taps, u_lo, max(0, u_hi - u_lo)))
+    low = max([taps - 1 - u_lo for _, taps, u_lo, _ in phases] + [0])
+    high = max([u_lo + count - n_out for _, _, u_lo, count in phases] + [0])
+    return [AdjointPhase(u_lo * stride + a - pad, count, a, taps, u_lo - taps + 1 + low)
+            for a, taps, u_lo, count in phases], (low, high)
+
+
+def adjoint_phases(layer: ConvGeometry, input_shape: tuple):
+    """``C^dagger`` of ``layer``, the adjoint of its strided correlation, as stride-1
+    correlations of T: the input pixel (h, w) gets from T's positions (oh, ow) with oh
+    stride - ph + i = h only the kernel offsets i of one class mod the stride, so the
+    pixels of one phase (h + ph mod sh, w + pw mod sw) are a stride-1 correlation of T,
+    padded, with the sub-kernel ``W[:, :, a::sh, b::sw]`` flipped -- im2col of T and a
+    GEMM, where col2im adds kh*kw strided views. Returns ``(phases_h, phases_w, pads)``:
+    the phases along each axis (:class:`AdjointPhase`) and T's padding ((low, high) per
+    axis). Every input pixel is in exactly one pair of phases."""
+    _, H, W = input_shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    rows, pad_h = _adjoint_axis(H, kh, sh, ph)
+    columns, pad_w = _adjoint_axis(W, kw, sw, pw)
+    return rows, columns, (pad_h, pad_w)
 
 
 def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,

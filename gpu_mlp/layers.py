@@ -16,9 +16,10 @@ arrays in torch's layouts, ``(B, d)`` or NCHW. The engine (:mod:`gpu_mlp.network
 one loop over the same methods of each layer's *engine form* (:attr:`Layer.engine`): a
 Dense is its own; a Conv2d's is :class:`ChannelsLast`, which keeps the maps NHWC, the
 rows ``(B*H*W, c)`` of its GEMM, so that no layout copy runs between convolutions (the
-engine copies where torch's layout meets the channels-last one: :attr:`Layer.takes_channels_last`,
-:attr:`Layer.gives_channels_last`; on NumPy a Dense after a convolution takes the maps
-NHWC itself, :class:`ChannelsLastDense`).
+engine copies where torch's layout meets the channels-last one:
+:attr:`Layer.takes_channels_last`, :attr:`Layer.gives_channels_last`; on NumPy the first
+convolution takes NCHW itself, :class:`EntranceConv`, and a Dense after a convolution
+NHWC, :class:`ChannelsLastDense`).
 The weight and bias gradients are left to the engine's *sink*, which receives
 ``(T_rows, rows(x))`` -- the same factors from either form.
 
@@ -36,9 +37,11 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _checks, ops
-from .conv import im2col_transposed
 from . import activations as _activations
+from .conv import adjoint_phases, im2col_transposed
 
 
 def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
@@ -365,7 +368,9 @@ class ChannelsLast(_TakesMapsNHWC):
     (:func:`gpu_mlp.ops.weight_gradient`). On a GPU a thread gathers one value, in any
     order at the same cost, so there the columns keep ``W``'s order and ``rows(x)`` is
     (rows, K). ``C^dagger`` reads the windows in their NHWC order on both: col2im then
-    adds contiguous runs. On NumPy im2col and col2im run on blocks of whole samples
+    adds contiguous runs; on NumPy, where c_out <= c_in, it runs instead as the stride-1
+    correlations of T it is, one per phase of the input's pixels, with no col2im
+    (``phased_input_grad``). On NumPy im2col and col2im run on blocks of whole samples
     (ops.conv_block), which stay in cache. A 1x1 convolution with stride 1 and no padding
     has no column buffer: ``rows(x)`` is ``x``; windows that tile the image (stride =
     kernel, no padding) are one copy each way.
@@ -378,14 +383,11 @@ class ChannelsLast(_TakesMapsNHWC):
         self.conv, self.c_in, self.c_out = conv, conv.c_in, conv.c_out
         self._direct = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                         and conv.padding == (0, 0))
-        # C^dagger of a stride-1 convolution is itself one, ``adjoint``: of T padded by
-        # k - 1 - p, against W flipped with its channels swapped (or None; NumPy runs it:
-        # :meth:`_input_grad_as_conv`)
-        (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-        self.adjoint = (Conv2d(conv.c_out, conv.c_in, conv.kernel_size,
-                                padding=(kh - 1 - ph, kw - 1 - pw), activation="identity")
-                         if conv.stride == (1, 1) and ph < kh and pw < kw
-                         and not self._direct else None)
+        # on NumPy C^dagger runs phase by phase (:meth:`_input_grad_by_phases`), whose
+        # columns are T's, c_out wide, where col2im adds columns c_in wide 3-5x slower an
+        # element: measured 0.46-0.71x col2im's time at c_out <= c_in, 1.02-1.19x at
+        # c_out = 2 c_in
+        self.phased_input_grad = not self._direct and conv.c_out <= conv.c_in
 
     @staticmethod
     def as_rows(a):
@@ -474,8 +476,8 @@ class ChannelsLast(_TakesMapsNHWC):
         if self._direct:
             ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
             return
-        if self.adjoint is not None and ops.is_numpy(out):
-            self._input_grad_as_conv(T_rows, W, ws, out)
+        if self.phased_input_grad and ops.is_numpy(out):
+            self._input_grad_by_phases(T_rows, W, ws, out)
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
@@ -490,29 +492,66 @@ class ChannelsLast(_TakesMapsNHWC):
             ops.col2im_nhwc(self.conv, block, out[samples])
         ws.give(dcols, Wt)
 
-    def _input_grad_as_conv(self, T_rows, W, ws, out) -> None:
-        """``out <- C^dagger(T, W)`` of a stride-1 convolution, as the convolution it is
-        (``self.adjoint``): rows of T in the windows' order, one copy from a padded
-        block, against W flipped, (c_in, kh, kw, c_out), one GEMM a block of samples --
-        3-5x faster on NumPy than col2im's kh*kw strided adds. (The sums run in another
-        order than the GPU's col2im: the same numbers to rounding.)"""
-        adjoint, (kh, kw) = self.adjoint, self.conv.kernel_size
+    def _input_grad_by_phases(self, T_rows, W, ws, out) -> None:
+        """``out <- C^dagger(T, W)`` on NumPy, one phase of the input's pixels at a time
+        (:func:`gpu_mlp.conv.adjoint_phases`): rows of T in the windows' order, one copy
+        from a padded block, against the phase's taps of W flipped, (c_in, taps, c_out),
+        one GEMM -- where col2im's kh*kw strided adds took 3-5x as long. A stride-1
+        convolution is one phase, whose GEMM writes out's rows; a strided one's phases
+        are copied into their pixels. (The sums run in another order than the GPU's
+        col2im: the same numbers to rounding.)"""
         B, H, Wd, _ = out.shape
-        _, OH, OW = self.output_shape((self.c_in, H, Wd))
-        T = T_rows.reshape(B, OH, OW, self.c_out)
-        P, K = H * Wd, adjoint.fan_in
+        (sh, sw), C, c_in = self.conv.stride, self.c_out, self.c_in
+        _, OH, OW = self.output_shape((c_in, H, Wd))
+        T = T_rows.reshape(B, OH, OW, C)
+        rows, columns, ((lh, hh), (lw, hw)) = adjoint_phases(self.conv, (c_in, H, Wd))
+        phases = [(r, c) for r in rows for c in columns if r.count and c.count]
+        whole = len(phases) == 1  # stride 1: every pixel
+        # the phases' taps of W flipped, (c_in, taps, c_out) each, in one buffer of W's size
+        # (the forward's copy of W, free by now)
+        flipped = ws.take((C, *self.conv.kernel_size, c_in))
+        weights, at = [], 0
+        for r, c in phases:
+            size = c_in * r.taps * c.taps * C
+            Wp = flipped.reshape(-1)[at:at + size].reshape(c_in, r.taps, c.taps, C)
+            taps = W[:, :, r.offset::sh, c.offset::sw][:, :, ::-1, ::-1]
+            Wp[...] = taps.transpose(1, 2, 3, 0)
+            weights.append(Wp.reshape(c_in, -1))
+            at += size
+        P = max(r.count * c.count for r, c in phases)
+        K = max(r.taps * c.taps for r, c in phases) * C
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        cols = ws.take((n * P, K))  # pooled with rows(x) where c_out = c_in
-        flipped = ws.take((self.c_in, kh, kw, self.c_out))
-        flipped[...] = W.transpose(1, 2, 3, 0)[:, ::-1, ::-1]
-        (qh, qw), out_rows = adjoint.padding, out.reshape(-1, self.c_in)
-        padded = ws.take((n, OH + 2 * qh, OW + 2 * qw, self.c_out)) if qh or qw else None
-        for samples, rows in self._blocks(B, n, P):
-            block = cols[:rows.stop - rows.start]
-            ops.im2col_nhwc(adjoint, T[samples], block, taps_first=True,
-                            padded=None if padded is None else padded[:len(block) // P])
-            ops.gemm("N", "T", block, flipped.reshape(self.c_in, -1), out_rows[rows])
-        ws.give(*(b for b in (cols, flipped, padded) if b is not None))
+        cols = ws.take((n * P, K))  # pooled with rows(x) where their K is one
+        result = None if whole else ws.take((n * P, c_in))
+        padded = ws.take((n, OH + lh + hh, OW + lw + hw, C))
+        for first in range(0, B, n):
+            m = min(n, B - first)
+            block = padded[:m]
+            block[:, :lh] = 0
+            block[:, lh + OH:] = 0
+            block[:, lh:lh + OH, :lw] = 0
+            block[:, lh:lh + OH, lw + OW:] = 0
+            block[:, lh:lh + OH, lw:lw + OW] = T[first:first + m]
+            s = block.strides
+            for (r, c), Wp in zip(phases, weights):
+                pixels = out[first:first + m, r.first::sh, c.first::sw]
+                pixels = pixels[:, :r.count, :c.count]
+                if not Wp.size:  # no kernel offset reaches these pixels
+                    pixels[...] = 0
+                    continue
+                n_rows = m * r.count * c.count
+                phase_cols = cols.reshape(-1)[:n_rows * Wp.shape[1]].reshape(n_rows, -1)
+                windows = np.lib.stride_tricks.as_strided(
+                    block[:, r.start:, c.start:], (m, r.count, c.count, r.taps, c.taps, C),
+                    (s[0], s[1], s[2], s[1], s[2], s[3]), writeable=False)
+                np.copyto(phase_cols.reshape(windows.shape), windows)
+                if whole:
+                    ops.gemm("N", "T", phase_cols, Wp,
+                             out[first:first + m].reshape(-1, c_in))
+                else:
+                    ops.gemm("N", "T", phase_cols, Wp, result[:n_rows])
+                    pixels[...] = result[:n_rows].reshape(pixels.shape)
+        ws.give(*(b for b in (flipped, cols, result, padded) if b is not None))
 
 
 @functools.cache

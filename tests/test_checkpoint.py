@@ -169,8 +169,18 @@ def failing(error):
     return fail
 
 
+def open_then_interrupt(path, mode="r", *args, **kwargs):
+    """``open``, then the interrupt of a signal that lands as it returns (SIGTERM as the
+    CLI turns it into a KeyboardInterrupt): the file exists, the caller never gets it."""
+    if str(path).endswith(".tmp"):
+        open(path, mode, *args, **kwargs).close()
+        raise KeyboardInterrupt
+    return open(path, mode, *args, **kwargs)
+
+
 @pytest.mark.parametrize("target, replacement, error", [
     ("_write", half_write_then_interrupt, KeyboardInterrupt),
+    ("open", open_then_interrupt, KeyboardInterrupt),
     ("os.fsync", failing(OSError("disk full")), OSError),
     ("os.replace", failing(OSError("rename failed")), OSError),
 ])
@@ -178,8 +188,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, t
                                                         replacement, error):
     old = small_net(seed=1)
     old.save(tmp_path / "run.npz")
-    if target == "_write":
-        monkeypatch.setattr(checkpoint, "_write", replacement)
+    if target in ("_write", "open"):  # checkpoint's own name (open: the builtin it sees)
+        monkeypatch.setattr(checkpoint, target, replacement, raising=False)
     else:
         monkeypatch.setattr(target, replacement)
     with pytest.raises(error):

@@ -542,39 +542,59 @@ def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta
         np.ascontiguousarray(X_rows.transpose(0, 3, 1, 2)).reshape(len(cols), -1), cols)
 
 
-@pytest.mark.parametrize("c_in, c_out, kernel, padding, hw", [
-    (3, 5, 3, 1, (7, 6)), (4, 2, (3, 2), (0, 1), (6, 5)), (2, 3, 3, 2, (5, 5)),
-    (3, 4, (2, 3), (1, 2), (6, 7))])
-def test_a_stride_1_input_gradient_is_the_flipped_convolution_of_t(c_in, c_out, kernel,
-                                                                   padding, hw):
-    # on NumPy C^dagger of a stride-1 convolution runs as a convolution of T padded by
-    # k - 1 - p against W flipped (layers.ChannelsLast.adjoint), not as col2im
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, hw", [
+    (5, 3, 3, 1, 1, (7, 6)), (4, 2, (3, 2), 1, (0, 1), (6, 5)), (3, 3, 3, 1, 2, (5, 5)),
+    (4, 3, 3, 2, 1, (8, 8)), (4, 4, 3, 2, 1, (7, 9)), (3, 2, (2, 3), (2, 3), 0, (8, 13)),
+    (2, 2, 1, 2, 0, (5, 4)), (3, 3, 3, (3, 2), (2, 0), (9, 6)), (2, 1, 2, 3, 3, (4, 5)),
+    (3, 5, 3, 1, 1, (7, 6)), (3, 4, 3, 2, 1, (7, 9))],
+    ids=["s1", "s1-rect", "s1-wide-pad", "s2", "s2-odd", "tiles", "1x1-s2", "s3x2", "p>k",
+         "s1-col2im", "s2-col2im"])
+def test_the_numpy_input_gradient_is_torchs(c_in, c_out, kernel, stride, padding, hw):
+    # on NumPy C^dagger runs as stride-1 correlations of T, one per phase of the input's
+    # pixels (conv.adjoint_phases), where c_out <= c_in, else by col2im: torch's gradient
+    # either way, every pixel written (out starts as NaN), those no offset reaches too
     from gpu_mlp.workspace import Workspace
 
-    layer = Conv2d(c_in, c_out, kernel, padding=padding)
-    engine = layer.engine
-    assert engine.adjoint is not None
-    assert engine.adjoint.padding == tuple(k - 1 - p for k, p in
-                                          zip(layer.kernel_size, layer.padding))
+    layer = Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+    assert layer.engine.phased_input_grad == (c_out <= c_in)
     rng = np.random.default_rng(12)
-    x = rng.standard_normal((4, c_in, *hw))
+    x = rng.standard_normal((5, c_in, *hw))
     W = rng.standard_normal(layer.weight_shape)
     _, OH, OW = layer.output_shape(x.shape[1:])
-    T = rng.standard_normal((4, c_out, OH, OW))
+    T = rng.standard_normal((5, c_out, OH, OW))
     F = torch.tensor(x, requires_grad=True)
-    torch.nn.functional.conv2d(F, torch.tensor(W), padding=layer.padding).backward(
-        torch.tensor(T))
+    torch.nn.functional.conv2d(F, torch.tensor(W), stride=layer.stride,
+                               padding=layer.padding).backward(torch.tensor(T))
     ws = Workspace(np, np.float64)
-    out = np.full((4, *hw, c_in), np.nan)
-    engine.input_grad(np.ascontiguousarray(T.transpose(0, 2, 3, 1)).reshape(-1, c_out), W,
-                      ws, out)
+    out = np.full((5, *hw, c_in), np.nan)
+    layer.engine.input_grad(np.ascontiguousarray(T.transpose(0, 2, 3, 1)).reshape(-1, c_out),
+                            W, ws, out)
     np.testing.assert_allclose(out, F.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12,
                                atol=1e-12)
     assert ws.in_use_bytes == 0
 
 
-def test_only_stride_1_convolutions_with_padding_below_the_kernel_have_an_adjoint():
-    assert Conv2d(2, 3, 3, stride=2, padding=1).engine.adjoint is None
-    assert Conv2d(2, 3, 3, padding=3).engine.adjoint is None  # p > k - 1: a cropping
-    assert Conv2d(2, 3, 1).engine.adjoint is None  # 1x1: one GEMM, no columns at all
-    assert Conv2d(2, 3, 2, padding=(1, 0)).engine.adjoint.padding == (0, 1)
+@pytest.mark.parametrize("kernel, stride, padding, size", [
+    case for case in itertools.product(range(1, 5), range(1, 4), range(0, 4), range(1, 9))
+    if case[0] <= case[3] + 2 * case[2]])  # kernel within the padded input
+def test_the_adjoint_phases_cover_every_pixel_once_with_its_taps(kernel, stride, padding,
+                                                                size):
+    # along one axis: pixel h gets kernel offset i from output position oh iff
+    # oh stride - padding + i = h; the phases must say exactly that
+    layer = Conv2d(1, 1, (kernel, 1), stride=(stride, 1), padding=(padding, 0))
+    _, n_out, _ = layer.output_shape((1, size, 1))
+    phases, _, ((low, high), _) = conv.adjoint_phases(layer, (1, size, 1))
+    pixels, got = [], {}
+    for p in phases:
+        for u in range(p.count):
+            h = p.first + u * stride
+            pixels.append(h)
+            # window u of T padded by `low`: T positions start + u - low + m', taps flipped
+            got[h] = {(p.start + u - low + m, p.offset + stride * (p.taps - 1 - m))
+                      for m in range(p.taps)}
+            assert all(-low <= oh < n_out + high for oh, _ in got[h])
+    assert sorted(pixels) == list(range(size))  # every pixel, once
+    want = {h: {(oh, h + padding - oh * stride) for oh in range(n_out)
+                if 0 <= h + padding - oh * stride < kernel} for h in range(size)}
+    for h in range(size):  # the taps from T's positions, padding (zeros) aside
+        assert {(oh, i) for oh, i in got[h] if 0 <= oh < n_out} == want[h]
