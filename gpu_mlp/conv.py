@@ -143,6 +143,18 @@ def col2im(cols: np.ndarray, layer: ConvGeometry, out: np.ndarray) -> np.ndarray
     return out
 
 
+def pad_into(x, padded, low) -> None:
+    """``padded <- x`` inside a zero border, both (B, H, W, ...) (an NCHW pair as
+    ``.transpose(0, 2, 3, 1)`` views): ``low`` = (top, left) rows and columns of zeros
+    before x, the rest of padded's after it."""
+    (top, left), (H, W) = low, x.shape[1:3]
+    padded[:, :top] = 0
+    padded[:, top + H:] = 0
+    padded[:, top:top + H, :left] = 0
+    padded[:, top:top + H, left + W:] = 0
+    padded[:, top:top + H, left:left + W] = x
+
+
 class AdjointPhase(NamedTuple):
     """One phase of :func:`adjoint_phases` along one axis: the input indices ``first,
     first + stride, ...`` (``count`` of them) get the kernel offsets ``taps`` (``taps``
@@ -180,6 +192,7 @@ def adjoint_phases(layer: ConvGeometry, input_shape: tuple):
     GEMM, where col2im adds kh*kw strided views. Returns ``(phases_h, phases_w, pads)``:
     the phases along each axis (:class:`AdjointPhase`) and T's padding ((low, high) per
     axis). Every input pixel is in exactly one pair of phases."""
+    layer.output_shape(input_shape)  # a ValueError naming the layer if it does not fit
     _, H, W = input_shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     rows, pad_h = _adjoint_axis(H, kh, sh, ph)
@@ -197,9 +210,15 @@ def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
     A padding layer reads the offsets from ``padded`` (n, C, H + 2 ph, W + 2 pw), which
     gets ``x`` inside a zero border, n samples at a time; without it the zeros are
     written offset by offset."""
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: x must be a (batch, {layer.c_in}, height, width) array, "
+                         f"got shape {tuple(x.shape)}")
     B, C, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     _, OH, OW = layer.output_shape((C, H, W))
+    if x.dtype != out.dtype:
+        raise TypeError(f"{layer}: images and columns must share one dtype, got "
+                        f"{x.dtype} and {out.dtype}")
     if out.shape != (C * kh * kw, B * OH * OW) or not out.flags.c_contiguous:
         raise ValueError(f"{layer}: the transposed column matrix must be C-contiguous of "
                          f"shape {(C * kh * kw, B * OH * OW)}, got {tuple(out.shape)}")
@@ -212,11 +231,7 @@ def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
         for first in range(0, B, n):
             samples = slice(first, first + n)
             block = padded[:len(x[samples])]
-            block[:, :, :ph] = 0
-            block[:, :, ph + H:] = 0
-            block[:, :, ph:ph + H, :pw] = 0
-            block[:, :, ph:ph + H, pw + W:] = 0
-            block[:, :, ph:ph + H, pw:pw + W] = x[samples]
+            pad_into(x[samples].transpose(0, 2, 3, 1), block.transpose(0, 2, 3, 1), (ph, pw))
             for i in range(kh):
                 for j in range(kw):
                     np.copyto(view[:, i, j, samples],
@@ -268,11 +283,7 @@ def windows(x, layer: ConvGeometry, padded=None):
         if padded is None or padded.shape != (B, H + 2 * ph, W + 2 * pw, C):
             raise ValueError(f"{layer}: padding needs a buffer of shape "
                              f"{(B, H + 2 * ph, W + 2 * pw, C)}")
-        padded[:, :ph] = 0
-        padded[:, ph + H:] = 0
-        padded[:, ph:ph + H, :pw] = 0
-        padded[:, ph:ph + H, pw + W:] = 0
-        padded[:, ph:ph + H, pw:pw + W] = x
+        pad_into(x, padded, (ph, pw))
         x = padded
     s = x.strides
     return np.lib.stride_tricks.as_strided(

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _checks, ops
 from . import activations as _activations
-from .conv import adjoint_phases, im2col_transposed
+from .conv import adjoint_phases, im2col_transposed, pad_into
 
 
 def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
@@ -527,11 +527,7 @@ class ChannelsLast(_TakesMapsNHWC):
         for first in range(0, B, n):
             m = min(n, B - first)
             block = padded[:m]
-            block[:, :lh] = 0
-            block[:, lh + OH:] = 0
-            block[:, lh:lh + OH, :lw] = 0
-            block[:, lh:lh + OH, lw + OW:] = 0
-            block[:, lh:lh + OH, lw:lw + OW] = T[first:first + m]
+            pad_into(T[first:first + m], block, (lh, lw))
             s = block.strides
             for (r, c), Wp in zip(phases, weights):
                 pixels = out[first:first + m, r.first::sh, c.first::sw]

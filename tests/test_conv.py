@@ -598,3 +598,20 @@ def test_the_adjoint_phases_cover_every_pixel_once_with_its_taps(kernel, stride,
                 if 0 <= h + padding - oh * stride < kernel} for h in range(size)}
     for h in range(size):  # the taps from T's positions, padding (zeros) aside
         assert {(oh, i) for oh, i in got[h] if 0 <= oh < n_out} == want[h]
+
+
+def test_transposed_columns_and_phases_refuse_what_does_not_fit():
+    layer = Conv2d(2, 3, 3, padding=1)
+    x = np.zeros((4, 2, 5, 5))
+    with pytest.raises(ValueError, match=r"x must be a \(batch, 2, height, width\)"):
+        conv.im2col_transposed(x[0], layer, np.empty((18, 25)))
+    with pytest.raises(ValueError, match="takes \\(batch, 2, height, width\\) images"):
+        conv.im2col_transposed(np.zeros((4, 3, 5, 5)), layer, np.empty((27, 100)))
+    with pytest.raises(ValueError, match=r"C-contiguous of shape \(18, 100\)"):
+        conv.im2col_transposed(x, layer, np.empty((100, 18)))
+    with pytest.raises(TypeError, match="one dtype"):
+        conv.im2col_transposed(x, layer, np.empty((18, 100), np.float32))
+    with pytest.raises(ValueError, match=r"padding needs a buffer of shape \(n, 2, 7, 7\)"):
+        conv.im2col_transposed(x, layer, np.empty((18, 100)), np.empty((4, 2, 6, 6)))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        conv.adjoint_phases(Conv2d(2, 3, 5), (2, 3, 3))
