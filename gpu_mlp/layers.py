@@ -124,9 +124,11 @@ class Layer:
 
     # --- the backward pass's products on the engine's arrays, buffers from a Workspace ---
 
-    def rows(self, x, ws):
+    def rows(self, x, ws, blocks: bool = False):
         """``rows(x)``, (B*P, K): a view of ``x`` where it can be, else a workspace
-        buffer that :meth:`give_rows` returns."""
+        buffer that :meth:`give_rows` returns. ``blocks``: the caller reads them block
+        by block too (:func:`gpu_mlp.ops.weight_gradient`), so a convolution whose
+        columns exceed ``ops.COLUMN_BUDGET_BYTES`` gives :class:`gpu_mlp.ops.RowBlocks`."""
         raise NotImplementedError
 
     def give_rows(self, rows, ws) -> None:
@@ -206,7 +208,7 @@ class Dense(Layer):
     def positions(self, input_shape: tuple) -> int:
         return 1
 
-    def rows(self, x, ws):
+    def rows(self, x, ws, blocks=False):
         return x if x.ndim == 2 else x.reshape(x.shape[0], self.d_in)  # flatten, C order
 
     def linear(self, x, W, ws, out=None):
@@ -264,12 +266,17 @@ class Conv2d(Layer):
         rows = self.positions(input_shape) * (self.fan_in + self.c_out)
         return super().working_size(input_shape) + rows
 
-    def rows(self, x, ws):
-        cols = ws.take((x.shape[0] * self.positions(x.shape[1:]), self.fan_in))
-        return ops.im2col(self, x, cols)
+    def rows(self, x, ws, blocks=False):
+        B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
+        n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        cols = _row_buffer(ws, n * P, K, blocks)
+        if n == B:
+            return ops.im2col(self, x, cols)
+        return ops.RowBlocks(B, n, P, lambda first, count: ops.im2col(
+            self, x[first:first + count], cols[:count * P]), (cols,))
 
     def give_rows(self, rows, ws) -> None:
-        ws.give(rows)
+        _give_rows(rows, ws)
 
     def linear(self, x, W, ws, out=None):
         B, out_shape = x.shape[0], self.output_shape(x.shape[1:])
@@ -290,9 +297,15 @@ class Conv2d(Layer):
         return T_rows
 
     def input_grad(self, T_rows, W, ws, out) -> None:
-        dcols = ws.take((T_rows.shape[0], self.fan_in))
-        ops.gemm("N", "N", T_rows, self.weight_matrix(W), dcols)
-        ops.col2im(self, dcols, out)
+        B, P, K = out.shape[0], self.positions(out.shape[1:]), self.fan_in
+        n = ops.column_block(B, P * K * out.dtype.itemsize)
+        dcols = ws.take_columns(n * P, K)
+        for first in range(0, B, n):
+            count = min(n, B - first)
+            block = dcols[:count * P]
+            ops.gemm("N", "N", T_rows[first * P:(first + count) * P],
+                     self.weight_matrix(W), block)
+            ops.col2im(self, block, out[first:first + count])
         ws.give(dcols)
 
     def bias_view(self, b):
@@ -404,24 +417,35 @@ class ChannelsLast(_TakesMapsNHWC):
         return [(slice(b, min(B, b + n)), slice(b * P, min(B, b + n) * P))
                 for b in range(0, B, n)]
 
-    def rows(self, x, ws):
+    def rows(self, x, ws, blocks=False):
         if self._direct:
             return x.reshape(-1, self.c_in)
         B, P, K = self._geometry(x)
-        cols = ws.take((B * P, K))
-        n = ops.conv_block(x, P * K * x.dtype.itemsize)
+        per_block = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        cols = _row_buffer(ws, per_block * P, K, blocks)
+        n = min(per_block, ops.conv_block(x, P * K * x.dtype.itemsize))
         padded = self._padding(x, n, ws)
-        for samples, rows in self._blocks(B, n, P):  # blocks: measured faster than one
-            self._im2col(x[samples], cols[rows], padded)
+        numpy = ops.is_numpy(x)
+
+        def fill(first, count):
+            """rows(x) of samples first..first + count, in cols."""
+            for samples, rows in self._blocks(count, n, P):  # blocks: faster than one
+                self._im2col(x[first:first + count][samples], cols[rows], padded)
+            made = cols[:count * P]
+            # NumPy: the windows' order, said by the shape
+            return made.reshape(-1, *self.conv.kernel_size, self.c_in) if numpy else made
+
+        buffers = tuple(b for b in (cols, padded) if b is not None)
+        if per_block < B:
+            return ops.RowBlocks(B, per_block, P, fill, buffers)
+        made = fill(0, B)
         if padded is not None:
             ws.give(padded)
-        if not ops.is_numpy(x):
-            return cols
-        return cols.reshape(B * P, *self.conv.kernel_size, self.c_in)  # the windows' order
+        return made
 
     def give_rows(self, rows, ws) -> None:
         if not self._direct:
-            ws.give(rows)
+            _give_rows(rows, ws)
 
     def _padding(self, x, n, ws):
         """On NumPy, for a padding convolution: a buffer for a block of ``n`` samples
@@ -458,7 +482,7 @@ class ChannelsLast(_TakesMapsNHWC):
             else None
         W_mat = self.weight_matrix(W) if Wt is None else self._windows_weight(W, Wt)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
-        cols = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
+        cols = ws.take_columns(n * P, K)  # the net's one column buffer
         padded = self._padding(x, n, ws)
         for samples, rows in self._blocks(B, n, P):
             block = cols[:rows.stop - rows.start]
@@ -481,9 +505,8 @@ class ChannelsLast(_TakesMapsNHWC):
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        # the column blocks pooled with the forward's (B*P, K) rows(x); W's copy with the
-        # forward's, free again by now
-        dcols = ws.take((n * P, K))
+        # the net's one column buffer; W's copy pooled with the forward's, free by now
+        dcols = ws.take_columns(n * P, K)
         Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
         W_mat = self._windows_weight(W, Wt)
         for samples, rows in self._blocks(B, n, P):
@@ -521,7 +544,7 @@ class ChannelsLast(_TakesMapsNHWC):
         P = max(r.count * c.count for r, c in phases)
         K = max(r.taps * c.taps for r, c in phases) * C
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        cols = ws.take((n * P, K))  # pooled with rows(x) where their K is one
+        cols = ws.take_columns(n * P, K)  # the net's one column buffer
         result = None if whole else ws.take((n * P, c_in))
         padded = ws.take((n, OH + lh + hh, OW + lw + hw, C))
         for first in range(0, B, n):
@@ -594,14 +617,22 @@ class EntranceConv(_Form):
         im2col_transposed(x, self.conv, columns, padded)
         ws.give(padded)
 
-    def rows(self, x, ws):
+    def rows(self, x, ws, blocks=False):
         B, P, K = x.shape[0], self.conv.positions(x.shape[1:]), self.conv.fan_in
-        columns = self._transposed_columns(x, ws.take((B * P, K)))  # pooled with rows
-        self._fill(x, columns, ws)
-        return columns.T
+        n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        buffer = _row_buffer(ws, n * P, K, blocks)
+
+        def fill(first, count):
+            """rows(x) of samples first..first + count, in buffer."""
+            samples = x[first:first + count]
+            columns = self._transposed_columns(samples, buffer)
+            self._fill(samples, columns, ws)
+            return columns.T
+
+        return fill(0, B) if n == B else ops.RowBlocks(B, n, P, fill, (buffer,))
 
     def give_rows(self, rows, ws) -> None:
-        ws.give(rows)
+        _give_rows(rows, ws)
 
     def linear(self, x, W, ws, out=None):
         B, (_, OH, OW) = x.shape[0], self.output_shape(x.shape[1:])
@@ -609,7 +640,7 @@ class EntranceConv(_Form):
         A = ws.take((B, OH, OW, self.c_out)) if out is None else out
         A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
-        block = ws.take((n * P, K))  # pooled with the backward pass's rows(x)
+        block = ws.take_columns(n * P, K)  # the net's one column buffer
         for first in range(0, B, n):
             samples = x[first:first + n]
             columns = self._transposed_columns(samples, block)
@@ -647,7 +678,7 @@ class ChannelsLastDense(_TakesMapsNHWC):
         Wt[...] = W.reshape(self.d_out, C, H, Wd).transpose(0, 2, 3, 1)
         return Wt
 
-    def rows(self, x, ws):
+    def rows(self, x, ws, blocks=False):
         return x
 
     def linear(self, x, W, ws, out=None):
@@ -707,6 +738,18 @@ def to_channels_first(x, ws, out=None):
 
 
 LAYER_TYPES = {"Dense": Dense, "Conv2d": Conv2d}
+
+
+def _row_buffer(ws, rows: int, K: int, transient: bool):
+    """A buffer for rows(x): the net's one column buffer where the sink is done with it
+    before the next layer's (``transient``), else one per K (a sink that keeps every
+    layer's factors holds them all at once)."""
+    return ws.take_columns(rows, K) if transient else ws.take((rows, K))
+
+
+def _give_rows(rows, ws) -> None:
+    """Return a convolution's rows(x), one buffer or :class:`gpu_mlp.ops.RowBlocks`'."""
+    ws.give(*(rows.buffers if isinstance(rows, ops.RowBlocks) else (rows,)))
 
 
 def _transpose(src, dst) -> None:

@@ -493,6 +493,8 @@ class Network(ForwardBackward):
         dX = xp.empty((B, *shapes[0][0]), dtype=self.dtype) if want_dx else None
         deferred = []  # what a sink that keeps the factors reads until it finishes
         keeps = sink.keeps_factors
+        # a sink that forms each gradient as it comes takes a large rows(x) block by block
+        blocks = not keeps and sink.takes_row_blocks
         for k in reversed(range(n)):
             layer, W = layers[k], self.params[k][0]
             T_rows = layer.to_rows(delta, ws)
@@ -512,7 +514,7 @@ class Network(ForwardBackward):
             F_prev = saved[k - 1].F if k > 0 else X
             # made again: cheaper than kept
             F_in = self._relayout(layers, k, F_prev, ws) if k > 0 else X
-            X_rows = form.rows(F_in, ws)
+            X_rows = form.rows(F_in, ws, blocks)
             sink(k, T_rows, X_rows, ws.ones(T_rows.shape[0]))
             factors = (form, T_rows, X_rows, F_prev if k > 0 else None,
                        F_in if F_in is not F_prev else None)

@@ -580,15 +580,52 @@ def _nchw(shape):
 # A channels-last convolution on NumPy runs im2col (and the forward GEMM, C^dagger's GEMM
 # and col2im) on blocks of whole samples of about this many bytes of columns: im2col's
 # kh*kw strided passes then stay in cache (measured: 1.5x faster than over the whole
-# batch; smaller blocks make the GEMMs slower). On a GPU one block holds the batch.
+# batch; smaller blocks make the GEMMs slower).
 CONV_BLOCK_BYTES = 1 << 20
+# The most a convolution's column buffer holds on either backend (its rows(x), C^dagger's
+# columns): a batch whose columns would be larger runs in blocks of whole samples, and a
+# weight gradient reads rows(x) block by block (RowBlocks); the layers share one such
+# buffer (Workspace.take_columns). A column buffer is kh*kw times the layer's input:
+# over a whole batch it put a GPU step at up to 2.3x PyTorch's peak memory. Counted on
+# the CuPy path (bench/README.md, "Column budget"): 16 MiB gives 0.55-0.91x PyTorch's
+# H200 peak on the conv grid (29 points, batches 64-1,024), 32 MiB up to 0.98x, 64 MiB
+# up to 1.16x. A 16 MiB block is still a GEMM of thousands of rows (7,000 at K = 576).
+COLUMN_BUDGET_BYTES = 16 << 20
+
+
+def column_block(B: int, bytes_per_sample: int) -> int:
+    """Samples per block of ``B`` whose columns fit :data:`COLUMN_BUDGET_BYTES` (at
+    least one)."""
+    return min(B, max(1, COLUMN_BUDGET_BYTES // max(1, bytes_per_sample)))
 
 
 def conv_block(x, bytes_per_sample: int) -> int:
-    """Samples per block of a channels-last convolution on ``x``'s backend."""
+    """Samples per block of a channels-last convolution on ``x``'s backend: on a GPU as
+    many as the column budget holds, on NumPy a cache-sized block (within it too)."""
+    fit = column_block(x.shape[0], bytes_per_sample)
     if not is_numpy(x):
-        return max(1, x.shape[0])
-    return max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample))
+        return fit
+    return min(fit, max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample)))
+
+
+class RowBlocks:
+    """A convolution's ``rows(x)``, (B*P, ...), larger than :data:`COLUMN_BUDGET_BYTES`:
+    made ``per_block`` whole samples at a time into one buffer, as a weight gradient
+    reads them (:func:`weight_gradient`; the sinks that take them: ``takes_row_blocks``
+    in gpu_mlp/updates.py). ``fill(first, count)`` makes the rows of samples ``first``
+    to ``first + count`` and returns them (in its buffer, overwritten by the next);
+    ``buffers`` are the workspace buffers to give back when done."""
+
+    def __init__(self, samples: int, per_block: int, positions: int, fill, buffers):
+        self.samples, self.per_block, self.positions = samples, per_block, positions
+        self.fill, self.buffers = fill, buffers
+
+    def __iter__(self):
+        """``(rows, block)``: the slice of rows(x) a block is, and the block."""
+        P = self.positions
+        for first in range(0, self.samples, self.per_block):
+            count = min(self.per_block, self.samples - first)
+            yield slice(first * P, (first + count) * P), self.fill(first, count)
 
 
 # --- optimizers (gpu_mlp/optim.py) --------------------------------------------------------
@@ -1077,7 +1114,12 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     c_in) -- a channels-last convolution's rows on NumPy, columns in the windows' order
     (:class:`gpu_mlp.layers.ChannelsLast`) -- whose product is permuted into W's (c_in,
     kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s (a training
-    step's), or a new one."""
+    step's), or a new one. Or ``X_rows`` is a :class:`RowBlocks`: the sum of the blocks'
+    products, the first scaled by ``beta``, the rest added (beta 1)."""
+    if isinstance(X_rows, RowBlocks):
+        for i, (rows, block) in enumerate(X_rows):
+            weight_gradient(T_rows[rows], block, G, alpha, beta if i == 0 else 1.0, ws)
+        return G
     if X_rows.ndim == 2:
         gemm("T", "N", T_rows, X_rows, G, alpha=alpha, beta=beta)
         return G

@@ -12,7 +12,10 @@ last layer first and only after ``dJ/dF_{k-1}`` has used the old ``W_k``; then i
 A :class:`Sink` is a callable ``sink(k, T_rows, X_rows, ones, noise=None)`` with
 ``keeps_factors`` (True when it reads the factors after its call returns -- DP needs
 every layer's norms before it clips any, communication overlaps the backward pass; the
-loop then gives the buffers back only after ``finish()``) and ``finish()`` (called once,
+loop then gives the buffers back only after ``finish()``), ``takes_row_blocks`` (True
+when all it does with ``X_rows`` is :func:`gpu_mlp.ops.weight_gradient`, which also
+takes a convolution's rows(x) made block by block, :class:`gpu_mlp.ops.RowBlocks`,
+where they would outgrow ``ops.COLUMN_BUDGET_BYTES``) and ``finish()`` (called once,
 after the last layer). A :class:`Stage` hands the factors to its ``downstream`` and
 finishes it when it finishes; a :class:`Rule` ends the chain (:class:`Apply`, the update
 rule, plain SGD or an optimizer's fused kernel; :class:`WriteGradients`;
@@ -39,6 +42,7 @@ class Sink(Protocol):
     """What the backward loop hands each layer's gradient to, as its two factors."""
 
     keeps_factors: bool  # reads the factors after its call returns, until finish()
+    takes_row_blocks: bool  # X_rows may be ops.RowBlocks (read by ops.weight_gradient)
 
     def __call__(self, k: int, T_rows, X_rows, ones, noise: Optional[Callable] = None) -> None:
         """Layer ``k``'s gradient ``G_k = T_rows^T X_rows``, ``g_k = T_rows^T ones`` (and
@@ -53,6 +57,7 @@ class Stage:
     ``downstream`` (a :class:`Sink`), and finishes it after its own :meth:`finish`."""
 
     keeps_factors = True
+    takes_row_blocks = False
 
     def __init__(self, downstream: Sink):
         self.downstream = downstream
@@ -69,6 +74,7 @@ class Rule:
     only during its call, and takes a gradient formed already (:meth:`gradient`)."""
 
     keeps_factors = False
+    takes_row_blocks = False
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         raise NotImplementedError
@@ -99,6 +105,8 @@ class Apply(Rule):
     captured as a CUDA graph sees each replay's own. ``ws``: the workspace that lends
     :func:`gpu_mlp.ops.weight_gradient` its buffer (the net's).
     """
+
+    takes_row_blocks = True
 
     def __init__(self, params, lr: float = 0.0, keep=(1.0, 1.0),
                  kernels: Optional[Sequence[Callable]] = None, scratch=None,
@@ -162,6 +170,8 @@ class Apply(Rule):
 class WriteGradients(Rule):
     """A sink that writes each layer's gradient into ``grads[k] = (dW_k, db_k)``
     (:meth:`Network.loss_and_gradients`, :meth:`Network.backward`)."""
+
+    takes_row_blocks = True
 
     def __init__(self, grads):
         self.grads = grads

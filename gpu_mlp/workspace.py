@@ -31,6 +31,7 @@ import numpy as np
 # CuPy's MemoryPool rounds every allocation up to a multiple of this (cupy/cuda/memory.pyx:
 # ALLOCATION_UNIT_SIZE, used by _round_size; the same from CuPy 7 to 14)
 CUPY_ALLOCATION_UNIT = 512
+COLUMNS = "columns"  # the key of the one pool of column buffers (take_columns)
 
 
 class Workspace:
@@ -48,10 +49,19 @@ class Workspace:
         self._unit = 1 if xp is np else CUPY_ALLOCATION_UNIT
         self.in_use_bytes = 0
         self.peak_in_use_bytes = 0
+        self._columns = set()    # ids of the column pool's (1-D) bases, while held
 
     def take(self, shape, dtype=None):
         """A C-contiguous buffer of ``shape`` (contents undefined)."""
-        rows, key = shape[0], (tuple(shape[1:]), np.dtype(dtype or self.dtype))
+        return self._take(shape[0], (tuple(shape[1:]), np.dtype(dtype or self.dtype)))
+
+    def take_columns(self, rows: int, K: int):
+        """A (rows, K) buffer from one pool that every width K shares: a convolution's
+        column buffer, which the layers of a net take one at a time -- so the net holds
+        one, not one per K."""
+        return self._take(rows * K, (COLUMNS, self.dtype)).reshape(rows, K)
+
+    def _take(self, rows: int, key):
         if rows > self._rows.get(key, 0):
             # grow: the smaller free buffers go now, those in use when they come back
             self._release(self._free.pop(key, []))
@@ -59,6 +69,10 @@ class Workspace:
         free = self._free[key]
         if free:
             base = free.pop()
+        elif key[0] is COLUMNS:
+            base = self.xp.empty(self._rows[key], dtype=key[1])
+            self._count(base)
+            self._columns.add(id(base))
         else:
             base = self.xp.empty((self._rows[key],) + key[0], dtype=key[1])
             self._count(base)
@@ -98,7 +112,8 @@ class Workspace:
         afterwards."""
         for buf in buffers:
             base = buf.base if buf.base is not None else buf
-            key = (tuple(base.shape[1:]), base.dtype)
+            key = ((COLUMNS if id(base) in self._columns else tuple(base.shape[1:])),
+                   base.dtype)
             self.in_use_bytes -= base.nbytes
             if base.shape[0] < self._rows[key]:
                 self._release([base])  # outgrown while in use
@@ -129,5 +144,6 @@ class Workspace:
         self.pool_bytes += self._held(buffer)
 
     def _release(self, buffers) -> None:
+        self._columns.difference_update(id(b) for b in buffers)
         self.bytes -= sum(b.nbytes for b in buffers)
         self.pool_bytes -= sum(self._held(b) for b in buffers)

@@ -53,3 +53,26 @@ def test_a_buffer_outgrown_while_in_use_is_released_on_return_and_counted():
     assert ws.outgrown == 1 and ws.in_use_bytes == 0
     ws.give(ws.take((3, 4)))  # now the grown buffer serves both sizes
     assert ws.outgrown == 1 and ws.allocations == 2
+
+
+def test_column_buffers_of_every_width_share_one_pool():
+    """A convolution's column buffer, (rows, K), comes from one pool whatever K: the
+    layers take it one at a time, so the net holds one, sized for the largest."""
+    ws = Workspace(np, np.float32)
+    a = ws.take_columns(6, 9)                     # 54 values
+    assert a.shape == (6, 9) and a.flags.c_contiguous
+    ws.give(a)
+    b = ws.take_columns(2, 27)                    # 54 values again: the same buffer
+    assert np.shares_memory(a, b) and ws.allocations == 1
+    ws.give(b)
+    c = ws.take_columns(4, 36)                    # 144: it grows, the smaller one goes
+    ws.give(c)
+    assert (ws.allocations, ws.bytes) == (2, 144 * 4)
+    vector = ws.take((54,))                       # a 1-D buffer is not a column buffer
+    assert not np.shares_memory(vector, c) and ws.bytes == (144 + 54) * 4
+    ws.give(vector)
+    d, e = ws.take_columns(3, 9), ws.take_columns(3, 9)  # two at once: two buffers
+    assert not np.shares_memory(d, e)
+    ws.give(d, e)
+    ws.clear()
+    assert (ws.bytes, ws.pool_bytes) == (0, 0)
