@@ -383,8 +383,9 @@ class ChannelsLast(_TakesMapsNHWC):
     (rows, K). ``C^dagger`` reads the windows in their NHWC order on both: col2im then
     adds contiguous runs; on NumPy, where c_out <= c_in, it runs instead as the stride-1
     correlations of T it is, one per phase of the input's pixels, with no col2im
-    (``phased_input_grad``). On NumPy im2col and col2im run on blocks of whole samples
-    (ops.conv_block), which stay in cache. A 1x1 convolution with stride 1 and no padding
+    (``phased_input_grad``). im2col and col2im run on blocks of whole samples
+    (ops.conv_block): on NumPy blocks that stay in cache, on a GPU as many samples as
+    ``ops.COLUMN_BUDGET_BYTES`` holds, in the net's one column buffer. A 1x1 convolution with stride 1 and no padding
     has no column buffer: ``rows(x)`` is ``x``; windows that tile the image (stride =
     kernel, no padding) are one copy each way.
     """
