@@ -125,6 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-time", type=float,
                    help="stop timing a case after this many seconds, once it has 5 steps "
                         "(default 1.0; --quick 0.5)")
+    p.add_argument("--column-budget", type=float, metavar="MIB",
+                   help="gpu_mlp's convolution column buffer at most, MiB "
+                        "(gpu_mlp.ops.COLUMN_BUDGET_BYTES; default its 16): what the "
+                        "blocks cost against the memory they save")
     p.add_argument("--out", type=Path,
                    help="output folder (default: "
                         "bench/results/DEVICES-DTYPE[-tf32][-conv][-quick], e.g. "
@@ -147,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, default)
     if args.threads < 1 or args.warmup < 0 or args.repeats < 1 or args.max_time < 0:
         p.error("--threads and --repeats must be >= 1, --warmup and --max-time >= 0")
+    if args.column_budget is not None and not 0 < args.column_budget < float("inf"):
+        p.error("--column-budget must be a positive, finite number of MiB")
     return args
 
 
@@ -157,14 +163,16 @@ def default_out(args, devices) -> Path:
     return ROOT / "bench" / "results" / "-".join(name)
 
 
-def previous_run(path: Path, args) -> tuple[list[dict], list[str]]:
-    """The successful records of an earlier run with the same dtype, TF32 setting and
-    grid, and the commands that measured them."""
+def previous_run(path: Path, args, column_budget: int) -> tuple[list[dict], list[str]]:
+    """The successful records of an earlier run with the same dtype, TF32 setting, grid
+    and column budget, and the commands that measured them."""
     old = json.loads(path.read_text())
-    then = (old["config"]["dtype"], old["config"]["tf32"], old["config"].get("grid", "mlp"))
-    if then != (args.dtype, args.tf32, args.grid):
+    then = (old["config"]["dtype"], old["config"]["tf32"], old["config"].get("grid", "mlp"),
+            old["config"].get("column_budget_bytes"))
+    if then != (args.dtype, args.tf32, args.grid, column_budget):
         raise SystemExit(f"error: {path} was measured with dtype {then[0]}, tf32 {then[1]}, "
-                         f"grid {then[2]}; not resuming with different settings")
+                         f"grid {then[2]}, column budget {then[3]} bytes; not resuming with "
+                         f"different settings")
     env = old["environment"]
     commands = env.get("previous_commands", []) + [env["command"]]
     return [r for r in old["records"] if r["status"] == "ok"], commands
@@ -192,12 +200,15 @@ def main(argv=None) -> int:
             print(f"skipping the plot (results.png): {e}", file=sys.stderr)
             plot = False
 
+    if args.column_budget is not None:
+        gpu_mlp.ops.COLUMN_BUDGET_BYTES = int(args.column_budget * 2**20)
+    column_budget = gpu_mlp.ops.COLUMN_BUDGET_BYTES
     devices = args.devices or (["cuda"] if gpu_mlp.gpu_available() else ["cpu"])
     if "cuda" in devices and not gpu_mlp.gpu_available():
         raise SystemExit("error: --devices cuda needs CuPy and a CUDA GPU, and gpu_mlp sees none")
     out = args.out or default_out(args, devices)
     json_path = out / "results.json"
-    records, previous_commands = (previous_run(json_path, args)
+    records, previous_commands = (previous_run(json_path, args, column_budget)
                                   if args.resume and json_path.exists() else ([], []))
     if args.grid == "conv":
         points = [harness.ConvPoint(i, c, d, b) for i in args.inputs for c in args.channels
@@ -226,6 +237,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype, "tf32": args.tf32, "threads": args.threads,
         "warmup": args.warmup, "repeats": args.repeats, "max_time_s": args.max_time,
         "min_repeats": harness.MIN_REPEATS, "lr": harness.LR, "quick": args.quick,
+        "column_budget_bytes": column_budget,
         "network": network, "flops": flops,
         "timing": "time.perf_counter around each step, device synchronised inside the "
                   "timed region; median and quartiles of the repeats after the warm-up",

@@ -668,12 +668,14 @@ def test_cli_without_matplotlib_writes_all_but_the_plot(tmp_path):
 
 def test_cli_conv_grid_writes_records_without_torch_or_matplotlib(tmp_path):
     """A tiny conv point through the CLI, gpu_mlp and the GEMM bound only: needs neither
-    PyTorch nor matplotlib."""
+    PyTorch nor matplotlib; a column budget of a sample's columns runs it in blocks."""
     stdout, _, doc = _run_cli(tmp_path, "--grid", "conv", "--inputs", "2x6x6",
-                              "--channels", "3", "--impls", "gpu_mlp,gemm", matplotlib=False)
+                              "--channels", "3", "--impls", "gpu_mlp,gemm",
+                              "--column-budget", "0.001", matplotlib=False)
     config = doc["config"]
     assert (config["grid"], config["inputs"], config["channels"], config["widths"]) == (
         "conv", [[2, 6, 6]], [3], None)
+    assert config["column_budget_bytes"] == int(0.001 * 2**20)
     assert (config["network"], config["flops"]) == (harness.CONV_NETWORK, harness.CONV_FLOPS)
     records = {r["label"]: r for r in doc["records"]}
     assert sorted(records) == sorted(["gemm-bound-numpy"] + [f"gpu_mlp-numpy[{m}]"
@@ -718,18 +720,23 @@ def test_cli_grid_options():
     assert args.channels == run.CONV_FULL["channels"]
     assert run.default_out(run.parse_args([]), ["cuda"]) == ROOT / "bench/results/cuda-float32"
     for bad in (["--grid", "conv", "--widths", "8"], ["--channels", "8"],
-                ["--grid", "conv", "--inputs", "28x28"]):
+                ["--grid", "conv", "--inputs", "28x28"], ["--column-budget", "0"],
+                ["--column-budget", "nan"], ["--column-budget", "inf"]):
         with pytest.raises(SystemExit):
             run.parse_args(bad)
 
 
-def test_resume_needs_the_same_grid(tmp_path):
+def test_resume_needs_the_same_grid_and_column_budget(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"config": {"dtype": "float32", "tf32": False},  # an MLP run
+    budget = 16 << 20
+    path.write_text(json.dumps({"config": {"dtype": "float32", "tf32": False,  # an MLP run
+                                           "column_budget_bytes": budget},
                                 "environment": {"command": "bench/run.py"}, "records": []}))
     with pytest.raises(SystemExit, match="not resuming"):
-        run.previous_run(path, run.parse_args(["--grid", "conv"]))
-    assert run.previous_run(path, run.parse_args([])) == ([], ["bench/run.py"])
+        run.previous_run(path, run.parse_args(["--grid", "conv"]), budget)
+    with pytest.raises(SystemExit, match="column budget"):
+        run.previous_run(path, run.parse_args([]), 2 * budget)
+    assert run.previous_run(path, run.parse_args([]), budget) == ([], ["bench/run.py"])
 
 
 def test_cli_refuses_to_resume_with_other_settings(tmp_path):
