@@ -370,8 +370,9 @@ class ChannelsLast(_TakesMapsNHWC):
     """A :class:`Conv2d` as the engine runs it: activations NHWC, (B, H, W, C), which are
     the rows of its GEMM. So no copy runs between convolutions: ``to_rows`` is a view and
     the bias broadcasts over the rows; the engine copies NCHW to NHWC where the network's
-    input enters and back where the loss takes the maps, or a Dense layer on a GPU
-    (torch.flatten's order; on NumPy a Dense reads them NHWC: :class:`ChannelsLastDense`).
+    input enters (on a GPU) and back where the loss takes the maps, or a Dense layer
+    whose d_out exceeds the batch (torch.flatten's order; else a Dense reads them NHWC:
+    :class:`ChannelsLastDense`).
     The rows are (b, oh, ow); the columns of a window, on NumPy, in its NHWC
     order (i, j, c): im2col then copies runs of C contiguous values from one padded copy
     of the block (2.5-5x faster than W's (c, i, j), which writes every value kh*kw
@@ -658,14 +659,14 @@ class EntranceConv(_Form):
 
 
 class ChannelsLastDense(_TakesMapsNHWC):
-    """A :class:`Dense` that takes a convolution's maps, as the engine runs it on NumPy:
+    """A :class:`Dense` that takes a convolution's maps, as the engine runs it:
     the maps stay NHWC, (B, H, W, C), and are read flattened in that (h, w, c) order
     against a copy of ``W`` with its columns in that order (d_out x d_in, W's size: less
     than the maps' at any batch above d_out), so ``torch.flatten``'s (c, h, w) order
     holds with no copy of the maps either way. ``rows(x)`` is ``x`` itself, (B, H, W,
     C), the shape that tells the sinks so: they permute ``T_rows^T rows(x)`` into W's
-    layout as a convolution's windows (:func:`gpu_mlp.ops.weight_gradient`). On a GPU
-    the engine copies the maps to NCHW instead, where its sinks take W's order."""
+    layout as a convolution's windows (:func:`gpu_mlp.ops.weight_gradient`), on NumPy
+    and on a GPU alike (strided copies there, no array made)."""
 
     def __init__(self, dense: Dense):
         super().__init__(dense)
@@ -707,7 +708,7 @@ def _channels_last_dense(dense: Dense) -> ChannelsLastDense:
 
 def engine_forms(layers, numpy: bool, batch: int) -> list:
     """The engine forms of ``layers`` (:attr:`Layer.engine`) for a batch of ``batch``
-    samples. On NumPy a Dense that takes a convolution's maps runs as a
+    samples. A Dense that takes a convolution's maps runs as a
     :class:`ChannelsLastDense` where that copies less: a step copies W in the maps'
     order twice and permutes its gradient once (3 d_out d_in values), where the engine
     would copy the maps to NCHW and their gradient back, and the maps again for the
@@ -717,7 +718,7 @@ def engine_forms(layers, numpy: bool, batch: int) -> list:
         form = layer.engine
         if numpy and isinstance(layer, Conv2d) and not forms:
             form = _entrance_conv(layer)
-        if (numpy and isinstance(layer, Dense) and layer.d_out <= batch and forms
+        if (isinstance(layer, Dense) and layer.d_out <= batch and forms
                 and forms[-1].gives_channels_last):
             form = _channels_last_dense(layer)
         forms.append(form)

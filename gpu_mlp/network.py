@@ -223,8 +223,8 @@ class Network(ForwardBackward):
         X, Y, single = self.inputs.batch(self.params, X, Y, check=True)
         xp = self.xp
         grads = [(xp.empty_like(W), xp.empty_like(b)) for W, b in self.params]
-        J, dX = self._backprop(X, Y, WriteGradients(grads), scale=1.0 / X.shape[0],
-                               want_dx=True)
+        J, dX = self._backprop(X, Y, WriteGradients(grads, self.training_workspace),
+                               scale=1.0 / X.shape[0], want_dx=True)
         return J, grads, (dX[0] if single else dX)
 
     def train_step(self, X, Y, lr, check: bool = True, dp=None, comm=None):

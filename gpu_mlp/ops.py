@@ -1112,10 +1112,11 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     factors, into ``G``, the (d_out, K) matrix of W's layout (``alpha`` and ``beta`` as
     for :func:`gemm`). ``X_rows`` is (rows, K) in W's column order; or (rows, kh, kw,
     c_in) -- a channels-last convolution's rows on NumPy, columns in the windows' order
-    (:class:`gpu_mlp.layers.ChannelsLast`) -- whose product is permuted into W's (c_in,
-    kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s (a training
-    step's), or a new one. Or ``X_rows`` is a :class:`RowBlocks`: the sum of the blocks'
-    products, the first scaled by ``beta``, the rest added (beta 1)."""
+    (:class:`gpu_mlp.layers.ChannelsLast`), or the NHWC maps (B, H, W, C) a Dense layer
+    reads (:class:`gpu_mlp.layers.ChannelsLastDense`) -- whose product is permuted into
+    W's (c_in, kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s
+    (a training step's; on a GPU always), or on NumPy a new one. Or ``X_rows`` is a :class:`RowBlocks`: the sum of
+    the blocks' products, the first scaled by ``beta``, the rest added (beta 1)."""
     if isinstance(X_rows, RowBlocks):
         for i, (rows, block) in enumerate(X_rows):
             weight_gradient(T_rows[rows], block, G, alpha, beta if i == 0 else 1.0, ws)
@@ -1125,7 +1126,7 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
         return G
     rows, kh, kw, c_in = X_rows.shape
     shape = (G.shape[0], kh, kw, c_in)
-    taps = np.empty(shape, G.dtype) if ws is None else ws.take(shape)
+    taps = np.empty(shape, G.dtype) if ws is None else ws.take(shape)  # NumPy: ws or not
     gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(G.shape[0], -1),
          alpha=alpha)
     to_weight_order(taps, G, beta)
@@ -1146,15 +1147,19 @@ def sample_rows(X_rows, B: int):
 
 def to_weight_order(taps, G, beta=0.0) -> None:
     """``G <- taps + beta G`` for ``taps`` (d_out, kh, kw, c_in) in the windows' column
-    order and ``G`` anything of its size in W's (d_out, c_in, kh, kw) (NumPy)."""
+    order and ``G`` anything of its size in W's (d_out, c_in, kh, kw): strided copies
+    and in-place ufuncs, no array made. ``beta`` a number, or on CuPy a 0-d device
+    array, read there (no host read: a captured step's own)."""
     d_out, kh, kw, c_in = taps.shape
-    out = G.reshape(d_out, c_in, kh, kw)
-    if beta == 0:
-        np.copyto(out, taps.transpose(0, 3, 1, 2))
-        return
-    if beta != 1:
+    out, moved = G.reshape(d_out, c_in, kh, kw), taps.transpose(0, 3, 1, 2)
+    if not isinstance(beta, numbers.Number):
         out *= beta
-    out += taps.transpose(0, 3, 1, 2)
+    elif beta == 0:
+        out[...] = moved
+        return
+    elif beta != 1:
+        out *= beta
+    out += moved
 
 
 def gemm_batched(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):

@@ -62,7 +62,8 @@ class ForwardBackward:
             tape.release_buffers(X, F_out, saved)
             raise
         grads = [(xp.empty_like(W), xp.empty_like(b)) for W, b in self.params]
-        dX = self._backward(X, F_out, saved, delta, WriteGradients(grads), want_dx)
+        sink = WriteGradients(grads, self.training_workspace)
+        dX = self._backward(X, F_out, saved, delta, sink, want_dx)
         return grads, dX
 
 

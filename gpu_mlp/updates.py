@@ -169,16 +169,17 @@ class Apply(Rule):
 
 class WriteGradients(Rule):
     """A sink that writes each layer's gradient into ``grads[k] = (dW_k, db_k)``
-    (:meth:`Network.loss_and_gradients`, :meth:`Network.backward`)."""
+    (:meth:`Network.loss_and_gradients`, :meth:`Network.backward`); ``ws``: the workspace
+    that lends :func:`gpu_mlp.ops.weight_gradient` its buffer (the net's)."""
 
     takes_row_blocks = True
 
-    def __init__(self, grads):
-        self.grads = grads
+    def __init__(self, grads, ws):
+        self.grads, self.ws = grads, ws
 
     def __call__(self, k, T_rows, X_rows, ones, noise=None):
         dW, db = self.grads[k]
-        ops.weight_gradient(T_rows, X_rows, Layer.weight_matrix(dW))
+        ops.weight_gradient(T_rows, X_rows, Layer.weight_matrix(dW), ws=self.ws)
         ops.gemv("T", T_rows, ones, db)
         if noise is not None:
             noise(k, 0, dW.reshape(-1), 1.0)

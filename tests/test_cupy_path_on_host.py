@@ -21,7 +21,7 @@ import cuda_host
 import gpu_mlp
 import host_cupy
 from gpu_mlp import activations, cuda, losses, ops, optim, reference
-from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.layers import ChannelsLastDense, Conv2d, Dense
 from gpu_mlp.privacy import DP
 from gpu_mlp.updates import Apply
 from host_cupy import NULL, cupy_path
@@ -284,6 +284,21 @@ def test_conv_network(host_cupy_lib, make_targets, act, memory, dtype):
     assert_close(J, J_ref, RTOL[net.dtype])
     assert_all_close([a for pair in net.params for a in pair],
                      [a for pair in sgd(params, grads) for a in pair], RTOL[net.dtype])
+
+
+def test_a_dense_head_reads_the_maps_nhwc_on_the_cupy_path(host_cupy_lib, make_targets):
+    """The Dense head (d_out 3 <= the batch) reads the last maps NHWC against W in their
+    order, as on NumPy: no NCHW copy of them, and its weight gradient permuted back into
+    W's layout on the device -- the NumPy engine's numbers."""
+    net, X, Y = conv_problem("output", "relu", "float64", make_targets)
+    on_numpy = flatten(net.loss_and_gradients(X, Y))
+    with cupy_path(host_cupy_lib):
+        assert isinstance(net._engine_layers(BATCH)[-1], ChannelsLastDense)
+        results = flatten(net.loss_and_gradients(X, Y))
+        net.train_step(X, Y, LR)
+    shapes = {key[0] for key in net.training_workspace._free}
+    assert (3, 5, 4) in shapes and (4, 3, 5) not in shapes  # the last maps: NHWC only
+    assert_all_close(results, on_numpy, numpy_rtol(np.float64))
 
 
 # --- optimizers on the CuPy path ---------------------------------------------------------------
