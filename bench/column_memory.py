@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                                     "batch": batch, "held_bytes": held,
                                     "torch_peak_bytes": torch_peak})
                     cells = [f"{held[n] / 2**20:.0f}, " + (
-                        f"{held[n] / torch_peak:.2f}" if torch_peak else "-") for n, _ in budgets]
+                        f"{held[n] / torch_peak:.2f}" if torch_peak else "-")
+                        for n, _ in budgets]
                     torch_cell = f"{torch_peak / 2**20:.0f}" if torch_peak else "-"
                     print(f"{point} | {torch_cell} | " + " | ".join(cells) +
                           f"   ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -386,9 +386,10 @@ class ChannelsLast(_TakesMapsNHWC):
     correlations of T it is, one per phase of the input's pixels, with no col2im
     (``phased_input_grad``). im2col and col2im run on blocks of whole samples
     (ops.conv_block): on NumPy blocks that stay in cache, on a GPU as many samples as
-    ``ops.COLUMN_BUDGET_BYTES`` holds, in the net's one column buffer. A 1x1 convolution with stride 1 and no padding
-    has no column buffer: ``rows(x)`` is ``x``; windows that tile the image (stride =
-    kernel, no padding) are one copy each way.
+    ``ops.COLUMN_BUDGET_BYTES`` holds, in the net's one column buffer. A 1x1
+    convolution with stride 1 and no padding has no column buffer: ``rows(x)`` is
+    ``x``; windows that tile the image (stride = kernel, no padding) are one copy each
+    way.
     """
 
     gives_channels_last = True
@@ -674,10 +675,12 @@ class ChannelsLastDense(_TakesMapsNHWC):
 
     def _weight(self, W, maps, ws):
         """A workspace copy of ``W`` with its columns in the (h, w, c) order of the NHWC
-        ``maps``, as the (d_out, d_in) matrix."""
+        ``maps``, as the (d_out, d_in) matrix (taken as one row of W's size: shaped as
+        the maps, it would be pooled with them and sized for the batch)."""
         H, Wd, C = maps.shape[1:]
-        Wt = ws.take((self.d_out, H, Wd, C))
-        Wt[...] = W.reshape(self.d_out, C, H, Wd).transpose(0, 2, 3, 1)
+        Wt = ws.take((1, self.d_out * H * Wd * C)).reshape(self.d_out, -1)
+        Wt.reshape(self.d_out, H, Wd, C)[...] = W.reshape(self.d_out, C, H, Wd).transpose(
+            0, 2, 3, 1)
         return Wt
 
     def rows(self, x, ws, blocks=False):
@@ -686,13 +689,13 @@ class ChannelsLastDense(_TakesMapsNHWC):
     def linear(self, x, W, ws, out=None):
         A = ws.take((x.shape[0], self.d_out)) if out is None else out
         Wt = self._weight(W, x, ws)
-        ops.gemm("N", "T", x.reshape(x.shape[0], -1), Wt.reshape(self.d_out, -1), A)
+        ops.gemm("N", "T", x.reshape(x.shape[0], -1), Wt, A)
         ws.give(Wt)
         return A
 
     def input_grad(self, T_rows, W, ws, out) -> None:
         Wt = self._weight(W, out, ws)
-        ops.gemm("N", "N", T_rows, Wt.reshape(self.d_out, -1), out.reshape(out.shape[0], -1))
+        ops.gemm("N", "N", T_rows, Wt, out.reshape(out.shape[0], -1))
         ws.give(Wt)
 
 

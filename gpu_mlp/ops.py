@@ -589,7 +589,8 @@ CONV_BLOCK_BYTES = 1 << 20
 # over a whole batch it put a GPU step at up to 2.3x PyTorch's peak memory. Counted on
 # the CuPy path (bench/README.md, "Column budget"): 16 MiB gives 0.52-0.94x PyTorch's
 # H200 peak on the conv grid (36 points, batches 64-1,024), 32 MiB up to 1.00x, 64 MiB
-# up to 1.16x, whole columns up to 1.58x. A 16 MiB block is still a GEMM of thousands of rows (7,000 at K = 576).
+# up to 1.16x, whole columns up to 1.58x. A 16 MiB block is still a GEMM of thousands
+# of rows (7,000 at K = 576).
 COLUMN_BUDGET_BYTES = 16 << 20
 
 
@@ -1115,8 +1116,9 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     (:class:`gpu_mlp.layers.ChannelsLast`), or the NHWC maps (B, H, W, C) a Dense layer
     reads (:class:`gpu_mlp.layers.ChannelsLastDense`) -- whose product is permuted into
     W's (c_in, kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s
-    (a training step's; on a GPU always), or on NumPy a new one. Or ``X_rows`` is a :class:`RowBlocks`: the sum of
-    the blocks' products, the first scaled by ``beta``, the rest added (beta 1)."""
+    (a training step's; on a GPU always), or on NumPy a new one. Or ``X_rows`` is a
+    :class:`RowBlocks`: the sum of the blocks' products, the first scaled by ``beta``,
+    the rest added (beta 1)."""
     if isinstance(X_rows, RowBlocks):
         for i, (rows, block) in enumerate(X_rows):
             weight_gradient(T_rows[rows], block, G, alpha, beta if i == 0 else 1.0, ws)
@@ -1126,7 +1128,9 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
         return G
     rows, kh, kw, c_in = X_rows.shape
     shape = (G.shape[0], kh, kw, c_in)
-    taps = np.empty(shape, G.dtype) if ws is None else ws.take(shape)  # NumPy: ws or not
+    # one row of W's size: a buffer shaped as the maps or the windows would be pooled
+    # with those, and sized for their batch (NumPy: ws or not)
+    taps = np.empty(shape, G.dtype) if ws is None else ws.take((1, G.size)).reshape(shape)
     gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(G.shape[0], -1),
          alpha=alpha)
     to_weight_order(taps, G, beta)

@@ -4,10 +4,12 @@ A training step takes its activation and delta buffers from here and gives each 
 as soon as the backward pass is done with it (docs/MATH.md, "Memory modes"), so a buffer
 freed by one layer serves the next layer of the same width. Buffers are kept per *row
 shape* (the shape without the batch dimension) and sized for the most rows asked for so
-far; a smaller batch gets a view of their first rows. So a full batch, the remainder,
-or any number of sizes in turn all run on the same buffers: after the first step with
-the largest batch the steady state allocates nothing, which ``allocations`` lets tests
-and benchmarks see. The memory held is bounded by the largest batch.
+far; a smaller batch gets a view of their first rows (convolutions' column buffers,
+which the layers take one at a time, share one pool whatever their width:
+``take_columns``). So a full batch, the remainder, or any number of sizes in turn all
+run on the same buffers: after the first step with the largest batch the steady state
+allocates nothing, which ``allocations`` lets tests and benchmarks see. The memory held
+is bounded by the largest batch.
 
 Two sizes of what is held: ``bytes`` is what the workspace asked for (the buffers'
 ``nbytes``); ``pool_bytes`` is what the allocator holds for them. On NumPy the two are
@@ -69,7 +71,7 @@ class Workspace:
         free = self._free[key]
         if free:
             base = free.pop()
-        elif key[0] is COLUMNS:
+        elif key[0] == COLUMNS:
             base = self.xp.empty(self._rows[key], dtype=key[1])
             self._count(base)
             self._columns.add(id(base))

@@ -439,6 +439,9 @@ def test_the_engine_keeps_the_maps_nhwc_between_convolutions():
     assert {(6, 4, 3), (6, 4, 4), (3, 2, 5)} <= shapes
     assert not {(3, 6, 4), (4, 6, 4), (5, 3, 2)} & shapes  # no NCHW copy of a map
     assert isinstance(net._engine_layers(4)[-1], ChannelsLastDense)
+    # the last maps and their gradient, no more: W's copy in their order and its
+    # gradient's permutation take buffers of W's size, not ones pooled with the maps
+    assert len(net.training_workspace._free[((3, 2, 5), np.dtype(np.float64))]) == 2
 
 
 def test_a_dense_wider_than_the_batch_takes_the_maps_nchw():
