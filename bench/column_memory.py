@@ -4,7 +4,7 @@ For each point of the conv grid (``bench/run.py --grid conv``: 1x28x28 and 3x32x
 inputs, 16-64 channels, depth 2 or 4), one fresh net runs two training steps (float32,
 ``output`` mode, SGD) on the host stand-in of CuPy (``tests/host_cupy.py``: the engine's
 CuPy branches, the CUDA kernel bodies compiled for the host), once per column budget
-(``ops.COLUMN_BUDGET_BYTES``; "none": whole-batch columns, the engine before the budget).
+(``ops.COLUMN_BUDGET_BYTES``; "none": a budget no batch reaches, whole-batch columns).
 It counts the workspace's pool bytes (each buffer rounded up to CuPy's 512-byte unit)
 plus the parameters, the batch and cuBLAS's workspace (``cublas.WORKSPACE_BYTES``), and
 divides by PyTorch's peak measured on a GPU for the same point (``--torch``: a
@@ -12,15 +12,18 @@ divides by PyTorch's peak measured on a GPU for the same point (``--torch``: a
 pool's own fragmentation, and time. A GPU run of ``bench/run.py --grid conv`` measures
 both.
 
-    python bench/column_memory.py --torch results.json --batches 256,1024 --budgets 16,32,64
+    python bench/column_memory.py \
+        --torch bench/results/2026-12-04-h200/cuda-float32-conv/results.json \
+        --batches 64,256,1024 --budgets 16 \
+        --out bench/results/cupy-standin-float32-conv-memory/results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
+import platform
 import sys
 import tempfile
 import time
@@ -33,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import gpu_mlp  # noqa: E402
 import host_cupy  # noqa: E402  (the tests' CuPy stand-in)
 from gpu_mlp import cublas, ops  # noqa: E402
-from bench.harness import ConvPoint  # noqa: E402
+from bench.harness import ConvPoint, portable_command, repo_path, source_state  # noqa: E402
 
 INPUTS, CHANNELS, DEPTHS = ((1, 28, 28), (3, 32, 32)), (16, 32, 64), (2, 4)
 NONE = 1 << 62  # a budget no batch reaches
@@ -96,9 +99,15 @@ def main(argv=None) -> int:
                     print(f"{point} | {torch_cell} | " + " | ".join(cells) +
                           f"   ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.out:
+        environment = {
+            "command": portable_command(sys.orig_argv), "platform": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "gpu_mlp": gpu_mlp.__version__, "gpu_mlp_source": source_state(),
+            "torch_peaks_from": None if args.torch is None else repo_path(args.torch)}
         pathlib.Path(args.out).write_text(json.dumps({
             "method": __doc__.split("\n\n")[1].replace("\n", " "),
-            "budgets": dict(budgets), "records": records}, indent=1))
+            "environment": environment, "budgets": dict(budgets), "records": records},
+            indent=1))
     return 0
 
 

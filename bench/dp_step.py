@@ -496,31 +496,6 @@ def report(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _source_state() -> dict:
-    """The git commit of the checkout and a digest of gpu_mlp's sources as measured
-    (the working tree may differ from the commit)."""
-    import hashlib
-    import subprocess
-
-    digest = hashlib.sha256()
-    package = os.path.join(ROOT, "gpu_mlp")
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    state = {"sha256_of_gpu_mlp_py": digest.hexdigest(), "commit": None, "dirty": None}
-    try:
-        git = ["git", "-C", ROOT]
-        state["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
-                                         text=True, check=True).stdout.strip()
-        state["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "gpu_mlp"],
-                                             capture_output=True, text=True,
-                                             check=True).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return state
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -561,7 +536,7 @@ def main(argv=None) -> int:
     noise_threads = getattr(ops, "NOISE_THREADS", None)  # the CPU noise's own pool
     env["threads"]["gpu_mlp_noise"] = (min(noise_threads, os.cpu_count() or 1)
                                        if noise_threads else None)
-    env["gpu_mlp_source"] = _source_state()
+    env["gpu_mlp_source"] = harness.source_state()
     # other processes on the machine show here: a busy CPU slows threaded BLAS badly
     env["loadavg_at_start"] = list(os.getloadavg())
     result = {"environment": env, "config": config, "records": []}

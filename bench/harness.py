@@ -416,6 +416,30 @@ def environment(devices, threads: int, tf32: bool, out=None) -> dict:
     return env
 
 
+def source_state() -> dict:
+    """The git commit of the checkout and a digest of gpu_mlp's sources as measured
+    (the working tree may differ from the commit)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package = os.path.join(ROOT, "gpu_mlp")
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    state = {"sha256_of_gpu_mlp_py": digest.hexdigest(), "commit": None, "dirty": None}
+    try:
+        git = ["git", "-C", ROOT]
+        state["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
+                                         text=True, check=True).stdout.strip()
+        state["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "gpu_mlp"],
+                                             capture_output=True, text=True,
+                                             check=True).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return state
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

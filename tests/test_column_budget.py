@@ -200,3 +200,20 @@ def test_the_budget_caps_the_workspace_on_the_cupy_path(host_cupy_lib):
                 net.train_step(X, Y, 0.01)
             held[name] = net.training_workspace.pool_bytes
     assert held["whole"] - held["blocked"] >= 0.95 * (COLUMNS - 3 * SAMPLE), held
+
+
+def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib):
+    """bench/column_memory.py's count: the workspace's pool bytes, the parameters, the
+    batch and cuBLAS's workspace; a budget below the columns lowers it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import column_memory
+    from bench.harness import ConvPoint
+
+    point = ConvPoint((1, 8, 8), 4, 2, 16)
+    whole = column_memory.held_bytes(host_cupy_lib, point, column_memory.NONE)
+    blocked = column_memory.held_bytes(host_cupy_lib, point, 4 * 64 * 9 * 4)
+    assert whole > blocked > gpu_mlp.cublas.WORKSPACE_BYTES
+    assert ops.COLUMN_BUDGET_BYTES == 16 << 20  # restored
