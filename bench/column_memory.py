@@ -80,6 +80,14 @@ def main(argv=None) -> int:
     peaks = torch_peaks(args.torch)
     lib = host_cupy.build(pathlib.Path(tempfile.mkdtemp()))
     records = []
+    out = pathlib.Path(args.out) if args.out else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    environment = {
+        "command": portable_command(sys.orig_argv), "platform": platform.platform(),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "gpu_mlp": gpu_mlp.__version__, "gpu_mlp_source": source_state(),
+        "torch_peaks_from": None if args.torch is None else repo_path(args.torch)}
     print("point | torch MiB | " + " | ".join(f"{name}: MiB, / torch" for name, _ in budgets))
     for batch in map(int, args.batches.split(",")):
         for shape in INPUTS:
@@ -98,16 +106,11 @@ def main(argv=None) -> int:
                     torch_cell = f"{torch_peak / 2**20:.0f}" if torch_peak else "-"
                     print(f"{point} | {torch_cell} | " + " | ".join(cells) +
                           f"   ({time.perf_counter() - start:.0f} s)", flush=True)
-    if args.out:
-        environment = {
-            "command": portable_command(sys.orig_argv), "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "gpu_mlp": gpu_mlp.__version__, "gpu_mlp_source": source_state(),
-            "torch_peaks_from": None if args.torch is None else repo_path(args.torch)}
-        pathlib.Path(args.out).write_text(json.dumps({
-            "method": __doc__.split("\n\n")[1].replace("\n", " "),
-            "environment": environment, "budgets": dict(budgets), "records": records},
-            indent=1))
+                    if out is not None:  # after every point: a long run keeps what it has
+                        out.write_text(json.dumps({
+                            "method": __doc__.split("\n\n")[1].replace("\n", " "),
+                            "environment": environment, "budgets": dict(budgets),
+                            "records": records}, indent=1))
     return 0
 
 

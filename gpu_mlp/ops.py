@@ -587,10 +587,10 @@ CONV_BLOCK_BYTES = 1 << 20
 # weight gradient reads rows(x) block by block (RowBlocks); the layers share one such
 # buffer (Workspace.take_columns). A column buffer is kh*kw times the layer's input:
 # over a whole batch it put a GPU step at up to 2.3x PyTorch's peak memory. Counted on
-# the CuPy path (bench/README.md, "Column budget"): 16 MiB gives 0.52-0.94x PyTorch's
-# H200 peak on the conv grid (36 points, batches 64-1,024), 32 MiB up to 1.00x, 64 MiB
-# up to 1.16x, whole columns up to 1.58x. A 16 MiB block is still a GEMM of thousands
-# of rows (7,000 at K = 576).
+# the CuPy path (bench/README.md, "Column budget"): 16 MiB gives 0.51-0.88x PyTorch's
+# H200 peak on the conv grid (36 points, batches 64-1,024), whole columns up to 1.51x;
+# 32 and 64 MiB reached 1.00x and 1.16x. A 16 MiB block is still a GEMM of thousands of
+# rows (7,000 at K = 576).
 COLUMN_BUDGET_BYTES = 16 << 20
 
 
