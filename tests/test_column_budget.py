@@ -12,6 +12,7 @@ measured: tracemalloc on NumPy, the workspace's pool bytes on the CuPy path.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -202,7 +203,7 @@ def test_the_budget_caps_the_workspace_on_the_cupy_path(host_cupy_lib):
     assert held["whole"] - held["blocked"] >= 0.95 * (COLUMNS - 3 * SAMPLE), held
 
 
-def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib):
+def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib, tmp_path):
     """bench/column_memory.py's count: the workspace's pool bytes, the parameters, the
     batch and cuBLAS's workspace; a budget below the columns lowers it."""
     import sys
@@ -217,3 +218,10 @@ def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib):
     blocked = column_memory.held_bytes(host_cupy_lib, point, 4 * 64 * 9 * 4)
     assert whole > blocked > gpu_mlp.cublas.WORKSPACE_BYTES
     assert ops.COLUMN_BUDGET_BYTES == 16 << 20  # restored
+    # the CLI, on the grid's 12 points at a batch of 1, into a folder it makes
+    out = tmp_path / "new" / "results.json"
+    assert column_memory.main(["--batches", "1", "--budgets", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["records"]) == 12 and set(doc["budgets"]) == {"none", "1 MiB"}
+    assert all(r["torch_peak_bytes"] is None for r in doc["records"])
+    assert str(tmp_path) not in json.dumps(doc["environment"])
