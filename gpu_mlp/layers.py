@@ -270,7 +270,7 @@ class Conv2d(Layer):
         B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
         n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
         cols = _row_buffer(ws, n * P, K, blocks)
-        if n == B:
+        if n >= B:
             return ops.im2col(self, x, cols)
         return ops.RowBlocks(B, n, P, lambda first, count: ops.im2col(
             self, x[first:first + count], cols[:count * P]), (cols,))
@@ -632,7 +632,7 @@ class EntranceConv(_Form):
             self._fill(samples, columns, ws)
             return columns.T
 
-        return fill(0, B) if n == B else ops.RowBlocks(B, n, P, fill, (buffer,))
+        return fill(0, B) if n >= B else ops.RowBlocks(B, n, P, fill, (buffer,))
 
     def give_rows(self, rows, ws) -> None:
         _give_rows(rows, ws)

@@ -596,8 +596,8 @@ COLUMN_BUDGET_BYTES = 16 << 20
 
 def column_block(B: int, bytes_per_sample: int) -> int:
     """Samples per block of ``B`` whose columns fit :data:`COLUMN_BUDGET_BYTES` (at
-    least one)."""
-    return min(B, max(1, COLUMN_BUDGET_BYTES // max(1, bytes_per_sample)))
+    least one, even for an empty batch: a loop's step)."""
+    return max(1, min(B, COLUMN_BUDGET_BYTES // max(1, bytes_per_sample)))
 
 
 def conv_block(x, bytes_per_sample: int) -> int:

@@ -225,3 +225,11 @@ def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib, tmp_
     assert len(doc["records"]) == 12 and set(doc["budgets"]) == {"none", "1 MiB"}
     assert all(r["torch_peak_bytes"] is None for r in doc["records"])
     assert str(tmp_path) not in json.dumps(doc["environment"])
+
+
+def test_column_blocks_hold_whole_samples_within_the_budget(monkeypatch):
+    monkeypatch.setattr(ops, "COLUMN_BUDGET_BYTES", 1000)
+    assert ops.column_block(10, 300) == 3     # 900 bytes of columns a block
+    assert ops.column_block(2, 300) == 2      # the batch fits
+    assert ops.column_block(10, 5000) == 1    # one sample over the budget: one a block
+    assert ops.column_block(0, 300) == 1      # an empty batch: still a loop's step
