@@ -37,6 +37,7 @@ import gpu_mlp  # noqa: E402
 import host_cupy  # noqa: E402  (the tests' CuPy stand-in)
 from gpu_mlp import cublas, ops  # noqa: E402
 from bench.harness import ConvPoint, portable_command, repo_path, source_state  # noqa: E402
+from bench.run import positive_ints  # noqa: E402
 
 INPUTS, CHANNELS, DEPTHS = ((1, 28, 28), (3, 32, 32)), (16, 32, 64), (2, 4)
 NONE = 1 << 62  # a budget no batch reaches
@@ -72,11 +73,12 @@ def torch_peaks(path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch", help="a bench/run.py results.json with PyTorch's GPU peaks")
-    parser.add_argument("--batches", default="256,1024")
-    parser.add_argument("--budgets", default="16,32,64", help="column budgets, MiB")
+    parser.add_argument("--batches", type=positive_ints, default=[256, 1024])
+    parser.add_argument("--budgets", type=positive_ints, default=[16, 32, 64],
+                        help="column budgets, MiB")
     parser.add_argument("--out", help="write the records here (JSON)")
     args = parser.parse_args(argv)
-    budgets = [("none", NONE)] + [(f"{m} MiB", int(m) << 20) for m in args.budgets.split(",")]
+    budgets = [("none", NONE)] + [(f"{m} MiB", m << 20) for m in args.budgets]
     peaks = torch_peaks(args.torch)
     lib = host_cupy.build(pathlib.Path(tempfile.mkdtemp()))
     records = []
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         "gpu_mlp": gpu_mlp.__version__, "gpu_mlp_source": source_state(),
         "torch_peaks_from": None if args.torch is None else repo_path(args.torch)}
     print("point | torch MiB | " + " | ".join(f"{name}: MiB, / torch" for name, _ in budgets))
-    for batch in map(int, args.batches.split(",")):
+    for batch in args.batches:
         for shape in INPUTS:
             for channels in CHANNELS:
                 for depth in DEPTHS:

@@ -44,7 +44,9 @@ IMPLS = ("gpu_mlp", "torch", "torch.compile", "torch.graph", "gemm")
 MODES = ("output", "recompute", "store_both")
 
 
-def _ints(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 (bench/scaling.py's and
+    bench/column_memory.py's too)."""
     try:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
@@ -103,16 +105,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "as a CUDA graph, runs on cuda only)")
     p.add_argument("--modes", type=_choices(MODES), default=list(MODES),
                    help="gpu_mlp memory modes (default: all)")
-    p.add_argument("--widths", type=_ints, help=f"--grid mlp: default {FULL['widths']}")
+    p.add_argument("--widths", type=positive_ints,
+                   help=f"--grid mlp: default {FULL['widths']}")
     p.add_argument("--inputs", type=_shapes,
                    help="--grid conv: image shapes CxHxW, default "
                         f"{','.join(map(_shape_text, CONV_FULL['inputs']))}")
-    p.add_argument("--channels", type=_ints,
+    p.add_argument("--channels", type=positive_ints,
                    help=f"--grid conv: default {CONV_FULL['channels']}")
-    p.add_argument("--depths", type=_ints,
+    p.add_argument("--depths", type=positive_ints,
                    help=f"layers (--grid conv: convolutions), default {FULL['depths']} "
                         f"(--grid conv: {CONV_FULL['depths']})")
-    p.add_argument("--batches", type=_ints,
+    p.add_argument("--batches", type=positive_ints,
                    help=f"default {FULL['batches']} (--grid conv: {CONV_FULL['batches']})")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,

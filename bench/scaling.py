@@ -45,23 +45,17 @@ _ALGORITHM = "OMPI_MCA_coll_libnbc_iallreduce_algorithm"
 LR = 1e-5  # the weights barely move over the timed steps
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def parse(argv=None):
+    if ROOT not in sys.path:  # run from a checkout: bench needs no install
+        sys.path.insert(0, ROOT)
+    from bench.run import positive_ints
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=_ints, default=[1, 2, 4],
+    parser.add_argument("--ranks", type=positive_ints, default=[1, 2, 4],
                         help="rank counts P, each one mpirun (default 1,2,4)")
-    parser.add_argument("--widths", type=_ints, default=[64, 256, 1024])
-    parser.add_argument("--batches", type=_ints, default=[8, 128], help="rows per rank")
+    parser.add_argument("--widths", type=positive_ints, default=[64, 256, 1024])
+    parser.add_argument("--batches", type=positive_ints, default=[8, 128],
+                        help="rows per rank")
     parser.add_argument("--depth", type=int, default=2, help="layers of width w")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")

@@ -300,12 +300,10 @@ class Conv2d(Layer):
         B, P, K = out.shape[0], self.positions(out.shape[1:]), self.fan_in
         n = ops.column_block(B, P * K * out.dtype.itemsize)
         dcols = ws.take_columns(n * P, K)
-        for first in range(0, B, n):
-            count = min(n, B - first)
-            block = dcols[:count * P]
-            ops.gemm("N", "N", T_rows[first * P:(first + count) * P],
-                     self.weight_matrix(W), block)
-            ops.col2im(self, block, out[first:first + count])
+        for samples, rows in ops.sample_blocks(B, n, P):
+            block = dcols[:rows.stop - rows.start]
+            ops.gemm("N", "N", T_rows[rows], self.weight_matrix(W), block)
+            ops.col2im(self, block, out[samples])
         ws.give(dcols)
 
     def bias_view(self, b):
@@ -415,11 +413,6 @@ class ChannelsLast(_TakesMapsNHWC):
         _, OH, OW = self.conv.output_shape((C, H, W))
         return B, OH * OW, self.conv.fan_in
 
-    def _blocks(self, B: int, n: int, P: int):
-        """(samples, rows) slices of blocks of ``n`` whole samples."""
-        return [(slice(b, min(B, b + n)), slice(b * P, min(B, b + n) * P))
-                for b in range(0, B, n)]
-
     def rows(self, x, ws, blocks=False):
         if self._direct:
             return x.reshape(-1, self.c_in)
@@ -432,7 +425,7 @@ class ChannelsLast(_TakesMapsNHWC):
 
         def fill(first, count):
             """rows(x) of samples first..first + count, in cols."""
-            for samples, rows in self._blocks(count, n, P):  # blocks: faster than one
+            for samples, rows in ops.sample_blocks(count, n, P):  # blocks: faster than one
                 self._im2col(x[first:first + count][samples], cols[rows], padded)
             made = cols[:count * P]
             # NumPy: the windows' order, said by the shape
@@ -487,7 +480,7 @@ class ChannelsLast(_TakesMapsNHWC):
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
         cols = ws.take_columns(n * P, K)  # the net's one column buffer
         padded = self._padding(x, n, ws)
-        for samples, rows in self._blocks(B, n, P):
+        for samples, rows in ops.sample_blocks(B, n, P):
             block = cols[:rows.stop - rows.start]
             self._im2col(x[samples], block, padded)
             ops.gemm("N", "T", block, W_mat, A_rows[rows])
@@ -512,7 +505,7 @@ class ChannelsLast(_TakesMapsNHWC):
         dcols = ws.take_columns(n * P, K)
         Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
         W_mat = self._windows_weight(W, Wt)
-        for samples, rows in self._blocks(B, n, P):
+        for samples, rows in ops.sample_blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], W_mat, block)
             ops.col2im_nhwc(self.conv, block, out[samples])
@@ -644,11 +637,10 @@ class EntranceConv(_Form):
         A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
         block = ws.take_columns(n * P, K)  # the net's one column buffer
-        for first in range(0, B, n):
-            samples = x[first:first + n]
-            columns = self._transposed_columns(samples, block)
-            self._fill(samples, columns, ws)
-            ops.gemm("T", "T", columns, W_mat, A_rows[first * P:(first + len(samples)) * P])
+        for samples, rows in ops.sample_blocks(B, n, P):
+            columns = self._transposed_columns(x[samples], block)
+            self._fill(x[samples], columns, ws)
+            ops.gemm("T", "T", columns, W_mat, A_rows[rows])
         ws.give(block)
         return A
 

@@ -609,6 +609,13 @@ def conv_block(x, bytes_per_sample: int) -> int:
     return min(fit, max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample)))
 
 
+def sample_blocks(B: int, n: int, P: int):
+    """``(samples, rows)`` slices of the blocks of ``n`` whole samples of a batch of
+    ``B``, each sample ``P`` rows (a convolution's output positions)."""
+    return [(slice(b, min(B, b + n)), slice(b * P, min(B, b + n) * P))
+            for b in range(0, B, n)]
+
+
 class RowBlocks:
     """A convolution's ``rows(x)``, (B*P, ...), larger than :data:`COLUMN_BUDGET_BYTES`:
     made ``per_block`` whole samples at a time into one buffer, as a weight gradient
@@ -623,10 +630,8 @@ class RowBlocks:
 
     def __iter__(self):
         """``(rows, block)``: the slice of rows(x) a block is, and the block."""
-        P = self.positions
-        for first in range(0, self.samples, self.per_block):
-            count = min(self.per_block, self.samples - first)
-            yield slice(first * P, (first + count) * P), self.fill(first, count)
+        for samples, rows in sample_blocks(self.samples, self.per_block, self.positions):
+            yield rows, self.fill(samples.start, samples.stop - samples.start)
 
 
 # --- optimizers (gpu_mlp/optim.py) --------------------------------------------------------

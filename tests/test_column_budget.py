@@ -225,6 +225,9 @@ def test_the_bench_counts_what_a_step_holds_on_the_cupy_path(host_cupy_lib, tmp_
     assert len(doc["records"]) == 12 and set(doc["budgets"]) == {"none", "1 MiB"}
     assert all(r["torch_peak_bytes"] is None for r in doc["records"])
     assert str(tmp_path) not in json.dumps(doc["environment"])
+    for bad in (["--budgets", "0"], ["--batches", "x"]):
+        with pytest.raises(SystemExit):
+            column_memory.main(bad)
 
 
 def test_column_blocks_hold_whole_samples_within_the_budget(monkeypatch):
