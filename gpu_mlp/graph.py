@@ -8,7 +8,8 @@ memory mode, update rule and its settings, DP and its settings, the divisor and 
 scale, the parameter arrays and buffers -- eagerly on its first use (the warm-up:
 kernels compiled, workspace buffers allocated; once more if the workspace outgrew a
 buffer the step held, which it replaces only at the next step), captures it as one CUDA
-graph on its second (``cupy.cuda.Stream(non_blocking=True)``, ``begin_capture()`` /
+graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread and
+device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
 static input buffers. What changes from step to step is read on the device by pointer
@@ -30,7 +31,9 @@ keeping alive every buffer it touches.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -69,7 +72,6 @@ class StepGraphs:
         self._scalars: dict = {}
         self._params = None
         self._warned = set()
-        self._stream = None
         self.captures = self.replays = 0
 
     @property
@@ -82,7 +84,6 @@ class StepGraphs:
         self._entries.clear()
         self._scalars.clear()
         self._params = None
-        self._stream = None
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
              capture: bool = True):
@@ -160,33 +161,29 @@ class StepGraphs:
                 tuple(net._modes), id(net.training_workspace), rule, dp, rows,
                 None if counts is None else tuple(counts), divisor, scale, id(scalars))
 
-    def _prepare(self, cuda, entry, net, X, Y) -> None:
+    def _prepare(self, cuda, entry, net, X, Y):
         """Allocate what a capture needs before it (nothing may allocate during it): the
         static input and loss buffers, the capture stream and its cuBLAS handle and
         workspace. Done at a configuration's warm-up, so that its capture allocates
-        nothing either."""
+        nothing either. Returns the capture stream."""
         if entry.X is None:
             xp = net.xp
             entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
             entry.loss = xp.empty((), dtype=net.dtype)
-        if self._stream is None:  # one capture stream per net: one cuBLAS handle for it
-            self._stream = cuda.Stream(non_blocking=True)
-            with self._stream:
-                cublas.prepare()
+        return _capture_stream(cuda)
 
     def _capture(self, cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
                  scalars) -> bool:
         """Capture the step into ``entry`` and launch it once; False (and a warning,
         once per reason) if the capture failed: the step is then to run eagerly, and
         the plan and scalars are as before."""
-        self._prepare(cuda, entry, net, X, Y)
+        stream = self._prepare(cuda, entry, net, X, Y)  # this thread's, made outside
         _into(entry.X, X)
         _into(entry.Y, Y)
         host = _host_state(plan)
         at = scalars._at
-        stream = self._stream
         try:
-            with stream:
+            with stream, _no_allocation(cuda):
                 stream.begin_capture()
                 try:
                     _run(net, entry.X, entry.Y, plan, rows, counts, divisor, scale, scalars,
@@ -216,6 +213,53 @@ class StepGraphs:
         graph.launch(cuda.get_current_stream())
         self.captures += 1
         return True
+
+
+_streams = threading.local()  # this thread's capture stream of each device
+
+
+def _capture_stream(cuda):
+    """This thread's capture stream on the current device, with its cuBLAS handle and
+    workspace (``cublas.prepare``: made once, a lookup after; a handle is per thread,
+    device and stream). One stream per thread and device, shared by every net: one per
+    net would leave a handle and its 32 MiB workspace behind with each net trained."""
+    streams = _streams.__dict__.setdefault("of_device", {})
+    device = cuda.runtime.getDevice()
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = cuda.Stream(non_blocking=True)
+    with stream:
+        cublas.prepare()
+    return stream
+
+
+class CaptureAllocation(RuntimeError):
+    """A memory pool allocation during a capture: the graph would keep an address that
+    the pool hands to the next array once this one dies."""
+
+
+def _no_allocation(cuda):
+    """Within: every allocation from CuPy's memory pool raises :class:`CaptureAllocation`
+    before it is made. CuPy captures in relaxed mode so that its pool may still allocate
+    (cupy/cuda/stream.pyx, ``begin_capture``) and checks nothing itself, so a buffer made
+    during a capture would let a replay write into memory that is no longer the graph's,
+    silently. A ``cupy.cuda.MemoryHook``'s ``malloc_preprocess`` runs before every pool
+    allocation, a cached block's too (memory.pyx, ``SingleDeviceMemoryPool.malloc``), so
+    raising there refuses it and the capture fails as any other: eager, with a warning.
+    A CuPy without memory hooks (the tests' stand-in, which refuses allocations itself):
+    nothing to do."""
+    hook = getattr(cuda, "MemoryHook", None)
+    if hook is None:
+        return contextlib.nullcontext()
+
+    class NoAllocation(hook):
+        name = "gpu_mlp.graph.no_allocation"
+
+        def malloc_preprocess(self, **kwargs):
+            raise CaptureAllocation(f"an allocation of {kwargs.get('size')} bytes from "
+                                    f"CuPy's memory pool during the capture")
+
+    return NoAllocation()
 
 
 def _capturing(cuda) -> bool:

@@ -60,6 +60,7 @@ does not model.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -199,20 +200,28 @@ class Capture:
 
 class Stream:
     """``cupy.cuda.Stream`` on the counting device, as the engine uses it
-    (gpu_mlp/graph.py): ``with stream:`` makes it current (nothing to do here: the
-    counting device has one queue), ``begin_capture``/``end_capture``/``is_capturing``
-    are a :class:`Capture`'s; ``null=True`` is the default stream, which CuPy will not
-    capture."""
+    (gpu_mlp/graph.py): each has its own ``ptr``; ``with stream:`` makes it current (what
+    ``cupy.cuda.get_current_stream()`` and the cuBLAS runtime's ``stream()`` answer: a
+    handle is per stream, as on a GPU; the counting device still has one queue),
+    ``begin_capture``/``end_capture``/``is_capturing`` are a :class:`Capture`'s;
+    ``null=True`` is the default stream, which CuPy will not capture. ``made`` counts the
+    streams made."""
+
+    made = 0
+    _addresses = itertools.count(host_cupy.STREAM + 1)
 
     def __init__(self, null: bool = False, non_blocking: bool = False):
         self.capture = Capture(null=null)
         self.non_blocking = non_blocking
+        self.ptr = 0 if null else next(Stream._addresses)
+        Stream.made += 1
 
     def __enter__(self) -> "Stream":
+        _current.append(self.ptr)
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        _current.pop()
 
     def begin_capture(self, mode=None) -> None:
         self.capture.begin_capture(mode)
@@ -227,9 +236,16 @@ class Stream:
         self.capture.synchronize()
 
 
+_current = [host_cupy.STREAM]  # the current stream's pointer last: ``with stream`` pushes
+
+
 class _CurrentStream:
     """``cupy.cuda.get_current_stream()``: capturing while any capture is open (the
     counting device has one queue)."""
+
+    @property
+    def ptr(self) -> int:
+        return _current[-1]
 
     def is_capturing(self) -> bool:
         return device_counts._COUNTS.capture is not None
@@ -242,12 +258,13 @@ _CURRENT = _CurrentStream()
 
 
 def cuda_module():
-    """``cupy.cuda`` as the engine reaches it: ``Stream``, ``get_current_stream`` and
-    ``graph.Graph``."""
+    """``cupy.cuda`` as the engine reaches it: ``Stream``, ``get_current_stream``,
+    ``runtime.getDevice`` (one device, 0) and ``graph.Graph``."""
     import types
 
     cuda = types.ModuleType("cupy.cuda")
     cuda.Stream, cuda.get_current_stream = Stream, lambda: _CURRENT
+    cuda.runtime = types.SimpleNamespace(getDevice=lambda: 0)
     cuda.graph = types.SimpleNamespace(Graph=Graph)
     return cuda
 
@@ -275,6 +292,9 @@ class CapturableBlas(host_cupy.HostCublas):
     def __init__(self, device, run: bool = True):
         super().__init__(device)
         self.array_type, self.run, self.calls = DeviceArray, run, 0
+
+    def stream(self) -> int:
+        return _current[-1]
 
     def capturing(self, stream: int) -> bool:
         return device_counts._COUNTS.capture is not None

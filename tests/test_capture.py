@@ -397,6 +397,32 @@ def test_a_replayed_step_allocates_nothing_and_never_waits(host_cupy_lib):
             assert net.step_graphs.replays == 4
 
 
+def test_nets_share_a_capture_stream_and_its_cublas_handle(host_cupy_lib):
+    """The capture stream, its cuBLAS handle and the handle's 32 MiB workspace are made
+    once per thread and device, however many nets are trained and freed: one per net
+    (as before) left a handle and its workspace behind with each."""
+    import capture as capture_module
+    from device_counts import to_device
+
+    made = capture_module.Stream.made
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib) as counts, \
+            capturable_blas(host_cupy_lib) as blas:
+        handles = len(blas.handles)  # the default stream's
+        for k in range(4):
+            other = _net("dense")[0] if k else net
+            to_device(other, net.xp)
+            for _ in range(3):
+                other.train_step(X, Y, 1e-2, check=False)
+            assert other.step_graphs.replays == 1
+            other.free_buffers()
+        assert capture_module.Stream.made - made <= 1  # 0: an earlier test made it
+        assert len(blas.handles) == handles + 1
+        counts.reset()
+        net.train_step(X, Y, 1e-2, check=False)  # after free_buffers: eager, no new handle
+        assert "cuBLAS workspace" not in counts.where
+
+
 def _changed_midway(change):
     def between(i, net, rule):
         if i == 4:
@@ -583,3 +609,33 @@ def test_on_a_gpu_replays_are_the_eager_steps(kind, rule, private):
     assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
     _same(params, eager)
     assert losses == eager_losses
+
+
+def test_an_allocation_from_cupys_pool_during_a_capture_is_refused_before_it_is_made():
+    """CuPy captures in relaxed mode and its pool checks nothing: the engine's guard, a
+    CuPy MemoryHook, refuses each pool allocation where SingleDeviceMemoryPool.malloc
+    calls the hooks, before it looks for a block (real CuPy's hook registry, no GPU)."""
+    cupy = pytest.importorskip("cupy")
+    guard = graph_module._no_allocation(cupy.cuda)
+    assert isinstance(guard, cupy.cuda.MemoryHook)
+    with guard:
+        hooks = cupy.cuda.memory_hook.get_memory_hooks()
+        assert hooks[guard.name] is guard
+        with pytest.raises(graph_module.CaptureAllocation, match="512 bytes"):
+            for hook in hooks.values():  # as SingleDeviceMemoryPool.malloc calls them
+                hook.malloc_preprocess(device_id=0, size=512, mem_size=512)
+    assert guard.name not in cupy.cuda.memory_hook.get_memory_hooks()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_an_allocation_during_a_capture_is_refused():
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, graph_module._no_allocation(cupy.cuda):
+        stream.begin_capture()
+        try:
+            with pytest.raises(graph_module.CaptureAllocation):
+                cupy.empty(1000, dtype=np.float32)
+        finally:
+            stream.end_capture()

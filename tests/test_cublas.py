@@ -492,9 +492,14 @@ def test_on_a_gpu_a_captured_gemm_replays_with_its_device_alpha():
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         cublas.prepare()
+        # a host beta beside a device alpha is copied to the device once, which a
+        # capture cannot do: a warm-up call first, as the engine's eager first step
+        ops.gemm("N", "N", a, b, cupy.zeros_like(out), alpha, 1.0)
         stream.begin_capture()
-        ops.gemm("N", "N", a, b, out, alpha, 1.0)
-        graph = stream.end_capture()
+        try:
+            ops.gemm("N", "N", a, b, out, alpha, 1.0)
+        finally:
+            graph = stream.end_capture()
         for value in (1.0, 2.0, 3.0):
             alpha.fill(value)
             graph.launch()
