@@ -59,8 +59,19 @@ def settle_now(xp, check: Callable[[Verdicts], None]) -> None:
     verdicts.settle()
 
 
+def flag(name: str, value, where: str = "") -> bool:
+    """``value`` as a bool if it is one (NumPy's too), else a TypeError naming it: "no",
+    1 and None are mistakes, not flags."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def dtype_of(name: str, dtype) -> np.dtype:
-    """The float32/float64 dtype named by ``dtype``, or a TypeError."""
+    """The float32/float64 dtype named by ``dtype``, or a TypeError (None too: NumPy would
+    read it as float64)."""
+    if dtype is None:
+        raise TypeError(f"{name} must be float32 or float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -265,7 +276,9 @@ def step_scalars(dtype, lr, dp) -> None:
         scalars += [(where, f"beta{i}", beta)
                     for i, beta in enumerate(hyper.get("betas", ()), start=1)]
         scalars.append((where, "lr * weight_decay", lr.lr * lr.weight_decay))
-    if dp is not None:
+    if dp is not None:  # the noise's key and counter too: set by hand, they may be off
+        integer("seed", dp.seed, 0, "DP: ", below=2**64)
+        integer("steps", dp.steps, 0, "DP: ", below=2**64)
         C, sigma = dp.max_grad_norm, dp.noise_multiplier
         scalars += [("DP: ", "max_grad_norm", C), ("DP: ", "noise_multiplier", sigma),
                     ("DP: ", "noise_multiplier * max_grad_norm", sigma * C)]

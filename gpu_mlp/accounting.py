@@ -167,7 +167,13 @@ def epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp") -> fl
     if sigma == 0.0:  # the clipped sum itself is released: no privacy
         return math.inf
     _library()  # the missing-library error even where the value is cached
-    return _epsilon(sigma, q, steps, delta, accountant)
+    try:
+        return _epsilon(sigma, q, steps, delta, accountant)
+    except (ArithmeticError, MemoryError) as e:  # an extreme sigma: the library's limits
+        raise ValueError(f"noise_multiplier {sigma:g} is beyond what the {accountant} "
+                         f"accountant can compute epsilon for ({type(e).__name__}: {e}); "
+                         f"calibrated noise multipliers lie in [{MIN_NOISE_MULTIPLIER:g}, "
+                         f"{MAX_NOISE_MULTIPLIER:g}]") from None
 
 
 # --- calibration --------------------------------------------------------------------------

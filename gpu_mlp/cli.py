@@ -618,7 +618,9 @@ def _report(args, out, say, root, data: _Data, net, plan: StepPlan, history, don
         except USER_ERRORS as e:  # a full disk, say: the results below still count
             print(f"gpu-mlp: warning: --plot {args.plot}: not written ({_reason(e)})",
                   file=sys.stderr)
-    out(f"training loss: {history.train_loss[-1]:.4f}")
+    last = history.train_loss[-1]
+    out("training loss: none (the last epoch sampled no rows)" if last is None
+        else f"training loss: {last:.4f}")
     out(f"test loss: {history.val_loss[-1]:.4f}")
     if plan.dp is not None:
         out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {plan.dp.delta:g}")

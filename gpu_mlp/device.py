@@ -185,7 +185,7 @@ def _moved(a, xp, name):
                 if hasattr(a, "cpu"):
                     return np.from_dlpack(a.cpu())
                 raise
-        return np.asarray(a)
+        return _as_array(name, a)
     if isinstance(a, xp.ndarray):
         return a
     if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
@@ -193,7 +193,15 @@ def _moved(a, xp, name):
             return xp.from_dlpack(a)
         except (RuntimeError, BufferError, TypeError, ValueError):
             return xp.asarray(np.from_dlpack(a))  # a CPU tensor: one host-to-device copy
-    return xp.asarray(_checks.numeric(name, np.asarray(a)))
+    return xp.asarray(_checks.numeric(name, _as_array(name, a)))
+
+
+def _as_array(name: str, a) -> np.ndarray:
+    """``np.asarray(a)``, its ValueError naming ``name`` (a ragged list, say)."""
+    try:
+        return np.asarray(a)
+    except ValueError as e:
+        raise ValueError(f"{name} cannot be made an array: {e}") from None
 
 
 def to_numpy(a) -> np.ndarray:

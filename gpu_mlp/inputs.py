@@ -94,6 +94,7 @@ class Inputs:
                     raise ValueError(f"layer {k}, {e}") from None
                 shapes.append((shape, out))
                 shape = out
+            self.loss.check_outputs(math.prod(shape))
             self._shape_cache[input_shape] = shapes
         return shapes
 
@@ -120,11 +121,12 @@ class Inputs:
         self.shapes(X.shape[1:])  # every layer must fit, before anything runs
         return X, single
 
-    def batch(self, params, X, Y, check: bool):
+    def batch(self, params, X, Y, check: bool, write: bool = False):
         """``(X, Y, single)``: a C-contiguous batch in the net's dtype, checked as
         computed with: the value checks come after the cast and are read from the device
-        at once. ``params``: the net's, checked first (:meth:`check_params`)."""
-        self.check_params(params)
+        at once. ``params``: the net's, checked first (:meth:`check_params`; ``write``:
+        for a training step)."""
+        self.check_params(params, write)
         X, single = self.raw(X)
         Y = _device.to_device(_checks.unmasked("Y", Y), self.xp, "Y")
         given = tuple(Y.shape)
@@ -149,13 +151,24 @@ class Inputs:
             verdicts.settle()
         return X, self.xp.ascontiguousarray(Y), single
 
-    def check_params(self, params) -> None:
+    def check_params(self, params, write: bool = False) -> None:
         """The net's ``params`` (public): entries replaced since must still be what the
-        engine computes with, or a step would fail half-way with some layers updated."""
+        engine computes with, or a step would fail half-way with some layers updated.
+        ``write``: a training step's, which writes its update into them -- a NumPy array
+        must be writeable (a read-only memory map would crash the BLAS writing it)."""
         arrays = [a for pair in params for a in pair]
-        if len(arrays) == len(self._checked_params) and all(
-                a is b for a, b in zip(arrays, self._checked_params)):
-            return  # the same objects as last checked (kept alive here): still good
+        if not (len(arrays) == len(self._checked_params) and all(
+                a is b for a, b in zip(arrays, self._checked_params))):
+            self._check_new_params(params, arrays)  # else the objects last checked
+        if write and not all(getattr(a.flags, "writeable", True) for a in arrays):
+            k, name = next((k, n) for k, pair in enumerate(params, start=1)
+                           for n, a in zip(("W", "b"), pair)
+                           if not getattr(a.flags, "writeable", True))
+            raise ValueError(f"{name}_{k} is read-only (a read-only memory map, say), and "
+                             f"training writes its update into it: give the net writeable "
+                             f"copies (np.array(...))")
+
+    def _check_new_params(self, params, arrays) -> None:
         if len(params) != len(self.param_shapes):
             raise ValueError(f"net.params must hold {len(self.param_shapes)} (W, b) pairs, "
                              f"got {len(params)}")

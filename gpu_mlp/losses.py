@@ -168,9 +168,17 @@ class Loss:
     rowwise: bool = False
     # (F, Y) -> the share of right predictions, for a classification loss; None else
     accuracy: Optional[Callable] = None
+    min_outputs: int = 1  # a sample's outputs the loss needs (softmax: 2 classes)
 
     def __str__(self) -> str:
         return self.name
+
+    def check_outputs(self, d: int, where: str = "") -> None:
+        """A ValueError unless a sample's ``d`` outputs are enough for this loss."""
+        if d < self.min_outputs:
+            raise ValueError(f"{where}{self.name} needs at least {self.min_outputs} outputs "
+                             f"(classes) a sample, got {d}: with one, every loss is 0; use "
+                             f"the logistic loss")
 
 
 TABLE: dict[str, Loss] = {
@@ -179,7 +187,7 @@ TABLE: dict[str, Loss] = {
         Loss("squared", _squared, _check_squared),
         Loss("logistic", _logistic, _check_logistic, accuracy=_sign_accuracy),
         Loss("softmax_cross_entropy", _softmax_cross_entropy, _check_softmax_cross_entropy,
-             rowwise=True, accuracy=_class_accuracy),
+             rowwise=True, accuracy=_class_accuracy, min_outputs=2),
     )
 }
 

@@ -15,7 +15,7 @@ from . import activations as _activations
 from . import checkpoint as _checkpoint
 from . import device as _device
 from .layers import Dense
-from .network import Network
+from .network import Network, params_on
 
 
 class MLP(Network):
@@ -57,9 +57,7 @@ class MLP(Network):
         ``dtype`` defaults to the parameters' own.
         """
         name, xp = _device.resolve(device)
-        pairs = _checks.params([(_device.to_device(W, xp, f"W_{k}"),
-                                 _device.to_device(b, xp, f"b_{k}"))
-                                for k, (W, b) in enumerate(_checks.pairs(params), start=1)])
+        pairs = _checks.params(params_on(xp, params))
         sizes = [int(pairs[0][0].shape[1])] + [int(W.shape[0]) for W, _ in pairs]
         acts = _activations.per_layer(activations, len(pairs))
         return super().from_params(_dense_layers(sizes, acts), pairs, loss=loss,

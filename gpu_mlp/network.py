@@ -96,11 +96,14 @@ class Network(ForwardBackward):
         dt = _checks.dtype_of("dtype", dtype)
         rng = np.random.default_rng(_checks.seed(seed))
         params = []
+        if any(math.prod(layer.weight_shape) * dt.itemsize >= 2**63 for layer in layers):
+            raise _too_large(layers, dt)  # past any array's index range, not just memory
         try:
             for layer in layers:
-                scale = layer.activation.init_gain / np.sqrt(layer.fan_in)
+                scale = layer.activation.init_gain / math.sqrt(layer.fan_in)
                 W = rng.standard_normal(layer.weight_shape) * scale
-                params.append((W.astype(dt), np.zeros(layer.bias_shape, dtype=dt)))
+                with np.errstate(over="ignore"):  # _setup names what overflowed
+                    params.append((W.astype(dt), np.zeros(layer.bias_shape, dtype=dt)))
             self._setup(layers, params, loss, memory, device, dt)
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError: say what was asked for
             raise _too_large(layers, dt) from None
@@ -114,9 +117,7 @@ class Network(ForwardBackward):
         layouts; ``dtype`` defaults to the parameters' own."""
         layers = _inputs.check_layers(layers)
         name, xp = _device.resolve(device)
-        pairs = [(_device.to_device(W, xp, f"W_{k}"), _device.to_device(b, xp, f"b_{k}"))
-                 for k, (W, b) in enumerate(_checks.pairs(params, layers), start=1)]
-        pairs = _checks.layer_params(layers, pairs)
+        pairs = _checks.layer_params(layers, params_on(xp, params, layers))
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
         net = cls.__new__(cls)
         net._setup(layers, pairs, loss, memory, name, dt)
@@ -132,15 +133,17 @@ class Network(ForwardBackward):
                 raise ValueError(f"memory='output' needs sigma' as a function of the output, "
                                  f"which {', '.join(refused)} lacks; use memory='recompute' "
                                  f"or 'store_both'")
+        for k, a in enumerate(acts, start=1):  # as its kernels compute with it
+            if a.kind.has_alpha:
+                _checks.scalar("alpha", a.alpha, dtype, f"layer {k}'s {a}: ", positive=True)
         loss = _losses.get(loss)
+        if isinstance(layers[-1], _layers.Dense):  # a convolution's: per input shape
+            loss.check_outputs(layers[-1].d_out)
         if loss.name == "softmax_cross_entropy":
             if acts[-1].kind.rowwise:
                 raise ValueError("softmax_cross_entropy takes logits and applies softmax "
                                  "itself; use an identity output layer (softmax would be "
                                  "applied twice)")
-            if params[-1][0].shape[0] < 2 and isinstance(layers[-1], _layers.Dense):
-                raise ValueError("softmax_cross_entropy needs at least 2 outputs (classes); "
-                                 "with one, every loss is 0: use the logistic loss")
         self.device, self.xp = _device.resolve(device)
         self.dtype = np.dtype(dtype)
         self.loss = loss
@@ -148,9 +151,13 @@ class Network(ForwardBackward):
         self.layers = list(layers)
         self._modes = [_layer_mode(memory, a) for a in acts]
         xp = self.xp
-        self.params = [(xp.array(W, dtype=self.dtype, order="C", copy=True),
-                        xp.array(b, dtype=self.dtype, order="C", copy=True))
-                       for W, b in params]
+        with np.errstate(over="ignore"):
+            self.params = [(xp.array(W, dtype=self.dtype, order="C", copy=True),
+                            xp.array(b, dtype=self.dtype, order="C", copy=True))
+                           for W, b in params]
+        for k, pair in enumerate(self.params, start=1):  # finite given, finite as cast
+            for name, a in zip((f"W_{k}", f"b_{k}"), pair):
+                _checks.finite(f"{name} in {self.dtype}", a, xp)
         # what each call is given is checked against the net (gpu_mlp/inputs.py)
         self.inputs = _inputs.Inputs(self.layers, loss, xp, self.dtype,
                                      [(W.shape, b.shape) for W, b in self.params])
@@ -263,7 +270,8 @@ class Network(ForwardBackward):
         data-parallel steps (``comm``, on any number of ranks: their collectives are not
         captured) always run eagerly.
         """
-        return self._step(X, Y, StepPlan.of(lr, dp, comm), check, global_loss=True)
+        return self._step(X, Y, StepPlan.of(lr, dp, comm), _checks.flag("check", check),
+                          global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
               global_loss=False, capture=True):
@@ -281,11 +289,11 @@ class Network(ForwardBackward):
                              "size, so it needs at least one sample (fit's Poisson "
                              "samples divide by the expected size instead)")
         if empty:  # nothing to forward: only the noise and the collectives remain
-            self.inputs.check_params(self.params)
+            self.inputs.check_params(self.params, write=True)
             self.inputs.shapes(tuple(X.shape[1:]))
             B = 0
         else:
-            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check)
+            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True)
             B = X.shape[0]
         if comm is not None:
             counts = comm.row_counts(B) if counts is None else counts
@@ -539,6 +547,14 @@ class Network(ForwardBackward):
 
 _checkpoint.register("Network", Network)
 
+
+
+def params_on(xp, params, layers=None) -> list[tuple]:
+    """``params`` as ``(W_k, b_k)`` pairs on ``xp``'s device (one per layer, if given):
+    a masked array must have no masked entry (NaN hides there as easily as anything)."""
+    return [tuple(_device.to_device(_checks.unmasked(name, a), xp, name)
+                  for name, a in ((f"W_{k}", W), (f"b_{k}", b)))
+            for k, (W, b) in enumerate(_checks.pairs(params, layers), start=1)]
 
 def _layer_mode(memory: str, act) -> str:
     """The memory mode a layer runs in: "output" where it keeps the same and costs less

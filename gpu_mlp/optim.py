@@ -59,12 +59,6 @@ def _lr(value, where: str) -> float:
     return _checks.in_range("lr", value, where, low_open=True)
 
 
-def _flag(name: str, value, where: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{where}{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 # --- learning-rate schedules --------------------------------------------------------------
 
 class Schedule:
@@ -448,10 +442,10 @@ class SGD(Optimizer):
                  decay_bias=True):
         where = "SGD: "
         self._momentum = _checks.in_range("momentum", momentum, where, 0.0, 1.0)
-        self._nesterov = _flag("nesterov", nesterov, where)
+        self._nesterov = _checks.flag("nesterov", nesterov, where)
         if self._nesterov and self._momentum == 0:
             raise ValueError(f"{where}nesterov needs a momentum > 0")
-        self._decay_bias = _flag("decay_bias", decay_bias, where)
+        self._decay_bias = _checks.flag("decay_bias", decay_bias, where)
         super().__init__(lr, weight_decay, schedule)
 
     @property
@@ -469,7 +463,17 @@ class SGD(Optimizer):
         A velocity ``v <- mu v - lr g``, ``W <- W + v`` (Sutskever et al.'s, scikit-learn's)
         is ``-lr`` times this buffer at the rate of the steps that made it: after changing
         ``lr`` from ``old`` to ``new``, ``scale_momentum(old / new)`` keeps following it."""
-        factor = _checks.in_range("factor", factor, "SGD.scale_momentum: ", low_open=True)
+        where = "SGD.scale_momentum: "
+        factor = _checks.in_range("factor", factor, where, low_open=True)
+        held = (self._state.get("momentum_buffer", ()) if self._net is not None else
+                (self._pending or {}).get("momentum_buffer", ()))
+        for buf in (buf for pair in held for buf in pair if buf.size):  # first: all or none
+            _checks.scalar("factor", factor, buf.dtype, where, positive=True)
+            largest = float(abs(buf).max())
+            if largest * factor > np.finfo(buf.dtype).max:
+                raise ValueError(f"{where}factor {factor:g} would overflow the momentum "
+                                 f"buffers in {buf.dtype} (an entry of {largest:g}); "
+                                 f"nothing was scaled")
         if self._net is not None:
             for pair in self._state.get("momentum_buffer", ()):
                 for buf in pair:
@@ -542,7 +546,7 @@ class Adam(Optimizer):
                              f"{', '.join(map(repr, self.EPS_PLACEMENTS))}, got "
                              f"{eps_placement!r}")
         self._eps_placement = eps_placement
-        self._decay_bias = _flag("decay_bias", decay_bias, where)
+        self._decay_bias = _checks.flag("decay_bias", decay_bias, where)
         super().__init__(lr, weight_decay, schedule)
 
     @property

@@ -69,7 +69,7 @@ class DP:
                                               low_open=True)
         self.noise_multiplier = _checks.in_range("noise_multiplier", noise_multiplier, where)
         self.delta = _checks.in_range("delta", delta, where, 0.0, 1.0, low_open=True)
-        self.seed = _checks.seed(seed)
+        self.seed = _checks.integer("seed", seed, 0, where, below=2**64)  # Philox's key
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"{where}unknown accountant {accountant!r}; valid: "
                              f"{', '.join(accounting.ACCOUNTANTS)}")
@@ -120,10 +120,7 @@ class DP:
             raise ValueError(f"a DP state must have the entries {list(keys)} (and may have "
                              f"target_epsilon), got {got}")
         dp = cls(*(state[key] for key in keys[:5]))
-        dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ")
-        for name in ("seed", "steps"):  # the noise generator's key and counter: 64 bits
-            if getattr(dp, name) >= 2**64:
-                raise ValueError(f"DP: {name} must be < 2^64, got {getattr(dp, name)}")
+        dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ", below=2**64)
         if "target_epsilon" in state:
             dp.target_epsilon = _checks.in_range("target_epsilon", state["target_epsilon"],
                                                  "DP: ", low_open=True)

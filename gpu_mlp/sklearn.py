@@ -59,6 +59,7 @@ from sklearn.utils import shuffle as _shuffle
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from . import _checks
 from . import activations as _activations
 from . import device as _device
 from . import optim
@@ -356,12 +357,18 @@ class _BaseMLP(BaseEstimator):
         new = []
         for k, (pair, v) in enumerate(zip(pairs, value)):
             target = pair[which]
-            v = np.asarray(v)
-            v = v.T if which == 0 else v
-            if v.shape != target.shape or not np.isfinite(v).all():
-                raise ValueError(f"{name}[{k}] must be a finite array of shape "
+            v = np.asarray(_checks.unmasked(f"{name}[{k}]", v))
+            if v.dtype.kind not in "iuf":
+                raise TypeError(f"{name}[{k}] must hold real numbers, got dtype {v.dtype}")
+            with np.errstate(over="ignore"):  # checked as the model holds it: 1e39 is inf
+                v = (v.T if which == 0 else v).astype(target.dtype)
+            if v.shape != target.shape:
+                raise ValueError(f"{name}[{k}] must have shape "
                                  f"{target.T.shape if which == 0 else target.shape}, got "
                                  f"{np.shape(value[k])}")
+            if not np.isfinite(v).all():
+                raise ValueError(f"{name}[{k}] contains NaN or Inf in {target.dtype}, the "
+                                 f"model's dtype")
             new.append(v)
         for k, v in enumerate(new):
             if self._net is None:

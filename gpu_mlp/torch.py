@@ -343,6 +343,8 @@ class NetworkModule(nn.Module):
             raise RuntimeError(f"Expected all tensors to be on the same device: the input is "
                                f"on {x.device}, {type(self).__name__}'s parameters on "
                                f"{W.device} (move one with .to())")
+        if x.is_complex():  # a cast would drop the imaginary part; the engine refuses too
+            raise TypeError(f"{type(self).__name__} takes real numbers, got dtype {x.dtype}")
         if x.dtype != W.dtype:
             x = x.to(W.dtype)  # through autograd: dX comes back in the input's dtype
         single = x.dim() == sample_ndim(self._layers)

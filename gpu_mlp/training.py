@@ -62,7 +62,7 @@ _PER_EPOCH = ("lr", "train_loss", "val_loss", "val_accuracy", "seconds", "epsilo
 # it (no validation data, no accuracy, not private); a run without noise spends an
 # infinite epsilon, and a validation set may overflow the net: its loss is any number
 _EPOCH_RANGES = {"lr": ((0.0, sys.float_info.max), False),
-                 "train_loss": ((-sys.float_info.max, sys.float_info.max), False),
+                 "train_loss": ((-sys.float_info.max, sys.float_info.max), True),
                  "val_loss": (None, True), "val_accuracy": ((0.0, 1.0), True),
                  "seconds": ((0.0, sys.float_info.max), False),
                  "epsilon": ((0.0, math.inf), True)}
@@ -98,7 +98,9 @@ class History:
     shuffle: bool
     samples: int  # training rows: a resumed run must have as many
     lr: list[float] = field(default_factory=list)  # with an optimizer: the epoch's last step's
-    train_loss: list[float] = field(default_factory=list)  # mean over the epoch's samples
+    # mean over the epoch's samples; None for an epoch that sampled none (DP's Poisson
+    # batches of a small data set can all be empty)
+    train_loss: list[Optional[float]] = field(default_factory=list)
     val_loss: list[Optional[float]] = field(default_factory=list)
     val_accuracy: list[Optional[float]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # training time, validation excluded
@@ -236,9 +238,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     plan = make_plan()
     comm = plan.communicator(net)  # fit's Communicator, or None
     seed = _checks.seed(seed)
-    for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    shuffle, verbose = _checks.flag("shuffle", shuffle), _checks.flag("verbose", verbose)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
     X, Y = _data(net, "X", X, Y)
@@ -264,6 +264,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     first_step_loss = None  # the loss of the initial parameters, on the first batch
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
     good_state = plan.snapshot()  # and the optimizer's state and DP's step count
+    spare = None  # the next epoch's copy, checked before it becomes the good one
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         losses = _StepLosses(xp, steps_per_epoch)
@@ -287,14 +288,24 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
                     bar.update(done - shown)
                     shown, shown_at = done, time.perf_counter()
             train_loss = losses.mean(comm)  # waits for the epoch's last step
+            if not losses.rows:  # no batch had a sample: no loss to speak of
+                train_loss = None
             if epoch == 0:
                 first_step_loss = losses.first(comm)
             seconds = time.perf_counter() - start
-            if not math.isfinite(train_loss):
+            # the losses are those before each update: an update that overflowed shows
+            # in the parameters alone
+            spare = _host_copy(net.params, into=spare)
+            overflowed = not all(np.isfinite(a).all() for pair in spare for a in pair)
+            lost = train_loss is not None and not math.isfinite(train_loss)
+            if lost or overflowed:
                 _restore(net.params, good)
                 plan.restore(good_state)
+                what = (f"loss {train_loss}" if lost else "an update made parameters "
+                        "infinite or NaN" + ("" if train_loss is None else
+                                              f", at loss {train_loss:.4g}"))
                 raise TrainingDiverged(
-                    f"training diverged in epoch {epoch + 1} (loss {train_loss}); the "
+                    f"training diverged in epoch {epoch + 1} ({what}); the "
                     f"parameters are those after epoch {epoch} again; try a smaller "
                     f"learning rate than {plan.lr}", copy.deepcopy(history))
             val_loss, val_accuracy = (_evaluate(net, *validation) if validation is not None
@@ -306,7 +317,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         for name, value in zip(_PER_EPOCH, (epoch_lr, train_loss, val_loss, val_accuracy,
                                             seconds, epsilon)):
             getattr(history, name).append(value)
-        good = _host_copy(net.params, into=good)
+        good, spare = spare, good
         good_state = plan.snapshot()
         if on_epoch is not None:
             on_epoch(net, history)
@@ -390,13 +401,15 @@ def _digest(*arrays) -> str:
 
 
 def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
-    if history.epochs == 0:
+    known = [(k, x) for k, x in enumerate(history.train_loss, start=1) if x is not None]
+    if not known:
         return
+    (first, start), (last, end) = known[0], known[-1]
     start, when = ((first_step_loss, "the first step") if first_step_loss is not None
-                   else (history.train_loss[0], "epoch 1"))
-    if history.train_loss[-1] > _ROSE * start:
+                   else (start, f"epoch {first}"))
+    if end > _ROSE * start:
         warnings.warn(f"the training loss rose from {start:.4g} ({when}) to "
-                      f"{history.train_loss[-1]:.4g} (epoch {history.epochs}): the "
+                      f"{end:.4g} (epoch {last}): the "
                       f"learning rate {lr} may be too large", TrainingWarning, stacklevel=4)
 
 
@@ -439,12 +452,14 @@ class _StepLosses:
 
     def mean(self, comm=None) -> float:
         """The weighted mean so far: one device-to-host transfer; with ``comm`` over the
-        steps of every rank (the global batch mean)."""
+        steps of every rank (the global batch mean). Sets :attr:`rows`, their number (NaN
+        for none)."""
         k = self.count
         totals = np.array([to_numpy(self.values[:k]) @ self.weights[:k],
                            self.weights[:k].sum()])
         if comm is not None:
             totals = comm.sum(totals)
+        self.rows = float(totals[1])
         with np.errstate(invalid="ignore", divide="ignore"):
             return float(totals[0] / totals[1])
 
@@ -452,6 +467,7 @@ class _StepLosses:
 def _evaluate(net, X, Y):
     loss = net.loss
     F = net.predict(X)  # in chunks: its memory does not grow with X
+    F = F.reshape(F.shape[0], -1)  # a convolution's maps as the rows Y was checked as
     grad = net.xp.empty_like(F)  # the loss kernels write the gradient too; unused here
     scratch = net.xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
     mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch))
@@ -504,7 +520,7 @@ def _start(resume, epochs, seed, batch_size, shuffle, samples) -> History:
 
 
 def _postfix(train_loss, val_loss, val_accuracy) -> dict:
-    postfix = {"loss": f"{train_loss:.4f}"}
+    postfix = {"loss": "none" if train_loss is None else f"{train_loss:.4f}"}
     if val_loss is not None:
         postfix["val_loss"] = f"{val_loss:.4f}"
     if val_accuracy is not None:

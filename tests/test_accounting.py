@@ -192,3 +192,14 @@ def test_missing_library_says_what_to_install(monkeypatch):
             accounting.epsilon(1.0, 0.01, 10, 1e-5, accountant=accountant)
         with pytest.raises(ImportError, match=r'pip install "gpu_mlp\[dp\]"'):
             accounting.noise_multiplier(1.0, 1e-5, 0.01, 10, accountant=accountant)
+
+
+@pytest.mark.parametrize("sigma, accountant", [(1e-300, "rdp"), (1e300, "rdp"),
+                                               (1e-300, "pld"), (1e-5, "pld")])
+def test_a_noise_the_accountant_cannot_compute_is_a_value_error_naming_it(dp, sigma,
+                                                                         accountant):
+    """dp_accounting's ZeroDivisionError, OverflowError or MemoryError (36 TiB for the
+    PLD of sigma 1e-5) at extreme noise: a ValueError that names the noise multiplier."""
+    with pytest.raises(ValueError, match=r"noise_multiplier .* is beyond what the "
+                                         rf"{accountant} accountant can compute"):
+        accounting.epsilon(sigma, 0.1, 10, 1e-5, accountant=accountant)

@@ -824,9 +824,10 @@ def set_dp(key, value):
     (set_history("epsilon", [-1.0]), "history: epsilon must hold numbers in"),
     (set_history("epsilon", [NAN]), "history: epsilon must hold numbers in"),
     (set_history("lr", [None]), "history: lr must hold numbers in"),
-    (set_dp("seed", 2**64), "dp: DP: seed must be < 2\\^64, got 18446744073709551616"),
-    (set_dp("steps", 2**64), "dp: DP: steps must be < 2\\^64"),
-    (set_dp("steps", True), "dp: DP: steps must be an integer >= 0"),
+    (set_dp("seed", 2**64), "dp: DP: seed must be in \\[0, 2\\^64\\), got "
+                            "18446744073709551616"),
+    (set_dp("steps", 2**64), "dp: DP: steps must be in \\[0, 2\\^64\\)"),
+    (set_dp("steps", True), "dp: DP: steps must be an integer in \\[0, 2\\^64\\)"),
     (set_dp("noise_multiplier", NAN), "dp: DP: noise_multiplier must be a finite number"),
     (set_dp("accountant", ["rdp"]), "dp: DP: unknown accountant"),
 ])

@@ -908,3 +908,104 @@ def test_a_tape_serves_one_backward_and_can_be_released(device):
     assert net.training_workspace.in_use_bytes == 0
     with pytest.raises(ValueError, match="forward takes a batch"):
         net.forward(np.ones(3))
+
+
+# --- hostile input found by a hunt (each failed before its fix) -----------------------------
+
+def _snapshot(net):
+    return [a.copy() for pair in net.params for a in pair]
+
+
+def test_read_only_parameters_are_refused_before_a_step_writes_them(tmp_path):
+    """The update is written into W in place: a read-only array (a memory map opened
+    "r") was written through, or crashed the process; now a ValueError, nothing written.
+    predict still reads them."""
+    net = gpu_mlp.MLP([4, 3], device="cpu", seed=0)
+    path = tmp_path / "W.npy"
+    np.save(path, net.params[0][0])
+    mapped = np.load(path, mmap_mode="r")
+    net.params = [(mapped, net.params[0][1])]
+    X, Y = np.ones((2, 4)), np.ones((2, 3))
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match="W_1 is read-only"):
+        net.train_step(X, Y, 0.1)
+    with pytest.raises(ValueError, match="W_1 is read-only"):
+        gpu_mlp.training.fit(net, X, Y, epochs=1, verbose=False)
+    np.testing.assert_array_equal(net.predict(X), net.predict(X))
+    for a, b in zip(_snapshot(net), before):
+        np.testing.assert_array_equal(a, b)
+    frozen = net.params[0][1].copy()
+    frozen.flags.writeable = False
+    net.params = [(np.array(mapped), frozen)]
+    with pytest.raises(ValueError, match="b_1 is read-only"):
+        net.train_step(X, Y, 0.1)
+
+
+@pytest.mark.parametrize("alpha", [1e-50, 1e39])
+def test_relu_alpha_is_checked_in_the_nets_dtype(alpha):
+    """1e-50 is 0 and 1e39 inf in float32: the net's weights (gain / alpha) or its
+    kernels would be NaN; float64 holds both."""
+    with pytest.raises(ValueError, match=r"layer 1's relu\(alpha=.*\): alpha must be a finite "
+                                         r"number > 0 in float32"):
+        gpu_mlp.MLP([4, 5, 3], activations=f"relu(alpha={alpha})", device="cpu",
+                    dtype="float32")
+    net = gpu_mlp.MLP([4, 5, 3], activations=f"relu(alpha={alpha})", device="cpu",
+                      dtype="float64")
+    assert all(np.isfinite(a).all() for pair in net.params for a in pair)
+
+
+def test_from_params_checks_the_values_as_cast_and_refuses_masked_entries():
+    W, b = np.full((3, 4), 1e39), np.zeros(3)
+    with pytest.raises(ValueError, match="W_1 in float32 contains NaN or Inf"):
+        gpu_mlp.MLP.from_params([(W, b)], "identity", device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="b_1 in float32 contains NaN or Inf"):
+        gpu_mlp.Network.from_params([Dense(4, 3)], [(np.zeros((3, 4)), np.full(3, -1e39))],
+                                    device="cpu", dtype="float32")
+    masked = np.ma.masked_invalid(np.where(np.eye(3, 4) > 0, np.nan, 1.0))
+    for make in (lambda: gpu_mlp.MLP.from_params([(masked, b)], "identity", device="cpu"),
+                 lambda: gpu_mlp.Network.from_params([Dense(4, 3)], [(masked, b)],
+                                                     device="cpu")):
+        with pytest.raises(ValueError, match="W_1 is a masked array with masked entries"):
+            make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gpu_mlp.MLP([4, 2**62, 3], device="cpu"),
+    lambda: gpu_mlp.MLP([4, 2**70, 3], device="cpu"),
+    lambda: gpu_mlp.Network([Dense(2**70, 3)], device="cpu"),
+    lambda: gpu_mlp.Network([Conv2d(1, 2, 2**31)], device="cpu"),
+], ids=["2^62", "2^70", "dense-2^70", "conv-2^31"])
+def test_a_model_past_any_arrays_range_is_a_memory_error_naming_its_size(make):
+    with pytest.raises(MemoryError, match=r"the model needs .* TB for its .* parameters"):
+        make()
+
+
+def test_softmax_cross_entropy_needs_two_outputs_whatever_the_last_layer():
+    """A convolution's outputs are known with the input shape: one output a sample was
+    accepted, and every loss 0."""
+    layers = [Conv2d(1, 1, 3)]
+    with pytest.raises(ValueError, match="needs at least 2 outputs .* got 1"):
+        gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu",
+                        input_shape=(1, 3, 3))
+    net = gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu")
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match="needs at least 2 outputs .* got 1"):
+        net.train_step(np.ones((2, 1, 3, 3)), np.zeros(2, dtype=int), 0.1)
+    for a, b in zip(_snapshot(net), before):
+        np.testing.assert_array_equal(a, b)
+    # four positions of one channel are four outputs: a softmax over them is fine
+    gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu", input_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match="needs at least 2 outputs"):
+        gpu_mlp.MLP([4, 1], loss="softmax_cross_entropy", device="cpu")
+
+
+def test_flags_dtypes_and_ragged_lists_are_refused_by_name():
+    net = gpu_mlp.MLP([4, 5, 3], loss="softmax_cross_entropy", device="cpu")
+    X, y = np.ones((2, 4)), np.array([0, 1])
+    for check in ("no", None, 1):
+        with pytest.raises(TypeError, match="check must be True or False"):
+            net.train_step(X, y, 0.1, check=check)
+    with pytest.raises(ValueError, match="X cannot be made an array: .*inhomogeneous"):
+        net.train_step([[1, 2, 3, 4], [1, 2]], y, 0.1)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
+        gpu_mlp.MLP([4, 5, 3], device="cpu", dtype=None)

@@ -682,3 +682,19 @@ def test_train_step_refuses_what_is_not_an_optimizer():
 
 def test_docstring_examples_run():
     assert doctest.testmod(optim, raise_on_error=True).attempted > 0
+
+
+def test_scale_momentum_refuses_a_factor_that_would_overflow_the_buffers():
+    net = gpu_mlp.MLP([4, 5, 3], device="cpu", dtype="float32", seed=0)
+    opt = optim.SGD(0.1, momentum=0.9)
+    X, Y = np.ones((2, 4)), np.ones((2, 3))
+    net.train_step(X, Y, opt)
+    buffers = [b.copy() for pair in opt._state["momentum_buffer"] for b in pair]
+    largest = max(float(abs(b).max()) for b in buffers)
+    for factor in (1e39, 2 * float(np.finfo(np.float32).max) / largest):
+        with pytest.raises(ValueError, match="SGD.scale_momentum: factor"):
+            opt.scale_momentum(factor)
+    for a, b in zip((b for pair in opt._state["momentum_buffer"] for b in pair), buffers):
+        np.testing.assert_array_equal(a, b)
+    opt.scale_momentum(2.0)  # a fair one still scales
+    np.testing.assert_array_equal(opt._state["momentum_buffer"][0][0], 2 * buffers[0])

@@ -1194,3 +1194,43 @@ def test_cli_resumes_a_private_run(capsys, tmp_path):
     status, _, err = run_cli(capsys, "train", "--epochs", "4", "--quiet", "--resume", stopped,
                              "--dp-noise", "2.0")
     assert status == 2 and "--dp-noise differs from the checkpoint" in err
+
+
+def _params(net):
+    return [a.copy() for pair in net.params for a in pair]
+
+
+@pytest.mark.parametrize("change", ["seed 2^64", "seed -1 set", "steps -1 set",
+                                    "steps 2^64 set"])
+def test_the_noise_key_and_counter_are_checked_before_a_step(change):
+    """The Philox key and counter are 64-bit: a value outside was first refused inside the
+    backward pass, after the last layer's update."""
+    net = gpu_mlp.MLP([4, 5, 3], device="cpu", seed=0)
+    X, Y = np.ones((3, 4)), np.ones((3, 3))
+    if change == "seed 2^64":
+        with pytest.raises(ValueError, match=r"DP: seed must be in \[0, 2\^64\)"):
+            DP(1.0, 1.0, seed=2**64)
+        return
+    dp = DP(1.0, 1.0)
+    name, value = change.split()[0], -1 if "-1" in change else 2**64
+    setattr(dp, name, value)
+    before = _params(net)
+    with pytest.raises(ValueError, match=rf"DP: {name} must be in \[0, 2\^64\)"):
+        net.train_step(X, Y, 0.1, dp=dp)
+    with pytest.raises(ValueError, match=rf"DP: {name} must be in \[0, 2\^64\)"):
+        net.fit(X, Y, epochs=1, batch_size=3, lr=0.1, dp=dp, verbose=False)
+    for a, b in zip(_params(net), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_dp_epoch_whose_poisson_batches_are_all_empty_is_no_divergence():
+    """Two samples, batches of one: an epoch samples none with probability 1/16 (seed 92's
+    second). Its loss is None (no sample), not NaN taken for a divergence that threw the
+    run's noisy steps away; the history saves and loads."""
+    net = gpu_mlp.MLP([3, 2], device="cpu", seed=0)
+    X, Y = np.ones((2, 3)), np.zeros((2, 2))
+    history = net.fit(X, Y, epochs=2, batch_size=1, lr=0.1, seed=92, dp=DP(1.0, 0.0),
+                      verbose=False)
+    assert history.train_loss[0] is not None and history.train_loss[1] is None
+    assert gpu_mlp.training.History.from_dict(
+        json.loads(json.dumps(history.as_dict()))).train_loss == history.train_loss

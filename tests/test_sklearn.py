@@ -236,6 +236,14 @@ def test_coefs_layout_views_and_setters(digits):
     np.testing.assert_array_equal(net.params[1][1], np.arange(10.0))
     with pytest.raises(ValueError, match=r"coefs_\[0\]"):
         model.coefs_ = [np.zeros((20, 64)), np.zeros((20, 10))]
+    # checked as the float32 model holds them (1e39 is inf there), all before any is set
+    before = [c.copy() for c in model.coefs_]
+    with pytest.raises(ValueError, match=r"coefs_\[1\] contains NaN or Inf in float32"):
+        model.coefs_ = [np.zeros((64, 20)), np.full((20, 10), 1e39)]
+    with pytest.raises(TypeError, match=r"intercepts_\[0\] must hold real numbers"):
+        model.intercepts_ = [np.array(["a"] * 20), np.zeros(10)]
+    for c, b in zip(model.coefs_, before):
+        np.testing.assert_array_equal(c, b)
     unfitted = MLPClassifier()
     assert not hasattr(unfitted, "coefs_")
     with pytest.raises(NotFittedError):

@@ -412,3 +412,9 @@ def test_the_engines_blas_runs_on_one_thread_inside_a_module(monkeypatch):
     with blas.limit(limits=2):
         MLPModule([4, 8, 2])(torch.randn(5, 4))
     assert seen and all(threads == {2} for threads in seen)
+
+
+def test_complex_input_is_refused_not_cast_to_its_real_part():
+    module = gm_torch.MLPModule([3, 2], device="cpu", seed=0)
+    with pytest.raises(TypeError, match="takes real numbers, got dtype torch.complex64"):
+        module(torch.ones(2, 3, dtype=torch.complex64))

@@ -534,3 +534,35 @@ def test_divergence_restores_the_optimizer_of_the_last_good_epoch(monkeypatch):
     assert all(np.array_equal(x, y) for name in state["state"]
                for pa, pb in zip(state["state"][name], saved[2]["state"][name])
                for x, y in zip(pa, pb))
+
+
+def test_an_update_that_overflows_is_a_divergence_and_the_last_good_epoch_comes_back():
+    """Each step's loss is that of the parameters before its update: an update that
+    overflowed (lr 3e38 is finite in float32) left fit returning inf weights, or taking
+    them as an epoch's good ones (one step an epoch here: its loss is finite)."""
+    net = gpu_mlp.MLP([4, 8, 2], device="cpu", dtype="float32", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((16, 4)), rng.standard_normal((16, 2))
+    good = net.fit(X, Y, epochs=1, batch_size=16, lr=0.01, verbose=False)
+    kept = [a.copy() for pair in net.params for a in pair]
+    with pytest.raises(training.TrainingDiverged,
+                       match=r"epoch 2 \(an update made parameters infinite or NaN, at loss"):
+        net.fit(X, Y, epochs=2, batch_size=16, lr=3e38, verbose=False, resume=good)
+    for a, b in zip((a for pair in net.params for a in pair), kept):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_and_validation_of_a_net_that_ends_in_a_convolution():
+    """Its output is maps, its targets rows (as train_step takes them): evaluate compared
+    the two shapes and raised, fit's validation after an epoch of steps."""
+    from gpu_mlp.layers import Conv2d
+
+    net = gpu_mlp.Network([Conv2d(1, 2, 3, padding=1, activation="identity")],
+                          loss="squared", device="cpu", dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((4, 1, 3, 3)), rng.standard_normal((4, 18))
+    J, _, _ = net.loss_and_gradients(X, Y)
+    assert training.evaluate(net, X, Y) == (pytest.approx(float(J), rel=1e-12), None)
+    history = net.fit(X, Y, epochs=1, batch_size=2, lr=0.01, validation=(X, Y),
+                      verbose=False)
+    assert training.evaluate(net, X, Y)[0] == pytest.approx(history.val_loss[0], rel=1e-12)
