@@ -832,3 +832,75 @@ def test_cold_start_bench_names_the_kernels_of_the_cached_sources(tmp_path):
         run = subprocess.run([sys.executable, str(ROOT / "bench" / "cold_start.py")],
                              capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 2 and "needs CuPy and a CUDA GPU" in run.stderr
+
+
+def test_job_bench_refuses_what_the_twin_cannot_reproduce(capsys):
+    from bench import job
+
+    for options in (["--optimizer", "adam"], ["--dp-clip=1"], ["--device", "cpu"]):
+        with pytest.raises(SystemExit) as exit:
+            job.main(["--", *options])
+        assert exit.value.code == 2
+        name = options[0].split("=")[0]
+        assert f"{name} is not a job option the PyTorch twin reproduces" in \
+            capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        job.main(["--rounds", "0"])
+    assert "--threads and --rounds must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_job_bench_runs_the_job_and_a_twin_that_learns(tmp_path, model):
+    pytest.importorskip("torch", reason="the twin is PyTorch's")
+    out = tmp_path / "job" / "job.json"
+    options = ["--model", model, "--epochs", "3", "--channels", "4"][:6 if model == "cnn"
+                                                                   else 4]
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "job.py"), "--rounds", "1",
+                          "--threads", "1", "--out", str(out), "--", *options],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["options"] == options and result["device"] == "cpu"
+    for impl in ("gpu_mlp", "torch"):
+        (record,) = result["rounds"][impl]
+        assert record["train_s"] > 0 and record["wall_s"] >= record["train_s"]
+        assert record["test_accuracy"] > 0.8  # both trained the digits, 3 epochs
+    summary = result["summary"]
+    assert summary["ratio_train_s"] == pytest.approx(
+        summary["gpu_mlp"]["median_train_s"] / summary["torch"]["median_train_s"], rel=1e-3)
+    assert result["source"]["commit"] is None or len(result["source"]["commit"]) == 40
+    assert str(tmp_path) not in out.read_text() and str(ROOT) not in out.read_text()
+
+
+def test_job_twin_starts_from_the_jobs_net(monkeypatch, capsys):
+    """The twin's network holds the job's initial weights and, after steps of a
+    negligible rate, predicts as the job's net does."""
+    torch = pytest.importorskip("torch")
+    from bench import job
+
+    captured = {}
+    real = harness.torch_module
+
+    def keep(layers, params, device):
+        captured["module"] = real(layers, params, device)
+        captured["params"] = params
+        return captured["module"]
+
+    monkeypatch.setattr(harness, "torch_module", keep)
+    job.twin(["--model", "cnn", "--epochs", "1", "--channels", "4", "--lr", "1e-12"], "cpu",
+             1)
+    assert "trained epochs 1-1 in" in capsys.readouterr().out
+    from gpu_mlp import cli
+
+    args = cli.build_parser().parse_args(["train", "--model", "cnn", "--channels", "4"])
+    resumed = cli._resume(args)
+    settings = cli._settings(args, resumed)
+    data = cli._data(args, resumed, settings)
+    net = cli._model(args, resumed, data, settings)
+    for (W, b), (W2, b2) in zip(net.params, captured["params"]):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+    with torch.no_grad():
+        out = captured["module"](torch.as_tensor(data.X_test[:8], dtype=torch.float32))
+    np.testing.assert_allclose(out.numpy(), net.predict(data.X_test[:8]), rtol=1e-4,
+                               atol=1e-5)
