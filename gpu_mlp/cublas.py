@@ -325,19 +325,6 @@ class Cublas:
         self._call(function, handle.ptr, 1 - OP[transa], cols, rows, alpha_ptr, a_ptr,
                    max(1, cols), x_ptr, 1, beta_ptr, out_ptr, 1)  # keep: alive till here
 
-    def scale(self, out, beta) -> None:
-        """``out <- beta out`` (beta = 0: zeros, out not read), beta a device scalar: an
-        empty product, asked of cuBLAS as a GEMM with k = 0 so that beta is read on the
-        device (a GEMV with an empty dimension returns without touching y)."""
-        function = GEMM.get(out.dtype)
-        if not (function and out.flags.c_contiguous):
-            _refuse(GEMM, "scale", out, (("out", out, out.ndim),))
-        rows = out.shape[0] if out.ndim else 1
-        cols = out.size // rows if rows else 0
-        # k = 0: no operand is read, and alpha (beta's own address, any will do) neither
-        self._gemm("scale", function, 0, 0, cols, rows, 0, out, max(1, cols), out, 1, out,
-                   max(1, cols), beta, beta, overlap=False)
-
     def prepare(self) -> None:
         """Make the current stream's handle and workspace now (before a capture)."""
         self.handle()
@@ -417,11 +404,6 @@ def gemm_batched(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
 def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
     """``out <- alpha op(a) x + beta out`` on the GPU (see the module)."""
     return (_binding or binding()).gemv(transa, a, x, out, alpha, beta)
-
-
-def scale(out, beta) -> None:
-    """``out <- beta out`` on the GPU, ``beta`` a 0-d device array (see :meth:`Cublas.scale`)."""
-    (_binding or binding()).scale(out, beta)
 
 
 def prepare() -> None:

@@ -63,6 +63,9 @@ ELEMENTWISE = {
              "weight_decay, decay[0], step_size[0], bias_correction2_sqrt[0])"),
     # plain SGD with decoupled decay on a flat w, when the gradient g is already a buffer
     "sgd": ("T g, raw T lr, raw T decay", "T w", "w = decay[0] * w - lr[0] * g"),
+    # an empty product with a device beta (a GEMM over k = 0): w <- beta w, and with beta
+    # 0 zeros, w not read (BLAS's rule: NaN in w stays out); by pointer, as cuBLAS's beta
+    "scale": ("raw T beta", "T w", "w = beta[0] == (T)0 ? (T)0 : beta[0] * w"),
     # a step's scalars: row gm_step_row(counters[0] - counters[2]) of a table of rows
     # (gpu_mlp/plan.py: StepScalars), by the device's step counter
     "step_scalars": ("raw T table, raw int64 counters, int32 rows", "T s",
@@ -1071,10 +1074,11 @@ _NUMPY_GEMV = {np.dtype(np.float32): _blas.sgemv, np.dtype(np.float64): _blas.dg
 
 def _empty_product(out, beta):
     """``out <- beta out``: a product over an empty dimension is 0. BLAS is not asked
-    (SciPy's gemv wrapper rejects k = 0); with beta = 0 out is not read, as in BLAS. A
-    beta on the GPU's device is not read on the host: cuBLAS scales by it there."""
+    (SciPy's gemv wrapper rejects k = 0, and cuBLAS documents no k = 0 case); with
+    beta = 0 out is not read, as in BLAS. A beta on the GPU's device is not read on the
+    host: the ``scale`` kernel reads it there."""
     if not is_numpy(out) and not isinstance(beta, (int, float, np.generic)):
-        cublas.scale(out, beta)
+        _launch("scale", None, beta, out)
     elif beta == 0:
         out.fill(0)
     elif beta != 1:

@@ -227,6 +227,9 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         net.train_step(X, Y, LR, dp=DP(max_grad_norm=1.0, noise_multiplier=1.0))
         W, b = net.params[0]
         Apply(net.params, lr=LR).gradient(0, np.zeros(W.size + b.size, dtype=dtype))
+        # an empty product with a device beta (an empty batch's weight gradient)
+        ops.gemm("T", "N", np.ones((0, 3), dtype), np.ones((0, 4), dtype),
+                 np.ones((3, 4), dtype), np.array(1.0, dtype), np.array(0.5, dtype))
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)
@@ -733,3 +736,24 @@ def test_bad_blas_calls_are_refused(host_cupy_lib, call, message):
     # refused by gpu_mlp.cublas itself, before cuBLAS: on a GPU too
     with cupy_path(host_cupy_lib), pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_empty_product_with_a_device_beta_is_scaled_on_the_device(host_cupy_lib, dtype):
+    """op(a) (m, 0), e.g. an empty batch's weight gradient: out <- beta out by the
+    ``scale`` kernel, beta read on the device (cuBLAS documents no k = 0 case, so it is not
+    asked); beta = 0 writes zeros without reading out, NaN there stays out."""
+    a = np.ones((3, 0), dtype)
+    with cupy_path(host_cupy_lib) as device:
+        for beta, expected in [(0.0, 0.0), (0.5, 1.0)]:
+            out = np.full((3, 4), np.nan if beta == 0 else 2.0, dtype)
+            ops.gemm("N", "N", a, np.ones((0, 4), dtype), out, np.array(1.0, dtype),
+                     np.array(beta, dtype))
+            np.testing.assert_array_equal(out, expected)
+            y = np.full(3, np.nan if beta == 0 else 2.0, dtype)
+            ops.gemv("N", a, np.ones(0, dtype), y, np.array(1.0, dtype), np.array(beta, dtype))
+            np.testing.assert_array_equal(y, expected)
+    launched = {key[0] if isinstance(key, tuple) else key: n
+                for key, n in device.launches.items()}
+    assert sum(n for name, n in launched.items() if "scale" in name) == 4
+    assert "gemm" not in launched and "gemv" not in launched
