@@ -175,14 +175,22 @@ def kernel_name(op: str, act: str | None) -> str:
 _ELEMENT = {"full": "i", "column": "i / gm_inner % gm_channels"}
 
 
+# Element indices are 32-bit where the output has at most this many elements, as CuPy's
+# own ElementwiseKernels index below 2^31: a GPU's 64-bit integer division is a software
+# routine several times a 32-bit one's cost, and a bias's column, im2col and col2im take
+# several a element. 2^30, not 2^31: i plus the grid's stride (each at most n + 127 for
+# such n, _grid) stays below 2^32 in the unsigned index.
+INDEX32_MAX = 1 << 30
+
+
 def kernel_parts(op: str, act: str | None, arg_type: str = "T") -> tuple[list, list]:
     """The ``ELEMENTWISE`` entry ``op`` for ``act`` as ``(arguments, loop body)``: the
-    arguments n, channels and inner (``long long``; see _ELEMENT), then the entry's
-    parameters (floats as ``arg_type``); the body the lines element ``i`` runs, inputs as
-    ``const`` values, outputs as references, ``raw`` arrays as pointers -- as CuPy's
-    ElementwiseKernel would run it. The device kernel and the tests' host loop are both
-    built from it."""
-    args = ["long long gm_n", "long long gm_channels", "long long gm_inner"]
+    arguments n, channels and inner (``long long gm_n_``, ...; see _ELEMENT and
+    :func:`index_loop`), then the entry's parameters (floats as ``arg_type``); the body
+    the lines element ``i`` runs, inputs as ``const`` values, outputs as references,
+    ``raw`` arrays as pointers -- as CuPy's ElementwiseKernel would run it. The device
+    kernel and the tests' host loop are both built from it."""
+    args = ["long long gm_n_", "long long gm_channels_", "long long gm_inner_"]
     element = []
     for p in signature(op):
         const = "" if p.output else "const "
@@ -198,18 +206,39 @@ def kernel_parts(op: str, act: str | None, arg_type: str = "T") -> tuple[list, l
     return args, element
 
 
+def index_loop(element: list, index: str, first: str = "0", stride: str = "1",
+               indent: str = "    ", device: bool = False) -> str:
+    """A loop of the body ``element`` (:func:`kernel_parts`) over i in [first, n) by
+    ``stride``, its index and sizes (``gm_n``, ``gm_channels``, ``gm_inner``) of the C
+    type ``index``: ``"unsigned int"`` up to INDEX32_MAX elements, else ``"long long"``
+    (im2col's and col2im's functions take the index's type as theirs)."""
+    inner = indent + "    "
+    sizes = ["gm_n"] + [name for name in ("gm_channels", "gm_inner")  # those it reads
+                        if any(name in line for line in element)]
+    return (f"{indent}{{\n"
+            f"{inner}typedef {index} gm_index;\n"
+            f"{inner}const gm_index {', '.join(f'{n} = (gm_index){n}_' for n in sizes)};\n"
+            # one element per iteration: unrolling buys nothing here
+            + (f"{inner}#pragma unroll 1\n" if device else "") +
+            f"{inner}for (gm_index i = {first}; i < gm_n; i += {stride}) {{\n"
+            + "".join(f"{inner}    {line}\n" for line in element) + f"{inner}}}\n{indent}}}\n")
+
+
 def kernel_template(op: str, act: str | None) -> str:
     """The ``ELEMENTWISE`` entry ``op`` for ``act`` as a ``__global__`` template over
     ``T`` (:func:`kernel_parts`), in a grid-stride loop over the n elements of the
-    output. No pointer is ``__restrict__``: as with an ElementwiseKernel, an input may be
-    an output."""
+    output: 32-bit indices up to INDEX32_MAX elements, 64-bit beyond (one branch, the
+    same for every thread). No pointer is ``__restrict__``: as with an ElementwiseKernel,
+    an input may be an output."""
     args, element = kernel_parts(op, act)
+    first, stride = "(gm_index)blockIdx.x * blockDim.x + threadIdx.x", \
+        "(gm_index)gridDim.x * blockDim.x"
     return (f"template <typename T>\n__global__ void {kernel_name(op, act)}({', '.join(args)})\n"
             "{\n"
-            "#pragma unroll 1\n"  # one element per iteration: unrolling buys nothing here
-            "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < gm_n;\n"
-            "         i += (long long)gridDim.x * blockDim.x) {\n"
-            + "".join(f"        {line}\n" for line in element) + "    }\n}\n")
+            f"    if (gm_n_ <= {INDEX32_MAX}LL)\n"
+            + index_loop(element, "unsigned int", first, stride, "    ", device=True)
+            + "    else\n"
+            + index_loop(element, "long long", first, stride, "    ", device=True) + "}\n")
 
 
 @functools.cache

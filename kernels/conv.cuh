@@ -10,8 +10,10 @@
 // to the pixel the stride divides), so there is no atomicAdd and the result does not
 // depend on scheduling. It adds in the order of gpu_mlp/conv.py's NumPy twin (kernel
 // offsets (i, j) ascending), so both give the same bits. Arrays are C-contiguous;
-// indices are long long, geometry int. Each function is an elementwise kernel's body:
-// gpu_mlp/conv.py's ELEMENTWISE table calls it with the kernel's index i.
+// geometry is int; the element index idx is of the kernel's index type I (unsigned int
+// up to ops.INDEX32_MAX elements, else long long: the divisions that split idx run in
+// it), the pixels and columns read are long long. Each function is an elementwise
+// kernel's body: gpu_mlp/conv.py's ELEMENTWISE table calls it with the kernel's index i.
 #ifndef GPU_MLP_CONV_CUH
 #define GPU_MLP_CONV_CUH
 
@@ -35,14 +37,14 @@ __host__ __device__ inline long long gm_column(int c, int i, int j, int C, int k
 }
 
 // Element idx of im2col(x), x an image of either layout, the result (B*OH*OW, C*kh*kw).
-template <typename T>
-__host__ __device__ inline T gm_im2col_layout_at(const T* x, long long idx, int C, int H,
-                                                 int W, int kh, int kw, int sh, int sw,
-                                                 int ph, int pw, int OH, int OW,
-                                                 int channels_last, int taps_first)
+template <typename T, typename I>
+__host__ __device__ inline T gm_im2col_layout_at(const T* x, I idx, int C, int H, int W,
+                                                 int kh, int kw, int sh, int sw, int ph,
+                                                 int pw, int OH, int OW, int channels_last,
+                                                 int taps_first)
 {
-    const long long K = (long long)C * kh * kw;
-    const long long r = idx / K;
+    const I K = (I)C * kh * kw;  // a row's width, at most idx's bound: it fits I
+    const I r = idx / K;
     const int k = (int)(idx - r * K);
     int c, i, j;
     if (taps_first) {
@@ -54,9 +56,10 @@ __host__ __device__ inline T gm_im2col_layout_at(const T* x, long long idx, int 
         i = (k / kw) % kh;
         c = k / (kw * kh);
     }
-    const int ow = (int)(r % OW);
-    const long long b = r / OW / OH;
-    const int oh = (int)(r / OW - b * OH);
+    const int ow = (int)(r % (I)OW);
+    const I row = r / (I)OW;
+    const long long b = row / (I)OH;
+    const int oh = (int)(row - (I)b * (I)OH);
     const int y = oh * sh - ph + i;
     const int xx = ow * sw - pw + j;
     if (y < 0 || y >= H || xx < 0 || xx >= W) return T(0);  // the zero padding
@@ -65,25 +68,27 @@ __host__ __device__ inline T gm_im2col_layout_at(const T* x, long long idx, int 
 
 // Element idx of col2im(cols), the image of either layout: the adjoint of
 // gm_im2col_layout_at with the same layout and column order.
-template <typename T>
-__host__ __device__ inline T gm_col2im_layout_at(const T* cols, long long idx, int C, int H,
-                                                 int W, int kh, int kw, int sh, int sw,
-                                                 int ph, int pw, int OH, int OW,
-                                                 int channels_last, int taps_first)
+template <typename T, typename I>
+__host__ __device__ inline T gm_col2im_layout_at(const T* cols, I idx, int C, int H, int W,
+                                                 int kh, int kw, int sh, int sw, int ph,
+                                                 int pw, int OH, int OW, int channels_last,
+                                                 int taps_first)
 {
     const long long K = (long long)C * kh * kw;
     int c, y, xx;
     long long b;
     if (channels_last) {
-        c = (int)(idx % C);
-        xx = (int)(idx / C % W);
-        y = (int)(idx / C / W % H);
-        b = idx / C / W / H;
+        const I pixel = idx / (I)C;
+        c = (int)(idx - pixel * (I)C);
+        xx = (int)(pixel % (I)W);
+        y = (int)(pixel / (I)W % (I)H);
+        b = pixel / (I)W / (I)H;
     } else {
-        xx = (int)(idx % W);
-        y = (int)(idx / W % H);
-        c = (int)(idx / W / H % C);
-        b = idx / W / H / C;
+        const I line = idx / (I)W;
+        xx = (int)(idx - line * (I)W);
+        y = (int)(line % (I)H);
+        c = (int)(line / (I)H % (I)C);
+        b = line / (I)H / (I)C;
     }
     // Output row oh reads this pixel through kernel row i = yp - oh*sh, 0 <= i < kh:
     // oh from ceil((yp - kh + 1) / sh) to floor(yp / sh), clipped to [0, OH). Stepping oh
@@ -108,24 +113,24 @@ __host__ __device__ inline T gm_col2im_layout_at(const T* cols, long long idx, i
 
 // The table's kernels (gpu_mlp/conv.py, ELEMENTWISE): the user's NCHW layout, and the
 // engine's channels-last one.
-template <typename T>
-__host__ __device__ inline T gm_im2col_at(const T* x, long long idx, int C, int H, int W,
+template <typename T, typename I>
+__host__ __device__ inline T gm_im2col_at(const T* x, I idx, int C, int H, int W,
                                           int kh, int kw, int sh, int sw, int ph, int pw,
                                           int OH, int OW)
 {
     return gm_im2col_layout_at(x, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 0, 0);
 }
 
-template <typename T>
-__host__ __device__ inline T gm_col2im_at(const T* cols, long long idx, int C, int H, int W,
+template <typename T, typename I>
+__host__ __device__ inline T gm_col2im_at(const T* cols, I idx, int C, int H, int W,
                                           int kh, int kw, int sh, int sw, int ph, int pw,
                                           int OH, int OW)
 {
     return gm_col2im_layout_at(cols, idx, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW, 0, 0);
 }
 
-template <typename T>
-__host__ __device__ inline T gm_im2col_nhwc_at(const T* x, long long idx, int C, int H, int W,
+template <typename T, typename I>
+__host__ __device__ inline T gm_im2col_nhwc_at(const T* x, I idx, int C, int H, int W,
                                                int kh, int kw, int sh, int sw, int ph, int pw,
                                                int OH, int OW, int taps_first)
 {
@@ -134,8 +139,8 @@ __host__ __device__ inline T gm_im2col_nhwc_at(const T* x, long long idx, int C,
 }
 
 // col2im_nhwc: the adjoint of im2col_nhwc with taps_first
-template <typename T>
-__host__ __device__ inline T gm_col2im_nhwc_at(const T* cols, long long idx, int C, int H,
+template <typename T, typename I>
+__host__ __device__ inline T gm_col2im_nhwc_at(const T* cols, I idx, int C, int H,
                                                int W, int kh, int kw, int sh, int sw, int ph,
                                                int pw, int OH, int OW)
 {

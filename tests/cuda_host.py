@@ -74,8 +74,11 @@ def elementwise_pairs() -> list[tuple[str, str | None]]:
     return ops.elementwise_pairs()
 
 
-def elementwise_name(op: str, act: str | None, dtype) -> str:
-    return "_".join(["ew", op] + ([act] if act else []) + [CTYPES[np.dtype(dtype)]])
+def elementwise_name(op: str, act: str | None, dtype, index32: bool = False) -> str:
+    """The host function of the kernel, with 64-bit indices or (``index32``) 32-bit ones,
+    as the device kernel's two branches (``ops.kernel_template``)."""
+    return "_".join(["ew", op] + ([act] if act else []) + [CTYPES[np.dtype(dtype)]]
+                    + (["i32"] if index32 else []))
 
 
 # One parameter of an ``ops.ELEMENTWISE`` kernel, and an op's parameters in order: what
@@ -103,16 +106,16 @@ OP_CALLS = {
 
 # --- generated C++ ----------------------------------------------------------------------
 
-def elementwise_function(op: str, act: str | None, dtype) -> str:
+def elementwise_function(op: str, act: str | None, dtype, index32: bool = False) -> str:
     """An ``ops.ELEMENTWISE`` body as a host loop: the device kernel's arguments and loop
-    body (``ops.kernel_parts``), run element after element."""
+    body (``ops.kernel_parts``, ``ops.index_loop``), run element after element, with
+    the index type of the device's branch for 64-bit or (``index32``) 32-bit indices."""
     ctype = CTYPES[np.dtype(dtype)]
     args, element = ops.kernel_parts(op, act, ctype)
-    signature = f"{elementwise_name(op, act, dtype)}({', '.join(args)})"
+    signature = f"{elementwise_name(op, act, dtype, index32)}({', '.join(args)})"
     return (f'extern "C" void {signature}\n{{\n'
             f"    typedef {ctype} T;\n"
-            "    for (long long i = 0; i < gm_n; ++i) {\n"
-            + "".join(f"        {line}\n" for line in element) + "    }\n}\n")
+            + ops.index_loop(element, "unsigned int" if index32 else "long long") + "}\n")
 
 
 _ACTIVATION_WRAPPER = """
@@ -174,8 +177,8 @@ def host_source() -> str:
         parts.append(_ROW_WRAPPERS.format(T=ctype))
     parts.append(_NOISE_WRAPPER)
     for dtype in CTYPES:
-        parts += [elementwise_function(op, act, dtype)
-                  for op, act in elementwise_pairs()]
+        parts += [elementwise_function(op, act, dtype, index32)
+                  for op, act in elementwise_pairs() for index32 in (False, True)]
     return "\n".join(parts)
 
 

@@ -239,8 +239,10 @@ class ElementwiseKernel:
             else:
                 _check_array(where_p, value, dtype, shapes[p.kind])
         self.device.launches[self.name, out.dtype.name] += 1
-        cuda_host.call(self.device.lib, cuda_host.elementwise_name(self.op, self.act, out.dtype),
-                       out.size, channels, inner, *args)
+        # the device kernel's branch: 32-bit indices up to INDEX32_MAX elements
+        name = cuda_host.elementwise_name(self.op, self.act, out.dtype,
+                                          index32=out.size <= ops.INDEX32_MAX)
+        cuda_host.call(self.device.lib, name, out.size, channels, inner, *args)
 
 
 class RawModule:

@@ -393,3 +393,53 @@ def test_every_optimizer_kernel_is_tested():
     assert {op for op, _ in OPTIMIZER_CASES.values()} == set(OPTIMIZER_CALLS) == {
         op for op in ops.ELEMENTWISE
         if {"g", "w"} <= {p.name for p in cuda_host.elementwise_signature(op)}}
+
+
+# --- 6. the index types: the device kernels' 32-bit and 64-bit loops ----------------------------
+
+# (C, H, W, kh, kw, sh, sw, ph, pw): a non-square kernel with padding; stride over a
+# 1x1 kernel (the image larger than its columns); a kernel wider than the stride
+INDEX_GEOMETRIES = [(3, 7, 5, 3, 2, 2, 1, 1, 0), (2, 6, 6, 1, 1, 3, 3, 0, 0),
+                    (4, 5, 6, 5, 3, 1, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("geometry", INDEX_GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("op", ["im2col", "col2im", "im2col_nhwc", "col2im_nhwc"])
+def test_conv_kernels_give_the_same_bits_with_32_and_64_bit_indices(host, op, geometry,
+                                                                     dtype):
+    """im2col and col2im split the element index by divisions in the loop's index type
+    (unsigned int up to ops.INDEX32_MAX elements, long long beyond): both loops, built
+    from the same body, read and write the same elements."""
+    C, H, W, kh, kw, sh, sw, ph, pw = geometry
+    OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    B, rng = 2, np.random.default_rng(3)
+    image, cols = B * C * H * W, B * OH * OW * C * kh * kw
+    n_in, n_out = (image, cols) if op.startswith("im2col") else (cols, image)
+    source = rng.standard_normal(n_in).astype(dtype)
+    sizes = [np.int32(v) for v in (C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)]
+    for taps_first in ([0, 1] if op == "im2col_nhwc" else [None]):
+        extra = [] if taps_first is None else [np.int32(taps_first)]
+        outs = []
+        for index32 in (False, True):
+            out = np.full(n_out, np.nan, dtype)
+            call(host, cuda_host.elementwise_name(op, None, dtype, index32), n_out, n_out, 1,
+                 source, *sizes, *extra, out)
+            outs.append(out)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        assert np.isfinite(outs[0]).all()  # every element written
+
+
+def test_the_stand_in_takes_the_devices_branch_of_index_type(monkeypatch, host_cupy_lib):
+    """Up to ops.INDEX32_MAX elements the kernel's 32-bit loop, beyond it the 64-bit one:
+    host_cupy calls the host twin of the branch a GPU takes."""
+    import host_cupy
+
+    called = []
+    monkeypatch.setattr(cuda_host, "call", lambda lib, name, *args: called.append(name))
+    a, bias = np.zeros((4, 3), np.float32), np.zeros(3, np.float32)
+    activation = activations.get("relu")
+    with host_cupy.cupy_path(host_cupy_lib):
+        ops.bias_act(activation, a, bias)
+        monkeypatch.setattr(ops, "INDEX32_MAX", 11)  # 12 elements: past it
+        ops.bias_act(activation, a, bias)
+    assert called == ["ew_bias_act_relu_float_i32", "ew_bias_act_relu_float"]
