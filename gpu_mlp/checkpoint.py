@@ -44,6 +44,7 @@ import math
 import os
 import secrets
 import stat
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -197,6 +198,10 @@ def writable_target(path) -> str:
     path = os.fsdecode(path)
     if not path:
         raise ValueError("cannot write to an empty path")
+    given = os.path.dirname(path) or os.curdir
+    if not os.path.isdir(given):  # as open() resolves it: "missing/.." is no directory,
+        # though realpath's lexical ".." would make it one (and write where open cannot)
+        raise FileNotFoundError(f"cannot write {path}: no directory {given}")
     target = os.path.realpath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
@@ -208,18 +213,30 @@ def writable_target(path) -> str:
     return target
 
 
+# A temporary unwritten this long is a killed writer's, if its pid is no process here; a
+# live writer in another PID namespace or on another host (a shared file system) looks
+# dead from here, but writes on. One unwritten for a day is a killed writer's whatever its
+# pid (which another process may have taken since).
+STALE_AFTER_S = 60.0
+ABANDONED_AFTER_S = 86400.0
+
+
 def _remove_stale_temporaries(directory, name) -> None:
     """Remove the temporaries of ``name`` that writers killed mid-save left behind (no
-    cleanup runs after a SIGKILL): those whose writer's pid is no process any more."""
+    cleanup runs after a SIGKILL): see STALE_AFTER_S."""
     prefix = f".{name}."
+    now = time.time()
     for entry in os.listdir(directory):
         parts = entry[len(prefix):].split(".")  # PID, RANDOM, "tmp"
         if not (entry.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp"
                 and parts[0].isdigit()):
             continue
-        if not _alive(int(parts[0])):
-            with contextlib.suppress(OSError):  # another save may have removed it first
-                os.remove(os.path.join(directory, entry))
+        path = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):  # another save may have removed it first
+            idle = now - os.stat(path).st_mtime
+            if idle >= ABANDONED_AFTER_S or (idle >= STALE_AFTER_S
+                                             and not _alive(int(parts[0]))):
+                os.remove(path)
 
 
 def _alive(pid: int) -> bool:

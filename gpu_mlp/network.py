@@ -187,6 +187,22 @@ class Network(ForwardBackward):
         self.inference_workspace.clear()
         self.step_graphs.clear()
 
+    # --- copies: pickle, copy.deepcopy, a process pool -----------------------------------
+
+    def __getstate__(self) -> dict:
+        """What a copy is made from: the layers, the parameters (as NumPy arrays), the
+        loss, memory mode, device and dtype. The copy makes its own buffers, engine forms
+        and graphs, and is bound to no optimizer; unpickled where its device is missing
+        (a GPU net on a machine without one), it raises as ``device="cuda"`` would there
+        (``gpu_mlp.checkpoint`` moves a net between devices)."""
+        return {"layers": self.layers, "loss": self.loss.name, "memory": self.memory,
+                "device": self.device, "dtype": self.dtype.name,
+                "params": [(_device.to_numpy(W), _device.to_numpy(b)) for W, b in self.params]}
+
+    def __setstate__(self, state: dict) -> None:
+        self._setup(state["layers"], state["params"], state["loss"], state["memory"],
+                    state["device"], np.dtype(state["dtype"]))
+
     @property
     def step_graphs(self) -> _graph.StepGraphs:
         """The training steps captured as CUDA graphs (:mod:`gpu_mlp.graph`)."""

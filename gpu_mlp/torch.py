@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 try:
     import torch  # Python 3 imports are absolute: this is PyTorch, not gpu_mlp.torch
@@ -127,17 +128,34 @@ def _blas_pools():
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0      # calls within _cpu_blas_threads now, in every thread
+_blas_limiter = None  # threadpoolctl's limiter of the first of them, which restores
+
+
 @contextlib.contextmanager
 def _cpu_blas_threads():
     """Within: the BLAS libraries at :data:`BLAS_THREADS` threads (10 us to set and
-    restore). The setting is the process's: modules run concurrently in several Python
-    threads share it."""
+    restore). The setting is the process's, so calls in several Python threads share one
+    limit: the first to enter sets it, the last to leave restores the process's own (each
+    restoring what it saw on entry would leave another's limit behind for good)."""
+    global _blas_users, _blas_limiter
     pools = _blas_pools() if BLAS_THREADS is not None else None
     if pools is None or not pools.lib_controllers:
         yield
         return
-    with pools.limit(limits=BLAS_THREADS):
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = pools.limit(limits=BLAS_THREADS)
+        _blas_users += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def _pointer(a) -> int:
@@ -296,11 +314,17 @@ class NetworkModule(nn.Module):
         # never inference tensors, even when the first forward after a copy runs under
         # torch.inference_mode(): the parameters must stay usable by autograd
         with _on(device), torch.inference_mode(False), torch.no_grad():
-            net = self._engine_from([(W.detach(), b.detach()) for W, b in pairs], device,
-                                    dtype)
-            for (W_t, b_t), (W, b) in zip(pairs, net.params):
-                W_t.data = torch.from_dlpack(W)
-                b_t.data = torch.from_dlpack(b)
+            detached = [(W.detach(), b.detach()) for W, b in pairs]
+            net = self._engine_from(detached, device, dtype)  # checked, and a copy
+            if all(t.is_contiguous() for pair in detached for t in pair):
+                # the engine computes in the parameters' own memory, which keeps what
+                # their owner made of it: share_memory() for Hogwild workers, say
+                net.params = [tuple(_device.to_device(t, net.xp) for t in pair)
+                              for pair in detached]
+            else:  # strided: the engine's contiguous copy becomes the parameter
+                for (W_t, b_t), (W, b) in zip(pairs, net.params):
+                    W_t.data = torch.from_dlpack(W)
+                    b_t.data = torch.from_dlpack(b)
         self._net = net
         return net
 

@@ -866,8 +866,8 @@ def test_job_bench_runs_the_job_and_a_twin_that_learns(tmp_path, model):
         assert record["train_s"] > 0 and record["wall_s"] >= record["train_s"]
         assert record["test_accuracy"] > 0.8  # both trained the digits, 3 epochs
     summary = result["summary"]
-    assert summary["ratio_train_s"] == pytest.approx(
-        summary["gpu_mlp"]["median_train_s"] / summary["torch"]["median_train_s"], rel=1e-3)
+    assert summary["ratio_train_s"] == pytest.approx(  # rounded to 3 decimals
+        summary["gpu_mlp"]["median_train_s"] / summary["torch"]["median_train_s"], abs=5e-4)
     assert result["source"]["commit"] is None or len(result["source"]["commit"]) == 40
     assert str(tmp_path) not in out.read_text() and str(ROOT) not in out.read_text()
 

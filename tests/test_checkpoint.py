@@ -578,11 +578,20 @@ def dead_pid():
 
 
 def test_save_removes_the_temporaries_of_dead_writers_only(tmp_path):
-    stale = f".run.npz.{dead_pid()}.0badf00d.tmp"  # what a killed run leaves behind
+    """A killed writer's temporary goes once unwritten for STALE_AFTER_S; a fresh one of a
+    pid dead here stays (a live writer in another PID namespace or on another host looks
+    dead from here), and one unwritten for a day goes whatever its pid (reused since)."""
+    dead = dead_pid()
+    stale = f".run.npz.{dead}.0badf00d.tmp"  # what a killed run leaves behind
+    fresh = f".run.npz.{dead}.1badf00d.tmp"  # a writer we cannot see, at work
     live = f".run.npz.{os.getpid()}.0badf00d.tmp"  # a writer still at work
-    kept = [live, ".other.npz.1.0badf00d.tmp", "notes.tmp"]
-    for name in [stale, *kept]:
+    abandoned = f".run.npz.{os.getpid()}.2badf00d.tmp"  # a pid taken by another since
+    kept = [fresh, live, ".other.npz.1.0badf00d.tmp", "notes.tmp"]
+    for name in [stale, abandoned, *kept]:
         (tmp_path / name).write_bytes(b"PK\x03\x04 partial")
+    now = time.time()
+    os.utime(tmp_path / stale, (now, now - checkpoint.STALE_AFTER_S - 1))
+    os.utime(tmp_path / abandoned, (now, now - checkpoint.ABANDONED_AFTER_S - 1))
     small_net().save(tmp_path / "run.npz")
     assert files_in(tmp_path) == sorted(["run.npz", *kept])
 
@@ -926,3 +935,18 @@ def test_a_private_cnn_saved_by_an_earlier_version_loads_and_predicts_the_same()
     predicted = run.net.predict(X[:50].reshape(-1, 1, 8, 8))
     np.testing.assert_allclose(predicted, expected["cnn"], rtol=1e-12, atol=1e-15)
     np.testing.assert_array_equal(predicted.argmax(axis=1), expected["cnn"].argmax(axis=1))
+
+
+def test_a_path_through_a_missing_directory_is_no_way_around_overwrite(tmp_path,
+                                                                       monkeypatch):
+    """open() refuses "missing/../run.npz"; realpath's lexical ".." made it run.npz, so
+    the CLI's exists() check passed and a save replaced run.npz without --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    small_net().save("run.npz")
+    before = (tmp_path / "run.npz").read_bytes()
+    with pytest.raises(FileNotFoundError, match="cannot write missing/../run.npz: no "
+                                                "directory missing/.."):
+        checkpoint.writable_target("missing/../run.npz")
+    with pytest.raises(FileNotFoundError, match="no directory missing/.."):
+        small_net().save("missing/../run.npz")
+    assert (tmp_path / "run.npz").read_bytes() == before

@@ -1009,3 +1009,33 @@ def test_flags_dtypes_and_ragged_lists_are_refused_by_name():
         net.train_step([[1, 2, 3, 4], [1, 2]], y, 0.1)
     with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
         gpu_mlp.MLP([4, 5, 3], device="cpu", dtype=None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gpu_mlp.MLP([4, 6, 3], activations="relu(alpha=0.5)", loss="softmax_cross_entropy",
+                        memory="store_both", device="cpu", dtype="float64", seed=1),
+    lambda: gpu_mlp.Network([Conv2d(1, 2, 3, padding=1), Dense(2 * 4 * 4, 3)],
+                            loss="softmax_cross_entropy", device="cpu", seed=1),
+], ids=["mlp", "cnn"])
+def test_a_net_pickles_and_deep_copies_into_a_net_of_its_own(make):
+    """pickle, copy.deepcopy, a process pool: the copy has the architecture, settings and
+    parameters, its own arrays and buffers; training it leaves the original as it was."""
+    import copy
+    import pickle
+
+    net = make()
+    X = np.random.default_rng(0).standard_normal((5, *(
+        (4,) if isinstance(net, gpu_mlp.MLP) else (1, 4, 4))))
+    y = np.array([0, 1, 2, 1, 0])
+    net.train_step(X, y, 0.1)  # buffers and engine forms made: not part of a copy
+    for twin in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert type(twin) is type(net) and repr(twin) == repr(net)
+        for (W, b), (W2, b2) in zip(net.params, twin.params):
+            np.testing.assert_array_equal(W, W2)
+            np.testing.assert_array_equal(b, b2)
+            assert not np.shares_memory(W, W2)
+        np.testing.assert_array_equal(twin.predict(X), net.predict(X))
+        before = _snapshot(net)
+        twin.train_step(X, y, 0.1)
+        for a, b in zip(_snapshot(net), before):
+            np.testing.assert_array_equal(a, b)

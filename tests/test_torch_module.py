@@ -418,3 +418,63 @@ def test_complex_input_is_refused_not_cast_to_its_real_part():
     module = gm_torch.MLPModule([3, 2], device="cpu", seed=0)
     with pytest.raises(TypeError, match="takes real numbers, got dtype torch.complex64"):
         module(torch.ones(2, 3, dtype=torch.complex64))
+
+
+def _hogwild_worker(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    X = torch.ones(4, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(X).pow(2).mean().backward()
+        opt.step()
+
+
+def test_share_memory_lets_worker_processes_train_the_module_in_place():
+    """PyTorch's Hogwild recipe: after share_memory() a worker process's steps reach the
+    parent's parameters. The engine was rebuilt over a private copy, so they did not."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    model = gm_torch.MLPModule([3, 4, 2], device="cpu", seed=0)
+    model.share_memory()
+    assert all(p.is_shared() for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    worker = torch.multiprocessing.get_context("fork").Process(target=_hogwild_worker,
+                                                               args=(model,))
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 0
+    assert all(p.is_shared() for p in model.parameters())
+    assert not any(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    net = model.net  # the engine computes in that memory
+    assert all(gm_torch._shares(t, a) for pair, arrays in zip(model._pairs(), net.params)
+               for t, a in zip(pair, arrays))
+
+
+def test_modules_in_several_threads_leave_blas_as_they_found_it():
+    """The BLAS limit is the process's: the first call in sets it, the last out restores
+    it. Each restoring what it saw on entry left another thread's limit of 1 for good."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threading
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpoolctl.threadpool_info()
+                       if i["user_api"] == "blas"})
+
+    models = [gm_torch.MLPModule([64, 128, 10], device="cpu", seed=k) for k in range(2)]
+    X = torch.randn(64, 64)
+    before = blas_threads()
+
+    def work(model):
+        for _ in range(300):
+            model(X).sum().backward()
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert blas_threads() == before
+    models[0](X).sum().backward()
+    assert blas_threads() == before
