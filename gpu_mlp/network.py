@@ -564,13 +564,13 @@ class Network(ForwardBackward):
 _checkpoint.register("Network", Network)
 
 
-
 def params_on(xp, params, layers=None) -> list[tuple]:
     """``params`` as ``(W_k, b_k)`` pairs on ``xp``'s device (one per layer, if given):
     a masked array must have no masked entry (NaN hides there as easily as anything)."""
     return [tuple(_device.to_device(_checks.unmasked(name, a), xp, name)
                   for name, a in ((f"W_{k}", W), (f"b_{k}", b)))
             for k, (W, b) in enumerate(_checks.pairs(params, layers), start=1)]
+
 
 def _layer_mode(memory: str, act) -> str:
     """The memory mode a layer runs in: "output" where it keeps the same and costs less

@@ -194,6 +194,7 @@ def test_missing_library_says_what_to_install(monkeypatch):
             accounting.noise_multiplier(1.0, 1e-5, 0.01, 10, accountant=accountant)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the library's own, on its way down
 @pytest.mark.parametrize("sigma, accountant", [(1e-300, "rdp"), (1e300, "rdp"),
                                                (1e-300, "pld"), (1e-5, "pld")])
 def test_a_noise_the_accountant_cannot_compute_is_a_value_error_naming_it(dp, sigma,
