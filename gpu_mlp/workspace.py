@@ -64,19 +64,20 @@ class Workspace:
         return self._take(rows * K, (COLUMNS, self.dtype)).reshape(rows, K)
 
     def _take(self, rows: int, key):
-        if rows > self._rows.get(key, 0):
+        size = self._rows.get(key, 0)  # read once: free_buffers() may clear it meanwhile
+        if rows > size:
             # grow: the smaller free buffers go now, those in use when they come back
             self._release(self._free.pop(key, []))
-            self._rows[key] = rows
+            self._rows[key] = size = rows
         free = self._free[key]
         if free:
             base = free.pop()
         elif key[0] == COLUMNS:
-            base = self.xp.empty(self._rows[key], dtype=key[1])
+            base = self.xp.empty(size, dtype=key[1])
             self._count(base)
             self._columns.add(id(base))
         else:
-            base = self.xp.empty((self._rows[key],) + key[0], dtype=key[1])
+            base = self.xp.empty((size,) + key[0], dtype=key[1])
             self._count(base)
         self.in_use_bytes += base.nbytes
         self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
@@ -117,7 +118,7 @@ class Workspace:
             key = ((COLUMNS if id(base) in self._columns else tuple(base.shape[1:])),
                    base.dtype)
             self.in_use_bytes -= base.nbytes
-            if base.shape[0] < self._rows[key]:
+            if base.shape[0] < self._rows.get(key, 0):
                 self._release([base])  # outgrown while in use
                 self.outgrown += 1
             else:

@@ -76,3 +76,48 @@ def test_column_buffers_of_every_width_share_one_pool():
     ws.give(d, e)
     ws.clear()
     assert (ws.bytes, ws.pool_bytes) == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["train", "predict"])
+def test_free_buffers_from_another_thread_never_breaks_a_call(mode):
+    """A thread trimming memory (free_buffers) while another trains or predicts with the
+    net: each call's buffers stay its own. The workspace read its size table twice and
+    raised a KeyError when a clear fell between the two reads."""
+    import sys
+    import threading
+
+    import gpu_mlp
+
+    net = gpu_mlp.MLP([8, 32, 32, 4], device="cpu", seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, 8)).astype(np.float32)
+    Y = rng.standard_normal((16, 4)).astype(np.float32)
+    expected = net.predict(X).copy()
+    stop, errors = threading.Event(), []
+
+    def use():
+        try:
+            for _ in range(30000):
+                if mode == "predict":
+                    np.testing.assert_array_equal(net.predict(X), expected)
+                else:
+                    net.train_step(X, Y, 1e-6)
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+        stop.set()
+
+    def trim():
+        while not stop.is_set():
+            net.free_buffers()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython will
+    try:
+        threads = [threading.Thread(target=use), threading.Thread(target=trim)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
