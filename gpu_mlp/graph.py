@@ -215,19 +215,20 @@ class StepGraphs:
         return True
 
 
-_streams = threading.local()  # this thread's capture stream of each device
+_streams = threading.local()  # this thread's capture streams, by stream class and device
 
 
 def _capture_stream(cuda):
     """This thread's capture stream on the current device, with its cuBLAS handle and
     workspace (``cublas.prepare``: made once, a lookup after; a handle is per thread,
     device and stream). One stream per thread and device, shared by every net: one per
-    net would leave a handle and its 32 MiB workspace behind with each net trained."""
+    net would leave a handle and its 32 MiB workspace behind with each net trained. Kept
+    by ``cuda.Stream`` too: a CuPy stand-in's stream (the tests') is no real one."""
     streams = _streams.__dict__.setdefault("of_device", {})
-    device = cuda.runtime.getDevice()
-    stream = streams.get(device)
+    key = (cuda.Stream, cuda.runtime.getDevice())
+    stream = streams.get(key)
     if stream is None:
-        stream = streams[device] = cuda.Stream(non_blocking=True)
+        stream = streams[key] = cuda.Stream(non_blocking=True)
     with stream:
         cublas.prepare()
     return stream

@@ -470,7 +470,7 @@ class SGD(Optimizer):
         for buf in (buf for pair in held for buf in pair if buf.size):  # first: all or none
             _checks.scalar("factor", factor, buf.dtype, where, positive=True)
             largest = float(abs(buf).max())
-            if largest * factor > np.finfo(buf.dtype).max:
+            if largest * factor > float(np.finfo(buf.dtype).max):
                 raise ValueError(f"{where}factor {factor:g} would overflow the momentum "
                                  f"buffers in {buf.dtype} (an entry of {largest:g}); "
                                  f"nothing was scaled")

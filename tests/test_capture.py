@@ -639,3 +639,34 @@ def test_on_a_gpu_an_allocation_during_a_capture_is_refused():
                 cupy.empty(1000, dtype=np.float32)
         finally:
             stream.end_capture()
+
+
+def test_a_capture_stream_of_another_cupy_is_never_reused(host_cupy_lib):
+    """Streams are kept per thread, device and stream class: a real CuPy's stream left by
+    a GPU test is never handed to the stand-in (nor the stand-in's to real CuPy), which
+    would capture host work on a real stream or launch a real graph on a fake one."""
+    import types
+
+    import capture as capture_module
+
+    class RealStream:  # a real cupy.cuda.Stream, as far as the cache can tell
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    real_cuda = types.SimpleNamespace(Stream=RealStream,
+                                      runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        assert isinstance(graph_module._capture_stream(real_cuda), RealStream)
+        stream = graph_module._capture_stream(sys.modules["cupy"].cuda)
+        assert isinstance(stream, capture_module.Stream)
+        assert isinstance(graph_module._capture_stream(real_cuda), RealStream)
+        for _ in range(3):
+            net.train_step(X, Y, 1e-2, check=False)
+    assert net.step_graphs.replays == 1

@@ -20,6 +20,7 @@ import pytest
 from gpu_mlp import MEMORY_MODES, MLP, Network, activations, ops, reference
 from gpu_mlp.device import to_device, to_numpy
 from gpu_mlp.layers import Conv2d, Dense
+from gpu_mlp.plan import StepPlan
 
 pytestmark = pytest.mark.gpu  # skipped, with the reason, by conftest without a GPU
 
@@ -408,19 +409,30 @@ def cupy_sync_detection():
             yield
 
 
-def test_steady_state_allocates_nothing(cp, warm):
+def _step(net, X, y, capture):
+    """A steady-state step: replayed from its graph (train_step after the warm-up), or
+    eager (``Network._step(capture=False)``: the engine's Python runs every launch)."""
+    if capture:
+        return net.train_step(X, y, lr=1e-3, check=False)
+    return net._step(X, y, StepPlan.of(1e-3), False, global_loss=True, capture=False)
+
+
+@pytest.mark.parametrize("capture", [True, False], ids=["replayed", "eager"])
+def test_steady_state_allocates_nothing(cp, warm, capture):
     net, X, y = warm
+    _step(net, X, y, capture)  # the eager form's own first step
     pool = cp.get_default_memory_pool()
     total, allocations = pool.total_bytes(), net.training_workspace.allocations
     with cupy_sync_detection():
         for _ in range(10):
-            loss = net.train_step(X, y, lr=1e-3, check=False)
+            loss = _step(net, X, y, capture)
     assert pool.total_bytes() == total
     assert net.training_workspace.allocations == allocations
     assert np.isfinite(float(loss))
 
 
-def test_steady_state_takes_nothing_from_the_pool(cp, warm):
+@pytest.mark.parametrize("capture", [True, False], ids=["replayed", "eager"])
+def test_steady_state_takes_nothing_from_the_pool(cp, warm, capture):
     """What ../shared/gpu/busy.py counted (3 a step before issue 19): CuPy pool
     allocations of a steady-state step, cache hits included, seen by a MemoryHook."""
     from cupy.cuda import memory_hook
@@ -435,10 +447,11 @@ def test_steady_state_takes_nothing_from_the_pool(cp, warm):
             self.count += 1
 
     net, X, y = warm
+    _step(net, X, y, capture)
     hook = Mallocs()
     with hook:
         for _ in range(10):
-            loss = net.train_step(X, y, lr=1e-3, check=False)
+            loss = _step(net, X, y, capture)
     assert hook.count == 0
     assert np.isfinite(float(loss))
 
