@@ -452,8 +452,8 @@ class _StepLosses:
 
     def mean(self, comm=None) -> float:
         """The weighted mean so far: one device-to-host transfer; with ``comm`` over the
-        steps of every rank (the global batch mean). Sets :attr:`rows`, their number (NaN
-        for none)."""
+        steps of every rank (the global batch mean): NaN when no step had a row. Sets
+        :attr:`rows`, the rows counted (0: none)."""
         k = self.count
         totals = np.array([to_numpy(self.values[:k]) @ self.weights[:k],
                            self.weights[:k].sum()])
