@@ -101,9 +101,10 @@ def parse_args(argv=None):
     parser.add_argument("--batches", nargs="+", type=int, default=None,
                         help=f"default: {' '.join(map(str, BATCHES))}")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
-    parser.add_argument("--steps", type=int, default=8,
-                        help="timed steps per implementation and round (default 8)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (default 6; --quick: 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per implementation and round (default 8; --quick: 5)")
     parser.add_argument("--max-time", type=float, default=3.0,
                         help="seconds of timed steps per implementation and round, after "
                              "at least 5 (default 3)")
@@ -120,16 +121,22 @@ def parse_args(argv=None):
                         help=f"{QUICK_NETS[0]}, batch {QUICK_BATCHES[0]}, 2 rounds of 5 "
                              "steps: a smoke run")
     parser.add_argument("--out", default=None,
-                        help="default: bench/results/<device>-<dtype>-dp")
+                        help="default: bench/results/<device>-<dtype>-dp (-quick with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.nets = args.nets or list(QUICK_NETS)
         args.batches = args.batches or list(QUICK_BATCHES)
-        args.rounds, args.steps = 2, 5
+    rounds, steps = (2, 5) if args.quick else (6, 8)  # what is given stands
+    args.rounds = rounds if args.rounds is None else args.rounds
+    args.steps = steps if args.steps is None else args.steps
     args.nets = args.nets or list(NETS)
     args.batches = args.batches or list(BATCHES)
-    if args.out is None:
-        args.out = os.path.join(ROOT, "bench", "results", f"{args.device}-{args.dtype}-dp")
+    for name in ("threads", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.out is None:  # a smoke run never replaces a full run's results
+        args.out = os.path.join(ROOT, "bench", "results",
+                                f"{args.device}-{args.dtype}-dp{'-quick' if args.quick else ''}")
     return args
 
 

@@ -44,12 +44,27 @@ IMPLS = ("gpu_mlp", "torch")
 
 
 def check_options(options: list[str]) -> None:
+    """Refuse what the twin cannot reproduce, an abbreviation too (``--optim``: the job's
+    parser takes unique prefixes)."""
     for option in options:
         name = option.split("=", 1)[0]
-        if name in REFUSED:
-            raise ValueError(f"bench/job.py: {name} is not a job option the PyTorch twin "
+        if not name.startswith("--") or len(name) < 3:
+            continue
+        refused = [full for full in REFUSED if full.startswith(name)]
+        if refused and all(not other.startswith(name) or other in REFUSED
+                           for other in _job_options()):
+            full = refused[0]
+            raise ValueError(f"bench/job.py: {full} is not a job option the PyTorch twin "
                              f"reproduces (plain SGD on built-in data only)"
-                             + ("; give --device before --" if name == "--device" else ""))
+                             + ("; give --device before --" if full == "--device" else ""))
+
+
+def _job_options() -> list[str]:
+    """Every long option of ``gpu_mlp train``."""
+    from gpu_mlp import cli
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    return [s for action in train._actions for s in action.option_strings if s.startswith("--")]
 
 
 def _environment(device: str, threads: int) -> dict:

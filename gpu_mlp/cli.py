@@ -698,9 +698,11 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
 def _check_outputs(args) -> None:
     """Refuse, before any training, output paths that cannot be written, and a --save
     that would replace a checkpoint of another run."""
-    for path in (args.save, args.plot):
-        if path:
-            checkpoint.writable_target(path)
+    targets = {name: checkpoint.writable_target(path)
+               for name, path in (("--save", args.save), ("--plot", args.plot)) if path}
+    if len(set(targets.values())) < len(targets):  # the plot, written last, would win
+        raise ValueError(f"--save {args.save} and --plot {args.plot} name the same file: "
+                         f"the plot would replace the checkpoint")
     if args.plot:
         plotting.check_format(args.plot)
     if args.save and os.path.exists(args.save) and not args.overwrite:
@@ -776,12 +778,7 @@ def _convolutions(net) -> list:
 
 def _new_net(args, model, sample_shape, outputs, loss, seed) -> Network:
     activation = args.activation or DATA[args.data]["activation"]
-    memory = args.memory or DEFAULTS["memory"]
     hidden_act = activations.get(activation)
-    if args.memory is None and not hidden_act.has_grad_from_output:
-        memory = "recompute"  # what the activation supports; _run says so
-    options = dict(loss=loss, memory=memory, device=args.device,
-                   dtype=args.dtype or DEFAULTS["dtype"], seed=seed)
     if model == "cnn":
         if args.hidden is not None or args.sizes is not None:
             raise ValueError("--hidden and --sizes shape an MLP; with --model cnn use "
@@ -797,8 +794,11 @@ def _new_net(args, model, sample_shape, outputs, loss, seed) -> Network:
         _check_fits_data(sizes, args.data, sample_shape[0], outputs)
         layers = [Dense(d_in, d_out, hidden_act) for d_in, d_out in zip(sizes, sizes[1:-1])]
         layers.append(Dense(sizes[-2], sizes[-1], "identity"))
-    if memory == "output" and not all(layer.activation.has_grad_from_output
-                                      for layer in layers):
+    supported = all(layer.activation.has_grad_from_output for layer in layers)
+    memory = args.memory or (DEFAULTS["memory"] if supported else "recompute")  # _run says
+    options = dict(loss=loss, memory=memory, device=args.device,
+                   dtype=args.dtype or DEFAULTS["dtype"], seed=seed)
+    if memory == "output" and not supported:
         # the engine would refuse too, but in Python's terms (memory='recompute')
         raise ValueError(f"--memory output needs sigma' as a function of the output, "
                          f"which {activation} lacks; use --memory recompute or --memory "

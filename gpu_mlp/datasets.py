@@ -43,7 +43,7 @@ def regression(n: int = 2000, d_in: int = 8, d_out: int = 1, noise: float = 0.1,
     deviation ``noise``: a linear model explains only about 60% of their variance, a
     small MLP most of it.
     """
-    n = _checks.integer("n", n, 1, "regression: ")
+    n = _checks.integer("n", n, 2, "regression: ")  # the targets are scaled by their std
     d_in = _checks.integer("d_in", d_in, 1, "regression: ")
     d_out = _checks.integer("d_out", d_out, 1, "regression: ")
     seed = _checks.integer("seed", seed, 0, "regression: ")

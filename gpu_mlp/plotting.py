@@ -55,15 +55,19 @@ def plot_history(history, path, title: str = "") -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
 
+    # markers on short runs: one epoch, or one between epochs without a loss, is a point
+    # a line alone would not draw
+    style = {"marker": "o", "markersize": 3} if history.epochs <= 50 else {}
     loss = axes[0]
-    loss.plot(epochs, history.train_loss, label="training")
+    loss.plot(epochs, [float("nan") if v is None else v for v in history.train_loss],
+              label="training", **style)
     validation = _points(epochs, history.val_loss)
     if validation:
-        loss.plot(*validation, label="validation")
+        loss.plot(*validation, label="validation", **style)
     loss.set(xlabel="epoch", ylabel="loss (log scale)", yscale="log", title="loss")
     loss.legend()
     if accuracy:
-        axes[1].plot(*accuracy, color="C1", label="validation")
+        axes[1].plot(*accuracy, color="C1", label="validation", **style)
         axes[1].set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
         axes[1].grid(alpha=0.3)
     loss.grid(alpha=0.3)

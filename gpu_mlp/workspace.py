@@ -85,11 +85,12 @@ class Workspace:
 
     def ones(self, n: int):
         """A vector of n ones (kept for good: the bias gradient is a GEMV against it)."""
-        if self._ones is None or self._ones.shape[0] < n:
-            self._release([self._ones] if self._ones is not None else [])
-            self._ones = self.xp.ones(n, dtype=self.dtype)
-            self._count(self._ones)
-        return self._ones[:n]
+        ones = self._ones  # read once: free_buffers() may drop it meanwhile
+        if ones is None or ones.shape[0] < n:
+            self._release([ones] if ones is not None else [])
+            ones = self._ones = self.xp.ones(n, dtype=self.dtype)
+            self._count(ones)
+        return ones[:n]
 
     def loss(self):
         """A 0-d buffer for a step's loss: two kept, taken in turn, so the loss the last
@@ -99,16 +100,17 @@ class Workspace:
         none, allocates nothing."""
         self._turn ^= 1
         turn = self._turn
-        if self._losses[turn] is not None and (
-                sys.getrefcount(self._losses[turn]) > sys.getrefcount(self._unheld[0])):
-            self._release([self._losses[turn]])  # its holder's now
-            self._losses[turn] = None
-        first = all(b is None for b in self._losses)  # the first step makes both
+        losses = self._losses  # read once: free_buffers() may replace it meanwhile
+        if losses[turn] is not None and (
+                sys.getrefcount(losses[turn]) > sys.getrefcount(self._unheld[0])):
+            self._release([losses[turn]])  # its holder's now
+            losses[turn] = None
+        first = all(b is None for b in losses)  # the first step makes both
         for t in (0, 1) if first else (turn,):
-            if self._losses[t] is None:
-                self._losses[t] = self.xp.empty((), dtype=self.dtype)
-                self._count(self._losses[t])
-        return self._losses[turn]
+            if losses[t] is None:
+                losses[t] = self.xp.empty((), dtype=self.dtype)
+                self._count(losses[t])
+        return losses[turn]
 
     def give(self, *buffers) -> None:
         """Return buffers that :meth:`take` handed out; the caller must not touch them

@@ -904,3 +904,31 @@ def test_job_twin_starts_from_the_jobs_net(monkeypatch, capsys):
         out = captured["module"](torch.as_tensor(data.X_test[:8], dtype=torch.float32))
     np.testing.assert_allclose(out.numpy(), net.predict(data.X_test[:8]), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_dp_step_quick_has_a_folder_of_its_own_and_keeps_what_is_given(capsys):
+    """A smoke run (--quick) replaced the committed full run's results; it also
+    overrode --rounds and --steps given with it, and --threads 0 ended in a traceback."""
+    from bench import dp_step
+
+    full, quick = dp_step.parse_args([]), dp_step.parse_args(["--quick", "--rounds", "3"])
+    assert full.out.endswith("cpu-float32-dp") and quick.out.endswith("cpu-float32-dp-quick")
+    assert (full.rounds, full.steps, quick.rounds, quick.steps) == (6, 8, 3, 5)
+    for option in ("--threads", "--rounds", "--steps"):
+        with pytest.raises(SystemExit):
+            dp_step.parse_args([option, "0"])
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--optim", "adam"], "--optimizer"), (["--dp-c=1"], "--dp-clip"),
+    (["--dp-n", "1"], "--dp-noise"), (["--sav", "x.npz"], "--save"),
+    (["--de", "cpu"], "--device")])
+def test_job_bench_refuses_abbreviations_of_what_the_twin_cannot_reproduce(options, refused):
+    """The job's parser takes unique prefixes: '--optim adam' trained Adam against the
+    twin's plain SGD, and the ratio was printed all the same."""
+    from bench import job
+
+    with pytest.raises(ValueError, match=f"{refused} is not a job option"):
+        job.check_options(options)
+    job.check_options(["--epochs", "3", "--batch-size", "16", "--model", "cnn"])

@@ -747,3 +747,36 @@ def test_one_rank_is_no_data_parallel_run(capsys, monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
     status, lines, _ = run(capsys, "train", *FAST)
     assert status == 0 and not any("data parallel" in line for line in lines)
+
+
+def test_save_and_plot_naming_one_file_is_refused_before_training(capsys, tmp_path):
+    """The plot, written after the last checkpoint, replaced it."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "run.png"
+    for plot in (str(path), str(tmp_path / "." / "run.png")):
+        status, lines, err = run(capsys, "train", *FAST, "--save", str(path), "--plot", plot)
+        assert status == 2 and lines == []
+        assert "name the same file: the plot would replace the checkpoint" in err
+    assert not path.exists()
+
+
+def test_one_epoch_and_lone_losses_are_plotted_as_points(capsys, tmp_path, monkeypatch):
+    """A line alone draws nothing for a single point: one epoch's plot was empty."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    assert run(capsys, "train", "--epochs", "1", "--hidden", "16", "--plot",
+               str(tmp_path / "one.png"))[0] == 0
+    [fig] = figures
+    for axes in fig.axes:
+        assert axes.lines and all(line.get_marker() == "o" for line in axes.lines)
+
+
+def test_the_memory_mode_follows_the_layers_there_are(capsys):
+    """No hidden layer: the activation is no layer's, and 'output' mode stands."""
+    status, lines, err = run(capsys, "train", "--epochs", "1", "--hidden", "",
+                             "--activation", "gelu")
+    assert status == 0 and err == ""
+    assert "memory='output'" in lines[1] and not any(l.startswith("note:") for l in lines)

@@ -107,9 +107,9 @@ def test_regression_is_not_linear():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"n": 0}, ValueError, "regression: n must be an integer >= 1, got 0"),
-    ({"n": 2.5}, TypeError, "regression: n must be an integer >= 1, got 2.5"),
-    ({"n": True}, TypeError, "regression: n must be an integer >= 1, got True"),
+    ({"n": 0}, ValueError, "regression: n must be an integer >= 2, got 0"),
+    ({"n": 2.5}, TypeError, "regression: n must be an integer >= 2, got 2.5"),
+    ({"n": True}, TypeError, "regression: n must be an integer >= 2, got True"),
     ({"d_in": 0}, ValueError, "regression: d_in must be an integer >= 1"),
     ({"d_in": 3.0}, TypeError, "regression: d_in must be an integer >= 1, got 3.0"),
     ({"d_out": -1}, ValueError, "regression: d_out must be an integer >= 1, got -1"),
@@ -130,3 +130,10 @@ def test_numpy_integers_are_integers():
     assert X.shape == (20, 3) and np.array_equal(Y, datasets.regression(20, 3, seed=1)[1])
     parts = datasets.train_test_split(X, Y, np.float32(0.25), seed=np.int64(2))
     assert [len(p) for p in parts] == [15, 5, 15, 5]
+
+
+def test_regression_needs_two_samples_to_scale_its_targets():
+    """Its targets are scaled to variance 1: one sample's std is 0 (NaN targets before)."""
+    with pytest.raises(ValueError, match="regression: n must be an integer >= 2, got 1"):
+        datasets.regression(n=1)
+    assert np.isfinite(datasets.regression(n=2)[1]).all()
