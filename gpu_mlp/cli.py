@@ -309,9 +309,20 @@ def _interrupted(args, error: KeyboardInterrupt, say: bool = True) -> int:
     checkpoint); returns the exit status."""
     if say:
         saved = getattr(args, "save", None)
-        hint = f"; continue with --resume {saved}" if saved and os.path.exists(saved) else ""
+        hint = f"; continue with --resume {saved}" if saved and _holds_this_run(args) else ""
         print(f"gpu-mlp: interrupted{hint}", file=sys.stderr, flush=True)
     return EXIT_TERMINATED if isinstance(error, _Terminated) else EXIT_INTERRUPTED
+
+
+def _holds_this_run(args) -> bool:
+    """Whether --save holds this run's checkpoint: one it saved, or the one it resumed
+    (not another run's file that --overwrite was to replace at its first epoch)."""
+    save, resume = args.save, getattr(args, "resume", None)
+    if not os.path.exists(save):
+        return False
+    if getattr(args, "saved_epochs", 0):
+        return True
+    return bool(resume and os.path.exists(resume) and os.path.samefile(save, resume))
 
 
 # what ends a run with one line of error rather than a traceback: bad input and what
@@ -580,6 +591,7 @@ def _fit(args, root, quiet, resumed, data: _Data, net, plan: StepPlan, settings:
     def save(net, history):
         try:
             checkpoint.save(net, args.save, history=history, plan=plan, data=args.data)
+            args.saved_epochs = history.epochs  # the file is this run's now
         except OSError as e:  # a full disk, say: the atomic save kept the last one
             kept = ("the file holds the last checkpoint, intact" if os.path.exists(args.save)
                     else "no checkpoint was written")

@@ -780,3 +780,21 @@ def test_the_memory_mode_follows_the_layers_there_are(capsys):
                              "--activation", "gelu")
     assert status == 0 and err == ""
     assert "memory='output'" in lines[1] and not any(l.startswith("note:") for l in lines)
+
+
+def test_an_interrupt_before_the_first_save_points_at_no_other_runs_file(capsys, tmp_path,
+                                                                        monkeypatch):
+    """--save other.npz --overwrite stopped before its first epoch was saved: the file is
+    still another run's, and --resume of it would continue that run."""
+    other = str(tmp_path / "other.npz")
+    assert run(capsys, "train", *FAST, "--save", other)[0] == 0
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", stop)
+    status, _, err = run(capsys, "train", *FAST, "--save", other, "--overwrite")
+    assert status == 130 and err == "gpu-mlp: interrupted\n"
+    # resuming that file and stopped before a save: it is this run's to continue
+    status, _, err = run(capsys, "train", "--epochs", "3", "--resume", other, "--save", other)
+    assert status == 130 and err == f"gpu-mlp: interrupted; continue with --resume {other}\n"
