@@ -317,12 +317,16 @@ def _interrupted(args, error: KeyboardInterrupt, say: bool = True) -> int:
 def _holds_this_run(args) -> bool:
     """Whether --save holds this run's checkpoint: one it saved, or the one it resumed
     (not another run's file that --overwrite was to replace at its first epoch)."""
-    save, resume = args.save, getattr(args, "resume", None)
-    if not os.path.exists(save):
+    if not os.path.exists(args.save):
         return False
-    if getattr(args, "saved_epochs", 0):
-        return True
-    return bool(resume and os.path.exists(resume) and os.path.samefile(save, resume))
+    return bool(getattr(args, "saved_epochs", 0)) or _saves_over_its_resume(args)
+
+
+def _saves_over_its_resume(args) -> bool:
+    """Whether --save names the (existing) file that --resume continues."""
+    resume = getattr(args, "resume", None)
+    return bool(resume and os.path.exists(resume) and os.path.exists(args.save)
+                and os.path.samefile(args.save, resume))
 
 
 # what ends a run with one line of error rather than a traceback: bad input and what
@@ -718,9 +722,7 @@ def _check_outputs(args) -> None:
     if args.plot:
         plotting.check_format(args.plot)
     if args.save and os.path.exists(args.save) and not args.overwrite:
-        resuming_it = (args.resume and os.path.exists(args.resume)
-                       and os.path.samefile(args.save, args.resume))
-        if not resuming_it:
+        if not _saves_over_its_resume(args):
             raise ValueError(f"--save {args.save}: the file exists; give --overwrite to "
                              f"replace it, or --resume {args.save} to continue its run")
 
