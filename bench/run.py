@@ -210,6 +210,10 @@ def main(argv=None) -> int:
     if "cuda" in devices and not gpu_mlp.gpu_available():
         raise SystemExit("error: --devices cuda needs CuPy and a CUDA GPU, and gpu_mlp sees none")
     out = args.out or default_out(args, devices)
+    try:  # now, not after the measurements
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} cannot be the output folder: {e.strerror}")
     json_path = out / "results.json"
     records, previous_commands = (previous_run(json_path, args, column_budget)
                                   if args.resume and json_path.exists() else ([], []))
@@ -259,7 +263,6 @@ def main(argv=None) -> int:
     if previous_commands:
         env["previous_commands"] = previous_commands  # what measured the resumed records
 
-    out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(todo, unit="case", dynamic_ncols=True)
     for task in bar:
         bar.set_postfix_str(f"{task.label} {task.point}")

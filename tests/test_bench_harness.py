@@ -648,6 +648,17 @@ def test_cli_writes_table_json_and_report_and_resumes(tmp_path):
     assert resumed["environment"]["previous_commands"] == [env["command"]]
 
 
+def test_cli_refuses_an_out_that_is_a_file_before_measuring(tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
+                           "--widths", "8", "--impls", "gemm", "--out", str(taken)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"--out {taken} cannot be the output folder" in done.stderr
+    assert taken.read_text() == "not a folder"
+
+
 def test_cli_writes_the_plot(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
     _run_cli(tmp_path, "--widths", "8", "--impls", "gemm")
