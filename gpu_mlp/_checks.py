@@ -121,16 +121,27 @@ def finite(name: str, a, xp=np, verdicts: Verdicts = None) -> None:
         verdicts.require(xp.isfinite(a).all(), message)
 
 
+class ScalarOutOfRange(ValueError):
+    """A scalar that the net's dtype cannot carry (:func:`scalar`): ``name`` is the
+    library's name of it, ``value`` the value, ``requirement`` what it must be, so that a
+    front end can name its own option instead."""
+
+    def __init__(self, where: str, name: str, value, requirement: str):
+        super().__init__(f"{where}{name} {requirement}, got {value!r}")
+        self.name, self.value, self.requirement = name, value, requirement
+
+
 def scalar(name: str, value: float, dtype, where: str = "", positive: bool = False) -> float:
     """``value``, a scalar a kernel computes with, checked as it computes with it: cast to
     ``dtype`` it must stay finite (1e39 is inf in float32) and, if ``positive``, > 0
-    (1e-50 is 0); else a ValueError naming it (and ``where`` it was given)."""
+    (1e-50 is 0); else a :class:`ScalarOutOfRange` naming it (and ``where`` it was
+    given)."""
     dt = np.dtype(dtype)
     with np.errstate(over="ignore", under="ignore"):
         cast = dt.type(value)
     if not np.isfinite(cast) or (positive and not cast > 0):
-        raise ValueError(f"{where}{name} must be a finite number{' > 0' if positive else ''} "
-                         f"in {dt.name}, the net's dtype, got {value!r}")
+        raise ScalarOutOfRange(where, name, value, f"must be a finite number"
+                               f"{' > 0' if positive else ''} in {dt.name}, the net's dtype")
     return value
 
 

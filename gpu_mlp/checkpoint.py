@@ -274,7 +274,11 @@ def hold(path):
     directory, name = os.path.split(writable_target(path))
     lock = os.path.join(directory, f".{name}.lock")
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a directory that refuses new files (/proc, a read-only mount)
+            raise type(e)(f"cannot write {os.fsdecode(path)}: {e.strerror.lower()} (its "
+                          f"lock file {lock})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

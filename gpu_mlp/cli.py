@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import activations, checkpoint, datasets, optim, plotting, privacy, training
+from . import _checks, activations, checkpoint, datasets, optim, plotting, privacy, training
 from ._version import __version__
 from .device import DEVICES, gpu_available, to_numpy
 from .layers import Conv2d, Dense
@@ -54,6 +54,12 @@ OPTIMIZER_DEFAULTS = {"momentum": 0.9, "betas": (0.9, 0.999), "eps": 1e-8, "gamm
 # which options each schedule takes (total_steps is the run's)
 SCHEDULE_OPTIONS = {"constant": (), "step": ("step_size", "gamma"), "cosine": ("warmup", "min_lr")}
 DP_DEFAULTS = {"delta": 1e-5, "accountant": "rdp"}
+# the scalars of a step (gpu_mlp._checks.step_scalars) by the options that set them
+SCALAR_OPTIONS = {"lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
+                  "eps": "--eps", "beta1": "--betas' first", "beta2": "--betas' second",
+                  "lr * weight_decay": "--lr times --weight-decay", "max_grad_norm": "--dp-clip",
+                  "noise_multiplier": "--dp-noise",
+                  "noise_multiplier * max_grad_norm": "--dp-noise times --dp-clip"}
 # 128 + the signal, what a shell reports for a command that a signal ended: SIGINT
 # (Ctrl-C), SIGTERM (what timeout, Slurm and Docker send)
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
@@ -420,8 +426,8 @@ def _train(args, comm, out) -> int:
         if args.save and out is not _silent:
             try:
                 held.enter_context(checkpoint.hold(args.save))
-            except checkpoint.CheckpointInUse as e:
-                raise checkpoint.CheckpointInUse(f"--save {e}") from None
+            except (checkpoint.CheckpointInUse, OSError) as e:
+                raise type(e)(f"--save {_one_line(e)}") from None
         return _run(args, comm, out)
 
 
@@ -441,7 +447,7 @@ def _run(args, comm, out) -> int:
     settings = _settings(args, resumed)
     data = _data(args, resumed, settings)
     net = _model(args, resumed, data, settings)
-    plan = _plan(args, resumed, data, settings, comm)
+    plan = _plan(args, resumed, data, settings, comm, net)
     _announce(args, say, root, resumed, data, net, plan, settings)
     done = resumed.history.epochs if resumed else 0
     history = _fit(args, root, quiet, resumed, data, net, plan, settings)
@@ -541,13 +547,19 @@ def _model(args, resumed, data: _Data, settings: _Settings) -> Network:
     return resumed.net
 
 
-def _plan(args, resumed, data: _Data, settings: _Settings, comm) -> StepPlan:
-    """What each step does: the optimizer (or plain SGD), DP and the communication."""
+def _plan(args, resumed, data: _Data, settings: _Settings, comm, net) -> StepPlan:
+    """What each step does: the optimizer (or plain SGD), DP and the communication,
+    checked against the net (its dtype must carry the step's scalars)."""
     steps = data.steps(args.epochs, settings.batch_size)
     optimizer = (resumed.optimizer if resumed
                  else _new_optimizer(args, settings.kind, settings.lr, steps))
     dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps, settings.seed)
-    return StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
+    plan = StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
+    try:
+        return plan.check(net)
+    except _checks.ScalarOutOfRange as e:  # named as the command line spells it
+        raise ValueError(f"{SCALAR_OPTIONS.get(e.name, e.name)} {e.value:g} "
+                         f"{e.requirement} (--dtype)") from None
 
 
 def _announce(args, say, root, resumed, data: _Data, net, plan: StepPlan,
@@ -704,18 +716,29 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
         raise ValueError("--dp-clip needs --dp-noise SIGMA or --dp-epsilon EPS")
     delta = given.get("dp_delta", DP_DEFAULTS["delta"])
     accountant = given.get("dp_accountant", DP_DEFAULTS["accountant"])
-    if "dp_epsilon" in given:
-        return privacy.DP.for_epsilon(given["dp_epsilon"], delta, sample_rate, steps,
-                                      given["dp_clip"], seed=seed, accountant=accountant)
-    return privacy.DP(given["dp_clip"], given["dp_noise"], delta=delta, seed=seed,
-                      accountant=accountant)
+    noise = "dp_epsilon" if "dp_epsilon" in given else "dp_noise"
+    try:  # the accountant's errors name the option that asked it
+        if noise == "dp_epsilon":
+            return privacy.DP.for_epsilon(given["dp_epsilon"], delta, sample_rate, steps,
+                                          given["dp_clip"], seed=seed, accountant=accountant)
+        dp = privacy.DP(given["dp_clip"], given["dp_noise"], delta=delta, seed=seed,
+                        accountant=accountant)
+        dp.epsilon(sample_rate, 1)  # an accountant that cannot count this noise says so now
+        return dp
+    except ValueError as e:
+        raise ValueError(f"{_option(noise)} {given[noise]:g}: {e}") from None
 
 
 def _check_outputs(args) -> None:
     """Refuse, before any training, output paths that cannot be written, and a --save
     that would replace a checkpoint of another run."""
-    targets = {name: checkpoint.writable_target(path)
-               for name, path in (("--save", args.save), ("--plot", args.plot)) if path}
+    targets = {}
+    for name, path in (("--save", args.save), ("--plot", args.plot)):
+        if path:
+            try:
+                targets[name] = checkpoint.writable_target(path)
+            except OSError as e:
+                raise type(e)(f"{name} {_one_line(e)}") from None
     if len(set(targets.values())) < len(targets):  # the plot, written last, would win
         raise ValueError(f"--save {args.save} and --plot {args.plot} name the same file: "
                          f"the plot would replace the checkpoint")
@@ -909,8 +932,15 @@ def _new_optimizer(args, kind: str, lr: float, steps: int):
         step_size = args.step_size if args.step_size is not None else max(1, -(-steps // 3))
         schedule = optim.Step(step_size, D["gamma"] if args.gamma is None else args.gamma)
     elif name == "cosine":
-        schedule = optim.Cosine(steps, D["warmup"] if args.warmup is None else args.warmup,
-                                D["min_lr"] if args.min_lr is None else args.min_lr)
+        warmup = D["warmup"] if args.warmup is None else args.warmup
+        min_lr = D["min_lr"] if args.min_lr is None else args.min_lr
+        if warmup > steps:
+            raise ValueError(f"--warmup {warmup} exceeds the run's {steps} steps "
+                             f"(--epochs times the batches of an epoch)")
+        if min_lr > lr:
+            raise ValueError(f"--min-lr {min_lr:g} exceeds the learning rate it decays "
+                             f"from (--lr {lr:g})")
+        schedule = optim.Cosine(steps, warmup, min_lr)
     else:
         schedule = optim.Constant()
     cls, names = optim.KINDS[kind]

@@ -274,17 +274,24 @@ def no_training(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--plot", "{tmp}/missing/c.png"], "cannot write {tmp}/missing/c.png: no directory "
-                                        "{tmp}/missing"),
+    (["--plot", "{tmp}/missing/c.png"], "--plot cannot write {tmp}/missing/c.png: no "
+                                        "directory {tmp}/missing"),
     (["--plot", "{tmp}/c.xyz"], "cannot plot to {tmp}/c.xyz: unknown image format .xyz; "
                                 "matplotlib writes .*png"),
     (["--plot", "{tmp}/c"], "cannot plot to {tmp}/c: no suffix to name the format"),
-    (["--plot", "{tmp}"], "cannot write {tmp}: it is a directory"),
+    (["--plot", "{tmp}"], "--plot cannot write {tmp}: it is a directory"),
     (["--plot", "{tmp}/.png"], "cannot plot to {tmp}/.png: the name is only a suffix; name "
                                "the file, e.g. curves.png"),
-    (["--save", "{tmp}/missing/run.npz"], "cannot write {tmp}/missing/run.npz: no directory "
-                                          "{tmp}/missing"),
-    (["--save", "{tmp}"], "cannot write {tmp}: it is a directory"),
+    (["--save", "{tmp}/missing/run.npz"], "--save cannot write {tmp}/missing/run.npz: no "
+                                          "directory {tmp}/missing"),
+    (["--save", "{tmp}"], "--save cannot write {tmp}: it is a directory"),
+    # a directory that refuses new files though access() allows them: the lock file's
+    # error, named, not "[Errno 2] ... /proc/.run.npz.lock"
+    pytest.param(["--save", "/proc/run.npz"], "--save cannot write /proc/run.npz: no such "
+                 "file or directory \\(its lock file /proc/.run.npz.lock\\)",
+                 marks=pytest.mark.skipif(not os.access("/proc/self", os.W_OK | os.X_OK),
+                                          reason="needs Linux's /proc, writable to access() "
+                                                 "(as root)")),
 ])
 def test_bad_output_path_fails_before_training(capsys, tmp_path, no_training, argv, message):
     if "--plot" in argv:
@@ -562,10 +569,23 @@ OPTIMIZER_BAD_INPUT = [
     (["--schedule", "step", "--gamma", "0"], "argument --gamma: expected a number in \\(0, 1\\]"),
     (["--schedule", "step", "--step-size", "0"], "argument --step-size: expected an integer >= 1"),
     (["--schedule", "cosine", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
-    (["--schedule", "cosine", "--warmup", "1000"], "warmup \\(1000 steps\\) must not exceed "
-                                                   "total_steps \\(90\\)"),
-    (["--schedule", "cosine", "--min-lr", "0.5"], "min_lr \\(0.5\\) must not exceed the "
-                                                  "optimizer's lr \\(0.1\\)"),
+    # the errors name the options, not the library's arguments
+    (["--schedule", "cosine", "--warmup", "1000"], "--warmup 1000 exceeds the run's 90 steps"),
+    (["--schedule", "cosine", "--min-lr", "0.5"], "--min-lr 0.5 exceeds the learning rate it "
+                                                  "decays from \\(--lr 0.1\\)"),
+    (["--lr", "1e39"], "--lr 1e\\+39 must be a finite number > 0 in float32, the net's dtype "
+                       "\\(--dtype\\)$"),
+    (["--optimizer", "adam", "--eps", "1e-50"], "--eps 1e-50 must be a finite number > 0 in "
+                                                "float32"),
+    (["--optimizer", "adamw", "--weight-decay", "1e39"], "--weight-decay 1e\\+39 must be"),
+    (["--optimizer", "adamw", "--lr", "1e20", "--weight-decay", "1e20"],
+     "--lr times --weight-decay 1e\\+40 must be a finite number in float32"),
+    (["--dp-clip", "1e39", "--dp-noise", "1"], "--dp-clip 1e\\+39 must be a finite number > 0"),
+    (["--dp-clip", "1e20", "--dp-noise", "1e20"], "--dp-noise times --dp-clip 1e\\+40 must"),
+    (["--dp-clip", "1", "--dp-noise", "1e-300"], "--dp-noise 1e-300: noise_multiplier 1e-300 "
+                                                 "is beyond what the rdp accountant"),
+    (["--dp-clip", "1", "--dp-epsilon", "1e-9"], "--dp-epsilon 1e-09: target_epsilon=1e-09 "
+                                                 "cannot be met"),
 ]
 
 
