@@ -115,7 +115,7 @@ def twin(options: list[str], device: str, threads: int) -> None:
     settings = cli._settings(args, resumed)
     data = cli._data(args, resumed, settings)
     net = cli._model(args, resumed, data, settings)  # the job's net, its initial weights
-    plan = cli._plan(args, resumed, data, settings, None)
+    plan = cli._plan(args, resumed, data, settings, None, net)
     params = [(to_numpy(W), to_numpy(b)) for W, b in net.params]
     model = harness.torch_module(net.layers, params, device)
     dtype, dev = getattr(torch, net.dtype.name), torch.device(device)

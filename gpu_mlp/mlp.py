@@ -50,8 +50,9 @@ class MLP(Network):
 
     @classmethod
     def from_params(cls, params, activations, loss="squared", memory="output",
-                    device="auto", dtype=None) -> "MLP":
-        """A network with the given ``(W_k, b_k)`` (copied), ``W_k`` of shape (d_out, d_in).
+                    device="auto", dtype=None, copy=True) -> "MLP":
+        """A network with the given ``(W_k, b_k)``, ``W_k`` of shape (d_out, d_in), copied
+        (or with ``copy=False`` held where they fit, as :meth:`Network.from_params`).
 
         ``activations`` is one activation for every layer or a list with one per layer.
         ``dtype`` defaults to the parameters' own.
@@ -61,7 +62,7 @@ class MLP(Network):
         sizes = [int(pairs[0][0].shape[1])] + [int(W.shape[0]) for W, _ in pairs]
         acts = _activations.per_layer(activations, len(pairs))
         return super().from_params(_dense_layers(sizes, acts), pairs, loss=loss,
-                                   memory=memory, device=name, dtype=dtype)
+                                   memory=memory, device=name, dtype=dtype, copy=copy)
 
     @property
     def sizes(self) -> list[int]:

@@ -104,7 +104,7 @@ class Network(ForwardBackward):
                 W = rng.standard_normal(layer.weight_shape) * scale
                 with np.errstate(over="ignore"):  # _setup names what overflowed
                     params.append((W.astype(dt), np.zeros(layer.bias_shape, dtype=dt)))
-            self._setup(layers, params, loss, memory, device, dt)
+            self._setup(layers, params, loss, memory, device, dt, copy=False)
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError: say what was asked for
             raise _too_large(layers, dt) from None
         if input_shape is not None:
@@ -112,18 +112,21 @@ class Network(ForwardBackward):
 
     @classmethod
     def from_params(cls, layers, params, loss="squared", memory="output", device="auto",
-                    dtype=None) -> "Network":
-        """A network of ``layers`` with the given ``(W_k, b_k)`` (copied), in torch's
-        layouts; ``dtype`` defaults to the parameters' own."""
+                    dtype=None, copy=True) -> "Network":
+        """A network of ``layers`` with the given ``(W_k, b_k)``, in torch's layouts;
+        ``dtype`` defaults to the parameters' own. The net holds copies; with
+        ``copy=False`` it holds the arrays themselves where they are already C-contiguous
+        writable arrays of the dtype on the device (as ``numpy.asarray``), and trains in
+        their memory -- one copy of the parameters, not two."""
         layers = _inputs.check_layers(layers)
         name, xp = _device.resolve(device)
         pairs = _checks.layer_params(layers, params_on(xp, params, layers))
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
         net = cls.__new__(cls)
-        net._setup(layers, pairs, loss, memory, name, dt)
+        net._setup(layers, pairs, loss, memory, name, dt, _checks.flag("copy", copy))
         return net
 
-    def _setup(self, layers, params, loss, memory, device, dtype):
+    def _setup(self, layers, params, loss, memory, device, dtype, copy=True):
         acts = [layer.activation for layer in layers]
         if memory not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}")
@@ -152,9 +155,7 @@ class Network(ForwardBackward):
         self._modes = [_layer_mode(memory, a) for a in acts]
         xp = self.xp
         with np.errstate(over="ignore"):
-            self.params = [(xp.array(W, dtype=self.dtype, order="C", copy=True),
-                            xp.array(b, dtype=self.dtype, order="C", copy=True))
-                           for W, b in params]
+            self.params = _own(xp, params, self.dtype, copy)
         for k, pair in enumerate(self.params, start=1):  # finite given, finite as cast
             for name, a in zip((f"W_{k}", f"b_{k}"), pair):
                 _checks.finite(f"{name} in {self.dtype}", a, xp)
@@ -570,6 +571,21 @@ def params_on(xp, params, layers=None) -> list[tuple]:
     return [tuple(_device.to_device(_checks.unmasked(name, a), xp, name)
                   for name, a in ((f"W_{k}", W), (f"b_{k}", b)))
             for k, (W, b) in enumerate(_checks.pairs(params, layers), start=1)]
+
+
+def _own(xp, params, dtype, copy: bool) -> list[tuple]:
+    """The net's arrays of ``params``: C-contiguous copies in ``dtype``, or with
+    ``copy=False`` the arrays themselves where they are such arrays already, writable
+    (the steps update them in place) and apart from one another (tied weights would get
+    each update twice)."""
+    held = []
+    for a in (a for pair in params for a in pair):
+        own = None if copy else xp.asarray(a, dtype=dtype, order="C")
+        if own is None or not getattr(own.flags, "writeable", True) or any(
+                xp.may_share_memory(own, h) for h in held):
+            own = xp.array(a, dtype=dtype, order="C", copy=True)
+        held.append(own)
+    return list(zip(held[::2], held[1::2]))
 
 
 def _layer_mode(memory: str, act) -> str:

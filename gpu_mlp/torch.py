@@ -261,7 +261,8 @@ class NetworkModule(nn.Module):
 
     def _engine_from(self, params, device, dtype):
         return Network.from_params(self._layers, params, memory=self._memory,
-                                   device=_engine_device(device), dtype=_DTYPES[dtype])
+                                   device=_engine_device(device), dtype=_DTYPES[dtype],
+                                   copy=False)
 
     def reset_parameters(self) -> None:
         """Initialise as ``nn.Linear`` / ``nn.Conv2d``: ``W`` Kaiming-uniform with
@@ -314,17 +315,14 @@ class NetworkModule(nn.Module):
         # never inference tensors, even when the first forward after a copy runs under
         # torch.inference_mode(): the parameters must stay usable by autograd
         with _on(device), torch.inference_mode(False), torch.no_grad():
-            detached = [(W.detach(), b.detach()) for W, b in pairs]
-            net = self._engine_from(detached, device, dtype)  # checked, and a copy
-            if all(t.is_contiguous() for pair in detached for t in pair):
-                # the engine computes in the parameters' own memory, which keeps what
-                # their owner made of it: share_memory() for Hogwild workers, say
-                net.params = [tuple(_device.to_device(t, net.xp) for t in pair)
-                              for pair in detached]
-            else:  # strided: the engine's contiguous copy becomes the parameter
-                for (W_t, b_t), (W, b) in zip(pairs, net.params):
-                    W_t.data = torch.from_dlpack(W)
-                    b_t.data = torch.from_dlpack(b)
+            # checked, and computing in the parameters' own memory (no copy), which keeps
+            # what their owner made of it: share_memory() for Hogwild workers, say
+            net = self._engine_from([(W.detach(), b.detach()) for W, b in pairs], device,
+                                    dtype)
+            for pair, arrays in zip(pairs, net.params):
+                for t, a in zip(pair, arrays):
+                    if not _shares(t, a):  # strided: the engine's copy becomes the parameter
+                        t.data = torch.from_dlpack(a)
         self._net = net
         return net
 
@@ -417,7 +415,7 @@ class MLPModule(NetworkModule):
     def _engine_from(self, params, device, dtype):
         return MLP.from_params(params, [layer.activation for layer in self._layers],
                                memory=self._memory, device=_engine_device(device),
-                               dtype=_DTYPES[dtype])
+                               dtype=_DTYPES[dtype], copy=False)
 
     @property
     def sizes(self) -> list:

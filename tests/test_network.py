@@ -969,6 +969,39 @@ def test_from_params_checks_the_values_as_cast_and_refuses_masked_entries():
             make()
 
 
+def test_from_params_without_copy_trains_in_the_given_arrays_where_they_fit():
+    rng = np.random.default_rng(0)
+    W1, b1 = rng.standard_normal((5, 4)), np.zeros(5)
+    W2, b2 = rng.standard_normal((3, 5)), np.zeros(3)
+    net = gpu_mlp.MLP.from_params([(W1, b1), (W2, b2)], "tanh", device="cpu", copy=False)
+    assert all(a is g for (W, b), (gW, gb) in zip(net.params, [(W1, b1), (W2, b2)])
+               for a, g in ((W, gW), (b, gb)))
+    before = W1.copy()
+    net.train_step(rng.standard_normal((8, 4)), rng.standard_normal((8, 3)), lr=0.1)
+    assert not np.array_equal(W1, before)  # the step wrote into the caller's array
+    copied = gpu_mlp.MLP.from_params([(W1, b1), (W2, b2)], "tanh", device="cpu")
+    assert not any(np.shares_memory(a, g) for pair in copied.params for a in pair
+                   for g in (W1, b1, W2, b2))  # the default copies, as before
+
+    # where an array does not fit, the net holds a copy: another dtype, strided,
+    # read-only, or one array given twice (tied: each update would land twice)
+    frozen = W1.copy()
+    frozen.flags.writeable = False
+    for params, dtype in [([(W1, b1)], "float32"), ([(np.asfortranarray(W1), b1)], None),
+                          ([(frozen, b1)], None)]:
+        net = gpu_mlp.MLP.from_params(params, "tanh", device="cpu", dtype=dtype, copy=False)
+        assert not np.shares_memory(net.params[0][0], params[0][0])
+        assert net.params[0][0].flags.c_contiguous and net.params[0][0].flags.writeable
+    square = rng.standard_normal((4, 4))
+    tied = gpu_mlp.MLP.from_params([(square, b1[:4]), (square, b1[:4])], "tanh",
+                                   device="cpu", copy=False)
+    (W1t, b1t), (W2t, b2t) = tied.params
+    assert W1t is square and not np.shares_memory(W2t, square)
+    assert b1t.base is b1 and not np.shares_memory(b2t, b1)
+    with pytest.raises(TypeError, match="copy must be True or False"):
+        gpu_mlp.MLP.from_params([(W1, b1)], "tanh", device="cpu", copy="no")
+
+
 @pytest.mark.parametrize("make", [
     lambda: gpu_mlp.MLP([4, 2**62, 3], device="cpu"),
     lambda: gpu_mlp.MLP([4, 2**70, 3], device="cpu"),
