@@ -21,8 +21,11 @@ loss a step returns behaves as an eager step's.
 Eager instead: the NumPy backend; a CuPy without stream capture (the tests' stand-in
 ``host_cupy``); a configuration seen once; a stream already capturing (the step becomes
 part of that capture); data parallelism (its collectives are not captured); ``fit``
-under DP (Poisson samples vary in size); and any configuration whose capture failed,
-after one warning saying why. A graph is dropped -- recaptured on its next use -- when
+under DP (Poisson samples vary in size); a step while a buffer its graph writes is lent
+out (to a pending ``Network.forward``'s tape: the graph is then captured again with the
+buffers free); and any configuration whose capture failed, after one warning saying why
+-- but one that allocated, because another call grew the workspace since its warm-up,
+warms up again first. A graph is dropped -- recaptured on its next use -- when
 the net's parameter arrays are replaced (``net.params`` reassigned or an array swapped),
 when the rule or the DP settings change (another key), and by ``free_buffers()``. At most
 :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder), each
@@ -47,11 +50,11 @@ MAX_SEEN = 8     # configurations remembered (seen once, or captured)
 class _Entry:
     """One configuration: how often seen, and its graph with what the graph touches."""
 
-    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "failed")
+    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "buffers", "failed", "rewarmed")
 
     def __init__(self):
-        self.uses, self.graph, self.failed = 0, None, False
-        self.X = self.Y = self.loss = self.keep = None
+        self.uses, self.graph, self.failed, self.rewarmed = 0, None, False, False
+        self.X = self.Y = self.loss = self.keep = self.buffers = None
 
 
 def _cuda():
@@ -126,6 +129,13 @@ class StepGraphs:
             if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
                                  scalars):
                 return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        elif not entry.buffers <= _free_ids(net):
+            # a buffer the graph writes is out of the workspace: lent to a pending
+            # Network.forward's tape, or lost with a step that raised. Eager now (it takes
+            # other buffers), and captured again, with what is free then, on the next use
+            entry.graph = entry.keep = entry.buffers = None
+            entry.uses = 1
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
         else:
             _into(entry.X, X)
             _into(entry.Y, Y)
@@ -193,6 +203,11 @@ class StepGraphs:
         except Exception as e:  # noqa: BLE001 -- any failure: say why, then eager
             _restore_host_state(plan, host)
             scalars._at = at
+            if isinstance(e, CaptureAllocation) and not entry.rewarmed:
+                # the workspace let go of a buffer since the warm-up (another call grew
+                # it): the eager step now makes it again, and the next use warms up anew
+                entry.rewarmed, entry.uses = True, 0
+                return False
             entry.failed = True
             reason = f"{type(e).__name__}: {e}"
             if reason not in self._warned:
@@ -204,11 +219,12 @@ class StepGraphs:
         # alive while the graph is: what it reads and writes, and what its key names by id
         entry.graph = graph
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp)
+        entry.buffers = _free_ids(net)
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
                 break
             if other is not entry and other.graph is not None:
-                other.graph = other.keep = None
+                other.graph = other.keep = other.buffers = None
                 other.uses = 1  # seen before: captured again on its next use
         graph.launch(cuda.get_current_stream())
         self.captures += 1
@@ -263,6 +279,8 @@ def _no_allocation(cuda):
     return NoAllocation()
 
 
+
+
 def _capturing(cuda) -> bool:
     """Whether the current stream is being captured (by the caller: the step is then
     part of that capture). A query CUDA refuses (the legacy stream while another
@@ -314,3 +332,9 @@ def _touched(net) -> list:
     allocation is given their memory while the graph may still write there."""
     ws = net.training_workspace  # (not the losses: the graph writes its own)
     return [b for free in ws._free.values() for b in free] + [ws._ones]
+
+
+def _free_ids(net) -> frozenset:
+    """The ids of the training workspace's free buffers (a graph's are kept alive by
+    it, so their ids stay theirs)."""
+    return frozenset(id(b) for free in net.training_workspace._free.values() for b in free)

@@ -68,6 +68,7 @@ import numpy as np
 import device_counts
 import host_cupy
 from device_counts import DeviceArray
+from gpu_mlp.graph import CaptureAllocation
 
 
 class CUDARuntimeError(RuntimeError):
@@ -80,6 +81,12 @@ class CUDARuntimeError(RuntimeError):
 
 class CaptureBroken(RuntimeError):
     """What CUDA lets through during a relaxed capture but the replay cannot survive."""
+
+
+class AllocationDuringCapture(CaptureBroken, CaptureAllocation):
+    """An allocation during a capture. On a GPU gpu_mlp's memory hook refuses it before
+    CuPy's pool makes it, with :class:`gpu_mlp.graph.CaptureAllocation`
+    (``graph._no_allocation``); this device has no pool hooks, so it raises that itself."""
 
 
 # CuPy's and CUDA's words
@@ -194,8 +201,9 @@ class Capture:
         raise RuntimeError(f"{D2H_REFUSED} ({what})")
 
     def allocation(self, what: str) -> None:
-        raise CaptureBroken(f"{what}: an allocation during capture -- the graph would keep "
-                            f"an address the memory pool hands to the next array")
+        raise AllocationDuringCapture(f"{what}: an allocation during capture -- the graph "
+                                      f"would keep an address the memory pool hands to the "
+                                      f"next array")
 
 
 class Stream:

@@ -458,6 +458,60 @@ def test_a_graph_is_captured_again_after_what_it_froze_changes(host_cupy_lib, ch
     assert opt.steps == 8
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_step_while_a_forward_tape_is_pending_leaves_the_tape_intact(host_cupy_lib, kind):
+    """Network.forward lends workspace buffers to its tape until backward. A replay
+    writes into the buffers it was captured with, which may be those (the tape's
+    gradients were then garbage, 15x off): the step runs eagerly, is captured again with
+    the buffers free then, and the tape's backward is the eager run's, bit for bit."""
+    def run(capture):
+        net, X, Y = _net(kind, dtype="float64")
+        plan = StepPlan.of(1e-2, None)
+        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+            def steps(n):
+                for _ in range(n):
+                    if capture:
+                        net.train_step(X, Y, 1e-2, check=False)
+                    else:
+                        net._step(X, Y, plan, False, global_loss=True, capture=False)
+            steps(3)  # warm-up, capture, replay
+            F, tape = net.forward(X)
+            steps(3)
+            grads, _ = net.backward(tape, np.ones(F.shape).view(DeviceArray))
+            steps(3)
+        grads = [g.view(np.ndarray).copy() for pair in grads for g in pair]
+        return _host(net) + grads, net.step_graphs
+
+    got, graphs = run(capture=True)
+    eager, _ = run(capture=False)
+    _same(got, eager)
+    # step 4 eager (the graph dropped), 5 captured again, then replays
+    assert (graphs.captures, graphs.replays) == (2, 5)
+
+
+def test_a_capture_that_allocates_after_the_workspace_grew_warms_up_again(host_cupy_lib):
+    """A larger call between a configuration's warm-up and its capture grows the
+    workspace, which lets go of the smaller buffers: the capture allocates and fails.
+    The step then warms up again and is captured -- not run eagerly for good, after a
+    warning that blamed the step."""
+    import warnings
+
+    net, X, Y = _net("dense")
+    X16 = np.concatenate([X, X]).view(DeviceArray)
+    Y16 = np.concatenate([Y, Y]).view(DeviceArray)
+    opt, dp = optim.Adam(1e-2), DP(1.0, 1.0, seed=1)
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        net.train_step(X, Y, opt, check=False, dp=dp)  # the warm-up
+        net.per_sample_grad_norms(X16, Y16)            # the workspace grows
+        for _ in range(6):
+            net.train_step(X, Y, opt, check=False, dp=dp)
+    # the failed capture ran eagerly, then a warm-up, a capture and three replays
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 3)
+    assert opt.steps == dp.steps == 7
+
+
 def test_bad_input_raises_before_any_graph_runs(host_cupy_lib):
     net, X, Y = _net("dense")
     opt = optim.Adam(1e-2)
