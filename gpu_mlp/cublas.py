@@ -325,9 +325,10 @@ class Cublas:
         self._call(function, handle.ptr, 1 - OP[transa], cols, rows, alpha_ptr, a_ptr,
                    max(1, cols), x_ptr, 1, beta_ptr, out_ptr, 1)  # keep: alive till here
 
-    def prepare(self) -> None:
-        """Make the current stream's handle and workspace now (before a capture)."""
-        self.handle()
+    def prepare(self) -> _Handle:
+        """Make the current stream's handle and workspace now (before a capture); returns
+        the handle, which holds the workspace alive."""
+        return self.handle()
 
 
 def _refuse(table, where, out, arrays) -> None:
@@ -406,7 +407,8 @@ def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
     return (_binding or binding()).gemv(transa, a, x, out, alpha, beta)
 
 
-def prepare() -> None:
+def prepare():
     """Make the current device's and stream's handle and workspace now: call it on a
-    stream before capturing GEMMs on it."""
-    (_binding or binding()).prepare()
+    stream before capturing GEMMs on it. Returns the handle: a graph of those GEMMs keeps
+    it, and with it the workspace whose address the GEMMs keep."""
+    return (_binding or binding()).prepare()

@@ -12,7 +12,8 @@ graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread 
 device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
-static input buffers. What changes from step to step is read on the device by pointer
+static input buffers (and, on another stream than the last launch of a graph of that
+capture stream, after that launch: they share its cuBLAS workspace). What changes from step to step is read on the device by pointer
 (:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
 graph's own 0-d buffer and copied into the workspace's (``Workspace.loss``), so the
@@ -139,7 +140,7 @@ class StepGraphs:
         else:
             _into(entry.X, X)
             _into(entry.Y, Y)
-            entry.graph.launch(cuda.get_current_stream())
+            entry.keep[-1].launch(cuda, entry.graph)
             plan.count_step()  # the host's side of the step, which the replay skips
             scalars.counted()
             self.replays += 1
@@ -175,7 +176,7 @@ class StepGraphs:
         """Allocate what a capture needs before it (nothing may allocate during it): the
         static input and loss buffers, the capture stream and its cuBLAS handle and
         workspace. Done at a configuration's warm-up, so that its capture allocates
-        nothing either. Returns the capture stream."""
+        nothing either. Returns the :class:`_CaptureSide`."""
         if entry.X is None:
             xp = net.xp
             entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
@@ -187,7 +188,8 @@ class StepGraphs:
         """Capture the step into ``entry`` and launch it once; False (and a warning,
         once per reason) if the capture failed: the step is then to run eagerly, and
         the plan and scalars are as before."""
-        stream = self._prepare(cuda, entry, net, X, Y)  # this thread's, made outside
+        side = self._prepare(cuda, entry, net, X, Y)  # this thread's, made outside
+        stream = side.stream
         _into(entry.X, X)
         _into(entry.Y, Y)
         host = _host_state(plan)
@@ -218,7 +220,8 @@ class StepGraphs:
             return False
         # alive while the graph is: what it reads and writes, and what its key names by id
         entry.graph = graph
-        entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp)
+        entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
+                      side)  # last: what launches it
         entry.buffers = _free_ids(net)
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
@@ -226,7 +229,7 @@ class StepGraphs:
             if other is not entry and other.graph is not None:
                 other.graph = other.keep = other.buffers = None
                 other.uses = 1  # seen before: captured again on its next use
-        graph.launch(cuda.get_current_stream())
+        side.launch(cuda, graph)
         self.captures += 1
         return True
 
@@ -234,7 +237,32 @@ class StepGraphs:
 _streams = threading.local()  # this thread's capture streams, by stream class and device
 
 
-def _capture_stream(cuda):
+class _CaptureSide:
+    """A thread's capture stream on one device, and what the graphs captured on it
+    share: its cuBLAS handle, whose workspace (the GEMMs' scratch memory, at an address
+    they keep) every such graph holds alive -- the thread's exit would return it to the
+    pool under them -- and an event at the end of the last launch of any of them: one
+    launched on another stream first waits for it, or replays on two streams at once
+    would write into the one workspace together."""
+
+    __slots__ = ("stream", "handle", "event", "last")
+
+    def __init__(self, cuda):
+        self.stream = cuda.Stream(non_blocking=True)
+        self.event = cuda.Event(disable_timing=True)
+        self.handle, self.last = None, None
+
+    def launch(self, cuda, graph) -> None:
+        """Launch ``graph`` on the current stream, after the last launch here."""
+        stream = cuda.get_current_stream()
+        if self.last not in (None, stream.ptr):
+            stream.wait_event(self.event)
+        graph.launch(stream)
+        self.event.record(stream)
+        self.last = stream.ptr
+
+
+def _capture_stream(cuda) -> _CaptureSide:
     """This thread's capture stream on the current device, with its cuBLAS handle and
     workspace (``cublas.prepare``: made once, a lookup after; a handle is per thread,
     device and stream). One stream per thread and device, shared by every net: one per
@@ -242,12 +270,12 @@ def _capture_stream(cuda):
     by ``cuda.Stream`` too: a CuPy stand-in's stream (the tests') is no real one."""
     streams = _streams.__dict__.setdefault("of_device", {})
     key = (cuda.Stream, cuda.runtime.getDevice())
-    stream = streams.get(key)
-    if stream is None:
-        stream = streams[key] = cuda.Stream(non_blocking=True)
-    with stream:
-        cublas.prepare()
-    return stream
+    side = streams.get(key)
+    if side is None:
+        side = streams[key] = _CaptureSide(cuda)
+    with side.stream:
+        side.handle = cublas.prepare()
+    return side
 
 
 class CaptureAllocation(RuntimeError):

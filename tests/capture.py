@@ -244,6 +244,25 @@ class Stream:
         self.capture.synchronize()
 
 
+    def wait_event(self, event: "Event") -> None:
+        Event.waits.append((self.ptr, event.stream))
+
+
+class Event:
+    """``cupy.cuda.Event`` on the counting device, which has one queue and so nothing to
+    wait for: ``record`` notes the stream that recorded it last, and each stream's
+    ``wait_event`` is logged in ``Event.waits`` as (waiting stream, recording stream)."""
+
+    waits: list = []
+
+    def __init__(self, block: bool = False, disable_timing: bool = False,
+                 interprocess: bool = False):
+        self.stream = None
+
+    def record(self, stream=None) -> None:
+        self.stream = (stream if stream is not None else _CURRENT).ptr
+
+
 _current = [host_cupy.STREAM]  # the current stream's pointer last: ``with stream`` pushes
 
 
@@ -261,17 +280,19 @@ class _CurrentStream:
     def synchronize(self) -> None:
         synchronize()
 
+    wait_event = Stream.wait_event
+
 
 _CURRENT = _CurrentStream()
 
 
 def cuda_module():
-    """``cupy.cuda`` as the engine reaches it: ``Stream``, ``get_current_stream``,
-    ``runtime.getDevice`` (one device, 0) and ``graph.Graph``."""
+    """``cupy.cuda`` as the engine reaches it: ``Stream``, ``Event``,
+    ``get_current_stream``, ``runtime.getDevice`` (one device, 0) and ``graph.Graph``."""
     import types
 
     cuda = types.ModuleType("cupy.cuda")
-    cuda.Stream, cuda.get_current_stream = Stream, lambda: _CURRENT
+    cuda.Stream, cuda.Event, cuda.get_current_stream = Stream, Event, lambda: _CURRENT
     cuda.runtime = types.SimpleNamespace(getDevice=lambda: 0)
     cuda.graph = types.SimpleNamespace(Graph=Graph)
     return cuda

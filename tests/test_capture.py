@@ -423,6 +423,70 @@ def test_nets_share_a_capture_stream_and_its_cublas_handle(host_cupy_lib):
         assert "cuBLAS workspace" not in counts.where
 
 
+def test_a_graph_keeps_the_cublas_workspace_of_the_thread_that_captured_it(host_cupy_lib):
+    """A thread's capture handle and its workspace live in thread-local storage, freed
+    when the thread ends; its graphs keep the workspace's address. Captured in a worker
+    and replayed after it ended, a graph must still hold that workspace: it went back to
+    CuPy's pool, for the next array, under the GEMMs that write it."""
+    import gc
+    import threading
+    import weakref
+
+    from gpu_mlp import cublas as binding_module
+
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        workspaces = []
+
+        def train():
+            for _ in range(3):  # warm-up, capture, replay
+                net.train_step(X, Y, 1e-2, check=False)
+            handles = binding_module._binding.local.__dict__["handles"].values()
+            workspaces.extend(weakref.ref(h.workspace) for h in handles)
+
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+        del worker
+        gc.collect()
+        assert net.step_graphs.graphs == 1 and len(workspaces) == 2
+        assert sum(w() is not None for w in workspaces) == 1  # the capture stream's
+        replays = net.step_graphs.replays
+        net.train_step(X, Y, 1e-2, check=False)
+        assert net.step_graphs.replays == replays + 1
+        net.free_buffers()  # the graph goes, and with it the workspace
+        gc.collect()
+        assert all(w() is None for w in workspaces)
+
+
+def test_graphs_launched_on_another_stream_wait_for_the_last_launch(host_cupy_lib):
+    """The graphs captured on one thread share its capture handle's workspace: two nets'
+    replays on two streams at once would write into it together (silently wrong
+    gradients). A launch on another stream than the last one first waits for the event
+    recorded after it; launches on one stream wait for nothing."""
+    import capture as capture_module
+    from device_counts import to_device
+
+    nets = [_net("dense") for _ in range(2)]
+    one, two = capture_module.Stream(), capture_module.Stream()
+    with counting_device(nets[0][0], host_cupy_lib), capturable_blas(host_cupy_lib):
+        to_device(nets[1][0], nets[0][0].xp)
+        capture_module.Event.waits.clear()
+        for stream, (net, X, Y) in ((one, nets[0]), (one, nets[1])):
+            with stream:
+                for _ in range(3):
+                    net.train_step(X, Y, 1e-2, check=False)
+        assert capture_module.Event.waits == []  # one stream: in order anyway
+        net, X, Y = nets[1]
+        with two:
+            net.train_step(X, Y, 1e-2, check=False)
+            net.train_step(X, Y, 1e-2, check=False)
+        with one:
+            nets[0][0].train_step(*nets[0][1:], 1e-2, check=False)
+        assert capture_module.Event.waits == [(two.ptr, one.ptr), (one.ptr, two.ptr)]
+        assert [n.step_graphs.replays for n, _, _ in nets] == [2, 3]
+
+
 def _changed_midway(change):
     def between(i, net, rule):
         if i == 4:
@@ -713,14 +777,14 @@ def test_a_capture_stream_of_another_cupy_is_never_reused(host_cupy_lib):
         def __exit__(self, *exc):
             pass
 
-    real_cuda = types.SimpleNamespace(Stream=RealStream,
+    real_cuda = types.SimpleNamespace(Stream=RealStream, Event=capture_module.Event,
                                       runtime=types.SimpleNamespace(getDevice=lambda: 0))
     net, X, Y = _net("dense")
     with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
-        assert isinstance(graph_module._capture_stream(real_cuda), RealStream)
-        stream = graph_module._capture_stream(sys.modules["cupy"].cuda)
+        assert isinstance(graph_module._capture_stream(real_cuda).stream, RealStream)
+        stream = graph_module._capture_stream(sys.modules["cupy"].cuda).stream
         assert isinstance(stream, capture_module.Stream)
-        assert isinstance(graph_module._capture_stream(real_cuda), RealStream)
+        assert isinstance(graph_module._capture_stream(real_cuda).stream, RealStream)
         for _ in range(3):
             net.train_step(X, Y, 1e-2, check=False)
     assert net.step_graphs.replays == 1
