@@ -86,7 +86,11 @@ class CupyRuntime:
 
     def __init__(self):
         import cupy
-        import cupy_backends.cuda.libs.cublas  # noqa: F401 -- CuPy loads its libcublas
+        # CuPy's cuBLAS module, which loads its libcublas: spelled as CuPy spells it, so
+        # that the package's __getattr__ has cuda.pathfinder load the library first (a
+        # dotted import skips that hook and fails where only pathfinder finds it: a pip
+        # wheel's, or under CUDA_PATH)
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
         from cuda import pathfinder  # as CuPy found it (cached: the same library)
 
         self.cupy = cupy

@@ -494,3 +494,38 @@ def test_on_a_gpu_a_captured_gemm_replays_with_its_device_alpha():
             graph.launch()
         stream.synchronize()
     cupy.testing.assert_array_equal(out, cupy.full((64, 64), 6.0, cupy.float32))
+
+
+def test_cupys_runtime_has_cupy_load_libcublas_before_its_cublas_module(monkeypatch):
+    """CuPy's cupy_backends.cuda.libs loads libcublas (through cuda.pathfinder) in its
+    package __getattr__, before the module that links it; ``import
+    cupy_backends.cuda.libs.cublas`` skips that hook and fails where only pathfinder finds
+    the library (a pip wheel's, CUDA_PATH). The runtime must ask the package, as CuPy's
+    own code does (``from cupy_backends.cuda.libs import cublas``)."""
+    import sys
+    import types
+
+    asked = []
+    libs = types.ModuleType("cupy_backends.cuda.libs")  # a package with only the hook
+
+    def hook(name):
+        if name.startswith("__"):  # what the import system asks of any package
+            raise AttributeError(name)
+        asked.append(name)
+        return types.ModuleType(f"cupy_backends.cuda.libs.{name}")
+    libs.__getattr__ = hook
+    loaded = types.SimpleNamespace(abs_path=None)
+    fake_cupy = types.SimpleNamespace(
+        ndarray=object, cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(runtimeGetVersion=lambda: 13000)))
+    pathfinder = types.SimpleNamespace(load_nvidia_dynamic_lib=lambda name: loaded)
+    for name, module in {"cupy": fake_cupy, "cupy_backends": types.ModuleType("cb"),
+                         "cupy_backends.cuda": types.ModuleType("cbc"),
+                         "cupy_backends.cuda.libs": libs,
+                         "cuda": types.SimpleNamespace(pathfinder=pathfinder),
+                         "cuda.pathfinder": pathfinder}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "cupy_backends.cuda.libs.cublas", raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: path)  # no real library opened
+    runtime = cublas.CupyRuntime()
+    assert asked == ["cublas"] and runtime.library == "libcublas.so.13"
