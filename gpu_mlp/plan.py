@@ -124,11 +124,13 @@ class StepPlan:
         """Whether the steps are data-parallel (the plan has a communicator)."""
         return self.comm is not None
 
-    def divisor(self, batch_size: int) -> Optional[int]:
-        """What a step of :func:`~gpu_mlp.training.fit` with ``batch_size`` divides by:
-        under DP the expected batch size (its Poisson samples vary in size), else None
-        (the step's own rows)."""
-        return batch_size if self.private else None
+    def divisor(self, batch_size: int, n: int) -> Optional[int]:
+        """What a step of :func:`~gpu_mlp.training.fit` with ``batch_size`` on ``n``
+        samples divides by: under DP the expected batch size ``q n`` (its Poisson samples
+        vary in size), ``q = min(1, batch_size / n)`` -- n where the batch size exceeds
+        the data, whose every row each step then takes -- else None (the step's own
+        rows)."""
+        return min(batch_size, n) if self.private else None
 
     def epsilon(self, sample_rate: float, steps: Optional[int] = None) -> Optional[float]:
         """The privacy spent after ``steps`` steps (default: the DP's steps so far) at

@@ -185,10 +185,10 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             History's ``lr`` then records each epoch's last learning rate.
         dp: a :class:`gpu_mlp.privacy.DP`: train privately. Each epoch then takes
             ``ceil(n / batch_size)`` steps on Poisson samples (every row independently
-            with probability ``batch_size / n``, from ``(seed, epoch)``; ``shuffle`` has
-            no say), each divided by the expected batch size ``batch_size``, and the
-            History's ``epsilon`` records the privacy spent after each epoch (needs the
-            ``[dp]`` extra).
+            with probability ``q = min(1, batch_size / n)``, from ``(seed, epoch)``;
+            ``shuffle`` has no say), each divided by the expected batch size ``q n``,
+            and the History's ``epsilon`` records the privacy spent after each epoch
+            (needs the ``[dp]`` extra).
         comm: a :class:`gpu_mlp.distributed.Communicator` (or, on the CPU, an mpi4py
             communicator, wrapped in one for the run): train data-parallel. Every
             rank passes the same data and settings (checked before the first step); each
@@ -275,7 +275,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
             for done, X_batch, Y_batch, counts in _batches(net, X, Y, batch_size, seed, epoch,
                                                            shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
-                              expected_batch=plan.divisor(batch_size), counts=counts,
+                              expected_batch=plan.divisor(batch_size, n), counts=counts,
                               capture=not plan.private)
                 losses.add(J, X_batch.shape[0])
                 if look and not math.isfinite(J):  # free to read on the NumPy backend

@@ -644,6 +644,24 @@ def test_fit_samples_poisson_batches_and_divides_by_the_batch_size(monkeypatch):
     assert len({len(x) for x, _ in seen}) > 1
 
 
+def test_a_batch_size_past_the_data_divides_by_the_data_not_the_batch_size():
+    """batch_size > n: the sample rate is 1, every step takes every row, and the expected
+    batch is n (MATH.md: q N; Opacus's too). Dividing by batch_size made the step (and
+    the noise) smaller than that of batch_size = n, which samples the very same rows."""
+    X, Y = fit_data()
+    n = len(X)
+    updates = []
+    for batch_size in (n, 2 * n):
+        net = fit_net()
+        before = [W.copy() for W, _ in net.params]
+        net.fit(X, Y, epochs=1, batch_size=batch_size, lr=LR, seed=4, dp=DP(1.0, 0.0),
+                verbose=False)
+        updates.append([W - W0 for (W, _), W0 in zip(net.params, before)])
+    for a, b in zip(*updates):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.abs(a).max() > 0 for a in updates[0])
+
+
 def direct_epsilon(sigma, q, steps, delta):
     import dp_accounting
     from dp_accounting import rdp
