@@ -117,7 +117,9 @@ class History:
         return len(self.train_loss)
 
     def as_dict(self) -> dict:
-        """Plain lists and numbers (JSON-ready)."""
+        """Plain lists and numbers, for ``json``: an epsilon is ``inf`` for DP without
+        noise, and a validation loss may be ``inf`` or NaN, which Python's ``json``
+        writes as ``Infinity`` and ``NaN`` (and reads back) but strict JSON lacks."""
         return dataclasses.asdict(self)
 
     @classmethod
