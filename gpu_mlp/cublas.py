@@ -32,12 +32,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
 OP = {"N": 0, "T": 1}  # cublasOperation_t
 POINTER_MODE_HOST, POINTER_MODE_DEVICE = 0, 1  # cublasPointerMode_t
 WORKSPACE_BYTES = 32 << 20  # cublasSetWorkspace: 32 MiB recommended on Hopper, 4 elsewhere
+# handles (and their workspaces) kept per thread: one per stream used, so a program that
+# makes stream after stream would otherwise hold 32 MiB more with each
+MAX_HANDLES = 8
 
 # cublasStatus_t (cublas_api.h)
 STATUS = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED",
@@ -51,6 +55,7 @@ _P, _I, _SIZE, _LL = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_lo
 # scalar pointer are void*.
 PROTOTYPES = {
     "cublasCreate_v2": (ctypes.POINTER(ctypes.c_void_p),),
+    "cublasDestroy_v2": (_P,),
     "cublasSetStream_v2": (_P, _P),
     "cublasSetWorkspace_v2": (_P, _P, _SIZE),
     "cublasSetPointerMode_v2": (_P, _I),
@@ -160,13 +165,21 @@ class Cublas:
             raise CublasError(name, status)
 
     def handle(self) -> _Handle:
-        """The handle of this thread's current device and stream (made on first use)."""
+        """The handle of this thread's current device and stream (made on first use; the
+        least recently used of :data:`MAX_HANDLES` goes to make room)."""
         runtime = self.runtime
         key = (runtime.device(), runtime.stream())
-        handles = self.local.__dict__.setdefault("handles", {})
+        handles = self.local.__dict__.get("handles")
+        if handles is None:
+            handles = self.local.handles = OrderedDict()
         handle = handles.get(key)
         if handle is None:
-            handle = handles[key] = self._create(key[1])
+            handle = self._create(key[1])
+            if len(handles) >= MAX_HANDLES:
+                self._destroy(handles.popitem(last=False)[1])
+            handles[key] = handle
+        else:
+            handles.move_to_end(key)
         return handle
 
     def _create(self, stream: int) -> _Handle:
@@ -184,6 +197,12 @@ class Cublas:
         self._call("cublasSetMathMode", ptr.value, runtime.math_mode())
         self._call("cublasSetPointerMode_v2", ptr.value, POINTER_MODE_HOST)
         return _Handle(ptr.value, owner)
+
+    def _destroy(self, handle: _Handle) -> None:
+        """Destroy ``handle``. cublasDestroy synchronises the device, so no GEMM still
+        runs in its workspace, which then goes back to the pool -- unless a captured
+        graph, which keeps its address, holds it (gpu_mlp.graph)."""
+        self._call("cublasDestroy_v2", handle.ptr)
 
     def _mode(self, handle: _Handle, mode: int) -> None:
         if handle.mode != mode:

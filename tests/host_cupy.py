@@ -411,6 +411,7 @@ class Device:
 # ctypes argtypes must spell (a pointer or a handle: void*; an enum: int).
 CUBLAS_API = """
 cublasStatus_t cublasCreate_v2(cublasHandle_t *handle);
+cublasStatus_t cublasDestroy_v2(cublasHandle_t handle);
 cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t streamId);
 cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void *workspace,
                                      size_t workspaceSizeInBytes);
@@ -537,14 +538,16 @@ class HostCublas:
 
     def __init__(self, device):
         self.host_device = device
-        self.handles: dict[int, HandleState] = {}
+        self.handles: dict[int, HandleState] = {}  # the live ones
+        self.destroyed = 0
         # address -> the array given out there, weakly: a reference held here would
         # count as the engine's own (the workspace asks sys.getrefcount)
         self.memory = weakref.WeakValueDictionary()
         self.library = types.SimpleNamespace()
         self.array_type = np.ndarray
         proto = cublas_prototypes()
-        bodies = {"cublasCreate_v2": self._create, "cublasSetStream_v2": self._set_stream,
+        bodies = {"cublasCreate_v2": self._create, "cublasDestroy_v2": self._destroy,
+                  "cublasSetStream_v2": self._set_stream,
                   "cublasSetWorkspace_v2": self._set_workspace,
                   "cublasSetPointerMode_v2": self._set_pointer_mode,
                   "cublasSetMathMode": self._set_math_mode,
@@ -595,9 +598,15 @@ class HostCublas:
     # --- the library ----------------------------------------------------------------------
 
     def _create(self, out) -> int:
-        handle = 0x1000 + 16 * len(self.handles)
+        handle = 0x1000 + 16 * (len(self.handles) + self.destroyed)  # never one reused
         self.handles[handle] = HandleState()
         out.value = handle
+        return CUBLAS_SUCCESS
+
+    def _destroy(self, handle) -> int:
+        self._state("cublasDestroy_v2", handle)
+        del self.handles[handle]  # a later call with it is refused (_state)
+        self.destroyed += 1
         return CUBLAS_SUCCESS
 
     def _state(self, name, handle) -> HandleState:

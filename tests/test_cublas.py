@@ -227,6 +227,37 @@ def test_one_handle_per_stream_its_workspace_set_after_its_stream(blas):
     assert state.workspace is not None and state.workspace[1] == cublas.WORKSPACE_BYTES
 
 
+def test_handles_of_streams_long_unused_are_destroyed_with_their_workspaces(blas):
+    """A handle and its 32 MiB workspace per stream: a program making stream after stream
+    held them all. At most MAX_HANDLES stay, the least recently used destroyed
+    (cublasDestroy, which waits for the device) and its workspace released -- the
+    current streams' handles kept."""
+    import gc
+    import weakref
+
+    made = []
+    workspace = blas.workspace
+
+    def recorded(nbytes):
+        owner, address = workspace(nbytes)
+        made.append(weakref.ref(owner))
+        return owner, address
+    blas.workspace = recorded
+    stream = [host_cupy.STREAM]
+    blas.stream = lambda: stream[0]
+    extra = 3
+    for k in range(cublas.MAX_HANDLES + extra):
+        for s in (host_cupy.STREAM, 0x5000 + k):  # the default stream stays in use
+            stream[0] = s
+            ops.gemm("N", "N", np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))
+    gc.collect()
+    assert len(blas.handles) == cublas.MAX_HANDLES and blas.destroyed == extra + 1
+    assert sum(w() is not None for w in made) == cublas.MAX_HANDLES
+    assert host_cupy.STREAM in {state.stream for state in blas.handles.values()}
+    destroyed = [name for name, _ in blas.calls if name == "cublasDestroy_v2"]
+    assert len(destroyed) == extra + 1
+
+
 def test_the_math_mode_is_cupys_handles(blas):
     """TF32 only where CuPy's own handle has it: gpu_mlp's GEMMs round as CuPy's did."""
     runtime = Recording(math_mode=3)  # CUBLAS_TF32_TENSOR_OP_MATH
