@@ -128,7 +128,8 @@ def test_a_plan_says_what_depends_on_dp_and_communication():
     class World:  # what an mpi4py communicator offers, as far as a plan looks
         Get_rank = Get_size = Allreduce = None
     assert StepPlan(0.1, comm=World()).parallel
-    assert plain.divisor(16) is None and private.divisor(16) == 16
+    assert plain.divisor(16, 40) is None and private.divisor(16, 40) == 16
+    assert private.divisor(64, 40) == 40  # every row, every step: the expected batch is n
     assert plain.epsilon(0.4) is None and plain.epsilon(0.4, steps=1) is None
     assert private.epsilon(0.4, steps=3) == private.dp.epsilon(0.4, steps=3)
     # what the ranks of a data-parallel fit compare: the keys and values fit always sent
