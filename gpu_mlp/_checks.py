@@ -303,7 +303,11 @@ _POSITIVE = ("lr", "eps", "max_grad_norm")  # 0 would do nothing, or divide by 0
 def real(name: str, value, where: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past any float (10**400, say, from a crafted file)
+        raise ValueError(f"{where}{name} must be a finite number, got an integer of "
+                         f"{len(str(abs(int(value))))} digits") from None
 
 
 def in_range(name: str, value, where: str = "", low: float = 0.0, high: float = math.inf,

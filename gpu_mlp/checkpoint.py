@@ -37,6 +37,7 @@ Object arrays are never unpickled. Errors are a :class:`CheckpointError` naming 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -205,6 +206,9 @@ def writable_target(path) -> str:
     target = os.path.realpath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if os.path.exists(target) and not os.path.isfile(target):  # a FIFO, a device: the
+        # save's rename would replace the node itself (/dev/null, as root)
+        raise OSError(f"cannot write {path}: {target} is not a regular file")
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: no directory {directory}")
@@ -212,6 +216,8 @@ def writable_target(path) -> str:
         raise PermissionError(f"cannot write {path}: directory {directory} is not writable")
     return target
 
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symlinks to plant
 
 # A temporary unwritten this long is a killed writer's, if its pid is no process here; a
 # live writer in another PID namespace or on another host (a shared file system) looks
@@ -274,11 +280,16 @@ def hold(path):
     directory, name = os.path.split(writable_target(path))
     lock = os.path.join(directory, f".{name}.lock")
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # a directory that refuses new files (/proc, a read-only mount)
+        try:  # never through a link planted there, nor onto a FIFO (which would block)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:  # a directory that refuses new files (/proc, a read-only
+            # mount), or a link where the lock goes (ELOOP)
             raise type(e)(f"cannot write {os.fsdecode(path)}: {e.strerror.lower()} (its "
                           f"lock file {lock})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"cannot write {os.fsdecode(path)}: its lock file {lock} is not "
+                          f"a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -321,11 +332,25 @@ def read(path, device: str = "auto") -> Checkpoint:
     is not a complete, consistent checkpoint; OSError if it cannot be opened at all.
     """
     path = os.fsdecode(path)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         try:
             return _read(f, device)
-        except (TypeError, ValueError, RecursionError) as e:
+        except (TypeError, ValueError, RecursionError, ArithmeticError) as e:
             raise CheckpointError(f"{path}: {e}") from None
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (after links); an OSError
+    naming it if not -- a FIFO would block the read forever, a device stream on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read(f, device: str) -> Checkpoint:

@@ -485,7 +485,7 @@ class _Data:
         return epochs * -(-len(self.X_train) // batch_size)
 
     def sample_rate(self, batch_size: int) -> float:
-        return min(1.0, batch_size / len(self.X_train))
+        return min(batch_size, len(self.X_train)) / len(self.X_train)  # no overflow
 
 
 def _resume(args):

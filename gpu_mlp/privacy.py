@@ -250,7 +250,7 @@ def poisson_batches(n: int, batch_size: int, seed: int, epoch: int):
     """The batches of one epoch of Poisson sampling: ``ceil(n / batch_size)`` steps, each
     taking every row independently with probability ``q = batch_size / n``; the rows
     depend on ``(seed, epoch)`` alone. Yields arrays of row indices (possibly empty)."""
-    q = min(1.0, batch_size / n)
+    q = min(batch_size, n) / n  # (a batch size past any float cannot overflow)
     rng = np.random.default_rng([seed, epoch, 1])  # apart from the shuffle's stream
     for _ in range(math.ceil(n / batch_size)):
         yield np.flatnonzero(rng.random(n) < q)

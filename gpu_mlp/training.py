@@ -134,9 +134,9 @@ class History:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"history must have the entries {names}, got {got}")
         for name, minimum in (("seed", 0), ("batch_size", 1), ("samples", 1)):
-            if type(d[name]) is not int or d[name] < minimum:
-                raise ValueError(f"history: {name} must be an integer >= {minimum}, got "
-                                 f"{d[name]!r}")
+            if type(d[name]) is not int or not minimum <= d[name] < 2**64:
+                raise ValueError(f"history: {name} must be an integer in [{minimum}, 2^64), "
+                                 f"got {d[name]!r}")
         if type(d["shuffle"]) is not bool:
             raise ValueError(f"history: shuffle must be true or false, got {d['shuffle']!r}")
         if not isinstance(d["train_loss"], list):
@@ -251,7 +251,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
     n = X.shape[0]
     steps_per_epoch = -(-n // batch_size)
-    sample_rate = min(1.0, batch_size / n)
+    sample_rate = min(batch_size, n) / n  # (a batch size past any float cannot overflow)
     plan.epsilon(sample_rate, steps=1)  # under DP: the accountant is there, before any step
     if resume is not None:
         plan.check_resumed(history.epochs, steps_per_epoch)

@@ -616,6 +616,47 @@ def test_a_lock_left_by_a_killed_writer_does_not_block(tmp_path):
     assert files_in(tmp_path) == ["run.npz"]
 
 
+needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_a_link_planted_as_the_lock_is_refused_and_its_target_untouched(tmp_path):
+    """Whoever may write the checkpoint's directory could plant ``.run.npz.lock`` as a
+    link: the lock's open followed it and wrote the pid over the target (any file the
+    run's user may write)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.symlink(victim, tmp_path / ".run.npz.lock")
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / ".other.npz.lock")  # dangling
+    for name in ("run.npz", "other.npz"):
+        with pytest.raises(OSError, match=f"cannot write {tmp_path / name}: too many levels "
+                                          f"of symbolic links \\(its lock file"):
+            with checkpoint.hold(tmp_path / name):
+                pass
+    assert victim.read_text() == "precious\n" and not (tmp_path / "nowhere.txt").exists()
+
+
+@needs_fifos
+def test_a_fifo_is_neither_read_nor_replaced(tmp_path):
+    """A FIFO given as a checkpoint blocked the read forever; saved onto, it (or a
+    device node, /dev/null as root) was replaced by a regular file; planted as the lock,
+    it would block its open."""
+    fifo = tmp_path / "run.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        checkpoint.read(fifo)  # at once: nothing writes to it
+    with pytest.raises(OSError, match=f"cannot write {fifo}: {fifo} is not a regular file"):
+        small_net().save(fifo)
+    os.symlink(fifo, tmp_path / "link.npz")
+    with pytest.raises(OSError, match="is not a regular file"):
+        small_net().save(tmp_path / "link.npz")
+    os.mkfifo(tmp_path / ".new.npz.lock")
+    with pytest.raises(OSError, match="its lock file .* is not a regular file"):
+        with checkpoint.hold(tmp_path / "new.npz"):
+            pass
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
 # --- hostile files: the metadata first, then every header, then no more data than that ---
 
 def npy_bytes(a):
@@ -818,10 +859,10 @@ def set_dp(key, value):
 
 
 @pytest.mark.parametrize("change, match", [
-    (set_history("batch_size", 0), "history: batch_size must be an integer >= 1, got 0"),
-    (set_history("samples", 0), "history: samples must be an integer >= 1, got 0"),
-    (set_history("batch_size", 32.0), "history: batch_size must be an integer >= 1, got 32.0"),
-    (set_history("seed", True), "history: seed must be an integer >= 0, got True"),
+    (set_history("batch_size", 0), "history: batch_size must be an integer in \\[1, 2\\^64\\), got 0"),
+    (set_history("samples", 0), "history: samples must be an integer in \\[1, 2\\^64\\), got 0"),
+    (set_history("batch_size", 32.0), "history: batch_size must be an integer in \\[1, 2\\^64\\), got 32.0"),
+    (set_history("seed", True), "history: seed must be an integer in \\[0, 2\\^64\\), got True"),
     (set_history("shuffle", 1), "history: shuffle must be true or false"),
     (set_history("train_loss", [NAN]), "history: train_loss must hold numbers in"),
     (set_history("train_loss", [INF]), "history: train_loss must hold numbers in"),
@@ -839,6 +880,11 @@ def set_dp(key, value):
     (set_dp("steps", True), "dp: DP: steps must be an integer in \\[0, 2\\^64\\)"),
     (set_dp("noise_multiplier", NAN), "dp: DP: noise_multiplier must be a finite number"),
     (set_dp("accountant", ["rdp"]), "dp: DP: unknown accountant"),
+    # integers past any float (json reads 10**400 as an int): named, not an OverflowError
+    (set_history("batch_size", 10**400), "history: batch_size must be an integer in "
+                                         "\\[1, 2\\^64\\)"),
+    (set_dp("max_grad_norm", 10**400), "dp: DP: max_grad_norm must be a finite number, got "
+                                       "an integer of 401 digits"),
 ])
 def test_hostile_metadata_is_refused_where_it_is_read(tmp_path, entries, change, match):
     change(entries)
@@ -866,6 +912,8 @@ def test_what_fit_can_record_still_loads(tmp_path, entries):
     (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("betas", [True, 0.9]),
      "beta1 must be a number"),
     (lambda e: e["meta"]["optimizer"].__setitem__("state", {}), "optimizer must be a dict"),
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("lr", 10**400),
+     "lr must be a finite number, got an integer of 401 digits"),
 ])
 def test_hostile_optimizer_state_is_refused(tmp_path, optimizer_entries, change, match):
     change(optimizer_entries)
