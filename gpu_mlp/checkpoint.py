@@ -563,6 +563,14 @@ def _version_1_layers(sizes, activations) -> list:
     return [Dense(d_in, d_out, act) for d_in, d_out, act in zip(sizes, sizes[1:], activations)]
 
 
+def _some(names: list, shown: int = 8) -> str:
+    """``names`` for an error message, the first few of a crafted file's thousands."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
+
+
 def _check_params(arrays, layers, dtype):
     n = len(layers)
     expected = [f"{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")]
@@ -570,7 +578,7 @@ def _check_params(arrays, layers, dtype):
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
         raise ValueError(f"the parameter entries do not match the {n} layers: "
-                         f"missing {missing or 'none'}, unexpected {extra or 'none'}")
+                         f"missing {_some(missing)}, unexpected {_some(extra)}")
     params = []
     for k, layer in enumerate(layers, start=1):
         W, b = arrays[f"W_{k}"], arrays[f"b_{k}"]
@@ -589,8 +597,8 @@ def _check_optimizer(spec, entries, layers, dtype):
     without one) and its ``opt_*`` entries as ``{name: [(W_k's, b_k's)]}``, unread."""
     if spec is None:
         if entries:
-            raise ValueError(f"optimizer state entries {sorted(entries)} but no optimizer "
-                             f"in the metadata")
+            raise ValueError(f"optimizer state entries {_some(sorted(entries))} but no "
+                             f"optimizer in the metadata")
         return None, {}
     if (not isinstance(spec, dict) or spec.get("type") not in _optim.OPTIMIZERS
             or "state" in spec):
@@ -602,13 +610,13 @@ def _check_optimizer(spec, entries, layers, dtype):
                 for p in ("W", "b")}
     extra = sorted(set(entries) - expected)
     if extra:
-        raise ValueError(f"unexpected optimizer entries {extra}")
+        raise ValueError(f"unexpected optimizer entries {_some(extra)}")
     state = {}
     for name in names:
         missing = [f"{_OPT}{name}_{p}_{k}" for k in range(1, n + 1) for p in ("W", "b")
                    if f"{_OPT}{name}_{p}_{k}" not in entries]
         if missing:
-            raise ValueError(f"the optimizer state {name!r} lacks {missing}")
+            raise ValueError(f"the optimizer state {name!r} lacks {_some(missing)}")
         for k, layer in enumerate(layers, start=1):
             for p, shape in (("W", layer.weight_shape), ("b", layer.bias_shape)):
                 a = entries[f"{_OPT}{name}_{p}_{k}"]

@@ -649,6 +649,11 @@ def from_state_dict(state_dict) -> Optimizer:
     hyper = state_dict["hyperparameters"]
     if not isinstance(hyper, dict):
         raise ValueError(f"optimizer hyperparameters must be a dict, got {hyper!r}")
+    # a state dict holds every hyperparameter but those at their defaults that PyTorch's
+    # rules lack (decay_bias, eps_placement): one missing is a damaged file, not a default
+    missing = sorted(set(kind(1.0).hyperparameters()) - set(hyper))
+    if missing:
+        raise ValueError(f"{kind.__name__} hyperparameters {hyper} lack {', '.join(missing)}")
     try:
         optimizer = kind(**hyper, schedule=schedule_from_spec(state_dict["schedule"]))
     except TypeError as e:

@@ -892,6 +892,16 @@ def test_hostile_metadata_is_refused_where_it_is_read(tmp_path, entries, change,
     refused(tmp_path / "bad.npz", match)
 
 
+def test_a_crafted_file_of_many_entries_gets_a_short_message(tmp_path, entries):
+    for k in range(3, 1003):
+        entries[f"W_{k}"] = np.zeros(1, np.float32)
+    write_entries(tmp_path / "bad.npz", entries)
+    with pytest.raises(checkpoint.CheckpointError, match="unexpected \\['W_10', 'W_100', "
+                                                         ".*\\] and 992 more") as e:
+        checkpoint.read(tmp_path / "bad.npz")
+    assert len(str(e.value)) < 500
+
+
 def test_what_fit_can_record_still_loads(tmp_path, entries):
     # an overflowing validation loss and the epsilon of a run without noise are infinite
     history = entries["meta"]["history"]
@@ -914,6 +924,8 @@ def test_what_fit_can_record_still_loads(tmp_path, entries):
     (lambda e: e["meta"]["optimizer"].__setitem__("state", {}), "optimizer must be a dict"),
     (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("lr", 10**400),
      "lr must be a finite number, got an integer of 401 digits"),
+    # gpu_mlp writes every hyperparameter: one missing is damage, not its default
+    (lambda e: e["meta"]["optimizer"]["hyperparameters"].pop("lr"), "hyperparameters .* lack lr"),
 ])
 def test_hostile_optimizer_state_is_refused(tmp_path, optimizer_entries, change, match):
     change(optimizer_entries)
