@@ -400,8 +400,8 @@ class _RecordingXp:
         self.products.append(result.shape)
         return result
 
-    def einsum(self, *args):
-        return np.einsum(*args)
+    def __getattr__(self, name):  # the rest as NumPy's: einsum, maximum, where
+        return getattr(np, name)
 
 
 @pytest.mark.parametrize("geometry", ["gram-path", "two-convs", "kernel-fills-padded-input"])
@@ -431,6 +431,31 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
     G = np.einsum("bpo,bpk->bok", T, X)  # the per-sample gradients, formed
     assert_close(squares, (G ** 2).sum(axis=(1, 2)) + (T.sum(axis=1) ** 2).sum(axis=1),
                  1e-12)
+
+
+@pytest.mark.parametrize("xp", [np, _RecordingXp()], ids=["cpu", "batched"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtype):
+    """A sample whose gradient nearly cancels over the positions: the Gram form's
+    <T T^T, X X^T> was then rounding noise -- negative (a NaN norm, then every weight of
+    a DP step NaN) or far too small for the clipping. Where its worst-case rounding is
+    more than GRAM_TRUSTED of it, it is replaced by an upper bound; elsewhere (random
+    factors) it stays the value to rounding."""
+    P, d_out, K = 16, 32, 144
+    assert norms.gram_form(P, d_out, K)
+    rng = np.random.default_rng(0)
+    signs = np.where(np.arange(P) % 2 == 0, 0.5, -0.5)  # alternating residuals over P
+    T = (signs[None, :, None] * np.ones((4, P, d_out))).astype(dtype)
+    X = (1e3 + 1e-4 * rng.standard_normal((4, P, K))).astype(dtype)  # nearly flat input
+    G = np.einsum("bpo,bpk->bok", T.astype(np.float64), X.astype(np.float64))
+    exact = (G ** 2).sum(axis=(1, 2)) + (T.astype(np.float64).sum(axis=1) ** 2).sum(axis=1)
+    squares = norms.per_sample_squares(xp, T, X)
+    assert np.isfinite(squares).all() and (squares >= exact * (1 - 1e-6)).all()
+    Tr, Xr = rng.standard_normal((4, P, d_out)), rng.standard_normal((4, P, K))
+    G = np.einsum("bpo,bpk->bok", Tr, Xr)
+    exact = (G ** 2).sum(axis=(1, 2)) + (Tr.sum(axis=1) ** 2).sum(axis=1)
+    got = norms.per_sample_squares(xp, Tr.astype(dtype), Xr.astype(dtype))
+    assert_close(got, exact, 1e-5 if dtype == np.float32 else 1e-12)
 
 
 # --- 3. central finite differences -----------------------------------------------------------
