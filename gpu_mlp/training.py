@@ -193,7 +193,8 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             (needs the ``[dp]`` extra).
         comm: a :class:`gpu_mlp.distributed.Communicator` (or, on the CPU, an mpi4py
             communicator, wrapped in one for the run): train data-parallel. Every
-            rank passes the same data and settings (checked before the first step); each
+            rank passes the same data and settings (checked before the first step, the
+            parameters, optimizer state, validation data and ``comm.path`` too); each
             global batch is split into contiguous shares, one per rank, and every rank
             applies the gradient of the global batch mean, so the run is the
             single-process run on the global batches. The History is the same on every
@@ -257,7 +258,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         plan.check_resumed(history.epochs, steps_per_epoch)
     if plan.parallel:
         comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed,
-                                           history))
+                                           history, comm, validation))
 
     xp = net.xp
     # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
@@ -382,14 +383,23 @@ def _share(batch, comm):
     return batch[lo:hi], counts
 
 
-def _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed, history):
-    """What every rank of a data-parallel run must agree on, JSON-ready."""
+def _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed, history, comm,
+                validation):
+    """What every rank of a data-parallel run must agree on, JSON-ready: the path too
+    (ranks on different collectives fail deep inside MPI, or crash), the optimizer's
+    state (moments that differ drift the ranks apart) and the validation data (each
+    rank's History would differ)."""
+    rule = None if plan.plain else plan.rule.state_dict()["state"]
     return {"layers": [layer.spec() for layer in net.layers], "loss": net.loss.name,
             "memory": net.memory, "dtype": net.dtype.name, "device": net.device,
             "samples": list(X.shape), "targets": list(Y.shape), "data": _digest(X, Y),
             "epochs": epochs, "batch_size": batch_size, "seed": seed,
             "shuffle": bool(shuffle), "epochs_done": history.epochs, **plan.config(),
-            "params": _digest(*(a for pair in net.params for a in pair))}
+            "params": _digest(*(a for pair in net.params for a in pair)),
+            "optimizer_state": None if rule is None else _digest(
+                *(a for name in sorted(rule) for pair in rule[name] for a in pair)),
+            "comm_path": comm.path,
+            "validation": None if validation is None else _digest(*validation)}
 
 
 def _digest(*arrays) -> str:

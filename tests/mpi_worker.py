@@ -209,20 +209,37 @@ def scenario_mismatch(comm):
     comm.barrier()
 
 
-def scenario_fit_order(comm):
-    """Every rank the same rows, rank 1 in another order (integers: every sum the same):
-    fit refuses on every rank before the first step."""
-    net = dense_net()
+def scenario_fit_mistakes(comm):
+    """Ranks that differ where they must not, each refused by fit on every rank before
+    the first step: rank 1's rows in another order (integers: every sum the same), its
+    communication path (the ranks then ran different collectives: an MPI error or a
+    crash), its optimizer's moments (the ranks drifted apart), its validation data (its
+    History differed)."""
     X, y = data((5,), 3)
     X = np.round(3 * X)
-    if comm.rank == 1:
-        X, y = X[::-1], y[::-1]
-    try:
-        net.fit(X, y, epochs=1, batch_size=BATCH, verbose=False, comm=comm)
-    except ValueError as e:
-        print(f"rank {comm.rank} caught: {e}", flush=True)
-    else:
-        raise AssertionError(f"rank {comm.rank}: fit let rows in another order pass")
+    other = comm.rank == 1
+    mistakes = {
+        "data": dict(X=X[::-1] if other else X, y=y[::-1] if other else y),
+        "comm_path": dict(path="gather" if other else "allreduce"),
+        "optimizer_state": {},
+        "validation": dict(validation=(X[:4], y[:4]) if other else (X[4:8], y[4:8])),
+    }
+    for what, mistake in mistakes.items():
+        net, optimizer = dense_net(), optim.Adam(1e-2)
+        if what == "optimizer_state":  # a step alone on other rows: the moments differ
+            rows = slice(0, BATCH) if other else slice(BATCH, 2 * BATCH)
+            net.train_step(X[rows], y[rows], optimizer)
+            net.params = dense_net().params  # the parameters alike again
+        comm.path = mistake.get("path", "auto")
+        try:
+            net.fit(mistake.get("X", X), mistake.get("y", y), epochs=1, batch_size=BATCH,
+                    verbose=False, comm=comm, optimizer=optimizer,
+                    validation=mistake.get("validation"))
+        except ValueError as e:
+            print(f"rank {comm.rank} caught {what}: {e}", flush=True)
+        else:
+            raise AssertionError(f"rank {comm.rank}: fit let a difference in {what} pass")
+    comm.path = "auto"
 
 
 def fit_failing_on_rank_1(comm, through):

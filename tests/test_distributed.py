@@ -303,14 +303,17 @@ def test_mpirun_mismatched_configurations_fail_on_every_rank():
         assert "seed: ranks 0,2 0, rank 1 1" in line
 
 
-def test_mpirun_fit_refuses_rows_in_another_order():
+def test_mpirun_fit_refuses_ranks_that_differ_where_they_must_not():
     """The ranks' data are compared by a digest of their bytes, not by a sum: rows in
-    another order (same sum) are refused on every rank before the first step."""
-    run, _ = _launch(2, "fit_order")
+    another order (same sum) are refused on every rank before the first step; so are a
+    communication path, an optimizer state and validation data that differ."""
+    run, _ = _launch(2, "fit_mistakes")
     assert run.returncode == 0, run.stdout + run.stderr
-    caught = sorted(line for line in run.stdout.splitlines() if " caught: " in line)
-    assert [line.split()[1] for line in caught] == ["0", "1"]
-    assert all("they differ in data:" in line for line in caught), caught
+    for what in ("data", "comm_path", "optimizer_state", "validation"):
+        caught = sorted(line for line in run.stdout.splitlines()
+                        if f" caught {what}: " in line)
+        assert [line.split()[1] for line in caught] == ["0", "1"], run.stdout
+        assert all(f"they differ in {what}:" in line for line in caught), caught
 
 
 def test_mpirun_losses_are_the_global_batchs():
