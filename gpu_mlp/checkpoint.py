@@ -72,15 +72,15 @@ class CheckpointError(ValueError):
 
 
 # The model classes a checkpoint names and rebuilds: ``MODELS[name] = (cls, build)``,
-# ``build(layers, params, loss, memory, device, dtype)`` the net. The modules that define
-# them register them (gpu_mlp.network, gpu_mlp.mlp), so this module imports neither.
+# ``build(layers, params, loss, memory, device, dtype, copy)`` the net. The modules that
+# define them register them (gpu_mlp.network, gpu_mlp.mlp), so this module imports neither.
 MODELS: dict[str, tuple[type, Callable]] = {}
 
 
 def register(name: str, cls: type, build: Optional[Callable] = None) -> None:
     """Save instances of ``cls`` (and of its subclasses not registered themselves) as
     model ``name``, and rebuild them with ``build(layers, params, loss, memory=, device=,
-    dtype=)`` (default: ``cls.from_params``)."""
+    dtype=, copy=)`` (default: ``cls.from_params``)."""
     MODELS[name] = (cls, cls.from_params if build is None else build)
 
 
@@ -371,7 +371,8 @@ def _read(f, device: str) -> Checkpoint:
         state = {name: [(W.read(), b.read()) for W, b in pairs] for name, pairs in state.items()}
     optimizer = None if spec is None else _optimizer(spec, state)
     build = MODELS[model][1]
-    net = build(layers, params, meta["loss"], memory=meta["memory"], device=device, dtype=dtype)
+    net = build(layers, params, meta["loss"], memory=meta["memory"], device=device, dtype=dtype,
+                copy=False)  # the arrays just read: one copy of the parameters, not two
     if optimizer is not None:
         optimizer.bind(net)  # checks its state against the net, puts it on the device
     return Checkpoint(net, history, optimizer, dp, data)
@@ -382,6 +383,7 @@ def _read(f, device: str) -> Checkpoint:
 _META_BYTES = 1 << 25
 _HEADER_BYTES = 10_000 + 16  # NumPy's own bound on a header, and the bytes before it
 _DEFLATE_RATIO = 1032  # no deflate stream inflates more: a zip directory saying so lies
+_INFLATED_BYTES, _INFLATION = 1 << 26, 20  # what deflated entries may grow to, together
 _CHUNK = 1 << 20  # bytes inflated at a time into an array
 
 
@@ -401,8 +403,17 @@ def _open_zip(f) -> zipfile.ZipFile:
 
 
 def _members(archive: zipfile.ZipFile, file_size: int) -> dict:
-    """The ``.npy`` members by name (``W_1`` for ``W_1.npy``), none read yet."""
+    """The ``.npy`` members by name (``W_1`` for ``W_1.npy``), none read yet. Deflated
+    ones may inflate to at most :data:`_INFLATED_BYTES` or :data:`_INFLATION` times the
+    file, together: a small file of honestly deflated zeros describing a huge model
+    (a zip bomb) is refused before it fills the memory."""
     members = {}
+    inflated = sum(info.file_size for info in archive.infolist()
+                   if info.compress_type == zipfile.ZIP_DEFLATED)
+    if inflated > max(_INFLATED_BYTES, _INFLATION * file_size):
+        raise ValueError(f"its deflated entries would inflate {file_size:,} bytes into "
+                         f"{inflated:,}, more than {_INFLATION}x (gpu_mlp stores its "
+                         f"checkpoints uncompressed, whose numbers deflate little)")
     for info in archive.infolist():
         if not info.filename.endswith(".npy"):
             raise ValueError(f"unexpected entry {info.filename!r} (not an .npy array)")

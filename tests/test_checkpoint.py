@@ -714,30 +714,47 @@ def test_a_header_that_does_not_match_its_data_is_refused_before_reading(tmp_pat
     refused(tmp_path / "bad.npz", f"damaged or unreadable entry '{name}' .*bytes of data")
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((2**24,), "W_1 has shape \\(16777216,\\), but layer 1"),
-    ((12, 6), "'W_1' .*holds 67108864 bytes of data"),
-])
-def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path, entries, shape, match):
-    path = tmp_path / "bomb.npz"
+def _deflated_zeros(path, entries, shape, mib):
+    """``entries`` deflated, W_1 an .npy header of ``shape`` and ``mib`` MiB of zeros."""
     write_zip(path, {k: v for k, v in entries.items() if k != "W_1"},
               compression=zipfile.ZIP_DEFLATED)
     with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("W_1.npy", "w") as f:
         f.write(handwritten_npy(shape))
-        for _ in range(64):  # 64 MiB of zeros, 64 KiB deflated
+        for _ in range(mib):  # a KiB deflated a MiB
             f.write(bytes(2**20))
-    assert path.stat().st_size < 2**20
-    refused(path, match)
+    assert path.stat().st_size < mib * 2**11
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2**22,), "W_1 has shape \\(4194304,\\), but layer 1"),
+    ((12, 6), "'W_1' .*holds 16777216 bytes of data"),
+])
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path, entries, shape, match):
+    _deflated_zeros(tmp_path / "bomb.npz", entries, shape, 16)
+    refused(tmp_path / "bomb.npz", match)
+
+
+def test_deflated_entries_inflating_past_the_budget_are_refused_unread(tmp_path, entries):
+    """A model honestly described, honestly deflated: 128 MiB of zeros in a 128 KiB file
+    (a 1 MiB file made a 2.3 GiB model and 12 s). Deflated entries may grow to 64 MiB or
+    20 times the file, together; gpu_mlp writes its checkpoints uncompressed."""
+    entries["meta"]["layers"] = [{"type": "Dense", "d_in": 2**13, "d_out": 2**12,
+                                  "activation": "identity"}]
+    entries["meta"]["history"] = entries["meta"]["optimizer"] = None
+    entries = {k: v for k, v in entries.items() if not k.startswith("opt_")}
+    _deflated_zeros(tmp_path / "bomb.npz", entries, (2**12, 2**13), 128)
+    refused(tmp_path / "bomb.npz", "its deflated entries would inflate [0-9,]+ bytes into "
+                                   "134,2[0-9,]+, more than 20x")
 
 
 def test_a_zip_directory_claiming_more_than_deflate_can_hold_is_refused(tmp_path, entries):
-    # a model of 1.8 GiB, honestly described, in a file of 2 KiB: the directory says its
-    # members inflate to 1.8 GiB, which no deflate stream of their size can
-    entries["meta"]["layers"] = [{"type": "Dense", "d_in": 6, "d_out": 2**26,
+    # a model of 28 MiB, honestly described, in a file of 2 KiB: the directory says its
+    # members inflate to 28 MiB, which no deflate stream of their size can
+    entries["meta"]["layers"] = [{"type": "Dense", "d_in": 6, "d_out": 2**20,
                                   "activation": "identity"}]
     entries["meta"]["history"] = None
     path = tmp_path / "liar.npz"
-    headers = {"W_1.npy": handwritten_npy((2**26, 6)), "b_1.npy": handwritten_npy((2**26,))}
+    headers = {"W_1.npy": handwritten_npy((2**20, 6)), "b_1.npy": handwritten_npy((2**20,))}
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("meta.npy", npy_bytes(np.array(json.dumps(entries["meta"]))))
         for name, header in headers.items():
@@ -746,7 +763,7 @@ def test_a_zip_directory_claiming_more_than_deflate_can_hold_is_refused(tmp_path
     for name, header in headers.items():  # the uncompressed size in the directory entry
         entry = content.rindex(name.encode()) - 46  # the last mention: the directory's
         assert content[entry:entry + 4] == b"PK\x01\x02"
-        size = len(header) + 4 * (6 if name == "W_1.npy" else 1) * 2**26
+        size = len(header) + 4 * (6 if name == "W_1.npy" else 1) * 2**20
         struct.pack_into("<I", content, entry + 24, size)
     path.write_bytes(bytes(content))
     refused(path, "'W_1' .*sizes.*cannot be right")
