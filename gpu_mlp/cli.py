@@ -691,6 +691,10 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
     if resumed is not None:
         dp = resumed.dp
         if dp is None:
+            if any(e is not None for e in resumed.history.epsilon):
+                raise ValueError(f"--resume {args.resume}: its History records the privacy "
+                                 f"spent (epsilon), but it holds no DP settings to go on "
+                                 f"with")
             if given:
                 raise ValueError(f"{_option(next(iter(given)))}: the checkpoint "
                                  f"{args.resume} trained without differential privacy; "

@@ -29,6 +29,7 @@ run of plain SGD may change its rate when resumed, as it always could.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -57,7 +58,8 @@ class StepPlan:
 
     What depends on DP or communication is asked of the plan (as fit does):
     :attr:`private`, :attr:`parallel`, :meth:`divisor`, :meth:`epsilon`, :meth:`config`,
-    :meth:`snapshot` and :meth:`restore`, :meth:`check_resumed`.
+    :meth:`snapshot` and :meth:`restore`, :meth:`check_resumed`,
+    :meth:`check_privacy_resumed`.
     """
 
     __slots__ = ("plain", "_lr", "_rule", "dp", "comm")  # train_step makes one per step
@@ -171,6 +173,27 @@ class StepPlan:
                                  f"the run to continue took {expected} ({epochs} epochs of "
                                  f"{steps_per_epoch}); pass the {name} saved with it "
                                  f"(gpu_mlp.checkpoint.read(path).{name})")
+
+    def check_privacy_resumed(self, epsilons: list, sample_rate: float) -> None:
+        """Raise a ValueError unless the plan's DP is the one that spent the privacy a
+        resumed run's History records (``epsilons``, one per epoch): a run trained
+        privately continues privately, and DP settings changed since (a noise multiplier
+        raised in the file, say) would count less privacy spent than was."""
+        recorded = [e for e in epsilons if e is not None]
+        if not self.private:
+            if recorded:
+                raise ValueError("resume: the run to continue was trained with DP (its "
+                                 "History records epsilon); pass the DP saved with it "
+                                 "(gpu_mlp.checkpoint.read(path).dp)")
+            return
+        if epsilons and epsilons[-1] is not None:
+            spent = self.dp.epsilon(sample_rate)
+            if not math.isclose(spent, epsilons[-1], rel_tol=1e-9):
+                raise ValueError(f"resume: the DP's {self.dp.steps} steps spend epsilon "
+                                 f"{spent:.6g}, but the History of the run to continue "
+                                 f"records {epsilons[-1]:.6g}: the DP is not the one that "
+                                 f"trained it (a checkpoint's dp and history must be its "
+                                 f"own)")
 
     def communicator(self, net) -> Optional[distributed.Communicator]:
         """The :class:`~gpu_mlp.distributed.Communicator` of ``net``'s steps, or None."""

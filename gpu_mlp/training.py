@@ -256,6 +256,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     plan.epsilon(sample_rate, steps=1)  # under DP: the accountant is there, before any step
     if resume is not None:
         plan.check_resumed(history.epochs, steps_per_epoch)
+        plan.check_privacy_resumed(history.epsilon, sample_rate)
     if plan.parallel:
         comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed,
                                            history, comm, validation))

@@ -195,6 +195,20 @@ def test_resume_refuses_a_different_run(capsys, tmp_path, option, match):
     assert re.search(match, err), err
 
 
+def test_resume_refuses_a_private_run_saved_without_its_dp(capsys, tmp_path):
+    """A checkpoint whose History records epsilon but that holds no DP (saved again
+    without it, or edited): resumed, it went on without privacy, saying nothing."""
+    path, bare = str(tmp_path / "run.npz"), str(tmp_path / "bare.npz")
+    run(capsys, "train", "--quiet", "--epochs", "1", "--hidden", "8", "--dp-clip", "1",
+        "--dp-noise", "1", "--save", path)
+    saved = checkpoint.read(path)
+    checkpoint.save(saved.net, bare, history=saved.history, data=saved.data)
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "2", "--resume", bare)
+    assert status == 2 and lines == []
+    assert err == (f"gpu-mlp: error: --resume {bare}: its History records the privacy spent "
+                   f"(epsilon), but it holds no DP settings to go on with\n")
+
+
 # --- bad input --------------------------------------------------------------------------
 
 def checkpoint_without_history(tmp_path):

@@ -662,6 +662,29 @@ def test_a_batch_size_past_the_data_divides_by_the_data_not_the_batch_size():
     assert any(np.abs(a).max() > 0 for a in updates[0])
 
 
+def test_resuming_a_private_run_takes_the_dp_that_trained_it():
+    """A private run's History records the privacy spent: resumed without a DP it went
+    on without privacy, and with a DP whose noise was raised (in a checkpoint, say) it
+    counted less privacy than was spent. Both are refused before any step; its own DP
+    goes on."""
+    net, (X, Y) = fit_net(), fit_data()
+    dp = DP(1.0, FIT_SIGMA, delta=FIT_DELTA)
+    history = net.fit(X, Y, epochs=1, batch_size=FIT_BATCH, lr=LR, dp=dp, verbose=False)
+    before = [a.copy() for pair in net.params for a in pair]
+    louder = DP.from_state_dict({**dp.state_dict(), "noise_multiplier": 10 * FIT_SIGMA})
+    for given, match in [(None, "was trained with DP \\(its History records epsilon\\)"),
+                         (louder, "spend epsilon .*, but the History of the run to continue "
+                                  "records .*: the DP is not the one that trained it")]:
+        with pytest.raises(ValueError, match=match):
+            net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, dp=given, resume=history,
+                    verbose=False)
+        assert all(np.array_equal(a, b) for a, b in zip(before, (a for pair in net.params
+                                                                 for a in pair)))
+    resumed = net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, dp=dp, resume=history,
+                      verbose=False)
+    assert resumed.epsilon[1] > resumed.epsilon[0] == history.epsilon[0]
+
+
 def direct_epsilon(sigma, q, steps, delta):
     import dp_accounting
     from dp_accounting import rdp
