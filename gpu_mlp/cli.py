@@ -406,6 +406,12 @@ def train(args) -> int:
         try:
             return _train(args, comm, print if comm.is_root else _silent)
         except USER_ERRORS as e:
+            if getattr(e, "every_rank", False):
+                # raised alike by every rank (a divergence, configurations that differ):
+                # no rank waits in a collective, so each ends itself; rank 0 says why
+                if comm.is_root:
+                    print(f"gpu-mlp: error: {_one_line(e)}", file=sys.stderr, flush=True)
+                return EXIT_ERROR
             print(f"gpu-mlp: error: rank {comm.rank}: {_one_line(e)}", file=sys.stderr,
                   flush=True)
             comm.abort(EXIT_ERROR)

@@ -407,6 +407,18 @@ def test_mpirun_cli_bad_input_ends_the_job_with_one_line():
     assert "Traceback" not in run.stderr
 
 
+def test_mpirun_cli_an_error_every_rank_raises_is_said_once():
+    """A divergence reaches every rank alike (the epoch loss is global): each rank ends
+    itself with status 2 and rank 0 alone says why. Each aborting printed its own line,
+    and a rank the launcher's SIGTERM reached first said "interrupted" instead."""
+    run = _cli(["--data", "regression", "--activation", "relu", "--epochs", "3", "--lr", "5",
+                "--quiet"], launcher=_mpirun() + ["-n", "3"])
+    assert run.returncode == 2, run.stdout + run.stderr
+    said = [line for line in run.stderr.splitlines() if line.startswith("gpu-mlp:")]
+    assert len(said) == 1 and said[0].startswith("gpu-mlp: error: training diverged"), said
+    assert "Traceback" not in run.stderr and "interrupted" not in run.stderr
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_mpirun_cli_stopped_by_a_signal_ends_without_a_traceback(tmp_path, sig):
     # mpirun hands the signal on to the ranks as SIGTERM; the first rank to stop aborts
