@@ -683,8 +683,8 @@ def _communicator(args):
         if comm.size == 1:  # MPI found no other rank: a plain run after all
             comm = None
     if comm is None and args.comm_path != "auto":
-        raise ValueError("--comm-path applies to data-parallel runs: launch gpu-mlp "
-                         "under mpirun or srun")
+        raise ValueError("--comm-path applies to data-parallel runs, of 2 ranks or more: "
+                         "launch gpu-mlp under mpirun or srun with -n 2 or more")
     return comm
 
 
