@@ -34,7 +34,8 @@ from .plan import StepPlan
 # every seed tried with the MLP, in about a second on two CPU cores; 0.98-0.99 with the
 # CNN, in about 4 s.
 DEFAULTS = {"model": "mlp", "hidden": [128], "channels": [32, 64], "memory": "output",
-            "epochs": 30, "batch_size": 32, "seed": 0, "dtype": "float32"}
+            "epochs": 30, "batch_size": 32, "seed": 0, "dtype": "float32",
+            "test_fraction": 0.2}
 DATA = {  # per data set: the losses it takes (the first is the default) and defaults;
     # "image" is the shape of one sample for --model cnn (None: not images)
     "digits": {"losses": ("softmax_cross_entropy", "squared"), "activation": "relu",
@@ -150,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "8 features, 1 target) for the squared loss (default: digits; "
                            "with --resume the checkpoint's)")
     fraction = _number(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
-    data.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
-                      help="share of the samples held out for testing (default: 0.2)")
+    data.add_argument("--test-fraction", type=fraction, metavar="F",
+                      help="share of the samples held out for testing (default: 0.2; with "
+                           "--resume the checkpoint's run's)")
 
     model = train.add_argument_group("model (with --resume: taken from the checkpoint)")
     model.add_argument("--model", choices=MODELS,
@@ -538,8 +540,22 @@ def _data(args, resumed, settings: _Settings) -> _Data:
     if classes and loss == "squared":
         Y = np.eye(classes)[Y]  # one-hot rows to regress on
     X_train, X_test, Y_train, Y_test = datasets.train_test_split(
-        X, Y, args.test_fraction, settings.seed)
+        X, Y, _test_fraction(args, resumed, len(X)), settings.seed)
     return _Data(X_train, X_test, Y_train, Y_test, classes, outputs, model, loss)
+
+
+def _test_fraction(args, resumed, n: int) -> float:
+    """--test-fraction, else for a resumed run the share that leaves the training samples
+    it trained on (its History's), else the default."""
+    trained = resumed.history.samples if resumed else None
+    if args.test_fraction is None:
+        return DEFAULTS["test_fraction"] if trained is None else (n - trained) / n
+    train = n - datasets.test_rows(n, args.test_fraction)
+    if trained is not None and train != trained:
+        raise ValueError(f"--test-fraction {args.test_fraction:g} would train on {train} "
+                         f"samples, but the checkpoint {args.resume} trained on {trained}; "
+                         f"leave it out to resume")
+    return args.test_fraction
 
 
 def _model(args, resumed, data: _Data, settings: _Settings) -> Network:

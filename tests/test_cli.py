@@ -195,6 +195,25 @@ def test_resume_refuses_a_different_run(capsys, tmp_path, option, match):
     assert re.search(match, err), err
 
 
+def test_resume_holds_out_what_the_checkpoints_run_held_out(capsys, tmp_path):
+    """--test-fraction is not in the checkpoint, but its History has the samples trained
+    on: a resumed run splits the same way without it (it failed, naming samples=, not the
+    option), and refuses one that would split otherwise."""
+    path, straight = str(tmp_path / "run.npz"), str(tmp_path / "straight.npz")
+    common = ["train", "--quiet", "--hidden", "8", "--test-fraction", "0.3"]
+    run(capsys, *common, "--epochs", "2", "--save", straight)
+    run(capsys, *common, "--epochs", "1", "--save", path)
+    status, lines, _ = run(capsys, "train", "--quiet", "--epochs", "2", "--resume", path,
+                           "--save", path)
+    assert status == 0
+    a, b = checkpoint.read(straight).net.params, checkpoint.read(path).net.params
+    assert all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+    status, _, err = run(capsys, "train", "--quiet", "--epochs", "3", "--resume", path,
+                         "--test-fraction", "0.2")
+    assert status == 2 and "--test-fraction 0.2 would train on 1438 samples, but the " \
+                           f"checkpoint {path} trained on 1258; leave it out" in err
+
+
 def test_resume_refuses_a_private_run_saved_without_its_dp(capsys, tmp_path):
     """A checkpoint whose History records epsilon but that holds no DP (saved again
     without it, or edited): resumed, it went on without privacy, saying nothing."""
