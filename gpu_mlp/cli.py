@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import os
 import platform
+import secrets
 import signal
 import sys
 import threading
@@ -84,15 +85,16 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
-def _integer(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
+def _integer(minimum: int, below: Optional[int] = None):
+    """An argparse type: an integer >= ``minimum`` (and < ``below``)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value < minimum or (below is not None and value >= below):
+            interval = f">= {minimum}" if below is None else f"in [{minimum}, {below})"
+            raise argparse.ArgumentTypeError(f"expected an integer {interval}, got {text!r}")
         return value
     return parse
 
@@ -258,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     private.add_argument("--dp-accountant", choices=("rdp", "pld"),
                          help=f"the dp-accounting accountant (default: "
                               f"{DP_DEFAULTS['accountant']})")
+    private.add_argument("--dp-seed", type=_integer(0, 2**64), metavar="S",
+                         help="the seed of the noise and of the Poisson sampling (default: "
+                              "64 secret bits from the operating system, kept in --save's "
+                              "checkpoint; a seed others know makes the noise predictable: "
+                              "for reproductions, not for privacy)"),
 
     parallel = train.add_argument_group(
         "data parallel (under mpirun or srun: one process per rank, found by itself)")
@@ -575,7 +582,7 @@ def _plan(args, resumed, data: _Data, settings: _Settings, comm, net) -> StepPla
     steps = data.steps(args.epochs, settings.batch_size)
     optimizer = (resumed.optimizer if resumed
                  else _new_optimizer(args, settings.kind, settings.lr, steps))
-    dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps, settings.seed)
+    dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps, comm)
     plan = StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
     try:
         return plan.check(net)
@@ -704,11 +711,12 @@ def _communicator(args):
     return comm
 
 
-DP_OPTIONS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_accountant")
+DP_OPTIONS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_accountant", "dp_seed")
 
 
-def _private(args, resumed, sample_rate: float, steps: int, seed: int):
-    """The DP of the run (None: not private): from the options, or the checkpoint's."""
+def _private(args, resumed, sample_rate: float, steps: int, comm):
+    """The DP of the run (None: not private): from the options, or the checkpoint's. Its
+    seed is --dp-seed, else drawn secretly (by rank 0, for every rank)."""
     given = {name: getattr(args, name) for name in DP_OPTIONS if getattr(args, name) is not None}
     if resumed is not None:
         dp = resumed.dp
@@ -724,7 +732,7 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
             return None
         stored = {"dp_clip": dp.max_grad_norm, "dp_noise": dp.noise_multiplier,
                   "dp_epsilon": dp.target_epsilon, "dp_delta": dp.delta,
-                  "dp_accountant": dp.accountant}
+                  "dp_accountant": dp.accountant, "dp_seed": dp.seed}
         for name, value in given.items():
             if value != stored[name]:
                 has = f"noise multiplier {dp.noise_multiplier}" if stored[name] is None \
@@ -743,6 +751,9 @@ def _private(args, resumed, sample_rate: float, steps: int, seed: int):
     delta = given.get("dp_delta", DP_DEFAULTS["delta"])
     accountant = given.get("dp_accountant", DP_DEFAULTS["accountant"])
     noise = "dp_epsilon" if "dp_epsilon" in given else "dp_noise"
+    seed = given.get("dp_seed")
+    if seed is None and comm is not None:  # one secret seed for every rank: rank 0's
+        seed = comm.bcast(secrets.randbits(64) if comm.is_root else None)
     try:  # the accountant's errors name the option that asked it
         if noise == "dp_epsilon":
             return privacy.DP.for_epsilon(given["dp_epsilon"], delta, sample_rate, steps,

@@ -29,6 +29,7 @@ run of plain SGD may change its rate when resumed, as it always could.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from typing import Optional
@@ -147,7 +148,11 @@ class StepPlan:
         else:
             rule = {"lr": None, "optimizer": repr(self._rule),
                     "optimizer_steps": self._rule.steps}
-        return {**rule, "dp": self.dp.state_dict() if self.private else None}
+        if not self.private:
+            return {**rule, "dp": None}
+        # the seed by a digest: a mismatch is printed, and a secret seed must not be
+        seed = hashlib.blake2b(str(self.dp.seed).encode(), digest_size=8).hexdigest()
+        return {**rule, "dp": {**self.dp.state_dict(), "seed": seed}}
 
     def snapshot(self):
         """The optimizer's state and the DP's step count, to :meth:`restore` later (fit,

@@ -36,6 +36,7 @@ accountant assumes, and reports epsilon at ``delta`` after every epoch.
 from __future__ import annotations
 
 import math
+import secrets
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -58,17 +59,27 @@ class DP:
         noise_multiplier: sigma; the noise of the summed gradient is N(0, sigma^2 C^2)
             per entry (>= 0; 0 clips without noise: no privacy).
         delta: the delta of the (epsilon, delta) guarantee reported, in (0, 1).
-        seed: the seed of the noise; with the step count it fixes every step's noise.
+        seed: the seed of the noise and of fit's Poisson sampling; with the step count it
+            fixes every step's noise. None (the default): 64 bits from the operating
+            system (``secrets``), secret -- the guarantee holds only while whoever sees
+            the model cannot know the noise (or which rows each step took). A seed
+            others may know (0, a published one) reproduces a run exactly, noise
+            included: for tests and reproductions, not for privacy. The seed is part of
+            :meth:`state_dict`, so a checkpoint of a private run is as secret as its data.
+            Data-parallel ranks must share one (broadcast it from rank 0).
         accountant: ``"rdp"`` or ``"pld"`` (:mod:`gpu_mlp.accounting`).
     """
 
-    def __init__(self, max_grad_norm, noise_multiplier, delta=1e-5, seed=0,
+    def __init__(self, max_grad_norm, noise_multiplier, delta=1e-5, seed=None,
                  accountant="rdp"):
         where = "DP: "
         self.max_grad_norm = _checks.in_range("max_grad_norm", max_grad_norm, where,
                                               low_open=True)
         self.noise_multiplier = _checks.in_range("noise_multiplier", noise_multiplier, where)
         self.delta = _checks.in_range("delta", delta, where, 0.0, 1.0, low_open=True)
+        self.drawn = seed is None  # a secret seed: its repr does not show it
+        if self.drawn:
+            seed = secrets.randbits(64)
         self.seed = _checks.integer("seed", seed, 0, where, below=2**64)  # Philox's key
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"{where}unknown accountant {accountant!r}; valid: "
@@ -78,7 +89,7 @@ class DP:
         self.target_epsilon = None  # what for_epsilon solved the noise for, if it did
 
     @classmethod
-    def for_epsilon(cls, target_epsilon, delta, sample_rate, steps, max_grad_norm, seed=0,
+    def for_epsilon(cls, target_epsilon, delta, sample_rate, steps, max_grad_norm, seed=None,
                     accountant="rdp") -> "DP":
         """The DP whose noise multiplier just reaches ``target_epsilon`` at ``delta``
         after ``steps`` steps of Poisson sampling at rate ``sample_rate``; a ValueError
@@ -97,8 +108,9 @@ class DP:
                                   accountant=self.accountant)
 
     def __repr__(self) -> str:
+        seed = "<secret>" if self.drawn else self.seed  # not into logs
         return (f"DP(max_grad_norm={self.max_grad_norm}, noise_multiplier="
-                f"{self.noise_multiplier}, delta={self.delta}, seed={self.seed}, "
+                f"{self.noise_multiplier}, delta={self.delta}, seed={seed}, "
                 f"accountant={self.accountant!r})")
 
     # --- state: a checkpoint continues the noise stream where it stopped -------------
@@ -246,11 +258,13 @@ class _Private(Stage):
                          self.dp.steps)
 
 
-def poisson_batches(n: int, batch_size: int, seed: int, epoch: int):
+def poisson_batches(n: int, batch_size: int, seed: int, epoch: int, secret: int = 0):
     """The batches of one epoch of Poisson sampling: ``ceil(n / batch_size)`` steps, each
-    taking every row independently with probability ``q = batch_size / n``; the rows
-    depend on ``(seed, epoch)`` alone. Yields arrays of row indices (possibly empty)."""
+    taking every row independently with probability ``q = min(1, batch_size / n)``; the
+    rows depend on ``(secret, seed, epoch)`` alone -- ``secret`` the DP's seed: the
+    amplification by sampling that the accountant counts holds only while the rows each
+    step took are unknown. Yields arrays of row indices (possibly empty)."""
     q = min(batch_size, n) / n  # (a batch size past any float cannot overflow)
-    rng = np.random.default_rng([seed, epoch, 1])  # apart from the shuffle's stream
+    rng = np.random.default_rng([secret, seed, epoch, 1])  # apart from the shuffle's
     for _ in range(math.ceil(n / batch_size)):
         yield np.flatnonzero(rng.random(n) < q)

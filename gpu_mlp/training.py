@@ -187,10 +187,10 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
             History's ``lr`` then records each epoch's last learning rate.
         dp: a :class:`gpu_mlp.privacy.DP`: train privately. Each epoch then takes
             ``ceil(n / batch_size)`` steps on Poisson samples (every row independently
-            with probability ``q = min(1, batch_size / n)``, from ``(seed, epoch)``;
-            ``shuffle`` has no say), each divided by the expected batch size ``q n``,
-            and the History's ``epsilon`` records the privacy spent after each epoch
-            (needs the ``[dp]`` extra).
+            with probability ``q = min(1, batch_size / n)``, from ``(dp.seed, seed,
+            epoch)``: secret with the DP's seed; ``shuffle`` has no say), each divided by
+            the expected batch size ``q n``, and the History's ``epsilon`` records the
+            privacy spent after each epoch (needs the ``[dp]`` extra).
         comm: a :class:`gpu_mlp.distributed.Communicator` (or, on the CPU, an mpi4py
             communicator, wrapped in one for the run): train data-parallel. Every
             rank passes the same data and settings (checked before the first step, the
@@ -353,7 +353,7 @@ def _batches(net, X, Y, batch_size, seed, epoch, shuffle, plan):
     every rank's share."""
     xp, n, comm = net.xp, X.shape[0], plan.communicator(net)
     if plan.private:
-        batches = _privacy.poisson_batches(n, batch_size, seed, epoch)
+        batches = _privacy.poisson_batches(n, batch_size, seed, epoch, secret=plan.dp.seed)
         done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
         for rows, upto in zip(batches, done):
             rows, counts = _share(rows, comm)

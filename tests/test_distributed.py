@@ -363,7 +363,8 @@ def _params(path):
         return {key: data[key] for key in data.files if key != "meta"}
 
 
-@pytest.mark.parametrize("P, extra", [(2, []), (3, ["--dp-clip", "1", "--dp-noise", "1"])])
+@pytest.mark.parametrize("P, extra", [(2, []), (3, ["--dp-clip", "1", "--dp-noise", "1",
+                                                  "--dp-seed", "5"])])
 def test_mpirun_cli_trains_as_one_process(tmp_path, P, extra):
     """`mpirun -n P gpu-mlp train` is `gpu-mlp train`: same output, same parameters
     (float64, to 1e-12), and only rank 0 prints and writes the checkpoint."""
@@ -379,6 +380,19 @@ def test_mpirun_cli_trains_as_one_process(tmp_path, P, extra):
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_mpirun_cli_ranks_share_one_secret_dp_seed(tmp_path):
+    """Without --dp-seed the noise's seed is drawn from the operating system: by rank 0,
+    for every rank (each drawing its own, fit refused the ranks as configured apart)."""
+    path = tmp_path / "run.npz"
+    command = ["--epochs", "1", "--quiet", "--dp-clip", "1", "--dp-noise", "1", "--save",
+               str(path)]
+    run = _cli(command, launcher=_mpirun() + ["-n", "2"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    seed = gpu_mlp.checkpoint.read(path).dp.seed
+    again = _cli([*command, "--overwrite"], launcher=_mpirun() + ["-n", "2"])
+    assert again.returncode == 0 and gpu_mlp.checkpoint.read(path).dp.seed != seed
 
 
 def test_mpirun_cli_resumes_a_data_parallel_run(tmp_path):

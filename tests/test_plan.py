@@ -68,9 +68,10 @@ def test_fit_by_plan_is_fit_by_arguments(rule):
     by_args, by_plan = new_net(), new_net()
     r = RULES[rule]()
     kwargs = {"lr": r} if isinstance(r, float) else {"optimizer": r}
-    h_a = by_args.fit(X, Y, epochs=2, batch_size=16, verbose=False, dp=DP(1.0, 0.5), **kwargs)
+    h_a = by_args.fit(X, Y, epochs=2, batch_size=16, verbose=False, dp=DP(1.0, 0.5, seed=1),
+                      **kwargs)
     h_b = by_plan.fit(X, Y, epochs=2, batch_size=16, verbose=False,
-                      plan=StepPlan(RULES[rule](), DP(1.0, 0.5)))
+                      plan=StepPlan(RULES[rule](), DP(1.0, 0.5, seed=1)))
     for name in ("lr", "train_loss", "epsilon"):  # all but the seconds
         assert getattr(h_a, name) == getattr(h_b, name), name
     assert same(params(by_args), params(by_plan))
@@ -135,8 +136,13 @@ def test_a_plan_says_what_depends_on_dp_and_communication():
     # what the ranks of a data-parallel fit compare: the keys and values fit always sent
     assert plain.config() == {"lr": 0.1, "optimizer": None, "optimizer_steps": None,
                               "dp": None}
+    # the DP's seed, which may be secret, by a digest: a mismatch is printed
+    seed = private.config()["dp"].pop("seed")
+    assert private.config()["dp"]["seed"] == seed and str(private.dp.seed) not in seed
     assert private.config() == {"lr": None, "optimizer": repr(private.rule),
-                                "optimizer_steps": 0, "dp": private.dp.state_dict()}
+                                "optimizer_steps": 0, "dp": {**private.dp.state_dict(),
+                                                             "seed": seed}}
+    assert StepPlan(0.1, DP(1.0, 0.5, seed=2)).config()["dp"]["seed"] != seed
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -633,10 +633,13 @@ def test_fit_samples_poisson_batches_and_divides_by_the_batch_size(monkeypatch):
         return step(X_batch, Y_batch, *args, **kwargs)
 
     monkeypatch.setattr(net, "_step", record)
-    net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, seed=4,
-            dp=DP(1.0, FIT_SIGMA), verbose=False)
+    dp = DP(1.0, FIT_SIGMA)  # a secret seed, which keys the sampling too
+    net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, seed=4, dp=dp, verbose=False)
     expected = [rows for epoch in range(2)
-                for rows in privacy.poisson_batches(FIT_N, FIT_BATCH, 4, epoch)]
+                for rows in privacy.poisson_batches(FIT_N, FIT_BATCH, 4, epoch, dp.seed)]
+    public = [rows for epoch in range(2)
+              for rows in privacy.poisson_batches(FIT_N, FIT_BATCH, 4, epoch)]
+    assert not all(len(a) == len(b) and (a == b).all() for a, b in zip(expected, public))
     assert len(seen) == len(expected) == 2 * FIT_STEPS
     for (X_batch, divisor), rows in zip(seen, expected):
         np.testing.assert_array_equal(X_batch, X[rows])
@@ -1214,7 +1217,7 @@ def test_cli_bad_dp_options_end_with_one_line_and_status_2(capsys, argv, match):
 
 def test_cli_resumes_a_private_run(capsys, tmp_path):
     command = ["train", "--hidden", "16", "--epochs", "3", "--dp-clip", "1.0", "--dp-noise",
-               "1.0", "--seed", "3", "--quiet"]
+               "1.0", "--seed", "3", "--dp-seed", "7", "--quiet"]
     straight = tmp_path / "straight.npz"
     status, straight_lines, _ = run_cli(capsys, *command, "--save", str(straight))
     assert status == 0
@@ -1235,6 +1238,9 @@ def test_cli_resumes_a_private_run(capsys, tmp_path):
     status, _, err = run_cli(capsys, "train", "--epochs", "4", "--quiet", "--resume", stopped,
                              "--dp-noise", "2.0")
     assert status == 2 and "--dp-noise differs from the checkpoint" in err
+    status, _, err = run_cli(capsys, "train", "--epochs", "4", "--quiet", "--resume", stopped,
+                             "--dp-seed", "8")
+    assert status == 2 and "--dp-seed differs from the checkpoint" in err
 
 
 def _params(net):
@@ -1265,12 +1271,12 @@ def test_the_noise_key_and_counter_are_checked_before_a_step(change):
 
 
 def test_a_dp_epoch_whose_poisson_batches_are_all_empty_is_no_divergence():
-    """Two samples, batches of one: an epoch samples none with probability 1/16 (seed 92's
-    second). Its loss is None (no sample), not NaN taken for a divergence that threw the
-    run's noisy steps away; the history saves and loads."""
+    """Two samples, batches of one: an epoch samples none with probability 1/16 (seed 8's
+    second, DP seed 0). Its loss is None (no sample), not NaN taken for a divergence that
+    threw the run's noisy steps away; the history saves and loads."""
     net = gpu_mlp.MLP([3, 2], device="cpu", seed=0)
     X, Y = np.ones((2, 3)), np.zeros((2, 2))
-    history = net.fit(X, Y, epochs=2, batch_size=1, lr=0.1, seed=92, dp=DP(1.0, 0.0),
+    history = net.fit(X, Y, epochs=2, batch_size=1, lr=0.1, seed=8, dp=DP(1.0, 0.0, seed=0),
                       verbose=False)
     assert history.train_loss[0] is not None and history.train_loss[1] is None
     assert gpu_mlp.training.History.from_dict(
