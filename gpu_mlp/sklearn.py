@@ -21,8 +21,9 @@ Solvers: ``"adam"`` is :class:`gpu_mlp.optim.Adam`, ``"sgd"`` :class:`gpu_mlp.op
 (momentum, Nesterov), with the L2 term on the weights only and Adam's eps placed as
 scikit-learn places them (their options ``decay_bias=False``, ``weight_decay`` set per
 batch, ``eps_placement="uncorrected"``); ``learning_rate`` and ``power_t`` schedule the
-SGD rate per epoch (momentum buffers rescaled at each change). Not offered: ``"lbfgs"``,
-``sample_weight``, ``loss="poisson"``. Ours: ``memory`` (``"auto"``: ``"output"`` unless
+SGD rate per epoch (momentum buffers rescaled at each change), as the optimizer made by
+the first ``partial_fit`` has them. Not offered: ``"lbfgs"`` (its ``max_fun`` is accepted,
+unused), ``sample_weight`` (None only), ``loss="poisson"``. Ours: ``memory`` (``"auto"``: ``"output"`` unless
 an activation needs ``"recompute"``), ``device`` and ``dtype`` (``"float32"`` by
 default); ``set_params`` on a fitted estimator moves its network. Inputs are validated as
 scikit-learn does (sparse CSR/CSC densified a batch at a time); outputs are NumPy arrays
@@ -70,7 +71,24 @@ from .plan import StepPlan
 __all__ = ["MLPClassifier", "MLPRegressor", "InvalidParameterError"]
 
 _SOLVERS = ("sgd", "adam")
+class _ParamList(list):
+    """``coefs_`` or ``intercepts_``: a list whose item assignment reaches the model
+    (checked by the attribute's setter), as with scikit-learn's plain lists:
+    ``clf.coefs_[0] = W`` was lost on a list made anew at each access."""
+
+    def __init__(self, arrays, owner, name):
+        super().__init__(arrays)
+        self._owner, self._name = owner, name
+
+    def __setitem__(self, index, value):
+        arrays = list(self)
+        arrays[index] = value
+        setattr(self._owner, self._name, arrays)
+        super().__setitem__(slice(None), getattr(self._owner, self._name))
+
+
 _LEARNING_RATES = ("constant", "invscaling", "adaptive")
+_SCHEDULE = ("solver", "learning_rate", "learning_rate_init", "power_t")  # the optimizer's
 _SKLEARN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh",
                         "relu": "relu"}
 
@@ -157,7 +175,7 @@ class _BaseMLP(BaseEstimator):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10,
-                 memory="auto", device="auto", dtype="float32"):
+                 max_fun=15000, memory="auto", device="auto", dtype="float32"):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -180,6 +198,7 @@ class _BaseMLP(BaseEstimator):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun  # lbfgs's, which gpu_mlp lacks: checked, kept, unused
         self.memory = memory
         self.device = device
         self.dtype = dtype
@@ -212,6 +231,7 @@ class _BaseMLP(BaseEstimator):
         )
         if self.batch_size != "auto":
             _int("batch_size", self.batch_size)
+        _int("max_fun", self.max_fun)
         if not (isinstance(self.n_iter_no_change, numbers.Real) and self.n_iter_no_change
                 == np.inf):
             _int("n_iter_no_change", self.n_iter_no_change)
@@ -329,7 +349,7 @@ class _BaseMLP(BaseEstimator):
         of the engine's array, so writes reach the model; on a GPU a host copy)."""
         if not self._fitted():
             raise AttributeError("coefs_: this estimator is not fitted yet")
-        return [W.T for W, _ in self._host_pairs()]
+        return _ParamList([W.T for W, _ in self._host_pairs()], self, "coefs_")
 
     @coefs_.setter
     def coefs_(self, value) -> None:
@@ -340,7 +360,7 @@ class _BaseMLP(BaseEstimator):
         """``intercepts_[k]``, ``(n_out,)``: the biases of layer k+1 (views on the CPU)."""
         if not self._fitted():
             raise AttributeError("intercepts_: this estimator is not fitted yet")
-        return [b for _, b in self._host_pairs()]
+        return _ParamList([b for _, b in self._host_pairs()], self, "intercepts_")
 
     @intercepts_.setter
     def intercepts_(self, value) -> None:
@@ -469,7 +489,15 @@ class _BaseMLP(BaseEstimator):
                              eps=p["epsilon"] / c, decay_bias=False,
                              eps_placement="uncorrected")
         self._lr = p["learning_rate_init"]  # scikit-learn's current rate (SGD schedules)
+        # the schedule goes with the optimizer, as scikit-learn's: set_params before a
+        # partial_fit changes neither
+        self._schedule = {name: p[name] for name in _SCHEDULE}
         return opt
+
+    def _schedule_of(self, p) -> dict:
+        """The optimizer's schedule settings (``p``'s for a model pickled before they
+        were kept with it)."""
+        return getattr(self, "_schedule", None) or {name: p[name] for name in _SCHEDULE}
 
     def _fit_stochastic(self, X, Y, incremental, p):
         if p["early_stopping"] and incremental:
@@ -543,8 +571,10 @@ class _BaseMLP(BaseEstimator):
                                      "input data may contain large values and need to be "
                                      "preprocessed.")
                 self._update_no_improvement_count(early_stopping, X_val, y_val)
-                if p["solver"] == "sgd" and p["learning_rate"] == "invscaling":
-                    self._set_lr(p["learning_rate_init"] / (self.t_ + 1) ** p["power_t"])
+                schedule = self._schedule_of(p)
+                if schedule["solver"] == "sgd" and schedule["learning_rate"] == "invscaling":
+                    self._set_lr(schedule["learning_rate_init"]
+                                 / (self.t_ + 1) ** schedule["power_t"])
                 if self._no_improvement_count > n_iter_no_change:
                     what = ("Validation score" if early_stopping else "Training loss")
                     msg = (f"{what} did not improve more than tol={self.tol:f} for "
@@ -577,7 +607,8 @@ class _BaseMLP(BaseEstimator):
     def _trigger_stopping(self, msg, p) -> bool:
         """scikit-learn's: stop, or (SGD, ``learning_rate="adaptive"``) divide the rate
         by 5 while it is above 1e-6."""
-        if p["solver"] != "sgd" or p["learning_rate"] != "adaptive":
+        schedule = self._schedule_of(p)
+        if schedule["solver"] != "sgd" or schedule["learning_rate"] != "adaptive":
             if self.verbose:
                 print(msg + " Stopping.")
             return True
@@ -622,6 +653,9 @@ class _BaseMLP(BaseEstimator):
     def _predict_raw(self, X):
         """The network's outputs for validated X, as float64 NumPy."""
         net = self._engine()
+        if (X.data if sp.issparse(X) else X).size and X.dtype.itemsize > net.dtype.itemsize:
+            values = X.data if sp.issparse(X) else X
+            _fits_dtype("X", [values.min(), values.max()], net.dtype)
         if sp.issparse(X):
             rows = max(1, (64 << 20) // (8 * max(sum(self._arch["sizes"]), 1)))
             X = X.tocsr()
@@ -643,6 +677,22 @@ class _BaseMLP(BaseEstimator):
         return tags
 
 
+def _no_sample_weight(sample_weight) -> None:
+    if sample_weight is not None:
+        raise TypeError("sample_weight is not offered by gpu_mlp's estimators (every sample "
+                        "weighs 1); pass None")
+
+
+def _fits_dtype(name: str, values, dtype) -> None:
+    """A ValueError if ``values``, finite (checked before), overflow in the model's
+    ``dtype``: float64 values past float32's range."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        fits = np.isfinite(np.asarray(values).astype(dtype, copy=False)).all()
+    if not fits:
+        raise ValueError(f"{name} holds values too large for {np.dtype(dtype).name}; scale "
+                         f"them or use dtype='float64'")
+
+
 class _Rows:
     """The training rows on the engine's device in its dtype, copied there once; a sparse
     matrix stays on the host and is densified one batch at a time."""
@@ -656,9 +706,7 @@ class _Rows:
             with np.errstate(over="ignore"):
                 values = np.ascontiguousarray(X, dtype=dtype)
             self.data = _device.to_device(values, xp)
-        if not np.isfinite(values).all():  # finite in float64 (checked), not in float32
-            raise ValueError(f"X holds values too large for {np.dtype(dtype).name}; scale "
-                             f"the data or use dtype='float64'")
+        _fits_dtype("X", values, dtype)
 
     def epoch(self, order):
         """A function of a slice giving that batch of these rows in ``order`` (None: as
@@ -686,9 +734,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     ``n_layers_``, ``n_outputs_``, ``out_activation_``, and ``net_`` (the engine).
     """
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing the fit; ``classes`` (all the labels) is
-        needed on the first call."""
+        needed on the first call. ``sample_weight`` (scikit-learn's third argument) is
+        not offered: None only."""
+        _no_sample_weight(sample_weight)
         if getattr(self, "classes_", None) is None and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit.")
         if classes is not None:
@@ -804,7 +854,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10,
-                 memory="auto", device="auto", dtype="float32"):
+                 max_fun=15000, memory="auto", device="auto", dtype="float32"):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -813,7 +863,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
             beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change,
-            memory=memory, device=device, dtype=dtype)
+            max_fun=max_fun, memory=memory, device=device, dtype=dtype)
         self.loss = loss
 
     def _check_params(self) -> dict:
@@ -828,8 +878,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         _choice("loss", self.loss, ("squared_error",))
         return super()._check_params()
 
-    def partial_fit(self, X, y):
-        """One epoch over (X, y), continuing the fit."""
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over (X, y), continuing the fit. ``sample_weight`` (scikit-learn's
+        third argument) is not offered: None only."""
+        _no_sample_weight(sample_weight)
         return self._fit(X, y, incremental=True)
 
     def _validate_input(self, X, y, incremental, reset):
@@ -854,9 +906,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _engine_targets(self, Y, dtype):
         with np.errstate(over="ignore"):
             Y = np.ascontiguousarray(Y, dtype=dtype)
-        if not np.isfinite(Y).all():
-            raise ValueError(f"y holds values too large for {np.dtype(dtype).name}; scale "
-                             f"it or use dtype='float64'")
+        _fits_dtype("y", Y, dtype)
         return Y
 
     def _stratify(self) -> bool:

@@ -138,6 +138,36 @@ def test_partial_fit_follows_sklearn_and_keeps_the_optimizer(digits):
     assert_same_fit(loaded, theirs)
 
 
+def test_partial_fit_keeps_the_schedule_of_its_optimizer(digits):
+    """scikit-learn's optimizer, made by the first partial_fit, keeps the solver's rate
+    schedule (learning_rate, learning_rate_init, power_t): set_params between calls
+    changes none of it. It was read anew each epoch (an Adam fit then crashed in
+    invscaling's momentum rescaling, after the epoch's updates)."""
+    X, _, y, _ = digits
+    classes = np.unique(y)
+    for first, then in [(dict(solver="adam"), dict(solver="sgd", learning_rate="invscaling")),
+                        (dict(solver="sgd"), dict(learning_rate="invscaling")),
+                        (dict(solver="sgd", learning_rate="invscaling"),
+                         dict(learning_rate_init=0.1))]:
+        ours = MLPClassifier((16,), random_state=0, dtype="float64", device="cpu", **first)
+        theirs = neural_network.MLPClassifier((16,), random_state=0, **first)
+        for model in (ours, theirs):
+            model.partial_fit(X[:300], y[:300], None, classes)  # scikit-learn's positions
+            model.set_params(**then)
+            model.partial_fit(X[300:600], y[300:600])
+        assert_same_fit(ours, theirs)
+
+
+def test_parameters_are_scikit_learns():
+    """Every parameter of scikit-learn's estimators is ours too (max_fun, lbfgs's, is
+    kept unused): a model made from one of theirs' get_params()."""
+    for ours, theirs in ((MLPClassifier, neural_network.MLPClassifier),
+                         (MLPRegressor, neural_network.MLPRegressor)):
+        params = theirs(max_fun=20).get_params()
+        assert ours(**params).get_params() == {**params, "memory": "auto", "device": "auto",
+                                               "dtype": "float32"}
+
+
 def test_warm_start_follows_sklearn(digits):
     X, _, y, _ = digits
     params = dict(hidden_layer_sizes=(16,), max_iter=3, random_state=0, warm_start=True)
@@ -244,6 +274,13 @@ def test_coefs_layout_views_and_setters(digits):
         model.intercepts_ = [np.array(["a"] * 20), np.zeros(10)]
     for c, b in zip(model.coefs_, before):
         np.testing.assert_array_equal(c, b)
+    # an item replaced reaches the model, as in scikit-learn's lists (it was lost), checked
+    model.coefs_[1] = np.ones((20, 10))
+    np.testing.assert_array_equal(net.params[1][0], np.ones((10, 20)))
+    model.intercepts_[0] = np.full(20, 2.0)
+    np.testing.assert_array_equal(net.params[0][1], np.full(20, 2.0))
+    with pytest.raises(ValueError, match=r"coefs_\[0\]"):
+        model.coefs_[0] = np.zeros((3, 3))
     unfitted = MLPClassifier()
     assert not hasattr(unfitted, "coefs_")
     with pytest.raises(NotFittedError):
@@ -310,6 +347,12 @@ def test_bad_parameters_and_data_raise_clear_errors(digits):
         MLPRegressor((16,)).fit(X_train[:50], y_train[:50])  # as in scikit-learn: loss
     with pytest.raises(ValueError, match="too large for float32"):
         MLPRegressor(device="cpu").fit(X_train[:50] * 1e300, y_train[:50])
+    fitted = MLPRegressor(hidden_layer_sizes=(4,), max_iter=2, device="cpu").fit(
+        X_train[:50], y_train[:50])
+    with pytest.raises(ValueError, match="X holds values too large for float32"):
+        fitted.predict(X_train[:5] * 1e300)  # finite in float64: not "NaN or Inf"
+    with pytest.raises(TypeError, match="sample_weight is not offered"):
+        fitted.partial_fit(X_train[:50], y_train[:50], np.ones(50))
     with pytest.raises(ValueError, match="early_stopping"):
         MLPClassifier(early_stopping=True).partial_fit(X_train[:50], y_train[:50],
                                                        classes=np.arange(10))
