@@ -170,6 +170,8 @@ def to_device(a, xp, name: str = "the array"):
 def _moved(a, xp, name):
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
+        if a.is_neg():  # a lazy negation (x.conj().imag, say), which DLPack drops: its
+            a = a.resolve_neg()  # values would arrive with their sign flipped
         if str(a.dtype) == "torch.bfloat16":
             a = a.float()  # neither NumPy nor CuPy has bfloat16; float32 holds it exactly
     if xp is np:

@@ -49,7 +49,6 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the environmen
                               name="torch") from None
 
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import device as _device
 from .inputs import sample_ndim
@@ -193,6 +192,31 @@ class _Tape:
                 pass
 
 
+def _first_derivative_only(backward):
+    """torch's ``once_differentiable``, whatever the incoming gradient. The gradients
+    depend on the saved input and weights, which may require grad where grad_output
+    does not: torch's own decorator then returns them detached under ``create_graph``,
+    so a second derivative through the module (a gradient penalty, a Hessian) came back
+    0, silently. Here, under ``create_graph``, they carry a function that raises when
+    differentiated."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        saved = [t for t in ctx.saved_tensors if t.requires_grad]
+        if not torch.is_grad_enabled() or not saved:  # no create_graph, or nothing to
+            return outputs                            # differentiate the gradients by
+        # an exact 0 (an empty slice's sum: inf weights do not make it NaN) joined to the
+        # saved input and weights through the raising function, added to each gradient
+        anchor = sum(t.reshape(-1)[:0].sum() for t in saved)
+        anchor = torch._C._functions.DelayedError(
+            b"gpu_mlp's modules give first derivatives only: a gradient through one "
+            b"cannot be differentiated (create_graph=True: a gradient penalty, a Hessian)",
+            1)(anchor)
+        return tuple(None if g is None else g + anchor for g in outputs)
+    return wrapper
+
+
 class _EngineFunction(torch.autograd.Function):
     """``F_n = net(x)`` with the parameters as inputs, so autograd routes their gradients."""
 
@@ -206,7 +230,7 @@ class _EngineFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_derivative_only
     def backward(ctx, grad_output):
         x, *params = ctx.saved_tensors  # raises if x or a W_k changed since the forward
         net = ctx.net

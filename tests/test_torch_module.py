@@ -282,8 +282,50 @@ def test_retained_graph_backward_twice_and_double_backward():
     assert module.net.training_workspace.in_use_bytes == 0
     out = module(x).square().sum()
     (g,) = torch.autograd.grad(out, [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+    with pytest.raises(RuntimeError, match="first derivatives only"):
         g.sum().backward()
+
+
+def test_a_gradient_penalty_through_the_module_raises_not_zero():
+    """WGAN-GP: d = D(x), its gradient in x under create_graph (grad_outputs constant),
+    then (d + penalty(gradient)).backward(). The gradient depends on the saved x and
+    weights, which torch's once_differentiable does not see: it returned the gradient
+    detached, so the penalty added nothing to dL/dW -- 3.14 off, silently -- and
+    Hessians came back 0. Now differentiating that gradient raises; the gradient itself
+    is torch's."""
+    module = MLPModule([4, 6, 1], activations="tanh", dtype="float64", seed=0)
+    twin = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    with torch.no_grad():
+        twin[0].weight.copy_(module.W_1), twin[0].bias.copy_(module.b_1)
+        twin[2].weight.copy_(module.W_2), twin[2].bias.copy_(module.b_2)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for model in (module, twin):
+        d = model(x)
+        (g,) = torch.autograd.grad(d, x, grad_outputs=torch.ones_like(d), create_graph=True)
+        grads.append(g)
+    torch.testing.assert_close(grads[0].detach(), grads[1].detach())
+    penalty = ((grads[0].norm(2, dim=1) - 1) ** 2).mean()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        (module(x).mean() + 10 * penalty).backward()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.functional.hessian(lambda v: module(v).sum(), x.detach())
+
+
+def test_an_input_with_a_lazy_negation_is_read_with_its_sign():
+    """``z.conj().imag`` is a real tensor whose negation is a lazy bit, which DLPack
+    drops: the module and train_step read -x."""
+    module = MLPModule([3, 2], dtype="float64", seed=0)
+    z = torch.randn(4, 3, dtype=torch.complex128)
+    x = z.conj().imag
+    assert x.is_neg()
+    torch.testing.assert_close(module(x), module(x.clone()))
+    torch.testing.assert_close(module(x.requires_grad_()).detach(), module(x.clone()).detach())
+    nets = [gpu_mlp.MLP([3, 2], device="cpu", dtype="float64", seed=0) for _ in range(2)]
+    y = torch.zeros(4, 2, dtype=torch.float64)
+    nets[0].train_step(x.detach(), y, 0.1)
+    nets[1].train_step(x.detach().clone(), y, 0.1)
+    np.testing.assert_array_equal(nets[0].params[0][0], nets[1].params[0][0])
 
 
 def test_in_place_changes_between_forward_and_backward_are_caught():
