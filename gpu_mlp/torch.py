@@ -203,11 +203,12 @@ def _first_derivative_only(backward):
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        saved = [t for t in ctx.saved_tensors if t.requires_grad]
+        saved = [t for t in (*ctx.saved_tensors, *grads) if t is not None and t.requires_grad]
         if not torch.is_grad_enabled() or not saved:  # no create_graph, or nothing to
             return outputs                            # differentiate the gradients by
         # an exact 0 (an empty slice's sum: inf weights do not make it NaN) joined to the
-        # saved input and weights through the raising function, added to each gradient
+        # saved input and weights, and the incoming gradient (a JVP by double backward
+        # differentiates by it), through the raising function, added to each gradient
         anchor = sum(t.reshape(-1)[:0].sum() for t in saved)
         anchor = torch._C._functions.DelayedError(
             b"gpu_mlp's modules give first derivatives only: a gradient through one "

@@ -310,6 +310,8 @@ def test_a_gradient_penalty_through_the_module_raises_not_zero():
         (module(x).mean() + 10 * penalty).backward()
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.functional.hessian(lambda v: module(v).sum(), x.detach())
+    with pytest.raises(RuntimeError, match="first derivatives only"):  # by double backward
+        torch.autograd.functional.jvp(module, x.detach(), torch.ones_like(x))
 
 
 def test_an_input_with_a_lazy_negation_is_read_with_its_sign():
