@@ -185,8 +185,9 @@ def pairs(params, layers=None) -> list[tuple]:
     return found
 
 
-def params(params) -> list[tuple]:
-    """Check a list of ``(W_k, b_k)``: shapes chain, one float dtype, all finite."""
+def params(params, finite_values: bool = True) -> list[tuple]:
+    """Check a list of ``(W_k, b_k)``: shapes chain, one float dtype, all finite (unless
+    ``finite_values`` is False)."""
     checked = pairs(params)
     if not checked:
         raise ValueError("params must hold at least one layer")
@@ -202,8 +203,9 @@ def params(params) -> list[tuple]:
         if k > 1 and W.shape[1] != checked[k - 2][0].shape[0]:
             raise ValueError(f"W_{k} takes {W.shape[1]} inputs but layer {k - 1} has "
                              f"{checked[k - 2][0].shape[0]} outputs")
-        finite(f"W_{k}", W, _namespace(W))
-        finite(f"b_{k}", b, _namespace(b))
+        if finite_values:
+            finite(f"W_{k}", W, _namespace(W))
+            finite(f"b_{k}", b, _namespace(b))
         if dtype is None:
             dtype = W.dtype
         if W.dtype != dtype or b.dtype != dtype:
@@ -212,8 +214,9 @@ def params(params) -> list[tuple]:
     return checked
 
 
-def layer_params(layers, params) -> list[tuple]:
-    """Check ``(W_k, b_k)`` against the layers' shapes: one float dtype, all finite."""
+def layer_params(layers, params, finite_values: bool = True) -> list[tuple]:
+    """Check ``(W_k, b_k)`` against the layers' shapes: one float dtype, all finite
+    (unless ``finite_values`` is False)."""
     checked = pairs(params, layers)
     dtype = None
     for k, (layer, pair) in enumerate(zip(layers, checked), start=1):
@@ -223,7 +226,8 @@ def layer_params(layers, params) -> list[tuple]:
             if tuple(a.shape) != tuple(shape):
                 raise ValueError(f"layer {k} ({layer}): {name} must have shape "
                                  f"{tuple(shape)}, got {tuple(a.shape)}")
-            finite(name, a, _namespace(a))
+            if finite_values:
+                finite(name, a, _namespace(a))
             dtype = a.dtype if dtype is None else dtype
             if a.dtype != dtype:
                 raise TypeError(f"layer {k}: all parameters must share one dtype ({dtype}), "

@@ -50,19 +50,21 @@ class MLP(Network):
 
     @classmethod
     def from_params(cls, params, activations, loss="squared", memory="output",
-                    device="auto", dtype=None, copy=True) -> "MLP":
+                    device="auto", dtype=None, copy=True, check=True) -> "MLP":
         """A network with the given ``(W_k, b_k)``, ``W_k`` of shape (d_out, d_in), copied
-        (or with ``copy=False`` held where they fit, as :meth:`Network.from_params`).
+        (or with ``copy=False`` held where they fit; ``check=False``: NaN and Inf taken
+        as they are, as :meth:`Network.from_params`).
 
         ``activations`` is one activation for every layer or a list with one per layer.
         ``dtype`` defaults to the parameters' own.
         """
         name, xp = _device.resolve(device)
-        pairs = _checks.params(params_on(xp, params))
+        pairs = _checks.params(params_on(xp, params), _checks.flag("check", check))
         sizes = [int(pairs[0][0].shape[1])] + [int(W.shape[0]) for W, _ in pairs]
         acts = _activations.per_layer(activations, len(pairs))
         return super().from_params(_dense_layers(sizes, acts), pairs, loss=loss,
-                                   memory=memory, device=name, dtype=dtype, copy=copy)
+                                   memory=memory, device=name, dtype=dtype, copy=copy,
+                                   check=check)
 
     @property
     def sizes(self) -> list[int]:

@@ -112,21 +112,23 @@ class Network(ForwardBackward):
 
     @classmethod
     def from_params(cls, layers, params, loss="squared", memory="output", device="auto",
-                    dtype=None, copy=True) -> "Network":
+                    dtype=None, copy=True, check=True) -> "Network":
         """A network of ``layers`` with the given ``(W_k, b_k)``, in torch's layouts;
         ``dtype`` defaults to the parameters' own. The net holds copies; with
         ``copy=False`` it holds the arrays themselves where they are already C-contiguous
         writable arrays of the dtype on the device (as ``numpy.asarray``), and trains in
-        their memory -- one copy of the parameters, not two."""
+        their memory -- one copy of the parameters, not two. ``check=False`` takes NaN
+        and Inf parameters as they are (a diverged model's, to inspect or copy)."""
         layers = _inputs.check_layers(layers)
         name, xp = _device.resolve(device)
-        pairs = _checks.layer_params(layers, params_on(xp, params, layers))
+        check = _checks.flag("check", check)
+        pairs = _checks.layer_params(layers, params_on(xp, params, layers), check)
         dt = _checks.dtype_of("dtype", pairs[0][0].dtype if dtype is None else dtype)
         net = cls.__new__(cls)
-        net._setup(layers, pairs, loss, memory, name, dt, _checks.flag("copy", copy))
+        net._setup(layers, pairs, loss, memory, name, dt, _checks.flag("copy", copy), check)
         return net
 
-    def _setup(self, layers, params, loss, memory, device, dtype, copy=True):
+    def _setup(self, layers, params, loss, memory, device, dtype, copy=True, check=True):
         acts = [layer.activation for layer in layers]
         if memory not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}")
@@ -156,8 +158,8 @@ class Network(ForwardBackward):
         xp = self.xp
         with np.errstate(over="ignore"):
             self.params = _own(xp, params, self.dtype, copy)
-        for k, pair in enumerate(self.params, start=1):  # finite given, finite as cast
-            for name, a in zip((f"W_{k}", f"b_{k}"), pair):
+        for k, pair in enumerate(self.params if check else [], start=1):  # finite given,
+            for name, a in zip((f"W_{k}", f"b_{k}"), pair):              # finite as cast
                 _checks.finite(f"{name} in {self.dtype}", a, xp)
         # what each call is given is checked against the net (gpu_mlp/inputs.py)
         self.inputs = _inputs.Inputs(self.layers, loss, xp, self.dtype,
@@ -214,12 +216,15 @@ class Network(ForwardBackward):
 
     # --- public steps -------------------------------------------------------------------
 
-    def predict(self, X, batch_size: Optional[int] = None):
+    def predict(self, X, batch_size: Optional[int] = None, check: bool = True):
         """The network output for a batch (B, *input_shape) or one sample.
 
         Large inputs run in chunks of ``batch_size`` rows; by default as many as fit in
         ``PREDICT_BUFFER_BYTES`` (64 MiB) of buffers, so memory does not grow with B.
+        ``check=False`` skips the scan of X for NaN/Inf (a device sync on a GPU): they
+        propagate, as in PyTorch.
         """
+        check = _checks.flag("check", check)
         self.inputs.check_params(self.params)
         X, single = self.inputs.raw(X)
         shapes = self.inputs.shapes(X.shape[1:])
@@ -229,8 +234,9 @@ class Network(ForwardBackward):
         verdicts = _checks.Verdicts(self.xp)
         for first in range(0, X.shape[0], rows):
             chunk = _checks.cast(X[first:first + rows], self.dtype, self.xp)
-            _checks.finite("X", chunk, self.xp, verdicts)
-            verdicts.settle()
+            if check:
+                _checks.finite("X", chunk, self.xp, verdicts)
+                verdicts.settle()
             self._forward(chunk, self.inference_workspace, keep=False,
                           out=out[first:first + rows])
         return out[0] if single else out

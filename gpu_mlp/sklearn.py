@@ -23,9 +23,9 @@ scikit-learn places them (their options ``decay_bias=False``, ``weight_decay`` s
 batch, ``eps_placement="uncorrected"``); ``learning_rate`` and ``power_t`` schedule the
 SGD rate per epoch (momentum buffers rescaled at each change), as the optimizer made by
 the first ``partial_fit`` has them. Not offered: ``"lbfgs"`` (its ``max_fun`` is accepted,
-unused), ``sample_weight`` (None only), ``loss="poisson"``. Ours: ``memory`` (``"auto"``: ``"output"`` unless
-an activation needs ``"recompute"``), ``device`` and ``dtype`` (``"float32"`` by
-default); ``set_params`` on a fitted estimator moves its network. Inputs are validated as
+unused), ``sample_weight`` (None only), ``loss="poisson"``. Ours: ``memory``
+(``"auto"``: ``"output"`` unless an activation needs ``"recompute"``), ``device`` and
+``dtype`` (``"float32"`` by default); ``set_params`` on a fitted estimator moves its network. Inputs are validated as
 scikit-learn does (sparse CSR/CSC densified a batch at a time); outputs are NumPy arrays
 in the input's float dtype. Pickles hold NumPy arrays only, so a model fitted on a GPU
 loads and predicts without one.

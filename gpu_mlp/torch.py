@@ -192,6 +192,11 @@ class _Tape:
                 pass
 
 
+# torch.compile (Dynamo) would trace the engine's NumPy/CuPy calls, which it cannot: the
+# modules' forward runs as it is, a graph break, inside a compiled model
+_not_compiled = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+
+
 def _first_derivative_only(backward):
     """torch's ``once_differentiable``, whatever the incoming gradient. The gradients
     depend on the saved input and weights, which may require grad where grad_output
@@ -287,7 +292,7 @@ class NetworkModule(nn.Module):
     def _engine_from(self, params, device, dtype):
         return Network.from_params(self._layers, params, memory=self._memory,
                                    device=_engine_device(device), dtype=_DTYPES[dtype],
-                                   copy=False)
+                                   copy=False, check=False)  # NaN weights compute, as torch's
 
     def reset_parameters(self) -> None:
         """Initialise as ``nn.Linear`` / ``nn.Conv2d``: ``W`` Kaiming-uniform with
@@ -364,8 +369,8 @@ class NetworkModule(nn.Module):
             if _engine_device(probe.device) == "cuda":
                 _device.resolve("cuda")  # CuPy must be able to run there
         module = super()._apply(fn, recurse)
-        self.net  # follow .to() / .cuda() / .double() / share_memory() at once
-        return module
+        self._net = None  # the engine follows at the next call: a pruned or re-parametrized
+        return module     # module's weights are made anew by its forward pre-hook first
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -380,6 +385,7 @@ class NetworkModule(nn.Module):
             shape = layer.output_shape(shape)
         return shape
 
+    @_not_compiled
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
         W = self.W_1
@@ -412,7 +418,7 @@ class NetworkModule(nn.Module):
         if needs_grad:
             return _EngineFunction.apply(net, x, *params)
         with _on(x.device):
-            return torch.from_dlpack(net.predict(_to_engine(x, net)))
+            return torch.from_dlpack(net.predict(_to_engine(x, net), check=False))
 
     def extra_repr(self) -> str:
         layers = ", ".join(str(layer) for layer in self._layers)
@@ -440,12 +446,13 @@ class MLPModule(NetworkModule):
     def _engine_from(self, params, device, dtype):
         return MLP.from_params(params, [layer.activation for layer in self._layers],
                                memory=self._memory, device=_engine_device(device),
-                               dtype=_DTYPES[dtype], copy=False)
+                               dtype=_DTYPES[dtype], copy=False, check=False)
 
     @property
     def sizes(self) -> list:
         return [self._layers[0].d_in] + [layer.d_out for layer in self._layers]
 
+    @_not_compiled
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self._layers[0].d_in
         if not isinstance(x, torch.Tensor):

@@ -1027,6 +1027,23 @@ def test_from_params_without_copy_trains_in_the_given_arrays_where_they_fit():
         gpu_mlp.MLP.from_params([(W1, b1)], "tanh", device="cpu", copy="no")
 
 
+def test_check_false_takes_nan_parameters_and_inputs_as_they_are():
+    """A diverged model's parameters, inspected or copied, and NaN inputs propagated (as
+    PyTorch does): from_params(check=False) and predict(check=False)."""
+    W, b = np.full((2, 3), np.inf), np.zeros(2)
+    with pytest.raises(ValueError, match="W_1 contains NaN or Inf"):
+        gpu_mlp.MLP.from_params([(W, b)], "tanh", device="cpu")
+    for net in (gpu_mlp.MLP.from_params([(W, b)], "tanh", device="cpu", check=False),
+                gpu_mlp.Network.from_params([Dense(3, 2, "tanh")], [(W, b)], device="cpu",
+                                            check=False)):
+        assert np.isinf(net.params[0][0]).all()
+    net = gpu_mlp.MLP([3, 2], device="cpu", seed=0)
+    X = np.array([[np.nan, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        net.predict(X)
+    assert np.isnan(net.predict(X, check=False)).all()
+
+
 @pytest.mark.parametrize("make", [
     lambda: gpu_mlp.MLP([4, 2**62, 3], device="cpu"),
     lambda: gpu_mlp.MLP([4, 2**70, 3], device="cpu"),

@@ -314,6 +314,41 @@ def test_a_gradient_penalty_through_the_module_raises_not_zero():
         torch.autograd.functional.jvp(module, x.detach(), torch.ones_like(x))
 
 
+def test_a_compiled_model_runs_the_module_as_it_is():
+    """torch.compile traced the engine's arrays and failed ('no attribute net'): the
+    module's forward is a graph break, so a model around it compiles and matches eager."""
+    module = MLPModule([4, 6, 2], activations="tanh", dtype="float64", seed=0)
+    model = nn.Sequential(nn.Linear(3, 4).double(), module, nn.Tanh())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    compiled = torch.compile(model, backend="eager")
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager_out)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_nan_propagates_with_or_without_grad_and_nan_weights_copy():
+    """As in nn.Linear: a NaN input gives NaN outputs in grad mode and under no_grad
+    (which scanned X and raised); a diverged module (Inf weights) deep-copies and casts
+    (its engine refused them: deepcopy, pickle and .double() raised, the last with the
+    parameters half converted)."""
+    module = MLPModule([3, 2], dtype="float64", seed=0)
+    x = torch.tensor([[float("nan"), 1.0, 2.0]], dtype=torch.float64)
+    assert module(x).isnan().all()
+    with torch.no_grad():
+        assert module(x).isnan().all()
+    with torch.no_grad():
+        module.W_1[0, 0] = float("inf")
+    copied = copy.deepcopy(module)
+    assert torch.isinf(copied.W_1[0, 0])
+    assert module.float().W_1.dtype == torch.float32 and module(x.float()).isnan().all()
+
+
 def test_an_input_with_a_lazy_negation_is_read_with_its_sign():
     """``z.conj().imag`` is a real tensor whose negation is a lazy bit, which DLPack
     drops: the module and train_step read -x."""
