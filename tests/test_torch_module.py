@@ -349,6 +349,21 @@ def test_nan_propagates_with_or_without_grad_and_nan_weights_copy():
     assert module.float().W_1.dtype == torch.float32 and module(x.float()).isnan().all()
 
 
+def test_a_pruned_module_casts_and_computes_with_its_pruned_weights():
+    """prune keeps W_1_orig and a mask, and makes W_1 in a forward pre-hook: .double()
+    rebuilt the engine at once, from a stale W_1, and raised (the parameters already
+    converted). Now the engine follows at the next call, after the hook."""
+    from torch.nn.utils import prune
+
+    module = MLPModule([4, 3], seed=0)
+    prune.l1_unstructured(module, "W_1", amount=0.5)
+    module.double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    out = module(x)
+    expected = x @ (module.W_1_orig * module.W_1_mask).T + module.b_1
+    torch.testing.assert_close(out, expected)
+
+
 def test_an_input_with_a_lazy_negation_is_read_with_its_sign():
     """``z.conj().imag`` is a real tensor whose negation is a lazy bit, which DLPack
     drops: the module and train_step read -x."""
