@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect
 import io
 import json
 import math
@@ -72,7 +73,7 @@ class CheckpointError(ValueError):
 
 
 # The model classes a checkpoint names and rebuilds: ``MODELS[name] = (cls, build)``,
-# ``build(layers, params, loss, memory, device, dtype, copy)`` the net. The modules that
+# ``build(layers, params, loss, memory, device, dtype[, copy])`` the net. The modules that
 # define them register them (gpu_mlp.network, gpu_mlp.mlp), so this module imports neither.
 MODELS: dict[str, tuple[type, Callable]] = {}
 
@@ -80,8 +81,15 @@ MODELS: dict[str, tuple[type, Callable]] = {}
 def register(name: str, cls: type, build: Optional[Callable] = None) -> None:
     """Save instances of ``cls`` (and of its subclasses not registered themselves) as
     model ``name``, and rebuild them with ``build(layers, params, loss, memory=, device=,
-    dtype=, copy=)`` (default: ``cls.from_params``)."""
+    dtype=)`` (default: ``cls.from_params``), given ``copy=False`` too where it takes it."""
     MODELS[name] = (cls, cls.from_params if build is None else build)
+
+
+def _takes(function: Callable, name: str) -> bool:
+    """Whether ``function`` takes the keyword ``name`` (a builder registered before
+    ``copy`` existed does not)."""
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _model_name(net) -> str:
@@ -218,6 +226,7 @@ def writable_target(path) -> str:
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symlinks to plant
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no FIFOs to block on
 
 # A temporary unwritten this long is a killed writer's, if its pid is no process here; a
 # live writer in another PID namespace or on another host (a shared file system) looks
@@ -281,7 +290,7 @@ def hold(path):
     lock = os.path.join(directory, f".{name}.lock")
     while True:
         try:  # never through a link planted there, nor onto a FIFO (which would block)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o644)
         except OSError as e:  # a directory that refuses new files (/proc, a read-only
             # mount), or a link where the lock goes (ELOOP)
             raise type(e)(f"cannot write {os.fsdecode(path)}: {e.strerror.lower()} (its "
@@ -342,11 +351,13 @@ def read(path, device: str = "auto") -> Checkpoint:
 def _open_regular(path: str):
     """``path`` opened for reading if it is a regular file (after links); an OSError
     naming it if not -- a FIFO would block the read forever, a device stream on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open returns at once
+    # non-blocking: a FIFO's open returns at once (binary: Windows translates no bytes)
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
-        os.set_blocking(fd, True)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -371,8 +382,10 @@ def _read(f, device: str) -> Checkpoint:
         state = {name: [(W.read(), b.read()) for W, b in pairs] for name, pairs in state.items()}
     optimizer = None if spec is None else _optimizer(spec, state)
     build = MODELS[model][1]
+    # the arrays just read: one copy of the parameters, not two, where the builder can
+    extra = {"copy": False} if _takes(build, "copy") else {}
     net = build(layers, params, meta["loss"], memory=meta["memory"], device=device, dtype=dtype,
-                copy=False)  # the arrays just read: one copy of the parameters, not two
+                **extra)
     if optimizer is not None:
         optimizer.bind(net)  # checks its state against the net, puts it on the device
     return Checkpoint(net, history, optimizer, dp, data)

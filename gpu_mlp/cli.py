@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import os
 import platform
-import secrets
 import signal
 import sys
 import threading
@@ -264,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the seed of the noise and of the Poisson sampling (default: "
                               "64 secret bits from the operating system, kept in --save's "
                               "checkpoint; a seed others know makes the noise predictable: "
-                              "for reproductions, not for privacy)"),
+                              "for reproductions, not for privacy)")
 
     parallel = train.add_argument_group(
         "data parallel (under mpirun or srun: one process per rank, found by itself)")
@@ -555,9 +554,12 @@ def _test_fraction(args, resumed, n: int) -> float:
     """--test-fraction, else for a resumed run the share that leaves the training samples
     it trained on (its History's), else the default."""
     trained = resumed.history.samples if resumed else None
+    if trained is not None and not 0 < n - trained < n:
+        raise ValueError(f"--resume {args.resume}: its run trained on {trained} samples, "
+                         f"which the {args.data} data's {n} cannot give with a test split")
     if args.test_fraction is None:
         return DEFAULTS["test_fraction"] if trained is None else (n - trained) / n
-    train = n - datasets.test_rows(n, args.test_fraction)
+    train = n - datasets.held_out_rows(n, args.test_fraction)
     if trained is not None and train != trained:
         raise ValueError(f"--test-fraction {args.test_fraction:g} would train on {train} "
                          f"samples, but the checkpoint {args.resume} trained on {trained}; "
@@ -582,7 +584,7 @@ def _plan(args, resumed, data: _Data, settings: _Settings, comm, net) -> StepPla
     steps = data.steps(args.epochs, settings.batch_size)
     optimizer = (resumed.optimizer if resumed
                  else _new_optimizer(args, settings.kind, settings.lr, steps))
-    dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps, comm)
+    dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps)
     plan = StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
     try:
         return plan.check(net)
@@ -714,9 +716,9 @@ def _communicator(args):
 DP_OPTIONS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_accountant", "dp_seed")
 
 
-def _private(args, resumed, sample_rate: float, steps: int, comm):
+def _private(args, resumed, sample_rate: float, steps: int):
     """The DP of the run (None: not private): from the options, or the checkpoint's. Its
-    seed is --dp-seed, else drawn secretly (by rank 0, for every rank)."""
+    seed is --dp-seed, else drawn secretly."""
     given = {name: getattr(args, name) for name in DP_OPTIONS if getattr(args, name) is not None}
     if resumed is not None:
         dp = resumed.dp
@@ -736,7 +738,7 @@ def _private(args, resumed, sample_rate: float, steps: int, comm):
         for name, value in given.items():
             if value != stored[name]:
                 has = f"noise multiplier {dp.noise_multiplier}" if stored[name] is None \
-                    else stored[name]
+                    else "another seed" if name == "dp_seed" else stored[name]  # secret
                 raise ValueError(f"{_option(name)} differs from the checkpoint {args.resume}, "
                                  f"which has {has}; leave it out to resume")
         return dp
@@ -751,9 +753,7 @@ def _private(args, resumed, sample_rate: float, steps: int, comm):
     delta = given.get("dp_delta", DP_DEFAULTS["delta"])
     accountant = given.get("dp_accountant", DP_DEFAULTS["accountant"])
     noise = "dp_epsilon" if "dp_epsilon" in given else "dp_noise"
-    seed = given.get("dp_seed")
-    if seed is None and comm is not None:  # one secret seed for every rank: rank 0's
-        seed = comm.bcast(secrets.randbits(64) if comm.is_root else None)
+    seed = given.get("dp_seed")  # None: drawn, secret (rank 0's on every rank: DP.agree)
     try:  # the accountant's errors name the option that asked it
         if noise == "dp_epsilon":
             return privacy.DP.for_epsilon(given["dp_epsilon"], delta, sample_rate, steps,

@@ -38,6 +38,7 @@ import numpy as np
 
 OP = {"N": 0, "T": 1}  # cublasOperation_t
 POINTER_MODE_HOST, POINTER_MODE_DEVICE = 0, 1  # cublasPointerMode_t
+TF32_TENSOR_OP_MATH = 3  # cublasMath_t: float32 GEMMs round their inputs to TF32
 WORKSPACE_BYTES = 32 << 20  # cublasSetWorkspace: 32 MiB recommended on Hopper, 4 elsewhere
 # handles (and their workspaces) kept per thread: one per stream used, so a program that
 # makes stream after stream would otherwise hold 32 MiB more with each
@@ -176,7 +177,8 @@ class Cublas:
         if handle is None:
             handle = self._create(key[1])
             if len(handles) >= MAX_HANDLES:
-                self._destroy(handles.popitem(last=False)[1])
+                with contextlib.suppress(CublasError):  # refused (another thread's
+                    self._destroy(handles.popitem(last=False)[1])  # capture): it leaks
             handles[key] = handle
         else:
             handles.move_to_end(key)

@@ -75,7 +75,7 @@ def train_test_split(X, y, test_fraction: float = 0.2, seed: int = 0):
     if not 0 < test_fraction < 1:
         raise ValueError(f"train_test_split: test_fraction must lie strictly between 0 and 1, "
                          f"got {test_fraction}")
-    n_test = test_rows(n, test_fraction)
+    n_test = held_out_rows(n, test_fraction)
     if n_test >= n:
         raise ValueError(f"train_test_split: test_fraction={test_fraction} leaves no training "
                          f"rows out of {n}")
@@ -84,7 +84,7 @@ def train_test_split(X, y, test_fraction: float = 0.2, seed: int = 0):
     return X[train], X[test], y[train], y[test]
 
 
-def test_rows(n: int, test_fraction: float) -> int:
+def held_out_rows(n: int, test_fraction: float) -> int:
     """How many of ``n`` rows :func:`train_test_split` holds out: the fraction, rounded,
     at least one."""
     return max(1, round(n * test_fraction))

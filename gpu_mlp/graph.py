@@ -220,9 +220,11 @@ class StepGraphs:
             return False
         # alive while the graph is: what it reads and writes, and what its key names by id
         entry.graph = graph
+        # the handle of the capture (its workspace, whose address the GEMMs keep: the
+        # side's may be evicted and replaced later), and last the side that launches it
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
-                      side)  # last: what launches it
-        entry.buffers = _free_ids(net)
+                      side.handle, side)
+        entry.buffers, entry.rewarmed = _free_ids(net), False
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
                 break
@@ -245,21 +247,26 @@ class _CaptureSide:
     launched on another stream first waits for it, or replays on two streams at once
     would write into the one workspace together."""
 
-    __slots__ = ("stream", "handle", "event", "last")
+    __slots__ = ("stream", "handle", "event", "launched", "lock")
 
     def __init__(self, cuda):
         self.stream = cuda.Stream(non_blocking=True)
         self.event = cuda.Event(disable_timing=True)
-        self.handle, self.last = None, None
+        self.handle, self.launched = None, False
+        self.lock = threading.Lock()  # another thread may replay a net's graph
 
     def launch(self, cuda, graph) -> None:
-        """Launch ``graph`` on the current stream, after the last launch here."""
+        """Launch ``graph`` on the current stream, after the last launch here. The wait
+        is unconditional: streams cannot be told apart by their pointers (per-thread
+        default streams share one; a new stream may take a destroyed one's), and on
+        the stream that recorded the event it waits for nothing more."""
         stream = cuda.get_current_stream()
-        if self.last not in (None, stream.ptr):
-            stream.wait_event(self.event)
-        graph.launch(stream)
-        self.event.record(stream)
-        self.last = stream.ptr
+        with self.lock:
+            if self.launched:
+                stream.wait_event(self.event)
+            graph.launch(stream)
+            self.event.record(stream)
+            self.launched = True
 
 
 def _capture_stream(cuda) -> _CaptureSide:
@@ -305,8 +312,6 @@ def _no_allocation(cuda):
                                     f"CuPy's memory pool during the capture")
 
     return NoAllocation()
-
-
 
 
 def _capturing(cuda) -> bool:

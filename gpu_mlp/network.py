@@ -306,6 +306,8 @@ class Network(ForwardBackward):
         (:mod:`gpu_mlp.graph`; fit's Poisson samples, of ever other sizes, are not)."""
         plan.check(self)
         comm = plan.communicator(self)
+        if comm is not None and plan.private:
+            plan.dp.agree(comm)
         empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0
         if empty and comm is None and expected_batch is None:
             raise ValueError("X is an empty batch: a private step divides by the batch "

@@ -70,11 +70,20 @@ def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int):
     ``max(value, 0) + e_i`` instead, never below the true one: the clipping holds, at
     the price of clipping such a sample harder. ``T_squares`` is overwritten."""
     u = float(np.finfo(inner.dtype).eps) / 2
+    if not isinstance(inner, np.ndarray) and inner.dtype == np.float32 and _tf32():
+        u = 2.0 ** -11  # CuPy's matmul rounds the factors to TF32's 10 bits
     error = T_squares
     error *= X_squares
     error *= (d_out + K + P * P) * u
     bound = xp.maximum(inner, 0) + error
     return xp.where(error <= GRAM_TRUSTED * inner, inner, bound)
+
+
+def _tf32() -> bool:
+    """Whether CuPy's float32 GEMMs (its matmul: the Gram form's on a GPU) are TF32."""
+    from . import cublas
+
+    return cublas.binding().runtime.math_mode() == cublas.TF32_TENSOR_OP_MATH
 
 
 # the share of a Gram-form square its worst-case rounding may be for it to be kept as it

@@ -66,7 +66,7 @@ class DP:
             others may know (0, a published one) reproduces a run exactly, noise
             included: for tests and reproductions, not for privacy. The seed is part of
             :meth:`state_dict`, so a checkpoint of a private run is as secret as its data.
-            Data-parallel ranks must share one (broadcast it from rank 0).
+            Data-parallel ranks take rank 0's drawn seed at their first step (:meth:`agree`).
         accountant: ``"rdp"`` or ``"pld"`` (:mod:`gpu_mlp.accounting`).
     """
 
@@ -78,6 +78,7 @@ class DP:
         self.noise_multiplier = _checks.in_range("noise_multiplier", noise_multiplier, where)
         self.delta = _checks.in_range("delta", delta, where, 0.0, 1.0, low_open=True)
         self.drawn = seed is None  # a secret seed: its repr does not show it
+        self._agreed = None  # id of the communicator whose ranks took rank 0's (agree)
         if self.drawn:
             seed = secrets.randbits(64)
         self.seed = _checks.integer("seed", seed, 0, where, below=2**64)  # Philox's key
@@ -100,6 +101,14 @@ class DP:
         dp.target_epsilon = float(target_epsilon)  # a resumed run can be asked for it again
         return dp
 
+    def agree(self, comm) -> None:
+        """Data-parallel: a seed drawn on each rank becomes rank 0's, at the first step
+        with ``comm`` (every rank steps alike: one collective, once), so that every rank
+        adds the same noise; a seed given is left as it is (fit compares them)."""
+        if self.drawn and self._agreed != id(comm):
+            self.seed = comm.bcast(self.seed)
+            self._agreed = id(comm)
+
     def epsilon(self, sample_rate, steps=None) -> float:
         """The epsilon at ``self.delta`` after ``steps`` (default: the steps taken)
         Poisson-sampled steps at rate ``sample_rate``."""
@@ -121,17 +130,23 @@ class DP:
                  "steps": self.steps}
         if self.target_epsilon is not None:  # absent otherwise, as before it existed
             state["target_epsilon"] = self.target_epsilon
+        if self.drawn:  # a secret seed stays one (not shown) where the state goes
+            state["drawn"] = True
         return state
 
     @classmethod
     def from_state_dict(cls, state) -> "DP":
         keys = ("max_grad_norm", "noise_multiplier", "delta", "seed", "accountant", "steps")
         if not (isinstance(state, dict)
-                and set(keys) <= set(state) <= {*keys, "target_epsilon"}):
+                and set(keys) <= set(state) <= {*keys, "target_epsilon", "drawn"}):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"a DP state must have the entries {list(keys)} (and may have "
-                             f"target_epsilon), got {got}")
+                             f"target_epsilon and drawn), got {got}")
         dp = cls(*(state[key] for key in keys[:5]))
+        if state.get("drawn", False) is not False:
+            if state["drawn"] is not True:
+                raise ValueError(f"DP: drawn must be true or false, got {state['drawn']!r}")
+            dp.drawn = True
         dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ", below=2**64)
         if "target_epsilon" in state:
             dp.target_epsilon = _checks.in_range("target_epsilon", state["target_epsilon"],

@@ -25,9 +25,9 @@ SGD rate per epoch (momentum buffers rescaled at each change), as the optimizer 
 the first ``partial_fit`` has them. Not offered: ``"lbfgs"`` (its ``max_fun`` is accepted,
 unused), ``sample_weight`` (None only), ``loss="poisson"``. Ours: ``memory``
 (``"auto"``: ``"output"`` unless an activation needs ``"recompute"``), ``device`` and
-``dtype`` (``"float32"`` by default); ``set_params`` on a fitted estimator moves its network. Inputs are validated as
-scikit-learn does (sparse CSR/CSC densified a batch at a time); outputs are NumPy arrays
-in the input's float dtype. Pickles hold NumPy arrays only, so a model fitted on a GPU
+``dtype`` (``"float32"`` by default); ``set_params`` on a fitted estimator moves its
+network. Inputs are validated as scikit-learn does (sparse CSR/CSC densified a batch at a
+time); outputs are NumPy arrays in the input's float dtype. Pickles hold NumPy arrays only, so a model fitted on a GPU
 loads and predicts without one.
 """
 
@@ -71,6 +71,8 @@ from .plan import StepPlan
 __all__ = ["MLPClassifier", "MLPRegressor", "InvalidParameterError"]
 
 _SOLVERS = ("sgd", "adam")
+
+
 class _ParamList(list):
     """``coefs_`` or ``intercepts_``: a list whose item assignment reaches the model
     (checked by the attribute's setter), as with scikit-learn's plain lists:
@@ -680,7 +682,8 @@ class _BaseMLP(BaseEstimator):
 def _no_sample_weight(sample_weight) -> None:
     if sample_weight is not None:
         raise TypeError("sample_weight is not offered by gpu_mlp's estimators (every sample "
-                        "weighs 1); pass None")
+                        "weighs 1); pass None. It is partial_fit's third argument, as in "
+                        "scikit-learn: pass classes= by name")
 
 
 def _fits_dtype(name: str, values, dtype) -> None:

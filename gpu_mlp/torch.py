@@ -349,10 +349,18 @@ class NetworkModule(nn.Module):
             # what their owner made of it: share_memory() for Hogwild workers, say
             net = self._engine_from([(W.detach(), b.detach()) for W, b in pairs], device,
                                     dtype)
+            params = []
             for pair, arrays in zip(pairs, net.params):
+                own = []
                 for t, a in zip(pair, arrays):
-                    if not _shares(t, a):  # strided: the engine's copy becomes the parameter
-                        t.data = torch.from_dlpack(a)
+                    if not _shares(t, a):
+                        if t.is_contiguous():  # tied (one tensor twice): the engine's
+                            a = _device.to_device(t.detach(), net.xp)  # view of it too
+                        else:  # strided: the engine's copy becomes the parameter
+                            t.data = torch.from_dlpack(a)
+                    own.append(a)
+                params.append(tuple(own))
+            net.params = params
         self._net = net
         return net
 

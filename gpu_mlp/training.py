@@ -258,6 +258,8 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         plan.check_resumed(history.epochs, steps_per_epoch)
         plan.check_privacy_resumed(history.epsilon, sample_rate)
     if plan.parallel:
+        if plan.private:
+            plan.dp.agree(comm)  # drawn seeds: rank 0's for every rank
         comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed,
                                            history, comm, validation))
 

@@ -243,7 +243,6 @@ class Stream:
     def synchronize(self) -> None:
         self.capture.synchronize()
 
-
     def wait_event(self, event: "Event") -> None:
         Event.waits.append((self.ptr, event.stream))
 

@@ -242,6 +242,28 @@ def scenario_fit_mistakes(comm):
     comm.path = "auto"
 
 
+def scenario_secret_seed(comm):
+    """DP() draws its seed on each rank: the ranks take rank 0's at their first step,
+    in fit and in bare train_steps, so every rank adds the same noise and their
+    parameters stay alike (fit refused the ranks as configured apart; train_step let
+    them drift)."""
+    X, y = data((5,), 3)
+    for how in ("fit", "train_step"):
+        net, dp = dense_net(), gpu_mlp.privacy.DP(1.0, 1.0)
+        if how == "fit":
+            net.fit(X, y, epochs=2, batch_size=BATCH, verbose=False, comm=comm, dp=dp)
+        else:
+            mine = slice(comm.rank * 2, comm.rank * 2 + 2)
+            for _ in range(3):
+                net.train_step(X[mine], y[mine], 0.1, dp=dp, comm=comm)
+        digest = gpu_mlp.training._digest(*(a for pair in net.params for a in pair))
+        seeds = comm.comm.allgather(dp.seed)
+        digests = comm.comm.allgather(digest)
+        assert len(set(seeds)) == 1 and len(set(digests)) == 1, (how, seeds, digests)
+        if comm.is_root:
+            print(f"OK secret seed {how}", flush=True)
+
+
 def fit_failing_on_rank_1(comm, through):
     """fit over ``through`` (a Communicator or mpi4py's own), whose on_epoch raises on
     rank 1: the other ranks would wait for rank 1 in the next epoch forever."""

@@ -459,11 +459,67 @@ def test_a_graph_keeps_the_cublas_workspace_of_the_thread_that_captured_it(host_
         assert all(w() is None for w in workspaces)
 
 
+def test_a_graph_keeps_its_workspace_when_its_capture_handle_is_evicted(host_cupy_lib):
+    """A thread keeps MAX_HANDLES cuBLAS handles; replays never ask for the capture
+    stream's, so it is soon the least recently used and destroyed, and the next capture
+    makes another. The graphs captured before must keep the workspace they write."""
+    import gc
+    import weakref
+
+    import capture as capture_module
+    from device_counts import to_device
+    from gpu_mlp import cublas as binding_module
+
+    (a, X, Y), (b, Xb, Yb) = _net("dense"), _net("dense")
+    with counting_device(a, host_cupy_lib), capturable_blas(host_cupy_lib):
+        to_device(b, a.xp)
+        for _ in range(3):
+            a.train_step(X, Y, 1e-2, check=False)
+        side = graph_module._capture_stream(sys.modules["cupy"].cuda)
+        workspace = weakref.ref(side.handle.workspace)
+        for _ in range(binding_module.MAX_HANDLES):  # eager work on as many new streams
+            with capture_module.Stream():
+                a.predict(X)
+        b.train_step(Xb, Yb, 1e-2, check=False)  # a warm-up: the capture side's new handle
+        gc.collect()
+        assert a.step_graphs.graphs == 1 and workspace() is not None
+        a.train_step(X, Y, 1e-2, check=False)
+        assert a.step_graphs.replays == 2
+
+
+def test_a_capture_warms_up_again_each_time_the_workspace_outgrew_it(host_cupy_lib):
+    """The re-warm after an allocating capture was once per configuration: captured,
+    evicted by two others, recaptured after the workspace grew again, it failed for
+    good, with a warning."""
+    import warnings
+
+    net, X, Y = _net("dense")
+    opt, dp = optim.Adam(1e-2), DP(1.0, 1.0, seed=1)
+
+    def grow(k):
+        net.per_sample_grad_norms(np.concatenate([X] * k).view(DeviceArray),
+                                  np.concatenate([Y] * k).view(DeviceArray))
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        net.train_step(X, Y, opt, check=False, dp=dp)
+        grow(2)
+        for _ in range(4):
+            net.train_step(X, Y, opt, check=False, dp=dp)
+        for k in (2, 3):  # two other configurations captured: the first evicted
+            for _ in range(3):
+                net.train_step(X[:k], Y[:k], opt, check=False, dp=dp)
+        grow(8)
+        for _ in range(4):
+            net.train_step(X, Y, opt, check=False, dp=dp)
+    assert not any(entry.failed for entry in net.step_graphs._entries.values())
+
+
 def test_graphs_launched_on_another_stream_wait_for_the_last_launch(host_cupy_lib):
     """The graphs captured on one thread share its capture handle's workspace: two nets'
     replays on two streams at once would write into it together (silently wrong
-    gradients). A launch on another stream than the last one first waits for the event
-    recorded after it; launches on one stream wait for nothing."""
+    gradients). Every launch first waits for the event recorded after the last one (on
+    the stream that recorded it, for nothing more)."""
     import capture as capture_module
     from device_counts import to_device
 
@@ -475,17 +531,16 @@ def test_graphs_launched_on_another_stream_wait_for_the_last_launch(host_cupy_li
             for net, X, Y in nets:
                 for _ in range(3):  # warm-up, capture (and its launch), replay
                     net.train_step(X, Y, 1e-2, check=False)
-                    capture_module.Event.waits.clear()  # after an earlier test's launches
-                net.train_step(X, Y, 1e-2, check=False)
-        assert capture_module.Event.waits == []  # one stream: in order anyway
+        capture_module.Event.waits.clear()
         net, X, Y = nets[1]
         with two:
             net.train_step(X, Y, 1e-2, check=False)
             net.train_step(X, Y, 1e-2, check=False)
         with one:
             nets[0][0].train_step(*nets[0][1:], 1e-2, check=False)
-        assert capture_module.Event.waits == [(two.ptr, one.ptr), (one.ptr, two.ptr)]
-        assert [n.step_graphs.replays for n, _, _ in nets] == [3, 4]
+        assert capture_module.Event.waits == [(two.ptr, one.ptr), (two.ptr, two.ptr),
+                                              (one.ptr, two.ptr)]
+        assert [n.step_graphs.replays for n, _, _ in nets] == [2, 3]
 
 
 def _changed_midway(change):

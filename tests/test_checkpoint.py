@@ -636,6 +636,23 @@ def test_a_link_planted_as_the_lock_is_refused_and_its_target_untouched(tmp_path
     assert victim.read_text() == "precious\n" and not (tmp_path / "nowhere.txt").exists()
 
 
+def test_a_builder_registered_without_copy_still_loads(tmp_path, monkeypatch):
+    """Builders registered before ``copy`` existed are called as before."""
+    def build(layers, params, loss, memory, device, dtype):
+        return gpu_mlp.MLP.from_params(params, [layer.activation for layer in layers], loss,
+                                       memory=memory, device=device, dtype=dtype)
+    monkeypatch.setitem(checkpoint.MODELS, "MLP", (gpu_mlp.MLP, build))
+    small_net().save(tmp_path / "run.npz")
+    assert same_params(checkpoint.read(tmp_path / "run.npz").net.params, small_net().params)
+
+
+def test_reading_without_nonblocking_opens_as_on_windows(tmp_path, monkeypatch):
+    """Windows has no O_NONBLOCK (nor FIFOs): the read opens plainly there."""
+    small_net().save(tmp_path / "run.npz")
+    monkeypatch.setattr(checkpoint, "_NONBLOCK", 0)
+    assert same_params(checkpoint.read(tmp_path / "run.npz").net.params, small_net().params)
+
+
 @needs_fifos
 def test_a_fifo_is_neither_read_nor_replaced(tmp_path):
     """A FIFO given as a checkpoint blocked the read forever; saved onto, it (or a

@@ -303,6 +303,12 @@ def test_mpirun_mismatched_configurations_fail_on_every_rank():
         assert "seed: ranks 0,2 0, rank 1 1" in line
 
 
+def test_mpirun_ranks_share_a_dp_seed_drawn_on_each():
+    run, _ = _launch(2, "secret_seed")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "OK secret seed fit" in run.stdout and "OK secret seed train_step" in run.stdout
+
+
 def test_mpirun_fit_refuses_ranks_that_differ_where_they_must_not():
     """The ranks' data are compared by a digest of their bytes, not by a sum: rows in
     another order (same sum) are refused on every rank before the first step; so are a

@@ -546,6 +546,19 @@ def test_steps_count_and_the_state_dict_round_trips():
     assert all(np.array_equal(a, b) for a, b in zip(flat(net), flat(other)))
 
 
+def test_a_secret_seed_stays_secret_through_states_and_checkpoints(tmp_path):
+    """A drawn seed is not shown (repr says <secret>); a state dict, a checkpoint or
+    a --dp-seed that differs from it on --resume showed it."""
+    dp = DP(CLIP, SIGMA)
+    assert dp.drawn and str(dp.seed) not in repr(dp) and "seed=<secret>" in repr(dp)
+    copy = DP.from_state_dict(dp.state_dict())
+    assert copy.seed == dp.seed and repr(copy) == repr(dp)
+    assert not DP.from_state_dict(DP(CLIP, SIGMA, seed=3).state_dict()).drawn
+    net = noisy_net()
+    net.save(tmp_path / "private.npz", dp=dp)
+    assert repr(checkpoint.read(tmp_path / "private.npz").dp) == repr(dp)
+
+
 def test_checkpoint_keeps_the_dp(tmp_path):
     net, dp = noisy_net(), DP(CLIP, SIGMA, delta=1e-6, seed=11)
     for step in range(2):
@@ -575,6 +588,7 @@ BAD_STATES = {
     "bad delta": lambda s: {**s, "delta": 1.5},
     "bad accountant": lambda s: {**s, "accountant": "moments"},
     "not a dict": lambda s: list(s.items()),
+    "drawn not a flag": lambda s: {**s, "drawn": 1},
 }
 
 
@@ -1241,6 +1255,7 @@ def test_cli_resumes_a_private_run(capsys, tmp_path):
     status, _, err = run_cli(capsys, "train", "--epochs", "4", "--quiet", "--resume", stopped,
                              "--dp-seed", "8")
     assert status == 2 and "--dp-seed differs from the checkpoint" in err
+    assert "which has another seed" in err and " 7" not in err  # not echoed: secret
 
 
 def _params(net):

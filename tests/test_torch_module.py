@@ -349,6 +349,29 @@ def test_nan_propagates_with_or_without_grad_and_nan_weights_copy():
     assert module.float().W_1.dtype == torch.float32 and module(x.float()).isnan().all()
 
 
+def test_tied_weights_are_one_tensor_to_the_engine_too():
+    """W_2 = W_1: the engine took a copy of the second (from_params keeps aliases
+    apart) and the module rebuilt it at every call, the copy going stale each step."""
+    torch.manual_seed(0)
+    module = MLPModule([4, 4, 4], activations="tanh", dtype="float64")
+    module.W_2 = module.W_1
+    twin = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    with torch.no_grad():
+        twin[0].bias.copy_(module.b_1), twin[2].bias.copy_(module.b_2)
+    twin[0].weight = twin[2].weight = nn.Parameter(module.W_1.detach().clone())
+    rebuilds = []
+    rebuild = module._rebuild
+    module._rebuild = lambda: rebuilds.append(1) or rebuild()
+    for model in (module, twin):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(5):
+            opt.zero_grad()
+            model(torch.full((3, 4), 0.1 * step, dtype=torch.float64)).sum().backward()
+            opt.step()
+    torch.testing.assert_close(module.W_1, twin[0].weight)
+    assert len(rebuilds) <= 1
+
+
 def test_a_pruned_module_casts_and_computes_with_its_pruned_weights():
     """prune keeps W_1_orig and a mask, and makes W_1 in a forward pre-hook: .double()
     rebuilt the engine at once, from a stale W_1, and raised (the parameters already
