@@ -18,6 +18,8 @@ by the largest output for ``softmax_cross_entropy``, by the sign for ``logistic`
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,7 +29,7 @@ from . import _checks
 from .activations import TABLE as _ACTIVATIONS
 
 
-def _squared(F, Y, scale, grad):
+def _squared(F, Y, scale, grad, clip=None):  # (no log-loss: never clipped)
     np.subtract(F, Y, out=grad)
     per_sample = np.einsum("ij,ij->i", grad, grad)
     grad *= 2 * scale
@@ -38,14 +40,17 @@ def _softplus(t):
     return np.maximum(t, 0) + np.log1p(np.exp(-np.abs(t)))
 
 
-def _logistic(F, Y, scale, grad):
+def _logistic(F, Y, scale, grad, clip=None):
     t = -Y * F
     sigmoid = _ACTIVATIONS["sigmoid"].value(t, 1.0, np.empty_like(t))
     np.multiply(-Y * scale, sigmoid, out=grad)
-    return _softplus(t).sum(axis=1)
+    terms = _softplus(t)
+    if clip is not None:  # each element's term, as the kernel's terms on a GPU
+        np.clip(terms, *clip, out=terms)
+    return terms.sum(axis=1)
 
 
-def _softmax_cross_entropy(F, Y, scale, grad):
+def _softmax_cross_entropy(F, Y, scale, grad, clip=None):
     shifted = F - F.max(axis=1, keepdims=True)
     np.exp(shifted, out=grad)
     total = grad.sum(axis=1, keepdims=True)
@@ -67,6 +72,8 @@ def _softmax_cross_entropy(F, Y, scale, grad):
         terms = np.where(Y != 0, Y * (log_total[:, None] - shifted), 0)
         per_sample = terms.sum(axis=1)
     grad *= scale
+    if clip is not None:  # each row's term, as the kernels' row terms on a GPU
+        np.clip(per_sample, *clip, out=per_sample)
     return per_sample
 
 
@@ -169,9 +176,23 @@ class Loss:
     # (F, Y) -> the share of right predictions, for a classification loss; None else
     accuracy: Optional[Callable] = None
     min_outputs: int = 1  # a sample's outputs the loss needs (softmax: 2 classes)
+    # (low, high): each term's value clamped to it (terms: a row's for a row-wise loss,
+    # an element's else), the gradients unchanged; see clipped()
+    clip: Optional[tuple] = None
 
     def __str__(self) -> str:
         return self.name
+
+    def clipped(self, eps: float) -> "Loss":
+        """This log-loss valued as scikit-learn values it: the log of each probability
+        clipped to ``[eps, 1 - eps]`` first, so a term lies in ``[-log(1 - eps),
+        -log(eps)]`` (at most about 36 in float64) -- the gradients, and so the
+        training, unchanged; the loss curve and a stopping rule that reads it follow
+        scikit-learn's where a probability underflows (one-hot targets: a row's term is
+        its label's)."""
+        if self.accuracy is None:
+            raise ValueError(f"{self.name} is no log-loss: nothing to clip")
+        return dataclasses.replace(self, clip=(-math.log1p(-eps), -math.log(eps)))
 
     def check_outputs(self, d: int, where: str = "") -> None:
         """A ValueError unless a sample's ``d`` outputs are enough for this loss."""

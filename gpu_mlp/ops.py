@@ -66,6 +66,9 @@ ELEMENTWISE = {
     # an empty product with a device beta (a GEMM over k = 0): w <- beta w, and with beta
     # 0 zeros, w not read (BLAS's rule: NaN in w stays out); by pointer, as cuBLAS's beta
     "scale": ("raw T beta", "T w", "w = beta[0] == (T)0 ? (T)0 : beta[0] * w"),
+    # a loss's terms clamped in place (Loss.clip: scikit-learn's clipped log-loss); NaN
+    # stays NaN, as np.clip keeps it
+    "clamp": ("T low, T high", "T x", "x = x < low ? low : (x > high ? high : x)"),
     # a step's scalars: row gm_step_row(counters[0] - counters[2]) of a table of rows
     # (gpu_mlp/plan.py: StepScalars), by the device's step counter
     "step_scalars": ("raw T table, raw int64 counters, int32 rows", "T s",
@@ -85,7 +88,7 @@ ELEMENTWISE = {
 # (d,) vector broadcast over the rows; a ``raw`` array is indexed by the body itself;
 # anything else is shaped as the output. The host tests and the NVRTC check read this,
 # not their own guesses.
-SCALAR_PARAMS = ("alpha", "scale",
+SCALAR_PARAMS = ("alpha", "scale", "low", "high",
                  # the optimizers' hyperparameters and step scalars
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
                  "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
@@ -508,7 +511,7 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
     if is_numpy(F):
         total = F.dtype.type(0)
         for rows in _row_blocks(F):
-            total += loss.evaluate(F[rows], Y[rows], scale, grad[rows]).sum()
+            total += loss.evaluate(F[rows], Y[rows], scale, grad[rows], loss.clip).sum()
         if out is None:
             return np.asarray(total / B)
         out[...] = total / B
@@ -522,6 +525,9 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
         _softmax_xent_wide(F, Y, grad, terms, scratch[1:].reshape(3, B, ROW_LANES), s)
     else:
         _launch(loss.name, None, F, Y, s, grad, terms)
+    if loss.clip is not None:
+        low, high = (F.dtype.type(c) for c in loss.clip)
+        _launch("clamp", None, low, high, terms)
     if out is None:
         return terms.sum() / B
     gemv("T", terms.reshape(-1, 1), ones[:terms.size], out.reshape(1), alpha=1.0 / B)

@@ -63,6 +63,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from . import _checks
 from . import activations as _activations
 from . import device as _device
+from . import losses as _losses
 from . import optim
 from .mlp import MLP
 from .network import MEMORY_MODES
@@ -294,7 +295,7 @@ class _BaseMLP(BaseEstimator):
         net = self._net
         if net is not None and (net.device, net.dtype, net.memory) == (device, dtype, memory):
             return net
-        new = MLP.from_params(self._host_pairs(), self._arch["acts"], loss=self._arch["loss"],
+        new = MLP.from_params(self._host_pairs(), self._arch["acts"], loss=self._net_loss(dtype),
                               memory=memory, device=device, dtype=dtype)
         state = getattr(self, "_optimizer_state", None)
         if getattr(self, "_optimizer", None) is not None:
@@ -307,6 +308,13 @@ class _BaseMLP(BaseEstimator):
             self._optimizer = optim.from_state_dict(state)
         self._net, self._host_params, self._optimizer_state = new, None, None
         return new
+
+    def _net_loss(self, dtype):
+        """The engine's loss: a classifier's log-loss valued as scikit-learn values it,
+        each probability clipped to [eps, 1 - eps] (``Loss.clipped``): the loss curve
+        and the stopping rule follow scikit-learn's where a probability underflows."""
+        loss = _losses.get(self._arch["loss"])
+        return loss.clipped(float(np.finfo(dtype).eps)) if loss.accuracy else loss
 
     def _init_engine(self, layer_units, activation, loss, dtype, memory, device):
         """A new network with scikit-learn's initialisation (Glorot uniform, factor 2
@@ -322,8 +330,8 @@ class _BaseMLP(BaseEstimator):
                            intercept.astype(dtype)))
         acts = [activation] * (len(layer_units) - 2) + ["identity"]
         self._arch = {"sizes": list(layer_units), "acts": [str(a) for a in acts], "loss": loss}
-        self._net = MLP.from_params(params, acts, loss=loss, memory=memory, device=device,
-                                    dtype=dtype)
+        self._net = MLP.from_params(params, acts, loss=self._net_loss(dtype), memory=memory,
+                                    device=device, dtype=dtype)
         self._host_params = None
         self._optimizer = self._optimizer_state = None
 

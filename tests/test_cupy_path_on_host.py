@@ -230,6 +230,10 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         # an empty product with a device beta (an empty batch's weight gradient)
         ops.gemm("T", "N", np.ones((0, 3), dtype), np.ones((0, 4), dtype),
                  np.ones((3, 4), dtype), np.array(1.0, dtype), np.array(0.5, dtype))
+        # a log-loss valued as scikit-learn's: its terms clamped
+        net = make_net("tanh", "labels", depth=2, dtype=dtype)
+        net.loss = net.loss.clipped(float(np.finfo(dtype).eps))
+        net.train_step(*make_batch(net, "labels"), LR)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)
@@ -243,6 +247,36 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
             ("gemv", "T", dtype), ("gemm_batched", "T", "N", dtype)}
     assert set(device.launches) == elementwise | rows | blas
     assert set(host_cupy.row_kernels()) == set(cuda.ROW_KERNELS)
+
+
+@pytest.mark.parametrize("target", ["logistic", "labels", "probabilities"])
+@pytest.mark.parametrize("row_kernel_max", [ops.ROW_KERNEL_MAX, 0], ids=["rows", "wide"])
+def test_a_clipped_log_loss_is_the_numpy_paths(host_cupy_lib, make_net, make_batch, target,
+                                               row_kernel_max, monkeypatch):
+    """Loss.clipped (the scikit-learn front end's): each term clamped to [-log(1 - eps),
+    -log(eps)] -- an element's for the logistic loss, a row's for the cross-entropy --
+    by the clamp kernel on the GPU, by np.clip on the NumPy path, the gradients as
+    unclipped. Logits of +-1e3 make terms past both bounds."""
+    monkeypatch.setattr(ops, "ROW_KERNEL_MAX", row_kernel_max)
+    eps = float(np.finfo(np.float64).eps)
+    cpu = make_net("identity", target, depth=1)
+    for (W, b) in cpu.params:
+        W *= 1e3
+    X, Y = make_batch(cpu, target)
+    cpu.loss = cpu.loss.clipped(eps)
+    gpu = gpu_mlp.MLP.from_params(cpu.params, cpu.activations, cpu.loss, device="cpu")
+    low, high = cpu.loss.clip
+    J_cpu, grads_cpu, _ = cpu.loss_and_gradients(X, Y)
+    unclipped = gpu_mlp.MLP.from_params(cpu.params, cpu.activations, cpu.loss.name,
+                                        device="cpu").loss_and_gradients(X, Y)
+    assert J_cpu < unclipped[0] and high > 36
+    with cupy_path(host_cupy_lib):
+        J_gpu, grads_gpu, _ = gpu.loss_and_gradients(X, Y)
+    np.testing.assert_allclose(float(J_gpu), float(J_cpu), rtol=1e-12)
+    for got, want, plain in zip(grads_gpu, grads_cpu, unclipped[1]):
+        for a, b, c in zip(got, want, plain):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(b, c)  # the gradients: as unclipped
 
 
 # --- convolutional networks on the CuPy path ---------------------------------------------------
