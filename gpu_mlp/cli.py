@@ -499,7 +499,7 @@ class _Data:
         return epochs * -(-len(self.X_train) // batch_size)
 
     def sample_rate(self, batch_size: int) -> float:
-        return min(batch_size, len(self.X_train)) / len(self.X_train)  # no overflow
+        return privacy.sample_rate(batch_size, len(self.X_train))
 
 
 def _resume(args):

@@ -12,9 +12,10 @@ graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread 
 device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
-static input buffers (and, on another stream than the last launch of a graph of that
-capture stream, after that launch: they share its cuBLAS workspace). What changes from step to step is read on the device by pointer
-(:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step counters), so a replay
+static input buffers, after the last launch of any graph of its capture stream (an
+event: they share its cuBLAS workspace). What changes from step to step is read on the
+device by pointer (:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step
+counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
 graph's own 0-d buffer and copied into the workspace's (``Workspace.loss``), so the
 loss a step returns behaves as an eager step's.
@@ -51,11 +52,12 @@ MAX_SEEN = 8     # configurations remembered (seen once, or captured)
 class _Entry:
     """One configuration: how often seen, and its graph with what the graph touches."""
 
-    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "buffers", "failed", "rewarmed")
+    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "buffers", "side", "failed",
+                 "rewarmed")
 
     def __init__(self):
         self.uses, self.graph, self.failed, self.rewarmed = 0, None, False, False
-        self.X = self.Y = self.loss = self.keep = self.buffers = None
+        self.X = self.Y = self.loss = self.keep = self.buffers = self.side = None
 
 
 def _cuda():
@@ -134,13 +136,13 @@ class StepGraphs:
             # a buffer the graph writes is out of the workspace: lent to a pending
             # Network.forward's tape, or lost with a step that raised. Eager now (it takes
             # other buffers), and captured again, with what is free then, on the next use
-            entry.graph = entry.keep = entry.buffers = None
+            entry.graph = entry.keep = entry.buffers = entry.side = None
             entry.uses = 1
             return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
         else:
             _into(entry.X, X)
             _into(entry.Y, Y)
-            entry.keep[-1].launch(cuda, entry.graph)
+            entry.side.launch(cuda, entry.graph)
             plan.count_step()  # the host's side of the step, which the replay skips
             scalars.counted()
             self.replays += 1
@@ -220,16 +222,16 @@ class StepGraphs:
             return False
         # alive while the graph is: what it reads and writes, and what its key names by id
         entry.graph = graph
-        # the handle of the capture (its workspace, whose address the GEMMs keep: the
-        # side's may be evicted and replaced later), and last the side that launches it
+        # and the handle of the capture (its workspace, whose address the GEMMs keep: the
+        # side's may be evicted and replaced later)
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
-                      side.handle, side)
-        entry.buffers, entry.rewarmed = _free_ids(net), False
+                      side.handle)
+        entry.buffers, entry.side, entry.rewarmed = _free_ids(net), side, False
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
                 break
             if other is not entry and other.graph is not None:
-                other.graph = other.keep = other.buffers = None
+                other.graph = other.keep = other.buffers = other.side = None
                 other.uses = 1  # seen before: captured again on its next use
         side.launch(cuda, graph)
         self.captures += 1

@@ -192,6 +192,8 @@ class Loss:
         its label's)."""
         if self.accuracy is None:
             raise ValueError(f"{self.name} is no log-loss: nothing to clip")
+        eps = _checks.in_range("eps", eps, f"{self.name}.clipped: ", 0.0, 0.5,
+                               low_open=True)
         return dataclasses.replace(self, clip=(-math.log1p(-eps), -math.log(eps)))
 
     def check_outputs(self, d: int, where: str = "") -> None:

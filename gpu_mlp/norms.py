@@ -28,35 +28,37 @@ def per_sample_squares(xp, T, X):
     bias = row_squares(xp, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
         return row_squares(xp, T[:, 0]) * row_squares(xp, X[:, 0]) + bias
-    gram = gram_form(P, d_out, K)
+    if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
+        return _gram_bound(xp, _gram_inner(xp, T, X), row_squares(xp, T.reshape(B, -1)),
+                           row_squares(xp, X.reshape(B, -1)), P, d_out, K) + bias
     if xp is not np:  # batched on the GPU
-        if gram:
-            gram_T = xp.matmul(T, T.transpose(0, 2, 1))
-            gram_X = xp.matmul(X, X.transpose(0, 2, 1))
-            inner = (gram_T * gram_X).sum(axis=(1, 2))
-            return _gram_bound(xp, inner, (T * T).sum(axis=(1, 2)), (X * X).sum(axis=(1, 2)),
-                               P, d_out, K) + bias
         G = xp.matmul(T.transpose(0, 2, 1), X)  # the per-sample gradients, (B, d_out, K)
         return (G * G).sum(axis=(1, 2)) + bias
-    # On the CPU one sample at a time through ops.gemm: SciPy's BLAS, as every other GEMM
-    # of the step (NumPy's matmul runs on NumPy's own BLAS, whose idle threads spin against
-    # SciPy's on a small machine), into one sample's buffers, not B of them.
-    squares = np.empty(B, dtype=T.dtype)
-    if gram:
-        gram_T, gram_X = np.empty((P, P), T.dtype), np.empty((P, P), T.dtype)
-        for i in range(B):
-            ops.gemm("N", "T", T[i], T[i], gram_T)
-            ops.gemm("N", "T", X[i], X[i], gram_X)
-            squares[i] = np.vdot(gram_T, gram_X)
-        flat_T, flat_X = T.reshape(B, -1), X.reshape(B, -1)
-        squares = _gram_bound(np, squares, row_squares(np, flat_T), row_squares(np, flat_X),
-                              P, d_out, K)
-    else:
-        G = np.empty((d_out, K), T.dtype)
-        for i in range(B):
-            ops.gemm("T", "N", T[i], X[i], G)
-            squares[i] = np.vdot(G, G)
+    squares = np.empty(B, dtype=T.dtype)  # one sample at a time (see _gram_inner)
+    G = np.empty((d_out, K), T.dtype)
+    for i in range(B):
+        ops.gemm("T", "N", T[i], X[i], G)
+        squares[i] = np.vdot(G, G)
     return squares + bias
+
+
+def _gram_inner(xp, T, X):
+    """``<T_i T_i^T, X_i X_i^T>`` per sample: batched on the GPU; on the CPU one sample at
+    a time through ops.gemm -- SciPy's BLAS, as every other GEMM of the step (NumPy's
+    matmul runs on NumPy's own BLAS, whose idle threads spin against SciPy's on a small
+    machine) -- into one sample's buffers, not B of them."""
+    if xp is not np:
+        gram_T = xp.matmul(T, T.transpose(0, 2, 1))
+        gram_X = xp.matmul(X, X.transpose(0, 2, 1))
+        return (gram_T * gram_X).sum(axis=(1, 2))
+    B, P, _ = T.shape
+    inner = np.empty(B, dtype=T.dtype)
+    gram_T, gram_X = np.empty((P, P), T.dtype), np.empty((P, P), T.dtype)
+    for i in range(B):
+        ops.gemm("N", "T", T[i], T[i], gram_T)
+        ops.gemm("N", "T", X[i], X[i], gram_X)
+        inner[i] = np.vdot(gram_T, gram_X)
+    return inner
 
 
 def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int):

@@ -273,13 +273,19 @@ class _Private(Stage):
                          self.dp.steps)
 
 
+def sample_rate(batch_size: int, n: int) -> float:
+    """Poisson sampling's rate ``q = min(1, batch_size / n)`` (computed so that a batch
+    size past any float cannot overflow)."""
+    return min(batch_size, n) / n
+
+
 def poisson_batches(n: int, batch_size: int, seed: int, epoch: int, secret: int = 0):
     """The batches of one epoch of Poisson sampling: ``ceil(n / batch_size)`` steps, each
     taking every row independently with probability ``q = min(1, batch_size / n)``; the
     rows depend on ``(secret, seed, epoch)`` alone -- ``secret`` the DP's seed: the
     amplification by sampling that the accountant counts holds only while the rows each
     step took are unknown. Yields arrays of row indices (possibly empty)."""
-    q = min(batch_size, n) / n  # (a batch size past any float cannot overflow)
+    q = sample_rate(batch_size, n)
     rng = np.random.default_rng([secret, seed, epoch, 1])  # apart from the shuffle's
     for _ in range(math.ceil(n / batch_size)):
         yield np.flatnonzero(rng.random(n) < q)

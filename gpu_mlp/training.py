@@ -252,7 +252,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     history = _start(resume, epochs, seed, batch_size, bool(shuffle), X.shape[0])
     n = X.shape[0]
     steps_per_epoch = -(-n // batch_size)
-    sample_rate = min(batch_size, n) / n  # (a batch size past any float cannot overflow)
+    sample_rate = _privacy.sample_rate(batch_size, n)
     plan.epsilon(sample_rate, steps=1)  # under DP: the accountant is there, before any step
     if resume is not None:
         plan.check_resumed(history.epochs, steps_per_epoch)

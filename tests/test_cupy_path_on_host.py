@@ -273,6 +273,11 @@ def test_a_clipped_log_loss_is_the_numpy_paths(host_cupy_lib, make_net, make_bat
     with cupy_path(host_cupy_lib):
         J_gpu, grads_gpu, _ = gpu.loss_and_gradients(X, Y)
     np.testing.assert_allclose(float(J_gpu), float(J_cpu), rtol=1e-12)
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"clipped: eps must be a finite number in \(0"):
+            cpu.loss.clipped(bad)
+    with pytest.raises(ValueError, match="squared is no log-loss"):
+        gpu_mlp.losses.get("squared").clipped(eps)
     for got, want, plain in zip(grads_gpu, grads_cpu, unclipped[1]):
         for a, b, c in zip(got, want, plain):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
