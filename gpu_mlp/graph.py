@@ -29,7 +29,9 @@ buffers free); and any configuration whose capture failed, after one warning say
 -- but one that allocated, because another call grew the workspace since its warm-up,
 warms up again first. A graph is dropped -- recaptured on its next use -- when
 the net's parameter arrays are replaced (``net.params`` reassigned or an array swapped),
-when the rule or the DP settings change (another key), and by ``free_buffers()``. At most
+when a setting the kernels take as a number changes (another key: the rule's kind, its
+momentum, betas or weight decay, the DP settings; not ``lr``, which a replay reads with
+the step's scalars), and by ``free_buffers()``. At most
 :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder), each
 keeping alive every buffer it touches.
 """
@@ -167,7 +169,8 @@ class StepGraphs:
     @staticmethod
     def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars) -> tuple:
         """What a graph is captured for: everything a replay does not read anew."""
-        rule = "plain" if plan.plain else (id(plan.rule), repr(plan.rule))
+        # (not the rates: a schedule's, or an lr set between steps, are in the scalars)
+        rule = "plain" if plan.plain else (id(plan.rule), plan.rule.kernel_settings())
         dp = None if not plan.private else (id(plan.dp), plan.dp.max_grad_norm,
                                             plan.dp.noise_multiplier, plan.dp.seed)
         return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,

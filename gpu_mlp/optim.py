@@ -250,6 +250,17 @@ class Optimizer:
         return {name: tuple(hyper[name]) if isinstance(hyper[name], list) else hyper[name]
                 for name in ("lr", *KINDS[self.kind].options)}
 
+    def kernel_settings(self) -> tuple:
+        """What this optimizer's kernels take as numbers: its type and hyperparameters
+        but ``lr`` and the schedule, whose rates reach the kernels as the step's scalars
+        (:meth:`step_scalars`, read on the device by a step captured as a CUDA graph).
+        Such a graph keeps these (:mod:`gpu_mlp.graph`); a new ``lr`` needs no new one."""
+        hyper = self.hyperparameters()
+        del hyper["lr"]
+        return type(self).__name__, tuple(
+            (name, tuple(value) if isinstance(value, list) else value)
+            for name, value in sorted(hyper.items()))
+
     def __repr__(self) -> str:
         args = [f"{key}={tuple(value) if isinstance(value, list) else value!r}"
                 for key, value in self.hyperparameters().items()]

@@ -578,6 +578,35 @@ def test_a_graph_is_captured_again_after_what_it_froze_changes(host_cupy_lib, ch
     assert opt.steps == 8
 
 
+def _lr_lowered(net, rule):
+    rule.lr = rule.lr / 3
+
+
+def _rescheduled(net, rule):  # another rate and schedule, the same kernels
+    state = rule.state_dict()
+    state["hyperparameters"]["lr"] = 0.02
+    state["schedule"] = optim.Cosine(20, warmup=2).spec()
+    rule.load_state_dict(state)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.SGD(1e-2, momentum=0.9, weight_decay=1e-3),
+                                  lambda: optim.AdamW(1e-2, schedule=optim.Step(2, 0.5))],
+                         ids=["momentum", "adamw-step"])
+@pytest.mark.parametrize("change", [_lr_lowered, _rescheduled], ids=["lr", "schedule"])
+def test_a_new_rate_or_schedule_is_read_by_the_replays_without_a_capture(host_cupy_lib,
+                                                                         make, change):
+    """The rates reach the kernels as the step's scalars: an lr set between steps (as a
+    plateau schedule does) or a schedule loaded is replayed, not captured again, and
+    every step is the eager step."""
+    args = dict(make_rule=make, steps=8, between=_changed_midway(change))
+    params, losses, opt, _, net = _steps(host_cupy_lib, **args)
+    eager, eager_losses, eager_opt, _, _ = _steps(host_cupy_lib, capture=False, **args)
+    _same(params, eager)
+    assert losses == eager_losses
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 6)
+    assert (opt.steps, opt.last_lr) == (eager_opt.steps, eager_opt.last_lr)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_step_while_a_forward_tape_is_pending_leaves_the_tape_intact(host_cupy_lib, kind):
     """Network.forward lends workspace buffers to its tape until backward. A replay
