@@ -77,13 +77,18 @@ _SOLVERS = ("sgd", "adam")
 class _ParamList(list):
     """``coefs_`` or ``intercepts_``: a list whose item assignment reaches the model
     (checked by the attribute's setter), as with scikit-learn's plain lists:
-    ``clf.coefs_[0] = W`` was lost on a list made anew at each access."""
+    ``clf.coefs_[0] = W`` was lost on a list made anew at each access. A list taken
+    before a fit that made a new model (not one that went on) is that old model's, as
+    scikit-learn's is: an item set there stays in the list."""
 
     def __init__(self, arrays, owner, name):
         super().__init__(arrays)
-        self._owner, self._name = owner, name
+        self._owner, self._name, self._model = owner, name, owner._model
 
     def __setitem__(self, index, value):
+        if self._model is not self._owner._model:  # refitted since: the old model's list
+            super().__setitem__(index, value)
+            return
         arrays = list(self)
         arrays[index] = value
         setattr(self._owner, self._name, arrays)
@@ -279,6 +284,7 @@ class _BaseMLP(BaseEstimator):
     # --- the engine -----------------------------------------------------------------------
 
     _net = None  # the fitted engine (gpu_mlp.MLP); None before fit and after unpickling
+    _model = None  # a new object for each new model (fit from scratch): whose lists are whose
 
     def _fitted(self) -> bool:
         return self._net is not None or getattr(self, "_host_params", None) is not None
@@ -334,6 +340,7 @@ class _BaseMLP(BaseEstimator):
                                     device=device, dtype=dtype)
         self._host_params = None
         self._optimizer = self._optimizer_state = None
+        self._model = object()
 
     @property
     def net_(self) -> MLP:

@@ -305,6 +305,18 @@ def test_coefs_layout_views_and_setters(digits):
     np.testing.assert_array_equal(net.params[0][1], np.full(20, 2.0))
     with pytest.raises(ValueError, match=r"coefs_\[0\]"):
         model.coefs_[0] = np.zeros((3, 3))
+    # a list taken before a refit is the old model's, as scikit-learn's: the new one keeps
+    # its weights; one taken before partial_fit (the model goes on) still writes through
+    old = model.coefs_
+    model.fit(X_train, y_train)
+    refitted = model.coefs_[1].copy()
+    old[1] = np.zeros((20, 10))
+    np.testing.assert_array_equal(model.coefs_[1], refitted)
+    assert not old[1].any()
+    kept = model.coefs_
+    model.partial_fit(X_train[:50], y_train[:50])
+    kept[1] = np.zeros((20, 10))
+    assert not model.coefs_[1].any()
     unfitted = MLPClassifier()
     assert not hasattr(unfitted, "coefs_")
     with pytest.raises(NotFittedError):
