@@ -54,6 +54,12 @@ def input_shape(shape) -> tuple:
         raise TypeError(f"input_shape must be a tuple of sizes, got {shape!r}") from None
 
 
+def _writable(a) -> bool:
+    """Whether a step may write its update into the parameter array ``a`` (NumPy's flags;
+    a CuPy array always)."""
+    return getattr(a.flags, "writeable", True) and getattr(a.flags, "aligned", True)
+
+
 def sample_ndim(layers) -> int:
     """How many axes one sample has: 3 for images into a Conv2d, else 1."""
     return 3 if isinstance(layers[0], _layers.Conv2d) else 1
@@ -160,13 +166,14 @@ class Inputs:
         if not (len(arrays) == len(self._checked_params) and all(
                 a is b for a, b in zip(arrays, self._checked_params))):
             self._check_new_params(params, arrays)  # else the objects last checked
-        if write and not all(getattr(a.flags, "writeable", True) for a in arrays):
-            k, name = next((k, n) for k, pair in enumerate(params, start=1)
-                           for n, a in zip(("W", "b"), pair)
-                           if not getattr(a.flags, "writeable", True))
-            raise ValueError(f"{name}_{k} is read-only (a read-only memory map, say), and "
-                             f"training writes its update into it: give the net writeable "
-                             f"copies (np.array(...))")
+        if write and not all(_writable(a) for a in arrays):
+            k, name, a = next((k, n, a) for k, pair in enumerate(params, start=1)
+                              for n, a in zip(("W", "b"), pair) if not _writable(a))
+            what = ("read-only (a read-only memory map, say)" if not a.flags.writeable else
+                    "not aligned to its dtype (a view at an odd byte offset, say)")
+            raise ValueError(f"{name}_{k} is {what}, and training writes its update into "
+                             f"it: give the net writeable, "
+                             f"aligned copies (np.array(...))")
 
     def _check_new_params(self, params, arrays) -> None:
         if len(params) != len(self.param_shapes):

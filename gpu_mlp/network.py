@@ -584,13 +584,13 @@ def params_on(xp, params, layers=None) -> list[tuple]:
 def _own(xp, params, dtype, copy: bool) -> list[tuple]:
     """The net's arrays of ``params``: C-contiguous copies in ``dtype``, or with
     ``copy=False`` the arrays themselves where they are such arrays already, writable
-    (the steps update them in place) and apart from one another (tied weights would get
-    each update twice)."""
+    (the steps update them in place), aligned (BLAS writes no other) and apart from one
+    another (tied weights would get each update twice)."""
     held = []
     for a in (a for pair in params for a in pair):
         own = None if copy else xp.asarray(a, dtype=dtype, order="C")
-        if own is None or not getattr(own.flags, "writeable", True) or any(
-                xp.may_share_memory(own, h) for h in held):
+        if own is None or not getattr(own.flags, "writeable", True) or not getattr(
+                own.flags, "aligned", True) or any(xp.may_share_memory(own, h) for h in held):
             own = xp.array(a, dtype=dtype, order="C", copy=True)
         held.append(own)
     return list(zip(held[::2], held[1::2]))

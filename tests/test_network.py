@@ -966,6 +966,33 @@ def test_read_only_parameters_are_refused_before_a_step_writes_them(tmp_path):
         net.train_step(X, Y, 0.1)
 
 
+def _unaligned(a):
+    """``a``'s values in a C-contiguous, writeable array at an odd byte offset."""
+    u = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, a.size, offset=1).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned and u.flags.c_contiguous and u.flags.writeable
+    return u
+
+
+def test_unaligned_parameters_are_copied_or_refused_before_any_layer_is_updated():
+    """BLAS writes no unaligned array (f2py copied it, then the step raised a 'not
+    C-contiguous' error after the later layers were updated): from_params(copy=False)
+    copies such arrays, and one set into net.params is refused, nothing written."""
+    net = gpu_mlp.MLP([3, 4, 2], device="cpu", dtype="float64", seed=0)
+    X, Y = np.ones((2, 3)), np.ones((2, 2))
+    odd = [(_unaligned(W), _unaligned(b)) for W, b in net.params]
+    held = gpu_mlp.MLP.from_params(odd, ["relu", "identity"], device="cpu", copy=False)
+    assert all(a.flags.aligned for pair in held.params for a in pair)
+    held.train_step(X, Y, 0.1)
+    net.params[0] = (odd[0][0], net.params[0][1])
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match="W_1 is not aligned to its dtype"):
+        net.train_step(X, Y, 0.1)
+    for a, b in zip(_snapshot(net), before):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(net.predict(X)).all()  # predict still reads it
+
+
 @pytest.mark.parametrize("alpha", [1e-50, 1e39])
 def test_relu_alpha_is_checked_in_the_nets_dtype(alpha):
     """1e-50 is 0 and 1e39 inf in float32: the net's weights (gain / alpha) or its
