@@ -128,9 +128,10 @@ class Workspace:
 
     def clear(self) -> None:
         """Drop every free buffer (their memory returns to NumPy's or CuPy's allocator)."""
-        for free in self._free.values():
-            self._release(free)
-        self._free.clear()
+        # swapped out first: another thread's call may add a key meanwhile (README)
+        free, self._free = self._free, defaultdict(list)
+        for buffers in list(free.values()):
+            self._release(buffers)
         if not self.in_use_bytes:  # else the buffers still out must be recognised
             self._rows.clear()
         if self._ones is not None:

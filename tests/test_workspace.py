@@ -78,6 +78,26 @@ def test_column_buffers_of_every_width_share_one_pool():
     assert (ws.bytes, ws.pool_bytes) == (0, 0)
 
 
+def test_a_buffer_taken_by_another_thread_during_a_clear_breaks_neither():
+    """The race of the test below, made certain: another thread takes a buffer of a new
+    shape while clear() releases the free ones (free_buffers raised 'dictionary changed
+    size during iteration')."""
+    ws = Workspace(DEVICE_XP, np.float32)
+    ws.give(ws.take((4, 3)), ws.take((2, 5)))
+    release, taken = ws._release, []
+
+    def release_while_another_takes(buffers):
+        if not taken:
+            taken.append(None)
+            taken[0] = ws.take((3, 7))  # a new key, as another thread's call adds
+        release(buffers)
+    ws._release = release_while_another_takes
+    ws.clear()
+    assert taken[0].shape == (3, 7)
+    ws.give(taken[0])  # recognised: its key's buffer is free now, for the next take
+    assert ws.take((3, 7)).base is taken[0].base
+
+
 @pytest.mark.parametrize("mode", ["train", "predict"])
 def test_free_buffers_from_another_thread_never_breaks_a_call(mode):
     """A thread trimming memory (free_buffers) while another trains or predicts with the
