@@ -715,7 +715,8 @@ def _gemm_case(task, params, X) -> Case:
     # of T (its taps times d_out columns) against its taps of W flipped
     phased, shape = {}, task.point.input_shape
     for k, layer in enumerate(task.point.layers()):
-        if k > 0 and isinstance(layer, Conv2d) and layer.engine.phased_input_grad and xp is np:
+        if (k > 0 and isinstance(layer, Conv2d) and xp is np
+                and layer.engine.phased_input_grad(shape)):
             rows_h, rows_w, _ = adjoint_phases(layer, shape)
             B, c_in = task.point.batch, layer.c_in
             phased[k] = [(stand_in((B * r.count * c.count, r.taps * c.taps * layer.c_out)),

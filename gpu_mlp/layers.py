@@ -364,6 +364,12 @@ class _TakesMapsNHWC(_Form):
         return (*shape[1:], shape[0])
 
 
+# The most multiply-adds of NumPy's phase-by-phase input gradient, against col2im's path,
+# at which it is still taken (ChannelsLast.phased_input_grad): at equal work it took
+# 0.46-0.71x col2im's time, so up to 1/0.71 = 1.4x as much it is no slower
+PHASED_WORK_MAX = 1.4
+
+
 class ChannelsLast(_TakesMapsNHWC):
     """A :class:`Conv2d` as the engine runs it: activations NHWC, (B, H, W, C), which are
     the rows of its GEMM. So no copy runs between convolutions: ``to_rows`` is a view and
@@ -382,7 +388,7 @@ class ChannelsLast(_TakesMapsNHWC):
     (rows, K). ``C^dagger`` reads the windows in their NHWC order on both: col2im then
     adds contiguous runs; on NumPy, where c_out <= c_in, it runs instead as the stride-1
     correlations of T it is, one per phase of the input's pixels, with no col2im
-    (``phased_input_grad``). im2col and col2im run on blocks of whole samples
+    (:meth:`phased_input_grad`). im2col and col2im run on blocks of whole samples
     (ops.conv_block): on NumPy blocks that stay in cache, on a GPU as many samples as
     ``ops.COLUMN_BUDGET_BYTES`` holds, in the net's one column buffer. A 1x1
     convolution with stride 1 and no padding has no column buffer: ``rows(x)`` is
@@ -397,11 +403,29 @@ class ChannelsLast(_TakesMapsNHWC):
         self.conv, self.c_in, self.c_out = conv, conv.c_in, conv.c_out
         self._direct = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                         and conv.padding == (0, 0))
-        # on NumPy C^dagger runs phase by phase (:meth:`_input_grad_by_phases`), whose
-        # columns are T's, c_out wide, where col2im adds columns c_in wide 3-5x slower an
-        # element: measured 0.46-0.71x col2im's time at c_out <= c_in, 1.02-1.19x at
-        # c_out = 2 c_in
-        self.phased_input_grad = not self._direct and conv.c_out <= conv.c_in
+        self._phased = {}  # phased_input_grad's answer per input shape
+
+    def phased_input_grad(self, input_shape) -> bool:
+        """Whether on NumPy ``C^dagger`` runs phase by phase
+        (:meth:`_input_grad_by_phases`) for inputs of ``input_shape`` (C, H, W): where
+        c_out <= c_in -- its columns are T's, c_out wide, where col2im adds columns c_in
+        wide 3-5x slower an element: measured 0.46-0.71x col2im's time at c_out <= c_in,
+        1.02-1.19x at c_out = 2 c_in -- and its GEMMs multiply at most
+        :data:`PHASED_WORK_MAX` times as much as col2im's path (its taps read T's
+        padding where col2im skips the image's: 1.14x for a 3x3 kernel without padding
+        on 32x32 maps). A kernel wide against the output (24x24 on a 24x24 map) would
+        do 576 times col2im's work, in as many times its columns."""
+        found = self._phased.get(input_shape)
+        if found is None:
+            found = not self._direct and self.c_out <= self.c_in
+            if found:
+                rows, columns, _ = adjoint_phases(self.conv, input_shape)
+                _, OH, OW = self.conv.output_shape(input_shape)
+                phased = sum(r.count * r.taps * c.count * c.taps
+                             for r in rows for c in columns)
+                found = phased <= PHASED_WORK_MAX * OH * OW * math.prod(self.conv.kernel_size)
+            self._phased[input_shape] = found
+        return found
 
     @staticmethod
     def as_rows(a):
@@ -496,7 +520,7 @@ class ChannelsLast(_TakesMapsNHWC):
         if self._direct:
             ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
             return
-        if self.phased_input_grad and ops.is_numpy(out):
+        if ops.is_numpy(out) and self.phased_input_grad((self.c_in, *out.shape[1:3])):
             self._input_grad_by_phases(T_rows, W, ws, out)
             return
         B, P, K = self._geometry(out)

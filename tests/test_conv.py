@@ -549,21 +549,23 @@ def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta
     (5, 3, 3, 1, 1, (7, 6)), (4, 2, (3, 2), 1, (0, 1), (6, 5)), (3, 3, 3, 1, 2, (5, 5)),
     (4, 3, 3, 2, 1, (8, 8)), (4, 4, 3, 2, 1, (7, 9)), (3, 2, (2, 3), (2, 3), 0, (8, 13)),
     (2, 2, 1, 2, 0, (5, 4)), (3, 3, 3, (3, 2), (2, 0), (9, 6)), (2, 1, 2, 3, 3, (4, 5)),
-    (3, 5, 3, 1, 1, (7, 6)), (3, 4, 3, 2, 1, (7, 9))],
+    (3, 5, 3, 1, 1, (7, 6)), (3, 4, 3, 2, 1, (7, 9)), (3, 3, (7, 6), 1, 0, (7, 6))],
     ids=["s1", "s1-rect", "s1-wide-pad", "s2", "s2-odd", "tiles", "1x1-s2", "s3x2", "p>k",
-         "s1-col2im", "s2-col2im"])
+         "s1-col2im", "s2-col2im", "k=input-col2im"])
 def test_the_numpy_input_gradient_is_torchs(c_in, c_out, kernel, stride, padding, hw):
     # on NumPy C^dagger runs as stride-1 correlations of T, one per phase of the input's
-    # pixels (conv.adjoint_phases), where c_out <= c_in, else by col2im: torch's gradient
-    # either way, every pixel written (out starts as NaN), those no offset reaches too
+    # pixels (conv.adjoint_phases), where c_out <= c_in, else by col2im -- and by col2im
+    # for a kernel as wide as the input, whose phases would read mostly T's padding (42x
+    # the multiply-adds): torch's gradient either way, every pixel written (out starts
+    # as NaN), those no offset reaches too
     from gpu_mlp.workspace import Workspace
 
     layer = Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
-    assert layer.engine.phased_input_grad == (c_out <= c_in)
+    _, OH, OW = layer.output_shape((c_in, *hw))
+    assert layer.engine.phased_input_grad((c_in, *hw)) == (c_out <= c_in and OH * OW > 1)
     rng = np.random.default_rng(12)
     x = rng.standard_normal((5, c_in, *hw))
     W = rng.standard_normal(layer.weight_shape)
-    _, OH, OW = layer.output_shape(x.shape[1:])
     T = rng.standard_normal((5, c_out, OH, OW))
     F = torch.tensor(x, requires_grad=True)
     torch.nn.functional.conv2d(F, torch.tensor(W), stride=layer.stride,
