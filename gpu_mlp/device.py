@@ -168,6 +168,21 @@ def to_device(a, xp, name: str = "the array"):
 
 
 def _moved(a, xp, name):
+    if isinstance(a, np.ndarray) or _is_cupy(a) or not hasattr(a, "__dlpack__"):
+        return _moved_as_is(a, xp, name)
+    try:
+        return _moved_as_is(a, xp, name)
+    except (BufferError, NotImplementedError, RuntimeError) as e:
+        # what DLPack or the tensor's library refuses (a sparse or meta tensor, float8):
+        # their message, the argument named
+        what = f"{type(a).__name__} of dtype {getattr(a, 'dtype', '?')}"
+        if str(getattr(a, "layout", "torch.strided")) != "torch.strided":
+            what += f" and layout {a.layout} (give {name}.to_dense())"
+        raise TypeError(f"{name} cannot be taken as an array: a {what}: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _moved_as_is(a, xp, name):
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
         if a.is_neg():  # a lazy negation (x.conj().imag, say), which DLPack drops: its

@@ -198,13 +198,16 @@ class Network(ForwardBackward):
         and graphs, and is bound to no optimizer; unpickled where its device is missing
         (a GPU net on a machine without one), it raises as ``device="cuda"`` would there
         (``gpu_mlp.checkpoint`` moves a net between devices)."""
-        return {"layers": self.layers, "loss": self.loss.name, "memory": self.memory,
+        # the loss by name, or itself where it is not the table's (clipped: Loss.clipped)
+        loss = self.loss.name if self.loss is _losses.get(self.loss.name) else self.loss
+        return {"layers": self.layers, "loss": loss, "memory": self.memory,
                 "device": self.device, "dtype": self.dtype.name,
                 "params": [(_device.to_numpy(W), _device.to_numpy(b)) for W, b in self.params]}
 
     def __setstate__(self, state: dict) -> None:
+        # the values as they are: a diverged net copies too (from_params(check=False))
         self._setup(state["layers"], state["params"], state["loss"], state["memory"],
-                    state["device"], np.dtype(state["dtype"]))
+                    state["device"], np.dtype(state["dtype"]), check=False)
 
     @property
     def step_graphs(self) -> _graph.StepGraphs:

@@ -1141,3 +1141,28 @@ def test_a_net_pickles_and_deep_copies_into_a_net_of_its_own(make):
         twin.train_step(X, y, 0.1)
         for a, b in zip(_snapshot(net), before):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverged_net_and_a_clipped_loss_copy_as_they_are():
+    """A copy is made of the values as they are -- a diverged net's too (it raised 'W_1
+    contains NaN or Inf': from_params(check=False) is for inspecting or copying one) --
+    and with the loss as it is (a clipped loss came back unclipped: 200 for 16.1)."""
+    import copy
+    import pickle
+
+    from gpu_mlp import losses
+
+    W, b = np.array([[np.nan, 1.0], [np.inf, 0.0]]), np.zeros(2)
+    diverged = gpu_mlp.MLP.from_params([(W, b)], "identity", device="cpu", dtype="float64",
+                                       check=False)
+    clipped = gpu_mlp.MLP([2, 2], loss=losses.get("softmax_cross_entropy").clipped(1e-7),
+                          device="cpu", dtype="float64", seed=0)
+    clipped.params = [(np.array([[100.0, 0.0], [0.0, 0.0]]), np.zeros(2))]
+    X, y = np.array([[1.0, 0.0]]), np.array([1])
+    for copied in (copy.copy, copy.deepcopy, lambda net: pickle.loads(pickle.dumps(net))):
+        np.testing.assert_array_equal(copied(diverged).params[0][0], W)
+        twin = copied(clipped)
+        assert twin.loss == clipped.loss and twin.loss.clip is not None
+        assert float(twin.loss_and_gradients(X, y)[0]) == pytest.approx(-np.log(1e-7))
+    plain = pickle.loads(pickle.dumps(gpu_mlp.MLP([2, 2], device="cpu")))
+    assert plain.loss is losses.get("squared")  # a table's loss travels by its name

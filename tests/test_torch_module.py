@@ -403,6 +403,27 @@ def test_an_input_with_a_lazy_negation_is_read_with_its_sign():
     np.testing.assert_array_equal(nets[0].params[0][0], nets[1].params[0][0])
 
 
+@pytest.mark.parametrize("make, said", [
+    (lambda x: x.to_sparse(), r"layout torch.sparse_coo \(give {}.to_dense\(\)\)"),
+    (lambda x: x.to(torch.float8_e4m3fn), "dtype torch.float8_e4m3fn"),
+    (lambda x: torch.empty_like(x, device="meta"), "meta tensor")],
+    ids=["sparse", "float8", "meta"])
+@pytest.mark.parametrize("which", ["X", "Y"])
+def test_a_tensor_dlpack_cannot_pass_is_refused_naming_the_argument(make, said, which):
+    """DLPack's own BufferError, RuntimeError or NotImplementedError named nothing; now a
+    TypeError names the argument, with their reason, before anything runs."""
+    net = gpu_mlp.MLP([3, 2], device="cpu", dtype="float64", seed=0)
+    before = [a.copy() for pair in net.params for a in pair]
+    X, Y = torch.ones(2, 3), torch.zeros(2, 2)
+    bad = {"X": X, "Y": Y}
+    bad[which] = make(bad[which])
+    with pytest.raises(TypeError, match=f"^{which} cannot be taken as an array: .*"
+                                        f"{said.format(which)}"):
+        net.train_step(bad["X"], bad["Y"], 0.1)
+    for a, b in zip((a for pair in net.params for a in pair), before):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_in_place_changes_between_forward_and_backward_are_caught():
     module = MLPModule([4, 6, 2], dtype="float64")
     out = module(torch.randn(3, 4, dtype=torch.float64)).sum()
