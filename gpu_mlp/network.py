@@ -96,8 +96,9 @@ class Network(ForwardBackward):
         dt = _checks.dtype_of("dtype", dtype)
         rng = np.random.default_rng(_checks.seed(seed))
         params = []
-        if any(math.prod(layer.weight_shape) * dt.itemsize >= 2**63 for layer in layers):
-            raise _too_large(layers, dt)  # past any array's index range, not just memory
+        # past any array's index range, not just memory (drawn in float64, then cast)
+        if any(math.prod(layer.weight_shape) * 8 >= 2**63 for layer in layers):
+            raise _too_large(layers, dt)
         try:
             for layer in layers:
                 scale = layer.activation.init_gain / math.sqrt(layer.fan_in)

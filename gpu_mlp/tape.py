@@ -84,6 +84,15 @@ class Tape:
         if self._kept is not None:
             self.release_buffers(*self.take())
 
+    def __del__(self):
+        # a tape dropped unused (the caller's code raised before backward, an autograd
+        # graph freed without one): its buffers go back, or the workspace would count
+        # them in use for good, and never size its buffers down again
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 -- at interpreter exit the modules may be gone
+            pass
+
     def release_buffers(self, X, F_out, saved) -> None:
         """Give back the buffers of a forward pass: its output and what each layer kept."""
         given = {id(F_out): F_out}

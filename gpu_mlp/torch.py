@@ -172,26 +172,6 @@ def _to_engine(t: torch.Tensor, net):
     return _device.to_device(t.detach(), _device.resolve(net.device)[1])
 
 
-class _Tape:
-    """Holds a forward pass's tape for the autograd graph: the buffers go back to the
-    workspace when backward takes it, or when the graph is freed without a backward."""
-
-    def __init__(self, tape):
-        self.tape = tape
-
-    def take(self):
-        tape, self.tape = self.tape, None
-        return tape
-
-    def __del__(self):
-        tape, self.tape = getattr(self, "tape", None), None
-        if tape is not None:
-            try:
-                tape.release()
-            except Exception:  # never raise from a finaliser
-                pass
-
-
 # torch.compile (Dynamo) would trace the engine's NumPy/CuPy calls, which it cannot: the
 # modules' forward runs as it is, a graph break, inside a compiled model
 _not_compiled = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
@@ -231,7 +211,8 @@ class _EngineFunction(torch.autograd.Function):
         with _on(x.device):
             out, tape = net.forward(_to_engine(x, net), check=False)
             out = torch.from_dlpack(out)
-        ctx.net, ctx.tape = net, _Tape(tape)
+        # (a graph freed without a backward drops the tape: its buffers go back)
+        ctx.net, ctx.tape = net, tape
         ctx.save_for_backward(x, *params)  # for autograd's in-place-modification check
         return out
 
@@ -242,7 +223,7 @@ class _EngineFunction(torch.autograd.Function):
         net = ctx.net
         want_dx = ctx.needs_input_grad[1]
         with _on(x.device):
-            tape = ctx.tape.take()
+            tape, ctx.tape = ctx.tape, None
             if tape is None:  # a retained graph's second backward: its own forward
                 _, tape = net.forward(_to_engine(x, net), check=False)
             grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net),

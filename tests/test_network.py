@@ -933,6 +933,14 @@ def test_a_tape_serves_one_backward_and_can_be_released(device):
     assert net.training_workspace.in_use_bytes == 0
     with pytest.raises(ValueError, match="forward takes a batch"):
         net.forward(np.ones(3))
+    # a tape dropped unused gives its buffers back: they were counted in use for good,
+    # and the workspace kept a big batch's sizes through free_buffers()
+    _, tape = net.forward(np.ones((1000, 3)))
+    del tape
+    assert net.training_workspace.in_use_bytes == 0
+    net.free_buffers()
+    net.train_step(X[:2], np.ones((2, 2)), 0.1)
+    assert set(net.training_workspace._rows.values()) == {2}
 
 
 # --- hostile input found by a hunt (each failed before its fix) -----------------------------
@@ -1076,7 +1084,9 @@ def test_check_false_takes_nan_parameters_and_inputs_as_they_are():
     lambda: gpu_mlp.MLP([4, 2**70, 3], device="cpu"),
     lambda: gpu_mlp.Network([Dense(2**70, 3)], device="cpu"),
     lambda: gpu_mlp.Network([Conv2d(1, 2, 2**31)], device="cpu"),
-], ids=["2^62", "2^70", "dense-2^70", "conv-2^31"])
+    # within float32's range, not float64's, in which the weights are drawn
+    lambda: gpu_mlp.MLP([2**30, 2**30 + 2**29], device="cpu", dtype="float32"),
+], ids=["2^62", "2^70", "dense-2^70", "conv-2^31", "float32-2^60.6"])
 def test_a_model_past_any_arrays_range_is_a_memory_error_naming_its_size(make):
     with pytest.raises(MemoryError, match=r"the model needs .* TB for its .* parameters"):
         make()
