@@ -13,6 +13,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Callable, Union
 
 import numpy as np
@@ -151,17 +154,32 @@ def integer(name: str, value, minimum: int = 1, where: str = "",
     """``value`` as an int >= ``minimum`` (and < ``below``, if given), or a
     TypeError/ValueError naming it (and ``where`` it was given). 2.5, "3" and True are
     mistakes, not integers; NumPy's integers are integers."""
-    if below is None:
-        interval = f">= {minimum}"
-    else:  # a power of two as one: 2^64, not 18446744073709551616
-        power = below > 1 << 16 and below & (below - 1) == 0
-        interval = f"in [{minimum}, {f'2^{below.bit_length() - 1}' if power else below})"
+    interval = integers(minimum, below)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{where}{name} must be an integer {interval}, got {value!r}")
     if not minimum <= int(value) < (math.inf if below is None else below):
         raise ValueError(f"{where}{name} must be {'an integer ' if below is None else ''}"
                          f"{interval}, got {value!r}")
     return int(value)
+
+
+def warn(message: str, category: type) -> None:
+    """``warnings.warn``, pointing at the first caller outside gpu_mlp (whichever entry
+    point -- ``Network.fit``, ``training.fit``, the torch modules -- it came through)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def integers(minimum: int, below: int | None = None) -> str:
+    """The integers >= ``minimum`` (and < ``below``) in words: ">= 1", "in [0, 2^64)" (a
+    large power of two as one, not 18446744073709551616)."""
+    if below is None:
+        return f">= {minimum}"
+    power = below > 1 << 16 and below & (below - 1) == 0
+    return f"in [{minimum}, {f'2^{below.bit_length() - 1}' if power else below})"
 
 
 def seed(value) -> int:

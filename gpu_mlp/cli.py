@@ -92,8 +92,8 @@ def _integer(minimum: int, below: Optional[int] = None):
         except ValueError:
             value = minimum - 1
         if value < minimum or (below is not None and value >= below):
-            interval = f">= {minimum}" if below is None else f"in [{minimum}, {below})"
-            raise argparse.ArgumentTypeError(f"expected an integer {interval}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer "
+                                             f"{_checks.integers(minimum, below)}, got {text!r}")
         return value
     return parse
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=_integer(1), default=D["epochs"], metavar="N",
                      help=f"passes over the training data; with --resume the total, done "
                           f"epochs included (default: {D['epochs']})")
-    run.add_argument("--batch-size", type=_integer(1), metavar="B",
+    run.add_argument("--batch-size", type=_integer(1, 2**64), metavar="B",
                      help=f"samples per SGD step (default: {D['batch_size']})")
     run.add_argument("--optimizer", choices=OPTIMIZERS,
                      help="sgd: plain SGD, fused into the gradient GEMM (no state); "
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gamma", type=_number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
                      metavar="G", help="--schedule step: the factor of each decay (default: "
                                        f"{OPTIMIZER_DEFAULTS['gamma']})")
-    run.add_argument("--seed", type=_integer(0), metavar="S",
+    run.add_argument("--seed", type=_integer(0, 2**64), metavar="S",
                      help="seeds the test split, the initial weights and the order of "
                           f"the batches (default: {D['seed']})")
     run.add_argument("--device", choices=DEVICES, default="auto",

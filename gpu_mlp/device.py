@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
-import sys
 import typing
-import warnings
 
 import numpy as np
 
@@ -124,12 +121,7 @@ def _warn_cpu_fallback(reason: str) -> None:
     if _warned:
         return
     _warned = True
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(0), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"gpu_mlp: device='auto' falls back to the CPU: {reason}",
-                  RuntimeWarning, stacklevel=level)
+    _checks.warn(f"gpu_mlp: device='auto' falls back to the CPU: {reason}", RuntimeWarning)
 
 
 def resolve(device: str) -> tuple[str, object]:

@@ -41,10 +41,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import warnings
 from collections import OrderedDict
 
-from . import cublas, ops
+from . import _checks, cublas, ops
 from .plan import StepPlan, StepScalars
 
 MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
@@ -219,9 +218,8 @@ class StepGraphs:
             reason = f"{type(e).__name__}: {e}"
             if reason not in self._warned:
                 self._warned.add(reason)
-                warnings.warn(f"gpu_mlp: this training step could not be captured as a "
-                              f"CUDA graph ({reason}); it runs eagerly", RuntimeWarning,
-                              stacklevel=4)
+                _checks.warn(f"gpu_mlp: this training step could not be captured as a "
+                             f"CUDA graph ({reason}); it runs eagerly", RuntimeWarning)
             return False
         # alive while the graph is: what it reads and writes, and what its key names by id
         entry.graph = graph

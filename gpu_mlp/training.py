@@ -41,7 +41,6 @@ import hashlib
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -237,10 +236,11 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     """:func:`fit`, with ``make_plan()`` the StepPlan of its steps, checked against
     ``net``: everything that depends on DP or data parallelism asks the plan."""
     epochs = _checks.integer("epochs", epochs)
-    batch_size = _checks.integer("batch_size", batch_size)
+    # (below 2^64, as a History holds them: a checkpoint's must read back)
+    batch_size = _checks.integer("batch_size", batch_size, below=2**64)
     plan = make_plan()
     comm = plan.communicator(net)  # fit's Communicator, or None
-    seed = _checks.seed(seed)
+    seed = _checks.integer("seed", seed, 0, below=2**64)
     shuffle, verbose = _checks.flag("shuffle", shuffle), _checks.flag("verbose", verbose)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
@@ -324,9 +324,12 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
                                             seconds, epsilon)):
             getattr(history, name).append(value)
         good, spare = spare, good
-        good_state = plan.snapshot()
         if on_epoch is not None:
             on_epoch(net, history)
+            # what a divergence goes back to: the epoch as the callback left it (a new
+            # rate, momentum scaled, parameters changed) -- what it may have saved
+            good = _host_copy(net.params, into=good)
+        good_state = plan.snapshot()
     _warn_if_loss_rose(history, first_step_loss, plan.lr)
     return history
 
@@ -423,9 +426,9 @@ def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
     start, when = ((first_step_loss, "the first step") if first_step_loss is not None
                    else (start, f"epoch {first}"))
     if end > _ROSE * start:
-        warnings.warn(f"the training loss rose from {start:.4g} ({when}) to "
-                      f"{end:.4g} (epoch {last}): the "
-                      f"learning rate {lr} may be too large", TrainingWarning, stacklevel=4)
+        _checks.warn(f"the training loss rose from {start:.4g} ({when}) to {end:.4g} "
+                     f"(epoch {last}): the learning rate {lr} may be too large",
+                     TrainingWarning)
 
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
@@ -512,7 +515,14 @@ def _data(net, name, X, Y):
     if len(shape) < 2 or shape[0] == 0:
         raise ValueError(f"{name} must be a (samples, ...) array with at least one sample, "
                          f"got shape {tuple(shape)}")
-    X, Y, _ = net.inputs.batch(net.params, X, Y, check=True)
+    try:
+        X, Y, _ = net.inputs.batch(net.params, X, Y, check=True)
+    except (TypeError, ValueError) as e:
+        if name == "X":
+            raise
+        # the checks say X and Y: the validation pair is named
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(
+            f"validation data, the pair (X_val, Y_val): {e}") from None
     return X, Y
 
 

@@ -85,6 +85,14 @@ def test_a_number_is_plain_sgd():
     sink = plan.sink(new_net(), rows=4)
     assert isinstance(sink, updates.Apply) and sink.kernels is None and sink.scratch is None
     assert sink.keep == (1.0, 1.0) and sink.lr == 0.1
+    # its rule is there to read: a rate or decay set on it, which the steps never saw,
+    # was taken silently
+    assert repr(plan.rule).startswith("SGD(") and plan.rule.state_dict()["type"] == "SGD"
+    for name in ("lr", "weight_decay"):
+        with pytest.raises(AttributeError, match="a StepPlan of a number steps at that "
+                                                 "rate, without weight decay"):
+            setattr(plan.rule, name, 0.5)
+    assert (plan.lr, plan.rule.lr, plan.rule.weight_decay) == (0.1, 0.1, 0.0)
     adam = optim.Adam()
     assert StepPlan(adam).optimizer is adam and not StepPlan(adam).plain
 

@@ -226,6 +226,28 @@ def test_a_rising_loss_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a run that learns says nothing
         fit_quietly(new_net(sizes), X, Y, epochs=3, lr=0.1)
+    # said at the caller's line, through either entry point (Network.fit's pointed into
+    # gpu_mlp/network.py)
+    for fit in (lambda: new_net(sizes).fit(X, Y, epochs=3, lr=1e4, verbose=False),
+                lambda: training.fit(new_net(sizes), X, Y, epochs=3, lr=1e4, verbose=False)):
+        with pytest.warns(training.TrainingWarning) as said:
+            fit()
+        assert [w.filename for w in said] == [__file__]
+
+
+def test_bad_validation_data_is_named_so():
+    """The checks of (X_val, Y_val) said "X contains NaN or Inf" of a training X that had
+    none."""
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net, bad = new_net(sizes), X[:10].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^validation data, the pair \(X_val, Y_val\): X "
+                                         r"contains NaN or Inf"):
+        fit_quietly(net, X, Y, epochs=1, validation=(bad, Y[:10]))
+    with pytest.raises(ValueError, match=r"^validation data, .*: X must have shape"):
+        fit_quietly(net, X, Y, epochs=1, validation=(X[:10, :-1], Y[:10]))
+    with pytest.raises(ValueError, match="^X contains NaN or Inf"):  # the training data's
+        fit_quietly(net, bad, Y[:10], epochs=1)
 
 
 # --- resuming ----------------------------------------------------------------------------
@@ -286,13 +308,16 @@ X_WITH_NAN[3, 1] = np.nan
     ({"epochs": 0}, ValueError, "epochs must be an integer >= 1"),
     ({"epochs": 2.5}, TypeError, "epochs must be an integer"),
     ({"epochs": True}, TypeError, "epochs must be an integer"),
-    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+    ({"batch_size": 0}, ValueError, r"batch_size must be in \[1, 2\^64\), got 0"),
+    # past what a History (a checkpoint's) holds: it would not read back
+    ({"batch_size": 2**64}, ValueError, r"batch_size must be in \[1, 2\^64\)"),
     ({"batch_size": "8"}, TypeError, "batch_size must be an integer"),
     ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
     ({"lr": -0.1}, ValueError, "lr must be a finite number > 0"),
     ({"lr": float("nan")}, ValueError, "lr must be a finite number > 0"),
     ({"lr": "fast"}, TypeError, "lr must be a number"),
-    ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
+    ({"seed": -1}, ValueError, r"seed must be in \[0, 2\^64\), got -1"),
+    ({"seed": 2**64}, ValueError, r"seed must be in \[0, 2\^64\)"),
     ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ({"shuffle": "yes"}, TypeError, "shuffle must be True or False"),
     ({"verbose": None}, TypeError, "verbose must be True or False"),
@@ -534,6 +559,44 @@ def test_divergence_restores_the_optimizer_of_the_last_good_epoch(monkeypatch):
     assert all(np.array_equal(x, y) for name in state["state"]
                for pa, pb in zip(state["state"][name], saved[2]["state"][name])
                for x, y in zip(pa, pb))
+
+
+def test_divergence_goes_back_to_the_epoch_as_its_callback_left_it(monkeypatch, tmp_path):
+    """on_epoch after epoch 2 sets a new rate, scales the momentum to match (README's
+    recipe), zeroes the biases and saves a checkpoint; epoch 3 diverges. fit went back to
+    the parameters and momentum from before the callback but kept its rate: half of the
+    change, and neither the state the callback left nor the one it saved."""
+    sizes, X, Y = problem("softmax_cross_entropy", n=100)
+    net, opt = new_net(sizes), optim.SGD(0.05, momentum=0.9)
+    path = tmp_path / "epoch2.npz"
+    train_step = net._step
+
+    def on_epoch(n, h):
+        if h.epochs == 2:
+            opt.lr = 0.5
+            opt.scale_momentum(0.05 / 0.5)
+            for _, b in n.params:
+                b[...] = 0.0
+            n.save(path, history=h, optimizer=opt)
+
+    def step(X, Y, *args, **kwargs):
+        if opt.steps == 25:  # in epoch 3
+            for W, _ in net.params:
+                W[...] = np.nan
+        return train_step(X, Y, *args, **kwargs)
+
+    monkeypatch.setattr(net, "_step", step)
+    with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged):
+        fit_quietly(net, X, Y, epochs=4, batch_size=10, optimizer=opt, on_epoch=on_epoch)
+    saved = gpu_mlp.checkpoint.read(path, device="cpu")
+    for pair, kept in zip(net.params, saved.net.params):
+        for a, b in zip(pair, kept):
+            np.testing.assert_array_equal(a, b)
+    state, kept = opt.state_dict(), saved.optimizer.state_dict()
+    assert (opt.lr, state["steps"]) == (saved.optimizer.lr, kept["steps"]) == (0.5, 20)
+    for pa, pb in zip(state["state"]["momentum_buffer"], kept["state"]["momentum_buffer"]):
+        for a, b in zip(pa, pb):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_an_update_that_overflows_is_a_divergence_and_the_last_good_epoch_comes_back():
