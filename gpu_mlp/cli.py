@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import os
 import platform
 import signal
@@ -79,8 +80,9 @@ def _widths(text: str) -> list[int]:
         widths = [int(w) for w in text.split(",")] if text.strip() else []
     except ValueError:
         widths = None
-    if widths is None or any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths >= 1, got {text!r}")
+    if widths is None or any(not 1 <= w < 2**63 for w in widths):  # an array's index range
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths in [1, 2^63), "
+                                         f"got {text!r}")
     return widths
 
 
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"floating-point type (default: {D['dtype']})")
 
     run = train.add_argument_group("training (with --resume: taken from the checkpoint)")
-    run.add_argument("--epochs", type=_integer(1), default=D["epochs"], metavar="N",
+    run.add_argument("--epochs", type=_integer(1, 2**64), default=D["epochs"], metavar="N",
                      help=f"passes over the training data; with --resume the total, done "
                           f"epochs included (default: {D['epochs']})")
     run.add_argument("--batch-size", type=_integer(1, 2**64), metavar="B",
@@ -222,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "times --gamma every --step-size steps; cosine: --warmup steps of "
                           "linear warm-up to --lr, then a cosine decay to --min-lr at the "
                           "run's last step (default: constant)")
-    run.add_argument("--warmup", type=_integer(0), metavar="STEPS",
+    run.add_argument("--warmup", type=_integer(0, 2**64), metavar="STEPS",
                      help="--schedule cosine: steps of linear warm-up (default: 0)")
     run.add_argument("--min-lr", type=_number(lambda v: v >= 0, "a number >= 0"),
                      metavar="LR", help="--schedule cosine: the learning rate it decays to "
                                         "(default: 0)")
-    run.add_argument("--step-size", type=_integer(1), metavar="STEPS",
+    run.add_argument("--step-size", type=_integer(1, 2**64), metavar="STEPS",
                      help="--schedule step: steps between two decays (default: a third of the "
                           "run's steps, rounded up)")
     run.add_argument("--gamma", type=_number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -345,7 +347,8 @@ def _saves_over_its_resume(args) -> bool:
 
 # what ends a run with one line of error rather than a traceback: bad input and what
 # the system refused (memory for a model too large included)
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError)
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError,
+               OverflowError)
 
 
 def _one_line(error) -> str:
@@ -516,6 +519,16 @@ def _settings(args, resumed) -> _Settings:
     seed = _setting(args.seed, stored.get("seed"), DEFAULTS["seed"])
     batch_size = _setting(args.batch_size, stored.get("batch_size"), DEFAULTS["batch_size"])
     if resumed:
+        for option, given in (("--seed", args.seed), ("--batch-size", args.batch_size)):
+            theirs = stored[option[2:].replace("-", "_")]
+            if given is not None and given != theirs:
+                raise ValueError(f"{option} differs from the checkpoint {args.resume}, which "
+                                 f"has {theirs}; leave it out to resume")
+        done = resumed.history.epochs
+        if args.epochs < done:
+            raise ValueError(f"--epochs {args.epochs}: the checkpoint {args.resume} has "
+                             f"trained {done} epochs already; --epochs counts them all "
+                             f"(give {done} or more)")
         _check_same_optimizer(args, resumed.optimizer)
         kind = _optimizer_name(resumed.optimizer)
     else:
@@ -677,12 +690,12 @@ def _report(args, out, say, root, data: _Data, net, plan: StepPlan, history, don
         except USER_ERRORS as e:  # a full disk, say: the results below still count
             print(f"gpu-mlp: warning: --plot {args.plot}: not written ({_reason(e)})",
                   file=sys.stderr)
+    if plan.dp is not None:  # (first: the last line is the test's, as --help says)
+        out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {plan.dp.delta:g}")
     last = history.train_loss[-1]
     out("training loss: none (the last epoch sampled no rows)" if last is None
         else f"training loss: {last:.4f}")
     out(f"test loss: {history.val_loss[-1]:.4f}")
-    if plan.dp is not None:
-        out(f"privacy: epsilon {history.epsilon[-1]:.4g} at delta {plan.dp.delta:g}")
     if data.classes:
         predicted = to_numpy(net.predict(data.X_test)).argmax(axis=1)
         labels = data.Y_test if data.Y_test.ndim == 1 else data.Y_test.argmax(axis=1)
@@ -851,7 +864,7 @@ def _convolutions(net) -> list:
 
 
 def _new_net(args, model, sample_shape, outputs, loss, seed) -> Network:
-    activation = args.activation or DATA[args.data]["activation"]
+    activation = DATA[args.data]["activation"] if args.activation is None else args.activation
     hidden_act = activations.get(activation)
     if model == "cnn":
         if args.hidden is not None or args.sizes is not None:
@@ -864,7 +877,10 @@ def _new_net(args, model, sample_shape, outputs, loss, seed) -> Network:
         if args.channels is not None:
             raise ValueError("--channels shapes a CNN: give --model cnn")
         hidden = DEFAULTS["hidden"] if args.hidden is None else args.hidden
-        sizes = args.sizes or [sample_shape[0], *hidden, outputs]
+        sizes = [sample_shape[0], *hidden, outputs] if args.sizes is None else args.sizes
+        if len(sizes) < 2:
+            raise ValueError(f"--sizes must give at least two widths, the input's and the "
+                             f"output's, got {','.join(map(str, sizes)) or 'none'}")
         _check_fits_data(sizes, args.data, sample_shape[0], outputs)
         layers = [Dense(d_in, d_out, hidden_act) for d_in, d_out in zip(sizes, sizes[1:-1])]
         layers.append(Dense(sizes[-2], sizes[-1], "identity"))
@@ -894,7 +910,7 @@ def _cnn_layers(channels, activation, image, outputs) -> list:
                        activation=activation)
         shape = layer.output_shape(shape)
         layers.append(layer)
-    return layers + [Dense(int(np.prod(shape)), outputs, "identity")]
+    return layers + [Dense(math.prod(shape), outputs, "identity")]
 
 
 def _check_fits_data(sizes, data, features, outputs) -> None:
@@ -917,6 +933,12 @@ def _check_same_model(args, net, model, loss) -> None:
         stored["--hidden"] = (args.hidden, net.sizes[1:-1])
     else:
         stored["--channels"] = (args.channels, [layer.c_out for layer in _convolutions(net)])
+    foreign = ("--channels",) if model == "mlp" else ("--hidden", "--sizes")
+    for option in foreign:  # the other model's shape: as a new run refuses it
+        if getattr(args, option[2:]) is not None:
+            raise ValueError(f"{option} does not apply to the checkpoint {args.resume}, "
+                             f"{'a CNN' if model == 'cnn' else 'an MLP'}; leave it out to "
+                             f"resume")
     if args.activation is not None and len(net.layers) > 1:  # hidden layers to compare
         stored["--activation"] = (activations.get(args.activation), net.activations[0])
     for option, (given, theirs) in stored.items():

@@ -615,5 +615,9 @@ def _too_large(layers, dtype) -> MemoryError:
     size = n * dtype.itemsize
     unit, scale = next((u, s) for u, s in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("B", 1))
                        if size >= s or s == 1)
-    return MemoryError(f"the model needs {size / scale:.3g} {unit} for its {n:,} parameters "
+    try:
+        amount = f"{size / scale:.3g} {unit}"
+    except OverflowError:  # past any float
+        amount = f"10^{len(str(size)) - 1} bytes and more"
+    return MemoryError(f"the model needs {amount} for its {n:,} parameters "
                        f"({dtype.name}): out of memory")

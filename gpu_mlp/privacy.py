@@ -35,7 +35,6 @@ accountant assumes, and reports epsilon at ``delta`` after every epoch.
 
 from __future__ import annotations
 
-import math
 import secrets
 from typing import NamedTuple, Optional
 
@@ -287,5 +286,5 @@ def poisson_batches(n: int, batch_size: int, seed: int, epoch: int, secret: int 
     step took are unknown. Yields arrays of row indices (possibly empty)."""
     q = sample_rate(batch_size, n)
     rng = np.random.default_rng([secret, seed, epoch, 1])  # apart from the shuffle's
-    for _ in range(math.ceil(n / batch_size)):
+    for _ in range(-(-n // batch_size)):  # (in integers: n / batch_size may underflow)
         yield np.flatnonzero(rng.random(n) < q)

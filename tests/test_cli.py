@@ -180,10 +180,12 @@ def test_resume_takes_the_settings_from_the_checkpoint(capsys, tmp_path):
     (["--hidden", "32"], "--hidden differs from the checkpoint .* which has \\[16\\]"),
     (["--activation", "relu"], "--activation differs"),
     (["--dtype", "float64"], "--dtype differs"),
-    (["--batch-size", "8"], "batch_size=32 \\(now 8\\)"),
-    (["--seed", "1"], "seed=0 \\(now 1\\)"),
+    # (fit refused these in its own argument names, after the run was announced)
+    (["--batch-size", "8"], "--batch-size differs from the checkpoint .* which has 32"),
+    (["--seed", "1"], "--seed differs from the checkpoint .* which has 0"),
     (["--data", "regression"], "--data differs from the checkpoint .* which has digits"),
-    (["--epochs", "1"], "2 epochs are done already"),
+    (["--epochs", "1"], r"--epochs 1: the checkpoint .* has trained 2 epochs already; "
+                        r"--epochs counts them all \(give 2 or more\)"),
 ])
 def test_resume_refuses_a_different_run(capsys, tmp_path, option, match):
     path = str(tmp_path / "run.npz")
@@ -247,7 +249,17 @@ BAD_INPUT = [
     (["--lr", "-1"], "argument --lr: expected a number > 0, got '-1'"),
     (["--lr", "0"], "argument --lr: expected a number > 0"),
     (["--lr", "fast"], "argument --lr: expected a number > 0"),
-    (["--epochs", "0"], "argument --epochs: expected an integer >= 1"),
+    (["--epochs", "0"], r"argument --epochs: expected an integer in \[1, 2\^64\)"),
+    # past any float (an OverflowError and a traceback from the schedule, the accountant
+    # or the model's size)
+    (["--epochs", "9" * 400], r"argument --epochs: expected an integer in \[1, 2\^64\)"),
+    (["--schedule", "cosine", "--warmup", "9" * 400], "argument --warmup: expected"),
+    (["--hidden", "9" * 400], r"argument --hidden: .* widths in \[1, 2\^63\)"),
+    (["--model", "cnn", "--channels", str(2**62)], "the model needs .* out of memory"),
+    # empty: the default net was trained, silently
+    (["--sizes", ""], "--sizes must give at least two widths, the input's and the output's, "
+                      "got none"),
+    (["--activation", ""], "unknown activation ''"),
     (["--batch-size", "2.5"], r"argument --batch-size: expected an integer in \[1, 2\^64\)"),
     (["--seed", "-3"], r"argument --seed: expected an integer in \[0, 2\^64\)"),
     (["--seed", str(2**64)], r"argument --seed: expected an integer in \[0, 2\^64\)"),
@@ -571,6 +583,30 @@ def test_resume_refuses_other_optimizer_settings(capsys, tmp_path, option, match
     assert err.count("\n") == 1 and re.search(match, err), err
 
 
+@pytest.mark.parametrize("model, option, match", [
+    ("cnn", ["--hidden", "999"], "--hidden does not apply to the checkpoint .*, a CNN"),
+    ("cnn", ["--sizes", "64,3,10"], "--sizes does not apply to the checkpoint .*, a CNN"),
+    ("mlp", ["--channels", "7"], "--channels does not apply to the checkpoint .*, an MLP"),
+], ids=["cnn-hidden", "cnn-sizes", "mlp-channels"])
+def test_resume_refuses_the_other_models_shape(capsys, tmp_path, model, option, match):
+    """The other model's shape options were ignored (a new run refuses them)."""
+    path = str(tmp_path / "run.npz")
+    shape = ["--channels", "4"] if model == "cnn" else ["--hidden", "16"]
+    run(capsys, "train", "--epochs", "2", "--model", model, *shape, "--save", path)
+    status, lines, err = run(capsys, "train", "--quiet", "--epochs", "3", "--resume", path,
+                             *option)
+    assert status == 2 and lines == []
+    assert err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_a_private_regression_run_ends_with_its_test_loss(capsys):
+    """--help promises the test's line last: the privacy line came after it."""
+    status, lines, _ = run(capsys, "train", "--quiet", "--data", "regression", "--epochs",
+                           "1", "--dp-clip", "1", "--dp-noise", "1", "--dp-seed", "0")
+    assert status == 0 and lines[-1].startswith("test loss: ")
+    assert [line.split(":")[0] for line in lines] == ["privacy", "training loss", "test loss"]
+
+
 def test_resume_of_a_plain_sgd_run_refuses_an_optimizer(capsys, tmp_path):
     path = str(tmp_path / "run.npz")
     run(capsys, "train", *FAST, "--save", path)
@@ -601,8 +637,10 @@ OPTIMIZER_BAD_INPUT = [
     (["--step-size", "10"], "--step-size applies to --schedule step"),
     (["--schedule", "cosine", "--gamma", "0.5"], "--gamma applies to --schedule step"),
     (["--schedule", "step", "--gamma", "0"], "argument --gamma: expected a number in \\(0, 1\\]"),
-    (["--schedule", "step", "--step-size", "0"], "argument --step-size: expected an integer >= 1"),
-    (["--schedule", "cosine", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["--schedule", "step", "--step-size", "0"],
+     r"argument --step-size: expected an integer in \[1, 2\^64\)"),
+    (["--schedule", "cosine", "--warmup", "-1"],
+     r"argument --warmup: expected an integer in \[0, 2\^64\)"),
     # the errors name the options, not the library's arguments
     (["--schedule", "cosine", "--warmup", "1000"], "--warmup 1000 exceeds the run's 90 steps"),
     (["--schedule", "cosine", "--min-lr", "0.5"], "--min-lr 0.5 exceeds the learning rate it "

@@ -634,6 +634,9 @@ def test_poisson_batches():
     assert len(set(sizes.tolist())) > 5  # sizes vary
     other = list(privacy.poisson_batches(FIT_N, FIT_BATCH, seed=3, epoch=99))
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+    # a batch past the data: one step of every row (n / batch_size underflowed to 0 steps)
+    [every] = privacy.poisson_batches(FIT_N, 10**400, seed=3, epoch=0)
+    np.testing.assert_array_equal(every, np.arange(FIT_N))
 
 
 def test_fit_samples_poisson_batches_and_divides_by_the_batch_size(monkeypatch):
