@@ -300,7 +300,9 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # under a launcher every rank parses the line: rank 0 alone prints help and errors
+        with _silenced() if _launcher_rank() > 0 else contextlib.nullcontext():
+            args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and bad command lines
         return e.code
     try:
@@ -318,6 +320,14 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"gpu-mlp: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _silenced():
+    """Within: what is printed goes nowhere."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            contextlib.redirect_stderr(devnull):
+        yield
 
 
 def _interrupted(args, error: KeyboardInterrupt, say: bool = True) -> int:
@@ -709,12 +719,21 @@ _LAUNCHERS = (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PM
               ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"))
 
 
+def _launcher_rank() -> int:
+    """This process's rank when a launcher started it among several (its environment
+    says so), else -1."""
+    for size, rank in _LAUNCHERS:
+        if os.environ.get(size, "").isdigit() and int(os.environ[size]) > 1 \
+                and os.environ.get(rank, "").isdigit():
+            return int(os.environ[rank])
+    return -1
+
+
 def _communicator(args):
     """The data-parallel communicator when this process is one of several that a
     launcher started, else None."""
     comm = None
-    if any(os.environ.get(size, "").isdigit() and int(os.environ[size]) > 1
-           and os.environ.get(rank, "").isdigit() for size, rank in _LAUNCHERS):
+    if _launcher_rank() >= 0:
         from . import distributed
 
         comm = distributed.Communicator(path=args.comm_path)

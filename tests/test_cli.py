@@ -841,6 +841,21 @@ def test_one_rank_is_no_data_parallel_run(capsys, monkeypatch):
     assert status == 0 and not any("data parallel" in line for line in lines)
 
 
+@pytest.mark.parametrize("argv", [["train", "--bogus"], ["train", "--help"], ["--version"]])
+def test_under_a_launcher_rank_0_alone_prints_help_and_usage_errors(capsys, monkeypatch,
+                                                                   argv):
+    """Every rank parses the command line: `mpirun -n 4 gpu-mlp train --help` printed
+    the help four times, and a bad option's error once a rank."""
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", rank)
+        status = cli.main(argv)
+        said[rank] = capsys.readouterr()
+        assert status == (2 if "--bogus" in argv else 0)
+    assert said["0"].out + said["0"].err and not said["1"].out + said["1"].err
+
+
 def test_save_and_plot_naming_one_file_is_refused_before_training(capsys, tmp_path):
     """The plot, written after the last checkpoint, replaced it."""
     pytest.importorskip("matplotlib")
