@@ -538,19 +538,24 @@ def test_resume_with_a_fresh_optimizer_is_refused():
     assert same_params(before, net.params)
 
 
+def _diverge_at(monkeypatch, net, opt, step: int) -> None:
+    """fit's step after ``step`` steps of ``opt`` finds NaN weights: it diverges there."""
+    train_step = net._step  # what fit steps with
+
+    def diverging(X, Y, *args, **kwargs):
+        if opt.steps == step:
+            for W, _ in net.params:
+                W[...] = np.nan
+        return train_step(X, Y, *args, **kwargs)
+
+    monkeypatch.setattr(net, "_step", diverging)
+
+
 def test_divergence_restores_the_optimizer_of_the_last_good_epoch(monkeypatch):
     sizes, X, Y = problem("softmax_cross_entropy", n=100)
     net, opt = new_net(sizes), optim.Adam(1e-2)
     saved = {}
-    train_step = net._step  # what fit steps with
-
-    def step(X, Y, *args, **kwargs):
-        if opt.steps == 25:  # in epoch 3
-            for W, b in net.params:
-                W[...] = np.nan
-        return train_step(X, Y, *args, **kwargs)
-
-    monkeypatch.setattr(net, "_step", step)
+    _diverge_at(monkeypatch, net, opt, 25)  # in epoch 3
     with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged):
         fit_quietly(net, X, Y, epochs=5, batch_size=10, optimizer=opt,
                     on_epoch=lambda n, h: saved.update({h.epochs: opt.state_dict()}))
@@ -569,7 +574,6 @@ def test_divergence_goes_back_to_the_epoch_as_its_callback_left_it(monkeypatch, 
     sizes, X, Y = problem("softmax_cross_entropy", n=100)
     net, opt = new_net(sizes), optim.SGD(0.05, momentum=0.9)
     path = tmp_path / "epoch2.npz"
-    train_step = net._step
 
     def on_epoch(n, h):
         if h.epochs == 2:
@@ -579,13 +583,7 @@ def test_divergence_goes_back_to_the_epoch_as_its_callback_left_it(monkeypatch, 
                 b[...] = 0.0
             n.save(path, history=h, optimizer=opt)
 
-    def step(X, Y, *args, **kwargs):
-        if opt.steps == 25:  # in epoch 3
-            for W, _ in net.params:
-                W[...] = np.nan
-        return train_step(X, Y, *args, **kwargs)
-
-    monkeypatch.setattr(net, "_step", step)
+    _diverge_at(monkeypatch, net, opt, 25)  # in epoch 3
     with np.errstate(all="ignore"), pytest.raises(training.TrainingDiverged):
         fit_quietly(net, X, Y, epochs=4, batch_size=10, optimizer=opt, on_epoch=on_epoch)
     saved = gpu_mlp.checkpoint.read(path, device="cpu")
