@@ -49,7 +49,8 @@ where each step's time goes: the per-sample squared norms
 ``gradient``, noise excluded), the clipping factors and the row scaling or, for kept
 per-sample gradients, the GEMVs of their clipped sum (the rest of
 ``privacy._Private.finish``), and the forward/backward remainder; on a GPU each timer
-synchronises the device.
+synchronises the device, and the steps run eagerly (a CUDA graph's replay runs none of
+the Python timed).
 
 Writes ``results.json`` and ``report.md`` (machine, versions, the command, the table)
 to ``--out``.
@@ -178,13 +179,16 @@ def _cupy_sync():
 def gpu_mlp_case(layers, params, X, y, device, dp):
     """``(step, sync)``: gpu_mlp's training step, private with ``dp`` (None: plain)."""
     import gpu_mlp
+    from gpu_mlp.plan import StepPlan
 
     net = gpu_mlp.Network.from_params(layers, params, loss="softmax_cross_entropy",
                                       device=device)
     X, y = gpu_mlp.device.to_device(X, net.xp), gpu_mlp.device.to_device(y, net.xp)
 
-    def step():
-        return net.train_step(X, y, LR, check=False, dp=dp)
+    def step(capture=True):
+        # train_step's step; capture=False: eager, no CUDA graph (a replay runs none of
+        # the Python that --breakdown times)
+        return net._step(X, y, StepPlan(LR, dp), False, global_loss=True, capture=capture)
 
     step.net = net
     return step, (_cupy_sync() if device == "cuda" else (lambda: None))
@@ -405,13 +409,13 @@ def breakdown(cases, rounds, steps, settle):
         for impl, (step, sync) in cases.items():
             if settle:
                 time.sleep(settle)
-            step()
+            step(capture=False)
             sync()
             for _ in range(steps):
                 with _timers(sync) as spent:
                     sync()
                     t0 = time.perf_counter()
-                    step()
+                    step(capture=False)
                     sync()
                     total = time.perf_counter() - t0
                 for part, seconds in _parts(spent, total).items():

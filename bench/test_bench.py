@@ -49,6 +49,36 @@ def test_step(benchmark, task):
             task.point.flops / benchmark.stats.stats.median / 1e12)
 
 
+def test_cublas_overhead_runs_against_its_stub():
+    """The README's command: the stub must define every entry point gpu_mlp.cublas binds
+    (it lacked cublasDestroy_v2 once that was bound, and the command crashed)."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs a C compiler (gcc)")
+    from bench import cublas_overhead
+    from gpu_mlp import cublas
+
+    for name in cublas.PROTOTYPES:
+        assert f" {name}(" in cublas_overhead.STUB or f"({name}," in cublas_overhead.STUB, name
+    times = cublas_overhead.stub(50, libcuda_stub=False)["ns_per_call"]
+    assert all(t > 0 for t in times.values()) and len(times) >= 3
+
+
+def test_dp_step_breakdown_times_eager_steps():
+    """On a GPU a step is captured and replayed after its warm-up, and a replay runs none
+    of the Python that --breakdown times: every part read 0. Its steps run eagerly."""
+    from bench import dp_step
+
+    seen = []
+
+    def step(capture=True):
+        seen.append(capture)
+
+    dp_step.breakdown({"gpu_mlp": (step, lambda: None)}, rounds=2, steps=3, settle=0)
+    assert seen == [False] * 8
+
+
 def test_dp_step_quick(tmp_path):
     """bench/dp_step.py --quick end to end, in its own process (it sets the BLAS threads
     before NumPy loads): every implementation timed or its failure recorded, the ratios,
