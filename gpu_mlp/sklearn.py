@@ -431,8 +431,10 @@ class _BaseMLP(BaseEstimator):
 
     # --- fitting ------------------------------------------------------------------------
 
-    def fit(self, X, y):
-        """Fit the model to X (n_samples, n_features) and y; returns self."""
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to X (n_samples, n_features) and y; returns self.
+        ``sample_weight`` (scikit-learn's third argument) is not offered: None only."""
+        _no_sample_weight(sample_weight)
         return self._fit(X, y, incremental=False)
 
     def _fit(self, X, y, incremental):
