@@ -18,7 +18,8 @@ device by pointer (:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the st
 counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
 graph's own 0-d buffer and copied into the workspace's (``Workspace.loss``), so the
-loss a step returns behaves as an eager step's.
+loss a step returns behaves as an eager step's -- but for ``fit``'s, which it reads at
+once (``lasting=False``: no copy).
 
 Eager instead: the NumPy backend; a CuPy without stream capture (the tests' stand-in
 ``host_cupy``); a configuration seen once; a stream already capturing (the step becomes
@@ -93,9 +94,13 @@ class StepGraphs:
         self._params = None
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
-             capture: bool = True):
+             capture: bool = True, lasting: bool = True):
         """One training step of ``net`` on the checked batch (X, Y) by ``plan`` (see
-        :meth:`Network._step`): eager, captured or replayed. Returns the loss."""
+        :meth:`Network._step`): eager, captured or replayed. Returns the loss: with
+        ``lasting`` one that keeps its value through the next step, as an eager step's
+        (a replay's is copied out of its graph); else, from a replay, the graph's own
+        buffer, which its next replay overwrites (fit reads it at once: one copy kernel
+        less a step)."""
         if ops.is_numpy(net.params[0][0]):  # host numbers, as always
             return _run(net, X, Y, plan, rows, counts, divisor, scale, None)
         noise_std = plan.dp.noise_std(divisor) if plan.private else 0.0
@@ -147,6 +152,8 @@ class StepGraphs:
             plan.count_step()  # the host's side of the step, which the replay skips
             scalars.counted()
             self.replays += 1
+        if not lasting:
+            return entry.loss
         J = net.training_workspace.loss()
         J[...] = entry.loss
         return J

@@ -301,13 +301,15 @@ class Network(ForwardBackward):
                           global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
-              global_loss=False, capture=True):
+              global_loss=False, capture=True, lasting=True):
         """:meth:`train_step` by ``plan``; ``expected_batch``: what DP divides by (fit's
         Poisson sampling: the expected batch size); ``counts``: every rank's rows, when
         known; ``global_loss``: with communication, return the global batch's loss (else
         this rank's, with no wait: fit sums the epoch's losses over the ranks at its end);
         ``capture``: whether the step may be captured as a CUDA graph
-        (:mod:`gpu_mlp.graph`; fit's Poisson samples, of ever other sizes, are not)."""
+        (:mod:`gpu_mlp.graph`; fit's Poisson samples, of ever other sizes, are not);
+        ``lasting=False``: the loss is read at once, and may be one the next step
+        overwrites (:meth:`StepGraphs.step <gpu_mlp.graph.StepGraphs.step>`)."""
         plan.check(self)
         comm = plan.communicator(self)
         if comm is not None and plan.private:
@@ -337,7 +339,7 @@ class Network(ForwardBackward):
             # DP needs each sample's own gradient (scale 1) and divides by the batch itself
             scale = 1.0 if plan.private else 1.0 / total
             J = self.step_graphs.step(self, X, Y, plan, B, counts, divisor, scale,
-                                      capture=capture)
+                                      capture=capture, lasting=lasting)
         if comm is None or not global_loss:
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows

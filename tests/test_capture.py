@@ -397,6 +397,27 @@ def test_a_replayed_step_allocates_nothing_and_never_waits(host_cupy_lib):
             assert net.step_graphs.replays == 4
 
 
+def test_fit_reads_a_replays_loss_in_its_graph_and_train_step_a_lasting_copy(
+        host_cupy_lib):
+    """fit reads each step's loss at once (into its epoch's vector), so a replay hands it
+    the graph's own loss buffer: one copy kernel a step less. train_step's loss keeps its
+    value through the next step, so it gets a copy, as before."""
+    net, X, Y = _net("dense")
+    plan = StepPlan(1e-3)
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for _ in range(3):  # warm-up, capture, replay
+            net._step(X, Y, plan, False, lasting=False)
+        first = net._step(X, Y, plan, False, lasting=False)
+        value = float(first)
+        second = net._step(X, Y, plan, False, lasting=False)
+        assert second is first  # the graph's buffer, overwritten by each replay
+        kept = net.train_step(X, Y, 1e-3, check=False)
+        held = float(kept)
+        net.train_step(X, Y, 1e-3, check=False)
+        assert kept is not first and float(kept) == held  # a lasting copy
+    assert net.step_graphs.replays == 5 and value > 0
+
+
 def test_nets_share_a_capture_stream_and_its_cublas_handle(host_cupy_lib):
     """The capture stream, its cuBLAS handle and the handle's 32 MiB workspace are made
     once per thread and device, however many nets are trained and freed: one per net
