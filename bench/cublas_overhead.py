@@ -46,8 +46,8 @@ int cublasSetMathMode(H h, int m) { return 0; }
 #define GEMV(name, T) int name(H h, int t, int m, int n, const T *al, const T *A, int lda, \\
     const T *x, int incx, const T *be, T *y, int incy) { return 0; }
 GEMM(cublasSgemm_v2, float) GEMM(cublasDgemm_v2, double)
-#define BATCHED(name, T) int name(H h, int ta, int tb, int m, int n, int k, const T *al, \
-    const T *A, int lda, long long sa, const T *B, int ldb, long long sb, const T *be, \
+#define BATCHED(name, T) int name(H h, int ta, int tb, int m, int n, int k, const T *al, \\
+    const T *A, int lda, long long sa, const T *B, int ldb, long long sb, const T *be, \\
     T *C, int ldc, long long sc, int count) { return 0; }
 BATCHED(cublasSgemmStridedBatched, float) BATCHED(cublasDgemmStridedBatched, double)
 GEMV(cublasSgemv_v2, float) GEMV(cublasDgemv_v2, double)

@@ -154,7 +154,7 @@ def integer(name: str, value, minimum: int = 1, where: str = "",
     """``value`` as an int >= ``minimum`` (and < ``below``, if given), or a
     TypeError/ValueError naming it (and ``where`` it was given). 2.5, "3" and True are
     mistakes, not integers; NumPy's integers are integers."""
-    interval = integers(minimum, below)
+    interval = integer_interval(minimum, below)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{where}{name} must be an integer {interval}, got {value!r}")
     if not minimum <= int(value) < (math.inf if below is None else below):
@@ -173,7 +173,7 @@ def warn(message: str, category: type) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
-def integers(minimum: int, below: int | None = None) -> str:
+def integer_interval(minimum: int, below: int | None = None) -> str:
     """The integers >= ``minimum`` (and < ``below``) in words: ">= 1", "in [0, 2^64)" (a
     large power of two as one, not 18446744073709551616)."""
     if below is None:
@@ -183,8 +183,9 @@ def integers(minimum: int, below: int | None = None) -> str:
 
 
 def seed(value) -> int:
-    """A seed: an integer >= 0 (what NumPy's generators take)."""
-    return integer("seed", value, minimum=0)
+    """A seed: an integer in [0, 2^64) (what NumPy's generators take, and a History
+    holds)."""
+    return integer("seed", value, minimum=0, below=2**64)
 
 
 def pairs(params, layers=None) -> list[tuple]:
@@ -316,7 +317,10 @@ def step_scalars(dtype, lr, dp) -> None:
         C, sigma = dp.max_grad_norm, dp.noise_multiplier
         scalars += [("DP: ", "max_grad_norm", C), ("DP: ", "noise_multiplier", sigma),
                     ("DP: ", "noise_multiplier * max_grad_norm", sigma * C)]
-    _scalars_fit(np.dtype(dtype), tuple(scalars))
+    try:
+        _scalars_fit(np.dtype(dtype), tuple(scalars))
+    except TypeError:  # unhashable (a 0-d array set by hand, say): checked uncached
+        _scalars_fit.__wrapped__(np.dtype(dtype), scalars)
 
 
 @functools.lru_cache(maxsize=64)

@@ -95,7 +95,7 @@ def _integer(minimum: int, below: Optional[int] = None):
             value = minimum - 1
         if value < minimum or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"expected an integer "
-                                             f"{_checks.integers(minimum, below)}, got {text!r}")
+                                             f"{_checks.integer_interval(minimum, below)}, got {text!r}")
         return value
     return parse
 
@@ -529,15 +529,13 @@ def _settings(args, resumed) -> _Settings:
     seed = _setting(args.seed, stored.get("seed"), DEFAULTS["seed"])
     batch_size = _setting(args.batch_size, stored.get("batch_size"), DEFAULTS["batch_size"])
     if resumed:
-        for option, given in (("--seed", args.seed), ("--batch-size", args.batch_size)):
-            theirs = stored[option[2:].replace("-", "_")]
-            if given is not None and given != theirs:
-                raise ValueError(f"{option} differs from the checkpoint {args.resume}, which "
-                                 f"has {theirs}; leave it out to resume")
+        _check_matches(args, {"--seed": (args.seed, stored["seed"]),
+                              "--batch-size": (args.batch_size, stored["batch_size"])})
         done = resumed.history.epochs
         if args.epochs < done:
-            raise ValueError(f"--epochs {args.epochs}: the checkpoint {args.resume} has "
-                             f"trained {done} epochs already; --epochs counts them all "
+            default = " (the default)" if args.epochs == DEFAULTS["epochs"] else ""
+            raise ValueError(f"--epochs {args.epochs}{default}: the checkpoint {args.resume} "
+                             f"has trained {done} epochs already; --epochs counts them all "
                              f"(give {done} or more)")
         _check_same_optimizer(args, resumed.optimizer)
         kind = _optimizer_name(resumed.optimizer)
@@ -771,8 +769,7 @@ def _private(args, resumed, sample_rate: float, steps: int):
             if value != stored[name]:
                 has = f"noise multiplier {dp.noise_multiplier}" if stored[name] is None \
                     else "another seed" if name == "dp_seed" else stored[name]  # secret
-                raise ValueError(f"{_option(name)} differs from the checkpoint {args.resume}, "
-                                 f"which has {has}; leave it out to resume")
+                raise _differs(args, _option(name), has)
         return dp
     if not given:
         return None
@@ -831,8 +828,7 @@ def _data_set(args, resumed) -> str:
     """The data set of the run: --data, else the checkpoint's, else the digits."""
     stored = resumed.data if resumed else None
     if stored is not None and args.data not in (None, stored):
-        raise ValueError(f"--data differs from the checkpoint {args.resume}, which has "
-                         f"{stored}; leave it out to resume")
+        raise _differs(args, "--data", stored)
     name = args.data or stored or "digits"
     if name not in DATA:
         raise ValueError(f"the checkpoint {args.resume} trained on {name!r}, a data set "
@@ -939,6 +935,21 @@ def _check_fits_data(sizes, data, features, outputs) -> None:
                          f"{outputs} (outputs)")
 
 
+def _differs(args, option: str, has) -> ValueError:
+    """The error for ``option``, given with --resume, where the checkpoint ``has`` another
+    value."""
+    return ValueError(f"{option} differs from the checkpoint {args.resume}, which has "
+                      f"{has}; leave it out to resume")
+
+
+def _check_matches(args, stored: dict) -> None:
+    """With --resume: each option of ``stored`` (``{option: (given, the checkpoint's)}``)
+    given (not None) must be the checkpoint's."""
+    for option, (given, theirs) in stored.items():
+        if given is not None and given != theirs:
+            raise _differs(args, option, theirs)
+
+
 def _check_same_model(args, net, model, loss) -> None:
     """With --resume, model options may be repeated but must match the checkpoint."""
     stored = {
@@ -960,10 +971,7 @@ def _check_same_model(args, net, model, loss) -> None:
                              f"resume")
     if args.activation is not None and len(net.layers) > 1:  # hidden layers to compare
         stored["--activation"] = (activations.get(args.activation), net.activations[0])
-    for option, (given, theirs) in stored.items():
-        if given is not None and given != theirs:
-            raise ValueError(f"{option} differs from the checkpoint {args.resume}, which "
-                             f"has {theirs}; leave it out to resume")
+    _check_matches(args, stored)
 
 
 # --- the optimizer ------------------------------------------------------------------------
@@ -1057,5 +1065,4 @@ def _check_same_optimizer(args, optimizer) -> None:
                              f"{args.resume}, which trains with {what}; leave it out to "
                              f"resume")
         if given != stored[name]:
-            raise ValueError(f"{_option(name)} differs from the checkpoint {args.resume}, "
-                             f"which has {stored[name]}; leave it out to resume")
+            raise _differs(args, _option(name), stored[name])

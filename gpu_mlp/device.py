@@ -164,19 +164,34 @@ def _moved(a, xp, name):
         return _moved_as_is(a, xp, name)
     try:
         return _moved_as_is(a, xp, name)
-    except (BufferError, NotImplementedError, RuntimeError) as e:
-        # what DLPack or the tensor's library refuses (a sparse or meta tensor, float8):
-        # their message, the argument named
-        what = f"{type(a).__name__} of dtype {getattr(a, 'dtype', '?')}"
-        if str(getattr(a, "layout", "torch.strided")) != "torch.strided":
-            what += f" and layout {a.layout} (give {name}.to_dense())"
-        raise TypeError(f"{name} cannot be taken as an array: a {what}: "
-                        f"{type(e).__name__}: {e}") from None
+    except (BufferError, NotImplementedError) as e:  # what DLPack refuses to export
+        raise TypeError(f"{name} cannot be taken as an array: a {type(a).__name__} of "
+                        f"dtype {getattr(a, 'dtype', '?')}: {type(e).__name__}: {e}") from None
+
+
+# PyTorch dtypes with no NumPy or CuPy counterpart (DLPack refuses them with a bare
+# RuntimeError, which is not theirs alone: an out-of-memory error is one too)
+_UNTAKEABLE_DTYPES = ("torch.float8", "torch.float4", "torch.complex32", "torch.bits")
+
+
+def _check_takeable(t, name) -> None:
+    """A TypeError naming ``name`` for a PyTorch tensor that holds no array DLPack can pass:
+    a sparse or quantized one, one on the meta device, one of a dtype NumPy lacks."""
+    if str(t.layout) != "torch.strided":
+        raise TypeError(f"{name} cannot be taken as an array: a tensor of layout {t.layout} "
+                        f"(give {name}.to_dense())")
+    if t.is_meta:
+        raise TypeError(f"{name} cannot be taken as an array: a meta tensor has no values")
+    if t.is_quantized or str(t.dtype).startswith(_UNTAKEABLE_DTYPES):
+        fix = "dequantize" if t.is_quantized else "float"
+        raise TypeError(f"{name} cannot be taken as an array: its dtype {t.dtype} has no "
+                        f"NumPy or CuPy counterpart (give {name}.{fix}())")
 
 
 def _moved_as_is(a, xp, name):
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
+        _check_takeable(a, name)
         if a.is_neg():  # a lazy negation (x.conj().imag, say), which DLPack drops: its
             a = a.resolve_neg()  # values would arrive with their sign flipped
         if str(a.dtype) == "torch.bfloat16":

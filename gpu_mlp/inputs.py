@@ -54,7 +54,7 @@ def input_shape(shape) -> tuple:
         raise TypeError(f"input_shape must be a tuple of sizes, got {shape!r}") from None
 
 
-def _writable(a) -> bool:
+def writable(a) -> bool:
     """Whether a step may write its update into the parameter array ``a`` (NumPy's flags;
     a CuPy array always)."""
     return getattr(a.flags, "writeable", True) and getattr(a.flags, "aligned", True)
@@ -166,9 +166,9 @@ class Inputs:
         if not (len(arrays) == len(self._checked_params) and all(
                 a is b for a, b in zip(arrays, self._checked_params))):
             self._check_new_params(params, arrays)  # else the objects last checked
-        if write and not all(_writable(a) for a in arrays):
+        if write and not all(writable(a) for a in arrays):
             k, name, a = next((k, n, a) for k, pair in enumerate(params, start=1)
-                              for n, a in zip(("W", "b"), pair) if not _writable(a))
+                              for n, a in zip(("W", "b"), pair) if not writable(a))
             what = ("read-only (a read-only memory map, say)" if not a.flags.writeable else
                     "not aligned to its dtype (a view at an odd byte offset, say)")
             raise ValueError(f"{name}_{k} is {what}, and training writes its update into "

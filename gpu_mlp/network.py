@@ -200,7 +200,7 @@ class Network(ForwardBackward):
         (a GPU net on a machine without one), it raises as ``device="cuda"`` would there
         (``gpu_mlp.checkpoint`` moves a net between devices)."""
         # the loss by name, or itself where it is not the table's (clipped: Loss.clipped)
-        loss = self.loss.name if self.loss is _losses.get(self.loss.name) else self.loss
+        loss = self.loss.name if self.loss is _losses.TABLE.get(self.loss.name) else self.loss
         return {"layers": self.layers, "loss": loss, "memory": self.memory,
                 "device": self.device, "dtype": self.dtype.name,
                 "params": [(_device.to_numpy(W), _device.to_numpy(b)) for W, b in self.params]}
@@ -595,8 +595,8 @@ def _own(xp, params, dtype, copy: bool) -> list[tuple]:
     held = []
     for a in (a for pair in params for a in pair):
         own = None if copy else xp.asarray(a, dtype=dtype, order="C")
-        if own is None or not getattr(own.flags, "writeable", True) or not getattr(
-                own.flags, "aligned", True) or any(xp.may_share_memory(own, h) for h in held):
+        if own is None or not _inputs.writable(own) or any(
+                xp.may_share_memory(own, h) for h in held):
             own = xp.array(a, dtype=dtype, order="C", copy=True)
         held.append(own)
     return list(zip(held[::2], held[1::2]))
@@ -617,9 +617,9 @@ def _too_large(layers, dtype) -> MemoryError:
     size = n * dtype.itemsize
     unit, scale = next((u, s) for u, s in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("B", 1))
                        if size >= s or s == 1)
-    try:
-        amount = f"{size / scale:.3g} {unit}"
-    except OverflowError:  # past any float
-        amount = f"10^{len(str(size)) - 1} bytes and more"
-    return MemoryError(f"the model needs {amount} for its {n:,} parameters "
+    if size < 1e300:
+        amount, count = f"{size / scale:.3g} {unit}", f"{n:,}"
+    else:  # past any float, and perhaps Python's digits for a str
+        amount, count = f"2^{size.bit_length() - 1} bytes and more", f"2^{n.bit_length() - 1}+"
+    return MemoryError(f"the model needs {amount} for its {count} parameters "
                        f"({dtype.name}): out of memory")

@@ -185,6 +185,7 @@ class Optimizer:
         self._state = {}        # name -> [(state of W_k, state of b_k)] on the net's device
         self._scratch = None    # the one gradient buffer, flat
         self._pending = None    # host state loaded before binding, checked at bind
+        self._fixed = None      # why nothing may change it (a plain StepPlan's rule), or None
 
     # --- hyperparameters and position ---------------------------------------------------
 
@@ -193,8 +194,14 @@ class Optimizer:
         """The base learning rate (the schedule scales it per step)."""
         return self._lr
 
+    def _changing(self) -> None:
+        """Raise an AttributeError, saying why, if this optimizer may not change."""
+        if self._fixed is not None:
+            raise AttributeError(self._fixed)
+
     @lr.setter
     def lr(self, value) -> None:
+        self._changing()
         value = _lr(value, f"{type(self).__name__}: ")
         self.schedule.check(value)
         self._lr = value
@@ -211,6 +218,7 @@ class Optimizer:
 
     @weight_decay.setter
     def weight_decay(self, value) -> None:
+        self._changing()
         self._weight_decay = _checks.in_range("weight_decay", value,
                                               f"{type(self).__name__}: ")
 
@@ -377,6 +385,7 @@ class Optimizer:
         """Take hyperparameters, schedule, step count and state from ``state_dict`` (of
         :meth:`state_dict`, of the same optimizer type). Everything is checked first --
         a bound optimizer's state against its net -- and nothing changes on an error."""
+        self._changing()
         other = from_state_dict(state_dict)
         if type(other) is not type(self):
             raise ValueError(f"this {type(self).__name__} cannot load a state dict of type "
@@ -475,6 +484,7 @@ class SGD(Optimizer):
         is ``-lr`` times this buffer at the rate of the steps that made it: after changing
         ``lr`` from ``old`` to ``new``, ``scale_momentum(old / new)`` keeps following it."""
         where = "SGD.scale_momentum: "
+        self._changing()
         factor = _checks.in_range("factor", factor, where, low_open=True)
         held = (self._state.get("momentum_buffer", ()) if self._net is not None else
                 (self._pending or {}).get("momentum_buffer", ()))

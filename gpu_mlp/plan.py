@@ -100,7 +100,10 @@ class StepPlan:
         this one counts no steps, and its ``lr`` and ``weight_decay`` cannot be set:
         the steps would not see them)."""
         if self._rule is None:
-            self._rule = _PlainRule(self._lr)
+            self._rule = optim.SGD(self._lr)
+            self._rule._fixed = ("a StepPlan of a number steps at that rate, without weight "
+                                 "decay: to change them, plan with an optimizer "
+                                 "(StepPlan(optim.SGD(lr)), fit(optimizer=...))")
         return self._rule
 
     @property
@@ -264,21 +267,6 @@ class StepPlan:
                 divisor = rows if counts is None else sum(counts)
             sink = self.dp.stage(net, sink, rows, divisor, scalars)
         return sink
-
-
-class _PlainRule(optim.SGD):
-    """A plain plan's rule, to read: its steps take the plan's number."""
-
-    def _fixed(self, value) -> None:
-        raise AttributeError("a StepPlan of a number steps at that rate, without weight "
-                             "decay: to change them, plan with an optimizer "
-                             "(StepPlan(optim.SGD(lr)), fit(optimizer=...))")
-
-    lr = property(optim.SGD.lr.fget, _fixed)
-    weight_decay = property(optim.SGD.weight_decay.fget, _fixed)
-
-
-_PlainRule.__name__ = "SGD"  # what it is, in its repr and state dict
 
 
 class StepScalars:

@@ -431,10 +431,10 @@ class _BaseMLP(BaseEstimator):
 
     # --- fitting ------------------------------------------------------------------------
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit the model to X (n_samples, n_features) and y; returns self.
-        ``sample_weight`` (scikit-learn's third argument) is not offered: None only."""
-        _no_sample_weight(sample_weight)
+    def fit(self, X, y):
+        """Fit the model to X (n_samples, n_features) and y; returns self. No
+        ``sample_weight``: scikit-learn asks ``fit``'s signature whether an estimator
+        takes weights (``has_fit_parameter``), and its meta-estimators then pass them."""
         return self._fit(X, y, incremental=False)
 
     def _fit(self, X, y, incremental):

@@ -240,7 +240,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     batch_size = _checks.integer("batch_size", batch_size, below=2**64)
     plan = make_plan()
     comm = plan.communicator(net)  # fit's Communicator, or None
-    seed = _checks.integer("seed", seed, 0, below=2**64)
+    seed = _checks.seed(seed)
     shuffle, verbose = _checks.flag("shuffle", shuffle), _checks.flag("verbose", verbose)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
@@ -327,7 +327,8 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         if on_epoch is not None:
             on_epoch(net, history)
             # what a divergence goes back to: the epoch as the callback left it (a new
-            # rate, momentum scaled, parameters changed) -- what it may have saved
+            # rate, momentum scaled, parameters changed) -- what it may have saved. (A
+            # second host copy of the parameters an epoch, only with a callback.)
             good = _host_copy(net.params, into=good)
         good_state = plan.snapshot()
     _warn_if_loss_rose(history, first_step_loss, plan.lr)

@@ -88,11 +88,16 @@ def test_a_number_is_plain_sgd():
     # its rule is there to read: a rate or decay set on it, which the steps never saw,
     # was taken silently
     assert repr(plan.rule).startswith("SGD(") and plan.rule.state_dict()["type"] == "SGD"
-    for name in ("lr", "weight_decay"):
+    changes = [lambda rule: setattr(rule, "lr", 0.5),
+               lambda rule: setattr(rule, "weight_decay", 0.5),
+               lambda rule: rule.load_state_dict(optim.SGD(0.5).state_dict()),
+               lambda rule: rule.scale_momentum(2.0)]
+    for change in changes:
         with pytest.raises(AttributeError, match="a StepPlan of a number steps at that "
                                                  "rate, without weight decay"):
-            setattr(plan.rule, name, 0.5)
+            change(plan.rule)
     assert (plan.lr, plan.rule.lr, plan.rule.weight_decay) == (0.1, 0.1, 0.0)
+    assert type(plan.rule) is optim.SGD
     adam = optim.Adam()
     assert StepPlan(adam).optimizer is adam and not StepPlan(adam).plain
 
