@@ -174,7 +174,7 @@ def _moved(a, xp, name):
 _UNTAKEABLE_DTYPES = ("torch.float8", "torch.float4", "torch.complex32", "torch.bits")
 
 
-def _check_takeable(t, name) -> None:
+def check_takeable(t, name) -> None:
     """A TypeError naming ``name`` for a PyTorch tensor that holds no array DLPack can pass:
     a sparse or quantized one, one on the meta device, one of a dtype NumPy lacks."""
     if str(t.layout) != "torch.strided":
@@ -191,7 +191,7 @@ def _check_takeable(t, name) -> None:
 def _moved_as_is(a, xp, name):
     if hasattr(a, "detach") and hasattr(a, "requires_grad"):
         a = a.detach()  # a PyTorch tensor: DLPack refuses one that requires grad
-        _check_takeable(a, name)
+        check_takeable(a, name)
         if a.is_neg():  # a lazy negation (x.conj().imag, say), which DLPack drops: its
             a = a.resolve_neg()  # values would arrive with their sign flipped
         if str(a.dtype) == "torch.bfloat16":

@@ -163,13 +163,14 @@ def _pointer(a) -> int:
 
 def _shares(t: torch.Tensor, a) -> bool:
     """True when tensor ``t`` is the engine array ``a``: same memory, shape and dtype."""
-    return (t.data_ptr() == _pointer(a) and tuple(t.shape) == tuple(a.shape)
+    return (t.layout == torch.strided and t.data_ptr() == _pointer(a)
+            and tuple(t.shape) == tuple(a.shape)
             and _DTYPES.get(t.dtype) == a.dtype.name and t.is_contiguous()
             and _engine_device(t.device) == ("cpu" if hasattr(a, "ctypes") else "cuda"))
 
 
-def _to_engine(t: torch.Tensor, net):
-    return _device.to_device(t.detach(), _device.resolve(net.device)[1])
+def _to_engine(t: torch.Tensor, net, name: str):
+    return _device.to_device(t.detach(), _device.resolve(net.device)[1], name)
 
 
 # torch.compile (Dynamo) would trace the engine's NumPy/CuPy calls, which it cannot: the
@@ -183,12 +184,15 @@ def _first_derivative_only(backward):
     does not: torch's own decorator then returns them detached under ``create_graph``,
     so a second derivative through the module (a gradient penalty, a Hessian) came back
     0, silently. Here, under ``create_graph``, they carry a function that raises when
-    differentiated."""
+    differentiated. ``backward(ctx, saved, *grads)`` gets the saved tensors, unpacked
+    once here: non-reentrant checkpointing and one-shot saved-tensor hooks (offloading)
+    allow no second unpacking."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        unpacked = ctx.saved_tensors  # raises if one was changed in place since
         with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        saved = [t for t in (*ctx.saved_tensors, *grads) if t is not None and t.requires_grad]
+            outputs = backward(ctx, unpacked, *grads)
+        saved = [t for t in (*unpacked, *grads) if t is not None and t.requires_grad]
         if not torch.is_grad_enabled() or not saved:  # no create_graph, or nothing to
             return outputs                            # differentiate the gradients by
         # an exact 0 (an empty slice's sum: inf weights do not make it NaN) joined to the
@@ -209,7 +213,7 @@ class _EngineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, net, x, *params):
         with _on(x.device):
-            out, tape = net.forward(_to_engine(x, net), check=False)
+            out, tape = net.forward(_to_engine(x, net, "x"), check=False)
             out = torch.from_dlpack(out)
         # (a graph freed without a backward drops the tape: its buffers go back)
         ctx.net, ctx.tape = net, tape
@@ -218,15 +222,15 @@ class _EngineFunction(torch.autograd.Function):
 
     @staticmethod
     @_first_derivative_only
-    def backward(ctx, grad_output):
-        x, *params = ctx.saved_tensors  # raises if x or a W_k changed since the forward
+    def backward(ctx, saved, grad_output):
+        x, *params = saved
         net = ctx.net
         want_dx = ctx.needs_input_grad[1]
         with _on(x.device):
             tape, ctx.tape = ctx.tape, None
             if tape is None:  # a retained graph's second backward: its own forward
-                _, tape = net.forward(_to_engine(x, net), check=False)
-            grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net),
+                _, tape = net.forward(_to_engine(x, net, "x"), check=False)
+            grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net, "grad_output"),
                                      want_dx=want_dx, check=False)
             dX = torch.from_dlpack(dX) if want_dx else None
             flat = [torch.from_dlpack(g) for pair in grads for g in pair]
@@ -303,14 +307,21 @@ class NetworkModule(nn.Module):
     def net(self) -> Network:
         """The engine, its ``params`` the very memory of this module's parameters (made
         again from them if something -- ``.to()``, ``param.data = ...`` -- replaced it)."""
-        net, pairs = self._net, self._pairs()
+        return self._engine(self._pairs())
+
+    def _engine(self, pairs) -> Network:
+        """:attr:`net` for the parameters ``pairs`` (:meth:`_pairs`, read once by the
+        caller: a parametrized weight is computed anew at each read)."""
+        net = self._net
         if net is not None and all(_shares(t, a) for pair, arrays in zip(pairs, net.params)
                                    for t, a in zip(pair, arrays)):
             return net
-        return self._rebuild()
+        return self._rebuild(pairs)
 
-    def _rebuild(self) -> Network:
-        pairs = self._pairs()
+    def _rebuild(self, pairs) -> Network:
+        for k, pair in enumerate(pairs, start=1):
+            for name, t in zip((f"W_{k}", f"b_{k}"), pair):
+                _device.check_takeable(t, name)  # (a sparse one has no data pointer)
         tensors = [t for pair in pairs for t in pair]
         device, dtype = tensors[0].device, tensors[0].dtype
         for t in tensors:
@@ -376,8 +387,16 @@ class NetworkModule(nn.Module):
 
     @_not_compiled
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        W = self.W_1
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            raise RuntimeError(f"{type(self).__name__} cannot be traced or scripted "
+                               f"(torch.jit): its forward computes with NumPy or CuPy, which "
+                               f"a trace records as a constant output; torch.compile runs "
+                               f"it as a graph break")
+        # the parameters read once: a parametrization (spectral_norm, weight_norm)
+        # computes the weight at each read, and the engine and autograd must see one
+        pairs = self._pairs()
+        net = self._engine(pairs)
+        W = pairs[0][0]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} takes a torch.Tensor, got "
                             f"{type(x).__name__}")
@@ -392,11 +411,10 @@ class NetworkModule(nn.Module):
         single = x.dim() == sample_ndim(self._layers)
         if single:
             x = x.unsqueeze(0)
-        out = self._run(net, x)
+        out = self._run(net, x, [t for pair in pairs for t in pair])
         return out.squeeze(0) if single else out
 
-    def _run(self, net, x):
-        params = [t for pair in self._pairs() for t in pair]
+    def _run(self, net, x, params):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params))
         if x.shape[0] == 0:  # an empty batch: nothing for the engine to do
@@ -407,7 +425,7 @@ class NetworkModule(nn.Module):
         if needs_grad:
             return _EngineFunction.apply(net, x, *params)
         with _on(x.device):
-            return torch.from_dlpack(net.predict(_to_engine(x, net), check=False))
+            return torch.from_dlpack(net.predict(_to_engine(x, net, "x"), check=False))
 
     def extra_repr(self) -> str:
         layers = ", ".join(str(layer) for layer in self._layers)
@@ -446,6 +464,7 @@ class MLPModule(NetworkModule):
         d_in = self._layers[0].d_in
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MLPModule takes a torch.Tensor, got {type(x).__name__}")
+        _device.check_takeable(x, "x")  # before the reshape, which a sparse x refuses
         if x.dim() == 0 or x.shape[-1] != d_in:
             raise ValueError(f"MLPModule{self.sizes} takes inputs of shape (*, {d_in}), got "
                              f"{tuple(x.shape)}")

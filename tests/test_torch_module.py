@@ -361,7 +361,7 @@ def test_tied_weights_are_one_tensor_to_the_engine_too():
     twin[0].weight = twin[2].weight = nn.Parameter(module.W_1.detach().clone())
     rebuilds = []
     rebuild = module._rebuild
-    module._rebuild = lambda: rebuilds.append(1) or rebuild()
+    module._rebuild = lambda pairs: rebuilds.append(1) or rebuild(pairs)
     for model in (module, twin):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(5):
@@ -422,6 +422,82 @@ def test_a_tensor_dlpack_cannot_pass_is_refused_naming_the_argument(make, said, 
         net.train_step(bad["X"], bad["Y"], 0.1)
     for a, b in zip((a for pair in net.params for a in pair), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_saved_tensors_are_unpacked_once_for_checkpointing_and_offloading():
+    """Non-reentrant torch.utils.checkpoint (PyTorch's recommended mode) and one-shot
+    saved-tensor hooks (offloading pops what it unpacks) allow one unpacking: backward
+    took them twice, and raised CheckpointError and KeyError. The gradients are nn's."""
+    import torch.utils.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    module = MLPModule([4, 5, 3], activations="tanh", dtype="float64")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    module(x).sum().backward()
+    expected = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    checkpoint.checkpoint(module, x, use_reentrant=False).sum().backward()
+    store = {}
+
+    def pack(t):
+        store[len(store)] = t
+        return len(store) - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, store.pop):
+        out = module(x)
+    out.sum().backward()
+    for p, g in zip(module.parameters(), expected):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
+@pytest.mark.parametrize("make", [lambda: MLPModule([4, 3]),
+                                  lambda: NetworkModule([Dense(4, 3)])], ids=["mlp", "net"])
+def test_the_modules_name_a_sparse_input_or_parameter(make):
+    """"the array" was named, MLPModule's reshape raised first, and a sparse parameter
+    had no data pointer for the engine to share."""
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match=r"^x cannot be taken as an array: a tensor of "
+                                        r"layout torch.sparse_coo \(give x.to_dense\(\)\)"):
+        make()(x.to_sparse())
+    module = make()
+    module(x)  # an engine made: the sparse parameter replaces a shared one
+    module.W_1 = nn.Parameter(module.W_1.detach().to_sparse())
+    with pytest.raises(TypeError, match="^W_1 cannot be taken as an array: a tensor of "
+                                        "layout torch.sparse_coo"):
+        module(x)
+
+
+def test_tracing_is_refused_rather_than_freezing_the_output():
+    """torch.jit.trace recorded the engine's output as a constant: the traced module
+    gave the trace-time output for every input."""
+    module = MLPModule([4, 3])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be traced or scripted"):
+        torch.jit.trace(module, torch.randn(2, 4))
+
+
+def test_a_parametrized_weight_is_computed_once_a_forward():
+    """The weights were read four times a forward, each read running the
+    parametrization (spectral_norm's power iteration advanced four steps a forward), and
+    the engine computed with another read than autograd differentiated."""
+    from torch.nn.utils import parametrize
+
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, W):
+            calls.append(1)
+            return W * 1.0
+
+    torch.manual_seed(0)
+    module = MLPModule([4, 3], dtype="float64")
+    parametrize.register_parametrization(module, "W_1", Counted())
+    calls.clear()  # (registering runs it once)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    out = module(x)
+    assert len(calls) == 1
+    out.sum().backward()
+    W = module.parametrizations.W_1.original
+    torch.testing.assert_close(W.grad, torch.ones(2, 3, dtype=torch.float64).T @ x)
 
 
 def test_in_place_changes_between_forward_and_backward_are_caught():
@@ -599,7 +675,7 @@ def test_the_engine_takes_the_parameters_without_a_copy():
     size = sum(p.numel() * p.element_size() for p in model.parameters())  # 8 MB
     tracemalloc.start()
     try:
-        model._rebuild()  # what a forward does after the parameters were replaced
+        model._rebuild(model._pairs())  # what a forward does after the parameters were replaced
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
