@@ -61,7 +61,7 @@ def _gram_inner(xp, T, X):
     return inner
 
 
-def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int):
+def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=None):
     """The Gram form's ``<T_i T_i^T, X_i X_i^T>``, kept where it is reliable and made an
     upper bound of ``||G_i||^2`` where it is not. Computed, it is off by up to ``e_i =
     (d_out + K + P^2) u ||T_i||^2 ||X_i||^2`` (u the dtype's unit roundoff: the two
@@ -70,15 +70,26 @@ def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int):
     norm (that made a DP step's every weight NaN), or too small a norm for the clipping
     to hold. Where ``e_i`` exceeds :data:`GRAM_TRUSTED` of the value, the value is
     ``max(value, 0) + e_i`` instead, never below the true one: the clipping holds, at
-    the price of clipping such a sample harder. ``T_squares`` is overwritten."""
+    the price of clipping such a sample harder. ``T_squares`` is overwritten; with a
+    workspace ``ws`` all is done in place, no array made (a GPU step being captured):
+    ``X_squares`` too, and the result is ``inner``."""
     u = float(np.finfo(inner.dtype).eps) / 2
     if not isinstance(inner, np.ndarray) and inner.dtype == np.float32 and _tf32():
         u = 2.0 ** -11  # CuPy's matmul rounds the factors to TF32's 10 bits
     error = T_squares
     error *= X_squares
     error *= (d_out + K + P * P) * u
-    bound = xp.maximum(inner, 0) + error
-    return xp.where(error <= GRAM_TRUSTED * inner, inner, bound)
+    if ws is None:
+        bound = xp.maximum(inner, 0) + error
+        return xp.where(error <= GRAM_TRUSTED * inner, inner, bound)
+    bound, limit, loose = X_squares, ws.take(inner.shape), ws.take(inner.shape, bool)
+    xp.maximum(inner, 0, out=bound)
+    bound += error
+    xp.multiply(inner, GRAM_TRUSTED, out=limit)
+    xp.greater(error, limit, out=loose)  # (NaN: neither, and inner stays NaN)
+    xp.copyto(inner, bound, where=loose)
+    ws.give(limit, loose)
+    return inner
 
 
 def _tf32() -> bool:
@@ -141,21 +152,48 @@ def row_squares_into(xp, A, out, ws, add=False) -> None:
 
 
 def add_squares(xp, T, X, out, ws) -> None:
-    """``out += per_sample_squares(xp, T, X)``. On a GPU a dense layer's, ``||T_i||^2
-    (||X_i||^2 + 1)``, is each factor's :func:`row_squares_into` workspace buffers
-    (``ws``), then in-place products: no array is made, where CuPy's reductions and
-    einsum make theirs."""
-    B, P, _ = T.shape
-    if xp is np or P != 1:
+    """``out += per_sample_squares(xp, T, X)``. On a GPU no array is made -- CuPy's
+    reductions, einsum and matmul make their results, which a step being captured may
+    not -- from the workspace ``ws``: a dense layer's ``||T_i||^2 (||X_i||^2 + 1)`` from
+    each factor's :func:`row_squares_into`; a convolution's forms as
+    :func:`per_sample_squares` computes them, the batched GEMMs into workspace buffers."""
+    if xp is np:
         out += per_sample_squares(xp, T, X)
         return
-    t, x = ws.take((B,)), ws.take((B,))
-    row_squares_into(xp, T[:, 0], t, ws)
-    row_squares_into(xp, X[:, 0], x, ws)
-    x += 1
-    x *= t
-    out += x
-    ws.give(t, x)
+    B, P, d_out = T.shape
+    K = X.shape[2]
+    squares = ws.take((B,))
+    if P == 1:
+        x = ws.take((B,))
+        row_squares_into(xp, T[:, 0], squares, ws)
+        row_squares_into(xp, X[:, 0], x, ws)
+        x += 1
+        squares *= x
+        out += squares
+        ws.give(squares, x)
+        return
+    if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
+        grams = ws.take((2, B, P, P))
+        ops.gemm_batched("N", "T", T, T, grams[0])
+        ops.gemm_batched("N", "T", X, X, grams[1])
+        grams[0] *= grams[1]
+        t, x = ws.take((B,)), ws.take((B,))
+        ops.gemv("N", grams[0].reshape(B, -1), ws.ones(P * P), squares)
+        ws.give(grams)
+        row_squares_into(xp, T.reshape(B, -1), t, ws)
+        row_squares_into(xp, X.reshape(B, -1), x, ws)
+        _gram_bound(xp, squares, t, x, P, d_out, K, ws)
+        ws.give(t, x)
+    else:  # G_i itself, batched
+        G = ws.take((B, d_out, K))
+        ops.gemm_batched("T", "N", T, X, G)
+        row_squares_into(xp, G.reshape(B, -1), squares, ws)
+        ws.give(G)
+    g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
+    xp.sum(T, axis=1, out=g)
+    row_squares_into(xp, g, squares, ws, add=True)
+    out += squares
+    ws.give(g, squares)
 
 
 def row_squares(xp, A):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import gpu_mlp
 from gpu_mlp import graph as graph_module
 from gpu_mlp import ops, optim
-from gpu_mlp.layers import Dense
+from gpu_mlp.layers import Conv2d, Dense
 from gpu_mlp.plan import StepPlan, StepScalars
 from gpu_mlp.privacy import DP
 
@@ -416,6 +417,41 @@ def test_fit_reads_a_replays_loss_in_its_graph_and_train_step_a_lasting_copy(
         net.train_step(X, Y, 1e-3, check=False)
         assert kept is not first and float(kept) == held  # a lasting copy
     assert net.step_graphs.replays == 5 and value > 0
+
+
+@pytest.mark.parametrize("layers, shape", [
+    # layer 2: P = 9 output positions, 16 channels: the Gram form of its norms
+    (lambda: [Conv2d(1, 3, 3, padding=1), Conv2d(3, 16, 3, stride=2, padding=1),
+              Dense(16 * 3 * 3, 5, "identity")], (8, 1, 6, 6)),
+    # layer 1: P = 4, 8 channels from K = 4: each G_i formed for its norm, not kept
+    (lambda: [Conv2d(1, 8, 2, stride=2), Dense(8 * 2 * 2, 5, "identity")], (8, 1, 4, 4))],
+    ids=["gram", "direct"])
+def test_a_private_step_of_a_conv_net_with_more_channels_than_positions_is_captured(
+        host_cupy_lib, layers, shape):
+    """Its norms came from CuPy's sum, einsum and matmul, which make their results: the
+    capture failed, and the step ran eagerly for good, with a warning. Now from workspace
+    buffers: captured, replayed, the eager steps bit for bit, nothing allocated."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal(shape).astype(np.float32).view(DeviceArray)
+    Y = rng.integers(0, 5, shape[0]).view(DeviceArray)
+    results = []
+    for capture in (True, False):
+        net = gpu_mlp.Network(layers(), loss="softmax_cross_entropy", device="cpu", seed=0)
+        dp = DP(**PRIVATE)
+        with warnings.catch_warnings(), counting_device(net, host_cupy_lib) as counts, \
+                capturable_blas(host_cupy_lib):
+            warnings.simplefilter("error")
+            for step in range(6):
+                if step == 3:
+                    counts.reset()
+                net._step(X, Y, StepPlan(1e-2, dp), False, global_loss=True,
+                          capture=capture)
+            if capture:
+                assert (counts.allocations, counts.syncs, counts.where) == (0, 0, [])
+        results.append(_host(net))
+        if capture:
+            assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
+    _same(*results)
 
 
 def test_nets_share_a_capture_stream_and_its_cublas_handle(host_cupy_lib):
