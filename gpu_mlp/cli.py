@@ -94,8 +94,8 @@ def _integer(minimum: int, below: Optional[int] = None):
         except ValueError:
             value = minimum - 1
         if value < minimum or (below is not None and value >= below):
-            raise argparse.ArgumentTypeError(f"expected an integer "
-                                             f"{_checks.integer_interval(minimum, below)}, got {text!r}")
+            interval = _checks.integer_interval(minimum, below)
+            raise argparse.ArgumentTypeError(f"expected an integer {interval}, got {text!r}")
         return value
     return parse
 

@@ -138,10 +138,11 @@ class CupyRuntime:
 class _Handle:
     """A cuBLAS handle bound to one stream, its workspace and its pointer mode."""
 
-    __slots__ = ("ptr", "workspace", "mode")
+    __slots__ = ("ptr", "workspace", "mode", "math")
 
-    def __init__(self, ptr: int, workspace):
+    def __init__(self, ptr: int, workspace, math: int):
         self.ptr, self.workspace, self.mode = ptr, workspace, POINTER_MODE_HOST
+        self.math = math  # the math mode, CuPy's when it was made (TF32 or not)
 
 
 class Cublas:
@@ -196,9 +197,10 @@ class Cublas:
         owner, address = runtime.workspace(WORKSPACE_BYTES)
         self._call("cublasSetStream_v2", ptr.value, stream)  # resets the workspace: first
         self._call("cublasSetWorkspace_v2", ptr.value, address, WORKSPACE_BYTES)
-        self._call("cublasSetMathMode", ptr.value, runtime.math_mode())
+        math = runtime.math_mode()
+        self._call("cublasSetMathMode", ptr.value, math)
         self._call("cublasSetPointerMode_v2", ptr.value, POINTER_MODE_HOST)
-        return _Handle(ptr.value, owner)
+        return _Handle(ptr.value, owner, math)
 
     def _destroy(self, handle: _Handle) -> None:
         """Destroy ``handle``. cublasDestroy synchronises the device, so no GEMM still

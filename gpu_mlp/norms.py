@@ -22,19 +22,24 @@ from . import ops
 
 def per_sample_squares(xp, T, X):
     """``||G_i||^2 + ||g_i||^2`` per sample of one layer, from T (B, P, d_out) and the
-    rows X (B, P, K) of its input, without a per-sample gradient where that is cheaper."""
+    rows X (B, P, K) of its input, without a per-sample gradient where that is cheaper.
+    On a GPU as a training step computes them (:func:`add_squares`, with a workspace of
+    its own); on the CPU one sample at a time (see :func:`_gram_inner`)."""
     B, P, d_out = T.shape
+    if xp is not np:
+        from .workspace import Workspace
+
+        squares = xp.zeros(B, dtype=T.dtype)
+        add_squares(xp, T, X, squares, Workspace(xp, T.dtype))
+        return squares
     K = X.shape[2]
-    bias = row_squares(xp, T.sum(axis=1))
+    bias = row_squares(np, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
-        return row_squares(xp, T[:, 0]) * row_squares(xp, X[:, 0]) + bias
+        return row_squares(np, T[:, 0]) * row_squares(np, X[:, 0]) + bias
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
-        return _gram_bound(xp, _gram_inner(xp, T, X), row_squares(xp, T.reshape(B, -1)),
-                           row_squares(xp, X.reshape(B, -1)), P, d_out, K) + bias
-    if xp is not np:  # batched on the GPU
-        G = xp.matmul(T.transpose(0, 2, 1), X)  # the per-sample gradients, (B, d_out, K)
-        return (G * G).sum(axis=(1, 2)) + bias
-    squares = np.empty(B, dtype=T.dtype)  # one sample at a time (see _gram_inner)
+        return _gram_bound(np, _gram_inner(T, X), row_squares(np, T.reshape(B, -1)),
+                           row_squares(np, X.reshape(B, -1)), P, d_out, K) + bias
+    squares = np.empty(B, dtype=T.dtype)
     G = np.empty((d_out, K), T.dtype)
     for i in range(B):
         ops.gemm("T", "N", T[i], X[i], G)
@@ -42,15 +47,11 @@ def per_sample_squares(xp, T, X):
     return squares + bias
 
 
-def _gram_inner(xp, T, X):
-    """``<T_i T_i^T, X_i X_i^T>`` per sample: batched on the GPU; on the CPU one sample at
-    a time through ops.gemm -- SciPy's BLAS, as every other GEMM of the step (NumPy's
-    matmul runs on NumPy's own BLAS, whose idle threads spin against SciPy's on a small
-    machine) -- into one sample's buffers, not B of them."""
-    if xp is not np:
-        gram_T = xp.matmul(T, T.transpose(0, 2, 1))
-        gram_X = xp.matmul(X, X.transpose(0, 2, 1))
-        return (gram_T * gram_X).sum(axis=(1, 2))
+def _gram_inner(T, X):
+    """``<T_i T_i^T, X_i X_i^T>`` per sample on the CPU, one sample at a time through
+    ops.gemm -- SciPy's BLAS, as every other GEMM of the step (NumPy's matmul runs on
+    NumPy's own BLAS, whose idle threads spin against SciPy's on a small machine) -- into
+    one sample's buffers, not B of them."""
     B, P, _ = T.shape
     inner = np.empty(B, dtype=T.dtype)
     gram_T, gram_X = np.empty((P, P), T.dtype), np.empty((P, P), T.dtype)
@@ -70,33 +71,37 @@ def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=
     norm (that made a DP step's every weight NaN), or too small a norm for the clipping
     to hold. Where ``e_i`` exceeds :data:`GRAM_TRUSTED` of the value, the value is
     ``max(value, 0) + e_i`` instead, never below the true one: the clipping holds, at
-    the price of clipping such a sample harder. ``T_squares`` is overwritten; with a
-    workspace ``ws`` all is done in place, no array made (a GPU step being captured):
-    ``X_squares`` too, and the result is ``inner``."""
+    the price of clipping such a sample harder. In place: the result is written into
+    ``inner`` and returned, ``T_squares`` and ``X_squares`` are overwritten, and the two
+    scratch vectors come from the workspace ``ws`` if given (a GPU step being captured
+    may allocate nothing)."""
     u = float(np.finfo(inner.dtype).eps) / 2
     if not isinstance(inner, np.ndarray) and inner.dtype == np.float32 and _tf32():
-        u = 2.0 ** -11  # CuPy's matmul rounds the factors to TF32's 10 bits
+        u = 2.0 ** -11  # the GEMMs round the factors to TF32's 10 bits
     error = T_squares
     error *= X_squares
     error *= (d_out + K + P * P) * u
-    if ws is None:
-        bound = xp.maximum(inner, 0) + error
-        return xp.where(error <= GRAM_TRUSTED * inner, inner, bound)
-    bound, limit, loose = X_squares, ws.take(inner.shape), ws.take(inner.shape, bool)
+    bound = X_squares
     xp.maximum(inner, 0, out=bound)
     bound += error
+    if ws is None:
+        limit, loose = xp.empty_like(inner), xp.empty(inner.shape, dtype=bool)
+    else:
+        limit, loose = ws.take(inner.shape), ws.take(inner.shape, bool)
     xp.multiply(inner, GRAM_TRUSTED, out=limit)
-    xp.greater(error, limit, out=loose)  # (NaN: neither, and inner stays NaN)
+    xp.greater(error, limit, out=loose)  # (a NaN either side: the value is kept)
     xp.copyto(inner, bound, where=loose)
-    ws.give(limit, loose)
+    if ws is not None:
+        ws.give(limit, loose)
     return inner
 
 
 def _tf32() -> bool:
-    """Whether CuPy's float32 GEMMs (its matmul: the Gram form's on a GPU) are TF32."""
+    """Whether the float32 GEMMs of the Gram form just run on this stream were TF32: its
+    cuBLAS handle's math mode (CuPy's when the handle was made, not CuPy's now)."""
     from . import cublas
 
-    return cublas.binding().runtime.math_mode() == cublas.TF32_TENSOR_OP_MATH
+    return cublas.binding().handle().math == cublas.TF32_TENSOR_OP_MATH
 
 
 # the share of a Gram-form square its worst-case rounding may be for it to be kept as it
@@ -173,21 +178,24 @@ def add_squares(xp, T, X, out, ws) -> None:
         ws.give(squares, x)
         return
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
-        grams = ws.take((2, B, P, P))
-        ops.gemm_batched("N", "T", T, T, grams[0])
-        ops.gemm_batched("N", "T", X, X, grams[1])
-        grams[0] *= grams[1]
+        # (two buffers of (P, P) rows: the workspace keeps one per shape after the
+        # first axis, so a (2, B, ...) one would be kept per batch size)
+        gram_T, gram_X = ws.take((B, P, P)), ws.take((B, P, P))
+        ops.gemm_batched("N", "T", T, T, gram_T)
+        ops.gemm_batched("N", "T", X, X, gram_X)
+        gram_T *= gram_X
+        ops.gemv("N", gram_T.reshape(B, -1), ws.ones(P * P), squares)
+        ws.give(gram_T, gram_X)
         t, x = ws.take((B,)), ws.take((B,))
-        ops.gemv("N", grams[0].reshape(B, -1), ws.ones(P * P), squares)
-        ws.give(grams)
         row_squares_into(xp, T.reshape(B, -1), t, ws)
         row_squares_into(xp, X.reshape(B, -1), x, ws)
         _gram_bound(xp, squares, t, x, P, d_out, K, ws)
         ws.give(t, x)
-    else:  # G_i itself, batched
+    else:  # G_i itself, batched, squared in place
         G = ws.take((B, d_out, K))
         ops.gemm_batched("T", "N", T, X, G)
-        row_squares_into(xp, G.reshape(B, -1), squares, ws)
+        G *= G
+        ops.gemv("N", G.reshape(B, -1), ws.ones(d_out * K), squares)
         ws.give(G)
     g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
     xp.sum(T, axis=1, out=g)

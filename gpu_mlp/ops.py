@@ -463,7 +463,9 @@ def _wide_part(ws, B):
     if ws is None:
         raise ValueError("a row-wise activation on rows wider than ROW_KERNEL_MAX needs "
                          "the workspace that lends its scratch (ws)")
-    return ws.take((2, B, ROW_LANES))
+    # (the batch first: the workspace keeps a buffer per shape after it, so a leading
+    # 2 would keep one per batch size, each new one allocated -- DP's Poisson batches)
+    return ws.take((2 * B, ROW_LANES)).reshape(2, B, ROW_LANES)
 
 
 def _wide_sizes(B, C):

@@ -230,8 +230,8 @@ class _EngineFunction(torch.autograd.Function):
             tape, ctx.tape = ctx.tape, None
             if tape is None:  # a retained graph's second backward: its own forward
                 _, tape = net.forward(_to_engine(x, net, "x"), check=False)
-            grads, dX = net.backward(tape, _to_engine(grad_output.contiguous(), net, "grad_output"),
-                                     want_dx=want_dx, check=False)
+            grad = _to_engine(grad_output.contiguous(), net, "grad_output")
+            grads, dX = net.backward(tape, grad, want_dx=want_dx, check=False)
             dX = torch.from_dlpack(dX) if want_dx else None
             flat = [torch.from_dlpack(g) for pair in grads for g in pair]
         flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[2:])]
@@ -387,19 +387,20 @@ class NetworkModule(nn.Module):
 
     @_not_compiled
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            raise RuntimeError(f"{type(self).__name__} cannot be traced or scripted "
-                               f"(torch.jit): its forward computes with NumPy or CuPy, which "
-                               f"a trace records as a constant output; torch.compile runs "
-                               f"it as a graph break")
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"{type(self).__name__} cannot be traced (torch.jit): its "
+                               f"forward computes with NumPy or CuPy, which a trace records "
+                               f"as a constant output; torch.compile runs it as a graph "
+                               f"break")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} takes a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        _device.check_takeable(x, "x")
         # the parameters read once: a parametrization (spectral_norm, weight_norm)
         # computes the weight at each read, and the engine and autograd must see one
         pairs = self._pairs()
         net = self._engine(pairs)
         W = pairs[0][0]
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} takes a torch.Tensor, got "
-                            f"{type(x).__name__}")
         if x.device != W.device:
             raise RuntimeError(f"Expected all tensors to be on the same device: the input is "
                                f"on {x.device}, {type(self).__name__}'s parameters on "

@@ -268,6 +268,23 @@ def test_the_math_mode_is_cupys_handles(blas):
     assert [state.math_mode for state in blas.handles.values()] == [0]
 
 
+def test_the_gram_bound_takes_tf32_from_the_handle_that_ran_its_gemms(blas):
+    """The Gram form's rounding bound must be TF32's where its GEMMs were: those of the
+    stream's handle, whose math mode is CuPy's when it was made -- not CuPy's now (a
+    float32 bound 2^13 too small where CuPy went back to float32 after the handle was
+    made: the clipping could fail)."""
+    from gpu_mlp import norms
+
+    runtime = Recording(math_mode=3)
+    with cublas.use(runtime):
+        ops.gemm("N", "N", np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))
+        runtime.mode_ = 0  # CuPy's handle back to float32 since
+        assert norms._tf32()
+    ops.gemm("N", "N", np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))
+    blas.mode_ = 3
+    assert not norms._tf32()
+
+
 def test_the_pointer_mode_follows_the_scalars_and_is_set_only_when_it_changes(blas):
     a, out = np.ones((2, 2)), np.empty((2, 2))
     one, zero = np.array(1.0), np.array(0.0)

@@ -20,6 +20,7 @@ and Conv2d layers alike. Every test takes a ``device``: ``"cpu"`` (NumPy) always
 Tolerances are relative to the scale (largest entry) of the array compared.
 """
 
+import contextlib
 import math
 import re
 import tracemalloc
@@ -390,29 +391,42 @@ def test_memory_modes_give_the_same_numbers(device, geometry):
 
 
 class _RecordingXp:
-    """numpy, but noting the shape of every matmul's result."""
+    """numpy as the GPU's branches use it (``xp is not np``), noting the shape of every
+    batched GEMM's result (ops.gemm_batched, on NumPy one GEMM a matrix)."""
 
     def __init__(self):
         self.products = []
 
-    def matmul(self, a, b):
-        result = np.matmul(a, b)
-        self.products.append(result.shape)
-        return result
-
-    def __getattr__(self, name):  # the rest as NumPy's: einsum, maximum, where
+    def __getattr__(self, name):  # the rest as NumPy's: zeros, maximum, copyto
         return getattr(np, name)
 
+    @contextlib.contextmanager
+    def recording(self):
+        batched = ops.gemm_batched
 
+        def recorded(transa, transb, a, b, out, *args):
+            self.products.append(out.shape)
+            return batched(transa, transb, a, b, out, *args)
+        ops.gemm_batched = recorded
+        try:
+            yield self
+        finally:
+            ops.gemm_batched = batched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", ["gram-path", "two-convs", "kernel-fills-padded-input"])
-def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry):
+def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype):
     # the NumPy backend runs one sample at a time through SciPy's BLAS, the GPU batched
+    # GEMMs into workspace buffers (norms.add_squares)
     layer, input_shape = next(_conv_shapes(geometry))
     rng = np.random.default_rng(6)
     P, K = layer.positions(input_shape), layer.fan_in
-    T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
+    T = rng.standard_normal((BATCH, P, layer.c_out)).astype(dtype)
+    X = rng.standard_normal((BATCH, P, K)).astype(dtype)
     assert_close(norms.per_sample_squares(np, T, X),
-                 norms.per_sample_squares(_RecordingXp(), T, X), 1e-12)
+                 norms.per_sample_squares(_RecordingXp(), T, X),
+                 1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("geometry, path", [("gram-path", "gram"), ("two-convs", "direct"),
@@ -424,7 +438,8 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
     P, K = layer.positions(input_shape), layer.fan_in
     T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
     xp = _RecordingXp()
-    squares = norms.per_sample_squares(xp, T, X)
+    with xp.recording():
+        squares = norms.per_sample_squares(xp, T, X)
     expected = {"gram": [(BATCH, P, P)] * 2, "direct": [(BATCH, layer.c_out, K)],
                 "outer": []}[path]
     assert xp.products == expected
