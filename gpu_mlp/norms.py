@@ -35,7 +35,11 @@ def per_sample_squares(xp, T, X):
     K = X.shape[2]
     bias = row_squares(np, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
-        return row_squares(np, T[:, 0]) * row_squares(np, X[:, 0]) + bias
+        t, x = row_squares(np, T[:, 0]), row_squares(np, X[:, 0])
+        with np.errstate(invalid="ignore"):
+            product = t * x
+        product[t == 0] = 0  # T_i = 0: G_i = 0, though ||x_i||^2 overflow (0 inf)
+        return product + bias
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
         return _gram_bound(np, _gram_inner(T, X), row_squares(np, T.reshape(B, -1)),
                            row_squares(np, X.reshape(B, -1)), P, d_out, K) + bias
@@ -78,21 +82,28 @@ def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=
     u = float(np.finfo(inner.dtype).eps) / 2
     if not isinstance(inner, np.ndarray) and inner.dtype == np.float32 and _tf32():
         u = 2.0 ** -11  # the GEMMs round the factors to TF32's 10 bits
-    error = T_squares
-    error *= X_squares
-    error *= (d_out + K + P * P) * u
-    bound = X_squares
-    xp.maximum(inner, 0, out=bound)
-    bound += error
     if ws is None:
-        limit, loose = xp.empty_like(inner), xp.empty(inner.shape, dtype=bool)
+        limit = xp.empty_like(inner)
+        loose, none = (xp.empty(inner.shape, dtype=bool) for _ in range(2))
     else:
-        limit, loose = ws.take(inner.shape), ws.take(inner.shape, bool)
-    xp.multiply(inner, GRAM_TRUSTED, out=limit)
-    xp.greater(error, limit, out=loose)  # (a NaN either side: the value is kept)
+        limit, loose, none = (ws.take(inner.shape, dtype)
+                              for dtype in (None, bool, bool))
+    # T_i = 0: G_i = 0, though X_i's squares overflow (0 inf: NaN below)
+    xp.equal(T_squares, 0, out=none)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = T_squares
+        error *= X_squares
+        error *= (d_out + K + P * P) * u
+        bound = X_squares
+        xp.fmax(inner, 0, out=bound)  # (a NaN value, X_i X_i^T overflowed: the error)
+        bound += error
+        xp.multiply(inner, GRAM_TRUSTED, out=limit)
+        xp.less_equal(error, limit, out=loose)
+    xp.logical_not(loose, out=loose)  # (a NaN either side: not to be trusted)
     xp.copyto(inner, bound, where=loose)
+    xp.copyto(inner, 0, where=none)
     if ws is not None:
-        ws.give(limit, loose)
+        ws.give(limit, loose, none)
     return inner
 
 
@@ -169,13 +180,16 @@ def add_squares(xp, T, X, out, ws) -> None:
     K = X.shape[2]
     squares = ws.take((B,))
     if P == 1:
-        x = ws.take((B,))
+        x, none = ws.take((B,)), ws.take((B,), bool)
         row_squares_into(xp, T[:, 0], squares, ws)
         row_squares_into(xp, X[:, 0], x, ws)
+        xp.equal(squares, 0, out=none)  # T_i = 0: G_i = 0, though ||x_i||^2 overflow
         x += 1
-        squares *= x
+        with np.errstate(invalid="ignore"):  # (0 inf: NumPy's warning, the stand-in's)
+            squares *= x
+        xp.copyto(squares, 0, where=none)
         out += squares
-        ws.give(squares, x)
+        ws.give(squares, x, none)
         return
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
         # (two buffers of (P, P) rows: the workspace keeps one per shape after the
@@ -183,7 +197,8 @@ def add_squares(xp, T, X, out, ws) -> None:
         gram_T, gram_X = ws.take((B, P, P)), ws.take((B, P, P))
         ops.gemm_batched("N", "T", T, T, gram_T)
         ops.gemm_batched("N", "T", X, X, gram_X)
-        gram_T *= gram_X
+        with np.errstate(invalid="ignore"):  # (0 inf: the bound sees to it)
+            gram_T *= gram_X
         ops.gemv("N", gram_T.reshape(B, -1), ws.ones(P * P), squares)
         ws.give(gram_T, gram_X)
         t, x = ws.take((B,)), ws.take((B,))

@@ -473,6 +473,24 @@ def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtyp
     assert_close(got, exact, 1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("xp", [np, _RecordingXp()], ids=["cpu", "batched"])
+@pytest.mark.parametrize("P, d_out, K", [(1, 2, 400), (4, 20, 30), (9, 4, 3)],
+                         ids=["dense", "gram", "direct"])
+def test_norms_of_huge_inputs_are_never_nan(xp, P, d_out, K):
+    """float32 inputs of 1e19 overflow their squares: a sample with T_i = 0 (a saturated
+    softmax) has G_i = 0, but 0 inf made its norm NaN, and a DP step's every weight NaN;
+    X_i X_i^T overflowing made the Gram form NaN (inf - inf). Now 0 where T_i = 0, and
+    an upper bound (inf: the sample's clipped share is 0) where the value is lost."""
+    assert P == 1 or norms.gram_form(P, d_out, K) == (d_out == 20)
+    rng = np.random.default_rng(1)
+    T = (1e-3 * rng.standard_normal((3, P, d_out))).astype(np.float32)
+    T[0] = 0
+    X = (1e19 * rng.standard_normal((3, P, K))).astype(np.float32)
+    with np.errstate(over="ignore"):
+        squares = norms.per_sample_squares(xp, T, X)
+    assert squares[0] == 0 and not np.isnan(squares).any()
+
+
 # --- 3. central finite differences -----------------------------------------------------------
 
 def finite_difference_net(memory, device):
