@@ -367,8 +367,8 @@ class Network(ForwardBackward):
         squares = xp.zeros(B, dtype=self.dtype)
 
         def accumulate(k, T_rows, X_rows):
-            squares[...] += norms.per_sample_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
-                                                     ops.sample_rows(X_rows, B))
+            norms.add_squares(xp, T_rows.reshape(B, -1, T_rows.shape[1]),
+                              ops.sample_rows(X_rows, B), squares, self.training_workspace)
 
         self._backprop(X, Y, EachLayer(accumulate), scale=1.0, want_dx=False)
         return xp.sqrt(squares)

@@ -20,18 +20,12 @@ import numpy as np
 from . import ops
 
 
-def per_sample_squares(xp, T, X):
+def per_sample_squares(T, X):
     """``||G_i||^2 + ||g_i||^2`` per sample of one layer, from T (B, P, d_out) and the
-    rows X (B, P, K) of its input, without a per-sample gradient where that is cheaper.
-    On a GPU as a training step computes them (:func:`add_squares`, with a workspace of
-    its own); on the CPU one sample at a time (see :func:`_gram_inner`)."""
+    rows X (B, P, K) of its input, without a per-sample gradient where that is cheaper:
+    on the CPU, one sample at a time (see :func:`_gram_inner`); a GPU's are
+    :func:`add_squares`'s."""
     B, P, d_out = T.shape
-    if xp is not np:
-        from .workspace import Workspace
-
-        squares = xp.zeros(B, dtype=T.dtype)
-        add_squares(xp, T, X, squares, Workspace(xp, T.dtype))
-        return squares
     K = X.shape[2]
     bias = row_squares(np, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
@@ -168,13 +162,13 @@ def row_squares_into(xp, A, out, ws, add=False) -> None:
 
 
 def add_squares(xp, T, X, out, ws) -> None:
-    """``out += per_sample_squares(xp, T, X)``. On a GPU no array is made -- CuPy's
+    """``out += per_sample_squares(T, X)``. On a GPU no array is made -- CuPy's
     reductions, einsum and matmul make their results, which a step being captured may
     not -- from the workspace ``ws``: a dense layer's ``||T_i||^2 (||X_i||^2 + 1)`` from
     each factor's :func:`row_squares_into`; a convolution's forms as
     :func:`per_sample_squares` computes them, the batched GEMMs into workspace buffers."""
     if xp is np:
-        out += per_sample_squares(xp, T, X)
+        out += per_sample_squares(T, X)
         return
     B, P, d_out = T.shape
     K = X.shape[2]
@@ -206,14 +200,14 @@ def add_squares(xp, T, X, out, ws) -> None:
         row_squares_into(xp, X.reshape(B, -1), x, ws)
         _gram_bound(xp, squares, t, x, P, d_out, K, ws)
         ws.give(t, x)
+        g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
+        xp.sum(T, axis=1, out=g)
     else:  # G_i itself, batched, squared in place
-        G = ws.take((B, d_out, K))
-        ops.gemm_batched("T", "N", T, X, G)
+        G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
+        per_sample_gradients(xp, T, X, G, g)
         G *= G
         ops.gemv("N", G.reshape(B, -1), ws.ones(d_out * K), squares)
         ws.give(G)
-    g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
-    xp.sum(T, axis=1, out=g)
     row_squares_into(xp, g, squares, ws, add=True)
     out += squares
     ws.give(g, squares)

@@ -427,5 +427,5 @@ def test_gpu_dense_per_sample_squares_match_the_cpu_ones():
     xp = CountingXp()  # not NumPy: the GPU's branch, its BLAS run on the host
     out = np.full(9, 2.0).view(DeviceArray)
     norms.add_squares(xp, T.view(DeviceArray), X.view(DeviceArray), out, Workspace(xp, np.float64))
-    np.testing.assert_allclose(out.view(np.ndarray), 2.0 + norms.per_sample_squares(np, T, X),
+    np.testing.assert_allclose(out.view(np.ndarray), 2.0 + norms.per_sample_squares(T, X),
                                rtol=1e-13)

@@ -414,6 +414,21 @@ class _RecordingXp:
             ops.gemm_batched = batched
 
 
+def _batched_squares(xp, T, X):
+    """The GPU's per-sample squares (norms.add_squares: batched GEMMs into workspace
+    buffers), run by ``xp``, NumPy under another name."""
+    from gpu_mlp.workspace import Workspace
+
+    squares = np.zeros(T.shape[0], dtype=T.dtype)
+    norms.add_squares(xp, T, X, squares, Workspace(xp, T.dtype))
+    return squares
+
+
+def _squares(xp, T, X):
+    """The CPU's per-sample squares for ``np``, the GPU's for another ``xp``."""
+    return norms.per_sample_squares(T, X) if xp is np else _batched_squares(xp, T, X)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", ["gram-path", "two-convs", "kernel-fills-padded-input"])
 def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype):
@@ -424,8 +439,8 @@ def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype):
     P, K = layer.positions(input_shape), layer.fan_in
     T = rng.standard_normal((BATCH, P, layer.c_out)).astype(dtype)
     X = rng.standard_normal((BATCH, P, K)).astype(dtype)
-    assert_close(norms.per_sample_squares(np, T, X),
-                 norms.per_sample_squares(_RecordingXp(), T, X),
+    assert_close(norms.per_sample_squares(T, X),
+                 _batched_squares(_RecordingXp(), T, X),
                  1e-5 if dtype == np.float32 else 1e-12)
 
 
@@ -439,7 +454,7 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
     T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
     xp = _RecordingXp()
     with xp.recording():
-        squares = norms.per_sample_squares(xp, T, X)
+        squares = _squares(xp, T, X)
     expected = {"gram": [(BATCH, P, P)] * 2, "direct": [(BATCH, layer.c_out, K)],
                 "outer": []}[path]
     assert xp.products == expected
@@ -464,12 +479,12 @@ def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtyp
     X = (1e3 + 1e-4 * rng.standard_normal((4, P, K))).astype(dtype)  # nearly flat input
     G = np.einsum("bpo,bpk->bok", T.astype(np.float64), X.astype(np.float64))
     exact = (G ** 2).sum(axis=(1, 2)) + (T.astype(np.float64).sum(axis=1) ** 2).sum(axis=1)
-    squares = norms.per_sample_squares(xp, T, X)
+    squares = _squares(xp, T, X)
     assert np.isfinite(squares).all() and (squares >= exact * (1 - 1e-6)).all()
     Tr, Xr = rng.standard_normal((4, P, d_out)), rng.standard_normal((4, P, K))
     G = np.einsum("bpo,bpk->bok", Tr, Xr)
     exact = (G ** 2).sum(axis=(1, 2)) + (Tr.sum(axis=1) ** 2).sum(axis=1)
-    got = norms.per_sample_squares(xp, Tr.astype(dtype), Xr.astype(dtype))
+    got = _squares(xp, Tr.astype(dtype), Xr.astype(dtype))
     assert_close(got, exact, 1e-5 if dtype == np.float32 else 1e-12)
 
 
@@ -487,7 +502,7 @@ def test_norms_of_huge_inputs_are_never_nan(xp, P, d_out, K):
     T[0] = 0
     X = (1e19 * rng.standard_normal((3, P, K))).astype(np.float32)
     with np.errstate(over="ignore"):
-        squares = norms.per_sample_squares(xp, T, X)
+        squares = _squares(xp, T, X)
     assert squares[0] == 0 and not np.isnan(squares).any()
 
 
