@@ -301,7 +301,7 @@ class Network(ForwardBackward):
                           global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
-              global_loss=False, capture=True, lasting=True):
+              global_loss=False, capture=True, lasting=True, prepared=False):
         """:meth:`train_step` by ``plan``; ``expected_batch``: what DP divides by (fit's
         Poisson sampling: the expected batch size); ``counts``: every rank's rows, when
         known; ``global_loss``: with communication, return the global batch's loss (else
@@ -309,7 +309,10 @@ class Network(ForwardBackward):
         ``capture``: whether the step may be captured as a CUDA graph
         (:mod:`gpu_mlp.graph`; fit's Poisson samples, of ever other sizes, are not);
         ``lasting=False``: the loss is read at once, and may be one the next step
-        overwrites (:meth:`StepGraphs.step <gpu_mlp.graph.StepGraphs.step>`)."""
+        overwrites (:meth:`StepGraphs.step <gpu_mlp.graph.StepGraphs.step>`);
+        ``prepared``: X and Y are rows of data checked whole by :meth:`Inputs.batch
+        <gpu_mlp.inputs.Inputs.batch>` (fit's), so only the parameters are checked
+        here."""
         plan.check(self)
         comm = plan.communicator(self)
         if comm is not None and plan.private:
@@ -323,6 +326,9 @@ class Network(ForwardBackward):
             self.inputs.check_params(self.params, write=True)
             self.inputs.shapes(tuple(X.shape[1:]))
             B = 0
+        elif prepared:
+            self.inputs.check_params(self.params, write=True)
+            B = X.shape[0]
         else:
             X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True)
             B = X.shape[0]

@@ -282,7 +282,7 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
                                                            shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=plan.divisor(batch_size, n), counts=counts,
-                              capture=not plan.private, lasting=False)
+                              capture=not plan.private, lasting=False, prepared=True)
                 losses.add(J, X_batch.shape[0])  # (read here: the next step may reuse J)
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break

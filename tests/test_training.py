@@ -379,6 +379,20 @@ def test_step_losses_are_fetched_once_per_epoch(monkeypatch):
     assert [shape for shape in fetches if shape == (15,)] == [(15,)] * 3
 
 
+
+def test_the_data_is_checked_once_not_at_every_step(monkeypatch):
+    """fit checks X and Y whole (shapes, dtype, values) before its first step; its
+    batches are rows of that checked data, so a step checks only the parameters."""
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    checked, params_checked = [], []
+    batch, check_params = net.inputs.batch, net.inputs.check_params
+    monkeypatch.setattr(net.inputs, "batch", lambda *a, **k: checked.append(1) or batch(*a, **k))
+    monkeypatch.setattr(net.inputs, "check_params",
+                        lambda *a, **k: params_checked.append(1) or check_params(*a, **k))
+    fit_quietly(net, X, Y, epochs=2, batch_size=40)  # 3 steps an epoch
+    assert len(checked) == 1 and len(params_checked) == 1 + 6
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_batches_are_views_of_the_data_when_not_shuffled(monkeypatch, library):
     # float32, C-ordered input on the CPU: no copy of X anywhere, each batch a slice
