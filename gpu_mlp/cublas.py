@@ -8,8 +8,10 @@ handle, made once, outside any capture: its stream set once (``cublasSetStream``
 resets the workspace, so the order matters), then its workspace -- 32 MiB, what the
 cuBLAS documentation recommends for Hopper (4 MiB for earlier GPUs), allocated once from
 CuPy's pool and kept -- so that cuBLAS never allocates during a capture, and its math
-mode copied from CuPy's own handle of the device (CUBLAS_DEFAULT_MATH unless the user
-switched CuPy's to TF32: gpu_mlp's GEMMs round as CuPy's did). The library is the
+mode TF32 wherever CuPy's GEMMs would be: ``CUPY_TF32=1`` (CuPy's switch, which its
+matmul passes per call as a compute type) or TF32 math set on CuPy's own cuBLAS handle
+of the device (which its ``cupy.cublas`` calls use); else CUBLAS_DEFAULT_MATH. The
+library is the
 ``libcublas`` CuPy loads (``cuda.pathfinder``, as cupy_backends/cuda/libs/__init__.py).
 
 ``alpha`` and ``beta`` are Python (or NumPy) numbers, passed in
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from collections import OrderedDict
 
@@ -135,6 +138,17 @@ class CupyRuntime:
         return cublas.getMathMode(self.cupy.cuda.device.get_cublas_handle())
 
 
+def cupy_tf32() -> bool:
+    """Whether ``CUPY_TF32`` asks CuPy's float32 matrix products for TF32: read as CuPy
+    reads it (cupy/_core/_routines_linalg.pyx, ``get_compute_type``: an integer > 0)."""
+    value = os.environ.get("CUPY_TF32", "0")
+    try:
+        return int(value) > 0
+    except ValueError:
+        raise ValueError(f"CUPY_TF32 must be an integer (CuPy's switch for TF32: 1 on, "
+                         f"0 off), got {value!r}") from None
+
+
 class _Handle:
     """A cuBLAS handle bound to one stream, its workspace and its pointer mode."""
 
@@ -197,7 +211,7 @@ class Cublas:
         owner, address = runtime.workspace(WORKSPACE_BYTES)
         self._call("cublasSetStream_v2", ptr.value, stream)  # resets the workspace: first
         self._call("cublasSetWorkspace_v2", ptr.value, address, WORKSPACE_BYTES)
-        math = runtime.math_mode()
+        math = TF32_TENSOR_OP_MATH if cupy_tf32() else runtime.math_mode()
         self._call("cublasSetMathMode", ptr.value, math)
         self._call("cublasSetPointerMode_v2", ptr.value, POINTER_MODE_HOST)
         return _Handle(ptr.value, owner, math)

@@ -268,6 +268,26 @@ def test_the_math_mode_is_cupys_handles(blas):
     assert [state.math_mode for state in blas.handles.values()] == [0]
 
 
+@pytest.mark.parametrize("value, tf32", [("1", True), ("2", True), ("0", False),
+                                         ("-1", False)])
+def test_cupy_tf32_turns_tf32_on_as_it_does_for_cupys_matmul(blas, monkeypatch, value, tf32):
+    """CuPy's documented switch is the environment variable CUPY_TF32 (an integer > 0),
+    which its matmul passes per call and which leaves its handle as it was: gpu_mlp's
+    GEMMs follow it too, so one switch turns TF32 on for both."""
+    monkeypatch.setenv("CUPY_TF32", value)
+    runtime = Recording(math_mode=0)
+    with cublas.use(runtime):
+        ops.gemm("N", "N", np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))
+    assert [state.math_mode for state in runtime.handles.values()] == [3 if tf32 else 0]
+
+
+def test_a_cupy_tf32_that_is_no_integer_is_refused_by_name(blas, monkeypatch):
+    monkeypatch.setenv("CUPY_TF32", "yes")
+    with cublas.use(Recording()), pytest.raises(ValueError, match="CUPY_TF32 must be an "
+                                                               "integer.*'yes'"):
+        ops.gemm("N", "N", np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))
+
+
 def test_the_gram_bound_takes_tf32_from_the_handle_that_ran_its_gemms(blas):
     """The Gram form's rounding bound must be TF32's where its GEMMs were: those of the
     stream's handle, whose math mode is CuPy's when it was made -- not CuPy's now (a
