@@ -257,6 +257,18 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     if resume is not None:
         plan.check_resumed(history.epochs, steps_per_epoch)
         plan.check_privacy_resumed(history.epsilon, sample_rate)
+    elif plan.private and plan.dp.steps:
+        # its epsilon would count those steps at this run's sample rate and noise, and
+        # its Poisson samples, keyed by (seed, epoch), would be drawn again
+        raise ValueError(f"dp has taken {plan.dp.steps} steps already (another fit, or "
+                         f"train_step): this run's epsilon could not count them, so it "
+                         f"would report less privacy spent than was; give a new DP, or "
+                         f"continue the run that took them with resume=its History")
+    if plan.private and plan.dp.delta >= 1 / n:
+        _checks.warn(f"DP: delta {plan.dp.delta:g} is at least 1/n for these n = {n} "
+                     f"samples, too large to protect anyone: a mechanism that publishes a "
+                     f"sample in the clear with probability delta meets it; take delta "
+                     f"well below 1/n", TrainingWarning)
     if plan.parallel:
         if plan.private:
             plan.dp.agree(comm)  # drawn seeds: rank 0's for every rank

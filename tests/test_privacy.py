@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -703,6 +704,53 @@ def test_resuming_a_private_run_takes_the_dp_that_trained_it():
     resumed = net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, dp=dp, resume=history,
                       verbose=False)
     assert resumed.epsilon[1] > resumed.epsilon[0] == history.epsilon[0]
+
+
+@pytest.mark.parametrize("before", ["fit", "train_step"])
+def test_a_dp_that_has_stepped_is_refused_by_a_new_run(before):
+    """A new fit's epsilon counts the DP's every step at its own sample rate and noise,
+    and its Poisson samples are keyed by (seed, epoch): a DP that stepped before (another
+    fit, train_step) would be reported as spending far less than it did (a second fit
+    at batch 1 after five full-batch epochs: 1.2 for 12.3) and sample the same rows
+    again. Refused before any step; its own run goes on with resume=."""
+    net, (X, Y) = fit_net(), fit_data()
+    dp = DP(1.0, FIT_SIGMA, delta=FIT_DELTA)
+    if before == "fit":
+        history = net.fit(X, Y, epochs=1, batch_size=FIT_BATCH, lr=LR, dp=dp, verbose=False)
+    else:
+        net.train_step(X[:FIT_BATCH], Y[:FIT_BATCH], LR, dp=dp)
+    taken, params = dp.steps, flat(net)
+    for batch_size in (FIT_BATCH, 1):
+        with pytest.raises(ValueError, match=f"dp has taken {taken} steps already .*give a "
+                                             f"new DP, or continue the run"):
+            net.fit(X, Y, epochs=2, batch_size=batch_size, lr=LR, dp=dp, verbose=False)
+        assert_untouched(net, params, dp, steps=taken)
+    if before == "fit":
+        net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, dp=dp, resume=history,
+                verbose=False)
+        assert dp.steps == 2 * FIT_STEPS
+
+
+def test_a_delta_of_one_over_n_or_more_is_warned_about():
+    """delta >= 1/n is met by publishing a random sample in the clear: no privacy."""
+    X, Y = fit_data()
+    for delta, warned in [(1 / FIT_N, True), (0.5, True), (0.99 / FIT_N, False)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_net().fit(X, Y, epochs=1, batch_size=FIT_BATCH, lr=LR,
+                          dp=DP(1.0, FIT_SIGMA, delta=delta), verbose=False)
+        messages = [str(w.message) for w in caught
+                    if issubclass(w.category, gpu_mlp.training.TrainingWarning)]
+        assert bool(messages) == warned
+        if warned:
+            assert f"at least 1/n for these n = {FIT_N} samples" in messages[0]
+            assert caught[0].filename == __file__  # the caller's line
+
+
+def test_a_dp_for_no_steps_is_refused():
+    """The noise for 0 steps is 0: such a DP would spend infinite epsilon at its first."""
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        DP.for_epsilon(1.0, 1e-5, sample_rate=0.5, steps=0, max_grad_norm=1.0)
 
 
 def direct_epsilon(sigma, q, steps, delta):
