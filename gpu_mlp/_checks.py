@@ -313,9 +313,7 @@ def step_scalars(dtype, lr, dp) -> None:
         scalars += [(where, f"beta{i}", beta)
                     for i, beta in enumerate(hyper.get("betas", ()), start=1)]
         scalars.append((where, "lr * weight_decay", lr.lr * lr.weight_decay))
-    if dp is not None:  # the noise's key and counter too: set by hand, they may be off
-        integer("seed", dp.seed, 0, "DP: ", below=2**64)
-        integer("steps", dp.steps, 0, "DP: ", below=2**64)
+    if dp is not None:  # (its own ranges, the key's and counter's too, are checked as set)
         C, sigma = dp.max_grad_norm, dp.noise_multiplier
         scalars += [("DP: ", "max_grad_norm", C), ("DP: ", "noise_multiplier", sigma),
                     ("DP: ", "noise_multiplier * max_grad_norm", sigma * C)]

@@ -71,22 +71,20 @@ class DP:
 
     def __init__(self, max_grad_norm, noise_multiplier, delta=1e-5, seed=None,
                  accountant="rdp"):
-        where = "DP: "
-        self.max_grad_norm = _checks.in_range("max_grad_norm", max_grad_norm, where,
-                                              low_open=True)
-        self.noise_multiplier = _checks.in_range("noise_multiplier", noise_multiplier, where)
-        self.delta = _checks.in_range("delta", delta, where, 0.0, 1.0, low_open=True)
+        self.max_grad_norm, self.noise_multiplier, self.delta = (max_grad_norm,
+                                                                 noise_multiplier, delta)
         self.drawn = seed is None  # a secret seed: its repr does not show it
         self._agreed = None  # id of the communicator whose ranks took rank 0's (agree)
-        if self.drawn:
-            seed = secrets.randbits(64)
-        self.seed = _checks.integer("seed", seed, 0, where, below=2**64)  # Philox's key
-        if accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(f"{where}unknown accountant {accountant!r}; valid: "
-                             f"{', '.join(accounting.ACCOUNTANTS)}")
+        self.seed = secrets.randbits(64) if self.drawn else seed
         self.accountant = accountant
         self.steps = 0  # private steps taken: the position of the noise stream
         self.target_epsilon = None  # what for_epsilon solved the noise for, if it did
+
+    def __setattr__(self, name, value):
+        """The settings are checked whenever they are set, by the constructor or later
+        (``dp.noise_multiplier = 2.0`` between runs): a step never reads a bad one."""
+        check = _SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     @classmethod
     def for_epsilon(cls, target_epsilon, delta, sample_rate, steps, max_grad_norm, seed=None,
@@ -149,10 +147,9 @@ class DP:
             if state["drawn"] is not True:
                 raise ValueError(f"DP: drawn must be true or false, got {state['drawn']!r}")
             dp.drawn = True
-        dp.steps = _checks.integer("steps", state["steps"], 0, "DP: ", below=2**64)
+        dp.steps = state["steps"]
         if "target_epsilon" in state:
-            dp.target_epsilon = _checks.in_range("target_epsilon", state["target_epsilon"],
-                                                 "DP: ", low_open=True)
+            dp.target_epsilon = state["target_epsilon"]
         return dp
 
     # --- the stage of the backward pass ----------------------------------------------
@@ -169,6 +166,26 @@ class DP:
         """The std of the noise of the gradient, per entry, of a step dividing by
         ``batch``: ``sigma C / batch``."""
         return self.noise_multiplier * self.max_grad_norm / float(batch)
+
+
+def _accountant(name):
+    if name not in accounting.ACCOUNTANTS:
+        raise ValueError(f"DP: unknown accountant {name!r}; valid: "
+                         f"{', '.join(accounting.ACCOUNTANTS)}")
+    return name
+
+
+# DP's settings, each checked as it is set (DP.__setattr__)
+_SETTINGS = {
+    "max_grad_norm": lambda v: _checks.in_range("max_grad_norm", v, "DP: ", low_open=True),
+    "noise_multiplier": lambda v: _checks.in_range("noise_multiplier", v, "DP: "),
+    "delta": lambda v: _checks.in_range("delta", v, "DP: ", 0.0, 1.0, low_open=True),
+    "seed": lambda v: _checks.integer("seed", v, 0, "DP: ", below=2**64),  # Philox's key
+    "accountant": _accountant,
+    "steps": lambda v: _checks.integer("steps", v, 0, "DP: ", below=2**64),
+    "target_epsilon": lambda v: None if v is None else _checks.in_range(
+        "target_epsilon", v, "DP: ", low_open=True),
+}
 
 
 class _Formed(NamedTuple):
