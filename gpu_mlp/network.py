@@ -90,6 +90,8 @@ class Network(ForwardBackward):
             against now; otherwise each batch is checked as it comes.
     """
 
+    _updates = 0  # training steps taken: a forward's Tape holds its parameters to it
+
     def __init__(self, layers, loss="squared", memory="output", device="auto",
                  dtype="float32", seed=0, input_shape=None):
         layers = _inputs.check_layers(layers)
@@ -338,6 +340,7 @@ class Network(ForwardBackward):
         else:
             total = B
         divisor = total if expected_batch is None else expected_batch
+        self._updates += 1  # checked: the step updates the parameters (Tape sees it)
         if empty:
             self._empty_backward(plan.sink(self, B, counts, divisor))
             J = self.xp.zeros((), dtype=self.dtype)

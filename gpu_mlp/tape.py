@@ -38,15 +38,30 @@ class ForwardBackward:
         F_out, saved = self._forward(X, self.training_workspace, keep=True)
         return self.xp.array(F_out, copy=True), Tape(self, X, F_out, saved)
 
+    def _parameters_now(self) -> tuple:
+        """What a tape's backward needs unchanged since its forward: the parameter arrays
+        (the objects) and the count of training steps that updated them in place."""
+        return (tuple(a for pair in self.params for a in pair), self._updates)
+
     def backward(self, tape: "Tape", grad_output, want_dx: bool = True, check: bool = True):
         """``([(dW_k, db_k)], dJ/dX)`` for ``J = <F_n, grad_output>``: the backward pass
         started from a given ``dJ/dF_n`` (``grad_output``, shaped as F_n)
-        instead of a loss; the same loop as every other step. Updates nothing.
+        instead of a loss; the same loop as every other step. Updates nothing. The
+        parameters must be those of the tape's forward: a training step of the net, or
+        ``net.params`` replaced, between the two is refused (the activations are of the
+        old weights); arrays written in place by hand are not seen.
         ``check=False`` skips the scan of ``grad_output`` for NaN/Inf (a device sync on a
         GPU), as autograd does."""
         if not isinstance(tape, Tape) or tape.net is not self:
             raise ValueError("backward needs the tape of a forward pass of this network")
+        changed = not _same(tape.parameters, self._parameters_now())
         X, F_out, saved = tape.take()
+        if changed:  # its activations are of other weights than the backward would use
+            tape.release_buffers(X, F_out, saved)
+            raise ValueError("the parameters changed since this tape's forward pass (a "
+                             "training step, or net.params replaced): its gradient would "
+                             "mix the old activations with the new weights; run forward "
+                             "again")
         ws, xp = self.training_workspace, self.xp
         try:
             grad_output = _device.to_device(grad_output, xp, "grad_output")
@@ -72,6 +87,7 @@ class Tape:
 
     def __init__(self, net, X, F_out, saved):
         self.net, self._kept = net, (X, F_out, saved)
+        self.parameters = net._parameters_now()
 
     def take(self):
         if self._kept is None:
@@ -101,3 +117,9 @@ class Tape:
                 if buf is not None:
                     given[id(buf)] = buf
         self.net.training_workspace.give(*given.values())
+
+
+def _same(kept, now) -> bool:
+    (arrays, updates), (arrays_now, updates_now) = kept, now
+    return updates == updates_now and len(arrays) == len(arrays_now) and all(
+        a is b for a, b in zip(arrays, arrays_now))

@@ -667,9 +667,11 @@ def test_a_new_rate_or_schedule_is_read_by_the_replays_without_a_capture(host_cu
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_step_while_a_forward_tape_is_pending_leaves_the_tape_intact(host_cupy_lib, kind):
     """Network.forward lends workspace buffers to its tape until backward. A replay
-    writes into the buffers it was captured with, which may be those (the tape's
-    gradients were then garbage, 15x off): the step runs eagerly, is captured again with
-    the buffers free then, and the tape's backward is the eager run's, bit for bit."""
+    writes into the buffers it was captured with, which may be those: the step runs
+    eagerly, is captured again with the buffers free then, and the steps are the eager
+    run's, bit for bit. (The tape's own backward is refused after those steps -- its
+    activations are of the weights before them -- and gives its buffers back; a new
+    forward's backward is the eager run's.)"""
     def run(capture):
         net, X, Y = _net(kind, dtype="float64")
         plan = StepPlan.of(1e-2, None)
@@ -683,6 +685,9 @@ def test_a_step_while_a_forward_tape_is_pending_leaves_the_tape_intact(host_cupy
             steps(3)  # warm-up, capture, replay
             F, tape = net.forward(X)
             steps(3)
+            with pytest.raises(ValueError, match="parameters changed since this tape"):
+                net.backward(tape, np.ones(F.shape).view(DeviceArray))
+            F, tape = net.forward(X)
             grads, _ = net.backward(tape, np.ones(F.shape).view(DeviceArray))
             steps(3)
         grads = [g.view(np.ndarray).copy() for pair in grads for g in pair]

@@ -953,6 +953,41 @@ def test_backward_from_a_given_output_gradient(device, memory):
     assert net.training_workspace.in_use_bytes == 0  # the tape's buffers are back
 
 
+@pytest.mark.parametrize("change", ["train_step", "fit", "params replaced",
+                                    "params replaced, wrong dtype"])
+def test_a_tape_whose_parameters_changed_since_its_forward_is_refused(device, change):
+    """The tape keeps the activations of its forward's weights; backward reads the weights
+    as they are then: after a training step (or new params) its gradient mixed the two,
+    15-50% off torch's for either set, silently. Refused, naming why, its buffers back;
+    the parameters untouched; a new forward's backward is right."""
+    net = gpu_mlp.MLP([4, 6, 3], activations="tanh", device=device, dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    X, G = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    _, tape = net.forward(X)
+    if change == "train_step":
+        net.train_step(X, G, 0.1)
+    elif change == "fit":
+        net.fit(X, G, epochs=1, batch_size=5, lr=0.1, verbose=False)
+    else:
+        W, b = net.params[0]
+        net.params[0] = (W.astype(np.float32) if "dtype" in change else W.copy(), b)
+    params = host_params(net)
+    with pytest.raises(ValueError, match=r"parameters changed since this tape's forward "
+                                         r"pass \(a training step, or net.params replaced\)"):
+        net.backward(tape, G)
+    assert net.training_workspace.in_use_bytes == 0
+    assert all(np.array_equal(a, b) for pair, pair_now in zip(params, host_params(net))
+               for a, b in zip(pair, pair_now))
+    if "dtype" not in change:
+        out, tape = net.forward(X)
+        grads, _ = net.backward(tape, G)  # the squared loss's gradient at Y = F - B G / 2
+        _, expected, _ = net.loss_and_gradients(X, to_numpy(out) - 2.5 * G)
+        for pair, pair_ref in zip(grads, expected):
+            for g, g_ref in zip(pair, pair_ref):
+                np.testing.assert_allclose(to_numpy(g), to_numpy(g_ref), rtol=1e-12,
+                                           atol=1e-14)
+
+
 def test_a_tape_serves_one_backward_and_can_be_released(device):
     net = gpu_mlp.Network([Dense(3, 4, "relu"), Dense(4, 2, "identity")], device=device,
                           dtype="float64")
