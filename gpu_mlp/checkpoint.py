@@ -130,6 +130,9 @@ def save(net, path, history: Optional[History] = None,
     The optimizer must be ``net``'s (bound to it by a step) or not yet bound. Temporary
     files of ``path`` left by writers that were killed mid-save are removed.
     """
+    # parameters replaced by hand must be what the net computes with (and what load
+    # takes), before the file -- which replaces the last good one -- is written
+    net.inputs.check_params(net.params)
     if plan is not None:
         if not isinstance(plan, StepPlan):
             raise TypeError(f"plan must be a gpu_mlp.plan.StepPlan, got {type(plan).__name__}")

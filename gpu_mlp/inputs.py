@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import _checks
 from . import device as _device
 from . import layers as _layers
@@ -186,6 +188,9 @@ class Inputs:
                 if not isinstance(a, self.xp.ndarray):
                     raise TypeError(f"{name} must be a {self.xp.__name__} array on the "
                                     f"net's device, got {type(a).__name__}")
+                if isinstance(a, np.matrix):  # an update through a flat view would fail
+                    raise TypeError(f"{name} is a numpy.matrix, which stays 2-D when "
+                                    f"flattened: give np.asarray({name})")
                 if a.dtype != self.dtype or a.shape != shape or not a.flags.c_contiguous:
                     raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of "
                                      f"shape {shape}, got {a.dtype} {tuple(a.shape)}"

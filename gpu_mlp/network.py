@@ -201,6 +201,7 @@ class Network(ForwardBackward):
         and graphs, and is bound to no optimizer; unpickled where its device is missing
         (a GPU net on a machine without one), it raises as ``device="cuda"`` would there
         (``gpu_mlp.checkpoint`` moves a net between devices)."""
+        self.inputs.check_params(self.params)  # (a copy could not compute with others)
         # the loss by name, or itself where it is not the table's (clipped: Loss.clipped)
         loss = self.loss.name if self.loss is _losses.TABLE.get(self.loss.name) else self.loss
         return {"layers": self.layers, "loss": loss, "memory": self.memory,

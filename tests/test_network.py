@@ -1057,6 +1057,41 @@ def test_read_only_parameters_are_refused_before_a_step_writes_them(tmp_path):
         net.train_step(X, Y, 0.1)
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda W: W.astype(np.float32), ValueError, "W_1 must be a C-contiguous float64 array "
+                                                 "of shape \\(5, 4\\), got float32"),
+    (lambda W: np.ascontiguousarray(W.T), ValueError, "got float64 \\(4, 5\\)"),
+    (lambda W: np.asmatrix(W), TypeError, "W_1 is a numpy.matrix")])
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_replaced_parameters_the_engine_cannot_use_are_neither_saved_nor_copied(
+        tmp_path, bad, error, match):
+    """save wrote them -- atomically, over the last good checkpoint -- into a file load
+    refuses, and a pickled copy failed only at its first predict; an np.matrix (2-D when
+    flattened) failed an optimizer's update after the last layer was updated. All are
+    refused as the other entry points refuse them, nothing written, nothing changed."""
+    import pickle
+
+    from gpu_mlp import optim
+
+    net = gpu_mlp.MLP([4, 5, 3], activations="tanh", device="cpu", dtype="float64", seed=0)
+    path = tmp_path / "net.npz"
+    net.save(path)
+    good = path.read_bytes()
+    net.params[0] = (bad(net.params[0][0]), net.params[0][1])
+    before = _snapshot(net)
+    with pytest.raises(error, match=match):
+        net.save(path)
+    assert path.read_bytes() == good
+    with pytest.raises(error, match=match):
+        pickle.dumps(net)
+    opt = optim.Adam(0.1)
+    with pytest.raises(error, match=match):
+        net.train_step(np.ones((2, 4)), np.ones((2, 3)), opt)
+    assert opt.steps == 0
+    for a, b in zip(_snapshot(net), before):
+        np.testing.assert_array_equal(a, b)
+
+
 def _unaligned(a):
     """``a``'s values in a C-contiguous, writeable array at an odd byte offset."""
     u = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, a.size, offset=1).reshape(a.shape)
