@@ -337,6 +337,8 @@ def _capturing(cuda) -> bool:
 def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None):
     """The step itself, eagerly (or as it is captured): the scalars of the step, the
     forward and backward pass with the plan's chain of sinks, the step counted."""
+    if any(net.xp.may_share_memory(X, a) for pair in net.params for a in pair):
+        X = X.copy()  # (X = W_1 say: the updates write what the step still reads)
     if scalars is not None:
         scalars.select()
     sink = plan.sink(net, rows, counts, divisor, scalars)

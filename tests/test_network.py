@@ -1092,6 +1092,26 @@ def test_replaced_parameters_the_engine_cannot_use_are_neither_saved_nor_copied(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("rule", ["sgd", "momentum"])
+@pytest.mark.parametrize("rows", [slice(None), slice(2, 5)])
+def test_a_batch_that_is_a_parameter_steps_as_its_copy(rule, rows):
+    """Plain SGD writes W_1 -= lr T^T X in the GEMM that reads X: with X = W_1 (or rows
+    of it) the BLAS read what it was writing, up to 0.09 off. The step takes a copy."""
+    from gpu_mlp import optim
+
+    def step(copy):
+        net = gpu_mlp.MLP([6, 6, 6], activations="tanh", device="cpu", dtype="float64",
+                          seed=0)
+        X = net.params[0][0][rows]  # W_1 is (6, 6): rows of 6 features
+        X = X.copy() if copy else X
+        Y = np.ones((X.shape[0], 6))
+        net.train_step(X, Y, 0.5 if rule == "sgd" else optim.SGD(0.5, momentum=0.9))
+        return _snapshot(net)
+
+    for a, b in zip(step(copy=False), step(copy=True)):
+        np.testing.assert_array_equal(a, b)
+
+
 def _unaligned(a):
     """``a``'s values in a C-contiguous, writeable array at an odd byte offset."""
     u = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, a.size, offset=1).reshape(a.shape)
