@@ -291,9 +291,7 @@ def unmasked(name: str, a):
 
 def lr(value) -> float:
     """A learning rate: a finite number > 0, as a float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"lr must be a number, got {value!r}")
-    value = float(value)
+    value = real("lr", value, "")
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"lr must be a finite number > 0, got {value}")
     return value

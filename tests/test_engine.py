@@ -501,6 +501,16 @@ BAD_SCALARS = [
 ]
 
 
+def test_an_integer_lr_past_any_float_is_a_value_error_that_names_it(device):
+    """float(10**400) overflows: an OverflowError from inside the check, not its own."""
+    net = make_net(device, dtype="float64")
+    before = host_params(net)
+    with pytest.raises(ValueError, match="lr must be a finite number, got an integer of "
+                                         "401 digits"):
+        net.train_step(GOOD_X, GOOD_Y["squared"], 10**400)
+    assert_unchanged(net, before)
+
+
 @pytest.mark.parametrize("lr, dp, message", BAD_SCALARS)
 def test_scalars_are_checked_as_the_kernels_compute_with_them(device, lr, dp, message):
     """Scalars are values too: cast to the net's dtype, they must stay finite (and > 0
