@@ -142,21 +142,29 @@ class Communicator:
 
     def __init__(self, comm=None, path: str = "auto"):
         MPI = _mpi()
-        if path not in PATHS:
-            raise ValueError(f"unknown communication path {path!r}; valid: {', '.join(PATHS)}")
+        self.path = path  # (checked first: nothing is made for a bad one)
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        self.path = path
         self.bytes_sent = 0
         self._guards = 0  # guard()s entered and not yet left
         self._count_buffers = (np.zeros(1, np.int64), np.zeros(self.size, np.int64))
         self._pools = weakref.WeakKeyDictionary()  # net -> Workspace of gathered factors
         self._nccl = None
         self.device_id = _pick_gpu(self.local_rank)
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, path: str) -> None:  # set by hand too: checked then, not at a step
+        if path not in PATHS:
+            raise ValueError(f"unknown communication path {path!r}; valid: {', '.join(PATHS)}")
+        self._path = path
 
     @property
     def is_root(self) -> bool:
@@ -205,6 +213,27 @@ class Communicator:
             error.every_rank = True  # the same on every rank: guard() lets it through
             raise error
 
+    def settle(self, error: BaseException | None, what: str) -> None:
+        """One collective in which every rank says whether ``what`` raised ``error`` on
+        it (None: it did not). Returns where no rank raised; else raises on every rank,
+        marked ``every_rank`` (so that no guard() aborts the job): a rank its own
+        exception, a rank that raised none a RuntimeError naming the ranks that did and
+        what they raised. Every rank then leaves together, none waits for another."""
+        said = None if error is None else type(error).__name__ + (
+            f": {error}" if str(error) else "")  # (sys.exit(): SystemExit, no message)
+        everyone = self.comm.allgather(said)
+        failed = [(r, text) for r, text in enumerate(everyone) if text is not None]
+        if not failed:
+            return
+        if error is None:
+            texts = {}
+            for r, text in failed:
+                texts.setdefault(text, []).append(r)
+            where = "; ".join(f"{_ranks(rs)} ({text})" for text, rs in texts.items())
+            error = RuntimeError(f"{what} raised on {where}, so every rank stops here")
+        error.every_rank = True
+        raise error
+
     @contextlib.contextmanager
     def guard(self):
         """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr
@@ -212,8 +241,8 @@ class Communicator:
         for this one (a KeyboardInterrupt prints ``rank r: interrupted``, no traceback,
         and aborts with status 130). With one rank the exception is simply raised, and
         so is one that every rank raises alike, marked ``every_rank = True``
-        (:meth:`check_same`'s, :class:`gpu_mlp.training.TrainingDiverged`): no rank waits
-        for another then.
+        (:meth:`check_same`'s and :meth:`settle`'s,
+        :class:`gpu_mlp.training.TrainingDiverged`): no rank waits for another then.
         Inside another guard() of this communicator (fit's inside the CLI's) the
         exception goes on to the outer one, and to the caller's handling within it."""
         self._guards += 1

@@ -316,8 +316,18 @@ class Network(ForwardBackward):
         ``prepared``: X and Y are rows of data checked whole by :meth:`Inputs.batch
         <gpu_mlp.inputs.Inputs.batch>` (fit's), so only the parameters are checked
         here."""
-        plan.check(self)
         comm = plan.communicator(self)
+        if comm is None:
+            return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
+                                 global_loss, capture, lasting, prepared)
+        with comm.guard():  # an error on one rank alone: the others wait in collectives
+            return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
+                                 global_loss, capture, lasting, prepared)
+
+    def _step_of(self, X, Y, plan, comm, check, expected_batch, counts, global_loss,
+                 capture, lasting, prepared):
+        """:meth:`_step` on ``comm``, plan.communicator(self)."""
+        plan.check(self)
         if comm is not None and plan.private:
             plan.dp.agree(comm)
         empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0

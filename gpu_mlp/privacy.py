@@ -106,8 +106,7 @@ class DP:
         with ``comm`` (every rank steps alike: one collective, once), so that every rank
         adds the same noise; a seed given is left as it is (fit compares them)."""
         if self.drawn and self._agreed != id(comm):
-            self.seed = comm.bcast(self.seed)
-            self._agreed = id(comm)
+            agree(self, comm)
 
     def epsilon(self, sample_rate, steps=None) -> float:
         """The epsilon at ``self.delta`` after ``steps`` (default: the steps taken)
@@ -166,6 +165,18 @@ class DP:
         """The std of the noise of the gradient, per entry, of a step dividing by
         ``batch``: ``sigma C / batch``."""
         return self.noise_multiplier * self.max_grad_norm / float(batch)
+
+
+def agree(dp: Optional[DP], comm) -> None:
+    """:meth:`DP.agree` as fit calls it, before it compares the ranks' settings: one
+    collective on every rank, whatever its ``dp`` (None too), so that ranks that differ
+    in DP reach the comparison, which names the difference, instead of waiting for each
+    other in different collectives. A drawn seed becomes rank 0's where rank 0's was
+    drawn too (else the seeds differ, and fit says so)."""
+    drawn = dp is not None and dp.drawn
+    seed = comm.bcast(dp.seed if drawn else None)
+    if drawn and seed is not None:
+        dp.seed, dp._agreed = seed, id(comm)
 
 
 def _accountant(name):

@@ -42,7 +42,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -204,9 +204,12 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
 
     Bad arguments raise a TypeError or ValueError before the net is touched. Training
     that diverges (a non-finite epoch loss) stops with a :class:`TrainingDiverged`. With
-    ``comm`` fit is a collective: an exception on one rank alone ends the job (see
-    :meth:`gpu_mlp.distributed.Communicator.guard`), one raised by every rank alike (a
-    configuration that differs, a divergence) is raised on every rank.
+    ``comm`` fit is a collective, whose every rank stops together: arguments that fail
+    their checks, or an ``on_epoch`` that raises (or calls ``sys.exit()``), on any rank
+    raise on every rank -- that rank's own exception, a RuntimeError naming it on the
+    others -- as do a configuration that differs and a divergence; an exception inside
+    a step on one rank alone ends the job (see
+    :meth:`gpu_mlp.distributed.Communicator.guard`).
     """
     if plan is not None:
         if not isinstance(plan, StepPlan):
@@ -224,22 +227,59 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
     else:
         make_plan = functools.partial(plan.check, net)
     run = functools.partial(_fit, net, X, Y, epochs, batch_size, shuffle, seed, validation,
-                            verbose, on_epoch, resume, make_plan)
+                            verbose, on_epoch, resume, make_plan, comm)
     if comm is None:
         return run()
     with comm.guard():  # else the other ranks would wait for this one forever
         return run()
 
 
+class _Run(NamedTuple):
+    """fit's arguments, checked (:func:`_checked`)."""
+
+    epochs: int
+    batch_size: int
+    plan: StepPlan
+    seed: int
+    shuffle: bool
+    verbose: bool
+    X: object
+    Y: object
+    validation: Optional[tuple]
+    history: History
+    sample_rate: float
+
+
 def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_epoch,
-         resume, make_plan) -> History:
+         resume, make_plan, comm) -> History:
     """:func:`fit`, with ``make_plan()`` the StepPlan of its steps, checked against
-    ``net``: everything that depends on DP or data parallelism asks the plan."""
+    ``net``: everything that depends on DP or data parallelism asks the plan. With
+    ``comm`` (fit's Communicator) the ranks first agree that every one's arguments
+    passed the checks, then that they are alike: a mistake every rank makes is raised on
+    every rank, where the caller can catch it."""
+    error = None
+    try:
+        run = _checked(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose,
+                       on_epoch, resume, make_plan)
+    except Exception as e:  # noqa: BLE001 -- with comm, told to every rank first
+        if comm is None:
+            raise
+        error = e
+    if comm is not None:
+        comm.settle(error, "fit's checks")
+        _privacy.agree(run.plan.dp, comm)  # one collective on every rank, DP or not
+        comm.check_same("fit", _run_config(net, run, comm))
+    return _train(net, run, on_epoch, comm)
+
+
+def _checked(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_epoch,
+             resume, make_plan) -> _Run:
+    """fit's arguments checked, and X, Y and the validation data on the net's device in
+    its dtype; nothing changed (a TypeError or ValueError where one is wrong)."""
     epochs = _checks.integer("epochs", epochs)
     # (below 2^64, as a History holds them: a checkpoint's must read back)
     batch_size = _checks.integer("batch_size", batch_size, below=2**64)
     plan = make_plan()
-    comm = plan.communicator(net)  # fit's Communicator, or None
     seed = _checks.seed(seed)
     shuffle, verbose = _checks.flag("shuffle", shuffle), _checks.flag("verbose", verbose)
     if on_epoch is not None and not callable(on_epoch):
@@ -269,12 +309,16 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
                      f"samples, too large to protect anyone: a mechanism that publishes a "
                      f"sample in the clear with probability delta meets it; take delta "
                      f"well below 1/n", TrainingWarning)
-    if plan.parallel:
-        if plan.private:
-            plan.dp.agree(comm)  # drawn seeds: rank 0's for every rank
-        comm.check_same("fit", _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed,
-                                           history, comm, validation))
+    return _Run(epochs, batch_size, plan, seed, bool(shuffle), verbose, X, Y, validation,
+                history, sample_rate)
 
+
+def _train(net, run: _Run, on_epoch, comm) -> History:
+    """fit's epochs, from ``run.history``'s on."""
+    (epochs, batch_size, plan, seed, shuffle, verbose, X, Y, validation, history,
+     sample_rate) = run
+    n = X.shape[0]
+    steps_per_epoch = -(-n // batch_size)
     xp = net.xp
     # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
     # must all stop together, so they look at the loss only at the end of an epoch
@@ -336,8 +380,8 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
                                             seconds, epsilon)):
             getattr(history, name).append(value)
         good, spare = spare, good
-        if on_epoch is not None:
-            on_epoch(net, history)
+        if on_epoch is not None or comm is not None:
+            _call_back(on_epoch, net, history, comm)
             # what a divergence goes back to: the epoch as the callback left it (a new
             # rate, momentum scaled, parameters changed) -- what it may have saved. (A
             # second host copy of the parameters an epoch, only with a callback.)
@@ -345,6 +389,24 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         good_state = plan.snapshot()
     _warn_if_loss_rose(history, first_step_loss, plan.lr)
     return history
+
+
+def _call_back(on_epoch, net, history, comm) -> None:
+    """``on_epoch(net, history)`` (if given); with ``comm``, then told to every rank
+    whether it raised anywhere (:meth:`~gpu_mlp.distributed.Communicator.settle`, on
+    every rank, with a callback or not: rank 0's alone saves a checkpoint, say): a
+    callback that stops the run on one rank (an exception, ``sys.exit()``) stops every
+    rank, rather than leave the others waiting in the next epoch's collectives."""
+    if comm is None:
+        on_epoch(net, history)
+        return
+    error = None
+    try:
+        if on_epoch is not None:
+            on_epoch(net, history)
+    except (Exception, SystemExit) as e:  # (a KeyboardInterrupt: guard() ends the job)
+        error = e
+    comm.settle(error, "on_epoch")
 
 
 def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
@@ -402,18 +464,18 @@ def _share(batch, comm):
     return batch[lo:hi], counts
 
 
-def _run_config(net, X, Y, epochs, batch_size, plan, shuffle, seed, history, comm,
-                validation):
+def _run_config(net, run: _Run, comm):
     """What every rank of a data-parallel run must agree on, JSON-ready: the path too
     (ranks on different collectives fail deep inside MPI, or crash), the optimizer's
     state (moments that differ drift the ranks apart) and the validation data (each
     rank's History would differ)."""
+    plan, X, Y, validation = run.plan, run.X, run.Y, run.validation
     rule = None if plan.plain else plan.rule.state_dict()["state"]
     return {"layers": [layer.spec() for layer in net.layers], "loss": net.loss.name,
             "memory": net.memory, "dtype": net.dtype.name, "device": net.device,
             "samples": list(X.shape), "targets": list(Y.shape), "data": _digest(X, Y),
-            "epochs": epochs, "batch_size": batch_size, "seed": seed,
-            "shuffle": bool(shuffle), "epochs_done": history.epochs, **plan.config(),
+            "epochs": run.epochs, "batch_size": run.batch_size, "seed": run.seed,
+            "shuffle": run.shuffle, "epochs_done": run.history.epochs, **plan.config(),
             "params": _digest(*(a for pair in net.params for a in pair)),
             "optimizer_state": None if rule is None else _digest(
                 *(a for name in sorted(rule) for pair in rule[name] for a in pair)),

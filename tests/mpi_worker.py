@@ -6,8 +6,11 @@
     mpirun -n 2 python tests/mpi_worker.py die        # rank 1 dies in the middle of a step
     mpirun -n 3 python tests/mpi_worker.py mismatch   # configurations differ across ranks
     mpirun -n 2 python tests/mpi_worker.py fit_order  # rank 1's rows in another order
-    mpirun -n 2 python tests/mpi_worker.py fit_raise  # rank 1 raises inside fit, unguarded
+    mpirun -n 2 python tests/mpi_worker.py fit_raise  # rank 1's on_epoch raises, unguarded
     mpirun -n 2 python tests/mpi_worker.py fit_raise_handled  # ... and its caller handles it
+    mpirun -n 2 python tests/mpi_worker.py fit_checks  # fit's arguments bad, unguarded
+    mpirun -n 2 python tests/mpi_worker.py dp_differs  # a DP on rank 1 alone, unguarded
+    mpirun -n 2 python tests/mpi_worker.py train_step_raise  # a bad batch on rank 1
     mpirun -n 2 python tests/mpi_worker.py loss       # the losses reported are global
 
 Every rank checks its own results and the job exits non-zero (``guard()`` aborts it)
@@ -264,11 +267,14 @@ def scenario_secret_seed(comm):
             print(f"OK secret seed {how}", flush=True)
 
 
-def fit_failing_on_rank_1(comm, through):
+def fit_failing_on_rank_1(comm, through, stop=None):
     """fit over ``through`` (a Communicator or mpi4py's own), whose on_epoch raises on
-    rank 1: the other ranks would wait for rank 1 in the next epoch forever."""
+    rank 1 (or runs ``stop`` on rank 0): the other ranks would wait in the next epoch
+    forever."""
     def on_epoch(net, history):
-        if comm.rank == 1:
+        if stop is not None and comm.rank == 0:
+            stop()
+        if stop is None and comm.rank == 1:
             raise RuntimeError("rank 1 fails inside fit")
 
     X, y = data((5,), 3)
@@ -276,9 +282,24 @@ def fit_failing_on_rank_1(comm, through):
                     comm=through)
 
 
+def caught(comm, what, run, expected=Exception):
+    """``run()`` must raise ``expected`` on this rank: print what it raised."""
+    try:
+        run()
+    except expected as e:
+        print(f"rank {comm.rank} caught {what}: {type(e).__name__}: {e}", flush=True)
+    else:
+        raise AssertionError(f"rank {comm.rank}: {what} raised nothing")
+
+
 def scenario_fit_raise(comm):
-    """Nothing outside fit guards it: fit itself must end the job."""
-    fit_failing_on_rank_1(comm, comm.comm)
+    """Nothing outside fit guards it: an on_epoch that raises (or exits) on one rank is
+    raised on every rank -- its own exception there, a RuntimeError naming it elsewhere
+    -- and the job goes on, no rank left waiting."""
+    for through in (comm.comm, comm):
+        caught(comm, "on_epoch", lambda: fit_failing_on_rank_1(comm, through))
+    caught(comm, "exit", lambda: fit_failing_on_rank_1(comm, comm, stop=sys.exit),
+           (RuntimeError, SystemExit))
 
 
 def scenario_fit_raise_handled(comm):
@@ -289,6 +310,42 @@ def scenario_fit_raise_handled(comm):
     except RuntimeError as e:
         print(f"rank {comm.rank} handles it: {e}", file=sys.stderr, flush=True)
         comm.abort(5)
+
+
+def scenario_fit_checks(comm):
+    """fit's argument checks fail alike on every rank (the same program): raised on every
+    rank, where the caller catches it; on one rank alone: there, and a RuntimeError
+    naming it on the others. No rank waits, nothing aborts."""
+    X, y = data((5,), 3)
+    caught(comm, "everywhere", lambda: dense_net().fit(X, y, epochs=0, verbose=False,
+                                                       comm=comm))
+    caught(comm, "alone", lambda: dense_net().fit(
+        X, y, epochs=1, batch_size=0 if comm.rank == 1 else BATCH, verbose=False, comm=comm))
+
+
+def scenario_dp_differs(comm):
+    """Ranks whose DP differs -- a drawn seed against a given one, or against no DP --
+    are refused on every rank by fit's comparison, which names it (they waited for each
+    other in different collectives before it)."""
+    from gpu_mlp.privacy import DP
+
+    X, y = data((5,), 3)
+    for what, other in (("given seed", DP(1.0, 1.0, seed=5)), ("no DP", None)):
+        dp = DP(1.0, 1.0) if comm.rank == 1 else other
+        caught(comm, what, lambda: dense_net().fit(X, y, epochs=1, batch_size=BATCH, lr=0.1,
+                                                    dp=dp, verbose=False, comm=comm),
+               ValueError)
+
+
+def scenario_train_step_raise(comm):
+    """A bad batch on rank 1 in a loop of the caller's own (no guard, no fit): the
+    step's guard ends the job; rank 0 waited in the step's collective forever."""
+    X, y = data((5,), 3)
+    X, y = X[:BATCH], y[:BATCH].copy()
+    if comm.rank == 1:
+        y[0] = 7  # out of range: 3 classes
+    for _ in range(3):
+        dense_net().train_step(X, y, 0.1, comm=comm.comm)
 
 
 def scenario_loss(comm):
@@ -317,7 +374,7 @@ def scenario_loss(comm):
         print(f"OK loss {alone[0]}", flush=True)
 
 
-UNGUARDED = ("fit_raise",)  # what fit must guard by itself
+UNGUARDED = ("fit_raise", "fit_checks", "dp_differs", "train_step_raise")  # on their own
 
 
 def main():

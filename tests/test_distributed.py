@@ -177,6 +177,10 @@ def test_one_rank_guard_raises_and_bad_path():
             raise KeyError("x")
     with pytest.raises(ValueError, match="unknown communication path 'ring'"):
         distributed.Communicator(MPI.COMM_SELF, path="ring")
+    # set by hand (it may be changed between runs): refused then, not at a first step
+    with pytest.raises(ValueError, match="unknown communication path 'ring'"):
+        comm.path = "ring"
+    assert comm.path == "auto"
 
 
 def test_no_mpi4py_says_how_to_install(monkeypatch):
@@ -330,17 +334,66 @@ def test_mpirun_losses_are_the_global_batchs():
     assert "OK loss the training loss rose from" in run.stdout
 
 
-def test_mpirun_a_rank_that_fails_inside_fit_ends_the_job():
-    """fit is a collective: a rank failing inside it ends the job (no guard() around it)."""
+def test_mpirun_an_on_epoch_that_raises_on_one_rank_is_raised_on_every_rank():
+    """fit is a collective: an on_epoch that raised on one rank left the others waiting
+    in the next epoch (guard() ended the job; a sys.exit() there, which guard() lets
+    through, hung it). Now every rank raises -- its own exception, or a RuntimeError
+    naming it -- where the caller can catch it, and the job goes on."""
     run, seconds = _launch(2, "fit_raise", timeout=60)
-    assert run.returncode != 0
-    assert "rank 1: RuntimeError: rank 1 fails inside fit" in run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for what, times in (("on_epoch", 2), ("exit", 1)):
+        got = sorted(line for line in lines if f" caught {what}: " in line)
+        assert [line.split()[1] for line in got] == ["0"] * times + ["1"] * times, run.stdout
+    assert lines.count("rank 1 caught on_epoch: RuntimeError: rank 1 fails inside fit") == 2
+    assert lines.count("rank 0 caught on_epoch: RuntimeError: on_epoch raised on rank 1 "
+                       "(RuntimeError: rank 1 fails inside fit), so every rank stops "
+                       "here") == 2
+    assert "rank 0 caught exit: SystemExit: " in lines  # (its message: the code, None)
+    assert ("rank 1 caught exit: RuntimeError: on_epoch raised on rank 0 (SystemExit), so "
+            "every rank stops here") in lines
     assert seconds < 30
     # inside a guard() of the caller's, the caller's own handling has the say (the CLI's)
     run, seconds = _launch(2, "fit_raise_handled", timeout=60)
     assert run.returncode == 5, run.stdout + run.stderr
-    assert "rank 1 handles it: rank 1 fails inside fit" in run.stderr
+    assert "handles it: " in run.stderr and "rank 1 fails inside fit" in run.stderr
     assert "Traceback" not in run.stderr and seconds < 30
+
+
+def test_mpirun_fits_bad_arguments_are_raised_on_every_rank():
+    """fit's checks ran inside its guard(), so a mistake every rank made alike (the same
+    program: epochs=0) aborted the job rather than raise where the caller catches it."""
+    run, _ = _launch(2, "fit_checks", timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for r in (0, 1):
+        assert f"rank {r} caught everywhere: ValueError: epochs must be" in run.stdout
+    assert any(line.startswith("rank 1 caught alone: ValueError: batch_size must be")
+               for line in lines), run.stdout
+    assert any(line.startswith("rank 0 caught alone: RuntimeError: fit's checks raised on "
+                               "rank 1 (ValueError: batch_size must be") for line in lines)
+
+
+def test_mpirun_ranks_whose_dp_differs_are_told_so_not_left_waiting():
+    """fit agreed on drawn DP seeds (a broadcast) only on the ranks that drew one, before
+    it compared the ranks' settings: a rank with a given seed, or no DP, was in another
+    collective, and the job hung."""
+    run, seconds = _launch(2, "dp_differs", timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for what in ("given seed", "no DP"):
+        got = [line for line in run.stdout.splitlines() if f" caught {what}: " in line]
+        assert len(got) == 2 and all("they differ in dp" in line for line in got), got
+    assert seconds < 30
+
+
+def test_mpirun_a_bad_batch_on_one_rank_in_train_step_ends_the_job():
+    """train_step(comm=) in a loop of the caller's: the rank whose labels were out of
+    range raised, and the other waited in the step's collective forever."""
+    run, seconds = _launch(2, "train_step_raise", timeout=60)
+    assert run.returncode != 0
+    assert "rank 1: ValueError: softmax_cross_entropy: labels must lie in [0, 3)" in \
+        run.stderr
+    assert seconds < 30
 
 
 # --- the command line under mpirun: fit(comm=...) ---------------------------------------
