@@ -187,6 +187,10 @@ class Communicator:
         """``value`` of rank ``root`` on every rank (any picklable object)."""
         return self.comm.bcast(value, root=root)
 
+    def allgather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        return self.comm.allgather(value)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

@@ -358,6 +358,8 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
             # the losses are those before each update: an update that overflowed shows
             # in the parameters alone
             spare = _host_copy(net.params, into=spare)
+            if comm is not None:  # (before any rank decides on its own parameters)
+                seconds = _still_alike(comm, spare, seconds, epoch)
             overflowed = not all(np.isfinite(a).all() for pair in spare for a in pair)
             lost = train_loss is not None and not math.isfinite(train_loss)
             if lost or overflowed:
@@ -389,6 +391,25 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
         good_state = plan.snapshot()
     _warn_if_loss_rose(history, first_step_loss, plan.lr)
     return history
+
+
+def _still_alike(comm, params, seconds: float, epoch: int) -> float:
+    """Every rank's parameters after an epoch (``params``, host copies) must be the same
+    bits: on the gather path each rank forms the update itself, with its own BLAS, which
+    rounds differently on another CPU or GPU model, and ranks that drift apart would also
+    decide apart (a divergence on one rank alone). Returns rank 0's ``seconds``, so that
+    the History is the same on every rank."""
+    everyone = comm.allgather((_digest(*(a for pair in params for a in pair)), seconds))
+    if len({digest for digest, _ in everyone}) > 1:
+        error = RuntimeError(
+            f"after epoch {epoch + 1} the {comm.size} ranks' parameters differ: where a "
+            f"layer's factors are gathered (comm.path 'gather', or 'auto' where that sends "
+            f"fewer bytes) each rank forms the update with its own BLAS, which rounds "
+            f"differently on different CPU or GPU models; use comm.path='allreduce' "
+            f"(--comm-path allreduce), whose ranks all apply one summed gradient")
+        error.every_rank = True
+        raise error
+    return everyone[0][1]
 
 
 def _call_back(on_epoch, net, history, comm) -> None:

@@ -11,6 +11,7 @@
     mpirun -n 2 python tests/mpi_worker.py fit_checks  # fit's arguments bad, unguarded
     mpirun -n 2 python tests/mpi_worker.py dp_differs  # a DP on rank 1 alone, unguarded
     mpirun -n 2 python tests/mpi_worker.py train_step_raise  # a bad batch on rank 1
+    mpirun -n 2 python tests/mpi_worker.py drift      # rank 1's parameters drift apart
     mpirun -n 2 python tests/mpi_worker.py loss       # the losses reported are global
 
 Every rank checks its own results and the job exits non-zero (``guard()`` aborts it)
@@ -337,6 +338,25 @@ def scenario_dp_differs(comm):
                ValueError)
 
 
+def scenario_drift(comm):
+    """Ranks whose parameters drift apart (gathered factors, each rank's own BLAS: another
+    CPU model rounds otherwise; here rank 1's W_1 is nudged by hand after epoch 1) are
+    stopped after the next epoch, on every rank, before they could decide apart."""
+    X, y = data((5,), 3)
+
+    def nudge(net, history):
+        if comm.rank == 1 and history.epochs == 1:
+            net.params[0][0][0, 0] += 1e-12
+
+    caught(comm, "drift", lambda: dense_net().fit(X, y, epochs=3, batch_size=BATCH, lr=0.1,
+                                                  verbose=False, comm=comm, on_epoch=nudge),
+           RuntimeError)
+    history = dense_net().fit(X, y, epochs=2, batch_size=BATCH, lr=0.1, verbose=False,
+                              comm=comm)
+    if len(set(comm.allgather(tuple(history.seconds)))) != 1:
+        raise AssertionError(f"rank {comm.rank}: the ranks' Histories differ in seconds")
+
+
 def scenario_train_step_raise(comm):
     """A bad batch on rank 1 in a loop of the caller's own (no guard, no fit): the
     step's guard ends the job; rank 0 waited in the step's collective forever."""
@@ -374,7 +394,7 @@ def scenario_loss(comm):
         print(f"OK loss {alone[0]}", flush=True)
 
 
-UNGUARDED = ("fit_raise", "fit_checks", "dp_differs", "train_step_raise")  # on their own
+UNGUARDED = ("fit_raise", "fit_checks", "dp_differs", "train_step_raise", "drift")  # on their own
 
 
 def main():

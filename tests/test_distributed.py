@@ -386,6 +386,19 @@ def test_mpirun_ranks_whose_dp_differs_are_told_so_not_left_waiting():
     assert seconds < 30
 
 
+def test_mpirun_ranks_whose_parameters_drift_apart_are_stopped_on_every_rank():
+    """On the gather path each rank forms the update with its own BLAS: ranks on other
+    CPU models drifted apart silently (1e-7 after 30 epochs of the main job), and would
+    decide apart (a divergence on one alone). fit compares them after every epoch; the
+    History's seconds are rank 0's on every rank."""
+    run, seconds = _launch(2, "drift", timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = [line for line in run.stdout.splitlines() if " caught drift: " in line]
+    assert len(got) == 2 and all("after epoch 2 the 2 ranks' parameters differ" in line
+                                 for line in got), run.stdout
+    assert seconds < 30
+
+
 def test_mpirun_a_bad_batch_on_one_rank_in_train_step_ends_the_job():
     """train_step(comm=) in a loop of the caller's: the rank whose labels were out of
     range raised, and the other waited in the step's collective forever."""
