@@ -636,8 +636,10 @@ def _announce(args, say, root, resumed, data: _Data, net, plan: StepPlan,
         say(f"privacy: DP-SGD, Poisson sampling, clip {dp.max_grad_norm:g}, noise multiplier "
             f"{dp.noise_multiplier:.4g}, delta {dp.delta:g} ({dp.accountant} accountant)")
     if comm is not None:
-        say(f"data parallel: {comm.size} ranks, gradients summed by {args.comm_path} "
-            f"(each global batch of {settings.batch_size} split across them)")
+        convs = ", the convolutions' by allreduce" if args.comm_path == "gather" and any(
+            not isinstance(layer, Dense) for layer in net.layers) else ""
+        say(f"data parallel: {comm.size} ranks, gradients summed by {args.comm_path}"
+            f"{convs} (each global batch of {settings.batch_size} split across them)")
     steps = data.steps(args.epochs, settings.batch_size)
     schedule = plan.rule.schedule
     if not plan.plain and isinstance(schedule, optim.Cosine) and schedule.total_steps < steps \
