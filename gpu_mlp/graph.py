@@ -308,11 +308,19 @@ def _no_allocation(cuda):
     silently. A ``cupy.cuda.MemoryHook``'s ``malloc_preprocess`` runs before every pool
     allocation, a cached block's too (memory.pyx, ``SingleDeviceMemoryPool.malloc``), so
     raising there refuses it and the capture fails as any other: eager, with a warning.
+    Another allocator calls no hook: a RuntimeError, and the steps run eagerly, warned.
     A CuPy without memory hooks (the tests' stand-in, which refuses allocations itself):
     nothing to do."""
     hook = getattr(cuda, "MemoryHook", None)
     if hook is None:
         return contextlib.nullcontext()
+    # only a MemoryPool calls the hooks (not set_allocator(None)'s cudaMalloc, not a
+    # MemoryAsyncPool, not another library's allocator): with any other, refuse to capture
+    if not isinstance(getattr(cuda.get_allocator(), "__self__", None), cuda.MemoryPool):
+        raise RuntimeError("CuPy's allocator is not its memory pool (cupy.cuda."
+                           "set_allocator), whose hooks let gpu_mlp refuse an allocation "
+                           "inside a capture, where a graph would go on writing into "
+                           "memory freed after it")
 
     class NoAllocation(hook):
         name = "gpu_mlp.graph.no_allocation"

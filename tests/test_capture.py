@@ -892,6 +892,27 @@ def test_an_allocation_from_cupys_pool_during_a_capture_is_refused_before_it_is_
     assert guard.name not in cupy.cuda.memory_hook.get_memory_hooks()
 
 
+@pytest.mark.parametrize("allocator", ["cudaMalloc", "another"])
+def test_no_capture_where_cupys_allocator_calls_no_memory_hook(allocator):
+    """Only a MemoryPool calls the hooks (memory.pyx, SingleDeviceMemoryPool.malloc):
+    after cupy.cuda.set_allocator(None) (plain cudaMalloc, which a relaxed capture lets
+    through), or with an allocator of another kind, an allocation inside a capture would
+    go unseen, and the graph write into memory freed after it. Refused: such a step is
+    not captured (it runs eagerly, warned once). Real CuPy's allocator API, no GPU."""
+    cupy = pytest.importorskip("cupy")
+    others = {"cudaMalloc": None,  # (a MemoryAsyncPool, another library's: a function)
+              "another": lambda size: None}
+    before = cupy.cuda.get_allocator()
+    assert isinstance(before.__self__, cupy.cuda.MemoryPool)  # CuPy's default
+    cupy.cuda.set_allocator(others[allocator])
+    try:
+        with pytest.raises(RuntimeError, match="CuPy's allocator is not its memory pool"):
+            graph_module._no_allocation(cupy.cuda)
+    finally:
+        cupy.cuda.set_allocator(before)
+    graph_module._no_allocation(cupy.cuda)  # the pool again: guarded
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_an_allocation_during_a_capture_is_refused():
     import cupy
