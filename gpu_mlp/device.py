@@ -211,13 +211,27 @@ def _moved_as_is(a, xp, name):
                 raise
         return _as_array(name, a)
     if isinstance(a, xp.ndarray):
-        return a
+        return _on_this_gpu(a, xp, name)
     if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
         try:
-            return xp.from_dlpack(a)
+            taken = xp.from_dlpack(a)  # (on the producer's GPU, which may be another)
         except (RuntimeError, BufferError, TypeError, ValueError):
             return xp.asarray(np.from_dlpack(a))  # a CPU tensor: one host-to-device copy
+        return _on_this_gpu(taken, xp, name)
     return xp.asarray(_checks.numeric(name, _as_array(name, a)))
+
+
+def _on_this_gpu(a, xp, name):
+    """``a``, a CuPy array, if it is on the current GPU (the net's), else a ValueError:
+    the engine's kernels would read another GPU's memory (CuPy's own ufuncs check, or
+    enable peer access; a RawKernel does neither)."""
+    gpu = getattr(getattr(a, "device", None), "id", None)  # (a cupy.cuda.Device's)
+    if gpu is not None and gpu != xp.cuda.runtime.getDevice():
+        raise ValueError(f"{name} is on GPU {gpu}, but this computes on GPU "
+                         f"{xp.cuda.runtime.getDevice()}: move it there first (with "
+                         f"cupy.cuda.Device({xp.cuda.runtime.getDevice()}): "
+                         f"cupy.asarray(...) copies it; tensor.to(...) in PyTorch)")
+    return a
 
 
 def _as_array(name: str, a) -> np.ndarray:

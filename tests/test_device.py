@@ -188,3 +188,27 @@ def test_the_warning_points_at_the_callers_code(fake_cupy):
     assert net.device == "cpu"
     [warning] = caught
     assert warning.filename == __file__
+
+
+def test_an_array_on_another_gpu_is_refused_by_name():
+    """CuPy's from_dlpack gives an array on the producer's GPU, and a CuPy array stays
+    where it is: the engine's RawKernels, which check no device, would read another
+    GPU's memory. Refused, naming the array and both GPUs (a stand-in CuPy: the same
+    attributes, ``ndarray.device.id`` and ``cuda.runtime.getDevice``)."""
+    import types
+
+    from gpu_mlp import device as device_module
+
+    class FakeArray:
+        dtype = np.dtype(np.float32)
+
+        def __init__(self, gpu):
+            self.device = types.SimpleNamespace(id=gpu)
+
+    xp = types.SimpleNamespace(ndarray=FakeArray, cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+    here = FakeArray(0)
+    assert device_module.to_device(here, xp, "X") is here
+    with pytest.raises(ValueError, match=r"X is on GPU 1, but this computes on GPU 0: move "
+                                         r"it there first \(with cupy.cuda.Device\(0\)"):
+        device_module.to_device(FakeArray(1), xp, "X")
