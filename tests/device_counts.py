@@ -146,6 +146,8 @@ class DeviceArray(np.ndarray):
         args = _host(inputs)
         if out is not None:
             kwargs["out"] = _host(out)
+            if method == "__call__":
+                _copied_in(inputs, out, ufunc.__name__)
         if _COUNTS.capture is not None and ufunc is np.matmul:
             _COUNTS.capture.cublas("matmul")  # CuPy's matmul is cuBLAS through CuPy
         if _COUNTS.capture is not None and (out is not None or method == "at"):
@@ -203,6 +205,14 @@ class DeviceArray(np.ndarray):
 
     def __setitem__(self, index, value):
         host = self.view(np.ndarray)
+        if isinstance(value, DeviceArray):  # (CuPy skips a copy onto the very same view)
+            key = index if isinstance(index, tuple) else (index,)
+            if not any(k is Ellipsis for k in key):  # (an element: its 0-d view)
+                key = key + (Ellipsis,)
+            target = np.ndarray.__getitem__(host, _host(key))
+            if (value.shape, value.strides, value.ctypes.data) != (
+                    target.shape, target.strides, target.ctypes.data):
+                _copied_in([value], [target], "setitem")
 
         def run():
             host[_host(index)] = _host(value)
@@ -315,6 +325,17 @@ class _Cublas:
         self.launches.append("gemv")
         if self.blas is not None:
             self.blas.gemv(transa, _host(alpha), *_host((a, x)), _host(beta), _host(y))
+
+
+def _copied_in(inputs, outputs, what) -> None:
+    """CuPy's rule for a kernel's inputs (cupy/_core/_kernel.pyx,
+    ``_copy_in_args_if_needed``): an input that is not the very output object but may
+    share memory with it is copied first -- an allocation."""
+    for a in inputs:
+        if isinstance(a, DeviceArray) and any(
+                a is not o and np.may_share_memory(a, o) for o in outputs):
+            _COUNTS.allocated(f"{what}: CuPy copies an input that overlaps the output")
+            return
 
 
 def _launched(launches, name, args, run=None) -> None:

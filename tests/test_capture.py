@@ -159,6 +159,26 @@ def test_the_default_stream_is_not_captured_and_captures_do_not_nest(device):
             Capture().begin_capture()
 
 
+def test_an_input_overlapping_the_output_is_copied_first_as_cupy_does(device):
+    """cupy/_core/_kernel.pyx, _copy_in_args_if_needed: an input that is not the very
+    output object but may share its memory is copied before the kernel -- an allocation,
+    refused during a capture. The output itself as an input is not copied."""
+    counts, _ = device
+    a, b = _arrays([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    before = counts.allocations
+    np.add(a, b, out=a)
+    a[...] = a
+    assert counts.allocations == before
+    np.add(a[::-1], b, out=a)  # another view of a's memory
+    assert counts.allocations == before + 1
+    a[:2] = a[2:]  # disjoint: no copy
+    a[1:] = a[:3]  # overlapping: copied
+    assert counts.allocations == before + 2
+    with Capture():
+        with pytest.raises(CaptureBroken, match="allocation during capture"):
+            np.multiply(a[::-1], 2.0, out=a)
+
+
 def test_views_and_eager_work_are_untouched(device):
     counts, _ = device
     [a] = _arrays(np.arange(6.0).reshape(2, 3))
