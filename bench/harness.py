@@ -323,8 +323,9 @@ def configure(threads: int, tf32: bool) -> None:
 
     The BLAS thread count of NumPy/SciPy and ``CUPY_TF32`` are read when those libraries
     load, so ``bench/run.py`` sets them in the environment before importing anything.
-    ``CUPY_TF32`` reaches ``cupy.matmul``; gpu_mlp's GEMMs go through ``cupy.cublas``
-    (cublasSgemm), which follows the cuBLAS handle's math mode, set here.
+    ``CUPY_TF32`` reaches ``cupy.matmul`` and gpu_mlp's own cuBLAS handles (made TF32
+    where it or CuPy's handle's math mode asks, ``gpu_mlp.cublas``); CuPy's handle's math
+    mode is set here too.
     """
     try:
         import torch

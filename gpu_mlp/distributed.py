@@ -245,8 +245,9 @@ class Communicator:
         for this one (a KeyboardInterrupt prints ``rank r: interrupted``, no traceback,
         and aborts with status 130). With one rank the exception is simply raised, and
         so is one that every rank raises alike, marked ``every_rank = True``
-        (:meth:`check_same`'s and :meth:`settle`'s,
-        :class:`gpu_mlp.training.TrainingDiverged`): no rank waits for another then.
+        (:meth:`check_same`'s, :meth:`settle`'s, :meth:`row_counts`' and fit's check of
+        the parameters after each epoch, :class:`gpu_mlp.training.TrainingDiverged`): no
+        rank waits for another then.
         Inside another guard() of this communicator (fit's inside the CLI's) the
         exception goes on to the outer one, and to the caller's handling within it."""
         self._guards += 1
@@ -282,11 +283,21 @@ class Communicator:
 
     # --- the engine's side: the contract with Network._step ---------------------------
 
-    def row_counts(self, rows: int) -> list[int]:
-        """Every rank's row count of this step, in rank order (the same list everywhere)."""
+    def row_counts(self, rows: int, failed: BaseException | None = None) -> list[int]:
+        """Every rank's row count of this step, in rank order (the same list everywhere).
+        ``failed``: this rank's step cannot go on (its input failed a check): it says so
+        in the same collective, and where any rank did every rank raises, marked
+        ``every_rank`` -- that rank ``failed``, the others a RuntimeError naming it."""
         send, counts = self._count_buffers
-        send[0] = rows
+        send[0] = -1 if failed is not None else rows
         self.comm.Allgather(send, counts)
+        stopped = [r for r, c in enumerate(counts.tolist()) if c < 0]
+        if stopped:
+            error = failed if failed is not None else RuntimeError(
+                f"the step's input failed its checks on {_ranks(stopped)}, so every rank "
+                f"stops here")
+            error.every_rank = True
+            raise error
         return counts.tolist()
 
     def stage(self, net, downstream: Rule, counts) -> "_Stage":

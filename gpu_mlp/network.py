@@ -327,26 +327,19 @@ class Network(ForwardBackward):
     def _step_of(self, X, Y, plan, comm, check, expected_batch, counts, global_loss,
                  capture, lasting, prepared):
         """:meth:`_step` on ``comm``, plan.communicator(self)."""
-        plan.check(self)
-        if comm is not None and plan.private:
-            plan.dp.agree(comm)
-        empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0
-        if empty and comm is None and expected_batch is None:
-            raise ValueError("X is an empty batch: a private step divides by the batch "
-                             "size, so it needs at least one sample (fit's Poisson "
-                             "samples divide by the expected size instead)")
-        if empty:  # nothing to forward: only the noise and the collectives remain
-            self.inputs.check_params(self.params, write=True)
-            self.inputs.shapes(tuple(X.shape[1:]))
-            B = 0
-        elif prepared:
-            self.inputs.check_params(self.params, write=True)
-            B = X.shape[0]
-        else:
-            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True)
-            B = X.shape[0]
+        try:
+            X, Y, B, empty = self._step_input(X, Y, plan, comm, check, expected_batch,
+                                              prepared)
+        except Exception as e:
+            if comm is None or counts is not None:
+                raise
+            # told to every rank in the step's first collective, and raised on each: a
+            # mistake every rank makes alike reaches the caller, not an MPI_Abort
+            comm.row_counts(0, failed=e)
         if comm is not None:
             counts = comm.row_counts(B) if counts is None else counts
+            if plan.private:
+                plan.dp.agree(comm)
             total = sum(counts)
         else:
             total = B
@@ -364,6 +357,24 @@ class Network(ForwardBackward):
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows
         return self.xp.asarray(summed / total if total else 0.0, dtype=self.dtype)
+
+    def _step_input(self, X, Y, plan, comm, check, expected_batch, prepared):
+        """``(X, Y, B, empty)``: a step's plan and batch checked (nothing changed, or a
+        TypeError or ValueError), the batch as it will be computed with."""
+        plan.check(self)
+        empty = (plan.private or plan.parallel) and _inputs.rows(X) == 0
+        if empty and comm is None and expected_batch is None:
+            raise ValueError("X is an empty batch: a private step divides by the batch "
+                             "size, so it needs at least one sample (fit's Poisson "
+                             "samples divide by the expected size instead)")
+        if empty:  # nothing to forward: only the noise and the collectives remain
+            self.inputs.check_params(self.params, write=True)
+            self.inputs.shapes(tuple(X.shape[1:]))
+        elif prepared:
+            self.inputs.check_params(self.params, write=True)
+        else:
+            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True)
+        return X, Y, (0 if empty else X.shape[0]), empty
 
     def _empty_backward(self, sink: Sink):
         """What a backward pass over no rows hands the sink: empty factors per layer."""

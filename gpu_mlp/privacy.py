@@ -92,9 +92,10 @@ class DP:
         """The DP whose noise multiplier just reaches ``target_epsilon`` at ``delta``
         after ``steps`` steps of Poisson sampling at rate ``sample_rate``; a ValueError
         if no noise within :mod:`gpu_mlp.accounting`'s bound does, or ``steps`` is 0."""
-        if _checks.integer("steps", steps, minimum=0) == 0:
-            raise ValueError("steps must be >= 1: a DP for no steps would add no noise "
-                             "(and spend infinite epsilon on the first step it takes)")
+        if _checks.integer("steps", steps) < 1:  # (an integer, else a TypeError first)
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}: a DP for no "
+                             f"steps would add no noise (and spend infinite epsilon on the "
+                             f"first step it takes)")
         sigma = accounting.noise_multiplier(target_epsilon, delta, sample_rate, steps,
                                             accountant=accountant)
         dp = cls(max_grad_norm, sigma, delta=delta, seed=seed, accountant=accountant)

@@ -193,11 +193,11 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
         comm: a :class:`gpu_mlp.distributed.Communicator` (or, on the CPU, an mpi4py
             communicator, wrapped in one for the run): train data-parallel. Every
             rank passes the same data and settings (checked before the first step, the
-            parameters, optimizer state, validation data and ``comm.path`` too); each
-            global batch is split into contiguous shares, one per rank, and every rank
-            applies the gradient of the global batch mean, so the run is the
-            single-process run on the global batches. The History is the same on every
-            rank.
+            parameters, optimizer state, validation data and ``comm.path`` too; the
+            parameters again after every epoch); each global batch is split into
+            contiguous shares, one per rank, and every rank applies the gradient of the
+            global batch mean, so the run is the single-process run on the global
+            batches. The History is the same on every rank.
         plan: a :class:`gpu_mlp.plan.StepPlan`, the update rule, ``dp`` and ``comm`` in
             one, instead of ``lr``, ``optimizer``, ``dp`` and ``comm`` (a plan from a
             number is plain SGD at that rate).
@@ -382,8 +382,9 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                                             seconds, epsilon)):
             getattr(history, name).append(value)
         good, spare = spare, good
-        if on_epoch is not None or comm is not None:
+        if on_epoch is not None or comm is not None:  # (every rank settles it)
             _call_back(on_epoch, net, history, comm)
+        if on_epoch is not None:
             # what a divergence goes back to: the epoch as the callback left it (a new
             # rate, momentum scaled, parameters changed) -- what it may have saved. (A
             # second host copy of the parameters an epoch, only with a callback.)
@@ -401,12 +402,16 @@ def _still_alike(comm, params, seconds: float, epoch: int) -> float:
     the History is the same on every rank."""
     everyone = comm.allgather((_digest(*(a for pair in params for a in pair)), seconds))
     if len({digest for digest, _ in everyone}) > 1:
-        error = RuntimeError(
-            f"after epoch {epoch + 1} the {comm.size} ranks' parameters differ: where a "
-            f"layer's factors are gathered (comm.path 'gather', or 'auto' where that sends "
-            f"fewer bytes) each rank forms the update with its own BLAS, which rounds "
-            f"differently on different CPU or GPU models; use comm.path='allreduce' "
-            f"(--comm-path allreduce), whose ranks all apply one summed gradient")
+        changed = ("something changed them on some rank alone (an on_epoch callback, "
+                   "say): every rank must hold the same parameters")
+        if comm.path != "allreduce":
+            changed = (f"where a layer's factors are gathered (comm.path 'gather', or "
+                       f"'auto' where that sends fewer bytes) each rank forms the update "
+                       f"with its own BLAS, which rounds differently on different CPU or "
+                       f"GPU models: use comm.path='allreduce' (--comm-path allreduce), "
+                       f"whose ranks all apply one summed gradient; or {changed}")
+        error = RuntimeError(f"after epoch {epoch + 1} the {comm.size} ranks' parameters "
+                             f"differ: {changed}")
         error.every_rank = True
         raise error
     return everyone[0][1]

@@ -351,6 +351,11 @@ def scenario_drift(comm):
     caught(comm, "drift", lambda: dense_net().fit(X, y, epochs=3, batch_size=BATCH, lr=0.1,
                                                   verbose=False, comm=comm, on_epoch=nudge),
            RuntimeError)
+    comm.path = "allreduce"  # (no BLAS to blame: the message says so)
+    caught(comm, "changed", lambda: dense_net().fit(X, y, epochs=3, batch_size=BATCH,
+                                                    lr=0.1, verbose=False, comm=comm,
+                                                    on_epoch=nudge), RuntimeError)
+    comm.path = "auto"
     history = dense_net().fit(X, y, epochs=2, batch_size=BATCH, lr=0.1, verbose=False,
                               comm=comm)
     if len(set(comm.allgather(tuple(history.seconds)))) != 1:
@@ -358,14 +363,23 @@ def scenario_drift(comm):
 
 
 def scenario_train_step_raise(comm):
-    """A bad batch on rank 1 in a loop of the caller's own (no guard, no fit): the
-    step's guard ends the job; rank 0 waited in the step's collective forever."""
+    """train_step(comm=) in a loop of the caller's own (no guard, no fit): a batch every
+    rank gets wrong is raised on every rank; a bad batch on rank 1 alone there, and a
+    RuntimeError naming it on rank 0 (which waited in the step's collective forever);
+    an error inside the step on one rank alone (its guard) ends the job."""
     X, y = data((5,), 3)
     X, y = X[:BATCH], y[:BATCH].copy()
+    net = dense_net()
+    caught(comm, "everywhere", lambda: net.train_step(X[:, :4], y, 0.1, comm=comm.comm),
+           ValueError)
+    bad = y.copy()
     if comm.rank == 1:
-        y[0] = 7  # out of range: 3 classes
-    for _ in range(3):
-        dense_net().train_step(X, y, 0.1, comm=comm.comm)
+        bad[0] = 7  # out of range: 3 classes
+    caught(comm, "alone", lambda: net.train_step(X, bad, 0.1, comm=comm.comm))
+    net.train_step(X, y, 0.1, comm=comm.comm)  # the ranks go on together
+    if comm.rank == 1:  # past the checks: inside the step, on rank 1 alone
+        net.step_graphs.step = lambda *args, **kwargs: 1 / 0
+    net.train_step(X, y, 0.1, comm=comm.comm)
 
 
 def scenario_loss(comm):

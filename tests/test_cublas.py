@@ -50,9 +50,11 @@ class Recording(host_cupy.HostCublas):
 
 
 @pytest.fixture
-def blas(host_cupy_lib):
+def blas(host_cupy_lib, monkeypatch):
     """ops' GPU branch, the binding over a recording host libcublas, the kernels (an empty
-    product's ``scale``) host_cupy's; yields the runtime."""
+    product's ``scale``) host_cupy's; yields the runtime. (CUPY_TF32 as CuPy's default,
+    unset: a shell's would turn the handles' TF32 on.)"""
+    monkeypatch.delenv("CUPY_TF32", raising=False)
     with host_cupy.cupy_path(host_cupy_lib) as device:
         runtime = Recording(device)
         with cublas.use(runtime):

@@ -394,18 +394,30 @@ def test_mpirun_ranks_whose_parameters_drift_apart_are_stopped_on_every_rank():
     run, seconds = _launch(2, "drift", timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     got = [line for line in run.stdout.splitlines() if " caught drift: " in line]
-    assert len(got) == 2 and all("after epoch 2 the 2 ranks' parameters differ" in line
-                                 for line in got), run.stdout
+    assert len(got) == 2 and all("after epoch 2 the 2 ranks' parameters differ: where a "
+                                 "layer's factors are gathered" in line for line in got)
+    got = [line for line in run.stdout.splitlines() if " caught changed: " in line]
+    assert len(got) == 2 and all("differ: something changed them on some rank alone"
+                                 in line for line in got), run.stdout  # (allreduce)
     assert seconds < 30
 
 
-def test_mpirun_a_bad_batch_on_one_rank_in_train_step_ends_the_job():
+def test_mpirun_train_step_raises_a_bad_batch_on_every_rank_and_a_fault_ends_the_job():
     """train_step(comm=) in a loop of the caller's: the rank whose labels were out of
-    range raised, and the other waited in the step's collective forever."""
+    range raised, and the other waited in the step's collective forever. Now a batch that
+    fails its checks, on any rank, is raised on every rank (told in the step's first
+    collective, the row counts); a fault inside the step on one rank ends the job."""
     run, seconds = _launch(2, "train_step_raise", timeout=60)
     assert run.returncode != 0
-    assert "rank 1: ValueError: softmax_cross_entropy: labels must lie in [0, 3)" in \
-        run.stderr
+    lines = run.stdout.splitlines()
+    for r in (0, 1):
+        assert any(line.startswith(f"rank {r} caught everywhere: ValueError: X must have")
+                   for line in lines), run.stdout
+    assert any(line.startswith("rank 1 caught alone: ValueError: softmax_cross_entropy: "
+                               "labels must lie in [0, 3)") for line in lines), run.stdout
+    assert ("rank 0 caught alone: RuntimeError: the step's input failed its checks on "
+            "rank 1, so every rank stops here") in lines
+    assert "rank 1: ZeroDivisionError: division by zero" in run.stderr
     assert seconds < 30
 
 
