@@ -1,12 +1,15 @@
 """What a GPU conv training step holds, counted on the CuPy path without a GPU.
 
 For each point of the conv grid (``bench/run.py --grid conv``: 1x28x28 and 3x32x32
-inputs, 16-64 channels, depth 2 or 4), one fresh net runs two training steps (float32,
-``output`` mode, SGD) on the host stand-in of CuPy (``tests/host_cupy.py``: the engine's
-CuPy branches, the CUDA kernel bodies compiled for the host), once per column budget
+inputs, 16-64 channels, depth 2 or 4), one fresh net runs three training steps (float32,
+``output`` mode, SGD: warm-up, capture, replay) on the host stand-in of CuPy that
+captures (``tests/device_counts.py`` and ``tests/capture.py`` over ``tests/host_cupy.py``:
+the engine's CuPy branches, the CUDA kernel bodies compiled for the host), once per column budget
 (``ops.COLUMN_BUDGET_BYTES``; "none": a budget no batch reaches, whole-batch columns).
 It counts the workspace's pool bytes (each buffer rounded up to CuPy's 512-byte unit)
-plus the parameters, the batch and cuBLAS's workspace (``cublas.WORKSPACE_BYTES``), and
+plus the parameters, the batch, the captured graph's copies of the batch and loss, and
+cuBLAS's workspaces (``cublas.WORKSPACE_BYTES`` for each handle: the eager stream's and
+the capture stream's, as a GPU holds them once the step is replayed as a graph), and
 divides by PyTorch's peak measured on a GPU for the same point (``--torch``: a
 ``bench/run.py`` results.json with torch-cuda records). What it cannot count: the CuPy
 pool's own fragmentation, and time. A GPU run of ``bench/run.py --grid conv`` measures
@@ -35,6 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import gpu_mlp  # noqa: E402
 import host_cupy  # noqa: E402  (the tests' CuPy stand-in)
+from capture import capturable_blas  # noqa: E402  (... that captures)
+from device_counts import DeviceArray, counting_device  # noqa: E402
 from gpu_mlp import cublas, ops  # noqa: E402
 from bench.harness import ConvPoint, portable_command, repo_path, source_state  # noqa: E402
 from bench.run import positive_ints  # noqa: E402
@@ -44,7 +49,10 @@ NONE = 1 << 62  # a budget no batch reaches
 
 
 def held_bytes(lib, point: ConvPoint, budget: int) -> int:
-    """Bytes a warm step holds on the CuPy path with column budget ``budget``."""
+    """Bytes a warm step holds on the CuPy path with column budget ``budget``: replayed
+    as a CUDA graph, as a GPU runs it from its third step on (the tests' capture
+    stand-in), so with the capture stream's cuBLAS handle and workspace beside the eager
+    stream's, and the graph's own copies of the batch and its loss."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((point.batch, *point.input)).astype(np.float32)
     Y = rng.integers(0, 10, point.batch)
@@ -52,14 +60,20 @@ def held_bytes(lib, point: ConvPoint, budget: int) -> int:
                           dtype="float32", seed=0)
     saved, ops.COLUMN_BUDGET_BYTES = ops.COLUMN_BUDGET_BYTES, budget
     try:
-        with host_cupy.cupy_path(lib):
-            for _ in range(2):  # the first fills the workspace
-                net.train_step(X, Y, 1e-5, check=False)
+        with counting_device(net, lib), capturable_blas(lib) as blas:
+            X_dev, Y_dev = X.view(DeviceArray), Y.view(DeviceArray)
+            for _ in range(3):  # warm-up (fills the workspace), capture, replay
+                net.train_step(X_dev, Y_dev, 1e-5, check=False)
+            handles = len(blas.handles)
     finally:
         ops.COLUMN_BUDGET_BYTES = saved
+    graphs = net.step_graphs
+    assert graphs.captures == 1 and graphs.replays == 1, "the step was not replayed"
+    static = sum(a.nbytes for entry in graphs._entries.values()
+                 for a in (entry.X, entry.Y, entry.loss) if a is not None)
     params = sum(a.nbytes for pair in net.params for a in pair)
-    return net.training_workspace.pool_bytes + params + X.nbytes + Y.nbytes + \
-        cublas.WORKSPACE_BYTES
+    return net.training_workspace.pool_bytes + params + X.nbytes + Y.nbytes + static + \
+        handles * cublas.WORKSPACE_BYTES
 
 
 def torch_peaks(path) -> dict:

@@ -509,11 +509,12 @@ def report(result) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    sys.path.insert(0, ROOT)  # run from a checkout: gpu_mlp and bench need no install
+    from bench import pin_environment  # (imports nothing that reads the environment)
+
+    pin_environment(args.threads, tf32=False)
     if args.openblas_thread_timeout is not None:
         os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(args.openblas_thread_timeout)
-    sys.path.insert(0, ROOT)  # run from a checkout: gpu_mlp and bench need no install
 
     # only now, with the environment set: these load NumPy, SciPy and PyTorch
     from bench import harness

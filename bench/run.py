@@ -166,27 +166,37 @@ def default_out(args, devices) -> Path:
     return ROOT / "bench" / "results" / "-".join(name)
 
 
-def previous_run(path: Path, args, column_budget: int) -> tuple[list[dict], list[str]]:
-    """The successful records of an earlier run with the same dtype, TF32 setting, grid
-    and column budget, and the commands that measured them."""
+def footing(config: dict, env: dict) -> dict:
+    """What records compared side by side must share: the settings, and the machine,
+    libraries and gpu_mlp sources they were measured with."""
+    return {"dtype": config["dtype"], "tf32": config["tf32"],
+            "grid": config.get("grid", "mlp"),
+            "column budget": config.get("column_budget_bytes"),
+            "threads": config.get("threads"), "cpu": env.get("cpu"),
+            "gpu": (env.get("gpu") or {}).get("name"), "versions": env.get("versions"),
+            "gpu_mlp sources": (env.get("gpu_mlp_source") or {}).get("sha256_of_gpu_mlp_py")}
+
+
+def previous_run(path: Path, now: dict) -> tuple[list[dict], list[str]]:
+    """The successful records of an earlier run on the same :func:`footing` as ``now``,
+    and the commands that measured them."""
     old = json.loads(path.read_text())
-    then = (old["config"]["dtype"], old["config"]["tf32"], old["config"].get("grid", "mlp"),
-            old["config"].get("column_budget_bytes"))
-    if then != (args.dtype, args.tf32, args.grid, column_budget):
-        raise SystemExit(f"error: {path} was measured with dtype {then[0]}, tf32 {then[1]}, "
-                         f"grid {then[2]}, column budget {then[3]} bytes; not resuming with "
-                         f"different settings")
-    env = old["environment"]
+    env = old.get("environment", {})
+    then = footing(old["config"], env)
+    differ = [f"{key} {then[key]!r} (now {now[key]!r})" for key in now if then[key] != now[key]]
+    if differ:
+        raise SystemExit(f"error: {path} was measured with {'; '.join(differ)}; not resuming: "
+                         f"its records would be compared with these as if from one run")
     commands = env.get("previous_commands", []) + [env["command"]]
     return [r for r in old["records"] if r["status"] == "ok"], commands
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    os.environ["CUPY_TF32"] = "1" if args.tf32 else "0"
     sys.path.insert(0, str(ROOT))  # run from a checkout: gpu_mlp and bench need no install
+    from bench import pin_environment  # (imports nothing that reads the environment)
+
+    pin_environment(args.threads, args.tf32)
 
     # only now, with the environment set: these import NumPy, SciPy, CuPy and PyTorch
     from tqdm import tqdm
@@ -215,8 +225,6 @@ def main(argv=None) -> int:
     except OSError as e:
         raise SystemExit(f"error: --out {out} cannot be the output folder: {e.strerror}")
     json_path = out / "results.json"
-    records, previous_commands = (previous_run(json_path, args, column_budget)
-                                  if args.resume and json_path.exists() else ([], []))
     if args.grid == "conv":
         points = [harness.ConvPoint(i, c, d, b) for i in args.inputs for c in args.channels
                   for d in args.depths for b in args.batches]
@@ -229,9 +237,7 @@ def main(argv=None) -> int:
         except ValueError as e:  # say so now, not in every record
             raise SystemExit(f"error: grid point {point}: {e}") from None
     harness.configure(args.threads, args.tf32)
-    done = {harness.key(r) for r in records}
-    todo = [t for t in harness.tasks(devices, args.impls, args.modes, points)
-            if t.key not in done]
+    todo = harness.tasks(devices, args.impls, args.modes, points)
     skipped = harness.skipped(devices, args.impls)
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}", file=sys.stderr)
@@ -260,6 +266,11 @@ def main(argv=None) -> int:
         "skipped": skipped,
     }
     env = harness.environment(devices, args.threads, args.tf32, out=out)
+    env["gpu_mlp_source"] = harness.source_state()
+    records, previous_commands = (previous_run(json_path, footing(config, env))
+                                  if args.resume and json_path.exists() else ([], []))
+    done = {harness.key(r) for r in records}
+    todo = [t for t in todo if t.key not in done]
     if previous_commands:
         env["previous_commands"] = previous_commands  # what measured the resumed records
 

@@ -8,8 +8,12 @@ of both grids (MLP and convolutions).
 pyproject's addopts carry ``--benchmark-disable``, so without ``--benchmark-enable``
 every body runs once, as a smoke test. The steps are bench/harness.py's (same networks,
 data, synchronisation); bench/run.py is the full grid with ratios and memory. TF32 is
-left at both libraries' default (off).
+off in both libraries (PyTorch's cuDNN would otherwise default to it) and PyTorch has
+as many CPU threads as NumPy's BLAS (this session's ``OPENBLAS_NUM_THREADS``, else one
+a core): :func:`same_footing`.
 """
+
+import os
 
 import pytest
 
@@ -27,6 +31,23 @@ TASKS = [pytest.param(task, id=f"{task.label}-{task.point}",
                       marks=GPU if device == "cuda" else ())
          for device, points in POINTS.items()
          for task in harness.tasks([device], None, gpu_mlp.MEMORY_MODES, points)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def same_footing():
+    """Both libraries on the same footing, as bench/run.py puts them: TF32 off in both
+    (``CUPY_TF32`` is read as gpu_mlp makes its cuBLAS handles), PyTorch's threads as
+    NumPy's BLAS has them."""
+    saved = os.environ.get("CUPY_TF32")
+    os.environ["CUPY_TF32"] = "0"
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get(
+        "OMP_NUM_THREADS") or os.cpu_count())
+    harness.configure(threads, tf32=False)
+    yield
+    if saved is None:
+        del os.environ["CUPY_TF32"]
+    else:
+        os.environ["CUPY_TF32"] = saved
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -7,6 +7,7 @@ script sets thread and TF32 environment variables before it imports NumPy and Cu
 
 import collections
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -165,6 +166,9 @@ def test_torch_graph_recipe_takes_the_same_steps_with_the_capture_mocked(monkeyp
         return m
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    # (the cases' one side stream: a fresh one of this test's fakes)
+    monkeypatch.setattr(harness, "_side_stream", functools.cache(
+        harness._side_stream.__wrapped__))
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(harness, "_capture", capture)
@@ -646,6 +650,23 @@ def test_cli_writes_table_json_and_report_and_resumes(tmp_path):
     assert (new["label"], new["width"], new["status"]) == ("gemm-bound-numpy", 16, "ok")
     assert new["ratio_to_torch"] is None  # no torch measurement at width 16
     assert resumed["environment"]["previous_commands"] == [env["command"]]
+    assert resumed["environment"]["gpu_mlp_source"]["sha256_of_gpu_mlp_py"]
+
+
+def test_cli_resumes_only_records_measured_on_the_same_footing(tmp_path):
+    """--resume puts the old records beside new ones as one run's: other thread counts
+    (or another machine, library version, gpu_mlp source) would compare unlike with
+    unlike. Refused, naming the difference, nothing written."""
+    _, _, doc = _run_cli(tmp_path, "--widths", "8", "--impls", "gemm", "--no-plot")
+    before = (tmp_path / "results.json").read_text()
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu", "--depths",
+           "2", "--batches", "4", "--widths", "8,16", "--impls", "gemm", "--threads", "2",
+           "--dtype", "float64", "--max-time", "0", "--out", str(tmp_path), "--resume",
+           "--no-plot"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "was measured with threads 1 (now 2); not resuming" in done.stderr
+    assert (tmp_path / "results.json").read_text() == before
 
 
 def test_cli_refuses_an_out_that_is_a_file_before_measuring(tmp_path):
@@ -737,17 +758,23 @@ def test_cli_grid_options():
             run.parse_args(bad)
 
 
-def test_resume_needs_the_same_grid_and_column_budget(tmp_path):
+def test_resume_needs_the_same_footing(tmp_path):
+    """Settings, machine, libraries and gpu_mlp sources: records measured otherwise are
+    not put beside new ones as one run's."""
     path = tmp_path / "results.json"
-    budget = 16 << 20
-    path.write_text(json.dumps({"config": {"dtype": "float32", "tf32": False,  # an MLP run
-                                           "column_budget_bytes": budget},
-                                "environment": {"command": "bench/run.py"}, "records": []}))
-    with pytest.raises(SystemExit, match="not resuming"):
-        run.previous_run(path, run.parse_args(["--grid", "conv"]), budget)
-    with pytest.raises(SystemExit, match="column budget"):
-        run.previous_run(path, run.parse_args([]), 2 * budget)
-    assert run.previous_run(path, run.parse_args([]), budget) == ([], ["bench/run.py"])
+    config = {"dtype": "float32", "tf32": False, "column_budget_bytes": 16 << 20,
+              "threads": 1}  # an MLP run: no grid recorded
+    env = {"command": "bench/run.py", "cpu": "x86", "versions": {"torch": "2.13.0"},
+           "gpu_mlp_source": {"sha256_of_gpu_mlp_py": "a"}}
+    path.write_text(json.dumps({"config": config, "environment": env, "records": []}))
+    now = run.footing(config, env)
+    assert now["grid"] == "mlp" and now["gpu"] is None
+    assert run.previous_run(path, now) == ([], ["bench/run.py"])
+    for key, value in [("grid", "conv"), ("column budget", 32 << 20), ("threads", 2),
+                       ("cpu", "arm"), ("gpu", "NVIDIA H200"), ("gpu_mlp sources", "b"),
+                       ("versions", {"torch": "2.14.0"})]:
+        with pytest.raises(SystemExit, match=f"{key} .* \\(now .*\\); not resuming"):
+            run.previous_run(path, {**now, key: value})
 
 
 def test_cli_refuses_to_resume_with_other_settings(tmp_path):
