@@ -142,6 +142,9 @@ def stub(n: int, libcuda_stub: bool) -> dict:
     return result
 
 
+HOST_CALLS = 256  # calls issued without a sync, well within CUDA's launch queue
+
+
 def gpu(n: int) -> dict:
     import cupy
     import cupy.cublas
@@ -150,28 +153,42 @@ def gpu(n: int) -> dict:
 
     a, b, out = (cupy.ones((64, 64), cupy.float32) for _ in range(3))
     result = {"mode": "GPU", "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-              "cupy": cupy.__version__, "calls": n, "us_per_call": {}}
+              "cupy": cupy.__version__, "calls": n, "us_per_call": {},
+              "host_us_per_call": {}, "host_calls": HOST_CALLS}
     times = result["us_per_call"]
 
-    def per_call(call):
+    def per_call(call, name=None):
+        """Microseconds a call, the GPU's work included (``n`` calls, then a sync: once
+        the host outruns a small GEMM this is the GPU's time); with ``name``, also the
+        host's alone, in result["host_us_per_call"]: the time to issue ``HOST_CALLS``
+        calls, fewer than CUDA's launch queue holds, so none waits for the GPU."""
         call()
         cupy.cuda.Device().synchronize()
-        best = float("inf")
+        best = issue = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             for _ in range(n):
                 call()
             cupy.cuda.Device().synchronize()
             best = min(best, (time.perf_counter() - start) / n * 1e6)
+            start = time.perf_counter()
+            for _ in range(HOST_CALLS):
+                call()
+            issue = min(issue, (time.perf_counter() - start) / HOST_CALLS * 1e6)
+            cupy.cuda.Device().synchronize()
+        if name is not None:
+            result["host_us_per_call"][name] = issue
         return best
 
     alpha = cupy.full((), -0.1, cupy.float32)
-    times["ops.gemm via gpu_mlp.cublas, host alpha/beta"] = per_call(
-        lambda: ops.gemm("N", "T", a, b, out, -0.1, 1.0))
-    times["ops.gemm via gpu_mlp.cublas, device alpha"] = per_call(
-        lambda: ops.gemm("N", "T", a, b, out, alpha, 1.0))
-    times["cupy.cublas.gemm, host alpha/beta"] = per_call(
-        lambda: cupy.cublas.gemm("N", "T", a, b, out=out, alpha=-0.1, beta=1.0))
+    for name, call in {
+            "ops.gemm via gpu_mlp.cublas, host alpha/beta":
+                lambda: ops.gemm("N", "T", a, b, out, -0.1, 1.0),
+            "ops.gemm via gpu_mlp.cublas, device alpha":
+                lambda: ops.gemm("N", "T", a, b, out, alpha, 1.0),
+            "cupy.cublas.gemm, host alpha/beta":
+                lambda: cupy.cublas.gemm("N", "T", a, b, out=out, alpha=-0.1, beta=1.0)}.items():
+        times[name] = per_call(call, name)
     # the probe's step: 12 GEMMs, eager and as one replayed graph
     w = [cupy.random.standard_normal((256, 256), dtype=cupy.float32) / 16 for _ in range(4)]
     x = cupy.random.standard_normal((256, 256), dtype=cupy.float32)

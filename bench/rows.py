@@ -6,8 +6,12 @@ two or three launches a pass but read a row coalesced. The limit was chosen, not
 measured: this times both paths on the same rows -- softmax forward (``ops.bias_act``),
 its backward (``ops.grad_from_output``) and the cross-entropy against labels
 (``ops.loss_and_grad``) -- at every (batch, classes) point, with CUDA events around
-``--repeat`` calls, and says where the wide path starts to win. Every call takes its
-scratch from one workspace, as in a step; the device is synchronised before each timing.
+``--repeat`` calls captured once as a CUDA graph (as a training step replays them: the
+device's time, not the host's launches, which would favour the path of fewer kernels),
+and says where the wide path starts to win. Every call takes its scratch from one
+workspace, as in a step; the device is synchronised before each timing; the copy that
+restores the forward's and the backward's input before each call is timed alone and
+taken off.
 
     python bench/rows.py                      # on a GPU; prints a table and a JSON line
     python bench/rows.py --out rows.json
@@ -58,21 +62,32 @@ def _ops(cp, B, C, dtype):
             scratch[shape] = cp.empty(shape, dtype)
         ops.loss_and_grad(loss, z, labels, grad, 1.0 / B, scratch[shape])
 
+    def copy():  # what forward and backward do before their op
+        a[...] = z
+
     forward()
     f[...] = a
-    return {"forward": forward, "backward": backward, "xent": xent}
+    return {"forward": forward, "backward": backward, "xent": xent}, copy
 
 
 def _time(cp, call, repeat: int) -> float:
-    """Microseconds a call, the median of 5 rounds of ``repeat`` calls between events."""
-    call()  # compile, warm the workspace
+    """Microseconds a call: ``repeat`` calls captured as one CUDA graph, the median of 5
+    replays between events."""
+    call()  # compile, warm the workspace (a capture must not allocate)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            for _ in range(repeat):
+                call()
+        finally:
+            graph = stream.end_capture()
     rounds = []
     for _ in range(5):
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         cp.cuda.Device().synchronize()
         start.record()
-        for _ in range(repeat):
-            call()
+        graph.launch()
         stop.record()
         stop.synchronize()
         rounds.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / repeat)
@@ -88,8 +103,11 @@ def measure(cp, dtype, repeat: int, batches=BATCHES, classes=CLASSES) -> list[di
                 record = {"batch": B, "classes": C}
                 for path, row_kernel_max in PATHS.items():
                     ops.ROW_KERNEL_MAX = row_kernel_max
-                    for name, call in _ops(cp, B, C, dtype).items():
-                        record[f"{name} {path} us"] = _time(cp, call, repeat)
+                    calls, copy = _ops(cp, B, C, dtype)
+                    copied = _time(cp, copy, repeat)
+                    for name, call in calls.items():
+                        record[f"{name} {path} us"] = _time(cp, call, repeat) - (
+                            copied if name != "xent" else 0.0)
                 rows.append(record)
     finally:
         ops.ROW_KERNEL_MAX = limit

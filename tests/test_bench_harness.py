@@ -829,7 +829,26 @@ def test_rows_bench_times_both_row_paths_through_the_engines_calls(host_cupy_lib
         def synchronize(self):
             pass
 
-    cuda = SimpleNamespace(Event=Event, get_elapsed_time=lambda start, stop: 1.0,
+    captured = []
+
+    class Stream:  # its captures run the calls (on the host), its graphs nothing
+        def __init__(self, non_blocking=False):
+            assert non_blocking  # (the legacy default stream cannot capture)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def begin_capture(self):
+            captured.append(1)
+
+        def end_capture(self):
+            return SimpleNamespace(launch=lambda: None)
+
+    cuda = SimpleNamespace(Event=Event, Stream=Stream,
+                           get_elapsed_time=lambda start, stop: 1.0,
                            Device=lambda: SimpleNamespace(synchronize=lambda: None))
     cp = SimpleNamespace(asarray=np.asarray, empty_like=np.empty_like, empty=np.empty,
                          cuda=cuda)
@@ -840,6 +859,7 @@ def test_rows_bench_times_both_row_paths_through_the_engines_calls(host_cupy_lib
     assert ops.ROW_KERNEL_MAX == limit
     assert [(r["batch"], r["classes"]) for r in records] == [(3, 5), (3, 40)]
     assert all(len(r) == 2 + 3 * len(rows.PATHS) for r in records)
+    assert len(captured) == 2 * 2 * 4  # points x paths x (3 ops and the copy alone)
     launched = {name.split("<")[0] for name in device.launches}
     assert {"gm_softmax_forward", "gm_softmax_backward", "gm_softmax_xent_labels",
             "gm_wide_max", "gm_wide_exp", "gm_wide_normalize", "gm_wide_dot",
@@ -970,3 +990,46 @@ def test_job_bench_refuses_abbreviations_of_what_the_twin_cannot_reproduce(optio
     with pytest.raises(ValueError, match=f"{refused} is not a job option"):
         job.check_options(options)
     job.check_options(["--epochs", "3", "--batch-size", "16", "--model", "cnn"])
+
+
+def test_the_gpu_gemm_bound_is_replayed_as_a_graph(monkeypatch):
+    """On a GPU gpu_mlp replays its step as a CUDA graph: the GEMM-only floor is replayed
+    too (eager, its launches made it no floor at small sizes). Its host logic, with a
+    CuPy of fakes: the capture stream's cuBLAS handle made first, one warm step, one
+    captured, then each step one launch on the current stream."""
+    import types
+
+    from gpu_mlp import cublas
+
+    events = []
+
+    class Stream:
+        def __init__(self, non_blocking=False):
+            assert non_blocking  # (the legacy default stream cannot capture)
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+        def synchronize(self):
+            events.append("sync")
+
+        def begin_capture(self):
+            events.append("begin")
+
+        def end_capture(self):
+            events.append("end")
+            return types.SimpleNamespace(launch=lambda stream: events.append(
+                f"launch on {stream}"))
+
+    cuda = types.SimpleNamespace(Stream=Stream, get_current_stream=lambda: "current")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(cublas, "prepare", lambda: events.append("prepare"))
+    replay = harness._replayed(lambda: events.append("step"))
+    assert events == ["enter", "prepare", "step", "sync", "begin", "step", "end", "exit"]
+    events.clear()
+    replay()
+    replay()
+    assert events == ["launch on current"] * 2
