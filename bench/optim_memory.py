@@ -7,6 +7,7 @@ from the tensors it keeps after a step (every ``.grad`` and the optimizer's stat
     python bench/optim_memory.py         # needs torch
 """
 
+import argparse
 import tracemalloc
 
 import numpy as np
@@ -76,4 +77,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # (no options: --help says what it does, and runs nothing)
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()

@@ -10,6 +10,7 @@ printed beside the mean score, as a Markdown table.
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 
@@ -56,4 +57,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # (no options: --help says what it does, and runs nothing)
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()

@@ -133,14 +133,15 @@ def _betas(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpu-mlp", description="Train multilayer perceptrons with "
-                     "hand-written backprop on an NVIDIA GPU (CuPy) or the CPU (NumPy).")
+    parser = _Parser(prog="gpu-mlp", description="Train multilayer perceptrons and "
+                     "convolutional networks with hand-written backprop on an NVIDIA GPU "
+                     "(CuPy) or the CPU (NumPy).")
     parser.add_argument("--version", action="version", version=f"gpu_mlp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("info", help="show the version and what gpu_mlp can run on")
 
     train = commands.add_parser(
-        "train", help="train on built-in data and print the test accuracy",
+        "train", help="train on built-in data and print the test accuracy (or loss)",
         description="Train an MLP or a CNN on built-in data (minibatch SGD, SGD with "
                     "momentum, Adam or AdamW, with a learning-rate schedule), evaluate it on a "
                     "held-out test split (which also gives the validation curves) and "
@@ -450,17 +451,18 @@ def _train(args, comm, out) -> int:
     """The run, holding --save for it (on the rank that saves): a second run given the
     same file fails at its start instead of saving over this one's checkpoints."""
     with contextlib.ExitStack() as held:
-        if args.save and out is not _silent:
-            try:
-                held.enter_context(checkpoint.hold(args.save))
-            except (checkpoint.CheckpointInUse, OSError) as e:
-                raise type(e)(f"--save {_one_line(e)}") from None
-        return _run(args, comm, out)
+        def hold():
+            if args.save and out is not _silent:
+                try:
+                    held.enter_context(checkpoint.hold(args.save))
+                except (checkpoint.CheckpointInUse, OSError) as e:
+                    raise type(e)(f"--save {_one_line(e)}") from None
+        return _run(args, comm, out, hold)
 
 
-def _run(args, comm, out) -> int:
+def _run(args, comm, out, hold) -> int:
     """One run, step by step: what it resumes and its settings, the data, the model, the
-    plan of its steps, then the training and the report."""
+    plan of its steps, then the training and the report. ``hold()``: hold --save."""
     root = out is not _silent
     quiet = args.quiet or not root
 
@@ -468,18 +470,38 @@ def _run(args, comm, out) -> int:
         if not quiet:
             out(line, flush=True)  # seen now, not when the training is over
 
-    if root:
-        _check_outputs(args)
-    resumed = _resume(args)
-    settings = _settings(args, resumed)
-    data = _data(args, resumed, settings)
-    net = _model(args, resumed, data, settings)
-    plan = _plan(args, resumed, data, settings, comm, net)
+    def prepare():
+        hold()
+        if root:
+            _check_outputs(args)
+        resumed = _resume(args)
+        settings = _settings(args, resumed)
+        data = _data(args, resumed, settings)
+        net = _model(args, resumed, data, settings)
+        return resumed, settings, data, net, _plan(args, resumed, data, settings, comm, net)
+
+    resumed, settings, data, net, plan = _agreed(comm, prepare)
     _announce(args, say, root, resumed, data, net, plan, settings)
     done = resumed.history.epochs if resumed else 0
     history = _fit(args, root, quiet, resumed, data, net, plan, settings)
     _report(args, out, say, root, data, net, plan, history, done)
     return 0
+
+
+def _agreed(comm, prepare):
+    """``prepare()``; under mpirun every rank then hears whether it failed on any
+    (:meth:`~gpu_mlp.distributed.Communicator.settle`), so that a bad option, which every
+    rank meets alike, or rank 0's --save that exists, ends the run with one line from
+    rank 0 and no MPI_Abort."""
+    if comm is None:
+        return prepare()
+    error = prepared = None
+    try:
+        prepared = prepare()
+    except USER_ERRORS as e:
+        error = e
+    comm.settle(error, "the run's setup")
+    return prepared
 
 
 @dataclass

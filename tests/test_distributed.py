@@ -496,13 +496,20 @@ def test_mpirun_cli_resumes_a_data_parallel_run(tmp_path):
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-12, err_msg=key)
 
 
-def test_mpirun_cli_bad_input_ends_the_job_with_one_line():
-    # the first rank to fail aborts the job: status 2, one line each, no traceback
-    run = _cli(["--epochs", "2", "--activation", "swish"], launcher=_mpirun() + ["-n", "2"])
+@pytest.mark.parametrize("bad", ["every rank", "rank 0's --save"])
+def test_mpirun_cli_bad_input_ends_the_run_with_one_line(tmp_path, bad):
+    """A bad option every rank meets alike, or the existing --save that rank 0 alone
+    checks: the ranks settle the run's setup before training, so rank 0 alone says why,
+    status 2, no MPI_Abort (each rank aborted the job with its own line before)."""
+    taken = tmp_path / "taken.npz"
+    taken.write_bytes(b"")
+    argv = (["--activation", "swish"] if bad == "every rank" else ["--save", str(taken)])
+    run = _cli(["--epochs", "2", *argv], launcher=_mpirun() + ["-n", "2"])
     assert run.returncode == 2
-    assert "gpu-mlp: error: rank " in run.stderr
-    assert "unknown activation 'swish'" in run.stderr
-    assert "Traceback" not in run.stderr
+    said = [line for line in run.stderr.splitlines() if line.startswith("gpu-mlp:")]
+    want = "unknown activation 'swish'" if bad == "every rank" else "the file exists"
+    assert len(said) == 1 and want in said[0] and "rank " not in said[0], run.stderr
+    assert "Traceback" not in run.stderr and "MPI_ABORT" not in run.stderr
 
 
 def test_mpirun_cli_an_error_every_rank_raises_is_said_once():

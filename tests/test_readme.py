@@ -62,13 +62,19 @@ def _check_shown(shown: list[str], printed: list[str], command: str) -> None:
                 f"README shows {line!r} for {command}, which printed:\n" + "\n".join(printed)
 
 
-def _examples() -> list[tuple[list[str], list[str]]]:
-    """The ``$ gpu-mlp ...`` examples: (commands, the output lines shown after them)."""
+def _examples() -> list[list[tuple[str, list[str]]]]:
+    """The ``$ gpu-mlp ...`` examples: each a list of (command, the output lines shown
+    after it, up to the next command)."""
     examples = []
     for _, lines in _blocks("".join(_sections().values())):
-        commands = [line[2:] for line in lines if line.startswith("$ ")]
-        if commands and all(c.startswith("gpu-mlp ") for c in commands):
-            examples.append((commands, [line for line in lines if not line.startswith("$ ")]))
+        steps = []
+        for line in lines:
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps:
+                steps[-1][1].append(line)
+        if steps and all(command.startswith("gpu-mlp ") for command, _ in steps):
+            examples.append(steps)
     return examples
 
 
@@ -76,14 +82,12 @@ def test_readme_has_examples_to_check():
     assert len(_examples()) >= 2
 
 
-@pytest.mark.parametrize("commands, shown", _examples(),
-                         ids=[commands[-1] for commands, _ in _examples()])
-def test_command_line_examples_print_what_readme_shows(tmp_path, commands, shown):
-    if any("--plot" in c for c in commands):
+@pytest.mark.parametrize("steps", _examples(), ids=[steps[-1][0] for steps in _examples()])
+def test_command_line_examples_print_what_readme_shows(tmp_path, steps):
+    if any("--plot" in command for command, _ in steps):
         pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
-    for command in commands[:-1]:  # the steps before the one whose output is shown
-        _run(command, tmp_path)
-    _check_shown(shown, _run(commands[-1], tmp_path), commands[-1])
+    for command, shown in steps:  # in order: a step may need the files of the one before
+        _check_shown(shown, _run(command, tmp_path), command)
 
 
 def test_quick_start_prints_what_readme_shows(tmp_path):
