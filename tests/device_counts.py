@@ -139,8 +139,9 @@ class DeviceArray(np.ndarray):
     counted (see the module)."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        for a in inputs:
-            if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray) and a.ndim:
+        for a in inputs:  # (a 0-d one too: CuPy takes Python and NumPy scalars only,
+            # cupy/_core/_scalar.pyx, CScalar)
+            if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
                 raise TypeError(f"{ufunc.__name__}: a host array mixed with device arrays "
                                 f"(CuPy refuses implicit conversion)")
         args = _host(inputs)

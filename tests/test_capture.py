@@ -159,6 +159,16 @@ def test_the_default_stream_is_not_captured_and_captures_do_not_nest(device):
             Capture().begin_capture()
 
 
+def test_a_host_array_in_a_device_ufunc_is_refused_even_0_d(device):
+    """CuPy's kernels take Python and NumPy scalars, never a NumPy array, even a 0-d one
+    (cupy/_core/_scalar.pyx, CScalar: TypeError 'Unsupported type')."""
+    [a] = _arrays([1.0, 2.0])
+    np.add(a, np.float32(2.0), out=a)  # a NumPy scalar: fine
+    for host in (np.array(2.0, np.float32), np.ones(2, np.float32)):
+        with pytest.raises(TypeError, match="host array mixed with device arrays"):
+            np.add(a, host, out=a)
+
+
 def test_an_input_overlapping_the_output_is_copied_first_as_cupy_does(device):
     """cupy/_core/_kernel.pyx, _copy_in_args_if_needed: an input that is not the very
     output object but may share its memory is copied before the kernel -- an allocation,
