@@ -418,23 +418,34 @@ def environment(devices, threads: int, tf32: bool, out=None) -> dict:
     return env
 
 
-def source_state() -> dict:
-    """The git commit of the checkout and a digest of gpu_mlp's sources as measured
-    (the working tree may differ from the commit)."""
+def _sources_digest(*folders: tuple[str, str]) -> str:
+    """SHA-256 of the files of ``(folder, suffix)`` pairs, by name, in order."""
     import hashlib
 
     digest = hashlib.sha256()
-    package = os.path.join(ROOT, "gpu_mlp")
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    state = {"sha256_of_gpu_mlp_py": digest.hexdigest(), "commit": None, "dirty": None}
+    for folder, suffix in folders:
+        path = os.path.join(ROOT, folder)
+        for name in sorted(os.listdir(path)):
+            if name.endswith(suffix):
+                with open(os.path.join(path, name), "rb") as f:
+                    digest.update(f"{folder}/{name}".encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def source_state() -> dict:
+    """The git commit of the checkout and digests of the sources as measured (the
+    working tree may differ from the commit): gpu_mlp's Python, and everything a
+    measurement runs -- that, its CUDA kernels and the bench's own code."""
+    state = {"sha256_of_gpu_mlp_py": _sources_digest(("gpu_mlp", ".py")),
+             "sha256_of_measured_sources": _sources_digest(
+                 ("gpu_mlp", ".py"), ("kernels", ".cuh"), ("bench", ".py")),
+             "commit": None, "dirty": None}
     try:
         git = ["git", "-C", ROOT]
         state["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
                                          text=True, check=True).stdout.strip()
-        state["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "gpu_mlp"],
+        state["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "gpu_mlp",
+                                                    "kernels", "bench/*.py"],
                                              capture_output=True, text=True,
                                              check=True).stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -756,22 +767,26 @@ def _replayed(step):
     host's launches (eager, it was above gpu_mlp's replayed steps at small sizes)."""
     import cupy
 
-    from gpu_mlp import cublas
+    from gpu_mlp import graph as _graph
 
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        cublas.prepare()  # the capture stream's handle and workspace, made outside it
+    # gpu_mlp's own capture stream of this thread, with its cuBLAS handle and workspace:
+    # a stream of its own would add a handle and 32 MiB to every later record's peak
+    side = _graph._capture_stream(cupy.cuda)
+    with side.stream:
         step()  # warm: cuBLAS picks its kernels outside the capture
-        stream.synchronize()
-        stream.begin_capture()
+        side.stream.synchronize()
+        side.stream.begin_capture()
         try:
             step()
         finally:
-            graph = stream.end_capture()
+            captured = side.stream.end_capture()
 
     def replay():
-        graph.launch(cupy.cuda.get_current_stream())
+        captured.launch(cupy.cuda.get_current_stream())
 
+    # what the graph reads and writes (the step's arrays) and its workspace's handle stay
+    # alive while it may replay: it keeps their addresses, not them
+    replay.keeps = (step, side.handle)
     return replay
 
 

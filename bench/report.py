@@ -201,7 +201,8 @@ def markdown(doc: dict, plot_name=None) -> str:
              "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", f"- network: {config['network']}", f"- FLOPs: {config['flops']}",
               f"- timing: {config['timing']}; at most {config['repeats']} steps or "
-              f"{config['max_time_s']} s per case after {config['warmup']} warm-up steps, "
+              f"{config['max_time_s']} s per case after {config['warmup']} warm-up steps "
+              f"(on a GPU at least 3), "
               f"at least {config['min_repeats']}",
               f"- memory: {config['memory']}"]
     if config.get("gpu_busy") and any(r.get("gpu_busy") for r in doc["records"]):

@@ -73,7 +73,7 @@ def _ops(cp, B, C, dtype):
 def _time(cp, call, repeat: int) -> float:
     """Microseconds a call: ``repeat`` calls captured as one CUDA graph, the median of 5
     replays between events."""
-    call()  # compile, warm the workspace (a capture must not allocate)
+    call()  # compile, warm the workspace (what a step's replay would find there)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()

@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TF32 tensor-core GEMMs for float32 in both libraries (default: off)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for BLAS and PyTorch (default: all, %(default)s)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1; "
+                   "on a GPU at least 3)")
     p.add_argument("--repeats", type=int,
                    help="timed steps, at most (default 100; --quick 20)")
     p.add_argument("--max-time", type=float,
@@ -168,13 +169,13 @@ def default_out(args, devices) -> Path:
 
 def footing(config: dict, env: dict) -> dict:
     """What records compared side by side must share: the settings, and the machine,
-    libraries and gpu_mlp sources they were measured with."""
+    libraries and sources (gpu_mlp's, its kernels, the bench's) they were measured with."""
     return {"dtype": config["dtype"], "tf32": config["tf32"],
             "grid": config.get("grid", "mlp"),
             "column budget": config.get("column_budget_bytes"),
             "threads": config.get("threads"), "cpu": env.get("cpu"),
             "gpu": (env.get("gpu") or {}).get("name"), "versions": env.get("versions"),
-            "gpu_mlp sources": (env.get("gpu_mlp_source") or {}).get("sha256_of_gpu_mlp_py")}
+            "sources": (env.get("gpu_mlp_source") or {}).get("sha256_of_measured_sources")}
 
 
 def previous_run(path: Path, now: dict) -> tuple[list[dict], list[str]]:

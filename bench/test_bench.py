@@ -40,6 +40,13 @@ def same_footing():
     NumPy's BLAS has them."""
     saved = os.environ.get("CUPY_TF32")
     os.environ["CUPY_TF32"] = "0"
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    before = None if torch is None else (torch.get_num_threads(),
+                                         torch.backends.cuda.matmul.allow_tf32,
+                                         torch.backends.cudnn.allow_tf32)
     threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get(
         "OMP_NUM_THREADS") or os.cpu_count())
     harness.configure(threads, tf32=False)
@@ -48,6 +55,9 @@ def same_footing():
         del os.environ["CUPY_TF32"]
     else:
         os.environ["CUPY_TF32"] = saved
+    if before is not None:  # the next module's as they were
+        torch.set_num_threads(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -24,9 +24,12 @@ the rule are in docs/MATH.md, "Data parallel: which bytes to send". Beyond that 
 * GPUs: one rank per GPU, picked from the node-local rank when the Communicator is made
   (make it before any net). A CuPy net's collectives run on NCCL on the current stream;
   the NCCL communicator is made at the first CuPy step, its id broadcast over MPI.
-* Faults: :meth:`Communicator.check_same` raises the same ValueError on every rank when
-  a configuration differs; :meth:`Communicator.guard` turns an exception on one rank into
-  ``MPI_Abort``, so the others do not wait forever; a dead rank is left to the launcher.
+* Faults, no rank left waiting for another: :meth:`Communicator.check_same` raises the
+  same ValueError on every rank when a configuration differs; :meth:`Communicator.settle`
+  and :meth:`Communicator.row_counts` tell every rank whether a check failed on any (a
+  fit's arguments or callback, a step's input), which then raises on every rank;
+  :meth:`Communicator.guard` turns any other exception on one rank into ``MPI_Abort``;
+  a dead rank is left to the launcher.
 * DP (:mod:`gpu_mlp.privacy`) clips each rank's own samples upstream; its noise, the
   same on every rank, is added once, to the summed gradient.
 """
@@ -286,18 +289,14 @@ class Communicator:
     def row_counts(self, rows: int, failed: BaseException | None = None) -> list[int]:
         """Every rank's row count of this step, in rank order (the same list everywhere).
         ``failed``: this rank's step cannot go on (its input failed a check): it says so
-        in the same collective, and where any rank did every rank raises, marked
-        ``every_rank`` -- that rank ``failed``, the others a RuntimeError naming it."""
+        in the same collective, and where any rank did every rank raises, as
+        :meth:`settle` raises -- that rank ``failed``, the others a RuntimeError naming
+        it and why."""
         send, counts = self._count_buffers
         send[0] = -1 if failed is not None else rows
         self.comm.Allgather(send, counts)
-        stopped = [r for r, c in enumerate(counts.tolist()) if c < 0]
-        if stopped:
-            error = failed if failed is not None else RuntimeError(
-                f"the step's input failed its checks on {_ranks(stopped)}, so every rank "
-                f"stops here")
-            error.every_rank = True
-            raise error
+        if (counts < 0).any():  # every rank saw it: a second collective says why
+            self.settle(failed, "the step's checks")
         return counts.tolist()
 
     def stage(self, net, downstream: Rule, counts) -> "_Stage":

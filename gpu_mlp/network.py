@@ -38,6 +38,7 @@ import numpy as np
 from . import _checks
 from . import checkpoint as _checkpoint
 from . import device as _device
+from . import distributed as _distributed
 from . import graph as _graph
 from . import inputs as _inputs
 from . import layers as _layers
@@ -300,8 +301,14 @@ class Network(ForwardBackward):
         data-parallel steps (``comm``, on any number of ranks: their collectives are not
         captured) always run eagerly.
         """
-        return self._step(X, Y, StepPlan.of(lr, dp, comm), _checks.flag("check", check),
-                          global_loss=True)
+        try:
+            plan, check = StepPlan.of(lr, dp, comm), _checks.flag("check", check)
+        except Exception as e:
+            if comm is None or isinstance(lr, StepPlan):
+                raise
+            # every rank hears of it in the step's first collective, as of a bad batch
+            _distributed.communicator(comm, self).row_counts(0, failed=e)
+        return self._step(X, Y, plan, check, global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
               global_loss=False, capture=True, lasting=True, prepared=False):

@@ -91,8 +91,8 @@ class DP:
                     accountant="rdp") -> "DP":
         """The DP whose noise multiplier just reaches ``target_epsilon`` at ``delta``
         after ``steps`` steps of Poisson sampling at rate ``sample_rate``; a ValueError
-        if no noise within :mod:`gpu_mlp.accounting`'s bound does, or ``steps`` is 0."""
-        if _checks.integer("steps", steps) < 1:  # (an integer, else a TypeError first)
+        if no noise within :mod:`gpu_mlp.accounting`'s bound does, or ``steps`` is below 1."""
+        if _checks.integer("steps", steps, minimum=0) < 1:  # (a TypeError if no integer)
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}: a DP for no "
                              f"steps would add no noise (and spend infinite epsilon on the "
                              f"first step it takes)")

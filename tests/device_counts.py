@@ -206,13 +206,17 @@ class DeviceArray(np.ndarray):
 
     def __setitem__(self, index, value):
         host = self.view(np.ndarray)
-        if isinstance(value, DeviceArray):  # (CuPy skips a copy onto the very same view)
+        if isinstance(value, DeviceArray):
             key = index if isinstance(index, tuple) else (index,)
             if not any(k is Ellipsis for k in key):  # (an element: its 0-d view)
                 key = key + (Ellipsis,)
             target = np.ndarray.__getitem__(host, _host(key))
-            if (value.shape, value.strides, value.ctypes.data) != (
-                    target.shape, target.strides, target.ctypes.data):
+            # CuPy (_routines_indexing.pyx, _scatter_op): the same layout -- nothing for
+            # the very same view, one memcpy into a C-contiguous one of the same dtype --
+            # else elementwise_copy, a kernel, which copies an overlapping input first
+            if not ((value.shape, value.strides) == (target.shape, target.strides) and (
+                    value.ctypes.data == target.ctypes.data or (
+                        target.flags.c_contiguous and value.dtype == target.dtype))):
                 _copied_in([value], [target], "setitem")
 
         def run():

@@ -376,6 +376,8 @@ def scenario_train_step_raise(comm):
     if comm.rank == 1:
         bad[0] = 7  # out of range: 3 classes
     caught(comm, "alone", lambda: net.train_step(X, bad, 0.1, comm=comm.comm))
+    lr = -0.1 if comm.rank == 1 else 0.1  # refused before the step's plan is made
+    caught(comm, "lr", lambda: net.train_step(X, y, lr, comm=comm.comm))
     net.train_step(X, y, 0.1, comm=comm.comm)  # the ranks go on together
     if comm.rank == 1:  # past the checks: inside the step, on rank 1 alone
         net.step_graphs.step = lambda *args, **kwargs: 1 / 0

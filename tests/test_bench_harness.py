@@ -650,7 +650,7 @@ def test_cli_writes_table_json_and_report_and_resumes(tmp_path):
     assert (new["label"], new["width"], new["status"]) == ("gemm-bound-numpy", 16, "ok")
     assert new["ratio_to_torch"] is None  # no torch measurement at width 16
     assert resumed["environment"]["previous_commands"] == [env["command"]]
-    assert resumed["environment"]["gpu_mlp_source"]["sha256_of_gpu_mlp_py"]
+    assert resumed["environment"]["gpu_mlp_source"]["sha256_of_measured_sources"]
 
 
 def test_cli_resumes_only_records_measured_on_the_same_footing(tmp_path):
@@ -765,13 +765,13 @@ def test_resume_needs_the_same_footing(tmp_path):
     config = {"dtype": "float32", "tf32": False, "column_budget_bytes": 16 << 20,
               "threads": 1}  # an MLP run: no grid recorded
     env = {"command": "bench/run.py", "cpu": "x86", "versions": {"torch": "2.13.0"},
-           "gpu_mlp_source": {"sha256_of_gpu_mlp_py": "a"}}
+           "gpu_mlp_source": {"sha256_of_measured_sources": "a"}}
     path.write_text(json.dumps({"config": config, "environment": env, "records": []}))
     now = run.footing(config, env)
     assert now["grid"] == "mlp" and now["gpu"] is None
     assert run.previous_run(path, now) == ([], ["bench/run.py"])
     for key, value in [("grid", "conv"), ("column budget", 32 << 20), ("threads", 2),
-                       ("cpu", "arm"), ("gpu", "NVIDIA H200"), ("gpu_mlp sources", "b"),
+                       ("cpu", "arm"), ("gpu", "NVIDIA H200"), ("sources", "b"),
                        ("versions", {"torch": "2.14.0"})]:
         with pytest.raises(SystemExit, match=f"{key} .* \\(now .*\\); not resuming"):
             run.previous_run(path, {**now, key: value})
@@ -995,18 +995,17 @@ def test_job_bench_refuses_abbreviations_of_what_the_twin_cannot_reproduce(optio
 def test_the_gpu_gemm_bound_is_replayed_as_a_graph(monkeypatch):
     """On a GPU gpu_mlp replays its step as a CUDA graph: the GEMM-only floor is replayed
     too (eager, its launches made it no floor at small sizes). Its host logic, with a
-    CuPy of fakes: the capture stream's cuBLAS handle made first, one warm step, one
-    captured, then each step one launch on the current stream."""
+    CuPy of fakes: on gpu_mlp's own capture stream of the thread (its cuBLAS handle made
+    before: no other handle and workspace left behind), one warm step, one captured,
+    then each step one launch on the current stream; the step's arrays (its closure)
+    and the handle kept alive with the replay."""
     import types
 
-    from gpu_mlp import cublas
+    from gpu_mlp import graph as graph_module
 
     events = []
 
     class Stream:
-        def __init__(self, non_blocking=False):
-            assert non_blocking  # (the legacy default stream cannot capture)
-
         def __enter__(self):
             events.append("enter")
 
@@ -1024,11 +1023,16 @@ def test_the_gpu_gemm_bound_is_replayed_as_a_graph(monkeypatch):
             return types.SimpleNamespace(launch=lambda stream: events.append(
                 f"launch on {stream}"))
 
-    cuda = types.SimpleNamespace(Stream=Stream, get_current_stream=lambda: "current")
+    side = types.SimpleNamespace(stream=Stream(), handle="handle")
+    cuda = types.SimpleNamespace(get_current_stream=lambda: "current")
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
-    monkeypatch.setattr(cublas, "prepare", lambda: events.append("prepare"))
-    replay = harness._replayed(lambda: events.append("step"))
-    assert events == ["enter", "prepare", "step", "sync", "begin", "step", "end", "exit"]
+    monkeypatch.setattr(graph_module, "_capture_stream",
+                        lambda c: events.append("capture stream") or side)
+    step = lambda: events.append("step")  # noqa: E731
+    replay = harness._replayed(step)
+    assert events == ["capture stream", "enter", "step", "sync", "begin", "step", "end",
+                      "exit"]
+    assert replay.keeps == (step, "handle")
     events.clear()
     replay()
     replay()

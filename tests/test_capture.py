@@ -172,7 +172,8 @@ def test_a_host_array_in_a_device_ufunc_is_refused_even_0_d(device):
 def test_an_input_overlapping_the_output_is_copied_first_as_cupy_does(device):
     """cupy/_core/_kernel.pyx, _copy_in_args_if_needed: an input that is not the very
     output object but may share its memory is copied before the kernel -- an allocation,
-    refused during a capture. The output itself as an input is not copied."""
+    refused during a capture. The output itself as an input is not copied, nor does a
+    setitem that CuPy makes a memcpy (same layout, C-contiguous, same dtype)."""
     counts, _ = device
     a, b = _arrays([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
     before = counts.allocations
@@ -182,7 +183,9 @@ def test_an_input_overlapping_the_output_is_copied_first_as_cupy_does(device):
     np.add(a[::-1], b, out=a)  # another view of a's memory
     assert counts.allocations == before + 1
     a[:2] = a[2:]  # disjoint: no copy
-    a[1:] = a[:3]  # overlapping: copied
+    a[1:] = a[:3]  # the same layout, C-contiguous: one memcpy, no kernel, no copy
+    assert counts.allocations == before + 1
+    a[1::2] = a[::2]  # strided, overlapping bounds: the copy kernel copies its input first
     assert counts.allocations == before + 2
     with Capture():
         with pytest.raises(CaptureBroken, match="allocation during capture"):

@@ -415,8 +415,12 @@ def test_mpirun_train_step_raises_a_bad_batch_on_every_rank_and_a_fault_ends_the
                    for line in lines), run.stdout
     assert any(line.startswith("rank 1 caught alone: ValueError: softmax_cross_entropy: "
                                "labels must lie in [0, 3)") for line in lines), run.stdout
-    assert ("rank 0 caught alone: RuntimeError: the step's input failed its checks on "
-            "rank 1, so every rank stops here") in lines
+    assert ("rank 0 caught alone: RuntimeError: the step's checks raised on rank 1 "
+            "(ValueError: softmax_cross_entropy: labels must lie in [0, 3), got values in "
+            "[0, 7]), so every rank stops here") in lines
+    assert any(line.startswith("rank 1 caught lr: ValueError: lr must be") for line in lines)
+    assert any(line.startswith("rank 0 caught lr: RuntimeError: the step's checks raised on "
+                               "rank 1 (ValueError: lr must be") for line in lines), run.stdout
     assert "rank 1: ZeroDivisionError: division by zero" in run.stderr
     assert seconds < 30
 

@@ -749,7 +749,8 @@ def test_a_delta_of_one_over_n_or_more_is_warned_about():
 
 def test_a_dp_for_no_steps_is_refused():
     """The noise for 0 steps is 0: such a DP would spend infinite epsilon at its first."""
-    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0: a DP for no "
+                                         "steps would add no noise"):
         DP.for_epsilon(1.0, 1e-5, sample_rate=0.5, steps=0, max_grad_norm=1.0)
 
 
