@@ -95,6 +95,12 @@ def floating(name: str, a):
     return a
 
 
+def named(value, table) -> bool:
+    """Whether ``value`` is a name (a str) in ``table``: a list or dict read from a file
+    is no name, where ``in`` would raise "unhashable type" and name nothing."""
+    return isinstance(value, str) and value in table
+
+
 def cast(a, dtype, xp=np):
     """``a`` as a C-contiguous array of ``dtype``. What overflows becomes inf, silently:
     the values are checked after the cast, as they will be computed with."""

@@ -56,6 +56,7 @@ import numpy as np
 
 from ._version import __version__
 from .device import to_numpy
+from . import _checks
 from . import layers as _layers
 from . import optim as _optim
 from . import privacy as _privacy
@@ -550,7 +551,7 @@ _META_KEYS = {
 def _check_meta(meta):
     """``(model, layers, dtype)`` from checked metadata of either version."""
     version = meta.get("version")
-    if version not in _META_KEYS:
+    if type(version) is not int or version not in _META_KEYS:  # (True is no version 1)
         raise ValueError(f"format version {version!r}, but this gpu_mlp reads versions "
                          f"{', '.join(map(str, _META_KEYS))}")
     missing = [key for key in _META_KEYS[version] if key not in meta]
@@ -561,7 +562,7 @@ def _check_meta(meta):
     dtype = np.dtype(meta["dtype"])
     if version == 1:
         return "MLP", _version_1_layers(meta["sizes"], meta["activations"]), dtype
-    if meta["model"] not in MODELS:
+    if not _checks.named(meta["model"], MODELS):
         raise ValueError(f"model must be {' or '.join(sorted(MODELS))}, got "
                          f"{meta['model']!r}")
     specs = meta["layers"]
@@ -627,7 +628,7 @@ def _check_optimizer(spec, entries, layers, dtype):
             raise ValueError(f"optimizer state entries {_some(sorted(entries))} but no "
                              f"optimizer in the metadata")
         return None, {}
-    if (not isinstance(spec, dict) or spec.get("type") not in _optim.OPTIMIZERS
+    if (not isinstance(spec, dict) or not _checks.named(spec.get("type"), _optim.OPTIMIZERS)
             or "state" in spec):
         raise ValueError(f"optimizer must be a dict with a type in "
                          f"{list(_optim.OPTIMIZERS)}, got {spec!r}")

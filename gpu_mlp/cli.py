@@ -628,12 +628,20 @@ def _plan(args, resumed, data: _Data, settings: _Settings, comm, net) -> StepPla
     optimizer = (resumed.optimizer if resumed
                  else _new_optimizer(args, settings.kind, settings.lr, steps))
     dp = _private(args, resumed, data.sample_rate(settings.batch_size), steps)
-    plan = StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
+    # plain SGD's rate, when neither --lr nor an optimizer gives it, is the checkpoint's
+    # last (its History's): named so, not as an option the user never gave
+    from_file = resumed is not None and optimizer is None and args.lr is None
     try:
+        plan = StepPlan(settings.lr if optimizer is None else optimizer, dp, comm)
         return plan.check(net)
     except _checks.ScalarOutOfRange as e:  # named as the command line spells it
-        raise ValueError(f"{SCALAR_OPTIONS.get(e.name, e.name)} {e.value:g} "
-                         f"{e.requirement} (--dtype)") from None
+        name = (f"--resume {args.resume}: its history's last lr" if from_file
+                and e.name == "lr" else SCALAR_OPTIONS.get(e.name, e.name))
+        raise ValueError(f"{name} {e.value:g} {e.requirement} (--dtype)") from None
+    except ValueError as e:
+        if from_file and str(e).startswith("lr "):
+            raise ValueError(f"--resume {args.resume}: its history's last {e}") from None
+        raise
 
 
 def _announce(args, say, root, resumed, data: _Data, net, plan: StepPlan,
@@ -727,8 +735,9 @@ def _report(args, out, say, root, data: _Data, net, plan: StepPlan, history, don
     last = history.train_loss[-1]
     out("training loss: none (the last epoch sampled no rows)" if last is None
         else f"training loss: {last:.4f}")
-    out(f"test loss: {history.val_loss[-1]:.4f}")
-    if data.classes:
+    # of the net as it is (a resumed run with nothing left to train has only its file's)
+    out(f"test loss: {training.evaluate(net, data.X_test, data.Y_test)[0]:.4f}")
+    if data.classes:  # (by class, whatever the loss: the squared one on one-hot rows too)
         predicted = to_numpy(net.predict(data.X_test)).argmax(axis=1)
         labels = data.Y_test if data.Y_test.ndim == 1 else data.Y_test.argmax(axis=1)
         out(f"test accuracy: {np.mean(predicted == labels):.3f}")

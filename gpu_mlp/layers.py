@@ -66,7 +66,7 @@ def _activation(layer: str, spec) -> _activations.Activation:
 def from_spec(spec) -> "Layer":
     """The layer that :meth:`Layer.spec` describes; a TypeError/ValueError says what does
     not fit."""
-    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+    if not isinstance(spec, dict) or not _checks.named(spec.get("type"), LAYER_TYPES):
         raise ValueError(f"a layer must be a dict with a type in {list(LAYER_TYPES)}, "
                          f"got {spec!r}")
     kind = LAYER_TYPES[spec["type"]]

@@ -141,7 +141,7 @@ _SCHEDULE_NAMES = {kind: name for name, kind in SCHEDULES.items()}
 def schedule_from_spec(spec) -> Schedule:
     """The schedule that :meth:`Schedule.spec` describes; a TypeError/ValueError says what
     does not fit."""
-    if not isinstance(spec, dict) or spec.get("type") not in SCHEDULES:
+    if not isinstance(spec, dict) or not _checks.named(spec.get("type"), SCHEDULES):
         raise ValueError(f"a schedule must be a dict with a type in {list(SCHEDULES)}, "
                          f"got {spec!r}")
     arguments = {key: value for key, value in spec.items() if key != "type"}

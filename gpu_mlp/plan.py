@@ -195,7 +195,14 @@ class StepPlan:
                                  "History records epsilon); pass the DP saved with it "
                                  "(gpu_mlp.checkpoint.read(path).dp)")
             return
-        if epsilons and epsilons[-1] is not None:
+        if any(e is None for e in epsilons):
+            # a private run records every epoch's: epochs without one were not private
+            # (or the file was edited), and the DP's match with them could not be checked
+            raise ValueError("resume: the History of the run to continue records no "
+                             "epsilon for some of its epochs, but a DP is given: a private "
+                             "run records every epoch's (a checkpoint's dp and history "
+                             "must be its own; a run trained without DP continues without)")
+        if epsilons:
             spent = self.dp.epsilon(sample_rate)
             # (the accountant's own rounding, or a newer dp-accounting's, is far below)
             if not math.isclose(spent, epsilons[-1], rel_tol=1e-3):

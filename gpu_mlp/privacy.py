@@ -142,6 +142,8 @@ class DP:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"a DP state must have the entries {list(keys)} (and may have "
                              f"target_epsilon and drawn), got {got}")
+        if state["seed"] is None:  # (None would draw a new one: not this run's noise)
+            raise ValueError("DP: seed must be an integer in [0, 2^64), got None")
         dp = cls(*(state[key] for key in keys[:5]))
         if state.get("drawn", False) is not False:
             if state["drawn"] is not True:

@@ -147,6 +147,7 @@ class History:
             bounds, optional = _EPOCH_RANGES[name]
             for v in entries:
                 if not (optional and v is None or type(v) in (int, float)
+                        and (type(v) is float or abs(v) <= sys.float_info.max)  # 10**400
                         and (bounds is None or bounds[0] <= v <= bounds[1])):
                     raise ValueError(f"history: {name} must hold numbers"
                                      f"{'' if bounds is None else ' in [%g, %g]' % bounds}"
@@ -581,6 +582,12 @@ class _StepLosses:
         self.rows = float(totals[1])
         with np.errstate(invalid="ignore", divide="ignore"):
             return float(totals[0] / totals[1])
+
+
+def evaluate(net, X, Y) -> tuple:
+    """``(mean loss, accuracy)`` of ``net`` on (X, Y), checked as fit checks its
+    validation data; the accuracy None where the loss has none (regression)."""
+    return _evaluate(net, *_data(net, "X", X, Y))
 
 
 def _evaluate(net, X, Y):

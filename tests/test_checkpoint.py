@@ -920,6 +920,16 @@ def set_dp(key, value):
     (set_history("batch_size", 10**400), f"history: batch_size must be an integer {FROM_1}"),
     (set_dp("max_grad_norm", 10**400), "dp: DP: max_grad_norm must be a finite number, got "
                                        "an integer of 401 digits"),
+    (set_history("epsilon", [10**400]), "history: epsilon must hold numbers"),
+    (set_history("val_loss", [10**400]), "history: val_loss must hold numbers"),
+    # a seed of null drew a new secret one: not the run's noise, nor its Poisson batches
+    (set_dp("seed", None), "dp: DP: seed must be an integer in \\[0, 2\\^64\\), got None"),
+    # a list or dict where a name goes: named, not "unhashable type"
+    (lambda e: e["meta"].__setitem__("version", [2]), "format version \\[2\\]"),
+    (lambda e: e["meta"].__setitem__("version", True), "format version True"),
+    (lambda e: e["meta"].__setitem__("model", ["MLP"]), "model must be"),
+    (lambda e: e["meta"]["layers"][0].__setitem__("type", ["Dense"]),
+     "a layer must be a dict with a type in"),
 ])
 def test_hostile_metadata_is_refused_where_it_is_read(tmp_path, entries, change, match):
     change(entries)
@@ -957,6 +967,7 @@ def test_what_fit_can_record_still_loads(tmp_path, entries):
     (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("betas", [True, 0.9]),
      "beta1 must be a number"),
     (lambda e: e["meta"]["optimizer"].__setitem__("state", {}), "optimizer must be a dict"),
+    (set_optimizer("type", ["Adam"]), "optimizer must be a dict with a type in"),
     (lambda e: e["meta"]["optimizer"]["hyperparameters"].__setitem__("lr", 10**400),
      "lr must be a finite number, got an integer of 401 digits"),
     # gpu_mlp writes every hyperparameter: one missing is damage, not its default

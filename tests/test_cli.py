@@ -905,3 +905,41 @@ def test_an_interrupt_before_the_first_save_points_at_no_other_runs_file(capsys,
     # resuming that file and stopped before a save: it is this run's to continue
     status, _, err = run(capsys, "train", "--epochs", "3", "--resume", other, "--save", other)
     assert status == 130 and err == f"gpu-mlp: interrupted; continue with --resume {other}\n"
+
+
+def _resaved(path, **history_changes):
+    """Rewrite the checkpoint at ``path`` with its History changed (a library run, or a
+    hand-edited file)."""
+    import dataclasses
+
+    stored = checkpoint.read(path)
+    history = dataclasses.replace(stored.history, **history_changes)
+    checkpoint.save(stored.net, path, history=history, optimizer=stored.optimizer,
+                    dp=stored.dp, data=stored.data)
+
+
+def test_a_resume_with_nothing_left_to_train_reports_the_nets_test_loss(capsys, tmp_path):
+    """With --epochs the epochs done, the report printed the History's last validation
+    loss, which a library run without validation data records as none: a crash on
+    formatting it. The test loss is the net's, evaluated as the accuracy is."""
+    path = str(tmp_path / "run.npz")
+    status, trained, _ = run(capsys, "train", "--epochs", "2", "--quiet", "--save", path)
+    assert status == 0
+    _resaved(path, val_loss=[None, None], val_accuracy=[None, None])
+    status, out, err = run(capsys, "train", "--epochs", "2", "--quiet", "--resume", path)
+    assert status == 0, err
+    assert out[-2:] == trained[-2:]  # test loss and accuracy: the same net's
+
+
+@pytest.mark.parametrize("lr, match", [
+    (0.0, "lr must be a finite number > 0, got 0.0"),
+    (1e300, "lr 1e\\+300 must be a finite number > 0 in float32")])
+def test_a_bad_rate_in_a_resumed_history_is_named_as_the_files(capsys, tmp_path, lr, match):
+    """Plain SGD resumes at its History's last rate: a bad one was blamed on --lr, which
+    the user never gave, or named nothing."""
+    path = str(tmp_path / "run.npz")
+    assert run(capsys, "train", "--epochs", "2", "--quiet", "--save", path)[0] == 0
+    _resaved(path, lr=[0.1, lr])
+    status, _, err = run(capsys, "train", "--epochs", "3", "--quiet", "--resume", path)
+    assert status == 2
+    assert re.search(f"--resume {re.escape(path)}: its history's last {match}", err), err

@@ -706,6 +706,29 @@ def test_resuming_a_private_run_takes_the_dp_that_trained_it():
     assert resumed.epsilon[1] > resumed.epsilon[0] == history.epsilon[0]
 
 
+@pytest.mark.parametrize("recorded", [[None], []])
+def test_a_private_resume_whose_history_lacks_an_epsilon_is_refused(recorded):
+    """The check that the DP is the one that spent the History's privacy compared its
+    last epsilon; a History without one (null, or none: "written before DP existed")
+    skipped it, so a noise raised in the file was taken, and every step counted at it
+    (a hand-edited checkpoint resumed to report 0.22 where 1.95 was spent)."""
+    import dataclasses
+
+    net, (X, Y) = fit_net(), fit_data()
+    dp = DP(1.0, FIT_SIGMA, delta=FIT_DELTA)
+    history = net.fit(X, Y, epochs=1, batch_size=FIT_BATCH, lr=LR, dp=dp, verbose=False)
+    edited = gpu_mlp.training.History.from_dict(
+        {**dataclasses.asdict(history), "epsilon": recorded} if recorded else
+        {k: v for k, v in dataclasses.asdict(history).items() if k != "epsilon"})
+    louder = DP.from_state_dict({**dp.state_dict(), "noise_multiplier": 5 * FIT_SIGMA})
+    before = flat(net)
+    with pytest.raises(ValueError, match="records no epsilon for some of its epochs, but a "
+                                         "DP is given"):
+        net.fit(X, Y, epochs=2, batch_size=FIT_BATCH, lr=LR, dp=louder, resume=edited,
+                verbose=False)
+    assert_untouched(net, before, louder, steps=FIT_STEPS)
+
+
 @pytest.mark.parametrize("before", ["fit", "train_step"])
 def test_a_dp_that_has_stepped_is_refused_by_a_new_run(before):
     """A new fit's epsilon counts the DP's every step at its own sample rate and noise,
