@@ -301,8 +301,12 @@ class _BaseMLP(BaseEstimator):
         net = self._net
         if net is not None and (net.device, net.dtype, net.memory) == (device, dtype, memory):
             return net
+        # an unpickled (or copied) model computes in its host arrays where they fit, so
+        # that its coefs_, views of them, stay its weights; values as they are (a model
+        # whose weights are NaN copies too, as the engine's own copies)
         new = MLP.from_params(self._host_pairs(), self._arch["acts"], loss=self._net_loss(dtype),
-                              memory=memory, device=device, dtype=dtype)
+                              memory=memory, device=device, dtype=dtype,
+                              copy=net is not None, check=False)
         state = getattr(self, "_optimizer_state", None)
         if getattr(self, "_optimizer", None) is not None:
             state = self._optimizer.state_dict()
@@ -419,6 +423,7 @@ class _BaseMLP(BaseEstimator):
         state = dict(super().__getstate__())
         net = state.pop("_net", None)
         if net is not None:
+            net.inputs.check_params(net.params)  # (replaced by hand: what it computes with)
             state["_host_params"] = self._host_copy()
         opt = state.pop("_optimizer", None)
         if opt is not None:
@@ -547,7 +552,7 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n))
 
         xp = net.xp
-        data = _Rows(X_train, net.dtype, xp)
+        data = _Rows(X_train, net.dtype, xp, net.params)
         Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), xp)
         c, c_loss = self._grad_scale(), self._loss_scale()
         weights = [W for W, _ in net.params]
@@ -717,7 +722,7 @@ class _Rows:
     """The training rows on the engine's device in its dtype, copied there once; a sparse
     matrix stays on the host and is densified one batch at a time."""
 
-    def __init__(self, X, dtype, xp):
+    def __init__(self, X, dtype, xp, params=()):
         self.xp = xp
         if sp.issparse(X):
             self.data = X.tocsr().astype(dtype)
@@ -726,6 +731,8 @@ class _Rows:
             with np.errstate(over="ignore"):
                 values = np.ascontiguousarray(X, dtype=dtype)
             self.data = _device.to_device(values, xp)
+            if any(xp.may_share_memory(self.data, a) for pair in params for a in pair):
+                self.data = self.data.copy()  # (X = coefs_[0].T, say: the fit updates it)
         _fits_dtype("X", values, dtype)
 
     def epoch(self, order):
@@ -767,12 +774,16 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                     raise ValueError(f"`classes={classes!r}` is not the same as on last call "
                                      f"to partial_fit, was: {self.classes_!r}")
             else:
-                self._label_binarizer = LabelBinarizer()
+                binarizer = LabelBinarizer()
                 if type_of_target(y).startswith("multilabel"):
-                    self._label_binarizer.fit(y)
+                    binarizer.fit(y)  # the classes are the columns: classes must say so
+                    if not np.array_equal(binarizer.classes_, unique_labels(classes)):
+                        raise ValueError(f"`y` has classes not in `self.classes_`. "
+                                         f"`self.classes_` has {unique_labels(classes)}. "
+                                         f"'y' has {binarizer.classes_}.")  # (theirs)
                 else:
-                    self._label_binarizer.fit(unique_labels(classes))
-                self.classes_ = self._label_binarizer.classes_
+                    binarizer.fit(unique_labels(classes))
+                self._label_binarizer, self.classes_ = binarizer, binarizer.classes_
         return self._fit(X, y, incremental=True)
 
     def _validate_input(self, X, y, incremental, reset):

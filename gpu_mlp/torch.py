@@ -392,6 +392,13 @@ class NetworkModule(nn.Module):
                                f"forward computes with NumPy or CuPy, which a trace records "
                                f"as a constant output; torch.compile runs it as a graph "
                                f"break")
+        active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+        if active():
+            raise RuntimeError(f"{type(self).__name__} does not run under torch.func's "
+                               f"transforms (vmap, grad, jacrev, functional_call inside "
+                               f"them): its forward computes with NumPy or CuPy; use "
+                               f"torch.autograd (per-sample gradient norms: "
+                               f"Network.per_sample_grad_norms)")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} takes a torch.Tensor, got "
                             f"{type(x).__name__}")

@@ -445,3 +445,80 @@ def test_module_docstring_example_runs():
 
     result = doctest.testmod(ours)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copys_coefs_stay_its_weights(how):
+    """coefs_ are views of the weights (on the CPU): a write through them reaches the
+    model. A copy's first predict rebuilt its engine from copies, so a view taken before
+    it was left behind: the write was lost, silently (0.73 where 0.33 was due)."""
+    import copy
+
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    fitted = MLPClassifier((6,), random_state=0, max_iter=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted.fit(X, y)
+    twin = pickle.loads(pickle.dumps(fitted)) if how == "pickle" else copy.deepcopy(fitted)
+    W = twin.coefs_[0]
+    assert twin.score(X, y) == fitted.score(X, y)
+    W[...] = 0
+    fitted.coefs_[0][...] = 0
+    assert not twin.coefs_[0].any() and twin.score(X, y) == fitted.score(X, y)
+
+
+def test_a_model_whose_weights_cannot_compute_is_not_copied_and_a_nan_one_is():
+    """The engine's own copies check the parameters and keep their values (b678f73): the
+    estimator's now do too -- a NaN weight copies and predicts NaN as the original does;
+    one of the wrong dtype is refused where pickled, not at the copy's first predict."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reg = MLPRegressor(hidden_layer_sizes=(5,), max_iter=5, random_state=0).fit(X, y)
+        clf = MLPClassifier((5,), max_iter=5, random_state=0).fit(X, y)
+    reg.coefs_[0][0, 0] = np.nan
+    assert np.isnan(pickle.loads(pickle.dumps(reg)).predict(X[:2])).all()
+    clf.net_.params = [(W.astype(np.float64), b) for W, b in clf.net_.params]
+    with pytest.raises(ValueError, match="W_1 must be a C-contiguous float32 array"):
+        pickle.dumps(clf)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_fit_on_the_models_own_weights_fits_their_copy(shuffle):
+    """X = coefs_[0].T shares the weights' memory: the fit's updates changed its rows
+    under it (0.5-0.8 off fit(X.copy()), shuffled or not). It trains on a copy."""
+    rng = np.random.default_rng(0)
+    X0, y0 = rng.standard_normal((16, 16)), np.arange(16) % 3
+    kw = dict(hidden_layer_sizes=(16,), random_state=0, max_iter=3, solver="adam",
+              shuffle=shuffle, batch_size=4, warm_start=True, learning_rate_init=0.1,
+              dtype="float64")
+    fits = []
+    for alias in (True, False):
+        model = MLPClassifier(**kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X0, y0)
+            X = model.coefs_[0].T
+            model.fit(X if alias else X.copy(), y0)
+        fits.append(model.coefs_ + model.intercepts_)
+    for a, b in zip(*fits):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_multilabel_partial_fit_takes_the_columns_as_classes_every_call():
+    """As scikit-learn: a multilabel target's classes are its columns, refused otherwise
+    on the first call (it was taken there, and the same argument refused on the second)."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((40, 5)), (rng.random((40, 4)) > 0.5).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.raises(ValueError, match="`y` has classes not in `self.classes_`"):
+            MLPClassifier((6,), random_state=0).partial_fit(X, Y, classes=[0, 1])
+        ours = MLPClassifier((6,), random_state=0)
+        for _ in range(2):
+            ours.partial_fit(X, Y, classes=[0, 1, 2, 3])
+    np.testing.assert_array_equal(ours.classes_, [0, 1, 2, 3])

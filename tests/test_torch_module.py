@@ -479,6 +479,25 @@ def test_tracing_is_refused_rather_than_freezing_the_output():
         torch.jit.trace(module, torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad", "vmap of grad"])
+def test_torch_func_transforms_are_refused_by_name(transform):
+    """torch.func's per-sample-gradient recipe (vmap of grad of functional_call) failed
+    deep inside, "Cannot access data pointer of Tensor that doesn't have storage"."""
+    from torch.func import functional_call, grad, vmap
+
+    module, x = MLPModule([5, 7, 3]), torch.randn(4, 5)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(module, p, (xi,)).sum()
+
+    run = {"vmap": lambda: vmap(module)(x), "grad": lambda: grad(loss)(params, x),
+           "vmap of grad": lambda: vmap(grad(loss), in_dims=(None, 0))(params, x)}[transform]
+    with pytest.raises(RuntimeError, match="does not run under torch.func's transforms"):
+        run()
+    assert functional_call(module, params, (x,)).shape == (4, 3)  # outside them: fine
+
+
 def test_a_parametrized_weight_is_computed_once_a_forward():
     """The weights were read four times a forward, each read running the
     parametrization (spectral_norm's power iteration advanced four steps a forward), and
