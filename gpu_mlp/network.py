@@ -250,7 +250,11 @@ class Network(ForwardBackward):
         return out[0] if single else out
 
     def _predict_rows(self, shapes) -> int:
-        per_row = max(layer.working_size(s_in) for layer, (s_in, _) in zip(self.layers, shapes))
+        # the workspace keeps a buffer for each layer's output (and rows): what a chunk
+        # holds is their sum, with the input, not the widest layer's alone
+        per_row = math.prod(shapes[0][0]) + sum(
+            layer.working_size(s_in) - math.prod(s_in)
+            for layer, (s_in, _) in zip(self.layers, shapes))
         return max(1, PREDICT_BUFFER_BYTES // (per_row * self.dtype.itemsize))
 
     def loss_and_gradients(self, X, Y):

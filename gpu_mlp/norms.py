@@ -27,13 +27,13 @@ def per_sample_squares(T, X):
     :func:`add_squares`'s."""
     B, P, d_out = T.shape
     K = X.shape[2]
-    bias = row_squares(np, T.sum(axis=1))
     if P == 1:  # dense: the outer product's norm is the product of the norms
         t, x = row_squares(np, T[:, 0]), row_squares(np, X[:, 0])
         with np.errstate(invalid="ignore"):
             product = t * x
         product[t == 0] = 0  # T_i = 0: G_i = 0, though ||x_i||^2 overflow (0 inf)
-        return product + bias
+        return product + t  # the bias's gradient is T_i itself (no (B, d_out) sum)
+    bias = row_squares(np, T.sum(axis=1))
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
         return _gram_bound(np, _gram_inner(T, X), row_squares(np, T.reshape(B, -1)),
                            row_squares(np, X.reshape(B, -1)), P, d_out, K) + bias

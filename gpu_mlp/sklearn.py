@@ -568,6 +568,7 @@ class _BaseMLP(BaseEstimator):
         try:
             self.n_iter_ = 0
             for _ in range(p["max_iter"]):
+                batches = Y_epoch = None  # (last epoch's shuffled copy: not kept into this)
                 if p["shuffle"]:
                     sample_idx = _shuffle(sample_idx, random_state=self._random_state)
                     batches, Y_epoch = data.epoch(sample_idx), Yd[xp.asarray(sample_idx)]

@@ -350,6 +350,9 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                     bar.update(done - shown)
                     shown, shown_at = done, time.perf_counter()
+            # the last batch's views keep this epoch's shuffled copy of the data alive,
+            # which the next epoch's would then join (three copies of X held, not two)
+            X_batch = Y_batch = None
             train_loss = losses.mean(comm)  # waits for the epoch's last step
             if not losses.rows:  # no batch had a sample: no loss to speak of
                 train_loss = None

@@ -267,6 +267,19 @@ def test_predict_memory_is_bounded_and_released_on_request():
     assert released - out.nbytes < 2**20 and buffers_left == 0
 
 
+def test_predicts_buffers_stay_within_the_bound_through_many_layers(monkeypatch):
+    """The workspace keeps a buffer for every layer's output: chunks sized by the widest
+    layer alone held their sum, 1.6x the bound for a tapered MLP (5x for a deep one)."""
+    monkeypatch.setattr(gpu_mlp.network, "PREDICT_BUFFER_BYTES", 1 << 20)
+    net = gpu_mlp.MLP([64, 512, 512, 256, 256, 128, 10], device="cpu", dtype="float32",
+                      seed=0)
+    X = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
+    out = net.predict(X)
+    assert out.shape == (4000, 10)
+    assert net.inference_workspace.bytes <= 1 << 20
+    np.testing.assert_allclose(out[-3:], net.predict(X[-3:]), rtol=1e-5, atol=1e-6)
+
+
 def test_free_buffers_releases_training_and_inference_buffers(device):
     net = make_net("output", device, SMALL)
     X, Y = make_batch(SMALL)

@@ -1015,6 +1015,23 @@ def test_dp_step_allocates_no_per_sample_gradient():
     assert peaks["dp"] < n_params * 8, (peaks, n_params * 8)
 
 
+def test_a_dense_dp_steps_memory_does_not_grow_with_the_batch():
+    """Beyond the workspace a dense DP step held a (B, d_out) sum per layer (its bias
+    gradients' norms from T summed over P = 1 positions: T itself, copied): 8 MB at
+    B = 4096, where the plain step holds 0.2. Now (B,) vectors."""
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for B in (256, 4096):
+        X, Y = rng.standard_normal((B, 64)), rng.integers(0, 10, B)
+        net = gpu_mlp.MLP([64, 256, 256, 10], loss="softmax_cross_entropy", device="cpu",
+                          dtype="float64", seed=0)
+        dp = DP(1.0, 1.0, seed=1)
+        net.train_step(X, Y, LR, check=False, dp=dp)  # warm: the workspace is full
+        with tracing():
+            peaks[B] = step_peak(lambda: net.train_step(X, Y, LR, check=False, dp=dp))
+    assert peaks[4096] - peaks[256] < (4096 - 256) * 8 * 16, peaks  # ~ (B,) vectors only
+
+
 # A convolution of each kind the DP step tells apart, on (2, 6, 6) inputs: (P, c_out, K)
 # = (36, 3, 18) direct form, c_out <= P: its per-sample gradients are kept; (9, 12, 12)
 # direct form but c_out > P: more than its rows, so its factors go on; (4, 16, 48): the

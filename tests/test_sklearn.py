@@ -522,3 +522,24 @@ def test_multilabel_partial_fit_takes_the_columns_as_classes_every_call():
         for _ in range(2):
             ours.partial_fit(X, Y, classes=[0, 1, 2, 3])
     np.testing.assert_array_equal(ours.classes_, [0, 1, 2, 3])
+
+
+def test_a_fit_holds_one_shuffled_copy_of_the_data_at_a_time():
+    """As gpu_mlp's fit: the last epoch's shuffled copy is let go before the next is
+    made (both were held, beside X)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20_000, 100)).astype(np.float32)
+    y = rng.integers(0, 10, len(X))
+    model = MLPClassifier((16,), max_iter=3, random_state=0, dtype="float32")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X, y)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.6 * X.nbytes, peak / X.nbytes

@@ -641,3 +641,24 @@ def test_evaluate_and_validation_of_a_net_that_ends_in_a_convolution():
     history = net.fit(X, Y, epochs=1, batch_size=2, lr=0.01, validation=(X, Y),
                       verbose=False)
     assert training.evaluate(net, X, Y)[0] == pytest.approx(history.val_loss[0], rel=1e-12)
+
+
+def test_fit_holds_one_shuffled_copy_of_the_data_at_a_time():
+    """Each epoch gathers the data in its order (one copy); the last batch's views kept
+    the previous epoch's copy alive while the next was made: two copies beside X from
+    the second epoch on (on a GPU, device memory)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20_000, 100)).astype(np.float32)
+    y = rng.integers(0, 10, len(X))
+    net = gpu_mlp.MLP([100, 16, 10], loss="softmax_cross_entropy", device="cpu",
+                      dtype="float32", seed=0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        net.fit(X, y, epochs=3, batch_size=500, lr=0.01, verbose=False)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * X.nbytes, peak / X.nbytes
