@@ -32,9 +32,11 @@ warms up again first. A graph is dropped -- recaptured on its next use -- when
 the net's parameter arrays are replaced (``net.params`` reassigned or an array swapped),
 when a setting the kernels take as a number changes (another key: the rule's kind, its
 momentum, betas or weight decay, the DP settings; not ``lr``, which a replay reads with
-the step's scalars), and by ``free_buffers()``. At most
-:data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder), each
-keeping alive every buffer it touches.
+the step's scalars), when the net steps by another optimizer or DP object (a net
+keeps only its latest pair's graphs and scalars, which hold the objects alive), and by
+``free_buffers()``. At most :data:`MAX_GRAPHS` graphs are held per net (fit: the full
+batch and the remainder), each keeping alive every buffer it touches; a graph's copy of
+its batch is made at its capture and goes with it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,13 @@ class _Entry:
                  "rewarmed")
 
     def __init__(self):
-        self.uses, self.graph, self.failed, self.rewarmed = 0, None, False, False
-        self.X = self.Y = self.loss = self.keep = self.buffers = self.side = None
+        self.uses, self.failed, self.rewarmed = 0, False, False
+        self.drop()
+
+    def drop(self) -> None:
+        """Let the graph go, and what it alone held: its static buffers and its keeps."""
+        self.graph = self.X = self.Y = self.loss = self.keep = self.buffers = None
+        self.side = None
 
 
 def _cuda():
@@ -142,7 +149,7 @@ class StepGraphs:
             # a buffer the graph writes is out of the workspace: lent to a pending
             # Network.forward's tape, or lost with a step that raised. Eager now (it takes
             # other buffers), and captured again, with what is free then, on the next use
-            entry.graph = entry.keep = entry.buffers = entry.side = None
+            entry.drop()
             entry.uses = 1
             return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
         else:
@@ -167,9 +174,12 @@ class StepGraphs:
         key = (id(rule), id(plan.dp), net.dtype)
         found = self._scalars.get(key)
         if found is None:
+            # another rule or DP: the others' scalars and graphs go, which held them (an
+            # optimizer's moments, say) alive -- a net steps by one at a time, and one
+            # dropped by the caller (a learning-rate sweep on one net) is freed
+            self._scalars.clear()
+            self._entries.clear()
             found = self._scalars[key] = (StepScalars(net.xp, net.dtype), rule, plan.dp)
-            while len(self._scalars) > MAX_SEEN:  # the oldest go (a graph keeps its own)
-                self._scalars.pop(next(iter(self._scalars)))
         return found[0]
 
     @staticmethod
@@ -184,11 +194,12 @@ class StepGraphs:
                 None if counts is None else tuple(counts), divisor, scale, id(scalars))
 
     def _prepare(self, cuda, entry, net, X, Y):
-        """Allocate what a capture needs before it (nothing may allocate during it): the
-        static input and loss buffers, the capture stream and its cuBLAS handle and
-        workspace. Done at a configuration's warm-up, so that its capture allocates
-        nothing either. Returns the :class:`_CaptureSide`."""
-        if entry.X is None:
+        """Make what a capture needs before it (nothing may allocate during it): the
+        capture stream and its cuBLAS handle and workspace -- at a configuration's
+        warm-up, so that no first GEMM of a handle happens in a capture -- and, at the
+        capture (``entry.uses`` 2: a configuration seen once holds no copy of its
+        batch), the static input and loss buffers. Returns the :class:`_CaptureSide`."""
+        if entry.X is None and entry.uses > 1:
             xp = net.xp
             entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
             entry.loss = xp.empty((), dtype=net.dtype)
@@ -239,7 +250,7 @@ class StepGraphs:
             if self.graphs <= MAX_GRAPHS:
                 break
             if other is not entry and other.graph is not None:
-                other.graph = other.keep = other.buffers = other.side = None
+                other.drop()
                 other.uses = 1  # seen before: captured again on its next use
         side.launch(cuda, graph)
         self.captures += 1

@@ -848,6 +848,38 @@ def test_fit_replays_two_graphs_the_full_batch_and_the_remainder(host_cupy_lib, 
     assert results[0][1] == results[1][1]
 
 
+def test_a_net_keeps_the_graphs_and_scalars_of_its_latest_rule_only(host_cupy_lib):
+    """Each (rule, DP) pair's device scalars and graphs held its optimizer (moments and
+    all) alive, up to 8 of them: a learning-rate sweep on one net kept every dropped
+    Adam until free_buffers(). Now a new pair lets the others go."""
+    import gc
+    import weakref
+
+    net, X, Y = _net("dense")
+    alive = []
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for lr in (1e-3, 3e-4, 1e-4):
+            opt = optim.Adam(lr)
+            alive.append(weakref.ref(opt))
+            for _ in range(3):  # warm-up, capture, replay
+                net.train_step(X, Y, opt, check=False)
+            del opt
+            gc.collect()
+    assert [ref() is not None for ref in alive] == [False, False, True]
+    assert net.step_graphs.captures == 3 and net.step_graphs.graphs == 1
+
+
+def test_a_configuration_seen_once_holds_no_copy_of_its_batch(host_cupy_lib):
+    """The graph's static input is made at its capture (a configuration's second use),
+    and goes with its graph: nine batch sizes seen once each held eight copies."""
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        for rows in range(len(X), len(X) - 6, -1):
+            net.train_step(X[:rows], Y[:rows], 1e-3, check=False)
+    entries = list(net.step_graphs._entries.values())
+    assert entries and all(e.X is None and e.Y is None and e.loss is None for e in entries)
+
+
 def test_fit_under_dp_runs_its_poisson_steps_eagerly(host_cupy_lib):
     """Poisson samples vary in size: fit captures none of them (say nothing either)."""
     net, X, Y = _net("dense")
