@@ -121,12 +121,13 @@ class StepGraphs:
             self._entries.clear()
             self._params = params
         key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars)
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry()
-            while len(self._entries) > MAX_SEEN:
-                self._entries.popitem(last=False)
-        self._entries.move_to_end(key)
+        entries = self._entries
+        entry = entries.pop(key, None)  # (free_buffers() from another thread may clear
+        if entry is None:                # the entries at any point: no KeyError here)
+            entry = _Entry()
+        entries[key] = entry  # the newest
+        while len(entries) > MAX_SEEN:
+            entries.popitem(last=False)
         entry.uses += 1
         if entry.uses == 1:  # the warm-up: what the capture will need is made now
             self._prepare(cuda, entry, net, X, Y)

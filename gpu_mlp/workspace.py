@@ -69,14 +69,15 @@ class Workspace:
             # grow: the smaller free buffers go now, those in use when they come back
             self._release(self._free.pop(key, []))
             self._rows[key] = size = rows
-        free = self._free[key]
-        if free:
-            base = free.pop()
-        elif key[0] == COLUMNS:
+        try:  # (empty, or emptied meanwhile by free_buffers() in another thread)
+            base = self._free[key].pop()
+        except IndexError:
+            base = None
+        if base is None and key[0] == COLUMNS:
             base = self.xp.empty(size, dtype=key[1])
             self._count(base)
             self._columns.add(id(base))
-        else:
+        elif base is None:
             base = self.xp.empty((size,) + key[0], dtype=key[1])
             self._count(base)
         self.in_use_bytes += base.nbytes
@@ -128,10 +129,18 @@ class Workspace:
 
     def clear(self) -> None:
         """Drop every free buffer (their memory returns to NumPy's or CuPy's allocator)."""
-        # swapped out first: another thread's call may add a key meanwhile (README)
+        # swapped out first: another thread's call may add a key meanwhile (README); each
+        # buffer popped, one at a time (list.pop is atomic), so that one a concurrent
+        # take() pops from the old lists is either its or ours, never counted twice
         free, self._free = self._free, defaultdict(list)
         for buffers in list(free.values()):
-            self._release(buffers)
+            popped = []
+            while True:
+                try:
+                    popped.append(buffers.pop())
+                except IndexError:
+                    break
+            self._release(popped)
         if not self.in_use_bytes:  # else the buffers still out must be recognised
             self._rows.clear()
         if self._ones is not None:

@@ -1021,3 +1021,22 @@ def test_a_capture_stream_of_another_cupy_is_never_reused(host_cupy_lib):
         for _ in range(3):
             net.train_step(X, Y, 1e-2, check=False)
     assert net.step_graphs.replays == 1
+
+
+def test_free_buffers_from_another_thread_mid_lookup_is_no_error(host_cupy_lib):
+    """free_buffers() from another thread clears the graphs at any point of a step's
+    bookkeeping: cleared between the entry's insertion and its move to the end, the step
+    died with a KeyError. The interleaving, replayed: the step goes on, eagerly."""
+    from collections import OrderedDict
+
+    class Cleared(OrderedDict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            self.clear()  # what the other thread's free_buffers() does, just then
+
+    net, X, Y = _net("dense")
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        net.step_graphs._entries = Cleared()
+        for _ in range(3):
+            J = net.train_step(X, Y, 1e-3, check=False)
+        assert np.isfinite(float(J))

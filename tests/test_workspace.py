@@ -141,3 +141,31 @@ def test_free_buffers_from_another_thread_never_breaks_a_call(mode):
     finally:
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_a_clear_between_a_takes_steps_counts_each_buffer_once():
+    """free_buffers() from another thread swaps the free lists out and releases what is
+    in them: a buffer that a take() running at the same moment pops from those lists was
+    counted as released while in use, and again later -- the byte counts went negative
+    for good. Now each buffer is popped by one of them: the interleaving, replayed."""
+    import numpy as np
+
+    from gpu_mlp.workspace import Workspace
+
+    ws = Workspace(np, np.float64)
+    ws.give(ws.take((4, 3)), ws.take((4, 3)))  # two free buffers of one key
+    lists = ws._free
+
+    class Racing(list):  # clear() runs as take() is about to pop from the old list
+        def pop(self, *args):
+            if not hasattr(self, "raced"):
+                self.raced = True
+                ws.clear()
+            return list.pop(self, *args)
+
+    key = next(iter(lists))
+    lists[key] = Racing(lists[key])
+    taken = ws.take((4, 3))
+    ws.give(taken)
+    ws.clear()
+    assert (ws.bytes, ws.pool_bytes, ws.in_use_bytes) == (0, 0, 0)
