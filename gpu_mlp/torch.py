@@ -145,7 +145,9 @@ def _cpu_blas_threads():
         return
     with _blas_lock:
         if _blas_users == 0:
+            _release_openblas_control()  # (one a thread left behind: not to block ours)
             _blas_limiter = pools.limit(limits=BLAS_THREADS)
+            _release_openblas_control()  # whichever thread leaves last restores it
         _blas_users += 1
     try:
         yield
@@ -155,6 +157,21 @@ def _cpu_blas_threads():
             if _blas_users == 0:
                 _blas_limiter.restore_original_limits()
                 _blas_limiter = None
+                _release_openblas_control()
+
+
+def _release_openblas_control() -> None:
+    """threadpoolctl >= 3.6 lets one Python thread set a pthreads OpenBLAS's limit -- the
+    first that sets it, until it lets go -- and others' calls silently do nothing; the
+    shared limit above is set and restored by whichever thread comes first and leaves
+    last, so none may keep it. (A user's own threadpool_limits open in another thread
+    at that moment is overridden: the limit is the process's either way.)"""
+    import threadpoolctl
+
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 def _pointer(a) -> int:

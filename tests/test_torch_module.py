@@ -708,6 +708,47 @@ def test_the_engine_takes_the_parameters_without_a_copy():
                for t, a in zip(pair, arrays))
 
 
+def test_modules_made_and_used_in_worker_threads_limit_blas_and_restore_it():
+    """threadpoolctl lets one Python thread set a pthreads OpenBLAS's limit (the first
+    that does, until it lets go): modules used in workers left the process at 1 BLAS
+    thread for good (9 of 10 runs), and a module made in the main thread first kept the
+    limit from ever reaching the workers. Now the limit is set and restored whichever
+    thread comes first and leaves last; inside a call the BLAS runs at BLAS_THREADS."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threading
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpoolctl.threadpool_info()
+                       if i["user_api"] == "blas"})
+
+    before, seen = blas_threads(), []
+    if before == [1]:
+        pytest.skip("one BLAS thread already: no limit to see")
+    X = torch.randn(32, 64)
+    gemm = gpu_mlp.ops.gemm
+
+    def spying_gemm(*args, **kwargs):
+        seen.append(tuple(blas_threads()))
+        return gemm(*args, **kwargs)
+
+    def work(seed):
+        model = gm_torch.MLPModule([64, 32, 10], device="cpu", seed=seed)
+        with torch.no_grad():
+            for _ in range(50):
+                model(X)
+
+    gm_torch.MLPModule([64, 8, 10], device="cpu", seed=9)  # the main thread's, first
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_mlp.ops, "gemm", spying_gemm)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert blas_threads() == before
+    assert seen and all(s == (gm_torch.BLAS_THREADS,) for s in seen), set(seen)
+
+
 def test_modules_in_several_threads_leave_blas_as_they_found_it():
     """The BLAS limit is the process's: the first call in sets it, the last out restores
     it. Each restoring what it saw on entry left another thread's limit of 1 for good."""
