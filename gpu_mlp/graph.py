@@ -234,6 +234,7 @@ class StepGraphs:
                 entry.rewarmed, entry.uses = True, 0
                 return False
             entry.failed = True
+            entry.drop()  # (eager for good: no copy of its batch kept)
             reason = f"{type(e).__name__}: {e}"
             if reason not in self._warned:
                 self._warned.add(reason)

@@ -250,11 +250,16 @@ class Network(ForwardBackward):
         return out[0] if single else out
 
     def _predict_rows(self, shapes) -> int:
-        # the workspace keeps a buffer for each layer's output (and rows): what a chunk
-        # holds is their sum, with the input, not the widest layer's alone
-        per_row = math.prod(shapes[0][0]) + sum(
-            layer.working_size(s_in) - math.prod(s_in)
-            for layer, (s_in, _) in zip(self.layers, shapes))
+        # what a chunk leaves in the workspace: its buffers are kept per output shape,
+        # at most two of one (a layer's input and output), and one column pool that the
+        # convolutions share -- not the widest layer's alone
+        outputs, rows = {}, 0
+        for layer, (s_in, s_out) in zip(self.layers, shapes):
+            size, seen = math.prod(s_out), outputs.get(tuple(s_out), (0, 0))[1]
+            outputs[tuple(s_out)] = (size, min(2, seen + 1))
+            rows = max(rows, layer.working_size(s_in) - math.prod(s_in) - size)
+        per_row = math.prod(shapes[0][0]) + rows + sum(
+            size * count for size, count in outputs.values())
         return max(1, PREDICT_BUFFER_BYTES // (per_row * self.dtype.itemsize))
 
     def loss_and_gradients(self, X, Y):

@@ -304,9 +304,15 @@ class _BaseMLP(BaseEstimator):
         # an unpickled (or copied) model computes in its host arrays where they fit, so
         # that its coefs_, views of them, stay its weights; values as they are (a model
         # whose weights are NaN copies too, as the engine's own copies)
-        new = MLP.from_params(self._host_pairs(), self._arch["acts"], loss=self._net_loss(dtype),
+        pairs = self._host_pairs()
+        arrays = [a for pair in pairs for a in pair]
+        new = MLP.from_params(pairs, self._arch["acts"], loss=self._net_loss(dtype),
                               memory=memory, device=device, dtype=dtype,
-                              copy=net is not None, check=False)
+                              # (a memmap's, say: a file the fit would write into)
+                              copy=net is not None or any(type(a) is not np.ndarray
+                                                          for a in arrays),
+                              # values checked where a cast may overflow them to inf
+                              check=any(a.dtype != np.dtype(dtype) for a in arrays))
         state = getattr(self, "_optimizer_state", None)
         if getattr(self, "_optimizer", None) is not None:
             state = self._optimizer.state_dict()
@@ -424,7 +430,8 @@ class _BaseMLP(BaseEstimator):
         net = state.pop("_net", None)
         if net is not None:
             net.inputs.check_params(net.params)  # (replaced by hand: what it computes with)
-            state["_host_params"] = self._host_copy()
+        if net is not None or state.get("_host_params") is not None:
+            state["_host_params"] = self._host_copy()  # a copy's own (copy.copy too)
         opt = state.pop("_optimizer", None)
         if opt is not None:
             state["_optimizer_state"] = opt.state_dict()

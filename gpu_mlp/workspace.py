@@ -67,7 +67,7 @@ class Workspace:
         size = self._rows.get(key, 0)  # read once: free_buffers() may clear it meanwhile
         if rows > size:
             # grow: the smaller free buffers go now, those in use when they come back
-            self._release(self._free.pop(key, []))
+            self._release(_drained(self._free.pop(key, [])))
             self._rows[key] = size = rows
         try:  # (empty, or emptied meanwhile by free_buffers() in another thread)
             base = self._free[key].pop()
@@ -134,13 +134,7 @@ class Workspace:
         # take() pops from the old lists is either its or ours, never counted twice
         free, self._free = self._free, defaultdict(list)
         for buffers in list(free.values()):
-            popped = []
-            while True:
-                try:
-                    popped.append(buffers.pop())
-                except IndexError:
-                    break
-            self._release(popped)
+            self._release(_drained(buffers))
         if not self.in_use_bytes:  # else the buffers still out must be recognised
             self._rows.clear()
         if self._ones is not None:
@@ -162,3 +156,14 @@ class Workspace:
         self._columns.difference_update(id(b) for b in buffers)
         self.bytes -= sum(b.nbytes for b in buffers)
         self.pool_bytes -= sum(self._held(b) for b in buffers)
+
+
+def _drained(buffers: list) -> list:
+    """The buffers popped from ``buffers`` one at a time (list.pop is atomic): one that
+    another thread's take() pops meanwhile is its, never released here too."""
+    popped = []
+    while True:
+        try:
+            popped.append(buffers.pop())
+        except IndexError:
+            return popped

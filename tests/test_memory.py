@@ -280,6 +280,16 @@ def test_predicts_buffers_stay_within_the_bound_through_many_layers(monkeypatch)
     np.testing.assert_allclose(out[-3:], net.predict(X[-3:]), rtol=1e-5, atol=1e-6)
 
 
+def test_predict_of_a_deep_net_of_one_width_uses_its_budget(monkeypatch):
+    """A net of one width keeps two buffers of it (a layer's input and output), not one
+    per layer: chunks sized by the sum over the layers were 8x too small (more, smaller
+    GEMMs), the budget an eighth used."""
+    monkeypatch.setattr(gpu_mlp.network, "PREDICT_BUFFER_BYTES", 1 << 20)
+    net = gpu_mlp.MLP([64] + [256] * 16 + [10], device="cpu", dtype="float32", seed=0)
+    net.predict(np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32))
+    assert (1 << 19) <= net.inference_workspace.bytes <= 1 << 20
+
+
 def test_free_buffers_releases_training_and_inference_buffers(device):
     net = make_net("output", device, SMALL)
     X, Y = make_batch(SMALL)

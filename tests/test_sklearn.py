@@ -543,3 +543,45 @@ def test_a_fit_holds_one_shuffled_copy_of_the_data_at_a_time():
     finally:
         tracemalloc.stop()
     assert peak < 1.6 * X.nbytes, peak / X.nbytes
+
+
+def test_copies_and_memory_maps_of_an_unpickled_model_train_their_own_weights(tmp_path):
+    """An unpickled model computes in its host arrays (its coefs_ stay its weights), but
+    not in arrays others hold: copy.copy of it trained the same weights as it, and a
+    joblib memory map opened "r+" had the fit write into the saved file."""
+    import copy
+
+    import joblib
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 4)), rng.standard_normal(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MLPRegressor(hidden_layer_sizes=(5,), max_iter=3, random_state=0).fit(X, y)
+        a = pickle.loads(pickle.dumps(model))
+        b = copy.copy(a)
+        before = b.coefs_[0].copy()
+        a.partial_fit(X, y)
+        assert np.array_equal(b.coefs_[0], before)
+        path = tmp_path / "model.joblib"
+        joblib.dump(model, path)
+        saved = path.read_bytes()
+        joblib.load(path, mmap_mode="r+").partial_fit(X, y)
+    assert path.read_bytes() == saved
+
+
+def test_a_dtype_change_that_overflows_a_weight_is_refused():
+    """Moved to float32, a float64 weight of 1e300 is inf: refused, as before copies kept
+    their values unchecked (a NaN weight, in the same dtype, is still copied as it is)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 4)), rng.standard_normal(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MLPRegressor(hidden_layer_sizes=(5,), max_iter=3, random_state=0,
+                             dtype="float64").fit(X, y)
+    coefs = model.coefs_
+    coefs[0][0, 0] = 1e300
+    model.coefs_ = coefs
+    model.set_params(dtype="float32")
+    with pytest.raises(ValueError, match="W_1 in float32 contains NaN or Inf"):
+        model.predict(X[:3])

@@ -169,3 +169,34 @@ def test_a_clear_between_a_takes_steps_counts_each_buffer_once():
     ws.give(taken)
     ws.clear()
     assert (ws.bytes, ws.pool_bytes, ws.in_use_bytes) == (0, 0, 0)
+
+
+def test_a_clear_during_a_takes_growth_counts_each_buffer_once():
+    """take() growing a key releases its smaller free buffers; a clear() by another
+    thread at that moment released them too: the counts went negative. The interleaving,
+    replayed: clear() has listed the old free lists and is draining one when the other
+    thread's take(), which read the free lists before clear() swapped them, grows that
+    key; each buffer is now popped, and released, by one of them."""
+    import numpy as np
+
+    from gpu_mlp.workspace import Workspace
+
+    ws = Workspace(np, np.float64)
+    ws.give(ws.take((2, 3)), ws.take((2, 3)), ws.take((2, 3)))
+    old = ws._free
+    key = next(iter(old))
+
+    class Racing(list):
+        def pop(self, *args):
+            if not hasattr(self, "raced"):
+                self.raced = True
+                new, ws._free = ws._free, old  # the take() that read them before
+                grown = ws.take((8, 3))        # the growth: releases the smaller ones
+                ws._free = new
+                ws.give(grown)
+            return list.pop(self, *args)
+
+    old[key] = Racing(old[key])
+    ws.clear()
+    ws.clear()
+    assert (ws.bytes, ws.pool_bytes, ws.in_use_bytes) == (0, 0, 0)
