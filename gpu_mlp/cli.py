@@ -495,13 +495,7 @@ def _agreed(comm, prepare):
     rank 0 and no MPI_Abort."""
     if comm is None:
         return prepare()
-    error = prepared = None
-    try:
-        prepared = prepare()
-    except USER_ERRORS as e:
-        error = e
-    comm.settle(error, "the run's setup")
-    return prepared
+    return comm.settled("the run's setup", prepare, catch=USER_ERRORS)
 
 
 @dataclass

@@ -241,6 +241,17 @@ class Communicator:
         error.every_rank = True
         raise error
 
+    def settled(self, what: str, call, catch=(Exception,)):
+        """``call()``, its exception of ``catch`` (if any) then told to every rank by
+        :meth:`settle`: every rank returns its result, or every rank raises."""
+        error = result = None
+        try:
+            result = call()
+        except catch as e:
+            error = e
+        self.settle(error, what)
+        return result
+
     @contextlib.contextmanager
     def guard(self):
         """An exception inside ends the whole job: it prints ``rank r: <error>`` to stderr

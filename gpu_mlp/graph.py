@@ -84,7 +84,7 @@ class StepGraphs:
 
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
-        self._scalars: dict = {}
+        self._latest = None  # (rule, dp, dtype, their StepScalars): the last step's pair
         self._params = None
         self._warned = set()
         self.captures = self.replays = 0
@@ -97,7 +97,7 @@ class StepGraphs:
     def clear(self) -> None:
         """Drop every graph and the device scalars (``free_buffers``)."""
         self._entries.clear()
-        self._scalars.clear()
+        self._latest = None
         self._params = None
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
@@ -169,19 +169,17 @@ class StepGraphs:
     # --- helpers ----------------------------------------------------------------------
 
     def _scalars_for(self, net, plan) -> StepScalars:
-        """The device scalars of ``plan``'s rule and DP on ``net`` (kept per pair, with
-        the objects, so that their device counters stay with them)."""
-        rule = "plain" if plan.plain else plan.rule
-        key = (id(rule), id(plan.dp), net.dtype)
-        found = self._scalars.get(key)
-        if found is None:
-            # another rule or DP: the others' scalars and graphs go, which held them (an
-            # optimizer's moments, say) alive -- a net steps by one at a time, and one
-            # dropped by the caller (a learning-rate sweep on one net) is freed
-            self._scalars.clear()
+        """The device scalars of ``plan``'s rule and DP on ``net``, kept with the objects
+        so that their device counters stay with them. Another rule or DP than the last
+        step's: the old pair's scalars and graphs go, which held its objects alive (an
+        optimizer's moments, say) -- a net steps by one pair at a time, and one the
+        caller dropped (a learning-rate sweep on one net) is freed."""
+        pair = ("plain" if plan.plain else plan.rule, plan.dp, net.dtype)
+        latest = self._latest
+        if latest is None or any(a is not b for a, b in zip(pair, latest)):
             self._entries.clear()
-            found = self._scalars[key] = (StepScalars(net.xp, net.dtype), rule, plan.dp)
-        return found[0]
+            latest = self._latest = (*pair, StepScalars(net.xp, net.dtype))
+        return latest[3]
 
     @staticmethod
     def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars) -> tuple:

@@ -258,16 +258,12 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
     ``comm`` (fit's Communicator) the ranks first agree that every one's arguments
     passed the checks, then that they are alike: a mistake every rank makes is raised on
     every rank, where the caller can catch it."""
-    error = None
-    try:
-        run = _checked(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose,
-                       on_epoch, resume, make_plan)
-    except Exception as e:  # noqa: BLE001 -- with comm, told to every rank first
-        if comm is None:
-            raise
-        error = e
-    if comm is not None:
-        comm.settle(error, "fit's checks")
+    check = functools.partial(_checked, net, X, Y, epochs, batch_size, shuffle, seed,
+                              validation, verbose, on_epoch, resume, make_plan)
+    if comm is None:
+        run = check()
+    else:
+        run = comm.settled("fit's checks", check)
         _privacy.agree(run.plan.dp, comm)  # one collective on every rank, DP or not
         comm.check_same("fit", _run_config(net, run, comm))
     return _train(net, run, on_epoch, comm)
@@ -429,14 +425,10 @@ def _call_back(on_epoch, net, history, comm) -> None:
     rank, rather than leave the others waiting in the next epoch's collectives."""
     if comm is None:
         on_epoch(net, history)
-        return
-    error = None
-    try:
-        if on_epoch is not None:
-            on_epoch(net, history)
-    except (Exception, SystemExit) as e:  # (a KeyboardInterrupt: guard() ends the job)
-        error = e
-    comm.settle(error, "on_epoch")
+    else:  # (a KeyboardInterrupt: guard() ends the job)
+        call = (lambda: None) if on_epoch is None else functools.partial(on_epoch, net,
+                                                                           history)
+        comm.settled("on_epoch", call, catch=(Exception, SystemExit))
 
 
 def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:

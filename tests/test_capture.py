@@ -394,7 +394,7 @@ def test_a_replay_reads_the_scalars_of_its_own_step(host_cupy_lib):
 
     def look(i, net, rule):
         if i >= 3:  # two replays done: what the last replay's step read
-            [(scalars, _, _)] = net.step_graphs._scalars.values()
+            scalars = net.step_graphs._latest[3]  # the one pair: its StepScalars
             seen.append((i, scalars.values.view(np.ndarray).copy()))
     _, _, opt, _, net = _steps(host_cupy_lib, make_rule=SCHEDULED["adam-cosine"], between=look)
     plan = StepPlan(opt)

@@ -662,3 +662,23 @@ def test_fit_holds_one_shuffled_copy_of_the_data_at_a_time():
     finally:
         tracemalloc.stop()
     assert peak < 1.5 * X.nbytes, peak / X.nbytes
+
+
+def test_evaluate_checks_its_data_as_fit_does_and_changes_nothing():
+    """training.evaluate (the CLI's test loss): the loss and accuracy of the net as it is;
+    bad data refused by name, the net untouched."""
+    sizes, X, Y = problem("softmax_cross_entropy")
+    net = new_net(sizes)
+    before = [a.copy() for pair in net.params for a in pair]
+    loss, accuracy = training.evaluate(net, X, Y)
+    assert np.isfinite(loss) and 0 <= accuracy <= 1
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    for args, error, match in [((X[:, :-1], Y), ValueError, "X must have shape"),
+                               ((bad, Y), ValueError, "X contains NaN or Inf"),
+                               ((X, Y[:-1]), ValueError, "labels must have shape"),
+                               ((X.astype(str), Y), TypeError, "X must hold real numbers")]:
+        with pytest.raises(error, match=match):
+            training.evaluate(net, *args)
+    assert all(np.array_equal(a, b) for a, b in zip(before, (a for pair in net.params
+                                                                  for a in pair)))
