@@ -529,8 +529,9 @@ def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
 
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
-    """``(mean loss, accuracy)`` of ``net`` on (X, Y); the accuracy is None for the
-    squared loss (its row of the loss table has none).
+    """``(mean loss, accuracy)`` of ``net`` on (X, Y), checked as fit checks its
+    validation data; the accuracy is None for the squared loss (its row of the loss
+    table has none).
 
     softmax_cross_entropy: the share of rows whose largest output is the label (or the
     target row's largest entry). logistic: the share of outputs whose sign matches the
@@ -577,12 +578,6 @@ class _StepLosses:
         self.rows = float(totals[1])
         with np.errstate(invalid="ignore", divide="ignore"):
             return float(totals[0] / totals[1])
-
-
-def evaluate(net, X, Y) -> tuple:
-    """``(mean loss, accuracy)`` of ``net`` on (X, Y), checked as fit checks its
-    validation data; the accuracy None where the loss has none (regression)."""
-    return _evaluate(net, *_data(net, "X", X, Y))
 
 
 def _evaluate(net, X, Y):
