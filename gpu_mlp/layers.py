@@ -134,9 +134,15 @@ class Layer:
     def give_rows(self, rows, ws) -> None:
         """Return what :meth:`rows` took from the workspace."""
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         """``C(x, W)`` in this layer's layout (B, *output_shape): into ``out``, or a
-        workspace buffer."""
+        workspace buffer. ``kept``: a training step's record of the layer
+        (``network._Saved``), given where the memory mode lets the forward keep more
+        than outputs: where keeping is cheap (on NumPy, one cache-sized block of a
+        convolution's columns) the layer leaves there, as workspace buffers, what its
+        backward would make again -- ``rows``, :meth:`rows` of ``x`` (Remark 8's store
+        over recompute), and ``weight``, its copy of W in the engine's column order,
+        which :meth:`input_grad` takes."""
         raise NotImplementedError
 
     def to_rows(self, T, ws):
@@ -144,8 +150,9 @@ class Layer:
         back to the workspace and the copy is a workspace buffer."""
         return T
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
-        """``out <- C^dagger(T, W)``, out of shape (B, *input_shape), from T as rows."""
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+        """``out <- C^dagger(T, W)``, out of shape (B, *input_shape), from T as rows;
+        ``weight``: the forward's copy of W that :meth:`linear` kept, if it did."""
         raise NotImplementedError
 
     def bias_view(self, b):
@@ -211,12 +218,12 @@ class Dense(Layer):
     def rows(self, x, ws, blocks=False):
         return x if x.ndim == 2 else x.reshape(x.shape[0], self.d_in)  # flatten, C order
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         A = ws.take((x.shape[0], self.d_out)) if out is None else out
         ops.gemm("N", "T", self.rows(x, ws), W, A)
         return A
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
         ops.gemm("N", "N", T_rows, W, self.rows(out, ws))
 
     def __str__(self) -> str:
@@ -278,7 +285,7 @@ class Conv2d(Layer):
     def give_rows(self, rows, ws) -> None:
         _give_rows(rows, ws)
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         B, out_shape = x.shape[0], self.output_shape(x.shape[1:])
         cols = self.rows(x, ws)
         A_rows = ws.take((cols.shape[0], self.c_out))  # NHWC: one row per position
@@ -296,7 +303,7 @@ class Conv2d(Layer):
         ws.give(T)
         return T_rows
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
         B, P, K = out.shape[0], self.positions(out.shape[1:]), self.fan_in
         n = ops.column_block(B, P * K * out.dtype.itemsize)
         dcols = ws.take_columns(n * P, K)
@@ -487,7 +494,7 @@ class ChannelsLast(_TakesMapsNHWC):
         into[...] = W.transpose(0, 2, 3, 1)
         return into.reshape(self.c_out, -1)
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         B, P, K = self._geometry(x)
         H, Wd = x.shape[1:3]
         _, OH, OW = self.output_shape((self.c_in, H, Wd))
@@ -498,23 +505,29 @@ class ChannelsLast(_TakesMapsNHWC):
             return A
         # NumPy: columns in the windows' order against W's copy in that order; a GPU
         # gathers W's own (c, i, j) (see the class)
-        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if ops.is_numpy(x) \
-            else None
+        numpy = ops.is_numpy(x)
+        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if numpy else None
         W_mat = self.weight_matrix(W) if Wt is None else self._windows_weight(W, Wt)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
-        cols = ws.take_columns(n * P, K)  # the net's one column buffer
+        keep = kept is not None and ops.keeps_columns(x, ws, P * K * x.dtype.itemsize)
+        # the net's one column buffer, or rows(x) kept for the weight gradient
+        cols = _row_buffer(ws, n * P, K, transient=not keep)
         padded = self._padding(x, n, ws)
         for samples, rows in ops.sample_blocks(B, n, P):
             block = cols[:rows.stop - rows.start]
             self._im2col(x[samples], block, padded)
             ops.gemm("N", "T", block, W_mat, A_rows[rows])
+        if keep:
+            kept.rows, cols = cols[:B * P].reshape(-1, *self.conv.kernel_size, self.c_in), None
+            if not self.phased_input_grad((self.c_in, H, Wd)):  # its input_grad's W
+                kept.weight, Wt = Wt, None
         ws.give(*(b for b in (cols, Wt, padded) if b is not None))
         return A
 
     def to_rows(self, T, ws):
         return self.as_rows(T)  # a view: the engine gives T back through it
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
         # the columns in the windows' order (i, j, c), against W in that order: col2im
         # then adds runs of C contiguous values
         if self._direct:
@@ -527,13 +540,14 @@ class ChannelsLast(_TakesMapsNHWC):
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
         # the net's one column buffer; W's copy pooled with the forward's, free by now
         dcols = ws.take_columns(n * P, K)
-        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in))
-        W_mat = self._windows_weight(W, Wt)
+        Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if weight is None \
+            else None
+        W_mat = (weight if Wt is None else self._windows_weight(W, Wt)).reshape(self.c_out, -1)
         for samples, rows in ops.sample_blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], W_mat, block)
             ops.col2im_nhwc(self.conv, block, out[samples])
-        ws.give(dcols, Wt)
+        ws.give(*(b for b in (dcols, Wt) if b is not None))
 
     def _input_grad_by_phases(self, T_rows, W, ws, out) -> None:
         """``out <- C^dagger(T, W)`` on NumPy, one phase of the input's pixels at a time
@@ -654,24 +668,29 @@ class EntranceConv(_Form):
     def give_rows(self, rows, ws) -> None:
         _give_rows(rows, ws)
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         B, (_, OH, OW) = x.shape[0], self.output_shape(x.shape[1:])
         P, K = OH * OW, self.conv.fan_in
         A = ws.take((B, OH, OW, self.c_out)) if out is None else out
         A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
-        block = ws.take_columns(n * P, K)  # the net's one column buffer
+        keep = kept is not None and ops.keeps_columns(x, ws, P * K * x.dtype.itemsize)
+        # the net's one column buffer, or rows(x) kept for the weight gradient
+        block = _row_buffer(ws, n * P, K, transient=not keep)
         for samples, rows in ops.sample_blocks(B, n, P):
             columns = self._transposed_columns(x[samples], block)
             self._fill(x[samples], columns, ws)
             ops.gemm("T", "T", columns, W_mat, A_rows[rows])
-        ws.give(block)
+        if keep:
+            kept.rows = columns.T  # as rows() gives them
+        else:
+            ws.give(block)
         return A
 
     def to_rows(self, T, ws):
         return self.as_rows(T)
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
         self.conv.input_grad(T_rows, W, ws, out)
 
 
@@ -702,17 +721,21 @@ class ChannelsLastDense(_TakesMapsNHWC):
     def rows(self, x, ws, blocks=False):
         return x
 
-    def linear(self, x, W, ws, out=None):
+    def linear(self, x, W, ws, out=None, kept=None):
         A = ws.take((x.shape[0], self.d_out)) if out is None else out
         Wt = self._weight(W, x, ws)
         ops.gemm("N", "T", x.reshape(x.shape[0], -1), Wt, A)
-        ws.give(Wt)
+        if kept is not None and ops.is_numpy(x):  # for input_grad (a GPU copies again)
+            kept.weight = Wt
+        else:
+            ws.give(Wt)
         return A
 
-    def input_grad(self, T_rows, W, ws, out) -> None:
-        Wt = self._weight(W, out, ws)
+    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+        Wt = self._weight(W, out, ws) if weight is None else weight
         ops.gemm("N", "N", T_rows, Wt, out.reshape(out.shape[0], -1))
-        ws.give(Wt)
+        if weight is None:
+            ws.give(Wt)
 
 
 @functools.cache

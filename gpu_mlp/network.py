@@ -64,6 +64,10 @@ class _Saved:
     F: Any = None  # the output F_k (in "recompute" mode only after backward made it)
     A: Any = None  # "recompute": the pre-activation A_k
     D: Any = None  # "store_both": sigma'(A_k)
+    # where cheap, outside "recompute" (gpu_mlp.layers.Layer.linear): rows(F_{k-1}), and
+    # the layer's copy of W_k in its engine's column order
+    rows: Any = None
+    weight: Any = None
 
 
 class Network(ForwardBackward):
@@ -463,11 +467,15 @@ class Network(ForwardBackward):
         :meth:`_engine_layers`."""
         layers, n = self._engine_layers(X.shape[0], forms_batch), len(self.layers)
         direct_out = not keep and not layers[-1].gives_channels_last
+        if keep:
+            ws.largest_batch = max(ws.largest_batch, X.shape[0])
         saved, F = [], X
         for k, (layer, (W, b), mode) in enumerate(zip(layers, self.params, self._modes)):
             act, rows = layer.activation, layer.as_rows
             F_in = self._relayout(layers, k, F, ws)
-            A = layer.linear(F_in, W, ws, out=out if direct_out and k == n - 1 else None)
+            s = _Saved() if keep else None
+            A = layer.linear(F_in, W, ws, out=out if direct_out and k == n - 1 else None,
+                             kept=s if keep and mode != "recompute" else None)
             if F_in is not F:
                 ws.give(F_in)
             if k > 0 and (not keep or self._modes[k - 1] == "recompute"):
@@ -475,18 +483,20 @@ class Network(ForwardBackward):
             if not keep or mode == "output":
                 ops.bias_act(act, rows(A), b, ws)
                 if keep:
-                    saved.append(_Saved(F=A))
+                    s.F = A
                 F = A
             elif mode == "recompute":
                 F_next = ws.take(A.shape)
                 ops.bias_act_keep(act, rows(A), b, rows(F_next), ws)
-                saved.append(_Saved(A=A))  # F_next is transient: backward makes it again
+                s.A = A  # F_next is transient: backward makes it again
                 F = F_next
             else:  # store_both
                 F_next = ws.take(A.shape)
                 ops.bias_act_grad(act, rows(A), b, rows(F_next))  # A now holds D = sigma'(A)
-                saved.append(_Saved(F=F_next, D=A))
+                s.F, s.D = F_next, A
                 F = F_next
+            if keep:
+                saved.append(s)
         if layers[-1].gives_channels_last:  # the output in torch's layout (NCHW)
             F_out = _layers.to_channels_first(F, ws, out=None if keep else out)
             if not keep or self._modes[-1] == "recompute":
@@ -582,25 +592,32 @@ class Network(ForwardBackward):
         # a sink that forms each gradient as it comes takes a large rows(x) block by block
         blocks = not keeps and sink.takes_row_blocks
         for k in reversed(range(n)):
-            layer, W = layers[k], self.params[k][0]
+            layer, W, s = layers[k], self.params[k][0], saved[k]
             T_rows = layer.to_rows(delta, ws)
             # at the entrance a form that takes NHWC (a GPU's) leaves X and dJ/dX to the
             # layer's torch form (NCHW im2col and col2im): no copy of either
             form = self.layers[k] if k == 0 and layer.takes_channels_last else layer
             if k > 0 or want_dx:
                 grad_input = dX if k == 0 else ws.take((B, *layer.engine_shape(shapes[k][0])))
-                form.input_grad(T_rows, W, ws, grad_input)  # W_k before the sink updates it
+                # W_k before the sink updates it
+                form.input_grad(T_rows, W, ws, grad_input, weight=s.weight)
                 relaid = (self._relayout(layers, k, grad_input, ws, backward=True) if k > 0
                           else grad_input)
                 if relaid is not grad_input:
                     ws.give(grad_input)
                     grad_input = relaid
+            if s.weight is not None:
+                ws.give(s.weight)
+                s.weight = None
             if k > 0:
                 self._activation_backward(k - 1, saved, grad_input, ws)
             F_prev = saved[k - 1].F if k > 0 else X
-            # made again: cheaper than kept
-            F_in = self._relayout(layers, k, F_prev, ws) if k > 0 else X
-            X_rows = form.rows(F_in, ws, blocks)
+            F_in = F_prev
+            if s.rows is not None:  # kept by the forward
+                X_rows, s.rows = s.rows, None
+            else:  # made again: cheaper than kept
+                F_in = self._relayout(layers, k, F_prev, ws) if k > 0 else X
+                X_rows = form.rows(F_in, ws, blocks)
             sink(k, T_rows, X_rows, ws.ones(T_rows.shape[0]))
             factors = (form, T_rows, X_rows, F_prev if k > 0 else None,
                        F_in if F_in is not F_prev else None)

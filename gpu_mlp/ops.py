@@ -649,6 +649,16 @@ def conv_block(x, bytes_per_sample: int) -> int:
     return min(fit, max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample)))
 
 
+def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
+    """Whether a training step's forward keeps a convolution's columns of ``x`` for its
+    weight gradient (Remark 8's store over recompute): on NumPy, where those of the
+    largest batch the step's workspace ``ws`` has run fit one cache-sized block
+    (:data:`CONV_BLOCK_BYTES`: at most that much more held per layer). Decided by that
+    batch, not ``x``'s, so that a remainder batch holds no buffer the full one does not.
+    (A GPU gathers them again at little cost, and its memory is the scarcer.)"""
+    return is_numpy(x) and ws.largest_batch * bytes_per_sample <= CONV_BLOCK_BYTES
+
+
 def sample_blocks(B: int, n: int, P: int):
     """``(samples, rows)`` slices of the blocks of ``n`` whole samples of a batch of
     ``B``, each sample ``P`` rows (a convolution's output positions)."""

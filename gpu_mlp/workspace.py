@@ -52,6 +52,9 @@ class Workspace:
         self.in_use_bytes = 0
         self.peak_in_use_bytes = 0
         self._columns = set()    # ids of the column pool's (1-D) bases, while held
+        # the most samples a training step has run on (the network sets it): what the
+        # buffers are sized for, which decides what a step keeps (ops.keeps_columns)
+        self.largest_batch = 0
 
     def take(self, shape, dtype=None):
         """A C-contiguous buffer of ``shape`` (contents undefined)."""
@@ -137,6 +140,7 @@ class Workspace:
             self._release(_drained(buffers))
         if not self.in_use_bytes:  # else the buffers still out must be recognised
             self._rows.clear()
+            self.largest_batch = 0
         if self._ones is not None:
             self._release([self._ones])
             self._ones = None

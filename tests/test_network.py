@@ -826,6 +826,97 @@ def test_conv_steady_state_creates_no_buffers(device, memory):
     assert ws.in_use_bytes == 0
 
 
+# Remark 8's store over recompute where it is cheap: on NumPy a convolution whose columns
+# (for the largest batch its workspace has run) fit one cache-sized block keeps them from
+# the forward for its weight gradient, and the W copy its input gradient reads, except in
+# "recompute" mode. A 1 -> 4 -> 8 channel net on 8x8 images: its second convolution
+# widens (c_out > c_in), so its input gradient reads the forward's copy of W.
+def small_conv_net(memory, seed=0):
+    layers = [Conv2d(1, 4, 3, padding=1, activation="relu"),
+              Conv2d(4, 8, 3, stride=2, padding=1, activation="tanh"),
+              Dense(8 * 4 * 4, 3, activation="identity")]
+    return gpu_mlp.Network(layers, loss="softmax_cross_entropy", memory=memory, device="cpu",
+                           dtype="float64", seed=seed)
+
+
+def small_conv_batch(batch=6):
+    rng = np.random.default_rng(3)
+    return rng.standard_normal((batch, 1, 8, 8)), rng.integers(0, 3, batch)
+
+
+def counting(monkeypatch, owner, name, calls):
+    f = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return f(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_small_convolutions_keep_their_columns_from_the_forward(monkeypatch, memory):
+    from gpu_mlp import conv, layers as engine
+    net = small_conv_net(memory)
+    X, y = small_conv_batch()
+    net.train_step(X, y, LR)
+    calls = {}
+    counting(monkeypatch, conv, "im2col_nhwc", calls)  # the widening convolution's
+    counting(monkeypatch, engine, "im2col_transposed", calls)  # the entrance's (NCHW)
+    counting(monkeypatch, engine.ChannelsLast, "_windows_weight", calls)
+    net.train_step(X, y, LR)
+    made = 2 if memory == "recompute" else 1  # forward, and again for the backward
+    assert calls == {"im2col_nhwc": made, "im2col_transposed": made, "_windows_weight": made}
+    assert net.training_workspace.in_use_bytes == 0  # and given back
+
+    # after a batch whose columns exceed one block, the small batch keeps none either
+    # (a remainder holds no buffer the full batch does not): made again, as in every mode
+    net.train_step(*small_conv_batch(ops.CONV_BLOCK_BYTES // (16 * 36 * 8) + 1), LR)
+    calls.clear()
+    net.train_step(X, y, LR)
+    assert calls == {"im2col_nhwc": 2, "im2col_transposed": 2, "_windows_weight": 2}
+
+
+RULES = {"sgd": lambda: LR, "adam": lambda: gpu_mlp.optim.Adam(1e-2),
+         "dp": lambda: gpu_mlp.plan.StepPlan(LR, dp=gpu_mlp.privacy.DP(
+             max_grad_norm=0.5, noise_multiplier=0.7, seed=1))}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("memory", MODES)
+def test_kept_columns_give_the_made_again_ones_bits(monkeypatch, memory, rule):
+    X, y = small_conv_batch()
+    nets = []
+    for keeps in (True, False):
+        if not keeps:
+            monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)
+        net, step = small_conv_net(memory), RULES[rule]()
+        for _ in range(3):
+            net.train_step(X, y, step)
+        J, grads, dX = net.loss_and_gradients(X, y)
+        nets.append((host_params(net), to_numpy(J), grads, dX))
+    (params, J, grads, dX), (params0, J0, grads0, dX0) = nets
+    assert J == J0 and np.array_equal(dX, dX0)
+    for (W, b), (W0, b0), (gW, gb), (gW0, gb0) in zip(params, params0, grads, grads0):
+        assert np.array_equal(W, W0) and np.array_equal(b, b0)
+        assert np.array_equal(gW, gW0) and np.array_equal(gb, gb0)
+
+
+def test_kept_columns_cost_at_most_a_block_per_convolution(monkeypatch):
+    X, y = small_conv_batch()
+    held = []
+    for keeps in (True, False):
+        if not keeps:
+            monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)
+        net = small_conv_net("output")
+        net.train_step(X, y, LR)
+        held.append(net.training_workspace.peak_in_use_bytes)
+    # both convolutions' columns (B*P*K values) and the widening one's W copy
+    kept = (6 * 64 * 9 + 6 * 16 * 36 + 8 * 36) * 8
+    assert held[0] - held[1] <= kept <= 2 * ops.CONV_BLOCK_BYTES
+    assert held[0] > held[1]
+
+
 @pytest.mark.parametrize("memory", MODES)
 def test_conv_train_step_holds_no_gradient_buffers(memory):
     # weights of about 4 MiB (the Dense), activations of a few KiB
