@@ -113,7 +113,7 @@ class Tape:
         """Give back the buffers of a forward pass: its output and what each layer kept."""
         given = {id(F_out): F_out}
         for s in saved:
-            for buf in (s.F, s.A, s.D):
+            for buf in (s.F, s.A, s.D, s.rows, s.weight):
                 if buf is not None:
                     given[id(buf)] = buf
         self.net.training_workspace.give(*given.values())

@@ -1117,6 +1117,26 @@ def test_a_tape_serves_one_backward_and_can_be_released(device):
     assert set(net.training_workspace._rows.values()) == {2}
 
 
+@pytest.mark.parametrize("memory", MODES)
+def test_a_conv_tape_released_or_refused_gives_back_its_kept_columns(memory):
+    """A forward keeps a small convolution's columns and W copy in its tape (on the CPU
+    outside "recompute"): a tape released unused, or whose backward is refused, gives
+    them back with the activations."""
+    net = small_conv_net(memory)
+    X, _ = small_conv_batch()
+    ws = net.training_workspace
+    _, tape = net.forward(X)
+    tape.release()
+    assert ws.in_use_bytes == 0
+    _, tape = net.forward(X)
+    with pytest.raises(ValueError, match="grad_output contains NaN or Inf"):
+        net.backward(tape, np.full((6, 3), np.nan))
+    assert ws.in_use_bytes == 0
+    _, tape = net.forward(X)
+    net.backward(tape, np.ones((6, 3)))
+    assert ws.in_use_bytes == 0
+
+
 # --- hostile input found by a hunt (each failed before its fix) -----------------------------
 
 def _snapshot(net):
