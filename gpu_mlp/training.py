@@ -302,10 +302,10 @@ def _checked(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, 
                          f"would report less privacy spent than was; give a new DP, or "
                          f"continue the run that took them with resume=its History")
     if plan.private and plan.dp.delta >= 1 / n:
-        _checks.warn(f"DP: delta {plan.dp.delta:g} is at least 1/n for these n = {n} "
-                     f"samples, too large to protect anyone: a mechanism that publishes a "
-                     f"sample in the clear with probability delta meets it; take delta "
-                     f"well below 1/n", TrainingWarning)
+        _warn(f"DP: delta {plan.dp.delta:g} is at least 1/n for these n = {n} samples, too "
+              f"large to protect anyone: a mechanism that publishes a sample in the clear "
+              f"with probability delta meets it; take delta well below 1/n",
+              plan.communicator(net))
     return _Run(epochs, batch_size, plan, seed, bool(shuffle), verbose, X, Y, validation,
                 history, sample_rate)
 
@@ -390,7 +390,7 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
             # second host copy of the parameters an epoch, only with a callback.)
             good = _host_copy(net.params, into=good)
         good_state = plan.snapshot()
-    _warn_if_loss_rose(history, first_step_loss, plan.lr)
+    _warn_if_loss_rose(history, first_step_loss, plan.lr, comm)
     return history
 
 
@@ -515,7 +515,14 @@ def _digest(*arrays) -> str:
     return digest.hexdigest()
 
 
-def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
+def _warn(message: str, comm) -> None:
+    """A :class:`TrainingWarning`; under data parallelism from the root rank alone: the
+    ranks see the same global losses, and P copies would reach a job's merged stderr."""
+    if comm is None or comm.is_root:
+        _checks.warn(message, TrainingWarning)
+
+
+def _warn_if_loss_rose(history, first_step_loss, lr, comm) -> None:
     known = [(k, x) for k, x in enumerate(history.train_loss, start=1) if x is not None]
     if not known:
         return
@@ -523,9 +530,8 @@ def _warn_if_loss_rose(history, first_step_loss, lr) -> None:
     start, when = ((first_step_loss, "the first step") if first_step_loss is not None
                    else (start, f"epoch {first}"))
     if end > _ROSE * start:
-        _checks.warn(f"the training loss rose from {start:.4g} ({when}) to {end:.4g} "
-                     f"(epoch {last}): the learning rate {lr} may be too large",
-                     TrainingWarning)
+        _warn(f"the training loss rose from {start:.4g} ({when}) to {end:.4g} (epoch "
+              f"{last}): the learning rate {lr} may be too large", comm)
 
 
 def evaluate(net, X, Y) -> tuple[float, Optional[float]]:

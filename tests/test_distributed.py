@@ -328,7 +328,8 @@ def test_mpirun_fit_refuses_ranks_that_differ_where_they_must_not():
 
 def test_mpirun_losses_are_the_global_batchs():
     """train_step(comm=mpi4py's communicator) returns the global batch's loss, and fit's
-    TrainingWarning quotes the global first step's, as one process does."""
+    TrainingWarning quotes the global first step's, as one process does, from the root
+    rank alone (the others' copies would repeat it on the job's stderr)."""
     run, _ = _launch(2, "loss")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "OK loss the training loss rose from" in run.stdout
