@@ -676,4 +676,5 @@ def _check_dp(spec):
     try:
         return _privacy.DP.from_state_dict(spec)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"dp: {e}") from None
+        # the field's name, not the class's too ("dp: DP: seed ...")
+        raise ValueError(f"dp: {str(e).removeprefix('DP: ')}") from None

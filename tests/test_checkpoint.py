@@ -910,20 +910,20 @@ def set_dp(key, value):
     (set_history("epsilon", [-1.0]), "history: epsilon must hold numbers in"),
     (set_history("epsilon", [NAN]), "history: epsilon must hold numbers in"),
     (set_history("lr", [None]), "history: lr must hold numbers in"),
-    (set_dp("seed", 2**64), "dp: DP: seed must be in \\[0, 2\\^64\\), got "
+    (set_dp("seed", 2**64), "dp: seed must be in \\[0, 2\\^64\\), got "
                             "18446744073709551616"),
-    (set_dp("steps", 2**64), "dp: DP: steps must be in \\[0, 2\\^64\\)"),
-    (set_dp("steps", True), "dp: DP: steps must be an integer in \\[0, 2\\^64\\)"),
-    (set_dp("noise_multiplier", NAN), "dp: DP: noise_multiplier must be a finite number"),
-    (set_dp("accountant", ["rdp"]), "dp: DP: unknown accountant"),
+    (set_dp("steps", 2**64), "dp: steps must be in \\[0, 2\\^64\\)"),
+    (set_dp("steps", True), "dp: steps must be an integer in \\[0, 2\\^64\\)"),
+    (set_dp("noise_multiplier", NAN), "dp: noise_multiplier must be a finite number"),
+    (set_dp("accountant", ["rdp"]), "dp: unknown accountant"),
     # integers past any float (json reads 10**400 as an int): named, not an OverflowError
     (set_history("batch_size", 10**400), f"history: batch_size must be an integer {FROM_1}"),
-    (set_dp("max_grad_norm", 10**400), "dp: DP: max_grad_norm must be a finite number, got "
+    (set_dp("max_grad_norm", 10**400), "dp: max_grad_norm must be a finite number, got "
                                        "an integer of 401 digits"),
     (set_history("epsilon", [10**400]), "history: epsilon must hold numbers"),
     (set_history("val_loss", [10**400]), "history: val_loss must hold numbers"),
     # a seed of null drew a new secret one: not the run's noise, nor its Poisson batches
-    (set_dp("seed", None), "dp: DP: seed must be an integer in \\[0, 2\\^64\\), got None"),
+    (set_dp("seed", None), "dp: seed must be an integer in \\[0, 2\\^64\\), got None"),
     # a list or dict where a name goes: named, not "unhashable type"
     (lambda e: e["meta"].__setitem__("version", [2]), "format version \\[2\\]"),
     (lambda e: e["meta"].__setitem__("version", True), "format version True"),
