@@ -653,10 +653,12 @@ def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
     """Whether a training step's forward keeps a convolution's columns of ``x`` for its
     weight gradient (Remark 8's store over recompute): on NumPy, where those of the
     largest batch the step's workspace ``ws`` has run fit one cache-sized block
-    (:data:`CONV_BLOCK_BYTES`: at most that much more held per layer). Decided by that
-    batch, not ``x``'s, so that a remainder batch holds no buffer the full one does not.
-    (A GPU gathers them again at little cost, and its memory is the scarcer.)"""
-    return is_numpy(x) and ws.largest_batch * bytes_per_sample <= CONV_BLOCK_BYTES
+    (:data:`CONV_BLOCK_BYTES`: at most that much more held per layer), within the column
+    budget too (the forward then runs as one block). Decided by that batch, not
+    ``x``'s, so that a remainder batch holds no buffer the full one does not. (A GPU
+    gathers them again at little cost, and its memory is the scarcer.)"""
+    return is_numpy(x) and ws.largest_batch * bytes_per_sample <= min(
+        CONV_BLOCK_BYTES, COLUMN_BUDGET_BYTES)
 
 
 def sample_blocks(B: int, n: int, P: int):
