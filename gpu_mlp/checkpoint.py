@@ -308,8 +308,10 @@ def hold(path):
         except BlockingIOError:
             with os.fdopen(fd) as f:
                 holder = f.read().strip()
-            raise CheckpointInUse(f"{os.fsdecode(path)}: another run (pid {holder or '?'}) "
-                                  f"writes it") from None
+            # (a holder in this process: another thread's run, or a hold within a hold)
+            where = " in this process" if holder == str(os.getpid()) else ""
+            raise CheckpointInUse(f"{os.fsdecode(path)}: another run{where} (pid "
+                                  f"{holder or '?'}) writes it") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

@@ -600,7 +600,8 @@ def test_hold_refuses_a_second_writer_and_names_it(tmp_path):
     path = tmp_path / "run.npz"
     with checkpoint.hold(path):
         with pytest.raises(checkpoint.CheckpointInUse,
-                           match=f"{path}: another run \\(pid {os.getpid()}\\) writes it"):
+                           match=f"{path}: another run in this process \\(pid {os.getpid()}\\) "
+                                 f"writes it"):
             with checkpoint.hold(path):
                 pass
         small_net().save(path)  # the holder itself saves as usual

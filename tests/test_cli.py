@@ -721,7 +721,8 @@ def test_a_save_path_held_by_another_run_fails_before_training(capsys, tmp_path,
     with checkpoint.hold(path):
         status, lines, err = run(capsys, "train", "--save", path)
     assert status == 2 and lines == []
-    assert err == f"gpu-mlp: error: --save {path}: another run (pid {os.getpid()}) writes it\n"
+    assert err == (f"gpu-mlp: error: --save {path}: another run in this process (pid "
+                   f"{os.getpid()}) writes it\n")
 
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_one(capsys, tmp_path, monkeypatch):
