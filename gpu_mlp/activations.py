@@ -34,6 +34,27 @@ Fn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
 
 # --- NumPy formulas, each writing into `out` (which may be the input itself) ---------
 
+# NumPy runs a ufunc of an array and a broadcast row in its buffered loop -- both copied
+# into buffers, 2-3x slower -- unless the row holds at least its buffer size
+# (np.getbufsize(), 8192 values); and np.maximum against a scalar takes no SIMD loop. So
+# relu compares with a row of that many zeros (3-5x faster on float32 blocks of 16K-64K
+# values; slower below about 4K, where the extra calls cost more), and the engine adds a
+# bias repeated to such a row (gpu_mlp.ops.bias_act).
+LONG_ROW = 8192
+
+
+def along_rows(ufunc, z, row, out):
+    """``out <- ufunc(z, row)`` for the C-contiguous ``z`` and ``out`` of one shape, read
+    flat as rows of ``len(row)`` values, the last one cut short."""
+    flat, dest, n = z.reshape(-1), out.reshape(-1), len(row)
+    whole = flat.size - flat.size % n
+    if whole:
+        ufunc(flat[:whole].reshape(-1, n), row, out=dest[:whole].reshape(-1, n))
+    if whole < flat.size:
+        ufunc(flat[whole:], row[:flat.size - whole], out=dest[whole:])
+    return out
+
+
 def _identity(z, alpha, out):
     np.copyto(out, z)
     return out
@@ -45,7 +66,14 @@ def _ones(z, alpha, out):
 
 
 def _relu(z, alpha, out):
-    np.maximum(z, 0, out=out)  # propagates NaN, as gm_relu does
+    # propagates NaN, as gm_relu does; against a row of zeros where that pays (LONG_ROW
+    # values or more, contiguous): the same bits as against the scalar 0. (The row is
+    # made each call, 0.5-0.7 us: a cached one would stay allocated outside the workspace.)
+    if (isinstance(z, np.ndarray) and z.size >= LONG_ROW and z.flags.c_contiguous
+            and out.flags.c_contiguous and z.shape == out.shape and z.dtype == out.dtype):
+        along_rows(np.maximum, z, np.zeros(LONG_ROW, z.dtype), out)
+    else:
+        np.maximum(z, 0, out=out)
     if alpha != 1:  # skip a pass over memory in the common case
         out *= alpha
     return out
@@ -58,6 +86,11 @@ def _relu_grad(z, alpha, out):
     if alpha != 1:
         out *= alpha
     return out
+
+
+def _relu_mask(f, out):
+    # sigma' = alpha [f > 0], the bool [f > 0] into out (a quarter of a float32's bytes)
+    return np.greater(f, 0, out=out)
 
 
 def _sigmoid(z, alpha, out):
@@ -154,15 +187,22 @@ class Kind:
     # output's scale): He's sqrt(2) for ReLU-like activations, Glorot-like 1 else
     init_gain: float = 1.0
     is_identity: bool = False  # F = A and sigma' = 1: backward has nothing to do
+    # value makes no temporary (it writes out alone): the engine's NumPy forward may run
+    # it on longer blocks (gpu_mlp.ops.bias_act)
+    in_place: bool = False
+    # sigma' = alpha * mask(F) for a bool mask of the output, mask(F, out) (relu's [F > 0]):
+    # the NumPy backward multiplies by it, no float temporary
+    mask_from_output: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
 
 
 TABLE: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("identity", _identity, _ones, _ones, is_identity=True),
-        Kind("relu", _relu, _relu_grad, _relu_grad, has_alpha=True, init_gain=_SQRT_2),
+        Kind("identity", _identity, _ones, _ones, is_identity=True, in_place=True),
+        Kind("relu", _relu, _relu_grad, _relu_grad, has_alpha=True, init_gain=_SQRT_2,
+             in_place=True, mask_from_output=_relu_mask),
         Kind("sigmoid", _sigmoid, _sigmoid_grad, _sigmoid_grad_from_output),
-        Kind("tanh", _tanh, _tanh_grad, _tanh_grad_from_output),
+        Kind("tanh", _tanh, _tanh_grad, _tanh_grad_from_output, in_place=True),
         Kind("gelu", _gelu, _gelu_grad, None, init_gain=_SQRT_2),
         Kind("softmax", _softmax, None, None, rowwise=RowWise(softmax_backward)),
     )

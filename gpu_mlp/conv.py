@@ -232,11 +232,12 @@ def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
             samples = slice(first, first + n)
             block = padded[:len(x[samples])]
             pad_into(x[samples].transpose(0, 2, 3, 1), block.transpose(0, 2, 3, 1), (ph, pw))
-            for i in range(kh):
-                for j in range(kw):
-                    np.copyto(view[:, i, j, samples],
-                              block[:, :, i:i + sh * (OH - 1) + 1:sh,
-                                    j:j + sw * (OW - 1) + 1:sw].transpose(1, 0, 2, 3))
+            # every kernel offset in one copy of a strided view (C, kh, kw, n, OH, OW):
+            # 1.1-1.5x faster than a copy per offset
+            s = block.strides
+            np.copyto(view[:, :, :, samples], np.lib.stride_tricks.as_strided(
+                block, (C, kh, kw, len(block), OH, OW),
+                (s[1], s[2], s[3], s[0], s[2] * sh, s[3] * sw), writeable=False))
         return out
     for i in range(kh):
         h_lo, h_hi, ys = _window(OH, H, sh, ph, i)
@@ -323,10 +324,32 @@ def im2col_nhwc(x, layer: ConvGeometry, out, taps_first: bool, padded=None):
     return out
 
 
-def col2im_nhwc(cols, layer: ConvGeometry, out):
+def col2im_scratch(layer: ConvGeometry, input_shape: tuple) -> int | None:
+    """The values of the scratch buffer :func:`col2im_nhwc` takes for one sample of
+    ``input_shape`` (C, H, W), or None where it needs none (windows that tile the image,
+    or a stride longer than the kernel, for which the scratch would mostly hold zeros)."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    if ((sh, sw) == (kh, kw) and not ph and not pw) or sh > kh or sw > kw:
+        return None
+    Mh, Mw = _phase_grid(layer, input_shape[1:])
+    return (sh * sw + 1) * Mh * Mw * input_shape[0]
+
+
+def _phase_grid(layer: ConvGeometry, hw) -> tuple[int, int]:
+    """(Mh, Mw), the cells of a phase of :func:`_col2im_flat`: the windows' (OH, OW)
+    and the kernel's reach beyond them, or the image's pixels of that phase if more (a
+    stride can leave the last rows unread)."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    _, OH, OW = layer.output_shape((layer.c_in, *hw))
+    return (max(OH + (kh - 1) // sh, (hw[0] - 1 + ph) // sh + 1),
+            max(OW + (kw - 1) // sw, (hw[1] - 1 + pw) // sw + 1))
+
+
+def col2im_nhwc(cols, layer: ConvGeometry, out, scratch=None):
     """``out`` (B, H, W, C) <- the adjoint of :func:`im2col_nhwc` with ``taps_first``:
     per pixel the sum of the entries of ``cols`` that read it, added in the order of the
-    CUDA gather ``gm_col2im_nhwc_at``."""
+    CUDA gather ``gm_col2im_nhwc_at``. ``scratch``: a buffer of at least B times
+    :func:`col2im_scratch` values, for the faster sums (:func:`_col2im_flat`)."""
     B, OH, OW = _nhwc(out, cols, layer, "out")
     H, W = out.shape[1:3]
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
@@ -337,10 +360,61 @@ def col2im_nhwc(cols, layer: ConvGeometry, out):
         tiles = out[:, :OH * kh, :OW * kw].reshape(B, OH, kh, OW, kw, layer.c_in)
         np.copyto(tiles, view.transpose(0, 1, 3, 2, 4, 5))
         return out
+    need = col2im_scratch(layer, (layer.c_in, H, W))
+    if scratch is not None and need is not None:
+        if scratch.size < B * need or scratch.dtype != out.dtype:
+            raise ValueError(f"{layer}: col2im's scratch must hold {B * need} values of "
+                             f"{out.dtype}, got {scratch.size} of {scratch.dtype}")
+        return _col2im_flat(view, layer, out, scratch.reshape(-1)[:B * need])
     out.fill(0)
     for i in range(kh):
         h_lo, h_hi, ys = _window(OH, H, sh, ph, i)
         for j in range(kw):
             w_lo, w_hi, xs = _window(OW, W, sw, pw, j)
             out[:, ys, xs] += view[:, h_lo:h_hi, w_lo:w_hi, i, j]
+    return out
+
+
+def _col2im_flat(view, layer: ConvGeometry, out, scratch):
+    """:func:`col2im_nhwc`'s sums with every add one contiguous 1-D ufunc call, where
+    ``out[:, ys, xs] += view[..., i, j, :]`` reads and writes strided blocks that NumPy
+    copies through its buffers (3x a copy's time): 1.2-1.6x faster, and 1.1x in a step
+    of the digits CNN, where ``cols`` comes from the GEMM out of cache.
+
+    Pixel (h, w) is the pixel (h + ph, w + pw) of the padded image, whose rows and columns
+    split into phases mod the stride: the kernel offset (i, j) of window (oh, ow) lands in
+    phase (i % sh, j % sw) at (oh + i // sh, ow + j // sw). Each phase is accumulated as a
+    (B, Mh, Mw, C) array (:func:`_phase_grid`): offset (i, j)'s values, copied into
+    ``S`` of that shape whose cells outside the (OH, OW) windows stay 0, are then added to
+    it flat, shifted by (i // sh, j // sw) cells -- the zeros run over into cells no
+    window reaches or the next sample's first ones, adding 0 to sums that are never -0
+    (they start at +0): the offsets are added in order from 0 as ever, the same bits.
+    The phases are then copied into their pixels."""
+    B, OH, OW, kh, kw, C = view.shape
+    H, W = out.shape[1:3]
+    (sh, sw), (ph, pw) = layer.stride, layer.padding
+    Mh, Mw = _phase_grid(layer, (H, W))
+    n = B * Mh * Mw * C
+    phases, S = scratch[:sh * sw * n].reshape(sh, sw, n), scratch[sh * sw * n:]
+    windows = S.reshape(B, Mh, Mw, C)
+    windows[:, OH:] = 0
+    windows[:, :OH, OW:] = 0
+    for i in range(kh):
+        for j in range(kw):
+            np.copyto(windows[:, :OH, :OW], view[:, :, :, i, j])
+            shift = ((i // sh) * Mw + j // sw) * C
+            phase = phases[i % sh, j % sw]
+            if i < sh and j < sw:  # the phase's first offset, shift 0: the sums from +0
+                np.add(S, 0, out=phase)
+            else:
+                np.add(phase[shift:], S[:n - shift], out=phase[shift:])
+    phases = phases.reshape(sh, sw, B, Mh, Mw, C)
+    for a in range(sh):  # out's rows h with (h + ph) % sh == a, at (h + ph) // sh
+        h = (a - ph) % sh
+        for b in range(sw):
+            w = (b - pw) % sw
+            if h < H and w < W:
+                part = out[:, h::sh, w::sw]
+                m, k = (h + ph) // sh, (w + pw) // sw
+                np.copyto(part, phases[a, b, :, m:m + part.shape[1], k:k + part.shape[2]])
     return out

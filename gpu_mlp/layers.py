@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _checks, ops
 from . import activations as _activations
-from .conv import adjoint_phases, im2col_transposed, pad_into
+from .conv import adjoint_phases, col2im_scratch, im2col_transposed, pad_into
 
 
 def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
@@ -543,11 +543,14 @@ class ChannelsLast(_TakesMapsNHWC):
         Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if weight is None \
             else None
         W_mat = (weight if Wt is None else self._windows_weight(W, Wt)).reshape(self.c_out, -1)
+        # NumPy: col2im's scratch, for its sums as contiguous adds (conv._col2im_flat)
+        need = ops.is_numpy(out) and col2im_scratch(self.conv, (self.c_in, *out.shape[1:3]))
+        scratch = ws.take((n * need,)) if need else None
         for samples, rows in ops.sample_blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], W_mat, block)
-            ops.col2im_nhwc(self.conv, block, out[samples])
-        ws.give(*(b for b in (dcols, Wt) if b is not None))
+            ops.col2im_nhwc(self.conv, block, out[samples], scratch)
+        ws.give(*(b for b in (dcols, Wt, scratch) if b is not None))
 
     def _input_grad_by_phases(self, T_rows, W, ws, out) -> None:
         """``out <- C^dagger(T, W)`` on NumPy, one phase of the input's pixels at a time

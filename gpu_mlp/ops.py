@@ -325,13 +325,32 @@ BLOCK_ELEMENTS = 1 << 14
 _WHOLE = (slice(None),)
 
 
-def _row_blocks(a):
-    """Slices of at most about BLOCK_ELEMENTS elements over the rows of ``a``."""
-    if a.size <= BLOCK_ELEMENTS:
+# Passes that make no temporary (a bias added, an in-place activation: Kind.in_place) run
+# on blocks this long: an eighth of the ufunc calls, still in cache (float32: 512 KiB).
+IN_PLACE_ELEMENTS = 8 * BLOCK_ELEMENTS
+
+
+def _row_blocks(a, elements=BLOCK_ELEMENTS):
+    """Slices of at most about ``elements`` elements over the rows of ``a``."""
+    if a.size <= elements:
         return _WHOLE
     rows = a.shape[0]
-    step = max(1, BLOCK_ELEMENTS // (a.size // rows))
+    step = max(1, elements // (a.size // rows))
     return [slice(first, first + step) for first in range(0, rows, step)]
+
+
+def _bias_adder(a, bias):
+    """A function that adds ``bias`` to each row of a block of ``a``'s rows, in place: as
+    a row of it repeated to activations.LONG_ROW values (at most ``a``'s) where ``a`` is
+    C-contiguous and that long, 2.4-3.5x faster than the broadcast bias (the same sums)."""
+    if not (a.flags.c_contiguous and a.ndim == 2 and bias.shape == a.shape[1:]
+            and bias.dtype == a.dtype and a.size >= activations.LONG_ROW):
+        return lambda block: np.add(block, bias, out=block)
+    reps = min(a.shape[0], -(-activations.LONG_ROW // a.shape[1]))
+    row = np.empty((reps, a.shape[1]), a.dtype)
+    row[...] = bias
+    row = row.reshape(-1)
+    return lambda block: activations.along_rows(np.add, block, row, block)
 
 
 # --- activations ----------------------------------------------------------------------
@@ -340,10 +359,12 @@ def bias_act(act, a, bias, ws=None):
     """``a <- sigma(a + bias)`` (forward, "output" mode). ``ws``: the workspace that
     lends a row-wise activation's kernels their scratch on wide rows (GPU)."""
     if is_numpy(a):
-        for rows in _row_blocks(a):
+        add = _bias_adder(a, bias)
+        for rows in _row_blocks(a, IN_PLACE_ELEMENTS if act.kind.in_place else BLOCK_ELEMENTS):
             block = a[rows]
-            np.add(block, bias, out=block)
-            act.kind.value(block, act.alpha, block)
+            add(block)
+            if not act.kind.is_identity:  # its value would copy the block onto itself
+                act.kind.value(block, act.alpha, block)
     elif act.kind.rowwise:
         ROW_ACTIVATIONS[act.name].forward(a, bias, a, ws)
     else:
@@ -353,8 +374,9 @@ def bias_act(act, a, bias, ws=None):
 def bias_act_keep(act, a, bias, f, ws=None):
     """``a <- a + bias``; ``f <- sigma(a)`` (forward, "recompute" mode)."""
     if is_numpy(a):
+        add = _bias_adder(a, bias)
         for rows in _row_blocks(a):
-            np.add(a[rows], bias, out=a[rows])
+            add(a[rows])
             act.kind.value(a[rows], act.alpha, f[rows])
     elif act.kind.rowwise:
         a += bias
@@ -368,9 +390,10 @@ def bias_act_grad(act, a, bias, f):
     if act.kind.grad is None:
         raise ValueError(f"{act.name} has no elementwise derivative to store")
     if is_numpy(a):
+        add = _bias_adder(a, bias)
         for rows in _row_blocks(a):
             block = a[rows]
-            np.add(block, bias, out=block)
+            add(block)
             act.kind.value(block, act.alpha, f[rows])
             act.kind.grad(block, act.alpha, block)
     else:
@@ -382,6 +405,10 @@ def grad_from_output(act, f, delta, ws=None):
     if act.kind.is_identity:
         return  # sigma' = 1
     if is_numpy(f):
+        mask = act.kind.mask_from_output
+        if mask is not None and f.flags.c_contiguous and delta.flags.c_contiguous:
+            _times_mask(act, f, delta)
+            return
         for rows in _row_blocks(f):
             if act.kind.rowwise:
                 g = delta[rows]
@@ -393,6 +420,21 @@ def grad_from_output(act, f, delta, ws=None):
         ROW_ACTIVATIONS[act.name].backward(f, delta, ws)
     else:
         _launch("grad_from_output", act, f, _alpha(act, f), delta)
+
+
+def _times_mask(act, f, delta):
+    """``delta <- delta (.) alpha mask(f)`` (Kind.mask_from_output): a bool mask, read by
+    one multiply (the same products as by a float 0/1), on blocks 4x BLOCK_ELEMENTS long
+    in a float32 block's bytes: 1.2-2.5x faster than sigma' as floats (relu, float32)."""
+    f, delta = f.reshape(-1), delta.reshape(-1)
+    step = 4 * BLOCK_ELEMENTS
+    mask = np.empty(min(step, f.size), dtype=bool)
+    for first in range(0, f.size, step):
+        d = delta[first:first + step]
+        m = act.kind.mask_from_output(f[first:first + step], mask[:d.size])
+        np.multiply(d, m, out=d)
+        if act.alpha != 1:  # (delta m) alpha: the bits of delta (alpha m)
+            d *= _alpha(act, d)
 
 
 def recompute_grad(act, a, delta, ws=None):
@@ -603,10 +645,12 @@ def im2col_nhwc(layer, x, out, taps_first: bool, padded=None):
     return out
 
 
-def col2im_nhwc(layer, cols, out):
-    """``out`` (B, H, W, c_in) <- the adjoint of :func:`im2col_nhwc` with taps_first."""
+def col2im_nhwc(layer, cols, out, scratch=None):
+    """``out`` (B, H, W, c_in) <- the adjoint of :func:`im2col_nhwc` with taps_first;
+    ``scratch`` (NumPy only): a buffer of B times conv.col2im_scratch values, for faster
+    sums."""
     if is_numpy(out):
-        conv.col2im_nhwc(cols, layer, out)
+        conv.col2im_nhwc(cols, layer, out, scratch)
     else:
         _launch("col2im_nhwc", None, cols, *_geometry(layer, _nchw(out.shape)), out)
     return out

@@ -399,11 +399,41 @@ def test_channels_last_cuda_bodies_give_the_numpy_bits(host, dtype):
                 cols, conv.im2col_nhwc(x, layer, np.empty(shape, dtype), bool(order)),
                 err_msg=where)
         Y = rng.standard_normal(shape).astype(dtype)
+        need = conv.col2im_scratch(layer, x_shape[1:])
+        if need is not None:  # sums (not the copy of tiling windows): from +0 on either side
+            Y.reshape(-1)[::5] = -0.0
         out = np.full(x.shape, np.nan, dtype)
         back = run_host(host, "col2im_nhwc", Y, out, layer, channels_last=True)
-        # the gather adds in the NumPy twin's order: the same sums, bit for bit
-        np.testing.assert_array_equal(back, conv.col2im_nhwc(Y, layer, np.empty_like(x)),
-                                      err_msg=where)
+        # the gather adds in the NumPy twin's order: the same sums, bit for bit, with or
+        # without the scratch of the contiguous adds
+        for scratch in (None, None if need is None else np.full(x.shape[0] * need, np.nan, dtype)):
+            got = conv.col2im_nhwc(Y, layer, np.full_like(x, np.nan), scratch)
+            np.testing.assert_array_equal(back.view(f"u{x.itemsize}"), got.view(f"u{x.itemsize}"),
+                                          err_msg=where)
+
+
+def test_col2im_scratch_refuses_a_short_or_foreign_buffer():
+    layer, x = Conv2d(3, 4, 3, stride=2, padding=1), np.empty((2, 7, 6, 3))
+    cols = np.empty(cols_shape(layer, (2, 3, 7, 6)))
+    need = 2 * conv.col2im_scratch(layer, (3, 7, 6))
+    with pytest.raises(ValueError, match=f"scratch must hold {need} values of float64"):
+        conv.col2im_nhwc(cols, layer, x, np.empty(need - 1))
+    with pytest.raises(ValueError, match="got 1000 of float32"):
+        conv.col2im_nhwc(cols, layer, x, np.empty(1000, np.float32))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_transposed_columns_are_im2col_transposed(kernel):
+    # with the padding scratch in blocks of any size, or without it
+    rng = np.random.default_rng(10)
+    for layer, (_, c, h, w) in layers_for(kernel):
+        x = rng.standard_normal((5, c, h, w))
+        want = im2col(x, layer).T
+        (ph, pw) = layer.padding
+        for n in (None, 1, 2, 5):
+            padded = None if n is None else np.full((n, c, h + 2 * ph, w + 2 * pw), np.nan)
+            got = conv.im2col_transposed(x, layer, np.full(want.shape, np.nan), padded)
+            np.testing.assert_array_equal(got, want, err_msg=f"{layer} on {x.shape}, {n}")
 
 
 def test_channels_last_geometry_is_the_nchw_kernels():

@@ -151,6 +151,41 @@ def test_derivative_from_the_output_equals_derivative_from_the_input(name, dtype
         np.testing.assert_array_equal(from_output, from_input)
 
 
+@pytest.mark.parametrize("shape", [(4099, 3), (700, 32), (8192,), (3, 8191), (64, 1024)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_engines_long_row_passes_give_the_plain_formulas_bits(shape, dtype):
+    """gpu_mlp.ops runs bias + relu against rows of LONG_ROW values (a repeated bias, a
+    row of zeros) and relu's sigma' as a bool mask, where NumPy's broadcast loops are
+    slow: the same bits as the plain broadcast formulas, NaN, Inf and -0 included, at
+    sizes below, at and past LONG_ROW, rows cut short."""
+    from gpu_mlp import ops
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal(shape).astype(dtype)
+    z.reshape(-1)[::7] = -0.0
+    z.reshape(-1)[3::11] = np.nan
+    z.reshape(-1)[5::13] = np.inf
+    rows = z.reshape(z.shape[0], -1) if z.ndim > 1 else z.reshape(1, -1)
+    bias = rng.standard_normal(rows.shape[1]).astype(dtype)
+    for alpha in (1.0, 0.5):
+        act = activations.get(f"relu(alpha={alpha})")
+        a = rows.copy()
+        ops.bias_act(act, a, bias)
+        want = np.maximum(rows + bias, 0)
+        if alpha != 1:
+            want *= dtype(alpha)
+        np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), want.view(f"u{a.itemsize}"))
+        delta = rng.standard_normal(rows.shape).astype(dtype)
+        got = delta.copy()
+        ops.grad_from_output(act, a, got)
+        want = delta * (dtype(alpha) * (a > 0))
+        np.testing.assert_array_equal(got, want)
+    for name in ("identity", "tanh"):
+        a = rows.copy()
+        ops.bias_act(activations.get(name), a, bias)
+        s = rows + bias
+        np.testing.assert_array_equal(a, np.tanh(s) if name == "tanh" else s)
+
+
 def test_which_activations_can_work_from_their_output():
     can = {name for name in activations.TABLE if activations.get(name).has_grad_from_output}
     assert can == {"identity", "relu", "sigmoid", "tanh", "softmax"}
