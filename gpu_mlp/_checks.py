@@ -116,7 +116,7 @@ def numeric(name: str, a):
     dt = getattr(a, "dtype", None)
     if dt is None:
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-    if np.dtype(dt).kind not in _NUMERIC_KINDS:
+    if (dt if isinstance(dt, np.dtype) else np.dtype(dt)).kind not in _NUMERIC_KINDS:
         raise TypeError(f"{name} must hold real numbers, got dtype {dt}")
     return a
 
@@ -298,7 +298,7 @@ def unmasked(name: str, a):
 def lr(value) -> float:
     """A learning rate: a finite number > 0, as a float."""
     value = real("lr", value, "")
-    if not (np.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value > 0):  # (a float: math's, 10x NumPy's speed)
         raise ValueError(f"lr must be a finite number > 0, got {value}")
     return value
 
@@ -340,6 +340,8 @@ _POSITIVE = ("lr", "eps", "max_grad_norm")  # 0 would do nothing, or divide by 0
 
 
 def real(name: str, value, where: str) -> float:
+    if type(value) is float:  # the common case, before the slower isinstance checks
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name} must be a number, got {value!r}")
     try:

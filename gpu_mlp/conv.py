@@ -287,9 +287,23 @@ def windows(x, layer: ConvGeometry, padded=None):
         pad_into(x, padded, (ph, pw))
         x = padded
     s = x.strides
-    return np.lib.stride_tricks.as_strided(
-        x, (B, OH, OW, kh, kw, C), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]),
-        writeable=False)
+    return strided_view(x, (B, OH, OW, kh, kw, C),
+                        (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]))
+
+
+def strided_view(x, shape, strides, offset: int = 0):
+    """A read-only view of ``x``'s memory from ``offset`` bytes on, of ``shape`` and
+    ``strides`` (bytes), as ``np.lib.stride_tricks.as_strided(..., writeable=False)``.
+    A C-contiguous ``x`` (the engine's buffers) gets it from the ndarray constructor,
+    which also checks that the view stays inside x: 0.3 us where as_strided's Python
+    takes 2.4 us (twice a step of a padding convolution)."""
+    if x.flags.c_contiguous:
+        view = np.ndarray(shape, x.dtype, x, offset, strides)
+        view.flags.writeable = False
+        return view
+    if offset:
+        raise ValueError("strided_view: an offset needs a C-contiguous array")
+    return np.lib.stride_tricks.as_strided(x, shape, strides, writeable=False)
 
 
 def im2col_nhwc(x, layer: ConvGeometry, out, taps_first: bool, padded=None):

@@ -156,6 +156,8 @@ def to_device(a, xp, name: str = "the array"):
     a TypeError naming it ``name`` unless it holds real numbers (floats, integers,
     booleans). A host array is checked on the host, before CuPy sees it: CuPy refuses
     strings, objects and dates with a ValueError of its own."""
+    if xp is np and type(a) is np.ndarray:  # where it is already (every NumPy step's)
+        return _checks.numeric(name, a)
     return _checks.numeric(name, _moved(a, xp, name))
 
 

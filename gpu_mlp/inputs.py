@@ -13,6 +13,7 @@ docs/MATH.md's ("General bilinear layers").
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -91,6 +92,10 @@ class Inputs:
     def shapes(self, input_shape: tuple) -> list:
         """``[(input shape, output shape)]`` of every layer for per-sample
         ``input_shape``; a ValueError naming the first layer that does not fit."""
+        try:  # a shape seen before, as given (a lookup: a step asks once or twice)
+            return self._shape_cache[input_shape]
+        except (KeyError, TypeError):  # (new, or a list)
+            pass
         input_shape = tuple(int(n) for n in input_shape)
         shapes = self._shape_cache.get(input_shape)
         if shapes is None:
@@ -166,9 +171,9 @@ class Inputs:
         must be writeable (a read-only memory map would crash the BLAS writing it)."""
         arrays = [a for pair in params for a in pair]
         if not (len(arrays) == len(self._checked_params) and all(
-                a is b for a, b in zip(arrays, self._checked_params))):
+                map(operator.is_, arrays, self._checked_params))):
             self._check_new_params(params, arrays)  # else the objects last checked
-        if write and not all(writable(a) for a in arrays):
+        if write and not all(map(writable, arrays)):
             k, name, a = next((k, n, a) for k, pair in enumerate(params, start=1)
                               for n, a in zip(("W", "b"), pair) if not writable(a))
             what = ("read-only (a read-only memory map, say)" if not a.flags.writeable else

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _checks, ops
 from . import activations as _activations
-from .conv import adjoint_phases, col2im_scratch, im2col_transposed, pad_into
+from .conv import adjoint_phases, col2im_scratch, im2col_transposed, pad_into, strided_view
 
 
 def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
@@ -347,16 +347,25 @@ class _Form(Layer):
 
     def __init__(self, layer: Layer):
         self.layer, self.activation = layer, layer.activation
+        # the layer's shapes, asked for a dozen times a step: kept (output per input shape)
+        self._output_shapes, self._fan_in = {}, layer.fan_in
 
     @property
     def weight_shape(self) -> tuple:
         return self.layer.weight_shape
 
+    @property
+    def fan_in(self) -> int:
+        return self._fan_in
+
     def output_shape(self, input_shape: tuple) -> tuple:
-        return self.layer.output_shape(input_shape)
+        found = self._output_shapes.get(input_shape)
+        if found is None:  # (a ValueError is not kept: raised again on each call)
+            found = self._output_shapes[input_shape] = self.layer.output_shape(input_shape)
+        return found
 
     def positions(self, input_shape: tuple) -> int:
-        return self.layer.positions(input_shape)
+        return math.prod(self.output_shape(input_shape)[1:])
 
     def __str__(self) -> str:
         return f"{type(self).__name__}({self.layer})"
@@ -427,7 +436,7 @@ class ChannelsLast(_TakesMapsNHWC):
             found = not self._direct and self.c_out <= self.c_in
             if found:
                 rows, columns, _ = adjoint_phases(self.conv, input_shape)
-                _, OH, OW = self.conv.output_shape(input_shape)
+                _, OH, OW = self.output_shape(input_shape)
                 phased = sum(r.count * r.taps * c.count * c.taps
                              for r in rows for c in columns)
                 found = phased <= PHASED_WORK_MAX * OH * OW * math.prod(self.conv.kernel_size)
@@ -441,8 +450,8 @@ class ChannelsLast(_TakesMapsNHWC):
     def _geometry(self, x):
         """(B, P, K) of the NHWC batch ``x``."""
         B, H, W, C = x.shape
-        _, OH, OW = self.conv.output_shape((C, H, W))
-        return B, OH * OW, self.conv.fan_in
+        _, OH, OW = self.output_shape((C, H, W))
+        return B, OH * OW, self.fan_in
 
     def rows(self, x, ws, blocks=False):
         if self._direct:
@@ -597,9 +606,9 @@ class ChannelsLast(_TakesMapsNHWC):
                     continue
                 n_rows = m * r.count * c.count
                 phase_cols = cols.reshape(-1)[:n_rows * Wp.shape[1]].reshape(n_rows, -1)
-                windows = np.lib.stride_tricks.as_strided(
-                    block[:, r.start:, c.start:], (m, r.count, c.count, r.taps, c.taps, C),
-                    (s[0], s[1], s[2], s[1], s[2], s[3]), writeable=False)
+                windows = strided_view(  # from block[:, r.start:, c.start:]
+                    block, (m, r.count, c.count, r.taps, c.taps, C),
+                    (s[0], s[1], s[2], s[1], s[2], s[3]), r.start * s[1] + c.start * s[2])
                 np.copyto(phase_cols.reshape(windows.shape), windows)
                 if whole:
                     ops.gemm("N", "T", phase_cols, Wp,
@@ -638,7 +647,7 @@ class EntranceConv(_Form):
         """A (K, B*P) C-contiguous matrix for the columns of the NCHW ``x``, in the
         memory of the C-contiguous ``buffer`` (a (rows, K) workspace buffer, at least
         B*P rows: the pool's rows(x) buffers serve it, whatever the layout)."""
-        B, P, K = x.shape[0], self.conv.positions(x.shape[1:]), self.conv.fan_in
+        B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
         return buffer.reshape(-1)[:K * B * P].reshape(K, B * P)
 
     def _fill(self, x, columns, ws) -> None:
@@ -655,7 +664,7 @@ class EntranceConv(_Form):
         ws.give(padded)
 
     def rows(self, x, ws, blocks=False):
-        B, P, K = x.shape[0], self.conv.positions(x.shape[1:]), self.conv.fan_in
+        B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
         n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
         buffer = _row_buffer(ws, n * P, K, blocks)
 
@@ -673,7 +682,7 @@ class EntranceConv(_Form):
 
     def linear(self, x, W, ws, out=None, kept=None):
         B, (_, OH, OW) = x.shape[0], self.output_shape(x.shape[1:])
-        P, K = OH * OW, self.conv.fan_in
+        P, K = OH * OW, self.fan_in
         A = ws.take((B, OH, OW, self.c_out)) if out is None else out
         A_rows, W_mat = self.as_rows(A), self.weight_matrix(W)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))

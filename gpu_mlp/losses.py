@@ -64,8 +64,11 @@ def _softmax_cross_entropy(F, Y, scale, grad, clip=None):
             grad[~valid] = 0
             log_total[~valid] = np.nan
         grad[rows, Y] -= 1
-        per_sample = log_total.copy()
-        per_sample[rows] -= shifted[rows, Y]
+        if len(rows) == len(log_total):  # every label valid: one pass, no copy
+            per_sample = log_total - shifted[rows, Y]
+        else:
+            per_sample = log_total.copy()
+            per_sample[rows] -= shifted[rows, Y]
     else:            # probability rows
         grad -= Y
         # a zero target contributes nothing, even against a logit of -inf (as in CUDA)

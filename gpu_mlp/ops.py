@@ -335,8 +335,13 @@ def _row_blocks(a, elements=BLOCK_ELEMENTS):
     if a.size <= elements:
         return _WHOLE
     rows = a.shape[0]
-    step = max(1, elements // (a.size // rows))
-    return [slice(first, first + step) for first in range(0, rows, step)]
+    return _row_slices(rows, max(1, elements // (a.size // rows)))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_slices(rows: int, step: int) -> tuple:
+    """The slices of :func:`_row_blocks`, kept: the same few shapes come every step."""
+    return tuple(slice(first, first + step) for first in range(0, rows, step))
 
 
 def _bias_adder(a, bias):
@@ -681,7 +686,10 @@ COLUMN_BUDGET_BYTES = 16 << 20
 def column_block(B: int, bytes_per_sample: int) -> int:
     """Samples per block of ``B`` whose columns fit :data:`COLUMN_BUDGET_BYTES` (at
     least one, even for an empty batch: a loop's step)."""
-    return max(1, min(B, COLUMN_BUDGET_BYTES // max(1, bytes_per_sample)))
+    n = COLUMN_BUDGET_BYTES // (bytes_per_sample if bytes_per_sample > 1 else 1)
+    if n >= B:
+        n = B
+    return n if n > 1 else 1  # (not max/min: called a dozen times a step)
 
 
 def conv_block(x, bytes_per_sample: int) -> int:
@@ -690,7 +698,10 @@ def conv_block(x, bytes_per_sample: int) -> int:
     fit = column_block(x.shape[0], bytes_per_sample)
     if not is_numpy(x):
         return fit
-    return min(fit, max(1, CONV_BLOCK_BYTES // max(1, bytes_per_sample)))
+    n = CONV_BLOCK_BYTES // (bytes_per_sample if bytes_per_sample > 1 else 1)
+    if n >= fit:
+        return fit
+    return n if n > 1 else 1
 
 
 def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
@@ -708,6 +719,8 @@ def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
 def sample_blocks(B: int, n: int, P: int):
     """``(samples, rows)`` slices of the blocks of ``n`` whole samples of a batch of
     ``B``, each sample ``P`` rows (a convolution's output positions)."""
+    if 0 < B <= n:  # one block, the common case
+        return [(slice(0, B), slice(0, B * P))]
     return [(slice(b, min(B, b + n)), slice(b * P, min(B, b + n) * P))
             for b in range(0, B, n)]
 
@@ -1161,8 +1174,24 @@ def _add_normal_block(w, scale, seed, first, stream, step, block):
 
 # --- BLAS -----------------------------------------------------------------------------
 
-_NUMPY_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-_NUMPY_GEMV = {np.dtype(np.float32): _blas.sgemv, np.dtype(np.float64): _blas.dgemv}
+def _by_position(f, names):
+    """SciPy's f2py wrapper ``f``, to be called with the arguments ``names`` by position:
+    f2py parses keywords at 0.3 us a call, half of a small GEMM's call. Where a SciPy
+    orders them otherwise (its docstring's first line, the signature, says), a function
+    that passes them to ``f`` by name."""
+    signature = f"({','.join(names[:3])},[{','.join(names[3:])}])"
+    if (f.__doc__ or "").split("\n", 1)[0].replace(" ", "").endswith(signature):
+        return f
+    return lambda *args: f(**dict(zip(names, args)))
+
+
+_GEMM_ARGS = ("alpha", "a", "b", "beta", "c", "trans_a", "trans_b", "overwrite_c")
+_GEMV_ARGS = ("alpha", "a", "x", "beta", "y", "offx", "incx", "offy", "incy", "trans",
+              "overwrite_y")
+_NUMPY_GEMM = {np.dtype(t): _by_position(f, _GEMM_ARGS)
+               for t, f in ((np.float32, _blas.sgemm), (np.float64, _blas.dgemm))}
+_NUMPY_GEMV = {np.dtype(t): _by_position(f, _GEMV_ARGS)
+               for t, f in ((np.float32, _blas.sgemv), (np.float64, _blas.dgemv))}
 
 
 def _empty_product(out, beta):
@@ -1192,8 +1221,8 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
         out_f = out.T
         b_f, trans_b_f = _fortran_operand(b, transb)
         a_f, trans_a_f = _fortran_operand(a, transa)
-        result = _NUMPY_GEMM[out.dtype](alpha, b_f, a_f, beta, out_f, trans_a=trans_b_f,
-                                        trans_b=trans_a_f, overwrite_c=1)
+        result = _NUMPY_GEMM[out.dtype](alpha, b_f, a_f, beta, out_f, trans_b_f, trans_a_f,
+                                        1)  # (by position: see _by_position)
         if result is not out_f:  # f2py copied (a wrong dtype or layout): never expected
             raise RuntimeError("BLAS gemm did not write in place; pass C-contiguous arrays")
     else:  # cuBLAS directly (gpu_mlp/cublas.py), the same out^T as above
@@ -1205,7 +1234,8 @@ def _fortran_operand(x, trans: str):
     """``op(x)^T`` as BLAS takes it from Fortran: ``(array, transposed?)``. A C-ordered
     ``x`` goes as ``x.T``, a Fortran array; an F-ordered one (the transpose of a
     C-ordered array, e.g. :class:`gpu_mlp.layers.EntranceConv`'s rows) as itself."""
-    if x.flags.c_contiguous or not x.flags.f_contiguous:
+    flags = x.flags
+    if flags.c_contiguous or not flags.f_contiguous:
         return x.T, trans == "T"
     return x, trans == "N"
 
@@ -1293,8 +1323,8 @@ def gemv(transa: str, a, x, out, alpha=1.0, beta=0.0):
     if a.shape[1 if transa == "N" else 0] == 0:
         return _empty_product(out, beta)
     if is_numpy(out):
-        result = _NUMPY_GEMV[out.dtype](alpha, a.T, x, beta, out, trans=int(transa == "N"),
-                                        overwrite_y=1)
+        result = _NUMPY_GEMV[out.dtype](alpha, a.T, x, beta, out, 0, 1, 0, 1,
+                                        int(transa == "N"), 1)  # (by position)
         if result is not out:
             raise RuntimeError("BLAS gemv did not write in place; pass C-contiguous arrays")
     else:

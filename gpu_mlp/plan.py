@@ -66,7 +66,7 @@ class StepPlan:
     __slots__ = ("plain", "_lr", "_rule", "dp", "comm")  # train_step makes one per step
 
     def __init__(self, rule, dp=None, comm=None):
-        if isinstance(rule, numbers.Real):
+        if type(rule) is float or isinstance(rule, numbers.Real):  # (float: no ABC check)
             self.plain, self._lr, self._rule = True, _checks.lr(rule), None
         elif isinstance(rule, optim.Optimizer):
             self.plain, self._lr, self._rule = False, None, rule

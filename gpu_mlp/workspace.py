@@ -58,7 +58,8 @@ class Workspace:
 
     def take(self, shape, dtype=None):
         """A C-contiguous buffer of ``shape`` (contents undefined)."""
-        return self._take(shape[0], (tuple(shape[1:]), np.dtype(dtype or self.dtype)))
+        return self._take(shape[0], (tuple(shape[1:]),
+                                     self.dtype if dtype is None else np.dtype(dtype)))
 
     def take_columns(self, rows: int, K: int):
         """A (rows, K) buffer from one pool that every width K shares: a convolution's
@@ -84,7 +85,8 @@ class Workspace:
             base = self.xp.empty((size,) + key[0], dtype=key[1])
             self._count(base)
         self.in_use_bytes += base.nbytes
-        self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+        if self.in_use_bytes > self.peak_in_use_bytes:
+            self.peak_in_use_bytes = self.in_use_bytes
         return base[:rows]
 
     def ones(self, n: int):
@@ -109,7 +111,7 @@ class Workspace:
                 sys.getrefcount(losses[turn]) > sys.getrefcount(self._unheld[0])):
             self._release([losses[turn]])  # its holder's now
             losses[turn] = None
-        first = all(b is None for b in losses)  # the first step makes both
+        first = losses[0] is None and losses[1] is None  # the first step makes both
         for t in (0, 1) if first else (turn,):
             if losses[t] is None:
                 losses[t] = self.xp.empty((), dtype=self.dtype)
@@ -120,7 +122,9 @@ class Workspace:
         """Return buffers that :meth:`take` handed out; the caller must not touch them
         afterwards."""
         for buf in buffers:
-            base = buf.base if buf.base is not None else buf
+            base = buf.base
+            if base is None:
+                base = buf
             key = ((COLUMNS if id(base) in self._columns else tuple(base.shape[1:])),
                    base.dtype)
             self.in_use_bytes -= base.nbytes

@@ -883,3 +883,20 @@ def test_from_params_casts_to_the_requested_dtype(device, rng, make_params):
         assert W.dtype == b.dtype == np.float32
         assert np.array_equal(to_numpy(W), W0.astype(np.float32))
         assert np.array_equal(to_numpy(b), b0.astype(np.float32))
+
+
+def test_blas_wrappers_take_arguments_by_position():
+    """ops calls SciPy's gemm and gemv with their arguments by position (f2py parses
+    keywords at 0.3 us a call): the order is their signature's, or by name otherwise."""
+    from scipy.linalg import blas
+
+    from gpu_mlp import ops
+    assert ops._NUMPY_GEMM[np.dtype(np.float32)] is blas.sgemm  # the signature matched
+    assert ops._NUMPY_GEMV[np.dtype(np.float64)] is blas.dgemv
+
+    def reordered(**kwargs):
+        return kwargs
+    reordered.__doc__ = "c = sgemm(alpha,a,b,[beta,c,overwrite_c,trans_a,trans_b])"
+    call = ops._by_position(reordered, ops._GEMM_ARGS)
+    assert call(1.0, "a", "b", 0.0, "c", 1, 0, 1) == dict(
+        alpha=1.0, a="a", b="b", beta=0.0, c="c", trans_a=1, trans_b=0, overwrite_c=1)
