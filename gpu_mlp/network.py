@@ -475,7 +475,9 @@ class Network(ForwardBackward):
             F_in = self._relayout(layers, k, F, ws)
             s = _Saved() if keep else None
             A = layer.linear(F_in, W, ws, out=out if direct_out and k == n - 1 else None,
-                             kept=s if keep and mode != "recompute" else None)
+                             # the net's mode, not the layer's: an identity layer runs
+                             # as "output" in a "recompute" net, which keeps no columns
+                             kept=s if keep and self.memory != "recompute" else None)
             if F_in is not F:
                 ws.give(F_in)
             if k > 0 and (not keep or self._modes[k - 1] == "recompute"):

@@ -712,7 +712,11 @@ def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
     budget too (the forward then runs as one block). Decided by that batch, not
     ``x``'s, so that a remainder batch holds no buffer the full one does not. (A GPU
     gathers them again at little cost, and its memory is the scarcer.)"""
-    return is_numpy(x) and ws.largest_batch * bytes_per_sample <= min(
+    # x's batch too: free_buffers() in another thread may reset ws.largest_batch to 0
+    # between the step's setting it and this layer (README: "one may call
+    # free_buffers() while another trains"); kept columns must be the whole batch's
+    batch = max(ws.largest_batch, x.shape[0])
+    return is_numpy(x) and batch * bytes_per_sample <= min(
         CONV_BLOCK_BYTES, COLUMN_BUDGET_BYTES)
 
 

@@ -49,7 +49,8 @@ class ForwardBackward:
         instead of a loss; the same loop as every other step. Updates nothing. The
         parameters must be those of the tape's forward: a training step of the net, or
         ``net.params`` replaced, between the two is refused (the activations are of the
-        old weights); arrays written in place by hand are not seen.
+        old weights); arrays written in place by hand are not seen, and give an
+        unspecified mix (a layer may read the copy of W its forward kept).
         ``check=False`` skips the scan of ``grad_output`` for NaN/Inf (a device sync on a
         GPU), as autograd does."""
         if not isinstance(tape, Tape) or tape.net is not self:

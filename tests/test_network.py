@@ -1425,3 +1425,30 @@ def test_a_diverged_net_and_a_clipped_loss_copy_as_they_are():
         assert float(twin.loss_and_gradients(X, y)[0]) == pytest.approx(-np.log(1e-7))
     plain = pickle.loads(pickle.dumps(gpu_mlp.MLP([2, 2], device="cpu")))
     assert plain.loss is losses.get("squared")  # a table's loss travels by its name
+
+
+def test_recompute_net_makes_an_identity_convolutions_columns_again(monkeypatch):
+    # an identity layer runs as "output" in a "recompute" net (same memory, less work):
+    # it must not keep columns that the net's mode promises to make again
+    from gpu_mlp import conv
+    net = gpu_mlp.Network([Conv2d(1, 4, 3, padding=1, activation="tanh"),
+                           Conv2d(4, 8, 3, padding=1, activation="identity"),
+                           Dense(8 * 8 * 8, 3, activation="identity")],
+                          loss="softmax_cross_entropy", memory="recompute", device="cpu",
+                          dtype="float64", seed=0)
+    X, y = small_conv_batch()
+    net.train_step(X, y, LR)
+    calls = {}
+    counting(monkeypatch, conv, "im2col_nhwc", calls)
+    net.train_step(X, y, LR)
+    assert calls == {"im2col_nhwc": 2}
+
+
+def test_kept_columns_follow_the_batch_when_largest_batch_was_reset():
+    # free_buffers() in another thread may reset largest_batch between a step's setting
+    # it and its convolutions: a batch too large for one block still keeps nothing
+    ws = Workspace(np, np.float64)
+    x = np.zeros((2000, 8, 8, 4))
+    assert ws.largest_batch == 0
+    assert not ops.keeps_columns(x, ws, 64 * 36 * 8)
+    assert ops.keeps_columns(x[:6], ws, 64 * 36 * 8)
