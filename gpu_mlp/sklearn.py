@@ -68,6 +68,7 @@ from . import optim
 from .mlp import MLP
 from .network import MEMORY_MODES
 from .plan import StepPlan
+from .training import _Gather
 
 __all__ = ["MLPClassifier", "MLPRegressor", "InvalidParameterError"]
 
@@ -559,8 +560,8 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n))
 
         xp = net.xp
-        data = _Rows(X_train, net.dtype, xp, net.params)
         Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), xp)
+        data = _Rows(X_train, net.dtype, xp, net.params, Y=Yd)
         c, c_loss = self._grad_scale(), self._loss_scale()
         weights = [W for W, _ in net.params]
         alpha = p["alpha"]
@@ -575,12 +576,9 @@ class _BaseMLP(BaseEstimator):
         try:
             self.n_iter_ = 0
             for _ in range(p["max_iter"]):
-                batches = Y_epoch = None  # (last epoch's shuffled copy: not kept into this)
                 if p["shuffle"]:
                     sample_idx = _shuffle(sample_idx, random_state=self._random_state)
-                    batches, Y_epoch = data.epoch(sample_idx), Yd[xp.asarray(sample_idx)]
-                else:
-                    batches, Y_epoch = data.epoch(None), Yd
+                batches = data.epoch(sample_idx if p["shuffle"] else None)
                 accumulated = xp.zeros((), dtype=np.float64)  # summed on the device
                 for batch in gen_batches(n, batch_size):
                     rows = batch.stop - batch.start
@@ -590,7 +588,7 @@ class _BaseMLP(BaseEstimator):
                     if alpha:
                         accumulated += 0.5 * alpha * sum(xp.vdot(W.ravel(), W.ravel())
                                                          for W in weights)
-                    J = net.train_step(batches(batch), Y_epoch[batch], plan, check=False)
+                    J = net.train_step(*batches(batch), plan, check=False)
                     accumulated += J * (c_loss * rows)
                 self.n_iter_ += 1
                 self.loss_ = float(accumulated) / n
@@ -727,11 +725,12 @@ def _fits_dtype(name: str, values, dtype) -> None:
 
 
 class _Rows:
-    """The training rows on the engine's device in its dtype, copied there once; a sparse
-    matrix stays on the host and is densified one batch at a time."""
+    """The training rows on the engine's device in its dtype, copied there once, and
+    their targets ``Y`` (on the device); a sparse matrix stays on the host and is
+    densified one batch at a time."""
 
-    def __init__(self, X, dtype, xp, params=()):
-        self.xp = xp
+    def __init__(self, X, dtype, xp, params=(), Y=None):
+        self.xp, self.Y = xp, Y
         if sp.issparse(X):
             self.data = X.tocsr().astype(dtype)
             values = self.data.data
@@ -744,14 +743,21 @@ class _Rows:
         _fits_dtype("X", values, dtype)
 
     def epoch(self, order):
-        """A function of a slice giving that batch of these rows in ``order`` (None: as
-        they are) on the device."""
-        xp = self.xp
+        """A function of a slice giving ``(X, Y)`` of that batch of these rows in
+        ``order`` (None: as they are) on the device: views of them, or in a shuffled
+        order gathered into two batch-sized buffers (gpu_mlp.training's, each batch
+        overwriting the last), not a shuffled copy of the data."""
+        xp, Y = self.xp, self.Y
         if sp.issparse(self.data):
             data = self.data if order is None else self.data[order]
-            return lambda batch: xp.asarray(data[batch].toarray())
-        data = self.data if order is None else self.data[xp.asarray(order)]
-        return lambda batch: data[batch]
+            Y = Y if order is None else Y[xp.asarray(order)]
+            return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch])
+        if order is None:
+            return lambda batch: (self.data[batch], Y[batch])
+        if getattr(self, "_gather", None) is None:
+            self._gather = _Gather(xp, self.data, Y)
+        order = xp.asarray(order)
+        return lambda batch: self._gather(order[batch])
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):

@@ -170,7 +170,8 @@ def fit(net, X, Y, epochs: int = 10, batch_size: int = 32, lr: Optional[float] =
         lr: the learning rate of plain SGD (default 0.05), fused into the gradient GEMM.
             Leave it out when giving ``optimizer``: the optimizer's ``lr`` and schedule
             rule (giving both is an error).
-        shuffle: visit the rows in a new random order every epoch (else in order).
+        shuffle: visit the rows in a new random order every epoch (else in order),
+            each batch gathered into a buffer of a batch's size: no copy of the data.
         seed: fixes the order of every epoch.
         validation: ``(X_val, Y_val)`` to evaluate after every epoch, or None.
         verbose: show a progress bar per epoch (on stderr, only when it is a terminal)
@@ -324,6 +325,7 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
     good_state = plan.snapshot()  # and the optimizer's state and DP's step count
     spare = None  # the next epoch's copy, checked before it becomes the good one
+    gather = _Gather(xp, X, Y)  # shuffled and Poisson batches, gathered by index
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         losses = _StepLosses(xp, steps_per_epoch)
@@ -331,8 +333,8 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
             shown, shown_at = 0, start
-            for done, X_batch, Y_batch, counts in _batches(net, X, Y, batch_size, seed, epoch,
-                                                           shuffle, plan):
+            for done, X_batch, Y_batch, counts in _batches(net, gather, batch_size, seed,
+                                                           epoch, shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=plan.divisor(batch_size, n), counts=counts,
                               capture=not plan.private, lasting=False, prepared=True)
@@ -346,9 +348,6 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                     bar.update(done - shown)
                     shown, shown_at = done, time.perf_counter()
-            # the last batch's views keep this epoch's shuffled copy of the data alive,
-            # which the next epoch's would then join (three copies of X held, not two)
-            X_batch = Y_batch = None
             train_loss = losses.mean(comm)  # waits for the epoch's last step
             if not losses.rows:  # no batch had a sample: no loss to speak of
                 train_loss = None
@@ -448,27 +447,52 @@ def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
     return StepPlan(rule, dp, comm).check(net)  # StepPlan checks dp
 
 
-def _batches(net, X, Y, batch_size, seed, epoch, shuffle, plan):
+def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
     """One epoch's steps of ``plan`` on ``net`` as ``(rows done, X_batch, Y_batch,
     counts)``: contiguous slices of the epoch's order, or Poisson samples under DP; under
     data parallelism this rank's contiguous share of each global batch, and ``counts``
-    every rank's share."""
-    xp, n, comm = net.xp, X.shape[0], plan.communicator(net)
+    every rank's share. Unshuffled batches are views of the data; the others are gathered
+    into ``gather``'s buffers (each batch overwrites the last)."""
+    xp, (X, Y), comm = net.xp, gather.data, plan.communicator(net)
+    n = X.shape[0]
     if plan.private:
         batches = _privacy.poisson_batches(n, batch_size, seed, epoch, secret=plan.dp.seed)
         done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
         for rows, upto in zip(batches, done):
             rows, counts = _share(rows, comm)
-            rows = xp.asarray(rows)
-            yield upto, X[rows], Y[rows], counts
+            yield (upto, *gather(xp.asarray(rows, dtype=np.intp)), counts)
         return
-    if shuffle:
-        order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n))
-        X, Y = X[order], Y[order]
+    order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n)) if shuffle \
+        else None
     for first in range(0, n, batch_size):
         last = min(first + batch_size, n)
         (lo, hi), counts = _share((first, last), comm)
-        yield last, X[lo:hi], Y[lo:hi], counts
+        yield (last, *(gather(order[lo:hi]) if shuffle else (X[lo:hi], Y[lo:hi])), counts)
+
+
+class _Gather:
+    """fit's rows of (X, Y) by index, gathered into two buffers of a batch's size: an
+    epoch in shuffled order, or DP's Poisson samples, then costs a batch's memory, where
+    a shuffled copy of the data cost the data's (on a GPU, device memory) -- the same
+    rows in the same order, each copied once an epoch as before."""
+
+    def __init__(self, xp, X, Y):
+        self.xp, self.data, self._buffers = xp, (X, Y), None
+
+    def __call__(self, rows):
+        """``(X[rows], Y[rows])``, views of the buffers (grown to the largest batch)."""
+        m = rows.shape[0]
+        if self._buffers is None or m > self._buffers[0].shape[0]:
+            self._buffers = tuple(self.xp.empty((m, *a.shape[1:]), dtype=a.dtype)
+                                  for a in self.data)
+        return tuple(self._take(a, rows, b[:m]) for a, b in zip(self.data, self._buffers))
+
+    def _take(self, a, rows, out):
+        """``out <- a[rows]``, no array made: NumPy's take buffers ``out`` unless told the
+        indices need no check (mode "clip": fit's are in range); CuPy's has no modes."""
+        if self.xp is np:
+            return np.take(a, rows, axis=0, out=out, mode="clip")
+        return a.take(rows, 0, out)
 
 
 def _share(batch, comm):
