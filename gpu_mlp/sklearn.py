@@ -68,7 +68,7 @@ from . import optim
 from .mlp import MLP
 from .network import MEMORY_MODES
 from .plan import StepPlan
-from .training import _Gather
+from .training import BatchGather
 
 __all__ = ["MLPClassifier", "MLPRegressor", "InvalidParameterError"]
 
@@ -755,7 +755,7 @@ class _Rows:
         if order is None:
             return lambda batch: (self.data[batch], Y[batch])
         if getattr(self, "_gather", None) is None:
-            self._gather = _Gather(xp, self.data, Y)
+            self._gather = BatchGather(xp, self.data, Y)
         order = xp.asarray(order)
         return lambda batch: self._gather(order[batch])
 

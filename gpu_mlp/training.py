@@ -325,7 +325,7 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
     good = _host_copy(net.params)  # the parameters to go back to if an epoch diverges
     good_state = plan.snapshot()  # and the optimizer's state and DP's step count
     spare = None  # the next epoch's copy, checked before it becomes the good one
-    gather = _Gather(xp, X, Y)  # shuffled and Poisson batches, gathered by index
+    gather = BatchGather(xp, X, Y)  # shuffled and Poisson batches, gathered by index
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         losses = _StepLosses(xp, steps_per_epoch)
@@ -470,7 +470,7 @@ def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
         yield (last, *(gather(order[lo:hi]) if shuffle else (X[lo:hi], Y[lo:hi])), counts)
 
 
-class _Gather:
+class BatchGather:
     """fit's rows of (X, Y) by index, gathered into two buffers of a batch's size: an
     epoch in shuffled order, or DP's Poisson samples, then costs a batch's memory, where
     a shuffled copy of the data cost the data's (on a GPU, device memory) -- the same
