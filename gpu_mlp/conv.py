@@ -340,8 +340,9 @@ def im2col_nhwc(x, layer: ConvGeometry, out, taps_first: bool, padded=None):
 
 def col2im_scratch(layer: ConvGeometry, input_shape: tuple) -> int | None:
     """The values of the scratch buffer :func:`col2im_nhwc` takes for one sample of
-    ``input_shape`` (C, H, W), or None where it needs none (windows that tile the image,
-    or a stride longer than the kernel, for which the scratch would mostly hold zeros)."""
+    ``input_shape`` (C, H, W), or None where col2im sums without it: windows that tile
+    the image (one copy), and a stride longer than the kernel, which :func:`_col2im_flat`
+    cannot take (a phase no kernel offset reaches would keep the scratch's old values)."""
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     if ((sh, sw) == (kh, kw) and not ph and not pw) or sh > kh or sw > kw:
         return None

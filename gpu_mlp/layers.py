@@ -528,7 +528,8 @@ class ChannelsLast(_TakesMapsNHWC):
             ops.gemm("N", "T", block, W_mat, A_rows[rows])
         if keep:
             kept.rows, cols = cols[:B * P].reshape(-1, *self.conv.kernel_size, self.c_in), None
-            if not self.phased_input_grad((self.c_in, H, Wd)):  # its input_grad's W
+            if not self.phased_input_grad((self.c_in, H, Wd)) and ops.keeps_weight(
+                    x, Wt.nbytes):  # its input_grad's W, where that is small too
                 kept.weight, Wt = Wt, None
         ws.give(*(b for b in (cols, Wt, padded) if b is not None))
         return A
@@ -547,14 +548,17 @@ class ChannelsLast(_TakesMapsNHWC):
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        # the net's one column buffer; W's copy pooled with the forward's, free by now
+        # the net's one column buffer; W's copy kept by the forward, or one pooled with
+        # the forward's, free by now
         dcols = ws.take_columns(n * P, K)
         Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if weight is None \
             else None
         W_mat = (weight if Wt is None else self._windows_weight(W, Wt)).reshape(self.c_out, -1)
         # NumPy: col2im's scratch, for its sums as contiguous adds (conv._col2im_flat)
         need = ops.is_numpy(out) and col2im_scratch(self.conv, (self.c_in, *out.shape[1:3]))
-        scratch = ws.take((n * need,)) if need else None
+        # (n, need): its own pool, not that of the (B,) vectors (DP's squares), which
+        # would each be sized for it
+        scratch = ws.take((n, need)) if need else None
         for samples, rows in ops.sample_blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], W_mat, block)
@@ -737,7 +741,7 @@ class ChannelsLastDense(_TakesMapsNHWC):
         A = ws.take((x.shape[0], self.d_out)) if out is None else out
         Wt = self._weight(W, x, ws)
         ops.gemm("N", "T", x.reshape(x.shape[0], -1), Wt, A)
-        if kept is not None and ops.is_numpy(x):  # for input_grad (a GPU copies again)
+        if kept is not None and ops.keeps_weight(x, Wt.nbytes):  # for input_grad
             kept.weight = Wt
         else:
             ws.give(Wt)

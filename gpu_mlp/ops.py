@@ -708,7 +708,8 @@ def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
     """Whether a training step's forward keeps a convolution's columns of ``x`` for its
     weight gradient (Remark 8's store over recompute): on NumPy, where those of the
     largest batch the step's workspace ``ws`` has run fit one cache-sized block
-    (:data:`CONV_BLOCK_BYTES`: at most that much more held per layer), within the column
+    (:data:`CONV_BLOCK_BYTES`: at most that much more held per layer, and as much for
+    W's copy, :func:`keeps_weight`), within the column
     budget too (the forward then runs as one block). Decided by that batch, not
     ``x``'s, so that a remainder batch holds no buffer the full one does not. (A GPU
     gathers them again at little cost, and its memory is the scarcer.)"""
@@ -718,6 +719,15 @@ def keeps_columns(x, ws, bytes_per_sample: int) -> bool:
     batch = max(ws.largest_batch, x.shape[0])
     return is_numpy(x) and batch * bytes_per_sample <= min(
         CONV_BLOCK_BYTES, COLUMN_BUDGET_BYTES)
+
+
+def keeps_weight(x, nbytes: int) -> bool:
+    """Whether a training step's forward keeps a layer's copy of W (``nbytes``) for its
+    input gradient: on NumPy, where it fits the same cache-sized block as kept columns
+    (:data:`CONV_BLOCK_BYTES`), so that what a layer keeps stays within two blocks. A
+    larger copy is made again in the backward pass: one pass over W, small next to the
+    GEMMs that read it."""
+    return is_numpy(x) and nbytes <= CONV_BLOCK_BYTES
 
 
 def sample_blocks(B: int, n: int, P: int):

@@ -891,8 +891,18 @@ def test_blas_wrappers_take_arguments_by_position():
     from scipy.linalg import blas
 
     from gpu_mlp import ops
-    assert ops._NUMPY_GEMM[np.dtype(np.float32)] is blas.sgemm  # the signature matched
-    assert ops._NUMPY_GEMV[np.dtype(np.float64)] is blas.dgemv
+    # whichever way this SciPy orders them, the wrappers compute alpha op(a) op(b) + beta c
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(shape) for shape in ((3, 4), (5, 4), (3, 5)))
+    got = ops._NUMPY_GEMM[np.dtype(np.float64)](2.0, np.asfortranarray(a), np.asfortranarray(b),
+                                                 0.5, np.asfortranarray(c), 0, 1, 0)
+    np.testing.assert_allclose(got, 2.0 * a @ b.T + 0.5 * c, rtol=1e-13)
+    x, y = rng.standard_normal(4), rng.standard_normal(3)
+    got = ops._NUMPY_GEMV[np.dtype(np.float64)](2.0, np.asfortranarray(a), x, 0.5, y.copy(),
+                                                 0, 1, 0, 1, 0, 0)
+    np.testing.assert_allclose(got, 2.0 * a @ x + 0.5 * y, rtol=1e-13)
+    if "(alpha,a,b,[beta,c,trans_a,trans_b" in (blas.sgemm.__doc__ or "").replace(" ", ""):
+        assert ops._NUMPY_GEMM[np.dtype(np.float32)] is blas.sgemm  # no wrapper needed
 
     def reordered(**kwargs):
         return kwargs

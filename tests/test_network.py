@@ -917,6 +917,35 @@ def test_kept_columns_cost_at_most_a_block_per_convolution(monkeypatch):
     assert held[0] > held[1]
 
 
+def test_kept_weight_copies_stay_within_a_block_per_layer():
+    # widening convolutions on small maps: tiny columns, W copies of 0.07-9 MiB; what the
+    # forward keeps of a layer must stay within the README's cache-sized blocks
+    layers = [Conv2d(16, 64, 3, padding=1, activation="relu"),
+              Conv2d(64, 256, 3, padding=1, activation="relu"),
+              Conv2d(256, 512, 3, padding=1, activation="relu"), Dense(512 * 2 * 2, 3)]
+    net = gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu",
+                          dtype="float64", seed=0)
+    F, tape = net.forward(np.random.default_rng(0).standard_normal((4, 16, 2, 2)))
+    _, _, saved = tape._kept
+    assert any(s.rows is not None for s in saved)  # (kept: the test tests something)
+    for s in saved:
+        for kept in (s.rows, s.weight):
+            assert kept is None or kept.nbytes <= ops.CONV_BLOCK_BYTES
+    tape.release()
+
+
+def test_col2im_scratch_has_a_pool_of_its_own():
+    # the (B,) vectors of a DP step (its squares) must not be sized for col2im's scratch
+    from gpu_mlp.privacy import DP
+    layers = [Conv2d(1, 4, 3, padding=1, activation="relu"),
+              Conv2d(4, 8, 3, padding=1, activation="relu"), Dense(8 * 8 * 8, 3)]
+    net = gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu", seed=0)
+    X, y = small_conv_batch()
+    net.train_step(X, y, LR, dp=DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0))
+    ws = net.training_workspace
+    assert ws._rows[((), ws.dtype)] == len(X)
+
+
 @pytest.mark.parametrize("memory", MODES)
 def test_conv_train_step_holds_no_gradient_buffers(memory):
     # weights of about 4 MiB (the Dense), activations of a few KiB
