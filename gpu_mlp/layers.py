@@ -697,8 +697,8 @@ class EntranceConv(_Form):
             columns = self._transposed_columns(x[samples], block)
             self._fill(x[samples], columns, ws)
             ops.gemm("T", "T", columns, W_mat, A_rows[rows])
-        if keep:
-            kept.rows = columns.T  # as rows() gives them
+        if keep:  # (one block: the whole batch's columns) as rows() gives them
+            kept.rows = self._transposed_columns(x, block).T
         else:
             ws.give(block)
         return A
