@@ -910,10 +910,11 @@ def add_gaussian(w, scale, seed, stream, step):
     On CuPy: one launch of the ``gaussian_noise`` kernel over ``w`` (kernels/noise.cuh:
     Philox4x32-10 keyed by the seed, counter (element / 4, stream, step), curand's
     Box-Muller in double from IEEE basic operations alone), no buffer. On NumPy the very
-    same computation, operation for operation, vectorised over blocks of NOISE_BLOCK
-    elements (whole Philox blocks), on NOISE_THREADS threads (ufuncs release the GIL;
-    one by default), in buffers kept per thread: the same arguments give the same bits on both backends,
-    in float32 and float64 (docs/MATH.md, "DP-SGD", its paragraph on the noise).
+    same computation, every rounded operation of it (the exact steps by bits, or times
+    2), vectorised over blocks of NOISE_BLOCK elements (whole Philox blocks), on
+    NOISE_THREADS threads (ufuncs release the GIL; one by default), in buffers kept per
+    thread: the same arguments give the same bits on both backends, in float32 and
+    float64 (docs/MATH.md, "DP-SGD", its paragraph on the noise).
 
     On CuPy ``scale`` may be a one-element device array and ``step`` an int64 one
     holding the counter's 64 bits (:class:`gpu_mlp.plan.StepScalars`): read by the
@@ -954,9 +955,11 @@ def add_gaussian(w, scale, seed, stream, step):
 
 # The CPU's noise: elements per block (rounded down to whole Philox blocks of 4) and
 # threads. Neither changes the numbers: element i's normal is a function of (seed,
-# stream, step, i) alone. One thread by default, measured: on 2 cores a pool of 2 made
-# a DP step 9-13% slower (the ufunc calls on blocks of this size contend for the GIL;
-# blocks of 2^17 would gain 1.45x from 2 threads, for 4x the scratch a thread).
+# stream, step, i) alone. One thread by default, measured (2-core EPYC, the DP step of
+# 784-1024-1024-10 at batch 64, 21.9 ms on one thread): a pool of 2 gained nothing
+# with blocks of 2^16 or 2^17 (22.0 and 22.9 ms) while OpenBLAS's idle threads spin on
+# the other core, but 1.35x with blocks of 2^17 and OPENBLAS_THREAD_TIMEOUT=4 (16.3
+# ms), for 4x the scratch a thread (~80 bytes an element of a block).
 NOISE_BLOCK = 1 << 15
 NOISE_THREADS = 1
 
@@ -971,7 +974,7 @@ _noise_buffers = threading.local()  # one _NoiseBuffers per thread, block size a
 
 # noise.cuh's constants: Philox4x32's multipliers (M0, M1) and key increments (W0, W1);
 # fdlibm's log (Lg1..Lg7, ln 2 in two parts), sin (S1..S6) and cos (C1..C6) polynomials
-_PHILOX_M = np.array([[0xD2511F53], [0xCD9E8D57]], np.uint64)
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 _LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
        2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
@@ -981,19 +984,33 @@ _S = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579
       2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
 _C = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
       -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
-_SQRT_HALF = 0.70710678118654757
-_QUADRANT_A = np.array([1.0, 0.0, -1.0, 0.0, 1.0])
-_QUADRANT_B = np.array([0.0, 1.0, 0.0, -1.0, 0.0])
 _PI_2POW_M32 = 3.141592653589793116 * 2.0**-32
+_SQRT_HALF_BITS = 0x3FE6A09E667F3BCD  # 0.70710678118654757: gm_log_uniform's threshold
 
 
-_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)  # a uint64's uint32 halves
+def _constant(value, dtype=np.float64):
+    """``value`` as a 0-d array: a ufunc call whose operands are contiguous arrays of
+    one shape and 0-d arrays takes NumPy's fast path (0.2 us against 0.4-0.8 us with a
+    Python scalar, a broadcast row or a slice made in the call; the noise makes ~130
+    calls a block, so this is most of a small tensor's cost)."""
+    return np.array(value, dtype)
 
 
-def _halves(a):
-    """The low and high 32-bit halves of the uint64 array ``a``, as uint32 views."""
-    words = a.view(np.uint32).reshape(*a.shape, 2)
-    return words[..., _LOW], words[..., _HIGH]
+# the noise's constants, as 0-d arrays: integers (uint64, but the int64 shift) ...
+_NI = {name: _constant(value, np.uint64) for name, value in dict(
+    low=0xFFFFFFFF, sign=1 << 63, bit33=1 << 33, bit61=1 << 61, shift1=1, shift32=32,
+    shift34=34, shift52=52, exponent52=0x4330000000000000, mantissa=(1 << 52) - 1,
+    sqrt_half=_SQRT_HALF_BITS, carry=(1 << 52) - (_SQRT_HALF_BITS & ((1 << 52) - 1)),
+).items()}
+_NI["shift63"] = _constant(63, np.int64)
+# ... and doubles: the log's coefficients and ln 2's parts times 2 (see _radius)
+_NF = {name: _constant(value) for name, value in dict(
+    one=1.0, two=2.0, half=0.5, x_half=2.0**52 - 0.5, exponent=2.0**52 + 1022 + 33,
+    ln2_hi=2 * _LN2_HI, ln2_lo=2 * _LN2_LO, pi=_PI_2POW_M32 * 2.0**-33).items()}
+_NLG = [_constant(2 * c) for c in _LG]
+_NS, _NC = [_constant(c) for c in _S], [_constant(c) for c in _C]
+
+_LOW = 0 if sys.byteorder == "little" else 1  # where a uint64's low uint32 half is
 
 
 class _NoiseBuffers:
@@ -1004,37 +1021,52 @@ class _NoiseBuffers:
 
     def __init__(self, size, dtype):
         P = size // 4
-        self.index = np.arange(P, dtype=np.uint64)
-        self.words = np.empty(6 * P, np.uint64)  # x02, then 2 products
-        self.ints = np.empty(4 * P, np.uint64)
-        self.floats = np.empty(16 * P)
-        self.exponents = np.empty(4 * P, np.intc)
-        self.mask = np.empty(2 * P, bool)
+        self.index_m0 = np.arange(P, dtype=np.uint64) * np.uint64(_PHILOX_M[0])
+        self.multipliers = np.repeat(np.array(_PHILOX_M, np.uint64), P)  # M0..., M1...
+        self.words = np.empty(8 * P, np.uint64)  # x, the xors, 2 products
+        self.ints = np.empty(10 * P, np.uint64)
+        self.floats = np.empty(18 * P)
         self.out = np.empty(4 * P, dtype)
         self.kept = {}
 
     def views(self, n):
-        """The buffers as arrays of n Philox blocks: x02 (x0, x2) uint64 (2, n), and the
-        low halves of them; products (2, 2, n) uint64 and their (low, high) halves;
-        u (2, 2, n) uint64; f (8, 2, n) float64; exponent and shift intc (2, n); mask bool
-        (2, n); out (n, 2, 2) in the dtype (Philox block, pair, sin or cos)."""
+        """The buffers as arrays of n Philox blocks, each flat: two rows of n one after
+        the other (a block's two pairs of words, or the normals of pair 1 and pair 0).
+        x, xors and 2 products uint64 (2 n), their rows, the multipliers (M0 n times, M1
+        n times) and the uint32 views that the rounds xor (:func:`_philox_words`);
+        ints (5, 2 n) uint64 and f (9, 2 n) float64; radius f[8] as (2, n); out (n, 2, 2)
+        in the dtype (Philox block, pair, sin or cos), and as (sin or cos, pair 1 and
+        pair 0, block)."""
         v = self.kept.get(n)
         if v is None:
             if len(self.kept) > 64:  # a few tensor sizes come back step after step
                 self.kept.clear()
             v = self.kept[n] = _Views()
-            v.index = self.index[:n]
-            words = self.words[:6 * n].reshape(3, 2, n)
-            v.x02, v.products = words[0], words[1:]
-            v.x02_low = _halves(v.x02)[0]
-            v.halves = [_halves(p) for p in v.products]
-            v.u = self.ints[:4 * n].reshape(2, 2, n)
-            v.f = self.floats[:16 * n].reshape(8, 2, n)
-            v.exponent, v.shift = self.exponents[:4 * n].reshape(2, 2, n)
-            v.mask = self.mask[:2 * n].reshape(2, n)
+            v.index_m0 = self.index_m0[:n]
+            P = self.index_m0.size
+            v.multipliers = self.multipliers[P - n:P + n]
+            words = self.words[:8 * n].reshape(4, 2 * n)
+            v.x, v.xors, v.products = words[0], words[1], words[2:]
+            v.x_rows, v.xor_rows = (a.reshape(2, n) for a in words[:2])
+            v.first_rows, v.last_rows = (p.reshape(2, n) for p in v.products)
+            # hi(product) ^ lo(previous product), as contiguous uint32 arrays one word
+            # apart: every other uint32 of xors is garbage (the high halves)
+            p32 = [p.view(np.uint32) for p in v.products]
+            low, high = (slice(None, -1), slice(1, None))[::1 - 2 * _LOW]
+            v.xor_out = v.xors.view(np.uint32)[low]
+            v.xor_in = [(p32[r % 2][high], p32[1 - r % 2][low]) for r in range(2)]
+            v.ints = self.ints[:10 * n].reshape(5, 2 * n)
+            v.f = self.floats[:18 * n].reshape(9, 2 * n)
+            v.radius = v.f[8].reshape(2, n)
             v.out = self.out[:4 * n].reshape(n, 2, 2)
-            v.sin, v.cos = v.out[:, :, 0].T, v.out[:, :, 1].T
-            v.key, v.x13 = np.empty((2, 1), np.uint32), np.empty((2, 1), np.uint32)
+            v.out_rows = v.out.transpose(2, 1, 0)[:, ::-1]
+            v.number, v.key0, v.key1 = (_constant(0, np.uint64) for _ in range(3))
+            v.radius_views = (v.f[:8], v.f[0].view(np.uint64), v.ints[0],
+                              v.ints[0].view(np.float64))
+            kernels = v.f[6:8]
+            v.sin_cos_views = (v.ints[:2], v.ints[2:5], v.ints[2].view(np.int64),
+                               v.ints[3].view(np.int64), v.f[:6], kernels,
+                               kernels.view(np.uint64), kernels.reshape(2, 2, n))
         return v
 
 
@@ -1044,120 +1076,147 @@ class _Views:
 
 def _philox_words(v, first, seed, stream, step):
     """noise.cuh's gm_philox4x32_10 on the counters (first + j, stream, step_lo, step_hi)
-    of the n blocks of the views ``v``, keyed by the seed: the words (x0, x2), as uint64
-    (2, n), and (x1, x3), as uint32 (2, n) (views of the buffers)."""
-    x02, x02_low, key = v.x02, v.x02_low, v.key
-    np.add(v.index, np.uint64(first), out=x02[0])
-    x02[1] = step & 0xFFFFFFFF  # whole words: the high halves are 0 from here on
-    x13 = v.x13  # (stream, step_hi), then the low halves of the last products
-    x13[0, 0], x13[1, 0] = stream, step >> 32
-    key0, key1 = seed & 0xFFFFFFFF, seed >> 32
-    for r in range(10):  # Random123's round: (hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0)
-        key[0, 0], key[1, 0] = key0, key1
-        np.multiply(x02, _PHILOX_M, out=v.products[r % 2])  # (M0 x0, M1 x2), 64 bits
-        low, high = v.halves[r % 2]  # the other product holds x13
-        np.bitwise_xor(high[::-1], x13, out=x02_low)  # the new (x0, x2) ...
-        np.bitwise_xor(x02_low, key, out=x02_low)
-        x13 = low[::-1]  # ... and (x1, x3)
-        key0, key1 = (key0 + _PHILOX_W[0]) & 0xFFFFFFFF, (key1 + _PHILOX_W[1]) & 0xFFFFFFFF
-    return x02, x13
+    of the n blocks of the views ``v``, keyed by the seed: the words (x2, x0) and
+    (x3, x1) -- the pairs in reverse -- in the low halves of two uint64 (2, n) (views of
+    the buffers; the high halves are garbage)."""
+    x, (x0, x2), (xor0, xor2) = v.x, v.x_rows, v.xor_rows
+    number, key0, key1, products = v.number, v.key0, v.key1, v.products
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    # Random123's round: (hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0) of the products
+    # (M0 x0, M1 x2) = (hi0 lo0, hi1 lo1), 64 bits each. In the first, x1, x2 and x3
+    # are the same in every block: M1 x2 and the new x0 are numbers
+    m0x0, m1x2 = v.first_rows
+    number[()] = first * _PHILOX_M[0]
+    np.add(v.index_m0, number, m0x0)  # M0 (first + j)
+    m1x2[...] = product = _PHILOX_M[1] * (step & 0xFFFFFFFF)
+    x0[...] = (product >> 32) ^ stream ^ k0
+    number[()] = (step >> 32) ^ k1
+    np.right_shift(m0x0, _NI["shift32"], x2)
+    np.bitwise_xor(x2, number, x2)
+    for r in range(1, 10):
+        k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
+        key0[()], key1[()] = k0, k1
+        if r > 1:
+            np.bitwise_and(x, _NI["low"], x)  # whole words again, for the products
+        np.multiply(x, v.multipliers, products[r % 2])
+        np.bitwise_xor(*v.xor_in[r % 2], v.xor_out)  # (hi0 ^ x3, hi1 ^ x1)
+        if r < 9:
+            np.bitwise_xor(xor2, key0, x0)
+            np.bitwise_xor(xor0, key1, x2)
+    np.bitwise_xor(xor0, key1, x0)  # the last, in reverse: (x2, x0), and the low
+    np.bitwise_xor(xor2, key0, x2)  # halves of the products (x3, x1)
+    return v.x_rows, v.last_rows
 
 
 def _radius(v, x, out):
-    """sqrt(-2 log u) of u = (2 x + 1) 2^-33 (x (2, n)) into out, with the views ``v``
-    of n blocks: gm_log_uniform, op for op."""
-    f, s, z, w, t1, t2, dk = v.f[1:8]
-    e, shift, mask = v.exponent, v.shift, v.mask
-    np.copyto(f, x)  # converted apart: a ufunc mixing dtypes would allocate its buffers
-    f += 0.5  # (2 x + 1) / 2, exact: frexp's mantissa of 2 x + 1, its exponent - 1
-    np.frexp(f, out=(f, e))
-    np.less(f, _SQRT_HALF, out=mask)  # then f 2 and e - 1 (arithmetic: where= is slow)
-    np.copyto(shift, mask)
-    np.ldexp(f, shift, out=f)
-    e -= shift
-    f -= 1.0
-    e -= 32  # the exponent of u = (2 x + 1) 2^-33
-    np.copyto(dk, e)
-    np.add(f, 2.0, out=s)
-    np.divide(f, s, out=s)
-    np.multiply(s, s, out=z)
-    np.multiply(z, z, out=w)
-    lg1, lg2, lg3, lg4, lg5, lg6, lg7 = _LG
-    np.multiply(w, lg6, out=t1)  # w (Lg2 + w (Lg4 + w Lg6))
-    t1 += lg4
-    t1 *= w
-    t1 += lg2
-    t1 *= w
-    np.multiply(w, lg7, out=t2)  # z (Lg1 + w (Lg3 + w (Lg5 + w Lg7)))
-    t2 += lg5
-    t2 *= w
-    t2 += lg3
-    t2 *= w
-    t2 += lg1
-    t2 *= z
-    t2 += t1  # R
-    np.multiply(f, 0.5, out=t1)  # hfsq
-    t1 *= f
-    t2 += t1  # hfsq + R
-    t2 *= s
-    np.multiply(dk, _LN2_LO, out=s)
-    t2 += s
-    np.subtract(t1, t2, out=t2)
-    t2 -= f
-    np.multiply(dk, _LN2_HI, out=s)
-    np.subtract(s, t2, out=out)  # log u
-    out *= -2.0
-    np.sqrt(out, out=out)
+    """sqrt(-2 log u) of u = (2 x + 1) 2^-33 (x the low halves of a uint64 (2, n)) into
+    out, a C-contiguous (2, n), with the views ``v`` of n blocks: gm_log_uniform, op for
+    op (its values times 2, below)."""
+    (f, s, z, w, dk, t, t1, t2), bits, e, e_double = v.radius_views
+    I, F, lg = _NI, _NF, _NLG
+    out = out.reshape(-1)
+    # m / 2 = x + 1/2, exact: the double 2^52 + x from its bits, less 2^52 - 1/2
+    np.bitwise_and(x.reshape(-1), I["low"], bits)
+    np.bitwise_or(bits, I["exponent52"], bits)
+    np.subtract(f, F["x_half"], f)
+    # m = f 2^e with f in [sqrt(1/2), sqrt(2)) (frexp's f, or where it is below the
+    # threshold T, 2 f and e - 1): adding 2^52 less T's mantissa to the bits carries into
+    # the exponent where the mantissa is at least T's: there f in [T, 1) once T's bits
+    # are added back to the mantissa, elsewhere f in [1, 2 T) (they carry into it)
+    np.add(bits, I["carry"], bits)
+    np.right_shift(bits, I["shift52"], e)  # e + 1022, m / 2's biased exponent
+    np.bitwise_and(bits, I["mantissa"], bits)
+    np.add(bits, I["sqrt_half"], bits)
+    np.subtract(f, F["one"], f)  # exact (Sterbenz)
+    np.bitwise_or(e, I["exponent52"], e)  # the double 2^52 + e + 1022, less 2^52 +
+    np.subtract(e_double, F["exponent"], dk)  # 1022 + 33: dk = e - 33, u = m 2^-33's
+    # fdlibm's log(1 + f) + dk ln 2, times 2 (exact: a factor 2 on each operand of a
+    # sum, or on one factor of a product, doubles the rounded result), so that -2 log u
+    # is one subtraction: 2 hfsq = f f, and 2 R from the coefficients times 2
+    np.add(f, F["two"], s)
+    np.divide(f, s, s)
+    np.multiply(s, s, z)
+    np.multiply(z, z, w)
+    np.multiply(w, lg[5], t1)  # t1 = w (Lg2 + w (Lg4 + w Lg6))
+    np.add(t1, lg[3], t1)
+    np.multiply(t1, w, t1)
+    np.add(t1, lg[1], t1)
+    np.multiply(t1, w, t1)
+    np.multiply(w, lg[6], t2)  # t2 = z (Lg1 + w (Lg3 + w (Lg5 + w Lg7)))
+    np.add(t2, lg[4], t2)
+    np.multiply(t2, w, t2)
+    np.add(t2, lg[2], t2)
+    np.multiply(t2, w, t2)
+    np.add(t2, lg[0], t2)
+    np.multiply(t2, z, t2)
+    np.add(t2, t1, t2)  # R
+    np.multiply(f, f, t1)  # hfsq
+    np.add(t2, t1, t2)  # hfsq + R
+    np.multiply(t2, s, t2)
+    np.multiply(dk, F["ln2_lo"], t)
+    np.add(t2, t, t2)
+    np.subtract(t1, t2, t2)
+    np.add(f, f, f)
+    np.subtract(t2, f, t2)  # hfsq - (s (hfsq + R) + dk ln2_lo) - f
+    np.multiply(dk, F["ln2_hi"], t)
+    np.subtract(t2, t, out)  # -2 log u = 2 (that - dk ln2_hi)
+    np.sqrt(out, out)
 
 
-def _sin_cos_pi(views, y, sin_out, cos_out):
-    """sin(pi t) and cos(pi t) of t = (2 y + 1) 2^-32 (y (2, n)) into sin_out and
-    cos_out, with the views of n blocks: gm_sin_or_cos_pi, op for op."""
-    k, q = views.u
-    a, z, v = views.f[1:4]
-    np.copyto(k, y)
-    k <<= 1
-    k += 1  # odd: no ties below
-    np.add(k, 1 << 30, out=q)
-    q >>= 31  # round(2 t), 0..4
-    np.left_shift(q, 31, out=a.view(np.uint64))  # d = k - q 2^31 (as int64, |d| < 2^30)
-    np.subtract(k, a.view(np.uint64), out=k)
-    np.copyto(a, k.view(np.int64))
-    a *= _PI_2POW_M32
-    np.multiply(a, a, out=z)
-    s1, s2, s3, s4, s5, s6 = _S
-    np.multiply(z, a, out=v)  # sin a = a + v (S1 + z (S2 + z (S3 + z (S4 + z (S5 + z S6)))))
-    np.multiply(z, s6, out=sin_out)
-    for coefficient in (s5, s4, s3, s2):
-        sin_out += coefficient
-        sin_out *= z
-    sin_out += s1
-    sin_out *= v
-    sin_out += a
-    c1, c2, c3, c4, c5, c6 = _C
-    np.multiply(z, c6, out=cos_out)  # r = z (C1 + z (C2 + ... + z C6))
-    for coefficient in (c5, c4, c3, c2, c1):
-        cos_out += coefficient
-        cos_out *= z
-    cos_out *= z  # z r
-    np.multiply(z, 0.5, out=v)  # hz
-    np.subtract(1.0, v, out=z)  # w = 1 - hz
-    np.subtract(1.0, z, out=a)  # cos a = w + (((1 - w) - hz) + z r)
-    a -= v
-    cos_out += a
-    cos_out += z
+def _sin_cos_pi(views, y):
+    """sin(pi t) and cos(pi t) of t = (2 y + 1) 2^-32 (y the low halves of a uint64
+    (2, n)), as a (2, 2, n) stack, with the views of n blocks: gm_sin_or_cos_pi, op for
+    op."""
+    I, F, S, C = _NI, _NF, _NS, _NC
+    y = y.reshape(-1)
+    signs, (d, odd, swap), d_int, odd_int, (a, z, v, hz, w, e), kernels, bits, stack = \
+        views.sin_cos_views  # signs: of sin(pi t) and cos(pi t)
+    q = signs[0]
+    sin, cos = kernels
+    # 2 t = k 2^-31, k = 2 y + 1, is q / 2 + d 2^-32, q = round(2 t) in 0..4 and
+    # |d| < 2^30: d 2^33 is k's low 31 bits as an int64's high bits; and q mod 4 (4 as
+    # 0) is the top 2 bits of k + 2^30 mod 2^32, that is of y + 2^29
+    np.left_shift(y, I["shift34"], d)
+    np.bitwise_or(d, I["bit33"], d)
+    np.copyto(a, d_int)  # exact: 31 bits
+    np.multiply(a, F["pi"], a)  # a = d pi 2^-32, rounded once
+    np.left_shift(y, I["shift32"], q)
+    np.add(q, I["bit61"], q)  # q's bits at 63 and 62
+    np.left_shift(q, I["shift1"], odd)  # its bit 0 at 63
+    np.multiply(a, a, z)
+    np.multiply(z, a, v)
+    # sin a = a + v (S1 + z (S2 + ... + z S6)); cos a's r = z (C1 + z (C2 + ... + z C6))
+    np.multiply(z, S[5], sin)
+    for coefficient in S[4:0:-1]:
+        np.add(sin, coefficient, sin)
+        np.multiply(sin, z, sin)
+    np.add(sin, S[0], sin)
+    np.multiply(sin, v, sin)
+    np.add(sin, a, sin)
+    np.multiply(z, C[5], cos)
+    for coefficient in C[4::-1]:
+        np.add(cos, coefficient, cos)
+        np.multiply(cos, z, cos)
+    np.multiply(cos, z, cos)  # z r
+    np.multiply(z, F["half"], hz)
+    np.subtract(F["one"], hz, w)  # w = 1 - hz
+    np.subtract(F["one"], w, e)  # cos a = w + (((1 - w) - hz) + z r)
+    np.subtract(e, hz, e)
+    np.add(cos, e, cos)
+    np.add(cos, w, cos)
     # the quadrant q: sin(pi t) = sin a, cos a, -sin a, -cos a and cos(pi t) = cos a,
-    # -sin a, -cos a, sin a for q = 0, 1, 2, 3 (4 as 0): A sin a + B cos a and
-    # A cos a - B sin a, one of A and B 0 and the other +-1, so exact (where= is slow)
-    sign, swap = a, z
-    np.take(_QUADRANT_A, q.view(np.int64), out=sign, mode="wrap")
-    np.take(_QUADRANT_B, q.view(np.int64), out=swap, mode="wrap")
-    np.multiply(swap, cos_out, out=v)
-    np.multiply(swap, sin_out, out=swap)
-    sin_out *= sign
-    sin_out += v
-    cos_out *= sign
-    cos_out -= swap
+    # -sin a, -cos a, sin a for q = 0, 1, 2, 3: sin a and cos a swapped where q is odd,
+    # then -sin(pi t) where q's bit 1 is set and -cos(pi t) where its bits differ
+    # (exact: bits swapped and sign bits flipped, by xor; where= is slow)
+    np.bitwise_xor(q, odd, signs[1])
+    np.bitwise_and(signs, I["sign"], signs)
+    np.right_shift(odd_int, I["shift63"], odd_int)  # all 1s where q is odd
+    np.bitwise_xor(bits[0], bits[1], swap)
+    np.bitwise_and(swap, odd, swap)  # sin a ^ cos a where q is odd, else 0
+    np.bitwise_xor(signs[0], swap, signs[0])
+    np.bitwise_xor(signs[1], swap, signs[1])
+    np.bitwise_xor(bits, signs, bits)
+    return stack
 
 
 def _add_normal_block(w, scale, seed, first, stream, step, block):
@@ -1173,17 +1232,13 @@ def _add_normal_block(w, scale, seed, first, stream, step, block):
     if b is None:
         b = kept[block, w.dtype.name] = _NoiseBuffers(block, w.dtype)
     v = b.views((w.size + 3) // 4)
-    x, y = _philox_words(v, first // 4, seed, stream, step)
-    radius, sin, cos = v.f[0], v.f[4], v.f[5]
-    _radius(v, x, radius)
-    _sin_cos_pi(v, y, sin, cos)
-    sin *= radius
-    cos *= radius
-    np.copyto(v.sin, sin)  # rounded to w's dtype
-    np.copyto(v.cos, cos)
+    x, y = _philox_words(v, first // 4, seed, stream, step)  # the pairs in reverse
+    _radius(v, x, v.radius)
+    # (r sin, r cos) into out (Philox block, pair, sin or cos), each rounded once
+    np.multiply(_sin_cos_pi(v, y), v.radius, v.out_rows)
     z = b.out[:w.size]
-    np.multiply(z, scale, out=z)
-    np.add(w, z, out=w)
+    np.multiply(z, scale, z)
+    np.add(w, z, w)
 
 
 # --- BLAS -----------------------------------------------------------------------------

@@ -158,9 +158,9 @@ def test_box_muller_is_within_4_ulp_of_exact_on_edge_words():
                       (1 << 32) - 2, (1 << 32) - 1], np.uint64)
     x, y = (np.tile(a.reshape(1, -1), (2, 1)) for a in np.meshgrid(edges, edges))
     views = ops._NoiseBuffers(4 * x.shape[1], np.float64).views(x.shape[1])  # (2, n) pairs
-    radius, sin, cos = (np.empty(x.shape) for _ in range(3))
+    radius = np.empty(x.shape)
     ops._radius(views, x, radius)
-    ops._sin_cos_pi(views, y, sin, cos)
+    sin, cos = ops._sin_cos_pi(views, y)
     want_sin, want_cos = box_muller_exact(x, y)
     assert ulps(radius * sin, want_sin).max() <= 4
     assert ulps(radius * cos, want_cos).max() <= 4
