@@ -561,7 +561,7 @@ class _BaseMLP(BaseEstimator):
 
         xp = net.xp
         Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), xp)
-        data = _Rows(X_train, net.dtype, xp, net.params, Y=Yd)
+        data = _Rows(X_train, Yd, net.dtype, xp, net.params)
         c, c_loss = self._grad_scale(), self._loss_scale()
         weights = [W for W, _ in net.params]
         alpha = p["alpha"]
@@ -729,7 +729,7 @@ class _Rows:
     their targets ``Y`` (on the device); a sparse matrix stays on the host and is
     densified one batch at a time."""
 
-    def __init__(self, X, dtype, xp, params=(), Y=None):
+    def __init__(self, X, Y, dtype, xp, params=()):
         self.xp, self.Y = xp, Y
         if sp.issparse(X):
             self.data = X.tocsr().astype(dtype)
@@ -741,6 +741,8 @@ class _Rows:
             if any(xp.may_share_memory(self.data, a) for pair in params for a in pair):
                 self.data = self.data.copy()  # (X = coefs_[0].T, say: the fit updates it)
         _fits_dtype("X", values, dtype)
+        # a shuffled epoch's dense batches, gathered into buffers made at the first
+        self._gather = None if sp.issparse(self.data) else BatchGather(xp, self.data, Y)
 
     def epoch(self, order):
         """A function of a slice giving ``(X, Y)`` of that batch of these rows in
@@ -754,8 +756,6 @@ class _Rows:
             return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch])
         if order is None:
             return lambda batch: (self.data[batch], Y[batch])
-        if getattr(self, "_gather", None) is None:
-            self._gather = BatchGather(xp, self.data, Y)
         order = xp.asarray(order)
         return lambda batch: self._gather(order[batch])
 
