@@ -448,6 +448,8 @@ def _x(value):
 
 
 def report(result) -> str:
+    from bench import harness
+
     env, cfg = result["environment"], result["config"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     where = env.get("gpu", {}).get("name") if cfg["device"] == "cuda" else env.get("cpu")
@@ -459,7 +461,8 @@ def report(result) -> str:
              f"gpu_mlp's CPU noise {env['threads'].get('gpu_mlp_noise')}; "
              f"{env['platform']}; Python {env['python']}; load average at the start "
              f"{_load(env.get('loadavg_at_start'))}; OPENBLAS_THREAD_TIMEOUT "
-             f"{env.get('OPENBLAS_THREAD_TIMEOUT') or 'unset'}", "", versions + _source(env),
+             f"{env.get('OPENBLAS_THREAD_TIMEOUT') or 'unset'}; BLAS: "
+             f"{harness.describe_blas(env.get('blas'))}", "", versions + _source(env),
              "",
              f"DP: max_grad_norm {CLIP}, noise_multiplier {SIGMA}; SGD lr {LR}; softmax "
              f"cross-entropy, mean over the batch. Median ms per step over "

@@ -391,6 +391,7 @@ def environment(devices, threads: int, tf32: bool, out=None) -> dict:
         "threads": {"requested": threads,
                     **{v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                       "MKL_NUM_THREADS")}},
+        "blas": blas_kernels(),
         "tf32": tf32,
         "CUPY_TF32": os.environ.get("CUPY_TF32"),
         "command": portable_command(sys.orig_argv),
@@ -451,6 +452,39 @@ def source_state() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return state
+
+
+def blas_kernels() -> dict:
+    """Which kernels NumPy's and SciPy's BLAS run, and the variables that force them.
+    ``OPENBLAS_CORETYPE`` picks one processor's kernels whatever the CPU (some machines
+    set it, with ``OPENBLAS_L2_SIZE``, for older OpenBLAS builds): forced Haswell on an
+    AVX-512 CPU runs a large float32 GEMM at half the speed, which a comparison with
+    PyTorch's oneDNN would charge to gpu_mlp. ``libraries``: threadpoolctl's view (the
+    ``torch`` extra brings it), None without it."""
+    from bench import BLAS_FORCING
+
+    forced = {v: os.environ.get(v) for v in BLAS_FORCING}
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {"forced_by": forced, "libraries": None}
+    libraries = [{"library": os.path.basename(i["filepath"]), "api": i["internal_api"],
+                  "version": i.get("version"), "architecture": i.get("architecture"),
+                  "threads": i["num_threads"]}
+                 for i in threadpool_info() if i["user_api"] == "blas"]
+    return {"forced_by": forced, "libraries": libraries}
+
+
+def describe_blas(blas: dict | None) -> str:
+    """One line for a report: the kernels each BLAS ran, and what forced them."""
+    if not blas:
+        return "not recorded"
+    libraries = blas.get("libraries")
+    text = ("; ".join(f"{lib['api']} {lib['version']} {lib['architecture']} kernels "
+                      f"({lib['library']})" for lib in libraries)
+            if libraries else "unknown (no threadpoolctl)")
+    forced = [f"{k}={v}" for k, v in blas.get("forced_by", {}).items() if v is not None]
+    return text + (f"; forced by {', '.join(forced)}" if forced else "; as detected")
 
 
 def _cpu_model() -> str:

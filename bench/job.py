@@ -182,8 +182,9 @@ def main(argv=None) -> int:
     if args.twin:
         twin(args.options, args.device, args.threads)
         return 0
-    from bench import harness
+    from bench import harness, warn_forced_blas
 
+    warn_forced_blas()
     result = measure(args.options, args.device, args.threads, args.rounds)
     result["environment"] = harness.environment([args.device], args.threads, False,
                                                 out=args.out)

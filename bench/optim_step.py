@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(f"# One training step with an optimizer, {args.device}, {args.dtype}, "
                 f"batch {BATCH}\n\n`{environment['command']}`\n\n"
-                f"{environment.get('cpu', '')}\n\n" + "\n".join(lines) + "\n")
+                f"{environment.get('cpu', '')}; BLAS: "
+                f"{harness.describe_blas(environment.get('blas'))}\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -185,6 +185,7 @@ def markdown(doc: dict, plot_name=None) -> str:
                  ("cuBLAS math mode", str(gpu["cublas_math_mode"]))]
     rows += [("CPU", f"{env['cpu']} ({env['logical_cpus']} logical CPUs, "
                      f"{config['threads']} threads)"),
+             ("BLAS", harness.describe_blas(env.get("blas"))),
              ("platform", f"{env['platform']}, Python {env['python']}"),
              ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)
               + (f" (torch CUDA {env['torch_cuda']})" if env.get("torch_cuda") else "")),

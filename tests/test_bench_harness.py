@@ -692,7 +692,9 @@ def test_cli_without_matplotlib_writes_all_but_the_plot(tmp_path):
                                    matplotlib=False)
     # said once, before the progress bar of the measurements
     note = "skipping the plot (results.png): plotting needs matplotlib"
-    assert stderr.startswith(note) and stderr.count(note) == 1
+    first = next(line for line in stderr.splitlines()
+                 if "forces OpenBLAS's kernels" not in line)  # (where the machine forces them)
+    assert first.startswith(note) and stderr.count(note) == 1
     assert report.format_table(doc["records"]) in stdout
     assert "results.png" not in (tmp_path / "report.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]
@@ -805,6 +807,32 @@ def test_the_environment_names_no_path_of_the_machine(monkeypatch, tmp_path):
     assert harness.environment(["cpu"], 1, False)["cwd"] == "."
     monkeypatch.chdir(tmp_path)
     assert harness.environment(["cpu"], 1, False)["cwd"] == "outside the repository"
+
+
+def test_the_environment_says_which_blas_kernels_ran_and_what_forced_them(monkeypatch,
+                                                                          capsys):
+    """A machine may force OpenBLAS's kernels (OPENBLAS_CORETYPE): the numbers are then
+    not those of a user's NumPy, so the record, the report and stderr say so."""
+    import bench
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    blas = harness.environment(["cpu"], 1, False)["blas"]
+    assert blas["forced_by"] == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": None}
+    line = harness.describe_blas(blas)
+    assert line.endswith("; forced by OPENBLAS_CORETYPE=Haswell")
+    if blas["libraries"] is not None:  # threadpoolctl: NumPy's BLAS is loaded, by name
+        assert blas["libraries"] and all(lib["architecture"] in line
+                                         for lib in blas["libraries"])
+    bench.warn_forced_blas()
+    err = capsys.readouterr().err
+    assert "OPENBLAS_CORETYPE=Haswell forces OpenBLAS's kernels" in err
+    assert "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in err
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    bench.warn_forced_blas()
+    assert capsys.readouterr().err == ""
+    assert harness.describe_blas(harness.blas_kernels()).endswith("; as detected")
+    assert harness.describe_blas(None) == "not recorded"
 
 
 def test_scaling_records_its_mpirun_lines_without_machine_paths():
