@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import os
 import platform
 import shlex
@@ -83,8 +84,9 @@ import numpy as np
 import gpu_mlp
 from gpu_mlp import device as _device
 from gpu_mlp import ops
-from gpu_mlp.conv import adjoint_phases
-from gpu_mlp.layers import Conv2d
+from gpu_mlp.conv import shifted_taps
+from gpu_mlp.layers import SHIFTED_ADJOINT_MAX, SHIFTED_FORWARD_MAX, Conv2d
+from gpu_mlp.workspace import Workspace
 
 SCHEMA = "gpu_mlp-bench/1"  # records without "model" and "input" are "mlp" ones
 IMPLS = ("gpu_mlp", "torch", "torch.compile", "torch.graph", "gemm")
@@ -764,29 +766,40 @@ def _gemm_case(task, params, X) -> Case:
         previous = outs[len(rows) - 1]
     deltas = [stand_in(out.shape) for out in outs]
     grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none
-    # on the CPU a convolution's input gradient may run phase by phase (conv.
-    # adjoint_phases, where layers.ChannelsLast.phased_input_grad says): per phase, rows
-    # of T (its taps times d_out columns) against its taps of W flipped
-    phased, shape = {}, task.point.input_shape
+    # on the CPU a convolution may run its forward and input gradient as one GEMM per
+    # kernel offset on shifted rows of its input's phase planes, over the cells of their
+    # grid (conv.shifted_taps; where layers.ChannelsLast.shifted says)
+    forward, adjoint, shape = {}, {}, task.point.input_shape
     for k, layer in enumerate(task.point.layers()):
-        if (k > 0 and isinstance(layer, Conv2d) and xp is np
-                and layer.engine.phased_input_grad(shape)):
-            rows_h, rows_w, _ = adjoint_phases(layer, shape)
-            B, c_in = task.point.batch, layer.c_in
-            phased[k] = [(stand_in((B * r.count * c.count, r.taps * c.taps * layer.c_out)),
-                          stand_in((c_in, r.taps * c.taps * layer.c_out)),
-                          xp.empty((B * r.count * c.count, c_in), dtype=X.dtype))
-                         for r in rows_h for c in rows_w if r.count and c.count and r.taps
-                         and c.taps]
+        if k > 0 and isinstance(layer, Conv2d) and xp is np:
+            maps = np.empty((task.point.batch, *shape[1:], shape[0]), X.dtype)  # (unread)
+            ws = Workspace(np, X.dtype)
+            taps = shifted_taps(layer, shape)
+            n = task.point.batch * math.prod(taps.grid)
+            gemms = (stand_in((n, layer.c_in)), stand_in((n, layer.c_out)),
+                     stand_in((len(taps.taps), layer.c_out, layer.c_in)),
+                     [shift for *_, shift in taps.taps], n - taps.reach)
+            if layer.engine.shifted(maps, ws, SHIFTED_FORWARD_MAX):
+                forward[k] = gemms
+            if layer.engine.shifted(maps, ws, SHIFTED_ADJOINT_MAX):
+                adjoint[k] = gemms
         shape = layer.output_shape(shape)
 
     def step():
         for k, Wk in enumerate(W):
-            ops.gemm("N", "T", rows[k], Wk, outs[k])
+            if k in forward:
+                planes, grid, W_taps, shifts, n = forward[k]
+                for t, s in enumerate(shifts):
+                    ops.gemm("N", "T", planes[s:s + n], W_taps[t], grid[:n],
+                             beta=0.0 if t == 0 else 1.0)
+            else:
+                ops.gemm("N", "T", rows[k], Wk, outs[k])
         for k in reversed(range(len(W))):
-            for phase in phased.get(k, ()):
-                ops.gemm("N", "T", *phase)
-            if k > 0 and k not in phased:
+            if k in adjoint:
+                planes, grid, W_taps, shifts, n = adjoint[k]
+                for t, s in enumerate(shifts):
+                    ops.gemm("N", "N", grid[:n], W_taps[t], planes[s:s + n], beta=1.0)
+            elif k > 0:
                 ops.gemm("N", "N", deltas[k], W[k], grads[k])
             ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
 

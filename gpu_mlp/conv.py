@@ -155,49 +155,65 @@ def pad_into(x, padded, low) -> None:
     padded[:, top:top + H, left:left + W] = x
 
 
-class AdjointPhase(NamedTuple):
-    """One phase of :func:`adjoint_phases` along one axis: the input indices ``first,
-    first + stride, ...`` (``count`` of them) get the kernel offsets ``taps`` (``taps``
-    many, ``offset, offset + stride, ...``) from ``T``'s windows that start at ``start``
-    in T padded by the axis's ``pad_low``."""
+class ShiftedTaps(NamedTuple):
+    """A convolution on NHWC maps as one GEMM per kernel offset, each on a shifted view
+    of the input's stride-phase planes -- no column buffer (:func:`shifted_taps`)."""
 
-    first: int
-    count: int
-    offset: int
-    taps: int
-    start: int
+    grid: tuple[int, int]  # (Mh, Mw): the cells of each phase plane (_phase_grid)
+    taps: tuple            # per offset (i, j): (i, j, phase a*sw + b, shift in cells)
+    reach: int             # the largest shift: the cells a GEMM leaves out at the end
 
 
-def _adjoint_axis(size: int, kernel: int, stride: int, pad: int):
-    """Along one axis of an input of ``size``: the phases (:class:`AdjointPhase`) and
-    T's padding (low, high) that their windows need."""
-    n_out = (size + 2 * pad - kernel) // stride + 1
-    phases = []
-    for a in range(stride):  # the inputs h with h + pad = a (mod stride)
-        taps = len(range(a, kernel, stride))
-        u_lo, u_hi = -((a - pad) // stride), -((a - pad - size) // stride)  # ceilings
-        phases.append((a, taps, u_lo, max(0, u_hi - u_lo)))
-    low = max([taps - 1 - u_lo for _, taps, u_lo, _ in phases] + [0])
-    high = max([u_lo + count - n_out for _, _, u_lo, count in phases] + [0])
-    return [AdjointPhase(u_lo * stride + a - pad, count, a, taps, u_lo - taps + 1 + low)
-            for a, taps, u_lo, count in phases], (low, high)
-
-
-def adjoint_phases(layer: ConvGeometry, input_shape: tuple):
-    """``C^dagger`` of ``layer``, the adjoint of its strided correlation, as stride-1
-    correlations of T: the input pixel (h, w) gets from T's positions (oh, ow) with oh
-    stride - ph + i = h only the kernel offsets i of one class mod the stride, so the
-    pixels of one phase (h + ph mod sh, w + pw mod sw) are a stride-1 correlation of T,
-    padded, with the sub-kernel ``W[:, :, a::sh, b::sw]`` flipped -- im2col of T and a
-    GEMM, where col2im adds kh*kw strided views. Returns ``(phases_h, phases_w, pads)``:
-    the phases along each axis (:class:`AdjointPhase`) and T's padding ((low, high) per
-    axis). Every input pixel is in exactly one pair of phases."""
+def shifted_taps(layer: ConvGeometry, input_shape: tuple) -> ShiftedTaps:
+    """The NHWC input (B, H, W, C) of ``layer`` padded splits into sh*sw phase planes
+    (:func:`to_phases`), plane (a, b) holding the padded pixels (a + sh m, b + sw k) at
+    cell (m, k) of a (Mh, Mw) grid. Kernel offset (i, j) of output (oh, ow) reads padded
+    pixel (sh oh + i, sw ow + j): cell (oh + i // sh, ow + j // sw) of plane (i % sh,
+    j % sw). So with the planes and the output both flat over (B, Mh, Mw) cells, offset
+    (i, j) is one GEMM of the plane's rows from ``shift = (i // sh) Mw + j // sw`` on --
+    ``out[p] += plane[p + shift] W[:, :, i, j]^T`` for every cell p < B Mh Mw - reach --
+    and the outputs are the cells (oh, ow) < (OH, OW); the others read across a row or a
+    sample, and are dropped. The adjoint adds ``T W[:, :, i, j]`` into the planes at the
+    same shifts, from T put in the grid with zeros in the other cells. A grid cell p
+    with oh < OH and ow < OW has p + reach < B Mh Mw: (OH - 1) + (kh - 1) // sh < Mh."""
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
     layer.output_shape(input_shape)  # a ValueError naming the layer if it does not fit
-    _, H, W = input_shape
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-    rows, pad_h = _adjoint_axis(H, kh, sh, ph)
-    columns, pad_w = _adjoint_axis(W, kw, sw, pw)
-    return rows, columns, (pad_h, pad_w)
+    Mh, Mw = _phase_grid(layer, input_shape[1:])
+    taps = tuple((i, j, (i % sh) * sw + j % sw, (i // sh) * Mw + j // sw)
+                 for i in range(kh) for j in range(kw))
+    return ShiftedTaps((Mh, Mw), taps, max(t[3] for t in taps))
+
+
+def _phase_parts(layer: ConvGeometry, hw):
+    """``(phase, pixels, (m, k))`` for each phase plane holding image pixels: the image's
+    pixels of that phase, ``out[:, pixels]``, lie in the plane from cell (m, k) on."""
+    (sh, sw), (ph, pw) = layer.stride, layer.padding
+    for a in range(sh):  # the image's rows h with (h + ph) % sh == a, at (h + ph) // sh
+        h = (a - ph) % sh
+        for b in range(sw):
+            w = (b - pw) % sw
+            if h < hw[0] and w < hw[1]:
+                yield a * sw + b, (slice(h, None, sh), slice(w, None, sw)), \
+                    ((h + ph) // sh, (w + pw) // sw)
+
+
+def to_phases(x, layer: ConvGeometry, planes) -> None:
+    """``planes`` (sh*sw, B, Mh, Mw, C) <- the NHWC ``x`` (B, H, W, C) padded, split into
+    its stride phases (:func:`shifted_taps`): zeros in the cells no pixel reaches."""
+    filled = set()
+    for phase, pixels, low in _phase_parts(layer, x.shape[1:3]):
+        pad_into(x[:, pixels[0], pixels[1]], planes[phase], low)
+        filled.add(phase)
+    for phase in set(range(len(planes))) - filled:  # a stride longer than the image
+        planes[phase].fill(0)
+
+
+def from_phases(planes, layer: ConvGeometry, out) -> None:
+    """``out`` (B, H, W, C) <- the image's pixels of ``planes`` (sh*sw, B, Mh, Mw, C):
+    the inverse of :func:`to_phases`, the padding's cells dropped."""
+    for phase, pixels, (m, k) in _phase_parts(layer, out.shape[1:3]):
+        part = out[:, pixels[0], pixels[1]]
+        np.copyto(part, planes[phase][:, m:m + part.shape[1], k:k + part.shape[2]])
 
 
 def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
@@ -406,9 +422,8 @@ def _col2im_flat(view, layer: ConvGeometry, out, scratch):
     (they start at +0): the offsets are added in order from 0 as ever, the same bits.
     The phases are then copied into their pixels."""
     B, OH, OW, kh, kw, C = view.shape
-    H, W = out.shape[1:3]
-    (sh, sw), (ph, pw) = layer.stride, layer.padding
-    Mh, Mw = _phase_grid(layer, (H, W))
+    sh, sw = layer.stride
+    Mh, Mw = _phase_grid(layer, out.shape[1:3])
     n = B * Mh * Mw * C
     phases, S = scratch[:sh * sw * n].reshape(sh, sw, n), scratch[sh * sw * n:]
     windows = S.reshape(B, Mh, Mw, C)
@@ -423,13 +438,5 @@ def _col2im_flat(view, layer: ConvGeometry, out, scratch):
                 np.add(S, 0, out=phase)
             else:
                 np.add(phase[shift:], S[:n - shift], out=phase[shift:])
-    phases = phases.reshape(sh, sw, B, Mh, Mw, C)
-    for a in range(sh):  # out's rows h with (h + ph) % sh == a, at (h + ph) // sh
-        h = (a - ph) % sh
-        for b in range(sw):
-            w = (b - pw) % sw
-            if h < H and w < W:
-                part = out[:, h::sh, w::sw]
-                m, k = (h + ph) // sh, (w + pw) // sw
-                np.copyto(part, phases[a, b, :, m:m + part.shape[1], k:k + part.shape[2]])
+    from_phases(phases.reshape(sh * sw, B, Mh, Mw, C), layer, out)
     return out

@@ -41,7 +41,8 @@ import numpy as np
 
 from . import _checks, ops
 from . import activations as _activations
-from .conv import adjoint_phases, col2im_scratch, im2col_transposed, pad_into, strided_view
+from .conv import (col2im_scratch, from_phases, im2col_transposed, pad_into, shifted_taps,
+                   to_phases)
 
 
 def _pair(layer: str, name: str, value, minimum: int) -> tuple[int, int]:
@@ -380,10 +381,19 @@ class _TakesMapsNHWC(_Form):
         return (*shape[1:], shape[0])
 
 
-# The most multiply-adds of NumPy's phase-by-phase input gradient, against col2im's path,
-# at which it is still taken (ChannelsLast.phased_input_grad): at equal work it took
-# 0.46-0.71x col2im's time, so up to 1/0.71 = 1.4x as much it is no slower
-PHASED_WORK_MAX = 1.4
+# NumPy runs a convolution's forward and C^dagger as GEMMs on shifted views
+# (ChannelsLast.shifted) where conv.shifted_taps' grid has at most this many
+# cells an output position -- the cells beyond the outputs are multiplied and dropped.
+# Measured against im2col + GEMM (3x3 kernels, float32): 0.6-0.9x its time on 7x7-32x32
+# maps (1.13-1.65 cells an output), 0.8-0.95x on 4x4 (2.25), but 1.5-1.9x on 3x3 (2.78)
+# and 1.2x for a 5x5 kernel on 7x7 (2.47); against col2im 0.4-0.8x up to 2.47 cells and
+# as fast at 4 (2x2 maps), where col2im does not add into padding
+SHIFTED_FORWARD_MAX = 2.25
+SHIFTED_ADJOINT_MAX = 4.0
+# ... on blocks of whole samples whose phase planes and grid of outputs hold about this
+# many bytes (at least one sample): 4 and 16 MiB took the same time, 1 MiB up to 1.25x
+# and the whole batch up to 1.2x as long (28x28 maps, batch 64), holding the most
+SHIFTED_BLOCK_BYTES = 4 << 20
 
 
 class ChannelsLast(_TakesMapsNHWC):
@@ -402,14 +412,17 @@ class ChannelsLast(_TakesMapsNHWC):
     (:func:`gpu_mlp.ops.weight_gradient`). On a GPU a thread gathers one value, in any
     order at the same cost, so there the columns keep ``W``'s order and ``rows(x)`` is
     (rows, K). ``C^dagger`` reads the windows in their NHWC order on both: col2im then
-    adds contiguous runs; on NumPy, where c_out <= c_in, it runs instead as the stride-1
-    correlations of T it is, one per phase of the input's pixels, with no col2im
-    (:meth:`phased_input_grad`). im2col and col2im run on blocks of whole samples
-    (ops.conv_block): on NumPy blocks that stay in cache, on a GPU as many samples as
-    ``ops.COLUMN_BUDGET_BYTES`` holds, in the net's one column buffer. A 1x1
-    convolution with stride 1 and no padding has no column buffer: ``rows(x)`` is
-    ``x``; windows that tile the image (stride = kernel, no padding) are one copy each
-    way.
+    adds contiguous runs. On NumPy both run instead, where the columns are not small and
+    the maps not small against the kernel (:meth:`shifted`), with no columns: one GEMM
+    per kernel offset on a shifted view of the input's stride-phase planes, adding into
+    the output, and the adjoint adding into the planes (:func:`gpu_mlp.conv.
+    shifted_taps`); the weight gradient's rows(x) stay im2col's (one GEMM against T^T:
+    long sums into a small product, which BLAS runs 2-3x slower as kh*kw narrow ones).
+    im2col and col2im run on blocks of whole samples (ops.conv_block): on NumPy blocks
+    that stay in cache, on a GPU as many samples as ``ops.COLUMN_BUDGET_BYTES`` holds,
+    in the net's one column buffer. A 1x1 convolution with stride 1 and no padding has
+    no column buffer: ``rows(x)`` is ``x``; windows that tile the image (stride =
+    kernel, no padding) are one copy each way.
     """
 
     gives_channels_last = True
@@ -419,29 +432,34 @@ class ChannelsLast(_TakesMapsNHWC):
         self.conv, self.c_in, self.c_out = conv, conv.c_in, conv.c_out
         self._direct = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                         and conv.padding == (0, 0))
-        self._phased = {}  # phased_input_grad's answer per input shape
+        self._cells = {}  # cells_per_output per input shape
 
-    def phased_input_grad(self, input_shape) -> bool:
-        """Whether on NumPy ``C^dagger`` runs phase by phase
-        (:meth:`_input_grad_by_phases`) for inputs of ``input_shape`` (C, H, W): where
-        c_out <= c_in -- its columns are T's, c_out wide, where col2im adds columns c_in
-        wide 3-5x slower an element: measured 0.46-0.71x col2im's time at c_out <= c_in,
-        1.02-1.19x at c_out = 2 c_in -- and its GEMMs multiply at most
-        :data:`PHASED_WORK_MAX` times as much as col2im's path (its taps read T's
-        padding where col2im skips the image's: 1.14x for a 3x3 kernel without padding
-        on 32x32 maps). A kernel wide against the output (24x24 on a 24x24 map) would
-        do 576 times col2im's work, in as many times its columns."""
-        found = self._phased.get(input_shape)
+    def cells_per_output(self, input_shape) -> float:
+        """Cells of :func:`gpu_mlp.conv.shifted_taps`' grid per output position for
+        inputs of ``input_shape`` (C, H, W): more than the outputs where the kernel
+        reaches past them (3x3 on 3x3 maps: 2.78). Infinite for a 1x1 convolution with
+        stride 1 and no padding, which needs no columns at all."""
+        found = self._cells.get(input_shape)
         if found is None:
-            found = not self._direct and self.c_out <= self.c_in
-            if found:
-                rows, columns, _ = adjoint_phases(self.conv, input_shape)
-                _, OH, OW = self.output_shape(input_shape)
-                phased = sum(r.count * r.taps * c.count * c.taps
-                             for r in rows for c in columns)
-                found = phased <= PHASED_WORK_MAX * OH * OW * math.prod(self.conv.kernel_size)
-            self._phased[input_shape] = found
+            _, OH, OW = self.output_shape(input_shape)
+            found = (math.inf if self._direct else
+                     math.prod(shifted_taps(self.conv, input_shape).grid) / (OH * OW))
+            self._cells[input_shape] = found
         return found
+
+    def shifted(self, x, ws, most: float) -> bool:
+        """Whether the NHWC batch ``x`` runs this convolution's forward (``most`` =
+        :data:`SHIFTED_FORWARD_MAX`) or ``C^dagger`` (:data:`SHIFTED_ADJOINT_MAX`) as
+        GEMMs on shifted views: on NumPy, where the grid has at most ``most`` cells an
+        output, unless the columns are ones a step keeps (ops.keeps_columns: one
+        cache-sized block for the largest batch the workspace ``ws`` has run, which
+        im2col makes faster and the weight gradient reuses; the digits CNN's step took
+        1.15x as long shifted). The same for every memory mode (the same numbers), and
+        for a remainder batch as for the full one (no other buffers)."""
+        B, H, Wd, C = x.shape
+        _, OH, OW = self.output_shape((C, H, Wd))
+        return (ops.is_numpy(x) and self.cells_per_output((C, H, Wd)) <= most
+                and not ops.keeps_columns(x, ws, OH * OW * self.fan_in * x.dtype.itemsize))
 
     @staticmethod
     def as_rows(a):
@@ -512,13 +530,16 @@ class ChannelsLast(_TakesMapsNHWC):
         if self._direct:
             ops.gemm("N", "T", self.rows(x, ws), self.weight_matrix(W), A_rows)
             return A
+        numpy = ops.is_numpy(x)
+        if self.shifted(x, ws, SHIFTED_FORWARD_MAX):
+            self._linear_shifted(x, W, ws, A)
+            return A
+        keep = kept is not None and ops.keeps_columns(x, ws, P * K * x.dtype.itemsize)
         # NumPy: columns in the windows' order against W's copy in that order; a GPU
         # gathers W's own (c, i, j) (see the class)
-        numpy = ops.is_numpy(x)
         Wt = ws.take((self.c_out, *self.conv.kernel_size, self.c_in)) if numpy else None
         W_mat = self.weight_matrix(W) if Wt is None else self._windows_weight(W, Wt)
         n = min(B, ops.conv_block(x, P * K * x.dtype.itemsize))
-        keep = kept is not None and ops.keeps_columns(x, ws, P * K * x.dtype.itemsize)
         # the net's one column buffer, or rows(x) kept for the weight gradient
         cols = _row_buffer(ws, n * P, K, transient=not keep)
         padded = self._padding(x, n, ws)
@@ -528,8 +549,8 @@ class ChannelsLast(_TakesMapsNHWC):
             ops.gemm("N", "T", block, W_mat, A_rows[rows])
         if keep:
             kept.rows, cols = cols[:B * P].reshape(-1, *self.conv.kernel_size, self.c_in), None
-            if not self.phased_input_grad((self.c_in, H, Wd)) and ops.keeps_weight(
-                    x, Wt.nbytes):  # its input_grad's W, where that is small too
+            if not self.shifted(x, ws, SHIFTED_ADJOINT_MAX) and ops.keeps_weight(
+                    x, Wt.nbytes):  # col2im's W, where that is small too
                 kept.weight, Wt = Wt, None
         ws.give(*(b for b in (cols, Wt, padded) if b is not None))
         return A
@@ -543,8 +564,8 @@ class ChannelsLast(_TakesMapsNHWC):
         if self._direct:
             ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
             return
-        if ops.is_numpy(out) and self.phased_input_grad((self.c_in, *out.shape[1:3])):
-            self._input_grad_by_phases(T_rows, W, ws, out)
+        if self.shifted(out, ws, SHIFTED_ADJOINT_MAX):
+            self._input_grad_shifted(T_rows, W, ws, out)
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
@@ -565,62 +586,79 @@ class ChannelsLast(_TakesMapsNHWC):
             ops.col2im_nhwc(self.conv, block, out[samples], scratch)
         ws.give(*(b for b in (dcols, Wt, scratch) if b is not None))
 
-    def _input_grad_by_phases(self, T_rows, W, ws, out) -> None:
-        """``out <- C^dagger(T, W)`` on NumPy, one phase of the input's pixels at a time
-        (:func:`gpu_mlp.conv.adjoint_phases`): rows of T in the windows' order, one copy
-        from a padded block, against the phase's taps of W flipped, (c_in, taps, c_out),
-        one GEMM -- where col2im's kh*kw strided adds took 3-5x as long. A stride-1
-        convolution is one phase, whose GEMM writes out's rows; a strided one's phases
-        are copied into their pixels. (The sums run in another order than the GPU's
-        col2im: the same numbers to rounding.)"""
-        B, H, Wd, _ = out.shape
-        (sh, sw), C, c_in = self.conv.stride, self.c_out, self.c_in
-        _, OH, OW = self.output_shape((c_in, H, Wd))
-        T = T_rows.reshape(B, OH, OW, C)
-        rows, columns, ((lh, hh), (lw, hw)) = adjoint_phases(self.conv, (c_in, H, Wd))
-        phases = [(r, c) for r in rows for c in columns if r.count and c.count]
-        whole = len(phases) == 1  # stride 1: every pixel
-        # the phases' taps of W flipped, (c_in, taps, c_out) each, in one buffer of W's size
-        # (the forward's copy of W, free by now)
-        flipped = ws.take((C, *self.conv.kernel_size, c_in))
-        weights, at = [], 0
-        for r, c in phases:
-            size = c_in * r.taps * c.taps * C
-            Wp = flipped.reshape(-1)[at:at + size].reshape(c_in, r.taps, c.taps, C)
-            taps = W[:, :, r.offset::sh, c.offset::sw][:, :, ::-1, ::-1]
-            Wp[...] = taps.transpose(1, 2, 3, 0)
-            weights.append(Wp.reshape(c_in, -1))
-            at += size
-        P = max(r.count * c.count for r, c in phases)
-        K = max(r.taps * c.taps for r, c in phases) * C
-        n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))
-        cols = ws.take_columns(n * P, K)  # the net's one column buffer
-        result = None if whole else ws.take((n * P, c_in))
-        padded = ws.take((n, OH + lh + hh, OW + lw + hw, C))
+    def _taps_weight(self, W, ws):
+        """W as (kh*kw, c_out, c_in), each kernel offset's (c_out, c_in) matrix
+        contiguous, in a workspace buffer: the shifted GEMMs' operands."""
+        taps = ws.take((math.prod(self.conv.kernel_size), self.c_out, self.c_in))
+        taps.reshape(*self.conv.kernel_size, self.c_out, self.c_in)[...] = \
+            W.transpose(2, 3, 0, 1)
+        return taps
+
+    def _planes(self, x_shape, ws):
+        """For NHWC maps of ``x_shape``: :func:`gpu_mlp.conv.shifted_taps`, the samples
+        of a block (:data:`SHIFTED_BLOCK_BYTES` of planes and grid), and workspace
+        buffers for a block's phase planes, (sh*sw, n, Mh, Mw, C), and its grid of
+        outputs, (n, Mh, Mw, c_out)."""
+        B, H, Wd, C = x_shape
+        taps = shifted_taps(self.conv, (C, H, Wd))
+        phases = math.prod(self.conv.stride)
+        per_sample = math.prod(taps.grid) * (phases * C + self.c_out) * ws.dtype.itemsize
+        n = min(B, max(1, SHIFTED_BLOCK_BYTES // per_sample))
+        # the planes in the net's one column buffer (the weight gradient's columns come
+        # after them): no more memory than im2col's
+        planes = ws.take_columns(phases * n * math.prod(taps.grid), C)
+        return (taps, n, planes.reshape(phases, n, *taps.grid, C),
+                ws.take((n, *taps.grid, self.c_out)))
+
+    def _linear_shifted(self, x, W, ws, A) -> None:
+        """``A <- C(x, W)`` on NumPy, a block of samples at a time: kh*kw GEMMs on
+        shifted rows of its phase planes into a grid of outputs
+        (:func:`gpu_mlp.conv.shifted_taps`), whose cells (oh, ow) are A's."""
+        B, (OH, OW) = x.shape[0], A.shape[1:3]
+        taps, n, planes, grid = self._planes(x.shape, ws)
+        W_taps = self._taps_weight(W, ws)
         for first in range(0, B, n):
             m = min(n, B - first)
-            block = padded[:m]
-            pad_into(T[first:first + m], block, (lh, lw))
-            s = block.strides
-            for (r, c), Wp in zip(phases, weights):
-                pixels = out[first:first + m, r.first::sh, c.first::sw]
-                pixels = pixels[:, :r.count, :c.count]
-                if not Wp.size:  # no kernel offset reaches these pixels
-                    pixels[...] = 0
-                    continue
-                n_rows = m * r.count * c.count
-                phase_cols = cols.reshape(-1)[:n_rows * Wp.shape[1]].reshape(n_rows, -1)
-                windows = strided_view(  # from block[:, r.start:, c.start:]
-                    block, (m, r.count, c.count, r.taps, c.taps, C),
-                    (s[0], s[1], s[2], s[1], s[2], s[3]), r.start * s[1] + c.start * s[2])
-                np.copyto(phase_cols.reshape(windows.shape), windows)
-                if whole:
-                    ops.gemm("N", "T", phase_cols, Wp,
-                             out[first:first + m].reshape(-1, c_in))
-                else:
-                    ops.gemm("N", "T", phase_cols, Wp, result[:n_rows])
-                    pixels[...] = result[:n_rows].reshape(pixels.shape)
-        ws.give(*(b for b in (flipped, cols, result, padded) if b is not None))
+            block, cells = planes[:, :m], m * math.prod(taps.grid)
+            to_phases(x[first:first + m], self.conv, block)
+            rows = block.reshape(len(planes), cells, self.c_in)
+            out = grid[:m].reshape(cells, self.c_out)
+            k = cells - taps.reach
+            for t, (_, _, phase, shift) in enumerate(taps.taps):  # (0, 0) first: shift 0
+                ops.gemm("N", "T", rows[phase, shift:shift + k], W_taps[t], out[:k],
+                         beta=0.0 if t == 0 else 1.0)
+            np.copyto(A[first:first + m], grid[:m, :OH, :OW])
+        ws.give(planes, grid, W_taps)
+
+    def _input_grad_shifted(self, T_rows, W, ws, out) -> None:
+        """``out <- C^dagger(T, W)`` on NumPy, a block of samples at a time: T in the
+        grid of :func:`gpu_mlp.conv.shifted_taps` (zeros in the cells that are no
+        output), each kernel offset's GEMM added into the phase planes at its shift,
+        the planes' pixels copied into out. (The sums run in another order than
+        col2im's: the same numbers to rounding.)"""
+        B, (sh, sw), (kh, kw) = out.shape[0], self.conv.stride, self.conv.kernel_size
+        _, OH, OW = self.output_shape((self.c_in, *out.shape[1:3]))
+        T = T_rows.reshape(B, OH, OW, self.c_out)
+        taps, n, planes, grid = self._planes(out.shape, ws)
+        W_taps = self._taps_weight(W, ws)
+        for first in range(0, B, n):
+            m = min(n, B - first)
+            block, cells = planes[:, :m], m * math.prod(taps.grid)
+            pad_into(T[first:first + m], grid[:m], (0, 0))
+            rows = block.reshape(len(planes), cells, self.c_in)
+            k = cells - taps.reach
+            T_cells = grid[:m].reshape(cells, self.c_out)[:k]
+            for t, (i, j, phase, shift) in enumerate(taps.taps):
+                first_tap = i < sh and j < sw  # the plane's first offset, shift 0
+                if first_tap:
+                    rows[phase, k:] = 0
+                ops.gemm("N", "N", T_cells, W_taps[t], rows[phase, shift:shift + k],
+                         beta=0.0 if first_tap else 1.0)
+            for phase in range(len(planes)):  # a stride longer than the kernel: untouched
+                if phase // sw >= kh or phase % sw >= kw:
+                    block[phase] = 0
+            from_phases(block, self.conv, out[first:first + m])
+        ws.give(planes, grid, W_taps)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import functools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 
 import gpu_mlp
-from gpu_mlp import conv, ops
+from gpu_mlp import conv, layers, ops
 from gpu_mlp.layers import Conv2d
+from gpu_mlp.workspace import Workspace
 from bench import harness, report, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -359,9 +361,11 @@ def test_torch_and_gpu_mlp_take_the_same_step(device, point):
 
 
 @pytest.mark.parametrize("point", [harness.Point(width=6, depth=3, batch=5),
-                                   harness.ConvPoint(input=(2, 7, 5), channels=3, depth=3,
+                                   harness.ConvPoint(input=(2, 6, 6), channels=3, depth=3,
                                                      batch=5)], ids=str)
 def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point):
+    # (no columns kept: the shifted paths run where the grid says)
+    monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)
     calls = []
     real_gemm = ops.gemm
 
@@ -388,22 +392,27 @@ def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point):
     def shapes(calls):
         return [call[:5] + (None,) for call in calls]
     assert _rows_merged(shapes(seen["gemm"])) == _rows_merged(shapes(seen["gpu_mlp"]))
-    # 3 GEMMs a layer, no input gradient for layer 1; on the CPU a convolution's input
-    # gradient may be one GEMM per phase of its input (conv.adjoint_phases), whose taps
-    # skip what col2im would add to the padding: fewer multiply-adds than nominal
+    # 3 GEMMs a layer, no input gradient for layer 1; on the CPU a convolution may run
+    # its forward and input gradient as one GEMM per kernel offset over the cells of its
+    # phase planes' grid (conv.shifted_taps), which include cells that are no output
     rows, fan_in, d_out = point.gemm_shapes()[0]
     want_gemms = 3 * len(point.layers()) - 1
     want_flops = point.flops - 2 * rows * fan_in * d_out
-    shape = point.input_shape
+    shape, shifted = point.input_shape, []
     for k, (layer, (m, K, d)) in enumerate(zip(point.layers(), point.gemm_shapes())):
-        if k > 0 and isinstance(layer, Conv2d) and layer.engine.phased_input_grad(shape):
-            rows_h, rows_w, _ = conv.adjoint_phases(layer, shape)
-            phases = [(r, c) for r in rows_h for c in rows_w
-                      if r.count * c.count * r.taps * c.taps]
-            want_gemms += len(phases) - 1
-            want_flops += sum(2 * point.batch * r.count * c.count * r.taps * c.taps * d
-                              * layer.c_in for r, c in phases) - 2 * m * K * d
+        if k > 0 and isinstance(layer, Conv2d):
+            maps = np.empty((point.batch, *shape[1:], shape[0]))
+            taps = conv.shifted_taps(layer, shape)
+            n = point.batch * math.prod(taps.grid) - taps.reach
+            ws = Workspace(np, np.float64)
+            ways = (layer.engine.shifted(maps, ws, layers.SHIFTED_FORWARD_MAX)
+                    + layer.engine.shifted(maps, ws, layers.SHIFTED_ADJOINT_MAX))
+            want_gemms += ways * (len(taps.taps) - 1)
+            want_flops += ways * (2 * n * layer.c_in * d * len(taps.taps) - 2 * m * K * d)
+            shifted.append(ways)
         shape = layer.output_shape(shape)
+    # the conv point's second convolution runs both ways shifted, its third only C^dagger
+    assert shifted == ([2, 1] if point.model == "conv" else [])
     assert len(seen["gemm"]) == want_gemms
     flops = sum(2 * out[0] * out[1] * (a[0] if ta == "T" else a[1])
                 for ta, _, a, _, out, _ in seen["gemm"])

@@ -16,6 +16,7 @@
 import ctypes
 import doctest
 import itertools
+import math
 import re
 import shutil
 
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 import cuda_host
-from gpu_mlp import conv, cuda
+from gpu_mlp import conv, cuda, ops
 from gpu_mlp.layers import ChannelsLastDense, Conv2d
 
 torch = pytest.importorskip("torch")
@@ -575,32 +576,52 @@ def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta
         np.ascontiguousarray(X_rows.transpose(0, 3, 1, 2)).reshape(len(cols), -1), cols)
 
 
-@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, hw", [
-    (5, 3, 3, 1, 1, (7, 6)), (4, 2, (3, 2), 1, (0, 1), (6, 5)), (3, 3, 3, 1, 2, (5, 5)),
-    (4, 3, 3, 2, 1, (8, 8)), (4, 4, 3, 2, 1, (7, 9)), (3, 2, (2, 3), (2, 3), 0, (8, 13)),
-    (2, 2, 1, 2, 0, (5, 4)), (3, 3, 3, (3, 2), (2, 0), (9, 6)), (2, 1, 2, 3, 3, (4, 5)),
-    (3, 5, 3, 1, 1, (7, 6)), (3, 4, 3, 2, 1, (7, 9)), (3, 3, (7, 6), 1, 0, (7, 6))],
-    ids=["s1", "s1-rect", "s1-wide-pad", "s2", "s2-odd", "tiles", "1x1-s2", "s3x2", "p>k",
-         "s1-col2im", "s2-col2im", "k=input-col2im"])
-def test_the_numpy_input_gradient_is_torchs(c_in, c_out, kernel, stride, padding, hw):
-    # on NumPy C^dagger runs as stride-1 correlations of T, one per phase of the input's
-    # pixels (conv.adjoint_phases), where c_out <= c_in, else by col2im -- and by col2im
-    # for a kernel as wide as the input, whose phases would read mostly T's padding (42x
-    # the multiply-adds): torch's gradient either way, every pixel written (out starts
-    # as NaN), those no offset reaches too
+# (c_in, c_out, kernel, stride, padding, (H, W)) and the cells of conv.shifted_taps' grid
+# an output position, which decide NumPy's paths: the forward by GEMMs on the shifted
+# phase planes up to layers.SHIFTED_FORWARD_MAX (2.25), else im2col; C^dagger so up to
+# layers.SHIFTED_ADJOINT_MAX (4), else col2im
+NUMPY_CONV_CASES = {
+    "s1": ((2, 3, 3, 1, 1, (12, 12)), 1.36), "s1-rect": ((4, 2, (3, 2), 1, (0, 1), (9, 8)), 1.43),
+    "s2": ((2, 3, 3, 2, 1, (16, 16)), 1.27), "s2-odd": ((4, 4, 3, 2, 1, (7, 9)), 1.5),
+    "tiles": ((3, 2, (2, 3), (2, 3), 0, (8, 13)), 1.25), "1x1-s2": ((2, 2, 1, 2, 0, (5, 4)), 1),
+    "1x1-pad": ((2, 3, 1, 1, 1, (6, 6)), 1), "s3x2": ((3, 3, 3, (3, 2), (2, 0), (9, 6)), 1.5),
+    "p>k": ((2, 1, 2, 3, 3, (4, 5)), 1), "s>k": ((2, 2, 2, 3, 0, (9, 9)), 1),
+    "small": ((5, 3, 3, 1, 1, (7, 6)), 1.71), "wide-pad": ((3, 3, 3, 1, 2, (5, 5)), 1.65),
+    "5x5-on-7x7": ((2, 3, 5, 1, 2, (7, 7)), 2.47), "3x3-on-3x3": ((2, 3, 3, 1, 1, (3, 3)), 2.78),
+    "2x2": ((3, 2, 3, 1, 1, (2, 2)), 4), "one-output": ((2, 2, 3, 1, 0, (3, 3)), 9),
+    "k=input": ((3, 3, (7, 6), 1, 0, (7, 6)), 42)}
+
+
+@pytest.mark.parametrize("blocks", ["whole", "one-sample"])
+@pytest.mark.parametrize("case", NUMPY_CONV_CASES)
+def test_the_numpy_forward_and_input_gradient_are_torchs(monkeypatch, case, blocks):
+    # the forward (without kept columns) and C^dagger on NumPy, every path: torch's
+    # output and gradient, every value written (the buffers start as NaN) -- the pixels no
+    # kernel offset reaches too (a stride longer than the kernel) -- over the batch whole
+    # or a sample a block (layers.SHIFTED_BLOCK_BYTES), every workspace buffer given back
+    from gpu_mlp import layers
     from gpu_mlp.workspace import Workspace
 
+    monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)  # (small columns)
+    if blocks == "one-sample":
+        monkeypatch.setattr(layers, "SHIFTED_BLOCK_BYTES", 1)
+    (c_in, c_out, kernel, stride, padding, hw), cells = NUMPY_CONV_CASES[case]
     layer = Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
     _, OH, OW = layer.output_shape((c_in, *hw))
-    assert layer.engine.phased_input_grad((c_in, *hw)) == (c_out <= c_in and OH * OW > 1)
+    assert round(layer.engine.cells_per_output((c_in, *hw)), 2) == cells
     rng = np.random.default_rng(12)
     x = rng.standard_normal((5, c_in, *hw))
     W = rng.standard_normal(layer.weight_shape)
     T = rng.standard_normal((5, c_out, OH, OW))
     F = torch.tensor(x, requires_grad=True)
-    torch.nn.functional.conv2d(F, torch.tensor(W), stride=layer.stride,
-                               padding=layer.padding).backward(torch.tensor(T))
+    y = torch.nn.functional.conv2d(F, torch.tensor(W), stride=layer.stride,
+                                   padding=layer.padding)
+    y.backward(torch.tensor(T))
     ws = Workspace(np, np.float64)
+    A = np.full((5, OH, OW, c_out), np.nan)
+    layer.engine.linear(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), W, ws, out=A)
+    np.testing.assert_allclose(A, y.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-12,
+                               atol=1e-12)
     out = np.full((5, *hw, c_in), np.nan)
     layer.engine.input_grad(np.ascontiguousarray(T.transpose(0, 2, 3, 1)).reshape(-1, c_out),
                             W, ws, out)
@@ -609,33 +630,64 @@ def test_the_numpy_input_gradient_is_torchs(c_in, c_out, kernel, stride, padding
     assert ws.in_use_bytes == 0
 
 
+def test_the_numpy_paths_follow_the_grid(monkeypatch):
+    # which path each case takes: GEMMs on the shifted planes (no im2col_nhwc, no
+    # col2im_nhwc) up to the thresholds, the column buffer's beyond them -- and for
+    # columns a step keeps (these cases' at batch 2: within a cache-sized block)
+    from gpu_mlp import layers
+    from gpu_mlp.workspace import Workspace
+
+    for case, ((c_in, c_out, kernel, stride, padding, hw), cells) in NUMPY_CONV_CASES.items():
+        layer = Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+        _, OH, OW = layer.output_shape((c_in, *hw))
+        monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)  # (small columns)
+        calls = []
+        for name in ("im2col_nhwc", "col2im_nhwc"):
+            monkeypatch.setattr(ops, name, lambda *a, name=name, f=getattr(ops, name), **k:
+                                calls.append(name) or f(*a, **k))
+        ws = Workspace(np, np.float64)
+        layer.engine.linear(np.zeros((2, *hw, c_in)), np.zeros(layer.weight_shape), ws)
+        layer.engine.input_grad(np.zeros((2 * OH * OW, c_out)), np.zeros(layer.weight_shape),
+                                ws, np.empty((2, *hw, c_in)))
+        direct = kernel == 1 and stride == 1 and padding == 0
+        want = ([] if cells <= layers.SHIFTED_FORWARD_MAX or direct else ["im2col_nhwc"]) + \
+            ([] if cells <= layers.SHIFTED_ADJOINT_MAX or direct else ["col2im_nhwc"])
+        assert set(calls) == set(want), case
+        monkeypatch.undo()
+        # columns a training step keeps (one cache-sized block): im2col and col2im
+        assert not layer.engine.shifted(np.zeros((2, *hw, c_in)), ws, math.inf)
+
+
 @pytest.mark.parametrize("kernel, stride, padding, size", [
     case for case in itertools.product(range(1, 5), range(1, 4), range(0, 4), range(1, 9))
     if case[0] <= case[3] + 2 * case[2]])  # kernel within the padded input
-def test_the_adjoint_phases_cover_every_pixel_once_with_its_taps(kernel, stride, padding,
-                                                                size):
-    # along one axis: pixel h gets kernel offset i from output position oh iff
-    # oh stride - padding + i = h; the phases must say exactly that
-    layer = Conv2d(1, 1, (kernel, 1), stride=(stride, 1), padding=(padding, 0))
-    _, n_out, _ = layer.output_shape((1, size, 1))
-    phases, _, ((low, high), _) = conv.adjoint_phases(layer, (1, size, 1))
-    pixels, got = [], {}
-    for p in phases:
-        for u in range(p.count):
-            h = p.first + u * stride
-            pixels.append(h)
-            # window u of T padded by `low`: T positions start + u - low + m', taps flipped
-            got[h] = {(p.start + u - low + m, p.offset + stride * (p.taps - 1 - m))
-                      for m in range(p.taps)}
-            assert all(-low <= oh < n_out + high for oh, _ in got[h])
-    assert sorted(pixels) == list(range(size))  # every pixel, once
-    want = {h: {(oh, h + padding - oh * stride) for oh in range(n_out)
-                if 0 <= h + padding - oh * stride < kernel} for h in range(size)}
-    for h in range(size):  # the taps from T's positions, padding (zeros) aside
-        assert {(oh, i) for oh, i in got[h] if 0 <= oh < n_out} == want[h]
+def test_the_phase_planes_hold_each_pixel_once_where_the_taps_read_it(kernel, stride,
+                                                                     padding, size):
+    # along both axes: the planes hold the padded image, each pixel once, zeros
+    # elsewhere; kernel offset (i, j) of output (oh, ow) finds padded pixel (s oh + i,
+    # s ow + j) at its shift from the output's cell; from_phases inverts to_phases
+    layer = Conv2d(1, 1, kernel, stride=stride, padding=padding)
+    _, OH, OW = layer.output_shape((1, size, size + 1))
+    taps = conv.shifted_taps(layer, (1, size, size + 1))
+    Mh, Mw = taps.grid
+    x = np.arange(1.0, 1 + 2 * size * (size + 1)).reshape(2, size, size + 1, 1)
+    planes = np.full((stride * stride, 2, Mh, Mw, 1), np.nan)
+    conv.to_phases(x, layer, planes)
+    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    assert sorted(planes[planes != 0]) == sorted(x.ravel())  # each pixel once, zeros else
+    flat = planes.reshape(stride * stride, -1)
+    cells = 2 * Mh * Mw
+    for i, j, phase, shift in taps.taps:
+        for b, oh, ow in itertools.product(range(2), range(OH), range(OW)):
+            p = (b * Mh + oh) * Mw + ow
+            assert p + taps.reach < cells
+            assert flat[phase, p + shift] == padded[b, stride * oh + i, stride * ow + j, 0]
+    back = np.full_like(x, np.nan)
+    conv.from_phases(planes, layer, back)
+    np.testing.assert_array_equal(back, x)
 
 
-def test_transposed_columns_and_phases_refuse_what_does_not_fit():
+def test_transposed_columns_and_shifted_taps_refuse_what_does_not_fit():
     layer = Conv2d(2, 3, 3, padding=1)
     x = np.zeros((4, 2, 5, 5))
     with pytest.raises(ValueError, match=r"x must be a \(batch, 2, height, width\)"):
@@ -649,4 +701,4 @@ def test_transposed_columns_and_phases_refuse_what_does_not_fit():
     with pytest.raises(ValueError, match=r"padding needs a buffer of shape \(n, 2, 7, 7\)"):
         conv.im2col_transposed(x, layer, np.empty((18, 100)), np.empty((4, 2, 6, 6)))
     with pytest.raises(ValueError, match="larger than the padded input"):
-        conv.adjoint_phases(Conv2d(2, 3, 5), (2, 3, 3))
+        conv.shifted_taps(Conv2d(2, 3, 5), (2, 3, 3))

@@ -745,11 +745,16 @@ KEPT = {"output": MEM_CONVS * UNIT, "recompute": MEM_CONVS * UNIT + UNIT,
 BLOCK = max(1, ops.CONV_BLOCK_BYTES // (MEM_P * MEM_K * ITEM))
 PADDED = BLOCK * (MEM_HW + 2) ** 2 * MEM_C * ITEM
 W_COPY = MEM_C * MEM_K * ITEM
-# Besides: one more activation (Delta_k beside dJ/dF_{k-1}), the column buffer, one rows
-# buffer, the padded blocks and W's copy, the head's few (B, d_out) buffers and the
-# (B*P,) ones of the bias GEMV
-WORKING_SET = (UNIT + COLS + ROWS + 2 * PADDED + W_COPY + 4 * MEM_B * MEM_D_OUT * ITEM
-               + MEM_B * MEM_P * ITEM)
+# The second and third convolutions' forward and C^dagger run as GEMMs on shifted views
+# (layers.ChannelsLast.shifted: 18x18 cells for 16x16 outputs): the phase planes in the
+# column buffer (smaller than the columns), a grid of outputs, (B, 18, 18, 8), and W's
+# taps
+SHIFTED = MEM_B * (MEM_HW + 2) ** 2 * MEM_C * ITEM + W_COPY
+# Besides: one more activation (Delta_k beside dJ/dF_{k-1}), the column buffer (the
+# weight gradient's rows), one rows buffer, the padded blocks and W's copy, the head's
+# few (B, d_out) buffers and the (B*P,) ones of the bias GEMV
+WORKING_SET = (UNIT + COLS + ROWS + 2 * PADDED + W_COPY + SHIFTED
+               + 4 * MEM_B * MEM_D_OUT * ITEM + MEM_B * MEM_P * ITEM)
 NUMPY_TEMPORARIES = 3 * ops.BLOCK_ELEMENTS * ITEM  # the NumPy twins' row blocks
 BOOKKEEPING = 16 * 1024
 assert NUMPY_TEMPORARIES < UNIT
@@ -829,7 +834,22 @@ def test_conv_steady_state_creates_no_buffers(device, memory):
 # Remark 8's store over recompute where it is cheap: on NumPy a convolution whose columns
 # (for the largest batch its workspace has run) fit one cache-sized block keeps them from
 # the forward for its weight gradient, and the W copy its input gradient reads, except in
-# "recompute" mode. A 1 -> 4 -> 8 channel net on 8x8 images: its second convolution
+# "recompute" mode -- where its forward makes columns at all: the entrance, and layers
+# whose maps are small against their kernel (layers.SHIFTED_FORWARD_MAX; the others run
+# as GEMMs on shifted views). The tests of keeping take that path everywhere
+# (columns_path).
+
+
+@pytest.fixture
+def columns_path(monkeypatch):
+    """Every convolution through im2col and col2im, as one on small maps runs."""
+    from gpu_mlp import layers as engine
+
+    monkeypatch.setattr(engine, "SHIFTED_FORWARD_MAX", 0)
+    monkeypatch.setattr(engine, "SHIFTED_ADJOINT_MAX", 0)
+
+
+# A 1 -> 4 -> 8 channel net on 8x8 images: its second convolution
 # widens (c_out > c_in), so its input gradient reads the forward's copy of W.
 def small_conv_net(memory, seed=0):
     layers = [Conv2d(1, 4, 3, padding=1, activation="relu"),
@@ -855,7 +875,7 @@ def counting(monkeypatch, owner, name, calls):
 
 
 @pytest.mark.parametrize("memory", MODES)
-def test_small_convolutions_keep_their_columns_from_the_forward(monkeypatch, memory):
+def test_small_convolutions_keep_their_columns_from_the_forward(monkeypatch, memory, columns_path):
     from gpu_mlp import conv, layers as engine
     net = small_conv_net(memory)
     X, y = small_conv_batch()
@@ -884,7 +904,7 @@ RULES = {"sgd": lambda: LR, "adam": lambda: gpu_mlp.optim.Adam(1e-2),
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("memory", MODES)
-def test_kept_columns_give_the_made_again_ones_bits(monkeypatch, memory, rule):
+def test_kept_columns_give_the_made_again_ones_bits(monkeypatch, memory, rule, columns_path):
     X, y = small_conv_batch()
     nets = []
     for keeps in (True, False):
@@ -902,7 +922,7 @@ def test_kept_columns_give_the_made_again_ones_bits(monkeypatch, memory, rule):
         assert np.array_equal(gW, gW0) and np.array_equal(gb, gb0)
 
 
-def test_kept_columns_cost_at_most_a_block_per_convolution(monkeypatch):
+def test_kept_columns_cost_at_most_a_block_per_convolution(monkeypatch, columns_path):
     X, y = small_conv_batch()
     held = []
     for keeps in (True, False):
@@ -917,7 +937,7 @@ def test_kept_columns_cost_at_most_a_block_per_convolution(monkeypatch):
     assert held[0] > held[1]
 
 
-def test_kept_weight_copies_stay_within_a_block_per_layer():
+def test_kept_weight_copies_stay_within_a_block_per_layer(columns_path):
     # widening convolutions on small maps: tiny columns, W copies of 0.07-9 MiB; what the
     # forward keeps of a layer must stay within the README's cache-sized blocks
     layers = [Conv2d(16, 64, 3, padding=1, activation="relu"),
@@ -1147,7 +1167,7 @@ def test_a_tape_serves_one_backward_and_can_be_released(device):
 
 
 @pytest.mark.parametrize("memory", MODES)
-def test_a_conv_tape_released_or_refused_gives_back_its_kept_columns(memory):
+def test_a_conv_tape_released_or_refused_gives_back_its_kept_columns(memory, columns_path):
     """A forward keeps a small convolution's columns and W copy in its tape (on the CPU
     outside "recompute"): a tape released unused, or whose backward is refused, gives
     them back with the activations."""
@@ -1456,7 +1476,7 @@ def test_a_diverged_net_and_a_clipped_loss_copy_as_they_are():
     assert plain.loss is losses.get("squared")  # a table's loss travels by its name
 
 
-def test_recompute_net_makes_an_identity_convolutions_columns_again(monkeypatch):
+def test_recompute_net_makes_an_identity_convolutions_columns_again(monkeypatch, columns_path):
     # an identity layer runs as "output" in a "recompute" net (same memory, less work):
     # it must not keep columns that the net's mode promises to make again
     from gpu_mlp import conv
@@ -1473,7 +1493,7 @@ def test_recompute_net_makes_an_identity_convolutions_columns_again(monkeypatch)
     assert calls == {"im2col_nhwc": 2}
 
 
-def test_kept_columns_follow_the_batch_when_largest_batch_was_reset():
+def test_kept_columns_follow_the_batch_when_largest_batch_was_reset(columns_path):
     # free_buffers() in another thread may reset largest_batch between a step's setting
     # it and its convolutions: a batch too large for one block still keeps nothing
     ws = Workspace(np, np.float64)
