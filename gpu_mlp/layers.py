@@ -276,7 +276,7 @@ class Conv2d(Layer):
 
     def rows(self, x, ws, blocks=False):
         B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
-        n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        n = ops.row_block(x, P * K * x.dtype.itemsize) if blocks else B
         cols = _row_buffer(ws, n * P, K, blocks)
         if n >= B:
             return ops.im2col(self, x, cols)
@@ -475,7 +475,7 @@ class ChannelsLast(_TakesMapsNHWC):
         if self._direct:
             return x.reshape(-1, self.c_in)
         B, P, K = self._geometry(x)
-        per_block = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        per_block = ops.row_block(x, P * K * x.dtype.itemsize) if blocks else B
         cols = _row_buffer(ws, per_block * P, K, blocks)
         n = min(per_block, ops.conv_block(x, P * K * x.dtype.itemsize))
         padded = self._padding(x, n, ws)
@@ -707,7 +707,7 @@ class EntranceConv(_Form):
 
     def rows(self, x, ws, blocks=False):
         B, P, K = x.shape[0], self.positions(x.shape[1:]), self.fan_in
-        n = ops.column_block(B, P * K * x.dtype.itemsize) if blocks else B
+        n = ops.row_block(x, P * K * x.dtype.itemsize) if blocks else B
         buffer = _row_buffer(ws, n * P, K, blocks)
 
         def fill(first, count):

@@ -177,7 +177,9 @@ def _warm_peak(net, X, Y):
 
 
 @pytest.mark.parametrize("memory", gpu_mlp.MEMORY_MODES)
-def test_the_budget_caps_what_a_numpy_step_holds(memory):
+def test_the_budget_caps_what_a_numpy_step_holds(monkeypatch, memory):
+    # (the budget alone: NumPy's cache-sized row blocks, ops.ROW_BLOCK_BYTES, set aside)
+    monkeypatch.setattr(ops, "ROW_BLOCK_BYTES", 1 << 40)
     X, Y = _big_batch()
     whole = _warm_peak(_big_net(memory), X, Y)
     with budget(LIMIT):
@@ -239,3 +241,21 @@ def test_column_blocks_hold_whole_samples_within_the_budget(monkeypatch):
     assert ops.column_block(2, 300) == 2      # the batch fits
     assert ops.column_block(10, 5000) == 1    # one sample over the budget: one a block
     assert ops.column_block(0, 300) == 1      # an empty batch: still a loop's step
+
+
+def test_numpy_weight_gradients_read_rows_in_cache_sized_blocks(monkeypatch, host_cupy_lib):
+    """On NumPy a weight gradient's rows(x) come in blocks of ops.ROW_BLOCK_BYTES (within
+    the budget); a GPU's, the budget's."""
+    from host_cupy import cupy_path
+
+    monkeypatch.setattr(ops, "COLUMN_BUDGET_BYTES", 1000)
+    monkeypatch.setattr(ops, "ROW_BLOCK_BYTES", 700)
+    x = np.zeros((10, 1))
+    assert ops.row_block(x, 300) == 2       # 600 bytes: NumPy's cache-sized block
+    assert ops.row_block(x, 5000) == 1      # one sample over both: one a block
+    assert ops.row_block(x[:1], 300) == 1   # the batch fits
+    monkeypatch.setattr(ops, "ROW_BLOCK_BYTES", 1 << 20)
+    assert ops.row_block(x, 300) == 3       # the budget caps it
+    monkeypatch.setattr(ops, "ROW_BLOCK_BYTES", 700)
+    with cupy_path(host_cupy_lib):  # (where every array is the GPU's)
+        assert ops.row_block(x, 300) == 3  # the budget's alone
