@@ -17,7 +17,10 @@ whose col2im is a gather adding in the NumPy order, so both give the same bits.
 The engine keeps a convolution's maps channels-last (NHWC: :class:`gpu_mlp.layers.
 ChannelsLast`); :func:`im2col_nhwc` and :func:`col2im_nhwc` are the same maps on NHWC
 images, twinned the same way (``im2col_nhwc``, ``col2im_nhwc`` in ``ELEMENTWISE``). The
-NCHW pair serves the layers' torch-layout methods and the network's entrance.
+NCHW pair serves the layers' torch-layout methods and the network's entrance. On NumPy
+a layer whose columns would be large runs its forward and ``C^dagger`` with none: one
+GEMM per kernel offset on a shifted view of the input's stride-phase planes
+(:func:`shifted_taps`, :func:`to_phases`, :func:`from_phases`).
 
 >>> import numpy as np
 >>> from gpu_mlp.layers import Conv2d

@@ -703,21 +703,22 @@ def row_block(x, bytes_per_sample: int) -> int:
     """Samples per block of a convolution's ``rows(x)`` that a weight gradient reads
     block by block (:class:`RowBlocks`): as many as the column budget holds, on NumPy
     within :data:`ROW_BLOCK_BYTES` too."""
-    n = column_block(x.shape[0], bytes_per_sample)
-    if is_numpy(x):
-        fit = ROW_BLOCK_BYTES // (bytes_per_sample if bytes_per_sample > 1 else 1)
-        if fit < n:
-            n = fit if fit > 1 else 1
-    return n
+    return _block_within(x, bytes_per_sample, ROW_BLOCK_BYTES)
 
 
 def conv_block(x, bytes_per_sample: int) -> int:
     """Samples per block of a channels-last convolution on ``x``'s backend: on a GPU as
     many as the column budget holds, on NumPy a cache-sized block (within it too)."""
+    return _block_within(x, bytes_per_sample, CONV_BLOCK_BYTES)
+
+
+def _block_within(x, bytes_per_sample: int, numpy_bytes: int) -> int:
+    """Samples per block of ``x``'s batch within the column budget, and on NumPy within
+    ``numpy_bytes`` too (at least one)."""
     fit = column_block(x.shape[0], bytes_per_sample)
     if not is_numpy(x):
         return fit
-    n = CONV_BLOCK_BYTES // (bytes_per_sample if bytes_per_sample > 1 else 1)
+    n = numpy_bytes // (bytes_per_sample if bytes_per_sample > 1 else 1)
     if n >= fit:
         return fit
     return n if n > 1 else 1
