@@ -774,15 +774,17 @@ def _gemm_case(task, params, X) -> Case:
         if k > 0 and isinstance(layer, Conv2d) and xp is np:
             maps = np.empty((task.point.batch, *shape[1:], shape[0]), X.dtype)  # (unread)
             ws = Workspace(np, X.dtype)
-            taps = shifted_taps(layer, shape)
-            n = task.point.batch * math.prod(taps.grid)
-            gemms = (stand_in((n, layer.c_in)), stand_in((n, layer.c_out)),
-                     stand_in((len(taps.taps), layer.c_out, layer.c_in)),
-                     [shift for *_, shift in taps.taps], n - taps.reach)
-            if layer.engine.shifted(maps, ws, SHIFTED_FORWARD_MAX):
-                forward[k] = gemms
-            if layer.engine.shifted(maps, ws, SHIFTED_ADJOINT_MAX):
-                adjoint[k] = gemms
+            ways = [(paths, layer.engine.shifted(maps, ws, most)) for paths, most in
+                    ((forward, SHIFTED_FORWARD_MAX), (adjoint, SHIFTED_ADJOINT_MAX))]
+            if any(shifted for _, shifted in ways):
+                taps = shifted_taps(layer, shape)
+                n = task.point.batch * math.prod(taps.grid)
+                gemms = (stand_in((n, layer.c_in)), stand_in((n, layer.c_out)),
+                         stand_in((len(taps.taps), layer.c_out, layer.c_in)),
+                         [shift for *_, shift in taps.taps], n - taps.reach)
+                for paths, shifted in ways:
+                    if shifted:
+                        paths[k] = gemms
         shape = layer.output_shape(shape)
 
     def step():

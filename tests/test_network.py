@@ -834,10 +834,10 @@ def test_conv_steady_state_creates_no_buffers(device, memory):
 # Remark 8's store over recompute where it is cheap: on NumPy a convolution whose columns
 # (for the largest batch its workspace has run) fit one cache-sized block keeps them from
 # the forward for its weight gradient, and the W copy its input gradient reads, except in
-# "recompute" mode -- where its forward makes columns at all: the entrance, and layers
-# whose maps are small against their kernel (layers.SHIFTED_FORWARD_MAX; the others run
-# as GEMMs on shifted views). The tests of keeping take that path everywhere
-# (columns_path).
+# "recompute" mode. Where a step keeps no columns (a recompute net, or keeping patched
+# off) a layer's forward may run as GEMMs on shifted views instead (layers.ChannelsLast.
+# shifted), which sum in another order: the tests of keeping hold every convolution to
+# the im2col path they compare against (columns_path).
 
 
 @pytest.fixture
