@@ -95,6 +95,16 @@ def _window(n_out: int, size: int, stride: int, pad: int, offset: int):
     return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
 
 
+def _check_buffer(layer: ConvGeometry, images, buffer, shape: tuple, name: str) -> None:
+    """``buffer``, the ``name`` of ``images``, must have ``shape`` and their dtype."""
+    if tuple(buffer.shape) != shape:
+        raise ValueError(f"{layer}: the {name} must have shape {shape} for images of shape "
+                         f"{tuple(images.shape)}, got {tuple(buffer.shape)}")
+    if images.dtype != buffer.dtype:
+        raise TypeError(f"{layer}: the images and the {name} must share one dtype, got "
+                        f"{images.dtype} and {buffer.dtype}")
+
+
 def _views(images, matrix, layer: ConvGeometry, what: str):
     """``matrix`` viewed as (B, OH, OW, C, kh, kw), and (OH, OW), after checking shapes."""
     if images.ndim != 4:
@@ -102,12 +112,7 @@ def _views(images, matrix, layer: ConvGeometry, what: str):
                          f"array, got shape {tuple(images.shape)}")
     B, (_, OH, OW) = images.shape[0], layer.output_shape(images.shape[1:])
     shape = (B * OH * OW, layer.c_in * layer.kernel_size[0] * layer.kernel_size[1])
-    if tuple(matrix.shape) != shape:
-        raise ValueError(f"{layer}: the column matrix must have shape {shape} for images "
-                         f"of shape {tuple(images.shape)}, got {tuple(matrix.shape)}")
-    if images.dtype != matrix.dtype:
-        raise TypeError(f"{layer}: images and columns must share one dtype, got "
-                        f"{images.dtype} and {matrix.dtype}")
+    _check_buffer(layer, images, matrix, shape, "column matrix")
     return matrix.reshape(B, OH, OW, layer.c_in, *layer.kernel_size), OH, OW
 
 
@@ -200,9 +205,20 @@ def _phase_parts(layer: ConvGeometry, hw):
                     ((h + ph) // sh, (w + pw) // sw)
 
 
+def _check_planes(images, planes, layer: ConvGeometry, what: str) -> None:
+    """The NHWC ``images`` (B, H, W, c_in) and ``planes`` (sh*sw, B, Mh, Mw, c_in) must
+    fit ``layer`` and each other; else a ValueError or TypeError naming them."""
+    _check_nhwc(images, layer, what)
+    B, H, W, C = images.shape
+    shape = (layer.stride[0] * layer.stride[1], B,
+             *shifted_taps(layer, (C, H, W)).grid, C)
+    _check_buffer(layer, images, planes, shape, "phase planes")
+
+
 def to_phases(x, layer: ConvGeometry, planes) -> None:
     """``planes`` (sh*sw, B, Mh, Mw, C) <- the NHWC ``x`` (B, H, W, C) padded, split into
     its stride phases (:func:`shifted_taps`): zeros in the cells no pixel reaches."""
+    _check_planes(x, planes, layer, "x")
     filled = set()
     for phase, pixels, low in _phase_parts(layer, x.shape[1:3]):
         pad_into(x[:, pixels[0], pixels[1]], planes[phase], low)
@@ -214,6 +230,7 @@ def to_phases(x, layer: ConvGeometry, planes) -> None:
 def from_phases(planes, layer: ConvGeometry, out) -> None:
     """``out`` (B, H, W, C) <- the image's pixels of ``planes`` (sh*sw, B, Mh, Mw, C):
     the inverse of :func:`to_phases`, the padding's cells dropped."""
+    _check_planes(out, planes, layer, "out")
     for phase, pixels, (m, k) in _phase_parts(layer, out.shape[1:3]):
         part = out[:, pixels[0], pixels[1]]
         np.copyto(part, planes[phase][:, m:m + part.shape[1], k:k + part.shape[2]])
@@ -277,11 +294,15 @@ def im2col_transposed(x: np.ndarray, layer: ConvGeometry, out: np.ndarray,
 # (gpu_mlp.layers.ChannelsLast). Its im2col reads the NHWC windows through one strided
 # view, so each copy moves runs of C (or kw*C) contiguous values, not single pixels.
 
-def _nhwc(images, matrix, layer: ConvGeometry, what: str):
-    """(B, OH, OW) of the NHWC ``images`` for ``layer``, after checking the shapes."""
+def _check_nhwc(images, layer: ConvGeometry, what: str) -> None:
     if images.ndim != 4 or images.shape[3] != layer.c_in:
         raise ValueError(f"{layer}: {what} must be a (batch, height, width, {layer.c_in}) "
                          f"array, got shape {tuple(images.shape)}")
+
+
+def _nhwc(images, matrix, layer: ConvGeometry, what: str):
+    """(B, OH, OW) of the NHWC ``images`` for ``layer``, after checking the shapes."""
+    _check_nhwc(images, layer, what)
     B, H, W, C = images.shape
     _, OH, OW = layer.output_shape((C, H, W))
     shape = (B * OH * OW, C * layer.kernel_size[0] * layer.kernel_size[1])

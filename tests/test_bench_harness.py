@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1074,3 +1075,28 @@ def test_the_gpu_gemm_bound_is_replayed_as_a_graph(monkeypatch):
     replay()
     replay()
     assert events == ["launch on current"] * 2
+
+
+def test_side_by_side_times_a_commits_package_against_the_checkouts(capsys):
+    """bench/side_by_side.py: the base commit's gpu_mlp imported beside the checkout's,
+    the same nets built in both, alternating rounds; bad cases and commits refused."""
+    import shutil
+
+    from bench import side_by_side
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    assert side_by_side.main(["--base", "HEAD", "--rounds", "1", "--steps", "1",
+                              "1x6x6-2-2", "digits"]) == 0
+    assert side_by_side.main(["--base", "HEAD", "--rounds", "1", "--steps", "1", "--layers",
+                              "--batch", "3", "6-2-3-2"]) == 0
+    out = capsys.readouterr().out
+    for case in ("1x6x6-2-2 B64", "digits B32", "6-2-3-2 forward", "6-2-3-2 input gradient",
+                 "6-2-3-2 weight gradient"):
+        assert re.search(rf"{case} +base .* checkout .* checkout / base \(medians\) [0-9.]+",
+                         out), (case, out)
+    with pytest.raises(SystemExit, match="a network is CxHxW-channels-depth or digits"):
+        side_by_side.main(["--base", "HEAD", "--rounds", "1", "nope"])
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--base", "no-such-commit", "digits"])
+    assert "git archive failed" in capsys.readouterr().err

@@ -702,3 +702,15 @@ def test_transposed_columns_and_shifted_taps_refuse_what_does_not_fit():
         conv.im2col_transposed(x, layer, np.empty((18, 100)), np.empty((4, 2, 6, 6)))
     with pytest.raises(ValueError, match="larger than the padded input"):
         conv.shifted_taps(Conv2d(2, 3, 5), (2, 3, 3))
+    strided = Conv2d(2, 3, 3, stride=2, padding=1)  # 5x5 maps: 2x2 planes of 4x4 cells
+    nhwc, planes = np.zeros((4, 5, 5, 2)), np.zeros((4, 4, 4, 4, 2))
+    conv.to_phases(nhwc, strided, planes)  # (fits)
+    conv.from_phases(planes, strided, nhwc)
+    for f in (lambda images, p: conv.to_phases(images, strided, p),
+              lambda images, p: conv.from_phases(p, strided, images)):
+        with pytest.raises(ValueError, match=r"must be a \(batch, height, width, 2\) array"):
+            f(np.zeros((4, 5, 5, 3)), planes)
+        with pytest.raises(ValueError, match=r"phase planes must have shape \(4, 4, 4, 4, 2\)"):
+            f(nhwc, np.zeros((1, 4, 4, 4, 2)))
+        with pytest.raises(TypeError, match="one dtype"):
+            f(nhwc, planes.astype(np.float32))
