@@ -765,6 +765,10 @@ def _gemm_case(task, params, X) -> Case:
                         else stand_in((m, k)))
         previous = outs[len(rows) - 1]
     deltas = [stand_in(out.shape) for out in outs]
+    # on the CPU a convolution's weight gradient (and a Dense head's, which reads the
+    # NHWC maps) is formed transposed where the sums are long (ops.sums_transposed)
+    transposed = {k: xp.ascontiguousarray(updated[k].T) for k, (m, _, _) in enumerate(shapes)
+                  if isinstance(task.point, ConvPoint) and ops.sums_transposed(updated[k], m)}
     grads = {k: xp.empty_like(rows[k]) for k in range(1, len(W))}  # layer 1 needs none
     # on the CPU a convolution may run its forward and input gradient as one GEMM per
     # kernel offset on shifted rows of its input's phase planes, over the cells of their
@@ -803,7 +807,10 @@ def _gemm_case(task, params, X) -> Case:
                     ops.gemm("N", "N", grid[:n], W_taps[t], planes[s:s + n], beta=1.0)
             elif k > 0:
                 ops.gemm("N", "N", deltas[k], W[k], grads[k])
-            ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
+            if k in transposed:
+                ops.gemm("T", "N", rows[k], deltas[k], transposed[k], alpha=-LR, beta=1.0)
+            else:
+                ops.gemm("T", "N", deltas[k], rows[k], updated[k], alpha=-LR, beta=1.0)
 
     if task.device == "cuda":
         step = _replayed(step)

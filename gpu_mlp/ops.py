@@ -1319,12 +1319,15 @@ def gemm(transa: str, transb: str, a, b, out, alpha=1.0, beta=0.0):
     return out
 
 
+def _f_ordered(x) -> bool:
+    return x.flags.f_contiguous and not x.flags.c_contiguous
+
+
 def _fortran_operand(x, trans: str):
     """``op(x)^T`` as BLAS takes it from Fortran: ``(array, transposed?)``. A C-ordered
     ``x`` goes as ``x.T``, a Fortran array; an F-ordered one (the transpose of a
     C-ordered array, e.g. :class:`gpu_mlp.layers.EntranceConv`'s rows) as itself."""
-    flags = x.flags
-    if flags.c_contiguous or not flags.f_contiguous:
+    if not _f_ordered(x):
         return x.T, trans == "T"
     return x, trans == "N"
 
@@ -1337,26 +1340,59 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
     (:class:`gpu_mlp.layers.ChannelsLast`), or the NHWC maps (B, H, W, C) a Dense layer
     reads (:class:`gpu_mlp.layers.ChannelsLastDense`) -- whose product is permuted into
     W's (c_in, kh, kw) on the way, through a buffer of W's size: the workspace ``ws``'s
-    (a training step's; on a GPU always), or on NumPy a new one. Or ``X_rows`` is a
+    (a training step's; on a GPU always), or on NumPy a new one; the product formed
+    transposed where :func:`sums_transposed` says. Or ``X_rows`` is a
     :class:`RowBlocks`: the sum of the blocks' products, the first scaled by ``beta``,
     the rest added (beta 1)."""
-    if isinstance(X_rows, RowBlocks):
-        for i, (rows, block) in enumerate(X_rows):
-            weight_gradient(T_rows[rows], block, G, alpha, beta if i == 0 else 1.0, ws)
-        return G
+    transposed = sums_transposed(G, T_rows.shape[0])  # (for all blocks alike)
+    if not isinstance(X_rows, RowBlocks):
+        return _weight_gradient(T_rows, X_rows, G, alpha, beta, ws, transposed)
+    for i, (rows, block) in enumerate(X_rows):
+        _weight_gradient(T_rows[rows], block, G, alpha, beta if i == 0 else 1.0, ws,
+                         transposed)
+    return G
+
+
+# OpenBLAS forms T^T X faster as its transpose X^T T (K, d_out) where the sums are long:
+# 0.65-0.97x the time from 2,048 to 50,176 rows, K 9-2,048 and d_out 10-64 on the AMD
+# EPYC box, but 1.0-1.5x for 64 rows, and the digits CNN's step took 1.03x with its
+# 2,048-row entrance formed so (bench/README.md, "The weight gradient's orientation")
+SUMS_TRANSPOSED_ROWS = 4096
+
+
+def sums_transposed(G, rows: int) -> bool:
+    """Whether :func:`weight_gradient` forms a product of ``rows`` rows that it permutes
+    into ``G`` (4-D rows: the permutation costs no pass of its own) transposed: on NumPy,
+    for sums of :data:`SUMS_TRANSPOSED_ROWS` rows or more. cuBLAS keeps the form
+    measured on a GPU."""
+    return is_numpy(G) and rows >= SUMS_TRANSPOSED_ROWS
+
+
+def _weight_gradient(T_rows, X_rows, G, alpha, beta, ws, transposed: bool):
+    if transposed and X_rows.ndim == 2 and _f_ordered(X_rows):
+        # an entrance convolution's columns, (K, rows) C-ordered: as a 1x1
+        # convolution's windows, formed transposed along those rows (0.5-0.8x the time)
+        X_rows = X_rows.reshape(len(X_rows), 1, 1, -1)
     if X_rows.ndim == 2:
         gemm("T", "N", T_rows, X_rows, G, alpha=alpha, beta=beta)
         return G
     rows, kh, kw, c_in = X_rows.shape
-    shape = (G.shape[0], kh, kw, c_in)
+    d_out = G.shape[0]
     # one row of W's size: a buffer shaped as the maps or the windows would be pooled
     # with those, and sized for their batch (NumPy: ws or not)
-    taps = np.empty(shape, G.dtype) if ws is None else ws.take((1, G.size)).reshape(shape)
-    gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(G.shape[0], -1),
-         alpha=alpha)
+    held = np.empty((1, G.size), G.dtype) if ws is None else ws.take((1, G.size))
+    if transposed:
+        taps_t = held.reshape(kh, kw, c_in, d_out)
+        gemm("T", "N", X_rows.reshape(rows, -1), T_rows, taps_t.reshape(-1, d_out),
+             alpha=alpha)
+        taps = taps_t.transpose(3, 0, 1, 2)
+    else:
+        taps = held.reshape(d_out, kh, kw, c_in)
+        gemm("T", "N", T_rows, X_rows.reshape(rows, -1), taps.reshape(d_out, -1),
+             alpha=alpha)
     to_weight_order(taps, G, beta)
     if ws is not None:
-        ws.give(taps)
+        ws.give(held)
     return G
 
 
@@ -1365,7 +1401,7 @@ def sample_rows(X_rows, B: int):
     order, or F-ordered (the transpose of a C-ordered (K, B*P): an entrance
     convolution's on NumPy, :class:`gpu_mlp.layers.EntranceConv`) -- as (B, P, K), each
     sample's P rows: a view, never a copy of them all."""
-    if X_rows.ndim == 2 and X_rows.flags.f_contiguous and not X_rows.flags.c_contiguous:
+    if X_rows.ndim == 2 and _f_ordered(X_rows):
         return X_rows.T.reshape(X_rows.shape[1], B, -1).transpose(1, 2, 0)
     return X_rows.reshape(B, -1, math.prod(X_rows.shape[1:]))
 

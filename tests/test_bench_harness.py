@@ -122,17 +122,15 @@ class _FakeGraph:
 
 def _rows_merged(calls) -> collections.Counter:
     """GEMM calls ``(transa, transb, a, b, out, beta)`` with the calls that differ only in
-    op(a)'s rows (transa "N") counted as one of their summed rows."""
-    merged = collections.Counter()
+    op(a)'s rows (a's first dimension for transa "N", its second for "T") counted as one
+    of their summed rows."""
     rows = collections.Counter()
     for ta, tb, a, b, out, beta in calls:
-        if ta == "N":
-            rows[ta, tb, a[1:], b, out[1:], beta] += a[0]
-        else:
-            merged[ta, tb, a, b, out, beta] += 1
-    merged.update({(ta, tb, (n, *a), b, (n, *o), beta): 1
-                   for (ta, tb, a, b, o, beta), n in rows.items()})
-    return merged
+        other = a[1] if ta == "N" else a[0]  # op(a)'s columns
+        rows[ta, tb, other, b, out[1:], beta] += a[0] if ta == "N" else a[1]
+    return collections.Counter(
+        {(ta, tb, (n, other) if ta == "N" else (other, n), b, (n, *o), beta): 1
+         for (ta, tb, other, b, o, beta), n in rows.items()})
 
 
 @pytest.mark.parametrize("point", [harness.Point(width=6, depth=3, batch=5),
@@ -361,10 +359,15 @@ def test_torch_and_gpu_mlp_take_the_same_step(device, point):
                                        atol=1e-9 * np.abs(update).max())
 
 
-@pytest.mark.parametrize("point", [harness.Point(width=6, depth=3, batch=5),
-                                   harness.ConvPoint(input=(2, 6, 6), channels=3, depth=3,
-                                                     batch=5)], ids=str)
-def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point):
+# (the point; per convolution after the first, how many of its forward and C^dagger run
+# shifted)
+@pytest.mark.parametrize("point, shifted_ways", [
+    (harness.Point(width=6, depth=3, batch=5), []),
+    (harness.ConvPoint(input=(2, 6, 6), channels=3, depth=3, batch=5), [2, 1]),
+    # sums long enough to be formed transposed on NumPy (ops.sums_transposed): the weight
+    # gradients of both convolutions, not the head's
+    (harness.ConvPoint(input=(1, 8, 8), channels=2, depth=2, batch=256), [2])], ids=str)
+def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point, shifted_ways):
     # (no columns kept: the shifted paths run where the grid says)
     monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)
     calls = []
@@ -412,8 +415,13 @@ def test_gemm_bound_runs_exactly_the_engines_gemms(monkeypatch, point):
             want_flops += ways * (2 * n * layer.c_in * d * len(taps.taps) - 2 * m * K * d)
             shifted.append(ways)
         shape = layer.output_shape(shape)
-    # the conv point's second convolution runs both ways shifted, its third only C^dagger
-    assert shifted == ([2, 1] if point.model == "conv" else [])
+    assert shifted == shifted_ways
+    # a convolution's weight gradient of long sums is formed transposed, (K, d) -- the
+    # entrance's from its transposed columns too -- the others as (d, K)
+    outs = {call[4] for call in seen["gpu_mlp"]}
+    for m, K, d in point.gemm_shapes() if point.model == "conv" else ():
+        long_sums = m >= ops.SUMS_TRANSPOSED_ROWS
+        assert ((K, d) in outs, (d, K) in outs) == (long_sums, not long_sums), (m, K, d)
     assert len(seen["gemm"]) == want_gemms
     flops = sum(2 * out[0] * out[1] * (a[0] if ta == "T" else a[1])
                 for ta, _, a, _, out, _ in seen["gemm"])
@@ -1100,3 +1108,16 @@ def test_side_by_side_times_a_commits_package_against_the_checkouts(capsys):
     with pytest.raises(SystemExit):
         side_by_side.main(["--base", "no-such-commit", "digits"])
     assert "git archive failed" in capsys.readouterr().err
+
+
+def test_side_by_side_rounds_alternate_which_version_runs_first():
+    """Whichever version runs second in a round measured 1-2% slower in an A/A
+    comparison: the rounds alternate the order (ABBA...), each version's times its own."""
+    from bench import side_by_side
+
+    order = []
+    times = side_by_side._rounds([lambda: order.append("base"),
+                                  lambda: order.append("checkout")], rounds=4, steps=2)
+    assert order == ["base"] * 2 + ["checkout"] * 4 + ["base"] * 4 + ["checkout"] * 4 \
+        + ["base"] * 2
+    assert [len(t) for t in times] == [4, 4]

@@ -543,24 +543,50 @@ def test_column_free_convolutions_against_torch(layers, shape, memory, batch):
     np.testing.assert_allclose(dX, F.grad.numpy(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [17, 4100])  # short sums; long ones, formed transposed
 @pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.1, 1.0), (0.5, 0.25)])
-def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta):
+def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta, rows,
+                                                                      monkeypatch):
     """ops.weight_gradient: rows (rows, kh, kw, c_in) -- a convolution's on NumPy -- give
     alpha T^T X + beta G with G in W's (c_out, c_in, kh, kw) order, as rows in W's own
-    column order do; and the engine's rows of a convolution come that way."""
+    column order do, with a workspace's buffer or without; long sums formed as the
+    transpose X^T T (ops.sums_transposed); and the engine's rows of a convolution come
+    that way."""
     from gpu_mlp import ops
     from gpu_mlp.workspace import Workspace
 
     rng = np.random.default_rng(3)
-    c_out, c_in, kh, kw, rows = 5, 3, 2, 3, 17
+    c_out, c_in, kh, kw = 5, 3, 2, 3
     T = rng.standard_normal((rows, c_out))
     taps = rng.standard_normal((rows, kh, kw, c_in))
     in_w_order = np.ascontiguousarray(taps.transpose(0, 3, 1, 2)).reshape(rows, -1)
     G0 = rng.standard_normal((c_out, c_in * kh * kw))
     want = alpha * T.T @ in_w_order + beta * G0
-    G = G0.copy()
-    assert ops.weight_gradient(T, taps, G, alpha=alpha, beta=beta) is G
-    np.testing.assert_allclose(G, want, rtol=1e-13, atol=1e-13)
+    outputs, real_gemm = [], ops.gemm
+
+    def recording_gemm(transa, transb, a, b, out, **kwargs):
+        outputs.append(out.shape)
+        return real_gemm(transa, transb, a, b, out, **kwargs)
+
+    monkeypatch.setattr(ops, "gemm", recording_gemm)
+    long_sums = rows >= ops.SUMS_TRANSPOSED_ROWS
+    assert ops.sums_transposed(G0, rows) == long_sums
+    for ws in (None, Workspace(np, np.float64)):
+        outputs.clear()
+        G = G0.copy()
+        assert ops.weight_gradient(T, taps, G, alpha=alpha, beta=beta, ws=ws) is G
+        np.testing.assert_allclose(G, want, rtol=1e-13, atol=1e-13)
+        assert outputs == [(c_in * kh * kw, c_out) if long_sums else (c_out, c_in * kh * kw)]
+        if ws is not None:
+            assert ws.in_use_bytes == 0  # its buffer given back
+        # an entrance convolution's rows: the transpose of C-ordered columns (K, rows)
+        outputs.clear()
+        G = G0.copy()
+        columns = np.ascontiguousarray(in_w_order.T)
+        assert ops.weight_gradient(T, columns.T, G, alpha=alpha, beta=beta, ws=ws) is G
+        np.testing.assert_allclose(G, want, rtol=1e-13, atol=1e-13)
+        assert outputs == [(c_in * kh * kw, c_out) if long_sums else (c_out, c_in * kh * kw)]
+    monkeypatch.undo()
     G2 = G0.copy()
     ops.weight_gradient(T, in_w_order, G2, alpha=alpha, beta=beta)
     np.testing.assert_allclose(G2, want, rtol=1e-13, atol=1e-13)
