@@ -12,8 +12,10 @@ graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread 
 device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
-static input buffers, after the last launch of any graph of its capture stream (an
-event: they share its cuBLAS workspace). What changes from step to step is read on the
+static input buffers -- or, for fit's shuffled batches (:class:`Gathered`), only their
+row indices, the gather from the device-resident data being part of the graph -- after
+the last launch of any graph of its capture stream (an event: they share its cuBLAS
+workspace). What changes from step to step is read on the
 device by pointer (:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step
 counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
@@ -34,9 +36,11 @@ when a setting the kernels take as a number changes (another key: the rule's kin
 momentum, betas or weight decay, the DP settings; not ``lr``, which a replay reads with
 the step's scalars), when the net steps by another optimizer or DP object (a net
 keeps only its latest pair's graphs and scalars, which hold the objects alive), and by
-``free_buffers()``. At most :data:`MAX_GRAPHS` graphs are held per net (fit: the full
-batch and the remainder), each keeping alive every buffer it touches; a graph's copy of
-its batch is made at its capture and goes with it.
+``free_buffers()``, and at the end of a ``fit`` those that gather from its data
+(:meth:`StepGraphs.forget`: they would keep the training set alive on the device). At
+most :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder),
+each keeping alive every buffer it touches; a graph's copy of its batch is made at its
+capture and goes with it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import contextlib
 import sys
 import threading
 from collections import OrderedDict
+from typing import Callable, NamedTuple
 
 from . import _checks, cublas, ops
 from .plan import StepPlan, StepScalars
@@ -53,11 +58,30 @@ MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
 MAX_SEEN = 8     # configurations remembered (seen once, or captured)
 
 
+class Gathered(NamedTuple):
+    """A batch given as rows of device-resident data (fit's shuffled batches): the step
+    reads ``X = data[0][rows]`` and ``Y = data[1][rows]``, which :meth:`into` gathers --
+    before an eager step, and inside a captured graph from the graph's own copy of
+    ``rows``. A replay then copies the step's row indices alone: one launch, where a
+    batch gathered outside took two gathers and two copies into the graph's buffers."""
+
+    data: tuple     # (X, Y): every row, on the device
+    rows: object    # the batch's row indices (intp, on the device)
+    take: Callable  # take(a, rows, out): out <- a[rows], one kernel
+
+    def into(self, X, Y, rows=None) -> None:
+        """``X, Y <- data[0][rows], data[1][rows]`` (``rows``: this batch's, or a graph's
+        static copy of them)."""
+        rows = self.rows if rows is None else rows
+        for a, out in zip(self.data, (X, Y)):
+            self.take(a, rows, out)
+
+
 class _Entry:
     """One configuration: how often seen, and its graph with what the graph touches."""
 
-    __slots__ = ("uses", "graph", "X", "Y", "loss", "keep", "buffers", "side", "failed",
-                 "rewarmed")
+    __slots__ = ("uses", "graph", "X", "Y", "rows", "loss", "keep", "buffers", "side",
+                 "failed", "rewarmed")
 
     def __init__(self):
         self.uses, self.failed, self.rewarmed = 0, False, False
@@ -65,8 +89,8 @@ class _Entry:
 
     def drop(self) -> None:
         """Let the graph go, and what it alone held: its static buffers and its keeps."""
-        self.graph = self.X = self.Y = self.loss = self.keep = self.buffers = None
-        self.side = None
+        self.graph = self.X = self.Y = self.rows = self.loss = self.keep = None
+        self.buffers = self.side = None
 
 
 def _cuda():
@@ -101,26 +125,33 @@ class StepGraphs:
         self._params = None
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
-             capture: bool = True, lasting: bool = True):
+             capture: bool = True, lasting: bool = True, gathered: Gathered = None):
         """One training step of ``net`` on the checked batch (X, Y) by ``plan`` (see
         :meth:`Network._step`): eager, captured or replayed. Returns the loss: with
         ``lasting`` one that keeps its value through the next step, as an eager step's
         (a replay's is copied out of its graph); else, from a replay, the graph's own
         buffer, which its next replay overwrites (fit reads it at once: one copy kernel
-        less a step)."""
+        less a step). ``gathered``: X and Y are buffers to gather the batch into
+        (:class:`Gathered`), which an eager step does first and a graph itself."""
         if ops.is_numpy(net.params[0][0]):  # host numbers, as always
-            return _run(net, X, Y, plan, rows, counts, divisor, scale, None)
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, None,
+                        gathered=gathered)
         noise_std = plan.dp.noise_std(divisor) if plan.private else 0.0
         scalars = self._scalars_for(net, plan)
         scalars.prepare(plan, noise_std)
+
+        def eager():
+            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars,
+                        gathered=gathered)
+
         cuda = _cuda()
         if not capture or cuda is None or plan.parallel or _capturing(cuda):
-            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+            return eager()
         params = tuple(id(a) for pair in net.params for a in pair)
         if params != self._params:  # replaced parameters: every graph is stale
             self._entries.clear()
             self._params = params
-        key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+        key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered)
         entries = self._entries
         entry = entries.pop(key, None)  # (free_buffers() from another thread may clear
         if entry is None:                # the entries at any point: no KeyError here)
@@ -130,32 +161,31 @@ class StepGraphs:
             entries.popitem(last=False)
         entry.uses += 1
         if entry.uses == 1:  # the warm-up: what the capture will need is made now
-            self._prepare(cuda, entry, net, X, Y)
+            self._prepare(cuda, entry, net, X, Y, gathered)
         if entry.failed:
-            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+            return eager()
         if entry.uses == 1:
             # A buffer the workspace outgrew while the step held it is replaced only at
             # the next step (and a capture cannot allocate): warm up again then
             ws = net.training_workspace
             outgrown = ws.outgrown
-            J = _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+            J = eager()
             if ws.outgrown != outgrown:
                 entry.uses = 0
             return J
         if entry.graph is None:
             if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                                 scalars):
-                return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+                                 scalars, gathered):
+                return eager()
         elif not entry.buffers <= _free_ids(net):
             # a buffer the graph writes is out of the workspace: lent to a pending
             # Network.forward's tape, or lost with a step that raised. Eager now (it takes
             # other buffers), and captured again, with what is free then, on the next use
             entry.drop()
             entry.uses = 1
-            return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars)
+            return eager()
         else:
-            _into(entry.X, X)
-            _into(entry.Y, Y)
+            _inputs_into(entry, X, Y, gathered)
             entry.side.launch(cuda, entry.graph)
             plan.count_step()  # the host's side of the step, which the replay skips
             scalars.counted()
@@ -181,38 +211,52 @@ class StepGraphs:
             latest = self._latest = (*pair, StepScalars(net.xp, net.dtype))
         return latest[3]
 
+    def forget(self, data) -> None:
+        """Drop the graphs that gather from ``data`` (fit's (X, Y), at its end: such a
+        graph would keep the training set alive on the device)."""
+        ids = tuple(id(a) for a in data)
+        for key in [key for key in list(self._entries) if key[-1] == ids]:
+            self._entries.pop(key, None)
+
     @staticmethod
-    def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars) -> tuple:
+    def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered) -> tuple:
         """What a graph is captured for: everything a replay does not read anew."""
         # (not the rates: a schedule's, or an lr set between steps, are in the scalars)
         rule = "plain" if plan.plain else (id(plan.rule), plan.rule.kernel_settings())
         dp = None if not plan.private else (id(plan.dp), plan.dp.max_grad_norm,
                                             plan.dp.noise_multiplier, plan.dp.seed)
+        # (last: the data a graph gathers from, which forget() looks for)
+        source = None if gathered is None else tuple(id(a) for a in gathered.data)
         return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,
                 tuple(net._modes), id(net.training_workspace), rule, dp, rows,
-                None if counts is None else tuple(counts), divisor, scale, id(scalars))
+                None if counts is None else tuple(counts), divisor, scale, id(scalars),
+                source)
 
-    def _prepare(self, cuda, entry, net, X, Y):
+    def _prepare(self, cuda, entry, net, X, Y, gathered):
         """Make what a capture needs before it (nothing may allocate during it): the
         capture stream and its cuBLAS handle and workspace -- at a configuration's
         warm-up, so that no first GEMM of a handle happens in a capture -- and, at the
         capture (``entry.uses`` 2: a configuration seen once holds no copy of its
-        batch), the static input and loss buffers. Returns the :class:`_CaptureSide`."""
+        batch), the static input (and row index) and loss buffers. Returns the
+        :class:`_CaptureSide`."""
         if entry.X is None and entry.uses > 1:
             xp = net.xp
             entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
+            if gathered is not None:
+                entry.rows = xp.empty(gathered.rows.shape, gathered.rows.dtype)
             entry.loss = xp.empty((), dtype=net.dtype)
         return _capture_stream(cuda)
 
     def _capture(self, cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                 scalars) -> bool:
+                 scalars, gathered) -> bool:
         """Capture the step into ``entry`` and launch it once; False (and a warning,
         once per reason) if the capture failed: the step is then to run eagerly, and
         the plan and scalars are as before."""
-        side = self._prepare(cuda, entry, net, X, Y)  # this thread's, made outside
+        side = self._prepare(cuda, entry, net, X, Y, gathered)  # this thread's, made outside
         stream = side.stream
-        _into(entry.X, X)
-        _into(entry.Y, Y)
+        _inputs_into(entry, X, Y, gathered)
+        # a gathered batch: the gathers are captured too, reading the graph's row indices
+        inside = None if gathered is None else gathered._replace(rows=entry.rows)
         host = _host_state(plan)
         at = scalars._at
         try:
@@ -220,7 +264,7 @@ class StepGraphs:
                 stream.begin_capture()
                 try:
                     _run(net, entry.X, entry.Y, plan, rows, counts, divisor, scale, scalars,
-                         loss=entry.loss)
+                         loss=entry.loss, gathered=inside)
                 finally:
                     graph = stream.end_capture()
         except Exception as e:  # noqa: BLE001 -- any failure: say why, then eager
@@ -244,7 +288,7 @@ class StepGraphs:
         # and the handle of the capture (its workspace, whose address the GEMMs keep: the
         # side's may be evicted and replaced later)
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
-                      side.handle)
+                      side.handle, None if gathered is None else gathered.data)
         entry.buffers, entry.side, entry.rewarmed = _free_ids(net), side, False
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
@@ -353,9 +397,13 @@ def _capturing(cuda) -> bool:
         return True
 
 
-def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None):
-    """The step itself, eagerly (or as it is captured): the scalars of the step, the
-    forward and backward pass with the plan's chain of sinks, the step counted."""
+def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None,
+         gathered=None):
+    """The step itself, eagerly (or as it is captured): the batch gathered into X and Y
+    where ``gathered`` says, the scalars of the step, the forward and backward pass with
+    the plan's chain of sinks, the step counted."""
+    if gathered is not None:
+        gathered.into(X, Y)
     if any(net.xp.may_share_memory(X, a) for pair in net.params for a in pair):
         X = X.copy()  # (X = W_1 say: the updates write what the step still reads)
     if scalars is not None:
@@ -374,6 +422,16 @@ def _into(static, batch) -> None:
     """Copy the batch into a graph's static buffer (on the device: one copy kernel)."""
     if batch is not static:
         static[...] = batch
+
+
+def _inputs_into(entry, X, Y, gathered) -> None:
+    """What a replay of ``entry`` reads of this step: the batch copied into its static
+    buffers, or a gathered batch's row indices (the graph gathers the rows itself)."""
+    if gathered is None:
+        _into(entry.X, X)
+        _into(entry.Y, Y)
+    else:
+        _into(entry.rows, gathered.rows)
 
 
 def _host_state(plan):

@@ -52,6 +52,7 @@ from . import distributed as _distributed
 from . import optim as _optim
 from . import privacy as _privacy
 from .device import to_numpy, write
+from .graph import Gathered
 from .plan import StepPlan
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
@@ -267,7 +268,10 @@ def _fit(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_e
         run = comm.settled("fit's checks", check)
         _privacy.agree(run.plan.dp, comm)  # one collective on every rank, DP or not
         comm.check_same("fit", _run_config(net, run, comm))
-    return _train(net, run, on_epoch, comm)
+    try:
+        return _train(net, run, on_epoch, comm)
+    finally:  # the graphs that gather from the data would keep it alive on the device
+        net.step_graphs.forget((run.X, run.Y))
 
 
 def _checked(net, X, Y, epochs, batch_size, shuffle, seed, validation, verbose, on_epoch,
@@ -333,11 +337,12 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
             shown, shown_at = 0, start
-            for done, X_batch, Y_batch, counts in _batches(net, gather, batch_size, seed,
-                                                           epoch, shuffle, plan):
+            for done, X_batch, Y_batch, counts, gathered in _batches(
+                    net, gather, batch_size, seed, epoch, shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=plan.divisor(batch_size, n), counts=counts,
-                              capture=not plan.private, lasting=False, prepared=True)
+                              capture=not plan.private, lasting=False, prepared=True,
+                              gathered=gathered)
                 losses.add(J, X_batch.shape[0])  # (read here: the next step may reuse J)
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break
@@ -449,10 +454,12 @@ def _step_plan(net, lr, optimizer, dp, comm) -> StepPlan:
 
 def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
     """One epoch's steps of ``plan`` on ``net`` as ``(rows done, X_batch, Y_batch,
-    counts)``: contiguous slices of the epoch's order, or Poisson samples under DP; under
-    data parallelism this rank's contiguous share of each global batch, and ``counts``
-    every rank's share. Unshuffled batches are views of the data; the others are gathered
-    into ``gather``'s buffers (each batch overwrites the last)."""
+    counts, gathered)``: contiguous slices of the epoch's order, or Poisson samples under
+    DP; under data parallelism this rank's contiguous share of each global batch, and
+    ``counts`` every rank's share. Unshuffled batches are views of the data; Poisson
+    samples are gathered into ``gather``'s buffers (each batch overwrites the last);
+    shuffled ones are gathered there by the step (``gathered``, a
+    :class:`gpu_mlp.graph.Gathered`: a replayed step gathers inside its graph)."""
     xp, (X, Y), comm = net.xp, gather.data, plan.communicator(net)
     n = X.shape[0]
     if plan.private:
@@ -460,14 +467,18 @@ def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
         done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
         for rows, upto in zip(batches, done):
             rows, counts = _share(rows, comm)
-            yield (upto, *gather(xp.asarray(rows, dtype=np.intp)), counts)
+            yield (upto, *gather(xp.asarray(rows, dtype=np.intp)), counts, None)
         return
     order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n)) if shuffle \
         else None
     for first in range(0, n, batch_size):
         last = min(first + batch_size, n)
         (lo, hi), counts = _share((first, last), comm)
-        yield (last, *(gather(order[lo:hi]) if shuffle else (X[lo:hi], Y[lo:hi])), counts)
+        if shuffle:
+            X_batch, Y_batch, gathered = gather.later(order[lo:hi])
+            yield last, X_batch, Y_batch, counts, gathered
+        else:
+            yield last, X[lo:hi], Y[lo:hi], counts, None
 
 
 class BatchGather:
@@ -481,11 +492,19 @@ class BatchGather:
 
     def __call__(self, rows):
         """``(X[rows], Y[rows])``, views of the buffers (grown to the largest batch)."""
+        X, Y, gathered = self.later(rows)
+        gathered.into(X, Y)
+        return X, Y
+
+    def later(self, rows):
+        """``(X, Y, gathered)``: the views of the buffers (grown to the largest batch)
+        that will hold ``(X[rows], Y[rows])``, and the :class:`gpu_mlp.graph.Gathered`
+        that fills them (a training step does: eagerly, or inside its graph)."""
         m = rows.shape[0]
         if self._buffers is None or m > self._buffers[0].shape[0]:
             self._buffers = tuple(self.xp.empty((m, *a.shape[1:]), dtype=a.dtype)
                                   for a in self.data)
-        return tuple(self._take(a, rows, b[:m]) for a, b in zip(self.data, self._buffers))
+        return (*(b[:m] for b in self._buffers), Gathered(self.data, rows, self._take))
 
     def _take(self, a, rows, out):
         """``out <- a[rows]``, no array made: NumPy's take buffers ``out`` unless told the

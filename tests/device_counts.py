@@ -226,6 +226,34 @@ class DeviceArray(np.ndarray):
         else:
             run()
 
+    def take(self, indices, axis=None, out=None):
+        # CuPy (_routines_indexing.pyx, _ndarray_take and _take): one kernel, cupy_take,
+        # into ``out`` -- whose dtype and shape must be the result's -- with the indices
+        # wrapped (index % range); host indices are copied to the device first, and
+        # without ``out`` the result is a new array
+        if not isinstance(indices, DeviceArray) and not np.isscalar(indices):
+            _COUNTS.allocated("take: host indices copied to the device")
+        shape = np.shape(indices)
+        if axis is not None:
+            axis = axis % self.ndim
+            shape = self.shape[:axis] + shape + self.shape[axis + 1:]
+        if out is None:
+            _COUNTS.allocated("take")
+            out = np.empty(shape, self.dtype).view(DeviceArray)
+        elif out.dtype != self.dtype:
+            raise TypeError("Output dtype mismatch")
+        elif out.shape != shape:
+            raise ValueError("Output shape mismatch")
+        host, into = self.view(np.ndarray), out.view(np.ndarray)
+
+        def run():
+            np.take(host, _host(indices), axis, out=into, mode="wrap")
+        if _COUNTS.capture is not None:  # a kernel: captured, not run
+            _COUNTS.capture.launch("take", run, (self, indices, out))
+        else:
+            run()
+        return out
+
     def fill(self, value):
         host = self.view(np.ndarray)
         if _COUNTS.capture is not None:

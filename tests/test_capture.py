@@ -848,6 +848,53 @@ def test_fit_replays_two_graphs_the_full_batch_and_the_remainder(host_cupy_lib, 
     assert results[0][1] == results[1][1]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkeypatch, kind):
+    """A replay of fit's step copies the batch's row indices into the graph, whose first
+    launches gather the rows from the data on the device: one copy a step, where a batch
+    gathered outside took two gathers and two copies. The same parameters as eager
+    steps (the stand-in records the gathers as kernels: a gather run at capture would
+    leave every replay on the captured batch); at fit's end the graphs that read the
+    data are let go."""
+    from gpu_mlp import training
+
+    net, X, Y = _net(kind)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((28, *X.shape[1:])).astype(np.float32).view(DeviceArray)
+    Y = rng.integers(0, 5, 28).view(DeviceArray)  # (the nets' 5 classes)
+    copies, gathers, names = [], [], []
+    into, take, capture_step = graph_module._into, training.BatchGather._take, \
+        graph_module.StepGraphs._capture
+    monkeypatch.setattr(graph_module, "_into", lambda static, batch: (
+        copies.append(batch.dtype.kind), into(static, batch))[1])
+    monkeypatch.setattr(training.BatchGather, "_take", lambda self, *args: (
+        gathers.append(1), take(self, *args))[1])
+
+    def capture_and_look(self, cuda, entry, *args):
+        captured = capture_step(self, cuda, entry, *args)
+        names.append(entry.graph.names)
+        return captured
+
+    monkeypatch.setattr(graph_module.StepGraphs, "_capture", capture_and_look)
+    params = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        net = _net(kind)[0]
+        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+            net.fit(X, Y, epochs=3, batch_size=8, lr=1e-2, verbose=False)
+        params.append(_host(net))
+        if capture:
+            # 4 steps an epoch, 12 in all: each batch size warmed up and captured once
+            steps = net.step_graphs
+            assert (steps.captures, steps.replays) == (2, 8)
+            assert gathers == [1] * 2 * (12 - 8)  # X and Y, by the eager steps and captures
+            assert copies == ["i"] * (2 + 8)  # the indices only, at each capture and replay
+            assert [graph[:2] for graph in names] == [["take", "take"]] * 2
+            assert steps.graphs == 0 and not steps._entries  # forgotten at fit's end
+    _same(*params)
+
+
 def test_a_net_keeps_the_graphs_and_scalars_of_its_latest_rule_only(host_cupy_lib):
     """Each (rule, DP) pair's device scalars and graphs held its optimizer (moments and
     all) alive, up to 8 of them: a learning-rate sweep on one net kept every dropped
