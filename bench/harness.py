@@ -250,12 +250,21 @@ class Task:
         return (self.device, self.impl, self.mode) + self.point.key
 
 
+# On the CPU a library's idle threads spin for a while after its last call, on the cores
+# the next case wants: OpenBLAS's for 2^28 cycles (about 0.1 s), PyTorch's OpenMP threads
+# too. A PyTorch convolution within 0.1 s of SciPy's GEMMs took 30x its time on the 2-core
+# box, 0.2 s later its own; gpu_mlp's first step after PyTorch's 2x. So each CPU case
+# sleeps this long before its warm-up (bench/README.md, "Cases in turn").
+CPU_SETTLE_S = 0.3
+
+
 @dataclass(frozen=True)
 class Settings:
     dtype: str = "float32"
     warmup: int = 3
     repeats: int = 100     # at most; fewer once max_time has passed (never below MIN_REPEATS)
     max_time: float = 1.0  # seconds of timed steps per task
+    settle: float = 0.0    # seconds a CPU case sleeps before its warm-up (CPU_SETTLE_S)
 
 
 @dataclass
@@ -1008,6 +1017,8 @@ def measure(task: Task, settings: Settings) -> dict:
     }
     try:
         case = build(task, settings.dtype)
+        if task.device == "cpu" and settings.settle:
+            time.sleep(settings.settle)  # the last case's idle threads stop spinning
         # on a GPU gpu_mlp captures its step as a graph at its second use: never timed
         warmup = settings.warmup if task.device == "cpu" else max(settings.warmup,
                                                                   GPU_WARMUP)
@@ -1036,6 +1047,48 @@ def measure(task: Task, settings: Settings) -> dict:
     finally:
         case = None  # the last reference: its GPU memory can go back now
         _release(task.device)
+    return record
+
+
+def by_point(tasks: list[Task]) -> list[list[Task]]:
+    """``tasks`` grouped by grid point, each group and the groups in their first order."""
+    groups: dict = {}
+    for task in tasks:
+        groups.setdefault(task.point.key, []).append(task)
+    return list(groups.values())
+
+
+def measure_rounds(point_tasks: list[Task], settings: Settings, rounds: int,
+                   measured: Callable = lambda task, r: None) -> list[dict]:
+    """The records of one grid point's tasks, each measured ``rounds`` times with the
+    order alternating (ABBA...), so that no case always runs first, or always right
+    after the same other library; merged by :func:`merge_rounds`. ``measured(task, r)``
+    is called after each measurement (a progress bar)."""
+    records: dict = {task.key: [] for task in point_tasks}
+    for r in range(rounds):
+        for task in point_tasks if r % 2 == 0 else point_tasks[::-1]:
+            records[task.key].append(measure(task, settings))
+            measured(task, r)
+    return [merge_rounds(records[task.key]) for task in point_tasks]
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One record from the records of one task measured in several rounds
+    (``run.py --rounds``): its time the median of the rounds' medians, its quartiles
+    and fastest those of the round medians (how far the machine moved between rounds),
+    ``round_medians`` all of them; the rest from the first round. A round that failed
+    makes the record its error."""
+    failed = [r for r in rounds if r["status"] != "ok"]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    medians = [r["time_s"]["median"] for r in rounds]
+    q1, median, q3 = (float(q) for q in np.percentile(medians, [25, 50, 75]))
+    record = dict(rounds[0])
+    record["time_s"] = {**rounds[0]["time_s"], "median": median, "q1": q1, "q3": q3,
+                        "iqr": q3 - q1, "min": min(medians),
+                        "repeats": sum(r["time_s"]["repeats"] for r in rounds),
+                        "round_medians": medians}
+    record["tflops"] = record["flops"] / median / 1e12
     return record
 
 

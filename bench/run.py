@@ -129,6 +129,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-time", type=float,
                    help="stop timing a case after this many seconds, once it has 5 steps "
                         "(default 1.0; --quick 0.5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each grid point's cases this many times, the order "
+                        "alternating (ABBA...), and report the median of the rounds' "
+                        "medians: a shared machine's speed can change 2x in minutes, so "
+                        "that the ratios of one pass mean little there (default 1)")
+    p.add_argument("--settle", type=float, metavar="SECONDS",
+                   help="sleep before each CPU case, so that the last case's idle BLAS or "
+                        "OpenMP threads stop spinning on the cores it wants (default "
+                        "0.3: a PyTorch convolution right after SciPy's GEMMs took 30x "
+                        "its time)")
     p.add_argument("--column-budget", type=float, metavar="MIB",
                    help="gpu_mlp's convolution column buffer at most, MiB "
                         "(gpu_mlp.ops.COLUMN_BUDGET_BYTES; default its 16): what the "
@@ -153,8 +163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, default in zip(("warmup", "repeats", "max_time"), timing):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.threads < 1 or args.warmup < 0 or args.repeats < 1 or args.max_time < 0:
-        p.error("--threads and --repeats must be >= 1, --warmup and --max-time >= 0")
+    if args.settle is None:
+        args.settle = 0.3  # (harness.CPU_SETTLE_S: bench.harness imports NumPy)
+    if min(args.threads, args.repeats, args.rounds) < 1 or min(
+            args.warmup, args.max_time, args.settle) < 0:
+        p.error("--threads, --repeats and --rounds must be >= 1, --warmup, --max-time and "
+                "--settle >= 0")
     if args.column_budget is not None and not 0 < args.column_budget < float("inf"):
         p.error("--column-budget must be a positive, finite number of MiB")
     return args
@@ -174,6 +188,8 @@ def footing(config: dict, env: dict) -> dict:
             "grid": config.get("grid", "mlp"),
             "column budget": config.get("column_budget_bytes"),
             "threads": config.get("threads"), "cpu": env.get("cpu"),
+            # (runs from before these options: one round, no sleep)
+            "rounds": config.get("rounds", 1), "settle": config.get("settle_s", 0.0),
             "gpu": (env.get("gpu") or {}).get("name"), "versions": env.get("versions"),
             "sources": (env.get("gpu_mlp_source") or {}).get("sha256_of_measured_sources")}
 
@@ -242,7 +258,8 @@ def main(argv=None) -> int:
     skipped = harness.skipped(devices, args.impls)
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}", file=sys.stderr)
-    settings = harness.Settings(args.dtype, args.warmup, args.repeats, args.max_time)
+    settings = harness.Settings(args.dtype, args.warmup, args.repeats, args.max_time,
+                                args.settle)
     network, flops = harness.DESCRIPTION[args.grid]
     config = {
         "grid": args.grid, "devices": devices, "impls": args.impls, "modes": args.modes,
@@ -253,8 +270,15 @@ def main(argv=None) -> int:
         "min_repeats": harness.MIN_REPEATS, "lr": harness.LR, "quick": args.quick,
         "column_budget_bytes": column_budget,
         "network": network, "flops": flops,
+        "rounds": args.rounds, "settle_s": args.settle,
         "timing": "time.perf_counter around each step, device synchronised inside the "
-                  "timed region; median and quartiles of the repeats after the warm-up",
+                  "timed region; median and quartiles of the repeats after the warm-up"
+                  + (f"; each CPU case after {args.settle:g} s of sleep (the last case's "
+                     f"idle BLAS and OpenMP threads stop spinning)" if args.settle else "")
+                  + ("" if args.rounds == 1 else
+                     f"; {args.rounds} rounds of each point's cases, in alternating order "
+                     f"(ABBA...): the median of the rounds' medians, quartiles and "
+                     f"fastest of the round medians"),
         "memory": "peak bytes held during one steady-state step, weights and data included: "
                   "CuPy pool total_bytes after free_all_blocks; "
                   "torch.cuda.max_memory_allocated; tracemalloc peak for NumPy; "
@@ -275,10 +299,15 @@ def main(argv=None) -> int:
     if previous_commands:
         env["previous_commands"] = previous_commands  # what measured the resumed records
 
-    bar = tqdm(todo, unit="case", dynamic_ncols=True)
-    for task in bar:
-        bar.set_postfix_str(f"{task.label} {task.point}")
-        records.append(harness.measure(task, settings))
+    bar = tqdm(total=len(todo) * args.rounds, unit="case", dynamic_ncols=True)
+
+    def measured(task, r):
+        bar.set_postfix_str(f"{task.label} {task.point}"
+                            + (f" round {r + 1}" if args.rounds > 1 else ""))
+        bar.update()
+
+    for point_tasks in harness.by_point(todo):
+        records.extend(harness.measure_rounds(point_tasks, settings, args.rounds, measured))
         harness.add_ratios(records)
         report.write_json(json_path, report.document(config, env, records))
     bar.close()

@@ -7,6 +7,7 @@ script sets thread and TF32 environment variables before it imports NumPy and Cu
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -622,8 +623,8 @@ def _run_cli(out, *extra, matplotlib=True):
     python = [sys.executable] + ([] if matplotlib else ["-c", WITHOUT_MATPLOTLIB])
     cmd = [*python, str(ROOT / "bench" / "run.py"), "--devices", "cpu",
            "--depths", "2", "--batches", "4", "--warmup", "1", "--repeats", "5",
-           "--max-time", "0", "--threads", "1", "--dtype", "float64", "--out", str(out),
-           *extra]
+           "--max-time", "0", "--threads", "1", "--dtype", "float64", "--settle", "0",
+           "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout, done.stderr, json.loads((out / "results.json").read_text())
@@ -671,6 +672,49 @@ def test_cli_writes_table_json_and_report_and_resumes(tmp_path):
     assert resumed["environment"]["gpu_mlp_source"]["sha256_of_measured_sources"]
 
 
+def test_rounds_alternate_the_order_and_report_the_median_of_round_medians(monkeypatch):
+    """bench/run.py --rounds: a point's cases measured in ABBA order -- none always
+    first, or always right after one other library, whose idle threads slow the next
+    case -- each the median of its rounds' medians; a failed round is the record."""
+    point = harness.Point(width=8, depth=2, batch=4)
+    tasks = [harness.Task("cpu", impl, None, point) for impl in ("torch", "gemm")]
+    order, medians = [], iter([3.0, 5.0, 7.0, 1.0, 2.0, 4.0])
+
+    def fake_measure(task, settings):
+        order.append(task.impl)
+        return {"status": "ok", "flops": 10, "impl": task.impl,
+                "time_s": {"median": next(medians), "repeats": 5}}
+
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    seen = []
+    torch_record, gemm_record = harness.measure_rounds(
+        tasks, SETTINGS, 3, lambda task, r: seen.append((task.impl, r)))
+    assert order == ["torch", "gemm", "gemm", "torch", "torch", "gemm"]
+    assert seen == [(impl, r) for impl, r in zip(order, (0, 0, 1, 1, 2, 2))]
+    # torch measured 3, 1, 2; gemm 5, 7, 4: in task order, each its median round
+    assert torch_record["time_s"]["round_medians"] == [3.0, 1.0, 2.0]
+    assert (torch_record["time_s"]["median"], torch_record["time_s"]["min"]) == (2.0, 1.0)
+    assert gemm_record["time_s"]["median"] == 5.0 and gemm_record["time_s"]["repeats"] == 15
+    assert gemm_record["tflops"] == 10 / 5.0 / 1e12
+    failed = {"status": "error", "error": "RuntimeError: no"}
+    assert harness.merge_rounds([torch_record, failed]) is failed
+
+
+def test_a_cpu_case_sleeps_before_its_warm_up_so_other_threads_stop_spinning(monkeypatch):
+    point = harness.Point(width=8, depth=2, batch=4)
+    events = []
+    monkeypatch.setattr(harness.time, "sleep", lambda s: events.append(("sleep", s)))
+    real_time_steps = harness.time_steps
+    monkeypatch.setattr(harness, "time_steps", lambda *a: events.append("timed")
+                        or real_time_steps(*a))
+    settled = dataclasses.replace(SETTINGS, settle=harness.CPU_SETTLE_S)
+    assert harness.measure(harness.Task("cpu", "gemm", None, point), settled)["status"] == "ok"
+    assert events == [("sleep", harness.CPU_SETTLE_S), "timed"]
+    events.clear()
+    harness.measure(harness.Task("cpu", "gemm", None, point), SETTINGS)  # settle 0
+    assert events == ["timed"]
+
+
 def test_cli_resumes_only_records_measured_on_the_same_footing(tmp_path):
     """--resume puts the old records beside new ones as one run's: other thread counts
     (or another machine, library version, gpu_mlp source) would compare unlike with
@@ -679,8 +723,8 @@ def test_cli_resumes_only_records_measured_on_the_same_footing(tmp_path):
     before = (tmp_path / "results.json").read_text()
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--devices", "cpu", "--depths",
            "2", "--batches", "4", "--widths", "8,16", "--impls", "gemm", "--threads", "2",
-           "--dtype", "float64", "--max-time", "0", "--out", str(tmp_path), "--resume",
-           "--no-plot"]
+           "--dtype", "float64", "--max-time", "0", "--settle", "0", "--out", str(tmp_path),
+           "--resume", "--no-plot"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "was measured with threads 1 (now 2); not resuming" in done.stderr
