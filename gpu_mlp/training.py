@@ -620,7 +620,7 @@ class _StepLosses:
         steps of every rank (the global batch mean): NaN when no step had a row. Sets
         :attr:`rows`, the rows counted (0: none)."""
         k = self.count
-        totals = np.array([to_numpy(self.values[:k]) @ self.weights[:k],
+        totals = np.array([np.vdot(to_numpy(self.values[:k]), self.weights[:k]),
                            self.weights[:k].sum()])
         if comm is not None:
             totals = comm.sum(totals)

@@ -127,3 +127,42 @@ def test_the_checks_find_what_they_look_for():
     found = _imports(tree, {"network", "ops"})
     assert found == {"network": ["_iter_pairs"], "ops": ["*"]}
     assert _aliases(tree, {"network", "ops"}) == {"ops": "ops"}
+
+
+# A matrix product on NumPy goes through ops.gemm / ops.gemv -- SciPy's BLAS -- never
+# NumPy's matmul: NumPy brings an OpenBLAS of its own, whose idle threads spin for about
+# 0.1 s after a call on the cores SciPy's want next. Routing the products a step could
+# give to NumPy's matmul made steps 5-9x slower on 2 cores (bench/README.md, "The weight
+# gradient's orientation"). (Dot products of vectors, ``vdot``, measured no such cost:
+# the norms' per-sample ones ran 8% faster than as einsum.) The modules that training
+# steps, fit and the estimators run; not the NumPy reference (gpu_mlp/reference.py).
+MATRIX_PRODUCTS = {"matmul", "dot", "inner", "tensordot"}
+OFF_THE_STEP = {"reference", "datasets", "plotting", "cli", "checkpoint", "accounting",
+                "_version"}
+
+
+def _numpy_matrix_products(tree: ast.Module) -> list[int]:
+    """Lines of ``a @ b``, ``x.matmul/dot/inner/tensordot(...)`` and an ``einsum``
+    given ``optimize`` (which may hand its contractions to ``tensordot``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.BinOp, ast.AugAssign)) and isinstance(node.op, ast.MatMult):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                node.func.attr in MATRIX_PRODUCTS or node.func.attr == "einsum"
+                and any(k.arg == "optimize" for k in node.keywords)):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_a_step_never_multiplies_matrices_with_numpys_own_blas():
+    found = [f"gpu_mlp/{name}.py:{line}" for name, tree in _modules().items()
+             if name not in OFF_THE_STEP for line in _numpy_matrix_products(tree)]
+    assert found == []
+
+
+def test_the_matrix_product_check_finds_what_it_looks_for():
+    tree = ast.parse("a @ b\nb @= c\nnp.inner(a, b)\nxp.matmul(a, b)\na.dot(b)\n"
+                     "np.einsum('ij,ij->i', a, a)\nnp.einsum('ij,jk', a, b, optimize=True)\n"
+                     "np.vdot(a, b)\n")
+    assert _numpy_matrix_products(tree) == [1, 2, 3, 4, 5, 7]
