@@ -165,10 +165,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, default)
     if args.settle is None:
         args.settle = 0.3  # (harness.CPU_SETTLE_S: bench.harness imports NumPy)
-    if min(args.threads, args.repeats, args.rounds) < 1 or min(
-            args.warmup, args.max_time, args.settle) < 0:
-        p.error("--threads, --repeats and --rounds must be >= 1, --warmup, --max-time and "
-                "--settle >= 0")
+    if min(args.threads, args.repeats, args.rounds) < 1 or min(args.warmup,
+                                                               args.max_time) < 0:
+        p.error("--threads, --repeats and --rounds must be >= 1, --warmup and --max-time "
+                ">= 0")
+    if not 0 <= args.settle < float("inf"):
+        p.error("--settle must be a finite number of seconds, 0 or more")
     if args.column_budget is not None and not 0 < args.column_budget < float("inf"):
         p.error("--column-budget must be a positive, finite number of MiB")
     return args

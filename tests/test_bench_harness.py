@@ -815,9 +815,14 @@ def test_cli_grid_options():
     assert args.inputs == [(1, 28, 28), (3, 32, 32)]
     assert args.channels == run.CONV_FULL["channels"]
     assert run.default_out(run.parse_args([]), ["cuda"]) == ROOT / "bench/results/cuda-float32"
+    assert (args.rounds, args.settle) == (1, harness.CPU_SETTLE_S)  # the defaults
+    args = run.parse_args(["--rounds", "3", "--settle", "0"])
+    assert (args.rounds, args.settle) == (3, 0.0)
     for bad in (["--grid", "conv", "--widths", "8"], ["--channels", "8"],
                 ["--grid", "conv", "--inputs", "28x28"], ["--column-budget", "0"],
-                ["--column-budget", "nan"], ["--column-budget", "inf"]):
+                ["--column-budget", "nan"], ["--column-budget", "inf"], ["--rounds", "0"],
+                ["--rounds", "two"], ["--settle", "-1"], ["--settle", "nan"],
+                ["--settle", "inf"]):
         with pytest.raises(SystemExit):
             run.parse_args(bad)
 
