@@ -881,13 +881,25 @@ def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkey
         if not capture:
             monkeypatch.setattr(graph_module, "_cuda", lambda: None)
         net = _net(kind)[0]
-        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+        replayed = []  # (allocations, syncs) of each replayed step
+        with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+            step = net._step
+
+            def counted_step(*args, **kwargs):
+                before = (counts.allocations, counts.syncs, net.step_graphs.replays)
+                J = step(*args, **kwargs)
+                if net.step_graphs.replays > before[2]:
+                    replayed.append((counts.allocations - before[0], counts.syncs - before[1]))
+                return J
+
+            net._step = counted_step
             net.fit(X, Y, epochs=3, batch_size=8, lr=1e-2, verbose=False)
         params.append(_host(net))
         if capture:
             # 4 steps an epoch, 12 in all: each batch size warmed up and captured once
             steps = net.step_graphs
             assert (steps.captures, steps.replays) == (2, 8)
+            assert replayed == [(0, 0)] * 8  # no allocation, no host read
             assert gathers == [1] * 2 * (12 - 8)  # X and Y, by the eager steps and captures
             assert copies == ["i"] * (2 + 8)  # the indices only, at each capture and replay
             assert [graph[:2] for graph in names] == [["take", "take"]] * 2
