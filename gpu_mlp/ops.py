@@ -1361,9 +1361,10 @@ SUMS_TRANSPOSED_ROWS = 4096
 
 
 def sums_transposed(G, rows: int) -> bool:
-    """Whether :func:`weight_gradient` forms a product of ``rows`` rows that it permutes
-    into ``G`` (4-D rows: the permutation costs no pass of its own) transposed: on NumPy,
-    for sums of :data:`SUMS_TRANSPOSED_ROWS` rows or more. cuBLAS keeps the form
+    """Whether :func:`weight_gradient` forms the product of ``rows`` rows transposed --
+    4-D rows, which it permutes into ``G`` through a buffer anyway, and an entrance
+    convolution's transposed columns, whose small product it then copies into ``G``: on
+    NumPy, for sums of :data:`SUMS_TRANSPOSED_ROWS` rows or more. cuBLAS keeps the form
     measured on a GPU."""
     return is_numpy(G) and rows >= SUMS_TRANSPOSED_ROWS
 
