@@ -6,7 +6,8 @@ the backward pass, one scratch gradient buffer) and PyTorch (``.grad`` per param
 then ``optimizer.step()`` with ``foreach=True`` and, where PyTorch has it for the
 device, ``fused=True``), on the same device, dtype, weights and batch, with the harness's
 timing (:func:`bench.harness.time_steps`: warm-up, GPU synchronised inside the timed
-region, median of repeats). Writes ``results.json`` and ``report.md`` to ``--out``.
+region, median of repeats; on the CPU each after ``harness.CPU_SETTLE_S`` of sleep, so
+that the last one's idle threads stop spinning). Writes ``results.json`` and ``report.md`` to ``--out``.
 
     python bench/optim_step.py --out bench/results/cpu-float32-optim    # needs torch
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,6 +91,12 @@ def main(argv=None) -> int:
 
     harness.configure(args.threads, tf32=False)
     sync = harness._sync_for(args.device)
+
+    def timed(step) -> float:
+        if args.device == "cpu":  # the last case's idle BLAS/OpenMP threads stop spinning
+            time.sleep(harness.CPU_SETTLE_S)  # (bench/README.md, "Cases in turn")
+        return float(np.median(harness.time_steps(step, sync, 5, args.repeats, 10.0)[0]))
+
     records = []
     for net_name, sizes in NETS.items():
         params, X, y = problem(sizes, args.dtype)
@@ -101,9 +109,7 @@ def main(argv=None) -> int:
                                               make_theirs, fused=True)
             except (RuntimeError, ValueError, TypeError):
                 pass  # no fused kernel for this device in this PyTorch
-            times = {impl: float(np.median(harness.time_steps(step, sync, 5, args.repeats,
-                                                              10.0)[0]))
-                     for impl, step in steps.items()}
+            times = {impl: timed(step) for impl, step in steps.items()}
             best_torch = min(t for impl, t in times.items() if impl != "gpu_mlp")
             records.append({"net": net_name, "optimizer": name, "time_s": times,
                             "ratio_to_best_torch": times["gpu_mlp"] / best_torch})
