@@ -10,13 +10,18 @@ the ratio checkout / base.
 
     python bench/side_by_side.py --base HEAD~2 1x28x28-16-2 3x32x32-32-4 digits
     python bench/side_by_side.py --base HEAD~2 --layers 28-16-16-1 14-32-32-1
+    python bench/side_by_side.py --base torch --layers 28-16-16-1 14-32-32-1
 
 A network is ``CxHxW-channels-depth``, one of ``bench/run.py --grid conv``'s (3x3
 convolutions, padding 1, strides 1, 2, 1, ..., then Dense to 10 classes), or
 ``digits``, ``gpu-mlp train --model cnn``'s. With ``--layers`` each argument is one
 convolution, ``size-c_in-c_out-stride`` (3x3, padding 1, on size x size NHWC maps), timed
 as the engine runs it: forward, input gradient and weight gradient apart (the engine's
-internal calls, which both commits must have). Set the BLAS environment before it runs
+internal calls, which both commits must have). With ``--base torch`` and ``--layers`` the
+checkout's convolutions are timed against PyTorch's own (``F.conv2d`` and
+``aten.convolution_backward`` on NCHW tensors, the same numbers), each turn after
+``harness.CPU_SETTLE_S`` of sleep so that the other library's idle threads have stopped
+spinning (bench/README.md, "Cases in turn"). Set the BLAS environment before it runs
 (see bench/README.md, "The BLAS kernels").
 """
 
@@ -71,14 +76,18 @@ def network_specs(name: str):
     return [layer.spec() for layer in layers], shape
 
 
-def _rounds(cases, rounds: int, steps: int):
+def _rounds(cases, rounds: int, steps: int, settle: float = 0.0):
     """``cases``: two callables, each one round's worth of work; ms per call, per case.
     Each round runs them in the other order from the last (ABBA...): whichever runs
-    second in a round measured 1-2% slower in an A/A comparison of one commit."""
+    second in a round measured 1-2% slower in an A/A comparison of one commit.
+    ``settle``: seconds of sleep before each turn (two libraries' threads)."""
     times = [[], []]
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
             case = cases[i]
+            if settle:
+                time.sleep(settle)
+                case()  # (its threads awake again: untimed)
             start = time.perf_counter()
             for _ in range(steps):
                 case()
@@ -122,6 +131,9 @@ def compare_layer(packages, spec: str, batch: int, rounds: int, steps: int) -> l
     x = rng.standard_normal((batch, size, size, c_in)).astype(np.float32)
     parts = []
     for pkg in packages:
+        if pkg == "torch":
+            parts.append(_torch_layer(x, c_out, stride, np.random.default_rng(0)))
+            continue
         conv = pkg.layers.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
         form, ws = conv.engine, pkg.workspace.Workspace(np, np.float32)
         ws.largest_batch = batch
@@ -142,17 +154,45 @@ def compare_layer(packages, spec: str, batch: int, rounds: int, steps: int) -> l
             form.give_rows(rows, ws)
 
         parts.append((forward, input_grad, weight_grad))
+    from bench import harness
+
     lines = []
+    settle = harness.CPU_SETTLE_S if "torch" in packages else 0.0
     for what, cases in zip(("forward", "input gradient", "weight gradient"), zip(*parts)):
         for case in cases:
             case()  # warm
-        lines.append(_line(f"{spec} {what}", _rounds(cases, rounds, steps)))
+        lines.append(_line(f"{spec} {what}", _rounds(cases, rounds, steps, settle)))
     return lines
+
+
+def _torch_layer(x, c_out: int, stride: int, rng):
+    """PyTorch's forward, input gradient and weight gradient of the 3x3 convolution
+    (padding 1) that :func:`compare_layer` times, on the NCHW copy of the NHWC ``x``,
+    with W and T drawn as there."""
+    import torch
+
+    B, size, _, c_in = x.shape
+    x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    W = torch.from_numpy(rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32))
+    OH = (size + 2 - 3) // stride + 1
+    T = rng.standard_normal((B * OH * OH, c_out)).astype(np.float32)
+    T_t = torch.from_numpy(np.ascontiguousarray(T.reshape(B, OH, OH, c_out)
+                                                .transpose(0, 3, 1, 2)))
+    backward = torch.ops.aten.convolution_backward
+
+    def grads(mask):
+        return lambda: backward(T_t, x_t, W, None, [stride] * 2, [1, 1], [1, 1], False,
+                                [0, 0], 1, mask)
+
+    return (lambda: torch.nn.functional.conv2d(x_t, W, None, stride, 1),
+            grads([True, False, False]), grads([False, True, False]))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the commit to compare against")
+    parser.add_argument("--base", required=True,
+                        help="the commit to compare against; with --layers also 'torch': "
+                             "PyTorch's own convolutions")
     parser.add_argument("--layers", action="store_true",
                         help="time single convolutions (size-c_in-c_out-stride)")
     parser.add_argument("--batch", type=int, default=None,
@@ -163,11 +203,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or (args.batch is not None and args.batch < 1):
         parser.error("--rounds, --steps and --batch must be positive")
+    if args.base == "torch" and not args.layers:
+        parser.error("--base torch times single convolutions: give --layers")
     import gpu_mlp
 
     with tempfile.TemporaryDirectory() as folder:
         try:
-            base = load_base(args.base, Path(folder))
+            base = "torch" if args.base == "torch" else load_base(args.base, Path(folder))
         except subprocess.CalledProcessError as e:
             parser.error(f"--base {args.base}: git archive failed: "
                          f"{e.stderr.decode(errors='replace').strip()}")

@@ -1159,6 +1159,31 @@ def test_side_by_side_times_a_commits_package_against_the_checkouts(capsys):
     assert "git archive failed" in capsys.readouterr().err
 
 
+def test_side_by_side_times_convolutions_against_pytorchs_own(capsys, monkeypatch):
+    """--base torch --layers: the checkout's forward, input and weight gradient of a
+    convolution against F.conv2d and aten.convolution_backward, each turn after a sleep
+    (the other library's threads); whole steps against PyTorch are refused."""
+    pytest.importorskip("torch")
+    from bench import side_by_side
+
+    slept = []
+    monkeypatch.setattr(harness, "CPU_SETTLE_S", 0.001)
+    real_sleep = side_by_side.time.sleep
+    monkeypatch.setattr(side_by_side.time, "sleep", lambda s: (slept.append(s),
+                                                              real_sleep(s))[1])
+    assert side_by_side.main(["--base", "torch", "--layers", "--rounds", "2", "--steps", "1",
+                              "--batch", "3", "6-2-3-2", "5-3-2-1"]) == 0
+    out = capsys.readouterr().out
+    for layer in ("6-2-3-2", "5-3-2-1"):
+        for what in ("forward", "input gradient", "weight gradient"):
+            assert re.search(rf"{layer} {what} +base .* checkout .* \(medians\) [0-9.]+",
+                             out), (layer, what, out)
+    assert slept == [0.001] * (2 * 3 * 2 * 2)  # layers x ops x rounds x turns
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--base", "torch", "digits"])
+    assert "--base torch times single convolutions: give --layers" in capsys.readouterr().err
+
+
 def test_side_by_side_rounds_alternate_which_version_runs_first():
     """Whichever version runs second in a round measured 1-2% slower in an A/A
     comparison: the rounds alternate the order (ABBA...), each version's times its own."""
