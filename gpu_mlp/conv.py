@@ -73,6 +73,12 @@ ELEMENTWISE = {
     # img (B, H, W, C) <- the adjoint of im2col_nhwc with taps_first, a gather
     "col2im_nhwc": (f"raw T cols, {_GEOMETRY}", "T img",
                     f"img = gm_col2im_nhwc_at(&cols[0], i, {_ARGS})"),
+    # the same, times sigma' of the layer below from its output f at the pixel ("output"
+    # mode, Remark 8): its backward in col2im's pass, the products ops.grad_from_output
+    # would make next (the same bits), one pass over the maps fewer
+    "col2im_nhwc_grad": (f"raw T cols, {_GEOMETRY}, T f, T alpha", "T img",
+                         f"img = gm_col2im_nhwc_at(&cols[0], i, {_ARGS}) "
+                         f"* gm_{{act}}_grad_from_output(f, alpha)"),
 }
 
 

@@ -151,10 +151,18 @@ class Layer:
         back to the workspace and the copy is a workspace buffer."""
         return T
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         """``out <- C^dagger(T, W)``, out of shape (B, *input_shape), from T as rows;
-        ``weight``: the forward's copy of W that :meth:`linear` kept, if it did."""
+        ``weight``: the forward's copy of W that :meth:`linear` kept, if it did;
+        ``derivative``: ``(act, F)``, the layer below's elementwise activation and its
+        output, whose sigma' out is then multiplied by too -- given only where
+        :meth:`fuses_derivative` says."""
         raise NotImplementedError
+
+    def fuses_derivative(self, out) -> bool:
+        """Whether :meth:`input_grad` into ``out`` multiplies in the layer below's
+        sigma' in its own last pass (``derivative``): one pass over the maps fewer."""
+        return False
 
     def bias_view(self, b):
         """``b`` shaped to broadcast over this layer's layout: ``iota(b)``."""
@@ -224,7 +232,7 @@ class Dense(Layer):
         ops.gemm("N", "T", self.rows(x, ws), W, A)
         return A
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         ops.gemm("N", "N", T_rows, W, self.rows(out, ws))
 
     def __str__(self) -> str:
@@ -304,7 +312,7 @@ class Conv2d(Layer):
         ws.give(T)
         return T_rows
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         B, P, K = out.shape[0], self.positions(out.shape[1:]), self.fan_in
         n = ops.column_block(B, P * K * out.dtype.itemsize)
         dcols = ws.take_columns(n * P, K)
@@ -558,7 +566,11 @@ class ChannelsLast(_TakesMapsNHWC):
     def to_rows(self, T, ws):
         return self.as_rows(T)  # a view: the engine gives T back through it
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def fuses_derivative(self, out) -> bool:
+        # a GPU's input gradient ends in col2im, a kernel of ours (not in a GEMM)
+        return not ops.is_numpy(out) and not self._direct
+
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         # the columns in the windows' order (i, j, c), against W in that order: col2im
         # then adds runs of C contiguous values
         if self._direct:
@@ -583,7 +595,9 @@ class ChannelsLast(_TakesMapsNHWC):
         for samples, rows in ops.sample_blocks(B, n, P):
             block = dcols[:rows.stop - rows.start]
             ops.gemm("N", "N", T_rows[rows], W_mat, block)
-            ops.col2im_nhwc(self.conv, block, out[samples], scratch)
+            ops.col2im_nhwc(self.conv, block, out[samples], scratch,
+                            None if derivative is None else
+                            (derivative[0], derivative[1][samples]))
         ws.give(*(b for b in (dcols, Wt, scratch) if b is not None))
 
     def _taps_weight(self, W, ws):
@@ -744,7 +758,7 @@ class EntranceConv(_Form):
     def to_rows(self, T, ws):
         return self.as_rows(T)
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         self.conv.input_grad(T_rows, W, ws, out)
 
 
@@ -785,7 +799,7 @@ class ChannelsLastDense(_TakesMapsNHWC):
             ws.give(Wt)
         return A
 
-    def input_grad(self, T_rows, W, ws, out, weight=None) -> None:
+    def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         Wt = self._weight(W, out, ws) if weight is None else weight
         ops.gemm("N", "N", T_rows, Wt, out.reshape(out.shape[0], -1))
         if weight is None:

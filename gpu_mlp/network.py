@@ -537,6 +537,16 @@ class Network(ForwardBackward):
             before, after = after, before
         return _layers.to_channels_last(F, ws) if after else _layers.to_channels_first(F, ws)
 
+    def _fuses_derivative(self, layers, k, grad_input) -> bool:
+        """Whether layer k's input gradient takes layer k-1's backward (dJ/dF -> dJ/dA)
+        into its last pass: an elementwise sigma' from the output ("output" mode), no
+        layout change between them, and a form that can (a GPU's col2im)."""
+        act = self.layers[k - 1].activation
+        return (self._modes[k - 1] == "output" and not act.kind.is_identity
+                and not act.kind.rowwise
+                and layers[k - 1].gives_channels_last == layers[k].takes_channels_last
+                and layers[k].fuses_derivative(grad_input))
+
     def _activation_backward(self, k, saved, delta, ws):
         """dJ/dF_k -> dJ/dA_k in place; afterwards ``saved[k].F`` holds F_k in every mode."""
         act, mode, s = self.layers[k].activation, self._modes[k], saved[k]
@@ -600,10 +610,14 @@ class Network(ForwardBackward):
             # at the entrance a form that takes NHWC (a GPU's) leaves X and dJ/dX to the
             # layer's torch form (NCHW im2col and col2im): no copy of either
             form = self.layers[k] if k == 0 and layer.takes_channels_last else layer
+            derivative = None  # layer k-1's sigma', when C^dagger's last pass takes it
             if k > 0 or want_dx:
                 grad_input = dX if k == 0 else ws.take((B, *layer.engine_shape(shapes[k][0])))
+                if k > 0 and self._fuses_derivative(layers, k, grad_input):
+                    derivative = (self.layers[k - 1].activation, saved[k - 1].F)
                 # W_k before the sink updates it
-                form.input_grad(T_rows, W, ws, grad_input, weight=s.weight)
+                form.input_grad(T_rows, W, ws, grad_input, weight=s.weight,
+                                derivative=derivative)
                 relaid = (self._relayout(layers, k, grad_input, ws, backward=True) if k > 0
                           else grad_input)
                 if relaid is not grad_input:
@@ -612,7 +626,7 @@ class Network(ForwardBackward):
             if s.weight is not None:
                 ws.give(s.weight)
                 s.weight = None
-            if k > 0:
+            if k > 0 and derivative is None:
                 self._activation_backward(k - 1, saved, grad_input, ws)
             F_prev = saved[k - 1].F if k > 0 else X
             F_in = F_prev

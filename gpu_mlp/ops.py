@@ -650,14 +650,22 @@ def im2col_nhwc(layer, x, out, taps_first: bool, padded=None):
     return out
 
 
-def col2im_nhwc(layer, cols, out, scratch=None):
+def col2im_nhwc(layer, cols, out, scratch=None, derivative=None):
     """``out`` (B, H, W, c_in) <- the adjoint of :func:`im2col_nhwc` with taps_first;
     ``scratch`` (NumPy only): a buffer of B times conv.col2im_scratch values, for faster
-    sums."""
+    sums. ``derivative``: ``(act, f)``, the layer below's elementwise activation and its
+    output (out's shape): out is then also multiplied by its sigma', as
+    :func:`grad_from_output` would -- on a GPU in the same kernel."""
     if is_numpy(out):
         conv.col2im_nhwc(cols, layer, out, scratch)
-    else:
+        if derivative is not None:
+            grad_from_output(*derivative, out)
+    elif derivative is None:
         _launch("col2im_nhwc", None, cols, *_geometry(layer, _nchw(out.shape)), out)
+    else:
+        act, f = derivative
+        _launch("col2im_nhwc_grad", act, cols, *_geometry(layer, _nchw(out.shape)), f,
+                _alpha(act, f), out)
     return out
 
 

@@ -220,6 +220,9 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
             net.predict(X)
             net.loss_and_gradients(X, Y)
             net.train_step(X, Y, LR)
+        # col2im times the layer below's sigma' ("output" mode), for each activation
+        net, X, Y = conv_problem("output", "sigmoid", dtype, make_targets)
+        net.train_step(X, Y, LR)
         for make in OPTIMIZERS.values():  # the optimizers' update kernels
             net, X, Y = conv_problem("output", "relu", dtype, make_targets)
             net.train_step(X, Y, make())
@@ -236,8 +239,10 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         net.train_step(*make_batch(net, "labels"), LR)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
-    # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1)
-    for op in ("grad_from_output", "recompute_grad", "bias_act_keep", "bias_act_grad"):
+    # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1),
+    # with no sigma' to multiply in col2im
+    for op in ("grad_from_output", "recompute_grad", "bias_act_keep", "bias_act_grad",
+               "col2im_nhwc_grad"):
         elementwise.remove((f"gpu_mlp_{op}_identity", dtype))
     ctype = cuda_host.CTYPES[np.dtype(dtype)]
     rows = {f"{kernel}<{ctype}>" for kernel in cuda.ROW_KERNELS}
@@ -305,6 +310,41 @@ def conv_problem(memory, act, dtype, make_targets, target="labels", batch=BATCH)
                                                for W, b in params], loss, memory, device="cpu")
     X = rng.standard_normal((batch, *CONV_INPUT)).astype(dtype)
     return net, X, make_targets(rng, loss, batch, D_OUT, soft=soft)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_col2im_takes_the_layer_belows_derivative_with_the_same_bits(
+        host_cupy_lib, make_targets, monkeypatch, act, dtype):
+    """On a GPU a convolution's input gradient ends in col2im, which in "output" mode
+    multiplies in the layer below's sigma' (from its output) in the same kernel: the
+    products ops.grad_from_output made in a pass of its own, so the same parameters bit
+    for bit, one launch less per convolution above another."""
+    from gpu_mlp import layers
+
+    launched, launch = [], ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda op, act, *args: (
+        launched.append((op, act and act.name)), launch(op, act, *args))[1])
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(layers.ChannelsLast, "fuses_derivative", lambda self, out: False)
+        launched.clear()
+        with cupy_path(host_cupy_lib):
+            net, X, Y = conv_problem("output", act, dtype, make_targets)
+            for _ in range(2):
+                net.train_step(X, Y, LR)
+            results[fused] = (host_params(net), list(launched))
+    (fused_params, fused_launches), (plain_params, plain_launches) = results[True], results[False]
+    for pair, plain_pair in zip(fused_params, plain_params):
+        for a, b in zip(pair, plain_pair):
+            np.testing.assert_array_equal(a, b)
+    # per step: the second convolution's C^dagger takes the first's sigma'; the first's
+    # own C^dagger (dJ/dX) is not needed
+    assert fused_launches.count(("col2im_nhwc_grad", act)) == 2
+    assert plain_launches.count(("col2im_nhwc_grad", act)) == 0
+    assert fused_launches.count(("grad_from_output", act)) == \
+        plain_launches.count(("grad_from_output", act)) - 2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
