@@ -252,9 +252,9 @@ class Task:
 
 # On the CPU a library's idle threads spin for a while after its last call, on the cores
 # the next case wants: OpenBLAS's for 2^28 cycles (about 0.1 s), PyTorch's OpenMP threads
-# too. A PyTorch convolution within 0.1 s of SciPy's GEMMs took 30x its time on the 2-core
-# box, 0.2 s later its own; gpu_mlp's first step after PyTorch's 2x. So each CPU case
-# sleeps this long before its warm-up (bench/README.md, "Cases in turn").
+# too. A PyTorch convolution within 50 ms of SciPy's GEMMs took 8-9x its time on the 2-core
+# box, 0.1 s later its own; a SciPy GEMM right after PyTorch's 1.3x (bench/settle.py).
+# So each CPU case sleeps this long before its warm-up (bench/README.md, "Cases in turn").
 CPU_SETTLE_S = 0.3
 
 

@@ -137,8 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, metavar="SECONDS",
                    help="sleep before each CPU case, so that the last case's idle BLAS or "
                         "OpenMP threads stop spinning on the cores it wants (default "
-                        "0.3: a PyTorch convolution right after SciPy's GEMMs took 30x "
-                        "its time)")
+                        "0.3: a PyTorch convolution right after SciPy's GEMMs took 8-9x "
+                        "its time, bench/settle.py)")
     p.add_argument("--column-budget", type=float, metavar="MIB",
                    help="gpu_mlp's convolution column buffer at most, MiB "
                         "(gpu_mlp.ops.COLUMN_BUDGET_BYTES; default its 16): what the "

@@ -1184,6 +1184,22 @@ def test_side_by_side_times_convolutions_against_pytorchs_own(capsys, monkeypatc
     assert "--base torch times single convolutions: give --layers" in capsys.readouterr().err
 
 
+def test_settle_times_each_library_after_the_other(capsys):
+    """bench/settle.py: a PyTorch convolution after SciPy's GEMMs and a GEMM after
+    PyTorch, at each delay; bad delays and counts refused by name."""
+    pytest.importorskip("torch")
+    from bench import settle
+
+    results = settle.measure([0, 1], repeats=1, threads=1, size=4, burst=1)
+    assert set(results) == {"torch after BLAS", "BLAS after torch"}
+    assert all(set(by_delay) == {0, 1} and min(by_delay.values()) > 0
+               for by_delay in results.values())
+    for bad in (["--delays", "x"], ["--delays", "-5"], ["--delays", ""], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            settle.parse_args(bad)
+    assert "--delays" in capsys.readouterr().err
+
+
 def test_side_by_side_rounds_alternate_which_version_runs_first():
     """Whichever version runs second in a round measured 1-2% slower in an A/A
     comparison: the rounds alternate the order (ABBA...), each version's times its own."""
