@@ -131,11 +131,11 @@ def test_the_checks_find_what_they_look_for():
 
 # A matrix product on NumPy goes through ops.gemm / ops.gemv -- SciPy's BLAS -- never
 # NumPy's matmul: NumPy brings an OpenBLAS of its own, whose idle threads spin for about
-# 0.1 s after a call on the cores SciPy's want next. Routing the products a step could
-# give to NumPy's matmul made steps 5-9x slower on 2 cores (bench/README.md, "The weight
-# gradient's orientation"). (Dot products of vectors, ``vdot``, measured no such cost:
-# the norms' per-sample ones ran 8% faster than as einsum.) The modules that training
-# steps, fit and the estimators run; not the NumPy reference (gpu_mlp/reference.py).
+# 0.1 s after a call on the cores SciPy's want next: GEMMs alternating between the two ran
+# 20x slower on 2 cores (bench/blas_shapes.py pools; bench/README.md, "The weight
+# gradient's orientation"). (Dot products of vectors, ``vdot``, are no matrix products:
+# left to NumPy.) The modules that training steps, fit and the estimators run; not the
+# NumPy reference (gpu_mlp/reference.py).
 MATRIX_PRODUCTS = {"matmul", "dot", "inner", "tensordot"}
 OFF_THE_STEP = {"reference", "datasets", "plotting", "cli", "checkpoint", "accounting",
                 "_version"}

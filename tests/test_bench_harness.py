@@ -1200,6 +1200,24 @@ def test_settle_times_each_library_after_the_other(capsys):
     assert "--delays" in capsys.readouterr().err
 
 
+def test_blas_shapes_runs_its_parts_and_refuses_unknown_ones(capsys, monkeypatch):
+    from bench import blas_shapes
+
+    monkeypatch.setattr(blas_shapes, "SHAPES", ((64, 8, 3), (600, 9, 4)))
+    monkeypatch.setattr(blas_shapes, "ENTRANCES", ((9, 300, 2),))
+    monkeypatch.setattr(harness, "CPU_SETTLE_S", 0.0)
+    assert blas_shapes.main(["orientation", "libraries", "pools", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"rows +600 K +9 d_out +4: T\^T X .* X\^T T .* ratio [0-9.]+", out)
+    assert re.search(r"entrance K +9 rows +300 d_out +2: .* ratio [0-9.]+", out)
+    assert re.search(r"libraries:\n  (X\^T T rows .*ratio [0-9.]+|libraries: skipped)", out)
+    assert re.search(r"alternating NumPy's matmul and SciPy's .* ratio [0-9.]+", out)
+    for bad in (["nope"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            blas_shapes.parse_args(bad)
+    assert "unknown part 'nope'" in capsys.readouterr().err
+
+
 def test_side_by_side_rounds_alternate_which_version_runs_first():
     """Whichever version runs second in a round measured 1-2% slower in an A/A
     comparison: the rounds alternate the order (ABBA...), each version's times its own."""
