@@ -75,26 +75,23 @@ def orientation(repeats: int) -> list[str]:
     from gpu_mlp import ops
 
     rng = np.random.default_rng(0)
-    lines = []
-    for rows, K, d in SHAPES:
-        X = rng.standard_normal((rows, K), dtype=np.float32)
-        T = rng.standard_normal((rows, d), dtype=np.float32)
+
+    def compare(label, X, d):
+        (rows, K), T = X.shape, rng.standard_normal((X.shape[0], d), dtype=np.float32)
         plain = median_ms(lambda: ops.gemm("T", "N", T, X, np.empty((d, K), np.float32)),
                           repeats)
         flipped = median_ms(lambda: ops.gemm("T", "N", X, T, np.empty((K, d), np.float32)),
                             repeats)
-        lines.append(f"rows {rows:6d} K {K:5d} d_out {d:3d}: T^T X {plain:7.3f} ms, "
-                     f"X^T T {flipped:7.3f} ms, ratio {flipped / plain:.2f}")
-    for K, rows, d in ENTRANCES:
-        X = rng.standard_normal((K, rows), dtype=np.float32).T  # the entrance's columns
-        T = rng.standard_normal((rows, d), dtype=np.float32)
-        plain = median_ms(lambda: ops.gemm("T", "N", T, X, np.empty((d, K), np.float32)),
-                          repeats)
-        flipped = median_ms(lambda: ops.gemm("T", "N", X, T, np.empty((K, d), np.float32)),
-                            repeats)
-        lines.append(f"entrance K {K:3d} rows {rows:6d} d_out {d:3d}: T^T X {plain:7.3f} ms, "
-                     f"X^T T {flipped:7.3f} ms, ratio {flipped / plain:.2f}")
-    return lines
+        return (f"{label} d_out {d:3d}: T^T X {plain:7.3f} ms, X^T T {flipped:7.3f} ms, "
+                f"ratio {flipped / plain:.2f}")
+
+    return ([compare(f"rows {rows:6d} K {K:5d}",
+                     rng.standard_normal((rows, K), dtype=np.float32), d)
+             for rows, K, d in SHAPES]
+            # the entrance's columns: X the transpose of a C-ordered (K, rows)
+            + [compare(f"entrance K {K:3d} rows {rows:6d}",
+                       rng.standard_normal((K, rows), dtype=np.float32).T, d)
+               for K, rows, d in ENTRANCES])
 
 
 def _sgemm_of(path: str):
