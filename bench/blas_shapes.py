@@ -120,8 +120,9 @@ def libraries(repeats: int) -> list[str]:
     for info in threadpool_info():
         path = info["filepath"]
         owner = "numpy" if "numpy" in path else "scipy" if "scipy" in path else None
-        if info["user_api"] == "blas" and owner and _sgemm_of(path) is not None:
-            found[owner] = (_sgemm_of(path), info.get("version"))
+        sgemm = _sgemm_of(path) if info["user_api"] == "blas" and owner else None
+        if sgemm is not None:
+            found[owner] = (sgemm, info.get("version"))
     if set(found) != {"numpy", "scipy"}:
         return [f"libraries: skipped (scipy-openblas found for {sorted(found) or 'neither'})"]
     rng = np.random.default_rng(0)

@@ -573,11 +573,13 @@ class ChannelsLast(_TakesMapsNHWC):
     def input_grad(self, T_rows, W, ws, out, weight=None, derivative=None) -> None:
         # the columns in the windows' order (i, j, c), against W in that order: col2im
         # then adds runs of C contiguous values
-        if self._direct:
-            ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
-            return
-        if self.shifted(out, ws, SHIFTED_ADJOINT_MAX):
-            self._input_grad_shifted(T_rows, W, ws, out)
+        if self._direct or self.shifted(out, ws, SHIFTED_ADJOINT_MAX):
+            if self._direct:
+                ops.gemm("N", "N", T_rows, self.weight_matrix(W), out.reshape(-1, self.c_in))
+            else:
+                self._input_grad_shifted(T_rows, W, ws, out)
+            if derivative is not None:  # (these paths end in a GEMM or a copy: its own pass)
+                ops.grad_from_output(*derivative, out, ws)
             return
         B, P, K = self._geometry(out)
         n = min(B, ops.conv_block(out, P * K * out.dtype.itemsize))

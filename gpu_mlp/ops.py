@@ -1363,8 +1363,8 @@ def weight_gradient(T_rows, X_rows, G, alpha=1.0, beta=0.0, ws=None):
 
 # OpenBLAS forms T^T X faster as its transpose X^T T (K, d_out) where the sums are long:
 # 0.53-0.98x the time for 512 to 65,536 rows on the AMD EPYC box, but 1.5x for 64 rows
-# and 1.1x for the digits CNN's 2,048-row entrance, whose step took 1.03x formed so
-# (bench/blas_shapes.py; bench/README.md, "The weight gradient's orientation")
+# and 1.1x for the digits CNN's 2,048-row entrance (bench/blas_shapes.py;
+# bench/README.md, "The weight gradient's orientation")
 SUMS_TRANSPOSED_ROWS = 4096
 
 

@@ -608,6 +608,39 @@ def test_a_gradient_from_rows_in_the_windows_order_lands_in_w_layout(alpha, beta
         np.ascontiguousarray(X_rows.transpose(0, 3, 1, 2)).reshape(len(cols), -1), cols)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, size",
+                         [(3, 1, 1, 9), (5, 2, 2, 2), (1, 1, 0, 9)],
+                         ids=["shifted", "col2im", "direct"])
+def test_an_input_gradient_given_the_layer_belows_derivative_multiplies_it_in(
+        kernel, stride, padding, size, monkeypatch):
+    """ChannelsLast.input_grad(derivative=(act, F)) is C^dagger(T) (.) sigma'(F) on every
+    path -- fused into col2im on a GPU, a pass of its own after the GEMMs on NumPy's
+    shifted and 1x1 paths -- the products ops.grad_from_output makes."""
+    from gpu_mlp import activations, ops
+    from gpu_mlp.workspace import Workspace
+
+    rng = np.random.default_rng(5)
+    layer = Conv2d(3, 4, kernel, stride=stride, padding=padding).engine
+    # the path of the id: 3x3 stride 1 shifted (its columns not kept, small as they are),
+    # 5x5 stride 2 on 2x2 maps col2im (9 grid cells an output: too many to shift)
+    monkeypatch.setattr(ops, "keeps_columns", lambda *args: False)
+    taken, shifted = [], type(layer)._input_grad_shifted
+    monkeypatch.setattr(type(layer), "_input_grad_shifted",
+                        lambda *args: (taken.append(1), shifted(*args))[1])
+    B, H, W_ = 2, size, size
+    _, OH, OW = layer.output_shape((3, H, W_))
+    T = rng.standard_normal((B * OH * OW, 4))
+    W = rng.standard_normal(layer.weight_shape)
+    F = np.tanh(rng.standard_normal((B, H, W_, 3)))
+    act = activations.get("tanh")
+    plain, fused = np.empty((B, H, W_, 3)), np.empty((B, H, W_, 3))
+    layer.input_grad(T, W, Workspace(np, np.float64), plain)
+    ops.grad_from_output(act, F, plain)
+    layer.input_grad(T, W, Workspace(np, np.float64), fused, derivative=(act, F))
+    np.testing.assert_array_equal(fused, plain)
+    assert bool(taken) == (kernel == 3 and stride == 1)
+
+
 # (c_in, c_out, kernel, stride, padding, (H, W)) and the cells of conv.shifted_taps' grid
 # an output position, which decide NumPy's paths: the forward by GEMMs on the shifted
 # phase planes up to layers.SHIFTED_FORWARD_MAX (2.25), else im2col; C^dagger so up to
