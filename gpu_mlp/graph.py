@@ -21,7 +21,8 @@ counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
 graph's own 0-d buffer and copied into the workspace's (``Workspace.loss``), so the
 loss a step returns behaves as an eager step's -- but for ``fit``'s, which it reads at
-once (``lasting=False``: no copy).
+once (``lasting=False``: no copy), and which the graph also adds to fit's (or the
+scikit-learn estimators') :class:`~gpu_mlp.plan.LossTally`, the epoch's sum.
 
 Eager instead: the NumPy backend; a CuPy without stream capture (the tests' stand-in
 ``host_cupy``); a configuration seen once; a stream already capturing (the step becomes
@@ -52,7 +53,7 @@ from collections import OrderedDict
 from typing import Callable, NamedTuple
 
 from . import _checks, cublas, ops
-from .plan import StepPlan, StepScalars
+from .plan import LossTally, StepPlan, StepScalars
 
 MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
 MAX_SEEN = 8     # configurations remembered (seen once, or captured)
@@ -110,6 +111,7 @@ class StepGraphs:
         self._entries: OrderedDict = OrderedDict()
         self._latest = None  # (rule, dp, dtype, their StepScalars): the last step's pair
         self._params = None
+        self._tallies = {}
         self._warned = set()
         self.captures = self.replays = 0
 
@@ -119,30 +121,44 @@ class StepGraphs:
         return sum(e.graph is not None for e in self._entries.values())
 
     def clear(self) -> None:
-        """Drop every graph and the device scalars (``free_buffers``)."""
+        """Drop every graph, the device scalars and the tallies (``free_buffers``)."""
         self._entries.clear()
         self._latest = None
         self._params = None
+        self._tallies.clear()
+
+    def tally(self, net, weight: float = 1.0, penalty: float = 0.0) -> LossTally:
+        """The net's :class:`~gpu_mlp.plan.LossTally` of these numbers, kept: a graph
+        knows its tally by identity, so runs one after another (fit called an epoch at
+        a time) replay the graphs of the last rather than capture their own."""
+        key = (float(weight), float(penalty), net.dtype, net.xp)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = LossTally(net, weight, penalty)
+        return tally
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
-             capture: bool = True, lasting: bool = True, gathered: Gathered = None):
+             capture: bool = True, lasting: bool = True, gathered: Gathered = None,
+             tally: LossTally = None):
         """One training step of ``net`` on the checked batch (X, Y) by ``plan`` (see
         :meth:`Network._step`): eager, captured or replayed. Returns the loss: with
         ``lasting`` one that keeps its value through the next step, as an eager step's
         (a replay's is copied out of its graph); else, from a replay, the graph's own
         buffer, which its next replay overwrites (fit reads it at once: one copy kernel
         less a step). ``gathered``: X and Y are buffers to gather the batch into
-        (:class:`Gathered`), which an eager step does first and a graph itself."""
+        (:class:`Gathered`), which an eager step does first and a graph itself.
+        ``tally``: a :class:`~gpu_mlp.plan.LossTally` the step adds its loss to (a graph
+        too, as it replays)."""
         if ops.is_numpy(net.params[0][0]):  # host numbers, as always
             return _run(net, X, Y, plan, rows, counts, divisor, scale, None,
-                        gathered=gathered)
+                        gathered=gathered, tally=tally)
         noise_std = plan.dp.noise_std(divisor) if plan.private else 0.0
         scalars = self._scalars_for(net, plan)
         scalars.prepare(plan, noise_std)
 
         def eager():
             return _run(net, X, Y, plan, rows, counts, divisor, scale, scalars,
-                        gathered=gathered)
+                        gathered=gathered, tally=tally)
 
         cuda = _cuda()
         if not capture or cuda is None or plan.parallel or _capturing(cuda):
@@ -151,7 +167,8 @@ class StepGraphs:
         if params != self._params:  # replaced parameters: every graph is stale
             self._entries.clear()
             self._params = params
-        key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered)
+        key = self._key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered,
+                        tally)
         entries = self._entries
         entry = entries.pop(key, None)  # (free_buffers() from another thread may clear
         if entry is None:                # the entries at any point: no KeyError here)
@@ -175,7 +192,7 @@ class StepGraphs:
             return J
         if entry.graph is None:
             if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                                 scalars, gathered):
+                                 scalars, gathered, tally):
                 return eager()
         elif not entry.buffers <= _free_ids(net):
             # a buffer the graph writes is out of the workspace: lent to a pending
@@ -219,7 +236,8 @@ class StepGraphs:
             self._entries.pop(key, None)
 
     @staticmethod
-    def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered) -> tuple:
+    def _key(net, X, Y, plan, rows, counts, divisor, scale, scalars, gathered,
+             tally) -> tuple:
         """What a graph is captured for: everything a replay does not read anew."""
         # (not the rates: a schedule's, or an lr set between steps, are in the scalars)
         rule = "plain" if plan.plain else (id(plan.rule), plan.rule.kernel_settings())
@@ -230,7 +248,7 @@ class StepGraphs:
         return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,
                 tuple(net._modes), id(net.training_workspace), rule, dp, rows,
                 None if counts is None else tuple(counts), divisor, scale, id(scalars),
-                source)
+                None if tally is None else tally.key(), source)
 
     def _prepare(self, cuda, entry, net, X, Y, gathered):
         """Make what a capture needs before it (nothing may allocate during it): the
@@ -248,7 +266,7 @@ class StepGraphs:
         return _capture_stream(cuda)
 
     def _capture(self, cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                 scalars, gathered) -> bool:
+                 scalars, gathered, tally) -> bool:
         """Capture the step into ``entry`` and launch it once; False (and a warning,
         once per reason) if the capture failed: the step is then to run eagerly, and
         the plan and scalars are as before."""
@@ -264,7 +282,7 @@ class StepGraphs:
                 stream.begin_capture()
                 try:
                     _run(net, entry.X, entry.Y, plan, rows, counts, divisor, scale, scalars,
-                         loss=entry.loss, gathered=inside)
+                         loss=entry.loss, gathered=inside, tally=tally)
                 finally:
                     graph = stream.end_capture()
         except Exception as e:  # noqa: BLE001 -- any failure: say why, then eager
@@ -288,7 +306,7 @@ class StepGraphs:
         # and the handle of the capture (its workspace, whose address the GEMMs keep: the
         # side's may be evicted and replaced later)
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
-                      side.handle, None if gathered is None else gathered.data)
+                      side.handle, None if gathered is None else gathered.data, tally)
         entry.buffers, entry.side, entry.rewarmed = _free_ids(net), side, False
         for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
             if self.graphs <= MAX_GRAPHS:
@@ -398,21 +416,25 @@ def _capturing(cuda) -> bool:
 
 
 def _run(net, X, Y, plan, rows, counts, divisor, scale, scalars, loss=None,
-         gathered=None):
+         gathered=None, tally=None):
     """The step itself, eagerly (or as it is captured): the batch gathered into X and Y
     where ``gathered`` says, the scalars of the step, the forward and backward pass with
-    the plan's chain of sinks, the step counted."""
+    the plan's chain of sinks, the loss added to ``tally``, the step counted."""
     if gathered is not None:
         gathered.into(X, Y)
     if any(net.xp.may_share_memory(X, a) for pair in net.params for a in pair):
         X = X.copy()  # (X = W_1 say: the updates write what the step still reads)
     if scalars is not None:
         scalars.select()
+    if tally is not None:
+        tally.before(net)  # (the weights the forward uses: the backward updates them)
     sink = plan.sink(net, rows, counts, divisor, scalars)
     # with other ranks: one engine form of each layer on all (Network._engine_layers)
     ranks = 1 if counts is None else len(counts)
     J, _ = net._backprop(X, Y, sink, scale=scale, want_dx=False, loss_out=loss,
                          forms_batch=0 if ranks > 1 else None)
+    if tally is not None:
+        tally.add(J, rows)
     if scalars is not None:
         scalars.advance()
     return J

@@ -324,7 +324,8 @@ class Network(ForwardBackward):
         return self._step(X, Y, plan, check, global_loss=True)
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
-              global_loss=False, capture=True, lasting=True, prepared=False, gathered=None):
+              global_loss=False, capture=True, lasting=True, prepared=False, gathered=None,
+              tally=None):
         """:meth:`train_step` by ``plan``; ``expected_batch``: what DP divides by (fit's
         Poisson sampling: the expected batch size); ``counts``: every rank's rows, when
         known; ``global_loss``: with communication, return the global batch's loss (else
@@ -336,17 +337,19 @@ class Network(ForwardBackward):
         ``prepared``: X and Y are rows of data checked whole by :meth:`Inputs.batch
         <gpu_mlp.inputs.Inputs.batch>` (fit's), so only the parameters are checked
         here; ``gathered``: X and Y are the buffers those rows are to be gathered into
-        (:class:`gpu_mlp.graph.Gathered`: by the step, or inside its graph)."""
+        (:class:`gpu_mlp.graph.Gathered`: by the step, or inside its graph); ``tally``: a
+        :class:`gpu_mlp.plan.LossTally` the step adds its loss to (not on a rank's empty
+        share, which has none)."""
         comm = plan.communicator(self)
         if comm is None:
             return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
-                                 global_loss, capture, lasting, prepared, gathered)
+                                 global_loss, capture, lasting, prepared, gathered, tally)
         with comm.guard():  # an error on one rank alone: the others wait in collectives
             return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
-                                 global_loss, capture, lasting, prepared, gathered)
+                                 global_loss, capture, lasting, prepared, gathered, tally)
 
     def _step_of(self, X, Y, plan, comm, check, expected_batch, counts, global_loss,
-                 capture, lasting, prepared, gathered):
+                 capture, lasting, prepared, gathered, tally):
         """:meth:`_step` on ``comm``, plan.communicator(self)."""
         try:
             X, Y, B, empty = self._step_input(X, Y, plan, comm, check, expected_batch,
@@ -373,7 +376,8 @@ class Network(ForwardBackward):
             # DP needs each sample's own gradient (scale 1) and divides by the batch itself
             scale = 1.0 if plan.private else 1.0 / total
             J = self.step_graphs.step(self, X, Y, plan, B, counts, divisor, scale,
-                                      capture=capture, lasting=lasting, gathered=gathered)
+                                      capture=capture, lasting=lasting, gathered=gathered,
+                                      tally=tally)
         if comm is None or not global_loss:
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows

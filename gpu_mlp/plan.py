@@ -40,7 +40,7 @@ from . import _checks, distributed, ops, optim, privacy
 from .device import write
 from .updates import Apply, Sink
 
-__all__ = ["StepPlan", "StepScalars"]
+__all__ = ["LossTally", "StepPlan", "StepScalars"]
 
 
 class StepPlan:
@@ -351,3 +351,63 @@ class StepScalars:
         """The host's record of the device's counters, one step on (a replay's
         :meth:`advance` runs on the device alone)."""
         self._at = (self._at[0] + 1, self._at[1] + 1)
+
+
+class LossTally:
+    """A run's step losses summed on the device, by the steps themselves: each step
+    adds ``weight * rows * J`` -- J its mean loss over its ``rows`` -- and, with a
+    ``penalty``, ``penalty * sum_k ||W_k||^2`` of the weights its forward used
+    (scikit-learn's L2 term), so that a step captured as a CUDA graph does it as it
+    replays: no launch, no allocation and no read on the host per step (the
+    estimators of :mod:`gpu_mlp.sklearn` read :meth:`total` once an epoch). A
+    compensated (Kahan) sum in the net's dtype (:func:`gpu_mlp.ops.tally`): an epoch of
+    float32 steps sums to float32's precision. ``weight`` and ``penalty`` are fixed (a
+    captured step holds them as numbers); :meth:`reset` starts a new sum.
+
+    >>> import numpy as np, gpu_mlp
+    >>> net = gpu_mlp.MLP([2, 3, 1], loss="squared", device="cpu", seed=0)
+    >>> tally = LossTally(net, penalty=0.5)
+    >>> X, Y = np.ones((4, 2)), np.zeros((4, 1))
+    >>> squares = sum(float((W ** 2).sum()) for W, _ in net.params)  # before the step
+    >>> J = float(net._step(X, Y, StepPlan(0.1), False, tally=tally))
+    >>> bool(np.isclose(tally.total(), 4 * J + 0.5 * squares))
+    True
+    """
+
+    __slots__ = ("weight", "penalty", "_sums", "_total", "_carry", "_squares")
+
+    def __init__(self, net, weight: float = 1.0, penalty: float = 0.0):
+        for name, value in (("weight", weight), ("penalty", penalty)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"LossTally: {name} must be a number, got {value!r}")
+            _checks.scalar(name, value, net.dtype, "LossTally: ")
+        self.weight, self.penalty = float(weight), float(penalty)
+        self._sums = net.xp.zeros(2, dtype=net.dtype)
+        self._total, self._carry = self._sums[0:1], self._sums[1:2]
+        self._squares = net.xp.zeros(1, dtype=net.dtype)  # sum ||W_k||^2, this step's
+
+    def key(self) -> tuple:
+        """What a captured step holds of it (its buffers by identity, its numbers)."""
+        return id(self), self.weight, self.penalty
+
+    def before(self, net) -> None:
+        """At a step's start: the squared norms of its weights, if there is a penalty
+        (one GEMM each, as a (1, n) row against itself, into one buffer)."""
+        if not self.penalty:
+            return
+        out = self._squares.reshape(1, 1)
+        for k, (W, _) in enumerate(net.params):
+            w = W.reshape(1, -1)
+            ops.gemm("N", "T", w, w, out, beta=0.0 if k == 0 else 1.0)
+
+    def add(self, J, rows: int) -> None:
+        """At a step's end: its mean loss ``J`` (0-d, on the device) over ``rows``."""
+        ops.tally(J.reshape(1), self._squares, self.weight * rows, self.penalty,
+                  self._total, self._carry)
+
+    def total(self) -> float:
+        """The sum so far (one device-to-host read)."""
+        return float(self._sums[0])
+
+    def reset(self) -> None:
+        self._sums.fill(0)

@@ -559,12 +559,14 @@ class _BaseMLP(BaseEstimator):
                               "is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n))
 
-        xp = net.xp
-        Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), xp)
-        data = _Rows(X_train, Yd, net.dtype, xp, net.params)
-        c, c_loss = self._grad_scale(), self._loss_scale()
-        weights = [W for W, _ in net.params]
+        Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), net.xp)
+        data = _Rows(X_train, Yd, net)
+        c = self._grad_scale()
         alpha = p["alpha"]
+        # the epoch's loss, summed by the steps on the device (in a step's CUDA graph
+        # too): each batch's mean times its rows, and scikit-learn's L2 term --
+        # alpha / (2 n_batch) sum ||W||^2 in a batch's mean, so alpha / 2 sum ||W||^2
+        tally = net.step_graphs.tally(net, weight=self._loss_scale(), penalty=0.5 * alpha)
         sample_idx = np.arange(n)
         n_iter_no_change = self.n_iter_no_change
         plan = StepPlan(opt)  # the optimizer's step, one plan for the fit (no DP, no comm)
@@ -572,26 +574,24 @@ class _BaseMLP(BaseEstimator):
         # (from random_state), its L2 term (per batch, in the loss curve too), its stopping
         # rule (tol, n_iter_no_change, early_stopping's validation score and best
         # parameters), its SGD rate schedules, partial_fit's one epoch and its warnings.
-        # Each step is the engine's: net.train_step with the plan.
+        # Each step is the engine's, by the plan, as fit's: a shuffled batch gathered
+        # from the device-resident rows by the step (inside its graph, when replayed)
         try:
             self.n_iter_ = 0
             for _ in range(p["max_iter"]):
                 if p["shuffle"]:
                     sample_idx = _shuffle(sample_idx, random_state=self._random_state)
                 batches = data.epoch(sample_idx if p["shuffle"] else None)
-                accumulated = xp.zeros((), dtype=np.float64)  # summed on the device
+                tally.reset()
                 for batch in gen_batches(n, batch_size):
                     rows = batch.stop - batch.start
-                    # scikit-learn's L2 term: alpha / (2 n_batch) sum ||W||^2 in the loss,
-                    # alpha W / n_batch in the gradient, which is the engine's times c
+                    # scikit-learn's L2 gradient, alpha W / n_batch: the engine's times c
                     opt.weight_decay = alpha / (rows * c)
-                    if alpha:
-                        accumulated += 0.5 * alpha * sum(xp.vdot(W.ravel(), W.ravel())
-                                                         for W in weights)
-                    J = net.train_step(*batches(batch), plan, check=False)
-                    accumulated += J * (c_loss * rows)
+                    X_batch, Y_batch, gathered = batches(batch)
+                    net._step(X_batch, Y_batch, plan, False, lasting=False,
+                              prepared=not data.sparse, gathered=gathered, tally=tally)
                 self.n_iter_ += 1
-                self.loss_ = float(accumulated) / n
+                self.loss_ = tally.total() / n
                 self.t_ += n
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
@@ -620,6 +620,8 @@ class _BaseMLP(BaseEstimator):
                                   f"converged yet.", ConvergenceWarning)
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
+        finally:  # the graphs that gather from the rows would keep them on the device
+            net.step_graphs.forget(data.source)
         if early_stopping and self._best_params is not None:
             for (W, b), (W_best, b_best) in zip(net.params, self._best_params):
                 _device.write(W, W_best)
@@ -725,39 +727,48 @@ def _fits_dtype(name: str, values, dtype) -> None:
 
 
 class _Rows:
-    """The training rows on the engine's device in its dtype, copied there once, and
-    their targets ``Y`` (on the device); a sparse matrix stays on the host and is
-    densified one batch at a time."""
+    """The training rows on ``net``'s device in its dtype, copied there once and checked
+    as the engine computes with them, and their targets ``Y`` (on the device); a sparse
+    matrix stays on the host and is densified one batch at a time."""
 
-    def __init__(self, X, Y, dtype, xp, params=()):
-        self.xp, self.Y = xp, Y
-        if sp.issparse(X):
+    def __init__(self, X, Y, net):
+        xp, dtype = net.xp, net.dtype
+        self.xp, self.Y, self.sparse = xp, Y, sp.issparse(X)
+        if self.sparse:
             self.data = X.tocsr().astype(dtype)
             values = self.data.data
         else:
             with np.errstate(over="ignore"):
                 values = np.ascontiguousarray(X, dtype=dtype)
             self.data = _device.to_device(values, xp)
-            if any(xp.may_share_memory(self.data, a) for pair in params for a in pair):
+            if any(xp.may_share_memory(self.data, a) for pair in net.params for a in pair):
                 self.data = self.data.copy()  # (X = coefs_[0].T, say: the fit updates it)
         _fits_dtype("X", values, dtype)
-        # a shuffled epoch's dense batches, gathered into buffers made at the first
-        self._gather = None if sp.issparse(self.data) else BatchGather(xp, self.data, Y)
+        if not self.sparse:  # the shapes once, for every batch's step (prepared=True)
+            self.data, self.Y, _ = net.inputs.batch(net.params, self.data, Y, check=False)
+        # a shuffled epoch's dense batches, gathered by index (by the step) into buffers
+        self._gather = None if self.sparse else BatchGather(xp, self.data, self.Y)
+
+    @property
+    def source(self) -> tuple:
+        """What a step's graph gathers from (gpu_mlp.graph.StepGraphs.forget)."""
+        return self.data, self.Y
 
     def epoch(self, order):
-        """A function of a slice giving ``(X, Y)`` of that batch of these rows in
-        ``order`` (None: as they are) on the device: views of them, or in a shuffled
-        order gathered into two batch-sized buffers (gpu_mlp.training's, each batch
-        overwriting the last), not a shuffled copy of the data."""
+        """A function of a slice giving ``(X, Y, gathered)`` of that batch of these rows
+        in ``order`` (None: as they are) on the device: views of them (gathered None),
+        or in a shuffled order two batch-sized buffers (gpu_mlp.training's, each batch
+        overwriting the last) and the :class:`gpu_mlp.graph.Gathered` the step fills
+        them with -- not a shuffled copy of the data."""
         xp, Y = self.xp, self.Y
-        if sp.issparse(self.data):
+        if self.sparse:
             data = self.data if order is None else self.data[order]
             Y = Y if order is None else Y[xp.asarray(order)]
-            return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch])
+            return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch], None)
         if order is None:
-            return lambda batch: (self.data[batch], Y[batch])
+            return lambda batch: (self.data[batch], Y[batch], None)
         order = xp.asarray(order)
-        return lambda batch: self._gather(order[batch])
+        return lambda batch: self._gather.later(order[batch])
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):

@@ -1,12 +1,12 @@
 """Minibatch training over a data set: :func:`fit`, :func:`evaluate` and the :class:`History`.
 
 :func:`fit` checks all the data once, up front, and puts it on the net's device once.
-Each epoch then gathers the rows in that epoch's order (one gather on the device) and
-calls :meth:`Network.train_step` on contiguous slices with ``check=False`` -- plain SGD
-at ``lr``, or a :mod:`gpu_mlp.optim` optimizer with its schedule -- so no step scans
-the data or waits for the device: each step's loss is copied into a per-epoch vector on
-the device, read in bulk only every ``_REFRESH_S`` seconds (for the progress bar and to
-notice divergence) and at the end of the epoch. On a GPU the full batch's step and the
+Each epoch then steps on batches of the rows in that epoch's order (each gathered by
+its step, on the device) without checking them again -- plain SGD at ``lr``, or a
+:mod:`gpu_mlp.optim` optimizer with its schedule -- so no step scans the data or waits
+for the device: each step adds its loss, times its rows, to the epoch's sum on the
+device (a :class:`gpu_mlp.plan.LossTally`), read only every ``_REFRESH_S`` seconds (for
+the progress bar and to notice divergence) and at the end of the epoch. On a GPU the full batch's step and the
 remainder's are each captured as a CUDA graph on their second use and replayed after
 (:mod:`gpu_mlp.graph`: at most these two graphs); DP's Poisson samples, whose sizes vary,
 and data-parallel steps run eagerly.
@@ -320,7 +320,6 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
     (epochs, batch_size, plan, seed, shuffle, verbose, X, Y, validation, history,
      sample_rate) = run
     n = X.shape[0]
-    steps_per_epoch = -(-n // batch_size)
     xp = net.xp
     # a GPU's losses are read every _REFRESH_S: no sync per step; data-parallel ranks
     # must all stop together, so they look at the loss only at the end of an epoch
@@ -330,9 +329,10 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
     good_state = plan.snapshot()  # and the optimizer's state and DP's step count
     spare = None  # the next epoch's copy, checked before it becomes the good one
     gather = BatchGather(xp, X, Y)  # shuffled and Poisson batches, gathered by index
+    tally = net.step_graphs.tally(net)  # the epochs' losses, summed by the steps
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
-        losses = _StepLosses(xp, steps_per_epoch)
+        losses = _StepLosses(tally)
         with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit=" samples",
                   unit_scale=True, file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
@@ -342,8 +342,8 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                 J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=plan.divisor(batch_size, n), counts=counts,
                               capture=not plan.private, lasting=False, prepared=True,
-                              gathered=gathered)
-                losses.add(J, X_batch.shape[0])  # (read here: the next step may reuse J)
+                              gathered=gathered, tally=tally)
+                losses.add(J, X_batch.shape[0], counts)
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break
                 if not plan.parallel and time.perf_counter() - shown_at > _REFRESH_S:
@@ -590,38 +590,40 @@ def evaluate(net, X, Y) -> tuple[float, Optional[float]]:
 
 
 class _StepLosses:
-    """An epoch's step losses, copied into a vector on the device as they come (no host
-    sync, no array kept per step) and averaged, weighted by rows, on request."""
+    """An epoch's step losses, weighted by rows: summed on the device by the steps
+    themselves (``tally``, a :class:`gpu_mlp.plan.LossTally`: a replayed step's graph
+    adds its own, with no launch, copy or read per step on the host), the rows counted
+    on the host; the first step that had rows is kept apart (the run's first loss)."""
 
-    def __init__(self, xp, steps: int):
-        self.values = xp.empty(steps, dtype=np.float64)
-        self.weights = np.empty(steps, dtype=np.float64)
-        self.count = 0
+    def __init__(self, tally):
+        self.tally, self.rows, self._first = tally, 0, None
+        tally.reset()
 
-    def add(self, value, weight: int) -> None:
-        self.values[self.count] = value
-        self.weights[self.count] = weight
-        self.count += 1
+    def add(self, J, rows: int, counts=None) -> None:
+        """After a step that tallied its loss ``J`` over ``rows`` (``counts``: every
+        rank's rows, with communication)."""
+        self.rows += rows
+        if self._first is None and (rows if counts is None else sum(counts)):
+            # (a copy: the next step may reuse J's buffer; once a run)
+            self._first = (J.copy(), rows)
 
     def first(self, comm=None) -> float:
         """The loss of the first step that had rows (a Poisson sample can be empty); with
-        ``comm`` of the first global batch that had rows, over every rank's share."""
-        k = self.count
-        if comm is None:  # one value from the device
-            nonempty = np.flatnonzero(self.weights[:k])
-            return float(self.values[nonempty[0]]) if nonempty.size else math.nan
-        totals = comm.sum([to_numpy(self.values[:k]) * self.weights[:k], self.weights[:k]])
-        nonempty = np.flatnonzero(totals[1])
-        return float(totals[0, nonempty[0]] / totals[1, nonempty[0]]) if nonempty.size \
-            else math.nan
+        ``comm`` of the first global batch that had rows, over every rank's share (on
+        each rank the same step: they know each other's rows). NaN if none had."""
+        if self._first is None:
+            return math.nan
+        J, rows = self._first
+        if comm is None:
+            return float(J)
+        total, rows = comm.sum([float(J) * rows, rows])
+        return float(total / rows)
 
     def mean(self, comm=None) -> float:
-        """The weighted mean so far: one device-to-host transfer; with ``comm`` over the
+        """The weighted mean so far: one device-to-host read; with ``comm`` over the
         steps of every rank (the global batch mean): NaN when no step had a row. Sets
         :attr:`rows`, the rows counted (0: none)."""
-        k = self.count
-        totals = np.array([np.vdot(to_numpy(self.values[:k]), self.weights[:k]),
-                           self.weights[:k].sum()])
+        totals = np.array([self.tally.total(), self.rows], dtype=np.float64)
         if comm is not None:
             totals = comm.sum(totals)
         self.rows = float(totals[1])

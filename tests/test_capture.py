@@ -848,6 +848,39 @@ def test_fit_replays_two_graphs_the_full_batch_and_the_remainder(host_cupy_lib, 
     assert results[0][1] == results[1][1]
 
 
+def _watch_graphs(monkeypatch):
+    """``(copies, names)``, filled as steps run: the dtype kind of each batch copied into
+    a graph's static inputs, and the launches of each graph captured, by name."""
+    copies, names = [], []
+    into, capture_step = graph_module._into, graph_module.StepGraphs._capture
+    monkeypatch.setattr(graph_module, "_into", lambda static, batch: (
+        copies.append(batch.dtype.kind), into(static, batch))[1])
+
+    def capture_and_look(self, cuda, entry, *args):
+        captured = capture_step(self, cuda, entry, *args)
+        names.append(entry.graph.names)
+        return captured
+
+    monkeypatch.setattr(graph_module.StepGraphs, "_capture", capture_and_look)
+    return copies, names
+
+
+def _count_replays(net, counts):
+    """A list that ``net``'s steps fill, on the counting device, with the (allocations,
+    host reads) of each step that replayed a graph."""
+    replayed, step = [], net._step
+
+    def counted_step(*args, **kwargs):
+        before = (counts.allocations, counts.syncs, net.step_graphs.replays)
+        J = step(*args, **kwargs)
+        if net.step_graphs.replays > before[2]:
+            replayed.append((counts.allocations - before[0], counts.syncs - before[1]))
+        return J
+
+    net._step = counted_step
+    return replayed
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkeypatch, kind):
     """A replay of fit's step copies the batch's row indices into the graph, whose first
@@ -862,37 +895,17 @@ def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkey
     rng = np.random.default_rng(1)
     X = rng.standard_normal((28, *X.shape[1:])).astype(np.float32).view(DeviceArray)
     Y = rng.integers(0, 5, 28).view(DeviceArray)  # (the nets' 5 classes)
-    copies, gathers, names = [], [], []
-    into, take, capture_step = graph_module._into, training.BatchGather._take, \
-        graph_module.StepGraphs._capture
-    monkeypatch.setattr(graph_module, "_into", lambda static, batch: (
-        copies.append(batch.dtype.kind), into(static, batch))[1])
+    gathers, take = [], training.BatchGather._take
+    copies, names = _watch_graphs(monkeypatch)
     monkeypatch.setattr(training.BatchGather, "_take", lambda self, *args: (
         gathers.append(1), take(self, *args))[1])
-
-    def capture_and_look(self, cuda, entry, *args):
-        captured = capture_step(self, cuda, entry, *args)
-        names.append(entry.graph.names)
-        return captured
-
-    monkeypatch.setattr(graph_module.StepGraphs, "_capture", capture_and_look)
     params = []
     for capture in (True, False):
         if not capture:
             monkeypatch.setattr(graph_module, "_cuda", lambda: None)
         net = _net(kind)[0]
-        replayed = []  # (allocations, syncs) of each replayed step
         with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
-            step = net._step
-
-            def counted_step(*args, **kwargs):
-                before = (counts.allocations, counts.syncs, net.step_graphs.replays)
-                J = step(*args, **kwargs)
-                if net.step_graphs.replays > before[2]:
-                    replayed.append((counts.allocations - before[0], counts.syncs - before[1]))
-                return J
-
-            net._step = counted_step
+            replayed = _count_replays(net, counts)
             net.fit(X, Y, epochs=3, batch_size=8, lr=1e-2, verbose=False)
         params.append(_host(net))
         if capture:
@@ -1099,3 +1112,50 @@ def test_free_buffers_from_another_thread_mid_lookup_is_no_error(host_cupy_lib):
         for _ in range(3):
             J = net.train_step(X, Y, 1e-3, check=False)
         assert np.isfinite(float(J))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1e-2], ids=["no-l2", "l2"])
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib, monkeypatch,
+                                                                    solver, alpha):
+    """scikit-learn's estimators step as fit does: a shuffled batch gathered by the
+    graph (one index copy a replay), and the epoch's loss -- with the L2 term of the
+    weights each forward used -- summed by the graph into a LossTally: a replayed step
+    allocates nothing and reads nothing on the host. Parameters and loss curve bit for
+    bit those of eager steps; the graphs that read the rows let go at the fit's end."""
+    pytest.importorskip("sklearn")
+    from gpu_mlp.sklearn import MLPClassifier
+
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((28, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 28)
+    copies, names = _watch_graphs(monkeypatch)
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        clf = MLPClassifier((8,), solver=solver, alpha=alpha, batch_size=8, max_iter=1,
+                            learning_rate_init=1e-2, random_state=0, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (max_iter reached)
+            clf.fit(X, y)  # on the host: the net, its initial parameters
+            clf.set_params(warm_start=True, max_iter=3, tol=0.0)
+            net = clf.net_
+            with counting_device(net, host_cupy_lib) as counts, \
+                    capturable_blas(host_cupy_lib):
+                replayed = _count_replays(net, counts)
+                clf.fit(X, y)
+        results.append((_host(net), list(clf.loss_curve_), net.step_graphs))
+        if capture:
+            steps = net.step_graphs
+            # 4 steps an epoch (3 of 8 rows, 1 of 4), 12 in all: each size warmed up and
+            # captured once
+            assert (steps.captures, steps.replays) == (2, 8)
+            assert replayed == [(0, 0)] * 8  # no allocation, no host read
+            assert copies == ["i"] * (2 + 8)  # the row indices only
+            # the rows gathered first; the loss tallied last (before the step counted)
+            assert [(graph[:2], graph[-2]) for graph in names] == \
+                [(["take", "take"], "tally")] * 2
+            assert steps.graphs == 0 and not steps._entries  # forgotten at the fit's end
+    assert results[0][1] == results[1][1] and len(results[0][1]) == 1 + 3
+    _same(results[0][0], results[1][0])

@@ -6,6 +6,7 @@ compiles are run on arrays against their NumPy twins in ``gpu_mlp.ops``; nvcc co
 everything CuPy would, for Hopper. What is generated, and how, is in ``cuda_host.py``.
 """
 
+import math
 import re
 import shutil
 
@@ -208,6 +209,34 @@ def test_loss_op_matches_loss_and_grad(host, op, dtype):
     J = ops.loss_and_grad(loss, arrays["f"], arrays["y"], grad, scale, None)
     assert_close(arrays["grad"], grad, dtype)
     np.testing.assert_allclose(arrays["loss"].sum() / B, J, rtol=B * C * np.finfo(dtype).eps)
+
+
+def test_tally_op_matches_its_numpy_twin_and_sums_to_the_dtypes_precision(host, dtype):
+    """ops.tally's kernel, one element, against its NumPy twin, bit for bit at every
+    term of a long run of them (the steps of an epoch); the compensated total within
+    two ulps of the exact sum, where a plain running sum of the same terms drifts."""
+    rng = np.random.default_rng(5)
+    losses, squares = rng.uniform(0.1, 3.0, (2, 4000)).astype(dtype)
+    scale, penalty = dtype.type(32), dtype.type(5e-5)
+    kernel = {"total": np.zeros(1, dtype), "carry": np.zeros(1, dtype)}
+    twin = {name: a.copy() for name, a in kernel.items()}
+    plain = dtype.type(0)
+    name = cuda_host.elementwise_name("tally", None, dtype)
+    for loss, square in zip(losses, squares):
+        loss, square = np.array([loss]), np.array([square])
+        call(host, name, 1, 1, 1, loss, square, scale, penalty, kernel["total"],
+             kernel["carry"])
+        ops.tally(loss, square, scale, penalty, twin["total"], twin["carry"])
+        for key in kernel:
+            np.testing.assert_array_equal(kernel[key], twin[key], err_msg=key)
+        plain = plain + (scale * loss[0] + penalty * square[0])
+    terms = scale.astype(np.float64) * losses.astype(np.float64) + \
+        penalty.astype(np.float64) * squares.astype(np.float64)
+    exact = math.fsum(terms)
+    eps = np.finfo(dtype).eps
+    assert abs(float(kernel["total"][0]) - exact) <= 2 * eps * exact
+    if dtype == np.float32:  # (float64's plain sum is as close: nothing to show there)
+        assert abs(float(plain) - exact) > 4 * eps * exact
 
 
 # --- the row functions of rowwise.cuh --------------------------------------------------------

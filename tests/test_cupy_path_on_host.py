@@ -22,6 +22,7 @@ import gpu_mlp
 import host_cupy
 from gpu_mlp import activations, cuda, losses, ops, optim, reference
 from gpu_mlp.layers import ChannelsLastDense, Conv2d, Dense
+from gpu_mlp.plan import StepPlan
 from gpu_mlp.privacy import DP
 from gpu_mlp.updates import Apply
 from host_cupy import NULL, cupy_path
@@ -237,6 +238,8 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         net = make_net("tanh", "labels", depth=2, dtype=dtype)
         net.loss = net.loss.clipped(float(np.finfo(dtype).eps))
         net.train_step(*make_batch(net, "labels"), LR)
+        # a step that tallies its loss with scikit-learn's L2 term (fit's, the estimators')
+        _tallied_steps(net, *make_batch(net, "labels"), steps=1)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1),
@@ -252,6 +255,29 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
             ("gemv", "T", dtype), ("gemm_batched", "T", "N", dtype)}
     assert set(device.launches) == elementwise | rows | blas
     assert set(host_cupy.row_kernels()) == set(cuda.ROW_KERNELS)
+
+
+def _tallied_steps(net, X, Y, steps):
+    """``steps`` steps that add their loss and an L2 term to a LossTally: its total."""
+    tally = net.step_graphs.tally(net, weight=0.5, penalty=1e-2)
+    tally.reset()
+    for _ in range(steps):
+        net._step(X, Y, StepPlan(LR), False, tally=tally)
+    return tally.total()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_tally_of_steps_is_the_numpy_paths(host_cupy_lib, make_net, make_batch, dtype):
+    net = make_net("tanh", "labels", depth=2, dtype=dtype)
+    X, Y = make_batch(net, "labels")
+    start = [a.copy() for pair in net.params for a in pair]
+    totals = []
+    for on_cupy in (False, True):
+        for a, value in zip((a for pair in net.params for a in pair), start):
+            a[...] = value
+        with cupy_path(host_cupy_lib) if on_cupy else contextlib.nullcontext():
+            totals.append(_tallied_steps(net, X, Y, steps=5))
+    assert totals[1] == pytest.approx(totals[0], rel=50 * float(np.finfo(dtype).eps))
 
 
 @pytest.mark.parametrize("target", ["logistic", "labels", "probabilities"])

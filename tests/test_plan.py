@@ -353,3 +353,34 @@ def test_plain_sgd_has_one_row_whatever_the_step(monkeypatch):
     assert writes == [(1, len(StepScalars.COLUMNS)), (3,)]
     _stepped(scalars, StepPlan(0.2))  # another rate: one row again, no recapture needed
     assert scalars.values[StepScalars.COLUMNS.index("alpha")] == np.float32(-0.2)
+
+
+@pytest.mark.parametrize("weight, penalty, error, match", [
+    ("1", 0.0, TypeError, "weight must be a number"),
+    (1.0, True, TypeError, "penalty must be a number"),
+    (1.0, float("nan"), ValueError, "penalty"),
+    (1e39, 0.0, ValueError, "weight"),  # inf in float32
+])
+def test_a_loss_tally_refuses_what_its_kernel_could_not_add(weight, penalty, error, match):
+    from gpu_mlp.plan import LossTally
+
+    net = gpu_mlp.MLP([2, 3, 1], loss="squared", device="cpu", dtype="float32", seed=0)
+    with pytest.raises(error, match=match):
+        LossTally(net, weight, penalty)
+
+
+def test_a_loss_tally_sums_each_steps_rows_times_its_loss_and_the_weights_squares():
+    from gpu_mlp.plan import LossTally
+
+    net = gpu_mlp.MLP([3, 4, 2], loss="squared", device="cpu", dtype="float64", seed=0)
+    tally = LossTally(net, weight=0.5, penalty=0.25)
+    rng = np.random.default_rng(0)
+    expected = 0.0
+    for rows in (5, 3, 5):
+        X, Y = rng.standard_normal((rows, 3)), rng.standard_normal((rows, 2))
+        squares = sum(float((W ** 2).sum()) for W, _ in net.params)  # before the update
+        J = float(net._step(X, Y, StepPlan(0.1), False, tally=tally))
+        expected += 0.5 * rows * J + 0.25 * squares
+    assert tally.total() == pytest.approx(expected, rel=1e-13)
+    tally.reset()
+    assert tally.total() == 0.0

@@ -365,19 +365,27 @@ def test_progress_bar_only_on_a_terminal_when_verbose(verbose, terminal, shown, 
         assert text == ""
 
 
-def test_step_losses_are_fetched_once_per_epoch(monkeypatch):
-    fetches = []
+def test_step_losses_are_summed_by_the_steps_and_read_once_per_epoch(monkeypatch):
+    from gpu_mlp.plan import LossTally
 
-    def counting_to_numpy(a):
-        fetches.append(a.shape)
-        return np.asarray(a)
-
-    monkeypatch.setattr(training, "to_numpy", counting_to_numpy)
+    reads, added = [], []
+    total, add = LossTally.total, LossTally.add
+    monkeypatch.setattr(LossTally, "total", lambda self: reads.append(1) or total(self))
+    monkeypatch.setattr(LossTally, "add", lambda self, J, rows: (
+        added.append(rows), add(self, J, rows))[1])
     sizes, X, Y = problem("softmax_cross_entropy")
-    fit_quietly(new_net(sizes), X, Y, epochs=3, batch_size=8)  # 15 steps an epoch
-    # (the parameters are copied to the host once an epoch too, to undo a divergence)
-    assert [shape for shape in fetches if shape == (15,)] == [(15,)] * 3
-
+    net = new_net(sizes)
+    history = fit_quietly(net, X, Y, epochs=3, batch_size=8)  # 15 steps an epoch
+    assert added == ([8] * 14 + [X.shape[0] - 14 * 8]) * 3
+    assert reads == [1] * 3  # (the parameters are copied to the host once an epoch too)
+    # the epoch's mean: each step's loss weighted by its rows, as the steps gave them
+    net, losses = new_net(sizes), []
+    step = net._step
+    monkeypatch.setattr(net, "_step", lambda *a, **k: (losses.append(
+        (float(J := step(*a, **k)), a[0].shape[0])), J)[1])
+    fit_quietly(net, X, Y, epochs=1, batch_size=8)
+    expected = sum(J * rows for J, rows in losses) / X.shape[0]
+    assert history.train_loss[0] == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_data_is_checked_once_not_at_every_step(monkeypatch):
