@@ -581,7 +581,10 @@ class _BaseMLP(BaseEstimator):
             for _ in range(p["max_iter"]):
                 if p["shuffle"]:
                     sample_idx = _shuffle(sample_idx, random_state=self._random_state)
-                batches = data.epoch(sample_idx if p["shuffle"] else None)
+                # (partial_fit's rows are new at each call: gathered outside the graph,
+                # whose key then holds no data, the calls replay one graph)
+                batches = data.epoch(sample_idx if p["shuffle"] else None,
+                                     in_graph=not incremental)
                 tally.reset()
                 for batch in gen_batches(n, batch_size):
                     rows = batch.stop - batch.start
@@ -754,12 +757,14 @@ class _Rows:
         """What a step's graph gathers from (gpu_mlp.graph.StepGraphs.forget)."""
         return self.data, self.Y
 
-    def epoch(self, order):
+    def epoch(self, order, in_graph: bool = True):
         """A function of a slice giving ``(X, Y, gathered)`` of that batch of these rows
         in ``order`` (None: as they are) on the device: views of them (gathered None),
         or in a shuffled order two batch-sized buffers (gpu_mlp.training's, each batch
-        overwriting the last) and the :class:`gpu_mlp.graph.Gathered` the step fills
-        them with -- not a shuffled copy of the data."""
+        overwriting the last) -- not a shuffled copy of the data -- and, ``in_graph``,
+        the :class:`gpu_mlp.graph.Gathered` the step fills them with (a captured step
+        then gathers inside its graph, which is kept for these rows alone), else
+        gathered already (None)."""
         xp, Y = self.xp, self.Y
         if self.sparse:
             data = self.data if order is None else self.data[order]
@@ -768,6 +773,8 @@ class _Rows:
         if order is None:
             return lambda batch: (self.data[batch], Y[batch], None)
         order = xp.asarray(order)
+        if not in_graph:
+            return lambda batch: (*self._gather(order[batch]), None)
         return lambda batch: self._gather.later(order[batch])
 
 

@@ -1159,3 +1159,32 @@ def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib
             assert steps.graphs == 0 and not steps._entries  # forgotten at the fit's end
     assert results[0][1] == results[1][1] and len(results[0][1]) == 1 + 3
     _same(results[0][0], results[1][0])
+
+
+def test_partial_fit_on_new_rows_each_call_replays_one_graph_across_calls(host_cupy_lib,
+                                                                           monkeypatch):
+    """partial_fit streams: each call brings new rows, so its steps gather them outside
+    the graph (a graph gathering from one call's rows would serve that call alone) and
+    a one-step call replays the graph the calls before it captured."""
+    pytest.importorskip("sklearn")
+    from gpu_mlp.sklearn import MLPClassifier
+
+    rng = np.random.default_rng(3)
+    chunks = [(rng.standard_normal((8, 6)).astype(np.float32), rng.integers(0, 3, 8))
+              for _ in range(6)]
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        clf = MLPClassifier((8,), batch_size=8, learning_rate_init=1e-2, random_state=0,
+                            device="cpu")
+        clf.partial_fit(*chunks[0], classes=[0, 1, 2])  # on the host: the net
+        net, clf._optimizer = clf.net_, None  # (Adam's moments made anew on the device)
+        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+            for X, y in chunks[1:]:
+                clf.partial_fit(X, y)
+        results.append((_host(net), list(clf.loss_curve_)))
+        if capture:  # the first call on the device warms up, the second captures
+            assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 3)
+    assert results[0][1] == results[1][1]
+    _same(results[0][0], results[1][0])
