@@ -26,8 +26,8 @@ scikit-learn estimators') :class:`~gpu_mlp.plan.LossTally`, the epoch's sum.
 
 Eager instead: the NumPy backend; a CuPy without stream capture (the tests' stand-in
 ``host_cupy``); a configuration seen once; a stream already capturing (the step becomes
-part of that capture); data parallelism (its collectives are not captured); ``fit``
-under DP (Poisson samples vary in size); a step while a buffer its graph writes is lent
+part of that capture); data parallelism (its collectives are not captured); a step
+while a buffer its graph writes is lent
 out (to a pending ``Network.forward``'s tape: the graph is then captured again with the
 buffers free); and any configuration whose capture failed, after one warning saying why
 -- but one that allocated, because another call grew the workspace since its warm-up,
@@ -39,9 +39,10 @@ the step's scalars), when the net steps by another optimizer or DP object (a net
 keeps only its latest pair's graphs and scalars, which hold the objects alive), and by
 ``free_buffers()``, and at the end of a ``fit`` those that gather from its data
 (:meth:`StepGraphs.forget`: they would keep the training set alive on the device). At
-most :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder),
-each keeping alive every buffer it touches; a graph's copy of its batch is made at its
-capture and goes with it.
+most :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder;
+under DP :data:`POISSON_GRAPHS`, one per Poisson sample size, the least recently used
+dropped first), each keeping alive every buffer it touches; a graph's copy of its batch
+is made at its capture and goes with it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ from . import _checks, cublas, ops
 from .plan import LossTally, StepPlan, StepScalars
 
 MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
-MAX_SEEN = 8     # configurations remembered (seen once, or captured)
+MAX_SEEN = 8     # configurations remembered (seen once, or captured), at least
+# graphs held per net for fit's Poisson samples under DP, one per sample size (the
+# sizes within about 5 standard deviations of the mean at a batch size of 32, 2 at 256):
+# the most recently used kept
+POISSON_GRAPHS = 64
 
 
 class Gathered(NamedTuple):
@@ -139,7 +144,7 @@ class StepGraphs:
 
     def step(self, net, X, Y, plan: StepPlan, rows: int, counts, divisor, scale,
              capture: bool = True, lasting: bool = True, gathered: Gathered = None,
-             tally: LossTally = None):
+             tally: LossTally = None, graphs: int = MAX_GRAPHS):
         """One training step of ``net`` on the checked batch (X, Y) by ``plan`` (see
         :meth:`Network._step`): eager, captured or replayed. Returns the loss: with
         ``lasting`` one that keeps its value through the next step, as an eager step's
@@ -148,7 +153,8 @@ class StepGraphs:
         less a step). ``gathered``: X and Y are buffers to gather the batch into
         (:class:`Gathered`), which an eager step does first and a graph itself.
         ``tally``: a :class:`~gpu_mlp.plan.LossTally` the step adds its loss to (a graph
-        too, as it replays)."""
+        too, as it replays). ``graphs``: how many graphs the net may hold for steps like
+        this one (the least recently used go first)."""
         if ops.is_numpy(net.params[0][0]):  # host numbers, as always
             return _run(net, X, Y, plan, rows, counts, divisor, scale, None,
                         gathered=gathered, tally=tally)
@@ -174,7 +180,7 @@ class StepGraphs:
         if entry is None:                # the entries at any point: no KeyError here)
             entry = _Entry()
         entries[key] = entry  # the newest
-        while len(entries) > MAX_SEEN:
+        while len(entries) > max(MAX_SEEN, 2 * graphs):
             entries.popitem(last=False)
         entry.uses += 1
         if entry.uses == 1:  # the warm-up: what the capture will need is made now
@@ -192,7 +198,7 @@ class StepGraphs:
             return J
         if entry.graph is None:
             if not self._capture(cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                                 scalars, gathered, tally):
+                                 scalars, gathered, tally, graphs):
                 return eager()
         elif not entry.buffers <= _free_ids(net):
             # a buffer the graph writes is out of the workspace: lent to a pending
@@ -266,7 +272,7 @@ class StepGraphs:
         return _capture_stream(cuda)
 
     def _capture(self, cuda, entry, net, X, Y, plan, rows, counts, divisor, scale,
-                 scalars, gathered, tally) -> bool:
+                 scalars, gathered, tally, graphs) -> bool:
         """Capture the step into ``entry`` and launch it once; False (and a warning,
         once per reason) if the capture failed: the step is then to run eagerly, and
         the plan and scalars are as before."""
@@ -308,8 +314,8 @@ class StepGraphs:
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
                       side.handle, None if gathered is None else gathered.data, tally)
         entry.buffers, entry.side, entry.rewarmed = _free_ids(net), side, False
-        for other in list(self._entries.values()):  # at most MAX_GRAPHS, the newest
-            if self.graphs <= MAX_GRAPHS:
+        for other in list(self._entries.values()):  # at most ``graphs``, the newest
+            if self.graphs <= graphs:
                 break
             if other is not entry and other.graph is not None:
                 other.drop()

@@ -325,7 +325,7 @@ class Network(ForwardBackward):
 
     def _step(self, X, Y, plan: StepPlan, check, expected_batch=None, counts=None,
               global_loss=False, capture=True, lasting=True, prepared=False, gathered=None,
-              tally=None):
+              tally=None, graphs=_graph.MAX_GRAPHS):
         """:meth:`train_step` by ``plan``; ``expected_batch``: what DP divides by (fit's
         Poisson sampling: the expected batch size); ``counts``: every rank's rows, when
         known; ``global_loss``: with communication, return the global batch's loss (else
@@ -339,17 +339,20 @@ class Network(ForwardBackward):
         here; ``gathered``: X and Y are the buffers those rows are to be gathered into
         (:class:`gpu_mlp.graph.Gathered`: by the step, or inside its graph); ``tally``: a
         :class:`gpu_mlp.plan.LossTally` the step adds its loss to (not on a rank's empty
-        share, which has none)."""
+        share, which has none); ``graphs``: how many graphs the net may hold for such
+        steps (fit's Poisson samples: one per size)."""
         comm = plan.communicator(self)
         if comm is None:
             return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
-                                 global_loss, capture, lasting, prepared, gathered, tally)
+                                 global_loss, capture, lasting, prepared, gathered, tally,
+                                 graphs)
         with comm.guard():  # an error on one rank alone: the others wait in collectives
             return self._step_of(X, Y, plan, comm, check, expected_batch, counts,
-                                 global_loss, capture, lasting, prepared, gathered, tally)
+                                 global_loss, capture, lasting, prepared, gathered, tally,
+                                 graphs)
 
     def _step_of(self, X, Y, plan, comm, check, expected_batch, counts, global_loss,
-                 capture, lasting, prepared, gathered, tally):
+                 capture, lasting, prepared, gathered, tally, graphs):
         """:meth:`_step` on ``comm``, plan.communicator(self)."""
         try:
             X, Y, B, empty = self._step_input(X, Y, plan, comm, check, expected_batch,
@@ -377,7 +380,7 @@ class Network(ForwardBackward):
             scale = 1.0 if plan.private else 1.0 / total
             J = self.step_graphs.step(self, X, Y, plan, B, counts, divisor, scale,
                                       capture=capture, lasting=lasting, gathered=gathered,
-                                      tally=tally)
+                                      tally=tally, graphs=graphs)
         if comm is None or not global_loss:
             return J
         summed = comm.sum([float(J) * B])[0]  # every rank's loss times its rows

@@ -6,10 +6,11 @@ its step, on the device) without checking them again -- plain SGD at ``lr``, or 
 :mod:`gpu_mlp.optim` optimizer with its schedule -- so no step scans the data or waits
 for the device: each step adds its loss, times its rows, to the epoch's sum on the
 device (a :class:`gpu_mlp.plan.LossTally`), read only every ``_REFRESH_S`` seconds (for
-the progress bar and to notice divergence) and at the end of the epoch. On a GPU the full batch's step and the
-remainder's are each captured as a CUDA graph on their second use and replayed after
-(:mod:`gpu_mlp.graph`: at most these two graphs); DP's Poisson samples, whose sizes vary,
-and data-parallel steps run eagerly.
+the progress bar and to notice divergence) and at the end of the epoch. On a GPU the
+full batch's step and the remainder's are each captured as a CUDA graph on their second
+use and replayed after (:mod:`gpu_mlp.graph`: at most these two graphs; under DP one per
+Poisson sample size, :data:`~gpu_mlp.graph.POISSON_GRAPHS`); data-parallel steps run
+eagerly.
 
 Divergence: the first non-finite loss seen stops training (on the CPU at once, on a GPU
 within ``_REFRESH_S``). The parameters -- and an optimizer's state and step count -- go
@@ -52,7 +53,7 @@ from . import distributed as _distributed
 from . import optim as _optim
 from . import privacy as _privacy
 from .device import to_numpy, write
-from .graph import Gathered
+from .graph import MAX_GRAPHS, POISSON_GRAPHS, Gathered
 from .plan import StepPlan
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
@@ -330,6 +331,8 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
     spare = None  # the next epoch's copy, checked before it becomes the good one
     gather = BatchGather(xp, X, Y)  # shuffled and Poisson batches, gathered by index
     tally = net.step_graphs.tally(net)  # the epochs' losses, summed by the steps
+    # a GPU's graphs: the full batch and the remainder, or under DP one per sample size
+    graphs = POISSON_GRAPHS if plan.private else MAX_GRAPHS
     for epoch in range(history.epochs, epochs):
         start = time.perf_counter()
         losses = _StepLosses(tally)
@@ -341,8 +344,8 @@ def _train(net, run: _Run, on_epoch, comm) -> History:
                     net, gather, batch_size, seed, epoch, shuffle, plan):
                 J = net._step(X_batch, Y_batch, plan, False,
                               expected_batch=plan.divisor(batch_size, n), counts=counts,
-                              capture=not plan.private, lasting=False, prepared=True,
-                              gathered=gathered, tally=tally)
+                              lasting=False, prepared=True, gathered=gathered, tally=tally,
+                              graphs=graphs)
                 losses.add(J, X_batch.shape[0], counts)
                 if look and not math.isfinite(J):  # free to read on the NumPy backend
                     break
@@ -456,18 +459,23 @@ def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
     """One epoch's steps of ``plan`` on ``net`` as ``(rows done, X_batch, Y_batch,
     counts, gathered)``: contiguous slices of the epoch's order, or Poisson samples under
     DP; under data parallelism this rank's contiguous share of each global batch, and
-    ``counts`` every rank's share. Unshuffled batches are views of the data; Poisson
-    samples are gathered into ``gather``'s buffers (each batch overwrites the last);
-    shuffled ones are gathered there by the step (``gathered``, a
-    :class:`gpu_mlp.graph.Gathered`: a replayed step gathers inside its graph)."""
+    ``counts`` every rank's share. Unshuffled batches are views of the data; shuffled
+    ones and Poisson samples are gathered into ``gather``'s buffers (each batch
+    overwrites the last) by the step (``gathered``, a :class:`gpu_mlp.graph.Gathered`: a
+    replayed step gathers inside its graph), from row indices on the device (a Poisson
+    epoch's copied there at its start)."""
     xp, (X, Y), comm = net.xp, gather.data, plan.communicator(net)
     n = X.shape[0]
     if plan.private:
-        batches = _privacy.poisson_batches(n, batch_size, seed, epoch, secret=plan.dp.seed)
-        done = (min(n, (step + 1) * batch_size) for step in range(-(-n // batch_size)))
-        for rows, upto in zip(batches, done):
-            rows, counts = _share(rows, comm)
-            yield (upto, *gather(xp.asarray(rows, dtype=np.intp)), counts, None)
+        samples = [_share(rows, comm) for rows in _privacy.poisson_batches(
+            n, batch_size, seed, epoch, secret=plan.dp.seed)]
+        # the epoch's row indices on the device in one copy, each step's a view of them
+        ends = np.cumsum([len(rows) for rows, _ in samples])
+        flat = xp.asarray(np.concatenate([rows for rows, _ in samples]), dtype=np.intp)
+        for step, (rows, counts) in enumerate(samples):
+            upto = min(n, (step + 1) * batch_size)
+            X_batch, Y_batch, gathered = gather.later(flat[ends[step] - len(rows):ends[step]])
+            yield upto, X_batch, Y_batch, counts, gathered
         return
     order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n)) if shuffle \
         else None

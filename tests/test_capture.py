@@ -952,14 +952,36 @@ def test_a_configuration_seen_once_holds_no_copy_of_its_batch(host_cupy_lib):
     assert entries and all(e.X is None and e.Y is None and e.loss is None for e in entries)
 
 
-def test_fit_under_dp_runs_its_poisson_steps_eagerly(host_cupy_lib):
-    """Poisson samples vary in size: fit captures none of them (say nothing either)."""
-    net, X, Y = _net("dense")
-    X, Y = np.tile(X, (3, 1)).view(DeviceArray), np.tile(Y, 3).view(DeviceArray)
-    dp = DP(**PRIVATE)
-    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
-        net.fit(X, Y, epochs=2, batch_size=6, lr=1e-2, dp=dp, verbose=False)
-    assert dp.steps == 8 and net.step_graphs.captures == 0
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_under_dp_replays_a_graph_per_poisson_sample_size(host_cupy_lib, kind,
+                                                              monkeypatch):
+    """Poisson samples vary in size: fit keeps a graph per size (the most recently used
+    POISSON_GRAPHS), each gathering its rows from the epoch's indices on the device. The
+    replays give the eager steps' parameters and noise bit for bit; a replayed step
+    allocates nothing and reads nothing on the host."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((60, *_net(kind)[1].shape[1:])).astype(np.float32)
+    Y = rng.integers(0, 5, 60)
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        net, dp = _net(kind)[0], DP(**PRIVATE)
+        with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+            replayed = _count_replays(net, counts)
+            history = net.fit(X.view(DeviceArray), Y.view(DeviceArray), epochs=12,
+                              batch_size=6, lr=1e-2, dp=dp, verbose=False)
+        results.append((_host(net), history.train_loss, dp.steps))
+        if capture:
+            steps = net.step_graphs
+            # 120 steps of about 6 rows: a size seen twice is captured, replayed after
+            # (a capture again after each new largest sample, which grows the buffers)
+            assert steps.replays > 60 and steps.captures <= 30
+            assert replayed == [(0, 0)] * steps.replays
+            assert steps.graphs == 0  # let go at fit's end, with the data they read
+    assert results[0][2] == results[1][2] == 120
+    assert results[0][1] == results[1][1]
+    _same(results[0][0], results[1][0])
 
 
 def test_a_step_inside_a_capture_of_its_caller_runs_eagerly_into_it(host_cupy_lib):
@@ -1188,3 +1210,35 @@ def test_partial_fit_on_new_rows_each_call_replays_one_graph_across_calls(host_c
             assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 3)
     assert results[0][1] == results[1][1]
     _same(results[0][0], results[1][0])
+
+
+def test_fit_under_dp_holds_at_most_its_budget_of_graphs(host_cupy_lib, monkeypatch):
+    """More sample sizes than POISSON_GRAPHS: the least recently used graph goes (and is
+    captured again when its size comes back); the numbers are the eager steps'."""
+    from gpu_mlp import training
+
+    monkeypatch.setattr(training, "POISSON_GRAPHS", 3)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((60, *_net("dense")[1].shape[1:])).astype(np.float32)
+    Y = rng.integers(0, 5, 60)
+    results, held = [], []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        net, dp = _net("dense")[0], DP(**PRIVATE)
+        step = net._step
+
+        def counted(*args, **kwargs):
+            J = step(*args, **kwargs)
+            held.append(net.step_graphs.graphs)
+            return J
+
+        net._step = counted
+        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+            net.fit(X.view(DeviceArray), Y.view(DeviceArray), epochs=8, batch_size=6,
+                    lr=1e-2, dp=dp, verbose=False)
+        results.append(_host(net))
+        if capture:
+            assert max(held) == 3 and net.step_graphs.replays > 0
+            assert net.step_graphs.captures > 10  # sizes evicted and captured again
+    _same(*results)

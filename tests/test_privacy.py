@@ -647,8 +647,9 @@ def test_fit_samples_poisson_batches_and_divides_by_the_batch_size(monkeypatch):
     step = net._step
 
     def record(X_batch, Y_batch, *args, **kwargs):
+        J = step(X_batch, Y_batch, *args, **kwargs)  # (which gathers the batch into X_batch)
         seen.append((np.array(X_batch), kwargs.get("expected_batch")))
-        return step(X_batch, Y_batch, *args, **kwargs)
+        return J
 
     monkeypatch.setattr(net, "_step", record)
     dp = DP(1.0, FIT_SIGMA)  # a secret seed, which keys the sampling too
