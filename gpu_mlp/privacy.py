@@ -321,9 +321,8 @@ def poisson_batches(n: int, batch_size: int, seed: int, epoch: int, secret: int 
 
     Each sample is drawn as its size ``k ~ Binomial(n, q)`` and then ``k`` distinct rows,
     every such set alike likely: the distribution of n independent coin flips of
-    probability q, at the cost of about ``q n`` draws, not n (for a step of 32 rows of
-    60,000: 5 us, not 106, on a 2-core EPYC -- the host's share of a replayed DP step
-    on a GPU)."""
+    probability q, at the cost of about ``q n`` draws, not n (a coin per row: for a
+    large n, more host time than a replayed DP step on a GPU)."""
     q = sample_rate(batch_size, n)
     rng = np.random.default_rng([secret, seed, epoch, 1])  # apart from the shuffle's
     for _ in range(-(-n // batch_size)):  # (in integers: n / batch_size may underflow)
