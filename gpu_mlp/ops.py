@@ -933,8 +933,11 @@ def tally(loss, squares, scale: float, penalty: float, total, carry) -> None:
     :class:`gpu_mlp.plan.LossTally`; NVRTC may fuse a product and a sum into one
     multiply-add, which rounds once where NumPy rounds twice)."""
     t = total.dtype.type
-    if is_numpy(total):  # on NumPy's scalars: 0.7 us, where its (1,) arrays took 2.6
-        y = t(scale) * loss[0] + t(penalty) * squares[0] - carry[0]
+    if is_numpy(total):  # on NumPy's scalars, which cost less than (1,) arrays
+        y = t(scale) * loss[0]
+        if penalty:  # (else + 0 * squares, which changes no sum)
+            y = y + t(penalty) * squares[0]
+        y = y - carry[0]
         s = total[0] + y
         carry[0] = (s - total[0]) - y
         total[0] = s
