@@ -130,6 +130,7 @@ class Graph:
         if capture is not None:  # a graph launched into a capture becomes a node
             capture.launch("graph", self.launch, ())
             return
+        device_counts._COUNTS.graph_launches += 1
         for launch in self.record:
             if launch.run is not None:
                 launch.run()
@@ -345,6 +346,7 @@ class CapturableBlas(host_cupy.HostCublas):
         run = run if self.run else None
         capture = device_counts._COUNTS.capture
         if capture is None:
+            device_counts._COUNTS.launch(name)
             if run is not None:
                 run()
             return

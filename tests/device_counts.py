@@ -58,6 +58,17 @@ class Counts:
     syncs: int = 0
     where: list = field(default_factory=list)  # what allocated or synchronised, for messages
     capture: object = None  # the open capture.Capture, if any: it records or refuses
+    # what the host had the device do outside a graph, each a call into CUDA that costs
+    # the host its time: kernels, copies and fills, GEMMs; and graphs launched
+    launches: int = 0
+    launched: list = field(default_factory=list)  # their names
+    graph_launches: int = 0
+
+    def launch(self, what: str) -> None:
+        """One kernel, copy or GEMM run outside a capture (inside, the capture has it)."""
+        if self.capture is None:
+            self.launches += 1
+            self.launched.append(what)
 
     def allocated(self, what: str, n: int = 1) -> None:
         if n and self.capture is not None:
@@ -74,6 +85,7 @@ class Counts:
 
     def reset(self) -> None:
         self.allocations, self.syncs, self.where, self.capture = 0, 0, [], None
+        self.launches, self.launched, self.graph_launches = 0, [], 0
 
 
 _COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)
@@ -159,6 +171,7 @@ class DeviceArray(np.ndarray):
                                    lambda: getattr(ufunc, method)(*args, **kwargs), inputs)
             return out[0] if out is not None and len(out) == 1 else out
         result = getattr(ufunc, method)(*args, **kwargs)
+        _COUNTS.launch(f"{ufunc.__name__}.{method}")
         if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
             # CUB makes its result and a workspace, even with out= (then copies)
             _COUNTS.allocated(f"{ufunc.__name__}.reduce by CUB", 2 - (out is None))
@@ -178,7 +191,11 @@ class DeviceArray(np.ndarray):
                                    list(args) + list(kwargs.values()))
             return kwargs.get("out")
         result = func(*_host(args), **{k: _host(v) for k, v in kwargs.items()})
-        return _wrap(result, inputs, func.__name__)
+        made = _COUNTS.allocations
+        result = _wrap(result, inputs, func.__name__)
+        if func is np.copyto or kwargs.get("out") is not None or _COUNTS.allocations > made:
+            _COUNTS.launch(func.__name__)  # (a kernel into memory, or one making an array)
+        return result
 
     # --- what allocates ---------------------------------------------------------------
 
@@ -224,6 +241,7 @@ class DeviceArray(np.ndarray):
         if _COUNTS.capture is not None:  # a copy or fill kernel: captured, not run
             _COUNTS.capture.launch("setitem", run, (value,))
         else:
+            _COUNTS.launch("setitem")
             run()
 
     def take(self, indices, axis=None, out=None):
@@ -251,6 +269,7 @@ class DeviceArray(np.ndarray):
         if _COUNTS.capture is not None:  # a kernel: captured, not run
             _COUNTS.capture.launch("take", run, (self, indices, out))
         else:
+            _COUNTS.launch("take")
             run()
         return out
 
@@ -259,6 +278,7 @@ class DeviceArray(np.ndarray):
         if _COUNTS.capture is not None:
             _COUNTS.capture.launch("fill", lambda: host.fill(value), (value,))
         else:
+            _COUNTS.launch("fill")
             host.fill(value)
 
     # --- what reads the device from the host -------------------------------------------
@@ -298,9 +318,12 @@ def _created(name):
     numpy_function = getattr(np, name)
 
     def create(*args, **kwargs):
-        inputs = _device_inputs(args)
-        return _wrap(numpy_function(*_host(args), **{k: _host(v) for k, v in kwargs.items()}),
-                     inputs, name)
+        inputs, made = _device_inputs(args), _COUNTS.allocations
+        result = _wrap(numpy_function(*_host(args), **{k: _host(v) for k, v in kwargs.items()}),
+                       inputs, name)
+        if _COUNTS.allocations > made and name not in ("empty", "empty_like"):
+            _COUNTS.launch(name)  # a new array filled: a kernel, or a copy from the host
+        return result
     return create
 
 
@@ -344,6 +367,7 @@ class _Cublas:
             if not _contiguous(x):
                 _COUNTS.allocated(f"gemm copies {name}")
         self.launches.append("gemm")
+        _COUNTS.launch("cupy.cublas.gemm")
         if self.blas is not None:  # a 0-d device alpha or beta: read by cuBLAS, no sync
             self.blas.gemm(transa, transb, *_host((a, b)), out=_host(out), alpha=_host(alpha),
                            beta=_host(beta))
@@ -356,6 +380,7 @@ class _Cublas:
         if not _contiguous(a):
             _COUNTS.allocated("gemv copies a")
         self.launches.append("gemv")
+        _COUNTS.launch("cupy.cublas.gemv")
         if self.blas is not None:
             self.blas.gemv(transa, _host(alpha), *_host((a, x)), _host(beta), _host(y))
 
@@ -378,6 +403,7 @@ def _launched(launches, name, args, run=None) -> None:
         if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
             raise TypeError(f"{name}: a host array passed to a kernel")
     launches.append(name)
+    _COUNTS.launch(name)
     if _COUNTS.capture is not None:
         _COUNTS.capture.launch(name, run, args)
     elif run is not None:

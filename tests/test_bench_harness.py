@@ -1229,3 +1229,25 @@ def test_side_by_side_rounds_alternate_which_version_runs_first():
     assert order == ["base"] * 2 + ["checkout"] * 4 + ["base"] * 4 + ["checkout"] * 4 \
         + ["base"] * 2
     assert [len(t) for t in times] == [4, 4]
+
+
+def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_lib,
+                                                                      monkeypatch):
+    """bench/host_work.py: a replayed step of every front end is one graph and at most
+    three launches (train_step's copies in and out; fit's and the estimators' index
+    copy), with no allocation or host read -- partial_fit's calls, one step each, bring
+    their rows to the device and read their loss; every step eager launches far more."""
+    from bench import host_work
+    from gpu_mlp import graph
+
+    for name, count in host_work.cases().items():
+        row = count(host_cupy_lib)
+        streaming = name.endswith("partial_fit")
+        assert row["graphs"] == 1, name
+        assert row["launches"] <= (10 if streaming else 3), (name, row)
+        assert (row["allocations"] == 0) != streaming, (name, row)
+        assert row["host reads"] == streaming, (name, row)
+        with monkeypatch.context() as m:
+            m.setattr(graph, "_cuda", lambda: None)
+            eager = count(host_cupy_lib)
+        assert eager["graphs"] == 0 and eager["launches"] > 3 * row["launches"], (name, eager)

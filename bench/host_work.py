@@ -1,0 +1,198 @@
+"""What the host does for one steady-state training step on a GPU, counted on the CPU.
+
+A step on a GPU waits for Python when the host spends longer launching its work than the
+GPU spends doing it (the H200 measured 11 us of host time for a bare CuPy kernel launch:
+``../shared/gpu/README.md``). This script runs each way of training -- ``train_step``,
+``fit``, ``fit`` under DP, the scikit-learn estimators' ``fit`` and ``partial_fit`` -- on
+the tests' counting device (``tests/device_counts.py`` over ``tests/host_cupy.py``, which
+follows CuPy's rules of allocation and CUDA's of stream capture, ``tests/capture.py``)
+and counts, per step, from the start of one step to the start of the next (so the
+loop's own work between steps is in it):
+
+* launches: the kernels, copies and GEMMs the host sent outside a CUDA graph;
+* graphs: the CUDA graphs it launched;
+* allocations: new device arrays (CuPy's memory pool);
+* host reads: device values read on the host (each a synchronisation).
+
+The median over the steps after the first epoch (or the first steps) is reported,
+with CUDA graphs (as a GPU runs them) and without (every step eager). These are counts,
+not times: what each costs on a GPU is for a GPU run to say. ``--package DIR`` counts the
+gpu_mlp package in DIR instead of the checkout's (an earlier commit's, checked out
+there), with the checkout's stand-in.
+
+    python bench/host_work.py
+    python bench/host_work.py --package /tmp/old      # e.g. git worktree add /tmp/old HEAD~5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import warnings
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COLUMNS = ("launches", "graphs", "allocations", "host reads")
+
+
+def _counting(counts) -> tuple:
+    return (counts.launches, counts.graph_launches, counts.allocations, counts.syncs)
+
+
+def _per_step(net, counts, run, skip: int) -> dict:
+    """Run ``run()`` with ``net``'s steps watched: the median, over the steps after the
+    first ``skip``, of each count from one step's start to the next one's."""
+    starts, step = [], net._step
+
+    def watched(*args, **kwargs):
+        starts.append(_counting(counts))
+        return step(*args, **kwargs)
+
+    net._step = watched
+    try:
+        run()
+    finally:
+        del net._step  # (the instance attribute: the method again)
+    starts.append(_counting(counts))
+    deltas = [tuple(b - a for a, b in zip(first, second))
+              for first, second in zip(starts[skip:], starts[skip + 1:])]
+    if not deltas:
+        raise SystemExit("host_work.py: too few steps to count")
+    return {name: statistics.median(d[i] for d in deltas) for i, name in enumerate(COLUMNS)}
+
+
+def _data(rows: int, features: int, classes: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((rows, features)).astype(np.float32),
+            rng.integers(0, classes, rows))
+
+
+SIZES, BATCH, ROWS = [64, 128, 10], 32, 32 * 12  # the default job's net, 12 steps an epoch
+
+
+def _net():
+    import gpu_mlp
+
+    return gpu_mlp.MLP(SIZES, loss="softmax_cross_entropy", device="cpu", seed=0)
+
+
+def _on_device(net, lib):
+    """The counting device with ``net`` on it and its kernels and GEMMs running."""
+    from capture import capturable_blas
+    from device_counts import counting_device
+
+    stack = contextlib.ExitStack()
+    counts = stack.enter_context(counting_device(net, lib))
+    stack.enter_context(capturable_blas(lib))
+    return stack, counts
+
+
+def train_step(lib, make_rule):
+    from device_counts import DeviceArray
+
+    net = _net()
+    X, y = _data(BATCH, SIZES[0], SIZES[-1])
+    stack, counts = _on_device(net, lib)
+    with stack:
+        X, y, rule = X.view(DeviceArray), y.view(DeviceArray), make_rule()
+
+        def steps():
+            for _ in range(12):  # (the loss not kept: a loss held keeps its buffer)
+                net.train_step(X, y, rule, check=False)
+        return _per_step(net, counts, steps, skip=4)
+
+
+def fit(lib, dp=False):
+    from device_counts import DeviceArray
+    from gpu_mlp.privacy import DP
+
+    net = _net()
+    X, y = _data(ROWS, SIZES[0], SIZES[-1])
+    stack, counts = _on_device(net, lib)
+    with stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (DP noise on random labels: the loss may rise)
+        private = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0) if dp else None
+        epochs = 6 if dp else 2  # (under DP: a graph per sample size, each seen twice)
+        return _per_step(net, counts, lambda: net.fit(
+            X.view(DeviceArray), y.view(DeviceArray), epochs=epochs, batch_size=BATCH,
+            lr=1e-2, dp=private, verbose=False), skip=ROWS // BATCH * (epochs - 1))
+
+
+def estimator(lib, streaming=False):
+    from gpu_mlp.sklearn import MLPClassifier
+
+    X, y = _data(ROWS, SIZES[0], SIZES[-1])
+    clf = MLPClassifier(tuple(SIZES[1:-1]), batch_size=BATCH, max_iter=1, random_state=0,
+                        device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (max_iter reached)
+        if streaming:  # partial_fit, one batch a call
+            clf.partial_fit(X[:BATCH], y[:BATCH], classes=list(range(SIZES[-1])))
+        else:
+            clf.fit(X, y)  # on the host: the net; then warm_start on the device
+        net = clf.net_
+        stack, counts = _on_device(net, lib)
+        with stack:
+            if streaming:
+                clf._optimizer = None  # (Adam's moments made anew on the device)
+                chunks = [(X[i:i + BATCH], y[i:i + BATCH]) for i in range(0, ROWS, BATCH)]
+                return _per_step(net, counts, lambda: [clf.partial_fit(*chunk)
+                                                       for chunk in chunks], skip=4)
+            clf.set_params(warm_start=True, max_iter=2, tol=0.0)
+            return _per_step(net, counts, lambda: clf.fit(X, y), skip=ROWS // BATCH)
+
+
+def cases():
+    from gpu_mlp import optim
+
+    return {"train_step, SGD": lambda lib: train_step(lib, lambda: 1e-2),
+            "train_step, Adam": lambda lib: train_step(lib, lambda: optim.Adam(1e-3)),
+            "fit": fit,
+            "fit, DP": lambda lib: fit(lib, dp=True),
+            "MLPClassifier.fit": estimator,
+            "MLPClassifier.partial_fit": lambda lib: estimator(lib, streaming=True)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--package", type=pathlib.Path,
+                        help="a directory holding the gpu_mlp package to count")
+    parser.add_argument("--out", type=pathlib.Path, help="also write the counts as JSON")
+    args = parser.parse_args(argv)
+    sys.path[:0] = ([str(args.package)] if args.package else []) + [str(ROOT),
+                                                                     str(ROOT / "tests")]
+    import gpu_mlp
+    import host_cupy
+    from gpu_mlp import graph
+
+    lib = host_cupy.build(pathlib.Path(tempfile.mkdtemp()))  # (g++: the kernels' C++)
+    rows = []
+    for name, count in cases().items():
+        with_graphs = count(lib)
+        original = graph._cuda
+        graph._cuda = lambda: None  # every step eager
+        try:
+            eager = count(lib)
+        finally:
+            graph._cuda = original
+        rows.append({"case": name, "graphs": with_graphs, "eager": eager})
+    print(f"gpu_mlp from {pathlib.Path(gpu_mlp.__file__).parent}; net {SIZES}, batch "
+          f"{BATCH}, float32; per step, median: with CUDA graphs / every step eager")
+    print(f"{'case':28s}" + "".join(f"{c:>16s}" for c in COLUMNS))
+    for row in rows:
+        print(f"{row['case']:28s}" + "".join(
+            f"{row['graphs'][c]:>9g} / {row['eager'][c]:<4g}" for c in COLUMNS))
+    if args.out:
+        args.out.write_text(json.dumps({"net": SIZES, "batch": BATCH, "rows": rows},
+                                       indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
