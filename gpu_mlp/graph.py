@@ -12,10 +12,11 @@ graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread 
 device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
-static input buffers -- or, for fit's shuffled batches (:class:`Gathered`), only their
-row indices, the gather from the device-resident data being part of the graph -- after
-the last launch of any graph of its capture stream (an event: they share its cuBLAS
-workspace). What changes from step to step is read on the
+static input buffers -- or, for batches gathered from device-resident data
+(:class:`Gathered`: fit's, the estimators'), only their row indices, the gather being
+part of the graph; nothing at all where a :class:`Cursor` on the device gives the rows
+(fit's and the estimators' on a GPU) -- after the last launch of any graph of its
+capture stream (an event: they share its cuBLAS workspace). What changes from step to step is read on the
 device by pointer (:class:`gpu_mlp.plan.StepScalars`: the rule's scalars, the step
 counters), so a replay
 is the eager step, bit for bit, with no capture again; the loss is written into the
@@ -53,7 +54,10 @@ import threading
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from . import _checks, cublas, ops
+from .device import write
 from .plan import LossTally, StepPlan, StepScalars
 
 MAX_GRAPHS = 2   # graphs held per net: fit's full batch and its remainder
@@ -64,21 +68,63 @@ MAX_SEEN = 8     # configurations remembered (seen once, or captured), at least
 POISSON_GRAPHS = 64
 
 
+class Cursor:
+    """Row indices that the steps read on the device, one batch after another: an
+    epoch's order (or a DP epoch's Poisson samples end to end) and the position ``at``
+    in it, a device scalar that each step moves on by its rows. A step's rows are
+    ``order[at:at + m]``, found by kernels -- inside its graph, when replayed -- so a
+    replay copies nothing in. :meth:`restart` (once an epoch, before its first step)
+    writes the next order and puts ``at`` back to 0."""
+
+    def __init__(self, xp, capacity: int):
+        self.xp = xp
+        self.order = xp.empty(capacity, dtype=np.intp)
+        self.at = xp.zeros((), dtype=np.intp)
+        self._buffers = {}  # m -> (0..m-1, their positions, the rows there), kept
+
+    @property
+    def capacity(self) -> int:
+        return self.order.shape[0]
+
+    def restart(self, order) -> None:
+        """From the start of ``order`` (host integers, at most :attr:`capacity`)."""
+        write(self.order[:len(order)], np.asarray(order, dtype=np.intp))
+        self.at.fill(0)
+
+    def rows(self, m: int):
+        """The next ``m`` row indices (a device buffer of the cursor's), ``at`` moved on:
+        three small kernels, no array made after the first step of m rows."""
+        xp, buffers = self.xp, self._buffers.get(m)
+        if buffers is None:
+            buffers = self._buffers[m] = (xp.arange(m, dtype=np.intp),
+                                          xp.empty(m, dtype=np.intp),
+                                          xp.empty(m, dtype=np.intp))
+        steps, positions, rows = buffers
+        xp.add(steps, self.at, out=positions)
+        self.order.take(positions, 0, rows)
+        xp.add(self.at, m, out=self.at)
+        return rows
+
+
 class Gathered(NamedTuple):
-    """A batch given as rows of device-resident data (fit's shuffled batches): the step
-    reads ``X = data[0][rows]`` and ``Y = data[1][rows]``, which :meth:`into` gathers --
-    before an eager step, and inside a captured graph from the graph's own copy of
-    ``rows``. A replay then copies the step's row indices alone: one launch, where a
-    batch gathered outside took two gathers and two copies into the graph's buffers."""
+    """A batch given as rows of device-resident data (fit's shuffled batches, DP's
+    Poisson samples, the estimators' batches): the step reads ``X = data[0][rows]`` and
+    ``Y = data[1][rows]``, which :meth:`into` gathers -- before an eager step, and inside
+    a captured graph. ``rows`` are row indices on the device, of which a replay copies
+    its own into the graph (one launch, where a batch gathered outside took two gathers
+    and two copies into the graph's buffers), or a :class:`Cursor`, which the graph
+    reads itself (no launch)."""
 
     data: tuple     # (X, Y): every row, on the device
-    rows: object    # the batch's row indices (intp, on the device)
+    rows: object    # the batch's row indices (intp, on the device), or a Cursor
     take: Callable  # take(a, rows, out): out <- a[rows], one kernel
 
     def into(self, X, Y, rows=None) -> None:
         """``X, Y <- data[0][rows], data[1][rows]`` (``rows``: this batch's, or a graph's
-        static copy of them)."""
+        static copy of them; a cursor's next X.shape[0])."""
         rows = self.rows if rows is None else rows
+        if isinstance(rows, Cursor):
+            rows = rows.rows(X.shape[0])
         for a, out in zip(self.data, (X, Y)):
             self.take(a, rows, out)
 
@@ -251,10 +297,12 @@ class StepGraphs:
                                             plan.dp.noise_multiplier, plan.dp.seed)
         # (last: the data a graph gathers from, which forget() looks for)
         source = None if gathered is None else tuple(id(a) for a in gathered.data)
+        cursor = id(gathered.rows) if gathered is not None and _reads_cursor(gathered) \
+            else None
         return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,
                 tuple(net._modes), id(net.training_workspace), rule, dp, rows,
                 None if counts is None else tuple(counts), divisor, scale, id(scalars),
-                None if tally is None else tally.key(), source)
+                None if tally is None else tally.key(), cursor, source)
 
     def _prepare(self, cuda, entry, net, X, Y, gathered):
         """Make what a capture needs before it (nothing may allocate during it): the
@@ -266,7 +314,7 @@ class StepGraphs:
         if entry.X is None and entry.uses > 1:
             xp = net.xp
             entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
-            if gathered is not None:
+            if gathered is not None and not _reads_cursor(gathered):
                 entry.rows = xp.empty(gathered.rows.shape, gathered.rows.dtype)
             entry.loss = xp.empty((), dtype=net.dtype)
         return _capture_stream(cuda)
@@ -280,7 +328,9 @@ class StepGraphs:
         stream = side.stream
         _inputs_into(entry, X, Y, gathered)
         # a gathered batch: the gathers are captured too, reading the graph's row indices
-        inside = None if gathered is None else gathered._replace(rows=entry.rows)
+        # (or its cursor)
+        inside = gathered if gathered is None or _reads_cursor(gathered) else \
+            gathered._replace(rows=entry.rows)
         host = _host_state(plan)
         at = scalars._at
         try:
@@ -312,7 +362,7 @@ class StepGraphs:
         # and the handle of the capture (its workspace, whose address the GEMMs keep: the
         # side's may be evicted and replaced later)
         entry.keep = (_touched(net), scalars, tuple(net.params), plan.optimizer, plan.dp,
-                      side.handle, None if gathered is None else gathered.data, tally)
+                      side.handle, None if gathered is None else gathered, tally)
         entry.buffers, entry.side, entry.rewarmed = _free_ids(net), side, False
         for other in list(self._entries.values()):  # at most ``graphs``, the newest
             if self.graphs <= graphs:
@@ -458,8 +508,12 @@ def _inputs_into(entry, X, Y, gathered) -> None:
     if gathered is None:
         _into(entry.X, X)
         _into(entry.Y, Y)
-    else:
+    elif not _reads_cursor(gathered):
         _into(entry.rows, gathered.rows)
+
+
+def _reads_cursor(gathered) -> bool:
+    return isinstance(gathered.rows, Cursor)
 
 
 def _host_state(plan):

@@ -763,8 +763,9 @@ class _Rows:
         or in a shuffled order two batch-sized buffers (gpu_mlp.training's, each batch
         overwriting the last) -- not a shuffled copy of the data -- and, ``in_graph``,
         the :class:`gpu_mlp.graph.Gathered` the step fills them with (a captured step
-        then gathers inside its graph, which is kept for these rows alone), else
-        gathered already (None)."""
+        then gathers inside its graph, which is kept for these rows alone; on a GPU
+        through the gather's cursor, which the steps move on: the batches must come in
+        order, as gen_batches gives them), else gathered already (None)."""
         xp, Y = self.xp, self.Y
         if self.sparse:
             data = self.data if order is None else self.data[order]
@@ -772,6 +773,9 @@ class _Rows:
             return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch], None)
         if order is None:
             return lambda batch: (self.data[batch], Y[batch], None)
+        if in_graph and xp is not np:  # a GPU's: the order on the device, read by the steps
+            cursor = self._gather.restart(order)
+            return lambda batch: self._gather.later(cursor, batch.stop - batch.start)
         order = xp.asarray(order)
         if not in_graph:
             return lambda batch: (*self._gather(order[batch]), None)

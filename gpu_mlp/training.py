@@ -53,7 +53,7 @@ from . import distributed as _distributed
 from . import optim as _optim
 from . import privacy as _privacy
 from .device import to_numpy, write
-from .graph import MAX_GRAPHS, POISSON_GRAPHS, Gathered
+from .graph import MAX_GRAPHS, POISSON_GRAPHS, Cursor, Gathered
 from .plan import StepPlan
 
 _REFRESH_S = 0.2  # the losses come from the device at most this often (bar, divergence)
@@ -459,31 +459,45 @@ def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
     """One epoch's steps of ``plan`` on ``net`` as ``(rows done, X_batch, Y_batch,
     counts, gathered)``: contiguous slices of the epoch's order, or Poisson samples under
     DP; under data parallelism this rank's contiguous share of each global batch, and
-    ``counts`` every rank's share. Unshuffled batches are views of the data; shuffled
-    ones and Poisson samples are gathered into ``gather``'s buffers (each batch
-    overwrites the last) by the step (``gathered``, a :class:`gpu_mlp.graph.Gathered`: a
-    replayed step gathers inside its graph), from row indices on the device (a Poisson
-    epoch's copied there at its start)."""
+    ``counts`` every rank's share. On the CPU and for data-parallel steps, unshuffled
+    batches are views of the data; otherwise the rows are gathered into ``gather``'s
+    buffers (each batch overwrites the last) by the step (``gathered``, a
+    :class:`gpu_mlp.graph.Gathered`: a replayed step gathers inside its graph), from
+    row indices on the device -- on a GPU through ``gather``'s cursor, which the steps
+    move on themselves, the epoch's order (or Poisson samples) written there at its
+    start."""
     xp, (X, Y), comm = net.xp, gather.data, plan.communicator(net)
     n = X.shape[0]
+    # a GPU's steps (not data-parallel: their ranks read shares of each batch) read
+    # their rows through a cursor on the device, which their graphs move on themselves
+    cursor = xp is not np and comm is None
     if plan.private:
         samples = [_share(rows, comm) for rows in _privacy.poisson_batches(
             n, batch_size, seed, epoch, secret=plan.dp.seed)]
-        # the epoch's row indices on the device in one copy, each step's a view of them
+        # the epoch's row indices on the device in one copy, each step's after the last's
         ends = np.cumsum([len(rows) for rows, _ in samples])
-        flat = xp.asarray(np.concatenate([rows for rows, _ in samples]), dtype=np.intp)
+        flat = np.concatenate([rows for rows, _ in samples])
+        if cursor:
+            at = gather.restart(flat)
+        else:
+            flat = xp.asarray(flat, dtype=np.intp)
         for step, (rows, counts) in enumerate(samples):
             upto = min(n, (step + 1) * batch_size)
-            X_batch, Y_batch, gathered = gather.later(flat[ends[step] - len(rows):ends[step]])
+            X_batch, Y_batch, gathered = gather.later(at, len(rows)) if cursor else \
+                gather.later(flat[ends[step] - len(rows):ends[step]])
             yield upto, X_batch, Y_batch, counts, gathered
         return
-    order = xp.asarray(np.random.default_rng([seed, epoch]).permutation(n)) if shuffle \
-        else None
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+    if cursor:  # (unshuffled too: the rows in their order, gathered by the graph)
+        at = gather.restart(np.arange(n) if order is None else order)
+    elif shuffle:
+        order = xp.asarray(order)
     for first in range(0, n, batch_size):
         last = min(first + batch_size, n)
         (lo, hi), counts = _share((first, last), comm)
-        if shuffle:
-            X_batch, Y_batch, gathered = gather.later(order[lo:hi])
+        if cursor or shuffle:
+            X_batch, Y_batch, gathered = gather.later(at, hi - lo) if cursor else \
+                gather.later(order[lo:hi])
             yield last, X_batch, Y_batch, counts, gathered
         else:
             yield last, X[lo:hi], Y[lo:hi], counts, None
@@ -496,7 +510,7 @@ class BatchGather:
     rows in the same order, each copied once an epoch as before."""
 
     def __init__(self, xp, X, Y):
-        self.xp, self.data, self._buffers = xp, (X, Y), None
+        self.xp, self.data, self._buffers, self._cursor = xp, (X, Y), None, None
 
     def __call__(self, rows):
         """``(X[rows], Y[rows])``, views of the buffers (grown to the largest batch)."""
@@ -504,15 +518,28 @@ class BatchGather:
         gathered.into(X, Y)
         return X, Y
 
-    def later(self, rows):
+    def later(self, rows, m=None):
         """``(X, Y, gathered)``: the views of the buffers (grown to the largest batch)
         that will hold ``(X[rows], Y[rows])``, and the :class:`gpu_mlp.graph.Gathered`
-        that fills them (a training step does: eagerly, or inside its graph)."""
-        m = rows.shape[0]
+        that fills them (a training step does: eagerly, or inside its graph). ``rows``:
+        row indices on the device, or the :class:`~gpu_mlp.graph.Cursor` of
+        :meth:`restart`, whose next ``m`` rows the step reads."""
+        m = rows.shape[0] if m is None else m
         if self._buffers is None or m > self._buffers[0].shape[0]:
             self._buffers = tuple(self.xp.empty((m, *a.shape[1:]), dtype=a.dtype)
                                   for a in self.data)
         return (*(b[:m] for b in self._buffers), Gathered(self.data, rows, self._take))
+
+    def restart(self, order) -> Cursor:
+        """A cursor at the start of ``order`` (host row indices: an epoch's), for
+        :meth:`later`: one kept across epochs -- so that the graphs that read it replay
+        every epoch -- and replaced by a larger one for a longer order (a DP epoch's
+        samples vary in number: room for a quarter more)."""
+        cursor = self._cursor
+        if cursor is None or len(order) > cursor.capacity:
+            cursor = self._cursor = Cursor(self.xp, max(len(order) * 5 // 4, 1))
+        cursor.restart(order)
+        return cursor
 
     def _take(self, a, rows, out):
         """``out <- a[rows]``, no array made: NumPy's take buffers ``out`` unless told the

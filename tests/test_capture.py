@@ -867,14 +867,15 @@ def _watch_graphs(monkeypatch):
 
 def _count_replays(net, counts):
     """A list that ``net``'s steps fill, on the counting device, with the (allocations,
-    host reads) of each step that replayed a graph."""
+    host reads, launches besides the graph) of each step that replayed a graph."""
     replayed, step = [], net._step
 
     def counted_step(*args, **kwargs):
-        before = (counts.allocations, counts.syncs, net.step_graphs.replays)
+        before = (counts.allocations, counts.syncs, counts.launches, net.step_graphs.replays)
         J = step(*args, **kwargs)
-        if net.step_graphs.replays > before[2]:
-            replayed.append((counts.allocations - before[0], counts.syncs - before[1]))
+        if net.step_graphs.replays > before[3]:
+            replayed.append((counts.allocations - before[0], counts.syncs - before[1],
+                             counts.launches - before[2]))
         return J
 
     net._step = counted_step
@@ -883,9 +884,10 @@ def _count_replays(net, counts):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkeypatch, kind):
-    """A replay of fit's step copies the batch's row indices into the graph, whose first
-    launches gather the rows from the data on the device: one copy a step, where a batch
-    gathered outside took two gathers and two copies. The same parameters as eager
+    """A replay of fit's step launches its graph and nothing else: the graph finds its
+    rows through the cursor on the device (the epoch's order, and the position it moves
+    on) and gathers them from the data, where a batch gathered outside took two gathers
+    and two copies, and its row indices copied in one. The same parameters as eager
     steps (the stand-in records the gathers as kernels: a gather run at capture would
     leave every replay on the captured batch); at fit's end the graphs that read the
     data are let go."""
@@ -912,10 +914,12 @@ def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkey
             # 4 steps an epoch, 12 in all: each batch size warmed up and captured once
             steps = net.step_graphs
             assert (steps.captures, steps.replays) == (2, 8)
-            assert replayed == [(0, 0)] * 8  # no allocation, no host read
+            assert replayed == [(0, 0, 0)] * 8  # no allocation, host read or launch
             assert gathers == [1] * 2 * (12 - 8)  # X and Y, by the eager steps and captures
-            assert copies == ["i"] * (2 + 8)  # the indices only, at each capture and replay
-            assert [graph[:2] for graph in names] == [["take", "take"]] * 2
+            assert copies == []  # nothing copied into a graph
+            # the cursor's rows (positions, the order there, moved on), then the gathers
+            assert [graph[:5] for graph in names] == [
+                ["add.__call__", "take", "add.__call__", "take", "take"]] * 2
             assert steps.graphs == 0 and not steps._entries  # forgotten at fit's end
     _same(*params)
 
@@ -980,7 +984,7 @@ def test_fit_under_dp_replays_a_graph_per_poisson_sample_size(host_cupy_lib, kin
             # 120 steps of about 6 rows: a size seen twice is captured, replayed after
             # (a capture again after each new largest sample, which grows the buffers)
             assert steps.replays > 60 and steps.captures <= 30
-            assert replayed == [(0, 0)] * steps.replays
+            assert replayed == [(0, 0, 0)] * steps.replays
             assert steps.graphs == 0  # let go at fit's end, with the data they read
     assert results[0][2] == results[1][2] == 120
     assert results[0][1] == results[1][1]
@@ -1144,9 +1148,10 @@ def test_free_buffers_from_another_thread_mid_lookup_is_no_error(host_cupy_lib):
 def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib, monkeypatch,
                                                                     solver, alpha):
     """scikit-learn's estimators step as fit does: a shuffled batch gathered by the
-    graph (one index copy a replay), and the epoch's loss -- with the L2 term of the
-    weights each forward used -- summed by the graph into a LossTally: a replayed step
-    allocates nothing and reads nothing on the host. Parameters and loss curve bit for
+    graph (its rows read through the cursor), and the epoch's loss -- with the L2 term
+    of the weights each forward used -- summed by the graph into a LossTally: a replayed
+    step launches nothing but its graph, allocates nothing and reads nothing on the
+    host. Parameters and loss curve bit for
     bit those of eager steps; the graphs that read the rows let go at the fit's end."""
     pytest.importorskip("sklearn")
     from gpu_mlp.sklearn import MLPClassifier
@@ -1176,11 +1181,16 @@ def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib
             # 4 steps an epoch (3 of 8 rows, 1 of 4), 12 in all: each size warmed up and
             # captured once
             assert (steps.captures, steps.replays) == (2, 8)
-            assert replayed == [(0, 0)] * 8  # no allocation, no host read
-            assert copies == ["i"] * (2 + 8)  # the row indices only
-            # the rows gathered first; the loss tallied last (before the step counted)
-            assert [(graph[:2], graph[-2]) for graph in names] == \
-                [(["take", "take"], "tally")] * 2
+            assert [r[:2] for r in replayed] == [(0, 0)] * 8  # no allocation, host read
+            # nor a launch -- but with an L2 term, after a step of the other batch size:
+            # the rule's weight decay (alpha / rows) changed, and its scalars (SGD's
+            # keep = 1 - lr decay) are written anew, the table and the counters
+            assert all(r[2] == 0 or (alpha and r[2] == 2) for r in replayed), replayed
+            assert copies == []  # the rows read by the graph through its cursor
+            # the rows found and gathered first; the loss tallied last (before the step
+            # counted)
+            assert [(graph[:5], graph[-2]) for graph in names] == [(
+                ["add.__call__", "take", "add.__call__", "take", "take"], "tally")] * 2
             assert steps.graphs == 0 and not steps._entries  # forgotten at the fit's end
     assert results[0][1] == results[1][1] and len(results[0][1]) == 1 + 3
     _same(results[0][0], results[1][0])
