@@ -43,7 +43,8 @@ keeps only its latest pair's graphs and scalars, which hold the objects alive), 
 most :data:`MAX_GRAPHS` graphs are held per net (fit: the full batch and the remainder;
 under DP :data:`POISSON_GRAPHS`, one per Poisson sample size, the least recently used
 dropped first), each keeping alive every buffer it touches; a graph's copy of its batch
-is made at its capture and goes with it.
+is made at its capture and goes with it (a gathered batch is gathered into the
+gather's buffers: no copy per graph).
 """
 
 from __future__ import annotations
@@ -309,13 +310,18 @@ class StepGraphs:
         capture stream and its cuBLAS handle and workspace -- at a configuration's
         warm-up, so that no first GEMM of a handle happens in a capture -- and, at the
         capture (``entry.uses`` 2: a configuration seen once holds no copy of its
-        batch), the static input (and row index) and loss buffers. Returns the
-        :class:`_CaptureSide`."""
+        batch), the static input (and row index) and loss buffers. A gathered batch
+        has none of its own: the graph gathers into the gather's buffers, X and Y (and
+        a graph that keeps them alive computes right with them, whatever buffers the
+        gather has later). Returns the :class:`_CaptureSide`."""
         if entry.X is None and entry.uses > 1:
             xp = net.xp
-            entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
-            if gathered is not None and not _reads_cursor(gathered):
-                entry.rows = xp.empty(gathered.rows.shape, gathered.rows.dtype)
+            if gathered is None:
+                entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
+            else:
+                entry.X, entry.Y = X, Y
+                if not _reads_cursor(gathered):
+                    entry.rows = xp.empty(gathered.rows.shape, gathered.rows.dtype)
             entry.loss = xp.empty((), dtype=net.dtype)
         return _capture_stream(cuda)
 

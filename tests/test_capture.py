@@ -865,6 +865,31 @@ def _watch_graphs(monkeypatch):
     return copies, names
 
 
+def test_a_graph_gathers_into_the_gathers_buffers_with_no_copy_of_its_own(host_cupy_lib,
+                                                                            monkeypatch):
+    """A gathered batch's graph gathers into the buffers the step was given (fit's
+    BatchGather's, one pair for every batch size), not into a copy of its own: under DP
+    a net holds up to POISSON_GRAPHS graphs, which would each have held a batch."""
+    captured, capture_step = [], graph_module.StepGraphs._capture
+
+    def look(self, cuda, entry, net, X, Y, *args):
+        done = capture_step(self, cuda, entry, net, X, Y, *args)
+        captured.append((entry.X is X and entry.Y is Y, entry.rows))
+        return done
+
+    monkeypatch.setattr(graph_module.StepGraphs, "_capture", look)
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((60, *_net("dense")[1].shape[1:])).astype(np.float32)
+    Y = rng.integers(0, 5, 60)
+    net = _net("dense")[0]
+    with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpu_mlp.training.TrainingWarning)
+        net.fit(X.view(DeviceArray), Y.view(DeviceArray), epochs=4, batch_size=6, lr=1e-2,
+                dp=DP(**PRIVATE), verbose=False)
+    assert len(captured) > 3 and captured == [(True, None)] * len(captured)
+
+
 def _count_replays(net, counts):
     """A list that ``net``'s steps fill, on the counting device, with the (allocations,
     host reads, launches besides the graph) of each step that replayed a graph."""
