@@ -165,6 +165,8 @@ def main(argv=None) -> int:
                         help="a directory holding the gpu_mlp package to count")
     parser.add_argument("--out", type=pathlib.Path, help="also write the counts as JSON")
     args = parser.parse_args(argv)
+    if args.package and not (args.package / "gpu_mlp" / "__init__.py").is_file():
+        parser.error(f"--package: no gpu_mlp package in {args.package}")
     sys.path[:0] = ([str(args.package)] if args.package else []) + [str(ROOT),
                                                                      str(ROOT / "tests")]
     import gpu_mlp

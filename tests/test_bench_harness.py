@@ -1253,3 +1253,11 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
             m.setattr(graph, "_cuda", lambda: None)
             eager = count(host_cupy_lib)
         assert eager["graphs"] == 0 and eager["launches"] > 3 * row["launches"], (name, eager)
+
+
+def test_host_work_refuses_a_package_directory_without_gpu_mlp(tmp_path, capsys):
+    from bench import host_work
+
+    with pytest.raises(SystemExit) as stop:
+        host_work.main(["--package", str(tmp_path)])
+    assert stop.value.code == 2 and "no gpu_mlp package in" in capsys.readouterr().err
