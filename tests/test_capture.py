@@ -1280,3 +1280,31 @@ def test_fit_under_dp_holds_at_most_its_budget_of_graphs(host_cupy_lib, monkeypa
             assert max(held) == 3 and net.step_graphs.replays > 0
             assert net.step_graphs.captures > 10  # sizes evicted and captured again
     _same(*results)
+
+
+def test_fit_unshuffled_reads_its_rows_in_order_through_the_cursor(host_cupy_lib,
+                                                                   monkeypatch):
+    """shuffle=False on a GPU: the batches are the data's rows in order, gathered by the
+    graph through the cursor over 0..n-1 (where a batch, a view of the data, was copied
+    into the graph each step): the eager steps' parameters, a replay launching nothing
+    but its graph."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((28, *_net("dense")[1].shape[1:])).astype(np.float32)
+    Y = rng.integers(0, 5, 28)
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        net = _net("dense")[0]
+        with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+            replayed = _count_replays(net, counts)
+            net.fit(X.view(DeviceArray), Y.view(DeviceArray), epochs=3, batch_size=8,
+                    lr=1e-2, shuffle=False, verbose=False)
+        results.append(_host(net))
+        if capture:
+            assert replayed == [(0, 0, 0)] * 8
+    _same(*results)
+    host = _net("dense")[0]  # and the NumPy engine's, to rounding
+    host.fit(X, Y, epochs=3, batch_size=8, lr=1e-2, shuffle=False, verbose=False)
+    for a, b in zip(results[0], _host(host)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
