@@ -9,6 +9,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import re
@@ -1241,7 +1242,9 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
     from bench import host_work
     from gpu_mlp import graph
 
-    for name, count in host_work.cases().items():
+    cases = host_work.cases()
+    assert ("MLPClassifier.fit" in cases) == (importlib.util.find_spec("sklearn") is not None)
+    for name, count in cases.items():
         row = count(host_cupy_lib)
         streaming = name.endswith("partial_fit")
         assert row["graphs"] == 1, name
