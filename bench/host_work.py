@@ -12,7 +12,9 @@ loop's own work between steps is in it):
 * launches: the kernels, copies and GEMMs the host sent outside a CUDA graph;
 * graphs: the CUDA graphs it launched;
 * allocations: new device arrays (CuPy's memory pool);
-* host reads: device values read on the host (each a synchronisation).
+* host reads: device values read on the host (each a synchronisation);
+* nodes: the kernels and GEMMs of the largest graph captured (what the GPU runs for a
+  replayed step, each a launch of its own inside the graph).
 
 The median over the steps after the first epoch (or the first steps) is reported,
 with CUDA graphs (as a GPU runs them) and without (every step eager). These are counts,
@@ -36,7 +38,7 @@ import tempfile
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COLUMNS = ("launches", "graphs", "allocations", "host reads")
+COLUMNS = ("launches", "graphs", "allocations", "host reads", "nodes")
 
 
 def _counting(counts) -> tuple:
@@ -45,24 +47,35 @@ def _counting(counts) -> tuple:
 
 def _per_step(net, counts, run, skip: int) -> dict:
     """Run ``run()`` with ``net``'s steps watched: the median, over the steps after the
-    first ``skip``, of each count from one step's start to the next one's."""
-    starts, step = [], net._step
+    first ``skip``, of each count from one step's start to the next one's; and the
+    nodes of the largest graph captured."""
+    from gpu_mlp import graph
+
+    starts, step, nodes, capture = [], net._step, [], graph.StepGraphs._capture
 
     def watched(*args, **kwargs):
         starts.append(_counting(counts))
         return step(*args, **kwargs)
 
-    net._step = watched
+    def captured(self, cuda, entry, *args):
+        done = capture(self, cuda, entry, *args)
+        if done:
+            nodes.append(len(entry.graph.names))
+        return done
+
+    net._step, graph.StepGraphs._capture = watched, captured
     try:
         run()
     finally:
         del net._step  # (the instance attribute: the method again)
+        graph.StepGraphs._capture = capture
     starts.append(_counting(counts))
     deltas = [tuple(b - a for a, b in zip(first, second))
               for first, second in zip(starts[skip:], starts[skip + 1:])]
     if not deltas:
         raise SystemExit("host_work.py: too few steps to count")
-    return {name: statistics.median(d[i] for d in deltas) for i, name in enumerate(COLUMNS)}
+    return {**{name: statistics.median(d[i] for d in deltas)
+               for i, name in enumerate(COLUMNS[:-1])}, "nodes": max(nodes, default=None)}
 
 
 def _data(rows: int, features: int, classes: int, seed: int = 0):
@@ -93,18 +106,20 @@ def _on_device(net, lib):
     return stack, counts
 
 
-def train_step(lib, make_rule):
+def train_step(lib, make_rule, dp=False):
     from device_counts import DeviceArray
+    from gpu_mlp.privacy import DP
 
     net = _net()
     X, y = _data(BATCH, SIZES[0], SIZES[-1])
     stack, counts = _on_device(net, lib)
     with stack:
         X, y, rule = X.view(DeviceArray), y.view(DeviceArray), make_rule()
+        private = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0) if dp else None
 
         def steps():
             for _ in range(12):  # (the loss not kept: a loss held keeps its buffer)
-                net.train_step(X, y, rule, check=False)
+                net.train_step(X, y, rule, check=False, dp=private)
         return _per_step(net, counts, steps, skip=4)
 
 
@@ -156,12 +171,17 @@ def cases():
 
     found = {"train_step, SGD": lambda lib: train_step(lib, lambda: 1e-2),
              "train_step, Adam": lambda lib: train_step(lib, lambda: optim.Adam(1e-3)),
+             "train_step, SGD, DP": lambda lib: train_step(lib, lambda: 1e-2, dp=True),
              "fit": fit,
              "fit, DP": lambda lib: fit(lib, dp=True)}
     if importlib.util.find_spec("sklearn") is not None:
         found["MLPClassifier.fit"] = estimator
         found["MLPClassifier.partial_fit"] = lambda lib: estimator(lib, streaming=True)
     return found
+
+
+def _shown(count) -> str:
+    return "-" if count is None else f"{count:g}"
 
 
 def main(argv=None) -> int:
@@ -194,7 +214,7 @@ def main(argv=None) -> int:
     print(f"{'case':28s}" + "".join(f"{c:>16s}" for c in COLUMNS))
     for row in rows:
         print(f"{row['case']:28s}" + "".join(
-            f"{row['graphs'][c]:>9g} / {row['eager'][c]:<4g}" for c in COLUMNS))
+            f"{_shown(row['graphs'][c]):>9s} / {_shown(row['eager'][c]):<4s}" for c in COLUMNS))
     if args.out:
         args.out.write_text(json.dumps({"net": SIZES, "batch": BATCH, "rows": rows},
                                        indent=1) + "\n")

@@ -47,7 +47,9 @@ ROW_KERNELS = ("gm_softmax_forward", "gm_softmax_backward",
                # wide rows, L threads each
                "gm_wide_max", "gm_wide_exp", "gm_wide_normalize", "gm_wide_dot",
                "gm_wide_softmax_backward", "gm_wide_xent_labels", "gm_wide_xent_targets",
-               "gm_wide_row_sums")
+               "gm_wide_row_sums",
+               # DP: a dense layer's per-sample squared norms
+               "gm_wide_dense_squares", "gm_wide_add_dense_squares")
 # The C type of each float dtype the kernels are built for.
 CTYPES = {"float32": "float", "float64": "double"}
 # NVRTC's options for the module (CuPy adds -ftz=true and -arch=sm_XX).

@@ -164,27 +164,18 @@ def row_squares_into(xp, A, out, ws, add=False) -> None:
 def add_squares(xp, T, X, out, ws) -> None:
     """``out += per_sample_squares(T, X)``. On a GPU no array is made -- CuPy's
     reductions, einsum and matmul make their results, which a step being captured may
-    not -- from the workspace ``ws``: a dense layer's ``||T_i||^2 (||X_i||^2 + 1)`` from
-    each factor's :func:`row_squares_into`; a convolution's forms as
+    not -- from the workspace ``ws``: a dense layer's ``||T_i||^2 (||X_i||^2 + 1)`` by
+    :func:`gpu_mlp.ops.add_dense_squares`' two kernels; a convolution's forms as
     :func:`per_sample_squares` computes them, the batched GEMMs into workspace buffers."""
     if xp is np:
         out += per_sample_squares(T, X)
         return
     B, P, d_out = T.shape
     K = X.shape[2]
-    squares = ws.take((B,))
-    if P == 1:
-        x, none = ws.take((B,)), ws.take((B,), bool)
-        row_squares_into(xp, T[:, 0], squares, ws)
-        row_squares_into(xp, X[:, 0], x, ws)
-        xp.equal(squares, 0, out=none)  # T_i = 0: G_i = 0, though ||x_i||^2 overflow
-        x += 1
-        with np.errstate(invalid="ignore"):  # (0 inf: NumPy's warning, the stand-in's)
-            squares *= x
-        xp.copyto(squares, 0, where=none)
-        out += squares
-        ws.give(squares, x, none)
+    if P == 1:  # T_i = 0: G_i = 0, though ||x_i||^2 overflow
+        ops.add_dense_squares(T[:, 0], X[:, 0], out, ws)
         return
+    squares = ws.take((B,))
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
         # (two buffers of (P, P) rows: the workspace keeps one per shape after the
         # first axis, so a (2, B, ...) one would be kept per batch size)

@@ -69,6 +69,9 @@ ELEMENTWISE = {
     # a loss's terms clamped in place (Loss.clip: scikit-learn's clipped log-loss); NaN
     # stays NaN, as np.clip keeps it
     "clamp": ("T low, T high", "T x", "x = x < low ? low : (x > high ? high : x)"),
+    # DP's clipping factors from the per-sample squared norms, in place (privacy._Private):
+    # s <- scale / max(sqrt(s), clip), the maximum NaN-propagating as CuPy's
+    "clip_factor": ("T clip, T scale", "T s", "s = scale / gm_max_nan(sqrt(s), clip)"),
     # a running sum (gpu_mlp.plan.LossTally): total += scale * loss + penalty * squares,
     # compensated (Kahan): carry holds what total's rounding dropped, taken back next time
     "tally": ("T loss, T squares, T scale, T penalty", "T total, T carry",
@@ -93,7 +96,7 @@ ELEMENTWISE = {
 # (d,) vector broadcast over the rows; a ``raw`` array is indexed by the body itself;
 # anything else is shaped as the output. The host tests and the NVRTC check read this,
 # not their own guesses.
-SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty",
+SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty", "clip",
                  # the optimizers' hyperparameters and step scalars
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
                  "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
@@ -588,6 +591,23 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
     return out
 
 
+def add_dense_squares(T, X, out, ws) -> None:
+    """``out[i] += ||T_i||^2 (||X_i||^2 + 1)`` over the rows of T (B, d_out) and X (B, K),
+    nothing where T_i = 0 (a dense layer's per-sample squared gradient norms, DP's;
+    NumPy's are gpu_mlp.norms.per_sample_squares'): two wide-row launches
+    (kernels/rowwise.cuh), their shares in a workspace buffer, where CuPy's ufuncs and
+    two GEMVs took nine. CuPy only."""
+    B = T.shape[0]
+    if not B:
+        return
+    part = ws.take((2 * B, ROW_LANES)).reshape(2, B, ROW_LANES)  # (the batch first: see
+    L = np.int32(ROW_LANES)                                        # _wide_scratch)
+    _launch_wide("gm_wide_dense_squares", B, T, X, part[0], part[1], np.int32(B),
+                 np.int32(T.shape[1]), np.int32(X.shape[1]), L)
+    _launch_wide("gm_wide_add_dense_squares", B, part[0], part[1], out, np.int32(B), L)
+    ws.give(part)
+
+
 def _softmax_xent_wide(F, Y, grad, row_loss, part, scale):
     """The softmax cross-entropy of rows wider than ROW_KERNEL_MAX, on the GPU: the
     wide-row kernels, ``part`` (3, B, ROW_LANES) their scratch."""
@@ -923,6 +943,19 @@ def step_scalars(s, table, counters):
     DP step, the step of the table's first row)``; kernels/optim.cuh, ``gm_step_row``):
     one launch, on CuPy only (:class:`gpu_mlp.plan.StepScalars`)."""
     _launch("step_scalars", None, table, counters, np.int32(table.shape[0]), s)
+
+
+def clip_factors(squares, clip: float, scale: float) -> None:
+    """``squares <- scale / max(sqrt(squares), clip)`` in place: DP's clipping factors
+    ``scale min(1, clip / ||g_i||)`` (1 for a zero gradient) from the per-sample squared
+    norms; a NaN stays NaN. One launch on CuPy, where its ufuncs took three."""
+    if is_numpy(squares):
+        np.sqrt(squares, out=squares)
+        np.maximum(squares, clip, out=squares)
+        np.divide(scale, squares, out=squares)
+        return
+    t = squares.dtype.type
+    _launch("clip_factor", None, t(clip), t(scale), squares)
 
 
 def tally(loss, squares, scale: float, penalty: float, total, carry) -> None:

@@ -258,14 +258,12 @@ class _Private(Stage):
         self.kept.append((k, (T_rows, X_rows, ones)))
 
     def finish(self):
-        xp, B, C = self.net.xp, self.rows, self.dp.max_grad_norm
+        B, C = self.rows, self.dp.max_grad_norm
         if B:
             # c_i / batch with c_i = min(1, C / ||g_i||), which is C / max(||g_i||, C)
             # (and 1 for a zero gradient), computed in place in the squares' buffer
             factors = self.squares
-            xp.sqrt(factors, out=factors)
-            xp.maximum(factors, C, out=factors)
-            xp.divide(C / self.batch, factors, out=factors)
+            ops.clip_factors(factors, C, C / self.batch)
         ws = self.net.training_workspace
         for k, kept in self.kept:
             if isinstance(kept, _Formed):  # sum_i c_i [G_i | g_i], two GEMVs

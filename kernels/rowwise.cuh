@@ -280,6 +280,40 @@ __global__ void gm_wide_row_sums(const T* __restrict__ part_loss, T* __restrict_
     if (!gm_wide_thread(B, L, r, lane) || lane) return;
     row_loss[r] = gm_lanes_sum(part_loss + r * L, L);
 }
+
+// A dense layer's per-sample squared gradient norms for DP (gpu_mlp/norms.py,
+// add_squares): G_i = T_i x_i^T and g_i = T_i, so ||G_i||^2 + ||g_i||^2 =
+// ||T_i||^2 (||x_i||^2 + 1). First each thread's shares of ||T_i||^2 (t: B x C) and
+// ||x_i||^2 (x: B x K)...
+template <typename T>
+__global__ void gm_wide_dense_squares(const T* __restrict__ t, const T* __restrict__ x,
+                                      T* __restrict__ part_t, T* __restrict__ part_x, int B,
+                                      int C, int K, int L)
+{
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane)) return;
+    T st = T(0), sx = T(0);
+    for (int c = lane; c < C; c += L) st += t[r * C + c] * t[r * C + c];
+    for (int k = lane; k < K; k += L) sx += x[r * K + k] * x[r * K + k];
+    part_t[r * L + lane] = st;
+    part_x[r * L + lane] = sx;
+}
+
+// ...then squares[i] += ||T_i||^2 (||x_i||^2 + 1), 0 where T_i = 0 (G_i = 0 even where
+// ||x_i||^2 overflowed; a NaN stays NaN), by the row's first thread
+template <typename T>
+__global__ void gm_wide_add_dense_squares(const T* __restrict__ part_t,
+                                          const T* __restrict__ part_x,
+                                          T* __restrict__ squares, int B, int L)
+{
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane) || lane) return;
+    const T st = gm_lanes_sum(part_t + r * L, L);
+    if (st == T(0)) return;
+    squares[r] += st * (gm_lanes_sum(part_x + r * L, L) + T(1));
+}
 #endif  // __CUDACC__
 
 #endif  // GPU_MLP_ROWWISE_CUH

@@ -99,7 +99,10 @@ ROW_SHAPES = {"z": ("B", "C"), "out": ("B", "C"), "f": ("B", "C"), "g": ("B", "C
               "row_loss": ("B",),
               # the wide-row kernels' shares, L threads a row
               "part_max": ("B", "L"), "part_sum": ("B", "L"), "part_dot": ("B", "L"),
-              "part_loss": ("B", "L")}
+              "part_loss": ("B", "L"),
+              # DP's per-sample squares of a dense layer: T (B, C) and x (B, K) rows
+              "t": ("B", "C"), "x": ("B", "K"), "part_t": ("B", "L"), "part_x": ("B", "L"),
+              "squares": ("B",)}
 NULLABLE = {"bias"}  # rowwise.cuh: "bias may be null (no bias)"
 NULL = np.uint64(0)  # how a RawKernel is given a null pointer (8 zero bytes)
 MAX_BLOCK = 1024     # threads per block on every CUDA GPU
@@ -698,8 +701,9 @@ class HostCublas:
 
         def run():
             self.host_device.launches["gemm", "NT"[transb], "NT"[transa], dtype.name] += 1
-            _axpby(out, op_a.astype(np.float64) @ op_b.astype(np.float64), read_alpha,
-                   read_beta)
+            with np.errstate(all="ignore"):  # (cuBLAS warns of no inf or NaN)
+                _axpby(out, op_a.astype(np.float64) @ op_b.astype(np.float64), read_alpha,
+                       read_beta)
         self.enqueue(name, run, state, (read_alpha, read_beta))
         return CUBLAS_SUCCESS
 
@@ -739,7 +743,9 @@ class HostCublas:
         def run():
             self.host_device.launches["gemm_batched", "NT"[transb], "NT"[transa],
                                       dtype.name] += 1
-            _axpby(Cs, As.astype(np.float64) @ Bs.astype(np.float64), read_alpha, read_beta)
+            with np.errstate(all="ignore"):  # (cuBLAS warns of no inf or NaN)
+                _axpby(Cs, As.astype(np.float64) @ Bs.astype(np.float64), read_alpha,
+                       read_beta)
         self.enqueue(name, run, state, (read_alpha, read_beta))
         return CUBLAS_SUCCESS
 
@@ -761,7 +767,9 @@ class HostCublas:
 
         def run():
             self.host_device.launches["gemv", "TN"[trans], dtype.name] += 1
-            _axpby(ys, op_a.astype(np.float64) @ xs.astype(np.float64), read_alpha, read_beta)
+            with np.errstate(all="ignore"):  # (cuBLAS warns of no inf or NaN)
+                _axpby(ys, op_a.astype(np.float64) @ xs.astype(np.float64), read_alpha,
+                       read_beta)
         self.enqueue(name, run, state, (read_alpha, read_beta))
         return CUBLAS_SUCCESS
 

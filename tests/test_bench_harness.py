@@ -1242,10 +1242,10 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
     from bench import host_work
     from gpu_mlp import graph
 
-    cases = host_work.cases()
+    cases, rows = host_work.cases(), {}
     assert ("MLPClassifier.fit" in cases) == (importlib.util.find_spec("sklearn") is not None)
     for name, count in cases.items():
-        row = count(host_cupy_lib)
+        row = rows[name] = count(host_cupy_lib)
         streaming = name.endswith("partial_fit")
         assert row["graphs"] == 1, name
         assert row["launches"] == (3 if name.startswith("train_step") else 0) or \
@@ -1256,6 +1256,10 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
             m.setattr(graph, "_cuda", lambda: None)
             eager = count(host_cupy_lib)
         assert eager["graphs"] == 0 and eager["launches"] > 3 * row["launches"], (name, eager)
+        assert eager["nodes"] is None and row["nodes"] > 0
+    # a private step's graph: its per-sample norms and clipping factors fused (it had 3x
+    # the plain step's nodes)
+    assert rows["train_step, SGD, DP"]["nodes"] < 2 * rows["train_step, SGD"]["nodes"]
 
 
 def test_host_work_refuses_a_package_directory_without_gpu_mlp(tmp_path, capsys):

@@ -211,6 +211,23 @@ def test_loss_op_matches_loss_and_grad(host, op, dtype):
     np.testing.assert_allclose(arrays["loss"].sum() / B, J, rtol=B * C * np.finfo(dtype).eps)
 
 
+def test_clip_factor_op_matches_its_numpy_twin(host, dtype):
+    """DP's clipping factors, scale / max(sqrt(s), clip), bit for bit as NumPy's three
+    ufuncs give them: below and above the clip, a zero norm (factor scale / clip), an
+    infinite one (0) and NaN (NaN)."""
+    rng = np.random.default_rng(6)
+    squares = np.concatenate([rng.uniform(0, 9, 300), [0.0, 1.0, np.inf, np.nan]])
+    squares = squares.astype(dtype)
+    clip, scale = dtype.type(1.5), dtype.type(1.5 / 64)
+    twin = squares.copy()
+    call(host, cuda_host.elementwise_name("clip_factor", None, dtype), squares.size,
+         squares.size, 1, clip, scale, squares)
+    with np.errstate(invalid="ignore"):
+        ops.clip_factors(twin, clip, scale)
+    np.testing.assert_array_equal(squares, twin)
+    assert squares[-4] == scale / clip and squares[-2] == 0 and np.isnan(squares[-1])
+
+
 def test_tally_op_matches_its_numpy_twin_and_sums_to_the_dtypes_precision(host, dtype):
     """ops.tally's kernel, one element, against its NumPy twin, bit for bit at every
     term of a long run of them (the steps of an epoch); the compensated total within

@@ -22,6 +22,7 @@ from gpu_mlp.privacy import DP
 from gpu_mlp.device import to_numpy
 from gpu_mlp.workspace import Workspace
 from device_counts import CountingXp, DeviceArray, counting_device
+from host_cupy import cupy_path
 from tracing import numpy_data_now, traced_now, traced_peak, tracing
 
 
@@ -443,13 +444,27 @@ def test_a_kept_loss_keeps_its_value(device):
     assert float(to_numpy(latest)) == before
 
 
-def test_gpu_dense_per_sample_squares_match_the_cpu_ones():
+@pytest.mark.parametrize("widths", [(5, 7), (40, 100), (1, 33)], ids=str)
+def test_gpu_dense_per_sample_squares_match_the_cpu_ones(host_cupy_lib, widths):
+    """A dense layer's ||T_i||^2 (||x_i||^2 + 1) by the GPU's two wide-row kernels (the
+    host build of their bodies, launched as ops launches them) against the NumPy path's
+    per_sample_squares: added to what the buffer held, nothing where T_i = 0 even with
+    ||x_i||^2 infinite, NaN kept; rows narrower and wider than a row's 32 threads."""
     from gpu_mlp import norms
 
+    d_out, K = widths
     rng = np.random.default_rng(3)
-    T, X = rng.standard_normal((9, 1, 5)), rng.standard_normal((9, 1, 7))
-    xp = CountingXp()  # not NumPy: the GPU's branch, its BLAS run on the host
-    out = np.full(9, 2.0).view(DeviceArray)
-    norms.add_squares(xp, T.view(DeviceArray), X.view(DeviceArray), out, Workspace(xp, np.float64))
-    np.testing.assert_allclose(out.view(np.ndarray), 2.0 + norms.per_sample_squares(T, X),
-                               rtol=1e-13)
+    T, X = rng.standard_normal((9, 1, d_out)), rng.standard_normal((9, 1, K))
+    T[3], X[3, 0, 0] = 0.0, np.inf  # G_3 = 0
+    T[5, 0, 0] = np.nan
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = 2.0 + norms.per_sample_squares(T, X)
+    expected[3] = 2.0
+    ws = Workspace(np, np.float64)
+    out = np.full(9, 2.0)
+    with cupy_path(host_cupy_lib) as device:
+        norms.add_squares(CountingXp(), T, X, out, ws)  # (not NumPy: the GPU's branch)
+    assert {name.split("<")[0] for name in device.launches} == {
+        "gm_wide_dense_squares", "gm_wide_add_dense_squares"}
+    np.testing.assert_allclose(out, expected, rtol=1e-13)
+    assert ws.in_use_bytes == 0

@@ -414,24 +414,27 @@ class _RecordingXp:
             ops.gemm_batched = batched
 
 
-def _batched_squares(xp, T, X):
+def _batched_squares(xp, T, X, lib):
     """The GPU's per-sample squares (norms.add_squares: batched GEMMs into workspace
-    buffers), run by ``xp``, NumPy under another name."""
+    buffers, a dense layer's by two row kernels), run by ``xp``, NumPy under another
+    name, on the tests' CuPy stand-in over host_cupy's build ``lib``."""
     from gpu_mlp.workspace import Workspace
+    from host_cupy import cupy_path
 
     squares = np.zeros(T.shape[0], dtype=T.dtype)
-    norms.add_squares(xp, T, X, squares, Workspace(xp, T.dtype))
+    with cupy_path(lib):
+        norms.add_squares(xp, T, X, squares, Workspace(xp, T.dtype))
     return squares
 
 
-def _squares(xp, T, X):
+def _squares(xp, T, X, lib):
     """The CPU's per-sample squares for ``np``, the GPU's for another ``xp``."""
-    return norms.per_sample_squares(T, X) if xp is np else _batched_squares(xp, T, X)
+    return norms.per_sample_squares(T, X) if xp is np else _batched_squares(xp, T, X, lib)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", ["gram-path", "two-convs", "kernel-fills-padded-input"])
-def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype):
+def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype, host_cupy_lib):
     # the NumPy backend runs one sample at a time through SciPy's BLAS, the GPU batched
     # GEMMs into workspace buffers (norms.add_squares)
     layer, input_shape = next(_conv_shapes(geometry))
@@ -440,13 +443,13 @@ def test_per_sample_squares_on_the_cpu_equal_the_batched_form(geometry, dtype):
     T = rng.standard_normal((BATCH, P, layer.c_out)).astype(dtype)
     X = rng.standard_normal((BATCH, P, K)).astype(dtype)
     assert_close(norms.per_sample_squares(T, X),
-                 _batched_squares(_RecordingXp(), T, X),
+                 _batched_squares(_RecordingXp(), T, X, host_cupy_lib),
                  1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("geometry, path", [("gram-path", "gram"), ("two-convs", "direct"),
                                             ("kernel-fills-padded-input", "outer")])
-def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
+def test_per_sample_norm_takes_the_cheaper_path(geometry, path, host_cupy_lib):
     layer, input_shape = next(_conv_shapes(geometry))
     assert _norm_path(layer, input_shape) == path
     rng = np.random.default_rng(5)
@@ -454,7 +457,7 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
     T, X = rng.standard_normal((BATCH, P, layer.c_out)), rng.standard_normal((BATCH, P, K))
     xp = _RecordingXp()
     with xp.recording():
-        squares = _squares(xp, T, X)
+        squares = _squares(xp, T, X, host_cupy_lib)
     expected = {"gram": [(BATCH, P, P)] * 2, "direct": [(BATCH, layer.c_out, K)],
                 "outer": []}[path]
     assert xp.products == expected
@@ -465,7 +468,7 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path):
 
 @pytest.mark.parametrize("xp", [np, _RecordingXp()], ids=["cpu", "batched"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtype):
+def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtype, host_cupy_lib):
     """A sample whose gradient nearly cancels over the positions: the Gram form's
     <T T^T, X X^T> was then rounding noise -- negative (a NaN norm, then every weight of
     a DP step NaN) or far too small for the clipping. Where its worst-case rounding is
@@ -479,19 +482,19 @@ def test_gram_form_norms_whose_terms_cancel_are_bounded_above_never_nan(xp, dtyp
     X = (1e3 + 1e-4 * rng.standard_normal((4, P, K))).astype(dtype)  # nearly flat input
     G = np.einsum("bpo,bpk->bok", T.astype(np.float64), X.astype(np.float64))
     exact = (G ** 2).sum(axis=(1, 2)) + (T.astype(np.float64).sum(axis=1) ** 2).sum(axis=1)
-    squares = _squares(xp, T, X)
+    squares = _squares(xp, T, X, host_cupy_lib)
     assert np.isfinite(squares).all() and (squares >= exact * (1 - 1e-6)).all()
     Tr, Xr = rng.standard_normal((4, P, d_out)), rng.standard_normal((4, P, K))
     G = np.einsum("bpo,bpk->bok", Tr, Xr)
     exact = (G ** 2).sum(axis=(1, 2)) + (Tr.sum(axis=1) ** 2).sum(axis=1)
-    got = _squares(xp, Tr.astype(dtype), Xr.astype(dtype))
+    got = _squares(xp, Tr.astype(dtype), Xr.astype(dtype), host_cupy_lib)
     assert_close(got, exact, 1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("xp", [np, _RecordingXp()], ids=["cpu", "batched"])
 @pytest.mark.parametrize("P, d_out, K", [(1, 2, 400), (4, 20, 30), (9, 4, 3)],
                          ids=["dense", "gram", "direct"])
-def test_norms_of_huge_inputs_are_never_nan(xp, P, d_out, K):
+def test_norms_of_huge_inputs_are_never_nan(xp, P, d_out, K, host_cupy_lib):
     """float32 inputs of 1e19 overflow their squares: a sample with T_i = 0 (a saturated
     softmax) has G_i = 0, but 0 inf made its norm NaN, and a DP step's every weight NaN;
     X_i X_i^T overflowing made the Gram form NaN (inf - inf). Now 0 where T_i = 0, and
@@ -502,7 +505,7 @@ def test_norms_of_huge_inputs_are_never_nan(xp, P, d_out, K):
     T[0] = 0
     X = (1e19 * rng.standard_normal((3, P, K))).astype(np.float32)
     with np.errstate(over="ignore"):
-        squares = _squares(xp, T, X)
+        squares = _squares(xp, T, X, host_cupy_lib)
     assert squares[0] == 0 and not np.isnan(squares).any()
 
 
