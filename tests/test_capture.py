@@ -1176,8 +1176,8 @@ def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib
     graph (its rows read through the cursor), and the epoch's loss -- with the L2 term
     of the weights each forward used -- summed by the graph into a LossTally: a replayed
     step launches nothing but its graph, allocates nothing and reads nothing on the
-    host. Parameters and loss curve bit for
-    bit those of eager steps; the graphs that read the rows let go at the fit's end."""
+    host. Parameters and loss curve bit for bit those of eager steps; the graphs that
+    read the rows let go at the fit's end."""
     pytest.importorskip("sklearn")
     from gpu_mlp.sklearn import MLPClassifier
 
@@ -1308,3 +1308,34 @@ def test_fit_unshuffled_reads_its_rows_in_order_through_the_cursor(host_cupy_lib
     host.fit(X, Y, epochs=3, batch_size=8, lr=1e-2, shuffle=False, verbose=False)
     for a, b in zip(results[0], _host(host)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_regressor_with_early_stopping_replays_as_its_eager_steps(host_cupy_lib,
+                                                                    monkeypatch):
+    """MLPRegressor (float targets, the squared loss) with early stopping: its validation
+    split, scores and best parameters around replayed steps, all as with eager steps."""
+    pytest.importorskip("sklearn")
+    from gpu_mlp.sklearn import MLPRegressor
+
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    y = (X @ rng.standard_normal((5, 2)) + 0.1 * rng.standard_normal((40, 2))).astype(
+        np.float32)
+    results = []
+    for capture in (True, False):
+        if not capture:
+            monkeypatch.setattr(graph_module, "_cuda", lambda: None)
+        reg = MLPRegressor(hidden_layer_sizes=(8,), batch_size=8, max_iter=1, early_stopping=True,
+                           validation_fraction=0.2, random_state=0, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (max_iter reached)
+            reg.fit(X, y)
+            reg.set_params(warm_start=True, max_iter=4, tol=0.0, n_iter_no_change=10)
+            net = reg.net_
+            with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
+                reg.fit(X, y)
+        results.append((_host(net), list(reg.loss_curve_), list(reg.validation_scores_)))
+        if capture:
+            assert net.step_graphs.replays > 0
+    assert results[0][1:] == results[1][1:]
+    _same(results[0][0], results[1][0])
