@@ -161,6 +161,17 @@ def row_squares_into(xp, A, out, ws, add=False) -> None:
     ws.give(squares)
 
 
+def add_row_squares(xp, a, b, out, ws) -> None:
+    """``out[i] += ||a_i||^2 + ||b_i||^2`` for 2-D C-contiguous ``a`` and ``b`` of B rows
+    each (a layer's per-sample G_i flat and g_i), no array made: on NumPy
+    :func:`row_squares_into` each, on a GPU :func:`gpu_mlp.ops.add_row_squares`."""
+    if xp is np:
+        row_squares_into(xp, a, out, ws, add=True)
+        row_squares_into(xp, b, out, ws, add=True)
+    else:
+        ops.add_row_squares(a, b, out, ws)
+
+
 def add_squares(xp, T, X, out, ws) -> None:
     """``out += per_sample_squares(T, X)``. On a GPU no array is made -- CuPy's
     reductions, einsum and matmul make their results, which a step being captured may
@@ -175,30 +186,30 @@ def add_squares(xp, T, X, out, ws) -> None:
     if P == 1:  # T_i = 0: G_i = 0, though ||x_i||^2 overflow
         ops.add_dense_squares(T[:, 0], X[:, 0], out, ws)
         return
-    squares = ws.take((B,))
-    if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
-        # (two buffers of (P, P) rows: the workspace keeps one per shape after the
-        # first axis, so a (2, B, ...) one would be kept per batch size)
-        gram_T, gram_X = ws.take((B, P, P)), ws.take((B, P, P))
-        ops.gemm_batched("N", "T", T, T, gram_T)
-        ops.gemm_batched("N", "T", X, X, gram_X)
-        with np.errstate(invalid="ignore"):  # (0 inf: the bound sees to it)
-            gram_T *= gram_X
-        ops.gemv("N", gram_T.reshape(B, -1), ws.ones(P * P), squares)
-        ws.give(gram_T, gram_X)
-        t, x = ws.take((B,)), ws.take((B,))
-        row_squares_into(xp, T.reshape(B, -1), t, ws)
-        row_squares_into(xp, X.reshape(B, -1), x, ws)
-        _gram_bound(xp, squares, t, x, P, d_out, K, ws)
-        ws.give(t, x)
-        g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
-        xp.sum(T, axis=1, out=g)
-    else:  # G_i itself, batched, squared in place
+    if not gram_form(P, d_out, K):  # G_i itself, batched, and its rows' squares
         G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
         per_sample_gradients(xp, T, X, G, g)
-        G *= G
-        ops.gemv("N", G.reshape(B, -1), ws.ones(d_out * K), squares)
-        ws.give(G)
+        ops.add_row_squares(G.reshape(B, -1), g, out, ws)
+        ws.give(G, g)
+        return
+    # the Gram form, <T_i T_i^T, X_i X_i^T>, bounded where rounding rules (two buffers
+    # of (P, P) rows: the workspace keeps one per shape after the first axis, so a
+    # (2, B, ...) one would be kept per batch size)
+    squares = ws.take((B,))
+    gram_T, gram_X = ws.take((B, P, P)), ws.take((B, P, P))
+    ops.gemm_batched("N", "T", T, T, gram_T)
+    ops.gemm_batched("N", "T", X, X, gram_X)
+    with np.errstate(invalid="ignore"):  # (0 inf: the bound sees to it)
+        gram_T *= gram_X
+    ops.gemv("N", gram_T.reshape(B, -1), ws.ones(P * P), squares)
+    ws.give(gram_T, gram_X)
+    t, x = ws.take((B,)), ws.take((B,))
+    row_squares_into(xp, T.reshape(B, -1), t, ws)
+    row_squares_into(xp, X.reshape(B, -1), x, ws)
+    _gram_bound(xp, squares, t, x, P, d_out, K, ws)
+    ws.give(t, x)
+    g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
+    xp.sum(T, axis=1, out=g)
     row_squares_into(xp, g, squares, ws, add=True)
     out += squares
     ws.give(g, squares)

@@ -597,14 +597,27 @@ def add_dense_squares(T, X, out, ws) -> None:
     NumPy's are gpu_mlp.norms.per_sample_squares'): two wide-row launches
     (kernels/rowwise.cuh), their shares in a workspace buffer, where CuPy's ufuncs and
     two GEMVs took nine. CuPy only."""
-    B = T.shape[0]
+    _add_squares_of_rows("gm_wide_add_dense_squares", T, X, out, ws)
+
+
+def add_row_squares(a, b, out, ws) -> None:
+    """``out[i] += ||a_i||^2 + ||b_i||^2`` over the rows of a (B, n) and b (B, m): a
+    convolution's kept per-sample gradients, G and g; two wide-row launches, where
+    CuPy's ufuncs and two GEMVs took four (and an add). CuPy only."""
+    _add_squares_of_rows("gm_wide_add_row_squares", a, b, out, ws)
+
+
+def _add_squares_of_rows(combine, a, b, out, ws) -> None:
+    """Each row's shares of ``||a_i||^2`` and ``||b_i||^2`` (gm_wide_dense_squares), then
+    ``combine`` adds what they make to ``out``."""
+    B = a.shape[0]
     if not B:
         return
     part = ws.take((2 * B, ROW_LANES)).reshape(2, B, ROW_LANES)  # (the batch first: see
     L = np.int32(ROW_LANES)                                        # _wide_scratch)
-    _launch_wide("gm_wide_dense_squares", B, T, X, part[0], part[1], np.int32(B),
-                 np.int32(T.shape[1]), np.int32(X.shape[1]), L)
-    _launch_wide("gm_wide_add_dense_squares", B, part[0], part[1], out, np.int32(B), L)
+    _launch_wide("gm_wide_dense_squares", B, a, b, part[0], part[1], np.int32(B),
+                 np.int32(a.shape[1]), np.int32(b.shape[1]), L)
+    _launch_wide(combine, B, part[0], part[1], out, np.int32(B), L)
     ws.give(part)
 
 

@@ -314,6 +314,19 @@ __global__ void gm_wide_add_dense_squares(const T* __restrict__ part_t,
     if (st == T(0)) return;
     squares[r] += st * (gm_lanes_sum(part_x + r * L, L) + T(1));
 }
+
+// ...or squares[i] += ||t_i||^2 + ||x_i||^2: a convolution's kept per-sample gradients
+// (t = G_i flat, x = g_i)
+template <typename T>
+__global__ void gm_wide_add_row_squares(const T* __restrict__ part_t,
+                                        const T* __restrict__ part_x,
+                                        T* __restrict__ squares, int B, int L)
+{
+    long long r;
+    int lane;
+    if (!gm_wide_thread(B, L, r, lane) || lane) return;
+    squares[r] += gm_lanes_sum(part_t + r * L, L) + gm_lanes_sum(part_x + r * L, L);
+}
 #endif  // __CUDACC__
 
 #endif  // GPU_MLP_ROWWISE_CUH

@@ -240,12 +240,13 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         net.train_step(*make_batch(net, "labels"), LR)
         # a step that tallies its loss with scikit-learn's L2 term (fit's, the estimators')
         _tallied_steps(net, *make_batch(net, "labels"), steps=1)
-        # DP's per-sample squares of a dense layer (norms.add_squares on a device's
-        # arrays; the stand-in's nets are NumPy's, whose norms NumPy's branch computes)
+        # DP's per-sample squares of a dense layer and of kept per-sample gradients
+        # (norms.add_squares on a device's arrays; the stand-in's nets are NumPy's, whose
+        # norms NumPy's branch computes)
         rng = np.random.default_rng(0)
-        ops.add_dense_squares(rng.standard_normal((5, 3)).astype(dtype),
-                              rng.standard_normal((5, 40)).astype(dtype), np.zeros(5, dtype),
-                              gpu_mlp.workspace.Workspace(np, dtype))
+        a, b = (rng.standard_normal((5, n)).astype(dtype) for n in (3, 40))
+        for add in (ops.add_dense_squares, ops.add_row_squares):
+            add(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype))
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1),
@@ -712,7 +713,7 @@ def test_wide_rows_run_the_global_bodies(host_cupy_lib, dtype, width, monkeypatc
             ws.give(scratch)
     assert ws.in_use_bytes == 0  # every scratch given back
     assert {name.split("<")[0] for name in device.launches} == {  # (the softmax's)
-        k for k in cuda.ROW_KERNELS if k.startswith("gm_wide_") and "dense" not in k}
+        k for k in cuda.ROW_KERNELS if k.startswith("gm_wide_") and "squares" not in k}
     rtol = 4 * width * np.finfo(dtype).eps  # a row's terms summed in another order
     close = dict(rtol=rtol, atol=rtol)
     np.testing.assert_allclose(forward, f, **close, err_msg="forward")

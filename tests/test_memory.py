@@ -468,3 +468,23 @@ def test_gpu_dense_per_sample_squares_match_the_cpu_ones(host_cupy_lib, widths):
         "gm_wide_dense_squares", "gm_wide_add_dense_squares"}
     np.testing.assert_allclose(out, expected, rtol=1e-13)
     assert ws.in_use_bytes == 0
+
+
+@pytest.mark.parametrize("widths", [(5, 7), (70, 100)], ids=str)
+def test_gpu_row_squares_of_kept_gradients_match_the_cpu_ones(host_cupy_lib, widths):
+    """A convolution's kept per-sample gradients: ||G_i||^2 + ||g_i||^2 by the GPU's two
+    wide-row kernels against NumPy's row_squares_into, added to what out held."""
+    from gpu_mlp import norms
+
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal((9, n)) for n in widths)
+    a[2, 0] = np.nan
+    expected = np.full(9, 2.0)
+    norms.add_row_squares(np, a, b, expected, Workspace(np, np.float64))
+    out, ws = np.full(9, 2.0), Workspace(np, np.float64)
+    with cupy_path(host_cupy_lib) as device:
+        norms.add_row_squares(CountingXp(), a, b, out, ws)  # (not NumPy: the GPU's branch)
+    assert {name.split("<")[0] for name in device.launches} == {
+        "gm_wide_dense_squares", "gm_wide_add_row_squares"}
+    np.testing.assert_allclose(out, expected, rtol=1e-13)
+    assert np.isnan(out[2]) and ws.in_use_bytes == 0
