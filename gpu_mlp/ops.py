@@ -597,19 +597,20 @@ def add_dense_squares(T, X, out, ws) -> None:
     NumPy's are gpu_mlp.norms.per_sample_squares'): two wide-row launches
     (kernels/rowwise.cuh), their shares in a workspace buffer, where CuPy's ufuncs and
     two GEMVs took nine. CuPy only."""
-    _add_squares_of_rows("gm_wide_add_dense_squares", T, X, out, ws)
+    _add_squares_of_rows(T, X, out, ws, dense=True)
 
 
 def add_row_squares(a, b, out, ws) -> None:
     """``out[i] += ||a_i||^2 + ||b_i||^2`` over the rows of a (B, n) and b (B, m): a
     convolution's kept per-sample gradients, G and g; two wide-row launches, where
     CuPy's ufuncs and two GEMVs took four (and an add). CuPy only."""
-    _add_squares_of_rows("gm_wide_add_row_squares", a, b, out, ws)
+    _add_squares_of_rows(a, b, out, ws, dense=False)
 
 
-def _add_squares_of_rows(combine, a, b, out, ws) -> None:
+def _add_squares_of_rows(a, b, out, ws, dense: bool) -> None:
     """Each row's shares of ``||a_i||^2`` and ``||b_i||^2`` (gm_wide_dense_squares), then
-    ``combine`` adds what they make to ``out``."""
+    gm_wide_add_squares adds what they make to ``out``: a dense layer's product, or
+    their sum."""
     B = a.shape[0]
     if not B:
         return
@@ -617,7 +618,8 @@ def _add_squares_of_rows(combine, a, b, out, ws) -> None:
     L = np.int32(ROW_LANES)                                        # _wide_scratch)
     _launch_wide("gm_wide_dense_squares", B, a, b, part[0], part[1], np.int32(B),
                  np.int32(a.shape[1]), np.int32(b.shape[1]), L)
-    _launch_wide(combine, B, part[0], part[1], out, np.int32(B), L)
+    _launch_wide("gm_wide_add_squares", B, part[0], part[1], out, np.int32(B), L,
+                 np.int32(dense))
     ws.give(part)
 
 

@@ -300,32 +300,22 @@ __global__ void gm_wide_dense_squares(const T* __restrict__ t, const T* __restri
     part_x[r * L + lane] = sx;
 }
 
-// ...then squares[i] += ||T_i||^2 (||x_i||^2 + 1), 0 where T_i = 0 (G_i = 0 even where
-// ||x_i||^2 overflowed; a NaN stays NaN), by the row's first thread
+// ...then, by the row's first thread, squares[i] += ||T_i||^2 (||x_i||^2 + 1) if
+// "dense", 0 where T_i = 0 (G_i = 0 even where ||x_i||^2 overflowed; a NaN stays NaN);
+// else squares[i] += ||t_i||^2 + ||x_i||^2 (a convolution's kept per-sample gradients:
+// t = G_i flat, x = g_i)
 template <typename T>
-__global__ void gm_wide_add_dense_squares(const T* __restrict__ part_t,
-                                          const T* __restrict__ part_x,
-                                          T* __restrict__ squares, int B, int L)
+__global__ void gm_wide_add_squares(const T* __restrict__ part_t, const T* __restrict__ part_x,
+                                    T* __restrict__ squares, int B, int L, int dense)
 {
     long long r;
     int lane;
     if (!gm_wide_thread(B, L, r, lane) || lane) return;
-    const T st = gm_lanes_sum(part_t + r * L, L);
-    if (st == T(0)) return;
-    squares[r] += st * (gm_lanes_sum(part_x + r * L, L) + T(1));
-}
-
-// ...or squares[i] += ||t_i||^2 + ||x_i||^2: a convolution's kept per-sample gradients
-// (t = G_i flat, x = g_i)
-template <typename T>
-__global__ void gm_wide_add_row_squares(const T* __restrict__ part_t,
-                                        const T* __restrict__ part_x,
-                                        T* __restrict__ squares, int B, int L)
-{
-    long long r;
-    int lane;
-    if (!gm_wide_thread(B, L, r, lane) || lane) return;
-    squares[r] += gm_lanes_sum(part_t + r * L, L) + gm_lanes_sum(part_x + r * L, L);
+    const T st = gm_lanes_sum(part_t + r * L, L), sx = gm_lanes_sum(part_x + r * L, L);
+    if (!dense)
+        squares[r] += st + sx;
+    else if (st != T(0))
+        squares[r] += st * (sx + T(1));
 }
 #endif  // __CUDACC__
 
