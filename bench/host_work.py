@@ -87,11 +87,18 @@ def _data(rows: int, features: int, classes: int, seed: int = 0):
 
 
 SIZES, BATCH, ROWS = [64, 128, 10], 32, 32 * 12  # the default job's net, 12 steps an epoch
+CNN_INPUT = (1, 8, 8)
 
 
-def _net():
+def _net(cnn=False):
+    """The main job's net, or with ``cnn`` its CNN (``train --model cnn``: digits' 1x8x8
+    images)."""
     import gpu_mlp
+    from gpu_mlp import cli
 
+    if cnn:
+        layers = cli._cnn_layers(cli.DEFAULTS["channels"], "relu", CNN_INPUT, SIZES[-1])
+        return gpu_mlp.Network(layers, loss="softmax_cross_entropy", device="cpu", seed=0)
     return gpu_mlp.MLP(SIZES, loss="softmax_cross_entropy", device="cpu", seed=0)
 
 
@@ -106,12 +113,14 @@ def _on_device(net, lib):
     return stack, counts
 
 
-def train_step(lib, make_rule, dp=False):
+def train_step(lib, make_rule, dp=False, cnn=False):
     from device_counts import DeviceArray
     from gpu_mlp.privacy import DP
 
-    net = _net()
+    net = _net(cnn)
     X, y = _data(BATCH, SIZES[0], SIZES[-1])
+    if cnn:
+        X = X.reshape(BATCH, *CNN_INPUT)
     stack, counts = _on_device(net, lib)
     with stack:
         X, y, rule = X.view(DeviceArray), y.view(DeviceArray), make_rule()
@@ -172,6 +181,9 @@ def cases():
     found = {"train_step, SGD": lambda lib: train_step(lib, lambda: 1e-2),
              "train_step, Adam": lambda lib: train_step(lib, lambda: optim.Adam(1e-3)),
              "train_step, SGD, DP": lambda lib: train_step(lib, lambda: 1e-2, dp=True),
+             "train_step, CNN": lambda lib: train_step(lib, lambda: 1e-2, cnn=True),
+             "train_step, CNN, DP": lambda lib: train_step(lib, lambda: 1e-2, dp=True,
+                                                          cnn=True),
              "fit": fit,
              "fit, DP": lambda lib: fit(lib, dp=True)}
     if importlib.util.find_spec("sklearn") is not None:
@@ -209,8 +221,9 @@ def main(argv=None) -> int:
         finally:
             graph._cuda = original
         rows.append({"case": name, "graphs": with_graphs, "eager": eager})
-    print(f"gpu_mlp from {pathlib.Path(gpu_mlp.__file__).parent}; net {SIZES}, batch "
-          f"{BATCH}, float32; per step, median: with CUDA graphs / every step eager")
+    print(f"gpu_mlp from {pathlib.Path(gpu_mlp.__file__).parent}; net {SIZES} (CNN: train "
+          f"--model cnn's on {CNN_INPUT}), batch {BATCH}, float32; per step, median: with "
+          f"CUDA graphs / every step eager")
     print(f"{'case':28s}" + "".join(f"{c:>16s}" for c in COLUMNS))
     for row in rows:
         print(f"{row['case']:28s}" + "".join(

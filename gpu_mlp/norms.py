@@ -35,7 +35,7 @@ def per_sample_squares(T, X):
         return product + t  # the bias's gradient is T_i itself (no (B, d_out) sum)
     bias = row_squares(np, T.sum(axis=1))
     if gram_form(P, d_out, K):  # <T_i T_i^T, X_i X_i^T>, bounded where rounding rules
-        return _gram_bound(np, _gram_inner(T, X), row_squares(np, T.reshape(B, -1)),
+        return _gram_bound(_gram_inner(T, X), row_squares(np, T.reshape(B, -1)),
                            row_squares(np, X.reshape(B, -1)), P, d_out, K) + bias
     squares = np.empty(B, dtype=T.dtype)
     G = np.empty((d_out, K), T.dtype)
@@ -60,7 +60,7 @@ def _gram_inner(T, X):
     return inner
 
 
-def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=None):
+def _gram_bound(inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=None):
     """The Gram form's ``<T_i T_i^T, X_i X_i^T>``, kept where it is reliable and made an
     upper bound of ``||G_i||^2`` where it is not. Computed, it is off by up to ``e_i =
     (d_out + K + P^2) u ||T_i||^2 ||X_i||^2`` (u the dtype's unit roundoff: the two
@@ -70,35 +70,14 @@ def _gram_bound(xp, inner, T_squares, X_squares, P: int, d_out: int, K: int, ws=
     to hold. Where ``e_i`` exceeds :data:`GRAM_TRUSTED` of the value, the value is
     ``max(value, 0) + e_i`` instead, never below the true one: the clipping holds, at
     the price of clipping such a sample harder. In place: the result is written into
-    ``inner`` and returned, ``T_squares`` and ``X_squares`` are overwritten, and the two
-    scratch vectors come from the workspace ``ws`` if given (a GPU step being captured
-    may allocate nothing)."""
+    ``inner`` and returned (:func:`gpu_mlp.ops.gram_bound`: on NumPy ``T_squares`` and
+    ``X_squares`` are overwritten, and its scratch comes from the workspace ``ws`` if
+    given; on a GPU it is one kernel)."""
     u = float(np.finfo(inner.dtype).eps) / 2
     if not isinstance(inner, np.ndarray) and inner.dtype == np.float32 and _tf32():
         u = 2.0 ** -11  # the GEMMs round the factors to TF32's 10 bits
-    if ws is None:
-        limit = xp.empty_like(inner)
-        loose, none = (xp.empty(inner.shape, dtype=bool) for _ in range(2))
-    else:
-        limit, loose, none = (ws.take(inner.shape, dtype)
-                              for dtype in (None, bool, bool))
-    # T_i = 0: G_i = 0, though X_i's squares overflow (0 inf: NaN below)
-    xp.equal(T_squares, 0, out=none)
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = T_squares
-        error *= X_squares
-        error *= (d_out + K + P * P) * u
-        bound = X_squares
-        xp.fmax(inner, 0, out=bound)  # (a NaN value, X_i X_i^T overflowed: the error)
-        bound += error
-        xp.multiply(inner, GRAM_TRUSTED, out=limit)
-        xp.less_equal(error, limit, out=loose)
-    xp.logical_not(loose, out=loose)  # (a NaN either side: not to be trusted)
-    xp.copyto(inner, bound, where=loose)
-    xp.copyto(inner, 0, where=none)
-    if ws is not None:
-        ws.give(limit, loose, none)
-    return inner
+    return ops.gram_bound(inner, T_squares, X_squares, (d_out + K + P * P) * u, GRAM_TRUSTED,
+                          ws)
 
 
 def _tf32() -> bool:
@@ -206,7 +185,7 @@ def add_squares(xp, T, X, out, ws) -> None:
     t, x = ws.take((B,)), ws.take((B,))
     row_squares_into(xp, T.reshape(B, -1), t, ws)
     row_squares_into(xp, X.reshape(B, -1), x, ws)
-    _gram_bound(xp, squares, t, x, P, d_out, K, ws)
+    _gram_bound(squares, t, x, P, d_out, K, ws)
     ws.give(t, x)
     g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
     xp.sum(T, axis=1, out=g)

@@ -69,6 +69,13 @@ ELEMENTWISE = {
     # a loss's terms clamped in place (Loss.clip: scikit-learn's clipped log-loss); NaN
     # stays NaN, as np.clip keeps it
     "clamp": ("T low, T high", "T x", "x = x < low ? low : (x > high ? high : x)"),
+    # DP's Gram-form norms (gpu_mlp.norms._gram_bound): the inner product kept where its
+    # rounding error e = t x coef is within "trusted" of it, else max(inner, 0) + e (an
+    # upper bound); 0 where T_i = 0 (t = 0). A NaN inner product is untrusted: e
+    "gram_bound": ("T t, T x, T coef, T trusted", "T inner",
+                   "T error = t * x * coef; T bound = fmax(inner, (T)0) + error; "
+                   "if (!(error <= inner * trusted)) inner = bound; "
+                   "if (t == (T)0) inner = (T)0"),
     # DP's clipping factors from the per-sample squared norms, in place (privacy._Private):
     # s <- scale / max(sqrt(s), clip), the maximum NaN-propagating as CuPy's
     "clip_factor": ("T clip, T scale", "T s", "s = scale / gm_max_nan(sqrt(s), clip)"),
@@ -96,7 +103,7 @@ ELEMENTWISE = {
 # (d,) vector broadcast over the rows; a ``raw`` array is indexed by the body itself;
 # anything else is shaped as the output. The host tests and the NVRTC check read this,
 # not their own guesses.
-SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty", "clip",
+SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty", "clip", "coef", "trusted",
                  # the optimizers' hyperparameters and step scalars
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
                  "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
@@ -958,6 +965,39 @@ def step_scalars(s, table, counters):
     DP step, the step of the table's first row)``; kernels/optim.cuh, ``gm_step_row``):
     one launch, on CuPy only (:class:`gpu_mlp.plan.StepScalars`)."""
     _launch("step_scalars", None, table, counters, np.int32(table.shape[0]), s)
+
+
+def gram_bound(inner, t, x, coef: float, trusted: float, ws=None):
+    """``inner`` (B,) <- itself where ``e = t x coef`` is at most ``trusted`` of it, else
+    ``max(inner, 0) + e``; 0 where ``t`` = 0 (gpu_mlp.norms._gram_bound says why). One
+    launch on CuPy, where its ufuncs took ten; on NumPy ``t`` and ``x`` are overwritten,
+    and the two scratch vectors come from the workspace ``ws`` if given."""
+    if not is_numpy(inner):
+        d = inner.dtype.type
+        _launch("gram_bound", None, t, x, d(coef), d(trusted), inner)
+        return inner
+    if ws is None:
+        limit = np.empty_like(inner)
+        loose, none = (np.empty(inner.shape, dtype=bool) for _ in range(2))
+    else:
+        limit, loose, none = (ws.take(inner.shape, dtype) for dtype in (None, bool, bool))
+    # T_i = 0: G_i = 0, though X_i's squares overflow (0 inf: NaN below)
+    np.equal(t, 0, out=none)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = t
+        error *= x
+        error *= coef
+        bound = x
+        np.fmax(inner, 0, out=bound)  # (a NaN value, X_i X_i^T overflowed: the error)
+        bound += error
+        np.multiply(inner, trusted, out=limit)
+        np.less_equal(error, limit, out=loose)
+    np.logical_not(loose, out=loose)  # (a NaN either side: not to be trusted)
+    np.copyto(inner, bound, where=loose)
+    np.copyto(inner, 0, where=none)
+    if ws is not None:
+        ws.give(limit, loose, none)
+    return inner
 
 
 def clip_factors(squares, clip: float, scale: float) -> None:

@@ -211,6 +211,25 @@ def test_loss_op_matches_loss_and_grad(host, op, dtype):
     np.testing.assert_allclose(arrays["loss"].sum() / B, J, rtol=B * C * np.finfo(dtype).eps)
 
 
+def test_gram_bound_op_matches_its_numpy_twin(host, dtype):
+    """DP's Gram-form norms, kept or bounded, bit for bit as NumPy's ufuncs give them:
+    trusted values, cancelling ones (bounded), negative and NaN inner products, T_i = 0
+    with an infinite ||X_i||^2 (0)."""
+    rng = np.random.default_rng(7)
+    n = 200
+    t, x = rng.uniform(0.5, 2, n).astype(dtype), rng.uniform(0.5, 2, n).astype(dtype)
+    inner = (t * x * rng.uniform(-0.01, 1, n)).astype(dtype)  # some cancel, some negative
+    inner[:3], t[3], x[3] = np.nan, 0, np.inf
+    coef, trusted = 1e-3, 0.01
+    kernel, twin = inner.copy(), inner.copy()
+    call(host, cuda_host.elementwise_name("gram_bound", None, dtype), n, n, 1, t.copy(),
+         x.copy(), dtype.type(coef), dtype.type(trusted), kernel)
+    ops.gram_bound(twin, t.copy(), x.copy(), coef, trusted)
+    np.testing.assert_array_equal(kernel, twin)
+    assert kernel[3] == 0 and not np.isnan(kernel).any()
+    assert (kernel != inner).sum() > 10  # bounded ones among them
+
+
 def test_clip_factor_op_matches_its_numpy_twin(host, dtype):
     """DP's clipping factors, scale / max(sqrt(s), clip), bit for bit as NumPy's three
     ufuncs give them: below and above the clip, a zero norm (factor scale / clip), an

@@ -247,6 +247,7 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         a, b = (rng.standard_normal((5, n)).astype(dtype) for n in (3, 40))
         for add in (ops.add_dense_squares, ops.add_row_squares):
             add(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype))
+        ops.gram_bound(*(np.ones(5, dtype) for _ in range(3)), 1e-3, 0.01)  # (Gram form)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
     # an identity layer runs in "output" mode whatever the net's mode (F = A, sigma' = 1),
