@@ -49,7 +49,7 @@ ROW_KERNELS = ("gm_softmax_forward", "gm_softmax_backward",
                "gm_wide_softmax_backward", "gm_wide_xent_labels", "gm_wide_xent_targets",
                "gm_wide_row_sums",
                # DP: a dense layer's per-sample squared norms
-               "gm_wide_dense_squares", "gm_wide_add_squares")
+               "gm_wide_square_shares", "gm_wide_add_squares")
 # The C type of each float dtype the kernels are built for.
 CTYPES = {"float32": "float", "float64": "double"}
 # NVRTC's options for the module (CuPy adds -ftz=true and -arch=sm_XX).

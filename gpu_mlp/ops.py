@@ -71,7 +71,7 @@ ELEMENTWISE = {
     "clamp": ("T low, T high", "T x", "x = x < low ? low : (x > high ? high : x)"),
     # DP's Gram-form norms (gpu_mlp.norms._gram_bound): the inner product kept where its
     # rounding error e = t x coef is within "trusted" of it, else max(inner, 0) + e (an
-    # upper bound); 0 where T_i = 0 (t = 0). A NaN inner product is untrusted: e
+    # upper bound); 0 where T_i = 0 (t = 0). A NaN inner product is untrusted: it becomes e
     "gram_bound": ("T t, T x, T coef, T trusted", "T inner",
                    "T error = t * x * coef; T bound = fmax(inner, (T)0) + error; "
                    "if (!(error <= inner * trusted)) inner = bound; "
@@ -615,7 +615,7 @@ def add_row_squares(a, b, out, ws) -> None:
 
 
 def _add_squares_of_rows(a, b, out, ws, dense: bool) -> None:
-    """Each row's shares of ``||a_i||^2`` and ``||b_i||^2`` (gm_wide_dense_squares), then
+    """Each row's shares of ``||a_i||^2`` and ``||b_i||^2`` (gm_wide_square_shares), then
     gm_wide_add_squares adds what they make to ``out``: a dense layer's product, or
     their sum."""
     B = a.shape[0]
@@ -623,7 +623,7 @@ def _add_squares_of_rows(a, b, out, ws, dense: bool) -> None:
         return
     part = ws.take((2 * B, ROW_LANES)).reshape(2, B, ROW_LANES)  # (the batch first: see
     L = np.int32(ROW_LANES)                                        # _wide_scratch)
-    _launch_wide("gm_wide_dense_squares", B, a, b, part[0], part[1], np.int32(B),
+    _launch_wide("gm_wide_square_shares", B, a, b, part[0], part[1], np.int32(B),
                  np.int32(a.shape[1]), np.int32(b.shape[1]), L)
     _launch_wide("gm_wide_add_squares", B, part[0], part[1], out, np.int32(B), L,
                  np.int32(dense))

@@ -281,12 +281,12 @@ __global__ void gm_wide_row_sums(const T* __restrict__ part_loss, T* __restrict_
     row_loss[r] = gm_lanes_sum(part_loss + r * L, L);
 }
 
-// A dense layer's per-sample squared gradient norms for DP (gpu_mlp/norms.py,
-// add_squares): G_i = T_i x_i^T and g_i = T_i, so ||G_i||^2 + ||g_i||^2 =
-// ||T_i||^2 (||x_i||^2 + 1). First each thread's shares of ||T_i||^2 (t: B x C) and
-// ||x_i||^2 (x: B x K)...
+// DP's per-sample squared gradient norms (gpu_mlp/norms.py, add_squares): a dense
+// layer's, G_i = T_i x_i^T and g_i = T_i, so ||G_i||^2 + ||g_i||^2 = ||T_i||^2
+// (||x_i||^2 + 1); a convolution's kept G_i and g_i. First each thread's shares of
+// ||t_i||^2 (t: B x C) and ||x_i||^2 (x: B x K)...
 template <typename T>
-__global__ void gm_wide_dense_squares(const T* __restrict__ t, const T* __restrict__ x,
+__global__ void gm_wide_square_shares(const T* __restrict__ t, const T* __restrict__ x,
                                       T* __restrict__ part_t, T* __restrict__ part_x, int B,
                                       int C, int K, int L)
 {

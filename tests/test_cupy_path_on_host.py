@@ -714,7 +714,7 @@ def test_wide_rows_run_the_global_bodies(host_cupy_lib, dtype, width, monkeypatc
             ws.give(scratch)
     assert ws.in_use_bytes == 0  # every scratch given back
     assert {name.split("<")[0] for name in device.launches} == {  # (the softmax's)
-        k for k in cuda.ROW_KERNELS if k.startswith("gm_wide_") and "squares" not in k}
+        k for k in cuda.ROW_KERNELS if k.startswith("gm_wide_") and "square" not in k}
     rtol = 4 * width * np.finfo(dtype).eps  # a row's terms summed in another order
     close = dict(rtol=rtol, atol=rtol)
     np.testing.assert_allclose(forward, f, **close, err_msg="forward")

@@ -465,7 +465,7 @@ def test_gpu_dense_per_sample_squares_match_the_cpu_ones(host_cupy_lib, widths):
     with cupy_path(host_cupy_lib) as device:
         norms.add_squares(CountingXp(), T, X, out, ws)  # (not NumPy: the GPU's branch)
     assert {name.split("<")[0] for name in device.launches} == {
-        "gm_wide_dense_squares", "gm_wide_add_squares"}
+        "gm_wide_square_shares", "gm_wide_add_squares"}
     np.testing.assert_allclose(out, expected, rtol=1e-13)
     assert ws.in_use_bytes == 0
 
@@ -485,6 +485,6 @@ def test_gpu_row_squares_of_kept_gradients_match_the_cpu_ones(host_cupy_lib, wid
     with cupy_path(host_cupy_lib) as device:
         norms.add_row_squares(CountingXp(), a, b, out, ws)  # (not NumPy: the GPU's branch)
     assert {name.split("<")[0] for name in device.launches} == {
-        "gm_wide_dense_squares", "gm_wide_add_squares"}
+        "gm_wide_square_shares", "gm_wide_add_squares"}
     np.testing.assert_allclose(out, expected, rtol=1e-13)
     assert np.isnan(out[2]) and ws.in_use_bytes == 0
