@@ -252,6 +252,10 @@ class _BaseMLP(BaseEstimator):
             raise _bad("random_state", self.random_state,
                        "an int, a numpy.random.RandomState instance or None")
         p["memory"], p["device"], p["dtype"] = self._engine_settings([p["activation"]])
+        most = 2 * float(np.finfo(p["dtype"]).max)  # the L2 term's alpha / 2, in the dtype
+        if p["alpha"] > most:
+            raise _bad("alpha", self.alpha, f"a float in the range [0.0, {most:g}] for dtype "
+                                            f"{p['dtype'].name}, whose numbers take alpha / 2")
         return p
 
     def _solver(self) -> str:

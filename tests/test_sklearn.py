@@ -400,6 +400,26 @@ def test_bad_parameters_and_data_raise_clear_errors(digits):
     assert issubclass(InvalidParameterError, TypeError)
 
 
+def test_an_alpha_past_the_dtypes_numbers_is_refused_by_name(digits):
+    """The loss curve's L2 term is alpha / 2 ||W||^2, computed in the net's dtype: an
+    alpha whose half float32 cannot hold is refused as 'alpha', before any step, a
+    fitted model untouched; float64 takes it."""
+    X_train, _, y_train, _ = digits
+    X, y = X_train[:50], y_train[:50]
+    fitted = MLPClassifier((4,), max_iter=2, device="cpu", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted.fit(X, y)
+    before = [W.copy() for W in fitted.coefs_]
+    fitted.set_params(alpha=1e39, warm_start=True)
+    with pytest.raises(InvalidParameterError, match=r"'alpha'.*for dtype float32"):
+        fitted.fit(X, y)
+    assert all(np.array_equal(W, W0) for W, W0 in zip(fitted.coefs_, before))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MLPClassifier((4,), alpha=1e39, max_iter=1, dtype="float64", device="cpu").fit(X, y)
+
+
 def test_extras_are_imported_only_by_their_modules():
     code = """if True:
         import sys
