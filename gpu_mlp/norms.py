@@ -155,7 +155,7 @@ def add_squares(xp, T, X, out, ws) -> None:
     """``out += per_sample_squares(T, X)``. On a GPU no array is made -- CuPy's
     reductions, einsum and matmul make their results, which a step being captured may
     not -- from the workspace ``ws``: a dense layer's ``||T_i||^2 (||X_i||^2 + 1)`` by
-    :func:`gpu_mlp.ops.add_dense_squares`' two kernels; a convolution's forms as
+    :func:`gpu_mlp.ops.add_row_squares`' two kernels; a convolution's forms as
     :func:`per_sample_squares` computes them, the batched GEMMs into workspace buffers."""
     if xp is np:
         out += per_sample_squares(T, X)
@@ -163,7 +163,7 @@ def add_squares(xp, T, X, out, ws) -> None:
     B, P, d_out = T.shape
     K = X.shape[2]
     if P == 1:  # T_i = 0: G_i = 0, though ||x_i||^2 overflow
-        ops.add_dense_squares(T[:, 0], X[:, 0], out, ws)
+        ops.add_row_squares(T[:, 0], X[:, 0], out, ws, dense=True)
         return
     if not gram_form(P, d_out, K):  # G_i itself, batched, and its rows' squares
         G, g = ws.take((B, d_out, K)), ws.take((B, d_out))

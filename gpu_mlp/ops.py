@@ -598,26 +598,14 @@ def loss_and_grad(loss, F, Y, grad, scale, scratch, out=None, ones=None):
     return out
 
 
-def add_dense_squares(T, X, out, ws) -> None:
-    """``out[i] += ||T_i||^2 (||X_i||^2 + 1)`` over the rows of T (B, d_out) and X (B, K),
-    nothing where T_i = 0 (a dense layer's per-sample squared gradient norms, DP's;
-    NumPy's are gpu_mlp.norms.per_sample_squares'): two wide-row launches
-    (kernels/rowwise.cuh), their shares in a workspace buffer, where CuPy's ufuncs and
-    two GEMVs took nine. CuPy only."""
-    _add_squares_of_rows(T, X, out, ws, dense=True)
-
-
-def add_row_squares(a, b, out, ws) -> None:
-    """``out[i] += ||a_i||^2 + ||b_i||^2`` over the rows of a (B, n) and b (B, m): a
-    convolution's kept per-sample gradients, G and g; two wide-row launches, where
-    CuPy's ufuncs and two GEMVs took four (and an add). CuPy only."""
-    _add_squares_of_rows(a, b, out, ws, dense=False)
-
-
-def _add_squares_of_rows(a, b, out, ws, dense: bool) -> None:
-    """Each row's shares of ``||a_i||^2`` and ``||b_i||^2`` (gm_wide_square_shares), then
-    gm_wide_add_squares adds what they make to ``out``: a dense layer's product, or
-    their sum."""
+def add_row_squares(a, b, out, ws, dense: bool = False) -> None:
+    """``out[i] += ||a_i||^2 + ||b_i||^2`` over the rows of a (B, n) and b (B, m) -- a
+    convolution's kept per-sample gradients, G flat and g -- or, ``dense``, ``out[i] +=
+    ||a_i||^2 (||b_i||^2 + 1)``, nothing where a_i = 0: a dense layer's per-sample
+    squared gradient norms from T and x (NumPy's are gpu_mlp.norms'). DP's, on the GPU:
+    each row's shares of both (gm_wide_square_shares), then gm_wide_add_squares, in a
+    workspace buffer -- two launches, where CuPy's ufuncs and two GEMVs took nine for a
+    dense layer, four and an add for kept gradients. CuPy only."""
     B = a.shape[0]
     if not B:
         return

@@ -475,16 +475,14 @@ def _batches(net, gather, batch_size, seed, epoch, shuffle, plan):
         samples = [_share(rows, comm) for rows in _privacy.poisson_batches(
             n, batch_size, seed, epoch, secret=plan.dp.seed)]
         # the epoch's row indices on the device in one copy, each step's after the last's
-        ends = np.cumsum([len(rows) for rows, _ in samples])
         flat = np.concatenate([rows for rows, _ in samples])
-        if cursor:
-            at = gather.restart(flat)
-        else:
-            flat = xp.asarray(flat, dtype=np.intp)
+        at = gather.restart(flat) if cursor else xp.asarray(flat, dtype=np.intp)
+        first = 0
         for step, (rows, counts) in enumerate(samples):
-            upto = min(n, (step + 1) * batch_size)
+            upto, last = min(n, (step + 1) * batch_size), first + len(rows)
             X_batch, Y_batch, gathered = gather.later(at, len(rows)) if cursor else \
-                gather.later(flat[ends[step] - len(rows):ends[step]])
+                gather.later(at[first:last])
+            first = last
             yield upto, X_batch, Y_batch, counts, gathered
         return
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None

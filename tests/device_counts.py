@@ -61,14 +61,12 @@ class Counts:
     # what the host had the device do outside a graph, each a call into CUDA that costs
     # the host its time: kernels, copies and fills, GEMMs; and graphs launched
     launches: int = 0
-    launched: list = field(default_factory=list)  # their names
     graph_launches: int = 0
 
     def launch(self, what: str) -> None:
         """One kernel, copy or GEMM run outside a capture (inside, the capture has it)."""
         if self.capture is None:
             self.launches += 1
-            self.launched.append(what)
 
     def allocated(self, what: str, n: int = 1) -> None:
         if n and self.capture is not None:
@@ -85,7 +83,7 @@ class Counts:
 
     def reset(self) -> None:
         self.allocations, self.syncs, self.where, self.capture = 0, 0, [], None
-        self.launches, self.launched, self.graph_launches = 0, [], 0
+        self.launches, self.graph_launches = 0, 0
 
 
 _COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)

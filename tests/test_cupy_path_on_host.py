@@ -245,8 +245,9 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         # norms NumPy's branch computes)
         rng = np.random.default_rng(0)
         a, b = (rng.standard_normal((5, n)).astype(dtype) for n in (3, 40))
-        for add in (ops.add_dense_squares, ops.add_row_squares):
-            add(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype))
+        for dense in (True, False):
+            ops.add_row_squares(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype),
+                                dense)
         ops.gram_bound(*(np.ones(5, dtype) for _ in range(3)), 1e-3, 0.01)  # (Gram form)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
