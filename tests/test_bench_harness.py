@@ -1268,3 +1268,114 @@ def test_host_work_refuses_a_package_directory_without_gpu_mlp(tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         host_work.main(["--package", str(tmp_path)])
     assert stop.value.code == 2 and "no gpu_mlp package in" in capsys.readouterr().err
+
+
+class _Parsed(Exception):
+    """Raised in place of running a command whose arguments parsed."""
+
+
+def _parses(argv: list[str], monkeypatch) -> None:
+    """That ``python3 ...`` argv's arguments parse as its script or module parses them,
+    running nothing: the script's own ``parse_args`` (checks after argparse's included)
+    where it has one, else its ``main`` with argparse stopped right after parsing."""
+    import argparse
+    import importlib
+
+    from gpu_mlp import cli
+
+    assert argv[0] == "python3", argv
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise _Parsed
+
+    if argv[1] == "-m":
+        module, args = argv[2], argv[3:]
+        if module == "pytest":
+            assert args[:2] == ["-m", "gpu"] and (ROOT / args[-1]).is_dir(), args
+            assert any(m.startswith("gpu:") for m in _pyproject_markers())
+            return
+        assert module == "gpu_mlp", argv
+        with monkeypatch.context() as m, pytest.raises(_Parsed):
+            m.setattr(argparse.ArgumentParser, "parse_args", parsed)
+            cli.main(args)
+        return
+    script, args = Path(argv[1]), argv[2:]
+    if script.parts[0] != "bench":  # the GPU kit's busy.py, brought by --prepare
+        assert script.name == "busy.py", argv
+        return
+    bench_module = importlib.import_module(f"bench.{script.stem}")
+    if hasattr(bench_module, "parse_args"):
+        bench_module.parse_args(args)
+        return
+    with monkeypatch.context() as m, pytest.raises(_Parsed):
+        m.setattr(argparse.ArgumentParser, "parse_args", parsed)
+        bench_module.main(args)
+
+
+def _pyproject_markers() -> list[str]:
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["pytest"]["ini_options"]["markers"]
+
+
+def _gpu_check(*args, env=None, timeout=120):
+    import os
+    import shutil
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    # python3 is this interpreter, as on the GPU machine it is the one with CuPy
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PATH": path, **(env or {})})
+
+
+def test_gpu_check_lists_commands_that_parse(monkeypatch, tmp_path):
+    """bench/gpu_check.sh --list: every section's commands, each of which parses as its
+    script parses it (so that a scarce GPU session does not end on a typo); the
+    results go under $OUT; an unknown section is refused by name."""
+    import shlex
+
+    listed = _gpu_check("--list", env={"OUT": str(tmp_path)})
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    sections = {line.split(":", 1)[0] for line in lines}
+    assert sections == {"info", "tests", "jobs", "busy", "job", "mlp", "conv", "dp", "cold",
+                        "cublas", "rows", "optim", "budget"}
+    for line in lines:
+        argv = shlex.split(line.split(":", 1)[1])
+        if argv[0] == "nvidia-smi":
+            continue
+        outs = [a for a in argv if a.startswith(str(tmp_path))]
+        assert all(a.startswith(str(tmp_path)) for a in argv if "out" in a.lower()
+                   and a.startswith("/")), line
+        assert outs or "--out" not in argv, line
+        _parses(argv, monkeypatch)
+    some = _gpu_check("--list", "dp", "info", env={"OUT": str(tmp_path)})
+    assert [line.split(":")[0] for line in some.stdout.splitlines()] == ["dp", "info", "info"]
+    bad = _gpu_check("--list", "info", "nope")
+    assert bad.returncode == 2 and "unknown section 'nope'" in bad.stderr
+    assert bad.stdout == ""
+
+
+def test_gpu_check_runs_within_its_budget_and_keeps_no_machine_path(tmp_path):
+    """A run: each section's command with its exit status and seconds in MANIFEST.md,
+    its output in check.log; a section the budget cannot hold is skipped and said so;
+    the machine's paths are gone from what comes back. (On this machine: no GPU, so
+    nvidia-smi fails, and says so in the manifest.)"""
+    out = tmp_path / "gpu-out"
+    done = _gpu_check("info", "tests", env={"OUT": str(out), "BUDGET_S": "25"})
+    assert done.returncode == 0, done.stderr
+    manifest = (out / "MANIFEST.md").read_text()
+    log = (out / "check.log").read_text()
+    assert "| info | `nvidia-smi` |" in manifest
+    assert re.search(r"\| info \| `python3 -m gpu_mlp info` \| 0 \| \d+ \|", manifest), manifest
+    assert "| tests | (skipped: the budget) | - | 0 |" in manifest  # 60 s expected > 25
+    assert "tests: skipped" in log and "gpu_mlp" in log
+    for text in (manifest, log):
+        assert str(ROOT) not in text and str(out) not in text
+    assert not (out / "gpu-tests.log").exists()
