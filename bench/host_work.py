@@ -113,7 +113,9 @@ def _on_device(net, lib):
     return stack, counts
 
 
-def train_step(lib, make_rule, dp=False, cnn=False):
+def train_step(lib, make_rule, dp=False, cnn=False, host=False):
+    """``host``: the batch as NumPy arrays, checked (``check=True``, the default); else
+    device arrays, unchecked."""
     from device_counts import DeviceArray
     from gpu_mlp.privacy import DP
 
@@ -123,12 +125,14 @@ def train_step(lib, make_rule, dp=False, cnn=False):
         X = X.reshape(BATCH, *CNN_INPUT)
     stack, counts = _on_device(net, lib)
     with stack:
-        X, y, rule = X.view(DeviceArray), y.view(DeviceArray), make_rule()
+        if not host:
+            X, y = X.view(DeviceArray), y.view(DeviceArray)
+        rule = make_rule()
         private = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0) if dp else None
 
         def steps():
             for _ in range(12):  # (the loss not kept: a loss held keeps its buffer)
-                net.train_step(X, y, rule, check=False, dp=private)
+                net.train_step(X, y, rule, check=host, dp=private)
         return _per_step(net, counts, steps, skip=4)
 
 
@@ -179,6 +183,8 @@ def cases():
     from gpu_mlp import optim
 
     found = {"train_step, SGD": lambda lib: train_step(lib, lambda: 1e-2),
+             "train_step, SGD, NumPy batch": lambda lib: train_step(lib, lambda: 1e-2,
+                                                                   host=True),
              "train_step, Adam": lambda lib: train_step(lib, lambda: optim.Adam(1e-3)),
              "train_step, SGD, DP": lambda lib: train_step(lib, lambda: 1e-2, dp=True),
              "train_step, CNN": lambda lib: train_step(lib, lambda: 1e-2, cnn=True),

@@ -251,8 +251,9 @@ def to_numpy(a) -> np.ndarray:
 
 def write(target, value) -> None:
     """Copy the host array ``value`` into ``target``, a NumPy or CuPy array, in place:
-    ``target`` stays the same object (for CuPy one host-to-device copy)."""
-    if isinstance(target, np.ndarray):
-        target[...] = value
-    else:
+    ``target`` stays the same object (for CuPy one host-to-device copy on the current
+    stream, ``cupy.ndarray.set``: no device memory allocated, and no wait for the GPU)."""
+    if hasattr(target, "set"):  # CuPy's (a NumPy array has no such method)
         target.set(np.ascontiguousarray(value, dtype=target.dtype))
+    else:
+        target[...] = value

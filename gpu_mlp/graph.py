@@ -12,7 +12,9 @@ graph on its second (on a ``cupy.cuda.Stream(non_blocking=True)`` of its thread 
 device, shared by the nets, ``begin_capture()`` /
 ``end_capture()``, cupy/cuda/stream.pyx) and replays it after (``Graph.launch``,
 cupy/cuda/graph.pyx), on the current stream, after the batch is copied into the graph's
-static input buffers -- or, for batches gathered from device-resident data
+static input buffers -- a host batch is copied from the host straight into the
+workspace's kept buffers for its shape, which the graph reads (no copy of its own);
+for batches gathered from device-resident data
 (:class:`Gathered`: fit's, the estimators'), only their row indices, the gather being
 part of the graph; nothing at all where a :class:`Cursor` on the device gives the rows
 (fit's and the estimators' on a GPU) -- after the last launch of any graph of its
@@ -300,7 +302,9 @@ class StepGraphs:
         source = None if gathered is None else tuple(id(a) for a in gathered.data)
         cursor = id(gathered.rows) if gathered is not None and _reads_cursor(gathered) \
             else None
-        return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, net.memory,
+        # a host batch in the workspace's kept buffers: the graph reads them themselves
+        staged = (id(X), id(Y)) if _staged(net, X, Y) else None
+        return (tuple(X.shape), X.dtype.str, tuple(Y.shape), Y.dtype.str, staged, net.memory,
                 tuple(net._modes), id(net.training_workspace), rule, dp, rows,
                 None if counts is None else tuple(counts), divisor, scale, id(scalars),
                 None if tally is None else tally.key(), cursor, source)
@@ -316,7 +320,9 @@ class StepGraphs:
         gather has later). Returns the :class:`_CaptureSide`."""
         if entry.X is None and entry.uses > 1:
             xp = net.xp
-            if gathered is None:
+            if gathered is None and _staged(net, X, Y):
+                entry.X, entry.Y = X, Y  # (its key holds them: the batch is copied there)
+            elif gathered is None:
                 entry.X, entry.Y = xp.empty(X.shape, X.dtype), xp.empty(Y.shape, Y.dtype)
             else:
                 entry.X, entry.Y = X, Y
@@ -516,6 +522,14 @@ def _inputs_into(entry, X, Y, gathered) -> None:
         _into(entry.Y, Y)
     elif not _reads_cursor(gathered):
         _into(entry.rows, gathered.rows)
+
+
+def _staged(net, X, Y) -> bool:
+    """Whether X and Y are host batches copied into the training workspace's kept
+    buffers (:meth:`~gpu_mlp.workspace.Workspace.staged`), which a graph can read as
+    its static input: no copy in."""
+    ws = net.training_workspace
+    return ws.is_staged(X) and ws.is_staged(Y)
 
 
 def _reads_cursor(gathered) -> bool:

@@ -68,6 +68,13 @@ def sample_ndim(layers) -> int:
     return 3 if isinstance(layers[0], _layers.Conv2d) else 1
 
 
+def on_host(a, xp) -> bool:
+    """Whether ``a`` is host data as it stands, not an array of ``xp``: a NumPy array or
+    scalar, a list or tuple, a Python number."""
+    return isinstance(a, (np.ndarray, np.generic, list, tuple, int, float)) and \
+        not isinstance(a, xp.ndarray)
+
+
 def rows(X) -> int:
     """The number of rows of a batch, before any other check (an empty one is allowed
     in a DP or data-parallel step); -1 for what is not a batch."""
@@ -118,10 +125,10 @@ class Inputs:
             return f"(batch, {first.c_in}, height, width) or ({first.c_in}, height, width)"
         return f"(batch, {first.d_in}) or ({first.d_in},)"
 
-    def raw(self, X):
-        """``(X, single)``: X on the net's device as a batch, its shape and kind checked;
-        not yet cast or scanned. ``single``: X was one sample."""
-        X = _device.to_device(_checks.unmasked("X", X), self.xp, "X")
+    def raw(self, X, xp=None):
+        """``(X, single)``: X on the net's device (or ``xp``'s) as a batch, its shape and
+        kind checked; not yet cast or scanned. ``single``: X was one sample."""
+        X = _device.to_device(_checks.unmasked("X", X), xp or self.xp, "X")
         first = self.layers[0]
         if X.ndim < 1 or (isinstance(first, _layers.Dense) and X.ndim <= 2
                           and X.shape[-1] != first.d_in):
@@ -134,24 +141,30 @@ class Inputs:
         self.shapes(X.shape[1:])  # every layer must fit, before anything runs
         return X, single
 
-    def batch(self, params, X, Y, check: bool, write: bool = False):
+    def batch(self, params, X, Y, check: bool, write: bool = False, staging=None):
         """``(X, Y, single)``: a C-contiguous batch in the net's dtype, checked as
         computed with: the value checks come after the cast and are read from the device
         at once. ``params``: the net's, checked first (:meth:`check_params`; ``write``:
-        for a training step)."""
+        for a training step). ``staging``: a training step's
+        :class:`~gpu_mlp.workspace.Workspace` on a GPU, where a batch from the host
+        (NumPy arrays or lists) is cast and checked on the host, with no device read,
+        and copied into the buffers it keeps (:meth:`Workspace.staged
+        <gpu_mlp.workspace.Workspace.staged>`: no allocation)."""
         self.check_params(params, write)
-        X, single = self.raw(X)
-        Y = _device.to_device(_checks.unmasked("Y", Y), self.xp, "Y")
+        xp = np if staging is not None and self.xp is not np and \
+            on_host(X, self.xp) and on_host(Y, self.xp) else self.xp
+        X, single = self.raw(X, xp)
+        Y = _device.to_device(_checks.unmasked("Y", Y), xp, "Y")
         given = tuple(Y.shape)
         if single:
             Y = Y[None] if Y.ndim < 2 else Y
-        X = _checks.cast(X, self.dtype, self.xp)
-        verdicts = _checks.Verdicts(self.xp) if check else None
+        X = _checks.cast(X, self.dtype, xp)
+        verdicts = _checks.Verdicts(xp) if check else None
         if check:
-            _checks.finite("X", X, self.xp, verdicts)
+            _checks.finite("X", X, xp, verdicts)
         d_out = math.prod(self.shapes(X.shape[1:])[-1][1])
         try:
-            Y = self.loss.check_targets(Y, X.shape[0], d_out, self.xp, self.dtype,
+            Y = self.loss.check_targets(Y, X.shape[0], d_out, xp, self.dtype,
                                         values=verdicts if check else False)
         except ValueError as e:  # a shape: the values wait in the verdicts
             if not single:
@@ -162,7 +175,10 @@ class Inputs:
                              f"shape {(1, *sample)}); with the batch axis added: {e}") from None
         if check:
             verdicts.settle()
-        return X, self.xp.ascontiguousarray(Y), single
+        Y = xp.ascontiguousarray(Y)
+        if xp is not self.xp:  # checked on the host: now on the device
+            X, Y = staging.staged(X), staging.staged(Y)
+        return X, Y, single
 
     def check_params(self, params, write: bool = False) -> None:
         """The net's ``params`` (public): entries replaced since must still be what the

@@ -293,7 +293,9 @@ class Network(ForwardBackward):
         to it (a loss still referenced when its buffer's turn comes back is left to you
         and replaced; ``float(J)`` reads it, one synchronisation). With ``check=False``
         the data are not scanned for NaN/Inf and bad labels, which on a GPU costs one
-        device-to-host synchronisation; shapes are always checked.
+        device-to-host synchronisation -- for a batch on the GPU: a host batch (NumPy
+        arrays, lists) is scanned on the host, then copied into buffers the net keeps for
+        its shape, with no allocation and no wait; shapes are always checked.
 
         ``dp``: a :class:`gpu_mlp.privacy.DP`: a differentially private step -- each
         sample's gradient clipped to ``dp.max_grad_norm``, summed, Gaussian noise added,
@@ -401,7 +403,8 @@ class Network(ForwardBackward):
         elif prepared:
             self.inputs.check_params(self.params, write=True)
         else:
-            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True)
+            X, Y, _ = self.inputs.batch(self.params, X, Y, check=check, write=True,
+                                        staging=self.training_workspace)
         return X, Y, (0 if empty else X.shape[0]), empty
 
     def _empty_backward(self, sink: Sink):

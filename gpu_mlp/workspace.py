@@ -9,7 +9,9 @@ which the layers take one at a time, share one pool whatever their width:
 ``take_columns``). So a full batch, the remainder, or any number of sizes in turn all
 run on the same buffers: after the first step with the largest batch the steady state
 allocates nothing, which ``allocations`` lets tests and benchmarks see. The memory held
-is bounded by the largest batch.
+is bounded by the largest batch. On a GPU a training step's batch from the host is
+copied into a buffer kept for its shape (:meth:`Workspace.staged`), which a captured
+step reads as its input.
 
 Two sizes of what is held: ``bytes`` is what the workspace asked for (the buffers'
 ``nbytes``); ``pool_bytes`` is what the allocator holds for them. On NumPy the two are
@@ -26,14 +28,19 @@ without the total growing -- so the total grows by neither size.
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
+
+from .device import write
 
 # CuPy's MemoryPool rounds every allocation up to a multiple of this (cupy/cuda/memory.pyx:
 # ALLOCATION_UNIT_SIZE, used by _round_size; the same from CuPy 7 to 14)
 CUPY_ALLOCATION_UNIT = 512
 COLUMNS = "columns"  # the key of the one pool of column buffers (take_columns)
+# host batches kept on the device (Workspace.staged): one per shape and dtype, the most
+# recently used -- a full batch and the remainder, X and Y, with room to spare
+STAGED = 8
 
 
 class Workspace:
@@ -42,6 +49,7 @@ class Workspace:
         self._free = defaultdict(list)  # (row shape, dtype) -> free base buffers
         self._rows = {}                 # (row shape, dtype) -> rows of its base buffers
         self._ones = None
+        self._staged = OrderedDict()  # (shape, dtype) -> a host batch's device copy
         self._losses, self._turn = [None, None], 0  # the steps' 0-d losses, in turn
         self._unheld = [object()]  # what sys.getrefcount says of an entry held nowhere else
         self.allocations = 0     # buffers ever created
@@ -118,6 +126,30 @@ class Workspace:
                 self._count(losses[t])
         return losses[turn]
 
+    def staged(self, host):
+        """``host``, a C-contiguous NumPy array in its final dtype, copied into the
+        device buffer kept for its shape and dtype (one host-to-device copy, no
+        allocation after the first): a training step's batch from the host. The same
+        buffer comes back for every batch of that shape -- the next such batch
+        overwrites it, in stream order, after the step that reads it -- so a captured
+        step can read it as its static input (:mod:`gpu_mlp.graph`). The :data:`STAGED`
+        most recently used are kept."""
+        key = (host.shape, host.dtype)
+        staged = self._staged  # read once: clear() may replace it meanwhile
+        buffer = staged.pop(key, None)
+        if buffer is None:
+            buffer = self.xp.empty(host.shape, dtype=host.dtype)
+            self._count(buffer)
+            while len(staged) >= STAGED:
+                self._release([staged.popitem(last=False)[1]])
+        staged[key] = buffer  # the newest
+        write(buffer, host)
+        return buffer
+
+    def is_staged(self, a) -> bool:
+        """Whether ``a`` is one of the buffers :meth:`staged` keeps."""
+        return any(a is b for b in self._staged.values())
+
     def give(self, *buffers) -> None:
         """Return buffers that :meth:`take` handed out; the caller must not touch them
         afterwards."""
@@ -150,6 +182,8 @@ class Workspace:
             self._ones = None
         self._release([b for b in self._losses if b is not None])
         self._losses = [None, None]
+        staged, self._staged = self._staged, OrderedDict()
+        self._release(list(staged.values()))
 
     def _held(self, buffer) -> int:
         """The bytes the allocator holds for ``buffer``: its nbytes rounded up."""

@@ -201,6 +201,12 @@ class Capture:
     def host_read(self, what: str) -> None:
         raise RuntimeError(f"{D2H_REFUSED} ({what})")
 
+    def pageable_copy(self, what: str) -> None:
+        """A copy from pageable host memory (``cupy.ndarray.set``): not capturable; the
+        capture is invalidated."""
+        self.invalidated = what
+        raise CUDARuntimeError(SYNC_STATUS, f"{SYNC_MESSAGE} ({what})")
+
     def allocation(self, what: str) -> None:
         raise AllocationDuringCapture(f"{what}: an allocation during capture -- the graph "
                                       f"would keep an address the memory pool hands to the "

@@ -279,6 +279,24 @@ class DeviceArray(np.ndarray):
             _COUNTS.launch("fill")
             host.fill(value)
 
+    def set(self, arr, stream=None):
+        """``cupy.ndarray.set``: a host array copied in, on the current stream
+        (``copy_from_host_async`` from pageable memory, cupy/_core/core.pyx), after
+        CuPy's checks; during a capture CUDA refuses a copy from pageable memory."""
+        if not isinstance(arr, np.ndarray) or isinstance(arr, DeviceArray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if self.dtype != arr.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if self.shape != arr.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: "
+                             f"{arr.shape}")
+        if not (self.flags.c_contiguous or self.flags.f_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
+        if _COUNTS.capture is not None:
+            _COUNTS.capture.pageable_copy("set")
+        _COUNTS.launch("set")
+        self.view(np.ndarray)[...] = arr
+
     # --- what reads the device from the host -------------------------------------------
 
     def __float__(self):

@@ -431,6 +431,113 @@ def test_a_replayed_step_allocates_nothing_and_never_waits(host_cupy_lib):
             assert net.step_graphs.replays == 4
 
 
+def _host_batches(kind, steps, dtype="float32"):
+    """``steps`` different batches for ``_net(kind)``, as NumPy arrays (host data)."""
+    _, shape = COUNTED_NETS[kind]
+    rng = np.random.default_rng(7)
+    return [(rng.standard_normal(shape).astype(dtype), rng.integers(0, 5, shape[0]))
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS + ["wide"])
+def test_a_host_batch_goes_straight_into_the_buffers_the_graph_reads(host_cupy_lib, kind,
+                                                                     dtype):
+    """train_step given NumPy arrays on a GPU: cast and checked on the host (check=True
+    reads nothing from the device), then copied into the workspace's kept buffers for
+    its shape (cupy.ndarray.set: no allocation), which the captured graph reads as its
+    static input -- a replayed step launches those two copies, its graph and the loss's
+    copy. A new batch each step; the parameters and losses of eager steps on the same
+    batches as device arrays, bit for bit."""
+    batches = _host_batches(kind, 6, dtype)
+    runs = {}
+    for way in ("host", "device"):
+        net, _, _ = _net(kind, dtype=dtype)
+        rule = optim.Adam(1e-2)
+        with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+            losses = []
+            for i, (X, Y) in enumerate(batches):
+                if i == 3:
+                    counts.reset()
+                if way == "host":
+                    J = net.train_step(X, Y, rule)
+                else:
+                    J = net._step(X.view(DeviceArray), Y.view(DeviceArray), StepPlan.of(rule),
+                                  True, global_loss=True, capture=False)
+                losses.append(float(J))
+            got = (counts.allocations, counts.syncs, counts.launches, counts.graph_launches)
+        runs[way] = (_host(net), losses, got, net)
+    (params, losses, got, net), (eager, eager_losses, _, _) = runs["host"], runs["device"]
+    _same(params, eager)
+    assert losses == eager_losses
+    # steps 4-6: each copies X and Y in and the loss out, launches its graph; the 3 syncs
+    # are the test's own float(J)
+    assert got == (0, 3, 9, 3)
+    assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 4)
+    ws = net.training_workspace
+    assert sum(ws.is_staged(a) for a in ws._staged.values()) == 2
+    net.free_buffers()
+    assert ws.bytes == 0 and not ws._staged
+
+
+def test_a_bad_host_batch_is_refused_on_the_host_before_anything_runs(host_cupy_lib):
+    """A host batch is checked where it is: NaN, a label out of range or a ragged list
+    raise before anything reaches the device -- no read of it, no copy, no graph -- and
+    the parameters and the optimizer stay as they were."""
+    (X, Y), = _host_batches("dense", 1)
+    net, _, _ = _net("dense")
+    opt = optim.Adam(1e-2)
+    with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+        for _ in range(3):  # warm-up, capture, replay
+            net.train_step(X, Y, opt)
+        before, replays = _host(net), net.step_graphs.replays
+        staged = {key: b.view(np.ndarray).copy() for key, b in
+                  net.training_workspace._staged.items()}
+        counts.reset()
+        nan, high = X.copy(), Y.copy()
+        nan[2, 1], high[0] = np.nan, 5
+        with pytest.raises(ValueError, match="X contains NaN or Inf"):
+            net.train_step(nan, Y, opt)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got values in "
+                                             r"\[0, 5\]"):
+            net.train_step(X, high, opt)
+        with pytest.raises(ValueError, match="X cannot be made an array"):
+            net.train_step([[1.0, 2.0], [3.0]], Y, opt)
+        with pytest.raises(ValueError, match="shape"):
+            net.train_step(X[:, :-1], Y, opt)
+        assert (counts.allocations, counts.syncs, counts.launches) == (0, 0, 0)
+        _same(_host(net), before)
+        assert (net.step_graphs.replays, opt.steps) == (replays, 3)
+        for key, values in staged.items():  # the last good batch, untouched
+            _equal(net.training_workspace._staged[key], values)
+
+
+def test_host_batches_of_each_shape_have_their_own_kept_buffers(host_cupy_lib):
+    """A full batch and the remainder, one sample, lists: each shape and dtype its own
+    buffer, the graphs of the two batch sizes replayed in turn; device arrays are taken
+    as they are, never staged."""
+    (X, Y), = _host_batches("dense", 1)
+    net, Xd, Yd = _net("dense")
+    with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+        for _ in range(3):
+            net.train_step(X, Y, 1e-3)
+            net.train_step(X[:5], Y[:5], 1e-3)
+        counts.reset()
+        net.train_step(X, Y, 1e-3)
+        net.train_step(X[:5], Y[:5], 1e-3)
+        assert (counts.allocations, counts.graph_launches) == (0, 2)
+        ws = net.training_workspace
+        shapes = sorted(key[0] for key in ws._staged)
+        assert shapes == [(5,), (5, 12), (8,), (8, 12)]
+        net.train_step(X[0], Y[0], 1e-3)  # one sample: a batch of one
+        net.train_step(X[:2].tolist(), Y[:2].tolist(), 1e-3)
+        assert {(1, 12), (2, 12)} <= {key[0] for key in ws._staged}
+        staged = len(ws._staged)
+        net.train_step(Xd, Yd, 1e-3)  # a device batch: as it is
+        assert len(ws._staged) == staged
+    assert net.step_graphs.captures == 2
+
+
 def test_fit_reads_a_replays_loss_in_its_graph_and_train_step_a_lasting_copy(
         host_cupy_lib):
     """fit reads each step's loss at once (into its epoch's vector), so a replay hands it

@@ -488,6 +488,73 @@ def test_train_steps_never_wait_for_the_gpu(cp, warm):
     assert np.isfinite(float(loss))
 
 
+def test_numpy_batches_are_checked_on_the_host_and_copied_in_without_waiting(cp, warm):
+    """Host batches (NumPy), checked (check=True, the default): cast and scanned on the
+    host, copied into the workspace's kept buffers by cupy.ndarray.set, which the
+    replayed graph reads -- no pool allocation, and no step waits for the GPU (queued
+    behind 1 s of GPU work, the host is done with 5 steps long before)."""
+    from cupy.cuda import memory_hook
+
+    class Mallocs(memory_hook.MemoryHook):
+        name = "gpu_mlp_mallocs"
+
+        def __init__(self):
+            self.count = 0
+
+        def malloc_preprocess(self, **kwargs):
+            self.count += 1
+
+    net, X, y = warm
+    X, y = cp.asnumpy(X), cp.asnumpy(y)
+    for _ in range(3):  # warm-up and capture, for these buffers
+        loss = net.train_step(X, y, lr=1e-3)
+    del loss
+    spin = cp.RawKernel(_SPIN, "spin")
+    spin((1,), (1,), (np.uint64(0),))
+    stream = cp.cuda.get_current_stream()
+    stream.synchronize()
+    hook = Mallocs()
+    with hook, cupy_sync_detection():
+        start = time.perf_counter()
+        spin((1,), (1,), (np.uint64(1_000_000_000),))
+        for _ in range(5):
+            loss = net.train_step(X, y, lr=1e-3)
+        host_seconds = time.perf_counter() - start
+        still_busy = not stream.done
+    stream.synchronize()
+    assert hook.count == 0
+    assert still_busy and host_seconds < 0.5
+    assert np.isfinite(float(loss)) and net.step_graphs.replays >= 5
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_numpy_batches_replay_as_eager_steps_on_device_arrays_run(cp, kind):
+    """New NumPy batches each step, replayed from the graph that reads the kept buffers:
+    the parameters and losses of eager steps on the same batches as CuPy arrays, bit for
+    bit."""
+    rng = np.random.default_rng(3)
+    shape = (BATCH, SIZES[0]) if kind == "dense" else (BATCH, *CONV_INPUT)
+    batches = [(rng.standard_normal(shape).astype(np.float32),
+                rng.integers(0, 10, BATCH)) for _ in range(6)]
+    runs = []
+    for host in (True, False):
+        net = classifier("output", SIZES) if kind == "dense" else conv_classifier("output")
+        losses = []
+        for X, y in batches:
+            if host:
+                J = net.train_step(X, y, lr=1e-2)
+            else:
+                J = net._step(cp.asarray(X), cp.asarray(y), StepPlan.of(1e-2), True,
+                              global_loss=True, capture=False)
+            losses.append(float(J))
+        runs.append(([cp.asnumpy(a) for pair in net.params for a in pair], losses, net))
+    (params, losses, net), (eager, eager_losses, _) = runs
+    assert net.step_graphs.replays == 4
+    for a, b in zip(params, eager):
+        np.testing.assert_array_equal(a, b)
+    assert losses == eager_losses
+
+
 # --- inputs and parameters ---------------------------------------------------------------------
 
 def test_torch_cupy_and_numpy_inputs_agree_and_torch_is_not_copied(cp):

@@ -200,3 +200,29 @@ def test_a_clear_during_a_takes_growth_counts_each_buffer_once():
     ws.clear()
     ws.clear()
     assert (ws.bytes, ws.pool_bytes, ws.in_use_bytes) == (0, 0, 0)
+
+
+def test_host_batches_are_staged_in_one_kept_buffer_per_shape_and_dtype(monkeypatch):
+    """Workspace.staged: the host array's values in the buffer kept for its shape and
+    dtype -- the same object every time, counted once -- the STAGED most recently used
+    kept (the others released), and all of them by clear()."""
+    from gpu_mlp import workspace
+
+    monkeypatch.setattr(workspace, "STAGED", 3)
+    ws = Workspace(DEVICE_XP, np.float32)
+    X = np.arange(6, dtype=np.float32).reshape(2, 3)
+    first = ws.staged(X)
+    assert first is not X and np.array_equal(first, X) and ws.is_staged(first)
+    again = ws.staged(X + 1)
+    assert again is first and np.array_equal(first, X + 1)
+    labels = ws.staged(np.array([1, 2]))  # another dtype: its own buffer
+    assert labels is not first and labels.dtype == np.int64
+    assert (ws.allocations, ws.bytes, ws.pool_bytes) == (2, 24 + 16, 1024)
+    ws.staged(X[:1])
+    ws.staged(X)       # the (2, 3) float32 one is the newest again
+    ws.staged(X[:, :1])  # a fourth: the least recently used, the labels', goes
+    assert ws.allocations == 4 and not ws.is_staged(labels) and ws.is_staged(first)
+    assert ws.bytes == 24 + 12 + 8
+    assert not ws.is_staged(X)  # what was given is never one of them
+    ws.clear()
+    assert ws.bytes == ws.pool_bytes == 0 and not ws.is_staged(first)
