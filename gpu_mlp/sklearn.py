@@ -563,8 +563,9 @@ class _BaseMLP(BaseEstimator):
                               "is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n))
 
-        Yd = _device.to_device(self._engine_targets(Y_train, net.dtype), net.xp)
-        data = _Rows(X_train, Yd, net)
+        # (partial_fit's rows, new at each call, stay on the host: see _Rows)
+        data = _Rows(X_train, self._engine_targets(Y_train, net.dtype), net,
+                     resident=not incremental)
         c = self._grad_scale()
         alpha = p["alpha"]
         # the epoch's loss, summed by the steps on the device (in a step's CUDA graph
@@ -596,7 +597,7 @@ class _BaseMLP(BaseEstimator):
                     opt.weight_decay = alpha / (rows * c)
                     X_batch, Y_batch, gathered = batches(batch)
                     net._step(X_batch, Y_batch, plan, False, lasting=False,
-                              prepared=not data.sparse, gathered=gathered, tally=tally)
+                              prepared=data.resident, gathered=gathered, tally=tally)
                 self.n_iter_ += 1
                 self.loss_ = tally.total() / n
                 self.t_ += n
@@ -734,27 +735,38 @@ def _fits_dtype(name: str, values, dtype) -> None:
 
 
 class _Rows:
-    """The training rows on ``net``'s device in its dtype, copied there once and checked
-    as the engine computes with them, and their targets ``Y`` (on the device); a sparse
-    matrix stays on the host and is densified one batch at a time."""
+    """The training rows in ``net``'s dtype, checked as the engine computes with them,
+    and their targets ``Y`` (host arrays, as given). ``resident``: dense rows are copied
+    to the net's device once, and each batch is a view of them or gathered from them
+    there (fit's); else (partial_fit's, whose rows come once: one copy whatever happens)
+    they stay on the host, as a sparse matrix does, and each batch goes to the device
+    with its step -- on a GPU into the buffers its CUDA graph reads
+    (:meth:`gpu_mlp.workspace.Workspace.staged`)."""
 
-    def __init__(self, X, Y, net):
+    def __init__(self, X, Y, net, resident: bool = True):
         xp, dtype = net.xp, net.dtype
-        self.xp, self.Y, self.sparse = xp, Y, sp.issparse(X)
+        self.sparse = sp.issparse(X)
+        # (on the CPU the host is the device: its rows are always "resident")
+        self.resident = not self.sparse and (resident or xp is np)
+        self.xp = xp if self.resident else np  # where the batches are
         if self.sparse:
             self.data = X.tocsr().astype(dtype)
             values = self.data.data
         else:
             with np.errstate(over="ignore"):
                 values = np.ascontiguousarray(X, dtype=dtype)
-            self.data = _device.to_device(values, xp)
-            if any(xp.may_share_memory(self.data, a) for pair in net.params for a in pair):
+            self.data = _device.to_device(values, self.xp)
+            if self.xp is xp and any(xp.may_share_memory(self.data, a) for pair in net.params
+                                     for a in pair):
                 self.data = self.data.copy()  # (X = coefs_[0].T, say: the fit updates it)
         _fits_dtype("X", values, dtype)
-        if not self.sparse:  # the shapes once, for every batch's step (prepared=True)
-            self.data, self.Y, _ = net.inputs.batch(net.params, self.data, Y, check=False)
-        # a shuffled epoch's dense batches, gathered by index (by the step) into buffers
-        self._gather = None if self.sparse else BatchGather(xp, self.data, self.Y)
+        self.Y = _device.to_device(Y, self.xp)
+        self._gather = None
+        if self.resident:  # the shapes once, for every batch's step (prepared=True)
+            self.data, self.Y, _ = net.inputs.batch(net.params, self.data, self.Y,
+                                                    check=False)
+            # a shuffled epoch's batches, gathered by index (by the step) into buffers
+            self._gather = BatchGather(xp, self.data, self.Y)
 
     @property
     def source(self) -> tuple:
@@ -763,7 +775,8 @@ class _Rows:
 
     def epoch(self, order, in_graph: bool = True):
         """A function of a slice giving ``(X, Y, gathered)`` of that batch of these rows
-        in ``order`` (None: as they are) on the device: views of them (gathered None),
+        in ``order`` (None: as they are): rows kept on the host, as host arrays (gathered
+        None); resident ones, on the device: views of them (gathered None),
         or in a shuffled order two batch-sized buffers (gpu_mlp.training's, each batch
         overwriting the last) -- not a shuffled copy of the data -- and, ``in_graph``,
         the :class:`gpu_mlp.graph.Gathered` the step fills them with (a captured step
@@ -773,10 +786,12 @@ class _Rows:
         xp, Y = self.xp, self.Y
         if self.sparse:
             data = self.data if order is None else self.data[order]
-            Y = Y if order is None else Y[xp.asarray(order)]
-            return lambda batch: (xp.asarray(data[batch].toarray()), Y[batch], None)
+            Y = Y if order is None else Y[order]
+            return lambda batch: (data[batch].toarray(), Y[batch], None)
         if order is None:
             return lambda batch: (self.data[batch], Y[batch], None)
+        if not self.resident:  # on the host: the batch's rows copied there
+            return lambda batch: (self.data[order[batch]], Y[order[batch]], None)
         if in_graph and xp is not np:  # a GPU's: the order on the device, read by the steps
             cursor = self._gather.restart(order)
             return lambda batch: self._gather.later(cursor, batch.stop - batch.start)

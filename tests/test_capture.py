@@ -1330,9 +1330,11 @@ def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib
 
 def test_partial_fit_on_new_rows_each_call_replays_one_graph_across_calls(host_cupy_lib,
                                                                            monkeypatch):
-    """partial_fit streams: each call brings new rows, so its steps gather them outside
-    the graph (a graph gathering from one call's rows would serve that call alone) and
-    a one-step call replays the graph the calls before it captured."""
+    """partial_fit streams: each call brings new rows, used once, so they stay on the
+    host and each batch is copied into the buffers the graph reads (a graph gathering
+    from one call's rows would serve that call alone), and a one-step call replays the
+    graph the calls before it captured: the batch's two copies, the loss tally's reset,
+    the graph, and one read, of ``loss_``; no allocation."""
     pytest.importorskip("sklearn")
     from gpu_mlp.sklearn import MLPClassifier
 
@@ -1347,12 +1349,65 @@ def test_partial_fit_on_new_rows_each_call_replays_one_graph_across_calls(host_c
                             device="cpu")
         clf.partial_fit(*chunks[0], classes=[0, 1, 2])  # on the host: the net
         net, clf._optimizer = clf.net_, None  # (Adam's moments made anew on the device)
-        with counting_device(net, host_cupy_lib), capturable_blas(host_cupy_lib):
-            for X, y in chunks[1:]:
+        with counting_device(net, host_cupy_lib) as counts, capturable_blas(host_cupy_lib):
+            for i, (X, y) in enumerate(chunks[1:]):
+                if i == 3:
+                    counts.reset()
                 clf.partial_fit(X, y)
+            got = (counts.launches, counts.graph_launches, counts.allocations, counts.syncs)
         results.append((_host(net), list(clf.loss_curve_)))
         if capture:  # the first call on the device warms up, the second captures
             assert (net.step_graphs.captures, net.step_graphs.replays) == (1, 3)
+            assert got == (3 * 2, 2, 0, 2)  # the last two calls
+    assert results[0][1] == results[1][1]
+    _same(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["fit", "partial_fit"])
+def test_sparse_rows_reach_the_graphs_buffers_as_dense_rows_would_their_steps(
+        host_cupy_lib, monkeypatch, streaming):
+    """A sparse matrix stays on the host, each batch densified there and copied into
+    the buffers the graph reads -- from one step's start to the next, nothing allocated
+    on the device and nothing launched but those two copies and the graph -- and trains
+    to the numbers of the same rows given dense (gathered on the device by fit, kept on
+    the host by partial_fit), bit for bit."""
+    pytest.importorskip("sklearn")
+    sparse = pytest.importorskip("scipy.sparse")
+    from gpu_mlp.sklearn import MLPClassifier
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((28, 6)).astype(np.float32)
+    X[X < 0.3] = 0
+    y = rng.integers(0, 3, 28)
+    results = []
+    for given in (sparse.csr_matrix(X), X):
+        clf = MLPClassifier((8,), solver="sgd", alpha=0.0, batch_size=8, max_iter=1,
+                            learning_rate_init=1e-2, random_state=0, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (max_iter reached)
+            clf.fit(given, y)  # on the host: the net, its initial parameters
+            clf.set_params(warm_start=True, max_iter=3, tol=0.0)
+            net, clf._optimizer = clf.net_, None  # (momentum made anew on the device)
+            with counting_device(net, host_cupy_lib) as counts, \
+                    capturable_blas(host_cupy_lib):
+                starts, step = [], net._step
+
+                def watched(*args, **kwargs):
+                    starts.append((counts.allocations, counts.launches,
+                                   counts.graph_launches))
+                    return step(*args, **kwargs)
+                net._step = watched
+                for _ in range(3) if streaming else range(1):
+                    if streaming:
+                        clf.partial_fit(given, y)
+                    else:
+                        clf.fit(given, y)
+        results.append((_host(net), list(clf.loss_curve_)))
+        if given is not X:  # 4 steps an epoch (3 of 8 rows, 1 of 4): a graph a size
+            assert net.step_graphs.captures == 2
+            within = [starts[i:i + 2] for i in range(4, 11) if i % 4 != 3]  # an epoch's
+            assert [tuple(b - a for a, b in zip(*pair)) for pair in within] == \
+                [(0, 2, 1)] * len(within)
     assert results[0][1] == results[1][1]
     _same(results[0][0], results[1][0])
 
