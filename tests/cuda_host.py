@@ -26,6 +26,7 @@ and tested with no change to the tests. The generated C functions (CTYPE is ``fl
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,13 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 SCALAR_PARAMS, COLUMN_PARAMS = ops.SCALAR_PARAMS, ops.COLUMN_PARAMS
 PARAM_TYPES = ops.PARAM_DTYPES
 
-HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror")  # no -ffast-math
+# GPU_MLP_SANITIZE=1: the host builds with AddressSanitizer and UndefinedBehaviorSanitizer,
+# stopping at the first report -- a kernel body reading or writing past its arrays, an
+# index arithmetic overflow (tests/test_sanitizers.py runs the kernel tests so)
+SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=all")
+HOST_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror") + (  # no -ffast-math
+    SANITIZE_FLAGS if os.environ.get("GPU_MLP_SANITIZE") == "1" else ())
 NVCC_FLAGS = ("-c", "-arch=sm_90", "-std=c++14", "-Werror", "all-warnings", "-Xptxas", "-v")
 
 
@@ -196,7 +203,10 @@ def device_source() -> str:
 # --- compiling and calling ----------------------------------------------------------------
 
 def _run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+    # (not the sanitizers' runtime, preloaded into this process to run a sanitized build:
+    # the compilers are no such build)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise CompileError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
     return done.stdout + done.stderr
