@@ -431,10 +431,9 @@ def test_steady_state_allocates_nothing(cp, warm, capture):
     assert np.isfinite(float(loss))
 
 
-@pytest.mark.parametrize("capture", [True, False], ids=["replayed", "eager"])
-def test_steady_state_takes_nothing_from_the_pool(cp, warm, capture):
-    """What ../shared/gpu/busy.py counted (3 a step before issue 19): CuPy pool
-    allocations of a steady-state step, cache hits included, seen by a MemoryHook."""
+def _mallocs():
+    """A CuPy MemoryHook counting the pool's allocations (``count``), cache hits
+    included: ``malloc_preprocess`` runs before each (memory.pyx)."""
     from cupy.cuda import memory_hook
 
     class Mallocs(memory_hook.MemoryHook):
@@ -445,10 +444,16 @@ def test_steady_state_takes_nothing_from_the_pool(cp, warm, capture):
 
         def malloc_preprocess(self, **kwargs):
             self.count += 1
+    return Mallocs()
 
+
+@pytest.mark.parametrize("capture", [True, False], ids=["replayed", "eager"])
+def test_steady_state_takes_nothing_from_the_pool(cp, warm, capture):
+    """What ../shared/gpu/busy.py counted (3 a step before issue 19): CuPy pool
+    allocations of a steady-state step, cache hits included, seen by a MemoryHook."""
     net, X, y = warm
     _step(net, X, y, capture)
-    hook = Mallocs()
+    hook = _mallocs()
     with hook:
         for _ in range(10):
             loss = _step(net, X, y, capture)
@@ -493,17 +498,6 @@ def test_numpy_batches_are_checked_on_the_host_and_copied_in_without_waiting(cp,
     host, copied into the workspace's kept buffers by cupy.ndarray.set, which the
     replayed graph reads -- no pool allocation, and no step waits for the GPU (queued
     behind 1 s of GPU work, the host is done with 5 steps long before)."""
-    from cupy.cuda import memory_hook
-
-    class Mallocs(memory_hook.MemoryHook):
-        name = "gpu_mlp_mallocs"
-
-        def __init__(self):
-            self.count = 0
-
-        def malloc_preprocess(self, **kwargs):
-            self.count += 1
-
     net, X, y = warm
     X, y = cp.asnumpy(X), cp.asnumpy(y)
     for _ in range(3):  # warm-up and capture, for these buffers
@@ -513,7 +507,7 @@ def test_numpy_batches_are_checked_on_the_host_and_copied_in_without_waiting(cp,
     spin((1,), (1,), (np.uint64(0),))
     stream = cp.cuda.get_current_stream()
     stream.synchronize()
-    hook = Mallocs()
+    hook = _mallocs()
     with hook, cupy_sync_detection():
         start = time.perf_counter()
         spin((1,), (1,), (np.uint64(1_000_000_000),))
