@@ -16,6 +16,11 @@ loop's own work between steps is in it):
 * nodes: the kernels and GEMMs of the largest graph captured (what the GPU runs for a
   replayed step, each a launch of its own inside the graph).
 
+and, over the whole case, CuPy's own kernels that a first run compiles (its ufuncs,
+reductions other than CUB's, ``take``, ``arange``...: one NVRTC compilation each, on a
+machine with an empty kernel cache, where gpu_mlp's kernels are one compilation of a
+module per dtype).
+
 The median over the steps after the first epoch (or the first steps) is reported,
 with CUDA graphs (as a GPU runs them) and without (every step eager). These are counts,
 not times: what each costs on a GPU is for a GPU run to say. ``--package DIR`` counts the
@@ -75,7 +80,8 @@ def _per_step(net, counts, run, skip: int) -> dict:
     if not deltas:
         raise SystemExit("host_work.py: too few steps to count")
     return {**{name: statistics.median(d[i] for d in deltas)
-               for i, name in enumerate(COLUMNS[:-1])}, "nodes": max(nodes, default=None)}
+               for i, name in enumerate(COLUMNS[:-1])}, "nodes": max(nodes, default=None),
+            "compiled": sorted(counts.compiled)}
 
 
 def _data(rows: int, features: int, classes: int, seed: int = 0):
@@ -147,9 +153,11 @@ def fit(lib, dp=False):
         warnings.simplefilter("ignore")  # (DP noise on random labels: the loss may rise)
         private = DP(max_grad_norm=1.0, noise_multiplier=1.0, seed=0) if dp else None
         epochs = 6 if dp else 2  # (under DP: a graph per sample size, each seen twice)
+        # (validated every epoch, as the main job is)
         return _per_step(net, counts, lambda: net.fit(
             X.view(DeviceArray), y.view(DeviceArray), epochs=epochs, batch_size=BATCH,
-            lr=1e-2, dp=private, verbose=False), skip=ROWS // BATCH * (epochs - 1))
+            lr=1e-2, dp=private, verbose=False, validation=(X[:BATCH], y[:BATCH])),
+            skip=ROWS // BATCH * (epochs - 1))
 
 
 def estimator(lib, streaming=False):
@@ -234,6 +242,10 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['case']:28s}" + "".join(
             f"{_shown(row['graphs'][c]):>9s} / {_shown(row['eager'][c]):<4s}" for c in COLUMNS))
+    print("CuPy's own kernels a first run compiles (NVRTC, one each; gpu_mlp's kernels are "
+          "its one module):")
+    for row in rows:
+        print(f"  {row['case']}: {', '.join(row['graphs']['compiled']) or 'none'}")
     if args.out:
         args.out.write_text(json.dumps({"net": SIZES, "batch": BATCH, "rows": rows},
                                        indent=1) + "\n")

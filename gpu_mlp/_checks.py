@@ -25,7 +25,7 @@ _NUMERIC_KINDS = ("b", "i", "u", "f")  # what the engine casts to its float dtyp
 
 
 class Verdicts:
-    """Value checks gathered as 0-d device booleans and read with one transfer.
+    """Value checks gathered on the device and read with one transfer.
 
     >>> v = Verdicts(np)
     >>> v.require(np.all(np.array([1.0]) > 0), "X must be positive")
@@ -39,21 +39,50 @@ class Verdicts:
     def require(self, ok, message: Union[str, Callable[[], str]]) -> None:
         """Record that ``ok`` (a 0-d boolean array or a bool) must hold; ``message`` (or
         a function making it, called only on failure) says what is wrong otherwise."""
-        self._pending.append((ok, message))
+        self.require_values((ok,), bool, message)
+
+    def require_values(self, values, test: Callable[..., bool],
+                       message: Union[str, Callable[[], str]]) -> None:
+        """Record that ``test(*values)`` must hold, ``values`` (0-d arrays on the device,
+        or host numbers) read on the host at :meth:`settle` -- a comparison made there
+        is no kernel for the GPU to compile."""
+        self._pending.append((tuple(values), test, message))
 
     def settle(self) -> None:
         """Raise a ValueError with the first failed check's message; forget them all."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        if self.xp is np:
-            results = [bool(ok) for ok, _ in pending]
-        else:  # one device-to-host synchronisation for all of them
-            flags = self.xp.stack([self.xp.asarray(ok, dtype=bool) for ok, _ in pending])
-            results = flags.get().tolist()
-        for good, (_, message) in zip(results, pending):
-            if not good:
+        if self.xp is not np:  # one device-to-host synchronisation for all of them
+            read = iter(_read_scalars(self.xp, [v for values, _, _ in pending
+                                                for v in values if _on_device(v, self.xp)]))
+            pending = [(tuple(next(read) if _on_device(v, self.xp) else v for v in values),
+                        test, message) for values, test, message in pending]
+        for values, test, message in pending:
+            if not test(*values):
                 raise ValueError(message() if callable(message) else message)
+
+
+def _on_device(a, xp) -> bool:
+    return isinstance(a, xp.ndarray)
+
+
+def _read_scalars(xp, arrays) -> list:
+    """The values of 0-d device ``arrays``, of any dtypes, in one transfer: their bytes
+    copied into one buffer (a copy each, no kernel), read back, and taken apart."""
+    if not arrays:
+        return []
+    sizes = [a.dtype.itemsize for a in arrays]
+    packed = xp.empty(sum(sizes), dtype=np.uint8)
+    at = 0
+    for a, size in zip(arrays, sizes):
+        packed[at:at + size] = a.reshape(1).view(np.uint8)
+        at += size
+    raw, at, values = packed.get(), 0, []
+    for a, size in zip(arrays, sizes):
+        values.append(raw[at:at + size].view(a.dtype)[0])
+        at += size
+    return values
 
 
 def settle_now(xp, check: Callable[[Verdicts], None]) -> None:
@@ -122,7 +151,8 @@ def numeric(name: str, a):
 
 
 def finite(name: str, a, xp=np, verdicts: Verdicts = None) -> None:
-    """``a`` must hold no NaN or Inf: raise now, or leave the check to ``verdicts``."""
+    """``a`` must hold no NaN or Inf: raise now, or leave the check to ``verdicts``
+    (on a GPU :func:`gpu_mlp.ops.finite` scans a float array with a kernel of its own)."""
     if not a.size:
         return
     message = f"{name} contains NaN or Inf"

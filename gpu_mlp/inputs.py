@@ -17,7 +17,7 @@ import operator
 
 import numpy as np
 
-from . import _checks
+from . import _checks, ops
 from . import device as _device
 from . import layers as _layers
 
@@ -161,7 +161,7 @@ class Inputs:
         X = _checks.cast(X, self.dtype, xp)
         verdicts = _checks.Verdicts(xp) if check else None
         if check:
-            _checks.finite("X", X, xp, verdicts)
+            ops.finite("X", X, xp, verdicts)
         d_out = math.prod(self.shapes(X.shape[1:])[-1][1])
         try:
             Y = self.loss.check_targets(Y, X.shape[0], d_out, xp, self.dtype,

@@ -168,7 +168,7 @@ class Network(ForwardBackward):
             self.params = _own(xp, params, self.dtype, copy)
         for k, pair in enumerate(self.params if check else [], start=1):  # finite given,
             for name, a in zip((f"W_{k}", f"b_{k}"), pair):              # finite as cast
-                _checks.finite(f"{name} in {self.dtype}", a, xp)
+                ops.finite(f"{name} in {self.dtype}", a, xp)
         # what each call is given is checked against the net (gpu_mlp/inputs.py)
         self.inputs = _inputs.Inputs(self.layers, loss, xp, self.dtype,
                                      [(W.shape, b.shape) for W, b in self.params])
@@ -247,7 +247,7 @@ class Network(ForwardBackward):
         for first in range(0, X.shape[0], rows):
             chunk = _checks.cast(X[first:first + rows], self.dtype, self.xp)
             if check:
-                _checks.finite("X", chunk, self.xp, verdicts)
+                ops.finite("X", chunk, self.xp, verdicts)
                 verdicts.settle()
             self._forward(chunk, self.inference_workspace, keep=False,
                           out=out[first:first + rows])

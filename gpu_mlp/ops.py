@@ -79,6 +79,9 @@ ELEMENTWISE = {
     # DP's clipping factors from the per-sample squared norms, in place (privacy._Private):
     # s <- scale / max(sqrt(s), clip), the maximum NaN-propagating as CuPy's
     "clip_factor": ("T clip, T scale", "T s", "s = scale / gm_max_nan(sqrt(s), clip)"),
+    # a value check (finite): flag[0] = 1 if x holds a NaN or an Inf
+    # (x - x is 0 for every finite x, NaN for both); x, the launch's shape, is only read
+    "flag_nonfinite": ("", "T x, raw T flag", "if (!(x - x == (T)0)) flag[0] = (T)1"),
     # a running sum (gpu_mlp.plan.LossTally): total += scale * loss + penalty * squares,
     # compensated (Kahan): carry holds what total's rounding dropped, taken back next time
     "tally": ("T loss, T squares, T scale, T penalty", "T total, T carry",
@@ -157,7 +160,7 @@ def signature(op: str) -> tuple[Param, ...]:
     in_params, out_params, _ = ELEMENTWISE[op]
     params = []
     for declared, output in ((in_params, False), (out_params, True)):
-        for words in (p.split() for p in declared.split(",")):
+        for words in (p.split() for p in declared.split(",") if p.strip()):
             raw = words[0] == "raw"
             type_, name = words[1:] if raw else words
             if type_ not in PARAM_DTYPES:
@@ -986,6 +989,35 @@ def gram_bound(inner, t, x, coef: float, trusted: float, ws=None):
     if ws is not None:
         ws.give(limit, loose, none)
     return inner
+
+
+def finite(name: str, a, xp, verdicts=None) -> None:
+    """:func:`gpu_mlp._checks.finite`, a float CuPy array scanned by a kernel of the
+    module (:func:`flag_nonfinite`) into a flag read with the verdicts, or at once: CuPy's
+    isfinite and all are two more kernels for a first run to compile, and two arrays a
+    call."""
+    if xp is np or not a.size or a.dtype not in (np.float32, np.float64) \
+            or not a.flags.c_contiguous:
+        _checks.finite(name, a, xp, verdicts)
+        return
+    flag = xp.zeros(1, dtype=a.dtype)
+    flag_nonfinite(a, flag)
+    settle = verdicts is None
+    verdicts = _checks.Verdicts(xp) if settle else verdicts
+    verdicts.require_values((flag[0],), lambda f: f == 0, f"{name} contains NaN or Inf")
+    if settle:
+        verdicts.settle()
+
+
+def flag_nonfinite(a, flag) -> None:
+    """``flag[0] = 1`` if ``a`` (C-contiguous, of a float dtype) holds a NaN or an Inf;
+    else ``flag`` is left as it is. On CuPy one kernel of the module (CuPy's isfinite and
+    all are two kernels more to compile on a first run, and two arrays a call)."""
+    if is_numpy(a):
+        if not np.isfinite(a).all():
+            flag[0] = 1
+        return
+    _launch("flag_nonfinite", None, a, flag)
 
 
 def clip_factors(squares, clip: float, scale: float) -> None:

@@ -11,7 +11,7 @@ bilinear layers"), into fresh gradient arrays. :class:`gpu_mlp.Network` inherits
 
 from __future__ import annotations
 
-from . import _checks
+from . import _checks, ops
 from . import device as _device
 from .updates import WriteGradients
 
@@ -34,7 +34,7 @@ class ForwardBackward:
             raise ValueError("forward takes a batch, not one sample")
         X = _checks.cast(X, self.dtype, self.xp)
         if check:
-            _checks.finite("X", X, self.xp)
+            ops.finite("X", X, self.xp)
         F_out, saved = self._forward(X, self.training_workspace, keep=True)
         return self.xp.array(F_out, copy=True), Tape(self, X, F_out, saved)
 
@@ -71,7 +71,7 @@ class ForwardBackward:
                                  f"{tuple(F_out.shape)}, got {tuple(grad_output.shape)}")
             grad_output = _checks.cast(grad_output, self.dtype, xp)
             if check:
-                _checks.finite("grad_output", grad_output, xp)
+                ops.finite("grad_output", grad_output, xp)
             delta = ws.take(F_out.shape)
             delta[...] = grad_output
         except BaseException:

@@ -670,7 +670,11 @@ def _evaluate(net, X, Y):
     F = F.reshape(F.shape[0], -1)  # a convolution's maps as the rows Y was checked as
     grad = net.xp.empty_like(F)  # the loss kernels write the gradient too; unused here
     scratch = net.xp.empty(ops.loss_scratch_shape(loss, F.shape), dtype=F.dtype)
-    mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch))
+    # the mean by the GEMV against ones (on a GPU no reduction and division to compile)
+    ws = net.inference_workspace
+    terms = ops.loss_terms(loss, scratch).size
+    mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch, out=ws.loss(),
+                                        ones=ws.ones(terms)))
     return mean_loss, None if loss.accuracy is None else float(loss.accuracy(F, Y))
 
 

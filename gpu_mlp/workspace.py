@@ -102,7 +102,9 @@ class Workspace:
         ones = self._ones  # read once: free_buffers() may drop it meanwhile
         if ones is None or ones.shape[0] < n:
             self._release([ones] if ones is not None else [])
-            ones = self._ones = self.xp.ones(n, dtype=self.dtype)
+            # (copied from the host: CuPy's ones() is a fill kernel it compiles first)
+            ones = self._ones = self.xp.empty(n, dtype=self.dtype)
+            write(ones, np.ones(n, dtype=self.dtype))
             self._count(ones)
         return ones[:n]
 

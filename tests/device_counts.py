@@ -62,6 +62,14 @@ class Counts:
     # the host its time: kernels, copies and fills, GEMMs; and graphs launched
     launches: int = 0
     graph_launches: int = 0
+    # CuPy's own kernels that a first run compiles with NVRTC (each per dtype signature):
+    # its ufuncs, reductions but CUB's (precompiled), take, arange, argmax, fills of a
+    # value other than 0 (a 0 is a memset), copies across dtypes or layouts (a plain one
+    # is a memcpy) -- gpu_mlp's own kernels are one module of a dtype, not listed here
+    compiled: set = field(default_factory=set)
+
+    def compiles(self, what: str) -> None:
+        self.compiled.add(what)
 
     def launch(self, what: str) -> None:
         """One kernel, copy or GEMM run outside a capture (inside, the capture has it)."""
@@ -83,10 +91,16 @@ class Counts:
 
     def reset(self) -> None:
         self.allocations, self.syncs, self.where, self.capture = 0, 0, [], None
-        self.launches, self.graph_launches = 0, 0
+        self.launches, self.graph_launches, self.compiled = 0, 0, set()
 
 
 _COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)
+
+
+def _signature(inputs) -> str:
+    """A ufunc call's input types, as CuPy compiles a kernel for each: ``(float32,int)``."""
+    return "(" + ",".join(str(a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
+                          for a in inputs) + ")"
 
 
 def _host(x):
@@ -161,6 +175,9 @@ class DeviceArray(np.ndarray):
                 _copied_in(inputs, out, ufunc.__name__)
         if _COUNTS.capture is not None and ufunc is np.matmul:
             _COUNTS.capture.cublas("matmul")  # CuPy's matmul is cuBLAS through CuPy
+        if ufunc is not np.matmul and not (
+                method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs)):
+            _COUNTS.compiles(f"{ufunc.__name__}.{method}{_signature(inputs)}")
         if _COUNTS.capture is not None and (out is not None or method == "at"):
             # a kernel CuPy launches into existing memory: captured, not run
             if method == "reduce" and _cub_reduction(ufunc, inputs[0], kwargs):
@@ -201,7 +218,18 @@ class DeviceArray(np.ndarray):
         return _wrap(self.view(np.ndarray).copy(*args, **kwargs), [], "copy")
 
     def astype(self, *args, **kwargs):
-        return _wrap(self.view(np.ndarray).astype(*args, **kwargs), [self], "astype")
+        result = self.view(np.ndarray).astype(*args, **kwargs)
+        if result.dtype != self.dtype:  # (else a copy, or itself)
+            _COUNTS.compiles(f"astype({self.dtype}->{result.dtype})")
+        return _wrap(result, [self], "astype")
+
+    def argmax(self, *args, **kwargs):
+        _COUNTS.compiles(f"argmax({self.dtype})")
+        return _wrap(self.view(np.ndarray).argmax(*args, **kwargs), [], "argmax")
+
+    def argmin(self, *args, **kwargs):
+        _COUNTS.compiles(f"argmin({self.dtype})")
+        return _wrap(self.view(np.ndarray).argmin(*args, **kwargs), [], "argmin")
 
     def reshape(self, *args, **kwargs):
         return _wrap(np.ndarray.reshape(self, *args, **kwargs), [self], "reshape")
@@ -234,6 +262,9 @@ class DeviceArray(np.ndarray):
                         target.flags.c_contiguous and value.dtype == target.dtype))):
                 _copied_in([value], [target], "setitem")
 
+        if not isinstance(value, np.ndarray) and value != 0:
+            _COUNTS.compiles(f"fill({self.dtype})")
+
         def run():
             host[_host(index)] = _host(value)
         if _COUNTS.capture is not None:  # a copy or fill kernel: captured, not run
@@ -253,6 +284,7 @@ class DeviceArray(np.ndarray):
         if axis is not None:
             axis = axis % self.ndim
             shape = self.shape[:axis] + shape + self.shape[axis + 1:]
+        _COUNTS.compiles(f"take({self.dtype})")
         if out is None:
             _COUNTS.allocated("take")
             out = np.empty(shape, self.dtype).view(DeviceArray)
@@ -272,6 +304,8 @@ class DeviceArray(np.ndarray):
         return out
 
     def fill(self, value):
+        if value != 0:
+            _COUNTS.compiles(f"fill({self.dtype})")
         host = self.view(np.ndarray)
         if _COUNTS.capture is not None:
             _COUNTS.capture.launch("fill", lambda: host.fill(value), (value,))
@@ -334,6 +368,8 @@ def _created(name):
     numpy_function = getattr(np, name)
 
     def create(*args, **kwargs):
+        if name in CountingXp.COMPILING:
+            _COUNTS.compiles(name)
         inputs, made = _device_inputs(args), _COUNTS.allocations
         result = _wrap(numpy_function(*_host(args), **{k: _host(v) for k, v in kwargs.items()}),
                        inputs, name)
@@ -349,6 +385,9 @@ class CountingXp(types.ModuleType):
     CREATION = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like",
                 "full_like", "array", "asarray", "ascontiguousarray", "arange", "stack",
                 "concatenate", "einsum", "copy")
+    # of those, the ones that run a kernel CuPy compiles (a fill of ones, say)
+    COMPILING = ("ones", "full", "ones_like", "full_like", "arange", "stack", "concatenate",
+                 "einsum")
 
     def __init__(self):
         super().__init__("counting_cupy")

@@ -247,6 +247,30 @@ def test_clip_factor_op_matches_its_numpy_twin(host, dtype):
     assert squares[-4] == scale / clip and squares[-2] == 0 and np.isnan(squares[-1])
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_flag_nonfinite_op_flags_nan_and_inf_and_never_clears(host, dtype, bad):
+    """The value check's scan: flag[0] becomes 1 where x holds a NaN or an Inf, at any
+    position, and stays as it was on finite values -- the largest, the smallest normal
+    and subnormal ones, zeros of both signs -- as NumPy's isfinite says."""
+    info = np.finfo(dtype)
+    x = np.array([0.0, -0.0, 1.0, -info.max, info.max, info.tiny, info.smallest_subnormal,
+                  -3.5] * 5, dtype=dtype)
+    for at in ([] if bad is None else [0, 17, x.size - 1]):
+        y = x.copy()
+        y[at] = bad
+        flag = np.zeros(1, dtype)
+        call(host, cuda_host.elementwise_name("flag_nonfinite", None, dtype), y.size, y.size,
+             1, y, flag)
+        twin = np.zeros(1, dtype)
+        ops.flag_nonfinite(y, twin)
+        assert flag[0] == twin[0] == 1, at
+    for start in (0.0, 1.0):  # finite: the flag as it was (never cleared)
+        flag = np.full(1, start, dtype)
+        call(host, cuda_host.elementwise_name("flag_nonfinite", None, dtype), x.size, x.size,
+             1, x, flag)
+        assert flag[0] == start
+
+
 def test_tally_op_matches_its_numpy_twin_and_sums_to_the_dtypes_precision(host, dtype):
     """ops.tally's kernel, one element, against its NumPy twin, bit for bit at every
     term of a long run of them (the steps of an epoch); the compensated total within

@@ -248,6 +248,10 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         for dense in (True, False):
             ops.add_row_squares(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype),
                                 dense)
+        # a value check's scan (the stand-in's checks run on NumPy, as its nets do)
+        flag = np.zeros(1, dtype)
+        ops.flag_nonfinite(b, flag)
+        assert flag[0] == 0
         ops.gram_bound(*(np.ones(5, dtype) for _ in range(3)), 1e-3, 0.01)  # (Gram form)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
