@@ -75,15 +75,15 @@ class Cursor:
     """Row indices that the steps read on the device, one batch after another: an
     epoch's order (or a DP epoch's Poisson samples end to end) and the position ``at``
     in it, a device scalar that each step moves on by its rows. A step's rows are
-    ``order[at:at + m]``, found by kernels -- inside its graph, when replayed -- so a
-    replay copies nothing in. :meth:`restart` (once an epoch, before its first step)
-    writes the next order and puts ``at`` back to 0."""
+    ``order[at:at + m]``, gathered by kernels of gpu_mlp's module (of ``dtype``, the
+    net's) -- inside its graph, when replayed -- so a replay copies nothing in.
+    :meth:`restart` (once an epoch, before its first step) writes the next order and
+    puts ``at`` back to 0."""
 
-    def __init__(self, xp, capacity: int):
-        self.xp = xp
-        self.order = xp.empty(capacity, dtype=np.intp)
-        self.at = xp.zeros((), dtype=np.intp)
-        self._buffers = {}  # m -> (0..m-1, their positions, the rows there), kept
+    def __init__(self, xp, capacity: int, dtype):
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.order = xp.empty(capacity, dtype=np.int64)
+        self.at = xp.zeros((), dtype=np.int64)
 
     @property
     def capacity(self) -> int:
@@ -91,22 +91,16 @@ class Cursor:
 
     def restart(self, order) -> None:
         """From the start of ``order`` (host integers, at most :attr:`capacity`)."""
-        write(self.order[:len(order)], np.asarray(order, dtype=np.intp))
+        write(self.order[:len(order)], np.asarray(order, dtype=np.int64))
         self.at.fill(0)
 
-    def rows(self, m: int):
-        """The next ``m`` row indices (a device buffer of the cursor's), ``at`` moved on:
-        three small kernels, no array made after the first step of m rows."""
-        xp, buffers = self.xp, self._buffers.get(m)
-        if buffers is None:
-            buffers = self._buffers[m] = (xp.arange(m, dtype=np.intp),
-                                          xp.empty(m, dtype=np.intp),
-                                          xp.empty(m, dtype=np.intp))
-        steps, positions, rows = buffers
-        xp.add(steps, self.at, out=positions)
-        self.order.take(positions, 0, rows)
-        xp.add(self.at, m, out=self.at)
-        return rows
+    def take(self, data, out) -> None:
+        """``out <- data[order[at:at + m]]``, m = ``out.shape[0]`` (``at`` stays)."""
+        ops.gather(data, self.order, self.at, out, self.dtype)
+
+    def move(self, m: int) -> None:
+        """``at`` moved on by ``m`` rows, on the device."""
+        ops.advance(self.at, m, self.dtype)
 
 
 class Gathered(NamedTuple):
@@ -126,8 +120,11 @@ class Gathered(NamedTuple):
         """``X, Y <- data[0][rows], data[1][rows]`` (``rows``: this batch's, or a graph's
         static copy of them; a cursor's next X.shape[0])."""
         rows = self.rows if rows is None else rows
-        if isinstance(rows, Cursor):
-            rows = rows.rows(X.shape[0])
+        if isinstance(rows, Cursor):  # two gathers, then the cursor moved on
+            for a, out in zip(self.data, (X, Y)):
+                rows.take(a, out)
+            rows.move(X.shape[0])
+            return
         for a, out in zip(self.data, (X, Y)):
             self.take(a, rows, out)
 

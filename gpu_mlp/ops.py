@@ -28,6 +28,11 @@ from scipy.linalg import blas as _blas
 
 from . import _checks, activations, conv, cublas, cuda
 
+# the gathers' body: element i of out, in row r of its rows (64-bit: rows * width may
+# pass 2^32 in a large data set)
+_GATHER = ("long long r = (long long)i / width; "
+           "out = data[order[at[0] + r] * width + ((long long)i - r * width)]")
+
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
     # forward, "output" mode: A <- sigma(A + b), in place
@@ -79,6 +84,15 @@ ELEMENTWISE = {
     # DP's clipping factors from the per-sample squared norms, in place (privacy._Private):
     # s <- scale / max(sqrt(s), clip), the maximum NaN-propagating as CuPy's
     "clip_factor": ("T clip, T scale", "T s", "s = scale / gm_max_nan(sqrt(s), clip)"),
+    # a batch's rows of device-resident data, found through a cursor on the device
+    # (gpu_mlp.graph.Cursor): out row r is data row order[at[0] + r], rows ``width``
+    # elements long (float data, and class labels); then the cursor's position moved on
+    "gather": ("raw T data, raw int64 order, raw int64 at, int64 width", "T out", _GATHER),
+    "gather_labels": ("raw int64 data, raw int64 order, raw int64 at, int64 width",
+                      "int64 out", _GATHER),
+    # a counter moved on, in place: the cursor's position, the steps' counters (a
+    # captured step counts itself)
+    "advance": ("int64 by", "int64 c", "c = c + by"),
     # a value check (finite): flag[0] = 1 if x holds a NaN or an Inf
     # (x - x is 0 for every finite x, NaN for both); x, the launch's shape, is only read
     "flag_nonfinite": ("", "T x, raw T flag", "if (!(x - x == (T)0)) flag[0] = (T)1"),
@@ -102,7 +116,7 @@ ELEMENTWISE = {
 
 
 # How ops passes each ELEMENTWISE parameter, by name: ``alpha`` and ``scale``, and every
-# parameter of a fixed integer type (int32, int64, uint32), are scalars; ``bias`` is a
+# input of a fixed integer type (int32, int64, uint32), are scalars; ``bias`` is a
 # (d,) vector broadcast over the rows; a ``raw`` array is indexed by the body itself;
 # anything else is shaped as the output. The host tests and the NVRTC check read this,
 # not their own guesses.
@@ -113,12 +127,13 @@ SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty", "clip", "coef", "tr
 COLUMN_PARAMS = ("bias",)
 
 
-def param_layout(name: str, integer: bool, raw: bool) -> str:
+def param_layout(name: str, integer: bool, raw: bool, output: bool = False) -> str:
     """``"scalar"``, ``"raw"``, ``"column"`` or ``"full"`` (see above);
-    ``integer``: declared an integer type (int32, int64, uint32) rather than T."""
+    ``integer``: declared an integer type (int32, int64, uint32) rather than T;
+    ``output``: written by the kernel (an array, whatever its type)."""
     if raw:
         return "raw"
-    if name in SCALAR_PARAMS or integer:
+    if name in SCALAR_PARAMS or (integer and not output):
         return "scalar"
     return "column" if name in COLUMN_PARAMS else "full"
 
@@ -145,7 +160,7 @@ class Param(NamedTuple):
     @property
     def kind(self) -> str:
         """``param_layout``'s answer: how ops passes it."""
-        return param_layout(self.name, self.type != "T", self.raw)
+        return param_layout(self.name, self.type != "T", self.raw, self.output)
 
     def dtype(self, float_dtype) -> np.dtype:
         return PARAM_DTYPES[self.type] or np.dtype(float_dtype)
@@ -300,16 +315,19 @@ def _first_output(op: str) -> int:
     return next(k for k, p in enumerate(signature(op)) if p.output)
 
 
-def _launch(op, act, *args):
+def _launch(op, act, *args, dtype=None):
     """Launch ``ELEMENTWISE[op]`` for ``act`` (or None) over its first output, its
-    arguments in the entry's order: inputs, then outputs."""
+    arguments in the entry's order: inputs, then outputs; from the module of the first
+    output's dtype, or of ``dtype`` (the net's, for an output of integers: every module
+    has the integer kernels too, and a first run compiles only its net's)."""
     out = args[_first_output(op)]
     n = out.size
     if n == 0:
         return  # as CuPy: nothing to launch
     channels, inner = (out.shape[1], n // (out.shape[0] * out.shape[1])) if out.ndim > 1 \
         else (n, 1)
-    kernel = _function(kernel_name(op, act.name if act is not None else None), out.dtype.name)
+    module = out.dtype.name if dtype is None else np.dtype(dtype).name
+    kernel = _function(kernel_name(op, act.name if act is not None else None), module)
     kernel(*_grid(n), (np.int64(n), np.int64(channels), np.int64(inner), *args))
 
 
@@ -989,6 +1007,28 @@ def gram_bound(inner, t, x, coef: float, trusted: float, ws=None):
     if ws is not None:
         ws.give(limit, loose, none)
     return inner
+
+
+def gather(data, order, at, out, dtype) -> None:
+    """``out[r] = data[order[at + r]]`` for the rows r of ``out``, ``at`` a 0-d device
+    integer (on NumPy, an array too): float rows, or int64 class labels (``dtype``: the
+    net's, whose module holds the kernel). On CuPy one kernel of the module -- CuPy's
+    take and the index arithmetic before it are three more to compile on a first run."""
+    if is_numpy(out):
+        np.take(data, order[int(at):int(at) + out.shape[0]], axis=0, out=out)
+        return
+    op = "gather_labels" if out.dtype == np.int64 else "gather"
+    width = np.int64(out.size // out.shape[0]) if out.shape[0] else np.int64(0)
+    _launch(op, None, data, order, at, width, out, dtype=dtype)
+
+
+def advance(counter, by: int, dtype) -> None:
+    """``counter += by`` in place (int64, on the device: a captured step moves its own
+    counters); one kernel of the module of ``dtype`` (the net's)."""
+    if is_numpy(counter):
+        counter += by
+        return
+    _launch("advance", None, np.int64(by), counter, dtype=dtype)
 
 
 def finite(name: str, a, xp, verdicts=None) -> None:

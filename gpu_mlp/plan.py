@@ -343,8 +343,7 @@ class StepScalars:
 
     def advance(self) -> None:
         """On the device: count the step (the rule's and the DP's counters)."""
-        counted = self.counters[:2]
-        self.xp.add(counted, 1, out=counted)
+        ops.advance(self.counters[:2], 1, self.dtype)
         self.counted()
 
     def counted(self) -> None:

@@ -535,7 +535,8 @@ class BatchGather:
         samples vary in number: room for a quarter more)."""
         cursor = self._cursor
         if cursor is None or len(order) > cursor.capacity:
-            cursor = self._cursor = Cursor(self.xp, max(len(order) * 5 // 4, 1))
+            cursor = self._cursor = Cursor(self.xp, max(len(order) * 5 // 4, 1),
+                                           self.data[0].dtype)
         cursor.restart(order)
         return cursor
 

@@ -122,6 +122,7 @@ def elementwise_function(op: str, act: str | None, dtype, index32: bool = False)
     signature = f"{elementwise_name(op, act, dtype, index32)}({', '.join(args)})"
     return (f'extern "C" void {signature}\n{{\n'
             f"    typedef {ctype} T;\n"
+            "    (void)sizeof(T);  // (a kernel of integers only does not use it)\n"
             + ops.index_loop(element, "unsigned int" if index32 else "long long") + "}\n")
 
 

@@ -493,8 +493,8 @@ def counting_device(net, lib=None):
     launch, launch_rows = ops._launch, ops._launch_rows
     caches = (ops._function, cuda.module)
 
-    def run(function, *args):  # host_cupy's kernels take NumPy arrays
-        return None if device is None else lambda: function(*_host(args))
+    def run(function, *args, **kwargs):  # host_cupy's kernels take NumPy arrays
+        return None if device is None else lambda: function(*_host(args), **kwargs)
 
     import capture  # gpu_mlp.cublas's libcublas on this device, capture-aware
 
@@ -503,8 +503,8 @@ def counting_device(net, lib=None):
     with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"), \
             capture.capturable_blas(lib):
         mp.setattr(ops, "is_numpy", lambda a: False)
-        mp.setattr(ops, "_launch", lambda op, act, *args: _launched(
-            launches, op, args, run(launch, op, act, *args)))
+        mp.setattr(ops, "_launch", lambda op, act, *args, **kwargs: _launched(
+            launches, op, args, run(launch, op, act, *args, **kwargs)))
         mp.setattr(ops, "_launch_rows", lambda name, rows, *args: _launched(
             launches, name, args, run(launch_rows, name, rows, *args)))
         mp.setitem(sys.modules, "cupy", cupy)

@@ -218,13 +218,14 @@ class ElementwiseKernel:
         assert len(args) == 3 + len(names), \
             f"{where}(n, channels, inner, {', '.join(names)}): got {len(args)} arguments"
         sizes, args = args[:3], args[3:]
-        out = args[[p.output for p in self.params].index(True)]
-        assert isinstance(out, np.ndarray) and out.dtype == self.dtype, \
-            f"{where}: the output {names[-1]} must be a {self.dtype.name} array"
+        first = [p.output for p in self.params].index(True)
+        out, declared = args[first], self.params[first].dtype(self.dtype)
+        assert isinstance(out, np.ndarray) and out.dtype == declared, \
+            f"{where}: the output {names[first]} must be a {declared.name} array"
         # how CuPy broadcasts the engine's per-channel bias ((d,) over (B, d), (c, 1, 1)
         # over NCHW) and its per-row (B, 1) columns
         channels, inner = (out.shape[1], int(np.prod(out.shape[2:]))) if out.ndim > 1 else \
-            (out.shape[0], 1)
+            (out.size, 1)
         for name, value, expected in zip(("n", "channels", "inner"), sizes,
                                          (out.size, channels, inner)):
             assert type(value) is np.int64, \
@@ -233,7 +234,7 @@ class ElementwiseKernel:
         assert out.size > 0, f"{where}: a launch over nothing"
         shapes = {"full": out.shape, "column": (channels,) + (1,) * (out.ndim - 2)}
         for p, value in zip(self.params, args):
-            where_p, dtype = f"{self.name}, {p.name}", p.dtype(out.dtype)
+            where_p, dtype = f"{self.name}, {p.name}", p.dtype(self.dtype)
             if p.kind == "scalar":
                 assert type(value) is dtype.type, \
                     f"{where_p}: expected a numpy.{dtype.name}, got {type(value).__name__}"
@@ -241,9 +242,9 @@ class ElementwiseKernel:
                 _check_array(where_p, value, dtype, value.shape)
             else:
                 _check_array(where_p, value, dtype, shapes[p.kind])
-        self.device.launches[self.name, out.dtype.name] += 1
+        self.device.launches[self.name, self.dtype.name] += 1
         # the device kernel's branch: 32-bit indices up to INDEX32_MAX elements
-        name = cuda_host.elementwise_name(self.op, self.act, out.dtype,
+        name = cuda_host.elementwise_name(self.op, self.act, self.dtype,
                                           index32=out.size <= ops.INDEX32_MAX)
         cuda_host.call(self.device.lib, name, out.size, channels, inner, *args)
 

@@ -1047,11 +1047,11 @@ def test_fit_gathers_its_shuffled_batches_inside_the_graph(host_cupy_lib, monkey
             steps = net.step_graphs
             assert (steps.captures, steps.replays) == (2, 8)
             assert replayed == [(0, 0, 0)] * 8  # no allocation, host read or launch
-            assert gathers == [1] * 2 * (12 - 8)  # X and Y, by the eager steps and captures
+            assert gathers == []  # no take by row indices: the cursor's kernels gather
             assert copies == []  # nothing copied into a graph
-            # the cursor's rows (positions, the order there, moved on), then the gathers
-            assert [graph[:5] for graph in names] == [
-                ["add.__call__", "take", "add.__call__", "take", "take"]] * 2
+            # the rows at the cursor gathered (X, then the labels), the cursor moved on
+            assert [graph[:3] for graph in names] == [
+                ["gather", "gather_labels", "advance"]] * 2
             assert steps.graphs == 0 and not steps._entries  # forgotten at fit's end
     _same(*params)
 
@@ -1321,8 +1321,8 @@ def test_the_estimators_steps_gather_and_tally_inside_their_graphs(host_cupy_lib
             assert copies == []  # the rows read by the graph through its cursor
             # the rows found and gathered first; the loss tallied last (before the step
             # counted)
-            assert [(graph[:5], graph[-2]) for graph in names] == [(
-                ["add.__call__", "take", "add.__call__", "take", "take"], "tally")] * 2
+            assert [(graph[:3], graph[-2]) for graph in names] == [(
+                ["gather", "gather_labels", "advance"], "tally")] * 2
             assert steps.graphs == 0 and not steps._entries  # forgotten at the fit's end
     assert results[0][1] == results[1][1] and len(results[0][1]) == 1 + 3
     _same(results[0][0], results[1][0])

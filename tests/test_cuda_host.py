@@ -247,6 +247,38 @@ def test_clip_factor_op_matches_its_numpy_twin(host, dtype):
     assert squares[-4] == scale / clip and squares[-2] == 0 and np.isnan(squares[-1])
 
 
+@pytest.mark.parametrize("index32", [False, True], ids=["i64", "i32"])
+def test_gather_ops_take_the_rows_at_the_cursor_as_numpy_does(host, dtype, index32):
+    """The cursor's gathers: out row r is data row order[at + r] -- float rows of
+    several elements (NCHW maps flattened), and int64 labels, one element a row -- as
+    NumPy's take gives them, in the 32-bit and the 64-bit loop; and ``advance`` moves a
+    counter on by its step, as ``ops.advance`` does on NumPy."""
+    rng = np.random.default_rng(8)
+    data = rng.standard_normal((20, 3, 2, 2)).astype(dtype)
+    labels = rng.integers(0, 7, 20)
+    order = rng.permutation(20).astype(np.int64)
+    at, m = np.array(5, dtype=np.int64), 6
+    for source, ctype in ((data, dtype), (labels, None)):
+        out = np.zeros((m, *source.shape[1:]), dtype=source.dtype)
+        op = "gather" if ctype is not None else "gather_labels"
+        width = np.int64(out.size // m)
+        call(host, cuda_host.elementwise_name(op, None, dtype, index32), out.size,
+             out.shape[1] if out.ndim > 1 else out.size,
+             out.size // (m * out.shape[1]) if out.ndim > 1 else 1, source, order, at, width,
+             out)
+        twin = np.empty_like(out)
+        ops.gather(source, order, at, twin, dtype)
+        np.testing.assert_array_equal(out, twin)
+        np.testing.assert_array_equal(out, source[order[5:11]])
+    counters = np.array([3, 7], dtype=np.int64)
+    call(host, cuda_host.elementwise_name("advance", None, dtype, index32), 2, 2, 1,
+         np.int64(4), counters)
+    twin = np.array([3, 7], dtype=np.int64)
+    ops.advance(twin, 4, dtype)
+    np.testing.assert_array_equal(counters, twin)
+    assert counters.tolist() == [7, 11]
+
+
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
 def test_flag_nonfinite_op_flags_nan_and_inf_and_never_clears(host, dtype, bad):
     """The value check's scan: flag[0] becomes 1 where x holds a NaN or an Inf, at any

@@ -252,6 +252,14 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         flag = np.zeros(1, dtype)
         ops.flag_nonfinite(b, flag)
         assert flag[0] == 0
+        # a cursor's gathers and its move (fit's on a GPU; the stand-in's fit has views)
+        order, at = np.arange(5)[::-1].copy(), np.zeros((), np.int64)
+        for source in (b, np.arange(5)):
+            out = np.empty((2, *source.shape[1:]), source.dtype)
+            ops.gather(source, order, at, out, dtype)
+            np.testing.assert_array_equal(out, source[[4, 3]])
+        ops.advance(at, 2, dtype)
+        assert at == 2
         ops.gram_bound(*(np.ones(5, dtype) for _ in range(3)), 1e-3, 0.01)  # (Gram form)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
@@ -362,8 +370,8 @@ def test_col2im_takes_the_layer_belows_derivative_with_the_same_bits(
     from gpu_mlp import layers
 
     launched, launch = [], ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda op, act, *args: (
-        launched.append((op, act and act.name)), launch(op, act, *args))[1])
+    monkeypatch.setattr(ops, "_launch", lambda op, act, *args, **kwargs: (
+        launched.append((op, act and act.name)), launch(op, act, *args, **kwargs))[1])
     results = {}
     for fused in (True, False):
         if not fused:
@@ -628,8 +636,8 @@ def too_many_threads(mp):
 
 def f_and_delta_swapped(mp):
     launch = ops._launch
-    mp.setattr(ops, "_launch", lambda op, act, *args:
-               launch(op, act, *(args[::-1] if op == "grad_from_output" else args)))
+    mp.setattr(ops, "_launch", lambda op, act, *args, **kwargs:
+               launch(op, act, *(args[::-1] if op == "grad_from_output" else args), **kwargs))
 
 
 PLANTED = [  # (bug, activation, memory, dtype, what gives it away)
