@@ -90,6 +90,13 @@ ELEMENTWISE = {
     "gather": ("raw T data, raw int64 order, raw int64 at, int64 width", "T out", _GATHER),
     "gather_labels": ("raw int64 data, raw int64 order, raw int64 at, int64 width",
                       "int64 out", _GATHER),
+    # accuracy (gpu_mlp.losses): hit = 1 where row i's largest output is its label (or
+    # its target row's largest entry), else 0; a thread a row of ``width`` outputs
+    "class_hit": ("raw T f, raw int64 label, int64 width", "T hit",
+                  "hit = gm_argmax(f + (long long)i * width, width) == label[i] ? (T)1 : (T)0"),
+    "class_hit_targets": ("raw T f, raw T y, int64 width", "T hit",
+                          "hit = gm_argmax(f + (long long)i * width, width) == "
+                          "gm_argmax(y + (long long)i * width, width) ? (T)1 : (T)0"),
     # a counter moved on, in place: the cursor's position, the steps' counters (a
     # captured step counts itself)
     "advance": ("int64 by", "int64 c", "c = c + by"),
@@ -1020,6 +1027,19 @@ def gather(data, order, at, out, dtype) -> None:
     op = "gather_labels" if out.dtype == np.int64 else "gather"
     width = np.int64(out.size // out.shape[0]) if out.shape[0] else np.int64(0)
     _launch(op, None, data, order, at, width, out, dtype=dtype)
+
+
+def class_hits(F, Y, hits) -> None:
+    """``hits[i] = 1`` where row i of ``F`` (B, C) is largest at its label ``Y[i]`` (or at
+    its target row ``Y[i]``'s largest entry), else 0 -- NumPy's argmax, the first of
+    equals, a NaN the largest. On CuPy one kernel of the module, a thread a row (CuPy's
+    argmax and comparison are two kernels more for a first run to compile)."""
+    if is_numpy(F):
+        labels = Y if Y.ndim == 1 else Y.argmax(axis=1)
+        np.equal(F.argmax(axis=1), labels, out=hits, casting="unsafe")
+        return
+    op = "class_hit" if Y.ndim == 1 else "class_hit_targets"
+    _launch(op, None, F, Y, np.int64(F.shape[1]), hits)
 
 
 def advance(counter, by: int, dtype) -> None:

@@ -676,7 +676,10 @@ def _evaluate(net, X, Y):
     terms = ops.loss_terms(loss, scratch).size
     mean_loss = float(ops.loss_and_grad(loss, F, Y, grad, 1.0, scratch, out=ws.loss(),
                                         ones=ws.ones(terms)))
-    return mean_loss, None if loss.accuracy is None else float(loss.accuracy(F, Y))
+    if loss.accuracy is None:
+        return mean_loss, None
+    hits = None if net.xp is np else net.xp.empty(F.shape[0], dtype=F.dtype)
+    return mean_loss, float(loss.accuracy(F, Y, hits))
 
 
 def _host_copy(params, into=None):

@@ -38,4 +38,20 @@ __host__ __device__ inline T gm_nan()
     return T(nan(""));
 }
 
+// The index of a row's largest entry, the first of equals, a NaN counting as the largest
+// (the first NaN): NumPy's argmax.
+template <typename T>
+__host__ __device__ inline long long gm_argmax(const T* row, long long width)
+{
+    long long best = 0;
+    T most = row[0];
+    for (long long c = 1; c < width; ++c) {
+        if (most == most && (row[c] > most || row[c] != row[c])) {
+            most = row[c];
+            best = c;
+        }
+    }
+    return best;
+}
+
 #endif  // GPU_MLP_COMMON_CUH

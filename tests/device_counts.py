@@ -97,6 +97,16 @@ class Counts:
 _COUNTS = Counts()  # the counts of the device in use (one at a time: tests run serially)
 
 
+# array functions that launch no kernel of CuPy's (they read shapes and addresses, or copy
+# memory as it is); and those that are a ufunc's reduction, CUB's where it takes them
+_NO_KERNEL = {"shape", "ndim", "size", "shares_memory", "may_share_memory", "result_type",
+              "copyto", "reshape", "ravel", "transpose", "swapaxes", "moveaxis", "squeeze",
+              "expand_dims", "broadcast_to", "ascontiguousarray", "dot", "matmul",
+              "tensordot", "empty_like", "zeros_like"}
+_REDUCTIONS = {np.sum: np.add, np.prod: np.multiply, np.amin: np.minimum,
+               np.amax: np.maximum, np.min: np.minimum, np.max: np.maximum}
+
+
 def _signature(inputs) -> str:
     """A ufunc call's input types, as CuPy compiles a kernel for each: ``(float32,int)``."""
     return "(" + ",".join(str(a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
@@ -196,6 +206,9 @@ class DeviceArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         inputs = _device_inputs(list(args) + list(kwargs.values()))
+        if func.__name__ not in _NO_KERNEL and not (
+                func in _REDUCTIONS and _cub_reduction(_REDUCTIONS[func], args[0], kwargs)):
+            _COUNTS.compiles(f"{func.__name__}{_signature(inputs)}")
         if _COUNTS.capture is not None and func in (np.dot, np.tensordot, np.matmul):
             _COUNTS.capture.cublas(func.__name__)  # cuBLAS through CuPy, as matmul
         if _COUNTS.capture is not None and (func is np.copyto or

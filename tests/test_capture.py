@@ -1501,3 +1501,46 @@ def test_a_regressor_with_early_stopping_replays_as_its_eager_steps(host_cupy_li
             assert net.step_graphs.replays > 0
     assert results[0][1:] == results[1][1:]
     _same(results[0][0], results[1][0])
+
+
+# What checking probability rows as targets still compiles of CuPy's (not the main
+# job's: it has labels): |row sum - 1| within np.allclose's tolerance, entries >= 0
+ROW_CHECKS = {"absolute.__call__(float32)", "subtract.__call__(float32,int)",
+              "less_equal.__call__(float32,float)", "greater_equal.__call__(float32,int)",
+              "all(bool)", "bitwise_and.__call__(bool,bool)"}
+
+
+@pytest.mark.parametrize("targets", ["labels", "rows"])
+def test_the_main_jobs_path_compiles_none_of_cupys_own_kernels(host_cupy_lib, targets):
+    """A first run on a GPU compiles with NVRTC each CuPy kernel it meets, one
+    compilation apiece, besides gpu_mlp's one module: the main job -- fit with its data
+    checked and a validation set every epoch, the test loss, the predictions -- meets
+    none (the stand-in lists what a path would compile: CuPy's ufuncs, its reductions
+    but CUB's, take, arange, argmax, fills, casts; 17 on this path before). What it
+    computes instead -- the checks' scan, the cursor's gathers, the accuracy's hits --
+    gives the NumPy engine's History."""
+    from gpu_mlp import training
+
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((40, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 40)
+    Y = y if targets == "labels" else np.eye(5, dtype=np.float32)[y]
+    histories = []
+    for on_device in (False, True):
+        net = _net("dense")[0]
+        with contextlib.ExitStack() as stack, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a rising loss on random labels)
+            if on_device:
+                counts = stack.enter_context(counting_device(net, host_cupy_lib))
+                stack.enter_context(capturable_blas(host_cupy_lib))
+            histories.append(net.fit(X[:32], Y[:32], epochs=3, batch_size=8, lr=1e-2,
+                                     seed=0, validation=(X[32:], Y[32:]), verbose=False))
+            training.evaluate(net, X[32:], Y[32:])
+            net.predict(X[32:])
+            if on_device:  # (probability rows: their check is CuPy's ufuncs, as yet)
+                assert counts.compiled == (set() if targets == "labels" else ROW_CHECKS)
+                assert net.step_graphs.replays > 0
+    cpu, gpu = histories
+    assert gpu.val_accuracy == cpu.val_accuracy and len(set(cpu.val_accuracy)) > 1
+    np.testing.assert_allclose(gpu.val_loss, cpu.val_loss, rtol=1e-5)
+    np.testing.assert_allclose(gpu.train_loss, cpu.train_loss, rtol=1e-5)

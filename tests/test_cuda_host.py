@@ -279,6 +279,34 @@ def test_gather_ops_take_the_rows_at_the_cursor_as_numpy_does(host, dtype, index
     assert counters.tolist() == [7, 11]
 
 
+def test_class_hit_ops_mark_the_rows_numpys_argmax_gets_right(host, dtype):
+    """Accuracy's row kernels: hit[i] = 1 where row i's largest output is its label (or
+    its target row's largest entry) -- NumPy's argmax: the first of equal largest, a
+    NaN the largest, the first NaN of several -- else 0, as ops.class_hits gives on
+    NumPy; and a wide row, scanned to its end."""
+    F = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.1], [np.nan, 2.0, np.nan], [1.0, np.nan, 3.0],
+                  [-1.0, -2.0, -0.5], [0.0, 0.0, 0.0]], dtype=dtype)
+    F = np.vstack([F, np.random.default_rng(9).standard_normal((30, 3)).astype(dtype)])
+    labels = np.random.default_rng(10).integers(0, 3, F.shape[0])
+    labels[:6] = [1, 0, 0, 1, 2, 1]
+    targets = np.eye(3, dtype=dtype)[labels] * 0.8 + 0.05
+    for op, Y in (("class_hit", labels), ("class_hit_targets", targets)):
+        hits = np.full(F.shape[0], 7, dtype=dtype)
+        call(host, cuda_host.elementwise_name(op, None, dtype), F.shape[0], F.shape[0], 1,
+             F, Y, np.int64(3), hits)
+        twin = np.empty_like(hits)
+        ops.class_hits(F, Y, twin)
+        np.testing.assert_array_equal(hits, twin)
+        np.testing.assert_array_equal(hits, F.argmax(axis=1) == labels)
+        assert hits[:6].tolist() == [1, 1, 1, 1, 1, 0]
+    wide = np.zeros((2, 100), dtype)
+    wide[0, 99], wide[1, 3] = 1, 1
+    hits = np.zeros(2, dtype)
+    call(host, cuda_host.elementwise_name("class_hit", None, dtype), 2, 2, 1, wide,
+         np.array([99, 4]), np.int64(100), hits)
+    assert hits.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
 def test_flag_nonfinite_op_flags_nan_and_inf_and_never_clears(host, dtype, bad):
     """The value check's scan: flag[0] becomes 1 where x holds a NaN or an Inf, at any
