@@ -373,14 +373,14 @@ class LossTally:
     True
     """
 
-    __slots__ = ("weight", "penalty", "_sums", "_total", "_carry", "_squares")
+    __slots__ = ("xp", "weight", "penalty", "_sums", "_total", "_carry", "_squares")
 
     def __init__(self, net, weight: float = 1.0, penalty: float = 0.0):
         for name, value in (("weight", weight), ("penalty", penalty)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise TypeError(f"LossTally: {name} must be a number, got {value!r}")
             _checks.scalar(name, value, net.dtype, "LossTally: ")
-        self.weight, self.penalty = float(weight), float(penalty)
+        self.xp, self.weight, self.penalty = net.xp, float(weight), float(penalty)
         self._sums = net.xp.zeros(2, dtype=net.dtype)
         self._total, self._carry = self._sums[0:1], self._sums[1:2]
         self._squares = net.xp.zeros(1, dtype=net.dtype)  # sum ||W_k||^2, this step's

@@ -638,8 +638,11 @@ class _StepLosses:
         rank's rows, with communication)."""
         self.rows += rows
         if self._first is None and (rows if counts is None else sum(counts)):
-            # (a copy: the next step may reuse J's buffer; once a run)
-            self._first = (J.copy(), rows)
+            # (a copy: the next step may reuse J's buffer; once a run. An assignment, a
+            # memcpy on a GPU, where CuPy's copy() is a kernel to compile)
+            first = self.tally.xp.empty_like(J)
+            first[...] = J
+            self._first = (first, rows)
 
     def first(self, comm=None) -> float:
         """The loss of the first step that had rows (a Poisson sample can be empty); with

@@ -64,8 +64,9 @@ class Counts:
     graph_launches: int = 0
     # CuPy's own kernels that a first run compiles with NVRTC (each per dtype signature):
     # its ufuncs, reductions but CUB's (precompiled), take, arange, argmax, fills of a
-    # value other than 0 (a 0 is a memset), copies across dtypes or layouts (a plain one
-    # is a memcpy) -- gpu_mlp's own kernels are one module of a dtype, not listed here
+    # value other than 0 (a 0 is a memset), copies (copy and astype are elementwise_copy;
+    # only an assignment between equal layouts is a memcpy) -- gpu_mlp's own kernels are
+    # one module of a dtype, not listed here
     compiled: set = field(default_factory=set)
 
     def compiles(self, what: str) -> None:
@@ -228,11 +229,14 @@ class DeviceArray(np.ndarray):
     # --- what allocates ---------------------------------------------------------------
 
     def copy(self, *args, **kwargs):
+        # (CuPy's copy is astype to its own dtype: elementwise_copy, a kernel, not a memcpy;
+        # cupy/_core/core.pyx, ndarray._astype)
+        _COUNTS.compiles(f"copy({self.dtype})")
         return _wrap(self.view(np.ndarray).copy(*args, **kwargs), [], "copy")
 
     def astype(self, *args, **kwargs):
         result = self.view(np.ndarray).astype(*args, **kwargs)
-        if result.dtype != self.dtype:  # (else a copy, or itself)
+        if not np.shares_memory(result, self):  # (else itself: copy=False, no cast)
             _COUNTS.compiles(f"astype({self.dtype}->{result.dtype})")
         return _wrap(result, [self], "astype")
 
@@ -400,7 +404,7 @@ class CountingXp(types.ModuleType):
                 "concatenate", "einsum", "copy")
     # of those, the ones that run a kernel CuPy compiles (a fill of ones, say)
     COMPILING = ("ones", "full", "ones_like", "full_like", "arange", "stack", "concatenate",
-                 "einsum")
+                 "einsum", "copy")
 
     def __init__(self):
         super().__init__("counting_cupy")
