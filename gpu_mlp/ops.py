@@ -1024,6 +1024,9 @@ def gather(data, order, at, out, dtype) -> None:
     if is_numpy(out):
         np.take(data, order[int(at):int(at) + out.shape[0]], axis=0, out=out)
         return
+    if out.dtype not in (np.int64, np.dtype(dtype)) or data.dtype != out.dtype:
+        raise TypeError(f"gather: rows of int64 or {np.dtype(dtype).name} into their own "
+                        f"dtype, got {data.dtype} into {out.dtype}")
     op = "gather_labels" if out.dtype == np.int64 else "gather"
     width = np.int64(out.size // out.shape[0]) if out.shape[0] else np.int64(0)
     _launch(op, None, data, order, at, width, out, dtype=dtype)
