@@ -135,7 +135,7 @@ def row_squares_into(xp, A, out, ws, add=False) -> None:
         out += squares
     else:
         squares = ws.take(A.shape)
-        xp.multiply(A, A, out=squares)
+        ops.square(A, squares)
         ops.gemv("N", squares, ws.ones(A.shape[1]), out, beta=1.0 if add else 0.0)
     ws.give(squares)
 
@@ -179,7 +179,7 @@ def add_squares(xp, T, X, out, ws) -> None:
     ops.gemm_batched("N", "T", T, T, gram_T)
     ops.gemm_batched("N", "T", X, X, gram_X)
     with np.errstate(invalid="ignore"):  # (0 inf: the bound sees to it)
-        gram_T *= gram_X
+        ops.mul(gram_T, gram_X)
     ops.gemv("N", gram_T.reshape(B, -1), ws.ones(P * P), squares)
     ws.give(gram_T, gram_X)
     t, x = ws.take((B,)), ws.take((B,))

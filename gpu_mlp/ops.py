@@ -33,6 +33,14 @@ from . import _checks, activations, conv, cublas, cuda
 _GATHER = ("long long r = (long long)i / width; "
            "out = data[order[at[0] + r] * width + ((long long)i - r * width)]")
 
+# a weight gradient's taps (d_out, kh, kw, c_in), in the windows' column order, into g
+# (d_out, c_in, kh, kw), W's: g <- taps + BETA g, g not read where BETA is 0 (BLAS's
+# rule, as cuBLAS's beta: NaN in g stays out)
+_WEIGHT_ORDER = ("long long per = kh * kw * c_in, d = (long long)i / per, "
+                 "rest = (long long)i - d * per, c = rest / (kh * kw), "
+                 "yx = rest - c * (kh * kw); T moved = taps[d * per + yx * c_in + c]; "
+                 "g = BETA == (T)0 ? moved : BETA * g + moved")
+
 # name: (in_params, out_params, operation); "{act}" is an activation's table name.
 ELEMENTWISE = {
     # forward, "output" mode: A <- sigma(A + b), in place
@@ -97,6 +105,15 @@ ELEMENTWISE = {
     "class_hit_targets": ("raw T f, raw T y, int64 width", "T hit",
                           "hit = gm_argmax(f + (long long)i * width, width) == "
                           "gm_argmax(y + (long long)i * width, width) ? (T)1 : (T)0"),
+    # the windows' order into W's (to_weight_order): beta a number, or read by pointer
+    "to_weight_order": ("raw T taps, int64 kh, int64 kw, int64 c_in, T beta", "T g",
+                        _WEIGHT_ORDER.replace("BETA", "beta")),
+    "to_weight_order_by": ("raw T taps, int64 kh, int64 kw, int64 c_in, raw T beta", "T g",
+                           _WEIGHT_ORDER.replace("BETA", "beta[0]")),
+    # DP's per-sample norms and clipping (gpu_mlp.norms, gpu_mlp.privacy): squares, and
+    # each sample's rows scaled by its factor (x viewed as (1, B, rest): a column each)
+    "square": ("T a", "T s", "s = a * a"),
+    "scale_rows": ("T factor", "T x", "x = x * factor"),
     # a counter moved on, in place: the cursor's position, the steps' counters (a
     # captured step counts itself)
     "advance": ("int64 by", "int64 c", "c = c + by"),
@@ -130,8 +147,9 @@ ELEMENTWISE = {
 SCALAR_PARAMS = ("alpha", "scale", "low", "high", "penalty", "clip", "coef", "trusted",
                  # the optimizers' hyperparameters and step scalars
                  "lr", "momentum", "weight_decay", "one_minus_beta1", "beta2",
-                 "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
-COLUMN_PARAMS = ("bias",)
+                 "one_minus_beta2", "eps", "decay", "step_size", "bias_correction2_sqrt",
+                 "beta")
+COLUMN_PARAMS = ("bias", "factor")
 
 
 def param_layout(name: str, integer: bool, raw: bool, output: bool = False) -> str:
@@ -1045,6 +1063,24 @@ def class_hits(F, Y, hits) -> None:
     _launch(op, None, F, Y, np.int64(F.shape[1]), hits)
 
 
+def square(a, out) -> None:
+    """``out <- a * a`` elementwise (one kernel of the module on CuPy)."""
+    if is_numpy(a):
+        np.multiply(a, a, out=out)
+    else:
+        _launch("square", None, a, out)
+
+
+def scale_rows(x, factors) -> None:
+    """``x[i] *= factors[i]`` in place for each sample i of ``x`` (B, ...), C-contiguous
+    (one kernel of the module on CuPy: the factors as a column of x viewed (1, B, rest))."""
+    if is_numpy(x):
+        x *= factors.reshape(-1, *(1,) * (x.ndim - 1))
+    elif x.size:
+        B = x.shape[0]
+        _launch("scale_rows", None, factors.reshape(B, 1), x.reshape(1, B, -1))
+
+
 def advance(counter, by: int, dtype) -> None:
     """``counter += by`` in place (int64, on the device: a captured step moves its own
     counters); one kernel of the module of ``dtype`` (the net's)."""
@@ -1618,6 +1654,13 @@ def to_weight_order(taps, G, beta=0.0) -> None:
     array, read there (no host read: a captured step's own)."""
     d_out, kh, kw, c_in = taps.shape
     out, moved = G.reshape(d_out, c_in, kh, kw), taps.transpose(0, 3, 1, 2)
+    if not is_numpy(G):  # one kernel of the module (CuPy's ufuncs: two to compile)
+        sizes = (np.int64(kh), np.int64(kw), np.int64(c_in))
+        if isinstance(beta, numbers.Number):
+            _launch("to_weight_order", None, taps, *sizes, G.dtype.type(beta), out)
+        else:
+            _launch("to_weight_order_by", None, taps, *sizes, beta, out)
+        return
     if not isinstance(beta, numbers.Number):
         out *= beta
     elif beta == 0:

@@ -283,8 +283,7 @@ class _Private(Stage):
                 continue
             T_rows, X_rows, ones = kept
             if B:
-                T = T_rows.reshape(B, -1, T_rows.shape[1])
-                T *= factors[:, None, None]
+                ops.scale_rows(T_rows.reshape(B, -1, T_rows.shape[1]), factors)
             self.downstream(k, T_rows, X_rows, ones, noise=self._noise)
         self.kept = []
         if B:

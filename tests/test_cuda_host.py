@@ -279,6 +279,50 @@ def test_gather_ops_take_the_rows_at_the_cursor_as_numpy_does(host, dtype, index
     assert counters.tolist() == [7, 11]
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, "device 0", "device 0.5"])
+def test_to_weight_order_ops_permute_the_taps_as_numpy_does(host, dtype, beta):
+    """A weight gradient's taps (d_out, kh, kw, c_in) into W's (d_out, c_in, kh, kw):
+    g <- taps + beta g, beta a number or read by pointer; with beta 0 g is not read, so
+    a NaN there stays out (cuBLAS's rule), as ops.to_weight_order does on NumPy."""
+    rng = np.random.default_rng(11)
+    d_out, kh, kw, c_in = 3, 2, 3, 4
+    taps = rng.standard_normal((d_out, kh, kw, c_in)).astype(dtype)
+    G = rng.standard_normal((d_out, c_in, kh, kw)).astype(dtype)
+    G[0, 0, 0, 0] = np.nan
+    value = float(str(beta).split()[-1])
+    sizes = (np.int64(kh), np.int64(kw), np.int64(c_in))
+    out = G.copy()
+    if isinstance(beta, str):
+        call(host, cuda_host.elementwise_name("to_weight_order_by", None, dtype), G.size,
+             c_in, kh * kw, taps, *sizes, np.array([value], dtype), out)
+    else:
+        call(host, cuda_host.elementwise_name("to_weight_order", None, dtype), G.size,
+             c_in, kh * kw, taps, *sizes, dtype.type(value), out)
+    twin = G.copy()
+    ops.to_weight_order(taps, twin, value)
+    np.testing.assert_allclose(out, twin, rtol=4 * np.finfo(dtype).eps)
+    assert np.isnan(out[0, 0, 0, 0]) == (value != 0)
+
+
+def test_square_and_scale_rows_ops_match_numpy(host, dtype):
+    """DP's elementwise squares, and each sample's rows scaled by its factor (the
+    factors a column of x viewed as (1, B, rest)), bit for bit as NumPy's products."""
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((5, 7)).astype(dtype)
+    out = np.empty_like(a)
+    call(host, cuda_host.elementwise_name("square", None, dtype), a.size, 7, 1, a, out)
+    np.testing.assert_array_equal(out, a * a)
+    x = rng.standard_normal((4, 3, 2)).astype(dtype)
+    factors = rng.uniform(0, 2, 4).astype(dtype)
+    scaled = x.copy()
+    call(host, cuda_host.elementwise_name("scale_rows", None, dtype), x.size, 4, 6,
+         factors, scaled)
+    twin = x.copy()
+    ops.scale_rows(twin, factors)
+    np.testing.assert_array_equal(scaled, twin)
+    np.testing.assert_array_equal(scaled, x * factors[:, None, None])
+
+
 def test_class_hit_ops_mark_the_rows_numpys_argmax_gets_right(host, dtype):
     """Accuracy's row kernels: hit[i] = 1 where row i's largest output is its label (or
     its target row's largest entry) -- NumPy's argmax: the first of equal largest, a

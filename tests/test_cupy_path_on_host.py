@@ -248,6 +248,7 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         for dense in (True, False):
             ops.add_row_squares(a, b, np.zeros(5, dtype), gpu_mlp.workspace.Workspace(np, dtype),
                                 dense)
+        ops.square(a, np.empty_like(a))  # (the stand-in's norms are NumPy's einsum)
         # a value check's scan (the stand-in's checks run on NumPy, as its nets do)
         flag = np.zeros(1, dtype)
         ops.flag_nonfinite(b, flag)
