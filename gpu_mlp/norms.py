@@ -113,12 +113,22 @@ def forms_gradients(P: int, d_out: int, K: int) -> bool:
     return 1 < P and d_out <= P and not gram_form(P, d_out, K)
 
 
-def per_sample_gradients(xp, T, X, G, g) -> None:
+def per_sample_gradients(xp, T, X, G, g, ws) -> None:
     """Each sample's own gradients, ``G[i] = T_i^T X_i`` into ``G`` (B, d_out, K) and
     ``g[i] = T_i^T 1`` into ``g`` (B, d_out), from T (B, P, d_out) and the rows X
     (B, P, K); no array is made."""
     ops.gemm_batched("T", "N", T, X, G)  # no array made, capturable on the GPU
-    xp.sum(T, axis=1, out=g)
+    _sample_sums(xp, T, g, ws)
+
+
+def _sample_sums(xp, T, g, ws) -> None:
+    """``g[i] = sum_p T[i, p]``: NumPy's sum; on a GPU a batched GEMM against the
+    workspace's ones (CuPy's sum over an axis is a kernel for a first run to compile)."""
+    if xp is np:
+        np.sum(T, axis=1, out=g)
+        return
+    B, P, d_out = T.shape
+    ops.gemm_batched("N", "N", ws.ones(B * P).reshape(B, 1, P), T, g.reshape(B, 1, d_out))
 
 
 def row_squares_into(xp, A, out, ws, add=False) -> None:
@@ -167,7 +177,7 @@ def add_squares(xp, T, X, out, ws) -> None:
         return
     if not gram_form(P, d_out, K):  # G_i itself, batched, and its rows' squares
         G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
-        per_sample_gradients(xp, T, X, G, g)
+        per_sample_gradients(xp, T, X, G, g, ws)
         ops.add_row_squares(G.reshape(B, -1), g, out, ws)
         ws.give(G, g)
         return
@@ -188,9 +198,9 @@ def add_squares(xp, T, X, out, ws) -> None:
     _gram_bound(squares, t, x, P, d_out, K, ws)
     ws.give(t, x)
     g = ws.take((B, d_out))  # the bias's: sum_p T_i[p]
-    xp.sum(T, axis=1, out=g)
+    _sample_sums(xp, T, g, ws)
     row_squares_into(xp, g, squares, ws, add=True)
-    out += squares
+    ops.gemv("N", squares.reshape(B, 1), ws.ones(1), out, beta=1.0)  # out += squares
     ws.give(g, squares)
 
 

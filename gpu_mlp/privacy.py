@@ -248,7 +248,7 @@ class _Private(Stage):
             (P, d_out), K = T.shape[1:], X.shape[2]
             if self.takes_gradients and norms.forms_gradients(P, d_out, K):
                 G, g = ws.take((B, d_out, K)), ws.take((B, d_out))
-                norms.per_sample_gradients(xp, T, X, G, g)
+                norms.per_sample_gradients(xp, T, X, G, g, ws)
                 norms.add_row_squares(xp, G.reshape(B, -1), g, self.squares, ws)
                 windows = X_rows.shape[1:] if X_rows.ndim == 4 else None
                 self.kept.append((k, _Formed(G, g, windows)))

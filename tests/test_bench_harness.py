@@ -1238,7 +1238,8 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
     allocation or host read, and no other launch but train_step's copies in and out --
     fit's and the estimators' graphs read their rows through a cursor on the device;
     partial_fit's calls, one step each, copy their rows in, reset their loss tally and
-    read their loss; every step eager launches far more."""
+    read their loss; every step eager launches far more; and none meets a kernel of
+    CuPy's own, which a first run would compile."""
     from bench import host_work
     from gpu_mlp import graph
 
@@ -1252,6 +1253,8 @@ def test_host_work_counts_what_the_host_does_for_each_front_ends_step(host_cupy_
                                    else 0), (name, row)
         assert row["allocations"] == 0, (name, row)
         assert row["host reads"] == streaming, (name, row)
+        # nothing of CuPy's own for a first run to compile: only gpu_mlp's module
+        assert row["compiled"] == [], (name, row)
         with monkeypatch.context() as m:
             m.setattr(graph, "_cuda", lambda: None)
             eager = count(host_cupy_lib)

@@ -458,7 +458,8 @@ def test_per_sample_norm_takes_the_cheaper_path(geometry, path, host_cupy_lib):
     xp = _RecordingXp()
     with xp.recording():
         squares = _squares(xp, T, X, host_cupy_lib)
-    expected = {"gram": [(BATCH, P, P)] * 2, "direct": [(BATCH, layer.c_out, K)],
+    sums = [(BATCH, 1, layer.c_out)]  # the bias's per-sample sums: ones against T
+    expected = {"gram": [(BATCH, P, P)] * 2 + sums, "direct": [(BATCH, layer.c_out, K)] + sums,
                 "outer": []}[path]
     assert xp.products == expected
     G = np.einsum("bpo,bpk->bok", T, X)  # the per-sample gradients, formed

@@ -1069,9 +1069,9 @@ def spy_on_paths(monkeypatch):
     formed, squares = norms.per_sample_gradients, norms.per_sample_squares
     gradient = updates.Apply.gradient
 
-    def record_formed(xp, T, X, G, g):
+    def record_formed(xp, T, X, G, g, ws):
         seen["formed"].append(T.shape[1:] + X.shape[2:])
-        return formed(xp, T, X, G, g)
+        return formed(xp, T, X, G, g, ws)
 
     def record_factors(T, X):
         seen["factors"].append(T.shape[1:] + X.shape[2:])
@@ -1218,7 +1218,7 @@ def test_gpu_per_sample_gradients_and_row_squares_match_the_cpu_ones():
         allocations = []
         for _ in range(2):  # the second time on the workspace's buffers alone
             out[...] = np.nan  # written, not read
-            norms.per_sample_gradients(xp, dev(T), dev(X), G, g)
+            norms.per_sample_gradients(xp, dev(T), dev(X), G, g, ws)
             norms.row_squares_into(xp, G.reshape(B, -1), out, ws)
             norms.row_squares_into(xp, g, out, ws, add=True)
             norms.row_squares_into(xp, g, out, ws, add=True)
