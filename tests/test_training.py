@@ -451,10 +451,13 @@ def test_gpu_fit_matches_the_cpu(memory, inputs):
     cpu = new_net(sizes, memory=memory)
     gpu = gpu_mlp.MLP(sizes, activations="tanh", loss="softmax_cross_entropy", memory=memory,
                       device="cuda", dtype="float64", seed=1)
-    h_cpu = fit_quietly(cpu, X, Y, epochs=3, batch_size=16, lr=0.05)
+    # (validated every epoch: the accuracy's and the cursor's kernels of the module)
+    h_cpu = fit_quietly(cpu, X, Y, epochs=3, batch_size=16, lr=0.05, validation=(X, Y))
     data = (cupy.asarray(X), cupy.asarray(Y)) if inputs == "cupy" else (X, Y)
-    h_gpu = fit_quietly(gpu, *data, epochs=3, batch_size=16, lr=0.05)
+    h_gpu = fit_quietly(gpu, *data, epochs=3, batch_size=16, lr=0.05, validation=data)
     np.testing.assert_allclose(h_gpu.train_loss, h_cpu.train_loss, rtol=1e-10)
+    np.testing.assert_allclose(h_gpu.val_loss, h_cpu.val_loss, rtol=1e-10)
+    assert h_gpu.val_accuracy == h_cpu.val_accuracy
     for (W, b), (W_gpu, b_gpu) in zip(cpu.params, gpu.params):
         np.testing.assert_allclose(W_gpu.get(), W, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(b_gpu.get(), b, rtol=1e-9, atol=1e-12)
