@@ -84,18 +84,22 @@ def _softmax_cross_entropy(F, Y, scale, grad, clip=None):
 
 def _class_accuracy(F, Y, hits=None):
     """Rows whose largest output is the label (or the target row's largest entry).
-    ``hits``: a (B,) buffer of F's dtype, which a GPU needs (one kernel of gpu_mlp's
-    module marks each row's hit, CUB's precompiled sum counts them)."""
+    ``hits``: a buffer of F's shape and dtype, which a GPU needs (one kernel of
+    gpu_mlp's module marks each row's hit, CUB's precompiled sum counts them)."""
     if hits is None:
         labels = Y if Y.ndim == 1 else Y.argmax(axis=1)
         return (F.argmax(axis=1) == labels).mean()
+    hits = hits.reshape(-1)[:F.shape[0]]
     ops.class_hits(F, Y, hits)
     return float(hits.sum()) / F.shape[0]
 
 
 def _sign_accuracy(F, Y, hits=None):
-    """Outputs whose sign matches the +-1 label (``hits``: unused)."""
-    return ((F > 0) == (Y > 0)).mean()
+    """Outputs whose sign matches the +-1 label (``hits`` as for _class_accuracy)."""
+    if hits is None:
+        return ((F > 0) == (Y > 0)).mean()
+    ops.sign_hits(F, Y, hits)
+    return float(hits.sum()) / F.size
 
 
 # --- target checks --------------------------------------------------------------------
@@ -123,6 +127,16 @@ def _float_targets(name, Y, B, d, xp, dtype, verdicts):
     return Y
 
 
+def _require_targets(verdicts, xp, kind: str, Y, message: str) -> None:
+    """Record that the float targets ``Y`` are of ``kind`` (:func:`gpu_mlp.ops.
+    flag_targets`): on a GPU by a kernel into a flag read with the verdicts (CuPy's
+    comparisons and reductions: kernels for a first run to compile)."""
+    flag = xp.zeros(1, dtype=Y.dtype)
+    sums = xp.empty(Y.shape[0], dtype=Y.dtype) if kind == "probabilities" else None
+    ops.flag_targets(kind, Y, flag, sums)
+    verdicts.require_values((flag[0],), lambda f: f == 0, message)
+
+
 def _check_squared(Y, B, d, xp, dtype, values=True):
     verdicts, settle = _value_checks(values, xp)
     Y = _float_targets("squared", Y, B, d, xp, dtype, verdicts)
@@ -135,7 +149,8 @@ def _check_logistic(Y, B, d, xp, dtype, values=True):
     verdicts, settle = _value_checks(values, xp)
     Y = _float_targets("logistic", Y, B, d, xp, dtype, verdicts)
     if verdicts is not None:
-        verdicts.require(xp.all(xp.abs(Y) == 1), "logistic loss: labels in Y must be -1 or +1")
+        _require_targets(verdicts, xp, "sign", Y,
+                         "logistic loss: labels in Y must be -1 or +1")
         if settle:
             verdicts.settle()
     return Y
@@ -162,8 +177,7 @@ def _check_softmax_cross_entropy(Y, B, d, xp, dtype, values=True):
     else:
         Y = _float_targets("softmax_cross_entropy", Y, B, d, xp, dtype, verdicts)
         if verdicts is not None and B:
-            row_sums_ok = xp.abs(Y.sum(axis=1) - 1) <= 1e-3 + 1e-5  # np.allclose's test
-            verdicts.require(xp.all(Y >= 0) & xp.all(row_sums_ok),
+            _require_targets(verdicts, xp, "probabilities", Y,
                              "softmax_cross_entropy: target rows must be probabilities "
                              "(non-negative, summing to 1), e.g. one-hot rows")
     if settle:

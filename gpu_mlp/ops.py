@@ -117,9 +117,21 @@ ELEMENTWISE = {
     # a counter moved on, in place: the cursor's position, the steps' counters (a
     # captured step counts itself)
     "advance": ("int64 by", "int64 c", "c = c + by"),
-    # a value check (finite): flag[0] = 1 if x holds a NaN or an Inf
-    # (x - x is 0 for every finite x, NaN for both); x, the launch's shape, is only read
+    # value checks (finite, losses' targets): flag[0] = 1 if x holds a NaN or an Inf (x - x
+    # is 0 for every finite x, NaN for both), or a logistic label other than -1 and +1, or
+    # a target row (of s's rows, ``width`` long; s gets its sum) negative somewhere or not
+    # summing to 1 within np.allclose's tolerance; x and y, the launch's shape, only read
     "flag_nonfinite": ("", "T x, raw T flag", "if (!(x - x == (T)0)) flag[0] = (T)1"),
+    "flag_not_sign": ("", "T x, raw T flag",
+                      "if (!(x == (T)1 || x == (T)-1)) flag[0] = (T)1"),
+    "flag_not_probabilities": ("raw T y, int64 width", "T s, raw T flag",
+                               "const T* row = y + (long long)i * width; T total = (T)0; "
+                               "bool negative = false; for (long long c = 0; c < width; ++c) "
+                               "{{ total += row[c]; negative = negative || row[c] < (T)0; }} "
+                               "s = total; if (negative || !(fabs(total - (T)1) <= "
+                               "(T)(1e-3 + 1e-5))) flag[0] = (T)1"),
+    # logistic accuracy: hit = 1 where the output's sign is the label's
+    "sign_hit": ("T f, T y", "T hit", "hit = (f > (T)0) == (y > (T)0) ? (T)1 : (T)0"),
     # a running sum (gpu_mlp.plan.LossTally): total += scale * loss + penalty * squares,
     # compensated (Kahan): carry holds what total's rounding dropped, taken back next time
     "tally": ("T loss, T squares, T scale, T penalty", "T total, T carry",
@@ -1050,6 +1062,15 @@ def gather(data, order, at, out, dtype) -> None:
     _launch(op, None, data, order, at, width, out, dtype=dtype)
 
 
+def sign_hits(F, Y, hits) -> None:
+    """``hits = 1`` where F's sign (> 0 or not) is the label's in Y (+-1), else 0,
+    elementwise (logistic accuracy); on CuPy one kernel of the module."""
+    if is_numpy(F):
+        np.equal(F > 0, Y > 0, out=hits, casting="unsafe")
+        return
+    _launch("sign_hit", None, F, Y, hits)
+
+
 def class_hits(F, Y, hits) -> None:
     """``hits[i] = 1`` where row i of ``F`` (B, C) is largest at its label ``Y[i]`` (or at
     its target row ``Y[i]``'s largest entry), else 0 -- NumPy's argmax, the first of
@@ -1106,6 +1127,25 @@ def finite(name: str, a, xp, verdicts=None) -> None:
     verdicts.require_values((flag[0],), lambda f: f == 0, f"{name} contains NaN or Inf")
     if settle:
         verdicts.settle()
+
+
+def flag_targets(kind: str, Y, flag, sums=None) -> None:
+    """``flag[0] = 1`` where the float targets ``Y`` (C-contiguous) are not what a loss
+    takes: ``kind`` "sign", a logistic label other than -1 and +1; "probabilities", a
+    row (of Y's (B, C)) with a negative entry or not summing to 1 within np.allclose's
+    tolerance (``sums``, (B,), gets the rows' sums). On CuPy one kernel of the module."""
+    if is_numpy(Y):
+        if kind == "sign":
+            bad = not np.all(np.abs(Y) == 1)
+        else:
+            bad = not (np.all(Y >= 0) and np.all(np.abs(Y.sum(axis=1) - 1) <= 1e-3 + 1e-5))
+        if bad:
+            flag[0] = 1
+        return
+    if kind == "sign":
+        _launch("flag_not_sign", None, Y, flag)
+    else:
+        _launch("flag_not_probabilities", None, Y, np.int64(Y.shape[1]), sums, flag)
 
 
 def flag_nonfinite(a, flag) -> None:

@@ -681,7 +681,7 @@ def _evaluate(net, X, Y):
                                         ones=ws.ones(terms)))
     if loss.accuracy is None:
         return mean_loss, None
-    hits = None if net.xp is np else net.xp.empty(F.shape[0], dtype=F.dtype)
+    hits = None if net.xp is np else net.xp.empty_like(F)
     return mean_loss, float(loss.accuracy(F, Y, hits))
 
 

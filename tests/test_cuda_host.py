@@ -304,6 +304,43 @@ def test_to_weight_order_ops_permute_the_taps_as_numpy_does(host, dtype, beta):
     assert np.isnan(out[0, 0, 0, 0]) == (value != 0)
 
 
+def test_target_checks_and_sign_hits_match_numpy(host, dtype):
+    """The losses' target checks: a logistic label other than -1 and +1 flagged (0.5,
+    NaN, 2), rows not summing to 1 within np.allclose's tolerance or with a negative
+    entry flagged (their sums written), good ones not; and the logistic accuracy's hits
+    -- each as ops' NumPy branch gives it."""
+    signs = np.array([[1, -1, 1], [-1, -1, 1]], dtype=dtype)
+    for bad, expected in ((None, 0), (0.5, 1), (np.nan, 1), (2.0, 1)):
+        Y = signs.copy()
+        if bad is not None:
+            Y[1, 2] = bad
+        flag, twin = np.zeros(1, dtype), np.zeros(1, dtype)
+        call(host, cuda_host.elementwise_name("flag_not_sign", None, dtype), Y.size, 3, 1,
+             Y, flag)
+        with np.errstate(invalid="ignore"):
+            ops.flag_targets("sign", Y, twin)
+        assert flag[0] == twin[0] == expected, bad
+    rows = np.array([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0005]], dtype=dtype)
+    for change, expected in ((None, 0), ((2, 2, 0.002), 1), ((0, 0, -0.1), 1),
+                             ((1, 0, 0.999), 0)):
+        Y = rows.copy()
+        if change is not None:
+            Y[change[0], change[1]] = change[2]
+        flag, twin, sums = np.zeros(1, dtype), np.zeros(1, dtype), np.empty(3, dtype)
+        call(host, cuda_host.elementwise_name("flag_not_probabilities", None, dtype), 3, 3,
+             1, Y, np.int64(3), sums, flag)
+        ops.flag_targets("probabilities", Y, twin)
+        assert flag[0] == twin[0] == expected, change
+        np.testing.assert_allclose(sums, Y.sum(axis=1), rtol=4 * np.finfo(dtype).eps)
+    F = np.array([[0.3, -0.2, 0.0], [-1.0, 2.0, -0.0]], dtype=dtype)
+    hits, twin = np.empty_like(F), np.empty_like(F)
+    call(host, cuda_host.elementwise_name("sign_hit", None, dtype), F.size, 3, 1, F, signs,
+         hits)
+    ops.sign_hits(F, signs, twin)
+    np.testing.assert_array_equal(hits, twin)
+    assert hits.tolist() == [[1, 1, 0], [1, 0, 0]]
+
+
 def test_square_and_scale_rows_ops_match_numpy(host, dtype):
     """DP's elementwise squares, and each sample's rows scaled by its factor (the
     factors a column of x viewed as (1, B, rest)), bit for bit as NumPy's products."""

@@ -265,6 +265,7 @@ def test_every_kernel_and_blas_call_runs(host_cupy_lib, make_net, make_batch, ma
         hits = np.empty(5, dtype)
         for targets in (np.arange(5) % 3, np.eye(3, dtype=dtype)[np.arange(5) % 3]):
             ops.class_hits(b[:, :3].copy(), targets, hits)
+        ops.sign_hits(b, np.sign(b), np.empty_like(b))  # (the logistic loss's)
         ops.gram_bound(*(np.ones(5, dtype) for _ in range(3)), 1e-3, 0.01)  # (Gram form)
     elementwise = {("_".join(["gpu_mlp", op] + ([act] if act else [])), dtype)
                    for op, act in cuda_host.elementwise_pairs()}
